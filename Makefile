@@ -1,0 +1,35 @@
+# Quick start: `make tune` (runs the default study) and `make test` (runs the suite).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-fast tune ui bench clean
+
+install: $(STAMP)
+
+# Re-installs only when the project metadata changes; `pip install -e` keeps code edits live.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m 'not slow' tests
+
+tune: install
+	$(PY) -m tune.run --space search_spaces/sft.yaml $(ARGS)
+
+ui: install
+	$(PY) -m tune.ui $(ARGS)
+
+bench: install
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/study_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
