@@ -1,0 +1,427 @@
+"""MiniMind2 as a Hugging Face causal LM: GQA + RoPE + RMSNorm + SwiGLU, optional MoE, tied embeddings.
+
+Module and parameter names match upstream MiniMind2 (github.com/jingyaogong/minimind), so its ``.pth``
+state dicts load strictly and this model's state dicts load into upstream code. Numerics in fp32 match
+upstream; the deliberate differences are speed and precision fixes that do not change fp32 results:
+one routing path for train and eval, experts keeping the autocast dtype (upstream forces fp16 in
+training), routing softmax in fp32, and RoPE computed for the positions in use instead of a
+32k-row buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from minimind_train.config import ConfigError, ModelConfig
+
+__all__ = [
+    "MiniMindConfig",
+    "MiniMindForCausalLM",
+    "count_parameters",
+    "default_intermediate_size",
+    "model_config_from",
+    "token_cross_entropy",
+]
+
+
+def default_intermediate_size(hidden_size: int) -> int:
+    """MiniMind's SwiGLU width: 8/3 of the hidden size, rounded up to a multiple of 64."""
+    return 64 * ((int(hidden_size * 8 / 3) + 63) // 64)
+
+
+class MiniMindConfig(PretrainedConfig):
+    model_type = "minimind"
+
+    def __init__(
+        self,
+        dropout: float = 0.0,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        pad_token_id: int = 0,
+        hidden_act: str = "silu",
+        hidden_size: int = 512,
+        intermediate_size: int | None = None,
+        max_position_embeddings: int = 32768,
+        num_attention_heads: int = 8,
+        num_hidden_layers: int = 8,
+        num_key_value_heads: int = 2,
+        vocab_size: int = 6400,
+        rms_norm_eps: float = 1e-5,
+        rope_theta: float = 1e6,
+        flash_attn: bool = True,
+        use_moe: bool = False,
+        num_experts_per_tok: int = 2,
+        n_routed_experts: int = 4,
+        n_shared_experts: int = 1,
+        scoring_func: str = "softmax",
+        aux_loss_alpha: float = 0.1,
+        seq_aux: bool = True,
+        norm_topk_prob: bool = True,
+        tie_word_embeddings: bool = True,
+        **kwargs: object,
+    ) -> None:
+        if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 2:
+            raise ValueError(f"hidden_size={hidden_size} must split into num_attention_heads="
+                             f"{num_attention_heads} heads of even size")
+        if num_attention_heads % num_key_value_heads:
+            raise ValueError(f"num_attention_heads={num_attention_heads} must be a multiple of "
+                             f"num_key_value_heads={num_key_value_heads}")
+        if use_moe and not 0 < num_experts_per_tok <= n_routed_experts:
+            raise ValueError(f"num_experts_per_tok={num_experts_per_tok} must be in "
+                             f"[1, n_routed_experts={n_routed_experts}]")
+        if scoring_func != "softmax":
+            raise ValueError(f"scoring_func={scoring_func!r}: only 'softmax' is supported")
+        self.dropout = dropout
+        self.hidden_act = hidden_act
+        self.hidden_size = hidden_size
+        # Resolved here so a saved config.json states the width actually built.
+        self.intermediate_size = intermediate_size or default_intermediate_size(hidden_size)
+        self.max_position_embeddings = max_position_embeddings
+        self.num_attention_heads = num_attention_heads
+        self.num_hidden_layers = num_hidden_layers
+        self.num_key_value_heads = num_key_value_heads
+        self.vocab_size = vocab_size
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.flash_attn = flash_attn
+        self.use_moe = use_moe
+        self.num_experts_per_tok = num_experts_per_tok
+        self.n_routed_experts = n_routed_experts
+        self.n_shared_experts = n_shared_experts
+        self.scoring_func = scoring_func
+        self.aux_loss_alpha = aux_loss_alpha
+        self.seq_aux = seq_aux
+        self.norm_topk_prob = norm_topk_prob
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape (*positions.shape, head_dim), the two halves repeated (rotate-half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, T, heads, head_dim) by cos/sin (B or 1, T, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MiniMindConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        self.flash = config.flash_attn
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: Cache | None) -> Tensor:
+        """``mask``: boolean (B|1, 1, T, S), True = may attend; None = plain causal from position 0."""
+        bsz, seq_len, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq_len, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        # GQA: query head h reads kv head h // n_rep, as upstream's repeat_kv.
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.flash:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                 is_causal=mask is None)
+        else:
+            if mask is None:
+                mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            out = self.attn_dropout(F.softmax(scores.float(), dim=-1).type_as(q)) @ v
+        out = out.transpose(1, 2).reshape(bsz, seq_len, -1)
+        return self.resid_dropout(self.o_proj(out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: MiniMindConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class MoEGate(nn.Module):
+    def __init__(self, config: MiniMindConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_routed_experts = config.n_routed_experts
+        self.alpha = config.aux_loss_alpha
+        self.seq_aux = config.seq_aux
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Route each token of x (B, T, H): (topk_idx (B*T, k), topk_weight (B*T, k) fp32, aux_loss)."""
+        bsz, seq_len, hidden = x.shape
+        # Routing and the balance loss in fp32 whatever the autocast dtype: ties and tiny
+        # probabilities decide which experts train.
+        scores = F.linear(x.reshape(-1, hidden), self.weight).float().softmax(dim=-1)
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        aux_loss = scores.new_zeros(())
+        if self.training and self.alpha > 0.0:
+            n_exp = self.n_routed_experts
+            if self.seq_aux:
+                # Per sequence: expert load (normalised so uniform = 1) times mean routing probability.
+                load = torch.zeros(bsz, n_exp, device=x.device).scatter_add_(
+                    1, topk_idx.view(bsz, -1), torch.ones(bsz, seq_len * self.top_k, device=x.device))
+                load = load / (seq_len * self.top_k / n_exp)
+                seq_probs = scores.view(bsz, seq_len, n_exp).mean(dim=1)
+                aux_loss = (load * seq_probs).sum(dim=1).mean() * self.alpha
+            else:
+                load = F.one_hot(topk_idx.view(-1), num_classes=n_exp).float().mean(0) * n_exp
+                aux_loss = (scores.mean(0) * load).sum() * self.alpha
+        return topk_idx, topk_weight, aux_loss
+
+
+class MOEFeedForward(nn.Module):
+    def __init__(self, config: MiniMindConfig) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_routed_experts)])
+        self.gate = MoEGate(config)
+        if config.n_shared_experts > 0:
+            self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
+        else:
+            self.shared_experts = nn.ModuleList()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        bsz, seq_len, hidden = x.shape
+        topk_idx, topk_weight, aux_loss = self.gate(x)
+        tokens = x.reshape(-1, hidden)
+        k = topk_idx.shape[-1]
+        # Sort the (token, slot) pairs by expert so each expert runs once on a contiguous chunk.
+        # Experts with no tokens still run on an empty chunk: their parameters get zero gradients
+        # instead of None, which keeps DDP and optimizer state uniform.
+        expert_of = topk_idx.reshape(-1)
+        order = expert_of.argsort(stable=True)
+        counts = torch.bincount(expert_of, minlength=len(self.experts)).tolist()
+        chunks = tokens[order // k].split(counts)
+        routed = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+        # Unsort and sum the k slots per token (deterministic, unlike a scatter-add); the fp32
+        # routing weights make the sum fp32, cast back to the experts' (autocast) dtype.
+        routed = routed[order.argsort()].view(-1, k, hidden)
+        y = (routed * topk_weight.unsqueeze(-1)).sum(dim=1).to(routed.dtype)
+        y = y.view(bsz, seq_len, hidden)
+        for expert in self.shared_experts:
+            y = y + expert(x)
+        return y, aux_loss
+
+
+class MiniMindBlock(nn.Module):
+    def __init__(self, layer_idx: int, config: MiniMindConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MOEFeedForward(config) if config.use_moe else FeedForward(config)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: Cache | None) -> tuple[Tensor, Tensor | None]:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
+        if isinstance(self.mlp, MOEFeedForward):
+            out, aux_loss = self.mlp(self.post_attention_layernorm(h))
+            return h + out, aux_loss
+        return h + self.mlp(self.post_attention_layernorm(h)), None
+
+
+class MiniMindModel(nn.Module):
+    def __init__(self, config: MiniMindConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList([MiniMindBlock(i, config) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+                cache: Cache | None) -> tuple[Tensor, Tensor]:
+        seq_len = input_ids.shape[1]
+        device = input_ids.device
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + seq_len, device=device)[None]
+        cos, sin = rope_cos_sin(position_ids, self.config.hidden_size // self.config.num_attention_heads,
+                                self.config.rope_theta)
+        mask = None
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if past_len > 0 or padded:
+            # Causal with the cache offset, minus padded keys. A query may always see itself so
+            # that rows of left-padding stay finite (their outputs are never used).
+            q_pos = torch.arange(past_len, past_len + seq_len, device=device)[:, None]
+            k_pos = torch.arange(past_len + seq_len, device=device)[None, :]
+            mask = (k_pos <= q_pos)[None, None]
+            if padded:
+                keep = attention_mask[:, None, None, -(past_len + seq_len):].bool()
+                mask = (mask & keep) | (k_pos == q_pos)
+        h = self.dropout(self.embed_tokens(input_ids))
+        aux_loss = torch.zeros((), device=device)
+        for layer in self.layers:
+            h, layer_aux = layer(h, cos, sin, mask, cache)
+            if layer_aux is not None:
+                aux_loss = aux_loss + layer_aux
+        return self.norm(h), aux_loss
+
+
+def token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum of fp32 CE over supervised tokens, their count); logits[:, t] predicts labels[:, t + 1].
+
+    Labels use the Hugging Face convention: aligned with the inputs, not shifted, -100 = ignore.
+    """
+    targets = labels[:, 1:]
+    logits = logits[:, :-1]
+    ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                             ignore_index=-100, reduction="sum")
+    return ce_sum, (targets != -100).sum()
+
+
+class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = MiniMindConfig
+    base_model_prefix = "model"
+    _no_split_modules: ClassVar[list[str]] = ["MiniMindBlock"]
+    _tied_weights_keys: ClassVar[list[str]] = ["lm_head.weight"]
+
+    def __init__(self, config: MiniMindConfig | None = None) -> None:
+        config = config or MiniMindConfig()
+        super().__init__(config)
+        self.model = MiniMindModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, MoEGate):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int | Tensor = 0,
+        position_ids: Tensor | None = None,
+        **kwargs: object,
+    ) -> MoeCausalLMOutputWithPast:
+        """Logits, the summed MoE aux loss (0-dim; zero when dense or in eval) and, given labels,
+        the mean CE over supervised tokens (labels unshifted, -100 = ignore; aux loss not included).
+
+        ``attention_mask`` (B, past + T) marks padding. Right-padded training batches need none (real
+        tokens never attend to later pads) and run faster without one. ``position_ids`` default to
+        consecutive positions after the cache. Extra generate() inputs (``cache_position``) are ignored.
+        """
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise TypeError(f"past_key_values must be a transformers Cache, got {type(past_key_values)}")
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = DynamicCache()
+        hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, cache)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape[:2])}"
+                                 " (logits_to_keep must be 0 when computing the loss)")
+            ce_sum, n_tokens = token_cross_entropy(logits, labels)
+            # A batch with nothing supervised (all truncated away) contributes 0, not NaN.
+            loss = ce_sum / n_tokens.clamp(min=1)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
+                                         past_key_values=cache if use_cache else None)
+
+
+def model_config_from(cfg: ModelConfig, vocab_size: int) -> MiniMindConfig:
+    """The model config of a run; ``cfg.vocab_size`` None takes ``vocab_size`` (the tokenizer's length)."""
+    vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_size
+    if vocab < vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer ({vocab_size} tokens); "
+                          "token ids beyond it would have no embedding")
+    return MiniMindConfig(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        vocab_size=vocab,
+        intermediate_size=cfg.intermediate_size,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        dropout=cfg.dropout,
+        use_moe=cfg.use_moe,
+        n_routed_experts=cfg.n_routed_experts,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        n_shared_experts=cfg.n_shared_experts,
+        aux_loss_alpha=cfg.aux_loss_alpha,
+        seq_aux=cfg.seq_aux,
+        norm_topk_prob=cfg.norm_topk_prob,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters; tied weights (lm_head = embed_tokens) count once."""
+    return sum(p.numel() for p in model.parameters())
