@@ -1,0 +1,165 @@
+"""The bundled tokenizer, loading any MiniMind2-format tokenizer folder, and training a new one.
+
+A MiniMind2-format folder holds ``tokenizer.json`` (byte-level BPE) and ``tokenizer_config.json``
+(special tokens and the ChatML chat template). Ids 0, 1 and 2 are ``<|endoftext|>`` (pad and unk),
+``<|im_start|>`` and ``<|im_end|>``; the training code relies on those ids, so loading checks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+__all__ = [
+    "BUNDLED_TOKENIZER_DIR",
+    "CHAT_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "TOKENIZER_FILES",
+    "load_tokenizer",
+    "tokenizer_fingerprint",
+    "train_tokenizer",
+]
+
+BUNDLED_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# In id order: pad/unk, bos, eos.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# MiniMind2's template verbatim: ChatML, with a default system prompt when the first message is not
+# a system message, and the assistant prefix rendered after every user turn.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+    "{{ '<|im_start|>system\\n' + system_message + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}{% set content = message['content'] %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ '<|im_start|>user\\n' + content + '<|im_end|>\\n<|im_start|>assistant\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ content + '<|im_end|>' + '\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def _tokenizer_config() -> dict[str, object]:
+    """MiniMind2's tokenizer_config.json, field for field."""
+    return {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True}
+            for i, token in enumerate(SPECIAL_TOKENS)
+        },
+        "additional_special_tokens": [],
+        "bos_token": SPECIAL_TOKENS[1],
+        "clean_up_tokenization_spaces": False,
+        "eos_token": SPECIAL_TOKENS[2],
+        "legacy": True,
+        "model_max_length": 32768,
+        "pad_token": SPECIAL_TOKENS[0],
+        "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": SPECIAL_TOKENS[0],
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """Load a MiniMind2-format tokenizer folder (None: the bundled one) and check its contract.
+
+    Raises FileNotFoundError when the folder or one of its files is missing and ValueError when the
+    files do not load or the special-token ids or the chat template are not MiniMind2's.
+    """
+    directory = BUNDLED_TOKENIZER_DIR if path is None else Path(path).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {str(directory)!r} does not exist or is not a folder")
+    missing = [name for name in TOKENIZER_FILES if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"tokenizer folder {str(directory)!r} lacks {', '.join(missing)} "
+            f"(a MiniMind2-format tokenizer has {' and '.join(TOKENIZER_FILES)})")
+    try:
+        # local_files_only: a bad local path must fail here, never turn into a Hub download.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # tokenizers/transformers raise many types for corrupt files
+        raise ValueError(f"tokenizer folder {str(directory)!r} does not load: {exc}") from exc
+    problems = []
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        actual = tokenizer.convert_tokens_to_ids(token)
+        if actual != expected_id:
+            problems.append(f"{token} has id {actual}, expected {expected_id}")
+    for role, token in (("pad_token", SPECIAL_TOKENS[0]), ("bos_token", SPECIAL_TOKENS[1]),
+                        ("eos_token", SPECIAL_TOKENS[2])):
+        if getattr(tokenizer, role) != token:
+            problems.append(f"{role} is {getattr(tokenizer, role)!r}, expected {token!r}")
+    if not tokenizer.chat_template:
+        problems.append("tokenizer_config.json has no chat_template")
+    if problems:
+        raise ValueError(f"tokenizer folder {str(directory)!r} is not MiniMind2-format: " + "; ".join(problems))
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer_or_dir: PreTrainedTokenizerBase | str | Path) -> str:
+    """sha256 over the contents of tokenizer.json and tokenizer_config.json (hex).
+
+    The JSON is hashed in canonical form (sorted keys, no whitespace), so a checkout that rewrites
+    line endings or indentation keeps the fingerprint; any change of vocabulary, merges, special
+    tokens or template changes it. A tokenizer object is fingerprinted by the folder it was loaded from.
+    """
+    if isinstance(tokenizer_or_dir, PreTrainedTokenizerBase):
+        source = tokenizer_or_dir.name_or_path
+        if not source:
+            raise ValueError("the tokenizer was not loaded from a folder; pass its folder instead")
+        directory = Path(source)
+    else:
+        directory = Path(tokenizer_or_dir).expanduser()
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        file = directory / name
+        if not file.is_file():
+            raise FileNotFoundError(f"cannot fingerprint tokenizer: {str(file)!r} does not exist")
+        try:
+            content = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot fingerprint tokenizer: {str(file)!r} is not JSON: {exc}") from exc
+        digest.update(name.encode() + b"\0")
+        digest.update(json.dumps(content, sort_keys=True, ensure_ascii=False,
+                                 separators=(",", ":")).encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 6400) -> None:
+    """Train a MiniMind2-format byte-level BPE on ``texts`` and write it to ``out_dir``.
+
+    Trained from an iterator: the ``tokenizers`` file reader aborts the process on non-UTF-8 input.
+    The vocabulary may come out smaller than ``vocab_size`` when the texts support fewer merges.
+    """
+    if vocab_size <= len(SPECIAL_TOKENS) + 256:
+        raise ValueError(f"vocab_size={vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens "
+                         "plus the 256-byte alphabet")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        # All 256 bytes, seen or not, so any text round-trips and nothing is ever unknown.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.decoder = decoders.ByteLevel()
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != expected_id:
+            raise RuntimeError(f"trainer gave {token} id {tokenizer.token_to_id(token)}, expected {expected_id}")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"), pretty=False)
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(_tokenizer_config(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8", newline="\n")
