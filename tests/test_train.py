@@ -1,0 +1,191 @@
+"""Trainer semantics: loss normalisation, accumulation, schedule, resume, divergence."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimind_train.checkpoint import (MODEL_FILE, STATE_FILE, WeightMismatchError, load_minimind_weights,
+                                       load_train_state, save_checkpoint)
+from minimind_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from minimind_train.data import collate, encode_conversation, prepare_data
+from minimind_train.demo import generate_demo_conversations, write_jsonl
+from minimind_train.tokenizer import load_tokenizer
+from minimind_train.train import (NonFiniteLossError, backward_window, init_state, lr_at,
+                                  steps_per_epoch, train_epochs)
+
+TINY = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="module")
+def convs() -> list[dict]:
+    return generate_demo_conversations(64, seed=3)
+
+
+@pytest.fixture
+def run_cfg(tmp_path: Path, convs: list[dict]) -> RunConfig:
+    path = tmp_path / "train.jsonl"
+    write_jsonl(convs, path)
+    return RunConfig(
+        model=TINY,
+        data=DataConfig(train_path=str(path), val_fraction=0.25, max_seq_len=64,
+                        cache_dir=str(tmp_path / "cache")),
+        train=TrainConfig(epochs=2, batch_size=8, learning_rate=3e-3, device="cpu", dtype="float32",
+                          seed=7, eval_batch_size=16),
+    )
+
+
+def _samples(tokenizer, convs, n):
+    return [tuple(torch.tensor(x) for x in encode_conversation(tokenizer, c["conversations"], 64))
+            for c in convs[:n]]
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_batch8_accum1_equals_batch2_accum4(tokenizer, convs, run_cfg):
+    samples = _samples(tokenizer, convs, 8)
+    state = init_state(run_cfg, vocab_size=len(tokenizer), device=torch.device("cpu"))
+    backward_window(state, [collate(samples, pad_id=0)])
+    big = _grads(state.model)
+    state.model.zero_grad(set_to_none=True)
+    backward_window(state, [collate(samples[i:i + 2], pad_id=0) for i in range(0, 8, 2)])
+    small = _grads(state.model)
+    assert big.keys() == small.keys() and big
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_loss_is_next_token_ce_over_supervised_tokens(tokenizer, convs, run_cfg):
+    samples = _samples(tokenizer, convs, 4)
+    x, y = collate(samples, pad_id=0)
+    state = init_state(run_cfg, vocab_size=len(tokenizer), device=torch.device("cpu"))
+    state.model.eval()
+    ce, _, n = backward_window(state, [(x, y)])
+    logits = state.model(input_ids=x).logits.detach()
+    # By hand: position t predicts token t+1, counted only where label t+1 is supervised.
+    total, count = 0.0, 0
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1] - 1):
+            if y[b, t + 1] != -100:
+                total += float(F.cross_entropy(logits[b, t][None], y[b, t + 1][None]))
+                count += 1
+    assert n == count
+    assert math.isclose(float(ce) / n, total / count, rel_tol=1e-5)
+    # A second shift (the seed's bug) would give a different number.
+    shifted_twice = F.cross_entropy(logits[:, :-2].reshape(-1, logits.shape[-1]), y[:, 2:].reshape(-1),
+                                    ignore_index=-100)
+    assert not math.isclose(float(shifted_twice), total / count, rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_lr_schedule_endpoints(warmup):
+    total, lr, ratio = 20, 1e-3, 0.1
+    lrs = [lr_at(s, total, lr, ratio, warmup) for s in range(total)]
+    assert lrs[warmup] == pytest.approx(lr, rel=1e-12)
+    assert lrs[-1] == pytest.approx(lr * ratio, rel=1e-12)
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+    with pytest.raises(ValueError):
+        lr_at(total, total, lr, ratio, warmup)
+
+
+def test_partial_accumulation_window_still_steps():
+    t = TrainConfig(accumulation_steps=4)
+    assert steps_per_epoch(9, t) == 3
+    assert steps_per_epoch(9, dataclasses.replace(t, max_steps_per_epoch=2)) == 2
+
+
+def test_every_parameter_changes_after_one_step(run_cfg):
+    cfg = dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, epochs=1,
+                                                                 max_steps_per_epoch=1))
+    data = prepare_data(cfg.data)
+    state = init_state(cfg, vocab_size=data.vocab_size)
+    before = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+    next(train_epochs(cfg, data, state))
+    unchanged = [n for n, p in state.model.named_parameters() if torch.equal(before[n], p)]
+    assert not unchanged
+
+
+def test_validation_loss_falls_and_metrics_reported(run_cfg):
+    cfg = dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, epochs=3))
+    data = prepare_data(cfg.data)
+    results = [r.metrics for r in train_epochs(cfg, data)]
+    assert results[-1]["val_loss"] < results[0]["val_loss"]
+    for key in ("train_loss", "val_loss", "aux_loss", "lr", "grad_norm", "supervised_tokens_per_s",
+                "tokens_per_s", "epoch_seconds", "peak_memory_mb"):
+        assert all(math.isfinite(m[key]) for m in results), key
+    assert results[-1]["lr"] == pytest.approx(cfg.train.learning_rate * cfg.train.min_lr_ratio)
+
+
+def test_resume_continues_exactly(run_cfg, tmp_path):
+    cfg = dataclasses.replace(run_cfg, model=dataclasses.replace(TINY, dropout=0.1),
+                              train=dataclasses.replace(run_cfg.train, epochs=3))
+    data = prepare_data(cfg.data)
+    straight = [r.metrics["train_loss"] for r in train_epochs(cfg, data)]
+
+    gen = train_epochs(cfg, data)
+    first = next(gen)
+    save_checkpoint(tmp_path / "ckpt", first.state, cfg, first.metrics)
+    gen.close()
+    torch.manual_seed(12345)  # a resumed process has some other RNG state; the checkpoint restores it
+    state = load_train_state(tmp_path / "ckpt", cfg, data.vocab_size)
+    resumed = [r.metrics["train_loss"] for r in train_epochs(cfg, data, state)]
+    assert resumed == pytest.approx(straight[1:], rel=0, abs=1e-6)
+
+
+def test_checkpoint_layout_and_strict_reload(run_cfg, tmp_path):
+    data = prepare_data(run_cfg.data)
+    state = init_state(run_cfg, vocab_size=data.vocab_size)
+    folder = save_checkpoint(tmp_path / "ck" / "c", state, run_cfg, {"val_loss": 1.0})
+    assert {p.name for p in folder.iterdir()} == {MODEL_FILE, STATE_FILE, "meta.json"}
+    fp16 = torch.load(folder / MODEL_FILE, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in fp16.values())
+    assert "lm_head.weight" in fp16 and "model.embed_tokens.weight" in fp16
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["metrics"]["val_loss"] == 1.0 and meta["config"]["model"]["hidden_size"] == 64
+    other = init_state(run_cfg, vocab_size=data.vocab_size).model
+    load_minimind_weights(other, folder / MODEL_FILE)
+    # No temp folders are left behind by the atomic write.
+    save_checkpoint(folder, state, run_cfg, {"val_loss": 0.5})  # overwrite in place
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["c"]
+    assert json.loads((folder / "meta.json").read_text())["metrics"]["val_loss"] == 0.5
+
+
+def test_init_from_mismatch_lists_keys(run_cfg, tmp_path):
+    data = prepare_data(run_cfg.data)
+    state = init_state(run_cfg, vocab_size=data.vocab_size)
+    sd = {k: v.half() for k, v in state.model.state_dict().items()}
+    sd.pop("model.norm.weight")
+    sd["model.extra.weight"] = torch.zeros(2)
+    sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(WeightMismatchError) as info:
+        load_minimind_weights(state.model, tmp_path / "bad.pth")
+    msg = str(info.value)
+    assert "missing (1): model.norm.weight" in msg
+    assert "unexpected (1): model.extra.weight" in msg
+    assert "model.layers.0.mlp.up_proj.weight: file (3, 3)" in msg
+
+
+def test_non_finite_loss_raises_distinct_error(run_cfg):
+    data = prepare_data(run_cfg.data)
+    state = init_state(run_cfg, vocab_size=data.vocab_size)
+    with torch.no_grad():  # an overflowed weight, as a too-large learning rate leaves behind
+        state.model.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError) as info:
+        next(train_epochs(run_cfg, data, state))
+    assert info.value.epoch == 1 and info.value.step == 0
+    assert "non-finite training loss" in str(info.value)
