@@ -1,0 +1,89 @@
+"""A compact live view of a study: one status line instead of Ray's wide tables."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, TextIO
+
+from ray.tune import Callback
+
+__all__ = ["ProgressLine"]
+
+
+class ProgressLine(Callback):
+    """Prints ``done / running / stopped early / failed, best so far, elapsed`` when anything changes.
+
+    On a terminal the line is redrawn in place; otherwise (CI, ``ray job submit`` logs) a new line is
+    printed at most every ``min_interval_s`` seconds and on every trial end.
+    """
+
+    def __init__(self, metric: str, mode: str, planned_epochs: int, num_samples: int,
+                 min_interval_s: float = 5.0) -> None:
+        self.metric = metric
+        self.mode = mode
+        self.planned_epochs = planned_epochs
+        self.num_samples = num_samples
+        self.min_interval_s = min_interval_s
+        self._start = time.monotonic()
+        self._last_print = 0.0
+        self._best = math.inf if mode == "min" else -math.inf
+        self._best_trial = ""
+
+    def setup(self, **info: Any) -> None:
+        # Also runs on --resume, in a new process whose monotonic clock has another origin.
+        self._start = time.monotonic()
+
+    @property
+    def _stream(self) -> TextIO:
+        return sys.stdout
+
+    def _better(self, value: float) -> bool:
+        return value < self._best if self.mode == "min" else value > self._best
+
+    def _line(self, trials: list[Any]) -> str:
+        status = {"TERMINATED": 0, "RUNNING": 0, "ERROR": 0, "PENDING": 0, "PAUSED": 0}
+        early = 0
+        for t in trials:
+            status[t.status] = status.get(t.status, 0) + 1
+            last = t.last_result or {}
+            if t.status == "TERMINATED" and last.get("training_iteration", 0) < self.planned_epochs:
+                early += 1
+        elapsed = time.monotonic() - self._start
+        best = f"{self.metric} {self._best:.4f} ({self._best_trial})" if self._best_trial else "-"
+        return (f"[{elapsed:6.0f}s] trials {len(trials)}/{self.num_samples}: "
+                f"done {status['TERMINATED'] - early}, running {status['RUNNING']}, "
+                f"stopped early {early}, failed {status['ERROR']}, pending {status['PENDING']} | "
+                f"best {best}")
+
+    def _show(self, trials: list[Any], force: bool = False) -> None:
+        now = time.monotonic()
+        tty = self._stream.isatty()
+        if not force and not tty and now - self._last_print < self.min_interval_s:
+            return
+        self._last_print = now
+        line = self._line(trials)
+        if tty:
+            self._stream.write("\r\x1b[2K" + line)
+        else:
+            self._stream.write(line + "\n")
+        self._stream.flush()
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict,
+                        **info: Any) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value) and self._better(value):
+            self._best, self._best_trial = float(value), str(trial)
+        self._show(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._show(trials, force=True)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._show(trials, force=True)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        self._show(trials, force=True)
+        if self._stream.isatty():
+            self._stream.write("\n")
