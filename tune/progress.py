@@ -74,7 +74,7 @@ class ProgressLine(Callback):
                         **info: Any) -> None:
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and math.isfinite(value) and self._better(value):
-            self._best, self._best_trial = float(value), str(trial)
+            self._best, self._best_trial = float(value), trial.trial_id
         self._show(trials)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
