@@ -52,6 +52,7 @@ __all__ = [
     "iterate_batches",
     "load_or_build_cache",
     "open_cache",
+    "open_prepared",
     "padding_fraction",
     "prepare_data",
     "read_conversations",
@@ -671,23 +672,50 @@ def prepare_data(cfg: DataConfig, tokenizer: Any = None, *,
     if pad_id is None:
         raise DataError("the tokenizer has neither a pad nor an eos token to pad batches with")
 
-    cache = load_or_build_cache(train_path, tokenizer, cfg.max_seq_len, cfg.cache_dir,
-                                show_progress=show_progress)
-    if cache.skipped.total:
-        log.warning("%s: skipped %d samples (%s)", train_path, cache.skipped.total, cache.skipped)
-    if cache.num_samples == 0:
-        raise _empty_error(train_path, cache)
-
+    cache = _usable(train_path, load_or_build_cache(train_path, tokenizer, cfg.max_seq_len,
+                                                    cfg.cache_dir, show_progress=show_progress))
     val_cache: TokenCache | None = None
     if cfg.val_path is not None:
         val_path = Path(cfg.val_path)
-        val_cache = load_or_build_cache(val_path, tokenizer, cfg.max_seq_len, cfg.cache_dir,
-                                        show_progress=show_progress)
-        if val_cache.skipped.total:
-            log.warning("%s: skipped %d samples (%s)", val_path, val_cache.skipped.total,
-                        val_cache.skipped)
-        if val_cache.num_samples == 0:
-            raise _empty_error(val_path, val_cache)
+        val_cache = _usable(val_path, load_or_build_cache(val_path, tokenizer, cfg.max_seq_len,
+                                                          cfg.cache_dir, show_progress=show_progress))
+    return _assemble(cfg, train_path, cache, val_cache, pad_id=int(pad_id), vocab_size=len(tokenizer))
+
+
+def open_prepared(cfg: DataConfig, train_cache: str | Path, val_cache: str | Path | None = None, *,
+                  pad_id: int, vocab_size: int) -> SFTData:
+    """What :func:`prepare_data` returned for ``cfg``, reopened from its published cache folders alone.
+
+    ``train_cache``/``val_cache`` are ``stats.cache_path``/``stats.val_cache_path`` of that result, and
+    ``pad_id``/``vocab_size`` its fields; neither the source jsonl nor the tokenizer is read, so a
+    process that has only the cache folders (a trial on another machine) gets the same splits.
+    Raises ``OSError``/``ValueError`` when a folder is missing or incomplete.
+    """
+    if (val_cache is None) != (cfg.val_path is None):
+        raise ValueError(f"val_cache={val_cache!r} does not match data.val_path={cfg.val_path!r}")
+    train = open_cache(train_cache)
+    source = Path(train.meta.get("source", train_cache))
+    _usable(source, train)
+    val = None
+    if val_cache is not None:
+        val = open_cache(val_cache)
+        _usable(Path(val.meta.get("source", val_cache)), val)
+    return _assemble(cfg, source, train, val, pad_id=pad_id, vocab_size=vocab_size)
+
+
+def _usable(path: Path, cache: TokenCache) -> TokenCache:
+    """``cache`` after warning about skipped samples; :class:`DataError` when none is usable."""
+    if cache.skipped.total:
+        log.warning("%s: skipped %d samples (%s)", path, cache.skipped.total, cache.skipped)
+    if cache.num_samples == 0:
+        raise _empty_error(path, cache)
+    return cache
+
+
+def _assemble(cfg: DataConfig, train_path: Path, cache: TokenCache, val_cache: TokenCache | None, *,
+              pad_id: int, vocab_size: int) -> SFTData:
+    """Split (or pair) the usable caches into :class:`SFTData`."""
+    if val_cache is not None:
         train = TokenizedDataset(cache)
         val = TokenizedDataset(val_cache)
     else:
@@ -720,7 +748,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any = None, *,
     )
     log.info("data: %d train / %d val samples, %d / %d supervised tokens", stats.train_samples,
              stats.val_samples, stats.train_supervised_tokens, stats.val_supervised_tokens)
-    return SFTData(train=train, val=val, pad_id=int(pad_id), vocab_size=len(tokenizer), stats=stats)
+    return SFTData(train=train, val=val, pad_id=int(pad_id), vocab_size=int(vocab_size), stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------------
