@@ -14,8 +14,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,14 @@ class StudyPaths:
 
     @property
     def local_dir(self) -> Path:
-        """Folder of the study on this machine (the driver's own outputs live here)."""
+        """Folder of the study on this machine (the driver's own outputs live here).
+
+        For a URI storage (``s3://...``) a driver-local staging folder, uploaded to :attr:`uri` at the end.
+        """
+        if not self.is_local:
+            from .cluster import staging_dir
+
+            return staging_dir(self.uri)
         base = self.storage.removeprefix("file://")
         return Path(base) / self.name
 
@@ -108,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = _apply_overrides(spec, args)
     name = args.name or spec.source.stem
     storage = args.storage_path or str(DEFAULT_STORAGE)
+    from .cluster import storage_problem
+
+    if problem := storage_problem(storage):  # e.g. relative under `ray job submit`
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     paths = StudyPaths(storage=storage, name=name)
@@ -160,7 +174,7 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
     from minimind_train.model import MiniMindForCausalLM, count_parameters, model_config_from
     from minimind_train.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-    from . import tracking
+    from . import cluster, tracking
     from .progress import ProgressLine
     from .report import (dir_bytes, format_table, prune_resume_state, summarize_trials,
                          write_best_yaml, write_summary_csv)
@@ -179,6 +193,12 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
         return 2
     if args.restart and paths.is_local and study_dir.exists():
         shutil.rmtree(study_dir)
+    if not paths.is_local:
+        if args.restart:
+            cluster.delete_uri_dir(paths.uri)
+            shutil.rmtree(study_dir, ignore_errors=True)
+        elif args.resume:  # the MLflow db of the driver that ran it before
+            cluster.download_outputs(paths.uri, study_dir)
 
     # Data first: a bad file fails here, before Ray starts, and the token cache is built once.
     t0 = time.perf_counter()
@@ -215,9 +235,17 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
         except SpaceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        # A multi-node cluster: every trial node must see the storage; data it cannot read is shipped.
+        driver_node = cluster.driver_node_id()
+        nodes = cluster.trial_nodes(cpu_share, gpu_share)
+        try:
+            cluster.check_storage(paths.storage, nodes, driver_node)
+            study_data = cluster.study_data(data, run_cfg, nodes, driver_node)
+        except cluster.ClusterError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
 
-        if paths.is_local:
-            study_dir.mkdir(parents=True, exist_ok=True)
+        study_dir.mkdir(parents=True, exist_ok=True)
         tracking_uri = tracking.resolve_tracking_uri(spec.mlflow.tracking_uri, study_dir)
         try:
             tracking.check_tracking_server(tracking_uri)
@@ -226,29 +254,34 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
             return 2
         tracker = tracking.StudyTracker(tracking_uri)
         param_keys = [p.path for p in spec.search]
-        parent_id = tracker.start(
-            study_name=paths.name,
-            experiment=spec.mlflow.experiment,
-            fixed_params={k: v for k, v in _flat_config(run_cfg).items() if k not in param_keys},
-            settings=_settings(spec),
-            space_text=spec.text,
-            tags={
-                "minimind.study": paths.name,
-                "git_commit": _git_commit(),
-                "dataset_fingerprint": data.stats.cache_key,
-                "tokenizer": spec.run.data.tokenizer or "bundled",
-                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                "model_parameters": str(n_params),
-            },
-            resume=args.resume,
-        )
+        try:
+            parent_id = tracker.start(
+                study_name=paths.name,
+                experiment=spec.mlflow.experiment,
+                fixed_params={k: v for k, v in _flat_config(run_cfg).items() if k not in param_keys},
+                settings=_settings(spec),
+                space_text=spec.text,
+                tags={
+                    "minimind.study": paths.name,
+                    "git_commit": _git_commit(),
+                    "dataset_fingerprint": data.stats.cache_key,
+                    "tokenizer": spec.run.data.tokenizer or "bundled",
+                    "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                    "model_parameters": str(n_params),
+                },
+                resume=args.resume,
+                restart=args.restart,
+            )
+        except tracking.TrackingError as exc:  # e.g. the study's runs exist in a shared store
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         callbacks = [
             ProgressLine(spec.tune.metric, spec.tune.mode, run_cfg.train.epochs, spec.tune.num_samples),
             tracker.trial_callback(parent_id, param_keys=param_keys,
                                    planned_epochs=run_cfg.train.epochs),
         ]
         trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base=_dict(run_cfg), gpu_share=gpu_share),
+            tune.with_parameters(train_trial, base=_dict(run_cfg), gpu_share=gpu_share, data=study_data),
             {"cpu": cpu_share, "gpu": gpu_share},
         )
         tuner = _make_tuner(spec, paths, trainable, callbacks, args.resume)
@@ -256,7 +289,13 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
               f"time, {cpu_share} CPU + {gpu_share} GPU each; output {paths.uri}; MLflow {tracking_uri}")
         status = "FAILED"
         try:
-            grid = tuner.fit()
+            interrupt = _InterruptWatch()
+            with interrupt:
+                grid = tuner.fit()
+            if interrupt.seen:
+                # Ray caught the Ctrl-C itself: it saved the experiment and returned a partial grid.
+                # Ranking that as the study's result (and pruning resume state) would ruin --resume.
+                raise KeyboardInterrupt
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -280,6 +319,9 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
             artifacts["best.yaml"] = best_yaml
             if best.checkpoint is not None:
                 artifacts["best/model.pth"] = best.checkpoint / "model.pth"
+                if not paths.is_local:  # in the bucket: MLflow logs a local copy
+                    artifacts["best/model.pth"] = cluster.fetch_file(
+                        paths.uri, best.checkpoint / "model.pth", study_dir / "best" / "model.pth")
             best_info = {"trial_id": best.trial_id, "metric": spec.tune.metric, "value": best.best_value,
                          "epoch": best.best_epoch, "params": best.params}
         summary_csv = write_summary_csv(study_dir / "summary.csv", summaries, spec.tune.metric)
@@ -299,7 +341,8 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
                 print(f"  {k}: {v}")
             print(f"best config: {study_dir / 'best.yaml'}")
             if best.checkpoint is not None:
-                print(f"best fp16 checkpoint: {best.checkpoint / 'model.pth'}")
+                where = best.checkpoint / "model.pth"
+                print(f"best fp16 checkpoint: {where if paths.is_local else artifacts['best/model.pth']}")
         print(f"disk: {_human_bytes(dir_bytes(study_dir))} in {study_dir} "
               f"({_human_bytes(freed)} of resume state pruned; top {spec.tune.keep_top_trials} trials keep theirs)")
         print(f"compare trials: python -m tune.ui --tracking-uri {tracking_uri}")
@@ -310,7 +353,51 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
             return 1
         return 0
     finally:
+        if not paths.is_local:
+            _upload_outputs(study_dir, paths.uri)
         ray.shutdown()
+
+
+def _upload_outputs(study_dir: Path, uri: str) -> None:
+    """Copy the driver's own outputs (best.yaml, summary, plots, sqlite MLflow) next to the trials."""
+    from .cluster import upload_outputs
+
+    try:
+        n = upload_outputs(study_dir, uri)
+        print(f"uploaded {_human_bytes(n)} of driver outputs from {study_dir} to {uri}")
+    except Exception as exc:  # noqa: BLE001 - the study itself is done; say where the files are
+        print(f"warning: could not upload {study_dir} to {uri}: {exc}", file=sys.stderr)
+
+
+class _InterruptWatch:
+    """Whether Ray Tune's own SIGINT/SIGUSR1 handler fired during ``Tuner.fit()``.
+
+    On the first Ctrl-C Ray checkpoints the experiment, stops the trials (marking them TERMINATED)
+    and returns from ``fit()`` normally, logging "resume with Tuner.restore(...)"; nothing in the
+    returned grid says so. Its handler then puts back the handler it found, so a sentinel installed
+    here before ``fit()`` and found again afterwards means exactly that the interrupt happened.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+        # Ray installs no handler off the main thread or with TUNE_DISABLE_SIGINT_HANDLER=1; a
+        # Ctrl-C then raises KeyboardInterrupt out of fit() as usual.
+        self._active = (threading.current_thread() is threading.main_thread()
+                        and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0"))
+
+    @staticmethod
+    def _sentinel(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> None:
+        if self._active:
+            self._previous = signal.signal(signal.SIGINT, self._sentinel)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._active:
+            self.seen = exc[0] is None and signal.getsignal(signal.SIGINT) is self._sentinel
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _dict(cfg: Any) -> dict[str, Any]:

@@ -443,6 +443,8 @@ class MlflowTrialCallback(Callback):
     End states (tag ``minimind.status`` / MLflow status): ``completed`` / FINISHED when the trial
     reached ``planned_epochs``; ``stopped_early`` / KILLED when it ended sooner (scheduler, stopper);
     ``failed`` / FAILED with ``minimind.failure_reason`` and the full error in ``error.txt``.
+    At the experiment's end, runs of trials Ray no longer knows (lost with a killed driver) are
+    tagged ``lost`` and soft-deleted.
 
     MLflow errors are logged and swallowed unless ``strict``: losing a metric point must not kill
     hours of training. The instance pickles without its client or run index (Tune stores callbacks
@@ -628,6 +630,23 @@ class MlflowTrialCallback(Callback):
                     continue
                 if self.client.get_run(entry.run_id).info.status == "RUNNING":
                     self._end(entry.run_id, "interrupted", {EPOCHS_TAG: entry.last_step})
+            self._delete_lost_runs({trial.trial_id for trial in trials})
+
+    def _delete_lost_runs(self, known: set[str]) -> None:
+        # A driver killed after a trial started but before Ray's next experiment snapshot leaves an
+        # MLflow run for a trial that --resume never sees again: Ray resumes from the snapshot, and
+        # its searcher may suggest the same values under a new trial id. Kept, that run would be a
+        # duplicate "interrupted" trial forever; soft-deleted it stays restorable (`mlflow runs restore`).
+        for trial_id, entry in list(self._index().items()):
+            if trial_id in known:
+                continue
+            logger.warning("MLflow run %s: trial %s was lost with a killed driver (Ray resumed without "
+                           "it); the run is deleted", entry.run_id, trial_id)
+            if self.client.get_run(entry.run_id).info.status == "RUNNING":
+                self.client.set_terminated(entry.run_id, status="KILLED")
+            _log_tags(self.client, entry.run_id, {STATUS_TAG: "lost"})
+            self.client.delete_run(entry.run_id)
+            del self._index()[trial_id]
 
 
 def _error_text(trial: Trial) -> str:
@@ -708,6 +727,19 @@ class StudyTracker:
             )
         return candidates[0]
 
+    def _delete_study_runs(self, experiment_id: str, study_name: str) -> None:
+        # A store outside the study folder (a server, $MLFLOW_TRACKING_URI) outlives --restart's rmtree.
+        parents = [run for run in _search_all(self.client, experiment_id, f"tags.`{ROLE_TAG}` = 'parent'")
+                   if run.data.tags.get(STUDY_TAG) == study_name]
+        for parent in parents:
+            runs = [*_search_all(self.client, experiment_id, _children_filter(parent.info.run_id)), parent]
+            for run in runs:
+                if run.info.status == "RUNNING":
+                    self.client.set_terminated(run.info.run_id, status="KILLED")
+                self.client.delete_run(run.info.run_id)
+            logger.warning("--restart: deleted MLflow run %s of study %r and its %d trial run(s)",
+                           parent.info.run_id, study_name, len(runs) - 1)
+
     def start(
         self,
         study_name: str,
@@ -717,20 +749,25 @@ class StudyTracker:
         space_text: str,
         tags: Mapping[str, Any],
         resume: bool = False,
+        restart: bool = False,
     ) -> str:
         """Create (or, with ``resume``, reopen) the study's parent run; returns its run id.
 
         ``fixed_params`` are logged as they are (nested mappings as dotted keys), ``settings`` under
         ``tune.``. MLflow params are immutable: on resume a changed value keeps the original param
-        and records the new one as the tag ``minimind.resumed_with.<key>``.
+        and records the new one as the tag ``minimind.resumed_with.<key>``. ``restart`` soft-deletes
+        the study's earlier parent and trial runs (``mlflow runs restore`` brings them back).
         """
         self.study_name = study_name
         self.experiment_id = self._experiment_id(experiment)
+        if restart and not resume:
+            self._delete_study_runs(self.experiment_id, study_name)
         existing = self._find_parent(self.experiment_id, study_name)
         if existing is not None and not resume:
             raise TrackingError(
                 f"study {study_name!r} already has a parent run ({existing.info.run_id}) in experiment "
-                f"{experiment!r} at {self.tracking_uri}; resume it or choose another study name"
+                f"{experiment!r} at {self.tracking_uri}; resume it (--resume), discard it (--restart) "
+                f"or choose another study name (--name)"
             )
         params = {**flatten(fixed_params), **flatten(settings, "tune.")}
         all_tags = {**tags, STUDY_TAG: study_name, ROLE_TAG: "parent"}

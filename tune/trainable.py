@@ -3,7 +3,8 @@
 Per epoch it writes a checkpoint folder (fp16 MiniMind ``model.pth`` + resume state) and calls
 ``tune.report(metrics, checkpoint=...)``; a restarted trial continues from ``tune.get_checkpoint()``.
 The dataset reaches trials through the on-disk token cache that the driver built once per study:
-``prepare_data`` here is a cache hit that memory-maps it, so concurrent trials on a node share pages.
+each trial memory-maps it (``tune.cluster.open_study_data``; on a node that cannot read the driver's
+folder, a copy shipped through Ray's object store), so concurrent trials on a node share pages.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from minimind_train.config import RunConfig, run_config_from_dict
 from minimind_train.data import prepare_data
 from minimind_train.train import NonFiniteLossError, train_epochs
 
+from .cluster import StudyData, current_node, open_study_data
 from .space import apply_params
 
-__all__ = ["TrialDiverged", "flatten_params", "train_trial", "DIVERGED_MARKER"]
+__all__ = ["DIVERGED_MARKER", "TrialDiverged", "TrialOutOfMemory", "flatten_params", "train_trial"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,10 @@ DIVERGED_MARKER = "diverged.json"
 
 class TrialDiverged(RuntimeError):
     """The trial's training loss became NaN/inf (its hyperparameters are unusable)."""
+
+
+class TrialOutOfMemory(RuntimeError):
+    """The trial needed more GPU memory than its share (its neighbours are unaffected)."""
 
 
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -62,29 +68,84 @@ def _cap_gpu_memory(gpu_share: float) -> None:
         torch.cuda.set_per_process_memory_fraction(gpu_share)
 
 
-def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], gpu_share: float = 0.0) -> None:
-    """Function trainable: ``config`` holds the searched values, ``base`` the fixed run config."""
+def _oom_message(gpu_share: float, cfg: RunConfig, exc: BaseException) -> str:
+    import torch
+
+    try:
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    except (RuntimeError, AssertionError):  # no usable device to describe
+        total = None
+    known = total is not None
+    if 0 < gpu_share < 1:
+        share = f"its share of {gpu_share:g} of the GPU" + (
+            f" ({gpu_share * total:.1f} of {total:.1f} GiB)" if known else "")
+    else:
+        share = "the whole GPU" + (f" ({total:.1f} GiB)" if known else "")
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"out of GPU memory within {share} at train.batch_size={cfg.train.batch_size}: use a smaller "
+            "train.batch_size (with train.accumulation_steps to keep the effective batch), a smaller "
+            f"data.max_seq_len or model, or a larger tune.resources_per_trial.gpu ({detail})")
+
+
+def _release_gpu_memory() -> None:
+    """Give the trial's cached CUDA blocks back, so they do not stay reserved in a reused actor."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], gpu_share: float = 0.0,
+                data: StudyData | None = None) -> None:
+    """Function trainable: ``config`` holds the searched values, ``base`` the fixed run config.
+
+    ``data`` (from :func:`tune.cluster.study_data`) opens the driver's token cache on any node,
+    shipped through the object store where the node cannot read it; None prepares the data here.
+    """
     cfg = trial_run_config(base, config)
     trial_dir = Path(tune.get_context().get_trial_dir())
     marker = trial_dir / DIVERGED_MARKER
     if marker.exists():
         raise TrialDiverged(json.loads(marker.read_text())["reason"])
     _cap_gpu_memory(gpu_share)
-    data = prepare_data(cfg.data, show_progress=False)
+    train_cfg = cfg  # differs only in model.init_from when that was shipped to this node
+    if data is None:
+        sft = prepare_data(cfg.data, show_progress=False)
+    else:
+        sft, train_cfg = open_study_data(data, cfg)
+    # Where each epoch ran, kept in the checkpoint's meta.json (not a metric).
+    node = current_node()
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = load_train_state(directory, cfg, data.vocab_size)
+            state = load_train_state(directory, cfg, sft.vocab_size)
         log.info("trial restored after epoch %d", state.epoch)
+    import torch
+
+    oom = None
     try:
-        for result in train_epochs(cfg, data, state):
+        for result in train_epochs(train_cfg, sft, state):
             with tempfile.TemporaryDirectory(prefix="minimind-ckpt-") as tmp:
                 folder = save_checkpoint(Path(tmp) / "checkpoint", result.state, cfg, result.metrics,
-                                         {"data": data.stats_dict()})
+                                         {"data": sft.stats_dict(), "ray": node})
                 tune.report({**result.metrics, "epoch": result.epoch},
                             checkpoint=tune.Checkpoint.from_directory(str(folder)))
+    except torch.cuda.OutOfMemoryError as exc:
+        # Raised below, outside this block: the CUDA error's traceback holds the trial's tensors.
+        oom = _oom_message(gpu_share, cfg, exc)
     except NonFiniteLossError as exc:
         trial_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"reason": str(exc), "pid": os.getpid()}))
-        raise TrialDiverged(str(exc)) from exc
+        # Not `from exc`: Ray copies and pickles the whole cause chain, and NonFiniteLossError
+        # cannot be rebuilt from its args, so the trial's error became a TypeError about
+        # NonFiniteLossError.__init__ instead of this message.
+        raise TrialDiverged(str(exc)) from None
+    finally:
+        state = result = None
+        _release_gpu_memory()
+    if oom is not None:
+        raise TrialOutOfMemory(oom)

@@ -1,0 +1,234 @@
+"""Helpers for tests that run ``python -m tune.run`` as a subprocess and read what a study leaves.
+
+Each driver runs in its own session (``start_new_session=True``) with its own short Ray temp dir,
+storage folder, MLflow sqlite (the default one inside the study folder) and token cache. Ray's
+daemons inherit the driver's session but its workers move to process groups of their own, so
+teardown kills every process of the driver's *session* by pid, and checks that none is left: a
+SIGKILLed driver would otherwise leave a raylet and its workers behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = Path(__file__).resolve().parent / "spaces"
+
+
+def session_pids(sid: int) -> list[int]:
+    """Pids of the live processes in session ``sid`` (read from /proc, so no name matching)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state ppid pgrp session ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(entry))
+    return pids
+
+
+def kill_session(sid: int, timeout_s: float = 20.0) -> list[int]:
+    """SIGKILL every process of session ``sid`` (our driver and what it started); returns survivors."""
+    try:
+        os.killpg(sid, signal.SIGKILL)  # the session leader's group: driver, gcs_server, raylet, ...
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = session_pids(sid)
+        if not left or time.monotonic() > deadline:
+            return left
+        for pid in left:  # workers sit in process groups of their own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+
+
+@dataclass
+class Workspace:
+    """Per-test folders: study storage, Ray temp dir (short: socket paths < 107 bytes), token cache."""
+
+    root: Path
+    storage: Path = field(init=False)
+    cache: Path = field(init=False)
+    ray_tmp: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.storage = self.root / "studies"
+        self.cache = self.root / "tokens"
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MINIMIND_TUNE_STORAGE")}
+        env.update({
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "MINIMIND_CACHE": str(self.cache),  # inherited by Ray's workers through the raylet
+            "PYTHONUNBUFFERED": "1",
+            "TMPDIR": str(self.ray_tmp),
+            **extra,
+        })
+        return env
+
+    def study_dir(self, name: str) -> Path:
+        return self.storage / name
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+class Driver:
+    """One ``python -m tune.run`` process; stdout/stderr go to files so they can be read while it runs."""
+
+    def __init__(self, ws: Workspace, args: Sequence[str], *, cwd: Path = REPO, tag: str = "run",
+                 env: dict[str, str] | None = None) -> None:
+        self.ws = ws
+        self.args = list(args)
+        n = len(list(ws.root.glob(f"{tag}-*.out")))
+        self.out_path = ws.root / f"{tag}-{n}.out"
+        self.err_path = ws.root / f"{tag}-{n}.err"
+        self._out = self.out_path.open("wb")
+        self._err = self.err_path.open("wb")
+        cmd = [sys.executable, "-m", "tune.run", "--storage-path", str(ws.storage),
+               "--ray-temp-dir", str(ws.ray_tmp), *self.args]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=ws.env(**(env or {})), stdout=self._out, stderr=self._err,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid = self.proc.pid
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def output(self, tail: int = 6000) -> str:
+        """Both streams, for failure messages."""
+        return (f"\n--- driver {' '.join(self.args)} (pid {self.pid}, rc {self.proc.returncode}) ---\n"
+                f"--- stdout ---\n{self.stdout[-tail:]}\n--- stderr ---\n{self.stderr[-tail:]}")
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.teardown()
+            raise AssertionError(f"driver did not finish within {timeout_s:.0f}s{self.output()}") from None
+
+    def wait_for(self, what: str, predicate: Callable[[], bool], timeout_s: float,
+                 poll_s: float = 0.1) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"driver exited (rc {self.proc.returncode}) before {what}{self.output()}")
+            if time.monotonic() > deadline:
+                self.teardown()
+                raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}{self.output()}")
+            time.sleep(poll_s)
+
+    def teardown(self) -> None:
+        """Kill whatever of this driver's session is still alive and insist that nothing is left."""
+        left = kill_session(self.pid)
+        self.proc.wait(timeout=10) if self.proc.poll() is None else None
+        self._out.close()
+        self._err.close()
+        assert not left, f"processes of driver session {self.pid} survived SIGKILL: {left}"
+
+
+def run_driver(ws: Workspace, args: Sequence[str], timeout_s: float = 240, **kwargs: Any) -> Driver:
+    """Run a driver to completion (teardown included); the caller checks ``proc.returncode``."""
+    driver = Driver(ws, args, **kwargs)
+    try:
+        driver.wait(timeout_s)
+    finally:
+        driver.teardown()
+    return driver
+
+
+# --- reading a study ---------------------------------------------------------------------------------
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The lines of a trial's result.json that are complete JSON (the last may be half written)."""
+    rows = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def live_results(ws: Workspace, name: str) -> dict[str, list[dict[str, Any]]]:
+    """trial_id -> results, from the latest driver's staging folder (the storage copy lags behind)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    pattern = f"session_latest/artifacts/*/{name}/driver_artifacts/trial_*/result.json"
+    for path in sorted(ws.ray_tmp.glob(pattern)):
+        rows = read_results(path)
+        if rows:
+            out[path.parent.name.removeprefix("trial_")] = rows
+    return out
+
+
+def stored_results(study_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """trial_id -> results, from the study folder."""
+    return {p.parent.name.removeprefix("trial_"): read_results(p)
+            for p in sorted(study_dir.glob("trial_*/result.json"))}
+
+
+def mlflow_runs(study_dir: Path) -> tuple[Any, list[Any], list[Any]]:
+    """(client, parent runs, child runs) of the study's own sqlite store, via the real MLflow API."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{study_dir / 'mlflow.db'}")
+    runs: list[Any] = []
+    for exp in client.search_experiments(view_type=ViewType.ALL):
+        runs += client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL, max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("minimind.role") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def iter_configs(study_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    for path in sorted(study_dir.glob("trial_*/params.json")):
+        yield path.parent.name.removeprefix("trial_"), json.loads(path.read_text())
+
+
+def persisted_trials(study_dir: Path) -> dict[str, str]:
+    """trial_id -> status in the experiment state Ray last wrote to the study folder ({} if unreadable).
+
+    This is what ``--resume`` starts from. Ray uploads it asynchronously after each change, so it
+    can lag behind what the driver (and MLflow) had seen when the driver was killed.
+    """
+    files = sorted(study_dir.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        state = json.loads(files[-1].read_text())
+        return {json.loads(t)["trial_id"]: json.loads(t)["status"] for t, _ in state["trial_data"]}
+    except (OSError, ValueError, KeyError, TypeError):  # caught mid-upload
+        return {}
