@@ -25,17 +25,17 @@ from .model import MiniMindForCausalLM
 from .train import TrainState, init_state
 
 __all__ = [
+    "META_FILE",
     "MODEL_FILE",
     "STATE_FILE",
-    "META_FILE",
     "WeightMismatchError",
+    "drop_resume_state",
     "fp16_state_dict",
     "load_minimind_weights",
-    "save_checkpoint",
     "load_train_state",
-    "read_meta",
-    "drop_resume_state",
     "model_from_checkpoint",
+    "read_meta",
+    "save_checkpoint",
 ]
 
 MODEL_FILE = "model.pth"

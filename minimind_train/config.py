@@ -11,24 +11,25 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
 __all__ = [
     "ConfigError",
-    "ModelConfig",
     "DataConfig",
-    "TrainConfig",
+    "ModelConfig",
     "RunConfig",
+    "TrainConfig",
+    "field_names",
     "load_run_config",
-    "run_config_from_dict",
-    "run_config_to_dict",
     "replace_path",
     "resolve_paths",
-    "field_names",
+    "run_config_from_dict",
+    "run_config_to_dict",
 ]
 
 

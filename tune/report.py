@@ -20,12 +20,12 @@ from .space import StudySpec, apply_params
 
 __all__ = [
     "TrialSummary",
-    "summarize_trials",
+    "dir_bytes",
     "format_table",
+    "prune_resume_state",
+    "summarize_trials",
     "write_best_yaml",
     "write_summary_csv",
-    "prune_resume_state",
-    "dir_bytes",
 ]
 
 

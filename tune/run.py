@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "DEFAULT_STORAGE", "StudyPaths"]
+__all__ = ["DEFAULT_STORAGE", "StudyPaths", "main"]
 
 log = logging.getLogger("tune.run")
 
@@ -176,8 +176,14 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
 
     from . import cluster, tracking
     from .progress import ProgressLine
-    from .report import (dir_bytes, format_table, prune_resume_state, summarize_trials,
-                         write_best_yaml, write_summary_csv)
+    from .report import (
+        dir_bytes,
+        format_table,
+        prune_resume_state,
+        summarize_trials,
+        write_best_yaml,
+        write_summary_csv,
+    )
     from .space import SpaceError, check_resources
     from .trainable import train_trial
 
