@@ -29,6 +29,7 @@ __all__ = [
     "count_parameters",
     "default_intermediate_size",
     "model_config_from",
+    "supervised_positions",
     "token_cross_entropy",
 ]
 
@@ -160,12 +161,20 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         # GQA: query head h reads kv head h // n_rep, as upstream's repeat_kv.
         n_rep = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
         dropout_p = self.dropout if self.training else 0.0
-        if self.flash:
+        # Unmasked causal attention goes to a flash kernel (CPU: any dtype; CUDA: fp16/bf16), which
+        # reads the shared kv heads directly instead of materialising n_rep copies of k and v. The
+        # kernels used with a mask or fp32 on CUDA need equal head counts.
+        native_gqa = mask is None and (q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16))
+        if self.flash and native_gqa:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                                 enable_gqa=n_rep > 1)
+        elif self.flash:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                  is_causal=mask is None)
         else:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
             if mask is None:
                 mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
@@ -324,6 +333,17 @@ def token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]
     return ce_sum, (targets != -100).sum()
 
 
+def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(flat positions ``b * T + t`` whose next label is supervised, those labels) for labels (B, T).
+
+    The positions index ``hidden.reshape(B * T, H)``; only they need the LM head for the loss.
+    Computed where ``labels`` lives: on the CPU batch before the transfer, so CUDA never syncs on it.
+    """
+    nxt = labels[:, 1:] != -100
+    positions = F.pad(nxt, (0, 1)).reshape(-1).nonzero().squeeze(1)
+    return positions, labels.reshape(-1)[positions + 1]
+
+
 class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MiniMindConfig
     base_model_prefix = "model"
@@ -393,6 +413,25 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             loss = ce_sum / n_tokens.clamp(min=1)
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
                                          past_key_values=cache if use_cache else None)
+
+
+    def supervised_cross_entropy(
+        self, input_ids: Tensor, labels: Tensor, positions: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, int, Tensor]:
+        """(fp32 CE sum over supervised tokens, their count, MoE aux loss) of a right-padded batch.
+
+        Equal to ``token_cross_entropy(self(input_ids).logits, labels)`` plus the aux loss, but the
+        LM head and the softmax run only at the positions whose next token is supervised (about a
+        third of a padded SFT batch) instead of at every position: same loss and gradients, a
+        fraction of the head's FLOPs and of its (rows x vocab) activation memory. ``positions``:
+        :func:`supervised_positions` of ``labels``, precomputed (on the CPU) and moved to the device.
+        """
+        hidden, aux_loss = self.model(input_ids, None, None, None)
+        idx, targets = positions if positions is not None else supervised_positions(labels)
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
+        logits = self.lm_head(selected)
+        ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return ce_sum, int(targets.numel()), aux_loss
 
 
 def model_config_from(cfg: ModelConfig, vocab_size: int) -> MiniMindConfig:

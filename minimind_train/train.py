@@ -24,7 +24,7 @@ import torch
 
 from .config import RunConfig, TrainConfig
 from .data import SFTData, TokenizedDataset, batch_indices, iterate_batches
-from .model import MiniMindForCausalLM, model_config_from, token_cross_entropy
+from .model import MiniMindForCausalLM, model_config_from, supervised_positions
 
 __all__ = [
     "NonFiniteLossError",
@@ -40,6 +40,7 @@ __all__ = [
     "train_epochs",
     "evaluate",
     "backward_window",
+    "clip_grad_norm",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,10 +154,12 @@ def init_state(cfg: RunConfig, vocab_size: int, device: torch.device | None = No
     # Norm weights and biases are not decayed (standard AdamW practice; MiniMind decays nothing).
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # Fused on CPU too: one pass over each parameter instead of ~8 foreach passes (8.9M parameters
+    # on two cores: ~25 ms instead of ~400 ms a step); the same AdamW update.
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-        fused=device.type == "cuda",
+        fused=device.type in ("cuda", "cpu"),
     )
     # GradScaler only for fp16: bf16 has fp32's exponent range and needs no loss scaling.
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -173,13 +176,12 @@ def evaluate(state: TrainState, dataset: TokenizedDataset, batch_size: int, pad_
     count = 0
     order = batch_indices(dataset.lengths, batch_size, seed=0, epoch=0, shuffle=False)
     for input_ids, labels in iterate_batches(dataset, order, pad_id):
+        positions = _to_device(supervised_positions(labels), state.device)
         input_ids = input_ids.to(state.device, non_blocking=True)
-        labels = labels.to(state.device, non_blocking=True)
         with autocast_context(state.device, state.amp_dtype):
-            logits = model(input_ids=input_ids).logits
-        ce_sum, n = token_cross_entropy(logits, labels)
+            ce_sum, n, _ = model.supervised_cross_entropy(input_ids, labels, positions)
         total += ce_sum.double()
-        count += int(n)
+        count += n
     model.train(was_training)
     if count == 0:
         raise ValueError("validation split has no supervised tokens")
@@ -198,12 +200,13 @@ def backward_window(
     ce_window = torch.zeros((), dtype=torch.float32, device=state.device)
     aux_window = torch.zeros((), dtype=torch.float64, device=state.device)
     for input_ids, labels in window:
+        # The LM head runs only where the next token is supervised (same loss, see
+        # MiniMindForCausalLM.supervised_cross_entropy); positions are found on the CPU batch.
+        positions = _to_device(supervised_positions(labels), state.device)
         input_ids = input_ids.to(state.device, non_blocking=True)
-        labels = labels.to(state.device, non_blocking=True)
         with autocast_context(state.device, state.amp_dtype):
-            out = state.model(input_ids=input_ids)
-        ce_sum, _ = token_cross_entropy(out.logits, labels)
-        aux = out.aux_loss.float()
+            ce_sum, _, aux = state.model.supervised_cross_entropy(input_ids, labels, positions)
+        aux = aux.float()
         loss = ce_sum / max(n_sup, 1) + aux / len(window)
         if state.scaler is not None:
             state.scaler.scale(loss).backward()
@@ -212,6 +215,23 @@ def backward_window(
         ce_window += ce_sum.detach()
         aux_window += aux.detach().double()
     return ce_window, aux_window, n_sup
+
+
+def _to_device(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(x.to(device, non_blocking=True) for x in tensors)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that skips the rescale pass when it would multiply by 1.
+
+    clip_grad_norm_ always multiplies every gradient by ``min(1, max_norm / (norm + 1e-6))``; when
+    that factor is exactly 1 the pass over all gradients changes nothing, so it is skipped.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if math.isfinite(max_norm) and float(max_norm / (norm + 1e-6)) < 1.0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -258,6 +278,7 @@ def train_epochs(
         lr = t.learning_rate
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        wall_start = time.time()
         start = time.perf_counter()
         for step_in_epoch in range(per_epoch):
             window_order = order[step_in_epoch * t.accumulation_steps:
@@ -272,7 +293,7 @@ def train_epochs(
             micro_epoch += len(window)
             if state.scaler is not None:
                 state.scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            grad_norm = clip_grad_norm(params, clip)
             window_loss = float(ce_window) / max(n_sup, 1)
             if not math.isfinite(window_loss):
                 raise NonFiniteLossError(epoch + 1, state.step, window_loss)
@@ -314,6 +335,10 @@ def train_epochs(
             "val_seconds": val_seconds,
             "peak_memory_mb": _peak_memory_mb(device),
             "optimizer_steps": float(state.step),
+            # Wall clock (Unix seconds) when the epoch's first step began: with a study's launch time
+            # it gives the time to the first training step. The "time_" prefix marks it as timing
+            # bookkeeping, which the MLflow tracker leaves out like Ray's own time_* keys.
+            "time_epoch_start_unix": wall_start,
         }
         log.info("epoch %d/%d train_loss %.4f val_loss %.4f lr %.3g %.0f sup tok/s", state.epoch,
                  t.epochs, metrics["train_loss"], val_loss, lr, metrics["supervised_tokens_per_s"])

@@ -19,6 +19,7 @@ from minimind_train.model import (
     count_parameters,
     default_intermediate_size,
     model_config_from,
+    supervised_positions,
     token_cross_entropy,
 )
 
@@ -127,6 +128,56 @@ def test_loss_rejects_truncated_logits() -> None:
         model(ids, labels=ids, logits_to_keep=1)
 
 
+def _sft_labels(ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """SFT-like labels: supervised spans, prompt and right padding ignored, one row all ignored."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.5, ids, -100)
+    labels[1, -3:] = -100  # padding
+    labels[2] = -100  # nothing supervised in this row
+    return labels
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_selected_positions_head_equals_full_head(use_moe: bool) -> None:
+    """The LM head at supervised positions only: same CE sum, count, aux loss and gradients."""
+    model = tiny_model(std=0.3, use_moe=use_moe)
+    ids = torch.randint(3, 128, (3, 11))
+    labels = _sft_labels(ids, seed=1)
+    out = model(ids)
+    full, n_full = token_cross_entropy(out.logits, labels)
+    (full / n_full + out.aux_loss).backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+    ce, n, aux = model.supervised_cross_entropy(ids, labels)
+    (ce / n + aux).backward()
+    got = _grads(model)
+    assert n == int(n_full) > 0
+    torch.testing.assert_close(ce, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux, out.aux_loss, atol=1e-6, rtol=1e-6)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_supervised_positions_index_the_flat_hidden_states() -> None:
+    labels = torch.tensor([[-100, 5, -100, 7], [-100, -100, 9, -100]])
+    positions, targets = supervised_positions(labels)
+    # Position (b, t) predicts labels[b, t + 1]; flat index b * T + t.
+    assert positions.tolist() == [0, 2, 5] and targets.tolist() == [5, 7, 9]
+
+
+def test_selected_head_with_nothing_supervised_is_zero() -> None:
+    model = tiny_model()
+    ids = torch.randint(3, 128, (2, 6))
+    ce, n, _ = model.supervised_cross_entropy(ids, torch.full_like(ids, -100))
+    assert n == 0 and ce.item() == 0.0
+    ce.backward()  # still differentiable: zero gradients, no error
+
+
 # --- attention, padding, cache --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("use_moe", [False, True])
@@ -169,6 +220,19 @@ def test_right_padding_does_not_change_real_tokens() -> None:
         torch.testing.assert_close(model(padded).logits[:, :5], ref, atol=1e-5, rtol=1e-5)
         masked = model(padded, attention_mask=mask).logits[:, :5]
         torch.testing.assert_close(masked, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_native_gqa_attention_gradients_match_explicit_attention() -> None:
+    """Training attention (flash kernel reading shared kv heads) vs upstream's repeat_kv + softmax."""
+    fast = tiny_model(std=0.3)
+    slow = tiny_model(std=0.3, flash_attn=False)
+    slow.load_state_dict(fast.state_dict())
+    ids = torch.randint(3, 128, (2, 9))
+    for model in (fast, slow):
+        model(ids).logits.square().mean().backward()
+    expected = _grads(slow)
+    for name, grad in _grads(fast).items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_sdpa_and_explicit_attention_agree() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from minimind_train.config import DataConfig, ModelConfig, RunConfig, TrainConfi
 from minimind_train.data import collate, encode_conversation, prepare_data
 from minimind_train.demo import generate_demo_conversations, write_jsonl
 from minimind_train.tokenizer import load_tokenizer
-from minimind_train.train import (NonFiniteLossError, backward_window, init_state, lr_at,
+from minimind_train.train import (NonFiniteLossError, backward_window, clip_grad_norm, init_state, lr_at,
                                   steps_per_epoch, train_epochs)
 
 TINY = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -90,6 +91,28 @@ def test_loss_is_next_token_ce_over_supervised_tokens(tokenizer, convs, run_cfg)
     assert not math.isclose(float(shifted_twice), total / count, rel_tol=1e-3)
 
 
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3, math.inf])
+def test_clip_grad_norm_equals_torch(tokenizer, convs, run_cfg, max_norm):
+    """Skipping the rescale when its factor is 1 changes nothing: same norm, bit-identical gradients."""
+    state = init_state(run_cfg, vocab_size=len(tokenizer), device=torch.device("cpu"))
+    backward_window(state, [collate(_samples(tokenizer, convs, 4), pad_id=0)])
+    params = list(state.model.parameters())
+    grads = {n: p.grad.clone() for n, p in state.model.named_parameters()}
+    ours = clip_grad_norm(params, max_norm)
+    ours_grads = {n: p.grad.clone() for n, p in state.model.named_parameters()}
+    for n, p in state.model.named_parameters():
+        p.grad = grads[n].clone()
+    ref = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    assert torch.equal(ours, ref)
+    for n, p in state.model.named_parameters():
+        assert torch.equal(ours_grads[n], p.grad), n
+
+
+def test_cpu_optimizer_is_fused_adamw(run_cfg):
+    state = init_state(run_cfg, vocab_size=300, device=torch.device("cpu"))
+    assert isinstance(state.optimizer, torch.optim.AdamW) and state.optimizer.defaults["fused"]
+
+
 @pytest.mark.parametrize("warmup", [0, 3])
 def test_lr_schedule_endpoints(warmup):
     total, lr, ratio = 20, 1e-3, 0.1
@@ -125,8 +148,10 @@ def test_validation_loss_falls_and_metrics_reported(run_cfg):
     results = [r.metrics for r in train_epochs(cfg, data)]
     assert results[-1]["val_loss"] < results[0]["val_loss"]
     for key in ("train_loss", "val_loss", "aux_loss", "lr", "grad_norm", "supervised_tokens_per_s",
-                "tokens_per_s", "epoch_seconds", "peak_memory_mb"):
+                "tokens_per_s", "epoch_seconds", "peak_memory_mb", "time_epoch_start_unix"):
         assert all(math.isfinite(m[key]) for m in results), key
+    starts = [m["time_epoch_start_unix"] for m in results]
+    assert starts == sorted(starts) and abs(starts[0] - time.time()) < 600
     assert results[-1]["lr"] == pytest.approx(cfg.train.learning_rate * cfg.train.min_lr_ratio)
 
 
