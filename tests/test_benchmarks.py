@@ -1,0 +1,72 @@
+"""The benchmark scripts run: the GPU check's syntax and its helper on CPU, the study probe's helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(f"benchmarks_{name}", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_script_is_valid_bash() -> None:
+    subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
+
+
+def test_gpu_throughput_cpu_smoke(tmp_path: Path) -> None:
+    """The GPU helper's whole path (spawned trial processes, barrier, aggregation, JSON) on CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_throughput.py"), "--cpu-smoke", "--out", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "gpu_throughput.json").read_text())
+    layouts = {r["layout"]: r for r in summary["layouts"]}
+    assert set(layouts) == {"1x1", "2x0.5"} and all(r["ok"] for r in layouts.values())
+    assert [len(r["per_process"]) for r in layouts.values()] == [1, 2]
+    assert all(w["steps"] == 2 and w["tokens"] > 0 for r in layouts.values() for w in r["per_process"])
+    assert summary["speedup_2x0.5_vs_1x1"] > 0
+
+
+def test_longer_demo_chains_conversations(tmp_path: Path) -> None:
+    gpu = _load("gpu_throughput")
+    rows = [json.loads(line) for line in gpu.longer_demo(tmp_path / "d.jsonl", per_sample=3).read_text(
+        encoding="utf-8").splitlines()]
+    assert rows and all(sum(m["role"] == "system" for m in r["conversations"]) <= 1 for r in rows)
+    assert all(r["conversations"][-1]["role"] == "assistant" for r in rows)
+
+
+def test_study_probe_reads_process_memory_and_tree() -> None:
+    probe = _load("study_overhead")
+    mine = probe.memory_mb(os.getpid())
+    assert mine is not None and 0 < mine["uss"] <= mine["rss"]
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in probe.descendants(os.getpid())
+        assert "time.sleep" in probe.cmdline(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_throughput_flop_model_counts() -> None:
+    bench = _load("throughput")
+    f = bench.FlopModel(body_matmul_params=10, head_params=100, hidden=4, layers=2)
+    lengths = np.array([3, 5])
+    # 6 x body x real tokens + 6 x head x supervised rows + 6 x hidden x layers x sum T(T+1).
+    assert f.useful(lengths, supervised=4) == pytest.approx(6 * 10 * 8 + 6 * 100 * 4 + 6 * 4 * 2 * (12 + 30))
