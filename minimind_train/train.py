@@ -55,6 +55,10 @@ class NonFiniteLossError(FloatingPointError):
         self.step = step
         self.value = value
 
+    def __reduce__(self) -> tuple[type[NonFiniteLossError], tuple[int, int, float]]:
+        # Ray pickles trial errors; the default reduce would call __init__ with the message only.
+        return (type(self), (self.epoch, self.step, self.value))
+
 
 @dataclass
 class TrainState:

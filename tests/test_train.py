@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 
@@ -214,3 +215,5 @@ def test_non_finite_loss_raises_distinct_error(run_cfg):
         next(train_epochs(run_cfg, data, state))
     assert info.value.epoch == 1 and info.value.step == 0
     assert "non-finite training loss" in str(info.value)
+    copy = pickle.loads(pickle.dumps(info.value))  # Ray ships trial errors pickled
+    assert (copy.epoch, copy.step, str(copy)) == (1, 0, str(info.value))
