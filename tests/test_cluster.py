@@ -505,10 +505,12 @@ def test_study_on_two_nodes_survives_losing_one():
                         break
                 else:
                     time.sleep(0.2)
-            stop = cluster.ray("job", "stop", "--address", cluster.dashboard, blocker, timeout=60)
-            assert stop.returncode == 0, stop.stdout + stop.stderr
+            # Kill first: stopping the blocker job can take seconds, time in which the victim could
+            # finish its remaining epochs (seen under load); its retry waits for the head's CPU.
             cluster.kill(worker)
             killed_at = _checkpoints(study)[victim]
+            stop = cluster.ray("job", "stop", "--address", cluster.dashboard, blocker, timeout=60)
+            assert stop.returncode == 0, stop.stdout + stop.stderr
 
             deadline = time.monotonic() + 240
             while (state := status(job)) in ("RUNNING", "PENDING"):
