@@ -102,13 +102,19 @@ def memory_mb(pid: int) -> dict[str, float] | None:
 
 
 class MemorySampler(threading.Thread):
-    """Peak memory of every trial worker (and idle Ray worker) under ``root``, sampled periodically."""
+    """Peak memory of the Ray workers under ``root`` and when things first appeared, sampled periodically.
+
+    A worker is titled ``ray::IDLE`` until it is given an actor, so a trial's worker is first seen idle
+    while it deserialises the trainable (importing torch and the project); its peaks cover both phases.
+    """
 
     def __init__(self, root: int, interval: float) -> None:
         super().__init__(daemon=True)
         self.root, self.interval = root, interval
-        self.peaks: dict[int, dict[str, float]] = {}  # trial workers
-        self.idle_peaks: dict[int, dict[str, float]] = {}  # ray::IDLE workers (Ray's own baseline)
+        self.workers: dict[int, dict[str, float]] = {}  # every ray::IDLE / trial worker: peak memory
+        self.trial_pids: set[int] = set()
+        self.first_seen: dict[int, float] = {}
+        self.ray_started = math.nan  # first time a raylet was seen
         self.max_concurrent = 0
         self._halt = threading.Event()
 
@@ -117,15 +123,19 @@ class MemorySampler(threading.Thread):
             running = 0
             for pid in descendants(self.root):
                 title = cmdline(pid)
-                target = (self.peaks if title.startswith(TRIAL_TITLE)
-                          else self.idle_peaks if title.startswith("ray::IDLE") else None)
-                if target is None:
+                if "raylet" in title and math.isnan(self.ray_started):
+                    self.ray_started = time.time()
+                trial = title.startswith(TRIAL_TITLE)
+                if not trial and not title.startswith("ray::IDLE"):
                     continue
                 mem = memory_mb(pid)
                 if mem is None:
                     continue
-                running += target is self.peaks
-                peak = target.setdefault(pid, dict.fromkeys(mem, 0.0))
+                self.first_seen.setdefault(pid, time.time())
+                if trial:
+                    self.trial_pids.add(pid)
+                    running += 1
+                peak = self.workers.setdefault(pid, dict.fromkeys(mem, 0.0))
                 for k, v in mem.items():
                     peak[k] = max(peak[k], v)
             self.max_concurrent = max(self.max_concurrent, running)
@@ -134,6 +144,19 @@ class MemorySampler(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join()
+
+    @property
+    def trial_peaks(self) -> dict[int, dict[str, float]]:
+        return {pid: m for pid, m in self.workers.items() if pid in self.trial_pids}
+
+    @property
+    def idle_peaks(self) -> dict[int, dict[str, float]]:
+        """Workers that never ran a trial: Ray's own per-worker baseline."""
+        return {pid: m for pid, m in self.workers.items() if pid not in self.trial_pids}
+
+    @property
+    def first_trial_worker(self) -> float:
+        return min((self.first_seen[pid] for pid in self.trial_pids), default=math.nan)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,6 +182,19 @@ def state_bytes(spec) -> tuple[int, int]:
     with torch.device("meta"):
         n = count_parameters(MiniMindForCausalLM(model_config_from(spec.run.model, vocab)))
     return n, 4 * 4 * n
+
+
+def import_floor_mb() -> dict[str, float]:
+    """USS of a fresh Python after importing torch, then the trainable (torch, transformers, the project)."""
+    code = ("import json, os, sys; sys.path.insert(0, sys.argv[1]); from study_overhead import memory_mb; "
+            "out = {}; import torch; out['torch'] = memory_mb(os.getpid())['uss']; "
+            "import tune.trainable; out['trainable'] = memory_mb(os.getpid())['uss']; print(json.dumps(out))")
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], cwd=REPO,
+                          capture_output=True, text=True, check=False, timeout=300)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {}
 
 
 def verdict(ok: bool) -> str:
@@ -233,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
               if r.get("epoch") == 1 and "time_epoch_start_unix" in r]
     first_step = min(firsts) - launched if firsts else math.nan
     trials = sorted({r["trial_id"] for r in results})
-    peaks = list(sampler.peaks.values())
+    peaks = list(sampler.trial_peaks.values())
     uss = max((m["uss"] for m in peaks), default=math.nan)
     rss = max((m["rss"] for m in peaks), default=math.nan)
     idle_uss = max((m["uss"] for m in sampler.idle_peaks.values()), default=math.nan)
@@ -246,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     tail_s = ended - last_end
     idle = wall * concurrency - busy
     between = idle - (first_step + tail_s) * concurrency
+    floor = import_floor_mb()
     print(f"\nstudy: {args.space}, {len(trials)} trials, {len(results)} epochs reported, "
           f"{concurrency} concurrent; wall {wall:.1f} s; model {n_params:,} parameters")
     print(f"(a) overhead outside training/validation steps: {100 * overhead:.1f}% "
@@ -256,15 +293,26 @@ def main(argv: list[str] | None = None) -> int:
           f"(checkpoints, reports, trial hand-over, slots left idle by the scheduler)")
     print(f"(b) launch -> first training step: {first_step:.1f} s -- goal <= {GOAL_FIRST_STEP_S:.0f} s: "
           f"{verdict(first_step <= GOAL_FIRST_STEP_S)}")
+    print(f"    a raylet first seen at {sampler.ray_started - launched:.1f} s (the driver's imports, data, "
+          f"ray.init), the first trial's worker at {sampler.first_trial_worker - launched:.1f} s (Ray, MLflow, "
+          f"Tuner start-up), its first step {first_step - (sampler.first_trial_worker - launched):.1f} s later "
+          "(the worker's imports, data, model)")
     print(f"(c) extra memory per concurrent trial: peak USS {uss:.0f} MB (peak RSS {rss:.0f} MB) of "
           f"{len(peaks)} trial worker(s), at most {sampler.max_concurrent} at once; an idle Ray worker "
           f"{idle_uss:.0f} MB USS -- goal <= model+optimizer {state / 2**20:.1f} MB + {GOAL_EXTRA_MB:.0f} MB "
           f"= {goal_mb:.0f} MB: {verdict(uss <= goal_mb)}")
+    if floor:
+        print(f"    a fresh Python holds {floor.get('torch', math.nan):.0f} MB USS after importing torch and "
+              f"{floor.get('trainable', math.nan):.0f} MB after importing the trainable (torch, transformers, "
+              "Ray Tune, the project) -- before any model, data or activations")
     summary = {"space": str(args.space), "wall_s": wall, "concurrency": concurrency, "trials": len(trials),
                "epochs_reported": len(results), "train_val_s": busy, "overhead_share": overhead,
                "first_step_s": first_step, "tail_s": tail_s, "idle_between_s": between, "trial_peak_uss_mb": uss, "trial_peak_rss_mb": rss,
-               "idle_worker_uss_mb": idle_uss, "state_mb": state / 2**20, "memory_goal_mb": goal_mb,
-               "workers": [{"pid": pid, **m} for pid, m in sampler.peaks.items()]}
+               "idle_worker_uss_mb": idle_uss, "import_floor_uss_mb": floor, "state_mb": state / 2**20, "memory_goal_mb": goal_mb,
+               "ray_started_s": sampler.ray_started - launched,
+               "trial_worker_started_s": sampler.first_trial_worker - launched,
+               "workers": [{"pid": pid, "trial": pid in sampler.trial_pids, **m}
+                           for pid, m in sampler.workers.items()]}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     shutil.rmtree(work, ignore_errors=True)

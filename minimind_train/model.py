@@ -414,16 +414,16 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
                                          past_key_values=cache if use_cache else None)
 
-
     def supervised_cross_entropy(
         self, input_ids: Tensor, labels: Tensor, positions: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, int, Tensor]:
         """(fp32 CE sum over supervised tokens, their count, MoE aux loss) of a right-padded batch.
 
         Equal to ``token_cross_entropy(self(input_ids).logits, labels)`` plus the aux loss, but the
-        LM head and the softmax run only at the positions whose next token is supervised (about a
-        third of a padded SFT batch) instead of at every position: same loss and gradients, a
-        fraction of the head's FLOPs and of its (rows x vocab) activation memory. ``positions``:
+        LM head and the softmax run only at the positions whose next token is supervised (on
+        alpaca_zh: three quarters of a length-grouped batch, a quarter of one padded to 512) instead
+        of at every position: same loss and gradients, a fraction of the head's FLOPs and of its
+        (rows x vocab) logits and their gradient. ``positions``:
         :func:`supervised_positions` of ``labels``, precomputed (on the CPU) and moved to the device.
         """
         hidden, aux_loss = self.model(input_ids, None, None, None)
