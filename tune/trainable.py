@@ -93,8 +93,8 @@ def _release_gpu_memory() -> None:
 
     import torch
 
-    gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -110,6 +110,7 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], gpu_share: f
     marker = trial_dir / DIVERGED_MARKER
     if marker.exists():
         raise TrialDiverged(json.loads(marker.read_text())["reason"])
+    _release_gpu_memory()  # what a previous trial in this (reused) actor left cached
     _cap_gpu_memory(gpu_share)
     train_cfg = cfg  # differs only in model.init_from when that was shipped to this node
     if data is None:
@@ -144,8 +145,10 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], gpu_share: f
         # cannot be rebuilt from its args, so the trial's error became a TypeError about
         # NonFiniteLossError.__init__ instead of this message.
         raise TrialDiverged(str(exc)) from None
-    finally:
-        state = result = None
-        _release_gpu_memory()
+    # Finished or out of memory: give the cached blocks back now. (A trial stopped by the scheduler
+    # leaves through Ray's SystemExit in tune.report; a reused actor frees its memory at the next
+    # trial's start, below.)
+    state = result = None
+    _release_gpu_memory()
     if oom is not None:
         raise TrialOutOfMemory(oom)
