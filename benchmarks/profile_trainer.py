@@ -16,19 +16,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from minimind_train.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
-from minimind_train.data import batch_indices, iterate_batches, prepare_data  # noqa: E402
-from minimind_train.train import backward_window, clip_grad_norm, init_state  # noqa: E402
+from minimind_train.config import DataConfig, RunConfig, TrainConfig
+from minimind_train.data import batch_indices, iterate_batches, prepare_data
+from minimind_train.train import backward_window, clip_grad_norm, init_state
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from throughput import MODEL, SHARED, machine_line  # noqa: E402
+from throughput import MODEL, SHARED, machine_line
 
 GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
