@@ -19,6 +19,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
@@ -27,20 +28,20 @@ from .data import SFTData, TokenizedDataset, batch_indices, iterate_batches
 from .model import MiniMindForCausalLM, model_config_from, supervised_positions
 
 __all__ = [
-    "NonFiniteLossError",
-    "TrainState",
     "EpochResult",
+    "NonFiniteLossError",
     "StepInfo",
-    "lr_at",
-    "steps_per_epoch",
-    "resolve_device",
-    "resolve_dtype",
+    "TrainState",
     "autocast_context",
-    "init_state",
-    "train_epochs",
-    "evaluate",
     "backward_window",
     "clip_grad_norm",
+    "evaluate",
+    "init_state",
+    "lr_at",
+    "resolve_device",
+    "resolve_dtype",
+    "steps_per_epoch",
+    "train_epochs",
 ]
 
 log = logging.getLogger(__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import pickle
@@ -13,14 +14,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minimind_train.checkpoint import (MODEL_FILE, STATE_FILE, WeightMismatchError, load_minimind_weights,
-                                       load_train_state, save_checkpoint)
+from minimind_train.checkpoint import (
+    MODEL_FILE,
+    STATE_FILE,
+    WeightMismatchError,
+    load_minimind_weights,
+    load_train_state,
+    save_checkpoint,
+)
 from minimind_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from minimind_train.data import collate, encode_conversation, prepare_data
 from minimind_train.demo import generate_demo_conversations, write_jsonl
 from minimind_train.tokenizer import load_tokenizer
-from minimind_train.train import (NonFiniteLossError, backward_window, clip_grad_norm, init_state, lr_at,
-                                  steps_per_epoch, train_epochs)
+from minimind_train.train import (
+    NonFiniteLossError,
+    backward_window,
+    clip_grad_norm,
+    init_state,
+    lr_at,
+    steps_per_epoch,
+    train_epochs,
+)
 
 TINY = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -120,8 +134,8 @@ def test_lr_schedule_endpoints(warmup):
     lrs = [lr_at(s, total, lr, ratio, warmup) for s in range(total)]
     assert lrs[warmup] == pytest.approx(lr, rel=1e-12)
     assert lrs[-1] == pytest.approx(lr * ratio, rel=1e-12)
-    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))
-    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+    assert all(a < b for a, b in itertools.pairwise(lrs[:warmup + 1]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[warmup:]))
     with pytest.raises(ValueError):
         lr_at(total, total, lr, ratio, warmup)
 

@@ -38,7 +38,7 @@ class PruningAwareOptunaSearch(OptunaSearch):
             return
         try:
             self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-        except Exception as exc:  # Optuna refuses e.g. a trial with no intermediate value
+        except Exception as exc:  # noqa: BLE001 - Optuna refuses e.g. a trial with no intermediate value
             log.warning("could not record trial %s as pruned: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
 
