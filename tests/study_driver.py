@@ -218,6 +218,25 @@ def iter_configs(study_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield path.parent.name.removeprefix("trial_"), json.loads(path.read_text())
 
 
+def persisted_checkpoints(study_dir: Path) -> dict[str, int]:
+    """trial_id -> the epoch (training_iteration) of the latest checkpoint registered in Ray's saved
+    experiment state, 0 for none: where --resume restarts each trial.
+
+    Ray registers a reported checkpoint a step after the result itself, so a Ctrl-C in between saves
+    the result (and a result.json row) without its checkpoint; that epoch then trains again.
+    """
+    import pickle
+
+    files = sorted(study_dir.glob("experiment_state-*.json"))
+    state = json.loads(files[-1].read_text())
+    out: dict[str, int] = {}
+    for trial_json, meta_json in state["trial_data"]:
+        manager = json.loads(meta_json)["checkpoint_manager"]
+        latest = pickle.loads(bytes.fromhex(manager["value"])).latest_checkpoint_result
+        out[json.loads(trial_json)["trial_id"]] = 0 if latest is None else int(latest.metrics["training_iteration"])
+    return out
+
+
 def persisted_trials(study_dir: Path) -> dict[str, str]:
     """trial_id -> status in the experiment state Ray last wrote to the study folder ({} if unreadable).
 

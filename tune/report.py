@@ -23,6 +23,7 @@ __all__ = [
     "dir_bytes",
     "format_table",
     "prune_resume_state",
+    "remove_lost_trials",
     "summarize_trials",
     "write_best_yaml",
     "write_summary_csv",
@@ -79,7 +80,7 @@ def summarize_trials(results: Sequence[Any], spec: StudySpec, params_of: Any) ->
         if finite:
             try:
                 best_ckpt = r.get_best_checkpoint(metric, mode)
-            except Exception:  # no checkpoint retained for this trial
+            except Exception:  # noqa: BLE001 - Ray raises various errors when no checkpoint was kept
                 best_ckpt = None
             if best_ckpt is not None:
                 checkpoint = Path(best_ckpt.path)
@@ -157,6 +158,21 @@ def prune_resume_state(summaries: Sequence[TrialSummary], keep_top: int) -> int:
             elif (ckpt / MODEL_FILE).exists() or (ckpt / STATE_FILE).exists():
                 freed += dir_bytes(ckpt)
                 shutil.rmtree(ckpt, ignore_errors=True)
+    return freed
+
+
+def remove_lost_trials(study_dir: Path, summaries: Sequence[TrialSummary]) -> int:
+    """Delete trial folders the study does not know; returns bytes freed.
+
+    A driver killed after a trial started but before Ray's next experiment snapshot leaves that
+    trial's folder (checkpoints included) behind, while ``--resume`` never sees the trial again.
+    """
+    known = {s.name for s in summaries}
+    freed = 0
+    for folder in study_dir.glob("trial_*"):
+        if folder.is_dir() and folder.name not in known:
+            freed += dir_bytes(folder)
+            shutil.rmtree(folder, ignore_errors=True)
     return freed
 
 

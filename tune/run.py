@@ -175,11 +175,13 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
     from minimind_train.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     from . import cluster, tracking
+    from .ledger import EndedLedger
     from .progress import ProgressLine
     from .report import (
         dir_bytes,
         format_table,
         prune_resume_state,
+        remove_lost_trials,
         summarize_trials,
         write_best_yaml,
         write_summary_csv,
@@ -282,12 +284,15 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         callbacks = [
+            # First: a trial's end is on record in the storage before anything else reports it.
+            EndedLedger(),
             ProgressLine(spec.tune.metric, spec.tune.mode, run_cfg.train.epochs, spec.tune.num_samples),
             tracker.trial_callback(parent_id, param_keys=param_keys,
                                    planned_epochs=run_cfg.train.epochs),
         ]
         trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base=_dict(run_cfg), gpu_share=gpu_share, data=study_data),
+            tune.with_parameters(train_trial, base=_dict(run_cfg), gpu_share=gpu_share, data=study_data,
+                                 study_uri=paths.uri),
             {"cpu": cpu_share, "gpu": gpu_share},
         )
         tuner = _make_tuner(spec, paths, trainable, callbacks, args.resume)
@@ -339,6 +344,10 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
         tracker.finish("FINISHED" if completed else "FAILED", best=best_info, artifacts=artifacts,
                        summary_csv=summary_csv)
         freed = prune_resume_state(summaries, spec.tune.keep_top_trials)
+        if paths.is_local:
+            lost = remove_lost_trials(study_dir, summaries)
+            if lost:
+                print(f"removed {_human_bytes(lost)} of trial folders lost with an earlier killed driver")
         print()
         if completed:
             print(f"best: trial {best.trial_id}  {spec.tune.metric} {best.best_value:.4f} "

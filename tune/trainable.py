@@ -19,12 +19,13 @@ from typing import Any
 
 from ray import tune
 
-from minimind_train.checkpoint import load_train_state, save_checkpoint
+from minimind_train.checkpoint import load_train_state, read_meta, save_checkpoint
 from minimind_train.config import RunConfig, run_config_from_dict
 from minimind_train.data import prepare_data
 from minimind_train.train import NonFiniteLossError, train_epochs
 
 from .cluster import StudyData, current_node, open_study_data
+from .ledger import fetch_checkpoint, read_ended, replay_plan, trial_uri
 from .space import apply_params
 
 __all__ = ["DIVERGED_MARKER", "TrialDiverged", "TrialOutOfMemory", "flatten_params", "train_trial"]
@@ -98,18 +99,47 @@ def _release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _replay_ended(trial_dir: str, checkpoint: tune.Checkpoint | None) -> bool:
+    """Report again what an ended trial reported after the epoch Ray restored it at; False if not ended.
+
+    Ray's saved state can lag behind a trial's end (see :mod:`tune.ledger`); training it again would
+    add epochs to a finished trial or continue one ASHA had stopped.
+    """
+    record = read_ended(trial_dir)
+    if record is None:
+        return False
+    restored = 0
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            restored = int(read_meta(directory)["epoch"])
+    rows = replay_plan(record, restored)
+    log.info("trial %s had ended after epoch %d; restored at epoch %d, replaying %d recorded results",
+             record.trial_id, record.epochs, restored, len(rows))
+    for epoch, row in enumerate(rows, restored + 1):
+        with tempfile.TemporaryDirectory(prefix="minimind-replay-") as tmp:
+            kept = fetch_checkpoint(trial_dir, epoch, Path(tmp) / "checkpoint")
+            tune.report(row, checkpoint=None if kept is None else tune.Checkpoint.from_directory(str(kept)))
+    return True
+
+
 def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], gpu_share: float = 0.0,
-                data: StudyData | None = None) -> None:
+                data: StudyData | None = None, study_uri: str | None = None) -> None:
     """Function trainable: ``config`` holds the searched values, ``base`` the fixed run config.
 
     ``data`` (from :func:`tune.cluster.study_data`) opens the driver's token cache on any node,
     shipped through the object store where the node cannot read it; None prepares the data here.
+    ``study_uri`` is the study's storage folder, where :class:`tune.ledger.EndedLedger` records
+    which trials have ended; a restarted trial found there replays its results instead of training.
     """
     cfg = trial_run_config(base, config)
     trial_dir = Path(tune.get_context().get_trial_dir())
     marker = trial_dir / DIVERGED_MARKER
     if marker.exists():
         raise TrialDiverged(json.loads(marker.read_text())["reason"])
+    checkpoint = tune.get_checkpoint()
+    if study_uri is not None and _replay_ended(trial_uri(study_uri, tune.get_context().get_trial_id()),
+                                               checkpoint):
+        return
     _release_gpu_memory()  # what a previous trial in this (reused) actor left cached
     _cap_gpu_memory(gpu_share)
     train_cfg = cfg  # differs only in model.init_from when that was shipped to this node
@@ -120,7 +150,6 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], gpu_share: f
     # Where each epoch ran, kept in the checkpoint's meta.json (not a metric).
     node = current_node()
     state = None
-    checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_train_state(directory, cfg, sft.vocab_size)
