@@ -1,4 +1,4 @@
-"""MiniMind2 as a Hugging Face causal LM: GQA + RoPE + RMSNorm + SwiGLU, optional MoE, tied embeddings.
+"""MiniMind2 in plain PyTorch: GQA + RoPE + RMSNorm + SwiGLU, optional MoE, tied embeddings.
 
 Module and parameter names match upstream MiniMind2 (github.com/jingyaogong/minimind), so its ``.pth``
 state dicts load strictly and this model's state dicts load into upstream code. Numerics in fp32 match
@@ -6,28 +6,38 @@ upstream; the deliberate differences are speed and precision fixes that do not c
 one routing path for train and eval, experts keeping the autocast dtype (upstream forces fp16 in
 training), routing softmax in fp32, and RoPE computed for the positions in use instead of a
 32k-row buffer.
+
+Training imports nothing from transformers: that import (``transformers.generation`` pulls in SciPy
+and scikit-learn) costs each tuning trial's worker ~3 s and ~140 MB. The Hugging Face face of the
+same modules (``generate()``, ``save_pretrained``) is :mod:`minimind_train.hf`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from minimind_train.config import ConfigError, ModelConfig
 
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
+
 __all__ = [
+    "CONFIG_FIELDS",
+    "LMOutput",
     "MiniMindConfig",
     "MiniMindForCausalLM",
+    "MiniMindModel",
+    "causal_lm_forward",
     "count_parameters",
     "default_intermediate_size",
+    "init_weights",
     "model_config_from",
     "supervised_positions",
     "token_cross_entropy",
@@ -39,7 +49,9 @@ def default_intermediate_size(hidden_size: int) -> int:
     return 64 * ((int(hidden_size * 8 / 3) + 63) // 64)
 
 
-class MiniMindConfig(PretrainedConfig):
+class MiniMindConfig:
+    """MiniMind2's model hyperparameters, with upstream's names and defaults (MiniMind2: 512 x 8)."""
+
     model_type = "minimind"
 
     def __init__(
@@ -68,7 +80,6 @@ class MiniMindConfig(PretrainedConfig):
         seq_aux: bool = True,
         norm_topk_prob: bool = True,
         tie_word_embeddings: bool = True,
-        **kwargs: object,
     ) -> None:
         if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 2:
             raise ValueError(f"hidden_size={hidden_size} must split into num_attention_heads="
@@ -102,8 +113,29 @@ class MiniMindConfig(PretrainedConfig):
         self.aux_loss_alpha = aux_loss_alpha
         self.seq_aux = seq_aux
         self.norm_topk_prob = norm_topk_prob
-        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        if not tie_word_embeddings:
+            raise ValueError("tie_word_embeddings=False: MiniMind2 ties lm_head to embed_tokens")
+        self.tie_word_embeddings = tie_word_embeddings
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in CONFIG_FIELDS}
+
+    def __repr__(self) -> str:
+        return f"MiniMindConfig({self.to_dict()})"
+
+
+CONFIG_FIELDS: tuple[str, ...] = tuple(inspect.signature(MiniMindConfig.__init__).parameters)[1:]
+
+
+def _activation(name: str) -> nn.Module:
+    if name == "silu":  # MiniMind's; anything else comes from transformers' table
+        return nn.SiLU()
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
 
 
 class RMSNorm(nn.Module):
@@ -191,7 +223,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.dropout = nn.Dropout(config.dropout)
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.act_fn = _activation(config.hidden_act)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
@@ -344,38 +376,77 @@ def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
     return positions, labels.reshape(-1)[positions + 1]
 
 
-class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
-    config_class = MiniMindConfig
-    base_model_prefix = "model"
-    _no_split_modules: ClassVar[list[str]] = ["MiniMindBlock"]
-    _tied_weights_keys: ClassVar[list[str]] = ["lm_head.weight"]
+def init_weights(module: nn.Module) -> None:
+    """MiniMind2's initialisation of one module (applied children first, as transformers' post_init)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
+    elif isinstance(module, MoEGate):
+        nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor
+    aux_loss: Tensor  # summed MoE balance loss, 0-dim; zero when dense or in eval
+    loss: Tensor | None = None  # mean CE over supervised tokens, given labels
+    past_key_values: Cache | None = None
+
+
+def causal_lm_forward(
+    body: MiniMindModel,
+    lm_head: nn.Linear,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    past_key_values: Cache | None = None,
+    use_cache: bool = False,
+    logits_to_keep: int | Tensor = 0,
+    position_ids: Tensor | None = None,
+) -> LMOutput:
+    """The causal-LM forward shared by :class:`MiniMindForCausalLM` and the Hugging Face wrapper.
+
+    Labels are unshifted (-100 = ignore); the aux loss is not added to ``loss``.
+    ``attention_mask`` (B, past + T) marks padding. Right-padded training batches need none (real
+    tokens never attend to later pads) and run faster without one. ``position_ids`` default to
+    consecutive positions after the cache.
+    """
+    cache = past_key_values
+    if cache is None and use_cache:
+        from transformers.cache_utils import DynamicCache  # generation only; training never gets here
+
+        cache = DynamicCache()
+    hidden, aux_loss = body(input_ids, attention_mask, position_ids, cache)
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    logits = lm_head(hidden[:, keep, :])
+    loss = None
+    if labels is not None:
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape[:2])}"
+                             " (logits_to_keep must be 0 when computing the loss)")
+        ce_sum, n_tokens = token_cross_entropy(logits, labels)
+        # A batch with nothing supervised (all truncated away) contributes 0, not NaN.
+        loss = ce_sum / n_tokens.clamp(min=1)
+    return LMOutput(logits=logits, aux_loss=aux_loss, loss=loss, past_key_values=cache if use_cache else None)
+
+
+class MiniMindForCausalLM(nn.Module):
+    """The MiniMind2 causal LM (``model`` + tied ``lm_head``): upstream's parameter names and init.
+
+    For ``generate()`` and ``save_pretrained`` use :func:`minimind_train.hf.to_hf`, which wraps the
+    same weights in a transformers ``PreTrainedModel``.
+    """
 
     def __init__(self, config: MiniMindConfig | None = None) -> None:
-        config = config or MiniMindConfig()
-        super().__init__(config)
-        self.model = MiniMindModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
-        elif isinstance(module, MoEGate):
-            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
+        super().__init__()
+        self.config = config or MiniMindConfig()
+        self.model = MiniMindModel(self.config)
+        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+        # The same RNG draws in the same order as transformers' post_init (init children first,
+        # then tie), so a seed gives the weights the Hugging Face class gives.
+        self.apply(init_weights)
+        self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
         self,
@@ -386,33 +457,10 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool = False,
         logits_to_keep: int | Tensor = 0,
         position_ids: Tensor | None = None,
-        **kwargs: object,
-    ) -> MoeCausalLMOutputWithPast:
-        """Logits, the summed MoE aux loss (0-dim; zero when dense or in eval) and, given labels,
-        the mean CE over supervised tokens (labels unshifted, -100 = ignore; aux loss not included).
-
-        ``attention_mask`` (B, past + T) marks padding. Right-padded training batches need none (real
-        tokens never attend to later pads) and run faster without one. ``position_ids`` default to
-        consecutive positions after the cache. Extra generate() inputs (``cache_position``) are ignored.
-        """
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise TypeError(f"past_key_values must be a transformers Cache, got {type(past_key_values)}")
-        cache = past_key_values
-        if cache is None and use_cache:
-            cache = DynamicCache()
-        hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, cache)
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
-        loss = None
-        if labels is not None:
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape[:2])}"
-                                 " (logits_to_keep must be 0 when computing the loss)")
-            ce_sum, n_tokens = token_cross_entropy(logits, labels)
-            # A batch with nothing supervised (all truncated away) contributes 0, not NaN.
-            loss = ce_sum / n_tokens.clamp(min=1)
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
-                                         past_key_values=cache if use_cache else None)
+    ) -> LMOutput:
+        """Logits, the MoE aux loss and, given labels, the mean CE (see :func:`causal_lm_forward`)."""
+        return causal_lm_forward(self.model, self.lm_head, input_ids, attention_mask, labels,
+                                 past_key_values, use_cache, logits_to_keep, position_ids)
 
     def supervised_cross_entropy(
         self, input_ids: Tensor, labels: Tensor, positions: tuple[Tensor, Tensor] | None = None,

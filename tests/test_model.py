@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimind_train.config import ConfigError, ModelConfig
+from minimind_train.hf import MiniMindHFConfig, MiniMindHFForCausalLM, from_hf, to_hf
 from minimind_train.model import (
     MiniMindConfig,
     MiniMindForCausalLM,
@@ -184,7 +185,7 @@ def test_selected_head_with_nothing_supervised_is_zero() -> None:
 def test_greedy_generate_with_cache_equals_argmax_without_cache(use_moe: bool) -> None:
     model = tiny_model(std=0.3, use_moe=use_moe).eval()
     ids = torch.randint(3, 128, (2, 7))
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+    out = to_hf(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                          eos_token_id=None)
     x = ids
     with torch.no_grad():
@@ -195,7 +196,7 @@ def test_greedy_generate_with_cache_equals_argmax_without_cache(use_moe: bool) -
 
 
 def test_left_padded_generate_matches_unpadded() -> None:
-    model = tiny_model(std=0.3).eval()
+    model = to_hf(tiny_model(std=0.3).eval())
     ids = torch.randint(3, 128, (2, 7))
     batch = ids.clone()
     batch[0, :3] = 0
@@ -435,13 +436,47 @@ def test_dropout_is_honoured() -> None:
 
 def test_save_pretrained_round_trip(tmp_path: Path) -> None:
     model = tiny_model(std=0.3, use_moe=True).eval()
-    model.save_pretrained(tmp_path)
-    loaded = MiniMindForCausalLM.from_pretrained(tmp_path).eval()
+    to_hf(model).save_pretrained(tmp_path)
+    loaded = MiniMindHFForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert loaded.config.use_moe and loaded.config.intermediate_size == model.config.intermediate_size
     ids = torch.randint(3, 128, (2, 7))
+    back = from_hf(loaded)
+    assert back.lm_head.weight is back.model.embed_tokens.weight
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+        assert torch.equal(model(ids).logits, back(ids).logits)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_training_model_initialises_like_the_hf_model(use_moe: bool) -> None:
+    """Same seed, same weights: the plain model draws what transformers' post_init draws."""
+    torch.manual_seed(3)
+    ours = MiniMindForCausalLM(MiniMindConfig(**TINY, use_moe=use_moe)).state_dict()
+    torch.manual_seed(3)
+    hf = MiniMindHFForCausalLM(MiniMindHFConfig(**TINY, use_moe=use_moe)).state_dict()
+    assert list(ours) == list(hf)
+    for key, value in ours.items():
+        assert torch.equal(value, hf[key]), key
+
+
+def test_hf_config_applies_the_same_checks() -> None:
+    with pytest.raises(ValueError, match="num_key_value_heads=3"):
+        MiniMindHFConfig(**{**TINY, "num_key_value_heads": 3})
+    with pytest.raises(TypeError):
+        MiniMindConfig(**TINY, torch_dtype="float16")  # the training config takes no stray keys
+
+
+def test_training_imports_no_transformers() -> None:
+    """transformers (with SciPy and scikit-learn behind it) costs every trial worker seconds and
+    ~140 MB; the trainer, checkpoints, data and the Ray trainable must not need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, minimind_train.train, minimind_train.checkpoint, minimind_train.data, tune.trainable;"
+            "bad = sorted(m for m in ('transformers', 'sklearn', 'scipy') if m in sys.modules);"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_pth_round_trip_fp16(tmp_path: Path) -> None:

@@ -1,0 +1,108 @@
+"""The Hugging Face face of MiniMind2: ``generate()``, ``save_pretrained``/``from_pretrained``.
+
+Same modules, parameter names and initialisation as :class:`minimind_train.model.MiniMindForCausalLM`
+(the training model, which never imports transformers); :func:`to_hf` and :func:`from_hf` move
+weights between the two, strictly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from .model import (
+    CONFIG_FIELDS,
+    MiniMindConfig,
+    MiniMindForCausalLM,
+    MiniMindModel,
+    causal_lm_forward,
+    init_weights,
+)
+
+__all__ = ["MiniMindHFConfig", "MiniMindHFForCausalLM", "from_hf", "to_hf"]
+
+
+class MiniMindHFConfig(PretrainedConfig):
+    """:class:`MiniMindConfig` as a transformers config (``config.json``); the same checks apply."""
+
+    model_type = "minimind"
+
+    def __init__(self, **kwargs: Any) -> None:
+        core = MiniMindConfig(**{k: kwargs.pop(k) for k in CONFIG_FIELDS if k in kwargs})
+        for name in CONFIG_FIELDS:
+            setattr(self, name, getattr(core, name))
+        super().__init__(bos_token_id=core.bos_token_id, eos_token_id=core.eos_token_id,
+                         pad_token_id=core.pad_token_id, tie_word_embeddings=True, **kwargs)
+
+    def to_core(self) -> MiniMindConfig:
+        return MiniMindConfig(**{name: getattr(self, name) for name in CONFIG_FIELDS})
+
+
+class MiniMindHFForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = MiniMindHFConfig
+    base_model_prefix = "model"
+    _no_split_modules: ClassVar[list[str]] = ["MiniMindBlock"]
+    _tied_weights_keys: ClassVar[list[str]] = ["lm_head.weight"]
+
+    def __init__(self, config: MiniMindHFConfig | None = None) -> None:
+        config = config or MiniMindHFConfig()
+        super().__init__(config)
+        self.model = MiniMindModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        init_weights(module)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int | Tensor = 0,
+        position_ids: Tensor | None = None,
+        **kwargs: object,
+    ) -> MoeCausalLMOutputWithPast:
+        """As :meth:`MiniMindForCausalLM.forward`; extra generate() inputs (``cache_position``) are ignored."""
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise TypeError(f"past_key_values must be a transformers Cache, got {type(past_key_values)}")
+        out = causal_lm_forward(self.model, self.lm_head, input_ids, attention_mask, labels,
+                                past_key_values, use_cache, logits_to_keep, position_ids)
+        return MoeCausalLMOutputWithPast(loss=out.loss, aux_loss=out.aux_loss, logits=out.logits,
+                                         past_key_values=out.past_key_values)
+
+
+def to_hf(model: MiniMindForCausalLM) -> MiniMindHFForCausalLM:
+    """A transformers model holding a copy of ``model``'s weights (same dtype and device)."""
+    param = next(model.parameters())
+    hf = MiniMindHFForCausalLM(MiniMindHFConfig(**model.config.to_dict()))
+    hf.to(device=param.device, dtype=param.dtype)
+    hf.load_state_dict(model.state_dict(), strict=True)
+    return hf.train(model.training)
+
+
+def from_hf(hf: MiniMindHFForCausalLM) -> MiniMindForCausalLM:
+    """The training model holding a copy of ``hf``'s weights."""
+    param = next(hf.parameters())
+    model = MiniMindForCausalLM(hf.config.to_core())
+    model.to(device=param.device, dtype=param.dtype)
+    model.load_state_dict(hf.state_dict(), strict=True)
+    return model.train(hf.training)
