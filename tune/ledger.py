@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,8 +23,22 @@ from typing import Any
 
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-__all__ = ["ENDED_FILE", "EndedLedger", "EndedRecord", "fetch_checkpoint", "read_ended", "replay_plan", "trial_uri"]
+__all__ = [
+    "ENDED_FILE",
+    "EndedLedger",
+    "EndedRecord",
+    "SnapshottingASHAScheduler",
+    "SnapshottingFIFOScheduler",
+    "fetch_checkpoint",
+    "keep_tuner_backup",
+    "prune_checkpoints",
+    "read_ended",
+    "repair_saved_state",
+    "replay_plan",
+    "trial_uri",
+]
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +117,26 @@ def _read_rows(result_json: Path) -> list[dict[str, Any]]:
 
 
 class EndedLedger(Callback):
-    """Driver callback: writes ``ended.json`` into a trial's storage folder when the trial ends.
+    """Driver callback: writes ``ended.json`` into a trial's storage folder when the trial ends,
+    then bounds the trial's checkpoints to the ``keep`` best by ``metric`` plus its last one.
+
+    Checkpoint retention happens here, at the trial's end, instead of in Ray: Ray deletes a running
+    trial's surplus checkpoint as soon as a newer one registers, before its saved state (uploaded in
+    the background) names the newer one, so a driver killed in between left a saved state whose
+    checkpoint was gone, and that trial failed on ``--resume``. While a trial runs it keeps every
+    epoch's checkpoint.
 
     Errored trials get no record: Ray retries them, or ``--resume`` does (``resume_errored``).
     Put it before callbacks that report the end elsewhere (MLflow), so nothing claims an end that
     a resume could undo.
     """
+
+    def __init__(self, keep: int, metric: str, mode: str) -> None:
+        if keep < 1:
+            raise ValueError(f"keep={keep} must be >= 1")
+        self.keep = keep
+        self.metric = metric
+        self.mode = mode
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         last = dict(trial.last_result or {})
@@ -131,6 +160,51 @@ class EndedLedger(Callback):
         except OSError:
             log.warning("could not record the end of trial %s in %s", trial.trial_id, trial.path,
                         exc_info=True)
+            return
+        try:
+            prune_checkpoints(trial.storage.storage_filesystem, trial.path, self.keep, self.metric, self.mode)
+        except OSError:
+            log.warning("could not prune the checkpoints of trial %s", trial.trial_id, exc_info=True)
+
+
+def _checkpoint_metas(fs: Any, trial_path: str) -> list[tuple[str, dict[str, Any]]]:
+    """(folder path, meta.json) of the trial's checkpoints (ours: with a meta.json), any order."""
+    import pyarrow.fs
+
+    from minimind_train.checkpoint import META_FILE
+
+    out = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True)):
+        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{META_FILE}") as fh:
+                out.append((info.path, json.loads(fh.read().decode("utf-8"))))
+        except (OSError, ValueError):  # not one of ours, or half written
+            continue
+    return out
+
+
+def prune_checkpoints(fs: Any, trial_path: str, keep: int, metric: str, mode: str) -> list[str]:
+    """Delete an ended trial's checkpoints except the ``keep`` best by ``metric`` and its last one."""
+    metas = _checkpoint_metas(fs, trial_path)
+    if not metas:
+        return []
+    last = max(metas, key=lambda pm: int(pm[1].get("epoch", 0)))[0]
+    sign = 1.0 if mode == "min" else -1.0
+
+    def score(meta: dict[str, Any]) -> float:
+        value = meta.get("metrics", {}).get(metric)
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        return sign * float(value) if ok else math.inf
+
+    best = {path for path, _ in sorted(metas, key=lambda pm: (score(pm[1]), pm[0]))[:keep]}
+    deleted = []
+    for path, _ in metas:
+        if path != last and path not in best:
+            fs.delete_dir(path)
+            deleted.append(path)
+    return deleted
 
 
 def replay_plan(record: EndedRecord, restored_epoch: int) -> list[dict[str, Any]]:
@@ -148,25 +222,175 @@ def replay_plan(record: EndedRecord, restored_epoch: int) -> list[dict[str, Any]
 def fetch_checkpoint(trial_dir: str, epoch: int, into: Path) -> Path | None:
     """Copy the trial's kept checkpoint of ``epoch`` (by its meta.json) to ``into``; None if not kept.
 
-    Ray's checkpoint retention may have deleted it; a replayed epoch then goes without one.
+    Retention (:func:`prune_checkpoints`) may have deleted it; a replayed epoch then goes without one.
     """
     import pyarrow.fs
 
-    from minimind_train.checkpoint import META_FILE
-
     fs, path = _fs(trial_dir)
-    selector = pyarrow.fs.FileSelector(path, allow_not_found=True)
-    for info in fs.get_file_info(selector):
-        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
-            continue
-        try:
-            with fs.open_input_stream(f"{info.path}/{META_FILE}") as fh:
-                meta = json.loads(fh.read().decode("utf-8"))
-        except (OSError, ValueError):  # not one of ours, or half written
-            continue
-        if meta.get("epoch") == epoch:
+    for folder, meta in _checkpoint_metas(fs, path):
+        if meta.get("epoch") == epoch and "stub" not in meta:
             into.mkdir(parents=True, exist_ok=True)
-            pyarrow.fs.copy_files(info.path, str(into), source_filesystem=fs,
+            pyarrow.fs.copy_files(folder, str(into), source_filesystem=fs,
                                   destination_filesystem=pyarrow.fs.LocalFileSystem())
             return into
     return None
+
+
+# --- Ray's own saved state, torn by a kill -------------------------------------------------------
+# Ray uploads its driver files (tuner.pkl and, per driver session, experiment_state-<S>.json,
+# searcher-state-<S>.pkl, search_gen_state-<S>.json, callback-states-<S>.pkl) by rewriting them in
+# place, once per snapshot, so a driver killed mid-upload can leave one cut short; Tuner.restore
+# then fails with EOFError or a JSON error and the study could never be resumed.
+
+TUNER_FILE = "tuner.pkl"
+_TUNER_BACKUP = ".minimind/tuner.pkl"
+_SESSION_FILES = ("experiment_state-{}.json", "searcher-state-{}.pkl", "search_gen_state-{}.json",
+                  "callback-states-{}.pkl")
+
+
+def _whole(path: Path) -> bool:
+    """Whether a saved-state file reads back completely (a cut JSON or pickle does not)."""
+    import pickle
+
+    data = path.read_bytes()
+    try:
+        # By content: Ray's search_gen_state-*.json, for one, is a pickle.
+        if data[:1] == b"\x80":  # a pickle's PROTO opcode
+            if not data.endswith(b"."):  # every pickle ends with its STOP opcode
+                return False
+            pickle.loads(data)  # Ray's own file in the study's folder, which Ray loads next anyway
+        else:
+            json.loads(data)
+    except (EOFError, pickle.UnpicklingError, ValueError):
+        return False
+    except Exception:  # noqa: BLE001 - complete but not loadable here (e.g. a missing module): not torn
+        return True
+    return True
+
+
+def keep_tuner_backup(study_dir: Path) -> None:
+    """Copy a whole ``tuner.pkl`` aside; it only changes when a study is created or restored."""
+    source = study_dir / TUNER_FILE
+    if not source.is_file() or not _whole(source):
+        return
+    target = study_dir / _TUNER_BACKUP
+    target.parent.mkdir(exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp.write_bytes(source.read_bytes())
+    os.replace(tmp, target)
+
+
+def repair_saved_state(study_dir: Path) -> list[str]:
+    """Make a local study's saved state loadable again after a kill; returns what was done.
+
+    A cut ``tuner.pkl`` is restored from the copy :func:`keep_tuner_backup` kept. A driver session
+    with a cut file is set aside (into ``.minimind/torn/``) as a whole, so Ray resumes from the
+    newest complete session: trials that ended since are replayed (see :class:`EndedLedger`), the
+    others restart from that session's checkpoints.
+    """
+    done: list[str] = []
+    tuner = study_dir / TUNER_FILE
+    backup = study_dir / _TUNER_BACKUP
+    if tuner.is_file() and not _whole(tuner) and backup.is_file():
+        tmp = tuner.with_name(f".{tuner.name}.{os.getpid()}")
+        tmp.write_bytes(backup.read_bytes())
+        os.replace(tmp, tuner)
+        done.append(f"{TUNER_FILE} was cut short by the kill: restored the copy from the study's start")
+    sessions = sorted(p.name.removeprefix("experiment_state-").removesuffix(".json")
+                      for p in study_dir.glob("experiment_state-*.json"))
+    for session in reversed(sessions):
+        files = [study_dir / t.format(session) for t in _SESSION_FILES]
+        files = [f for f in files if f.is_file()]
+        torn = [f.name for f in files if not _whole(f)]
+        if not torn:
+            break  # the newest complete session is what Ray resumes from
+        if session == sessions[0]:
+            done.append(f"the only saved session {session} is cut short ({', '.join(torn)}); nothing "
+                        "older to resume from")
+            break
+        aside = study_dir / ".minimind" / "torn"
+        aside.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            os.replace(f, aside / f.name)
+        done.append(f"saved session {session} was cut short by the kill ({', '.join(torn)}): set aside "
+                    f"in {aside}, resuming from the session before it")
+    done += _stub_deleted_checkpoints(study_dir)
+    return done
+
+
+def _stub_deleted_checkpoints(study_dir: Path) -> list[str]:
+    """Stand-ins for checkpoints an ended trial's saved state still names but retention deleted.
+
+    Ray deletes a trial's checkpoints beyond ``keep_checkpoints`` as soon as a newer one registers,
+    before the snapshot naming the newer one is uploaded; restoring from such a saved state fails
+    ("does not exist on storage anymore") before the trainable runs. An ended trial needs only the
+    epoch of what Ray restores (it replays the rest), so a folder holding that in ``meta.json`` lets
+    the resume go on. (A trial that had not ended needs the real weights; it fails as before.)
+    """
+    import pickle
+
+    from minimind_train.checkpoint import META_FILE
+
+    files = sorted(study_dir.glob("experiment_state-*.json"))
+    if not files:
+        return []
+    try:
+        state = json.loads(files[-1].read_text())
+        trials = [(json.loads(t), json.loads(m)) for t, m in state["trial_data"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    done = []
+    for trial, meta in trials:
+        if trial.get("status") in ("TERMINATED", "ERROR"):
+            continue
+        trial_id = str(trial.get("trial_id"))
+        if not (study_dir / f"trial_{trial_id}" / ENDED_FILE).is_file():
+            continue
+        try:
+            manager = pickle.loads(bytes.fromhex(meta["checkpoint_manager"]["value"]))
+            latest = manager.latest_checkpoint_result
+        except Exception:
+            log.debug("cannot read the checkpoint manager of trial %s", trial_id, exc_info=True)
+            continue
+        if latest is None or Path(latest.checkpoint.path).exists():
+            continue
+        folder = Path(latest.checkpoint.path)
+        epoch = int(latest.metrics.get("training_iteration", 0))
+        folder.mkdir(parents=True)
+        (folder / META_FILE).write_text(json.dumps(
+            {"epoch": epoch, "stub": "stands in for a checkpoint deleted by retention; see tune.ledger"}))
+        done.append(f"trial {trial_id} had ended; its saved checkpoint {folder.name} (epoch {epoch}) was "
+                    "deleted by retention: it replays its recorded epochs from there")
+    return done
+
+
+class _SnapshotOnFirstResult:
+    """Scheduler mixin: Ray's experiment state is saved, synchronously, when a trial first reports.
+
+    Ray saves it in the background about once a second, so a trial could start, report and end
+    between two uploads; a driver killed then left a saved state without that trial, and
+    ``--resume`` never knew it (its searcher could suggest the same values again). From its first
+    result on, a trial is in the saved state, and if it ends before the next upload, the ledger
+    replays it. Schedulers are the one hook Ray hands its controller; ``checkpoint`` is the
+    controller's own save (Ray 2.60).
+    """
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        first = not trial.has_reported_at_least_once
+        decision = super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
+        if first:
+            controller = getattr(tune_controller, "_tune_controller", tune_controller)
+            try:
+                controller.checkpoint(force=True, wait=True)
+            except Exception:
+                log.warning("could not save the experiment state at trial %s's first result", trial,
+                            exc_info=True)
+        return decision
+
+
+class SnapshottingASHAScheduler(_SnapshotOnFirstResult, ASHAScheduler):
+    """:class:`ray.tune.schedulers.ASHAScheduler` that saves the experiment state at first results."""
+
+
+class SnapshottingFIFOScheduler(_SnapshotOnFirstResult, FIFOScheduler):
+    """:class:`ray.tune.schedulers.FIFOScheduler` that saves the experiment state at first results."""

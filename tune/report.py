@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from minimind_train.checkpoint import MODEL_FILE, STATE_FILE, drop_resume_state
+from minimind_train.checkpoint import MODEL_FILE, STATE_FILE, drop_resume_state, read_meta
 from minimind_train.config import run_config_to_dict
 
 from .space import StudySpec, apply_params
@@ -84,6 +84,8 @@ def summarize_trials(results: Sequence[Any], spec: StudySpec, params_of: Any) ->
                 best_ckpt = None
             if best_ckpt is not None:
                 checkpoint = Path(best_ckpt.path)
+            if checkpoint is None or not (checkpoint / MODEL_FILE).is_file():
+                checkpoint = _best_kept_checkpoint(Path(r.path), metric, mode)
         trial_id = str((r.metrics or {}).get("trial_id") or Path(r.path).name)
         out.append(TrialSummary(
             trial_id=trial_id, name=Path(r.path).name, status=status, epochs=epochs,
@@ -94,6 +96,20 @@ def summarize_trials(results: Sequence[Any], spec: StudySpec, params_of: Any) ->
     sign = 1.0 if mode == "min" else -1.0
     out.sort(key=lambda s: (s.status == "failed", sign * s.best_value))
     return out
+
+
+def _best_kept_checkpoint(trial_dir: Path, metric: str, mode: str) -> Path | None:
+    """The best checkpoint on disk by its own meta.json, when Ray's record names a deleted one
+    (a saved state older than its checkpoint retention, after a driver was killed)."""
+    scored = []
+    for folder in trial_dir.glob("checkpoint_*"):
+        try:
+            value = float(read_meta(folder)["metrics"][metric])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if (folder / MODEL_FILE).is_file() and math.isfinite(value):
+            scored.append((value if mode == "min" else -value, folder.name, folder))
+    return min(scored)[2] if scored else None
 
 
 def format_table(summaries: Sequence[TrialSummary], metric: str, top: int = 10) -> str:

@@ -165,29 +165,67 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    data: Any  # minimind_train.data.SFTData
+    tokenizer: Any
+    n_params: int
+    seconds: float
+    tracking_uri: str
+
+
+class _PrepareError(RuntimeError):
+    """A problem with the data, tokenizer or MLflow store found before any trial: exit 2."""
+
+
+def _prepare(spec: Any, run_cfg: Any, study_dir: Path) -> _Prepared:
+    """Tokenise the dataset into the token cache (once per study), size the model, and open the
+    MLflow store (creating a sqlite one runs its schema migrations: over a second)."""
+    t0 = time.perf_counter()
     _quiet_libraries()
-    import ray
-    from ray import tune
+    import torch
 
     from minimind_train.data import DataError, prepare_data
     from minimind_train.model import MiniMindForCausalLM, count_parameters, model_config_from
-    from minimind_train.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from minimind_train.tokenizer import load_tokenizer
 
-    from . import cluster, tracking
-    from .ledger import EndedLedger
-    from .progress import ProgressLine
-    from .report import (
-        dir_bytes,
-        format_table,
-        prune_resume_state,
-        remove_lost_trials,
-        summarize_trials,
-        write_best_yaml,
-        write_summary_csv,
-    )
-    from .space import SpaceError, check_resources
-    from .trainable import train_trial
+    from . import tracking
+
+    try:
+        tokenizer = load_tokenizer(spec.run.data.tokenizer)
+        data = prepare_data(spec.run.data, tokenizer)
+        with torch.device("meta"):  # shapes only: no memory, no init
+            n_params = count_parameters(MiniMindForCausalLM(model_config_from(run_cfg.model, len(tokenizer))))
+        seconds = time.perf_counter() - t0
+        study_dir.mkdir(parents=True, exist_ok=True)
+        tracking_uri = tracking.resolve_tracking_uri(spec.mlflow.tracking_uri, study_dir)
+        tracking.check_tracking_server(tracking_uri)
+    except (DataError, FileNotFoundError, ValueError, tracking.TrackingError) as exc:
+        raise _PrepareError(str(exc)) from exc
+    return _Prepared(data, tokenizer, n_params, seconds, tracking_uri)
+
+
+def _ray_init_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    init_kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+    if address:
+        init_kwargs["address"] = address
+        return init_kwargs
+    init_kwargs.update(include_dashboard=False)
+    if args.ray_temp_dir:
+        init_kwargs["_temp_dir"] = args.ray_temp_dir
+    # The local Ray's processes inherit this environment. Trials run in a thread of a reused
+    # worker, and glibc gives each new thread its own malloc arena, which keeps its freed pages:
+    # one arena caps a trial worker's peak private memory (~575 -> ~435 MB with sft.yaml, at the
+    # same speed). On a cluster, set it where `ray start` runs.
+    os.environ.setdefault("MALLOC_ARENA_MAX", "1")
+    return init_kwargs
+
+
+def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
+    from ray import tune
+
+    from . import cluster
 
     study_dir = paths.local_dir
     exists = tune.Tuner.can_restore(paths.uri)
@@ -208,169 +246,203 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
         elif args.resume:  # the MLflow db of the driver that ran it before
             cluster.download_outputs(paths.uri, study_dir)
 
-    # Data first: a bad file fails here, before Ray starts, and the token cache is built once.
-    t0 = time.perf_counter()
-    try:
-        tokenizer = load_tokenizer(spec.run.data.tokenizer)
-        data = prepare_data(spec.run.data, tokenizer)
-    except (DataError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    vocab = len(tokenizer)
     cpu_share = spec.tune.resources_per_trial.cpu
-    gpu_share = spec.tune.resources_per_trial.gpu
     run_cfg = dataclasses.replace(
         spec.run, train=dataclasses.replace(spec.run.train, num_threads=max(1, int(cpu_share))))
-    import torch
+    created = not study_dir.exists()
+    rc = _start_and_run(spec, paths, args, run_cfg)
+    if rc == 2 and created and paths.is_local:  # refused before any trial: leave no study behind
+        shutil.rmtree(study_dir, ignore_errors=True)
+    return rc
 
-    with torch.device("meta"):
-        n_params = count_parameters(MiniMindForCausalLM(model_config_from(run_cfg.model, vocab)))
-    print(f"data: {len(data.train):,} train / {len(data.val):,} val samples "
-          f"({time.perf_counter() - t0:.1f}s, cache {data.stats.cache_key[:12]}); model: {n_params:,} parameters")
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    init_kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-    if address:
-        init_kwargs["address"] = address
-    else:
-        init_kwargs.update(include_dashboard=False)
-        if args.ray_temp_dir:
-            init_kwargs["_temp_dir"] = args.ray_temp_dir
-    ray.init(**init_kwargs)
+def _start_and_run(spec: Any, paths: StudyPaths, args: argparse.Namespace, run_cfg: Any) -> int:
+    import ray
+
+    study_dir = paths.local_dir
+    # The dataset is tokenised (or its cache found) and the MLflow store opened in a thread while
+    # Ray's processes start: the tokenizer's and MLflow's imports, a new sqlite store and ray.init
+    # each take a second or more of a study's start. The token cache is still built once, here,
+    # before any trial.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
+        prepared = pool.submit(_prepare, spec, run_cfg, study_dir)
+        ray.init(**_ray_init_kwargs(args))
+        try:
+            prep = prepared.result()
+        except _PrepareError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            ray.shutdown()
+            return 2
+        except BaseException:
+            ray.shutdown()
+            raise
     try:
-        try:
-            check_resources(spec, ray.cluster_resources())
-        except SpaceError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        # A multi-node cluster: every trial node must see the storage; data it cannot read is shipped.
-        driver_node = cluster.driver_node_id()
-        nodes = cluster.trial_nodes(cpu_share, gpu_share)
-        try:
-            cluster.check_storage(paths.storage, nodes, driver_node)
-            study_data = cluster.study_data(data, run_cfg, nodes, driver_node)
-        except cluster.ClusterError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-
-        study_dir.mkdir(parents=True, exist_ok=True)
-        tracking_uri = tracking.resolve_tracking_uri(spec.mlflow.tracking_uri, study_dir)
-        try:
-            tracking.check_tracking_server(tracking_uri)
-        except tracking.TrackingError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        tracker = tracking.StudyTracker(tracking_uri)
-        param_keys = [p.path for p in spec.search]
-        try:
-            parent_id = tracker.start(
-                study_name=paths.name,
-                experiment=spec.mlflow.experiment,
-                fixed_params={k: v for k, v in _flat_config(run_cfg).items() if k not in param_keys},
-                settings=_settings(spec),
-                space_text=spec.text,
-                tags={
-                    "minimind.study": paths.name,
-                    "git_commit": _git_commit(),
-                    "dataset_fingerprint": data.stats.cache_key,
-                    "tokenizer": spec.run.data.tokenizer or "bundled",
-                    "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                    "model_parameters": str(n_params),
-                },
-                resume=args.resume,
-                restart=args.restart,
-            )
-        except tracking.TrackingError as exc:  # e.g. the study's runs exist in a shared store
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        callbacks = [
-            # First: a trial's end is on record in the storage before anything else reports it.
-            EndedLedger(),
-            ProgressLine(spec.tune.metric, spec.tune.mode, run_cfg.train.epochs, spec.tune.num_samples),
-            tracker.trial_callback(parent_id, param_keys=param_keys,
-                                   planned_epochs=run_cfg.train.epochs),
-        ]
-        trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base=_dict(run_cfg), gpu_share=gpu_share, data=study_data,
-                                 study_uri=paths.uri),
-            {"cpu": cpu_share, "gpu": gpu_share},
-        )
-        tuner = _make_tuner(spec, paths, trainable, callbacks, args.resume)
-        print(f"study {paths.name}: {spec.tune.num_samples} trials, {spec.tune.max_concurrent_trials} at a "
-              f"time, {cpu_share} CPU + {gpu_share} GPU each; output {paths.uri}; MLflow {tracking_uri}")
-        status = "FAILED"
-        try:
-            interrupt = _InterruptWatch()
-            with interrupt:
-                grid = tuner.fit()
-            if interrupt.seen:
-                # Ray caught the Ctrl-C itself: it saved the experiment and returned a partial grid.
-                # Ranking that as the study's result (and pruning resume state) would ruin --resume.
-                raise KeyboardInterrupt
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            print("\ninterrupted: resume with --resume", file=sys.stderr)
-            tracker.finish("KILLED", best=None, artifacts={})
-            return 130
-        finally:
-            if status == "FAILED":
-                tracker.finish("FAILED", best=None, artifacts={})
-
-        results = [grid[i] for i in range(len(grid))]
-        summaries = summarize_trials(results, spec, params_of=lambda c: _searched(c, param_keys))
-        print()
-        print(format_table(summaries, spec.tune.metric))
-        completed = [s for s in summaries if s.status != "failed" and math.isfinite(s.best_value)]
-        artifacts: dict[str, Path] = {}
-        best_info = None
-        if completed:
-            best = completed[0]
-            best_yaml = write_best_yaml(study_dir / "best.yaml", spec, best)
-            artifacts["best.yaml"] = best_yaml
-            if best.checkpoint is not None:
-                artifacts["best/model.pth"] = best.checkpoint / "model.pth"
-                if not paths.is_local:  # in the bucket: MLflow logs a local copy
-                    artifacts["best/model.pth"] = cluster.fetch_file(
-                        paths.uri, best.checkpoint / "model.pth", study_dir / "best" / "model.pth")
-            best_info = {"trial_id": best.trial_id, "metric": spec.tune.metric, "value": best.best_value,
-                         "epoch": best.best_epoch, "params": best.params}
-        summary_csv = write_summary_csv(study_dir / "summary.csv", summaries, spec.tune.metric)
-        from .plots import plot_study
-
-        plots = plot_study(_optuna_study(spec, summaries), {s.trial_id: s.curve for s in summaries},
-                           study_dir / "plots")
-        artifacts.update({f"plots/{p.name}": p for p in plots.values()})
-        tracker.finish("FINISHED" if completed else "FAILED", best=best_info, artifacts=artifacts,
-                       summary_csv=summary_csv)
-        freed = prune_resume_state(summaries, spec.tune.keep_top_trials)
-        if paths.is_local:
-            lost = remove_lost_trials(study_dir, summaries)
-            if lost:
-                print(f"removed {_human_bytes(lost)} of trial folders lost with an earlier killed driver")
-        print()
-        if completed:
-            print(f"best: trial {best.trial_id}  {spec.tune.metric} {best.best_value:.4f} "
-                  f"(epoch {best.best_epoch})")
-            for k, v in best.params.items():
-                print(f"  {k}: {v}")
-            print(f"best config: {study_dir / 'best.yaml'}")
-            if best.checkpoint is not None:
-                where = best.checkpoint / "model.pth"
-                print(f"best fp16 checkpoint: {where if paths.is_local else artifacts['best/model.pth']}")
-        print(f"disk: {_human_bytes(dir_bytes(study_dir))} in {study_dir} "
-              f"({_human_bytes(freed)} of resume state pruned; top {spec.tune.keep_top_trials} trials keep theirs)")
-        print(f"compare trials: python -m tune.ui --tracking-uri {tracking_uri}")
-        if not completed:
-            print("error: no trial completed:", file=sys.stderr)
-            for s in summaries:
-                print(f"  {s.trial_id}: {s.status} {s.error}", file=sys.stderr)
-            return 1
-        return 0
+        return _run_on_ray(spec, paths, args, run_cfg, prep)
     finally:
         if not paths.is_local:
             _upload_outputs(study_dir, paths.uri)
         ray.shutdown()
+
+
+def _run_on_ray(spec: Any, paths: StudyPaths, args: argparse.Namespace, run_cfg: Any, prep: _Prepared) -> int:
+    import ray
+    from ray import tune
+
+    from minimind_train.tokenizer import tokenizer_fingerprint
+
+    from . import cluster, tracking
+    from .ledger import EndedLedger
+    from .progress import ProgressLine
+    from .report import (
+        dir_bytes,
+        format_table,
+        prune_resume_state,
+        remove_lost_trials,
+        summarize_trials,
+        write_best_yaml,
+        write_summary_csv,
+    )
+    from .space import SpaceError, check_resources
+    from .trainable import train_trial
+
+    study_dir = paths.local_dir
+    data, tokenizer, n_params = prep.data, prep.tokenizer, prep.n_params
+    cpu_share = spec.tune.resources_per_trial.cpu
+    gpu_share = spec.tune.resources_per_trial.gpu
+    print(f"data: {len(data.train):,} train / {len(data.val):,} val samples "
+          f"({prep.seconds:.1f}s, cache {data.stats.cache_key[:12]}); model: {n_params:,} parameters")
+    try:
+        check_resources(spec, ray.cluster_resources())
+    except SpaceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # A multi-node cluster: every trial node must see the storage; data it cannot read is shipped.
+    driver_node = cluster.driver_node_id()
+    nodes = cluster.trial_nodes(cpu_share, gpu_share)
+    try:
+        cluster.check_storage(paths.storage, nodes, driver_node)
+        study_data = cluster.study_data(data, run_cfg, nodes, driver_node)
+    except cluster.ClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    tracking_uri = prep.tracking_uri
+    tracker = tracking.StudyTracker(tracking_uri)
+    param_keys = [p.path for p in spec.search]
+    try:
+        parent_id = tracker.start(
+            study_name=paths.name,
+            experiment=spec.mlflow.experiment,
+            fixed_params={k: v for k, v in _flat_config(run_cfg).items() if k not in param_keys},
+            settings=_settings(spec),
+            space_text=spec.text,
+            tags={
+                "minimind.study": paths.name,
+                "git_commit": _git_commit(),
+                "dataset_fingerprint": data.stats.cache_key,
+                "tokenizer": spec.run.data.tokenizer or "bundled",
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                "model_parameters": str(n_params),
+            },
+            resume=args.resume,
+            restart=args.restart,
+        )
+    except tracking.TrackingError as exc:  # e.g. the study's runs exist in a shared store
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    callbacks = [
+        # First: a trial's end is on record in the storage before anything else reports it.
+        EndedLedger(spec.tune.keep_checkpoints, spec.tune.metric, spec.tune.mode),
+        ProgressLine(spec.tune.metric, spec.tune.mode, run_cfg.train.epochs, spec.tune.num_samples),
+        tracker.trial_callback(parent_id, param_keys=param_keys,
+                               planned_epochs=run_cfg.train.epochs),
+    ]
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, base=_dict(run_cfg), gpu_share=gpu_share, data=study_data,
+                             study_uri=paths.uri),
+        {"cpu": cpu_share, "gpu": gpu_share},
+    )
+    tuner = _make_tuner(spec, paths, trainable, callbacks, args.resume)
+    print(f"study {paths.name}: {spec.tune.num_samples} trials, {spec.tune.max_concurrent_trials} at a "
+          f"time, {cpu_share} CPU + {gpu_share} GPU each; output {paths.uri}; MLflow {tracking_uri}")
+    status = "FAILED"
+    try:
+        interrupt = _InterruptWatch()
+        with interrupt:
+            grid = tuner.fit()
+        if interrupt.seen:
+            # Ray caught the Ctrl-C itself: it saved the experiment and returned a partial grid.
+            # Ranking that as the study's result (and pruning resume state) would ruin --resume.
+            raise KeyboardInterrupt
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print("\ninterrupted: resume with --resume", file=sys.stderr)
+        tracker.finish("KILLED", best=None, artifacts={})
+        return 130
+    finally:
+        if status == "FAILED":
+            tracker.finish("FAILED", best=None, artifacts={})
+
+    results = [grid[i] for i in range(len(grid))]
+    summaries = summarize_trials(results, spec, params_of=lambda c: _searched(c, param_keys))
+    print()
+    print(format_table(summaries, spec.tune.metric))
+    completed = [s for s in summaries if s.status != "failed" and math.isfinite(s.best_value)]
+    artifacts: dict[str, Path] = {}
+    best_info = None
+    if completed:
+        best = completed[0]
+        best_yaml = write_best_yaml(study_dir / "best.yaml", spec, best)
+        artifacts["best.yaml"] = best_yaml
+        if best.checkpoint is not None:
+            artifacts["best/model.pth"] = best.checkpoint / "model.pth"
+            if not paths.is_local:  # in the bucket: MLflow logs a local copy
+                artifacts["best/model.pth"] = cluster.fetch_file(
+                    paths.uri, best.checkpoint / "model.pth", study_dir / "best" / "model.pth")
+        best_info = {"trial_id": best.trial_id, "metric": spec.tune.metric, "value": best.best_value,
+                     "epoch": best.best_epoch, "params": best.params}
+    summary_csv = write_summary_csv(study_dir / "summary.csv", summaries, spec.tune.metric)
+    # Nothing below needs Ray: it shuts down (a second or more) while the plots render.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .plots import plot_study
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots") as pool:
+        plotting = pool.submit(plot_study, _optuna_study(spec, summaries),
+                               {s.trial_id: s.curve for s in summaries}, study_dir / "plots")
+        if paths.is_local:  # a URI storage uploads the driver's outputs first (no Ray needed either)
+            ray.shutdown()
+        plots = plotting.result()
+    artifacts.update({f"plots/{p.name}": p for p in plots.values()})
+    tracker.finish("FINISHED" if completed else "FAILED", best=best_info, artifacts=artifacts,
+                   summary_csv=summary_csv)
+    freed = prune_resume_state(summaries, spec.tune.keep_top_trials)
+    if paths.is_local:
+        lost = remove_lost_trials(study_dir, summaries)
+        if lost:
+            print(f"removed {_human_bytes(lost)} of trial folders lost with an earlier killed driver")
+    print()
+    if completed:
+        print(f"best: trial {best.trial_id}  {spec.tune.metric} {best.best_value:.4f} "
+              f"(epoch {best.best_epoch})")
+        for k, v in best.params.items():
+            print(f"  {k}: {v}")
+        print(f"best config: {study_dir / 'best.yaml'}")
+        if best.checkpoint is not None:
+            where = best.checkpoint / "model.pth"
+            print(f"best fp16 checkpoint: {where if paths.is_local else artifacts['best/model.pth']}")
+    print(f"disk: {_human_bytes(dir_bytes(study_dir))} in {study_dir} "
+          f"({_human_bytes(freed)} of resume state pruned; top {spec.tune.keep_top_trials} trials keep theirs)")
+    print(f"compare trials: python -m tune.ui --tracking-uri {tracking_uri}")
+    if not completed:
+        print("error: no trial completed:", file=sys.stderr)
+        for s in summaries:
+            print(f"  {s.trial_id}: {s.status} {s.error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _upload_outputs(study_dir: Path, uri: str) -> None:
@@ -442,27 +514,44 @@ def _settings(spec: Any) -> dict[str, Any]:
 
 def _make_tuner(spec: Any, paths: StudyPaths, trainable: Any, callbacks: list[Any], resume: bool) -> Any:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from .ledger import (
+        SnapshottingASHAScheduler,
+        SnapshottingFIFOScheduler,
+        keep_tuner_backup,
+        repair_saved_state,
+    )
+
+    if paths.is_local:
+        # Ray saves its experiment state (what --resume reads) every ~10 s, or when a trial has
+        # made num_to_keep checkpoints; with retention left to EndedLedger the second never fires.
+        # Once a second bounds what a killed driver loses (a trial's start or end) at the price of a
+        # small JSON and pickle write; a bucket keeps Ray's pace (each save re-uploads every file).
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     from .searcher import make_searcher
     from .space import ray_search_space
 
     if resume:
+        if paths.is_local:  # (a bucket's objects are written whole)
+            for done in repair_saved_state(paths.local_dir):
+                print(f"warning: {done}", file=sys.stderr)
         tuner = tune.Tuner.restore(paths.uri, trainable=trainable, resume_errored=True)
+        if paths.is_local:
+            keep_tuner_backup(paths.local_dir)
         # Ray restores the pickled RunConfig; there is no public way to hand it fresh callbacks, and
         # the pickled ones hold the previous process's clock and clients.
         tuner._local_tuner.get_run_config().callbacks = callbacks
         return tuner
     t = spec.tune
     if t.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=t.scheduler.max_t,
-                                  grace_period=t.scheduler.grace_period,
-                                  reduction_factor=t.scheduler.reduction_factor)
+        scheduler = SnapshottingASHAScheduler(time_attr="training_iteration", max_t=t.scheduler.max_t,
+                                              grace_period=t.scheduler.grace_period,
+                                              reduction_factor=t.scheduler.reduction_factor)
     else:
-        scheduler = FIFOScheduler()
+        scheduler = SnapshottingFIFOScheduler()
     searcher = make_searcher(spec)
     param_space = ray_search_space(spec) if t.searcher == "random" else {}
-    return tune.Tuner(
+    tuner = tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
@@ -475,12 +564,15 @@ def _make_tuner(spec: Any, paths: StudyPaths, trainable: Any, callbacks: list[An
             storage_path=paths.storage,
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
+            # No deletions by Ray: see tune.ledger.EndedLedger, which applies keep_checkpoints.
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.metric,
-                checkpoint_score_order=t.mode),
+                num_to_keep=None, checkpoint_score_attribute=t.metric, checkpoint_score_order=t.mode),
             verbose=0,
         ),
     )
+    if paths.is_local:  # Tuner() wrote tuner.pkl; a kill can later cut Ray's in-place rewrites of it
+        keep_tuner_backup(paths.local_dir)
+    return tuner
 
 
 def _optuna_study(spec: Any, summaries: list[Any]) -> Any:
