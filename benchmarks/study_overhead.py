@@ -185,7 +185,7 @@ def state_bytes(spec) -> tuple[int, int]:
 
 
 def import_floor_mb() -> dict[str, float]:
-    """USS of a fresh Python after importing torch, then the trainable (torch, transformers, the project)."""
+    """USS of a fresh Python after importing torch, then the trainable (torch, Ray Tune, the project)."""
     code = ("import json, os, sys; sys.path.insert(0, sys.argv[1]); from study_overhead import memory_mb; "
             "out = {}; import torch; out['torch'] = memory_mb(os.getpid())['uss']; "
             "import tune.trainable; out['trainable'] = memory_mb(os.getpid())['uss']; print(json.dumps(out))")
@@ -303,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
           f"= {goal_mb:.0f} MB: {verdict(uss <= goal_mb)}")
     if floor:
         print(f"    a fresh Python holds {floor.get('torch', math.nan):.0f} MB USS after importing torch and "
-              f"{floor.get('trainable', math.nan):.0f} MB after importing the trainable (torch, transformers, "
-              "Ray Tune, the project) -- before any model, data or activations")
+              f"{floor.get('trainable', math.nan):.0f} MB after importing the trainable (torch, Ray Tune, "
+              "the project) -- before any model, data or activations")
     summary = {"space": str(args.space), "wall_s": wall, "concurrency": concurrency, "trials": len(trials),
                "epochs_reported": len(results), "train_val_s": busy, "overhead_share": overhead,
                "first_step_s": first_step, "tail_s": tail_s, "idle_between_s": between, "trial_peak_uss_mb": uss, "trial_peak_rss_mb": rss,
