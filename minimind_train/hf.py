@@ -19,7 +19,6 @@ from .model import (
     MiniMindConfig,
     MiniMindForCausalLM,
     MiniMindModel,
-    causal_lm_forward,
     init_weights,
 )
 
@@ -84,8 +83,9 @@ class MiniMindHFForCausalLM(PreTrainedModel, GenerationMixin):
         """As :meth:`MiniMindForCausalLM.forward`; extra generate() inputs (``cache_position``) are ignored."""
         if past_key_values is not None and not isinstance(past_key_values, Cache):
             raise TypeError(f"past_key_values must be a transformers Cache, got {type(past_key_values)}")
-        out = causal_lm_forward(self.model, self.lm_head, input_ids, attention_mask, labels,
-                                past_key_values, use_cache, logits_to_keep, position_ids)
+        # The training model's forward, on this model's identical `model` and `lm_head`.
+        out = MiniMindForCausalLM.forward(self, input_ids, attention_mask, labels,  # type: ignore[arg-type]
+                                          past_key_values, use_cache, logits_to_keep, position_ids)
         return MoeCausalLMOutputWithPast(loss=out.loss, aux_loss=out.aux_loss, logits=out.logits,
                                          past_key_values=out.past_key_values)
 

@@ -34,7 +34,6 @@ __all__ = [
     "MiniMindConfig",
     "MiniMindForCausalLM",
     "MiniMindModel",
-    "causal_lm_forward",
     "count_parameters",
     "default_intermediate_size",
     "init_weights",
@@ -394,43 +393,6 @@ class LMOutput:
     past_key_values: Cache | None = None
 
 
-def causal_lm_forward(
-    body: MiniMindModel,
-    lm_head: nn.Linear,
-    input_ids: Tensor,
-    attention_mask: Tensor | None = None,
-    labels: Tensor | None = None,
-    past_key_values: Cache | None = None,
-    use_cache: bool = False,
-    logits_to_keep: int | Tensor = 0,
-    position_ids: Tensor | None = None,
-) -> LMOutput:
-    """The causal-LM forward shared by :class:`MiniMindForCausalLM` and the Hugging Face wrapper.
-
-    Labels are unshifted (-100 = ignore); the aux loss is not added to ``loss``.
-    ``attention_mask`` (B, past + T) marks padding. Right-padded training batches need none (real
-    tokens never attend to later pads) and run faster without one. ``position_ids`` default to
-    consecutive positions after the cache.
-    """
-    cache = past_key_values
-    if cache is None and use_cache:
-        from transformers.cache_utils import DynamicCache  # generation only; training never gets here
-
-        cache = DynamicCache()
-    hidden, aux_loss = body(input_ids, attention_mask, position_ids, cache)
-    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-    logits = lm_head(hidden[:, keep, :])
-    loss = None
-    if labels is not None:
-        if labels.shape != logits.shape[:2]:
-            raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape[:2])}"
-                             " (logits_to_keep must be 0 when computing the loss)")
-        ce_sum, n_tokens = token_cross_entropy(logits, labels)
-        # A batch with nothing supervised (all truncated away) contributes 0, not NaN.
-        loss = ce_sum / n_tokens.clamp(min=1)
-    return LMOutput(logits=logits, aux_loss=aux_loss, loss=loss, past_key_values=cache if use_cache else None)
-
-
 class MiniMindForCausalLM(nn.Module):
     """The MiniMind2 causal LM (``model`` + tied ``lm_head``): upstream's parameter names and init.
 
@@ -458,9 +420,31 @@ class MiniMindForCausalLM(nn.Module):
         logits_to_keep: int | Tensor = 0,
         position_ids: Tensor | None = None,
     ) -> LMOutput:
-        """Logits, the MoE aux loss and, given labels, the mean CE (see :func:`causal_lm_forward`)."""
-        return causal_lm_forward(self.model, self.lm_head, input_ids, attention_mask, labels,
-                                 past_key_values, use_cache, logits_to_keep, position_ids)
+        """Logits, the MoE aux loss (not added to ``loss``) and, given labels, the mean CE over
+        supervised tokens (labels unshifted, -100 = ignore).
+
+        ``attention_mask`` (B, past + T) marks padding. Right-padded training batches need none (real
+        tokens never attend to later pads) and run faster without one. ``position_ids`` default to
+        consecutive positions after the cache. The Hugging Face wrapper (:mod:`minimind_train.hf`)
+        runs this same function on its own ``model`` and ``lm_head``.
+        """
+        cache = past_key_values
+        if cache is None and use_cache:
+            from transformers.cache_utils import DynamicCache  # generation only; training never gets here
+
+            cache = DynamicCache()
+        hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, cache)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape[:2])}"
+                                 " (logits_to_keep must be 0 when computing the loss)")
+            ce_sum, n_tokens = token_cross_entropy(logits, labels)
+            # A batch with nothing supervised (all truncated away) contributes 0, not NaN.
+            loss = ce_sum / n_tokens.clamp(min=1)
+        return LMOutput(logits=logits, aux_loss=aux_loss, loss=loss, past_key_values=cache if use_cache else None)
 
     def supervised_cross_entropy(
         self, input_ids: Tensor, labels: Tensor, positions: tuple[Tensor, Tensor] | None = None,
