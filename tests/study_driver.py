@@ -224,11 +224,15 @@ def persisted_checkpoints(study_dir: Path) -> dict[str, int]:
 
     Ray registers a reported checkpoint a step after the result itself, so a Ctrl-C in between saves
     the result (and a result.json row) without its checkpoint; that epoch then trains again.
+    {} while the file is missing or being rewritten.
     """
     import pickle
 
     files = sorted(study_dir.glob("experiment_state-*.json"))
-    state = json.loads(files[-1].read_text())
+    try:
+        state = json.loads(files[-1].read_text())
+    except (IndexError, OSError, ValueError):
+        return {}
     out: dict[str, int] = {}
     for trial_json, meta_json in state["trial_data"]:
         manager = json.loads(meta_json)["checkpoint_manager"]

@@ -213,3 +213,25 @@ def test_an_ended_trial_keeps_its_best_checkpoints_and_its_last(tmp_path: Path) 
     assert prune_checkpoints(fs, str(study_trial), 1, "val_loss", "max") == [str(study_trial / "checkpoint_000001")]
     with pytest.raises(ValueError, match="keep=0"):
         EndedLedger(0, "val_loss", "min")
+
+
+def test_scheduler_never_stops_a_replay_before_its_recorded_end(tmp_path: Path) -> None:
+    """Replayed results reach ASHA in another order than the first time; its STOP must not cut them."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune.ledger import _LedgerAwareScheduler
+
+    class AlwaysStop:
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+            return TrialScheduler.STOP
+
+    class Scheduler(_LedgerAwareScheduler, AlwaysStop):
+        pass
+
+    trial = SimpleNamespace(has_reported_at_least_once=True, path=str(tmp_path),
+                            storage=SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem()))
+    scheduler = Scheduler()
+    assert scheduler.on_trial_result(None, trial, {"training_iteration": 1}) == TrialScheduler.STOP
+    (tmp_path / ENDED_FILE).write_text(json.dumps({"trial_id": "t", "epochs": 3, "results": [{}] * 3}))
+    assert scheduler.on_trial_result(None, trial, {"training_iteration": 1}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, trial, {"training_iteration": 3}) == TrialScheduler.STOP

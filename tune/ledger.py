@@ -23,7 +23,7 @@ from typing import Any
 
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 __all__ = [
     "ENDED_FILE",
@@ -249,22 +249,22 @@ _SESSION_FILES = ("experiment_state-{}.json", "searcher-state-{}.pkl", "search_g
 
 
 def _whole(path: Path) -> bool:
-    """Whether a saved-state file reads back completely (a cut JSON or pickle does not)."""
-    import pickle
+    """Whether a saved-state file reads back completely (a cut JSON or pickle does not).
+
+    A pickle is only walked opcode by opcode (:func:`pickletools.genops`), never loaded: checking
+    that a file is whole must not run what it contains.
+    """
+    import pickletools
 
     data = path.read_bytes()
     try:
         # By content: Ray's search_gen_state-*.json, for one, is a pickle.
         if data[:1] == b"\x80":  # a pickle's PROTO opcode
-            if not data.endswith(b"."):  # every pickle ends with its STOP opcode
-                return False
-            pickle.loads(data)  # Ray's own file in the study's folder, which Ray loads next anyway
-        else:
-            json.loads(data)
-    except (EOFError, pickle.UnpicklingError, ValueError):
+            ops = [op.name for op, _, _ in pickletools.genops(data)]
+            return ops[-1] == "STOP"
+        json.loads(data)
+    except ValueError:  # pickletools: "pickle exhausted before seeing STOP"; JSON cut short
         return False
-    except Exception:  # noqa: BLE001 - complete but not loadable here (e.g. a missing module): not torn
-        return True
     return True
 
 
@@ -347,6 +347,7 @@ def _stub_deleted_checkpoints(study_dir: Path) -> list[str]:
         if not (study_dir / f"trial_{trial_id}" / ENDED_FILE).is_file():
             continue
         try:
+            # Ray's own pickled checkpoint manager, which Tuner.restore unpickles right after this.
             manager = pickle.loads(bytes.fromhex(meta["checkpoint_manager"]["value"]))
             latest = manager.latest_checkpoint_result
         except Exception:
@@ -364,15 +365,19 @@ def _stub_deleted_checkpoints(study_dir: Path) -> list[str]:
     return done
 
 
-class _SnapshotOnFirstResult:
-    """Scheduler mixin: Ray's experiment state is saved, synchronously, when a trial first reports.
+class _LedgerAwareScheduler:
+    """Scheduler mixin for the two things the ledger needs from Ray's controller loop.
 
-    Ray saves it in the background about once a second, so a trial could start, report and end
-    between two uploads; a driver killed then left a saved state without that trial, and
-    ``--resume`` never knew it (its searcher could suggest the same values again). From its first
-    result on, a trial is in the saved state, and if it ends before the next upload, the ledger
-    replays it. Schedulers are the one hook Ray hands its controller; ``checkpoint`` is the
-    controller's own save (Ray 2.60).
+    1. Ray's experiment state is saved, synchronously, when a trial first reports. Ray saves it in
+       the background about once a second, so a trial could start, report and end between two
+       uploads; a driver killed then left a saved state without that trial, and ``--resume`` never
+       knew it (its searcher could suggest the same values again). From its first result on, a
+       trial is in the saved state, and if it ends before the next upload, the ledger replays it.
+       Schedulers are the one hook Ray hands its controller; ``checkpoint`` is the controller's
+       own save (Ray 2.60).
+    2. A replayed trial is never stopped before its recorded end: the scheduler sees the replayed
+       results in another order than the first time (ASHA's cut-offs depend on it), and stopping
+       the replay would drop epochs the trial did train.
     """
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
@@ -385,12 +390,26 @@ class _SnapshotOnFirstResult:
             except Exception:
                 log.warning("could not save the experiment state at trial %s's first result", trial,
                             exc_info=True)
+        if decision == TrialScheduler.STOP and _recorded_beyond(trial, result.get("training_iteration")):
+            decision = TrialScheduler.CONTINUE
         return decision
 
 
-class SnapshottingASHAScheduler(_SnapshotOnFirstResult, ASHAScheduler):
-    """:class:`ray.tune.schedulers.ASHAScheduler` that saves the experiment state at first results."""
+def _recorded_beyond(trial: Any, iteration: Any) -> bool:
+    """Whether the trial's ended record goes past ``iteration`` (i.e. this result is a replay)."""
+    if not isinstance(iteration, int):
+        return False
+    try:
+        fs = trial.storage.storage_filesystem
+        with fs.open_input_stream(f"{trial.path}/{ENDED_FILE}") as fh:
+            return int(json.loads(fh.read().decode("utf-8"))["epochs"]) > iteration
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record: not a replay
+        return False
 
 
-class SnapshottingFIFOScheduler(_SnapshotOnFirstResult, FIFOScheduler):
-    """:class:`ray.tune.schedulers.FIFOScheduler` that saves the experiment state at first results."""
+class SnapshottingASHAScheduler(_LedgerAwareScheduler, ASHAScheduler):
+    """:class:`ray.tune.schedulers.ASHAScheduler` with :class:`_LedgerAwareScheduler`'s two additions."""
+
+
+class SnapshottingFIFOScheduler(_LedgerAwareScheduler, FIFOScheduler):
+    """:class:`ray.tune.schedulers.FIFOScheduler` with :class:`_LedgerAwareScheduler`'s two additions."""
