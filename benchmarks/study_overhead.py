@@ -164,7 +164,7 @@ class MemorySampler(threading.Thread):
 
 def read_results(study_dir: Path) -> list[dict]:
     rows = []
-    for path in sorted(study_dir.glob("*/result.json")):
+    for path in sorted(study_dir.glob("runs/run-*/t[0-9][0-9][0-9]/result.json")):
         for line in path.read_text().splitlines():
             if line.strip():
                 rows.append(json.loads(line))

@@ -647,8 +647,13 @@ class SFTData:
 
 
 def _empty_error(path: Path, cache: TokenCache) -> DataError:
+    hint, max_seq_len = "", cache.meta.get("key_parts", {}).get("max_seq_len", "?")
+    if cache.skipped.truncated and cache.skipped.truncated >= cache.skipped.total / 2:
+        # The usual cause: every answer starts beyond the window.
+        hint = (f"; with data.max_seq_len={max_seq_len} no answer token is left in the window: raise "
+                "data.max_seq_len")
     return DataError(f"{path}: no usable SFT samples; all {cache.skipped.total} were skipped "
-                     f"({cache.skipped})")
+                     f"({cache.skipped}){hint}")
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Any = None, *,

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,21 +182,31 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def live_results(ws: Workspace, name: str) -> dict[str, list[dict[str, Any]]]:
-    """trial_id -> results, from the latest driver's staging folder (the storage copy lags behind)."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    pattern = f"session_latest/artifacts/*/{name}/driver_artifacts/trial_*/result.json"
-    for path in sorted(ws.ray_tmp.glob(pattern)):
-        rows = read_results(path)
-        if rows:
-            out[path.parent.name.removeprefix("trial_")] = rows
-    return out
-
-
 def stored_results(study_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """trial_id -> results, from the study folder."""
-    return {p.parent.name.removeprefix("trial_"): read_results(p)
-            for p in sorted(study_dir.glob("trial_*/result.json"))}
+    """trial name (t000, ...) -> the epochs the study record holds, each ``{**metrics, "epoch": e}``."""
+    from tune.record import StudyRecord
+
+    record = StudyRecord.open(study_dir)
+    return {t.name: [{**m, "epoch": e} for e, m in sorted(t.epochs.items())] for t in record.trials()}
+
+
+def trained_epochs(study_dir: Path) -> list[tuple[str, int]]:
+    """(trial name, epoch) for every epoch any driver run trained and reported, from each run's
+    Ray ``result.json``: a pair that occurs twice is an epoch trained twice."""
+    pairs = []
+    for path in sorted(study_dir.glob("runs/run-*/t[0-9][0-9][0-9]/result.json")):
+        for row in read_results(path):
+            if "epoch" in row and not row.get("diverged"):
+                pairs.append((path.parent.name, int(row["epoch"])))
+    return pairs
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file below ``folder`` (byte-identical checks)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def mlflow_runs(study_dir: Path) -> tuple[Any, list[Any], list[Any]]:
@@ -211,47 +221,3 @@ def mlflow_runs(study_dir: Path) -> tuple[Any, list[Any], list[Any]]:
     parents = [r for r in runs if r.data.tags.get("minimind.role") == "parent"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return client, parents, children
-
-
-def iter_configs(study_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    for path in sorted(study_dir.glob("trial_*/params.json")):
-        yield path.parent.name.removeprefix("trial_"), json.loads(path.read_text())
-
-
-def persisted_checkpoints(study_dir: Path) -> dict[str, int]:
-    """trial_id -> the epoch (training_iteration) of the latest checkpoint registered in Ray's saved
-    experiment state, 0 for none: where --resume restarts each trial.
-
-    Ray registers a reported checkpoint a step after the result itself, so a Ctrl-C in between saves
-    the result (and a result.json row) without its checkpoint; that epoch then trains again.
-    {} while the file is missing or being rewritten.
-    """
-    import pickle
-
-    files = sorted(study_dir.glob("experiment_state-*.json"))
-    try:
-        state = json.loads(files[-1].read_text())
-    except (IndexError, OSError, ValueError):
-        return {}
-    out: dict[str, int] = {}
-    for trial_json, meta_json in state["trial_data"]:
-        manager = json.loads(meta_json)["checkpoint_manager"]
-        latest = pickle.loads(bytes.fromhex(manager["value"])).latest_checkpoint_result
-        out[json.loads(trial_json)["trial_id"]] = 0 if latest is None else int(latest.metrics["training_iteration"])
-    return out
-
-
-def persisted_trials(study_dir: Path) -> dict[str, str]:
-    """trial_id -> status in the experiment state Ray last wrote to the study folder ({} if unreadable).
-
-    This is what ``--resume`` starts from. Ray uploads it asynchronously after each change, so it
-    can lag behind what the driver (and MLflow) had seen when the driver was killed.
-    """
-    files = sorted(study_dir.glob("experiment_state-*.json"))
-    if not files:
-        return {}
-    try:
-        state = json.loads(files[-1].read_text())
-        return {json.loads(t)["trial_id"]: json.loads(t)["status"] for t, _ in state["trial_data"]}
-    except (OSError, ValueError, KeyError, TypeError):  # caught mid-upload
-        return {}

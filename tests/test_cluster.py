@@ -408,7 +408,7 @@ class LocalCluster:
 def _checkpoints(study: Path) -> dict[str, dict[int, str]]:
     """``{trial folder: {epoch: node id}}`` from the checkpoints that landed in the storage path."""
     out: dict[str, dict[int, str]] = {}
-    for meta in study.glob("trial_*/checkpoint_*/meta.json"):
+    for meta in study.glob("runs/run-*/t[0-9][0-9][0-9]/checkpoint_*/meta.json"):
         try:
             info = json.loads(meta.read_text())
         except (OSError, ValueError):
@@ -536,7 +536,7 @@ def test_study_on_two_nodes_survives_losing_one():
                 assert sorted(epochs) == list(range(1, EPOCHS + 1)), (trial, epochs)
 
             # The killed trial resumed from its checkpoint on the head instead of starting over.
-            rows = [json.loads(line) for line in (study / victim / "result.json").read_text().splitlines()
+            rows = [json.loads(line) for line in (study / "runs" / "run-1" / victim / "result.json").read_text().splitlines()
                     if line.strip()]
             iters = [r["training_iteration"] for r in rows]
             restored = [r for r in rows if r["iterations_since_restore"] == 1 and r["training_iteration"] > 1]
@@ -555,10 +555,9 @@ def test_study_on_two_nodes_survives_losing_one():
             parents = [r for r in runs if r.data.tags.get("minimind.role") == "parent"]
             assert len(parents) == 1 and parents[0].info.status == "FINISHED"
             children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-            assert sorted(r.data.tags["ray.trial_id"] for r in children) == \
-                sorted(t.removeprefix("trial_") for t in ckpts), children
+            assert sorted(f"t{int(r.data.tags['minimind.trial']):03d}" for r in children) == sorted(ckpts), children
             assert all(r.info.status == "FINISHED" for r in children), [r.info for r in children]
-            victim_run = next(r for r in children if r.data.tags["ray.trial_id"] == victim.removeprefix("trial_"))
+            victim_run = next(r for r in children if f"t{int(r.data.tags['minimind.trial']):03d}" == victim)
             history = client.get_metric_history(victim_run.info.run_id, "val_loss")
             assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), history
     finally:

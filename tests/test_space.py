@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from tune.space import (
     describe,
     load_space,
     optuna_distributions,
-    ray_search_space,
     resolve_space_path,
 )
 
@@ -152,10 +150,15 @@ BAD_CASES: list[tuple[str, tuple[str, ...], Any, tuple[str, ...]]] = [
     ("negative keep_top_trials", ("tune", "keep_top_trials"), -1, ("tune.keep_top_trials=-1",)),
     ("unknown scheduler", SCHED + ("type",), "hyperband", ("tune.scheduler.type='hyperband'", "asha", "none")),
     ("scheduler not a mapping", SCHED, "asha", ("tune.scheduler='asha'",)),
-    ("max_t above epochs", SCHED + ("max_t",), 10, ("tune.scheduler.max_t=10", "train.epochs=4")),
+    ("max_t above epochs", SCHED + ("max_t",), 10, ("tune.scheduler.max_t=10", "must equal train.epochs=4")),
+    # The shared case asha-maxt-below-epochs: every trial would end "stopped early".
+    ("max_t below epochs", SCHED + ("max_t",), 2, ("tune.scheduler.max_t=2", "must equal train.epochs=4",
+                                                   "train.epochs: 2")),
     ("grace above max_t", SCHED + ("grace_period",), 5, ("tune.scheduler.grace_period=5", "max_t=4")),
     ("grace zero", SCHED + ("grace_period",), 0, ("tune.scheduler.grace_period=0",)),
-    ("reduction factor 1", SCHED + ("reduction_factor",), 1, ("tune.scheduler.reduction_factor=1", "> 1")),
+    ("reduction factor 1", SCHED + ("reduction_factor",), 1, ("tune.scheduler.reduction_factor=1", ">= 2")),
+    ("reduction factor 1.5", SCHED + ("reduction_factor",), 1.5, ("tune.scheduler.reduction_factor=1.5",
+                                                                  "integer >= 2")),
     ("asha key on none", SCHED, {"type": "none", "grace_period": 1}, ("tune.scheduler.grace_period", "none")),
     ("unknown resource", RES + ("memory",), 4, ("tune.resources_per_trial.memory", "cpu, gpu")),
     ("zero cpu", RES + ("cpu",), 0, ("tune.resources_per_trial.cpu=0", "> 0")),
@@ -385,98 +388,24 @@ def test_optuna_distributions(tmp_path: Path) -> None:
     assert dists["train.weight_decay"] == D.IntDistribution(0, 1)
 
 
-def test_ray_domains(tmp_path: Path) -> None:
-    from ray.tune.search.sample import Categorical, Float, Integer
-
-    domains = ray_search_space(stepped_spec(tmp_path))
-    lr = domains["train.learning_rate"]
-    assert isinstance(lr, Float) and (lr.lower, lr.upper) == (1e-4, 1e-2)
-    assert type(lr.get_sampler()).__name__ == "_LogUniform"
-    accum = domains["train.accumulation_steps"]
-    assert isinstance(accum, Categorical) and accum.categories == [1, 2, 4]
-    clip = domains["train.grad_clip"]
-    assert isinstance(clip, Float) and (clip.lower, clip.upper) == (0.1, 2.0)
-    assert type(clip.get_sampler()).__name__ == "_Uniform"
-    assert isinstance(domains["train.warmup_steps"], Integer)
-    assert isinstance(domains["train.batch_size"], Integer)
-    assert type(domains["train.batch_size"].get_sampler()).__name__ == "_LogUniform"
-
-
-def test_optuna_and_ray_sample_the_same_values(tmp_path: Path) -> None:
-    """Both searchers must stay inside the space (Ray's randint excludes its upper bound, Optuna's does not)."""
+def test_optuna_samples_stay_in_the_space_and_on_its_grid(tmp_path: Path) -> None:
+    """The one search backend (Optuna: TPE, or random) draws only values the space allows."""
     spec = stepped_spec(tmp_path)
     dists = optuna_distributions(spec)
-    domains = ray_search_space(spec)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    rng = np.random.default_rng(0)
     for param in spec.search:
-        from_optuna = {study.ask({param.path: dists[param.path]}).params[param.path] for _ in range(400)}
-        from_ray = set(domains[param.path].sample(size=400, random_state=rng))
+        drawn = {study.ask({param.path: dists[param.path]}).params[param.path] for _ in range(400)}
         grid = param.grid()
         if grid is None:
-            for value in from_optuna | from_ray:
-                assert param.low <= value <= param.high, (param.path, value)
+            assert all(param.low <= v <= param.high for v in drawn), (param.path, drawn)
         else:
             on_grid = {round(v, 9) for v in grid}
-            sampled = [{round(v, 9) for v in from_optuna}, {round(v, 9) for v in from_ray}]
-            for values in sampled:
-                assert values <= on_grid, (param.path, sorted(values), grid)
-                if len(grid) <= 12:  # 400 draws reach every point of a small grid, endpoints included
-                    assert values == on_grid, (param.path, sorted(values), grid)
-        for value in from_ray:
+            values = {round(v, 9) for v in drawn}
+            assert values <= on_grid, (param.path, sorted(values), grid)
+            if len(grid) <= 12:  # 400 draws reach every point of a small grid, endpoints included
+                assert values == on_grid, (param.path, sorted(values), grid)
+        for value in drawn:
             apply_params(spec.run, {param.path: value})
-
-
-def test_optuna_search_suggests_flat_dotted_keys(tmp_path: Path) -> None:
-    """Ray's OptunaSearch un-flattens keys on '/': dotted paths must come back as one flat key each."""
-    from ray.tune.search.optuna import OptunaSearch
-
-    spec = load_space(write_space(tmp_path, BASE))
-    searcher = OptunaSearch(space=optuna_distributions(spec), metric="val_loss", mode="min", seed=0)
-    suggestion = searcher.suggest("trial_0")
-    assert set(suggestion) == {p.path for p in spec.search}
-    cfg = apply_params(spec.run, suggestion)
-    assert cfg.train.learning_rate == suggestion["train.learning_rate"]
-    assert cfg.train.warmup_steps in {0, 10, 20, 30, 40}
-
-
-@pytest.mark.slow
-def test_tuner_delivers_dotted_params_to_the_trainable(tmp_path: Path) -> None:
-    """End to end through Ray Tune: both searchers hand the trainable flat dotted keys."""
-    import ray
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
-
-    spec = load_space(write_space(tmp_path, BASE))
-    base = spec.run
-
-    def trainable(config: dict[str, Any]) -> None:
-        cfg = apply_params(base, config)
-        tune.report({"val_loss": cfg.train.learning_rate, "keys": ",".join(sorted(config))})
-
-    expected = ",".join(sorted(p.path for p in spec.search))
-    # Ray's socket paths must stay under 108 bytes: pytest's tmp_path is too deep for them.
-    ray_tmp = tempfile.TemporaryDirectory(prefix="ray-", ignore_cleanup_errors=True)
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=ray_tmp.name, log_to_driver=False,
-             configure_logging=False)
-    try:
-        for searcher, param_space in (
-            (OptunaSearch(space=optuna_distributions(spec), metric="val_loss", mode="min", seed=0), {}),
-            (None, ray_search_space(spec)),
-        ):
-            results = tune.Tuner(
-                trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=2, metric="val_loss", mode="min"),
-                run_config=tune.RunConfig(storage_path=str(tmp_path / "results"), verbose=0),
-            ).fit()
-            assert len(results) == 2 and not results.errors
-            for result in results:
-                assert result.metrics["keys"] == expected
-                assert 1e-4 <= result.metrics["val_loss"] <= 1e-2
-            assert "config/train.learning_rate" in results.get_dataframe().columns
-    finally:
-        ray.shutdown()
-        ray_tmp.cleanup()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -544,15 +473,23 @@ def test_check_resources_refuses_trials_that_could_never_start(
 
 
 @pytest.mark.parametrize(("grace", "rf", "max_t"), [(1, 2, 4), (1, 2, 8), (1, 3, 10), (2, 2, 9), (1, 4, 4),
-                                                    (3, 2, 3), (1, 1.5, 6)])
-def test_rungs_match_ray_asha(grace: int, rf: float, max_t: int) -> None:
-    from ray.tune.schedulers import AsyncHyperBandScheduler
+                                                    (3, 2, 3)])
+def test_rungs_are_where_optunas_asha_decides(grace: int, rf: int, max_t: int) -> None:
+    """SchedulerSpec.rungs (shown by --dry-run) are the epochs at which the pruner compares trials."""
+    from tune.searcher import make_pruner
 
-    ray_asha = AsyncHyperBandScheduler(time_attr="training_iteration", metric="val_loss", mode="min",
-                                       grace_period=grace, reduction_factor=rf, max_t=max_t)
-    ray_rungs = sorted(milestone for milestone, _ in ray_asha._brackets[0]._rungs)
-    ours = SchedulerSpec(type="asha", grace_period=grace, reduction_factor=float(rf), max_t=max_t).rungs
-    assert list(ours) == pytest.approx(ray_rungs)
+    pruner = make_pruner("asha", grace, rf)
+    study = optuna.create_study(pruner=pruner)
+    trial = study.ask()
+    decided = []
+    for step in range(1, max_t):  # the last epoch ends a trial anyway: never a decision
+        trial.report(1.0, step)
+        before = len(study.trials[0].system_attrs)
+        pruner.prune(study, study.trials[0])
+        if len(study.trials[0].system_attrs) > before:
+            decided.append(step)
+    ours = SchedulerSpec(type="asha", grace_period=grace, reduction_factor=rf, max_t=max_t).rungs
+    assert [r for r in ours if r < max_t] == decided
     assert SchedulerSpec(type="none", max_t=max_t).rungs == ()
 
 

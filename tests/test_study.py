@@ -7,9 +7,7 @@ cache; see study_driver.py) and check what a study leaves behind through the rea
 from __future__ import annotations
 
 import csv
-import json
 import math
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +16,17 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from study_driver import REPO, SPACES, Driver, Workspace, mlflow_runs, run_driver, stored_results
+from study_driver import (
+    REPO,
+    SPACES,
+    Driver,
+    Workspace,
+    mlflow_runs,
+    run_driver,
+    stored_results,
+    trained_epochs,
+)
 
-from tune.searcher import PruningAwareOptunaSearch, make_searcher
 from tune.space import apply_params, load_space
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,93 +34,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NOISE = {"pid", "timestamp", "hostname", "node_ip", "done", "training_iteration", "trial_id", "date",
          "iterations_since_restore", "experiment_tag", "checkpoint_dir_name", "should_checkpoint"}
 NOISE_PREFIXES = ("time_", "config/", "config.", "warmup_time")
-
-
-# --- the searcher, without a Ray cluster ------------------------------------------------------------
-
-
-def _result(epoch: int, val_loss: float) -> dict[str, Any]:
-    """A result as Ray hands it to a searcher: the trainable's metrics plus Ray's keys."""
-    return {"val_loss": val_loss, "train_loss": val_loss + 0.5, "epoch": epoch,
-            "training_iteration": epoch, "done": False, "pid": 1234}
-
-
-def _optuna_trial(searcher: PruningAwareOptunaSearch, trial_id: str) -> Any:
-    number = searcher._ot_trials[trial_id].number
-    return next(t for t in searcher._ot_study.get_trials(deepcopy=False) if t.number == number)
-
-
-@pytest.fixture
-def spec() -> Any:
-    return load_space(SPACES / "faults.yaml")  # 3 epochs, three searched fields
-
-
-def test_searcher_records_pruned_completed_and_failed_trials(spec: Any) -> None:
-    import optuna
-
-    searcher = make_searcher(spec)
-    assert isinstance(searcher, PruningAwareOptunaSearch)
-    keys = {p.path for p in spec.search}
-    configs = {tid: searcher.suggest(tid) for tid in ("stopped", "full", "broken")}
-    for config in configs.values():
-        # Flat dotted keys, in the space's bounds: what apply_params (and the trainable) expects.
-        assert set(config) == keys
-        assert 1e-4 <= config["train.learning_rate"] <= 1e-2
-        apply_params(spec.run, config)
-
-    # Stopped by ASHA after 2 of 3 epochs: Ray calls on_trial_complete with the last result.
-    for epoch, loss in ((1, 5.0), (2, 4.5)):
-        searcher.on_trial_result("stopped", _result(epoch, loss))
-    searcher.on_trial_complete("stopped", _result(2, 4.5))
-    # All 3 epochs.
-    for epoch, loss in ((1, 4.0), (2, 3.5), (3, 3.25)):
-        searcher.on_trial_result("full", _result(epoch, loss))
-    searcher.on_trial_complete("full", {**_result(3, 3.25), "done": True})
-    # A crash after one epoch: Ray reports errors without a result.
-    searcher.on_trial_result("broken", _result(1, 6.0))
-    searcher.on_trial_complete("broken", error=True)
-
-    stopped, full, broken = (_optuna_trial(searcher, t) for t in ("stopped", "full", "broken"))
-    assert stopped.state == optuna.trial.TrialState.PRUNED
-    assert stopped.intermediate_values == {1: 5.0, 2: 4.5}
-    assert full.state == optuna.trial.TrialState.COMPLETE
-    assert full.value == 3.25 and full.intermediate_values == {1: 4.0, 2: 3.5, 3: 3.25}
-    assert broken.state == optuna.trial.TrialState.FAIL
-    assert stopped.params == configs["stopped"]
-    # A duplicate completion (Ray may send one for a stopped trial) changes nothing.
-    searcher.on_trial_complete("stopped", _result(2, 4.5))
-    assert _optuna_trial(searcher, "stopped").state == optuna.trial.TrialState.PRUNED
-
-
-def test_searcher_state_survives_save_and_restore(spec: Any, tmp_path: Path) -> None:
-    import optuna
-
-    searcher = make_searcher(spec)
-    seen = []
-    for i, loss in enumerate((5.0, 4.0, 4.5)):
-        tid = f"t{i}"
-        seen.append(searcher.suggest(tid))
-        for epoch in (1, 2, 3):
-            searcher.on_trial_result(tid, _result(epoch, loss + 1 / epoch))
-        searcher.on_trial_complete(tid, _result(3, loss + 1 / 3))
-    pending = searcher.suggest("t3")  # suggested, not finished: what a resume finds running
-    seen.append(pending)
-
-    # What Ray does with the searcher at every experiment snapshot and on --resume.
-    path = tmp_path / "searcher.pkl"
-    searcher.save(str(path))
-    pickle.loads(path.read_bytes())
-    restored = make_searcher(spec)
-    restored.restore(str(path))
-
-    assert restored.suggest("t3") == pending  # a restored running trial keeps its values
-    new = [restored.suggest(f"n{i}") for i in range(3)]
-    assert not [c for c in new if c in seen], "the restored searcher repeated earlier suggestions"
-    assert len({json.dumps(c, sort_keys=True) for c in new}) == 3
-    states = [t.state for t in restored._ot_study.get_trials(deepcopy=False)]
-    assert states[:3] == [optuna.trial.TrialState.COMPLETE] * 3
-    # The check above can fail: a searcher that lost its state starts over with the same seed.
-    assert make_searcher(spec).suggest("x") == seen[0]
 
 
 # --- the CLI's checks (no Ray cluster) ---------------------------------------------------------------
@@ -186,14 +105,25 @@ def test_bad_space_exits_2_naming_the_key(ws: Workspace, edit: Any, expected: st
 
 
 def test_existing_study_needs_resume_or_restart(ws: Workspace) -> None:
+    from tune.record import StudyRecord
+
     study = ws.study_dir("study")
-    study.mkdir(parents=True)
-    (study / "tuner.pkl").write_bytes(b"what Tuner.can_restore looks for")
+    StudyRecord.create(study, "study", {"tune": {"mode": "min"}}, "", {})
     (study / "keep.txt").write_text("an earlier study's file")
     proc = _cli(["--space", str(SPACES / "study.yaml"), "--storage-path", str(ws.storage)], ws.root, ws)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "--resume" in proc.stderr and "--restart" in proc.stderr, proc.stderr
     assert (study / "keep.txt").exists() and _no_ray_started(ws)
+
+
+def test_a_folder_that_is_not_a_study_is_never_taken_over(ws: Workspace) -> None:
+    folder = ws.study_dir("study")
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(b"a study of an older version, or anything else")
+    proc = _cli(["--space", str(SPACES / "study.yaml"), "--storage-path", str(ws.storage), "--resume"],
+                ws.root, ws)
+    assert proc.returncode == 2 and "--restart" in proc.stderr, proc.stderr
+    assert (folder / "tuner.pkl").exists() and _no_ray_started(ws)
 
 
 # --- a study end to end ------------------------------------------------------------------------------
@@ -215,23 +145,22 @@ class Study:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from tune.tracking import StudyTracker
+    import optuna
+
+    from tune.mirror import Mirror
+    from tune.record import StudyRecord
 
     ws = Workspace(tmp_path_factory.mktemp("study"))
-    # A stale study of the same name: Ray's state in the study folder, and runs in a tracking store
-    # outside it (as with a shared server or $MLFLOW_TRACKING_URI), which --restart must also clear.
-    stale = ws.study_dir("study")
-    stale.mkdir(parents=True)
-    (stale / "tuner.pkl").write_bytes(b"stale")
-    (stale / "stale.txt").write_text("from the previous study")
+    # A stale study of the same name, with its runs in a tracking store outside its folder (a shared
+    # server or $MLFLOW_TRACKING_URI): --restart replaces the folder and soft-deletes those runs.
     tracking_db = ws.root / "tracking" / "mlflow.db"
     tracking_db.parent.mkdir()
     uri = f"sqlite:///{tracking_db}"
-    old = StudyTracker(uri)
-    old_parent = old.start(study_name="study", experiment="minimind-study-test", fixed_params={},
-                           settings={}, space_text="stale", tags={})
-    old.client.create_run(old.experiment_id, tags={"mlflow.parentRunId": old_parent,
-                                                   "ray.trial_id": "stale_trial"})
+    stale = StudyRecord.create(ws.study_dir("study"), "study", {"tune": {"mode": "min"}}, "", {})
+    (stale.dir / "stale.txt").write_text("from the previous study")
+    number, _ = stale.ask({"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2)})
+    stale.record_epoch(number, 1, {"val_loss": 9.0}, "val_loss")
+    Mirror(uri, "minimind-study-test", stale, fixed_params={}, settings={}, tags={}).sync(closing=True)
     driver = run_driver(ws, ["--space", str(SPACES / "study.yaml"), "--restart"], timeout_s=300,
                         env={"MLFLOW_TRACKING_URI": uri})
     yield Study(ws, driver, tracking_db)
@@ -243,31 +172,31 @@ def _summary(study: Study) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _params(trial_dir: Path, spec: Any) -> dict[str, Any]:
-    config = json.loads((trial_dir / "params.json").read_text())
-    return {p.path: config[p.path] for p in spec.search}
-
-
 @pytest.mark.slow
-def test_study_runs_and_restart_cleared_the_old_one(study: Study) -> None:
+def test_study_runs_and_restart_replaced_the_old_one(study: Study) -> None:
     assert study.driver.proc.returncode == 0, study.fail("the study failed")
     assert not (study.dir / "stale.txt").exists(), study.fail("--restart kept the old study folder")
-    trials = sorted(p.name for p in study.dir.glob("trial_*"))
-    assert len(trials) == study.spec.tune.num_samples, study.fail(f"trial folders: {trials}")
+    assert not list(study.ws.storage.glob(".study.replaced-*")), "the replaced study was not deleted"
+    trials = sorted(p.name for p in study.dir.glob("runs/run-1/t[0-9][0-9][0-9]"))
+    assert trials == ["t000", "t001", "t002"], study.fail(f"trial folders: {trials}")
+    assert sorted(stored_results(study.dir)) == trials
 
 
 @pytest.mark.slow
 def test_best_yaml_is_the_best_trials_config(study: Study) -> None:
     from minimind_train.config import load_run_config
+    from tune.record import StudyRecord
 
-    # The best trial, found from the raw results rather than from the driver's own ranking.
+    # The best completed trial, from the raw record rather than from the driver's own ranking.
+    record = StudyRecord.open(study.dir)
     best_loss, best_trial, best_epoch = min(
-        (row["val_loss"], tid, row["training_iteration"])
-        for tid, rows in stored_results(study.dir).items() for row in rows)
-    params = _params(study.dir / f"trial_{best_trial}", study.spec)
+        (m["val_loss"], t.name, e) for t in record.trials() if t.status == "completed"
+        for e, m in t.epochs.items())
     cfg = load_run_config(study.dir / "best.yaml")
+    params = next(t.params for t in record.trials() if t.name == best_trial)
     assert cfg == apply_params(study.spec.run, params), study.fail("best.yaml is not the best trial")
     assert f"best: trial {best_trial}  val_loss {best_loss:.4f} (epoch {best_epoch})" in study.driver.stdout
+    assert sorted(trained_epochs(study.dir)) == sorted(set(trained_epochs(study.dir)))
 
 
 @pytest.mark.slow
@@ -287,8 +216,7 @@ def test_best_checkpoint_loads_strictly(study: Study) -> None:
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, weights[name].float()), name
     meta = read_meta(model_pth.parent)
-    rows = [r for tid, rs in stored_results(study.dir).items() for r in rs
-            if model_pth.parent.parent.name == f"trial_{tid}"]
+    rows = stored_results(study.dir)[model_pth.parent.parent.name]
     assert meta["metrics"]["val_loss"] == min(r["val_loss"] for r in rows)  # the best epoch's weights
 
 
@@ -300,8 +228,8 @@ def test_summary_csv_and_plots(study: Study) -> None:
     assert sorted(r["trial_id"] for r in rows) == sorted(stored_results(study.dir)), rows
     assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
     assert {r["status"] for r in rows} <= {"completed", "stopped_early"}
-    losses = [float(r["best_val_loss"]) for r in rows]
-    assert losses == sorted(losses)
+    completed = [float(r["best_val_loss"]) for r in rows if r["status"] == "completed"]
+    assert completed == sorted(completed) and rows[0]["status"] == "completed"
     for name in PLOT_FILES.values():
         path = study.dir / "plots" / name
         assert path.read_bytes()[:8] == PNG_MAGIC, study.fail(f"{path} is not a PNG")
@@ -312,9 +240,9 @@ def test_disk_pruning_keeps_resume_state_of_the_top_trial_only(study: Study) -> 
     rows = _summary(study)
     assert study.spec.tune.keep_top_trials == 1 and len(rows) == 3
     top, *rest = rows
-    assert list((study.dir / f"trial_{top['trial_id']}").glob("checkpoint_*/train_state.pt"))
+    assert list((study.dir / "runs" / "run-1" / top["trial_id"]).glob("checkpoint_*/train_state.pt"))
     for row in rest:
-        trial = study.dir / f"trial_{row['trial_id']}"
+        trial = study.dir / "runs" / "run-1" / row["trial_id"]
         assert not list(trial.glob("**/train_state.pt")), f"{trial} kept its resume state"
         assert len(list(trial.glob("checkpoint_*/model.pth"))) == 1  # its best fp16 weights stay
 
@@ -341,39 +269,40 @@ def test_mlflow_parent_and_trial_runs(study: Study) -> None:
 
     mine = [r for r in children if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
     results = stored_results(study.dir)
-    assert sorted(r.data.tags["ray.trial_id"] for r in mine) == sorted(results)
-    assert len(mine) == study.spec.tune.num_samples
+    assert sorted(f"t{int(r.data.tags['minimind.trial']):03d}" for r in mine) == sorted(results)
     summary = {r["trial_id"]: r for r in _summary(study)}
     search = {p.path for p in study.spec.search}
+    from tune.record import StudyRecord
+
+    record = {t.name: t for t in StudyRecord.open(study.dir).trials()}
     for run in mine:
-        tid = run.data.tags["ray.trial_id"]
-        assert set(run.data.params) == search, run.data.params
-        params = _params(study.dir / f"trial_{tid}", study.spec)
-        assert {k: str(v) for k, v in params.items()} == run.data.params
+        name = f"t{int(run.data.tags['minimind.trial']):03d}"
+        assert run.info.run_name.startswith(f"{name} lr="), run.info.run_name
+        assert set(run.data.params) == search, run.data.params  # fixed values are on the parent
+        assert {k: str(v) for k, v in record[name].params.items()} == run.data.params
         noise = [k for k in run.data.metrics if _is_noise(k)]
-        assert not noise, f"Ray bookkeeping logged as metrics of trial {tid}: {noise}"
-        epochs = int(summary[tid]["epochs"])
+        assert not noise, f"Ray bookkeeping logged as metrics of trial {name}: {noise}"
+        epochs = int(summary[name]["epochs"])
         for key in ("val_loss", "train_loss"):
-            assert _metric_steps(client, run.info.run_id, key) == list(range(1, epochs + 1)), (tid, key)
-        expected = ("FINISHED", "completed") if summary[tid]["status"] == "completed" else (
-            "KILLED", "stopped_early")
-        assert (run.info.status, run.data.tags["minimind.status"]) == expected, tid
+            assert _metric_steps(client, run.info.run_id, key) == list(range(1, epochs + 1)), (name, key)
+        # Stopped early by ASHA is a normal end, not a crash: FINISHED, told apart by the tag.
+        assert (run.info.status, run.data.tags["minimind.status"]) == ("FINISHED", summary[name]["status"])
+    assert "train.epochs" in parent.data.params and "train.learning_rate" not in parent.data.params
 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     artifacts |= {a.path for d in ("best", "plots") for a in client.list_artifacts(parent.info.run_id, d)}
     from tune.plots import PLOT_FILES
 
-    expected_artifacts = {"best.yaml", "best/model.pth", "summary.csv", "space.yaml",
+    expected_artifacts = {"best.yaml", "best/model.pth", "summary.csv",
                           *(f"plots/{name}" for name in PLOT_FILES.values())}
     assert expected_artifacts <= artifacts, f"missing: {expected_artifacts - artifacts}"
-    assert parent.data.tags["minimind.best_trial_id"] == _summary(study)[0]["trial_id"]
 
 
 # --- a study whose every trial diverges ----------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_diverging_trials_fail_the_study_but_all_run(ws: Workspace) -> None:
+def test_diverging_trials_are_diverged_never_best(ws: Workspace) -> None:
     from minimind_train.model import MiniMindForCausalLM, model_config_from
     from minimind_train.tokenizer import load_tokenizer
 
@@ -389,17 +318,23 @@ def test_diverging_trials_fail_the_study_but_all_run(ws: Workspace) -> None:
 
     driver = run_driver(ws, ["--space", str(ws.root / "diverge.yaml")], timeout_s=240)
     output = driver.output()
-    assert driver.proc.returncode not in (0, None), output
+    assert driver.proc.returncode == 1, output
     summary = driver.stderr[driver.stderr.index("error: no trial completed:"):].splitlines()[1:]
-    trials = sorted(p.name.removeprefix("trial_") for p in ws.study_dir("diverge").glob("trial_*"))
-    assert len(trials) == 2, output
-    for tid in trials:
-        (line,) = [ln for ln in summary if ln.strip().startswith(f"{tid}:")]
-        assert "failed" in line and "non-finite" in line, line
+    study = ws.study_dir("diverge")
+    with (study / "summary.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["trial_id"] for r in rows) == ["t000", "t001"], output
+    for row in rows:
+        assert row["status"] == "diverged" and "non-finite" in row["error"], row
+        (line,) = [ln for ln in summary if ln.strip().startswith(f"{row['trial_id']}:")]
+        assert "diverged" in line and "non-finite" in line, line
+    assert not (study / "best.yaml").exists()
+    assert "Traceback" not in driver.stderr  # a diverged trial is a result, not a crash
 
-    _, parents, children = mlflow_runs(ws.study_dir("diverge"))
+    _, parents, children = mlflow_runs(study)
     assert [p.info.status for p in parents] == ["FAILED"]
-    assert sorted(r.data.tags["ray.trial_id"] for r in children) == trials
+    assert len(children) == 2
     for run in children:
         assert run.info.status == "FAILED"
-        assert "non-finite" in run.data.tags["minimind.failure_reason"], run.data.tags
+        assert run.data.tags["minimind.status"] == "diverged"
+        assert "non-finite" in run.data.tags["minimind.error"], run.data.tags

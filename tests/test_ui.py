@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tune.tracking import TRACKING_URI_ENV, check_tracking_server
+from tune.mirror import TRACKING_URI_ENV, check_tracking_server
 from tune.ui import find_study_db, main, start_mlflow_server, stop_server
 
 

@@ -63,6 +63,7 @@ __all__ = [
     "download_outputs",
     "driver_node_id",
     "fetch_file",
+    "file_sha256",
     "is_uri",
     "job_working_dir",
     "open_study_data",
@@ -85,7 +86,7 @@ _PROBE_TIMEOUT_S = 120.0
 _MARKER_PREFIX = ".minimind-probe-"
 # Files of a driver-side study folder that a resume of a URI study needs back (MLflow's sqlite db
 # and its artifacts); the rest is rewritten at the end of every run.
-_RESUME_OUTPUTS = ("mlflow.db", "mlartifacts")
+_RESUME_OUTPUTS = ("study.json", "space.yaml", "optuna.db", "mlflow.db", "mlartifacts")
 
 
 class ClusterError(RuntimeError):
@@ -446,7 +447,7 @@ def _put_folder(folder: Path) -> tuple[Any, int]:
     return ray.put(files), sum(a.nbytes for a in files.values())
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while block := fh.read(1 << 20):
@@ -499,7 +500,7 @@ def study_data(data: Any, run_cfg: Any, nodes: Sequence[Node], driver: str,
         where = ", ".join(n.label() for n, _ in bad) or "nodes that join later"
         if check.label == "init_from":
             init_ref, size = _put_folder_file(Path(check.target))
-            init_sha = _sha256(Path(check.target))
+            init_sha = file_sha256(Path(check.target))
         else:
             shipped[check.target], size = _put_folder(Path(check.target))
         log.info("shipping %s %s (%s) through the object store for %s", what, check.target, _mib(size), where)

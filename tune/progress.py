@@ -48,7 +48,8 @@ class ProgressLine(Callback):
         for t in trials:
             status[t.status] = status.get(t.status, 0) + 1
             last = t.last_result or {}
-            if t.status == "TERMINATED" and last.get("training_iteration", 0) < self.planned_epochs:
+            # "epoch" is the trial's real epoch (a continued trial's training_iteration restarts at 1).
+            if t.status == "TERMINATED" and last.get("epoch", 0) < self.planned_epochs:
                 early += 1
         elapsed = time.monotonic() - self._start
         best = f"{self.metric} {self._best:.4f} ({self._best_trial})" if self._best_trial else "-"
@@ -74,14 +75,35 @@ class ProgressLine(Callback):
                         **info: Any) -> None:
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and math.isfinite(value) and self._better(value):
-            self._best, self._best_trial = float(value), trial.trial_id
+            number = trial.config.get("study_trial")
+            self._best = float(value)
+            self._best_trial = f"t{number:03d}" if isinstance(number, int) else trial.trial_id
         self._show(trials)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._show(trials, force=True)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._event(trial, "failed")
         self._show(trials, force=True)
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._event(trial, "crashed; Ray retries it from its last checkpoint")
+
+    def _event(self, trial: Any, what: str) -> None:
+        """One line for a trial's failure: its reason and where the full traceback is."""
+        from .searcher import failure_reason
+
+        try:
+            reason = failure_reason(str(trial.get_error() or "")) or "no error text"
+        except Exception:  # noqa: BLE001 - an unreadable error file must not end the study
+            reason = "no error text"
+        number = trial.config.get("study_trial")
+        name = f"t{number:03d}" if isinstance(number, int) else trial.trial_id
+        if self._stream.isatty():
+            self._stream.write("\r\x1b[2K")
+        self._stream.write(f"trial {name} {what}: {reason} (traceback: {trial.path}/error.txt)\n")
+        self._stream.flush()
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self._show(trials, force=True)

@@ -1,15 +1,19 @@
 """``python -m tune.run --space FILE``: a Ray Tune + Optuna study over the SFT trainer.
 
-The driver validates the space, tokenises the dataset once (the on-disk token cache every trial
-memory-maps), opens one MLflow parent run, runs the Tuner (Optuna TPE, ASHA, retries, checkpoints
-kept by the metric) and finally writes ``<storage>/<name>/best.yaml``, a summary CSV and plots, and
-bounds the study's disk use. The same command works on a laptop and under ``ray job submit``.
+The driver validates the space, takes the study's lock, checks every input (data, tokenizer,
+``init_from``, storage, tracking) *before* Ray starts or anything is deleted, then runs one Ray
+experiment under the study folder (``runs/run-K``) whose searcher and scheduler read and write the
+study record (:mod:`tune.record`). At the end it writes ``best.yaml``, ``summary.csv`` and plots,
+brings the MLflow mirror up to date and bounds the study's disk use. ``--resume`` continues a study
+from its record; ``--restart`` replaces it, keeping the old one until the new one has a result.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as _dt
+import errno
 import logging
 import math
 import os
@@ -40,7 +44,7 @@ class StudyPaths:
 
     @property
     def local_dir(self) -> Path:
-        """Folder of the study on this machine (the driver's own outputs live here).
+        """Folder of the study on this machine (the record and the driver's outputs live here).
 
         For a URI storage (``s3://...``) a driver-local staging folder, uploaded to :attr:`uri` at the end.
         """
@@ -55,28 +59,664 @@ class StudyPaths:
     def uri(self) -> str:
         return f"{self.storage.rstrip('/')}/{self.name}"
 
+    @property
+    def runs_uri(self) -> str:
+        """Where Ray writes the trial folders (``<study>/runs``)."""
+        from .record import RUNS_DIR
+
+        return str(self.local_dir / RUNS_DIR) if self.is_local else f"{self.uri}/{RUNS_DIR}"
+
+
+class StudyError(RuntimeError):
+    """The study cannot start or continue as asked: one line for the user and an exit code (2: an
+    input or the command is wrong, 1: the study failed on the way, e.g. a full disk)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tune.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--space", required=True,
-                   help="space YAML: a path, or a bundled name such as sft.yaml")
+    p.add_argument("--space", help="space YAML: a path, or a bundled name such as sft.yaml (optional with "
+                                   "--resume: the study's own resolved space.yaml)")
     p.add_argument("--name", help="study name (default: the space file's stem)")
     p.add_argument("--storage-path", default=os.environ.get("MINIMIND_TUNE_STORAGE"),
                    help=f"folder or URI for study output (default: ./{DEFAULT_STORAGE})")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue a study: unfinished trials go on from their checkpoints, new ones "
+                           "fill up to num_samples; a finished study is summarised and synced again")
     mode.add_argument("--restart", action="store_true",
-                      help="delete an existing study of this name and start over")
-    p.add_argument("--num-samples", type=int, help="override tune.num_samples")
+                      help="replace an existing study of this name (it is kept until the new one has a result)")
+    p.add_argument("--num-samples", type=int, help="override tune.num_samples (on --resume: more trials)")
     p.add_argument("--max-concurrent", type=int, help="override tune.max_concurrent_trials")
+    p.add_argument("--time-budget-s", type=float,
+                   help="override tune.time_budget_s (seconds for the whole study, all runs; 0: none)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved space, resources and trial plan, then exit")
     p.add_argument("--ray-temp-dir", default=None, help="temp dir of a local Ray instance")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(message)s", stream=sys.stdout)
+    try:
+        return _main(args)
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except Exception as exc:
+        if not _disk_full(exc):
+            raise
+        print(f"error: the disk is full ({_first_line(exc)}); finished trials are kept: free space, then "
+              "continue with --resume", file=sys.stderr)
+        return 1
+
+
+def _main(args: argparse.Namespace) -> int:
+    # Heavy imports after argument parsing so `--help` is instant.
+    from .cluster import storage_problem
+    from .space import SpaceError, describe, load_space
+
+    storage = args.storage_path or str(DEFAULT_STORAGE)
+    if problem := storage_problem(storage):  # e.g. relative under `ray job submit`
+        raise StudyError(problem)
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    if args.space is None:
+        if not (args.resume and args.name):
+            raise StudyError("--space is required (only --resume --name NAME can take the study's own space)")
+        space: str | Path = StudyPaths(storage, args.name).local_dir / "space.yaml"
+        if not Path(space).is_file():
+            raise StudyError(f"--resume: no study {args.name!r} at {StudyPaths(storage, args.name).uri}")
+    else:
+        space = args.space
+    try:
+        spec = _apply_overrides(load_space(space), args)
+    except (SpaceError, FileNotFoundError) as exc:
+        raise StudyError(str(exc)) from exc
+    name = args.name or spec.source.stem
+    paths = StudyPaths(storage=storage, name=name)
+    if args.dry_run:
+        print(describe(spec))
+        print(f"study: {name}  output: {paths.uri}")
+        return 0
+    return _run_study(spec, paths, args)
+
+
+def _apply_overrides(spec: Any, args: argparse.Namespace) -> Any:
+    from .space import SpaceError
+
+    t = spec.tune
+    if args.num_samples is not None:
+        if args.num_samples < 1:
+            raise SpaceError(f"--num-samples={args.num_samples} is not allowed: expected an integer >= 1")
+        t = dataclasses.replace(t, num_samples=args.num_samples)
+    if args.max_concurrent is not None:
+        if args.max_concurrent < 1:
+            raise SpaceError(f"--max-concurrent={args.max_concurrent} is not allowed: expected an integer >= 1")
+        t = dataclasses.replace(t, max_concurrent_trials=args.max_concurrent)
+    if args.time_budget_s is not None:
+        if not math.isfinite(args.time_budget_s) or args.time_budget_s < 0:
+            raise SpaceError(f"--time-budget-s={args.time_budget_s} is not allowed: expected seconds >= 0 "
+                             "(0: no budget)")
+        t = dataclasses.replace(t, time_budget_s=args.time_budget_s or None)
+    return dataclasses.replace(spec, tune=t)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Before Ray: every input checked, nothing deleted.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    data: Any  # minimind_train.data.SFTData
+    tokenizer: Any
+    n_params: int
+    fingerprints: dict[str, str]
+    tracking_uri: str
+    seconds: float
+
+
+def _check_inputs(spec: Any, run_cfg: Any, paths: StudyPaths, address: str | None = None) -> _Inputs:
+    """Tokenise the data (the token cache, once per study), load the tokenizer and ``init_from``
+    (shape-checked against the model), and check storage and tracking; every problem is a StudyError."""
+    t0 = time.perf_counter()
+    _quiet_libraries()
+    import torch
+
+    from minimind_train.checkpoint import WeightMismatchError, load_minimind_weights
+    from minimind_train.data import DataError, prepare_data
+    from minimind_train.model import MiniMindForCausalLM, count_parameters, model_config_from
+    from minimind_train.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    from .cluster import file_sha256
+    from .mirror import TrackingError, check_tracking_server, resolve_tracking_uri
+
+    _check_storage(paths)
+    gpu = spec.tune.resources_per_trial.gpu
+    if gpu > 0 and not (address or os.environ.get("RAY_ADDRESS")) and torch.cuda.device_count() == 0:
+        raise StudyError(f"tune.resources_per_trial.gpu={gpu:g} is not allowed: this machine has no GPU that "
+                         "torch can use, and no Ray cluster was given (--address); set gpu: 0 to train "
+                         "on CPUs")
+    data_cfg = spec.run.data
+    try:
+        tokenizer = load_tokenizer(data_cfg.tokenizer)
+    except Exception as exc:
+        raise StudyError(f"data.tokenizer={data_cfg.tokenizer!r}: cannot be loaded as a tokenizer "
+                         f"({type(exc).__name__}: {exc})") from exc
+    try:
+        data = prepare_data(data_cfg, tokenizer)
+    except (DataError, FileNotFoundError, ValueError, UnicodeDecodeError) as exc:
+        raise StudyError(str(exc)) from exc
+    model_cfg = model_config_from(run_cfg.model, len(tokenizer))
+    with torch.device("meta"):  # shapes only: no memory, no init
+        n_params = count_parameters(MiniMindForCausalLM(model_cfg))
+    fingerprints = {"dataset": data.stats.cache_key, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    if data.stats.val_cache_key:
+        fingerprints["val_dataset"] = data.stats.val_cache_key
+    init_from = run_cfg.model.init_from
+    if init_from is not None:
+        try:
+            load_minimind_weights(MiniMindForCausalLM(model_cfg), init_from)
+        except WeightMismatchError as exc:
+            raise StudyError(f"model.init_from={init_from!r} does not fit the model: {exc}") from exc
+        except Exception as exc:
+            raise StudyError(f"model.init_from={init_from!r} is not a loadable torch state dict "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        fingerprints["model.init_from"] = file_sha256(Path(init_from))
+    tracking_uri = resolve_tracking_uri(spec.mlflow.tracking_uri, paths.local_dir)
+    try:
+        if tracking_uri.startswith("sqlite:///") and str(paths.local_dir) in tracking_uri:
+            pass  # the study's own store: created with the study folder
+        else:
+            check_tracking_server(tracking_uri)
+    except TrackingError as exc:
+        raise StudyError(f"mlflow.tracking_uri: {exc}") from exc
+    return _Inputs(data, tokenizer, n_params, fingerprints, tracking_uri, time.perf_counter() - t0)
+
+
+def _check_storage(paths: StudyPaths) -> None:
+    """The storage folder must be a folder we can write (a URI is probed by Ray's nodes later)."""
+    if not paths.is_local:
+        return
+    root = Path(paths.storage.removeprefix("file://"))
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StudyError(f"--storage-path={paths.storage}: {existing} is a file, not a folder")
+    # A real write, not os.access: root passes every permission check, and a read-only mount or a
+    # full disk only shows when something is written.
+    probe = existing / f".minimind-tune-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"x")
+    except OSError as exc:
+        raise StudyError(f"--storage-path={paths.storage}: cannot write in {existing} "
+                         f"({exc.strerror or exc})") from exc
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _quiet_libraries() -> None:
+    """Keep the driver's output to our progress line and tables."""
+    # MLflow's client retries a dead server 7 times with backoff (minutes); the mirror is only a
+    # copy of the record, so the driver gives up sooner and warns (tune.mirror.MirrorCallback).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # Ray's rich output ignores verbose=0; the legacy reporter honours it.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A failed trial is one line from tune.progress (its reason and where the traceback is), not
+    # Ray's full traceback on the driver's stderr; the trial folder keeps it (error.txt).
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    # Each epoch checkpoints, so Ray's "snapshotting too often" advice fires constantly and is moot.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import mlflow  # noqa: F401  (it configures its loggers on import; quieten them afterwards)
+    import optuna
+
+    for name in ("mlflow", "alembic", "optuna", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # After a Ctrl-C Ray advises `Tuner.restore(...)`: a study continues with --resume (printed by
+    # the driver), never from Ray's own saved state.
+    logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore" not in record.getMessage())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _reconcile(record: Any, spec: Any, inputs: _Inputs, explicit_space: bool) -> list[str]:
+    """Refuse a resume whose study definition changed; returns the run settings that changed."""
+    from .record import PATH_KEYS, RUN_SETTINGS, diff_specs
+    from .space import spec_to_dict
+
+    new = spec_to_dict(spec)
+    changed = diff_specs(record.manifest.spec, new)
+    old_prints, new_prints = record.manifest.fingerprints, inputs.fingerprints
+    for key in sorted(set(old_prints) | set(new_prints)):
+        if old_prints.get(key) != new_prints.get(key):
+            changed.append(f"{key} contents: {old_prints.get(key, '(none)')[:12]} -> "
+                           f"{new_prints.get(key, '(none)')[:12]}")
+    if changed:
+        where = "the space file" if explicit_space else "the study"
+        raise StudyError(
+            f"--resume refused: {where} defines another study than {record.dir} holds:\n  "
+            + "\n  ".join(changed)
+            + "\nresume with the study's own space (--resume --name NAME without --space), or start a "
+              "new study (--name NEW) for the changed one")
+    settings = diff_specs(record.manifest.spec, new, ignore=[k for k in _flat_keys(new)
+                                                              if k not in RUN_SETTINGS])
+    paths = diff_specs(record.manifest.spec, new, ignore=[k for k in _flat_keys(new) if k not in PATH_KEYS])
+    return settings + [f"{p} (same contents)" for p in paths]
+
+
+def _flat_keys(spec: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in spec.items():
+        if isinstance(value, dict) and key != "search":
+            out += _flat_keys(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The study.
+
+
+def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
+    from .record import RecordError, StudyLock, StudyRecord
+
+    study_dir = paths.local_dir
+    lock = StudyLock(study_dir)
+    try:
+        lock.acquire()
+    except RecordError as exc:
+        raise StudyError(str(exc)) from exc
+    try:
+        if not paths.is_local and (args.resume or args.restart):
+            from . import cluster
+
+            cluster.download_outputs(paths.uri, study_dir)
+        exists = study_dir.exists()
+        if exists and not StudyRecord.exists(study_dir) and not args.restart:
+            raise StudyError(f"{study_dir} exists but is not a study of this version of minimind-tune (no "
+                             "study.json); choose another --name, or --restart to replace it")
+        if exists and not (args.resume or args.restart):
+            raise StudyError(f"a study named {paths.name!r} already exists at {paths.uri}; pass --resume to "
+                             "continue it or --restart to replace it (or choose another --name)")
+        if args.resume and not exists:
+            raise StudyError(f"--resume: no study to resume at {paths.uri}")
+        record = None
+        if args.resume:
+            try:
+                record = StudyRecord.open(study_dir)
+            except RecordError as exc:
+                raise StudyError(str(exc)) from exc
+        cpu_share = spec.tune.resources_per_trial.cpu
+        run_cfg = dataclasses.replace(
+            spec.run, train=dataclasses.replace(spec.run.train, num_threads=max(1, int(cpu_share))))
+        print("checking inputs: tokenizer, data (tokenised once into the token cache), model, storage, "
+              "tracking ...", flush=True)
+        inputs = _check_inputs(spec, run_cfg, paths, args.address)
+        applied: list[str] = []
+        plans: list[Any] = []
+        if record is not None:
+            applied = _reconcile(record, spec, inputs, explicit_space=args.space is not None)
+            plans = _resume_plans(record, spec)
+            if not plans and record.finished_count() >= spec.tune.num_samples:
+                print(f"nothing to run: {record.finished_count()} of {spec.tune.num_samples} trials finished; "
+                      "summarising the study and bringing MLflow up to date")
+                return _finish(spec, paths, record, _make_mirror(spec, paths, run_cfg, inputs, record), "FINISHED")
+        return _start_ray_and_run(spec, paths, args, run_cfg, inputs, record, applied, plans)
+    finally:
+        lock.release()
+
+
+def _start_ray_and_run(spec: Any, paths: StudyPaths, args: argparse.Namespace, run_cfg: Any, inputs: _Inputs,
+                       record: Any, applied: list[str], plans: list[Any]) -> int:
+    import ray
+
+    from .record import RecordError, StudyRecord
+    from .space import SpaceError, check_resources, spec_to_dict, spec_to_yaml
+
+    print(f"data: {len(inputs.data.train):,} train / {len(inputs.data.val):,} val samples "
+          f"({inputs.seconds:.1f}s, cache {inputs.data.stats.cache_key[:12]}); "
+          f"model: {inputs.n_params:,} parameters", flush=True)
+    print("starting Ray ...", flush=True)
+    _init_ray(args)
+    try:
+        try:
+            check_resources(spec, ray.cluster_resources())
+        except SpaceError as exc:
+            raise StudyError(str(exc)) from exc
+        study_dir = paths.local_dir
+        aside = None
+        if args.restart and study_dir.exists():
+            # Every input is checked: only now is the old study moved aside, and it is deleted once
+            # the new study's first trial has reported (see _RestartCleanup).
+            aside = study_dir.with_name(f".{study_dir.name}.replaced-{_dt.datetime.now():%Y%m%d-%H%M%S}")
+            os.replace(study_dir, aside)
+            print(f"--restart: the old study is kept at {aside} until the new one has a result")
+        if record is None:
+            try:
+                record = StudyRecord.create(study_dir, paths.name, spec_to_dict(spec),
+                                            spec_to_yaml(spec, _space_header(spec, paths.name)),
+                                            inputs.fingerprints)
+            except (OSError, RecordError) as exc:
+                if aside is not None:
+                    shutil.rmtree(study_dir, ignore_errors=True)
+                    os.replace(aside, study_dir)
+                raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
+        else:
+            (study_dir / "space.yaml").write_text(spec_to_yaml(spec, _space_header(spec, paths.name)),
+                                                  encoding="utf-8")
+        try:
+            return _run_on_ray(spec, paths, run_cfg, inputs, record, applied, plans, aside)
+        finally:
+            if aside is not None and aside.exists():
+                if any(t.epochs for t in record.trials()):
+                    _delete_replaced(aside, study_dir, inputs.tracking_uri)
+                else:  # the new study never got a result: the old one comes back untouched
+                    shutil.rmtree(study_dir, ignore_errors=True)
+                    os.replace(aside, study_dir)
+                    print(f"--restart: no trial of the new study reported; the old study is back at "
+                          f"{study_dir}", file=sys.stderr)
+    finally:
+        if not paths.is_local:
+            _upload_outputs(paths.local_dir, paths.uri)
+        ray.shutdown()
+
+
+def _space_header(spec: Any, name: str) -> str:
+    return (f"Study {name}: the resolved space (absolute paths) from {spec.source}.\n"
+            f"Continue it with: python -m tune.run --resume --name {name} [--storage-path ...]")
+
+
+def _init_ray(args: argparse.Namespace) -> None:
+    """``ray.init``, retried once when a busy machine makes Ray's start time out (a fixed 30 s in Ray)."""
+    import ray
+
+    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["include_dashboard"] = False
+        if args.ray_temp_dir:
+            kwargs["_temp_dir"] = args.ray_temp_dir
+        # Trials run in a thread of a reused worker, and glibc gives each new thread its own malloc
+        # arena, which keeps its freed pages: one arena caps a trial worker's peak memory.
+        os.environ.setdefault("MALLOC_ARENA_MAX", "1")
+    for attempt in (1, 2):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as exc:
+            ray.shutdown()
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if attempt == 1 and not address and "timed out" in text:
+                print(f"Ray did not start ({text}); trying once more ...", file=sys.stderr, flush=True)
+                time.sleep(2)
+                continue
+            where = f"the Ray cluster at {address}" if address else "a local Ray"
+            hint = ("check the address and that the cluster is up (`ray status`)" if address else
+                    "the machine may be overloaded: retry when it is quieter, or start Ray once yourself "
+                    "(`ray start --head`) and pass --address auto")
+            raise StudyError(f"could not start {where}: {text}; {hint}") from exc
+
+
+def _run_on_ray(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs, record: Any, applied: list[str],
+                plans: list[Any], aside: Path | None) -> int:
+    from .progress import ProgressLine
+
+    t = spec.tune
+    finished = record.finished_count()
+    new = max(0, t.num_samples - finished - len(plans))
+    budget_left, used = _time_budget(record, t.time_budget_s)
+    run_index = record.next_run_index()
+    record.add_history({"run": run_index, "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                        "argv": sys.argv[1:], "num_samples": t.num_samples,
+                        "max_concurrent_trials": t.max_concurrent_trials, "time_budget_s": t.time_budget_s,
+                        "applied": applied})
+    for line in applied:
+        print(f"applied on resume: {line}")
+    if plans:
+        print(f"continuing {len(plans)} unfinished trial(s) from their checkpoints: "
+              + ", ".join(f"t{p.number:03d} (after epoch {_epoch_of(p)})" for p in plans))
+    if t.time_budget_s is not None:
+        print(f"time budget: {budget_left:.0f} s left of {t.time_budget_s:.0f} s "
+              f"({used:.0f} s used by earlier runs)")
+    to_run = len(plans) + new
+    mirror = _make_mirror(spec, paths, run_cfg, inputs, record)
+    if to_run == 0:
+        print(f"nothing to run: {finished} of {t.num_samples} trials finished")
+        return _finish(spec, paths, record, mirror, "FINISHED")
+    if budget_left is not None and budget_left <= 0:
+        raise StudyError(f"the study's time budget (tune.time_budget_s={t.time_budget_s:g}) is used up "
+                         f"({used:.0f} s); raise it with --time-budget-s to run the {to_run} remaining trial(s)")
+    started = time.monotonic()
+    from .mirror import MirrorCallback
+
+    searcher, scheduler, study_data = _make_searcher(spec, paths, run_cfg, inputs, record, plans)
+    callbacks = [ProgressLine(t.metric, t.mode, run_cfg.train.epochs, to_run),
+                 MirrorCallback(mirror, searcher.numbers)]
+    if aside is not None:
+        callbacks.append(_restart_cleanup(aside, paths.local_dir, inputs.tracking_uri))
+    tuner = _make_tuner(spec, paths, run_cfg, searcher, scheduler, study_data, callbacks, to_run, budget_left,
+                        run_index)
+    print(f"study {paths.name}: {to_run} trial(s) in run {run_index} ({len(plans)} continued, {new} new; "
+          f"{finished} finished before), {t.max_concurrent_trials} at a time, "
+          f"{t.resources_per_trial.cpu:g} CPU + {t.resources_per_trial.gpu:g} GPU each; output {paths.uri}; "
+          f"MLflow {inputs.tracking_uri}", flush=True)
+    status = "FAILED"
+    try:
+        interrupt = _InterruptWatch()
+        with interrupt:
+            tuner.fit()
+        status = "KILLED" if interrupt.seen else "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+    except Exception as exc:
+        if _disk_full(exc):  # (unfinished trials stay "running" in the record: --resume continues them)
+            raise StudyError(f"the disk holding {paths.local_dir} is full ({_first_line(exc)}); finished "
+                             "trials are kept: free space, then continue with --resume", code=1) from exc
+        raise
+    finally:
+        try:
+            record.add_history({"run": run_index, "seconds": round(time.monotonic() - started, 1)})
+        except OSError as exc:  # a full disk: the run's length is lost, nothing else
+            log.debug("could not record the run's length: %s", exc)
+    if status == "KILLED":
+        _close_unfinished(record, "interrupted")
+        _safe_mirror(lambda: mirror.finish("KILLED", best=None, best_value=None, best_epoch=None, artifacts={}))
+        print(f"\ninterrupted: continue with python -m tune.run --resume --name {paths.name} "
+              f"--storage-path {paths.storage}", file=sys.stderr)
+        return 130
+    return _finish(spec, paths, record, mirror, "FINISHED")
+
+
+def _epoch_of(plan: Any) -> int:
+    from minimind_train.checkpoint import read_meta
+
+    try:
+        return int(read_meta(plan.checkpoints[0])["epoch"]) if plan.checkpoints else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _resume_plans(record: Any, spec: Any) -> list[Any]:
+    """Unfinished trials of the record, each with its checkpoints newest first.
+
+    An epoch whose checkpoint is on disk but whose result never reached the record (Ray was
+    shutting down, the driver was killed) is recorded from the checkpoint's own metrics, so it is
+    not trained again.
+    """
+    from .record import iter_metas
+    from .searcher import ResumePlan
+
+    plans = []
+    for t in record.unfinished():
+        checkpoints = record.checkpoints(t.number)
+        for epoch, meta in iter_metas(checkpoints):
+            metrics = dict(meta.get("metrics") or {})
+            if metrics:
+                record.record_epoch(t.number, epoch, metrics, spec.tune.metric)
+        done = max(record.trial(t.number).epochs, default=0)
+        if done >= spec.run.train.epochs:  # it had finished: only its end was not recorded
+            record.finish(t.number, "completed", spec.tune.metric, spec.tune.mode)
+            continue
+        ordered = [str(checkpoints[e]) for e in sorted(checkpoints, reverse=True)]
+        plans.append(ResumePlan(number=t.number, params=t.params, checkpoints=tuple(ordered)))
+    return plans
+
+
+def _time_budget(record: Any, budget: float | None) -> tuple[float | None, float]:
+    used = sum(float(h.get("seconds", 0.0)) for h in record.manifest.history)
+    if budget is None:
+        return None, used
+    return budget - used, used
+
+
+def _close_unfinished(record: Any, status: str) -> None:
+    for t in record.unfinished():
+        if t.status == "running":
+            record.set_status(t.number, status)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen) or "database or disk is full" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+
+
+def _delete_replaced(aside: Path, study_dir: Path, tracking_uri: str) -> None:
+    """Delete the study ``--restart`` replaced: its folder, and its runs in a store outside it."""
+    from .mirror import delete_study_runs, sqlite_db_path
+    from .record import Manifest
+
+    if not aside.exists():
+        return
+    try:
+        old_id: str | None = Manifest.from_json((aside / "study.json").read_text(encoding="utf-8"), aside).study_id
+    except (OSError, RuntimeError):
+        old_id = None  # not a study of this version: none of its runs carries a study id
+    db = sqlite_db_path(tracking_uri)
+    own_store = db is not None and db.parent == study_dir  # the old runs went aside with the folder
+    if old_id is not None and not own_store:
+        _safe_mirror(lambda: delete_study_runs(tracking_uri, old_id))
+    shutil.rmtree(aside, ignore_errors=True)
+    print(f"--restart: the new study has a result; deleted the old one ({aside})")
+
+
+def _restart_cleanup(aside: Path, study_dir: Path, tracking_uri: str) -> Any:
+    """A Tune callback deleting the study ``--restart`` replaced, once the new one's first trial reported."""
+    from ray.tune import Callback
+
+    class RestartCleanup(Callback):
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            _delete_replaced(aside, study_dir, tracking_uri)
+
+    return RestartCleanup()
+
+
+def _make_mirror(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs, record: Any) -> Any:
+    from minimind_train.config import run_config_to_dict
+
+    from .mirror import Mirror
+
+    searched = {p.path for p in spec.search}
+    fixed = {f"{sec}.{k}": v for sec, vals in run_config_to_dict(run_cfg).items() for k, v in vals.items()
+             if f"{sec}.{k}" not in searched}
+    t = spec.tune
+    settings = {"searcher": t.searcher, "seed": t.seed, "num_samples": t.num_samples, "metric": t.metric,
+                "mode": t.mode, "scheduler": t.scheduler.type, "scheduler.grace_period": t.scheduler.grace_period,
+                "scheduler.reduction_factor": t.scheduler.reduction_factor,
+                "resources.cpu": t.resources_per_trial.cpu, "resources.gpu": t.resources_per_trial.gpu}
+    tags = {"git_commit": _git_commit(), "dataset_fingerprint": inputs.fingerprints["dataset"],
+            "tokenizer": spec.run.data.tokenizer or "bundled",
+            "tokenizer_fingerprint": inputs.fingerprints["tokenizer"], "model_parameters": str(inputs.n_params)}
+    return Mirror(inputs.tracking_uri, spec.mlflow.experiment, record, fixed_params=fixed, settings=settings,
+                  tags=tags)
+
+
+def _make_searcher(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs, record: Any,
+                   plans: list[Any]) -> tuple[Any, Any, Any]:
+    from . import cluster
+    from .searcher import RecordScheduler, RecordSearcher, make_pruner, make_sampler
+    from .space import optuna_distributions
+
+    t = spec.tune
+    # A multi-node cluster: every trial node must see the storage; data it cannot read is shipped.
+    driver_node = cluster.driver_node_id()
+    nodes = cluster.trial_nodes(t.resources_per_trial.cpu, t.resources_per_trial.gpu)
+    try:
+        cluster.check_storage(paths.storage, nodes, driver_node)
+        study_data = cluster.study_data(inputs.data, run_cfg, nodes, driver_node)
+    except cluster.ClusterError as exc:
+        raise StudyError(str(exc)) from exc
+    record.use(sampler=make_sampler(t.searcher, t.seed, t.num_samples, offset=len(record.trials())))
+    searcher = RecordSearcher(record, optuna_distributions(spec), t.metric, t.mode, run_cfg.train.epochs, plans)
+    scheduler = RecordScheduler(searcher, make_pruner(t.scheduler.type, t.scheduler.grace_period,
+                                                      t.scheduler.reduction_factor))
+    return searcher, scheduler, study_data
+
+
+def _make_tuner(spec: Any, paths: StudyPaths, run_cfg: Any, searcher: Any, scheduler: Any, study_data: Any,
+                callbacks: list[Any], to_run: int, budget_left: float | None, run_index: int) -> Any:
+    from ray import tune
+
+    from minimind_train.config import run_config_to_dict
+
+    from .trainable import train_trial
+
+    t = spec.tune
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), metric=t.metric,
+                             gpu_share=t.resources_per_trial.gpu, data=study_data,
+                             runs_dir=paths.runs_uri if paths.is_local else None),
+        t.resources_per_trial.as_dict(),
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=t.metric, mode=t.mode, search_alg=searcher, scheduler=scheduler, num_samples=to_run,
+            max_concurrent_trials=t.max_concurrent_trials, time_budget_s=budget_left, reuse_actors=True,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=f"run-{run_index}",
+            storage_path=paths.runs_uri,
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=t.max_failures),
+            # Ray keeps the best keep_checkpoints by the objective and always the latest, which is
+            # what a resumed trial continues from.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints,
+                                                    checkpoint_score_attribute=t.metric,
+                                                    checkpoint_score_order=t.mode),
+            verbose=0,
+        ),
+    )
+
+
+def _trial_dirname(trial: Any) -> str:
+    from .record import trial_dirname
+    from .searcher import NUMBER_KEY
+
+    return trial_dirname(int(trial.config[NUMBER_KEY]))
 
 
 def _git_commit() -> str:
@@ -96,348 +736,75 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _flat_config(cfg: Any) -> dict[str, Any]:
-    from minimind_train.config import run_config_to_dict
-
-    return {f"{sec}.{k}": v for sec, vals in run_config_to_dict(cfg).items() for k, v in vals.items()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(message)s", stream=sys.stdout)
-    # Heavy imports after argument parsing so `--help` is instant.
-    from .space import SpaceError, describe, load_space
-
+def _safe_mirror(call: Any) -> bool:
+    """Run a mirror call; a tracking failure is a warning, never the study's failure."""
     try:
-        spec = load_space(args.space)
-    except (SpaceError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    spec = _apply_overrides(spec, args)
-    name = args.name or spec.source.stem
-    storage = args.storage_path or str(DEFAULT_STORAGE)
-    from .cluster import storage_problem
-
-    if problem := storage_problem(storage):  # e.g. relative under `ray job submit`
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    paths = StudyPaths(storage=storage, name=name)
-    if args.dry_run:
-        print(describe(spec))
-        print(f"study: {name}  output: {paths.uri}")
-        return 0
-    return _run_study(spec, paths, args)
+        call()
+        return True
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; none may fail the study
+        print(f"warning: MLflow was not updated ({_first_line(exc)}); the study's record is complete: "
+              "`python -m tune.mirror <study dir>` or --resume catches MLflow up later", file=sys.stderr)
+        return False
 
 
-def _apply_overrides(spec: Any, args: argparse.Namespace) -> Any:
-    t = spec.tune
-    if args.num_samples is not None:
-        if args.num_samples < 1:
-            raise SystemExit(f"error: --num-samples={args.num_samples} must be >= 1")
-        t = dataclasses.replace(t, num_samples=args.num_samples)
-    if args.max_concurrent is not None:
-        if args.max_concurrent < 1:
-            raise SystemExit(f"error: --max-concurrent={args.max_concurrent} must be >= 1")
-        t = dataclasses.replace(t, max_concurrent_trials=args.max_concurrent)
-    return dataclasses.replace(spec, tune=t)
-
-
-def _quiet_libraries() -> None:
-    """Keep the driver's output to our progress line and tables."""
-    # Ray's rich output ignores verbose=0; the legacy reporter honours it.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Each epoch checkpoints, so Ray's "snapshotting too often" advice fires constantly and is moot.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import mlflow  # noqa: F401  (it configures its loggers on import; quieten them afterwards)
-    import optuna
-
-    for name in ("mlflow", "alembic", "optuna", "ray.tune", "ray.train"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def trial_dirname(trial: Any) -> str:
-    """Short trial folder names (Ray's default embeds every parameter and a timestamp)."""
-    return f"trial_{trial.trial_id}"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Prepared:
-    data: Any  # minimind_train.data.SFTData
-    tokenizer: Any
-    n_params: int
-    seconds: float
-    tracking_uri: str
-
-
-class _PrepareError(RuntimeError):
-    """A problem with the data, tokenizer or MLflow store found before any trial: exit 2."""
-
-
-def _prepare(spec: Any, run_cfg: Any, study_dir: Path) -> _Prepared:
-    """Tokenise the dataset into the token cache (once per study), size the model, and open the
-    MLflow store (creating a sqlite one runs its schema migrations: over a second)."""
-    t0 = time.perf_counter()
-    _quiet_libraries()
-    import torch
-
-    from minimind_train.data import DataError, prepare_data
-    from minimind_train.model import MiniMindForCausalLM, count_parameters, model_config_from
-    from minimind_train.tokenizer import load_tokenizer
-
-    from . import tracking
-
-    try:
-        tokenizer = load_tokenizer(spec.run.data.tokenizer)
-        data = prepare_data(spec.run.data, tokenizer)
-        with torch.device("meta"):  # shapes only: no memory, no init
-            n_params = count_parameters(MiniMindForCausalLM(model_config_from(run_cfg.model, len(tokenizer))))
-        seconds = time.perf_counter() - t0
-        study_dir.mkdir(parents=True, exist_ok=True)
-        tracking_uri = tracking.resolve_tracking_uri(spec.mlflow.tracking_uri, study_dir)
-        tracking.check_tracking_server(tracking_uri)
-    except (DataError, FileNotFoundError, ValueError, tracking.TrackingError) as exc:
-        raise _PrepareError(str(exc)) from exc
-    return _Prepared(data, tokenizer, n_params, seconds, tracking_uri)
-
-
-def _ray_init_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    init_kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-    if address:
-        init_kwargs["address"] = address
-        return init_kwargs
-    init_kwargs.update(include_dashboard=False)
-    if args.ray_temp_dir:
-        init_kwargs["_temp_dir"] = args.ray_temp_dir
-    # The local Ray's processes inherit this environment. Trials run in a thread of a reused
-    # worker, and glibc gives each new thread its own malloc arena, which keeps its freed pages:
-    # one arena caps a trial worker's peak private memory (~575 -> ~435 MB with sft.yaml, at the
-    # same speed). On a cluster, set it where `ray start` runs.
-    os.environ.setdefault("MALLOC_ARENA_MAX", "1")
-    return init_kwargs
-
-
-def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
-    from ray import tune
-
-    from . import cluster
-
-    study_dir = paths.local_dir
-    exists = tune.Tuner.can_restore(paths.uri)
-    if exists and not (args.resume or args.restart):
-        print(f"error: a study named {paths.name!r} already exists at {paths.uri}; "
-              "pass --resume to continue it or --restart to discard it and start over",
-              file=sys.stderr)
-        return 2
-    if args.resume and not exists:
-        print(f"error: --resume: no study to resume at {paths.uri}", file=sys.stderr)
-        return 2
-    if args.restart and paths.is_local and study_dir.exists():
-        shutil.rmtree(study_dir)
-    if not paths.is_local:
-        if args.restart:
-            cluster.delete_uri_dir(paths.uri)
-            shutil.rmtree(study_dir, ignore_errors=True)
-        elif args.resume:  # the MLflow db of the driver that ran it before
-            cluster.download_outputs(paths.uri, study_dir)
-
-    cpu_share = spec.tune.resources_per_trial.cpu
-    run_cfg = dataclasses.replace(
-        spec.run, train=dataclasses.replace(spec.run.train, num_threads=max(1, int(cpu_share))))
-    created = not study_dir.exists()
-    rc = _start_and_run(spec, paths, args, run_cfg)
-    if rc == 2 and created and paths.is_local:  # refused before any trial: leave no study behind
-        shutil.rmtree(study_dir, ignore_errors=True)
-    return rc
-
-
-def _start_and_run(spec: Any, paths: StudyPaths, args: argparse.Namespace, run_cfg: Any) -> int:
-    import ray
-
-    study_dir = paths.local_dir
-    # The dataset is tokenised (or its cache found) and the MLflow store opened in a thread while
-    # Ray's processes start: the tokenizer's and MLflow's imports, a new sqlite store and ray.init
-    # each take a second or more of a study's start. The token cache is still built once, here,
-    # before any trial.
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
-        prepared = pool.submit(_prepare, spec, run_cfg, study_dir)
-        ray.init(**_ray_init_kwargs(args))
-        try:
-            prep = prepared.result()
-        except _PrepareError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            ray.shutdown()
-            return 2
-        except BaseException:
-            ray.shutdown()
-            raise
-    try:
-        return _run_on_ray(spec, paths, args, run_cfg, prep)
-    finally:
-        if not paths.is_local:
-            _upload_outputs(study_dir, paths.uri)
-        ray.shutdown()
-
-
-def _run_on_ray(spec: Any, paths: StudyPaths, args: argparse.Namespace, run_cfg: Any, prep: _Prepared) -> int:
-    import ray
-    from ray import tune
-
-    from minimind_train.tokenizer import tokenizer_fingerprint
-
-    from . import cluster, tracking
-    from .ledger import EndedLedger
-    from .progress import ProgressLine
+def _finish(spec: Any, paths: StudyPaths, record: Any, mirror: Any, status: str) -> int:
+    """best.yaml, summary.csv, plots, the MLflow mirror and disk bounds, from the record."""
+    from .plots import plot_study
     from .report import (
         dir_bytes,
         format_table,
         prune_resume_state,
-        remove_lost_trials,
         summarize_trials,
         write_best_yaml,
         write_summary_csv,
     )
-    from .space import SpaceError, check_resources
-    from .trainable import train_trial
 
+    t = spec.tune
     study_dir = paths.local_dir
-    data, tokenizer, n_params = prep.data, prep.tokenizer, prep.n_params
-    cpu_share = spec.tune.resources_per_trial.cpu
-    gpu_share = spec.tune.resources_per_trial.gpu
-    print(f"data: {len(data.train):,} train / {len(data.val):,} val samples "
-          f"({prep.seconds:.1f}s, cache {data.stats.cache_key[:12]}); model: {n_params:,} parameters")
-    try:
-        check_resources(spec, ray.cluster_resources())
-    except SpaceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    # A multi-node cluster: every trial node must see the storage; data it cannot read is shipped.
-    driver_node = cluster.driver_node_id()
-    nodes = cluster.trial_nodes(cpu_share, gpu_share)
-    try:
-        cluster.check_storage(paths.storage, nodes, driver_node)
-        study_data = cluster.study_data(data, run_cfg, nodes, driver_node)
-    except cluster.ClusterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    tracking_uri = prep.tracking_uri
-    tracker = tracking.StudyTracker(tracking_uri)
-    param_keys = [p.path for p in spec.search]
-    try:
-        parent_id = tracker.start(
-            study_name=paths.name,
-            experiment=spec.mlflow.experiment,
-            fixed_params={k: v for k, v in _flat_config(run_cfg).items() if k not in param_keys},
-            settings=_settings(spec),
-            space_text=spec.text,
-            tags={
-                "minimind.study": paths.name,
-                "git_commit": _git_commit(),
-                "dataset_fingerprint": data.stats.cache_key,
-                "tokenizer": spec.run.data.tokenizer or "bundled",
-                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                "model_parameters": str(n_params),
-            },
-            resume=args.resume,
-            restart=args.restart,
-        )
-    except tracking.TrackingError as exc:  # e.g. the study's runs exist in a shared store
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    callbacks = [
-        # First: a trial's end is on record in the storage before anything else reports it.
-        EndedLedger(spec.tune.keep_checkpoints, spec.tune.metric, spec.tune.mode),
-        ProgressLine(spec.tune.metric, spec.tune.mode, run_cfg.train.epochs, spec.tune.num_samples),
-        tracker.trial_callback(parent_id, param_keys=param_keys,
-                               planned_epochs=run_cfg.train.epochs),
-    ]
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=_dict(run_cfg), gpu_share=gpu_share, data=study_data,
-                             study_uri=paths.uri),
-        {"cpu": cpu_share, "gpu": gpu_share},
-    )
-    tuner = _make_tuner(spec, paths, trainable, callbacks, args.resume)
-    print(f"study {paths.name}: {spec.tune.num_samples} trials, {spec.tune.max_concurrent_trials} at a "
-          f"time, {cpu_share} CPU + {gpu_share} GPU each; output {paths.uri}; MLflow {tracking_uri}")
-    status = "FAILED"
-    try:
-        interrupt = _InterruptWatch()
-        with interrupt:
-            grid = tuner.fit()
-        if interrupt.seen:
-            # Ray caught the Ctrl-C itself: it saved the experiment and returned a partial grid.
-            # Ranking that as the study's result (and pruning resume state) would ruin --resume.
-            raise KeyboardInterrupt
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        print("\ninterrupted: resume with --resume", file=sys.stderr)
-        tracker.finish("KILLED", best=None, artifacts={})
-        return 130
-    finally:
-        if status == "FAILED":
-            tracker.finish("FAILED", best=None, artifacts={})
-
-    results = [grid[i] for i in range(len(grid))]
-    summaries = summarize_trials(results, spec, params_of=lambda c: _searched(c, param_keys))
+    summaries = summarize_trials(record, t.metric, t.mode)
     print()
-    print(format_table(summaries, spec.tune.metric))
-    completed = [s for s in summaries if s.status != "failed" and math.isfinite(s.best_value)]
+    print(format_table(summaries, t.metric))
+    eligible = [s for s in summaries if s.status == "completed" and math.isfinite(s.best_value)]
+    eligible = eligible or [s for s in summaries if s.status == "stopped_early" and math.isfinite(s.best_value)]
     artifacts: dict[str, Path] = {}
-    best_info = None
-    if completed:
-        best = completed[0]
-        best_yaml = write_best_yaml(study_dir / "best.yaml", spec, best)
-        artifacts["best.yaml"] = best_yaml
+    best = eligible[0] if eligible else None
+    if best is not None:
+        artifacts["best.yaml"] = write_best_yaml(study_dir / "best.yaml", spec, best)
         if best.checkpoint is not None:
             artifacts["best/model.pth"] = best.checkpoint / "model.pth"
-            if not paths.is_local:  # in the bucket: MLflow logs a local copy
-                artifacts["best/model.pth"] = cluster.fetch_file(
-                    paths.uri, best.checkpoint / "model.pth", study_dir / "best" / "model.pth")
-        best_info = {"trial_id": best.trial_id, "metric": spec.tune.metric, "value": best.best_value,
-                     "epoch": best.best_epoch, "params": best.params}
-    summary_csv = write_summary_csv(study_dir / "summary.csv", summaries, spec.tune.metric)
-    # Nothing below needs Ray: it shuts down (a second or more) while the plots render.
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .plots import plot_study
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots") as pool:
-        plotting = pool.submit(plot_study, _optuna_study(spec, summaries),
-                               {s.trial_id: s.curve for s in summaries}, study_dir / "plots")
-        if paths.is_local:  # a URI storage uploads the driver's outputs first (no Ray needed either)
-            ray.shutdown()
-        plots = plotting.result()
+    artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric)
+    plots = plot_study(record.study, {s.trial_id: s.curve for s in summaries}, study_dir / "plots",
+                       best_trial=best.trial_id if best else None, metric_name=t.metric)
     artifacts.update({f"plots/{p.name}": p for p in plots.values()})
-    tracker.finish("FINISHED" if completed else "FAILED", best=best_info, artifacts=artifacts,
-                   summary_csv=summary_csv)
-    freed = prune_resume_state(summaries, spec.tune.keep_top_trials)
-    if paths.is_local:
-        lost = remove_lost_trials(study_dir, summaries)
-        if lost:
-            print(f"removed {_human_bytes(lost)} of trial folders lost with an earlier killed driver")
+    best_record = record.trial(best.number) if best is not None else None
+    _safe_mirror(lambda: mirror.finish(status if best is not None else "FAILED", best=best_record,
+                                       best_value=best.best_value if best else None,
+                                       best_epoch=best.best_epoch if best else None, artifacts=artifacts))
+    freed = prune_resume_state(record, summaries, t.keep_top_trials)
     print()
-    if completed:
-        print(f"best: trial {best.trial_id}  {spec.tune.metric} {best.best_value:.4f} "
-              f"(epoch {best.best_epoch})")
+    unfinished = [s for s in summaries if s.status in ("interrupted", "running", "failed")]
+    if best is not None:
+        print(f"best: trial {best.trial_id}  {t.metric} {best.best_value:.4f} (epoch {best.best_epoch})")
         for k, v in best.params.items():
             print(f"  {k}: {v}")
         print(f"best config: {study_dir / 'best.yaml'}")
         if best.checkpoint is not None:
-            where = best.checkpoint / "model.pth"
-            print(f"best fp16 checkpoint: {where if paths.is_local else artifacts['best/model.pth']}")
+            print(f"best fp16 checkpoint: {best.checkpoint / 'model.pth'}")
     print(f"disk: {_human_bytes(dir_bytes(study_dir))} in {study_dir} "
-          f"({_human_bytes(freed)} of resume state pruned; top {spec.tune.keep_top_trials} trials keep theirs)")
-    print(f"compare trials: python -m tune.ui --tracking-uri {tracking_uri}")
-    if not completed:
+          f"({_human_bytes(freed)} of resume state pruned; top {t.keep_top_trials} trials keep theirs)")
+    print(f"compare trials: python -m tune.ui --tracking-uri {mirror.tracking_uri}")
+    if unfinished:
+        print(f"{len(unfinished)} trial(s) unfinished ({', '.join(s.trial_id for s in unfinished)}): "
+              f"--resume continues them", file=sys.stderr)
+        for s in unfinished:
+            if s.error:
+                print(f"  {s.trial_id}: {s.status}: {s.error}", file=sys.stderr)
+    full = [s for s in unfinished if "No space left on device" in s.error or "disk is full" in s.error]
+    if full:
+        print(f"error: the disk holding {study_dir} is full: {len(full)} trial(s) could not save "
+              "(finished trials are kept); free space, then continue with --resume", file=sys.stderr)
+        return 1
+    if best is None:
         print("error: no trial completed:", file=sys.stderr)
         for s in summaries:
             print(f"  {s.trial_id}: {s.status} {s.error}", file=sys.stderr)
@@ -446,7 +813,7 @@ def _run_on_ray(spec: Any, paths: StudyPaths, args: argparse.Namespace, run_cfg:
 
 
 def _upload_outputs(study_dir: Path, uri: str) -> None:
-    """Copy the driver's own outputs (best.yaml, summary, plots, sqlite MLflow) next to the trials."""
+    """Copy the driver's own outputs (the record, best.yaml, summary, plots, MLflow) next to the trials."""
     from .cluster import upload_outputs
 
     try:
@@ -459,8 +826,7 @@ def _upload_outputs(study_dir: Path, uri: str) -> None:
 class _InterruptWatch:
     """Whether Ray Tune's own SIGINT/SIGUSR1 handler fired during ``Tuner.fit()``.
 
-    On the first Ctrl-C Ray checkpoints the experiment, stops the trials (marking them TERMINATED)
-    and returns from ``fit()`` normally, logging "resume with Tuner.restore(...)"; nothing in the
+    On the first Ctrl-C Ray stops the trials and returns from ``fit()`` normally; nothing in the
     returned grid says so. Its handler then puts back the handler it found, so a sentinel installed
     here before ``fit()`` and found again afterwards means exactly that the interrupt happened.
     """
@@ -485,122 +851,6 @@ class _InterruptWatch:
         if self._active:
             self.seen = exc[0] is None and signal.getsignal(signal.SIGINT) is self._sentinel
             signal.signal(signal.SIGINT, self._previous)
-
-
-def _dict(cfg: Any) -> dict[str, Any]:
-    from minimind_train.config import run_config_to_dict
-
-    return run_config_to_dict(cfg)
-
-
-def _searched(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:
-    from .trainable import flatten_params
-
-    flat = flatten_params(config)
-    return {k: flat[k] for k in keys if k in flat}
-
-
-def _settings(spec: Any) -> dict[str, Any]:
-    t = spec.tune
-    return {
-        "searcher": t.searcher, "seed": t.seed, "num_samples": t.num_samples,
-        "max_concurrent_trials": t.max_concurrent_trials, "metric": t.metric, "mode": t.mode,
-        "scheduler": t.scheduler.type, "scheduler.grace_period": t.scheduler.grace_period,
-        "scheduler.reduction_factor": t.scheduler.reduction_factor, "scheduler.max_t": t.scheduler.max_t,
-        "resources.cpu": t.resources_per_trial.cpu, "resources.gpu": t.resources_per_trial.gpu,
-        "time_budget_s": t.time_budget_s, "max_failures": t.max_failures,
-    }
-
-
-def _make_tuner(spec: Any, paths: StudyPaths, trainable: Any, callbacks: list[Any], resume: bool) -> Any:
-    from ray import tune
-
-    from .ledger import (
-        SnapshottingASHAScheduler,
-        SnapshottingFIFOScheduler,
-        keep_tuner_backup,
-        repair_saved_state,
-    )
-
-    if paths.is_local:
-        # Ray saves its experiment state (what --resume reads) every ~10 s, or when a trial has
-        # made num_to_keep checkpoints; with retention left to EndedLedger the second never fires.
-        # Once a second bounds what a killed driver loses (a trial's start or end) at the price of a
-        # small JSON and pickle write; a bucket keeps Ray's pace (each save re-uploads every file).
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    from .searcher import make_searcher
-    from .space import ray_search_space
-
-    if resume:
-        if paths.is_local:  # (a bucket's objects are written whole)
-            for done in repair_saved_state(paths.local_dir):
-                print(f"warning: {done}", file=sys.stderr)
-        tuner = tune.Tuner.restore(paths.uri, trainable=trainable, resume_errored=True)
-        if paths.is_local:
-            keep_tuner_backup(paths.local_dir)
-        # Ray restores the pickled RunConfig; there is no public way to hand it fresh callbacks, and
-        # the pickled ones hold the previous process's clock and clients.
-        tuner._local_tuner.get_run_config().callbacks = callbacks
-        return tuner
-    t = spec.tune
-    if t.scheduler.type == "asha":
-        scheduler = SnapshottingASHAScheduler(time_attr="training_iteration", max_t=t.scheduler.max_t,
-                                              grace_period=t.scheduler.grace_period,
-                                              reduction_factor=t.scheduler.reduction_factor)
-    else:
-        scheduler = SnapshottingFIFOScheduler()
-    searcher = make_searcher(spec)
-    param_space = ray_search_space(spec) if t.searcher == "random" else {}
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            metric=t.metric, mode=t.mode, search_alg=searcher, scheduler=scheduler,
-            num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent_trials,
-            time_budget_s=t.time_budget_s, reuse_actors=True, trial_dirname_creator=trial_dirname,
-        ),
-        run_config=tune.RunConfig(
-            name=paths.name,
-            storage_path=paths.storage,
-            callbacks=callbacks,
-            failure_config=tune.FailureConfig(max_failures=t.max_failures),
-            # No deletions by Ray: see tune.ledger.EndedLedger, which applies keep_checkpoints.
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=None, checkpoint_score_attribute=t.metric, checkpoint_score_order=t.mode),
-            verbose=0,
-        ),
-    )
-    if paths.is_local:  # Tuner() wrote tuner.pkl; a kill can later cut Ray's in-place rewrites of it
-        keep_tuner_backup(paths.local_dir)
-    return tuner
-
-
-def _optuna_study(spec: Any, summaries: list[Any]) -> Any:
-    """An Optuna study rebuilt from the trial results (survives --resume, unlike searcher internals)."""
-    import optuna
-
-    from .space import optuna_distributions
-
-    dists = optuna_distributions(spec)
-    study = optuna.create_study(direction="minimize" if spec.tune.mode == "min" else "maximize")
-    for s in summaries:
-        params = {k: v for k, v in s.params.items() if k in dists}
-        if len(params) != len(dists):
-            continue
-        finite = {e: v for e, v in s.curve if math.isfinite(v)}
-        if s.status == "failed" or not finite:
-            state, value = optuna.trial.TrialState.FAIL, None
-        elif s.status == "stopped_early":
-            state, value = optuna.trial.TrialState.PRUNED, None
-        else:
-            state, value = optuna.trial.TrialState.COMPLETE, s.best_value
-        try:
-            study.add_trial(optuna.trial.create_trial(
-                state=state, value=value, params=params, distributions=dists,
-                intermediate_values=finite, user_attrs={"trial_id": s.trial_id}))
-        except ValueError as exc:
-            log.warning("trial %s left out of the Optuna summary: %s", s.trial_id, exc)
-    return study
 
 
 if __name__ == "__main__":

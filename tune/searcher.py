@@ -1,58 +1,179 @@
-"""Searchers: Optuna TPE that knows early-stopped trials from finished ones, and seeded random search."""
+"""Ray's searcher and scheduler over the study record: Optuna chooses, prunes and remembers.
+
+:class:`RecordSearcher` is a Ray Tune ``Searcher`` that asks Optuna (ask-and-tell, TPE or random
+sampler) for each new trial and, first, hands out the record's unfinished trials so that they continue
+from their checkpoints. :class:`RecordScheduler` is a FIFO scheduler that writes every result to the
+record *before* deciding, and stops a trial when Optuna's ``SuccessiveHalvingPruner`` (ASHA, Li et al.
+2018, "A System for Massively Parallel Hyperparameter Tuning") says so. Because rungs and values
+live in the record, a resumed study keeps its ASHA history, and a stopped trial's curve in Optuna
+ends with the value it was stopped on.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
-from ray.tune.search import BasicVariantGenerator, Searcher
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 
-from .space import StudySpec, optuna_distributions
+from .record import StudyRecord
 
-__all__ = ["PruningAwareOptunaSearch", "make_searcher"]
+__all__ = ["RecordScheduler", "RecordSearcher", "ResumePlan", "failure_reason", "make_pruner", "make_sampler"]
 
 log = logging.getLogger(__name__)
 
+# Keys of a trial's Ray config besides the searched values (see tune.trainable.train_trial).
+NUMBER_KEY = "study_trial"
+PARAMS_KEY = "params"
 
-class PruningAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna ``PRUNED`` for trials that ended before their last epoch.
 
-    Ray hands ASHA-stopped trials to the searcher as ordinary completions, so stock OptunaSearch
-    records them as COMPLETE with a 1-epoch loss as the final value, and TPE then models a short
-    trial as a finished one. Intermediate values are already reported per epoch, so PRUNED keeps
-    the curve and lets TPE treat the trial as the partial evidence it is.
+@dataclass(frozen=True)
+class ResumePlan:
+    """An unfinished trial to continue: its number, params, and its whole checkpoints, newest first
+    (the trainable finds them itself; the driver says where each trial continues)."""
+
+    number: int
+    params: dict[str, Any]
+    checkpoints: tuple[str, ...]
+
+
+def make_sampler(kind: str, seed: int, num_samples: int, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE (``optuna``) or ``random``. ``offset`` (trials already in the record) shifts the seed, so a
+    resumed study does not draw its first run's values again."""
+    seed = seed + offset
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, max(1, num_samples // 3)))
+
+
+def make_pruner(kind: str, grace_period: int, reduction_factor: int) -> optuna.pruners.BasePruner:
+    """ASHA as Optuna's SuccessiveHalvingPruner (rungs at grace_period * reduction_factor**k epochs)."""
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=grace_period, reduction_factor=reduction_factor,
+                                                  min_early_stopping_rate=0)
+
+
+class RecordSearcher(Searcher):
+    """Suggests trials from the record: first ``resume`` plans, then new Optuna trials.
+
+    Ray calls ``suggest`` at most ``num_samples`` times (``TuneConfig.num_samples``): the driver passes
+    unfinished + new trials.
     """
 
-    def __init__(self, *args: Any, planned_epochs: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._planned_epochs = planned_epochs
+    def __init__(self, record: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution],
+                 metric: str, mode: str, planned_epochs: int, resume: list[ResumePlan] | None = None) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self.record = record
+        self.distributions = dict(distributions)
+        self.planned_epochs = planned_epochs
+        self._resume = list(resume or [])
+        self.numbers: dict[str, int] = {}  # Ray trial id -> record trial number
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self._resume:
+            plan = self._resume.pop(0)
+            self.numbers[trial_id] = plan.number
+            self.record.set_status(plan.number, "running")
+            return {PARAMS_KEY: plan.params, NUMBER_KEY: plan.number}
+        number, params = self.record.ask(self.distributions)
+        self.numbers[trial_id] = number
+        return {PARAMS_KEY: params, NUMBER_KEY: number}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        done_epochs = int(result.get("training_iteration", 0)) if result else 0
-        if error or not result or done_epochs >= self._planned_epochs or trial_id not in self._ot_trials:
-            super().on_trial_complete(trial_id, result, error)
+        number = self.numbers.get(trial_id)
+        if number is None:
             return
-        if trial_id in self._completed_trials:
-            return
-        try:
-            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-        except Exception as exc:  # noqa: BLE001 - Optuna refuses e.g. a trial with no intermediate value
-            log.warning("could not record trial %s as pruned: %s", trial_id, exc)
-        self._completed_trials.add(trial_id)
+        current = self.record.trial(number)
+        if current.status in ("stopped_early", "diverged"):  # decided by RecordScheduler
+            status = current.status
+        elif error:
+            status = "failed"
+        elif self.planned_epochs in current.epochs:
+            status = "completed"
+        else:
+            status = "interrupted"  # Ctrl-C or the time budget ended it: --resume continues it
+        self.record.finish(number, status, self.metric, self.mode, error=current.error)
+
+    # Ray may snapshot the searcher; the record is the state, so there is nothing else to save.
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text("state is in the study record (optuna.db)\n")
+
+    def restore(self, checkpoint_path: str) -> None:
+        raise NotImplementedError("a study resumes from its record (tune.record), not Ray's saved state")
 
 
-def make_searcher(spec: StudySpec) -> Searcher | BasicVariantGenerator:
-    t = spec.tune
-    if t.searcher == "random":
-        return BasicVariantGenerator(random_state=t.seed)
-    sampler = optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=min(4, max(1, t.num_samples // 3)))
-    return PruningAwareOptunaSearch(
-        space=optuna_distributions(spec),
-        # Given here as well as in TuneConfig: OptunaSearch ignores TuneConfig's once it has a space.
-        metric=t.metric,
-        mode=t.mode,
-        sampler=sampler,
-        planned_epochs=spec.run.train.epochs,
-    )
+class RecordScheduler(FIFOScheduler):
+    """Records each result, then stops the trial if it diverged or Optuna's pruner prunes it.
+
+    Results carry ``epoch`` (the trial's real epoch, across resumes); Ray's ``training_iteration``
+    restarts at 1 in each driver run, so it is not used.
+    """
+
+    def __init__(self, searcher: RecordSearcher, pruner: optuna.pruners.BasePruner) -> None:
+        super().__init__()
+        self.searcher = searcher
+        self.pruner = pruner
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        number = self.searcher.numbers.get(trial.trial_id)
+        if number is None or "epoch" not in result:
+            return TrialScheduler.CONTINUE
+        record, metric = self.searcher.record, self.searcher.metric
+        epoch = int(result["epoch"])
+        if result.get("diverged"):
+            record.set_status(number, "diverged", str(result.get("diverged_reason", "diverged")))
+            return TrialScheduler.STOP
+        record.record_epoch(number, epoch, _metrics(result), metric)
+        value = result.get(metric)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            record.set_status(number, "diverged", f"{metric}={value!r} at epoch {epoch}")
+            return TrialScheduler.STOP
+        if epoch < self.searcher.planned_epochs and record.should_prune(number, self.pruner):
+            record.set_status(number, "stopped_early")
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+    def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
+        number = self.searcher.numbers.get(trial.trial_id)
+        if number is not None:
+            try:
+                text = str(trial.get_error() or "")
+            except Exception:  # noqa: BLE001 - an unreadable error file must not end the study
+                text = ""
+            self.searcher.record.set_status(number, "failed", failure_reason(text) or "the trial crashed")
+        super().on_trial_error(tune_controller, trial)
+
+
+def failure_reason(text: str) -> str:
+    """The exception line of a trial's error text (Ray wraps it in a traceback and ANSI colours)."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", ln).strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("File ", "Traceback", "^", "~"))]
+    exceptions = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Diverged|Memory|Interrupt)\b", ln)]
+    return (exceptions or lines or [""])[-1][:500]
+
+
+_RAY_KEYS = ("training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "time_since_restore",
+             "iterations_since_restore", "pid", "trial_id", "done", "epoch")
+
+
+def _metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """What the trainable reported (Ray adds bookkeeping keys; ``ray.tune.result`` names them)."""
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    skip = set(AUTO_RESULT_KEYS) | set(_RAY_KEYS)
+    # "config/..." keys are Ray's flattened copy of the trial's config, not metrics.
+    out = {k: float(v) for k, v in result.items()
+           if k not in skip and "/" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if isinstance(result.get("timestamp"), (int, float)):
+        out["timestamp_ms"] = float(result["timestamp"]) * 1000.0
+    return out

@@ -68,8 +68,9 @@ __all__ = [
     "describe",
     "load_space",
     "optuna_distributions",
-    "ray_search_space",
     "resolve_space_path",
+    "spec_to_dict",
+    "spec_to_yaml",
 ]
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ class SchedulerSpec:
 
     type: SchedulerType = "asha"
     grace_period: int = 1
-    reduction_factor: float = 2.0
+    reduction_factor: int = 2
     max_t: int = 1
 
     def __post_init__(self) -> None:
@@ -232,8 +233,9 @@ class SchedulerSpec:
             raise SpaceError(f"{key}.grace_period={self.grace_period!r} is not allowed: expected an integer "
                              f">= 1 and <= {key}.max_t={self.max_t}")
         rf = self.reduction_factor
-        if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not math.isfinite(rf) or rf <= 1:
-            raise SpaceError(f"{key}.reduction_factor={rf!r} is not allowed: expected a number > 1")
+        if isinstance(rf, bool) or not isinstance(rf, int) or rf < 2:
+            # Optuna's SuccessiveHalvingPruner (the ASHA used here) keeps the top 1/rf at a rung.
+            raise SpaceError(f"{key}.reduction_factor={rf!r} is not allowed: expected an integer >= 2")
 
     @property
     def rungs(self) -> tuple[float, ...]:
@@ -678,12 +680,15 @@ def _parse_scheduler(raw: Any, run: RunConfig) -> SchedulerSpec:
             raise SpaceError(f"tune.scheduler.{key} is not a known key for type {kind} (value {value!r}); "
                              f"allowed keys: {', '.join(allowed[kind])}")
     max_t = raw.get("max_t", epochs)
-    if isinstance(max_t, int) and not isinstance(max_t, bool) and max_t > epochs:
-        raise SpaceError(f"tune.scheduler.max_t={max_t!r} is not allowed: must be <= train.epochs={epochs} "
-                         "(a trial reports once per epoch)")
-    rf = raw.get("reduction_factor", 2.0)
-    if isinstance(rf, int) and not isinstance(rf, bool):
-        rf = float(rf)
+    if isinstance(max_t, int) and not isinstance(max_t, bool) and max_t != epochs:
+        # ASHA's budget is the trial's epochs: with max_t below them every trial would end "stopped
+        # early" and the searcher would never see a finished one.
+        raise SpaceError(f"tune.scheduler.max_t={max_t!r} is not allowed: must equal train.epochs={epochs} "
+                         "(a trial reports once per epoch and ASHA's budget is the trial's length); to "
+                         f"train {max_t} epochs set train.epochs: {max_t}, or leave max_t out")
+    rf = raw.get("reduction_factor", 2)
+    if isinstance(rf, float) and rf.is_integer():
+        rf = int(rf)
     return SchedulerSpec(type=kind, grace_period=raw.get("grace_period", 1), reduction_factor=rf, max_t=max_t)
 
 
@@ -788,32 +793,6 @@ def optuna_distributions(spec: StudySpec) -> dict[str, optuna.distributions.Base
     return out
 
 
-def ray_search_space(spec: StudySpec) -> dict[str, Any]:
-    """The same space as Ray Tune sample domains keyed by dotted path (``param_space`` for random search)."""
-    from ray import tune
-
-    out: dict[str, Any] = {}
-    for p in spec.search:
-        if p.type == "categorical":
-            out[p.path] = tune.choice(list(p.choices))
-        elif p.type == "int":
-            low, high = int(p.low), int(p.high)
-            # Ray's randint/lograndint exclude the upper bound; qrandint and Optuna include it.
-            if p.log:
-                out[p.path] = tune.lograndint(low, high + 1)
-            elif p.step is not None and p.step > 1:
-                out[p.path] = tune.qrandint(low, high, int(p.step))
-            else:
-                out[p.path] = tune.randint(low, high + 1)
-        elif p.log:
-            out[p.path] = tune.loguniform(float(p.low), float(p.high))
-        elif p.step is not None:
-            out[p.path] = tune.quniform(float(p.low), float(p.high), float(p.step))
-        else:
-            out[p.path] = tune.uniform(float(p.low), float(p.high))
-    return out
-
-
 def apply_params(run: RunConfig, params: Mapping[str, Any]) -> RunConfig:
     """``run`` with each ``{dotted path: value}`` set, validated together like YAML input.
 
@@ -833,6 +812,36 @@ def apply_params(run: RunConfig, params: Mapping[str, Any]) -> RunConfig:
         raise
     except ConfigError as exc:
         raise SpaceError(str(exc)) from exc
+
+
+def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
+    """The resolved spec as a space file's mapping (paths absolute); ``load_space`` of its YAML is ``spec``."""
+    search: dict[str, Any] = {}
+    for p in spec.search:
+        entry: dict[str, Any] = {"type": p.type}
+        if p.type == "categorical":
+            entry["choices"] = list(p.choices)
+        else:
+            entry.update(low=p.low, high=p.high)
+            if p.log:
+                entry["log"] = True
+            if p.step is not None:
+                entry["step"] = p.step
+        search[p.path] = entry
+    t = spec.tune
+    sched: dict[str, Any] = {"type": t.scheduler.type}
+    if t.scheduler.type == "asha":
+        sched.update(grace_period=t.scheduler.grace_period, reduction_factor=t.scheduler.reduction_factor)
+    tune_section = {f.name: getattr(t, f.name) for f in dataclasses.fields(t)}
+    tune_section.update(scheduler=sched, resources_per_trial=t.resources_per_trial.as_dict())
+    return {**run_config_to_dict(spec.run), "search": search, "tune": tune_section,
+            "mlflow": {"tracking_uri": spec.mlflow.tracking_uri, "experiment": spec.mlflow.experiment}}
+
+
+def spec_to_yaml(spec: StudySpec, header: str = "") -> str:
+    """:func:`spec_to_dict` as YAML text, a valid space file."""
+    body = yaml.safe_dump(spec_to_dict(spec), sort_keys=False, allow_unicode=True)
+    return "".join(f"# {line}\n" for line in header.splitlines()) + body
 
 
 def _plain(value: Any) -> Any:

@@ -1,7 +1,11 @@
 """The Ray trainable: a thin adapter over :func:`minimind_train.train.train_epochs`.
 
 Per epoch it writes a checkpoint folder (fp16 MiniMind ``model.pth`` + resume state) and calls
-``tune.report(metrics, checkpoint=...)``; a restarted trial continues from ``tune.get_checkpoint()``.
+``tune.report(metrics, checkpoint=...)`` with ``epoch`` (the trial's real epoch, across driver runs).
+A trial continues from the newest whole checkpoint it has: Ray's (``tune.get_checkpoint()``, a
+retry) or one in its folders of earlier driver runs (``--resume``). A loss
+that becomes non-finite ends the trial with one ``diverged`` report (no retry: the same config
+diverges again).
 The dataset reaches trials through the on-disk token cache that the driver built once per study:
 each trial memory-maps it (``tune.cluster.open_study_data``; on a node that cannot read the driver's
 folder, a copy shipped through Ray's object store), so concurrent trials on a node share pages.
@@ -9,9 +13,7 @@ folder, a copy shipped through Ray's object store), so concurrent trials on a no
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,27 +21,19 @@ from typing import Any
 
 from ray import tune
 
-from minimind_train.checkpoint import load_train_state, read_meta, save_checkpoint
+from minimind_train.checkpoint import load_train_state, save_checkpoint
 from minimind_train.config import RunConfig, run_config_from_dict
 from minimind_train.data import prepare_data
 from minimind_train.train import NonFiniteLossError, train_epochs
 
 from .cluster import StudyData, current_node, open_study_data
-from .ledger import fetch_checkpoint, read_ended, replay_plan, trial_uri
+from .record import trial_dirs
+from .searcher import NUMBER_KEY, PARAMS_KEY
 from .space import apply_params
 
-__all__ = ["DIVERGED_MARKER", "TrialDiverged", "TrialOutOfMemory", "flatten_params", "train_trial"]
+__all__ = ["TrialOutOfMemory", "flatten_params", "train_trial"]
 
 log = logging.getLogger(__name__)
-
-# Written into the trial folder when the loss went non-finite: a retry of that trial fails at once
-# instead of deterministically diverging again.
-DIVERGED_MARKER = "diverged.json"
-
-
-class TrialDiverged(RuntimeError):
-    """The trial's training loss became NaN/inf (its hyperparameters are unusable)."""
-
 
 class TrialOutOfMemory(RuntimeError):
     """The trial needed more GPU memory than its share (its neighbours are unaffected)."""
@@ -99,47 +93,38 @@ def _release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _replay_ended(trial_dir: str, checkpoint: tune.Checkpoint | None) -> bool:
-    """Report again what an ended trial reported after the epoch Ray restored it at; False if not ended.
+def _restore(checkpoint: tune.Checkpoint | None, folders: list[Path], cfg: RunConfig, vocab_size: int) -> Any:
+    """The train state to continue from: the newest loadable of Ray's checkpoint (a retry in this
+    run) and the whole checkpoints in the trial's folders of every driver run (``--resume``, or a
+    checkpoint Ray had not registered yet when the worker died)."""
+    from minimind_train.checkpoint import find_checkpoints, read_meta
 
-    Ray's saved state can lag behind a trial's end (see :mod:`tune.ledger`); training it again would
-    add epochs to a finished trial or continue one ASHA had stopped.
-    """
-    record = read_ended(trial_dir)
-    if record is None:
-        return False
-    restored = 0
+    candidates = sorted(find_checkpoints(folders).items(), reverse=True)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            restored = int(read_meta(directory)["epoch"])
-    rows = replay_plan(record, restored)
-    log.info("trial %s had ended after epoch %d; restored at epoch %d, replaying %d recorded results",
-             record.trial_id, record.epochs, restored, len(rows))
-    for epoch, row in enumerate(rows, restored + 1):
-        with tempfile.TemporaryDirectory(prefix="minimind-replay-") as tmp:
-            kept = fetch_checkpoint(trial_dir, epoch, Path(tmp) / "checkpoint")
-            tune.report(row, checkpoint=None if kept is None else tune.Checkpoint.from_directory(str(kept)))
-    return True
+            epoch = int(read_meta(directory)["epoch"])
+            if not candidates or epoch >= candidates[0][0]:
+                return load_train_state(directory, cfg, vocab_size)
+    for epoch, path in candidates:
+        try:
+            return load_train_state(path, cfg, vocab_size)
+        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: try the next older one
+            log.warning("checkpoint %s (epoch %d) cannot be loaded (%s); trying an older one", path, epoch, exc)
+    return None
 
 
-def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], gpu_share: float = 0.0,
-                data: StudyData | None = None, study_uri: str | None = None) -> None:
-    """Function trainable: ``config`` holds the searched values, ``base`` the fixed run config.
+def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str, gpu_share: float = 0.0,
+                data: StudyData | None = None, runs_dir: str | None = None) -> None:
+    """Function trainable. ``config``: ``params`` (searched values by dotted path) and ``study_trial``
+    (the record's trial number); ``base`` is the fixed run config, ``metric`` the study objective
+    (reported as NaN when the trial diverges), ``runs_dir`` the study's local ``runs`` folder (None
+    for a URI storage: then only Ray's own checkpoint is restored).
 
     ``data`` (from :func:`tune.cluster.study_data`) opens the driver's token cache on any node,
     shipped through the object store where the node cannot read it; None prepares the data here.
-    ``study_uri`` is the study's storage folder, where :class:`tune.ledger.EndedLedger` records
-    which trials have ended; a restarted trial found there replays its results instead of training.
     """
-    cfg = trial_run_config(base, config)
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    marker = trial_dir / DIVERGED_MARKER
-    if marker.exists():
-        raise TrialDiverged(json.loads(marker.read_text())["reason"])
-    checkpoint = tune.get_checkpoint()
-    if study_uri is not None and _replay_ended(trial_uri(study_uri, tune.get_context().get_trial_id()),
-                                               checkpoint):
-        return
+    cfg = trial_run_config(base, config.get(PARAMS_KEY, {}))
+    number = int(config[NUMBER_KEY])
     _release_gpu_memory()  # what a previous trial in this (reused) actor left cached
     _cap_gpu_memory(gpu_share)
     train_cfg = cfg  # differs only in model.init_from when that was shipped to this node
@@ -147,36 +132,34 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], gpu_share: f
         sft = prepare_data(cfg.data, show_progress=False)
     else:
         sft, train_cfg = open_study_data(data, cfg)
-    # Where each epoch ran, kept in the checkpoint's meta.json (not a metric).
-    node = current_node()
-    state = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_train_state(directory, cfg, sft.vocab_size)
-        log.info("trial restored after epoch %d", state.epoch)
+    node = current_node()  # where each epoch ran, kept in the checkpoint's meta.json (not a metric)
+    folders = trial_dirs(Path(runs_dir), number) if runs_dir else []
+    state = _restore(tune.get_checkpoint(), folders, cfg, sft.vocab_size)
+    if state is not None:
+        log.info("trial %s continues after epoch %d", number, state.epoch)
     import torch
 
     oom = None
+    epoch = 0 if state is None else state.epoch
     try:
         for result in train_epochs(train_cfg, sft, state):
+            epoch = result.epoch
             with tempfile.TemporaryDirectory(prefix="minimind-ckpt-") as tmp:
                 folder = save_checkpoint(Path(tmp) / "checkpoint", result.state, cfg, result.metrics,
-                                         {"data": sft.stats_dict(), "ray": node})
+                                         {"data": sft.stats_dict(), "ray": node, "study_trial": number})
                 tune.report({**result.metrics, "epoch": result.epoch},
                             checkpoint=tune.Checkpoint.from_directory(str(folder)))
     except torch.cuda.OutOfMemoryError as exc:
         # Raised below, outside this block: the CUDA error's traceback holds the trial's tensors.
         oom = _oom_message(gpu_share, cfg, exc)
     except NonFiniteLossError as exc:
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"reason": str(exc), "pid": os.getpid()}))
-        # Not `from exc`: Ray copies and pickles the whole cause chain, and NonFiniteLossError
-        # cannot be rebuilt from its args, so the trial's error became a TypeError about
-        # NonFiniteLossError.__init__ instead of this message.
-        raise TrialDiverged(str(exc)) from None
+        state = result = None
+        _release_gpu_memory()
+        tune.report({metric: float("nan"), "epoch": epoch + 1, "diverged": 1, "diverged_reason": str(exc)})
+        return
     # Finished or out of memory: give the cached blocks back now. (A trial stopped by the scheduler
     # leaves through Ray's SystemExit in tune.report; a reused actor frees its memory at the next
-    # trial's start, below.)
+    # trial's start, above.)
     state = result = None
     _release_gpu_memory()
     if oom is not None:

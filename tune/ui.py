@@ -33,7 +33,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from .tracking import (
+from .mirror import (
     TRACKING_URI_ENV,
     TrackingError,
     check_tracking_server,
@@ -260,6 +260,18 @@ def _backend_uri(args: argparse.Namespace) -> str:
     return resolve_tracking_uri(None, find_study_db(args.storage_path).parent)
 
 
+def _refresh_study_mirror(uri: str) -> None:
+    """A study's own store is a mirror of its record: bring it up to date before showing it (and
+    rebuild it when the study folder was moved or copied here, so its artifacts resolve)."""
+    db = sqlite_db_path(uri)
+    if db is None or not (db.parent / "study.json").is_file():
+        return
+    from .mirror import main as sync_mirror
+
+    if sync_mirror([str(db.parent), "--tracking-uri", uri]) != 0:
+        print("warning: showing the MLflow store as it is", file=sys.stderr)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tune.ui", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", help=f"MLflow backend (default: ${TRACKING_URI_ENV}, else the "
@@ -298,6 +310,7 @@ def _serve(args: argparse.Namespace) -> int:
             check_tracking_server(uri)
             print(f"{uri} is an MLflow server already; open it in a browser.", flush=True)
             return 0
+        _refresh_study_mirror(uri)
         proc, url = start_mlflow_server(uri, args.host, args.port or None, args.artifacts_dir,
                                         timeout_s=args.timeout)
     except (FileNotFoundError, ServerError, TrackingError) as exc:

@@ -1,0 +1,274 @@
+"""Nothing finished is lost or retrained, and nothing is deleted before every input is checked.
+
+One small finished study (module fixture) is the victim of each ordinary mistake: ``--restart`` with
+a bad input of every kind, a second start of the same study, a changed space on ``--resume``, more
+trials on ``--resume``, a moved folder. Each must leave the study byte-identical (or, for ``--resume``,
+with every finished trial intact and no epoch trained twice). The cases in ``../shared/cases`` are
+instances of these kinds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from study_driver import (
+    REPO,
+    Driver,
+    Workspace,
+    folder_digest,
+    mlflow_runs,
+    run_driver,
+    stored_results,
+    trained_epochs,
+)
+
+NAME = "victim"
+SPACE = {
+    "model": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 128},
+    "data": {"train_path": None, "tokenizer": None, "max_seq_len": 64, "val_fraction": 0.03},
+    "train": {"epochs": 2, "batch_size": 8, "max_steps_per_epoch": 5, "eval_batch_size": 64,
+              "dtype": "float32", "device": "cpu", "seed": 0, "log_interval": 5},
+    "search": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+    "tune": {"num_samples": 2, "max_concurrent_trials": 2, "seed": 0,
+             "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+             "resources_per_trial": {"cpu": 1, "gpu": 0}, "max_failures": 0},
+    "mlflow": {"experiment": "integrity"},
+}
+
+
+def write_space(folder: Path, name: str, edit: Any = None) -> Path:
+    raw = json.loads(json.dumps(SPACE))
+    if edit is not None:
+        edit(raw, folder)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+class Victim:
+    def __init__(self, ws: Workspace, driver: Driver) -> None:
+        self.ws = ws
+        self.driver = driver
+        self.dir = ws.study_dir(NAME)
+
+
+@pytest.fixture(scope="module")
+def victim(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    ws = Workspace(tmp_path_factory.mktemp("integrity"))
+    space = write_space(ws.root, "space")
+    driver = run_driver(ws, ["--space", str(space), "--name", NAME], timeout_s=300)
+    assert driver.proc.returncode == 0, driver.output()
+    yield Victim(ws, driver)
+    ws.cleanup()
+
+
+def _cli(ws: Workspace, args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "tune.run", "--storage-path", str(ws.storage), "--ray-temp-dir",
+           str(ws.ray_tmp), *args]
+    return subprocess.run(cmd, cwd=REPO, env=ws.env(), capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def _ray_sessions(ws: Workspace) -> int:
+    return len(list(ws.ray_tmp.glob("session_2*")))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- each kind of bad input, given with --restart ---------------------------------------------------
+
+
+def _bad_data_line(raw: dict, folder: Path) -> None:
+    good = json.dumps({"conversations": [{"role": "user", "content": "hi"},
+                                         {"role": "assistant", "content": "hello"}]})
+    (folder / "bad.jsonl").write_text(f"{good}\n{good}\n{{not json\n")
+    raw["data"]["train_path"] = "bad.jsonl"
+
+
+def _no_usable_sample(raw: dict, folder: Path) -> None:
+    (folder / "empty.jsonl").write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"}]}) + "\n")
+    raw["data"]["train_path"] = "empty.jsonl"
+
+
+def _tokenizer_missing_file(raw: dict, folder: Path) -> None:
+    from minimind_train.tokenizer import BUNDLED_TOKENIZER_DIR
+
+    shutil.copytree(BUNDLED_TOKENIZER_DIR, folder / "tok_missing", dirs_exist_ok=True)
+    (folder / "tok_missing" / "tokenizer.json").unlink()
+    raw["data"]["tokenizer"] = "tok_missing"
+
+
+def _tokenizer_broken(raw: dict, folder: Path) -> None:
+    from minimind_train.tokenizer import BUNDLED_TOKENIZER_DIR
+
+    shutil.copytree(BUNDLED_TOKENIZER_DIR, folder / "tok_broken", dirs_exist_ok=True)
+    (folder / "tok_broken" / "tokenizer.json").write_text(json.dumps({"model": {}}))
+    raw["data"]["tokenizer"] = "tok_broken"
+
+
+def _init_not_torch(raw: dict, folder: Path) -> None:
+    (folder / "notes.pth").write_text("not a checkpoint")
+    raw["model"]["init_from"] = "notes.pth"
+
+
+def _init_other_shape(raw: dict, folder: Path) -> None:
+    from minimind_train.config import ModelConfig
+    from minimind_train.model import MiniMindForCausalLM, model_config_from
+
+    wide = ModelConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=128)
+    torch.save({k: v.half() for k, v in MiniMindForCausalLM(model_config_from(wide, 6400)).state_dict().items()},
+               folder / "wide.pth")
+    raw["model"]["init_from"] = "wide.pth"
+
+
+BAD_INPUTS = {
+    # kind: (edit, words the one-line error must contain)
+    "malformed-data-line": (_bad_data_line, ["bad.jsonl:3", "malformed"]),
+    "no-usable-sample": (_no_usable_sample, ["empty.jsonl"]),
+    "tokenizer-missing-file": (_tokenizer_missing_file, ["data.tokenizer", "tok_missing"]),
+    "tokenizer-broken": (_tokenizer_broken, ["data.tokenizer", "tok_broken"]),
+    "max-seq-len-too-small": (lambda raw, _: raw["data"].update(max_seq_len=2), ["max_seq_len"]),
+    "gpu-on-a-cpu-machine": (lambda raw, _: raw["tune"]["resources_per_trial"].update(gpu=1),
+                             ["tune.resources_per_trial.gpu=1", "no GPU"]),
+    "tracking-server-down": (lambda raw, _: raw["mlflow"].update(tracking_uri=f"http://127.0.0.1:{_free_port()}"),
+                             ["mlflow.tracking_uri", "unreachable"]),
+    "init-from-not-torch": (_init_not_torch, ["model.init_from", "notes.pth"]),
+    "init-from-other-shape": (_init_other_shape, ["model.init_from", "wide.pth", "does not fit"]),
+    "unknown-key": (lambda raw, _: raw["train"].update(learning_rat=0.1), ["train.learning_rat"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_restart_with_a_bad_input_keeps_the_study(victim: Victim, kind: str, tmp_path: Path) -> None:
+    if kind == "gpu-on-a-cpu-machine" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    edit, words = BAD_INPUTS[kind]
+    before, sessions = folder_digest(victim.dir), _ray_sessions(victim.ws)
+    space = write_space(tmp_path, "bad", edit)
+    started = time.monotonic()
+    proc = _cli(victim.ws, ["--space", str(space), "--name", NAME, "--restart"])
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and err.startswith("error: "), err
+    assert len([ln for ln in err.splitlines() if ln.startswith("error: ")]) == 1, err
+    for word in words:
+        assert word in err, f"{word!r} not in: {err}"
+    assert folder_digest(victim.dir) == before, "the study changed"
+    assert not list(victim.ws.storage.glob(f".{NAME}.replaced-*"))
+    assert _ray_sessions(victim.ws) == sessions, "refused only after Ray was started"
+    assert time.monotonic() - started < 120
+
+
+@pytest.mark.slow
+def test_storage_that_is_a_file_is_refused_at_once(victim: Victim, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "tune.run", "--space", str(write_space(tmp_path, "s")),
+                           "--storage-path", str(blocker / "studies")], cwd=REPO, env=victim.ws.env(),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "is a file, not a folder" in proc.stderr or "cannot" in proc.stderr, proc.stderr
+
+
+# --- resume ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_with_a_changed_space_is_refused_naming_each_key(victim: Victim, tmp_path: Path) -> None:
+    before, sessions = folder_digest(victim.dir), _ray_sessions(victim.ws)
+
+    def edit(raw: dict, _: Path) -> None:
+        raw["model"]["hidden_size"] = 128
+        raw["search"]["train.learning_rate"]["high"] = 0.1
+
+    proc = _cli(victim.ws, ["--space", str(write_space(tmp_path, "edited", edit)), "--name", NAME, "--resume"])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "model.hidden_size: 64 -> 128" in proc.stderr
+    assert "search.train.learning_rate: {type: float, low: 0.0001, high: 0.01, log: True} -> " in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert folder_digest(victim.dir) == before
+    assert _ray_sessions(victim.ws) == sessions, "refused only after Ray was started"
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_study_runs_nothing_and_summarises(victim: Victim) -> None:
+    trials, sessions = stored_results(victim.dir), _ray_sessions(victim.ws)
+    proc = _cli(victim.ws, ["--resume", "--name", NAME])  # the study's own space
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "nothing to run: 2 of 2 trials finished" in proc.stdout
+    assert "best: trial t00" in proc.stdout
+    assert stored_results(victim.dir) == trials
+    assert _ray_sessions(victim.ws) == sessions, "Ray was started for nothing"
+
+
+@pytest.mark.slow
+def test_same_study_started_twice_the_second_is_refused_and_the_first_completes(
+        victim: Victim, tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    space = write_space(tmp_path, "dup")
+    first = Driver(ws, ["--space", str(space)])
+    try:
+        first.wait_for("the first driver's lock", lambda: (ws.storage / ".dup.lock").exists(), 60)
+        time.sleep(1.0)  # the first is checking inputs or creating the study
+        second = run_driver(ws, ["--space", str(space)], timeout_s=60, tag="second")
+        assert second.proc.returncode == 2, second.output()
+        assert "study 'dup' is in use by pid" in second.stderr, second.output()
+        assert first.wait(240) == 0, first.output()
+    finally:
+        first.teardown()
+        ws.cleanup()
+    summary = stored_results(ws.study_dir("dup"))
+    assert len(summary) == 2
+
+
+@pytest.mark.slow
+def test_resume_with_more_samples_runs_them_and_keeps_the_finished(victim: Victim) -> None:
+    before = stored_results(victim.dir)
+    proc = _cli(victim.ws, ["--resume", "--name", NAME, "--num-samples", "4"], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "applied on resume: tune.num_samples: 2 -> 4" in proc.stdout
+    after = stored_results(victim.dir)
+    assert len(after) == 4
+    for name, rows in before.items():
+        assert after[name] == rows, f"{name} changed"
+    counts = Counter(trained_epochs(victim.dir))
+    assert not [k for k, n in counts.items() if n > 1], counts
+    _, parents, children = mlflow_runs(victim.dir)
+    assert len(parents) == 1 and len(children) == 4
+    assert Counter(r.data.tags["minimind.trial"] for r in children) == Counter({"0": 1, "1": 1, "2": 1, "3": 1})
+
+
+@pytest.mark.slow
+def test_a_moved_study_resumes_and_opens_where_it_lands(victim: Victim, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "moved"
+    shutil.copytree(victim.dir, elsewhere / NAME)
+    original = folder_digest(victim.dir)
+    proc = subprocess.run([sys.executable, "-m", "tune.run", "--resume", "--name", NAME, "--storage-path",
+                           str(elsewhere)], cwd=REPO, env=victim.ws.env(), capture_output=True, text=True,
+                          timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"best config: {elsewhere / NAME / 'best.yaml'}" in proc.stdout
+    _, parents, _ = mlflow_runs(elsewhere / NAME)
+    assert [p.data.tags["minimind.study_dir"] for p in parents] == [str(elsewhere / NAME)]
+    assert folder_digest(victim.dir) == original  # the original is untouched
+    from tune.ui import find_study_db
+
+    assert find_study_db(elsewhere, NAME) == elsewhere / NAME / "mlflow.db"

@@ -1,0 +1,478 @@
+"""The MLflow mirror of a study record, through the real MLflow API on sqlite stores."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import optuna
+import pytest
+from mlflow.entities import Run, ViewType
+from mlflow.tracking import MlflowClient
+from ray import cloudpickle
+
+from tune.mirror import (
+    ERROR_TAG,
+    NOTE_TAG,
+    PARENT_RUN_TAG,
+    ROLE_TAG,
+    STATUS_TAG,
+    STUDY_DIR_TAG,
+    STUDY_ID_TAG,
+    SYNCED_TAG,
+    TRIAL_TAG,
+    Mirror,
+    MirrorCallback,
+    TrackingError,
+    check_tracking_server,
+    main,
+    resolve_tracking_uri,
+    run_name,
+    sqlite_db_path,
+)
+from tune.record import StudyRecord, TrialRecord
+
+EXPERIMENT = "mirror-test"
+OBJECTIVE = "val_loss"
+SEARCH = {
+    "train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+    "train.grad_clip": optuna.distributions.FloatDistribution(0.1, 2.0),
+}
+SPEC: dict[str, Any] = {
+    "model": {"hidden_size": 64},
+    "train": {"epochs": 3, "batch_size": 16, "learning_rate": 1e-3},
+    "search": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+               "train.grad_clip": {"type": "float", "low": 0.1, "high": 2.0}},
+    "tune": {"mode": "min", "metric": OBJECTIVE, "num_samples": 4},
+    "mlflow": {"tracking_uri": None, "experiment": EXPERIMENT},
+}
+FIXED = {"model": {"hidden_size": 64}, "train.epochs": 3, "train.batch_size": 16}
+SETTINGS = {"searcher": "optuna", "num_samples": 4, "resources": {"gpu": 0.5}}
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _no_env_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Creating MLflow's schema takes seconds; most tests copy a migrated empty db instead.
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def make_record(where: Path, template_db: Path | None) -> StudyRecord:
+    record = StudyRecord.create(where, where.name, SPEC, "train: {}\n", {})
+    if template_db is not None:
+        shutil.copy(template_db, where / "mlflow.db")
+    return record
+
+
+@pytest.fixture
+def record(tmp_path: Path, template_db: Path) -> StudyRecord:
+    return make_record(tmp_path / "studies" / "s", template_db)
+
+
+def new_trial(record: StudyRecord, epochs: int = 0, start: float = 2.0) -> int:
+    number, _ = record.ask(SEARCH)
+    add_epochs(record, number, range(1, epochs + 1), start)
+    return number
+
+
+def add_epochs(record: StudyRecord, number: int, epochs: range, start: float = 2.0) -> None:
+    for epoch in epochs:
+        loss = start / epoch
+        record.record_epoch(number, epoch, {OBJECTIVE: loss, "train_loss": loss + 0.25, "aux_loss": 0.0,
+                                            "lr": 1e-3, "time_this_epoch_s": 1.5}, OBJECTIVE)
+
+
+def mirror_of(record: StudyRecord, uri: str | None = None) -> Mirror:
+    return Mirror(uri or resolve_tracking_uri(None, record.dir), EXPERIMENT, record, fixed_params=FIXED,
+                  settings=SETTINGS, tags={"git_commit": "abc123"})
+
+
+def client_of(record: StudyRecord) -> MlflowClient:
+    return MlflowClient(tracking_uri=resolve_tracking_uri(None, record.dir))
+
+
+def all_runs(client: MlflowClient) -> list[Run]:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    return list(client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL, max_results=1000))
+
+
+def parents(client: MlflowClient) -> list[Run]:
+    return [r for r in all_runs(client) if r.data.tags.get(ROLE_TAG) == "parent"]
+
+
+def children(client: MlflowClient) -> dict[int, Run]:
+    found: dict[int, Run] = {}
+    for run in all_runs(client):
+        if run.data.tags.get(ROLE_TAG) == "trial":
+            number = int(run.data.tags[TRIAL_TAG])
+            assert number not in found, f"two runs for trial {number}"
+            found[number] = run
+    return found
+
+
+def history(client: MlflowClient, run: Run, key: str = OBJECTIVE) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_resolve_tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    assert resolve_tracking_uri("http://127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
+    monkeypatch.chdir(tmp_path)
+    expected = f"sqlite:///{tmp_path.resolve() / 'rel/m.db'}"
+    assert resolve_tracking_uri("sqlite:///rel/m.db", Path("x")) == expected
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://server:1")
+    assert resolve_tracking_uri(None, tmp_path) == "http://server:1"
+    assert resolve_tracking_uri("http://yaml:2", tmp_path) == "http://yaml:2"
+    assert sqlite_db_path("sqlite:////a/b/mlflow.db") == Path("/a/b/mlflow.db")
+    assert sqlite_db_path("sqlite:///:memory:") is None
+    assert sqlite_db_path("http://x") is None
+
+
+def test_run_name_is_short_and_telling() -> None:
+    trial = TrialRecord(number=3, status="running", epochs={},
+                        params={"train.learning_rate": 0.00231, "train.accumulation_steps": 1,
+                                "train.grad_clip": 0.9, "train.min_lr_ratio": 0.05, "train.warmup_steps": 40})
+    order = ["train.learning_rate", "train.accumulation_steps", "train.grad_clip"]
+    assert run_name(trial, order) == "t003 lr=2.3e-3 acc=1 clip=0.90 min_lr=0.050 warmup=40"
+    clash = TrialRecord(number=12, status="running", epochs={},
+                        params={"model.dropout": 0.1, "train.dropout": 12345.0, "train.optimizer": "adamw"})
+    assert run_name(clash) == "t012 model.dropout=0.10 train.dropout=1.2e4 optimizer=adamw"
+
+
+def test_sync_is_idempotent_and_never_duplicates(record: StudyRecord) -> None:
+    a = new_trial(record, epochs=2)
+    b = new_trial(record, epochs=1, start=3.0)
+    mirror = mirror_of(record)
+    mirror.sync()
+    mirror.sync()
+    mirror_of(record).sync()  # a fresh object on the same store finds the runs by their tags
+    client = client_of(record)
+    assert len(parents(client)) == 1
+    runs = children(client)
+    assert sorted(runs) == [a, b]
+    assert history(client, runs[a]) == [(1, 2.0), (2, 1.0)]
+    assert runs[a].data.tags[SYNCED_TAG] == "2"
+    # aux_loss is 0 at every epoch (a dense model): not logged; nor is the timestamp or an epoch metric.
+    assert set(runs[a].data.metrics) == {OBJECTIVE, "train_loss", "lr", "time_this_epoch_s"}
+    stamps = [m.timestamp for m in client.get_metric_history(runs[a].info.run_id, OBJECTIVE)]
+    assert stamps == [int(record.trial(a).epochs[e]["timestamp_ms"]) for e in (1, 2)]
+
+    add_epochs(record, a, range(3, 4))
+    record.record_epoch(b, 2, {OBJECTIVE: float("nan"), "train_loss": float("inf")}, OBJECTIVE)  # diverging
+    mirror.sync([a])
+    mirror.sync([b])
+    mirror_of(record).sync()
+    runs = children(client)
+    assert history(client, runs[a]) == [(1, 2.0), (2, 1.0), (3, 2.0 / 3)]
+    assert [(m.step, str(m.value)) for m in client.get_metric_history(runs[b].info.run_id, OBJECTIVE)] == [
+        (1, "3.0"), (2, "nan")]
+
+    # A crash between log_batch and the synced-epochs tag: everything is logged again, nothing shows twice.
+    client.set_tag(runs[a].info.run_id, SYNCED_TAG, "0")
+    mirror_of(record).sync()
+    runs = children(client)
+    assert history(client, runs[a]) == [(1, 2.0), (2, 1.0), (3, 2.0 / 3)]
+    assert history(client, runs[a], "train_loss") == [(1, 2.25), (2, 1.25), (3, 2.0 / 3 + 0.25)]
+    client.set_tag(runs[b].info.run_id, SYNCED_TAG, "0")
+    mirror_of(record).sync([b])
+    assert len(client.get_metric_history(runs[b].info.run_id, OBJECTIVE)) == 2  # NaN points too
+    assert len(client.get_metric_history(runs[b].info.run_id, "train_loss")) == 2
+    assert len(parents(client)) == 1 and len(runs) == 2
+
+
+def test_params_tags_and_nesting(record: StudyRecord) -> None:
+    number = new_trial(record, epochs=1)
+    mirror_of(record).sync()
+    client = client_of(record)
+    (parent,) = parents(client)
+    child = children(client)[number]
+    assert parent.info.run_name == "s"
+    assert parent.data.params == {"model.hidden_size": "64", "train.epochs": "3", "train.batch_size": "16",
+                                  "tune.searcher": "optuna", "tune.num_samples": "4",
+                                  "tune.resources.gpu": "0.5"}
+    assert parent.data.tags[STUDY_ID_TAG] == record.manifest.study_id
+    assert parent.data.tags[STUDY_DIR_TAG] == str(record.dir.resolve())
+    assert parent.data.tags["git_commit"] == "abc123"
+    assert parent.data.tags["minimind.study"] == "s"
+    params = record.trial(number).params
+    assert child.data.params == {k: str(v) for k, v in params.items()}  # only the searched values
+    assert child.data.tags[PARENT_RUN_TAG] == parent.info.run_id
+    assert child.data.tags[STUDY_ID_TAG] == record.manifest.study_id
+    assert child.info.run_name == run_name(record.trial(number), list(SPEC["search"]))
+    assert child.info.run_name.startswith("t000 lr=")
+
+    # Params are immutable: a later driver run with another setting keeps the first and says so.
+    Mirror(resolve_tracking_uri(None, record.dir), EXPERIMENT, record, fixed_params=FIXED,
+           settings={**SETTINGS, "num_samples": 8, "seed": 1}, tags={}).sync()
+    (parent,) = parents(client)
+    assert parent.data.params["tune.num_samples"] == "4"
+    assert parent.data.params["tune.seed"] == "1"
+    assert parent.data.tags["minimind.latest.tune.num_samples"] == "8"
+
+
+def test_status_mapping_follows_the_record(record: StudyRecord) -> None:
+    done = new_trial(record, epochs=3)
+    record.finish(done, "completed", OBJECTIVE, "min")
+    early = new_trial(record, epochs=1)
+    record.finish(early, "stopped_early", OBJECTIVE, "min")
+    crashed = new_trial(record, epochs=1)
+    record.finish(crashed, "failed", OBJECTIVE, "min", error="RuntimeError: CUDA out of memory")
+    nan = new_trial(record, epochs=1)
+    record.finish(nan, "diverged", OBJECTIVE, "min", error="loss is nan at step 12")
+    paused = new_trial(record, epochs=1)
+    record.finish(paused, "interrupted", OBJECTIVE, "min")
+    live = new_trial(record, epochs=1)
+
+    mirror = mirror_of(record)
+    mirror.sync()
+    client = client_of(record)
+
+    def statuses() -> dict[int, tuple[str, str]]:
+        return {n: (r.info.status, r.data.tags[STATUS_TAG]) for n, r in children(client).items()}
+
+    assert statuses() == {done: ("FINISHED", "completed"), early: ("FINISHED", "stopped_early"),
+                          crashed: ("FAILED", "failed"), nan: ("FAILED", "diverged"),
+                          paused: ("KILLED", "interrupted"), live: ("RUNNING", "running")}
+    runs = children(client)
+    assert runs[crashed].data.tags[ERROR_TAG] == "RuntimeError: CUDA out of memory"
+    assert runs[nan].data.tags[ERROR_TAG] == "loss is nan at step 12"
+    assert ERROR_TAG not in runs[done].data.tags
+    (parent,) = parents(client)
+    assert parent.info.status == "RUNNING"
+
+    mirror.sync(closing=True)  # the driver ends: a trial still running was cut short
+    assert statuses()[live] == ("KILLED", "running")
+
+    # --resume continues the interrupted, failed and running trials, and they complete.
+    for number in (paused, crashed, live):
+        record.set_status(number, "running")
+        add_epochs(record, number, range(2, 4))
+    fresh = mirror_of(record)
+    fresh.sync([paused])
+    assert statuses()[paused] == ("RUNNING", "running")
+    assert parents(client)[0].info.status == "RUNNING"
+    for number in (paused, crashed, live):
+        record.finish(number, "completed", OBJECTIVE, "min")
+    fresh.sync()
+    assert statuses() == {done: ("FINISHED", "completed"), early: ("FINISHED", "stopped_early"),
+                          crashed: ("FINISHED", "completed"), nan: ("FAILED", "diverged"),
+                          paused: ("FINISHED", "completed"), live: ("FINISHED", "completed")}
+    assert ERROR_TAG not in children(client)[crashed].data.tags
+    assert history(client, children(client)[paused]) == [(1, 2.0), (2, 1.0), (3, 2.0 / 3)]
+
+
+def test_finish_closes_the_parent_with_results(record: StudyRecord, tmp_path: Path) -> None:
+    best_number = new_trial(record, epochs=3)
+    record.finish(best_number, "completed", OBJECTIVE, "min")
+    cut = new_trial(record, epochs=1)
+    best_yaml = tmp_path / "best.yaml"
+    best_yaml.write_text("train: {learning_rate: 0.001}\n")
+    plot = tmp_path / "curves.png"
+    plot.write_bytes(b"\x89PNG\r\n\x1a\n")
+    mirror = mirror_of(record)
+    mirror.sync()
+    best = record.trial(best_number)
+    for _ in range(2):  # finishing twice (a rerun of the final sync) changes nothing
+        mirror.finish("FINISHED", best=best, best_value=2.0 / 3, best_epoch=3,
+                      artifacts={"best.yaml": best_yaml, "plots/curves": plot,
+                                 "missing.txt": tmp_path / "nope"},
+                      description="8 trials, best t000")
+    client = client_of(record)
+    (parent,) = parents(client)
+    runs = children(client)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[STATUS_TAG] == "completed"
+    assert parent.data.tags[NOTE_TAG] == "8 trials, best t000"
+    assert parent.data.tags["best.trial"] == "t000"
+    assert parent.data.tags["best.epoch"] == "3"
+    assert parent.data.tags["best.run_id"] == runs[best_number].info.run_id
+    assert parent.data.tags["best.train.learning_rate"] == str(best.params["train.learning_rate"])
+    assert history(client, parent, f"best_{OBJECTIVE}") == [(3, 2.0 / 3)]
+    assert runs[cut].info.status == "KILLED"  # still running when the driver finished
+    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert files == {"best.yaml", "plots"}
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/curves.png"]
+    artifact_root = Path(parent.info.artifact_uri.removeprefix("file://"))
+    assert artifact_root.is_relative_to(record.dir.resolve() / "mlartifacts")
+    with pytest.raises(ValueError, match="status must be one of"):
+        mirror.finish("completed", best=None, best_value=None, best_epoch=None, artifacts={})
+
+
+def test_moved_study_folder_rebuilds_its_own_store(record: StudyRecord, tmp_path: Path) -> None:
+    number = new_trial(record, epochs=2)
+    record.finish(number, "completed", OBJECTIVE, "min")
+    yaml_file = record.dir / "space.yaml"
+    mirror_of(record).finish("FINISHED", best=record.trial(number), best_value=1.0, best_epoch=2,
+                             artifacts={"space.yaml": yaml_file})
+    original = client_of(record)
+    (old_parent,) = parents(original)
+    old_artifacts = Path(old_parent.info.artifact_uri.removeprefix("file://"))
+    assert (old_artifacts / "space.yaml").is_file()
+
+    moved_dir = tmp_path / "elsewhere" / "s"
+    shutil.copytree(record.dir, moved_dir)
+    moved = StudyRecord.open(moved_dir)
+    mirror_of(moved).sync()
+
+    client = client_of(moved)
+    (parent,) = parents(client)
+    assert parent.info.run_id != old_parent.info.run_id  # rebuilt, not the copied run
+    assert parent.data.tags[STUDY_DIR_TAG] == str(moved_dir.resolve())
+    assert sorted(children(client)) == [number]
+    assert history(client, children(client)[number]) == [(1, 2.0), (2, 1.0)]
+    location = client.get_experiment_by_name(EXPERIMENT).artifact_location
+    assert location.removeprefix("file://").startswith(str(moved_dir.resolve()))
+    assert not (moved_dir / "mlartifacts" / old_parent.info.run_id).exists()
+    # The original study and its store are untouched.
+    (again,) = parents(original)
+    assert again.info.run_id == old_parent.info.run_id
+    assert again.data.tags[STUDY_DIR_TAG] == str(record.dir.resolve())
+    assert (old_artifacts / "space.yaml").is_file()
+    # A second sync of the moved study keeps the rebuilt store.
+    mirror_of(moved).sync()
+    assert [p.info.run_id for p in parents(client)] == [parent.info.run_id]
+
+
+def test_a_store_outside_the_study_is_never_deleted(record: StudyRecord, tmp_path: Path,
+                                                    template_db: Path) -> None:
+    shared_db = tmp_path / "shared" / "mlflow.db"
+    shared_db.parent.mkdir()
+    shutil.copy(template_db, shared_db)
+    uri = f"sqlite:///{shared_db}"
+    number = new_trial(record, epochs=1)
+    mirror_of(record, uri).sync()
+    moved_dir = tmp_path / "elsewhere" / "s"
+    shutil.copytree(record.dir, moved_dir)
+    mirror_of(StudyRecord.open(moved_dir), uri).sync()
+    client = MlflowClient(tracking_uri=uri)
+    (parent,) = parents(client)  # the same study id: the same runs, nothing deleted or duplicated
+    assert sorted(children(client)) == [number]
+    assert parent.data.tags[STUDY_DIR_TAG] == str(moved_dir.resolve())
+
+
+def test_deleted_experiment_is_a_tracking_error(record: StudyRecord) -> None:
+    client = client_of(record)
+    client.delete_experiment(client.create_experiment(EXPERIMENT))
+    with pytest.raises(TrackingError, match="is deleted; restore it"):
+        mirror_of(record).sync()
+
+
+def test_dead_server_fails_fast(record: StudyRecord, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=uri.replace(".", r"\.")):
+        check_tracking_server(uri, timeout_s=2)
+    with pytest.raises(TrackingError, match=uri.replace(".", r"\.")):
+        mirror_of(record, uri).sync()
+    assert time.monotonic() - started < 10
+
+
+def test_callback_mirrors_live_then_warns_once_and_stops(record: StudyRecord,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    number = new_trial(record, epochs=1)
+    numbers: dict[str, int] = {}
+    callback = MirrorCallback(mirror_of(record), numbers)
+    trial: Any = SimpleNamespace(trial_id="abc_00000")
+    callback.on_trial_result(1, [], trial, {})  # not yet known to the searcher: nothing to do
+    assert client_of(record).get_experiment_by_name(EXPERIMENT) is None
+    numbers["abc_00000"] = number
+    callback.on_trial_result(1, [], trial, {})
+    assert sorted(children(client_of(record))) == [number]
+
+    class Broken(Mirror):
+        calls = 0
+
+        def sync(self, numbers: Any = None, *, closing: bool = False) -> None:
+            Broken.calls += 1
+            raise TrackingError("MLflow mirror sync at http://x failed (ConnectionError: refused)")
+
+    broken = MirrorCallback(Broken("http://x", EXPERIMENT, record, fixed_params={}, settings={}, tags={}),
+                            numbers)
+    broken.on_trial_result(1, [], trial, {})
+    broken.on_trial_result(2, [], trial, {})
+    broken.on_trial_complete(2, [], trial)
+    broken.on_trial_error(2, [], trial)
+    assert Broken.calls == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("warning: MLflow mirror unavailable (http://x: MLflow mirror sync at http://x")
+    assert f"`python -m tune.mirror {record.dir.resolve()}` or --resume catches MLflow up later" in lines[0]
+
+    # Ray keeps callbacks in tuner.pkl; a pickled copy is inert.
+    copy = cloudpickle.loads(cloudpickle.dumps(callback))
+    assert copy.mirror is None and not copy.live
+    copy.on_trial_result(1, [], trial, {})
+    assert pickle.loads(pickle.dumps(broken)).mirror is None
+
+
+def test_main(record: StudyRecord, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+              monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main([str(tmp_path / "nothing")]) == 2
+    assert "is not a study folder" in capsys.readouterr().err
+
+    done = new_trial(record, epochs=3)
+    record.finish(done, "completed", OBJECTIVE, "min")
+    paused = new_trial(record, epochs=1)
+    record.finish(paused, "interrupted", OBJECTIVE, "min")
+    (record.dir / "best.yaml").write_text("train: {}\n")
+    assert main([str(record.dir)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "up to date" in out[0]
+    assert main([str(record.dir)]) == 0  # again: nothing new
+    client = client_of(record)
+    (parent,) = parents(client)
+    # No driver holds the study: the parent is closed as the record stands (a trial is resumable).
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags["best.trial"] == "t000"
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["best.yaml"]
+    assert {n: r.info.status for n, r in children(client).items()} == {done: "FINISHED", paused: "KILLED"}
+    # Default params from the spec: the fixed config without the searched keys, the tune section.
+    assert parent.data.params["train.epochs"] == "3"
+    assert "train.learning_rate" not in parent.data.params
+    assert parent.data.params["tune.mode"] == "min"
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert main([str(record.dir), "--tracking-uri", f"http://127.0.0.1:{free_port()}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: MLflow tracking server http://127.0.0.1:")
+
+
+@pytest.mark.slow  # two interpreters import MLflow and Ray, one builds the schema: about 10 s on 2 cores
+def test_two_processes_create_one_fresh_store(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    code = "import sys; from tune.mirror import check_tracking_server as c; c(sys.argv[1]); print('ok')"
+    repo = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], cwd=repo, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for proc, (out, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err
+        assert out.strip() == "ok"
+    assert MlflowClient(tracking_uri=uri).search_experiments()

@@ -1,0 +1,189 @@
+"""tune.record: the manifest, the Optuna storage of trials, the lock, checkpoint discovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from tune.record import (
+    Manifest,
+    RecordError,
+    StudyLock,
+    StudyRecord,
+    diff_specs,
+    lock_path,
+)
+
+LR = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+SPEC = {"model": {"hidden_size": 64}, "data": {"train_path": "/a.jsonl"}, "train": {"epochs": 3},
+        "search": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        "tune": {"mode": "min", "metric": "val_loss", "num_samples": 2}, "mlflow": {"experiment": "x"}}
+
+
+@pytest.fixture
+def record(tmp_path: Path) -> StudyRecord:
+    return StudyRecord.create(tmp_path / "s", "s", SPEC, "model: {}\n", {"dataset": "abc"})
+
+
+def test_create_then_open_gives_the_same_manifest_and_trials(record: StudyRecord) -> None:
+    n, params = record.ask(LR)
+    record.record_epoch(n, 1, {"val_loss": 2.0, "train_loss": 2.5}, "val_loss")
+    again = StudyRecord.open(record.dir)
+    assert again.manifest == record.manifest
+    assert again.manifest.spec_hash == Manifest.from_json(record.manifest.to_json(), Path("x")).spec_hash
+    [trial] = again.trials()
+    assert (trial.number, trial.status, trial.params) == (n, "running", params)
+    assert trial.epochs[1]["val_loss"] == 2.0 and trial.curve("val_loss") == [(1, 2.0)]
+
+
+def test_create_refuses_an_existing_folder(record: StudyRecord) -> None:
+    with pytest.raises(FileExistsError):
+        StudyRecord.create(record.dir, "s", SPEC, "", {})
+
+
+def test_open_names_what_is_missing(tmp_path: Path, record: StudyRecord) -> None:
+    with pytest.raises(RecordError, match="no study.json"):
+        StudyRecord.open(tmp_path)
+    (record.dir / "study.json").write_text("{not json")
+    with pytest.raises(RecordError, match="damaged"):
+        StudyRecord.open(record.dir)
+
+
+def test_an_epoch_is_recorded_once(record: StudyRecord) -> None:
+    n, _ = record.ask(LR)
+    assert record.record_epoch(n, 1, {"val_loss": 2.0}, "val_loss")
+    assert not record.record_epoch(n, 1, {"val_loss": 9.0}, "val_loss")
+    assert record.trial(n).epochs[1]["val_loss"] == 2.0
+    assert record.study.trials[0].intermediate_values == {1: 2.0}
+
+
+@pytest.mark.parametrize(("status", "state", "value"), [
+    ("completed", optuna.trial.TrialState.COMPLETE, 1.5),
+    ("stopped_early", optuna.trial.TrialState.PRUNED, 1.5),  # Optuna keeps the last reported value
+    ("diverged", optuna.trial.TrialState.FAIL, None),
+    ("interrupted", optuna.trial.TrialState.RUNNING, None),
+    ("failed", optuna.trial.TrialState.RUNNING, None),
+])
+def test_finish_maps_statuses_to_optuna_states(record: StudyRecord, status: str, state: object,
+                                               value: float | None) -> None:
+    n, _ = record.ask(LR)
+    record.record_epoch(n, 1, {"val_loss": 2.0}, "val_loss")
+    record.record_epoch(n, 2, {"val_loss": 1.5}, "val_loss")
+    record.finish(n, status, "val_loss", "min", error="why" if status == "failed" else "")
+    frozen = record.study.trials[0]
+    assert frozen.state == state
+    assert frozen.value == value
+    assert record.trial(n).status == status
+    assert (record.trial(n).error == "why") == (status == "failed")
+    assert (record.trial(n) in record.unfinished()) == (status in ("interrupted", "failed"))
+
+
+def test_a_completed_trial_without_a_finite_value_is_diverged(record: StudyRecord) -> None:
+    n, _ = record.ask(LR)
+    record.finish(n, "completed", "val_loss", "min")
+    assert record.trial(n).status == "diverged"
+    assert record.study.trials[0].state == optuna.trial.TrialState.FAIL
+
+
+def test_finished_trials_are_final(record: StudyRecord) -> None:
+    n, _ = record.ask(LR)
+    record.record_epoch(n, 1, {"val_loss": 2.0}, "val_loss")
+    record.finish(n, "completed", "val_loss", "min")
+    record.finish(n, "interrupted", "val_loss", "min")
+    assert not record.record_epoch(n, 2, {"val_loss": 1.0}, "val_loss")
+    assert record.trial(n).status == "completed" and record.finished_count() == 1
+
+
+def _checkpoint(folder: Path, epoch: int, val: float, *, meta: bool = True, state: bytes = b"x") -> Path:
+    folder.mkdir(parents=True)
+    torch.save({"w": torch.zeros(1)}, folder / "model.pth")
+    (folder / "train_state.pt").write_bytes(state)
+    if meta:
+        (folder / "meta.json").write_text(json.dumps({"epoch": epoch, "metrics": {"val_loss": val}}))
+    return folder
+
+
+def test_checkpoints_skip_what_a_kill_or_full_disk_cut_short(record: StudyRecord) -> None:
+    n, _ = record.ask(LR)
+    run1, run2 = record.dir / "runs" / "run-1" / f"t{n:03d}", record.dir / "runs" / "run-2" / f"t{n:03d}"
+    _checkpoint(run1 / "checkpoint_000000", 1, 3.0)
+    _checkpoint(run1 / "checkpoint_000001", 2, 2.0)
+    _checkpoint(run2 / "checkpoint_000000", 3, 2.5)
+    _checkpoint(run2 / "checkpoint_000001", 4, 1.0, meta=False)  # meta never written
+    _checkpoint(run2 / "checkpoint_000002", 4, 1.0, state=b"")  # resume state cut short
+    assert record.trial_dirs(n) == [run1, run2]
+    assert {e: p.parent.parent.name + "/" + p.name for e, p in record.checkpoints(n).items()} == {
+        1: "run-1/checkpoint_000000", 2: "run-1/checkpoint_000001", 3: "run-2/checkpoint_000000"}
+    assert record.best_checkpoint(n, "val_loss", "min") == run1 / "checkpoint_000001"
+    assert record.best_checkpoint(n, "val_loss", "max") == run1 / "checkpoint_000000"
+    assert record.next_run_index() == 3
+
+
+def test_pruner_decides_from_the_record(record: StudyRecord) -> None:
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    good, _ = record.ask(LR)
+    bad, _ = record.ask(LR)
+    record.record_epoch(good, 1, {"val_loss": 1.0}, "val_loss")
+    assert not record.should_prune(good, pruner)
+    record.record_epoch(bad, 1, {"val_loss": 5.0}, "val_loss")
+    assert record.should_prune(bad, pruner)
+    # Reopened (a resumed study), the rung is still known: a worse newcomer is pruned too.
+    again = StudyRecord.open(record.dir)
+    late, _ = again.ask(LR)
+    again.record_epoch(late, 1, {"val_loss": 4.0}, "val_loss")
+    assert again.should_prune(late, pruner)
+
+
+def test_diff_specs_lists_each_changed_key_and_ignores_run_settings() -> None:
+    new = json.loads(json.dumps(SPEC))
+    new["model"]["hidden_size"] = 128
+    new["tune"]["num_samples"] = 9
+    new["data"]["train_path"] = "/moved/a.jsonl"
+    new["search"]["train.learning_rate"]["high"] = 0.1
+    new["search"]["train.grad_clip"] = {"type": "float", "low": 0.1, "high": 1.0}
+    assert diff_specs(SPEC, new) == [
+        "model.hidden_size: 64 -> 128",
+        "search.train.grad_clip: (not searched) -> {type: float, low: 0.1, high: 1}",
+        ("search.train.learning_rate: {type: float, low: 0.0001, high: 0.01, log: True} -> "
+        "{type: float, low: 0.0001, high: 0.1, log: True}"),
+    ]
+    assert diff_specs(SPEC, json.loads(json.dumps(SPEC))) == []
+
+
+def test_lock_is_exclusive_and_names_the_holder(tmp_path: Path) -> None:
+    study = tmp_path / "studies" / "dup"
+    with StudyLock(study):
+        assert lock_path(study).is_file() and not study.exists()  # nothing of the study is written
+        with pytest.raises(RecordError, match=rf"in use by pid {os.getpid()} on .* since"):
+            StudyLock(study).acquire()
+    with StudyLock(study):  # released
+        pass
+
+
+def test_lock_of_a_killed_process_is_not_stale(tmp_path: Path) -> None:
+    study = tmp_path / "dup"
+    code = ("import sys, time; from pathlib import Path; from tune.record import StudyLock; "
+            f"lock = StudyLock(Path({str(study)!r})); lock.acquire(); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RecordError, match=f"pid {proc.pid}"):
+            StudyLock(study).acquire()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        time.sleep(0.1)
+        with StudyLock(study):
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,103 @@
+"""tune.run without a study: Ray's start-up retried once and explained, faults told apart."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+from typing import Any
+
+import pytest
+
+from tune import run
+
+
+class _FakeRay:
+    def __init__(self, failures: list[str]) -> None:
+        self.failures = list(failures)
+        self.calls: list[dict[str, Any]] = []
+        self.shutdowns = 0
+
+    def init(self, **kwargs: Any) -> None:
+        self.calls.append(kwargs)
+        if self.failures:
+            raise Exception(self.failures.pop(0))  # noqa: TRY002 - what ray.init raises for a slow start
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+TIMEOUT = ("The current node timed out during startup. This could happen because some of the raylet "
+           "failed to startup or the GCS has become overloaded.")
+
+
+def _args(**kw: Any) -> argparse.Namespace:
+    return argparse.Namespace(address=kw.get("address"), ray_temp_dir="/tmp/rt")
+
+
+@pytest.fixture
+def fake_ray(monkeypatch: pytest.MonkeyPatch) -> Any:
+    import ray
+
+    def install(failures: list[str]) -> _FakeRay:
+        fake = _FakeRay(failures)
+        monkeypatch.setattr(ray, "init", fake.init)
+        monkeypatch.setattr(ray, "shutdown", fake.shutdown)
+        monkeypatch.setattr(run.time, "sleep", lambda s: None)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        return fake
+
+    return install
+
+
+def test_a_slow_ray_start_is_retried_once(fake_ray: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = fake_ray([TIMEOUT])
+    run._init_ray(_args())
+    assert len(fake.calls) == 2 and fake.shutdowns == 1
+    assert fake.calls[0]["_temp_dir"] == "/tmp/rt" and not fake.calls[0]["include_dashboard"]
+    assert "trying once more" in capsys.readouterr().err
+
+
+def test_ray_that_never_starts_is_one_clear_error(fake_ray: Any) -> None:
+    fake = fake_ray([TIMEOUT, TIMEOUT])
+    with pytest.raises(run.StudyError) as err:
+        run._init_ray(_args())
+    text = str(err.value)
+    assert "could not start a local Ray: The current node timed out during startup" in text
+    assert "retry" in text and "--address" in text and "\n" not in text
+    assert len(fake.calls) == 2
+
+
+def test_a_cluster_that_is_not_there_is_not_retried(fake_ray: Any) -> None:
+    fake = fake_ray(["Could not find any running Ray instance"])
+    with pytest.raises(run.StudyError, match="the Ray cluster at ray://nowhere:10001.*ray status"):
+        run._init_ray(_args(address="ray://nowhere:10001"))
+    assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize(("exc", "full"), [
+    (OSError(errno.ENOSPC, "No space left on device"), True),
+    (RuntimeError("(sqlite3.OperationalError) database or disk is full"), True),
+    (OSError(errno.EACCES, "Permission denied"), False),
+    (ValueError("bad"), False),
+])
+def test_disk_full_is_found_through_the_cause_chain(exc: BaseException, full: bool) -> None:
+    try:
+        try:
+            raise exc
+        except BaseException as inner:
+            raise RuntimeError("Tune failed") from inner
+    except RuntimeError as outer:
+        assert run._disk_full(outer) is full
+
+
+def test_overrides_are_validated_and_zero_budget_means_none() -> None:
+    from tune.space import SpaceError, load_space
+
+    spec = load_space("smoke")
+    args = argparse.Namespace(num_samples=5, max_concurrent=3, time_budget_s=0.0)
+    t = run._apply_overrides(spec, args).tune
+    assert (t.num_samples, t.max_concurrent_trials, t.time_budget_s) == (5, 3, None)
+    with pytest.raises(SpaceError, match="--num-samples=0"):
+        run._apply_overrides(spec, argparse.Namespace(num_samples=0, max_concurrent=None, time_budget_s=None))
+    with pytest.raises(SpaceError, match="--time-budget-s=-1"):
+        run._apply_overrides(spec, argparse.Namespace(num_samples=None, max_concurrent=None, time_budget_s=-1.0))

@@ -1,0 +1,135 @@
+"""tune.searcher: Ray's searcher and scheduler writing to and reading from the study record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import optuna
+import pytest
+from ray.tune.schedulers import TrialScheduler
+
+from tune.record import StudyRecord
+from tune.searcher import (
+    NUMBER_KEY,
+    PARAMS_KEY,
+    RecordScheduler,
+    RecordSearcher,
+    ResumePlan,
+    failure_reason,
+    make_pruner,
+    make_sampler,
+)
+
+SPACE = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+EPOCHS = 3
+
+
+@pytest.fixture
+def record(tmp_path: Path) -> StudyRecord:
+    rec = StudyRecord.create(tmp_path / "s", "s", {"tune": {"mode": "min"}}, "", {})
+    rec.use(sampler=make_sampler("optuna", 0, 8))
+    return rec
+
+
+def _pair(record: StudyRecord, plans: list[ResumePlan] | None = None) -> tuple[RecordSearcher, RecordScheduler]:
+    searcher = RecordSearcher(record, SPACE, "val_loss", "min", EPOCHS, plans)
+    return searcher, RecordScheduler(searcher, make_pruner("asha", 1, 2))
+
+
+def _trial(trial_id: str, config: dict[str, Any]) -> Any:
+    return SimpleNamespace(trial_id=trial_id, config=config, get_error=lambda: None)
+
+
+def _result(epoch: int, value: float, **extra: Any) -> dict[str, Any]:
+    return {"val_loss": value, "train_loss": value + 0.5, "epoch": epoch, "training_iteration": epoch,
+            "config/params/x": 1.0, "time_this_iter_s": 1.0, "timestamp": 1_700_000_000 + epoch, **extra}
+
+
+def test_suggest_continues_unfinished_trials_first(record: StudyRecord) -> None:
+    old, params = record.ask(SPACE)
+    record.finish(old, "interrupted", "val_loss", "min")
+    searcher, _ = _pair(record, [ResumePlan(old, params, ("/c2", "/c1"))])
+    first = searcher.suggest("a")
+    assert first == {PARAMS_KEY: params, NUMBER_KEY: old}
+    assert record.trial(old).status == "running"
+    second = searcher.suggest("b")
+    assert second[NUMBER_KEY] == old + 1
+    assert set(second[PARAMS_KEY]) == set(SPACE)
+    assert searcher.numbers == {"a": old, "b": old + 1}
+
+
+def test_scheduler_records_then_prunes_at_a_rung(record: StudyRecord) -> None:
+    searcher, scheduler = _pair(record)
+    good, bad = (_trial(tid, searcher.suggest(tid)) for tid in ("g", "b"))
+    assert scheduler.on_trial_result(None, good, _result(1, 1.0)) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, bad, _result(1, 4.0)) == TrialScheduler.STOP
+    searcher.on_trial_complete("b", _result(1, 4.0))
+    stopped = record.trial(bad.config[NUMBER_KEY])
+    assert stopped.status == "stopped_early"
+    # The value ASHA decided on is the end of the pruned trial's curve in Optuna.
+    frozen = record.study.trials[bad.config[NUMBER_KEY]]
+    assert frozen.state == optuna.trial.TrialState.PRUNED and frozen.intermediate_values == {1: 4.0}
+    assert stopped.epochs[1]["train_loss"] == 4.5
+    assert not {"training_iteration", "config/params/x", "time_this_iter_s"} & set(stopped.epochs[1])
+
+
+def test_the_last_epoch_is_never_a_prune_decision(record: StudyRecord) -> None:
+    searcher, scheduler = _pair(record)
+    best = _trial("x", searcher.suggest("x"))
+    other = _trial("y", searcher.suggest("y"))
+    for epoch in range(1, EPOCHS + 1):
+        assert scheduler.on_trial_result(None, best, _result(epoch, 1.0 / epoch)) == TrialScheduler.CONTINUE
+    # Worse than `best` at every rung it reaches, but its last epoch only ends it.
+    for epoch in (1, 2):
+        record.record_epoch(other.config[NUMBER_KEY], epoch, {"val_loss": 0.1}, "val_loss")
+    assert scheduler.on_trial_result(None, other, _result(EPOCHS, 9.0)) == TrialScheduler.CONTINUE
+    searcher.on_trial_complete("x", _result(EPOCHS, 1.0 / EPOCHS))
+    assert record.trial(best.config[NUMBER_KEY]).status == "completed"
+    assert record.study.trials[0].value == pytest.approx(1.0 / EPOCHS)
+
+
+def test_diverged_and_non_finite_results_stop_the_trial_as_diverged(record: StudyRecord) -> None:
+    searcher, scheduler = _pair(record)
+    a, b = (_trial(tid, searcher.suggest(tid)) for tid in ("a", "b"))
+    decision = scheduler.on_trial_result(None, a, _result(2, float("nan"), diverged=1,
+                                                          diverged_reason="loss is nan at step 7"))
+    assert decision == TrialScheduler.STOP
+    assert scheduler.on_trial_result(None, b, _result(1, float("inf"))) == TrialScheduler.STOP
+    for tid in ("a", "b"):
+        searcher.on_trial_complete(tid, {})
+    assert [record.trial(n).status for n in (0, 1)] == ["diverged", "diverged"]
+    assert record.trial(0).error == "loss is nan at step 7"
+    assert [t.state for t in record.study.trials] == [optuna.trial.TrialState.FAIL] * 2
+
+
+def test_end_without_all_epochs_is_interrupted_and_an_error_is_failed(record: StudyRecord) -> None:
+    searcher, scheduler = _pair(record)
+    a, b = (_trial(tid, searcher.suggest(tid)) for tid in ("a", "b"))
+    scheduler.on_trial_result(None, a, _result(1, 1.0))
+    searcher.on_trial_complete("a", _result(1, 1.0))  # Ctrl-C or the time budget
+    b.get_error = lambda: RuntimeError(
+        "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+        "\x1b[36mray::ImplicitFunc.train()\x1b[39m\ntune.trainable.TrialOutOfMemory: out of GPU memory")
+    scheduler.on_trial_error(SimpleNamespace(), b)
+    searcher.on_trial_complete("b", None, error=True)
+    assert record.trial(0).status == "interrupted"
+    assert (record.trial(1).status, record.trial(1).error) == (
+        "failed", "tune.trainable.TrialOutOfMemory: out of GPU memory")
+    assert {t.number for t in record.unfinished()} == {0, 1}
+
+
+def test_failure_reason_takes_the_exception_line() -> None:
+    assert failure_reason("Traceback\n  File 'a'\nValueError: bad\n") == "ValueError: bad"
+    assert failure_reason("") == ""
+
+
+def test_resumed_sampler_does_not_repeat_the_first_draws(tmp_path: Path) -> None:
+    first = make_sampler("random", 0, 4)
+    again = make_sampler("random", 0, 4, offset=2)
+    draw = optuna.distributions.FloatDistribution(0, 1)
+    study = optuna.create_study()
+    a = first.sample_independent(study, None, "x", draw)  # type: ignore[arg-type]
+    b = again.sample_independent(study, None, "x", draw)  # type: ignore[arg-type]
+    assert a != b

@@ -1,0 +1,493 @@
+"""The study record: the one source of truth of a study, kept in its folder.
+
+A study folder holds::
+
+    study.json      manifest: the resolved spec (fixed config, search space, objective, scheduler),
+                    the input fingerprints and the study id; written once when the study is created
+                    (only the run settings -- num_samples, concurrency, time budget -- change later,
+                    each change kept in its ``history``)
+    space.yaml      the resolved spec as a space file (what ``--resume`` without ``--space`` runs)
+    optuna.db       the Optuna storage (sqlite): every trial, its params, its per-epoch objective
+                    (intermediate values), its per-epoch metrics and status (user attrs), its state
+    runs/run-K/tNNN the Ray trial folders of driver run K (checkpoint_*/ with model.pth, meta.json)
+    mlflow.db       the default MLflow store, a mirror of the record (tune.mirror)
+
+Ray is the executor: each driver run is a fresh Ray experiment under ``runs/``; nothing of Ray's
+own saved state is read back. A trial interrupted in one run continues in the next from the newest
+whole checkpoint in its folders. A lock file beside the study folder (``.<name>.lock``) is held by
+the live driver (``fcntl.flock``: released by the kernel when the process dies, so a stale lock
+cannot exist).
+
+Trial statuses (user attr ``status``) and their Optuna states:
+
+=============  ========  ===============================================================
+status         state     meaning
+=============  ========  ===============================================================
+running        RUNNING   training now, or its driver died (resumed by ``--resume``)
+interrupted    RUNNING   stopped by Ctrl-C or the time budget (resumed by ``--resume``)
+failed         RUNNING   crashed after Ray's retries (``--resume`` retries it)
+completed      COMPLETE  trained every epoch; value = best epoch's objective
+stopped_early  PRUNED    stopped by ASHA (Optuna's SuccessiveHalvingPruner) at a rung
+diverged       FAIL      loss became non-finite or exploded: its config is unusable
+=============  ========  ===============================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import optuna
+
+__all__ = [
+    "FINISHED",
+    "MANIFEST_FILE",
+    "OPTUNA_FILE",
+    "RESUMABLE",
+    "RUNS_DIR",
+    "Manifest",
+    "RecordError",
+    "StudyLock",
+    "StudyRecord",
+    "TrialRecord",
+    "diff_specs",
+    "lock_path",
+    "trial_dirname",
+    "trial_dirs",
+]
+
+MANIFEST_FILE = "study.json"
+SPACE_FILE = "space.yaml"
+OPTUNA_FILE = "optuna.db"
+RUNS_DIR = "runs"
+_STUDY_NAME = "study"  # the one Optuna study inside optuna.db
+FORMAT = 1
+
+FINISHED = frozenset({"completed", "stopped_early", "diverged"})
+RESUMABLE = frozenset({"running", "interrupted", "failed"})
+
+
+class RecordError(RuntimeError):
+    """The study folder cannot be used as asked; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The lock.
+
+
+def lock_path(study_dir: Path) -> Path:
+    """Beside the study folder, so that ``--restart`` can move the folder while holding it."""
+    return study_dir.parent / f".{study_dir.name}.lock"
+
+
+class StudyLock:
+    """An exclusive lock on one study, held for the driver's life.
+
+    ``fcntl.flock`` is atomic and the kernel releases it when the holder dies, so a lock left by a
+    killed driver never blocks the next one. The file holds the holder's pid, host and start time,
+    for the refusal message.
+    """
+
+    def __init__(self, study_dir: Path) -> None:
+        self.path = lock_path(study_dir)
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`RecordError` naming the holder; creates the storage folder."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = self.path.open("a+", encoding="utf-8")
+        except OSError as exc:
+            raise RecordError(f"cannot create the study's lock file {self.path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise RecordError(f"study {self.path.name[1:-5]!r} is in use by {holder} "
+                                  f"(lock {self.path}); wait for it to end or stop it first") from exc
+            raise
+        fh.seek(0)
+        fh.truncate()
+        started = _dt.datetime.now().isoformat(timespec="seconds")
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing releases the flock
+            self._fh = None
+
+    def __enter__(self) -> StudyLock:  # noqa: PYI034 - Self needs Python 3.11
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The manifest.
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``study.json``. ``spec`` is :func:`tune.space.spec_to_dict` of the spec the study was created with.
+
+    ``fingerprints`` maps an input (``dataset``, ``tokenizer``, ``model.init_from``) to a content hash:
+    paths may change (a moved study), contents may not.
+    """
+
+    study_id: str
+    name: str
+    created: str
+    spec: dict[str, Any]
+    fingerprints: dict[str, str]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    format: int = FORMAT
+
+    @property
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        body = {"format": self.format, "study_id": self.study_id, "name": self.name, "created": self.created,
+                "spec_hash": self.spec_hash, "fingerprints": self.fingerprints, "spec": self.spec,
+                "history": self.history}
+        return json.dumps(body, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> Manifest:
+        try:
+            raw = json.loads(text)
+            if raw.get("format") != FORMAT:
+                raise RecordError(f"{where}: study format {raw.get('format')!r} is not {FORMAT}; this "
+                                  "version of minimind-tune cannot continue it")
+            return cls(study_id=raw["study_id"], name=raw["name"], created=raw["created"], spec=raw["spec"],
+                       fingerprints=dict(raw.get("fingerprints") or {}), history=list(raw.get("history") or []))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise RecordError(f"{where} is damaged ({exc}); the trials are still in {OPTUNA_FILE} and "
+                              f"{RUNS_DIR}/") from exc
+
+
+# Keys of the spec that may change between runs of one study: they say how to run, not what is studied.
+RUN_SETTINGS = ("tune.num_samples", "tune.max_concurrent_trials", "tune.time_budget_s",
+                "tune.resources_per_trial.cpu", "tune.resources_per_trial.gpu", "tune.max_failures",
+                "tune.keep_checkpoints", "tune.keep_top_trials", "mlflow.tracking_uri", "mlflow.experiment",
+                "train.num_threads", "train.device", "train.log_interval", "train.eval_batch_size",
+                "data.cache_dir")
+# Inputs compared by content (Manifest.fingerprints), not by path.
+PATH_KEYS = ("data.train_path", "data.val_path", "data.tokenizer", "model.init_from")
+
+
+def _flat(spec: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def diff_specs(old: Mapping[str, Any], new: Mapping[str, Any],
+               ignore: Sequence[str] = RUN_SETTINGS + PATH_KEYS) -> list[str]:
+    """``key: old -> new`` for each key of two :func:`tune.space.spec_to_dict` results that differs.
+
+    Searched parameters compare as a whole (``search.train.learning_rate: {...} -> {...}``).
+    """
+    flat_old, flat_new = _flat(old), _flat(new)
+    search_old, search_new = dict(old.get("search") or {}), dict(new.get("search") or {})
+    lines = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        if key.startswith("search.") or key in ignore:
+            continue
+        a, b = flat_old.get(key, "(absent)"), flat_new.get(key, "(absent)")
+        if a != b:
+            lines.append(f"{key}: {_show(a)} -> {_show(b)}")
+    for path in sorted(set(search_old) | set(search_new)):
+        a, b = search_old.get(path, "(not searched)"), search_new.get(path, "(not searched)")
+        if a != b:
+            lines.append(f"search.{path}: {_show(a)} -> {_show(b)}")
+    return lines
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "null" if value is None else str(value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trials.
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the record has it. ``epochs`` maps epoch (1-based) to the metrics it reported."""
+
+    number: int
+    status: str
+    params: dict[str, Any]
+    epochs: dict[int, dict[str, float]]
+    error: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"t{self.number:03d}"
+
+    def curve(self, metric: str) -> list[tuple[int, float]]:
+        return [(e, float(m[metric])) for e, m in sorted(self.epochs.items()) if metric in m]
+
+
+def trial_dirname(number: int) -> str:
+    return f"t{number:03d}"
+
+
+def trial_dirs(runs_dir: Path, number: int) -> list[Path]:
+    """Trial ``number``'s folders in the driver runs under ``runs_dir`` (``run-K/tNNN``), oldest run first."""
+    name = trial_dirname(number)
+    found = [p / name for p in runs_dir.glob("run-*") if (p / name).is_dir()] if runs_dir.is_dir() else []
+    return sorted(found, key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class StudyRecord:
+    """The record of one study folder: its manifest and its Optuna storage.
+
+    Create with :meth:`create`, open with :meth:`open`. Writes go straight to sqlite (each a
+    transaction), so a killed driver loses nothing that was recorded, and a full disk rolls the one
+    failed write back.
+    """
+
+    def __init__(self, study_dir: Path, manifest: Manifest, storage: optuna.storages.BaseStorage) -> None:
+        self.dir = study_dir
+        self.manifest = manifest
+        self.storage = storage
+        self.study_id = storage.get_study_id_from_name(_STUDY_NAME)
+        self.study = optuna.load_study(study_name=_STUDY_NAME, storage=storage)
+
+    def use(self, sampler: optuna.samplers.BaseSampler | None = None,
+            pruner: optuna.pruners.BasePruner | None = None) -> None:
+        """Ask new trials with ``sampler`` and judge rungs with ``pruner`` (neither is stored in the db)."""
+        self.study = optuna.load_study(study_name=_STUDY_NAME, storage=self.storage, sampler=sampler,
+                                       pruner=pruner)
+
+    # -- opening -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def exists(study_dir: Path) -> bool:
+        return (study_dir / MANIFEST_FILE).is_file()
+
+    @staticmethod
+    def _storage(study_dir: Path) -> optuna.storages.RDBStorage:
+        # A generous busy timeout: `python -m tune.ui` or a sync may read while the driver writes.
+        return optuna.storages.RDBStorage(f"sqlite:///{study_dir / OPTUNA_FILE}",
+                                          engine_kwargs={"connect_args": {"timeout": 60}})
+
+    @classmethod
+    def create(cls, study_dir: Path, name: str, spec: Mapping[str, Any], space_yaml: str,
+               fingerprints: Mapping[str, str]) -> StudyRecord:
+        """A new study folder; ``spec`` is :func:`tune.space.spec_to_dict`. The folder must not exist."""
+        study_dir.mkdir(parents=True, exist_ok=False)
+        manifest = Manifest(study_id=uuid.uuid4().hex, name=name,
+                            created=_dt.datetime.now().isoformat(timespec="seconds"), spec=dict(spec),
+                            fingerprints=dict(fingerprints))
+        direction = "minimize" if spec["tune"]["mode"] == "min" else "maximize"
+        storage = cls._storage(study_dir)
+        study = optuna.create_study(storage=storage, study_name=_STUDY_NAME, direction=direction)
+        study.set_user_attr("study_id", manifest.study_id)
+        (study_dir / SPACE_FILE).write_text(space_yaml, encoding="utf-8")
+        # The manifest last: a folder without it is a creation cut short, never a study.
+        _write_atomic(study_dir / MANIFEST_FILE, manifest.to_json())
+        return cls(study_dir, manifest, storage)
+
+    @classmethod
+    def open(cls, study_dir: Path) -> StudyRecord:
+        path = study_dir / MANIFEST_FILE
+        if not path.is_file():
+            raise RecordError(f"{study_dir} is not a study folder (no {MANIFEST_FILE})")
+        manifest = Manifest.from_json(path.read_text(encoding="utf-8"), path)
+        if not (study_dir / OPTUNA_FILE).is_file():
+            raise RecordError(f"{study_dir / OPTUNA_FILE} is missing: the study's trials are not recorded")
+        try:
+            return cls(study_dir, manifest, cls._storage(study_dir))
+        except Exception as exc:
+            raise RecordError(f"{study_dir / OPTUNA_FILE} cannot be read: {exc}") from exc
+
+    def add_history(self, entry: Mapping[str, Any]) -> None:
+        """Record a driver run (its start, command-line overrides, applied settings) in the manifest."""
+        manifest = Manifest(**{**self.manifest.__dict__, "history": [*self.manifest.history, dict(entry)]})
+        _write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
+        self.manifest = manifest
+
+    def next_run_index(self) -> int:
+        runs = self.dir / RUNS_DIR
+        taken = [int(p.name[4:]) for p in runs.glob("run-*") if p.name[4:].isdigit()] if runs.is_dir() else []
+        return max(taken, default=0) + 1
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def trials(self) -> list[TrialRecord]:
+        out = []
+        for t in self.study.get_trials(deepcopy=False):
+            epochs = {}
+            for key, value in t.user_attrs.items():
+                if key.startswith("epoch_") and key[6:].isdigit() and isinstance(value, Mapping):
+                    epochs[int(key[6:])] = {k: float(v) for k, v in value.items() if _is_number(v)}
+            status = str(t.user_attrs.get("status", _STATUS_OF_STATE.get(t.state, "running")))
+            out.append(TrialRecord(number=t.number, status=status, params=dict(t.params), epochs=epochs,
+                                   error=str(t.user_attrs.get("error", ""))))
+        return out
+
+    def trial(self, number: int) -> TrialRecord:
+        for t in self.trials():
+            if t.number == number:
+                return t
+        raise KeyError(number)
+
+    def trial_dirs(self, number: int) -> list[Path]:
+        """The trial's Ray folders, oldest run first."""
+        return trial_dirs(self.dir / RUNS_DIR, number)
+
+    def checkpoints(self, number: int) -> dict[int, Path]:
+        """Whole checkpoints of a trial on disk by epoch (the newest run's folder wins an epoch)."""
+        from minimind_train.checkpoint import find_checkpoints
+
+        return find_checkpoints(self.trial_dirs(number))
+
+    def best_checkpoint(self, number: int, metric: str, mode: str) -> Path | None:
+        """The trial's kept checkpoint with the best ``metric`` by its own meta.json."""
+        from minimind_train.checkpoint import read_meta
+
+        scored = []
+        for epoch, ckpt in self.checkpoints(number).items():
+            try:
+                value = float(read_meta(ckpt)["metrics"][metric])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if math.isfinite(value):
+                scored.append((value if mode == "min" else -value, epoch, ckpt))
+        return min(scored)[2] if scored else None
+
+    # -- writing (the driver) ----------------------------------------------------------------------
+
+    def ask(self, distributions: Mapping[str, optuna.distributions.BaseDistribution]) -> tuple[int, dict[str, Any]]:
+        """A new trial: its number and the sampler's params (Optuna's ask-and-tell interface)."""
+        trial = self.study.ask(dict(distributions))
+        trial.set_user_attr("status", "running")
+        return trial.number, dict(trial.params)
+
+    def _trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
+    def _frozen(self, number: int) -> optuna.trial.FrozenTrial:
+        return self.storage.get_trial(self._trial_id(number))
+
+    def set_status(self, number: int, status: str, error: str = "") -> None:
+        trial_id = self._trial_id(number)
+        self.storage.set_trial_user_attr(trial_id, "status", status)
+        if error:
+            self.storage.set_trial_user_attr(trial_id, "error", error[:2000])
+
+    def record_epoch(self, number: int, epoch: int, metrics: Mapping[str, Any], objective: str) -> bool:
+        """Store one epoch's metrics and objective; False when that epoch was already recorded."""
+        trial_id = self._trial_id(number)
+        frozen = self.storage.get_trial(trial_id)
+        if f"epoch_{epoch}" in frozen.user_attrs or frozen.state.is_finished():
+            return False
+        clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        clean.setdefault("timestamp_ms", float(_now_ms()))
+        value = clean.get(objective)
+        if value is not None and math.isfinite(value) and epoch not in frozen.intermediate_values:
+            self.storage.set_trial_intermediate_value(trial_id, epoch, value)
+        self.storage.set_trial_user_attr(trial_id, f"epoch_{epoch}", clean)
+        return True
+
+    def should_prune(self, number: int, pruner: optuna.pruners.BasePruner) -> bool:
+        frozen = self._frozen(number)
+        return bool(frozen.intermediate_values) and pruner.prune(self.study, frozen)
+
+    def finish(self, number: int, status: str, objective: str, mode: str, error: str = "") -> None:
+        """End a trial in Optuna: completed -> COMPLETE(best epoch), stopped_early -> PRUNED, diverged -> FAIL.
+
+        Other statuses leave the trial RUNNING (resumable) and only record the status.
+        """
+        if self._frozen(number).state.is_finished():
+            return
+        if status == "completed":
+            values = [v for _, v in self.trial(number).curve(objective) if math.isfinite(v)]
+            if not values:
+                status, error = "diverged", error or f"no finite {objective} was reported"
+        self.set_status(number, status, error)
+        if status not in FINISHED:
+            return
+        if status == "completed":
+            self.study.tell(number, min(values) if mode == "min" else max(values))
+        else:
+            state = (optuna.trial.TrialState.PRUNED if status == "stopped_early"
+                     else optuna.trial.TrialState.FAIL)
+            self.study.tell(number, state=state)
+
+    def unfinished(self) -> list[TrialRecord]:
+        return [t for t in self.trials() if t.status in RESUMABLE]
+
+    def finished_count(self) -> int:
+        return sum(t.status in FINISHED for t in self.trials())
+
+
+_STATUS_OF_STATE = {
+    optuna.trial.TrialState.COMPLETE: "completed",
+    optuna.trial.TrialState.PRUNED: "stopped_early",
+    optuna.trial.TrialState.FAIL: "diverged",
+    optuna.trial.TrialState.RUNNING: "running",
+    optuna.trial.TrialState.WAITING: "running",
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def iter_metas(checkpoints: Mapping[int, Path]) -> Iterator[tuple[int, dict[str, Any]]]:
+    from minimind_train.checkpoint import read_meta
+
+    for epoch in sorted(checkpoints):
+        try:
+            yield epoch, read_meta(checkpoints[epoch])
+        except (OSError, ValueError):
+            continue
