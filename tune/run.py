@@ -186,7 +186,7 @@ def _prepare(spec: Any, run_cfg: Any, study_dir: Path) -> _Prepared:
     import torch
 
     from minimind_train.data import DataError, prepare_data
-    from minimind_train.model import MiniMindForCausalLM, count_parameters, model_config_from
+    from minimind_train.model import build_model, count_parameters
     from minimind_train.tokenizer import load_tokenizer
 
     from . import tracking
@@ -195,7 +195,7 @@ def _prepare(spec: Any, run_cfg: Any, study_dir: Path) -> _Prepared:
         tokenizer = load_tokenizer(spec.run.data.tokenizer)
         data = prepare_data(spec.run.data, tokenizer)
         with torch.device("meta"):  # shapes only: no memory, no init
-            n_params = count_parameters(MiniMindForCausalLM(model_config_from(run_cfg.model, len(tokenizer))))
+            n_params = count_parameters(build_model(run_cfg.model, len(tokenizer)))
         seconds = time.perf_counter() - t0
         study_dir.mkdir(parents=True, exist_ok=True)
         tracking_uri = tracking.resolve_tracking_uri(spec.mlflow.tracking_uri, study_dir)
