@@ -171,9 +171,21 @@ class DataConfig:
     group_by_length: bool = True
     # None: $MINIMIND_CACHE or ~/.cache/minimind-tune/tokens.
     cache_dir: str | None = None
+    # Cap on the validation split, taken at random (by split_seed) from it: a 10% split of a 1.2M
+    # file would be evaluated every epoch. 0 = no cap.
+    val_max_samples: int = 0
+    # Upstream's random augmentation (system prompt with p 0.2, empty think blocks removed with
+    # p 0.8), drawn once per sample from (augment_seed, line) when the cache is built.
+    augment: bool = False
+    augment_seed: int = 0
+    # Processes that build the token cache; 0: every core for files over 4 MiB.
+    tokenize_workers: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "data", ["max_seq_len"])
+        for name in ("val_max_samples", "tokenize_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}={getattr(self, name)!r} must be >= 0")
         _in_range(self, "data", "val_fraction", 0.0, 1.0, low_open=True, high_open=True)
 
 
