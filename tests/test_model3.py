@@ -174,3 +174,27 @@ def test_minimind3_trains_and_checkpoints_like_upstream(tmp_path: Path) -> None:
     fresh = init_state(dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, init_from=str(folder / "model.pth"))), vocab_size=data.vocab_size)
     assert isinstance(fresh.model, MiniMind3ForCausalLM)
+
+
+def test_minimind3_space_is_valid_once_its_files_exist(tmp_path: Path) -> None:
+    import shutil
+
+    from minimind_train.tokenizer import BUNDLED_TOKENIZER3_DIR
+    from tune.space import SpaceError, load_space
+
+    repo = Path(__file__).resolve().parents[1]
+    space = tmp_path / "minimind3_sft.yaml"
+    shutil.copy(repo / "search_spaces" / "minimind3_sft.yaml", space)
+    with pytest.raises(SpaceError, match=r"model\.init_from"):
+        load_space(space)
+    (tmp_path / "pretrain_768.pth").write_bytes(b"")
+    (tmp_path / "sft_mini_512.jsonl").write_text("", encoding="utf-8")
+    shutil.copytree(BUNDLED_TOKENIZER3_DIR, tmp_path / "minimind3_tokenizer")
+    spec = load_space(space)
+    m = spec.run.model
+    assert (m.family, m.hidden_size, m.num_hidden_layers, m.num_key_value_heads, m.rms_norm_eps) == \
+        ("minimind3", 768, 8, 4, 1e-6)
+    assert spec.run.data.val_max_samples == 5000 and spec.run.data.max_seq_len == 768
+    with torch.device("meta"):
+        model = build_model(m, vocab_size=6400)
+    assert round(count_parameters(model) / 1e6, 1) == 63.9
