@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .config import RunConfig, run_config_to_dict
-from .model import MiniMindForCausalLM
+from .model import GenerationMismatchError, build_model, check_generation
 from .train import TrainState, init_state
 
 __all__ = [
@@ -54,13 +54,19 @@ def fp16_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_minimind_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
-    """Load a MiniMind ``.pth`` strictly; any missing, unexpected or wrong-shape key is an error."""
+    """Load a MiniMind ``.pth`` strictly; any missing, unexpected or wrong-shape key is an error, and a
+    file of the other MiniMind generation is refused saying which generation it is."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.init_from: no such file: {path}")
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(loaded, Mapping):
         raise WeightMismatchError(f"{path}: expected a state dict, got {type(loaded).__name__}")
+    # Before the key comparison: its long key lists would hide that the generation is wrong.
+    try:
+        check_generation(loaded, getattr(model, "family", "minimind2"), str(path))
+    except GenerationMismatchError as exc:
+        raise WeightMismatchError(str(exc)) from None
     own = model.state_dict()
     missing = sorted(set(own) - set(loaded))
     unexpected = sorted(set(loaded) - set(own))
@@ -200,10 +206,8 @@ def drop_resume_state(directory: str | os.PathLike[str]) -> int:
 
 
 def model_from_checkpoint(directory: str | os.PathLike[str], cfg: RunConfig,
-                          vocab_size: int) -> MiniMindForCausalLM:
-    """An fp32 model with the checkpoint's fp16 weights, loaded strictly."""
-    from .model import model_config_from
-
-    model = MiniMindForCausalLM(model_config_from(cfg.model, vocab_size))
+                          vocab_size: int) -> torch.nn.Module:
+    """An fp32 model of ``cfg.model.family`` with the checkpoint's fp16 weights, loaded strictly."""
+    model = build_model(cfg.model, vocab_size)
     load_minimind_weights(model, Path(directory) / MODEL_FILE)
     return model

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "FAMILY_DEFAULTS",
+    "MODEL_FAMILIES",
     "ConfigError",
     "DataConfig",
     "ModelConfig",
@@ -37,33 +39,66 @@ class ConfigError(ValueError):
     """A configuration key has a value that is not allowed; the message names key, value and rule."""
 
 
+MODEL_FAMILIES: tuple[str, ...] = ("minimind2", "minimind3")
+
+# What a field left unset (None) means for each generation: upstream's defaults (MiniMind2 at
+# 274483c, MiniMind-3 at d65ef2c). The first column is what these fields always were, so a run
+# file without ``family`` builds exactly the model it built before.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "minimind2": {"hidden_size": 512, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+                  "num_experts_per_tok": 2, "n_shared_experts": 1, "aux_loss_alpha": 0.1,
+                  "seq_aux": True},
+    "minimind3": {"hidden_size": 768, "num_key_value_heads": 4, "rms_norm_eps": 1e-6,
+                  "num_experts_per_tok": 1, "n_shared_experts": 0, "aux_loss_alpha": 5e-4,
+                  "seq_aux": False},
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """MiniMind2 architecture (upstream field names) plus where to start from."""
+    """The architecture (upstream field names) of one MiniMind generation, plus where to start from.
 
-    hidden_size: int = 512
+    ``family`` picks the generation: ``minimind2`` (upstream 274483c, the default) or ``minimind3``
+    (upstream d65ef2c: Qwen3-style q/k norms, ``head_dim``, Switch-style MoE balance loss). Fields
+    left None take that generation's upstream default (:data:`FAMILY_DEFAULTS`) when the config is
+    built, so a config always holds concrete values. Set ``family`` in the same place as the other
+    fields: ``dataclasses.replace(cfg, family=...)`` keeps the already resolved values.
+    """
+
+    family: Literal["minimind2", "minimind3"] = "minimind2"
+    hidden_size: int | None = None
     num_hidden_layers: int = 8
     num_attention_heads: int = 8
-    num_key_value_heads: int = 2
+    num_key_value_heads: int | None = None
+    # None: hidden_size // num_attention_heads (MiniMind2 always uses that; MiniMind-3 may differ).
+    head_dim: int | None = None
     # None: the tokenizer's length, so a bundled or user tokenizer always fits the embedding.
     vocab_size: int | None = None
-    # None: MiniMind's formula, 64 * ceil(hidden * 8/3 / 64).
+    # None: the family's formula (MiniMind2: 64 * ceil(hidden * 8/3 / 64); MiniMind-3:
+    # 64 * ceil(hidden * pi / 64)).
     intermediate_size: int | None = None
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float | None = None
     rope_theta: float = 1e6
     max_position_embeddings: int = 32768
     dropout: float = 0.0
     use_moe: bool = False
     n_routed_experts: int = 4
-    num_experts_per_tok: int = 2
-    n_shared_experts: int = 1
-    aux_loss_alpha: float = 0.1
-    seq_aux: bool = True
+    num_experts_per_tok: int | None = None
+    n_shared_experts: int | None = None
+    # MiniMind2: the balance loss weight (aux_loss_alpha); MiniMind-3: router_aux_loss_coef.
+    aux_loss_alpha: float | None = None
+    seq_aux: bool | None = None
     norm_topk_prob: bool = True
     # A MiniMind .pth (e.g. a pretrain checkpoint) loaded strictly before training.
     init_from: str | None = None
 
     def __post_init__(self) -> None:
+        if self.family not in MODEL_FAMILIES:
+            raise ConfigError(f"model.family={self.family!r} is not allowed: expected one of "
+                              f"{list(MODEL_FAMILIES)}")
+        for name, value in FAMILY_DEFAULTS[self.family].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         _positive(self, "model", ["hidden_size", "num_hidden_layers", "num_attention_heads",
                                   "num_key_value_heads", "max_position_embeddings",
                                   "n_routed_experts", "num_experts_per_tok"])
@@ -71,18 +106,24 @@ class ModelConfig:
             _positive(self, "model", ["vocab_size"])
         if self.intermediate_size is not None:
             _positive(self, "model", ["intermediate_size"])
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"model.hidden_size={self.hidden_size} must be divisible by "
-                f"model.num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is not None:
+            _positive(self, "model", ["head_dim"])
+            if self.head_dim % 2:
+                raise ConfigError(f"model.head_dim={self.head_dim} must be even (rotary embeddings "
+                                  "rotate pairs)")
+        if self.family == "minimind2" or self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"model.hidden_size={self.hidden_size} must be divisible by "
+                    f"model.num_attention_heads={self.num_attention_heads}")
+            if (self.hidden_size // self.num_attention_heads) % 2:
+                raise ConfigError(
+                    f"model.hidden_size / num_attention_heads = {self.hidden_size // self.num_attention_heads}"
+                    " must be even (rotary embeddings rotate pairs)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} must be divisible by "
                 f"model.num_key_value_heads={self.num_key_value_heads}")
-        if (self.hidden_size // self.num_attention_heads) % 2:
-            raise ConfigError(
-                f"model.hidden_size / num_attention_heads = {self.hidden_size // self.num_attention_heads}"
-                " must be even (rotary embeddings rotate pairs)")
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ConfigError(
                 f"model.num_experts_per_tok={self.num_experts_per_tok} must be <= "
@@ -94,6 +135,23 @@ class ModelConfig:
         _in_range(self, "model", "aux_loss_alpha", 0.0, math.inf)
         if self.rope_theta <= 0:
             raise ConfigError(f"model.rope_theta={self.rope_theta!r} must be > 0")
+        if self.family == "minimind2":
+            if self.head_dim is not None and self.head_dim != self.hidden_size // self.num_attention_heads:
+                raise ConfigError(
+                    f"model.head_dim={self.head_dim} is not allowed with model.family='minimind2': "
+                    f"MiniMind2's head size is hidden_size / num_attention_heads = "
+                    f"{self.hidden_size // self.num_attention_heads}; leave it null")
+        else:
+            # What MiniMind-3 upstream cannot express is refused rather than silently ignored.
+            for name, allowed in (("n_shared_experts", 0), ("seq_aux", False), ("dropout", 0.0)):
+                if getattr(self, name) != allowed:
+                    raise ConfigError(
+                        f"model.{name}={getattr(self, name)!r} is not allowed with model.family="
+                        f"'minimind3': MiniMind-3 supports only {allowed!r} (upstream d65ef2c has "
+                        + {"n_shared_experts": "no shared expert",
+                           "seq_aux": "only the batch-level Switch balance loss",
+                           "dropout": "dropout 0.0 in its released configs; the Qwen3 modules used "
+                                      "here have no residual dropout"}[name] + ")")
 
 
 @dataclass(frozen=True)
@@ -113,9 +171,21 @@ class DataConfig:
     group_by_length: bool = True
     # None: $MINIMIND_CACHE or ~/.cache/minimind-tune/tokens.
     cache_dir: str | None = None
+    # Cap on the validation split, taken at random (by split_seed) from it: a 10% split of a 1.2M
+    # file would be evaluated every epoch. 0 = no cap.
+    val_max_samples: int = 0
+    # Upstream's random augmentation (system prompt with p 0.2, empty think blocks removed with
+    # p 0.8), drawn once per sample from (augment_seed, line) when the cache is built.
+    augment: bool = False
+    augment_seed: int = 0
+    # Processes that build the token cache; 0: every core for files over 4 MiB.
+    tokenize_workers: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "data", ["max_seq_len"])
+        for name in ("val_max_samples", "tokenize_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}={getattr(self, name)!r} must be >= 0")
         _in_range(self, "data", "val_fraction", 0.0, 1.0, low_open=True, high_open=True)
 
 

@@ -8,9 +8,20 @@ arrays, so every later run or trial only maps it. :func:`prepare_data` ties it t
 train/val; :func:`batch_indices` and :func:`iterate_batches` produce length-grouped padded batches.
 
 Labels follow the Hugging Face convention: same length as ``input_ids``, the token id where the token
-is supervised, ``-100`` elsewhere; the causal shift happens in the loss. As in MiniMind2, each
-assistant turn's content, its ``<|im_end|>`` and the token after it (the ``\\n``) are supervised, never
-the ``\\n`` that ends the ``<|im_start|>assistant`` header.
+is supervised, ``-100`` elsewhere; the causal shift happens in the loss. As in MiniMind2 and MiniMind-3,
+everything after each ``<|im_start|>assistant\\n`` through the next ``<|im_end|>`` and the token after
+it (the ``\\n``) is supervised -- for MiniMind-3 that includes ``<think>`` blocks and tool calls; tool
+responses, user and system turns never are.
+
+Messages carry upstream's fields ``role, content, reasoning_content, tools, tool_calls`` (the last two
+JSON strings, parsed as upstream's ``SFTDataset`` parses them); the chat template decides what they
+render to. A message with any other field is refused (upstream's loader refuses the whole file), and
+the field names are counted and reported. Upstream's random augmentation (a system prompt prepended
+with p 0.2, empty think blocks removed with p 0.8) is off unless ``data.augment``; then each sample's
+draws are seeded by ``data.augment_seed`` and its line number.
+
+The token cache is built by worker processes (all cores) over a streamed file: RSS stays bounded by
+the chunks in flight, whatever the file size.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import torch
@@ -38,8 +49,12 @@ from tqdm import tqdm
 from .config import DataConfig
 
 __all__ = [
+    "ADD_SYSTEM_RATIO",
     "CACHE_VERSION",
+    "EMPTY_THINK_KEEP_RATIO",
     "IGNORE_INDEX",
+    "SYSTEM_PROMPTS",
+    "AugmentRNG",
     "DataError",
     "SFTData",
     "SFTStats",
@@ -48,6 +63,7 @@ __all__ = [
     "TokenizedDataset",
     "batch_indices",
     "collate",
+    "default_workers",
     "encode_conversation",
     "iterate_batches",
     "load_or_build_cache",
@@ -62,9 +78,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Bump whenever validation, rendering, labelling or the on-disk layout changes: it is part of the key.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 IGNORE_INDEX = -100
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
+# Upstream's message schema (SFTDataset's ``features``): all strings, missing ones null.
+_FIELDS = ("role", "content", "reasoning_content", "tools", "tool_calls")
+_STRING_FIELDS = ("reasoning_content", "tools", "tool_calls")
 _IM_START = "<|im_start|>"
 _IM_END = "<|im_end|>"
 # Samples per batched tokenizer call, and a byte cap so a few huge samples cannot blow up memory.
@@ -84,8 +103,16 @@ class SkipCounts:
 
     # Not a JSON object, no ``conversations`` list, a message that is not an object or has no role.
     invalid_format: int = 0
+    # A message field other than role, content, reasoning_content, tools, tool_calls (upstream's
+    # loader refuses such a file); the names are in the cache's ``unknown_fields``.
+    unknown_field: int = 0
+    # A role the chat template does not render (``tool`` with MiniMind2's template).
     unknown_role: int = 0
     non_string_content: int = 0
+    # reasoning_content / tools / tool_calls that is not a string (upstream wants JSON strings).
+    non_string_field: int = 0
+    # tools / tool_calls that is a string but not JSON.
+    invalid_tool_json: int = 0
     no_assistant: int = 0
     # The chat template raised on the conversation (strict templates check role order).
     template_error: int = 0
@@ -114,22 +141,108 @@ class SkipCounts:
 # Validation, rendering, labelling: shared by encode_conversation and the cache builder.
 
 
-def _check_messages(obj: Any) -> tuple[list[dict[str, str]] | None, str | None]:
-    """``(messages, None)`` for a well-formed message list (role/content only), else ``(None, reason)``."""
+def _check_messages(obj: Any, unknown: Counter[str] | None = None
+                    ) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """``(messages, None)`` for a well-formed message list, else ``(None, reason)``.
+
+    Each message comes back with exactly upstream's five fields (missing ones None, as upstream's
+    loader makes them), so nothing but those fields can reach the template. Names of unknown fields
+    are counted in ``unknown``.
+    """
     if not isinstance(obj, (list, tuple)):
         return None, "invalid_format"
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     for message in obj:
         if not isinstance(message, Mapping) or "role" not in message:
             return None, "invalid_format"
+        extra = [k for k in message if k not in _FIELDS]
+        if extra:
+            if unknown is not None:
+                unknown.update(str(k) for k in extra)
+            return None, "unknown_field"
         role, content = message["role"], message.get("content")
         if role not in _ROLES:
             return None, "unknown_role"
         if not isinstance(content, str):
             return None, "non_string_content"
-        # Only role/content reach the template, so extra keys cannot change tokens behind the cache key.
-        messages.append({"role": role, "content": content})
+        if any(message.get(k) is not None and not isinstance(message[k], str) for k in _STRING_FIELDS):
+            return None, "non_string_field"
+        messages.append({k: message.get(k) for k in _FIELDS})
     return messages, None
+
+
+class _BadToolJSON(ValueError):
+    """A ``tools``/``tool_calls`` string is not JSON."""
+
+
+def _template_roles(tokenizer: Any) -> frozenset[str]:
+    """Roles the tokenizer's template renders: ``tool`` only where the template names it (MiniMind2's
+    template would silently drop a tool message, MiniMind-3's renders it as a tool response)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    has_tool = "'tool'" in template or '"tool"' in template
+    return frozenset(_ROLES if has_tool else _ROLES[:3])
+
+
+def _template_inputs(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:
+    """(messages, tools) as upstream's SFTDataset hands them to ``apply_chat_template``: ``tools`` from a
+    system message's JSON string (the last such message wins), each ``tool_calls`` string parsed."""
+    tools = None
+    out = []
+    for message in messages:
+        message = dict(message)
+        try:
+            if message["role"] == "system" and message.get("tools"):
+                tools = json.loads(message["tools"])
+            if message.get("tool_calls"):
+                message["tool_calls"] = json.loads(message["tool_calls"])
+        except ValueError as exc:
+            raise _BadToolJSON(str(exc)) from None
+        out.append(message)
+    return out, tools
+
+
+# Upstream's system prompts for augmentation (dataset/lm_dataset.py at d65ef2c), in its order.
+SYSTEM_PROMPTS: tuple[str, ...] = (
+    "你是一个知识丰富的AI，尽力为用户提供准确的信息。",
+    "你是minimind，一个小巧但有用的语言模型。",
+    "你是一个专业的AI助手，请提供有价值的回答。",
+    "你是minimind，请尽力帮助用户解决问题。",
+    "你是一个可靠的AI，请给出准确的回答。",
+    "You are a helpful AI assistant.",
+    "You are minimind, a lightweight intelligent assistant.",
+    "You are a friendly chatbot. Please answer the user's questions carefully.",
+    "You are a knowledgeable AI. Try your best to provide accurate information.",
+    "You are minimind, a small but useful language model.",
+)
+_EMPTY_THINK = "<think>\n\n</think>\n\n"
+ADD_SYSTEM_RATIO = 0.2
+EMPTY_THINK_KEEP_RATIO = 0.2
+
+
+class AugmentRNG(Protocol):
+    """The two calls upstream's augmentation makes on Python's ``random`` module."""
+
+    def random(self) -> float: ...
+
+    def choice(self, seq: Sequence[str]) -> str: ...
+
+
+def _augment_messages(messages: list[dict[str, Any]], rng: AugmentRNG) -> list[dict[str, Any]]:
+    """Upstream's ``pre_processing_chat``: tool-use data untouched, else a system prompt with p 0.2."""
+    if any(m.get("tools") for m in messages):
+        return messages
+    if messages and messages[0]["role"] != "system" and rng.random() < ADD_SYSTEM_RATIO:
+        system = {k: None for k in _FIELDS}
+        system.update(role="system", content=rng.choice(SYSTEM_PROMPTS))
+        return [system, *messages]
+    return messages
+
+
+def _augment_text(text: str, rng: AugmentRNG) -> str:
+    """Upstream's ``post_processing_chat``: every empty think block removed with p 0.8."""
+    if _EMPTY_THINK in text and rng.random() > EMPTY_THINK_KEEP_RATIO:
+        return text.replace(_EMPTY_THINK, "")
+    return text
 
 
 @dataclass(frozen=True)
@@ -155,10 +268,16 @@ class _Markers:
         return cls(header=header, end_id=ids[1])
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def _render(tokenizer: Any, messages: list[dict[str, Any]], rng: AugmentRNG | None = None) -> str:
+    """The text upstream tokenises: (augmented) messages through the chat template with the tools."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat_template; SFT data is rendered with it")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    if rng is not None:
+        messages = _augment_messages(messages, rng)
+    template_messages, tools = _template_inputs(messages)
+    text = tokenizer.apply_chat_template(template_messages, tokenize=False, add_generation_prompt=False,
+                                         tools=tools)
+    return _augment_text(text, rng) if rng is not None else text
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -205,19 +324,30 @@ def _supervision_mask(ids: np.ndarray, markers: _Markers) -> np.ndarray:
     return mask
 
 
-def encode_conversation(tokenizer: Any, conversations: Sequence[Mapping[str, Any]],
-                        max_length: int) -> tuple[list[int], list[int]]:
+def encode_conversation(tokenizer: Any, conversations: Sequence[Mapping[str, Any]], max_length: int,
+                        *, rng: AugmentRNG | None = None) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of one conversation, truncated to ``max_length`` tokens.
 
-    Roles are taken from each message (``system``/``user``/``assistant``), not from its position.
-    Raises :class:`DataError` for an unknown role, non-string content or a malformed message.
+    Roles are taken from each message (``system``/``user``/``assistant``, and ``tool`` where the
+    template renders it), not from its position; every message field and the tools reach the chat
+    template as in upstream's ``SFTDataset``. ``rng`` (e.g. a seeded ``random.Random``) turns on
+    upstream's random augmentation with its draws in upstream's order. Raises :class:`DataError` for an
+    unknown role or field, non-string content, bad tool JSON or a malformed message.
     """
     if max_length <= 0:
         raise ValueError(f"max_length={max_length} must be > 0")
-    messages, reason = _check_messages(conversations)
+    unknown: Counter[str] = Counter()
+    messages, reason = _check_messages(conversations, unknown)
+    if messages and any(m["role"] not in _template_roles(tokenizer) for m in messages):
+        messages, reason = None, "unknown_role"
     if not messages:
-        raise DataError(f"invalid conversation ({reason or 'empty'}): {conversations!r:.200}")
-    ids = np.asarray(_tokenize(tokenizer, [_render(tokenizer, messages)])[0], dtype=np.int64)
+        detail = f": {sorted(unknown)}" if unknown else ""
+        raise DataError(f"invalid conversation ({reason or 'empty'}{detail}): {conversations!r:.200}")
+    try:
+        text = _render(tokenizer, messages, rng)
+    except _BadToolJSON as exc:
+        raise DataError(f"invalid conversation (tools/tool_calls is not a JSON string: {exc})") from None
+    ids = np.asarray(_tokenize(tokenizer, [text])[0], dtype=np.int64)
     mask = _supervision_mask(ids, _Markers.of(tokenizer))[:max_length]
     ids = ids[:max_length]
     return ids.tolist(), np.where(mask, ids, IGNORE_INDEX).tolist()
@@ -227,8 +357,26 @@ def encode_conversation(tokenizer: Any, conversations: Sequence[Mapping[str, Any
 # Reading.
 
 
+def _parse_line(raw: bytes, skipped: Counter[str] | None, unknown: Counter[str] | None
+                ) -> list[dict[str, Any]] | None:
+    """The messages of one non-blank jsonl line, or None when skipped (counted by reason).
+
+    Raises ``ValueError`` (JSON or UTF-8) for a line that is not JSON at all.
+    """
+    obj = json.loads(raw)
+    messages, reason = _check_messages(obj.get("conversations") if isinstance(obj, dict) else None,
+                                       unknown)
+    if messages is not None and not any(m["role"] == "assistant" for m in messages):
+        reason = "no_assistant"
+    if reason is not None:
+        if skipped is not None:
+            skipped[reason] += 1
+        return None
+    return messages
+
+
 def _read(path: Path, skipped: Counter[str] | None,
-          on_line: Callable[[bytes], None] | None = None) -> Iterator[tuple[int, list[dict[str, str]]]]:
+          on_line: Callable[[bytes], None] | None = None) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     with path.open("rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
             if on_line is not None:
@@ -236,18 +384,13 @@ def _read(path: Path, skipped: Counter[str] | None,
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw)
+                messages = _parse_line(raw, skipped, None)
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
                 raise DataError(f"{path}:{line_no}: malformed JSON line: {exc}") from None
-            messages, reason = _check_messages(obj.get("conversations") if isinstance(obj, dict) else None)
-            if messages is not None and not any(m["role"] == "assistant" for m in messages):
-                reason = "no_assistant"
-            if reason is not None:
-                if skipped is not None:
-                    skipped[reason] += 1
-                log.debug("%s:%d: skipped (%s)", path, line_no, reason)
+            if messages is None:
+                log.debug("%s:%d: skipped", path, line_no)
                 continue
-            yield line_no, messages  # type: ignore[misc]
+            yield line_no, messages
 
 
 def read_conversations(path: str | Path, skipped: Counter[str] | None = None
@@ -300,15 +443,19 @@ def _tokenizer_key(tokenizer: Any) -> str:
         return "mem-" + hashlib.sha256(state.encode("utf-8")).hexdigest()
 
 
-def _key_parts(path: Path, tokenizer: Any, max_seq_len: int) -> dict[str, Any]:
+def _key_parts(path: Path, tokenizer: Any, max_seq_len: int, augment: bool = False,
+               augment_seed: int = 0) -> dict[str, Any]:
     template = getattr(tokenizer, "chat_template", None) or ""
-    return {
+    parts: dict[str, Any] = {
         "version": CACHE_VERSION,
         "data_sha256": _file_sha256(path),
         "tokenizer": _tokenizer_key(tokenizer),
         "max_seq_len": int(max_seq_len),
         "chat_template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest(),
     }
+    if augment:  # absent when off, so an unaugmented cache keeps one key
+        parts.update(augment=True, augment_seed=int(augment_seed))
+    return parts
 
 
 def _cache_key(parts: Mapping[str, Any]) -> str:
@@ -393,41 +540,151 @@ class _RawArray:
         self.fh.close()
 
 
-def _encode_chunk(tokenizer: Any, markers: _Markers, max_seq_len: int,
-                  pending: list[tuple[int, list[dict[str, str]]]], skipped: Counter[str]
-                  ) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """``(line, ids, mask)`` of each pending sample that keeps supervised tokens."""
+@dataclass(frozen=True)
+class _EncodeSpec:
+    """Everything a worker needs to turn raw lines into cache rows (pickled once per worker)."""
+
+    tokenizer: Any
+    markers: _Markers
+    max_seq_len: int
+    augment: bool
+    augment_seed: int
+
+
+@dataclass
+class _ChunkResult:
+    """Cache rows of one chunk of lines, and what was skipped on the way."""
+
+    lines: list[int]
+    ids: list[np.ndarray]
+    masks: list[np.ndarray]
+    skipped: Counter[str]
+    unknown: Counter[str]
+    # (line, message) of the first line that is not JSON: the build stops there.
+    error: tuple[int, str] | None = None
+
+
+def _encode_lines(spec: _EncodeSpec, chunk: list[tuple[int, bytes]]) -> _ChunkResult:
+    """Parse, validate, render, tokenise (one batched call) and label a chunk of non-blank lines."""
+    import random
+
+    res = _ChunkResult([], [], [], Counter(), Counter())
+    roles = _template_roles(spec.tokenizer)
     rendered: list[tuple[int, str]] = []
-    for line_no, messages in pending:
+    for line_no, raw in chunk:
         try:
-            rendered.append((line_no, _render(tokenizer, messages)))
+            messages = _parse_line(raw, res.skipped, res.unknown)
+        except ValueError as exc:
+            res.error = (line_no, str(exc))
+            break
+        if messages is None:
+            continue
+        if any(m["role"] not in roles for m in messages):
+            res.skipped["unknown_role"] += 1
+            continue
+        # Per-sample draws seeded by (seed, line): the same cache whatever the chunking or workers.
+        rng = random.Random(f"{spec.augment_seed}:{line_no}") if spec.augment else None
+        try:
+            rendered.append((line_no, _render(spec.tokenizer, messages, rng)))
         except DataError:
             raise
+        except _BadToolJSON:
+            res.skipped["invalid_tool_json"] += 1
         except Exception as exc:  # noqa: BLE001 - a template's raise_exception is a plain Exception
-            skipped["template_error"] += 1
+            res.skipped["template_error"] += 1
             log.debug("line %d: chat template failed: %s", line_no, exc)
-    ids_list = _tokenize(tokenizer, [text for _, text in rendered])
-    out = []
+    ids_list = _tokenize(spec.tokenizer, [text for _, text in rendered])
     for (line_no, _), ids in zip(rendered, ids_list):
         ids_arr = np.asarray(ids, dtype=np.int64)
-        mask = _supervision_mask(ids_arr, markers)
+        mask = _supervision_mask(ids_arr, spec.markers)
         if not mask.any():
-            skipped["no_supervised_tokens"] += 1
+            res.skipped["no_supervised_tokens"] += 1
             continue
-        mask = mask[:max_seq_len]
+        mask = mask[:spec.max_seq_len]
         if not mask.any():
-            skipped["truncated"] += 1
+            res.skipped["truncated"] += 1
             continue
-        out.append((line_no, ids_arr[:max_seq_len], mask))
-    return out
+        res.lines.append(line_no)
+        res.ids.append(ids_arr[:spec.max_seq_len])
+        res.masks.append(mask)
+    return res
+
+
+_WORKER_SPEC: _EncodeSpec | None = None
+
+
+def _worker_init(spec: _EncodeSpec) -> None:
+    global _WORKER_SPEC
+    # Each worker is one core: the Rust tokenizer's own thread pool would only oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_SPEC = spec
+
+
+def _worker_encode(chunk: list[tuple[int, bytes]]) -> _ChunkResult:
+    assert _WORKER_SPEC is not None
+    return _encode_lines(_WORKER_SPEC, chunk)
+
+
+def _chunks(path: Path, on_line: Callable[[bytes], None]) -> Iterator[list[tuple[int, bytes]]]:
+    """The file's non-blank lines, streamed in chunks of at most _CHUNK_SAMPLES lines / _CHUNK_BYTES."""
+    chunk: list[tuple[int, bytes]] = []
+    size = 0
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            on_line(raw)
+            if not raw.strip():
+                continue
+            chunk.append((line_no, raw))
+            size += len(raw)
+            if len(chunk) >= _CHUNK_SAMPLES or size >= _CHUNK_BYTES:
+                yield chunk
+                chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def default_workers() -> int:
+    """The cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _encoded(spec: _EncodeSpec, chunks: Iterator[list[tuple[int, bytes]]], workers: int
+             ) -> Iterator[_ChunkResult]:
+    """Chunk results in file order, from ``workers`` processes (1: in this process).
+
+    At most ``2 * workers`` chunks are in flight (``Pool.imap`` would read the whole file ahead), so
+    memory stays bounded by chunk size, not file size.
+    """
+    if workers <= 1:
+        for chunk in chunks:
+            yield _encode_lines(spec, chunk)
+        return
+    import multiprocessing
+    from collections import deque
+
+    # spawn: forking a process that has run torch or Rust thread pools is not safe.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(spec,)) as pool:
+        pending: deque[Any] = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_worker_encode, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def _build(path: Path, tokenizer: Any, max_seq_len: int, parts: Mapping[str, Any], key: str,
-           folder: Path, show_progress: bool) -> None:
+           folder: Path, show_progress: bool, workers: int) -> None:
     """Tokenise ``path`` into ``folder`` (a private temp folder), streaming with bounded memory."""
-    markers = _Markers.of(tokenizer)
+    spec = _EncodeSpec(tokenizer, _Markers.of(tokenizer), max_seq_len, bool(parts.get("augment")),
+                       int(parts.get("augment_seed", 0)))
     start = time.perf_counter()
     skipped: Counter[str] = Counter()
+    unknown: Counter[str] = Counter()
     digest = hashlib.sha256()
     size = path.stat().st_size
     arrays = {
@@ -447,30 +704,22 @@ def _build(path: Path, tokenizer: Any, max_seq_len: int, parts: Mapping[str, Any
         digest.update(raw)
         bar.update(len(raw))
 
-    def flush(pending: list[tuple[int, list[dict[str, str]]]]) -> None:
-        nonlocal total, max_len
-        encoded = _encode_chunk(tokenizer, markers, max_seq_len, pending, skipped)
-        if not encoded:
-            return
-        lengths = np.fromiter((ids.size for _, ids, _ in encoded), dtype=np.int64, count=len(encoded))
-        arrays["tokens"].append(np.concatenate([ids for _, ids, _ in encoded]))
-        arrays["mask"].append(np.concatenate([m for _, _, m in encoded]))
-        arrays["offsets"].append(total + np.cumsum(lengths))
-        arrays["lines"].append(np.fromiter((ln for ln, _, _ in encoded), dtype=np.int64))
-        arrays["supervised"].append(np.fromiter((int(m.sum()) for _, _, m in encoded), dtype=np.int32))
-        total += int(lengths.sum())
-        max_len = max(max_len, int(lengths.max()))
-
     try:
-        pending: list[tuple[int, list[dict[str, str]]]] = []
-        pending_bytes = 0
-        for line_no, messages in _read(path, skipped, on_line):
-            pending.append((line_no, messages))
-            pending_bytes += sum(len(m["content"]) for m in messages)
-            if len(pending) >= _CHUNK_SAMPLES or pending_bytes >= _CHUNK_BYTES:
-                flush(pending)
-                pending, pending_bytes = [], 0
-        flush(pending)
+        for res in _encoded(spec, _chunks(path, on_line), workers):
+            skipped.update(res.skipped)
+            unknown.update(res.unknown)
+            if res.error is not None:
+                raise DataError(f"{path}:{res.error[0]}: malformed JSON line: {res.error[1]}")
+            if not res.lines:
+                continue
+            lengths = np.fromiter((ids.size for ids in res.ids), dtype=np.int64, count=len(res.ids))
+            arrays["tokens"].append(np.concatenate(res.ids))
+            arrays["mask"].append(np.concatenate(res.masks))
+            arrays["offsets"].append(total + np.cumsum(lengths))
+            arrays["lines"].append(np.asarray(res.lines, dtype=np.int64))
+            arrays["supervised"].append(np.fromiter((int(m.sum()) for m in res.masks), dtype=np.int32))
+            total += int(lengths.sum())
+            max_len = max(max_len, int(lengths.max()))
         for array in arrays.values():
             array.finish()
     finally:
@@ -493,13 +742,16 @@ def _build(path: Path, tokenizer: Any, max_seq_len: int, parts: Mapping[str, Any
         "max_length": max_len,
         "token_dtype": arrays["tokens"].dtype.name,
         "skipped": counts.as_dict(),
+        "unknown_fields": dict(sorted(unknown.items())),
+        "workers": workers,
         "build_seconds": round(time.perf_counter() - start, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # meta.json last: its presence marks the folder complete.
     (folder / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    log.info("tokenised %s: %d samples, %d tokens (%d supervised) in %.2fs; skipped: %s",
-             path, num_samples, total, meta["num_supervised"], meta["build_seconds"], counts)
+    log.info("tokenised %s: %d samples, %d tokens (%d supervised) in %.2fs with %d worker(s); "
+             "skipped: %s", path, num_samples, total, meta["num_supervised"], meta["build_seconds"],
+             workers, counts)
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -513,12 +765,19 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Below this size a file is tokenised in this process: starting workers costs more than it saves.
+_PARALLEL_MIN_BYTES = 4 << 20
+
+
 def load_or_build_cache(path: str | Path, tokenizer: Any, max_seq_len: int,
                         cache_dir: str | Path | None = None, *,
-                        show_progress: bool | None = None) -> TokenCache:
+                        show_progress: bool | None = None, augment: bool = False,
+                        augment_seed: int = 0, workers: int | None = None) -> TokenCache:
     """The token cache of ``path``, tokenising it first unless an identical build is cached.
 
-    ``show_progress`` None shows a progress bar only when stderr is a terminal.
+    ``show_progress`` None shows a progress bar only when stderr is a terminal. ``workers``: processes
+    that tokenise (None or 0: every core for files over 4 MiB, else this process alone); the cache is
+    the same whatever the number.
     """
     path = Path(path).expanduser().resolve()
     if not path.is_file():
@@ -527,7 +786,7 @@ def load_or_build_cache(path: str | Path, tokenizer: Any, max_seq_len: int,
         raise ValueError(f"max_seq_len={max_seq_len} must be > 0")
     root = resolve_cache_dir(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    parts = _key_parts(path, tokenizer, max_seq_len)
+    parts = _key_parts(path, tokenizer, max_seq_len, augment, augment_seed)
     key = _cache_key(parts)
     final = root / f"{path.stem}-{key}"
     if (final / "meta.json").exists():
@@ -545,9 +804,11 @@ def load_or_build_cache(path: str | Path, tokenizer: Any, max_seq_len: int,
             shutil.rmtree(trash, ignore_errors=True)
     if show_progress is None:
         show_progress = sys.stderr.isatty()
+    if not workers:
+        workers = default_workers() if path.stat().st_size >= _PARALLEL_MIN_BYTES else 1
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
     try:
-        _build(path, tokenizer, max_seq_len, parts, key, tmp, show_progress)
+        _build(path, tokenizer, max_seq_len, parts, key, tmp, show_progress, workers)
         _publish(tmp, final)
     finally:
         if tmp.exists():
@@ -619,6 +880,8 @@ class SFTStats:
     val_skipped: SkipCounts | None = None
     val_cache_key: str | None = None
     val_cache_path: str | None = None
+    # Message fields that made samples of the training file be skipped ("name xcount, ..."), if any.
+    unknown_fields: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Flat JSON-ready mapping (``skipped.<reason>`` keys)."""
@@ -677,13 +940,15 @@ def prepare_data(cfg: DataConfig, tokenizer: Any = None, *,
     if pad_id is None:
         raise DataError("the tokenizer has neither a pad nor an eos token to pad batches with")
 
+    build = {"show_progress": show_progress, "augment": cfg.augment, "augment_seed": cfg.augment_seed,
+             "workers": cfg.tokenize_workers}
     cache = _usable(train_path, load_or_build_cache(train_path, tokenizer, cfg.max_seq_len,
-                                                    cfg.cache_dir, show_progress=show_progress))
+                                                    cfg.cache_dir, **build))
     val_cache: TokenCache | None = None
     if cfg.val_path is not None:
         val_path = Path(cfg.val_path)
         val_cache = _usable(val_path, load_or_build_cache(val_path, tokenizer, cfg.max_seq_len,
-                                                          cfg.cache_dir, show_progress=show_progress))
+                                                          cfg.cache_dir, **build))
     return _assemble(cfg, train_path, cache, val_cache, pad_id=int(pad_id), vocab_size=len(tokenizer))
 
 
@@ -711,7 +976,10 @@ def open_prepared(cfg: DataConfig, train_cache: str | Path, val_cache: str | Pat
 def _usable(path: Path, cache: TokenCache) -> TokenCache:
     """``cache`` after warning about skipped samples; :class:`DataError` when none is usable."""
     if cache.skipped.total:
-        log.warning("%s: skipped %d samples (%s)", path, cache.skipped.total, cache.skipped)
+        unknown = cache.meta.get("unknown_fields") or {}
+        fields = (" unknown message fields (only role, content, reasoning_content, tools, tool_calls "
+                  "are read): " + ", ".join(f"{k} x{v}" for k, v in unknown.items())) if unknown else ""
+        log.warning("%s: skipped %d samples (%s)%s", path, cache.skipped.total, cache.skipped, fields)
     if cache.num_samples == 0:
         raise _empty_error(path, cache)
     return cache
@@ -720,9 +988,10 @@ def _usable(path: Path, cache: TokenCache) -> TokenCache:
 def _assemble(cfg: DataConfig, train_path: Path, cache: TokenCache, val_cache: TokenCache | None, *,
               pad_id: int, vocab_size: int) -> SFTData:
     """Split (or pair) the usable caches into :class:`SFTData`."""
+    rng = np.random.default_rng(cfg.split_seed)
     if val_cache is not None:
         train = TokenizedDataset(cache)
-        val = TokenizedDataset(val_cache)
+        val_idx = np.arange(val_cache.num_samples)
     else:
         n = cache.num_samples
         n_val = math.floor(n * cfg.val_fraction + 0.5)
@@ -732,10 +1001,15 @@ def _assemble(cfg: DataConfig, train_path: Path, cache: TokenCache, val_cache: T
         if n_val == n:
             raise DataError(f"{train_path}: the training split is empty ({n} usable samples x "
                             f"val_fraction {cfg.val_fraction}); lower val_fraction or add data")
-        perm = np.random.default_rng(cfg.split_seed).permutation(n)
+        perm = rng.permutation(n)
         # Sorted so reads walk the memory map forwards; batch order is shuffled separately.
         train = TokenizedDataset(cache, np.sort(perm[n_val:]))
-        val = TokenizedDataset(cache, np.sort(perm[:n_val]))
+        val_idx = np.sort(perm[:n_val])
+    if cfg.val_max_samples and val_idx.size > cfg.val_max_samples:
+        # A random subset of the split (not its first rows: files are often sorted by source or length).
+        # Held-out samples beyond the cap are used by neither split.
+        val_idx = np.sort(rng.choice(val_idx, size=cfg.val_max_samples, replace=False))
+    val = TokenizedDataset(val_cache if val_cache is not None else cache, val_idx)
 
     stats = SFTStats(
         train_samples=len(train),
@@ -750,6 +1024,8 @@ def _assemble(cfg: DataConfig, train_path: Path, cache: TokenCache, val_cache: T
         val_skipped=None if val_cache is None else val_cache.skipped,
         val_cache_key=None if val_cache is None else val_cache.key,
         val_cache_path=None if val_cache is None else str(val_cache.path),
+        unknown_fields=", ".join(f"{k} x{v}" for k, v in (cache.meta.get("unknown_fields") or {}).items())
+        or None,
     )
     log.info("data: %d train / %d val samples, %d / %d supervised tokens", stats.train_samples,
              stats.val_samples, stats.train_supervised_tokens, stats.val_supervised_tokens)

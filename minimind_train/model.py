@@ -1,4 +1,5 @@
-"""MiniMind2 in plain PyTorch: GQA + RoPE + RMSNorm + SwiGLU, optional MoE, tied embeddings.
+"""MiniMind2 in plain PyTorch (GQA + RoPE + RMSNorm + SwiGLU, optional MoE, tied embeddings), and the
+one entry point that builds either MiniMind generation (:func:`build_model`, :func:`from_upstream`).
 
 Module and parameter names match upstream MiniMind2 (github.com/jingyaogong/minimind), so its ``.pth``
 state dicts load strictly and this model's state dicts load into upstream code. Numerics in fp32 match
@@ -9,15 +10,18 @@ training), routing softmax in fp32, and RoPE computed for the positions in use i
 
 Training imports nothing from transformers: that import (``transformers.generation`` pulls in SciPy
 and scikit-learn) costs each tuning trial's worker ~3 s and ~140 MB. The Hugging Face face of the
-same modules (``generate()``, ``save_pretrained``) is :mod:`minimind_train.hf`.
+same modules (``generate()``, ``save_pretrained``) is :mod:`minimind_train.hf`. MiniMind-3 (upstream
+d65ef2c) lives in :mod:`minimind_train.model3` and is imported only when one is built.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,18 +32,27 @@ from minimind_train.config import ConfigError, ModelConfig
 if TYPE_CHECKING:
     from transformers.cache_utils import Cache
 
+    from minimind_train.model3 import MiniMind3ForCausalLM
+
 __all__ = [
     "CONFIG_FIELDS",
+    "CausalLM",
+    "GenerationMismatchError",
     "LMOutput",
     "MiniMindConfig",
     "MiniMindForCausalLM",
     "MiniMindModel",
+    "build_model",
+    "check_generation",
     "count_parameters",
     "default_intermediate_size",
+    "detect_family",
+    "from_upstream",
     "init_weights",
     "model_config_from",
     "supervised_positions",
     "token_cross_entropy",
+    "upstream3_config_from",
 ]
 
 
@@ -400,6 +413,8 @@ class MiniMindForCausalLM(nn.Module):
     same weights in a transformers ``PreTrainedModel``.
     """
 
+    family = "minimind2"
+
     def __init__(self, config: MiniMindConfig | None = None) -> None:
         super().__init__()
         self.config = config or MiniMindConfig()
@@ -466,12 +481,21 @@ class MiniMindForCausalLM(nn.Module):
         return ce_sum, int(targets.numel()), aux_loss
 
 
-def model_config_from(cfg: ModelConfig, vocab_size: int) -> MiniMindConfig:
-    """The model config of a run; ``cfg.vocab_size`` None takes ``vocab_size`` (the tokenizer's length)."""
+def _vocab(cfg: ModelConfig, vocab_size: int) -> int:
     vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_size
     if vocab < vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer ({vocab_size} tokens); "
                           "token ids beyond it would have no embedding")
+    return vocab
+
+
+def model_config_from(cfg: ModelConfig, vocab_size: int) -> MiniMindConfig:
+    """The MiniMind2 model config of a run; ``cfg.vocab_size`` None takes ``vocab_size`` (the tokenizer's
+    length). A ``minimind3`` run has no MiniMind2 config: use :func:`build_model`."""
+    if cfg.family != "minimind2":
+        raise ConfigError(f"model.family={cfg.family!r}: model_config_from builds MiniMind2 configs only; "
+                          "use build_model")
+    vocab = _vocab(cfg, vocab_size)
     return MiniMindConfig(
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_hidden_layers,
@@ -496,3 +520,105 @@ def model_config_from(cfg: ModelConfig, vocab_size: int) -> MiniMindConfig:
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameters; tied weights (lm_head = embed_tokens) count once."""
     return sum(p.numel() for p in model.parameters())
+
+
+
+class CausalLM(Protocol):
+    """What training needs of a model of either generation."""
+
+    family: str
+
+    def supervised_cross_entropy(self, input_ids: Tensor, labels: Tensor,
+                                 positions: tuple[Tensor, Tensor] | None = None
+                                 ) -> tuple[Tensor, int, Tensor]: ...
+
+
+def upstream3_config_from(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
+    """The upstream MiniMind-3 config dict of a ``minimind3`` run (upstream's key names)."""
+    return {
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim, "vocab_size": _vocab(cfg, vocab_size),
+        "intermediate_size": cfg.intermediate_size, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
+        "dropout": cfg.dropout, "use_moe": cfg.use_moe, "num_experts": cfg.n_routed_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok, "norm_topk_prob": cfg.norm_topk_prob,
+        "router_aux_loss_coef": cfg.aux_loss_alpha,
+    }
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> MiniMindForCausalLM | MiniMind3ForCausalLM:
+    """A freshly initialised model of the run's generation (``cfg.family``)."""
+    if cfg.family == "minimind2":
+        return MiniMindForCausalLM(model_config_from(cfg, vocab_size))
+    from minimind_train.model3 import MiniMind3ForCausalLM
+
+    return MiniMind3ForCausalLM(upstream3_config_from(cfg, vocab_size))
+
+
+class GenerationMismatchError(ValueError):
+    """A state dict or config of one MiniMind generation was given where the other one is expected."""
+
+
+_NAMES = {"minimind2": "MiniMind2 (upstream 274483c)", "minimind3": "MiniMind-3 (upstream d65ef2c)"}
+# Config keys that only one generation's upstream MiniMindConfig has.
+_CONFIG_ONLY = {
+    "minimind2": {"n_routed_experts", "n_shared_experts", "aux_loss_alpha", "seq_aux", "scoring_func"},
+    "minimind3": {"head_dim", "num_experts", "moe_intermediate_size", "router_aux_loss_coef",
+                  "inference_rope_scaling", "rope_scaling"},
+}
+
+
+def detect_family(state_dict: Mapping[str, Any]) -> str:
+    """Which generation a state dict is from: MiniMind-3's attention has per-layer q/k RMSNorms."""
+    return "minimind3" if any(k.endswith("self_attn.q_norm.weight") for k in state_dict) else "minimind2"
+
+
+def check_generation(state_dict: Mapping[str, Any], family: str, source: str) -> None:
+    """Raise :class:`GenerationMismatchError` when ``state_dict`` is not of generation ``family``.
+
+    A MiniMind2 state dict loads into the MiniMind-3 modules with strict=False and then computes
+    something else; this refuses it first, saying which generation the file is.
+    """
+    found = detect_family(state_dict)
+    if found != family:
+        raise GenerationMismatchError(
+            f"{source} is a {_NAMES[found]} checkpoint, but the model is {_NAMES[family]}; set "
+            f"model.family: {found} to use it (the two generations' weights are not interchangeable)")
+
+
+def _config_family(config: Mapping[str, Any]) -> str | None:
+    hits = {fam for fam, keys in _CONFIG_ONLY.items() if keys & set(config)}
+    return hits.pop() if len(hits) == 1 else None
+
+
+def from_upstream(config: dict[str, Any], pth: str | os.PathLike[str]
+                  ) -> MiniMindForCausalLM | MiniMind3ForCausalLM:
+    """Either generation, built from upstream's config dict and loaded strictly from upstream's ``.pth``.
+
+    The generation is read from the weights (and must agree with the config's generation-specific
+    keys). The model is fp32, in eval mode; ``forward(input_ids)`` returns ``.logits`` and ``.aux_loss``
+    (non-zero for MoE in train mode).
+    """
+    state = torch.load(pth, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{pth}: expected a state dict, got {type(state).__name__}")
+    family = detect_family(state)
+    from_config = _config_family(config)
+    if from_config is not None and from_config != family:
+        raise GenerationMismatchError(
+            f"{pth} is a {_NAMES[family]} checkpoint but the config is a {_NAMES[from_config]} config "
+            f"(keys {sorted(_CONFIG_ONLY[from_config] & set(config))})")
+    model: MiniMindForCausalLM | MiniMind3ForCausalLM
+    if family == "minimind2":
+        unknown = sorted(set(config) - set(CONFIG_FIELDS))
+        if unknown:
+            raise ValueError(f"MiniMind2 config keys {unknown} are not known; allowed: {list(CONFIG_FIELDS)}")
+        model = MiniMindForCausalLM(MiniMindConfig(**{k: v for k, v in config.items() if v is not None}))
+    else:
+        from minimind_train.model3 import MiniMind3ForCausalLM
+
+        model = MiniMind3ForCausalLM(config)
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, strict=True)
+    return model.float().eval()

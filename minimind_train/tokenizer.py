@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = [
+    "BUNDLED_TOKENIZER3_DIR",
     "BUNDLED_TOKENIZER_DIR",
     "CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
@@ -26,6 +27,8 @@ __all__ = [
 ]
 
 BUNDLED_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+# MiniMind-3's tokenizer (upstream d65ef2c, Apache-2.0), byte copies; see its SOURCE.md.
+BUNDLED_TOKENIZER3_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer3"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # In id order: pad/unk, bos, eos.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

@@ -19,13 +19,17 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .config import RunConfig, TrainConfig
 from .data import SFTData, TokenizedDataset, batch_indices, iterate_batches
-from .model import MiniMindForCausalLM, model_config_from, supervised_positions
+from .model import MiniMindForCausalLM, build_model, supervised_positions
+
+if TYPE_CHECKING:
+    from .model3 import MiniMind3ForCausalLM
 
 __all__ = [
     "EpochResult",
@@ -65,7 +69,7 @@ class NonFiniteLossError(FloatingPointError):
 class TrainState:
     """Everything that changes during training; ``epoch``/``step`` count completed epochs/steps."""
 
-    model: MiniMindForCausalLM
+    model: MiniMindForCausalLM | MiniMind3ForCausalLM
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     device: torch.device
@@ -145,13 +149,14 @@ def autocast_context(device: torch.device, amp_dtype: torch.dtype) -> contextlib
 
 
 def init_state(cfg: RunConfig, vocab_size: int, device: torch.device | None = None) -> TrainState:
-    """Fresh model (optionally ``init_from`` a MiniMind .pth, strictly), AdamW and scaler."""
+    """Fresh model of ``model.family`` (optionally ``init_from`` a .pth of that generation, strictly),
+    AdamW and scaler."""
     from .checkpoint import load_minimind_weights
 
     device = device or resolve_device(cfg.train.device)
     amp_dtype = resolve_dtype(cfg.train.dtype, device)
     torch.manual_seed(cfg.train.seed)
-    model = MiniMindForCausalLM(model_config_from(cfg.model, vocab_size))
+    model = build_model(cfg.model, vocab_size)
     if cfg.model.init_from:
         load_minimind_weights(model, cfg.model.init_from)
     model.to(device)

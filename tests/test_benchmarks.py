@@ -70,3 +70,18 @@ def test_throughput_flop_model_counts() -> None:
     lengths = np.array([3, 5])
     # 6 x body x real tokens + 6 x head x supervised rows + 6 x hidden x layers x sum T(T+1).
     assert f.useful(lengths, supervised=4) == pytest.approx(6 * 10 * 8 + 6 * 100 * 4 + 6 * 4 * 2 * (12 + 30))
+
+
+def test_data_scale_runs_and_reports_the_ratio(tmp_path: Path) -> None:
+    """The scale benchmark end to end on a tiny file, two workers (the parallel path really runs)."""
+    proc = subprocess.run([sys.executable, str(BENCH / "data_scale.py"), "--n", "60", "--workers", "2",
+                           "--work-dir", str(tmp_path)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    fields = dict(item.split("=") for item in last.split())
+    assert fields["workers"] == "2" and float(fields["ratio_to_naive"]) > 0
+    assert "conversations/s" in proc.stdout and "peak RSS" in proc.stdout and "cache size" in proc.stdout
+    cache = next((tmp_path / "cache").iterdir())
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["num_samples"] == 60 and meta["workers"] == 2

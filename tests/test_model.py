@@ -404,7 +404,7 @@ def test_model_config_from_run_config() -> None:
     mc = model_config_from(cfg, vocab_size=6400)
     assert mc.vocab_size == 6400 and mc.intermediate_size == 192
     for f in dataclasses.fields(ModelConfig):
-        if f.name not in ("vocab_size", "intermediate_size", "init_from"):
+        if f.name not in ("vocab_size", "intermediate_size", "init_from", "family", "head_dim"):
             assert getattr(mc, f.name) == getattr(cfg, f.name), f.name
     assert model_config_from(dataclasses.replace(cfg, vocab_size=6464), 6400).vocab_size == 6464
     with pytest.raises(ConfigError, match="vocab_size"):

@@ -194,7 +194,7 @@ def _check_inputs(spec: Any, run_cfg: Any, paths: StudyPaths, address: str | Non
 
     from minimind_train.checkpoint import WeightMismatchError, load_minimind_weights
     from minimind_train.data import DataError, prepare_data
-    from minimind_train.model import MiniMindForCausalLM, count_parameters, model_config_from
+    from minimind_train.model import build_model, count_parameters
     from minimind_train.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     from .cluster import file_sha256
@@ -216,16 +216,15 @@ def _check_inputs(spec: Any, run_cfg: Any, paths: StudyPaths, address: str | Non
         data = prepare_data(data_cfg, tokenizer)
     except (DataError, FileNotFoundError, ValueError, UnicodeDecodeError) as exc:
         raise StudyError(str(exc)) from exc
-    model_cfg = model_config_from(run_cfg.model, len(tokenizer))
     with torch.device("meta"):  # shapes only: no memory, no init
-        n_params = count_parameters(MiniMindForCausalLM(model_cfg))
+        n_params = count_parameters(build_model(run_cfg.model, len(tokenizer)))
     fingerprints = {"dataset": data.stats.cache_key, "tokenizer": tokenizer_fingerprint(tokenizer)}
     if data.stats.val_cache_key:
         fingerprints["val_dataset"] = data.stats.val_cache_key
     init_from = run_cfg.model.init_from
     if init_from is not None:
         try:
-            load_minimind_weights(MiniMindForCausalLM(model_cfg), init_from)
+            load_minimind_weights(build_model(run_cfg.model, len(tokenizer)), init_from)
         except WeightMismatchError as exc:
             raise StudyError(f"model.init_from={init_from!r} does not fit the model: {exc}") from exc
         except Exception as exc:
