@@ -119,6 +119,7 @@ def save_checkpoint(
                 "scaler": state.scaler.state_dict() if state.scaler is not None else None,
                 "epoch": state.epoch,
                 "step": state.step,
+                "first_loss": state.first_loss,
                 "rng": _rng_state(),
             }, tmp / STATE_FILE)
         info = {
@@ -187,6 +188,7 @@ def load_train_state(
         state.scaler.load_state_dict(saved["scaler"])
     state.epoch = int(saved["epoch"])
     state.step = int(saved["step"])
+    state.first_loss = saved.get("first_loss")  # absent in checkpoints older than the divergence check
     _set_rng_state(saved["rng"])
     return state
 

@@ -216,10 +216,21 @@ class TrainConfig:
     # Optional cap on optimizer steps per epoch (quick studies on big data); 0 = no cap.
     max_steps_per_epoch: int = 0
     log_interval: int = 10
+    # Divergence (the run stops with TrainingDiverged): an optimizer step's loss above this multiple
+    # of the run's first step's loss (a fresh model starts near ln(vocab), so 10x is far worse than
+    # guessing), or a gradient norm (before clipping) above divergence_grad_norm. 0 disables either.
+    # A non-finite loss or gradient always counts.
+    divergence_loss_factor: float = 10.0
+    divergence_grad_norm: float = 1e6
 
     def __post_init__(self) -> None:
         _positive(self, "train", ["epochs", "batch_size", "accumulation_steps", "eval_batch_size",
                                   "log_interval"])
+        _in_range(self, "train", "divergence_loss_factor", 0.0, math.inf)
+        _in_range(self, "train", "divergence_grad_norm", 0.0, math.inf)
+        if 0 < self.divergence_loss_factor <= 1:
+            raise ConfigError(f"train.divergence_loss_factor={self.divergence_loss_factor!r} must be 0 "
+                              "(off) or > 1 (a multiple of the first step's loss)")
         for name in ("warmup_steps", "num_threads", "max_steps_per_epoch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} must be >= 0")

@@ -19,7 +19,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,8 +36,10 @@ __all__ = [
     "NonFiniteLossError",
     "StepInfo",
     "TrainState",
+    "TrainingDiverged",
     "autocast_context",
     "backward_window",
+    "check_divergence",
     "clip_grad_norm",
     "evaluate",
     "init_state",
@@ -51,18 +53,44 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN/inf; the run cannot continue with these hyperparameters."""
+class TrainingDiverged(FloatingPointError):
+    """Training diverged (see ``TrainConfig.divergence_*``); these hyperparameters are unusable."""
 
-    def __init__(self, epoch: int, step: int, value: float) -> None:
-        super().__init__(f"non-finite training loss {value} at epoch {epoch}, optimizer step {step}")
+    def __init__(self, reason: str, epoch: int, step: int, value: float) -> None:
+        super().__init__(f"{reason} at epoch {epoch}, optimizer step {step}")
+        self.reason = reason
         self.epoch = epoch
         self.step = step
         self.value = value
 
-    def __reduce__(self) -> tuple[type[NonFiniteLossError], tuple[int, int, float]]:
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
         # Ray pickles trial errors; the default reduce would call __init__ with the message only.
+        return (type(self), (self.reason, self.epoch, self.step, self.value))
+
+
+class NonFiniteLossError(TrainingDiverged):
+    """The training loss or gradient became NaN/inf."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        super().__init__(f"non-finite training loss or gradient {value}", epoch, step, value)
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
         return (type(self), (self.epoch, self.step, self.value))
+
+
+def check_divergence(cfg: TrainConfig, first_loss: float | None, loss: float, grad_norm: float,
+                     epoch: int, step: int) -> None:
+    """Raise :class:`TrainingDiverged` when an optimizer step's ``loss`` or ``grad_norm`` (before
+    clipping) crosses the thresholds of ``cfg`` (relative to the run's ``first_loss``)."""
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        raise NonFiniteLossError(epoch, step, loss if not math.isfinite(loss) else grad_norm)
+    factor = cfg.divergence_loss_factor
+    if factor > 0 and first_loss is not None and loss > factor * first_loss:
+        raise TrainingDiverged(f"loss {loss:.4g} exploded above {factor:g} x the first step's {first_loss:.4g}",
+                               epoch, step, loss)
+    if cfg.divergence_grad_norm > 0 and grad_norm > cfg.divergence_grad_norm:
+        raise TrainingDiverged(f"gradient norm {grad_norm:.4g} exploded above {cfg.divergence_grad_norm:g}",
+                               epoch, step, grad_norm)
 
 
 @dataclass
@@ -76,6 +104,8 @@ class TrainState:
     amp_dtype: torch.dtype
     epoch: int = 0
     step: int = 0
+    # The loss of the run's first optimizer step: the reference of the divergence check.
+    first_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -305,14 +335,16 @@ def train_epochs(
                 state.scaler.unscale_(optimizer)
             grad_norm = clip_grad_norm(params, clip)
             window_loss = float(ce_window) / max(n_sup, 1)
-            if not math.isfinite(window_loss):
-                raise NonFiniteLossError(epoch + 1, state.step, window_loss)
+            if state.first_loss is None and math.isfinite(window_loss):
+                state.first_loss = window_loss
             if state.scaler is not None:
+                # fp16: the scaler skips steps with inf/NaN gradients and lowers its scale; only the
+                # loss says whether the run itself diverged.
+                check_divergence(t, state.first_loss, window_loss, 0.0, epoch + 1, state.step)
                 state.scaler.step(optimizer)
                 state.scaler.update()
             else:
-                if not torch.isfinite(grad_norm):
-                    raise NonFiniteLossError(epoch + 1, state.step, float(grad_norm))
+                check_divergence(t, state.first_loss, window_loss, float(grad_norm), epoch + 1, state.step)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1

@@ -311,7 +311,12 @@ def test_tracking_server_dies_mid_study(ws: Workspace, tmp_path: Path) -> None:
             assert sorted(steps) == sorted(trials[name].epochs), (name, steps)
             assert run.info.status == "FINISHED"
     finally:
+        # SIGTERM first: tune.ui stops the MLflow server it started (in a process group of its own).
         with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
+            server.wait(timeout=30)
         shutil.rmtree(tmp_path / "mlartifacts", ignore_errors=True)

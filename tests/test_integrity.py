@@ -272,3 +272,20 @@ def test_a_moved_study_resumes_and_opens_where_it_lands(victim: Victim, tmp_path
     from tune.ui import find_study_db
 
     assert find_study_db(elsewhere, NAME) == elsewhere / NAME / "mlflow.db"
+
+
+@pytest.mark.slow
+def test_a_copied_study_opens_in_the_ui_with_its_artifacts(victim: Victim, tmp_path: Path) -> None:
+    """tune.ui on a copied study folder rebuilds its MLflow mirror there (the copy's absolute artifact
+    paths would point into the original folder)."""
+    from tune.ui import _refresh_study_mirror
+
+    copy = tmp_path / "copied" / NAME
+    shutil.copytree(victim.dir, copy)
+    _refresh_study_mirror(f"sqlite:///{copy / 'mlflow.db'}")
+    client, parents, children = mlflow_runs(copy)
+    (parent,) = [p for p in parents if p.info.lifecycle_stage == "active"]
+    assert parent.data.tags["minimind.study_dir"] == str(copy)
+    assert parent.info.artifact_uri.startswith(str(copy / "mlartifacts")), parent.info.artifact_uri
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"best.yaml", "summary.csv"}
+    assert len(children) == len(stored_results(copy))

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import pickle
+import re
 import time
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from minimind_train.demo import generate_demo_conversations, write_jsonl
 from minimind_train.tokenizer import load_tokenizer
 from minimind_train.train import (
     NonFiniteLossError,
+    TrainingDiverged,
     backward_window,
+    check_divergence,
     clip_grad_norm,
     init_state,
     lr_at,
@@ -231,3 +234,48 @@ def test_non_finite_loss_raises_distinct_error(run_cfg):
     assert "non-finite training loss" in str(info.value)
     copy = pickle.loads(pickle.dumps(info.value))  # Ray ships trial errors pickled
     assert (copy.epoch, copy.step, str(copy)) == (1, 0, str(info.value))
+
+
+@pytest.mark.parametrize(("first", "loss", "grad", "words"), [
+    (8.7, 90.0, 1.0, "loss 90 exploded above 10 x the first step's 8.7"),
+    (8.7, 9.0, 2e6, "gradient norm 2e+06 exploded above 1e+06"),
+    (8.7, float("nan"), 1.0, "non-finite"),
+    (8.7, 5.0, float("inf"), "non-finite"),
+])
+def test_divergence_thresholds(first, loss, grad, words):
+    cfg = TrainConfig()
+    with pytest.raises(TrainingDiverged, match=re.escape(words)) as info:
+        check_divergence(cfg, first, loss, grad, epoch=2, step=5)
+    copy = pickle.loads(pickle.dumps(info.value))  # Ray ships trial errors pickled
+    assert (type(copy), str(copy)) == (type(info.value), str(info.value))
+    assert str(info.value).endswith("at epoch 2, optimizer step 5")
+
+
+def test_divergence_checks_can_be_turned_off_and_healthy_steps_pass():
+    check_divergence(TrainConfig(), 8.7, 80.0, 1e5, epoch=1, step=1)  # below both thresholds
+    off = TrainConfig(divergence_loss_factor=0, divergence_grad_norm=0)
+    check_divergence(off, 8.7, 1e9, 1e12, epoch=1, step=1)
+    with pytest.raises(NonFiniteLossError):
+        check_divergence(off, 8.7, float("inf"), 1.0, epoch=1, step=1)  # never off
+    with pytest.raises(Exception, match="divergence_loss_factor=0.5"):
+        TrainConfig(divergence_loss_factor=0.5)
+
+
+def test_a_learning_rate_blowup_is_diverged_not_completed(run_cfg):
+    """The shared case lr-blowup: lr in the hundreds sends the loss to ~1e6 while it stays finite."""
+    cfg = dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, learning_rate=300.0,
+                                                                 grad_clip=0.0))
+    data = prepare_data(cfg.data)
+    with pytest.raises(TrainingDiverged) as info:
+        for _ in train_epochs(cfg, data):
+            pass
+    assert info.value.epoch == 1, str(info.value)
+
+
+def test_first_loss_survives_a_checkpoint(run_cfg, tmp_path):
+    data = prepare_data(run_cfg.data)
+    result = next(train_epochs(run_cfg, data))
+    assert result.state.first_loss is not None and math.isfinite(result.state.first_loss)
+    save_checkpoint(tmp_path / "c", result.state, run_cfg, result.metrics)
+    state = load_train_state(tmp_path / "c", run_cfg, data.vocab_size)
+    assert state.first_loss == result.state.first_loss

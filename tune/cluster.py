@@ -115,7 +115,7 @@ def driver_node_id() -> str:
 
 
 def current_node() -> dict[str, str]:
-    """Where this process runs: Ray node id, hostname and IP (for checkpoint metadata and errors)."""
+    """Where this process runs: Ray node id, hostname, IP and GPU ids (for checkpoint metadata and errors)."""
     import ray
 
     node_id = ""
@@ -124,7 +124,10 @@ def current_node() -> dict[str, str]:
     ip = ""
     with contextlib.suppress(Exception):
         ip = ray.util.get_node_ip_address()
-    return {"node_id": node_id, "hostname": socket.gethostname(), "ip": ip}
+    gpus = ""
+    with contextlib.suppress(Exception):
+        gpus = ",".join(str(g) for g in ray.get_gpu_ids())  # the GPU(s) Ray gave this trial
+    return {"node_id": node_id, "hostname": socket.gethostname(), "ip": ip, "gpu_ids": gpus}
 
 
 def _here() -> str:

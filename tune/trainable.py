@@ -24,7 +24,7 @@ from ray import tune
 from minimind_train.checkpoint import load_train_state, save_checkpoint
 from minimind_train.config import RunConfig, run_config_from_dict
 from minimind_train.data import prepare_data
-from minimind_train.train import NonFiniteLossError, train_epochs
+from minimind_train.train import TrainingDiverged, train_epochs
 
 from .cluster import StudyData, current_node, open_study_data
 from .record import trial_dirs
@@ -152,7 +152,7 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str,
     except torch.cuda.OutOfMemoryError as exc:
         # Raised below, outside this block: the CUDA error's traceback holds the trial's tensors.
         oom = _oom_message(gpu_share, cfg, exc)
-    except NonFiniteLossError as exc:
+    except TrainingDiverged as exc:
         state = result = None
         _release_gpu_memory()
         tune.report({metric: float("nan"), "epoch": epoch + 1, "diverged": 1, "diverged_reason": str(exc)})
