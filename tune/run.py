@@ -383,8 +383,7 @@ def _start_ray_and_run(spec: Any, paths: StudyPaths, args: argparse.Namespace, r
     from .record import RecordError, StudyRecord
     from .space import SpaceError, check_resources, spec_to_dict, spec_to_yaml
 
-    print(f"data: {len(inputs.data.train):,} train / {len(inputs.data.val):,} val samples "
-          f"({inputs.seconds:.1f}s, cache {inputs.data.stats.cache_key[:12]}); "
+    print(f"inputs checked in {inputs.seconds:.1f}s (token cache {inputs.data.stats.cache_key[:12]}); "
           f"model: {inputs.n_params:,} parameters", flush=True)
     print("starting Ray ...", flush=True)
     _init_ray(args)
@@ -741,8 +740,11 @@ def _safe_mirror(call: Any) -> bool:
         call()
         return True
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; none may fail the study
-        print(f"warning: MLflow was not updated ({_first_line(exc)}); the study's record is complete: "
-              "`python -m tune.mirror <study dir>` or --resume catches MLflow up later", file=sys.stderr)
+        from .mirror import TrackingError
+
+        advice = "" if isinstance(exc, TrackingError) else (
+            "; the study's record is complete: `python -m tune.mirror <study dir>` catches MLflow up later")
+        print(f"warning: MLflow was not updated: {_first_line(exc)}{advice}", file=sys.stderr)
         return False
 
 
