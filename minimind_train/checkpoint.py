@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ __all__ = [
     "STATE_FILE",
     "WeightMismatchError",
     "drop_resume_state",
-    "find_checkpoints",
     "fp16_state_dict",
     "load_minimind_weights",
     "load_train_state",
@@ -146,27 +145,6 @@ def save_checkpoint(
 
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
-
-
-def find_checkpoints(folders: Iterable[str | os.PathLike[str]], pattern: str = "checkpoint_*") -> dict[int, Path]:
-    """The checkpoint folders below ``folders`` that look whole, by epoch (a later folder wins an epoch).
-
-    Whole means: ``meta.json`` parses and names the epoch, ``model.pth`` is not empty, and the resume
-    state, when present, is not empty. A folder cut short (a kill or a full disk while it was copied)
-    fails one of these, or fails to load later; callers try the next older one then.
-    """
-    found: dict[int, Path] = {}
-    for folder in folders:
-        for ckpt in sorted(Path(folder).glob(pattern)):
-            try:
-                epoch = int(read_meta(ckpt)["epoch"])
-                model_ok = (ckpt / MODEL_FILE).stat().st_size > 0
-                state_ok = not (ckpt / STATE_FILE).exists() or (ckpt / STATE_FILE).stat().st_size > 0
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if model_ok and state_ok:
-                found[epoch] = ckpt
-    return found
 
 
 def load_train_state(

@@ -150,8 +150,11 @@ def test_interrupt_resume_kill_resume(ws: Workspace) -> None:
     finally:
         second.teardown()
     output += second.output()
-    if interrupted:
-        assert "continuing" in second.stdout and "unfinished trial(s)" in second.stdout, output
+    # Each trial the Ctrl-C interrupted either continued from its checkpoint, or had in fact
+    # checkpointed its last epoch while Ray shut down and was completed from that checkpoint.
+    continued = re.findall(r"(t\d{3}) \(after epoch", second.stdout)
+    for name in interrupted:
+        assert name in continued or name in _finished(study), f"{name} was neither continued nor finished{output}"
     after_kill = _finished(study)
 
     # 3. --resume to the end.
@@ -181,7 +184,7 @@ def test_killed_worker_restarts_its_trial_from_the_checkpoint(ws: Workspace) -> 
             for name, rows in live_results(ws).items():
                 target.update(trial=name, pid=int(rows[0]["pid"]))  # the trial's worker process
                 # Ray has the checkpoint on storage once the result is in (one tune.report call).
-                return bool(list((study / "runs" / "run-1" / name).glob("checkpoint_*/meta.json")))
+                return bool(list((study / "runs" / "run-1" / name).glob("epoch_*/meta.json")))
             return False
 
         driver.wait_for("the trial's first checkpoint", epoch_one, 240, poll_s=0.05)
@@ -196,8 +199,11 @@ def test_killed_worker_restarts_its_trial_from_the_checkpoint(ws: Workspace) -> 
     assert trials[target["trial"]].status == "completed", output
     rows = read_results(study / "runs" / "run-1" / target["trial"] / "result.json")
     pids = [r["pid"] for r in rows]
-    assert [r["epoch"] for r in rows] == [1, 2, 3], f"{rows}{output}"
+    assert [r["epoch"] for r in rows if not r.get("restored")] == [1, 2, 3], f"{rows}{output}"
     assert pids[0] == target["pid"] and pids[-1] != target["pid"], f"the kill missed: {pids}"
+    # The new worker continued from the checkpoint the dead one wrote (its epoch re-reported, marked).
+    (restored,) = [r for r in rows if r.get("restored")]
+    assert restored["pid"] != target["pid"] and restored["epoch"] >= 1, rows
     _check_mlflow(study, trials, output)
 
 

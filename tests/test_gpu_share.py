@@ -40,6 +40,9 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
         vocab_size=128, stats_dict=dict))
     monkeypatch.setattr(trainable, "current_node", dict)
     monkeypatch.setattr(trainable, "save_checkpoint", lambda folder, *a, **k: folder)
+    monkeypatch.setattr(trainable, "write_checkpoint", lambda folder, *a, **k: str(folder))
+    calls["kwargs"] = {"base": BASE, "metric": "val_loss", "mode": "min", "runs_dir": str(tmp_path / "runs"),
+                       "run_name": "run-1"}
     return calls
 
 
@@ -50,7 +53,7 @@ def test_oom_within_share_fails_alone_with_a_clear_message(fake_cuda: dict, monk
 
     monkeypatch.setattr(trainable, "train_epochs", oom)
     with pytest.raises(trainable.TrialOutOfMemory) as info:
-        trainable.train_trial({"study_trial": 0}, base=BASE, metric="val_loss", gpu_share=0.25)
+        trainable.train_trial({"study_trial": 0}, **fake_cuda["kwargs"], gpu_share=0.25)
     message = str(info.value)
     assert "share of 0.25 of the GPU (20.0 of 80.0 GiB)" in message
     assert "train.batch_size=24" in message and "smaller train.batch_size" in message
@@ -66,7 +69,7 @@ def test_memory_released_after_a_finished_trial(fake_cuda: dict, monkeypatch) ->
         yield types.SimpleNamespace(epoch=1, metrics={"val_loss": 1.0}, state=None)
 
     monkeypatch.setattr(trainable, "train_epochs", one_epoch)
-    trainable.train_trial({"study_trial": 0}, base=BASE, metric="val_loss", gpu_share=0.5)
+    trainable.train_trial({"study_trial": 0}, **fake_cuda["kwargs"], gpu_share=0.5)
     assert fake_cuda["reports"] == [{"val_loss": 1.0, "epoch": 1}]
     assert fake_cuda["fraction"] == [0.5]
     assert fake_cuda["empty_cache"] == 2  # at the start and at the end
@@ -79,5 +82,5 @@ def test_whole_gpu_is_not_capped(fake_cuda: dict, monkeypatch) -> None:
 
     monkeypatch.setattr(trainable, "train_epochs", oom)
     with pytest.raises(trainable.TrialOutOfMemory, match=r"the whole GPU \(80.0 GiB\)"):
-        trainable.train_trial({"study_trial": 0}, base=BASE, metric="val_loss", gpu_share=1.0)
+        trainable.train_trial({"study_trial": 0}, **fake_cuda["kwargs"], gpu_share=1.0)
     assert fake_cuda["fraction"] == []

@@ -19,6 +19,7 @@ from tune.record import (
     RecordError,
     StudyLock,
     StudyRecord,
+    checkpoint_metas,
     diff_specs,
     lock_path,
 )
@@ -115,17 +116,21 @@ def _checkpoint(folder: Path, epoch: int, val: float, *, meta: bool = True, stat
 def test_checkpoints_skip_what_a_kill_or_full_disk_cut_short(record: StudyRecord) -> None:
     n, _ = record.ask(LR)
     run1, run2 = record.dir / "runs" / "run-1" / f"t{n:03d}", record.dir / "runs" / "run-2" / f"t{n:03d}"
-    _checkpoint(run1 / "checkpoint_000000", 1, 3.0)
-    _checkpoint(run1 / "checkpoint_000001", 2, 2.0)
-    _checkpoint(run2 / "checkpoint_000000", 3, 2.5)
-    _checkpoint(run2 / "checkpoint_000001", 4, 1.0, meta=False)  # meta never written
-    _checkpoint(run2 / "checkpoint_000002", 4, 1.0, state=b"")  # resume state cut short
+    _checkpoint(run1 / "epoch_0001", 1, 3.0)
+    _checkpoint(run1 / "epoch_0002", 2, 2.0)
+    _checkpoint(run2 / "epoch_0003", 3, 2.5)
+    _checkpoint(run2 / "epoch_0004", 4, 1.0, meta=False)  # meta never written
+    _checkpoint(run2 / "epoch_0005", 5, 1.0, state=b"")  # resume state cut short
     assert record.trial_dirs(n) == [run1, run2]
-    assert {e: p.parent.parent.name + "/" + p.name for e, p in record.checkpoints(n).items()} == {
-        1: "run-1/checkpoint_000000", 2: "run-1/checkpoint_000001", 3: "run-2/checkpoint_000000"}
-    assert record.best_checkpoint(n, "val_loss", "min") == run1 / "checkpoint_000001"
-    assert record.best_checkpoint(n, "val_loss", "max") == run1 / "checkpoint_000000"
+    expected = {1: run1 / "epoch_0001", 2: run1 / "epoch_0002", 3: run2 / "epoch_0003"}
+    assert record.checkpoints(n) == {e: str(p) for e, p in expected.items()}
+    assert record.best_checkpoint(n, "val_loss", "min") == str(run1 / "epoch_0002")
+    assert record.best_checkpoint(n, "val_loss", "max") == str(run1 / "epoch_0001")
     assert record.next_run_index() == 3
+    # The same through a filesystem URI (how a bucket storage is read): same checkpoints, same metas.
+    through_uri = checkpoint_metas(f"file://{record.dir / 'runs'}", n)
+    assert {e: p for e, (p, _) in through_uri.items()} == {e: str(p) for e, p in expected.items()}
+    assert through_uri[2][1]["metrics"]["val_loss"] == 2.0
 
 
 def test_pruner_decides_from_the_record(record: StudyRecord) -> None:
@@ -187,3 +192,24 @@ def test_lock_of_a_killed_process_is_not_stale(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_write_checkpoint_publishes_whole_folders_and_retention_keeps_best_and_newest(tmp_path: Path) -> None:
+    from tune.record import retain_checkpoints, write_checkpoint
+
+    runs = tmp_path / "runs"
+    trial = runs / "run-1" / "t000"
+    for epoch, val in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5)):
+        staged = _checkpoint(tmp_path / "tmp" / str(epoch), epoch, val)
+        assert write_checkpoint(staged, str(trial), epoch) == str(trial / f"epoch_{epoch:04d}")
+    assert not list(trial.glob(".*"))  # nothing half-published is left
+    # Over a URI too (a bucket): meta.json last, the same folder layout.
+    staged = _checkpoint(tmp_path / "tmp" / "u", 1, 9.0)
+    uri_trial = f"file://{tmp_path / 'bucket' / 'run-1' / 't000'}"
+    write_checkpoint(staged, uri_trial, 1)
+    assert sorted(p.name for p in (tmp_path / "bucket" / "run-1" / "t000" / "epoch_0001").iterdir()) == [
+        "meta.json", "model.pth", "train_state.pt"]
+    deleted = retain_checkpoints(str(runs), 0, keep=1, metric="val_loss", mode="min")
+    assert sorted(Path(p).name for p in deleted) == ["epoch_0001", "epoch_0003"]  # best (2) and newest (4) stay
+    assert sorted(p.name for p in trial.iterdir()) == ["epoch_0002", "epoch_0004"]
+    assert retain_checkpoints(str(runs), 0, keep=1, metric="val_loss", mode="min") == []

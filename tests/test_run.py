@@ -101,3 +101,66 @@ def test_overrides_are_validated_and_zero_budget_means_none() -> None:
         run._apply_overrides(spec, argparse.Namespace(num_samples=0, max_concurrent=None, time_budget_s=None))
     with pytest.raises(SpaceError, match="--time-budget-s=-1"):
         run._apply_overrides(spec, argparse.Namespace(num_samples=None, max_concurrent=None, time_budget_s=-1.0))
+
+
+def test_time_budget_counts_for_the_whole_study() -> None:
+    from types import SimpleNamespace
+
+    record = SimpleNamespace(manifest=SimpleNamespace(history=[
+        {"run": 1, "started": "x"}, {"run": 1, "seconds": 400.0}, {"run": 2, "seconds": 150.5}]))
+    assert run._time_budget(record, 600.0) == (pytest.approx(49.5), pytest.approx(550.5))
+    assert run._time_budget(record, None) == (None, pytest.approx(550.5))
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../escape", ".hidden", "x\\y"])
+def test_a_study_name_is_one_folder_name(name: str) -> None:
+    with pytest.raises(run.StudyError, match="is not allowed: a study name is one folder name"):
+        run._check_name(name)
+
+
+def test_ordinary_names_pass() -> None:
+    for name in ("sft", "my study", "lr-sweep_2"):
+        run._check_name(name)
+
+
+def test_an_address_with_nothing_listening_fails_at_once() -> None:
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(run.StudyError, match=f"--address=127.0.0.1:{port}: no Ray cluster answers"):
+        run._probe_address(f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 6
+    run._probe_address("auto")  # left to Ray
+    run._probe_address("ray://head:10001")
+
+
+def _study_with(folder: Any, epochs: int) -> None:
+    import optuna
+
+    from tune.record import StudyRecord
+
+    record = StudyRecord.create(folder, folder.name, {"tune": {"mode": "min"}}, "", {})
+    number, _ = record.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    for epoch in range(1, epochs + 1):
+        record.record_epoch(number, epoch, {"val_loss": 1.0}, "val_loss")
+
+
+def test_a_restart_cut_short_before_any_result_gives_the_old_study_back(tmp_path: Any) -> None:
+    old, new = tmp_path / ".s.replaced-20261201-000000", tmp_path / "s"
+    _study_with(old, 2)
+    (old / "keep.txt").write_text("the old study")
+    _study_with(new, 0)  # the killed --restart had created the new study, without any result
+    run._finish_pending_restart(new)
+    assert (new / "keep.txt").read_text() == "the old study" and not old.exists()
+
+
+def test_a_restart_cut_short_after_a_result_completes_the_replacement(tmp_path: Any) -> None:
+    old, new = tmp_path / ".s.replaced-20261201-000000", tmp_path / "s"
+    _study_with(old, 2)
+    _study_with(new, 1)
+    run._finish_pending_restart(new)
+    assert not old.exists() and (new / "study.json").exists() and not (new / "keep.txt").exists()

@@ -116,14 +116,17 @@ def test_existing_study_needs_resume_or_restart(ws: Workspace) -> None:
     assert (study / "keep.txt").exists() and _no_ray_started(ws)
 
 
-def test_a_folder_that_is_not_a_study_is_never_taken_over(ws: Workspace) -> None:
+@pytest.mark.parametrize("mode", ["--resume", "--restart", None])
+def test_a_folder_that_is_not_a_study_is_never_taken_over(ws: Workspace, mode: str | None) -> None:
     folder = ws.study_dir("study")
     folder.mkdir(parents=True)
-    (folder / "tuner.pkl").write_bytes(b"a study of an older version, or anything else")
-    proc = _cli(["--space", str(SPACES / "study.yaml"), "--storage-path", str(ws.storage), "--resume"],
-                ws.root, ws)
-    assert proc.returncode == 2 and "--restart" in proc.stderr, proc.stderr
-    assert (folder / "tuner.pkl").exists() and _no_ray_started(ws)
+    (folder / "train.jsonl").write_bytes(b"a user's data, a study of an older version, or anything else")
+    args = ["--space", str(SPACES / "study.yaml"), "--storage-path", str(ws.storage)] + ([mode] if mode else [])
+    proc = _cli(args, ws.root, ws)
+    assert proc.returncode == 2 and "is left alone" in proc.stderr, proc.stderr
+    assert "--restart" not in proc.stderr  # never advised: it would replace the folder
+    assert (folder / "train.jsonl").exists() and _no_ray_started(ws)
+    assert sorted(p.name for p in ws.storage.iterdir()) == [".study.lock", "study"]
 
 
 # --- a study end to end ------------------------------------------------------------------------------
@@ -240,11 +243,11 @@ def test_disk_pruning_keeps_resume_state_of_the_top_trial_only(study: Study) -> 
     rows = _summary(study)
     assert study.spec.tune.keep_top_trials == 1 and len(rows) == 3
     top, *rest = rows
-    assert list((study.dir / "runs" / "run-1" / top["trial_id"]).glob("checkpoint_*/train_state.pt"))
+    assert list((study.dir / "runs" / "run-1" / top["trial_id"]).glob("epoch_*/train_state.pt"))
     for row in rest:
         trial = study.dir / "runs" / "run-1" / row["trial_id"]
         assert not list(trial.glob("**/train_state.pt")), f"{trial} kept its resume state"
-        assert len(list(trial.glob("checkpoint_*/model.pth"))) == 1  # its best fp16 weights stay
+        assert len(list(trial.glob("epoch_*/model.pth"))) == 1  # its best fp16 weights stay
 
 
 def _metric_steps(client: Any, run_id: str, key: str) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 from ray.tune import Callback
@@ -20,7 +21,9 @@ class ProgressLine(Callback):
     """
 
     def __init__(self, metric: str, mode: str, planned_epochs: int, num_samples: int,
-                 min_interval_s: float = 5.0) -> None:
+                 min_interval_s: float = 5.0, statuses: Callable[[], Mapping[str, str]] | None = None) -> None:
+        """``statuses()`` maps Ray trial ids to their study-record status (tune.record)."""
+        self.statuses = statuses
         self.metric = metric
         self.mode = mode
         self.planned_epochs = planned_epochs
@@ -43,20 +46,28 @@ class ProgressLine(Callback):
         return value < self._best if self.mode == "min" else value > self._best
 
     def _line(self, trials: list[Any]) -> str:
-        status = {"TERMINATED": 0, "RUNNING": 0, "ERROR": 0, "PENDING": 0, "PAUSED": 0}
-        early = 0
+        # How a trial ended is the study record's word (an interrupted trial is not stopped early).
+        statuses = self.statuses() if self.statuses is not None else {}
+        count = {"done": 0, "running": 0, "stopped early": 0, "failed": 0, "interrupted": 0, "pending": 0}
         for t in trials:
-            status[t.status] = status.get(t.status, 0) + 1
-            last = t.last_result or {}
-            # "epoch" is the trial's real epoch (a continued trial's training_iteration restarts at 1).
-            if t.status == "TERMINATED" and last.get("epoch", 0) < self.planned_epochs:
-                early += 1
+            recorded = statuses.get(t.trial_id)
+            if t.status == "PENDING":
+                count["pending"] += 1
+            elif t.status == "RUNNING":
+                count["running"] += 1
+            elif recorded == "completed":
+                count["done"] += 1
+            elif recorded == "stopped_early":
+                count["stopped early"] += 1
+            elif recorded in ("failed", "diverged") or t.status == "ERROR":
+                count["failed"] += 1
+            else:
+                count["interrupted" if recorded else "done"] += 1
         elapsed = time.monotonic() - self._start
         best = f"{self.metric} {self._best:.4f} ({self._best_trial})" if self._best_trial else "-"
-        return (f"[{elapsed:6.0f}s] trials {len(trials)}/{self.num_samples}: "
-                f"done {status['TERMINATED'] - early}, running {status['RUNNING']}, "
-                f"stopped early {early}, failed {status['ERROR']}, pending {status['PENDING']} | "
-                f"best {best}")
+        shown = ", ".join(f"{k} {v}" for k, v in count.items() if v or k in ("done", "running", "stopped early",
+                                                                             "failed"))
+        return f"[{elapsed:6.0f}s] trials {len(trials)}/{self.num_samples}: {shown} | best {best}"
 
     def _show(self, trials: list[Any], force: bool = False) -> None:
         now = time.monotonic()

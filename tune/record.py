@@ -9,7 +9,8 @@ A study folder holds::
     space.yaml      the resolved spec as a space file (what ``--resume`` without ``--space`` runs)
     optuna.db       the Optuna storage (sqlite): every trial, its params, its per-epoch objective
                     (intermediate values), its per-epoch metrics and status (user attrs), its state
-    runs/run-K/tNNN the Ray trial folders of driver run K (checkpoint_*/ with model.pth, meta.json)
+    runs/run-K/tNNN the trial folders of driver run K: Ray's result.json, and the trial's own
+                    checkpoints epoch_000e/ (model.pth, train_state.pt, meta.json)
     mlflow.db       the default MLflow store, a mirror of the record (tune.mirror)
 
 Ray is the executor: each driver run is a fresh Ray experiment under ``runs/``; nothing of Ray's
@@ -45,7 +46,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -53,6 +54,7 @@ from typing import IO, Any
 import optuna
 
 __all__ = [
+    "CHECKPOINT_PREFIX",
     "FINISHED",
     "MANIFEST_FILE",
     "OPTUNA_FILE",
@@ -63,13 +65,19 @@ __all__ = [
     "StudyLock",
     "StudyRecord",
     "TrialRecord",
+    "checkpoint_metas",
+    "checkpoint_name",
     "diff_specs",
+    "filesystem_of",
     "lock_path",
+    "retain_checkpoints",
     "trial_dirname",
     "trial_dirs",
+    "write_checkpoint",
 ]
 
 MANIFEST_FILE = "study.json"
+CHECKPOINT_PREFIX = "epoch_"  # a trial's checkpoint of epoch e: <trial folder>/epoch_000e
 SPACE_FILE = "space.yaml"
 OPTUNA_FILE = "optuna.db"
 RUNS_DIR = "runs"
@@ -262,6 +270,113 @@ def trial_dirname(number: int) -> str:
     return f"t{number:03d}"
 
 
+def checkpoint_metas(runs: str | Path, number: int) -> dict[int, tuple[str, dict[str, Any]]]:
+    """Trial ``number``'s whole checkpoints under ``runs`` (a local folder or a pyarrow URI such as
+    ``s3://bucket/studies/sft/runs``), by epoch: ``(path on that filesystem, its meta.json)``.
+
+    Whole means: meta.json parses and names its epoch, model.pth is not empty, and the resume state,
+    when present, is not empty; a later run's folder wins an epoch. A folder that passes and still fails to load is skipped by the trainable.
+    """
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem_of(str(runs))
+    name = trial_dirname(number)
+    found: dict[int, tuple[str, dict[str, Any]]] = {}
+    try:
+        runs_info = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return found
+    run_dirs = [i for i in runs_info if i.type == pafs.FileType.Directory and i.base_name.startswith("run-")]
+    for run in sorted(run_dirs, key=lambda i: int(i.base_name[4:]) if i.base_name[4:].isdigit() else 0):
+        try:
+            entries = fs.get_file_info(pafs.FileSelector(f"{run.path}/{name}", allow_not_found=True))
+        except OSError:
+            continue
+        for info in sorted(entries, key=lambda i: i.path):
+            if info.type != pafs.FileType.Directory or not info.base_name.startswith(CHECKPOINT_PREFIX):
+                continue
+            try:
+                with fs.open_input_stream(f"{info.path}/meta.json") as fh:
+                    meta = json.loads(fh.read().decode("utf-8"))
+                epoch = int(meta["epoch"])
+                model, state = fs.get_file_info([f"{info.path}/model.pth", f"{info.path}/train_state.pt"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # cut short (a full disk, a kill mid-copy): never resumed from
+            state_ok = state.type == pafs.FileType.NotFound or bool(state.size)  # (pruned, or whole)
+            if model.type == pafs.FileType.File and model.size and state_ok:
+                found[epoch] = (info.path, meta)
+    return found
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
+    """Publish the checkpoint folder ``local`` as ``<trial_dir>/epoch_000e`` (a local folder or a URI).
+
+    Locally an atomic rename: readers see the whole folder or none. On a bucket meta.json goes last,
+    so a folder cut short has no meta.json and is never resumed from (:func:`checkpoint_metas`).
+    """
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    target = f"{trial_dir}/{checkpoint_name(epoch)}"
+    if "://" not in trial_dir:
+        final = Path(target)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staged = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(local, staged)
+        if final.exists():  # the same epoch trained again (its result never reached the record)
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        return str(final)
+    fs, path = filesystem_of(target)
+    fs.create_dir(path, recursive=True)
+    files = sorted(p for p in local.iterdir() if p.is_file())
+    for f in sorted(files, key=lambda p: p.name == "meta.json"):
+        pafs.copy_files(str(f), f"{path}/{f.name}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+    return path
+
+
+def retain_checkpoints(runs: str, number: int, keep: int, metric: str, mode: str) -> list[str]:
+    """Delete trial ``number``'s checkpoints but the ``keep`` best by ``metric`` and the newest (where
+    the trial continues from); returns the deleted paths. Incomplete folders are left alone."""
+    metas = checkpoint_metas(runs, number)
+    if len(metas) <= keep + 1:
+        return []
+    newest = max(metas)
+
+    def score(epoch: int) -> float:
+        try:
+            value = float(metas[epoch][1]["metrics"][metric])
+        except (KeyError, TypeError, ValueError):
+            return math.inf
+        return (value if mode == "min" else -value) if math.isfinite(value) else math.inf
+
+    kept = set(sorted(metas, key=score)[:keep]) | {newest}
+    fs, _ = filesystem_of(runs)
+    deleted = []
+    for epoch, (path, _) in metas.items():
+        if epoch not in kept:
+            fs.delete_dir(path)
+            deleted.append(path)
+    return deleted
+
+
+def filesystem_of(location: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path on it) of a local folder or a URI."""
+    import pyarrow.fs as pafs
+
+    if "://" not in location:
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    fs, path = pafs.FileSystem.from_uri(location)
+    return fs, path.rstrip("/")
+
+
 def trial_dirs(runs_dir: Path, number: int) -> list[Path]:
     """Trial ``number``'s folders in the driver runs under ``runs_dir`` (``run-K/tNNN``), oldest run first."""
     name = trial_dirname(number)
@@ -283,6 +398,9 @@ class StudyRecord:
 
     def __init__(self, study_dir: Path, manifest: Manifest, storage: optuna.storages.BaseStorage) -> None:
         self.dir = study_dir
+        # Where Ray writes the trial folders: <study>/runs, or a URI when the study's storage is one
+        # (then this folder is the driver's staging copy of the record).
+        self.runs: str = str(study_dir / RUNS_DIR)
         self.manifest = manifest
         self.storage = storage
         self.study_id = storage.get_study_id_from_name(_STUDY_NAME)
@@ -361,31 +479,40 @@ class StudyRecord:
                                    error=str(t.user_attrs.get("error", ""))))
         return out
 
+    def statuses(self) -> dict[int, str]:
+        """Trial number -> status, in one read of the storage."""
+        return {t.number: str(t.user_attrs.get("status", _STATUS_OF_STATE.get(t.state, "running")))
+                for t in self.study.get_trials(deepcopy=False)}
+
     def trial(self, number: int) -> TrialRecord:
         for t in self.trials():
             if t.number == number:
                 return t
         raise KeyError(number)
 
+    @property
+    def runs_are_local(self) -> bool:
+        return "://" not in self.runs
+
     def trial_dirs(self, number: int) -> list[Path]:
-        """The trial's Ray folders, oldest run first."""
-        return trial_dirs(self.dir / RUNS_DIR, number)
+        """The trial's local Ray folders, oldest run first ([] for a URI storage)."""
+        return trial_dirs(Path(self.runs), number) if self.runs_are_local else []
 
-    def checkpoints(self, number: int) -> dict[int, Path]:
-        """Whole checkpoints of a trial on disk by epoch (the newest run's folder wins an epoch)."""
-        from minimind_train.checkpoint import find_checkpoints
+    def checkpoint_metas(self, number: int) -> dict[int, tuple[str, dict[str, Any]]]:
+        """The trial's whole checkpoints by epoch: (path on the runs' filesystem, meta.json)."""
+        return checkpoint_metas(self.runs, number)
 
-        return find_checkpoints(self.trial_dirs(number))
+    def checkpoints(self, number: int) -> dict[int, str]:
+        """The trial's whole checkpoints by epoch (paths on the runs' filesystem)."""
+        return {epoch: path for epoch, (path, _) in self.checkpoint_metas(number).items()}
 
-    def best_checkpoint(self, number: int, metric: str, mode: str) -> Path | None:
+    def best_checkpoint(self, number: int, metric: str, mode: str) -> str | None:
         """The trial's kept checkpoint with the best ``metric`` by its own meta.json."""
-        from minimind_train.checkpoint import read_meta
-
         scored = []
-        for epoch, ckpt in self.checkpoints(number).items():
+        for epoch, (ckpt, meta) in self.checkpoint_metas(number).items():
             try:
-                value = float(read_meta(ckpt)["metrics"][metric])
-            except (OSError, ValueError, KeyError, TypeError):
+                value = float(meta["metrics"][metric])
+            except (ValueError, KeyError, TypeError):
                 continue
             if math.isfinite(value):
                 scored.append((value if mode == "min" else -value, epoch, ckpt))
@@ -481,13 +608,3 @@ def _write_atomic(path: Path, text: str) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-
-
-def iter_metas(checkpoints: Mapping[int, Path]) -> Iterator[tuple[int, dict[str, Any]]]:
-    from minimind_train.checkpoint import read_meta
-
-    for epoch in sorted(checkpoints):
-        try:
-            yield epoch, read_meta(checkpoints[epoch])
-        except (OSError, ValueError):
-            continue

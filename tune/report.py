@@ -16,7 +16,7 @@ import yaml
 from minimind_train.checkpoint import MODEL_FILE, STATE_FILE, drop_resume_state
 from minimind_train.config import run_config_to_dict
 
-from .record import FINISHED, StudyRecord
+from .record import CHECKPOINT_PREFIX, FINISHED, StudyRecord
 from .space import StudySpec, apply_params
 
 __all__ = [
@@ -40,9 +40,10 @@ class TrialSummary:
     best_epoch: int
     params: dict[str, Any]
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, metric)
-    checkpoint: Path | None = None  # folder of the best checkpoint
+    checkpoint: str | None = None  # folder of the best checkpoint (a path on the runs' filesystem)
     error: str = ""
     number: int = -1  # the record's trial number
+    checkpoint_epoch: int | None = None  # the epoch of ``checkpoint`` (best_epoch unless that one is gone)
 
 
 def _worst(mode: str) -> float:
@@ -61,11 +62,17 @@ def summarize_trials(record: StudyRecord, metric: str, mode: str) -> list[TrialS
             best_epoch, best_value = pick(finite, key=lambda ev: ev[1])
         else:
             best_epoch, best_value = 0, _worst(mode)
-        checkpoint = record.best_checkpoint(t.number, metric, mode) if finite else None
+        checkpoint, checkpoint_epoch = None, None
+        if finite:
+            metas = record.checkpoint_metas(t.number)
+            if best_epoch in metas:  # the best epoch's own weights, when kept
+                checkpoint, checkpoint_epoch = metas[best_epoch][0], best_epoch
+            elif (checkpoint := record.best_checkpoint(t.number, metric, mode)) is not None:
+                checkpoint_epoch = next(e for e, (path, _) in metas.items() if path == checkpoint)
         out.append(TrialSummary(
             trial_id=t.name, name=t.name, status=t.status, epochs=max(t.epochs, default=0),
             best_value=best_value, best_epoch=best_epoch, params=t.params, curve=curve,
-            checkpoint=checkpoint, error=t.error, number=t.number,
+            checkpoint=checkpoint, checkpoint_epoch=checkpoint_epoch, error=t.error, number=t.number,
         ))
     sign = 1.0 if mode == "min" else -1.0
     order = {"completed": 0, "stopped_early": 1, "interrupted": 2, "running": 2, "failed": 3, "diverged": 3}
@@ -129,8 +136,8 @@ def prune_resume_state(record: StudyRecord, summaries: Sequence[TrialSummary], k
         if s.status not in FINISHED:
             continue
         for trial_dir in record.trial_dirs(s.number):
-            for ckpt in trial_dir.glob("checkpoint_*"):
-                if ckpt == s.checkpoint:
+            for ckpt in trial_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+                if str(ckpt) == s.checkpoint:
                     freed += drop_resume_state(ckpt)
                 elif (ckpt / MODEL_FILE).exists() or (ckpt / STATE_FILE).exists():
                     freed += dir_bytes(ckpt)

@@ -107,11 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s", stream=sys.stdout)
+    # SIGTERM (a plain `kill`, `ray job stop`) stops the study like Ctrl-C: Ray's own SIGINT handling
+    # ends the trials, the record is closed, and --resume continues.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
     try:
         return _main(args)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
+    except KeyboardInterrupt:  # before Ray's own handler took over: nothing was started or changed
+        print("\ninterrupted before the study started; nothing was changed", file=sys.stderr)
+        return 130
     except Exception as exc:
         if not _disk_full(exc):
             raise
@@ -130,12 +137,12 @@ def _main(args: argparse.Namespace) -> int:
         raise StudyError(problem)
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
+    if args.name is not None:
+        _check_name(args.name)
     if args.space is None:
         if not (args.resume and args.name):
             raise StudyError("--space is required (only --resume --name NAME can take the study's own space)")
-        space: str | Path = StudyPaths(storage, args.name).local_dir / "space.yaml"
-        if not Path(space).is_file():
-            raise StudyError(f"--resume: no study {args.name!r} at {StudyPaths(storage, args.name).uri}")
+        space: str | Path = _own_space(StudyPaths(storage, args.name))
     else:
         space = args.space
     try:
@@ -143,12 +150,58 @@ def _main(args: argparse.Namespace) -> int:
     except (SpaceError, FileNotFoundError) as exc:
         raise StudyError(str(exc)) from exc
     name = args.name or spec.source.stem
+    _check_name(name)
     paths = StudyPaths(storage=storage, name=name)
     if args.dry_run:
         print(describe(spec))
         print(f"study: {name}  output: {paths.uri}")
         return 0
     return _run_study(spec, paths, args)
+
+
+def _check_name(name: str) -> None:
+    """A study name is one folder name: never a path that leaves (or is) the storage folder."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        raise StudyError(f"--name={name!r} is not allowed: a study name is one folder name (no '/', not "
+                         "empty, not starting with '.')")
+
+
+def _own_space(paths: StudyPaths) -> Path:
+    """The study's resolved space.yaml, rewritten from study.json when it is missing (it is derived)."""
+    import yaml
+
+    from .record import MANIFEST_FILE, Manifest, RecordError, lock_path
+
+    folder = paths.local_dir
+    space = folder / "space.yaml"
+    if space.is_file():
+        return space
+    manifest = folder / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            spec = Manifest.from_json(manifest.read_text(encoding="utf-8"), manifest).spec
+            space.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
+            return space
+        except (OSError, RecordError) as exc:
+            raise StudyError(f"--resume: cannot rebuild {space} from {manifest}: {exc}") from exc
+    holder = lock_path(folder)
+    if holder.is_file() and holder.read_text(encoding="utf-8", errors="replace").strip() and _locked(holder):
+        raise StudyError(f"--resume: study {paths.name!r} is being created by "
+                         f"{holder.read_text(encoding='utf-8', errors='replace').strip()}; wait for it")
+    raise StudyError(f"--resume: no study {paths.name!r} at {paths.uri}")
+
+
+def _locked(path: Path) -> bool:
+    """Whether another process holds the flock on ``path`` (a probe: taken and released at once)."""
+    import fcntl
+
+    with path.open("a", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
 
 
 def _apply_overrides(spec: Any, args: argparse.Namespace) -> Any:
@@ -200,7 +253,6 @@ def _check_inputs(spec: Any, run_cfg: Any, paths: StudyPaths, address: str | Non
     from .cluster import file_sha256
     from .mirror import TrackingError, check_tracking_server, resolve_tracking_uri
 
-    _check_storage(paths)
     gpu = spec.tune.resources_per_trial.gpu
     if gpu > 0 and not (address or os.environ.get("RAY_ADDRESS")) and torch.cuda.device_count() == 0:
         raise StudyError(f"tune.resources_per_trial.gpu={gpu:g} is not allowed: this machine has no GPU that "
@@ -331,6 +383,7 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
     from .record import RecordError, StudyLock, StudyRecord
 
     study_dir = paths.local_dir
+    _check_storage(paths)  # (before the lock file is written there)
     lock = StudyLock(study_dir)
     try:
         lock.acquire()
@@ -341,10 +394,16 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
             from . import cluster
 
             cluster.download_outputs(paths.uri, study_dir)
+        if paths.is_local:
+            _finish_pending_restart(study_dir)
         exists = study_dir.exists()
-        if exists and not StudyRecord.exists(study_dir) and not args.restart:
-            raise StudyError(f"{study_dir} exists but is not a study of this version of minimind-tune (no "
-                             "study.json); choose another --name, or --restart to replace it")
+        if exists and not StudyRecord.exists(study_dir):
+            # Never taken over, not even by --restart: it may be anything (data, another tool's output,
+            # a study whose study.json was lost: its trials are still in optuna.db and runs/).
+            what = ("a study without its study.json (its trials are still in optuna.db and runs/)"
+                    if (study_dir / "optuna.db").exists() else "not a study of minimind-tune (no study.json)")
+            raise StudyError(f"{study_dir} exists and is {what}; it is left alone: choose another --name, "
+                             "or move the folder away yourself")
         if exists and not (args.resume or args.restart):
             raise StudyError(f"a study named {paths.name!r} already exists at {paths.uri}; pass --resume to "
                              "continue it or --restart to replace it (or choose another --name)")
@@ -356,6 +415,7 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
                 record = StudyRecord.open(study_dir)
             except RecordError as exc:
                 raise StudyError(str(exc)) from exc
+            record.runs = paths.runs_uri
         cpu_share = spec.tune.resources_per_trial.cpu
         run_cfg = dataclasses.replace(
             spec.run, train=dataclasses.replace(spec.run.train, num_threads=max(1, int(cpu_share))))
@@ -367,13 +427,42 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
         if record is not None:
             applied = _reconcile(record, spec, inputs, explicit_space=args.space is not None)
             plans = _resume_plans(record, spec)
-            if not plans and record.finished_count() >= spec.tune.num_samples:
-                print(f"nothing to run: {record.finished_count()} of {spec.tune.num_samples} trials finished; "
+            finished = record.finished_count()
+            if not plans and finished >= spec.tune.num_samples:
+                print(f"nothing to run: {finished} trials finished (num_samples {spec.tune.num_samples}); "
                       "summarising the study and bringing MLflow up to date")
                 return _finish(spec, paths, record, _make_mirror(spec, paths, run_cfg, inputs, record), "FINISHED")
+            budget_left, used = _time_budget(record, spec.tune.time_budget_s)
+            if budget_left is not None and budget_left <= 0:
+                raise StudyError(f"the study's time budget (tune.time_budget_s={spec.tune.time_budget_s:g}) is "
+                                 f"used up ({used:.0f} s); raise it with --time-budget-s to run the remaining "
+                                 "trials")
         return _start_ray_and_run(spec, paths, args, run_cfg, inputs, record, applied, plans)
     finally:
         lock.release()
+
+
+def _finish_pending_restart(study_dir: Path) -> None:
+    """Complete a ``--restart`` whose driver was killed: the old study moved aside comes back when the
+    new one has no result yet, and is deleted when the new one has one (what the driver would have done)."""
+    from .record import StudyRecord
+
+    for aside in sorted(study_dir.parent.glob(f".{study_dir.name}.replaced-*")):
+        new_has_results = False
+        if StudyRecord.exists(study_dir):
+            try:
+                new_has_results = any(t.epochs for t in StudyRecord.open(study_dir).trials())
+            except Exception:  # noqa: BLE001 - a half-created study: it has no result
+                new_has_results = False
+        if new_has_results:
+            shutil.rmtree(aside, ignore_errors=True)
+            print(f"--restart of an earlier driver: the new study has results; deleted the old one ({aside})")
+        else:
+            if study_dir.exists():
+                shutil.rmtree(study_dir)  # created by the killed --restart, without any result
+            os.replace(aside, study_dir)
+            print(f"--restart of an earlier driver was cut short before any result: the old study is back "
+                  f"at {study_dir}", file=sys.stderr)
 
 
 def _start_ray_and_run(spec: Any, paths: StudyPaths, args: argparse.Namespace, run_cfg: Any, inputs: _Inputs,
@@ -392,6 +481,7 @@ def _start_ray_and_run(spec: Any, paths: StudyPaths, args: argparse.Namespace, r
             check_resources(spec, ray.cluster_resources())
         except SpaceError as exc:
             raise StudyError(str(exc)) from exc
+        study_data = _check_cluster(spec, paths, run_cfg, inputs)
         study_dir = paths.local_dir
         aside = None
         if args.restart and study_dir.exists():
@@ -405,6 +495,7 @@ def _start_ray_and_run(spec: Any, paths: StudyPaths, args: argparse.Namespace, r
                 record = StudyRecord.create(study_dir, paths.name, spec_to_dict(spec),
                                             spec_to_yaml(spec, _space_header(spec, paths.name)),
                                             inputs.fingerprints)
+                record.runs = paths.runs_uri
             except (OSError, RecordError) as exc:
                 if aside is not None:
                     shutil.rmtree(study_dir, ignore_errors=True)
@@ -414,7 +505,7 @@ def _start_ray_and_run(spec: Any, paths: StudyPaths, args: argparse.Namespace, r
             (study_dir / "space.yaml").write_text(spec_to_yaml(spec, _space_header(spec, paths.name)),
                                                   encoding="utf-8")
         try:
-            return _run_on_ray(spec, paths, run_cfg, inputs, record, applied, plans, aside)
+            return _run_on_ray(spec, paths, run_cfg, inputs, record, applied, plans, aside, study_data)
         finally:
             if aside is not None and aside.exists():
                 if any(t.epochs for t in record.trials()):
@@ -442,6 +533,7 @@ def _init_ray(args: argparse.Namespace) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
+        _probe_address(address)
         kwargs["address"] = address
     else:
         kwargs["include_dashboard"] = False
@@ -468,8 +560,24 @@ def _init_ray(args: argparse.Namespace) -> None:
             raise StudyError(f"could not start {where}: {text}; {hint}") from exc
 
 
+def _probe_address(address: str) -> None:
+    """Fail in seconds when a ``host:port`` Ray address has nothing listening (ray.init would retry
+    the GCS for minutes); ``auto`` and ``ray://`` addresses are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except OSError as exc:
+        raise StudyError(f"--address={address}: no Ray cluster answers there ({exc.strerror or exc}); start "
+                         "it (`ray start --head`) or fix the address") from exc
+
+
 def _run_on_ray(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs, record: Any, applied: list[str],
-                plans: list[Any], aside: Path | None) -> int:
+                plans: list[Any], aside: Path | None, study_data: Any) -> int:
     from .progress import ProgressLine
 
     t = spec.tune
@@ -500,8 +608,12 @@ def _run_on_ray(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs, rec
     started = time.monotonic()
     from .mirror import MirrorCallback
 
-    searcher, scheduler, study_data = _make_searcher(spec, paths, run_cfg, inputs, record, plans)
-    callbacks = [ProgressLine(t.metric, t.mode, run_cfg.train.epochs, to_run),
+    searcher, scheduler = _make_searcher(spec, run_cfg, record, plans)
+    def statuses() -> dict[str, str]:
+        by_number = record.statuses()
+        return {tid: by_number[n] for tid, n in searcher.numbers.items() if n in by_number}
+
+    callbacks = [ProgressLine(t.metric, t.mode, run_cfg.train.epochs, to_run, statuses=statuses),
                  MirrorCallback(mirror, searcher.numbers)]
     if aside is not None:
         callbacks.append(_restart_cleanup(aside, paths.local_dir, inputs.tracking_uri))
@@ -529,8 +641,8 @@ def _run_on_ray(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs, rec
             record.add_history({"run": run_index, "seconds": round(time.monotonic() - started, 1)})
         except OSError as exc:  # a full disk: the run's length is lost, nothing else
             log.debug("could not record the run's length: %s", exc)
+    _close_unfinished(record, "interrupted")  # (the time budget ends trials without telling searchers)
     if status == "KILLED":
-        _close_unfinished(record, "interrupted")
         _safe_mirror(lambda: mirror.finish("KILLED", best=None, best_value=None, best_epoch=None, artifacts={}))
         print(f"\ninterrupted: continue with python -m tune.run --resume --name {paths.name} "
               f"--storage-path {paths.storage}", file=sys.stderr)
@@ -539,12 +651,7 @@ def _run_on_ray(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs, rec
 
 
 def _epoch_of(plan: Any) -> int:
-    from minimind_train.checkpoint import read_meta
-
-    try:
-        return int(read_meta(plan.checkpoints[0])["epoch"]) if plan.checkpoints else 0
-    except (OSError, ValueError, KeyError):
-        return 0
+    return plan.epoch
 
 
 def _resume_plans(record: Any, spec: Any) -> list[Any]:
@@ -554,13 +661,13 @@ def _resume_plans(record: Any, spec: Any) -> list[Any]:
     shutting down, the driver was killed) is recorded from the checkpoint's own metrics, so it is
     not trained again.
     """
-    from .record import iter_metas
     from .searcher import ResumePlan
 
     plans = []
     for t in record.unfinished():
-        checkpoints = record.checkpoints(t.number)
-        for epoch, meta in iter_metas(checkpoints):
+        metas = record.checkpoint_metas(t.number)
+        checkpoints = {epoch: path for epoch, (path, _) in metas.items()}
+        for epoch, (_, meta) in sorted(metas.items()):
             metrics = dict(meta.get("metrics") or {})
             if metrics:
                 record.record_epoch(t.number, epoch, metrics, spec.tune.metric)
@@ -568,8 +675,13 @@ def _resume_plans(record: Any, spec: Any) -> list[Any]:
         if done >= spec.run.train.epochs:  # it had finished: only its end was not recorded
             record.finish(t.number, "completed", spec.tune.metric, spec.tune.mode)
             continue
+        if done > max(checkpoints, default=0):
+            print(f"warning: trial t{t.number:03d} has {done} epoch(s) recorded but its newest checkpoint is "
+                  f"epoch {max(checkpoints, default=0)}'s; it trains again from there (the record keeps the "
+                  "first values)", file=sys.stderr)
         ordered = [str(checkpoints[e]) for e in sorted(checkpoints, reverse=True)]
-        plans.append(ResumePlan(number=t.number, params=t.params, checkpoints=tuple(ordered)))
+        plans.append(ResumePlan(number=t.number, params=t.params, checkpoints=tuple(ordered),
+                                epoch=max(checkpoints, default=0)))
     return plans
 
 
@@ -651,26 +763,31 @@ def _make_mirror(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs, re
                   tags=tags)
 
 
-def _make_searcher(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs, record: Any,
-                   plans: list[Any]) -> tuple[Any, Any, Any]:
+def _check_cluster(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs) -> Any:
+    """On a multi-node cluster every trial node must see the storage (else refused, before anything
+    of the study is written); data a node cannot read is shipped. Returns the trials' StudyData."""
     from . import cluster
-    from .searcher import RecordScheduler, RecordSearcher, make_pruner, make_sampler
-    from .space import optuna_distributions
 
     t = spec.tune
-    # A multi-node cluster: every trial node must see the storage; data it cannot read is shipped.
     driver_node = cluster.driver_node_id()
     nodes = cluster.trial_nodes(t.resources_per_trial.cpu, t.resources_per_trial.gpu)
     try:
         cluster.check_storage(paths.storage, nodes, driver_node)
-        study_data = cluster.study_data(inputs.data, run_cfg, nodes, driver_node)
+        return cluster.study_data(inputs.data, run_cfg, nodes, driver_node)
     except cluster.ClusterError as exc:
         raise StudyError(str(exc)) from exc
+
+
+def _make_searcher(spec: Any, run_cfg: Any, record: Any, plans: list[Any]) -> tuple[Any, Any]:
+    from .searcher import RecordScheduler, RecordSearcher, make_pruner, make_sampler
+    from .space import optuna_distributions
+
+    t = spec.tune
     record.use(sampler=make_sampler(t.searcher, t.seed, t.num_samples, offset=len(record.trials())))
     searcher = RecordSearcher(record, optuna_distributions(spec), t.metric, t.mode, run_cfg.train.epochs, plans)
     scheduler = RecordScheduler(searcher, make_pruner(t.scheduler.type, t.scheduler.grace_period,
                                                       t.scheduler.reduction_factor))
-    return searcher, scheduler, study_data
+    return searcher, scheduler
 
 
 def _make_tuner(spec: Any, paths: StudyPaths, run_cfg: Any, searcher: Any, scheduler: Any, study_data: Any,
@@ -683,9 +800,10 @@ def _make_tuner(spec: Any, paths: StudyPaths, run_cfg: Any, searcher: Any, sched
 
     t = spec.tune
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), metric=t.metric,
-                             gpu_share=t.resources_per_trial.gpu, data=study_data,
-                             runs_dir=paths.runs_uri if paths.is_local else None),
+        tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), metric=t.metric, mode=t.mode,
+                             runs_dir=paths.runs_uri, run_name=f"run-{run_index}",
+                             keep_checkpoints=t.keep_checkpoints, gpu_share=t.resources_per_trial.gpu,
+                             data=study_data),
         t.resources_per_trial.as_dict(),
     )
     return tune.Tuner(
@@ -699,12 +817,9 @@ def _make_tuner(spec: Any, paths: StudyPaths, run_cfg: Any, searcher: Any, sched
             name=f"run-{run_index}",
             storage_path=paths.runs_uri,
             callbacks=callbacks,
+            # A retried trial continues from its newest checkpoint in the study folder (the
+            # trainable writes those itself; Ray's checkpoint index restarts with a lost worker).
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
-            # Ray keeps the best keep_checkpoints by the objective and always the latest, which is
-            # what a resumed trial continues from.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints,
-                                                    checkpoint_score_attribute=t.metric,
-                                                    checkpoint_score_order=t.mode),
             verbose=0,
         ),
     )
@@ -763,16 +878,24 @@ def _finish(spec: Any, paths: StudyPaths, record: Any, mirror: Any, status: str)
     t = spec.tune
     study_dir = paths.local_dir
     summaries = summarize_trials(record, t.metric, t.mode)
+    unfinished = [s for s in summaries if s.status in ("interrupted", "running", "failed")]
     print()
     print(format_table(summaries, t.metric))
     eligible = [s for s in summaries if s.status == "completed" and math.isfinite(s.best_value)]
     eligible = eligible or [s for s in summaries if s.status == "stopped_early" and math.isfinite(s.best_value)]
     artifacts: dict[str, Path] = {}
     best = eligible[0] if eligible else None
+    best_model: Path | None = None
     if best is not None:
         artifacts["best.yaml"] = write_best_yaml(study_dir / "best.yaml", spec, best)
-        if best.checkpoint is not None:
-            artifacts["best/model.pth"] = best.checkpoint / "model.pth"
+        if best.checkpoint is not None and paths.is_local:
+            best_model = Path(best.checkpoint) / "model.pth"
+        elif best.checkpoint is not None:  # in the bucket: MLflow logs (and the user gets) a local copy
+            from .cluster import fetch_file
+
+            best_model = fetch_file(paths.uri, f"{best.checkpoint}/model.pth", study_dir / "best" / "model.pth")
+        if best_model is not None:
+            artifacts["best/model.pth"] = best_model
     artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric)
     plots = plot_study(record.study, {s.trial_id: s.curve for s in summaries}, study_dir / "plots",
                        best_trial=best.trial_id if best else None, metric_name=t.metric)
@@ -781,16 +904,25 @@ def _finish(spec: Any, paths: StudyPaths, record: Any, mirror: Any, status: str)
     _safe_mirror(lambda: mirror.finish(status if best is not None else "FAILED", best=best_record,
                                        best_value=best.best_value if best else None,
                                        best_epoch=best.best_epoch if best else None, artifacts=artifacts))
-    freed = prune_resume_state(record, summaries, t.keep_top_trials)
+    freed = prune_resume_state(record, summaries, t.keep_top_trials)  # (local trial folders only)
     print()
-    unfinished = [s for s in summaries if s.status in ("interrupted", "running", "failed")]
+    if best is not None and best.checkpoint_epoch not in (None, best.best_epoch):
+        print(f"warning: the checkpoint of trial {best.trial_id}'s best epoch {best.best_epoch} is gone; "
+              f"best/model.pth is its epoch {best.checkpoint_epoch} checkpoint", file=sys.stderr)
+    sign = 1 if t.mode == "min" else -1
+    better = [s for s in unfinished if best is not None and math.isfinite(s.best_value)
+              and sign * s.best_value < sign * best.best_value]
+    for s in better:
+        print(f"note: unfinished trial {s.trial_id} already reached {t.metric} {s.best_value:.4f} after "
+              f"{s.epochs} epoch(s): --resume finishes it")
     if best is not None:
         print(f"best: trial {best.trial_id}  {t.metric} {best.best_value:.4f} (epoch {best.best_epoch})")
         for k, v in best.params.items():
             print(f"  {k}: {v}")
         print(f"best config: {study_dir / 'best.yaml'}")
-        if best.checkpoint is not None:
-            print(f"best fp16 checkpoint: {best.checkpoint / 'model.pth'}")
+        if best_model is not None:
+            print(f"best fp16 checkpoint: {best_model}"
+                  + ("" if paths.is_local else f" (copied from {best.checkpoint}/model.pth)"))
     print(f"disk: {_human_bytes(dir_bytes(study_dir))} in {study_dir} "
           f"({_human_bytes(freed)} of resume state pruned; top {t.keep_top_trials} trials keep theirs)")
     print(f"compare trials: python -m tune.ui --tracking-uri {mirror.tracking_uri}")

@@ -42,6 +42,7 @@ class ResumePlan:
     number: int
     params: dict[str, Any]
     checkpoints: tuple[str, ...]
+    epoch: int = 0  # the newest checkpoint's epoch: where the trial continues
 
 
 def make_sampler(kind: str, seed: int, num_samples: int, offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -163,7 +164,7 @@ def failure_reason(text: str) -> str:
 
 
 _RAY_KEYS = ("training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "time_since_restore",
-             "iterations_since_restore", "pid", "trial_id", "done", "epoch")
+             "iterations_since_restore", "pid", "trial_id", "done", "epoch", "restored")
 
 
 def _metrics(result: Mapping[str, Any]) -> dict[str, float]:

@@ -1,9 +1,9 @@
 """The Ray trainable: a thin adapter over :func:`minimind_train.train.train_epochs`.
 
-Per epoch it writes a checkpoint folder (fp16 MiniMind ``model.pth`` + resume state) and calls
-``tune.report(metrics, checkpoint=...)`` with ``epoch`` (the trial's real epoch, across driver runs).
-A trial continues from the newest whole checkpoint it has: Ray's (``tune.get_checkpoint()``, a
-retry) or one in its folders of earlier driver runs (``--resume``). A loss
+Per epoch it writes a checkpoint folder (fp16 MiniMind ``model.pth`` + resume state), then calls
+``tune.report(metrics)`` with ``epoch`` (the trial's real epoch, across driver runs).
+Checkpoints are the study's own (``epoch_000e`` folders in the trial's folder, not Ray's): a trial
+continues from the newest whole one it has, after a retry by Ray or a ``--resume``. A loss
 that becomes non-finite ends the trial with one ``diverged`` report (no retry: the same config
 diverges again).
 The dataset reaches trials through the on-disk token cache that the driver built once per study:
@@ -27,7 +27,7 @@ from minimind_train.data import prepare_data
 from minimind_train.train import TrainingDiverged, train_epochs
 
 from .cluster import StudyData, current_node, open_study_data
-from .record import trial_dirs
+from .record import checkpoint_metas, filesystem_of, retain_checkpoints, trial_dirname, write_checkpoint
 from .searcher import NUMBER_KEY, PARAMS_KEY
 from .space import apply_params
 
@@ -93,35 +93,34 @@ def _release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _restore(checkpoint: tune.Checkpoint | None, folders: list[Path], cfg: RunConfig, vocab_size: int) -> Any:
-    """The train state to continue from: the newest loadable of Ray's checkpoint (a retry in this
-    run) and the whole checkpoints in the trial's folders of every driver run (``--resume``, or a
-    checkpoint Ray had not registered yet when the worker died)."""
-    from minimind_train.checkpoint import find_checkpoints, read_meta
-
-    candidates = sorted(find_checkpoints(folders).items(), reverse=True)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            epoch = int(read_meta(directory)["epoch"])
-            if not candidates or epoch >= candidates[0][0]:
-                return load_train_state(directory, cfg, vocab_size)
-    for epoch, path in candidates:
+def _restore(runs: str, number: int, cfg: RunConfig, vocab_size: int) -> tuple[Any, dict[str, Any]]:
+    """The train state to continue from and its checkpoint's meta.json: the newest loadable of the
+    trial's whole checkpoints in its folders of every driver run under ``runs`` (a local folder or a
+    URI): after a retry by Ray in this run, or a ``--resume``. ``(None, {})`` when it has none."""
+    candidates = sorted(checkpoint_metas(runs, number).items(), reverse=True)
+    for epoch, (path, meta) in candidates:
         try:
-            return load_train_state(path, cfg, vocab_size)
+            if "://" not in runs:
+                return load_train_state(path, cfg, vocab_size), meta
+            fs, _ = filesystem_of(runs)
+            with tune.Checkpoint(path, filesystem=fs).as_directory() as directory:  # downloaded
+                return load_train_state(directory, cfg, vocab_size), meta
         except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: try the next older one
             log.warning("checkpoint %s (epoch %d) cannot be loaded (%s); trying an older one", path, epoch, exc)
-    return None
+    return None, {}
 
 
-def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str, gpu_share: float = 0.0,
-                data: StudyData | None = None, runs_dir: str | None = None) -> None:
+def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str, mode: str, runs_dir: str,
+                run_name: str, keep_checkpoints: int = 1, gpu_share: float = 0.0,
+                data: StudyData | None = None) -> None:
     """Function trainable. ``config``: ``params`` (searched values by dotted path) and ``study_trial``
-    (the record's trial number); ``base`` is the fixed run config, ``metric`` the study objective
-    (reported as NaN when the trial diverges), ``runs_dir`` the study's local ``runs`` folder (None
-    for a URI storage: then only Ray's own checkpoint is restored).
+    (the record's trial number); ``base`` is the fixed run config; ``metric``/``mode`` the study
+    objective (reported as NaN when the trial diverges; it ranks the kept checkpoints).
 
-    ``data`` (from :func:`tune.cluster.study_data`) opens the driver's token cache on any node,
-    shipped through the object store where the node cannot read it; None prepares the data here.
+    Each epoch's checkpoint goes to ``<runs_dir>/<run_name>/tNNN/epoch_000e`` (a local folder or a
+    URI), *before* its result is reported, so a result in the record always has its checkpoint; the
+    ``keep_checkpoints`` best and the newest are kept. ``data`` (from :func:`tune.cluster.study_data`)
+    opens the driver's token cache on any node; None prepares the data here.
     """
     cfg = trial_run_config(base, config.get(PARAMS_KEY, {}))
     number = int(config[NUMBER_KEY])
@@ -133,10 +132,14 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str,
     else:
         sft, train_cfg = open_study_data(data, cfg)
     node = current_node()  # where each epoch ran, kept in the checkpoint's meta.json (not a metric)
-    folders = trial_dirs(Path(runs_dir), number) if runs_dir else []
-    state = _restore(tune.get_checkpoint(), folders, cfg, sft.vocab_size)
+    state, meta = _restore(runs_dir, number, cfg, sft.vocab_size)
+    trial_dir = f"{runs_dir}/{run_name}/{trial_dirname(number)}"
     if state is not None:
         log.info("trial %s continues after epoch %d", number, state.epoch)
+        # The checkpoint's epoch is reported again (marked, never trained again): a worker that died
+        # between writing it and reporting it left that result out of the record (which keeps the
+        # first report of an epoch, so a repeat changes nothing).
+        tune.report({**meta.get("metrics", {}), "epoch": state.epoch, "restored": 1})
     import torch
 
     oom = None
@@ -147,8 +150,9 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str,
             with tempfile.TemporaryDirectory(prefix="minimind-ckpt-") as tmp:
                 folder = save_checkpoint(Path(tmp) / "checkpoint", result.state, cfg, result.metrics,
                                          {"data": sft.stats_dict(), "ray": node, "study_trial": number})
-                tune.report({**result.metrics, "epoch": result.epoch},
-                            checkpoint=tune.Checkpoint.from_directory(str(folder)))
+                write_checkpoint(folder, trial_dir, result.epoch)
+            retain_checkpoints(runs_dir, number, keep_checkpoints, metric, mode)
+            tune.report({**result.metrics, "epoch": result.epoch})
     except torch.cuda.OutOfMemoryError as exc:
         # Raised below, outside this block: the CUDA error's traceback holds the trial's tensors.
         oom = _oom_message(gpu_share, cfg, exc)

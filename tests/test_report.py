@@ -1,0 +1,44 @@
+"""tune.report: summaries from the study record, and which checkpoint stands for a trial."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import torch
+
+from tune.record import StudyRecord
+from tune.report import summarize_trials
+
+LR = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+
+
+def _checkpoint(folder: Path, epoch: int, val: float) -> None:
+    folder.mkdir(parents=True)
+    torch.save({"w": torch.zeros(1)}, folder / "model.pth")
+    (folder / "meta.json").write_text(json.dumps({"epoch": epoch, "metrics": {"val_loss": val}}))
+
+
+def test_ranking_and_the_best_epochs_checkpoint(tmp_path: Path) -> None:
+    record = StudyRecord.create(tmp_path / "s", "s", {"tune": {"mode": "min"}}, "", {})
+    values = {0: [3.0, 2.0, 2.5], 1: [2.5, 1.0, 1.5], 2: [4.0], 3: [1.8]}
+    for number, curve in values.items():
+        record.ask(LR)
+        for epoch, value in enumerate(curve, 1):
+            record.record_epoch(number, epoch, {"val_loss": value}, "val_loss")
+            _checkpoint(tmp_path / "s" / "runs" / "run-1" / f"t{number:03d}" / f"epoch_{epoch:04d}", epoch, value)
+    record.finish(0, "completed", "val_loss", "min")
+    record.finish(1, "completed", "val_loss", "min")
+    record.finish(2, "stopped_early", "val_loss", "min")
+    record.finish(3, "interrupted", "val_loss", "min")
+    # Trial 1's best epoch (2) lost its checkpoint: epoch 3's stands in, and the summary says so.
+    for f in (tmp_path / "s" / "runs" / "run-1" / "t001" / "epoch_0002").iterdir():
+        f.unlink()
+    summaries = summarize_trials(record, "val_loss", "min")
+    assert [(s.trial_id, s.status) for s in summaries] == [
+        ("t001", "completed"), ("t000", "completed"), ("t002", "stopped_early"), ("t003", "interrupted")]
+    best = summaries[0]
+    assert (best.best_value, best.best_epoch, best.checkpoint_epoch) == (1.0, 2, 3)
+    assert best.checkpoint.endswith("t001/epoch_0003")
+    assert summaries[1].checkpoint_epoch == summaries[1].best_epoch == 2
