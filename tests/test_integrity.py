@@ -140,8 +140,10 @@ def _init_other_shape(raw: dict, folder: Path) -> None:
 
 BAD_INPUTS = {
     # kind: (edit, words the one-line error must contain)
-    "malformed-data-line": (_bad_data_line, ["bad.jsonl:3", "malformed"]),
-    "no-usable-sample": (_no_usable_sample, ["empty.jsonl"]),
+    "malformed-data-line": (_bad_data_line, ["data.train_path=", "bad.jsonl:3", "malformed"]),
+    "malformed-val-line": (lambda raw, folder: (_bad_data_line(raw, folder), raw["data"].update(
+        train_path=None, val_path="bad.jsonl")), ["data.val_path=", "bad.jsonl:3", "malformed"]),
+    "no-usable-sample": (_no_usable_sample, ["data.train_path=", "empty.jsonl"]),
     "tokenizer-missing-file": (_tokenizer_missing_file, ["data.tokenizer", "tok_missing"]),
     "tokenizer-broken": (_tokenizer_broken, ["data.tokenizer", "tok_broken"]),
     "max-seq-len-too-small": (lambda raw, _: raw["data"].update(max_seq_len=2), ["max_seq_len"]),
@@ -199,7 +201,11 @@ def test_resume_with_a_changed_space_is_refused_naming_each_key(victim: Victim, 
         raw["model"]["hidden_size"] = 128
         raw["search"]["train.learning_rate"]["high"] = 0.1
 
-    proc = _cli(victim.ws, ["--space", str(write_space(tmp_path, "edited", edit)), "--name", NAME, "--resume"])
+    edited = write_space(tmp_path, "edited", edit)
+    dry = _cli(victim.ws, ["--space", str(edited), "--name", NAME, "--resume", "--dry-run"])
+    assert dry.returncode == 0 and "--resume would be refused" in dry.stdout, dry.stdout + dry.stderr
+    assert "model.hidden_size: 64 -> 128" in dry.stdout
+    proc = _cli(victim.ws, ["--space", str(edited), "--name", NAME, "--resume"])
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "model.hidden_size: 64 -> 128" in proc.stderr
     assert "search.train.learning_rate: {type: float, low: 0.0001, high: 0.01, log: True} -> " in proc.stderr
@@ -213,7 +219,7 @@ def test_resume_of_a_finished_study_runs_nothing_and_summarises(victim: Victim) 
     trials, sessions = stored_results(victim.dir), _ray_sessions(victim.ws)
     proc = _cli(victim.ws, ["--resume", "--name", NAME])  # the study's own space
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "nothing to run: 2 of 2 trials finished" in proc.stdout
+    assert "nothing to run: 2 trials finished (num_samples 2)" in proc.stdout
     assert "best: trial t00" in proc.stdout
     assert stored_results(victim.dir) == trials
     assert _ray_sessions(victim.ws) == sessions, "Ray was started for nothing"

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from mlflow.entities import Metric, Param, Run, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+from ray.tune.utils import flatten_dict
 
 from .record import RESUMABLE, RecordError, StudyRecord, TrialRecord, lock_path
 
@@ -301,16 +302,6 @@ def _one_line(exc: BaseException) -> str:
     return first[:300] + ("..." if len(first) > 300 else "")
 
 
-def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _param_value(value: Any) -> str:
     return str(value)[:_MAX_PARAM_VAL_LENGTH]
 
@@ -406,7 +397,8 @@ class Mirror:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.record = record
-        self.params = {**_flatten(fixed_params), **_flatten(settings, "tune.")}
+        self.params = {**flatten_dict(dict(fixed_params), delimiter="."),
+                       **{f"tune.{k}": v for k, v in flatten_dict(dict(settings), delimiter=".").items()}}
         self.tags = {str(k): _tag_value(v) for k, v in tags.items()}
         spec = record.manifest.spec
         tune_spec = spec.get("tune") if isinstance(spec.get("tune"), Mapping) else {}
@@ -920,8 +912,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     uri = resolve_tracking_uri(args.tracking_uri or mlflow_spec.get("tracking_uri"), record.dir)
     experiment = str(mlflow_spec.get("experiment") or DEFAULT_EXPERIMENT)
     searched = set(spec.get("search") or {})
-    fixed = {k: v for k, v in _flatten({s: spec[s] for s in ("model", "data", "train")
-                                        if isinstance(spec.get(s), Mapping)}).items() if k not in searched}
+    sections = {s: dict(spec[s]) for s in ("model", "data", "train") if isinstance(spec.get(s), Mapping)}
+    fixed = {k: v for k, v in flatten_dict(sections, delimiter=".").items() if k not in searched}
     settings = spec.get("tune") if isinstance(spec.get("tune"), Mapping) else {}
     try:
         check_tracking_server(uri)

@@ -204,23 +204,16 @@ RUN_SETTINGS = ("tune.num_samples", "tune.max_concurrent_trials", "tune.time_bud
 PATH_KEYS = ("data.train_path", "data.val_path", "data.tokenizer", "model.init_from")
 
 
-def _flat(spec: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in spec.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def diff_specs(old: Mapping[str, Any], new: Mapping[str, Any],
                ignore: Sequence[str] = RUN_SETTINGS + PATH_KEYS) -> list[str]:
     """``key: old -> new`` for each key of two :func:`tune.space.spec_to_dict` results that differs.
 
     Searched parameters compare as a whole (``search.train.learning_rate: {...} -> {...}``).
     """
-    flat_old, flat_new = _flat(old), _flat(new)
+    # (Ray's flatten_dict: the record is read by the driver, which has Ray anyway.)
+    from ray.tune.utils import flatten_dict
+
+    flat_old, flat_new = flatten_dict(dict(old), delimiter="."), flatten_dict(dict(new), delimiter=".")
     search_old, search_new = dict(old.get("search") or {}), dict(new.get("search") or {})
     lines = []
     for key in sorted(set(flat_old) | set(flat_new)):
@@ -451,8 +444,10 @@ class StudyRecord:
             raise RecordError(f"{study_dir / OPTUNA_FILE} is missing: the study's trials are not recorded")
         try:
             return cls(study_dir, manifest, cls._storage(study_dir))
-        except Exception as exc:
-            raise RecordError(f"{study_dir / OPTUNA_FILE} cannot be read: {exc}") from exc
+        except Exception as exc:  # sqlalchemy and optuna raise many kinds for a damaged database
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RecordError(f"{study_dir / OPTUNA_FILE} cannot be read ({reason}); the trials' checkpoints "
+                              f"are still in {RUNS_DIR}/") from exc
 
     def add_history(self, entry: Mapping[str, Any]) -> None:
         """Record a driver run (its start, command-line overrides, applied settings) in the manifest."""

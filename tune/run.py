@@ -155,8 +155,29 @@ def _main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe(spec))
         print(f"study: {name}  output: {paths.uri}")
+        if args.resume:
+            _print_resume_check(spec, paths)
         return 0
     return _run_study(spec, paths, args)
+
+
+def _print_resume_check(spec: Any, paths: StudyPaths) -> None:
+    """For ``--resume --dry-run``: whether the study's definition matches (paths and data contents
+    are compared only by a real run, which tokenises the data)."""
+    from .record import Manifest, RecordError, diff_specs
+    from .space import spec_to_dict
+
+    manifest = paths.local_dir / "study.json"
+    try:
+        old = Manifest.from_json(manifest.read_text(encoding="utf-8"), manifest)
+    except (OSError, RecordError) as exc:
+        print(f"--resume: no study to compare with at {paths.local_dir} ({exc})")
+        return
+    changed = diff_specs(old.spec, spec_to_dict(spec))
+    if changed:
+        print("--resume would be refused: the space defines another study:\n  " + "\n  ".join(changed))
+    else:
+        print(f"--resume: the space matches study {paths.name!r} (created {old.created})")
 
 
 def _check_name(name: str) -> None:
@@ -267,7 +288,8 @@ def _check_inputs(spec: Any, run_cfg: Any, paths: StudyPaths, address: str | Non
     try:
         data = prepare_data(data_cfg, tokenizer)
     except (DataError, FileNotFoundError, ValueError, UnicodeDecodeError) as exc:
-        raise StudyError(str(exc)) from exc
+        key = ("data.val_path" if data_cfg.val_path and str(data_cfg.val_path) in str(exc) else "data.train_path")
+        raise StudyError(f"{key}={getattr(data_cfg, key.split('.')[1])!r}: {exc}") from exc
     with torch.device("meta"):  # shapes only: no memory, no init
         n_params = count_parameters(build_model(run_cfg.model, len(tokenizer)))
     fingerprints = {"dataset": data.stats.cache_key, "tokenizer": tokenizer_fingerprint(tokenizer)}

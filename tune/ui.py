@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -165,8 +166,12 @@ def start_mlflow_server(
     :class:`ServerError` with the end of the server log if it exits or stays silent.
     """
     artifacts = Path(artifacts_dir) if artifacts_dir is not None else _default_artifacts_dir(backend_uri)
-    artifacts.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # a read-only study folder: the existing artifacts are read in place
+        artifacts.mkdir(parents=True, exist_ok=True)
     log_file = Path(log_path) if log_path is not None else artifacts.parent / "mlflow-server.log"
+    if not os.access(log_file.parent, os.W_OK) or (log_file.exists() and not os.access(log_file, os.W_OK)):
+        # A read-only study folder (a mounted copy): the server's log goes to the temp folder.
+        log_file = Path(tempfile.gettempdir()) / f"mlflow-server-{os.getpid()}.log"
     db = sqlite_db_path(backend_uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
