@@ -467,9 +467,12 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
 def _finish_pending_restart(study_dir: Path) -> None:
     """Complete a ``--restart`` whose driver was killed: the old study moved aside comes back when the
     new one has no result yet, and is deleted when the new one has one (what the driver would have done)."""
+    import re
+
     from .record import StudyRecord
 
-    for aside in sorted(study_dir.parent.glob(f".{study_dir.name}.replaced-*")):
+    pattern = re.compile(rf"\.{re.escape(study_dir.name)}\.replaced-\d{{8}}-\d{{6}}")
+    for aside in sorted(p for p in study_dir.parent.glob(f".{study_dir.name}.replaced-*") if pattern.fullmatch(p.name)):
         new_has_results = False
         if StudyRecord.exists(study_dir):
             try:
