@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import optuna
+import pytest
 import torch
 
 from tune.record import StudyRecord
@@ -42,3 +43,25 @@ def test_ranking_and_the_best_epochs_checkpoint(tmp_path: Path) -> None:
     assert (best.best_value, best.best_epoch, best.checkpoint_epoch) == (1.0, 2, 3)
     assert best.checkpoint.endswith("t001/epoch_0003")
     assert summaries[1].checkpoint_epoch == summaries[1].best_epoch == 2
+
+
+def _summary(name: str, curve: list[float], status: str = "completed") -> object:
+    from tune.report import TrialSummary
+
+    points = list(enumerate(curve, 1))
+    return TrialSummary(trial_id=name, name=name, status=status, epochs=len(curve), best_value=min(curve),
+                        best_epoch=min(points, key=lambda p: p[1])[0], params={}, curve=points)
+
+
+def test_rung_fidelity_is_spearman_over_completed_trials() -> None:
+    from tune.report import rung_fidelity
+
+    agree = [_summary("a", [3.0, 2.0, 1.0]), _summary("b", [4.0, 3.0, 2.0]), _summary("c", [5.0, 4.0, 3.0]),
+             _summary("x", [9.0], status="stopped_early")]
+    (rung1, rung2) = rung_fidelity(agree, [1, 2])
+    assert (rung1.epoch, rung1.trials, rung1.spearman) == (1, 3, pytest.approx(1.0))
+    assert rung2.spearman == pytest.approx(1.0)
+    # The best at epoch 1 ends worst: a reversed ranking.
+    reverse = [_summary("a", [1.0, 3.0]), _summary("b", [2.0, 2.0]), _summary("c", [3.0, 1.0])]
+    assert rung_fidelity(reverse, [1])[0].spearman == pytest.approx(-1.0)
+    assert rung_fidelity(agree[:2], [1])[0].spearman is None  # fewer than 3 completed trials

@@ -20,10 +20,13 @@ from .record import CHECKPOINT_PREFIX, FINISHED, StudyRecord
 from .space import StudySpec, apply_params
 
 __all__ = [
+    "RUNG_FIDELITY_WARNING",
+    "RungFidelity",
     "TrialSummary",
     "dir_bytes",
     "format_table",
     "prune_resume_state",
+    "rung_fidelity",
     "summarize_trials",
     "write_best_yaml",
     "write_summary_csv",
@@ -77,6 +80,41 @@ def summarize_trials(record: StudyRecord, metric: str, mode: str) -> list[TrialS
     sign = 1.0 if mode == "min" else -1.0
     order = {"completed": 0, "stopped_early": 1, "interrupted": 2, "running": 2, "failed": 3, "diverged": 3}
     out.sort(key=lambda s: (order.get(s.status, 3), sign * s.best_value, s.number))
+    return out
+
+
+# Below this Spearman correlation a rung's ranking says little about the final one (documented in the
+# README): early stopping may then drop configs that would have ended best.
+RUNG_FIDELITY_WARNING = 0.5
+
+
+@dataclass(frozen=True)
+class RungFidelity:
+    """How well the ranking of trials at an ASHA rung predicts their final ranking."""
+
+    epoch: int
+    trials: int  # completed trials with a value at this rung
+    spearman: float | None  # None with fewer than 3 such trials
+
+
+def rung_fidelity(summaries: Sequence[TrialSummary], rungs: Sequence[float]) -> list[RungFidelity]:
+    """Spearman rank correlation, per rung epoch, between the trials' objective at that epoch and at
+    their last epoch, over the trials that completed (the ones that reached the budget). Ties take
+    their average rank (pandas ``rank``)."""
+    import pandas as pd
+
+    completed = [s for s in summaries if s.status == "completed" and s.curve and math.isfinite(s.curve[-1][1])]
+    out = []
+    for rung in rungs:
+        epoch = int(rung)
+        pairs = [(dict(s.curve).get(epoch), s.curve[-1][1]) for s in completed]
+        pairs = [(a, b) for a, b in pairs if a is not None and math.isfinite(a)]
+        rho = None
+        if len(pairs) >= 3:
+            at_rung, final = (pd.Series(x) for x in zip(*pairs))
+            value = at_rung.rank().corr(final.rank())
+            rho = None if math.isnan(value) else float(value)
+        out.append(RungFidelity(epoch=epoch, trials=len(pairs), spearman=rho))
     return out
 
 

@@ -940,6 +940,7 @@ def _finish(spec: Any, paths: StudyPaths, record: Any, mirror: Any, status: str)
     for s in better:
         print(f"note: unfinished trial {s.trial_id} already reached {t.metric} {s.best_value:.4f} after "
               f"{s.epochs} epoch(s): --resume finishes it")
+    _print_rung_fidelity(spec, summaries)
     if best is not None:
         print(f"best: trial {best.trial_id}  {t.metric} {best.best_value:.4f} (epoch {best.best_epoch})")
         for k, v in best.params.items():
@@ -968,6 +969,25 @@ def _finish(spec: Any, paths: StudyPaths, record: Any, mirror: Any, status: str)
             print(f"  {s.trial_id}: {s.status} {s.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_rung_fidelity(spec: Any, summaries: list[Any]) -> None:
+    """Did ASHA's early rankings predict the final one? (Spearman per rung, completed trials.)"""
+    from .report import RUNG_FIDELITY_WARNING, rung_fidelity
+
+    sched = spec.tune.scheduler
+    rungs = [r for r in sched.rungs if r < spec.run.train.epochs] if sched.type == "asha" else []
+    if not rungs:
+        return
+    found = rung_fidelity(summaries, rungs)
+    shown = ", ".join(f"epoch {f.epoch}: {f.spearman:+.2f} (n={f.trials})" if f.spearman is not None
+                      else f"epoch {f.epoch}: n/a ({f.trials} completed trials, needs 3)" for f in found)
+    print(f"rung fidelity (Spearman of each rung's ranking with the final one): {shown}")
+    for f in found:
+        if f.spearman is not None and f.spearman < RUNG_FIDELITY_WARNING:
+            print(f"warning: at epoch {f.epoch} the trials ranked unlike at their end ({f.spearman:+.2f} < "
+                  f"{RUNG_FIDELITY_WARNING}): ASHA may have stopped configs that would have ended best; raise "
+                  "tune.scheduler.grace_period or lower reduction_factor", file=sys.stderr)
 
 
 def _upload_outputs(study_dir: Path, uri: str) -> None:
