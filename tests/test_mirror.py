@@ -301,7 +301,7 @@ def test_finish_closes_the_parent_with_results(record: StudyRecord, tmp_path: Pa
         mirror.finish("FINISHED", best=best, best_value=2.0 / 3, best_epoch=3,
                       artifacts={"best.yaml": best_yaml, "plots/curves": plot,
                                  "missing.txt": tmp_path / "nope"},
-                      description="8 trials, best t000")
+                      description="8 trials, best t000", study_metrics={"rung_fidelity_epoch_1": 0.8})
     client = client_of(record)
     (parent,) = parents(client)
     runs = children(client)
@@ -313,6 +313,7 @@ def test_finish_closes_the_parent_with_results(record: StudyRecord, tmp_path: Pa
     assert parent.data.tags["best.run_id"] == runs[best_number].info.run_id
     assert parent.data.tags["best.train.learning_rate"] == str(best.params["train.learning_rate"])
     assert history(client, parent, f"best_{OBJECTIVE}") == [(3, 2.0 / 3)]
+    assert parent.data.metrics["rung_fidelity_epoch_1"] == 0.8
     assert runs[cut].info.status == "KILLED"  # still running when the driver finished
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert files == {"best.yaml", "plots"}

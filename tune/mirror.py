@@ -448,13 +448,15 @@ class Mirror:
                 self._sync_trial(client, parent_id, children, trial, closing)
 
     def finish(self, status: str, *, best: TrialRecord | None, best_value: float | None,
-               best_epoch: int | None, artifacts: Mapping[str, Path], description: str = "") -> None:
+               best_epoch: int | None, artifacts: Mapping[str, Path], description: str = "",
+               study_metrics: Mapping[str, float] | None = None) -> None:
         """Close the mirror: every trial synced (``closing``), results attached, parent run ended.
 
         ``status`` is the parent's MLflow status (FINISHED, FAILED or KILLED). ``artifacts`` maps a
         path inside the run to a local file or folder (a path without a suffix takes the file's); a
         missing one is a warning (this runs in the driver's ``finally``). ``description`` becomes
-        the parent's note in the UI.
+        the parent's note in the UI. ``study_metrics`` (e.g. ``rung_fidelity_epoch_1``) are logged on
+        the parent at step 0, stamped now: a later finish after more trials adds the newer value.
         """
         if status not in _STUDY_STATUS:
             raise ValueError(f"status must be one of {sorted(_STUDY_STATUS)}, got {status!r}")
@@ -483,6 +485,10 @@ class Mirror:
                 metric = Metric(f"best_{self.objective}", float(best_value),
                                 int(stamp) if math.isfinite(stamp) else 0, int(best_epoch or 0))
                 client.log_batch(parent_id, metrics=[metric], synchronous=True)
+            extra = [Metric(k, float(v), int(time.time() * 1000), 0)
+                     for k, v in (study_metrics or {}).items() if math.isfinite(float(v))]
+            if extra:
+                client.log_batch(parent_id, metrics=extra, synchronous=True)
             for target, path in artifacts.items():
                 self._log_artifact(client, parent_id, Path(path), target)
             client.set_terminated(parent_id, status=status)

@@ -926,9 +926,11 @@ def _finish(spec: Any, paths: StudyPaths, record: Any, mirror: Any, status: str)
                        best_trial=best.trial_id if best else None, metric_name=t.metric)
     artifacts.update({f"plots/{p.name}": p for p in plots.values()})
     best_record = record.trial(best.number) if best is not None else None
+    fidelity = _print_rung_fidelity(spec, summaries)
     _safe_mirror(lambda: mirror.finish(status if best is not None else "FAILED", best=best_record,
                                        best_value=best.best_value if best else None,
-                                       best_epoch=best.best_epoch if best else None, artifacts=artifacts))
+                                       best_epoch=best.best_epoch if best else None, artifacts=artifacts,
+                                       study_metrics=fidelity))
     freed = prune_resume_state(record, summaries, t.keep_top_trials)  # (local trial folders only)
     print()
     if best is not None and best.checkpoint_epoch not in (None, best.best_epoch):
@@ -940,7 +942,6 @@ def _finish(spec: Any, paths: StudyPaths, record: Any, mirror: Any, status: str)
     for s in better:
         print(f"note: unfinished trial {s.trial_id} already reached {t.metric} {s.best_value:.4f} after "
               f"{s.epochs} epoch(s): --resume finishes it")
-    _print_rung_fidelity(spec, summaries)
     if best is not None:
         print(f"best: trial {best.trial_id}  {t.metric} {best.best_value:.4f} (epoch {best.best_epoch})")
         for k, v in best.params.items():
@@ -971,14 +972,15 @@ def _finish(spec: Any, paths: StudyPaths, record: Any, mirror: Any, status: str)
     return 0
 
 
-def _print_rung_fidelity(spec: Any, summaries: list[Any]) -> None:
-    """Did ASHA's early rankings predict the final one? (Spearman per rung, completed trials.)"""
+def _print_rung_fidelity(spec: Any, summaries: list[Any]) -> dict[str, float]:
+    """Did ASHA's early rankings predict the final one? (Spearman per rung, completed trials.)
+    Returns ``{"rung_fidelity_epoch_E": rho}`` for the MLflow parent run."""
     from .report import RUNG_FIDELITY_WARNING, rung_fidelity
 
     sched = spec.tune.scheduler
     rungs = [r for r in sched.rungs if r < spec.run.train.epochs] if sched.type == "asha" else []
     if not rungs:
-        return
+        return {}
     found = rung_fidelity(summaries, rungs)
     shown = ", ".join(f"epoch {f.epoch}: {f.spearman:+.2f} (n={f.trials})" if f.spearman is not None
                       else f"epoch {f.epoch}: n/a ({f.trials} completed trials, needs 3)" for f in found)
@@ -988,6 +990,7 @@ def _print_rung_fidelity(spec: Any, summaries: list[Any]) -> None:
             print(f"warning: at epoch {f.epoch} the trials ranked unlike at their end ({f.spearman:+.2f} < "
                   f"{RUNG_FIDELITY_WARNING}): ASHA may have stopped configs that would have ended best; raise "
                   "tune.scheduler.grace_period or lower reduction_factor", file=sys.stderr)
+    return {f"rung_fidelity_epoch_{f.epoch}": f.spearman for f in found if f.spearman is not None}
 
 
 def _upload_outputs(study_dir: Path, uri: str) -> None:
