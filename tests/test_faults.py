@@ -326,3 +326,29 @@ def test_tracking_server_dies_mid_study(ws: Workspace, tmp_path: Path) -> None:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
         shutil.rmtree(tmp_path / "mlartifacts", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_and_resume_completes(ws: Workspace) -> None:
+    """A plain `kill` (SIGTERM; `ray job stop` sends one first) ends the study like Ctrl-C: exit 130,
+    a closed record, every trial with all its values, and --resume completes it."""
+    study = ws.study_dir(NAME)
+    first = Driver(ws, ["--space", str(SPACE)])
+    try:
+        first.wait_for("a trial's end", lambda: len(_finished(study)) >= 1, 240, poll_s=0.05)
+        os.kill(first.pid, signal.SIGTERM)  # the driver alone, as `kill PID` does
+        rc = first.wait(120)
+    finally:
+        first.teardown()
+    output = first.output()
+    assert rc == 130, output
+    assert "*** SIGTERM received" not in output and "--resume" in first.stderr, output
+    searched = set(yaml.safe_load(SPACE.read_text())["search"])
+    assert all(set(t.params) == searched for t in _record(study).values()), output
+    before = _finished(study)
+    second = run_driver(ws, ["--space", str(SPACE), "--resume"], timeout_s=300)
+    output += second.output()
+    assert second.proc.returncode == 0, output
+    trials = _check_study_complete(study, 6, output)
+    for name, epochs in before.items():
+        assert dict(trials[name].epochs) == epochs, f"finished trial {name} changed{output}"

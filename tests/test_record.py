@@ -213,3 +213,11 @@ def test_write_checkpoint_publishes_whole_folders_and_retention_keeps_best_and_n
     assert sorted(Path(p).name for p in deleted) == ["epoch_0001", "epoch_0003"]  # best (2) and newest (4) stay
     assert sorted(p.name for p in trial.iterdir()) == ["epoch_0002", "epoch_0004"]
     assert retain_checkpoints(str(runs), 0, keep=1, metric="val_loss", mode="min") == []
+
+
+def test_an_empty_or_foreign_database_is_refused_and_left_as_it_is(record: StudyRecord) -> None:
+    db = record.dir / "optuna.db"
+    db.write_bytes(b"")
+    with pytest.raises(RecordError, match="not an Optuna database"):
+        StudyRecord.open(record.dir)
+    assert db.stat().st_size == 0  # nothing was created in it

@@ -164,3 +164,28 @@ def test_a_restart_cut_short_after_a_result_completes_the_replacement(tmp_path: 
     _study_with(new, 1)
     run._finish_pending_restart(new)
     assert not old.exists() and (new / "study.json").exists() and not (new / "keep.txt").exists()
+
+
+def test_a_pending_restart_is_found_whatever_the_name(tmp_path: Any) -> None:
+    old, new = tmp_path / ".r[1].replaced-20261201-000000", tmp_path / "r[1]"
+    _study_with(old, 1)
+    run._finish_pending_restart(new)  # the killed --restart had not created the new study yet
+    assert (new / "study.json").exists() and not old.exists()
+
+
+def test_a_trial_without_all_its_values_is_abandoned_never_run_with_defaults(tmp_path: Any) -> None:
+    import optuna
+
+    from tune.record import StudyRecord
+    from tune.space import load_space
+
+    spec = load_space("smoke")
+    record = StudyRecord.create(tmp_path / "s", "s", {"tune": {"mode": "min"}}, "", {})
+    record.study.ask()  # a driver killed inside ask(): the trial exists, its values do not
+    lr = {p.path: d for p, d in zip(spec.search, [optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                                                 optuna.distributions.CategoricalDistribution([1, 2])])}
+    whole, _ = record.ask(lr)
+    plans = run._resume_plans(record, spec)
+    assert [p.number for p in plans] == [whole]
+    assert record.trial(0).status == "abandoned" and record.finished_count() == 0
+    assert record.study.trials[0].state == optuna.trial.TrialState.FAIL

@@ -107,6 +107,7 @@ _RUN_STATUS = {
     "stopped_early": "FINISHED",
     "failed": "FAILED",
     "diverged": "FAILED",
+    "abandoned": "FAILED",
     "interrupted": "KILLED",
 }
 # finish(status) -> the parent's minimind.status tag.

@@ -442,6 +442,9 @@ class StudyRecord:
         manifest = Manifest.from_json(path.read_text(encoding="utf-8"), path)
         if not (study_dir / OPTUNA_FILE).is_file():
             raise RecordError(f"{study_dir / OPTUNA_FILE} is missing: the study's trials are not recorded")
+        if not _is_optuna_db(study_dir / OPTUNA_FILE):  # (Optuna would create its tables in it)
+            raise RecordError(f"{study_dir / OPTUNA_FILE} is not an Optuna database (empty or damaged); the "
+                              f"trials' checkpoints are still in {RUNS_DIR}/")
         try:
             return cls(study_dir, manifest, cls._storage(study_dir))
         except Exception as exc:  # sqlalchemy and optuna raise many kinds for a damaged database
@@ -572,6 +575,13 @@ class StudyRecord:
                      else optuna.trial.TrialState.FAIL)
             self.study.tell(number, state=state)
 
+    def abandon(self, number: int, reason: str) -> None:
+        """End a trial that can never run as asked (its params were never all recorded: the driver
+        died inside ``ask``): Optuna FAIL, status ``abandoned``; it does not count towards num_samples."""
+        self.set_status(number, "abandoned", reason)
+        if not self._frozen(number).state.is_finished():
+            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+
     def unfinished(self) -> list[TrialRecord]:
         return [t for t in self.trials() if t.status in RESUMABLE]
 
@@ -586,6 +596,17 @@ _STATUS_OF_STATE = {
     optuna.trial.TrialState.RUNNING: "running",
     optuna.trial.TrialState.WAITING: "running",
 }
+
+
+def _is_optuna_db(path: Path) -> bool:
+    """Whether ``path`` is a sqlite file holding Optuna's tables, read without writing anything."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return db.execute("select 1 from sqlite_master where type='table' and name='studies'").fetchone() is not None
+    except sqlite3.Error:
+        return False
 
 
 def _is_number(value: Any) -> bool:

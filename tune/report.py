@@ -78,7 +78,8 @@ def summarize_trials(record: StudyRecord, metric: str, mode: str) -> list[TrialS
             checkpoint=checkpoint, checkpoint_epoch=checkpoint_epoch, error=t.error, number=t.number,
         ))
     sign = 1.0 if mode == "min" else -1.0
-    order = {"completed": 0, "stopped_early": 1, "interrupted": 2, "running": 2, "failed": 3, "diverged": 3}
+    order = {"completed": 0, "stopped_early": 1, "interrupted": 2, "running": 2, "failed": 3, "diverged": 3,
+             "abandoned": 4}
     out.sort(key=lambda s: (order.get(s.status, 3), sign * s.best_value, s.number))
     return out
 

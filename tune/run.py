@@ -107,17 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s", stream=sys.stdout)
-    # SIGTERM (a plain `kill`, `ray job stop`) stops the study like Ctrl-C: Ray's own SIGINT handling
-    # ends the trials, the record is closed, and --resume continues.
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+    _sigterm_as_sigint()
     try:
         return _main(args)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
-    except KeyboardInterrupt:  # before Ray's own handler took over: nothing was started or changed
-        print("\ninterrupted before the study started; nothing was changed", file=sys.stderr)
+    except KeyboardInterrupt:  # before Ray's own handler took over: no trial had started
+        print("\ninterrupted before any trial started; the study is as it was", file=sys.stderr)
         return 130
     except Exception as exc:
         if not _disk_full(exc):
@@ -125,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the disk is full ({_first_line(exc)}); finished trials are kept: free space, then "
               "continue with --resume", file=sys.stderr)
         return 1
+
+
+def _sigterm_as_sigint() -> None:
+    """SIGTERM (a plain `kill`, `ray job stop`) stops the study like Ctrl-C: Ray's own SIGINT handling
+    ends the trials, the record is closed, and --resume continues."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -191,9 +195,19 @@ def _own_space(paths: StudyPaths) -> Path:
     """The study's resolved space.yaml, rewritten from study.json when it is missing (it is derived)."""
     import yaml
 
-    from .record import MANIFEST_FILE, Manifest, RecordError, lock_path
+    from .record import MANIFEST_FILE, Manifest, RecordError, StudyLock, lock_path
 
     folder = paths.local_dir
+    if paths.is_local:  # a --restart cut short by a kill: its old study comes back first
+        lock = StudyLock(folder)
+        try:
+            lock.acquire()
+        except RecordError as exc:
+            raise StudyError(str(exc)) from exc
+        try:
+            _finish_pending_restart(folder)
+        finally:
+            lock.release()
     space = folder / "space.yaml"
     if space.is_file():
         return space
@@ -426,6 +440,12 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
                     if (study_dir / "optuna.db").exists() else "not a study of minimind-tune (no study.json)")
             raise StudyError(f"{study_dir} exists and is {what}; it is left alone: choose another --name, "
                              "or move the folder away yourself")
+        if exists and args.restart:
+            try:
+                StudyRecord.open(study_dir)
+            except RecordError as exc:
+                raise StudyError(f"{exc}; the study is left alone: --restart replaces only a study it can "
+                                 "read (move the folder away yourself to start over)") from exc
         if exists and not (args.resume or args.restart):
             raise StudyError(f"a study named {paths.name!r} already exists at {paths.uri}; pass --resume to "
                              "continue it or --restart to replace it (or choose another --name)")
@@ -467,12 +487,14 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
 def _finish_pending_restart(study_dir: Path) -> None:
     """Complete a ``--restart`` whose driver was killed: the old study moved aside comes back when the
     new one has no result yet, and is deleted when the new one has one (what the driver would have done)."""
+    import glob
     import re
 
     from .record import StudyRecord
 
     pattern = re.compile(rf"\.{re.escape(study_dir.name)}\.replaced-\d{{8}}-\d{{6}}")
-    for aside in sorted(p for p in study_dir.parent.glob(f".{study_dir.name}.replaced-*") if pattern.fullmatch(p.name)):
+    candidates = study_dir.parent.glob(f".{glob.escape(study_dir.name)}.replaced-*")
+    for aside in sorted(p for p in candidates if pattern.fullmatch(p.name)):
         new_has_results = False
         if StudyRecord.exists(study_dir):
             try:
@@ -508,32 +530,31 @@ def _start_ray_and_run(spec: Any, paths: StudyPaths, args: argparse.Namespace, r
             raise StudyError(str(exc)) from exc
         study_data = _check_cluster(spec, paths, run_cfg, inputs)
         study_dir = paths.local_dir
-        aside = None
-        if args.restart and study_dir.exists():
-            # Every input is checked: only now is the old study moved aside, and it is deleted once
-            # the new study's first trial has reported (see _RestartCleanup).
-            aside = study_dir.with_name(f".{study_dir.name}.replaced-{_dt.datetime.now():%Y%m%d-%H%M%S}")
-            os.replace(study_dir, aside)
-            print(f"--restart: the old study is kept at {aside} until the new one has a result")
-        if record is None:
-            try:
-                record = StudyRecord.create(study_dir, paths.name, spec_to_dict(spec),
-                                            spec_to_yaml(spec, _space_header(spec, paths.name)),
-                                            inputs.fingerprints)
-                record.runs = paths.runs_uri
-            except (OSError, RecordError) as exc:
-                if aside is not None:
-                    shutil.rmtree(study_dir, ignore_errors=True)
-                    os.replace(aside, study_dir)
-                raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
-        else:
-            (study_dir / "space.yaml").write_text(spec_to_yaml(spec, _space_header(spec, paths.name)),
-                                                  encoding="utf-8")
+        aside: Path | None = None
+        # One try from the move on: however the run ends (a Ctrl-C included), a --restart's old study
+        # comes back unless the new one has a result (a kill is undone by the next start instead).
         try:
+            if args.restart and study_dir.exists():
+                # Every input is checked: only now is the old study moved aside; it is deleted once
+                # the new study's first trial has reported (see _restart_cleanup).
+                aside = study_dir.with_name(f".{study_dir.name}.replaced-{_dt.datetime.now():%Y%m%d-%H%M%S}")
+                os.replace(study_dir, aside)
+                print(f"--restart: the old study is kept at {aside} until the new one has a result")
+            if record is None:
+                try:
+                    record = StudyRecord.create(study_dir, paths.name, spec_to_dict(spec),
+                                                spec_to_yaml(spec, _space_header(spec, paths.name)),
+                                                inputs.fingerprints)
+                    record.runs = paths.runs_uri
+                except (OSError, RecordError) as exc:
+                    raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
+            else:
+                (study_dir / "space.yaml").write_text(spec_to_yaml(spec, _space_header(spec, paths.name)),
+                                                      encoding="utf-8")
             return _run_on_ray(spec, paths, run_cfg, inputs, record, applied, plans, aside, study_data)
         finally:
             if aside is not None and aside.exists():
-                if any(t.epochs for t in record.trials()):
+                if record is not None and any(t.epochs for t in record.trials()):
                     _delete_replaced(aside, study_dir, inputs.tracking_uri)
                 else:  # the new study never got a result: the old one comes back untouched
                     shutil.rmtree(study_dir, ignore_errors=True)
@@ -570,6 +591,7 @@ def _init_ray(args: argparse.Namespace) -> None:
     for attempt in (1, 2):
         try:
             ray.init(**kwargs)
+            _sigterm_as_sigint()  # ray.init installs its own (sys.exit at any point of the driver)
             return
         except Exception as exc:
             ray.shutdown()
@@ -689,7 +711,13 @@ def _resume_plans(record: Any, spec: Any) -> list[Any]:
     from .searcher import ResumePlan
 
     plans = []
+    searched = {p.path for p in spec.search}
     for t in record.unfinished():
+        if set(t.params) != searched:  # the driver died inside Optuna's ask: never run with defaults
+            record.abandon(t.number, f"its values were never all recorded ({sorted(t.params)} of "
+                                     f"{sorted(searched)}); a new trial takes its place")
+            print(f"trial t{t.number:03d} abandoned: its values were never all recorded", file=sys.stderr)
+            continue
         metas = record.checkpoint_metas(t.number)
         checkpoints = {epoch: path for epoch, (path, _) in metas.items()}
         for epoch, (_, meta) in sorted(metas.items()):
@@ -933,6 +961,9 @@ def _finish(spec: Any, paths: StudyPaths, record: Any, mirror: Any, status: str)
                                        study_metrics=fidelity))
     freed = prune_resume_state(record, summaries, t.keep_top_trials)  # (local trial folders only)
     print()
+    if best is not None and best.checkpoint is None:
+        print(f"warning: no checkpoint of trial {best.trial_id} is left; best.yaml still retrains its config",
+              file=sys.stderr)
     if best is not None and best.checkpoint_epoch not in (None, best.best_epoch):
         print(f"warning: the checkpoint of trial {best.trial_id}'s best epoch {best.best_epoch} is gone; "
               f"best/model.pth is its epoch {best.checkpoint_epoch} checkpoint", file=sys.stderr)
