@@ -195,15 +195,11 @@ def _own_space(paths: StudyPaths) -> Path:
     """The study's resolved space.yaml, rewritten from study.json when it is missing (it is derived)."""
     import yaml
 
-    from .record import MANIFEST_FILE, Manifest, RecordError, StudyLock, lock_path
+    from .record import MANIFEST_FILE, Manifest, RecordError, lock_path
 
     folder = paths.local_dir
     if paths.is_local:  # a --restart cut short by a kill: its old study comes back first
-        lock = StudyLock(folder)
-        try:
-            lock.acquire()
-        except RecordError as exc:
-            raise StudyError(str(exc)) from exc
+        lock = _take_lock(folder)
         try:
             _finish_pending_restart(folder)
         finally:
@@ -224,6 +220,18 @@ def _own_space(paths: StudyPaths) -> Path:
         raise StudyError(f"--resume: study {paths.name!r} is being created by "
                          f"{holder.read_text(encoding='utf-8', errors='replace').strip()}; wait for it")
     raise StudyError(f"--resume: no study {paths.name!r} at {paths.uri}")
+
+
+def _take_lock(study_dir: Path) -> Any:
+    """The study's exclusive lock (tune.record.StudyLock), or a StudyError naming its holder."""
+    from .record import RecordError, StudyLock
+
+    lock = StudyLock(study_dir)
+    try:
+        lock.acquire()
+    except RecordError as exc:
+        raise StudyError(str(exc)) from exc
+    return lock
 
 
 def _locked(path: Path) -> bool:
@@ -416,15 +424,11 @@ def _flat_keys(spec: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
-    from .record import RecordError, StudyLock, StudyRecord
+    from .record import RecordError, StudyRecord
 
     study_dir = paths.local_dir
     _check_storage(paths)  # (before the lock file is written there)
-    lock = StudyLock(study_dir)
-    try:
-        lock.acquire()
-    except RecordError as exc:
-        raise StudyError(str(exc)) from exc
+    lock = _take_lock(study_dir)
     try:
         if not paths.is_local and (args.resume or args.restart):
             from . import cluster
