@@ -112,7 +112,7 @@ def test_time_budget_counts_for_the_whole_study() -> None:
     assert run._time_budget(record, None) == (None, pytest.approx(550.5))
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../escape", ".hidden", "x\\y"])
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../escape", ".hidden", "x\\y", "nl\nx"])
 def test_a_study_name_is_one_folder_name(name: str) -> None:
     with pytest.raises(run.StudyError, match="is not allowed: a study name is one folder name"):
         run._check_name(name)

@@ -186,9 +186,10 @@ def _print_resume_check(spec: Any, paths: StudyPaths) -> None:
 
 def _check_name(name: str) -> None:
     """A study name is one folder name: never a path that leaves (or is) the storage folder."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
-        raise StudyError(f"--name={name!r} is not allowed: a study name is one folder name (no '/', not "
-                         "empty, not starting with '.')")
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".")
+            or any(ord(c) < 32 for c in name)):
+        raise StudyError(f"--name={name!r} is not allowed: a study name is one folder name (no '/', no "
+                         "control characters, not empty, not starting with '.')")
 
 
 def _own_space(paths: StudyPaths) -> Path:
