@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import fcntl
 import logging
 import math
@@ -50,7 +49,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.utils import flatten_dict
 
-from .record import RESUMABLE, RecordError, StudyRecord, TrialRecord, lock_path
+from .record import RESUMABLE, RecordError, StudyLock, StudyRecord, TrialRecord
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -861,24 +860,6 @@ class MirrorCallback(Callback):
 # python -m tune.mirror STUDY_DIR
 
 
-def _driver_alive(study_dir: Path) -> bool:
-    """Whether a driver holds the study's lock (checked with a shared flock, released at once)."""
-    path = lock_path(study_dir)
-    try:
-        fh = path.open("r", encoding="utf-8")
-    except FileNotFoundError:
-        return False
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return True
-            raise
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return False
-
-
 def _best(record: StudyRecord) -> tuple[TrialRecord | None, float | None, int | None]:
     """The record's best completed trial, its value (Optuna's: the best epoch's objective) and epoch."""
     try:
@@ -925,7 +906,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_tracking_server(uri)
         mirror = Mirror(uri, experiment, record, fixed_params=fixed, settings=settings, tags={})
-        if _driver_alive(record.dir):
+        if StudyLock.held(record.dir):
             mirror.sync()
             state = "a driver is running the study"
         else:

@@ -137,6 +137,24 @@ class StudyLock:
         fh.flush()
         self._fh = fh
 
+    @staticmethod
+    def held(study_dir: Path) -> bool:
+        """Whether a live driver holds the lock of the study at ``study_dir`` (a shared, non-blocking
+        probe, released at once; writes nothing)."""
+        try:
+            fh = lock_path(study_dir).open("r", encoding="utf-8")
+        except FileNotFoundError:
+            return False
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    return True
+                raise
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
     def release(self) -> None:
         if self._fh is not None:
             self._fh.close()  # closing releases the flock

@@ -196,7 +196,7 @@ def _own_space(paths: StudyPaths) -> Path:
     """The study's resolved space.yaml, rewritten from study.json when it is missing (it is derived)."""
     import yaml
 
-    from .record import MANIFEST_FILE, Manifest, RecordError, lock_path
+    from .record import MANIFEST_FILE, Manifest, RecordError, StudyLock, lock_path
 
     folder = paths.local_dir
     if paths.is_local:  # a --restart cut short by a kill: its old study comes back first
@@ -217,7 +217,7 @@ def _own_space(paths: StudyPaths) -> Path:
         except (OSError, RecordError) as exc:
             raise StudyError(f"--resume: cannot rebuild {space} from {manifest}: {exc}") from exc
     holder = lock_path(folder)
-    if holder.is_file() and holder.read_text(encoding="utf-8", errors="replace").strip() and _locked(holder):
+    if StudyLock.held(folder):
         raise StudyError(f"--resume: study {paths.name!r} is being created by "
                          f"{holder.read_text(encoding='utf-8', errors='replace').strip()}; wait for it")
     raise StudyError(f"--resume: no study {paths.name!r} at {paths.uri}")
@@ -233,19 +233,6 @@ def _take_lock(study_dir: Path) -> Any:
     except RecordError as exc:
         raise StudyError(str(exc)) from exc
     return lock
-
-
-def _locked(path: Path) -> bool:
-    """Whether another process holds the flock on ``path`` (a probe: taken and released at once)."""
-    import fcntl
-
-    with path.open("a", encoding="utf-8") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        return False
 
 
 def _apply_overrides(spec: Any, args: argparse.Namespace) -> Any:
