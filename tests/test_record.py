@@ -16,13 +16,13 @@ import torch
 
 from tune.record import (
     Manifest,
-    RecordError,
+    StudyError,
     StudyLock,
     StudyRecord,
-    checkpoint_metas,
     diff_specs,
     lock_path,
 )
+from tune.storage import checkpoint_metas
 
 LR = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
 SPEC = {"model": {"hidden_size": 64}, "data": {"train_path": "/a.jsonl"}, "train": {"epochs": 3},
@@ -52,10 +52,10 @@ def test_create_refuses_an_existing_folder(record: StudyRecord) -> None:
 
 
 def test_open_names_what_is_missing(tmp_path: Path, record: StudyRecord) -> None:
-    with pytest.raises(RecordError, match="no study.json"):
+    with pytest.raises(StudyError, match="no study.json"):
         StudyRecord.open(tmp_path)
     (record.dir / "study.json").write_text("{not json")
-    with pytest.raises(RecordError, match="damaged"):
+    with pytest.raises(StudyError, match="damaged"):
         StudyRecord.open(record.dir)
 
 
@@ -168,7 +168,7 @@ def test_lock_is_exclusive_and_names_the_holder(tmp_path: Path) -> None:
     study = tmp_path / "studies" / "dup"
     with StudyLock(study):
         assert lock_path(study).is_file() and not study.exists()  # nothing of the study is written
-        with pytest.raises(RecordError, match=rf"in use by pid {os.getpid()} on .* since"):
+        with pytest.raises(StudyError, match=rf"in use by pid {os.getpid()} on .* since"):
             StudyLock(study).acquire()
     with StudyLock(study):  # released
         pass
@@ -182,7 +182,7 @@ def test_lock_of_a_killed_process_is_not_stale(tmp_path: Path) -> None:
                             cwd=Path(__file__).resolve().parents[1])
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-        with pytest.raises(RecordError, match=f"pid {proc.pid}"):
+        with pytest.raises(StudyError, match=f"pid {proc.pid}"):
             StudyLock(study).acquire()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -195,7 +195,7 @@ def test_lock_of_a_killed_process_is_not_stale(tmp_path: Path) -> None:
 
 
 def test_write_checkpoint_publishes_whole_folders_and_retention_keeps_best_and_newest(tmp_path: Path) -> None:
-    from tune.record import retain_checkpoints, write_checkpoint
+    from tune.storage import retain_checkpoints, write_checkpoint
 
     runs = tmp_path / "runs"
     trial = runs / "run-1" / "t000"
@@ -218,6 +218,13 @@ def test_write_checkpoint_publishes_whole_folders_and_retention_keeps_best_and_n
 def test_an_empty_or_foreign_database_is_refused_and_left_as_it_is(record: StudyRecord) -> None:
     db = record.dir / "optuna.db"
     db.write_bytes(b"")
-    with pytest.raises(RecordError, match="not an Optuna database"):
+    with pytest.raises(StudyError, match="not an Optuna database"):
         StudyRecord.open(record.dir)
     assert db.stat().st_size == 0  # nothing was created in it
+
+
+def test_time_budget_counts_for_the_whole_study(record: StudyRecord) -> None:
+    for entry in ({"run": 1, "started": "x"}, {"run": 1, "seconds": 400.0}, {"run": 2, "seconds": 150.5}):
+        record.add_history(entry)
+    assert record.seconds_used() == pytest.approx(550.5)
+    assert StudyRecord.open(record.dir).seconds_used() == pytest.approx(550.5)

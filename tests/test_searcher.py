@@ -20,6 +20,7 @@ from tune.searcher import (
     failure_reason,
     make_pruner,
     make_sampler,
+    resume_plans,
 )
 
 SPACE = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
@@ -50,7 +51,7 @@ def _result(epoch: int, value: float, **extra: Any) -> dict[str, Any]:
 def test_suggest_continues_unfinished_trials_first(record: StudyRecord) -> None:
     old, params = record.ask(SPACE)
     record.finish(old, "interrupted", "val_loss", "min")
-    searcher, _ = _pair(record, [ResumePlan(old, params, ("/c2", "/c1"))])
+    searcher, _ = _pair(record, [ResumePlan(old, params, epoch=2)])
     first = searcher.suggest("a")
     assert first == {PARAMS_KEY: params, NUMBER_KEY: old}
     assert record.trial(old).status == "running"
@@ -133,3 +134,21 @@ def test_resumed_sampler_does_not_repeat_the_first_draws(tmp_path: Path) -> None
     a = first.sample_independent(study, None, "x", draw)  # type: ignore[arg-type]
     b = again.sample_independent(study, None, "x", draw)  # type: ignore[arg-type]
     assert a != b
+
+
+def test_a_trial_without_all_its_values_is_abandoned_never_run_with_defaults(tmp_path: Path) -> None:
+    import optuna
+
+    from tune.record import StudyRecord
+    from tune.space import load_space
+
+    spec = load_space("smoke")
+    record = StudyRecord.create(tmp_path / "s", "s", {"tune": {"mode": "min"}}, "", {})
+    record.study.ask()  # a driver killed inside ask(): the trial exists, its values do not
+    lr = {p.path: d for p, d in zip(spec.search, [optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                                                 optuna.distributions.CategoricalDistribution([1, 2])])}
+    whole, _ = record.ask(lr)
+    plans = resume_plans(record, {p.path for p in spec.search}, "val_loss", "min", 2)
+    assert [p.number for p in plans] == [whole]
+    assert record.trial(0).status == "abandoned" and record.finished_count() == 0
+    assert record.study.trials[0].state == optuna.trial.TrialState.FAIL

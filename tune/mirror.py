@@ -39,7 +39,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.utils import flatten_dict
 
-from .record import RESUMABLE, RecordError, StudyLock, StudyRecord, TrialRecord
+from .record import RESUMABLE, StudyError, StudyLock, StudyRecord, TrialRecord
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -77,6 +77,7 @@ __all__ = [
     "resolve_tracking_uri",
     "run_name",
     "sqlite_db_path",
+    "warn_on_failure",
 ]
 
 logger = logging.getLogger(__name__)
@@ -892,7 +893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         record = StudyRecord.open(args.study_dir.resolve())
-    except RecordError as exc:
+    except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     spec = record.manifest.spec
@@ -928,6 +929,20 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"experiment {experiment!r} at {uri}")
     return 0
 
+
+
+def warn_on_failure(call: Callable[[], object]) -> bool:
+    """Run a mirror call; a tracking failure is a warning on stderr, never the study's failure.
+    Returns whether it succeeded."""
+    try:
+        call()
+        return True
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; none may fail the study
+        advice = "" if isinstance(exc, TrackingError) else (
+            "; the study's record is complete: `python -m tune.mirror <study dir>` catches MLflow up later")
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        print(f"warning: MLflow was not updated: {reason}{advice}", file=sys.stderr)
+        return False
 
 if __name__ == "__main__":
     sys.exit(main())

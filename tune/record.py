@@ -53,34 +53,25 @@ from typing import IO, Any
 
 import optuna
 
+from .storage import RUNS_DIR, checkpoint_metas, is_uri, trial_dirs
+
 __all__ = [
-    "CHECKPOINT_PREFIX",
     "FINISHED",
     "MANIFEST_FILE",
     "OPTUNA_FILE",
     "RESUMABLE",
-    "RUNS_DIR",
     "Manifest",
-    "RecordError",
+    "StudyError",
     "StudyLock",
     "StudyRecord",
     "TrialRecord",
-    "checkpoint_metas",
-    "checkpoint_name",
     "diff_specs",
-    "filesystem_of",
     "lock_path",
-    "retain_checkpoints",
-    "trial_dirname",
-    "trial_dirs",
-    "write_checkpoint",
 ]
 
 MANIFEST_FILE = "study.json"
-CHECKPOINT_PREFIX = "epoch_"  # a trial's checkpoint of epoch e: <trial folder>/epoch_000e
 SPACE_FILE = "space.yaml"
 OPTUNA_FILE = "optuna.db"
-RUNS_DIR = "runs"
 _STUDY_NAME = "study"  # the one Optuna study inside optuna.db
 FORMAT = 1
 
@@ -88,8 +79,14 @@ FINISHED = frozenset({"completed", "stopped_early", "diverged"})
 RESUMABLE = frozenset({"running", "interrupted", "failed"})
 
 
-class RecordError(RuntimeError):
-    """The study folder cannot be used as asked; the message says why and what to do."""
+class StudyError(RuntimeError):
+    """The study cannot be created, opened or continued as asked: one line for the user (what is
+    wrong and what to do) and the driver's exit code (2: an input or the command is wrong, 1: the
+    study failed on the way, e.g. a full disk)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,12 +111,12 @@ class StudyLock:
         self._fh: IO[str] | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise :class:`RecordError` naming the holder; creates the storage folder."""
+        """Take the lock or raise :class:`StudyError` naming the holder; creates the storage folder."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fh = self.path.open("a+", encoding="utf-8")
         except OSError as exc:
-            raise RecordError(f"cannot create the study's lock file {self.path}: {exc.strerror or exc}") from exc
+            raise StudyError(f"cannot create the study's lock file {self.path}: {exc.strerror or exc}") from exc
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -127,7 +124,7 @@ class StudyLock:
             holder = fh.read().strip() or "another process"
             fh.close()
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise RecordError(f"study {self.path.name[1:-5]!r} is in use by {holder} "
+                raise StudyError(f"study {self.path.name[1:-5]!r} is in use by {holder} "
                                   f"(lock {self.path}); wait for it to end or stop it first") from exc
             raise
         fh.seek(0)
@@ -203,12 +200,12 @@ class Manifest:
         try:
             raw = json.loads(text)
             if raw.get("format") != FORMAT:
-                raise RecordError(f"{where}: study format {raw.get('format')!r} is not {FORMAT}; this "
+                raise StudyError(f"{where}: study format {raw.get('format')!r} is not {FORMAT}; this "
                                   "version of minimind-tune cannot continue it")
             return cls(study_id=raw["study_id"], name=raw["name"], created=raw["created"], spec=raw["spec"],
                        fingerprints=dict(raw.get("fingerprints") or {}), history=list(raw.get("history") or []))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise RecordError(f"{where} is damaged ({exc}); the trials are still in {OPTUNA_FILE} and "
+            raise StudyError(f"{where} is damaged ({exc}); the trials are still in {OPTUNA_FILE} and "
                               f"{RUNS_DIR}/") from exc
 
 
@@ -277,124 +274,6 @@ class TrialRecord:
         return [(e, float(m[metric])) for e, m in sorted(self.epochs.items()) if metric in m]
 
 
-def trial_dirname(number: int) -> str:
-    return f"t{number:03d}"
-
-
-def checkpoint_metas(runs: str | Path, number: int) -> dict[int, tuple[str, dict[str, Any]]]:
-    """Trial ``number``'s whole checkpoints under ``runs`` (a local folder or a pyarrow URI such as
-    ``s3://bucket/studies/sft/runs``), by epoch: ``(path on that filesystem, its meta.json)``.
-
-    Whole means: meta.json parses and names its epoch, model.pth is not empty, and the resume state,
-    when present, is not empty; a later run's folder wins an epoch. A folder that passes and still fails to load is skipped by the trainable.
-    """
-    import pyarrow.fs as pafs
-
-    fs, base = filesystem_of(str(runs))
-    name = trial_dirname(number)
-    found: dict[int, tuple[str, dict[str, Any]]] = {}
-    try:
-        runs_info = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    except OSError:
-        return found
-    run_dirs = [i for i in runs_info if i.type == pafs.FileType.Directory and i.base_name.startswith("run-")]
-    for run in sorted(run_dirs, key=lambda i: int(i.base_name[4:]) if i.base_name[4:].isdigit() else 0):
-        try:
-            entries = fs.get_file_info(pafs.FileSelector(f"{run.path}/{name}", allow_not_found=True))
-        except OSError:
-            continue
-        for info in sorted(entries, key=lambda i: i.path):
-            if info.type != pafs.FileType.Directory or not info.base_name.startswith(CHECKPOINT_PREFIX):
-                continue
-            try:
-                with fs.open_input_stream(f"{info.path}/meta.json") as fh:
-                    meta = json.loads(fh.read().decode("utf-8"))
-                epoch = int(meta["epoch"])
-                model, state = fs.get_file_info([f"{info.path}/model.pth", f"{info.path}/train_state.pt"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # cut short (a full disk, a kill mid-copy): never resumed from
-            state_ok = state.type == pafs.FileType.NotFound or bool(state.size)  # (pruned, or whole)
-            if model.type == pafs.FileType.File and model.size and state_ok:
-                found[epoch] = (info.path, meta)
-    return found
-
-
-def checkpoint_name(epoch: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
-
-
-def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
-    """Publish the checkpoint folder ``local`` as ``<trial_dir>/epoch_000e`` (a local folder or a URI).
-
-    Locally an atomic rename: readers see the whole folder or none. On a bucket meta.json goes last,
-    so a folder cut short has no meta.json and is never resumed from (:func:`checkpoint_metas`).
-    """
-    import shutil
-
-    import pyarrow.fs as pafs
-
-    target = f"{trial_dir}/{checkpoint_name(epoch)}"
-    if "://" not in trial_dir:
-        final = Path(target)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staged = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(local, staged)
-        if final.exists():  # the same epoch trained again (its result never reached the record)
-            shutil.rmtree(final)
-        os.replace(staged, final)
-        return str(final)
-    fs, path = filesystem_of(target)
-    fs.create_dir(path, recursive=True)
-    files = sorted(p for p in local.iterdir() if p.is_file())
-    for f in sorted(files, key=lambda p: p.name == "meta.json"):
-        pafs.copy_files(str(f), f"{path}/{f.name}", source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=fs)
-    return path
-
-
-def retain_checkpoints(runs: str, number: int, keep: int, metric: str, mode: str) -> list[str]:
-    """Delete trial ``number``'s checkpoints but the ``keep`` best by ``metric`` and the newest (where
-    the trial continues from); returns the deleted paths. Incomplete folders are left alone."""
-    metas = checkpoint_metas(runs, number)
-    if len(metas) <= keep + 1:
-        return []
-    newest = max(metas)
-
-    def score(epoch: int) -> float:
-        try:
-            value = float(metas[epoch][1]["metrics"][metric])
-        except (KeyError, TypeError, ValueError):
-            return math.inf
-        return (value if mode == "min" else -value) if math.isfinite(value) else math.inf
-
-    kept = set(sorted(metas, key=score)[:keep]) | {newest}
-    fs, _ = filesystem_of(runs)
-    deleted = []
-    for epoch, (path, _) in metas.items():
-        if epoch not in kept:
-            fs.delete_dir(path)
-            deleted.append(path)
-    return deleted
-
-
-def filesystem_of(location: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path on it) of a local folder or a URI."""
-    import pyarrow.fs as pafs
-
-    if "://" not in location:
-        return pafs.LocalFileSystem(), os.path.abspath(location)
-    fs, path = pafs.FileSystem.from_uri(location)
-    return fs, path.rstrip("/")
-
-
-def trial_dirs(runs_dir: Path, number: int) -> list[Path]:
-    """Trial ``number``'s folders in the driver runs under ``runs_dir`` (``run-K/tNNN``), oldest run first."""
-    name = trial_dirname(number)
-    found = [p / name for p in runs_dir.glob("run-*") if (p / name).is_dir()] if runs_dir.is_dir() else []
-    return sorted(found, key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -456,18 +335,18 @@ class StudyRecord:
     def open(cls, study_dir: Path) -> StudyRecord:
         path = study_dir / MANIFEST_FILE
         if not path.is_file():
-            raise RecordError(f"{study_dir} is not a study folder (no {MANIFEST_FILE})")
+            raise StudyError(f"{study_dir} is not a study folder (no {MANIFEST_FILE})")
         manifest = Manifest.from_json(path.read_text(encoding="utf-8"), path)
         if not (study_dir / OPTUNA_FILE).is_file():
-            raise RecordError(f"{study_dir / OPTUNA_FILE} is missing: the study's trials are not recorded")
+            raise StudyError(f"{study_dir / OPTUNA_FILE} is missing: the study's trials are not recorded")
         if not _is_optuna_db(study_dir / OPTUNA_FILE):  # (Optuna would create its tables in it)
-            raise RecordError(f"{study_dir / OPTUNA_FILE} is not an Optuna database (empty or damaged); the "
+            raise StudyError(f"{study_dir / OPTUNA_FILE} is not an Optuna database (empty or damaged); the "
                               f"trials' checkpoints are still in {RUNS_DIR}/")
         try:
             return cls(study_dir, manifest, cls._storage(study_dir))
         except Exception as exc:  # sqlalchemy and optuna raise many kinds for a damaged database
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise RecordError(f"{study_dir / OPTUNA_FILE} cannot be read ({reason}); the trials' checkpoints "
+            raise StudyError(f"{study_dir / OPTUNA_FILE} cannot be read ({reason}); the trials' checkpoints "
                               f"are still in {RUNS_DIR}/") from exc
 
     def add_history(self, entry: Mapping[str, Any]) -> None:
@@ -475,6 +354,10 @@ class StudyRecord:
         manifest = Manifest(**{**self.manifest.__dict__, "history": [*self.manifest.history, dict(entry)]})
         _write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
         self.manifest = manifest
+
+    def seconds_used(self) -> float:
+        """Seconds the study's driver runs have run so far (``time_budget_s`` counts over all of them)."""
+        return sum(float(h.get("seconds", 0.0)) for h in self.manifest.history)
 
     def next_run_index(self) -> int:
         runs = self.dir / RUNS_DIR
@@ -508,7 +391,7 @@ class StudyRecord:
 
     @property
     def runs_are_local(self) -> bool:
-        return "://" not in self.runs
+        return not is_uri(self.runs)
 
     def trial_dirs(self, number: int) -> list[Path]:
         """The trial's local Ray folders, oldest run first ([] for a URI storage)."""
@@ -599,6 +482,13 @@ class StudyRecord:
         self.set_status(number, "abandoned", reason)
         if not self._frozen(number).state.is_finished():
             self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+
+    def interrupt_running(self) -> None:
+        """Mark trials still ``running`` as ``interrupted`` (the time budget ends trials without telling
+        the searcher); ``--resume`` continues them."""
+        for t in self.unfinished():
+            if t.status == "running":
+                self.set_status(t.number, "interrupted")
 
     def unfinished(self) -> list[TrialRecord]:
         return [t for t in self.trials() if t.status in RESUMABLE]

@@ -1,4 +1,6 @@
-"""What a finished study leaves behind: ranked trials, ``best.yaml``, a CSV, bounded disk use."""
+"""What a study leaves behind at the end of a driver run, read from its record: the ranked trials
+(a table and ``summary.csv``), ``best.yaml`` and the best checkpoint, plots, ASHA's rung fidelity,
+the closed MLflow mirror, and bounded disk use (:func:`finish_study`)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import csv
 import math
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +19,17 @@ import yaml
 from minimind_train.checkpoint import MODEL_FILE, STATE_FILE, drop_resume_state
 from minimind_train.config import run_config_to_dict
 
-from .record import CHECKPOINT_PREFIX, FINISHED, StudyRecord
+from .mirror import Mirror, warn_on_failure
+from .record import FINISHED, StudyRecord
 from .space import StudySpec, apply_params
+from .storage import CHECKPOINT_PREFIX, StudyPaths
 
 __all__ = [
     "RUNG_FIDELITY_WARNING",
     "RungFidelity",
     "TrialSummary",
     "dir_bytes",
+    "finish_study",
     "format_table",
     "prune_resume_state",
     "rung_fidelity",
@@ -193,3 +199,109 @@ def dir_bytes(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror: Mirror, status: str) -> int:
+    """Write and print the study's outputs from its record; returns the driver's exit status
+    (0: a trial completed, 1: none did or the disk is full)."""
+    from .plots import plot_study  # (matplotlib: only when a study ends)
+
+    t = spec.tune
+    study_dir = paths.local_dir
+    summaries = summarize_trials(record, t.metric, t.mode)
+    unfinished = [s for s in summaries if s.status in ("interrupted", "running", "failed")]
+    print()
+    print(format_table(summaries, t.metric))
+    eligible = [s for s in summaries if s.status == "completed" and math.isfinite(s.best_value)]
+    eligible = eligible or [s for s in summaries if s.status == "stopped_early" and math.isfinite(s.best_value)]
+    artifacts: dict[str, Path] = {}
+    best = eligible[0] if eligible else None
+    best_model: Path | None = None
+    if best is not None:
+        artifacts["best.yaml"] = write_best_yaml(study_dir / "best.yaml", spec, best)
+        if best.checkpoint is not None and paths.is_local:
+            best_model = Path(best.checkpoint) / "model.pth"
+        elif best.checkpoint is not None:  # in the bucket: MLflow logs (and the user gets) a local copy
+            from .cluster import fetch_file
+
+            best_model = fetch_file(paths.uri, f"{best.checkpoint}/model.pth", study_dir / "best" / "model.pth")
+        if best_model is not None:
+            artifacts["best/model.pth"] = best_model
+    artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric)
+    plots = plot_study(record.study, {s.trial_id: s.curve for s in summaries}, study_dir / "plots",
+                       best_trial=best.trial_id if best else None, metric_name=t.metric)
+    artifacts.update({f"plots/{p.name}": p for p in plots.values()})
+    fidelity = _print_rung_fidelity(spec, summaries)
+    warn_on_failure(lambda: mirror.finish(status if best is not None else "FAILED",
+                                          best=record.trial(best.number) if best is not None else None,
+                                          best_value=best.best_value if best else None,
+                                          best_epoch=best.best_epoch if best else None, artifacts=artifacts,
+                                          study_metrics=fidelity))
+    freed = prune_resume_state(record, summaries, t.keep_top_trials)  # (local trial folders only)
+    print()
+    if best is not None and best.checkpoint is None:
+        print(f"warning: no checkpoint of trial {best.trial_id} is left; best.yaml still retrains its config",
+              file=sys.stderr)
+    if best is not None and best.checkpoint_epoch not in (None, best.best_epoch):
+        print(f"warning: the checkpoint of trial {best.trial_id}'s best epoch {best.best_epoch} is gone; "
+              f"best/model.pth is its epoch {best.checkpoint_epoch} checkpoint", file=sys.stderr)
+    sign = 1 if t.mode == "min" else -1
+    for s in unfinished:
+        if best is not None and math.isfinite(s.best_value) and sign * s.best_value < sign * best.best_value:
+            print(f"note: unfinished trial {s.trial_id} already reached {t.metric} {s.best_value:.4f} after "
+                  f"{s.epochs} epoch(s): --resume finishes it")
+    if best is not None:
+        print(f"best: trial {best.trial_id}  {t.metric} {best.best_value:.4f} (epoch {best.best_epoch})")
+        for k, v in best.params.items():
+            print(f"  {k}: {v}")
+        print(f"best config: {study_dir / 'best.yaml'}")
+        if best_model is not None:
+            print(f"best fp16 checkpoint: {best_model}"
+                  + ("" if paths.is_local else f" (copied from {best.checkpoint}/model.pth)"))
+    print(f"disk: {_human_bytes(dir_bytes(study_dir))} in {study_dir} "
+          f"({_human_bytes(freed)} of resume state pruned; top {t.keep_top_trials} trials keep theirs)")
+    print(f"compare trials: python -m tune.ui --tracking-uri {mirror.tracking_uri}")
+    if unfinished:
+        print(f"{len(unfinished)} trial(s) unfinished ({', '.join(s.trial_id for s in unfinished)}): "
+              f"--resume continues them", file=sys.stderr)
+        for s in unfinished:
+            if s.error:
+                print(f"  {s.trial_id}: {s.status}: {s.error}", file=sys.stderr)
+    full = [s for s in unfinished if "No space left on device" in s.error or "disk is full" in s.error]
+    if full:
+        print(f"error: the disk holding {study_dir} is full: {len(full)} trial(s) could not save "
+              "(finished trials are kept); free space, then continue with --resume", file=sys.stderr)
+        return 1
+    if best is None:
+        print("error: no trial completed:", file=sys.stderr)
+        for s in summaries:
+            print(f"  {s.trial_id}: {s.status} {s.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_rung_fidelity(spec: StudySpec, summaries: Sequence[TrialSummary]) -> dict[str, float]:
+    """Did ASHA's early rankings predict the final one? (Spearman per rung, completed trials.)
+    Returns ``{"rung_fidelity_epoch_E": rho}`` for the MLflow parent run."""
+    sched = spec.tune.scheduler
+    rungs = [r for r in sched.rungs if r < spec.run.train.epochs] if sched.type == "asha" else []
+    if not rungs:
+        return {}
+    found = rung_fidelity(summaries, rungs)
+    shown = ", ".join(f"epoch {f.epoch}: {f.spearman:+.2f} (n={f.trials})" if f.spearman is not None
+                      else f"epoch {f.epoch}: n/a ({f.trials} completed trials, needs 3)" for f in found)
+    print(f"rung fidelity (Spearman of each rung's ranking with the final one): {shown}")
+    for f in found:
+        if f.spearman is not None and f.spearman < RUNG_FIDELITY_WARNING:
+            print(f"warning: at epoch {f.epoch} the trials ranked unlike at their end ({f.spearman:+.2f} < "
+                  f"{RUNG_FIDELITY_WARNING}): ASHA may have stopped configs that would have ended best; raise "
+                  "tune.scheduler.grace_period or lower reduction_factor", file=sys.stderr)
+    return {f"rung_fidelity_epoch_{f.epoch}": f.spearman for f in found if f.spearman is not None}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,17 @@ from ray.tune.search import Searcher
 
 from .record import StudyRecord
 
-__all__ = ["RecordScheduler", "RecordSearcher", "ResumePlan", "failure_reason", "make_pruner", "make_sampler"]
+__all__ = [
+    "NUMBER_KEY",
+    "PARAMS_KEY",
+    "RecordScheduler",
+    "RecordSearcher",
+    "ResumePlan",
+    "failure_reason",
+    "make_pruner",
+    "make_sampler",
+    "resume_plans",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +47,43 @@ PARAMS_KEY = "params"
 
 @dataclass(frozen=True)
 class ResumePlan:
-    """An unfinished trial to continue: its number, params, and its whole checkpoints, newest first
-    (the trainable finds them itself; the driver says where each trial continues)."""
+    """An unfinished trial to continue: its number, params, and the epoch of its newest whole
+    checkpoint, where it continues (the trainable finds the checkpoint itself)."""
 
     number: int
     params: dict[str, Any]
-    checkpoints: tuple[str, ...]
-    epoch: int = 0  # the newest checkpoint's epoch: where the trial continues
+    epoch: int = 0
+
+
+def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str, epochs: int) -> list[ResumePlan]:
+    """The record's unfinished trials, to continue from their newest checkpoints.
+
+    An epoch whose checkpoint is on disk but whose result never reached the record (Ray was shutting
+    down, the driver was killed) is recorded from the checkpoint's own metrics, so it is not trained
+    again; a trial whose searched values were never all recorded (the driver died inside Optuna's
+    ``ask``) is abandoned, never run with defaults.
+    """
+    plans = []
+    for t in record.unfinished():
+        if set(t.params) != searched:
+            record.abandon(t.number, f"its values were never all recorded ({sorted(t.params)} of "
+                                     f"{sorted(searched)}); a new trial takes its place")
+            print(f"trial t{t.number:03d} abandoned: its values were never all recorded", file=sys.stderr)
+            continue
+        metas = record.checkpoint_metas(t.number)
+        for epoch, (_, meta) in sorted(metas.items()):
+            if meta.get("metrics"):
+                record.record_epoch(t.number, epoch, dict(meta["metrics"]), metric)
+        done, newest = max(record.trial(t.number).epochs, default=0), max(metas, default=0)
+        if done >= epochs:  # it had finished: only its end was not recorded
+            record.finish(t.number, "completed", metric, mode)
+            continue
+        if done > newest:
+            print(f"warning: trial t{t.number:03d} has {done} epoch(s) recorded but its newest checkpoint is "
+                  f"epoch {newest}'s; it trains again from there (the record keeps the first values)",
+                  file=sys.stderr)
+        plans.append(ResumePlan(number=t.number, params=t.params, epoch=newest))
+    return plans
 
 
 def make_sampler(kind: str, seed: int, num_samples: int, offset: int = 0) -> optuna.samplers.BaseSampler:

@@ -27,9 +27,9 @@ from minimind_train.data import prepare_data
 from minimind_train.train import TrainingDiverged, train_epochs
 
 from .cluster import StudyData, current_node, open_study_data
-from .record import checkpoint_metas, filesystem_of, retain_checkpoints, trial_dirname, write_checkpoint
 from .searcher import NUMBER_KEY, PARAMS_KEY
 from .space import apply_params
+from .storage import checkpoint_metas, filesystem_of, retain_checkpoints, trial_dirname, write_checkpoint
 
 __all__ = ["TrialOutOfMemory", "flatten_params", "train_trial"]
 

@@ -1,0 +1,101 @@
+"""tune.experiment without a study: Ray's start-up retried once and explained, faults told apart."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pytest
+
+from tune import experiment
+from tune.record import StudyError
+
+
+class _FakeRay:
+    def __init__(self, failures: list[str]) -> None:
+        self.failures = list(failures)
+        self.calls: list[dict[str, Any]] = []
+        self.shutdowns = 0
+
+    def init(self, **kwargs: Any) -> None:
+        self.calls.append(kwargs)
+        if self.failures:
+            raise Exception(self.failures.pop(0))  # noqa: TRY002 - what ray.init raises for a slow start
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+TIMEOUT = ("The current node timed out during startup. This could happen because some of the raylet "
+           "failed to startup or the GCS has become overloaded.")
+
+
+@pytest.fixture
+def fake_ray(monkeypatch: pytest.MonkeyPatch) -> Any:
+    import ray
+
+    def install(failures: list[str]) -> _FakeRay:
+        fake = _FakeRay(failures)
+        monkeypatch.setattr(ray, "init", fake.init)
+        monkeypatch.setattr(ray, "shutdown", fake.shutdown)
+        monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        return fake
+
+    return install
+
+
+def test_a_slow_ray_start_is_retried_once(fake_ray: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = fake_ray([TIMEOUT])
+    experiment.init_ray(None, "/tmp/rt")
+    assert len(fake.calls) == 2 and fake.shutdowns == 1
+    assert fake.calls[0]["_temp_dir"] == "/tmp/rt" and not fake.calls[0]["include_dashboard"]
+    assert "trying once more" in capsys.readouterr().err
+
+
+def test_ray_that_never_starts_is_one_clear_error(fake_ray: Any) -> None:
+    fake = fake_ray([TIMEOUT, TIMEOUT])
+    with pytest.raises(StudyError) as err:
+        experiment.init_ray(None, "/tmp/rt")
+    text = str(err.value)
+    assert "could not start a local Ray: The current node timed out during startup" in text
+    assert "retry" in text and "--address" in text and "\n" not in text
+    assert len(fake.calls) == 2
+
+
+def test_a_cluster_that_is_not_there_is_not_retried(fake_ray: Any) -> None:
+    fake = fake_ray(["Could not find any running Ray instance"])
+    with pytest.raises(StudyError, match="the Ray cluster at ray://nowhere:10001.*ray status"):
+        experiment.init_ray("ray://nowhere:10001", None)
+    assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize(("exc", "full"), [
+    (OSError(errno.ENOSPC, "No space left on device"), True),
+    (RuntimeError("(sqlite3.OperationalError) database or disk is full"), True),
+    (OSError(errno.EACCES, "Permission denied"), False),
+    (ValueError("bad"), False),
+])
+def test_disk_full_is_found_through_the_cause_chain(exc: BaseException, full: bool) -> None:
+    try:
+        try:
+            raise exc
+        except BaseException as inner:
+            raise RuntimeError("Tune failed") from inner
+    except RuntimeError as outer:
+        assert experiment.disk_full(outer) is full
+
+
+def test_an_address_with_nothing_listening_fails_at_once() -> None:
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(StudyError, match=f"--address=127.0.0.1:{port}: no Ray cluster answers"):
+        experiment.probe_address(f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 6
+    experiment.probe_address("auto")  # left to Ray
+    experiment.probe_address("ray://head:10001")

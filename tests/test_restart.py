@@ -1,0 +1,42 @@
+"""tune.restart: a --restart cut short by a kill is finished by the next start."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tune.restart import finish_pending_restart
+
+
+def _study_with(folder: Any, epochs: int) -> None:
+    import optuna
+
+    from tune.record import StudyRecord
+
+    record = StudyRecord.create(folder, folder.name, {"tune": {"mode": "min"}}, "", {})
+    number, _ = record.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    for epoch in range(1, epochs + 1):
+        record.record_epoch(number, epoch, {"val_loss": 1.0}, "val_loss")
+
+
+def test_a_restart_cut_short_before_any_result_gives_the_old_study_back(tmp_path: Any) -> None:
+    old, new = tmp_path / ".s.replaced-20261201-000000", tmp_path / "s"
+    _study_with(old, 2)
+    (old / "keep.txt").write_text("the old study")
+    _study_with(new, 0)  # the killed --restart had created the new study, without any result
+    finish_pending_restart(new)
+    assert (new / "keep.txt").read_text() == "the old study" and not old.exists()
+
+
+def test_a_restart_cut_short_after_a_result_completes_the_replacement(tmp_path: Any) -> None:
+    old, new = tmp_path / ".s.replaced-20261201-000000", tmp_path / "s"
+    _study_with(old, 2)
+    _study_with(new, 1)
+    finish_pending_restart(new)
+    assert not old.exists() and (new / "study.json").exists() and not (new / "keep.txt").exists()
+
+
+def test_a_pending_restart_is_found_whatever_the_name(tmp_path: Any) -> None:
+    old, new = tmp_path / ".r[1].replaced-20261201-000000", tmp_path / "r[1]"
+    _study_with(old, 1)
+    finish_pending_restart(new)  # the killed --restart had not created the new study yet
+    assert (new / "study.json").exists() and not old.exists()

@@ -1,0 +1,310 @@
+"""One driver run of a study on Ray: a fresh Ray Tune experiment under ``runs/run-K``.
+
+Ray only executes: the searcher and scheduler read and write the study record (tune.searcher), the
+trainable writes its own checkpoints (tune.trainable), and nothing of Ray's saved state is read
+back. A ``--restart``'s old study is moved aside here, only after every input was checked.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from minimind_train.config import run_config_to_dict
+
+from . import cluster, restart
+from .mirror import Mirror, MirrorCallback, warn_on_failure
+from .preflight import Inputs
+from .progress import ProgressLine
+from .record import StudyError, StudyRecord
+from .report import finish_study
+from .searcher import NUMBER_KEY, RecordScheduler, RecordSearcher, ResumePlan, make_pruner, make_sampler
+from .space import SpaceError, check_resources, optuna_distributions, spec_to_dict, spec_to_yaml
+from .storage import StudyPaths, trial_dirname
+from .trainable import train_trial
+
+__all__ = ["disk_full", "first_line", "init_ray", "make_mirror", "run_experiment", "sigterm_as_sigint"]
+
+
+def sigterm_as_sigint() -> None:
+    """SIGTERM (a plain `kill`, `ray job stop`) stops the study like Ctrl-C: Ray's own SIGINT handling
+    ends the trials, the record is closed, and --resume continues."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+
+
+def init_ray(address: str | None, temp_dir: str | None) -> None:
+    """``ray.init``, retried once when a busy machine makes Ray's start time out (a fixed 30 s in Ray).
+
+    Raises:
+        StudyError: Ray did not start, or nothing answers at ``address``.
+    """
+    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        probe_address(address)
+        kwargs["address"] = address
+    else:
+        kwargs["include_dashboard"] = False
+        if temp_dir:
+            kwargs["_temp_dir"] = temp_dir  # (ray.init's documented argument for a local instance)
+        # Trials run in a thread of a reused worker, and glibc gives each new thread its own malloc
+        # arena, which keeps its freed pages: one arena caps a trial worker's peak memory.
+        os.environ.setdefault("MALLOC_ARENA_MAX", "1")
+    for attempt in (1, 2):
+        try:
+            ray.init(**kwargs)
+            sigterm_as_sigint()  # ray.init installs its own (sys.exit at any point of the driver)
+            return
+        except Exception as exc:
+            ray.shutdown()
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if attempt == 1 and not address and "timed out" in text:
+                print(f"Ray did not start ({text}); trying once more ...", file=sys.stderr, flush=True)
+                time.sleep(2)
+                continue
+            where = f"the Ray cluster at {address}" if address else "a local Ray"
+            hint = ("check the address and that the cluster is up (`ray status`)" if address else
+                    "the machine may be overloaded: retry when it is quieter, or start Ray once yourself "
+                    "(`ray start --head`) and pass --address auto")
+            raise StudyError(f"could not start {where}: {text}; {hint}") from exc
+
+
+def probe_address(address: str) -> None:
+    """Fail in seconds when a ``host:port`` Ray address has nothing listening (ray.init would retry
+    the GCS for minutes); ``auto`` and ``ray://`` addresses are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except OSError as exc:
+        raise StudyError(f"--address={address}: no Ray cluster answers there ({exc.strerror or exc}); start "
+                         "it (`ray start --head`) or fix the address") from exc
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a full disk (or a full sqlite database) caused ``exc``, anywhere in its chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen) or "database or disk is full" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+
+
+def space_header(spec: Any, name: str) -> str:
+    return (f"Study {name}: the resolved space (absolute paths) from {spec.source}.\n"
+            f"Continue it with: python -m tune.run --resume --name {name} [--storage-path ...]")
+
+
+def run_experiment(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord | None, *,
+                   replace: bool, address: str | None, ray_temp_dir: str | None, applied: list[str],
+                   plans: list[ResumePlan]) -> int:
+    """Start Ray, create the study (or move the replaced one aside first), run its trials, finish.
+
+    Returns the driver's exit status (0, 1, or 130 after an interrupt).
+    """
+    print(f"inputs checked in {inputs.seconds:.1f}s (token cache {inputs.data.stats.cache_key[:12]}); "
+          f"model: {inputs.n_params:,} parameters", flush=True)
+    print("starting Ray ...", flush=True)
+    init_ray(address, ray_temp_dir)
+    try:
+        try:
+            check_resources(spec, ray.cluster_resources())
+            nodes = cluster.trial_nodes(spec.tune.resources_per_trial.cpu, spec.tune.resources_per_trial.gpu)
+            driver_node = cluster.driver_node_id()
+            cluster.check_storage(paths.storage, nodes, driver_node)
+            study_data = cluster.study_data(inputs.data, run_cfg, nodes, driver_node)
+        except (SpaceError, cluster.ClusterError) as exc:
+            raise StudyError(str(exc)) from exc
+        study_dir = paths.local_dir
+        aside = restart.move_aside(study_dir) if replace and study_dir.exists() else None
+        # One try from the move on: however the run ends (a Ctrl-C included), a --restart's old study
+        # comes back unless the new one has a result (a kill is undone by the next start instead).
+        try:
+            space_yaml = spec_to_yaml(spec, space_header(spec, paths.name))
+            if record is None:
+                try:
+                    record = StudyRecord.create(study_dir, paths.name, spec_to_dict(spec), space_yaml,
+                                                inputs.fingerprints)
+                except OSError as exc:
+                    raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
+            else:
+                (study_dir / "space.yaml").write_text(space_yaml, encoding="utf-8")
+            record.runs = paths.runs_uri
+            return _run_trials(spec, paths, run_cfg, inputs, record, applied, plans, aside, study_data)
+        finally:
+            if aside is not None:
+                restart.settle(aside, study_dir, inputs.tracking_uri)
+    finally:
+        if not paths.is_local:
+            try:
+                n = cluster.upload_outputs(paths.local_dir, paths.uri)
+                print(f"uploaded {n / 2**20:.1f} MiB of driver outputs from {paths.local_dir} to {paths.uri}")
+            except Exception as exc:  # noqa: BLE001 - the study itself is done; say where the files are
+                print(f"warning: could not upload {paths.local_dir} to {paths.uri}: {exc}", file=sys.stderr)
+        ray.shutdown()
+
+
+def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord,
+                applied: list[str], plans: list[ResumePlan], aside: Path | None, study_data: Any) -> int:
+    t = spec.tune
+    finished = record.finished_count()
+    new = max(0, t.num_samples - finished - len(plans))
+    used = record.seconds_used()
+    budget_left = None if t.time_budget_s is None else t.time_budget_s - used
+    run_index = record.next_run_index()
+    record.add_history({"run": run_index, "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                        "argv": sys.argv[1:], "num_samples": t.num_samples,
+                        "max_concurrent_trials": t.max_concurrent_trials, "time_budget_s": t.time_budget_s,
+                        "applied": applied})
+    for line in applied:
+        print(f"applied on resume: {line}")
+    if plans:
+        print(f"continuing {len(plans)} unfinished trial(s) from their checkpoints: "
+              + ", ".join(f"t{p.number:03d} (after epoch {p.epoch})" for p in plans))
+    if budget_left is not None:
+        print(f"time budget: {budget_left:.0f} s left of {t.time_budget_s:.0f} s ({used:.0f} s used by earlier runs)")
+    to_run = len(plans) + new
+    mirror = make_mirror(spec, run_cfg, inputs, record)
+    if to_run == 0:
+        print(f"nothing to run: {finished} of {t.num_samples} trials finished")
+        return finish_study(spec, paths, record, mirror, "FINISHED")
+    if budget_left is not None and budget_left <= 0:
+        raise StudyError(f"the study's time budget (tune.time_budget_s={t.time_budget_s:g}) is used up "
+                         f"({used:.0f} s); raise it with --time-budget-s to run the {to_run} remaining trial(s)")
+    started = time.monotonic()
+    record.use(sampler=make_sampler(t.searcher, t.seed, t.num_samples, offset=len(record.trials())))
+    searcher = RecordSearcher(record, optuna_distributions(spec), t.metric, t.mode, run_cfg.train.epochs, plans)
+    scheduler = RecordScheduler(searcher, make_pruner(t.scheduler.type, t.scheduler.grace_period,
+                                                      t.scheduler.reduction_factor))
+
+    def statuses() -> dict[str, str]:
+        by_number = record.statuses()
+        return {tid: by_number[n] for tid, n in searcher.numbers.items() if n in by_number}
+
+    callbacks = [ProgressLine(t.metric, t.mode, run_cfg.train.epochs, to_run, statuses=statuses),
+                 MirrorCallback(mirror, searcher.numbers)]
+    if aside is not None:
+        callbacks.append(restart.RestartCleanup(aside, paths.local_dir, inputs.tracking_uri))
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), metric=t.metric, mode=t.mode,
+                             runs_dir=paths.runs_uri, run_name=f"run-{run_index}",
+                             keep_checkpoints=t.keep_checkpoints, gpu_share=t.resources_per_trial.gpu,
+                             data=study_data),
+        t.resources_per_trial.as_dict())
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=t.metric, mode=t.mode, search_alg=searcher, scheduler=scheduler, num_samples=to_run,
+            max_concurrent_trials=t.max_concurrent_trials, time_budget_s=budget_left, reuse_actors=True,
+            trial_dirname_creator=lambda trial: trial_dirname(int(trial.config[NUMBER_KEY]))),
+        # A retried trial continues from its newest checkpoint in the study folder (the trainable
+        # writes those itself; Ray's checkpoint index restarts with a lost worker).
+        run_config=tune.RunConfig(name=f"run-{run_index}", storage_path=paths.runs_uri, callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=0))
+    print(f"study {paths.name}: {to_run} trial(s) in run {run_index} ({len(plans)} continued, {new} new; "
+          f"{finished} finished before), {t.max_concurrent_trials} at a time, "
+          f"{t.resources_per_trial.cpu:g} CPU + {t.resources_per_trial.gpu:g} GPU each; output {paths.uri}; "
+          f"MLflow {inputs.tracking_uri}", flush=True)
+    interrupted = False
+    try:
+        interrupt = _InterruptWatch()
+        with interrupt:
+            tuner.fit()
+        interrupted = interrupt.seen
+    except KeyboardInterrupt:
+        interrupted = True
+    except Exception as exc:
+        if disk_full(exc):  # (unfinished trials stay "running" in the record: --resume continues them)
+            raise StudyError(f"the disk holding {paths.local_dir} is full ({first_line(exc)}); finished "
+                             "trials are kept: free space, then continue with --resume", code=1) from exc
+        raise
+    finally:
+        try:
+            record.add_history({"run": run_index, "seconds": round(time.monotonic() - started, 1)})
+        except OSError as exc:  # a full disk: the run's length is lost, nothing else
+            print(f"warning: could not record the run's length: {exc}", file=sys.stderr)
+    record.interrupt_running()
+    if interrupted:
+        warn_on_failure(lambda: mirror.finish("KILLED", best=None, best_value=None, best_epoch=None, artifacts={}))
+        print(f"\ninterrupted: continue with python -m tune.run --resume --name {paths.name} "
+              f"--storage-path {paths.storage}", file=sys.stderr)
+        return 130
+    return finish_study(spec, paths, record, mirror, "FINISHED")
+
+
+def make_mirror(spec: Any, run_cfg: Any, inputs: Inputs, record: StudyRecord) -> Mirror:
+    """The study's MLflow mirror: fixed values and study settings on the parent run."""
+    searched = {p.path for p in spec.search}
+    fixed = {f"{sec}.{k}": v for sec, vals in run_config_to_dict(run_cfg).items() for k, v in vals.items()
+             if f"{sec}.{k}" not in searched}
+    t = spec.tune
+    settings = {"searcher": t.searcher, "seed": t.seed, "num_samples": t.num_samples, "metric": t.metric,
+                "mode": t.mode, "scheduler": t.scheduler.type, "scheduler.grace_period": t.scheduler.grace_period,
+                "scheduler.reduction_factor": t.scheduler.reduction_factor,
+                "resources.cpu": t.resources_per_trial.cpu, "resources.gpu": t.resources_per_trial.gpu}
+    tags = {"git_commit": _git_commit(), "dataset_fingerprint": inputs.fingerprints["dataset"],
+            "tokenizer": spec.run.data.tokenizer or "bundled",
+            "tokenizer_fingerprint": inputs.fingerprints["tokenizer"], "model_parameters": str(inputs.n_params)}
+    return Mirror(inputs.tracking_uri, spec.mlflow.experiment, record, fixed_params=fixed, settings=settings,
+                  tags=tags)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5, check=False)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class _InterruptWatch:
+    """Whether Ray Tune's own SIGINT/SIGUSR1 handler fired during ``Tuner.fit()``.
+
+    On the first Ctrl-C Ray stops the trials and returns from ``fit()`` normally; nothing in the
+    returned grid says so. Its handler then puts back the handler it found, so a sentinel installed
+    here before ``fit()`` and found again afterwards means exactly that the interrupt happened.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+        # Ray installs no handler off the main thread or with TUNE_DISABLE_SIGINT_HANDLER=1; a
+        # Ctrl-C then raises KeyboardInterrupt out of fit() as usual.
+        self._active = (threading.current_thread() is threading.main_thread()
+                        and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0"))
+
+    @staticmethod
+    def _sentinel(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> None:
+        if self._active:
+            self._previous = signal.signal(signal.SIGINT, self._sentinel)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._active:
+            self.seen = exc[0] is None and signal.getsignal(signal.SIGINT) is self._sentinel
+            signal.signal(signal.SIGINT, self._previous)

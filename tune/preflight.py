@@ -1,0 +1,153 @@
+"""Before Ray starts or anything is written: every input of a study checked, each problem one
+:class:`~tune.record.StudyError` naming the key, the value and what is wrong.
+
+The data is tokenised here (once per study, into the token cache), the tokenizer and ``init_from``
+are loaded (``init_from`` shape-checked against the model), the tracking server is asked, and a
+``--resume`` is compared with the study it continues (:func:`reconcile`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .record import PATH_KEYS, RUN_SETTINGS, Manifest, StudyError, StudyRecord, diff_specs
+from .storage import StudyPaths
+
+__all__ = ["Inputs", "check_inputs", "describe_resume", "quiet_libraries", "reconcile"]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the checks found: the tokenised data (``minimind_train.data.SFTData``), the tokenizer,
+    the model's parameter count, content fingerprints (``dataset``, ``tokenizer``, ...), the resolved
+    MLflow tracking URI and the seconds the checks took."""
+
+    data: Any
+    tokenizer: Any
+    n_params: int
+    fingerprints: dict[str, str]
+    tracking_uri: str
+    seconds: float
+
+
+def quiet_libraries() -> None:
+    """Keep the driver's output to our progress view and tables."""
+    # MLflow's client retries a dead server 7 times with backoff (minutes); the mirror is only a
+    # copy of the record, so the driver gives up sooner and warns (tune.mirror.MirrorCallback).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # Ray's rich output ignores verbose=0; the legacy reporter honours it.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A failed trial is one line from tune.progress (its reason and where the traceback is), not
+    # Ray's full traceback on the driver's stderr; the trial folder keeps it (error.txt).
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    # Each epoch checkpoints, so Ray's "snapshotting too often" advice fires constantly and is moot.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import mlflow  # noqa: F401  (it configures its loggers on import; quieten them afterwards)
+    import optuna
+
+    for name in ("mlflow", "alembic", "optuna", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # After a Ctrl-C Ray advises `Tuner.restore(...)`: a study continues with --resume (printed by
+    # the driver), never from Ray's own saved state.
+    logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore" not in record.getMessage())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def check_inputs(spec: Any, run_cfg: Any, paths: StudyPaths, address: str | None = None) -> Inputs:
+    """Tokenise the data, load the tokenizer and ``init_from``, ask the tracking server.
+
+    Raises:
+        StudyError: naming the key, its value and what is wrong (exit status 2).
+    """
+    t0 = time.perf_counter()
+    quiet_libraries()
+    import torch
+
+    from minimind_train.checkpoint import WeightMismatchError, load_minimind_weights
+    from minimind_train.data import DataError, prepare_data
+    from minimind_train.model import build_model, count_parameters
+    from minimind_train.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    from .cluster import file_sha256
+    from .mirror import TrackingError, check_tracking_server, resolve_tracking_uri
+
+    gpu = spec.tune.resources_per_trial.gpu
+    if gpu > 0 and not (address or os.environ.get("RAY_ADDRESS")) and torch.cuda.device_count() == 0:
+        raise StudyError(f"tune.resources_per_trial.gpu={gpu:g} is not allowed: this machine has no GPU that "
+                         "torch can use, and no Ray cluster was given (--address); set gpu: 0 to train "
+                         "on CPUs")
+    data_cfg = spec.run.data
+    try:
+        tokenizer = load_tokenizer(data_cfg.tokenizer)
+    except Exception as exc:
+        raise StudyError(f"data.tokenizer={data_cfg.tokenizer!r}: cannot be loaded as a tokenizer "
+                         f"({type(exc).__name__}: {exc})") from exc
+    try:
+        data = prepare_data(data_cfg, tokenizer)
+    except (DataError, FileNotFoundError, ValueError, UnicodeDecodeError) as exc:
+        key = ("data.val_path" if data_cfg.val_path and str(data_cfg.val_path) in str(exc) else "data.train_path")
+        raise StudyError(f"{key}={getattr(data_cfg, key.split('.')[1])!r}: {exc}") from exc
+    with torch.device("meta"):  # shapes only: no memory, no init
+        n_params = count_parameters(build_model(run_cfg.model, len(tokenizer)))
+    fingerprints = {"dataset": data.stats.cache_key, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    if data.stats.val_cache_key:
+        fingerprints["val_dataset"] = data.stats.val_cache_key
+    init_from = run_cfg.model.init_from
+    if init_from is not None:
+        try:
+            load_minimind_weights(build_model(run_cfg.model, len(tokenizer)), init_from)
+        except WeightMismatchError as exc:
+            raise StudyError(f"model.init_from={init_from!r} does not fit the model: {exc}") from exc
+        except Exception as exc:
+            raise StudyError(f"model.init_from={init_from!r} is not a loadable torch state dict "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        fingerprints["model.init_from"] = file_sha256(Path(init_from))
+    tracking_uri = resolve_tracking_uri(spec.mlflow.tracking_uri, paths.local_dir)
+    # (the study's own sqlite store is created with the study folder: nothing to ask)
+    if not (tracking_uri.startswith("sqlite:///") and str(paths.local_dir) in tracking_uri):
+        try:
+            check_tracking_server(tracking_uri)
+        except TrackingError as exc:
+            raise StudyError(f"mlflow.tracking_uri: {exc}") from exc
+    return Inputs(data, tokenizer, n_params, fingerprints, tracking_uri, time.perf_counter() - t0)
+
+
+def reconcile(record: StudyRecord, spec_dict: dict[str, Any], inputs: Inputs, explicit_space: bool) -> list[str]:
+    """Refuse a ``--resume`` whose study definition or input contents changed (each change a
+    ``key: old -> new`` line); return the run settings that changed (applied on this run)."""
+    changed = diff_specs(record.manifest.spec, spec_dict)
+    old_prints, new_prints = record.manifest.fingerprints, inputs.fingerprints
+    for key in sorted(set(old_prints) | set(new_prints)):
+        if old_prints.get(key) != new_prints.get(key):
+            changed.append(f"{key} contents: {old_prints.get(key, '(none)')[:12]} -> "
+                           f"{new_prints.get(key, '(none)')[:12]}")
+    if changed:
+        where = "the space file" if explicit_space else "the study"
+        raise StudyError(
+            f"--resume refused: {where} defines another study than {record.dir} holds:\n  "
+            + "\n  ".join(changed)
+            + "\nresume with the study's own space (--resume --name NAME without --space), or start a "
+              "new study (--name NEW) for the changed one")
+    settings = diff_specs(record.manifest.spec, spec_dict, ignore=PATH_KEYS)
+    paths = diff_specs(record.manifest.spec, spec_dict, ignore=RUN_SETTINGS)
+    return settings + [f"{p} (same contents)" for p in paths]
+
+
+def describe_resume(spec_dict: dict[str, Any], paths: StudyPaths) -> str:
+    """For ``--resume --dry-run``: whether the study's definition matches (input contents are
+    compared only by a real run, which tokenises the data)."""
+    manifest = paths.local_dir / "study.json"
+    try:
+        old = Manifest.from_json(manifest.read_text(encoding="utf-8"), manifest)
+    except (OSError, StudyError) as exc:
+        return f"--resume: no study to compare with at {paths.local_dir} ({exc})"
+    changed = diff_specs(old.spec, spec_dict)
+    if changed:
+        return "--resume would be refused: the space defines another study:\n  " + "\n  ".join(changed)
+    return f"--resume: the space matches study {paths.name!r} (created {old.created})"

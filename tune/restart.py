@@ -1,0 +1,89 @@
+"""``--restart``: the old study is moved aside, not deleted, until the new one has a result.
+
+Every input is checked before the move (tune.preflight). The old study is deleted once the new
+study's first trial has reported (:class:`RestartCleanup`), and comes back when the new one ends
+without any result. A driver killed in between leaves ``.<name>.replaced-<time>`` beside the study:
+the next start finishes the job (:func:`finish_pending_restart`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import glob
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from .mirror import delete_study_runs, sqlite_db_path, warn_on_failure
+from .record import MANIFEST_FILE, Manifest, StudyError, StudyRecord
+
+__all__ = ["RestartCleanup", "finish_pending_restart", "move_aside", "settle"]
+
+
+def move_aside(study_dir: Path) -> Path:
+    """Move the study to ``.<name>.replaced-<time>`` beside it; returns where."""
+    aside = study_dir.with_name(f".{study_dir.name}.replaced-{_dt.datetime.now():%Y%m%d-%H%M%S}")
+    os.replace(study_dir, aside)
+    print(f"--restart: the old study is kept at {aside} until the new one has a result")
+    return aside
+
+
+def _has_results(study_dir: Path) -> bool:
+    try:
+        return StudyRecord.exists(study_dir) and any(t.epochs for t in StudyRecord.open(study_dir).trials())
+    except Exception:  # noqa: BLE001 - a half-created study: it has no result
+        return False
+
+
+def settle(aside: Path, study_dir: Path, tracking_uri: str | None) -> None:
+    """End a ``--restart``: delete the old study when the new one has a result, else put it back."""
+    if not aside.exists():
+        return
+    if _has_results(study_dir):
+        delete_replaced(aside, study_dir, tracking_uri)
+        return
+    if study_dir.exists():
+        shutil.rmtree(study_dir)  # created by the restart, without any result
+    os.replace(aside, study_dir)
+    print(f"--restart: no trial of the new study reported; the old study is back at {study_dir}",
+          file=sys.stderr)
+
+
+def finish_pending_restart(study_dir: Path) -> None:
+    """Complete a ``--restart`` whose driver was killed (what that driver would have done)."""
+    pattern = re.compile(rf"\.{re.escape(study_dir.name)}\.replaced-\d{{8}}-\d{{6}}")
+    candidates = study_dir.parent.glob(f".{glob.escape(study_dir.name)}.replaced-*")
+    for aside in sorted(p for p in candidates if pattern.fullmatch(p.name)):
+        settle(aside, study_dir, tracking_uri=None)
+
+
+def delete_replaced(aside: Path, study_dir: Path, tracking_uri: str | None) -> None:
+    """Delete the study ``--restart`` replaced: its folder, and its runs in a store outside it."""
+    if not aside.exists():
+        return
+    try:
+        old_id: str | None = Manifest.from_json((aside / MANIFEST_FILE).read_text(encoding="utf-8"),
+                                                aside).study_id
+    except (OSError, StudyError):
+        old_id = None  # not a study of this version: none of its runs carries a study id
+    db = sqlite_db_path(tracking_uri) if tracking_uri else None
+    own_store = db is None or db.parent == study_dir  # (the old runs went aside with the folder)
+    if old_id is not None and not own_store:
+        warn_on_failure(lambda: delete_study_runs(tracking_uri, old_id))
+    shutil.rmtree(aside, ignore_errors=True)
+    print(f"--restart: the new study has a result; deleted the old one ({aside})")
+
+
+class RestartCleanup(Callback):
+    """Deletes the study ``--restart`` replaced once the new one's first trial has reported."""
+
+    def __init__(self, aside: Path, study_dir: Path, tracking_uri: str) -> None:
+        self.aside, self.study_dir, self.tracking_uri = aside, study_dir, tracking_uri
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        delete_replaced(self.aside, self.study_dir, self.tracking_uri)

@@ -1,0 +1,208 @@
+"""Where a study's files live: its folder (local, or a pyarrow URI such as ``s3://bucket/studies``)
+and the trials' checkpoints in it.
+
+``StudyPaths`` names the places; the trainable publishes each epoch's checkpoint atomically
+(:func:`write_checkpoint`), keeps the best and the newest (:func:`retain_checkpoints`), and a
+resumed trial finds its whole checkpoints again (:func:`checkpoint_metas`), whichever driver run
+wrote them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "RUNS_DIR",
+    "StudyPaths",
+    "checkpoint_metas",
+    "checkpoint_name",
+    "filesystem_of",
+    "is_uri",
+    "retain_checkpoints",
+    "trial_dirname",
+    "trial_dirs",
+    "writable_problem",
+    "write_checkpoint",
+]
+
+RUNS_DIR = "runs"  # <study>/runs/run-K/tNNN: trial NNN's folder in driver run K
+CHECKPOINT_PREFIX = "epoch_"  # a trial's checkpoint of epoch e: <trial folder>/epoch_000e
+
+
+def is_uri(location: str) -> bool:
+    """Whether ``location`` is a URI (``s3://``, ``gs://``, ``file://``...) rather than a plain path."""
+    return "://" in location
+
+
+@dataclass(frozen=True)
+class StudyPaths:
+    """The study ``name`` under ``storage`` (an absolute local folder or a URI)."""
+
+    storage: str
+    name: str
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the study folder is on this machine (a plain path or ``file://``)."""
+        return not is_uri(self.storage) or self.storage.startswith("file://")
+
+    @property
+    def local_dir(self) -> Path:
+        """Folder of the study on this machine (the record and the driver's outputs live here).
+
+        For a URI storage a driver-local staging folder, uploaded to :attr:`uri` at the end.
+        """
+        if not self.is_local:
+            from .cluster import staging_dir  # (the driver only: cluster imports Ray)
+
+            return staging_dir(self.uri)
+        return Path(self.storage.removeprefix("file://")) / self.name
+
+    @property
+    def uri(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+    @property
+    def runs_uri(self) -> str:
+        """Where the trial folders go (``<study>/runs``)."""
+        return str(self.local_dir / RUNS_DIR) if self.is_local else f"{self.uri}/{RUNS_DIR}"
+
+
+def writable_problem(storage: str) -> str | None:
+    """Why the local ``storage`` folder cannot hold a study (None when it can; a URI is probed by
+    Ray's nodes later). A real write, not ``os.access``: root passes every permission check, and a
+    read-only mount or a full disk only shows when something is written."""
+    if is_uri(storage) and not storage.startswith("file://"):
+        return None
+    existing = Path(storage.removeprefix("file://"))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"--storage-path={storage}: {existing} is a file, not a folder"
+    probe = existing / f".minimind-tune-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"x")
+    except OSError as exc:
+        return f"--storage-path={storage}: cannot write in {existing} ({exc.strerror or exc})"
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+def filesystem_of(location: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path on it) of a local folder or a URI."""
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    fs, path = pafs.FileSystem.from_uri(location)
+    return fs, path.rstrip("/")
+
+
+def trial_dirname(number: int) -> str:
+    return f"t{number:03d}"
+
+
+def checkpoint_metas(runs: str | Path, number: int) -> dict[int, tuple[str, dict[str, Any]]]:
+    """Trial ``number``'s whole checkpoints under ``runs`` (a local folder or a pyarrow URI such as
+    ``s3://bucket/studies/sft/runs``), by epoch: ``(path on that filesystem, its meta.json)``.
+
+    Whole means: meta.json parses and names its epoch, model.pth is not empty, and the resume state,
+    when present, is not empty; a later run's folder wins an epoch. A folder that passes and still fails to load is skipped by the trainable.
+    """
+    fs, base = filesystem_of(str(runs))
+    name = trial_dirname(number)
+    found: dict[int, tuple[str, dict[str, Any]]] = {}
+    try:
+        runs_info = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return found
+    run_dirs = [i for i in runs_info if i.type == pafs.FileType.Directory and i.base_name.startswith("run-")]
+    for run in sorted(run_dirs, key=lambda i: int(i.base_name[4:]) if i.base_name[4:].isdigit() else 0):
+        try:
+            entries = fs.get_file_info(pafs.FileSelector(f"{run.path}/{name}", allow_not_found=True))
+        except OSError:
+            continue
+        for info in sorted(entries, key=lambda i: i.path):
+            if info.type != pafs.FileType.Directory or not info.base_name.startswith(CHECKPOINT_PREFIX):
+                continue
+            try:
+                with fs.open_input_stream(f"{info.path}/meta.json") as fh:
+                    meta = json.loads(fh.read().decode("utf-8"))
+                epoch = int(meta["epoch"])
+                model, state = fs.get_file_info([f"{info.path}/model.pth", f"{info.path}/train_state.pt"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # cut short (a full disk, a kill mid-copy): never resumed from
+            state_ok = state.type == pafs.FileType.NotFound or bool(state.size)  # (pruned, or whole)
+            if model.type == pafs.FileType.File and model.size and state_ok:
+                found[epoch] = (info.path, meta)
+    return found
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
+    """Publish the checkpoint folder ``local`` as ``<trial_dir>/epoch_000e`` (a local folder or a URI).
+
+    Locally an atomic rename: readers see the whole folder or none. On a bucket meta.json goes last,
+    so a folder cut short has no meta.json and is never resumed from (:func:`checkpoint_metas`).
+    """
+    target = f"{trial_dir}/{checkpoint_name(epoch)}"
+    if not is_uri(trial_dir):
+        final = Path(target)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staged = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(local, staged)
+        if final.exists():  # the same epoch trained again (its result never reached the record)
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        return str(final)
+    fs, path = filesystem_of(target)
+    fs.create_dir(path, recursive=True)
+    files = sorted(p for p in local.iterdir() if p.is_file())
+    for f in sorted(files, key=lambda p: p.name == "meta.json"):
+        pafs.copy_files(str(f), f"{path}/{f.name}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+    return path
+
+
+def retain_checkpoints(runs: str, number: int, keep: int, metric: str, mode: str) -> list[str]:
+    """Delete trial ``number``'s checkpoints but the ``keep`` best by ``metric`` and the newest (where
+    the trial continues from); returns the deleted paths. Incomplete folders are left alone."""
+    metas = checkpoint_metas(runs, number)
+    if len(metas) <= keep + 1:
+        return []
+    newest = max(metas)
+
+    def score(epoch: int) -> float:
+        try:
+            value = float(metas[epoch][1]["metrics"][metric])
+        except (KeyError, TypeError, ValueError):
+            return math.inf
+        return (value if mode == "min" else -value) if math.isfinite(value) else math.inf
+
+    kept = set(sorted(metas, key=score)[:keep]) | {newest}
+    fs, _ = filesystem_of(runs)
+    deleted = []
+    for epoch, (path, _) in metas.items():
+        if epoch not in kept:
+            fs.delete_dir(path)
+            deleted.append(path)
+    return deleted
+
+
+def trial_dirs(runs_dir: Path, number: int) -> list[Path]:
+    """Trial ``number``'s folders in the driver runs under ``runs_dir`` (``run-K/tNNN``), oldest run first."""
+    name = trial_dirname(number)
+    found = [p / name for p in runs_dir.glob("run-*") if (p / name).is_dir()] if runs_dir.is_dir() else []
+    return sorted(found, key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
