@@ -1,0 +1,95 @@
+"""Rules the whole product keeps: layering, no library privates, Ray's hooks as we override them.
+
+These fail loudly when a dependency's public API moves under us (e.g. a Ray upgrade renames a hook
+we override) or when a module starts reaching into a library's internals.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("tune", "minimind_train")
+MODULES = sorted(p for pkg in PACKAGES for p in (REPO / pkg).glob("*.py") if p.name != "__init__.py")
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def _imported_modules(tree: ast.Module) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("path", [p for p in MODULES if p.parent.name == "minimind_train"], ids=lambda p: p.name)
+def test_the_trainer_never_imports_the_tuning_stack(path: Path) -> None:
+    assert not _imported_modules(_tree(path)) & {"ray", "optuna", "mlflow", "tune"}
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_each_module_states_its_job_and_its_public_names(path: Path) -> None:
+    tree = _tree(path)
+    assert ast.get_docstring(tree), f"{path.name}: no module docstring"
+    names = [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)]
+    assert "__all__" in names, f"{path.name}: no __all__"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_private_attribute_of_a_library_is_used(path: Path) -> None:
+    """``x._name`` is allowed on our own objects only (self, cls, our classes and modules)."""
+    tree = _tree(path)
+    libraries = {alias.asname or alias.name.split(".")[0]
+                 for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                 and (isinstance(node, ast.Import) or node.level == 0)
+                 for alias in node.names}
+    libraries -= {"__future__"}
+    offending = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and re.match(r"_[a-z]", node.attr)
+                and isinstance(node.value, ast.Name) and node.value.id in libraries):
+            offending.append(f"{node.value.id}.{node.attr} (line {node.lineno})")
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module != "__future__":
+            private = [p for p in node.module.split(".") if p.startswith("_")]
+            private += [a.name for a in node.names if re.match(r"_[a-z]", a.name)]
+            if private:
+                offending.append(f"from {node.module} import ... (line {node.lineno})")
+    assert not offending, f"{path.name} reaches into a library's internals: {offending}"
+
+
+def test_ray_hooks_we_override_keep_their_signatures() -> None:
+    """RecordSearcher, RecordScheduler and our callbacks override these public hooks by name."""
+    from ray import tune
+    from ray.tune import Callback
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search import Searcher
+
+    def params(func: object) -> list[str]:
+        return list(inspect.signature(func).parameters)
+
+    assert params(Searcher.suggest) == ["self", "trial_id"]
+    assert params(Searcher.on_trial_complete)[:4] == ["self", "trial_id", "result", "error"]
+    assert params(FIFOScheduler.on_trial_result) == ["self", "tune_controller", "trial", "result"]
+    assert params(Callback.on_trial_result)[:5] == ["self", "iteration", "trials", "trial", "result"]
+    for name in ("report", "get_checkpoint", "with_parameters", "with_resources", "Tuner", "TuneConfig",
+                 "RunConfig", "FailureConfig", "Checkpoint"):
+        assert hasattr(tune, name), f"ray.tune.{name} is gone"
+
+
+def test_installed_ray_is_the_pinned_one() -> None:
+    """The pin in pyproject.toml is what the hooks above were checked against."""
+    import ray
+
+    pin = re.search(r'"ray\[[^\]]*\]>=([\d.]+),<([\d.]+)"', (REPO / "pyproject.toml").read_text()).groups()
+    as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:2])
+    assert as_tuple(pin[0]) <= as_tuple(ray.__version__) < as_tuple(pin[1]), (ray.__version__, pin)
