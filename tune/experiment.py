@@ -34,6 +34,7 @@ from .searcher import NUMBER_KEY, RecordScheduler, RecordSearcher, ResumePlan, m
 from .space import SpaceError, check_resources, optuna_distributions, spec_to_dict, spec_to_yaml
 from .storage import StudyPaths, trial_dirname
 from .trainable import train_trial
+from .warmstart import warm_start
 
 __all__ = ["disk_full", "first_line", "init_ray", "make_mirror", "run_experiment", "sigterm_as_sigint"]
 
@@ -119,8 +120,9 @@ def space_header(spec: Any, name: str) -> str:
 
 def run_experiment(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord | None, *,
                    replace: bool, address: str | None, ray_temp_dir: str | None, applied: list[str],
-                   plans: list[ResumePlan]) -> int:
-    """Start Ray, create the study (or move the replaced one aside first), run its trials, finish.
+                   plans: list[ResumePlan], warm_start_from: StudyRecord | None = None) -> int:
+    """Start Ray, create the study (or move the replaced one aside first; ``warm_start_from`` gives
+    it an earlier study's trials as history), run its trials, finish.
 
     Returns the driver's exit status (0, 1, or 130 after an interrupt).
     """
@@ -149,6 +151,8 @@ def run_experiment(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, r
                                                 inputs.fingerprints)
                 except OSError as exc:
                     raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
+                if warm_start_from is not None:
+                    print(warm_start(record, warm_start_from, optuna_distributions(spec)))
             else:
                 (study_dir / "space.yaml").write_text(space_yaml, encoding="utf-8")
             record.runs = paths.runs_uri

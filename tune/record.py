@@ -60,6 +60,7 @@ __all__ = [
     "MANIFEST_FILE",
     "OPTUNA_FILE",
     "RESUMABLE",
+    "WARM_START",
     "Manifest",
     "StudyError",
     "StudyLock",
@@ -76,6 +77,8 @@ _STUDY_NAME = "study"  # the one Optuna study inside optuna.db
 FORMAT = 1
 
 FINISHED = frozenset({"completed", "stopped_early", "diverged"})
+# A trial copied from an earlier study (tune.warmstart): history for the sampler, not a trial of this study.
+WARM_START = "warm_start"
 RESUMABLE = frozenset({"running", "interrupted", "failed"})
 
 
@@ -366,9 +369,14 @@ class StudyRecord:
 
     # -- reading -----------------------------------------------------------------------------------
 
+    def _own_trials(self) -> list[optuna.trial.FrozenTrial]:
+        """The study's own trials: not those copied from an earlier study, nor configs queued to be asked."""
+        return [t for t in self.study.get_trials(deepcopy=False)
+                if t.state != optuna.trial.TrialState.WAITING and t.user_attrs.get("status") != WARM_START]
+
     def trials(self) -> list[TrialRecord]:
         out = []
-        for t in self.study.get_trials(deepcopy=False):
+        for t in self._own_trials():
             epochs = {}
             for key, value in t.user_attrs.items():
                 if key.startswith("epoch_") and key[6:].isdigit() and isinstance(value, Mapping):
@@ -381,7 +389,7 @@ class StudyRecord:
     def statuses(self) -> dict[int, str]:
         """Trial number -> status, in one read of the storage."""
         return {t.number: str(t.user_attrs.get("status", _STATUS_OF_STATE.get(t.state, "running")))
-                for t in self.study.get_trials(deepcopy=False)}
+                for t in self._own_trials()}
 
     def trial(self, number: int) -> TrialRecord:
         for t in self.trials():

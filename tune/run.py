@@ -47,6 +47,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-concurrent", type=int, help="override tune.max_concurrent_trials")
     p.add_argument("--time-budget-s", type=float,
                    help="override tune.time_budget_s (seconds for the whole study, all runs; 0: none)")
+    p.add_argument("--warm-start", metavar="STUDY_DIR",
+                   help="a new study starts from an earlier study's trials (same objective and searched "
+                        "parameters; other ranges, epochs or model allowed): its best configs run first")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved space, resources and trial plan, then exit")
     p.add_argument("--ray-temp-dir", default=None, help="temp dir of a local Ray instance")
@@ -168,6 +171,7 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
     from .searcher import resume_plans
     from .space import spec_to_dict
     from .storage import writable_problem
+    from .warmstart import check_warm_start
 
     study_dir = paths.local_dir
     if problem := writable_problem(paths.storage):  # (before the lock file is written there)
@@ -199,6 +203,12 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
         if args.resume and not exists:
             raise StudyError(f"--resume: no study to resume at {paths.uri}")
         record = StudyRecord.open(study_dir) if args.resume else None
+        earlier = None
+        if args.warm_start:
+            if record is not None:
+                raise StudyError(f"--warm-start={args.warm_start}: a study is warm-started when it is created; "
+                                 f"{paths.name!r} exists (--resume continues it as it is)")
+            earlier = check_warm_start(args.warm_start, spec_to_dict(spec))
         run_cfg = dataclasses.replace(spec.run, train=dataclasses.replace(
             spec.run.train, num_threads=max(1, int(spec.tune.resources_per_trial.cpu))))
         print("checking inputs: tokenizer, data (tokenised once into the token cache), model, storage, "
@@ -221,7 +231,8 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
                                  f"used up ({record.seconds_used():.0f} s); raise it with --time-budget-s to run "
                                  "the remaining trials")
         return run_experiment(spec, paths, run_cfg, inputs, record, replace=args.restart, address=args.address,
-                              ray_temp_dir=args.ray_temp_dir, applied=applied, plans=plans)
+                              ray_temp_dir=args.ray_temp_dir, applied=applied, plans=plans,
+                              warm_start_from=earlier)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""tune.warmstart: an earlier study's trials as Optuna history, its best configs asked first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tune.record import StudyError, StudyRecord
+from tune.warmstart import check_warm_start, warm_start
+
+SPACE = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+         "train.accumulation_steps": optuna.distributions.CategoricalDistribution([1, 2, 4])}
+
+
+def _spec(metric: str = "val_loss", search: tuple[str, ...] = tuple(SPACE), epochs: int = 1) -> dict:
+    return {"train": {"epochs": epochs}, "search": {p: {"type": "float"} for p in search},
+            "tune": {"metric": metric, "mode": "min"}}
+
+
+def _study(folder: Path, trials: list[tuple[float, int, float, str]], epochs: int = 1) -> StudyRecord:
+    """A study whose trials are (learning rate, accumulation, value, status)."""
+    record = StudyRecord.create(folder, folder.name, _spec(epochs=epochs), "", {})
+    wider = {**SPACE, "train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+    for lr, acc, value, status in trials:
+        record.study.enqueue_trial({"train.learning_rate": lr, "train.accumulation_steps": acc})
+        n, _ = record.ask(wider)
+        record.record_epoch(n, 1, {"val_loss": value}, "val_loss")
+        record.finish(n, status, "val_loss", "min")
+    return record
+
+
+SCOUT = [(1e-4, 1, 4.0, "completed"), (5e-4, 2, 3.0, "completed"), (1e-3, 4, 2.0, "completed"),
+         (5e-3, 1, 1.0, "completed"), (2e-3, 2, 9.0, "stopped_early"), (2e-2, 1, 0.5, "completed")]
+
+
+def test_history_is_copied_and_the_best_configs_are_asked_first(tmp_path: Path) -> None:
+    scout = _study(tmp_path / "scout", SCOUT)
+    full = StudyRecord.create(tmp_path / "full", "full", _spec(epochs=4), "", {})
+    other = check_warm_start(scout.dir, _spec(epochs=4))  # other epochs and model: allowed
+    line = warm_start(full, other, SPACE, top_k=2)
+    # 2e-2 lies outside the new learning-rate range: left out, so the best in range is 5e-3 (1.0).
+    assert "5 trial(s) as history (1 outside" in line
+    assert full.trials() == [] and full.finished_count() == 0  # history is not the study's own
+    states = [t.state for t in full.study.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 4 and states.count(optuna.trial.TrialState.PRUNED) == 1
+    first, _ = full.ask(SPACE)
+    second, _ = full.ask(SPACE)
+    asked = [full.trial(n).params["train.learning_rate"] for n in (first, second)]
+    assert asked == [5e-3, 1e-3]
+    assert [t.number for t in full.trials()] == [first, second]
+
+
+def test_a_study_with_another_objective_or_space_is_refused_naming_what_differs(tmp_path: Path) -> None:
+    scout = _study(tmp_path / "scout", SCOUT[:1])
+    with pytest.raises(StudyError, match=r"tune.metric: val_loss -> train_loss"):
+        check_warm_start(scout.dir, _spec(metric="train_loss"))
+    with pytest.raises(StudyError, match=r"searched parameters: .*train.learning_rate -> train.learning_rate$"):
+        check_warm_start(scout.dir, _spec(search=("train.learning_rate",)))
+    with pytest.raises(StudyError, match="--warm-start=.*nowhere.*not a study folder"):
+        check_warm_start(tmp_path / "nowhere", _spec())

@@ -1,0 +1,77 @@
+"""Warm start: an earlier study's finished trials become the new study's Optuna history.
+
+``--warm-start STUDY_DIR`` (or ``tune.warm_start``) is how a user goes from a 1-epoch scouting
+study to a full one, or from a small model to a larger one: the sampler (TPE) starts from what the
+earlier study learnt, and the earlier study's best configs are asked first (Optuna's
+``enqueue_trial``). Only the objective and the searched parameters must agree; the fixed model,
+data and training values may differ. Copied trials are history only (status ``warm_start``): they
+are not trials of the new study, in its table, counts or MLflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from .record import WARM_START, StudyError, StudyRecord
+
+__all__ = ["check_warm_start", "warm_start"]
+
+_FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def check_warm_start(source: str | Path, spec_dict: Mapping[str, Any]) -> StudyRecord:
+    """Open the earlier study at ``source`` and check that its objective and searched parameters are
+    the new study's (``spec_dict``: :func:`tune.space.spec_to_dict`); ranges may differ.
+
+    Raises:
+        StudyError: the folder is not a readable study, or each difference as ``key: old -> new``.
+    """
+    try:
+        other = StudyRecord.open(Path(source).expanduser().resolve())
+    except StudyError as exc:
+        raise StudyError(f"--warm-start={source}: {exc}") from exc
+    old, new = other.manifest.spec, spec_dict
+    differences = [f"tune.{key}: {old['tune'].get(key)} -> {new['tune'].get(key)}"
+                   for key in ("metric", "mode") if old["tune"].get(key) != new["tune"].get(key)]
+    old_paths, new_paths = sorted(old.get("search") or {}), sorted(new.get("search") or {})
+    if old_paths != new_paths:
+        differences.append(f"searched parameters: {', '.join(old_paths)} -> {', '.join(new_paths)}")
+    if differences:
+        raise StudyError(f"--warm-start={source}: that study searched another space, so its trials cannot "
+                         "guide this one:\n  " + "\n  ".join(differences))
+    return other
+
+
+def _inside(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return value in distribution.choices
+    return distribution.low <= value <= distribution.high  # Float- and IntDistribution
+
+
+def warm_start(record: StudyRecord, other: StudyRecord,
+               distributions: Mapping[str, optuna.distributions.BaseDistribution], top_k: int = 3) -> str:
+    """Copy ``other``'s completed and early-stopped trials whose values lie inside ``distributions``
+    into ``record``'s Optuna study (values, per-epoch intermediate values, state), and queue the
+    ``top_k`` best completed configs to be asked first. Returns one line saying what was done."""
+    copied, outside = [], 0
+    for t in other.study.get_trials(deepcopy=False, states=_FINISHED_STATES):
+        if t.user_attrs.get("status") == WARM_START or not all(
+                _inside(distributions[k], v) for k, v in t.params.items()):
+            outside += t.user_attrs.get("status") != WARM_START
+            continue
+        record.study.add_trial(optuna.trial.create_trial(
+            params=t.params, distributions=dict(distributions), state=t.state,
+            value=t.value if t.state == optuna.trial.TrialState.COMPLETE else None,
+            intermediate_values=t.intermediate_values,
+            user_attrs={"status": WARM_START, "source": f"{other.manifest.name} t{t.number:03d}"}))
+        copied.append(t)
+    completed = [t for t in copied if t.state == optuna.trial.TrialState.COMPLETE]
+    best_first = sorted(completed, key=lambda t: t.value, reverse=record.study.direction.name == "MAXIMIZE")
+    for t in best_first[:top_k]:
+        record.study.enqueue_trial(t.params)
+    return (f"warm start from {other.dir}: {len(copied)} trial(s) as history ({outside} outside this space's "
+            f"ranges left out); its {min(top_k, len(best_first))} best config(s) run first")
