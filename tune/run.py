@@ -818,7 +818,7 @@ def _check_cluster(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs) 
     nodes = cluster.trial_nodes(t.resources_per_trial.cpu, t.resources_per_trial.gpu)
     try:
         cluster.check_storage(paths.storage, nodes, driver_node)
-        return cluster.study_data(inputs.data, run_cfg, nodes, driver_node)
+        return cluster.study_data(inputs.data, run_cfg, nodes, driver_node, paths.storage)
     except cluster.ClusterError as exc:
         raise StudyError(str(exc)) from exc
 
