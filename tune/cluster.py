@@ -60,10 +60,6 @@ def local_path(location: str) -> Path | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------------
-# Nodes.
-
-
 @dataclass(frozen=True)
 class Node:
     node_id: str
@@ -164,9 +160,9 @@ def _probe(nodes: Sequence[Node], marker: str, token: str, timeout_s: float) -> 
         except Exception as exc:  # noqa: BLE001 - timeout, node died, runtime env failed
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
-            out[node_id] = (f"the node did not answer the probe within {timeout_s:.0f}s"
-                            if isinstance(exc, ray.exceptions.GetTimeoutError)
-                            else f"the probe failed: {type(exc).__name__}: {str(exc).strip()[:300]}")
+            silent = isinstance(exc, ray.exceptions.GetTimeoutError)
+            out[node_id] = "could not be checked: " + (f"the node did not answer within {timeout_s:.0f}s"
+                                                       if silent else f"{type(exc).__name__}: {exc}"[:300])
     return out
 
 
@@ -349,10 +345,8 @@ def _reach(driver_folder: Path, name: str, ok: Callable[[Path], bool], shared: s
 
 
 def open_study_data(handle: StudyData, cfg: Any) -> tuple[Any, Any]:
-    """In a trial: ``(SFTData, cfg for training)`` from the study's :class:`StudyData` on this node.
-
-    The returned config differs from ``cfg`` only in ``model.init_from`` when this node uses a copy.
-    """
+    """In a trial: ``(SFTData, cfg for training)`` from the study's :class:`StudyData` on this node; the
+    config differs from ``cfg`` only in ``model.init_from``, when this node uses a copy of it."""
     from minimind_train.data import open_prepared
 
     train, *rest = [_reach(folder, name, ok, handle.shared, cfg.data.cache_dir)
