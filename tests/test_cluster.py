@@ -188,8 +188,9 @@ def test_a_node_without_the_driver_folders_copies_them_from_the_storage(tmp_path
     assert sorted(p.name for p in on_storage.iterdir()) == sorted([name, f"init_from-{handle.init_sha256[:16]}"])
     assert (on_storage / name / "tokens.npy").read_bytes() == (driver_cache / name / "tokens.npy").read_bytes()
     # On the driver's node (and any node that reads its folders) trials map those, and nothing is copied.
-    got, train_cfg = open_study_data(handle, cfg)
-    assert got.stats.cache_path == handle.train_cache and train_cfg == cfg
+    for opened in (alone, handle):
+        got, train_cfg = open_study_data(opened, cfg)
+        assert got.stats.cache_path == handle.train_cache and train_cfg == cfg
     assert not (tmp_path / "node-default").exists()
     # A second study with the same inputs finds them on the storage and copies nothing.
     written = (on_storage / name / "tokens.npy").stat().st_mtime_ns

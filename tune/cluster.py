@@ -270,6 +270,7 @@ class StudyData:
 
 
 def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at ``path`` as 64 hex digits (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while block := fh.read(1 << 20):
