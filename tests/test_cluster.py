@@ -6,7 +6,7 @@ The end-to-end test builds a two-node cluster on this machine (a head and a work
 landed in the storage path and that MLflow holds one child run per trial, then SIGKILLs the worker
 node mid-study and checks that its trials resumed from their checkpoints on the head and the job
 still succeeded. Where this process may create mount namespaces (root), the worker node runs in one
-whose token-cache folder is an empty tmpfs, so the driver must ship the cache to it.
+whose token-cache folder is an empty tmpfs, so its trials must copy the cache from the storage.
 
 Every process the test starts is ended in a ``finally``: by process group, then any survivor whose
 command line names one of the test's own folders (Ray workers, the job's driver), by PID.
@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -64,16 +65,6 @@ EPOCHS = 5
 # Fast checks of tune/cluster.py (no Ray cluster).
 
 
-def test_is_uri_and_staging_dir(monkeypatch, tmp_path):
-    from tune.cluster import is_uri, staging_dir
-
-    assert is_uri("s3://bucket/x") and is_uri("gs://b/x")
-    assert not is_uri("/shared/studies") and not is_uri("file:///shared/studies")
-    monkeypatch.setenv("MINIMIND_TUNE_STAGING", str(tmp_path))
-    a, b = staging_dir("s3://bucket/a/smoke"), staging_dir("s3://other/a/smoke")
-    assert a.parent == tmp_path and a.name.startswith("smoke-") and a != b
-
-
 def test_job_working_dir(monkeypatch):
     from tune.cluster import job_working_dir
 
@@ -91,29 +82,6 @@ def test_relative_storage_is_refused_under_job_submit(monkeypatch, capsys):
                        json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
     assert main(["--space", "smoke.yaml", "--storage-path", "studies"]) == 2
     assert "temporary copy of the working dir" in capsys.readouterr().err
-
-
-def test_outputs_round_trip_through_a_uri(tmp_path):
-    from tune.cluster import delete_uri_dir, download_outputs, upload_outputs
-
-    local = tmp_path / "local"
-    (local / "plots").mkdir(parents=True)
-    (local / "best.yaml").write_text("a: 1\n")
-    (local / "plots" / "history.png").write_bytes(b"png")
-    (local / "mlflow.db").write_bytes(b"db")
-    (local / "mlartifacts" / "1").mkdir(parents=True)
-    (local / "mlartifacts" / "1" / "x.txt").write_text("x")
-    uri = f"file://{tmp_path}/remote/study"
-    assert upload_outputs(local, uri) == 2 + 3 + 1 + 5
-    remote = tmp_path / "remote" / "study"
-    assert (remote / "plots" / "history.png").read_bytes() == b"png"
-    back = tmp_path / "back"
-    assert sorted(download_outputs(uri, back)) == ["mlartifacts", "mlflow.db"]
-    assert (back / "mlflow.db").read_bytes() == b"db"
-    assert (back / "mlartifacts" / "1" / "x.txt").read_text() == "x"
-    assert not (back / "best.yaml").exists()  # rewritten by every run; not needed to resume
-    delete_uri_dir(uri)
-    assert not remote.exists()
 
 
 def test_rayignore_keeps_the_job_upload_small(tmp_path):
@@ -146,65 +114,81 @@ def test_rayignore_keeps_the_job_upload_small(tmp_path):
 def test_storage_check_is_free_on_one_node(tmp_path):
     from tune.cluster import Node, check_storage
 
-    node = Node("a" * 56, "10.0.0.1", "h", {"CPU": 1.0})
+    node = Node("a" * 56, "10.0.0.1", "h")
     check_storage(str(tmp_path / "nowhere"), [node], driver=node.node_id)  # no Ray needed
     assert not (tmp_path / "nowhere").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
-# Shipping the token cache and init_from through the object store (one local Ray instance).
+# The token cache and init_from on the study storage, and a node that cannot read the driver's folders.
 
 
-@pytest.mark.slow
-def test_shipped_cache_and_init_from_are_materialised_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_a_node_without_the_driver_folders_copies_them_from_the_storage(tmp_path, monkeypatch, scheme):
     import dataclasses
 
     import numpy as np
-    import ray
     import torch
 
     from minimind_train.config import DataConfig, ModelConfig, RunConfig
     from minimind_train.data import prepare_data
-    from tune.cluster import StudyData, open_study_data, study_data
+    from minimind_train.demo import DEMO_DATA_PATH
+    from tune.cluster import ClusterError, Node, open_study_data, study_data
 
-    driver_cache = tmp_path / "driver-cache"
+    driver_cache, jsonl = tmp_path / "driver-cache", tmp_path / "sft.jsonl"
+    jsonl.write_text("".join(Path(DEMO_DATA_PATH).read_text().splitlines(keepends=True)[:40]))
     cfg = RunConfig(model=ModelConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                       num_key_value_heads=2, init_from=str(tmp_path / "init.pth")),
-                    data=DataConfig(max_seq_len=64, cache_dir=str(driver_cache)))
+                    data=DataConfig(train_path=str(jsonl), max_seq_len=64, cache_dir=str(driver_cache)))
     torch.save({"w": torch.arange(10)}, tmp_path / "init.pth")
     data = prepare_data(cfg.data, show_progress=False)
-    monkeypatch.setenv("MINIMIND_SHIP_DATA", "always")
     monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "node-default"))  # not ~/.cache's copy
-    ray_temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _temp_dir=ray_temp)
-    try:
-        handle = study_data(data, cfg, nodes=[], driver="x")
-        assert set(handle.shipped) == {handle.train_cache} and handle.init_ref is not None
-        # A node without the driver's folders: move them away, point the trial at its own cache dir.
-        shutil.move(str(driver_cache), str(tmp_path / "gone"))
-        (tmp_path / "init.pth").rename(tmp_path / "init-gone.pth")
-        node_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "node")))
-        got, train_cfg = open_study_data(handle, node_cfg)
-        local = tmp_path / "node" / Path(handle.train_cache).name
-        assert got.stats.cache_path == str(local) and got.stats.cache_key == data.stats.cache_key
-        assert np.array_equal(got.train.indices, data.train.indices)
-        assert np.array_equal(np.asarray(got.train.cache.tokens), np.asarray(data.train.cache.tokens))
-        assert Path(train_cfg.model.init_from).read_bytes() == (tmp_path / "init-gone.pth").read_bytes()
-        assert train_cfg.model.init_from.startswith(str(tmp_path / "node"))
-        # Once per node: a second trial maps the same copy without writing it again.
-        before = (local / "tokens.npy").stat().st_mtime_ns
-        again, _ = open_study_data(handle, node_cfg)
-        assert again.stats.cache_path == str(local) and (local / "tokens.npy").stat().st_mtime_ns == before
-        # Nothing shipped and nothing readable: a clear error naming the path.
-        bare = StudyData(**{**{f.name: getattr(handle, f.name) for f in dataclasses.fields(StudyData)},
-                            "shipped": {}, "init_ref": None})
-        with pytest.raises(RuntimeError, match="not readable here"):
-            open_study_data(bare, dataclasses.replace(
-                cfg, data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "other"))))
-    finally:
-        ray.shutdown()
-        shutil.rmtree(ray_temp, ignore_errors=True)
+    head, worker = (Node(c * 56, "10.0.0.1", "h") for c in "ab")
+    storage = f"{scheme}{tmp_path / 'storage'}"
+
+    alone = study_data(data, cfg, [head], head.node_id, storage)  # one node: nothing is copied
+    assert alone.shared is None and not (tmp_path / "storage").exists()
+    handle = study_data(data, cfg, [head, worker], head.node_id, storage)
+    name = Path(handle.train_cache).name
+    on_storage = tmp_path / "storage" / ".cache"
+    assert sorted(p.name for p in on_storage.iterdir()) == sorted([name, f"init_from-{handle.init_sha256[:16]}"])
+    assert (on_storage / name / "tokens.npy").read_bytes() == (driver_cache / name / "tokens.npy").read_bytes()
+    # On the driver's node (and any node that reads its folders) trials map those, and nothing is copied.
+    for opened in (alone, handle):
+        got, train_cfg = open_study_data(opened, cfg)
+        assert got.stats.cache_path == handle.train_cache and train_cfg == cfg
+    assert not (tmp_path / "node-default").exists()
+    # A second study with the same inputs finds them on the storage and copies nothing.
+    written = (on_storage / name / "tokens.npy").stat().st_mtime_ns
+    assert study_data(data, cfg, [head, worker], head.node_id, storage) == handle
+    assert (on_storage / name / "tokens.npy").stat().st_mtime_ns == written
+
+    # A node without the driver's folders: move them away, point the trial at its own cache dir.
+    shutil.move(str(driver_cache), str(tmp_path / "gone"))
+    (tmp_path / "init.pth").rename(tmp_path / "init-gone.pth")
+    node_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "node")))
+    got, train_cfg = open_study_data(handle, node_cfg)
+    local = tmp_path / "node" / name
+    assert got.stats.cache_path == str(local) and got.stats.cache_key == data.stats.cache_key
+    assert np.array_equal(got.train.indices, data.train.indices)
+    assert np.array_equal(np.asarray(got.train.cache.tokens), np.asarray(data.train.cache.tokens))
+    assert Path(train_cfg.model.init_from).read_bytes() == (tmp_path / "init-gone.pth").read_bytes()
+    assert train_cfg.model.init_from.startswith(str(tmp_path / "node"))
+    assert train_cfg == dataclasses.replace(node_cfg, model=dataclasses.replace(
+        node_cfg.model, init_from=train_cfg.model.init_from))
+    # Once per node: a second trial maps the same copy without writing it again.
+    before = (local / "tokens.npy").stat().st_mtime_ns
+    again, _ = open_study_data(handle, node_cfg)
+    assert again.stats.cache_path == str(local) and (local / "tokens.npy").stat().st_mtime_ns == before
+
+    other_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "other")))
+    # A damaged copy on the storage is named, not trained on.
+    (on_storage / name / "meta.json").write_text("{")
+    with pytest.raises(ClusterError, match=re.escape(f"copy {storage}/.cache/{name} does not open")):
+        open_study_data(handle, other_cfg)
+    # Started on one node, nothing on the storage: a later node names the folder it cannot read.
+    with pytest.raises(ClusterError, match=re.escape(f"{tmp_path / 'driver-cache' / name} is not readable here")):
+        open_study_data(alone, other_cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -519,8 +503,8 @@ def test_study_on_two_nodes_survives_losing_one():
             logs = job_logs(job)
             assert state == "SUCCEEDED", logs
             assert "best: trial" in logs, logs
+            assert f"to {storage}/.cache/" in logs, logs  # the token cache, for the worker's trials
             if hide:
-                assert "shipping the token cache" in logs, logs
                 assert status(bad) == "FAILED", job_logs(bad)
                 bad_logs = job_logs(bad)
                 assert f"--storage-path {local_only} is not visible from 1 of the 2 trial nodes" in bad_logs

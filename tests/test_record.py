@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
+from conftest import make_checkpoint
 
 from tune.record import (
     Manifest,
@@ -104,23 +104,14 @@ def test_finished_trials_are_final(record: StudyRecord) -> None:
     assert record.trial(n).status == "completed" and record.finished_count() == 1
 
 
-def _checkpoint(folder: Path, epoch: int, val: float, *, meta: bool = True, state: bytes = b"x") -> Path:
-    folder.mkdir(parents=True)
-    torch.save({"w": torch.zeros(1)}, folder / "model.pth")
-    (folder / "train_state.pt").write_bytes(state)
-    if meta:
-        (folder / "meta.json").write_text(json.dumps({"epoch": epoch, "metrics": {"val_loss": val}}))
-    return folder
-
-
 def test_checkpoints_skip_what_a_kill_or_full_disk_cut_short(record: StudyRecord) -> None:
     n, _ = record.ask(LR)
     run1, run2 = record.dir / "runs" / "run-1" / f"t{n:03d}", record.dir / "runs" / "run-2" / f"t{n:03d}"
-    _checkpoint(run1 / "epoch_0001", 1, 3.0)
-    _checkpoint(run1 / "epoch_0002", 2, 2.0)
-    _checkpoint(run2 / "epoch_0003", 3, 2.5)
-    _checkpoint(run2 / "epoch_0004", 4, 1.0, meta=False)  # meta never written
-    _checkpoint(run2 / "epoch_0005", 5, 1.0, state=b"")  # resume state cut short
+    make_checkpoint(run1 / "epoch_0001", 1, 3.0)
+    make_checkpoint(run1 / "epoch_0002", 2, 2.0)
+    make_checkpoint(run2 / "epoch_0003", 3, 2.5)
+    make_checkpoint(run2 / "epoch_0004", 4, 1.0, meta=False)  # meta never written
+    make_checkpoint(run2 / "epoch_0005", 5, 1.0, state=b"")  # resume state cut short
     assert record.trial_dirs(n) == [run1, run2]
     expected = {1: run1 / "epoch_0001", 2: run1 / "epoch_0002", 3: run2 / "epoch_0003"}
     assert record.checkpoints(n) == {e: str(p) for e, p in expected.items()}
@@ -193,26 +184,6 @@ def test_lock_of_a_killed_process_is_not_stale(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
 
-
-def test_write_checkpoint_publishes_whole_folders_and_retention_keeps_best_and_newest(tmp_path: Path) -> None:
-    from tune.storage import retain_checkpoints, write_checkpoint
-
-    runs = tmp_path / "runs"
-    trial = runs / "run-1" / "t000"
-    for epoch, val in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5)):
-        staged = _checkpoint(tmp_path / "tmp" / str(epoch), epoch, val)
-        assert write_checkpoint(staged, str(trial), epoch) == str(trial / f"epoch_{epoch:04d}")
-    assert not list(trial.glob(".*"))  # nothing half-published is left
-    # Over a URI too (a bucket): meta.json last, the same folder layout.
-    staged = _checkpoint(tmp_path / "tmp" / "u", 1, 9.0)
-    uri_trial = f"file://{tmp_path / 'bucket' / 'run-1' / 't000'}"
-    write_checkpoint(staged, uri_trial, 1)
-    assert sorted(p.name for p in (tmp_path / "bucket" / "run-1" / "t000" / "epoch_0001").iterdir()) == [
-        "meta.json", "model.pth", "train_state.pt"]
-    deleted = retain_checkpoints(str(runs), 0, keep=1, metric="val_loss", mode="min")
-    assert sorted(Path(p).name for p in deleted) == ["epoch_0001", "epoch_0003"]  # best (2) and newest (4) stay
-    assert sorted(p.name for p in trial.iterdir()) == ["epoch_0002", "epoch_0004"]
-    assert retain_checkpoints(str(runs), 0, keep=1, metric="val_loss", mode="min") == []
 
 
 def test_an_empty_or_foreign_database_is_refused_and_left_as_it_is(record: StudyRecord) -> None:

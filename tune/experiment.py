@@ -32,7 +32,7 @@ from .record import StudyError, StudyRecord
 from .report import finish_study
 from .searcher import NUMBER_KEY, RecordScheduler, RecordSearcher, ResumePlan, make_pruner, make_sampler
 from .space import SpaceError, check_resources, optuna_distributions, spec_to_dict, spec_to_yaml
-from .storage import StudyPaths, trial_dirname
+from .storage import StudyPaths, trial_dirname, upload_outputs
 from .trainable import train_trial
 from .warmstart import warm_start
 
@@ -136,7 +136,7 @@ def run_experiment(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, r
             nodes = cluster.trial_nodes(spec.tune.resources_per_trial.cpu, spec.tune.resources_per_trial.gpu)
             driver_node = cluster.driver_node_id()
             cluster.check_storage(paths.storage, nodes, driver_node)
-            study_data = cluster.study_data(inputs.data, run_cfg, nodes, driver_node)
+            study_data = cluster.study_data(inputs.data, run_cfg, nodes, driver_node, paths.storage)
         except (SpaceError, cluster.ClusterError) as exc:
             raise StudyError(str(exc)) from exc
         study_dir = paths.local_dir
@@ -163,7 +163,7 @@ def run_experiment(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, r
     finally:
         if not paths.is_local:
             try:
-                n = cluster.upload_outputs(paths.local_dir, paths.uri)
+                n = upload_outputs(paths.local_dir, paths.uri)
                 print(f"uploaded {n / 2**20:.1f} MiB of driver outputs from {paths.local_dir} to {paths.uri}")
             except Exception as exc:  # noqa: BLE001 - the study itself is done; say where the files are
                 print(f"warning: could not upload {paths.local_dir} to {paths.uri}: {exc}", file=sys.stderr)

@@ -53,7 +53,7 @@ from typing import IO, Any
 
 import optuna
 
-from .storage import RUNS_DIR, checkpoint_metas, is_uri, trial_dirs
+from .storage import RUNS_DIR, checkpoint_metas, local_path, trial_dirs
 
 __all__ = [
     "FINISHED",
@@ -399,7 +399,7 @@ class StudyRecord:
 
     @property
     def runs_are_local(self) -> bool:
-        return not is_uri(self.runs)
+        return local_path(self.runs) is not None
 
     def trial_dirs(self, number: int) -> list[Path]:
         """The trial's local Ray folders, oldest run first ([] for a URI storage)."""

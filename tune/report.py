@@ -230,7 +230,7 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
         if best.checkpoint is not None and paths.is_local:
             best_model = Path(best.checkpoint) / "model.pth"
         elif best.checkpoint is not None:  # in the bucket: MLflow logs (and the user gets) a local copy
-            from .cluster import fetch_file
+            from .storage import fetch_file
 
             best_model = fetch_file(paths.uri, f"{best.checkpoint}/model.pth", study_dir / "best" / "model.pth")
         if best_model is not None:

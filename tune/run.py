@@ -178,7 +178,7 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
         raise StudyError(problem)
     with StudyLock(study_dir):
         if not paths.is_local and (args.resume or args.restart):
-            from .cluster import download_outputs
+            from .storage import download_outputs
 
             download_outputs(paths.uri, study_dir)
         if paths.is_local:

@@ -4,15 +4,18 @@ and the trials' checkpoints in it.
 ``StudyPaths`` names the places; the trainable publishes each epoch's checkpoint atomically
 (:func:`write_checkpoint`), keeps the best and the newest (:func:`retain_checkpoints`), and a
 resumed trial finds its whole checkpoints again (:func:`checkpoint_metas`), whichever driver run
-wrote them.
+wrote them. With a URI storage the driver's own outputs (the record, MLflow, plots) live in a local
+staging folder (:func:`staging_dir`), uploaded at the end and downloaded again by ``--resume``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,22 +28,33 @@ __all__ = [
     "StudyPaths",
     "checkpoint_metas",
     "checkpoint_name",
+    "copy_path",
+    "download_outputs",
+    "fetch_file",
     "filesystem_of",
-    "is_uri",
+    "local_path",
     "retain_checkpoints",
+    "staging_dir",
     "trial_dirname",
     "trial_dirs",
+    "upload_outputs",
     "writable_problem",
     "write_checkpoint",
 ]
 
+STAGING_ENV = "MINIMIND_TUNE_STAGING"
+# What a resume of a URI study needs back on the driver; the rest is rewritten by every run.
+_RESUME_OUTPUTS = ("study.json", "space.yaml", "optuna.db", "mlflow.db", "mlartifacts")
 RUNS_DIR = "runs"  # <study>/runs/run-K/tNNN: trial NNN's folder in driver run K
 CHECKPOINT_PREFIX = "epoch_"  # a trial's checkpoint of epoch e: <trial folder>/epoch_000e
 
 
-def is_uri(location: str) -> bool:
-    """Whether ``location`` is a URI (``s3://``, ``gs://``, ``file://``...) rather than a plain path."""
-    return "://" in location
+def local_path(location: str) -> Path | None:
+    """The local folder that a storage ``location`` names (a path, or a ``file://`` URI); None for
+    any other URI (``s3://``, ``gs://``, ...: reached through pyarrow)."""
+    if "://" not in location or location.startswith("file://"):
+        return Path(location.removeprefix("file://"))
+    return None
 
 
 @dataclass(frozen=True)
@@ -53,7 +67,7 @@ class StudyPaths:
     @property
     def is_local(self) -> bool:
         """Whether the study folder is on this machine (a plain path or ``file://``)."""
-        return not is_uri(self.storage) or self.storage.startswith("file://")
+        return local_path(self.storage) is not None
 
     @property
     def local_dir(self) -> Path:
@@ -62,8 +76,6 @@ class StudyPaths:
         For a URI storage a driver-local staging folder, uploaded to :attr:`uri` at the end.
         """
         if not self.is_local:
-            from .cluster import staging_dir  # (the driver only: cluster imports Ray)
-
             return staging_dir(self.uri)
         return Path(self.storage.removeprefix("file://")) / self.name
 
@@ -81,9 +93,9 @@ def writable_problem(storage: str) -> str | None:
     """Why the local ``storage`` folder cannot hold a study (None when it can; a URI is probed by
     Ray's nodes later). A real write, not ``os.access``: root passes every permission check, and a
     read-only mount or a full disk only shows when something is written."""
-    if is_uri(storage) and not storage.startswith("file://"):
+    existing = local_path(storage)
+    if existing is None:
         return None
-    existing = Path(storage.removeprefix("file://"))
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
@@ -100,7 +112,7 @@ def writable_problem(storage: str) -> str | None:
 
 def filesystem_of(location: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path on it) of a local folder or a URI."""
-    if not is_uri(location):
+    if "://" not in location:
         return pafs.LocalFileSystem(), os.path.abspath(location)
     fs, path = pafs.FileSystem.from_uri(location)
     return fs, path.rstrip("/")
@@ -157,7 +169,7 @@ def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
     so a folder cut short has no meta.json and is never resumed from (:func:`checkpoint_metas`).
     """
     target = f"{trial_dir}/{checkpoint_name(epoch)}"
-    if not is_uri(trial_dir):
+    if "://" not in trial_dir:
         final = Path(target)
         final.parent.mkdir(parents=True, exist_ok=True)
         staged = final.with_name(f".{final.name}.{os.getpid()}.tmp")
@@ -206,3 +218,42 @@ def trial_dirs(runs_dir: Path, number: int) -> list[Path]:
     name = trial_dirname(number)
     found = [p / name for p in runs_dir.glob("run-*") if (p / name).is_dir()] if runs_dir.is_dir() else []
     return sorted(found, key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
+
+
+def staging_dir(study_uri: str) -> Path:
+    """The driver-local folder for the driver-side outputs of a study stored at a URI."""
+    root = os.environ.get(STAGING_ENV) or os.path.join(tempfile.gettempdir(), "minimind-tune-staging")
+    digest = hashlib.sha256(study_uri.encode()).hexdigest()[:12]
+    return Path(root).expanduser() / f"{study_uri.rstrip('/').rsplit('/', 1)[-1]}-{digest}"
+
+
+def copy_path(src: str, dst: str, from_fs: Any, to_fs: Any) -> None:
+    """Copy the file or folder ``src`` on ``from_fs`` to ``dst`` on ``to_fs``, making the folders it needs."""
+    is_dir = from_fs.get_file_info(src).type == pafs.FileType.Directory
+    to_fs.create_dir(dst if is_dir else dst.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(src, dst, source_filesystem=from_fs, destination_filesystem=to_fs)
+
+
+def download_outputs(study_uri: str, local: Path) -> list[str]:
+    """Fetch the driver-side state a resume needs (MLflow's db, ...) into ``local``; returns their names."""
+    fs, base = filesystem_of(study_uri)
+    local.mkdir(parents=True, exist_ok=True)
+    got = [n for n in _RESUME_OUTPUTS if fs.get_file_info(f"{base}/{n}").type != pafs.FileType.NotFound]
+    for name in got:
+        copy_path(f"{base}/{name}", str(local / name), fs, pafs.LocalFileSystem())
+    return got
+
+
+def upload_outputs(local: Path, study_uri: str) -> int:
+    """Copy every file under ``local`` to the same relative path under ``study_uri``; returns bytes."""
+    if not local.is_dir():
+        return 0
+    fs, base = filesystem_of(study_uri)
+    copy_path(str(local), base, pafs.LocalFileSystem(), fs)
+    return sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+
+
+def fetch_file(study_uri: str, fs_path: str | os.PathLike[str], local: Path) -> Path:
+    """Copy ``fs_path`` (a path on the filesystem of ``study_uri``, as Ray reports it) to ``local``."""
+    copy_path(str(fs_path), str(local), filesystem_of(study_uri)[0], pafs.LocalFileSystem())
+    return local

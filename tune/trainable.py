@@ -8,7 +8,7 @@ that becomes non-finite ends the trial with one ``diverged`` report (no retry: t
 diverges again).
 The dataset reaches trials through the on-disk token cache that the driver built once per study:
 each trial memory-maps it (``tune.cluster.open_study_data``; on a node that cannot read the driver's
-folder, a copy shipped through Ray's object store), so concurrent trials on a node share pages.
+folder, its node's own copy of the one the driver put on the shared storage), so concurrent trials on a node share pages.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str,
     number = int(config[NUMBER_KEY])
     _release_gpu_memory()  # what a previous trial in this (reused) actor left cached
     _cap_gpu_memory(gpu_share)
-    train_cfg = cfg  # differs only in model.init_from when that was shipped to this node
+    train_cfg = cfg  # differs only in model.init_from when that was copied to this node
     if data is None:
         sft = prepare_data(cfg.data, show_progress=False)
     else:

@@ -1,0 +1,62 @@
+"""tune.storage: where a study lives (local or URI), its trials' checkpoints, the driver's outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import make_checkpoint
+
+
+def test_local_path_and_staging_dir(monkeypatch, tmp_path):
+    from tune.storage import local_path, staging_dir
+
+    assert local_path("s3://bucket/x") is None and local_path("gs://b/x") is None
+    assert local_path("/shared/studies") == local_path("file:///shared/studies") == Path("/shared/studies")
+    assert local_path("studies") == Path("studies")
+    monkeypatch.setenv("MINIMIND_TUNE_STAGING", str(tmp_path))
+    a, b = staging_dir("s3://bucket/a/smoke"), staging_dir("s3://other/a/smoke")
+    assert a.parent == tmp_path and a.name.startswith("smoke-") and a != b
+
+
+def test_outputs_round_trip_through_a_uri(tmp_path):
+    from tune.storage import download_outputs, fetch_file, upload_outputs
+
+    local = tmp_path / "local"
+    (local / "plots").mkdir(parents=True)
+    (local / "best.yaml").write_text("a: 1\n")
+    (local / "plots" / "history.png").write_bytes(b"png")
+    (local / "mlflow.db").write_bytes(b"db")
+    (local / "mlartifacts" / "1").mkdir(parents=True)
+    (local / "mlartifacts" / "1" / "x.txt").write_text("x")
+    uri = f"file://{tmp_path}/remote/study"
+    assert upload_outputs(local, uri) == 2 + 3 + 1 + 5
+    remote = tmp_path / "remote" / "study"
+    assert (remote / "plots" / "history.png").read_bytes() == b"png"
+    back = tmp_path / "back"
+    assert sorted(download_outputs(uri, back)) == ["mlartifacts", "mlflow.db"]
+    assert (back / "mlflow.db").read_bytes() == b"db"
+    assert (back / "mlartifacts" / "1" / "x.txt").read_text() == "x"
+    assert not (back / "best.yaml").exists()  # rewritten by every run; not needed to resume
+    got = fetch_file(uri, remote / "plots" / "history.png", tmp_path / "best" / "model.pth")
+    assert got.read_bytes() == b"png"
+
+
+def test_write_checkpoint_publishes_whole_folders_and_retention_keeps_best_and_newest(tmp_path: Path) -> None:
+    from tune.storage import retain_checkpoints, write_checkpoint
+
+    runs = tmp_path / "runs"
+    trial = runs / "run-1" / "t000"
+    for epoch, val in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5)):
+        staged = make_checkpoint(tmp_path / "tmp" / str(epoch), epoch, val)
+        assert write_checkpoint(staged, str(trial), epoch) == str(trial / f"epoch_{epoch:04d}")
+    assert not list(trial.glob(".*"))  # nothing half-published is left
+    # Over a URI too (a bucket): meta.json last, the same folder layout.
+    staged = make_checkpoint(tmp_path / "tmp" / "u", 1, 9.0)
+    uri_trial = f"file://{tmp_path / 'bucket' / 'run-1' / 't000'}"
+    write_checkpoint(staged, uri_trial, 1)
+    assert sorted(p.name for p in (tmp_path / "bucket" / "run-1" / "t000" / "epoch_0001").iterdir()) == [
+        "meta.json", "model.pth", "train_state.pt"]
+    deleted = retain_checkpoints(str(runs), 0, keep=1, metric="val_loss", mode="min")
+    assert sorted(Path(p).name for p in deleted) == ["epoch_0001", "epoch_0003"]  # best (2) and newest (4) stay
+    assert sorted(p.name for p in trial.iterdir()) == ["epoch_0002", "epoch_0004"]
+    assert retain_checkpoints(str(runs), 0, keep=1, metric="val_loss", mode="min") == []
