@@ -268,10 +268,18 @@ class TrialRecord:
     params: dict[str, Any]
     epochs: dict[int, dict[str, float]]
     error: str = ""
+    # A finalist (tune.report): the config of search trial ``finalist_of`` trained again with ``seed``.
+    finalist_of: int | None = None
+    seed: int | None = None
 
     @property
     def name(self) -> str:
         return f"t{self.number:03d}"
+
+    @property
+    def run_params(self) -> dict[str, Any]:
+        """The values the trainable applies to the base config: the searched ones (and a finalist's seed)."""
+        return self.params if self.seed is None else {**self.params, "train.seed": self.seed}
 
     def curve(self, metric: str) -> list[tuple[int, float]]:
         return [(e, float(m[metric])) for e, m in sorted(self.epochs.items()) if metric in m]
@@ -383,7 +391,8 @@ class StudyRecord:
                     epochs[int(key[6:])] = {k: float(v) for k, v in value.items() if _is_number(v)}
             status = str(t.user_attrs.get("status", _STATUS_OF_STATE.get(t.state, "running")))
             out.append(TrialRecord(number=t.number, status=status, params=dict(t.params), epochs=epochs,
-                                   error=str(t.user_attrs.get("error", ""))))
+                                   error=str(t.user_attrs.get("error", "")),
+                                   finalist_of=t.user_attrs.get("finalist_of"), seed=t.user_attrs.get("seed")))
         return out
 
     def statuses(self) -> dict[int, str]:
@@ -502,7 +511,16 @@ class StudyRecord:
         return [t for t in self.trials() if t.status in RESUMABLE]
 
     def finished_count(self) -> int:
-        return sum(t.status in FINISHED for t in self.trials())
+        """Finished search trials (what ``num_samples`` counts; finalists are not search trials)."""
+        return sum(t.status in FINISHED and t.finalist_of is None for t in self.trials())
+
+    def add_finalist(self, of: TrialRecord, seed: int,
+                     distributions: Mapping[str, optuna.distributions.BaseDistribution]) -> int:
+        """A new trial training search trial ``of``'s config with ``seed``; returns its number."""
+        template = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.RUNNING, params=of.params, distributions=dict(distributions),
+            user_attrs={"status": "running", "finalist_of": of.number, "seed": seed})
+        return self.storage.get_trial_number_from_id(self.storage.create_new_trial(self.study_id, template))
 
 
 _STATUS_OF_STATE = {

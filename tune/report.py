@@ -8,6 +8,7 @@ import csv
 import math
 import os
 import shutil
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,15 +27,19 @@ from .storage import CHECKPOINT_PREFIX, StudyPaths
 
 __all__ = [
     "RUNG_FIDELITY_WARNING",
+    "Finalist",
     "RungFidelity",
     "TrialSummary",
     "dir_bytes",
     "finish_study",
     "format_table",
     "prune_resume_state",
+    "rank_finalists",
     "rung_fidelity",
+    "summarize_finalists",
     "summarize_trials",
     "write_best_yaml",
+    "write_finalists_csv",
     "write_summary_csv",
 ]
 
@@ -123,6 +128,64 @@ def rung_fidelity(summaries: Sequence[TrialSummary], rungs: Sequence[float]) -> 
             rho = None if math.isnan(value) else float(value)
         out.append(RungFidelity(epoch=epoch, trials=len(pairs), spearman=rho))
     return out
+
+
+@dataclass(frozen=True)
+class Finalist:
+    """A config re-checked across seeds (``tune.finalists``): search trial ``number`` and its finalist
+    trials. ``values`` are the best objective per seed, in ``seeds`` order (the search trial's first);
+    a diverged or failed seed counts as the worst value, so an unstable config ranks last."""
+
+    trial_id: str
+    number: int
+    params: dict[str, Any]
+    seeds: tuple[int, ...]
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over the seeds (0 for one seed)."""
+        return statistics.stdev(self.values) if len(self.values) > 1 and math.isfinite(self.mean) else 0.0
+
+
+def rank_finalists(finalists: Sequence[Finalist], mode: str) -> list[Finalist]:
+    """Best mean objective first: the study's answer when finalists ran."""
+    return sorted(finalists, key=lambda f: f.mean if mode == "min" else -f.mean)
+
+
+def summarize_finalists(record: StudyRecord, summaries: Sequence[TrialSummary], base_seed: int,
+                        mode: str) -> list[Finalist]:
+    """The configs with finished finalist trials, ranked (:func:`rank_finalists`)."""
+    by_number = {s.number: s for s in summaries}
+    extra: dict[int, list[tuple[int, float]]] = {}
+    for t in record.trials():
+        s = by_number.get(t.number)
+        if t.finalist_of is not None and t.seed is not None and s is not None and s.status in FINISHED:
+            value = s.best_value if s.status == "completed" and math.isfinite(s.best_value) else _worst(mode)
+            extra.setdefault(t.finalist_of, []).append((t.seed, value))
+    out = []
+    for number, seeded in extra.items():
+        base = by_number[number]
+        pairs = [(base_seed, base.best_value), *sorted(seeded)]
+        out.append(Finalist(base.trial_id, number, base.params, tuple(p for p, _ in pairs),
+                            tuple(v for _, v in pairs)))
+    return rank_finalists(out, mode)
+
+
+def write_finalists_csv(path: Path, finalists: Sequence[Finalist], metric: str) -> Path:
+    """``finalists.csv``: trial, its config values, seeds, mean, std and the per-seed values."""
+    keys = sorted({k for f in finalists for k in f.params})
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["trial", *keys, "seeds", f"mean_{metric}", f"std_{metric}", f"{metric}_per_seed"])
+        for f in finalists:
+            w.writerow([f.trial_id, *(f.params.get(k) for k in keys), " ".join(map(str, f.seeds)),
+                        f.mean, f.std, " ".join(f"{v:.6g}" for v in f.values)])
+    return path
 
 
 def format_table(summaries: Sequence[TrialSummary], metric: str, top: int = 10) -> str:
