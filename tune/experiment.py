@@ -16,9 +16,11 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import ray
 from ray import tune
 
@@ -30,7 +32,15 @@ from .preflight import Inputs
 from .progress import ProgressLine
 from .record import StudyError, StudyRecord
 from .report import finish_study
-from .searcher import NUMBER_KEY, RecordScheduler, RecordSearcher, ResumePlan, make_pruner, make_sampler
+from .searcher import (
+    NUMBER_KEY,
+    RecordScheduler,
+    RecordSearcher,
+    ResumePlan,
+    finalist_plans,
+    make_pruner,
+    make_sampler,
+)
 from .space import SpaceError, check_resources, optuna_distributions, spec_to_dict, spec_to_yaml
 from .storage import StudyPaths, trial_dirname, upload_outputs
 from .trainable import train_trial
@@ -172,83 +182,36 @@ def run_experiment(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, r
 
 def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord,
                 applied: list[str], plans: list[ResumePlan], aside: Path | None, study_data: Any) -> int:
+    """The search (new and unfinished trials, ASHA on), then the finalists (``tune.finalists``: the top
+    configs with more seeds, never stopped early), each a Ray Tune experiment; then the study's outputs."""
     t = spec.tune
     finished = record.finished_count()
     new = max(0, t.num_samples - finished - len(plans))
-    used = record.seconds_used()
-    budget_left = None if t.time_budget_s is None else t.time_budget_s - used
-    run_index = record.next_run_index()
-    record.add_history({"run": run_index, "started": _dt.datetime.now().isoformat(timespec="seconds"),
-                        "argv": sys.argv[1:], "num_samples": t.num_samples,
-                        "max_concurrent_trials": t.max_concurrent_trials, "time_budget_s": t.time_budget_s,
-                        "applied": applied})
     for line in applied:
         print(f"applied on resume: {line}")
     if plans:
         print(f"continuing {len(plans)} unfinished trial(s) from their checkpoints: "
               + ", ".join(f"t{p.number:03d} (after epoch {p.epoch})" for p in plans))
-    if budget_left is not None:
-        print(f"time budget: {budget_left:.0f} s left of {t.time_budget_s:.0f} s ({used:.0f} s used by earlier runs)")
-    to_run = len(plans) + new
     mirror = make_mirror(spec, run_cfg, inputs, record)
-    if to_run == 0:
-        print(f"nothing to run: {finished} of {t.num_samples} trials finished")
-        return finish_study(spec, paths, record, mirror, "FINISHED")
-    if budget_left is not None and budget_left <= 0:
-        raise StudyError(f"the study's time budget (tune.time_budget_s={t.time_budget_s:g}) is used up "
-                         f"({used:.0f} s); raise it with --time-budget-s to run the {to_run} remaining trial(s)")
-    started = time.monotonic()
-    record.use(sampler=make_sampler(t.searcher, t.seed, t.num_samples, offset=len(record.trials())))
-    searcher = RecordSearcher(record, optuna_distributions(spec), t.metric, t.mode, run_cfg.train.epochs, plans)
-    scheduler = RecordScheduler(searcher, make_pruner(t.scheduler.type, t.scheduler.grace_period,
-                                                      t.scheduler.reduction_factor))
-
-    def statuses() -> dict[str, str]:
-        by_number = record.statuses()
-        return {tid: by_number[n] for tid, n in searcher.numbers.items() if n in by_number}
-
-    callbacks = [ProgressLine(t.metric, t.mode, run_cfg.train.epochs, to_run, statuses=statuses),
-                 MirrorCallback(mirror, searcher.numbers)]
-    if aside is not None:
-        callbacks.append(restart.RestartCleanup(aside, paths.local_dir, inputs.tracking_uri))
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), metric=t.metric, mode=t.mode,
-                             runs_dir=paths.runs_uri, run_name=f"run-{run_index}",
-                             keep_checkpoints=t.keep_checkpoints, gpu_share=t.resources_per_trial.gpu,
-                             data=study_data),
-        t.resources_per_trial.as_dict())
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            metric=t.metric, mode=t.mode, search_alg=searcher, scheduler=scheduler, num_samples=to_run,
-            max_concurrent_trials=t.max_concurrent_trials, time_budget_s=budget_left, reuse_actors=True,
-            trial_dirname_creator=lambda trial: trial_dirname(int(trial.config[NUMBER_KEY]))),
-        # A retried trial continues from its newest checkpoint in the study folder (the trainable
-        # writes those itself; Ray's checkpoint index restarts with a lost worker).
-        run_config=tune.RunConfig(name=f"run-{run_index}", storage_path=paths.runs_uri, callbacks=callbacks,
-                                  failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=0))
-    print(f"study {paths.name}: {to_run} trial(s) in run {run_index} ({len(plans)} continued, {new} new; "
-          f"{finished} finished before), {t.max_concurrent_trials} at a time, "
-          f"{t.resources_per_trial.cpu:g} CPU + {t.resources_per_trial.gpu:g} GPU each; output {paths.uri}; "
-          f"MLflow {inputs.tracking_uri}", flush=True)
+    run = _Experiment(spec, paths, run_cfg, inputs, record, mirror, study_data, applied)
     interrupted = False
-    try:
-        interrupt = _InterruptWatch()
-        with interrupt:
-            tuner.fit()
-        interrupted = interrupt.seen
-    except KeyboardInterrupt:
-        interrupted = True
-    except Exception as exc:
-        if disk_full(exc):  # (unfinished trials stay "running" in the record: --resume continues them)
-            raise StudyError(f"the disk holding {paths.local_dir} is full ({first_line(exc)}); finished "
-                             "trials are kept: free space, then continue with --resume", code=1) from exc
-        raise
-    finally:
-        try:
-            record.add_history({"run": run_index, "seconds": round(time.monotonic() - started, 1)})
-        except OSError as exc:  # a full disk: the run's length is lost, nothing else
-            print(f"warning: could not record the run's length: {exc}", file=sys.stderr)
+    if plans or new:
+        extra = [restart.RestartCleanup(aside, paths.local_dir, inputs.tracking_uri)] if aside else []
+        pruner = make_pruner(t.scheduler.type, t.scheduler.grace_period, t.scheduler.reduction_factor)
+        print(f"study {paths.name}: {len(plans) + new} trial(s) ({len(plans)} continued, {new} new; {finished} "
+              f"finished before), {t.max_concurrent_trials} at a time, {t.resources_per_trial.cpu:g} CPU + "
+              f"{t.resources_per_trial.gpu:g} GPU each; output {paths.uri}; MLflow {inputs.tracking_uri}", flush=True)
+        interrupted = run.fit(plans, new, pruner, extra)
+    finals = t.finalists
+    if not interrupted and finals.seeds:
+        todo = finalist_plans(record, optuna_distributions(spec), t.metric, t.mode, run_cfg.train.epochs,
+                              finals.top_k, finals.seeds, run_cfg.train.seed)
+        if todo:
+            print(f"finalists: the top {finals.top_k} configs again with {finals.seeds} more seed(s) each: "
+                  f"{len(todo)} trial(s), never stopped early", flush=True)
+            interrupted = run.fit(todo, 0, optuna.pruners.NopPruner(), [])
+    elif not (plans or new):
+        print(f"nothing to run: {finished} of {t.num_samples} trials finished")
     record.interrupt_running()
     if interrupted:
         warn_on_failure(lambda: mirror.finish("KILLED", best=None, best_value=None, best_epoch=None, artifacts={}))
@@ -256,6 +219,86 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
               f"--storage-path {paths.storage}", file=sys.stderr)
         return 130
     return finish_study(spec, paths, record, mirror, "FINISHED")
+
+
+@dataclass
+class _Experiment:
+    """What each Ray Tune experiment of one driver run shares."""
+
+    spec: Any
+    paths: StudyPaths
+    run_cfg: Any
+    inputs: Inputs
+    record: StudyRecord
+    mirror: Mirror
+    study_data: Any
+    applied: list[str]
+
+    def fit(self, plans: list[ResumePlan], new: int, pruner: optuna.pruners.BasePruner,
+            extra_callbacks: list[Any]) -> bool:
+        """Run ``plans`` and ``new`` trials as experiment ``runs/run-K``; returns whether it was interrupted.
+
+        Raises:
+            StudyError: the time budget is used up (exit 2), or the disk filled up (exit 1).
+        """
+        t, record, paths = self.spec.tune, self.record, self.paths
+        to_run, used = len(plans) + new, record.seconds_used()
+        budget_left = None if t.time_budget_s is None else t.time_budget_s - used
+        if budget_left is not None:
+            if budget_left <= 0:
+                raise StudyError(f"the study's time budget (tune.time_budget_s={t.time_budget_s:g}) is used up "
+                                 f"({used:.0f} s); raise it with --time-budget-s to run the {to_run} remaining "
+                                 "trial(s)")
+            print(f"time budget: {budget_left:.0f} s left of {t.time_budget_s:.0f} s ({used:.0f} s used before)")
+        run_index = record.next_run_index()
+        record.add_history({"run": run_index, "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                            "argv": sys.argv[1:], "num_samples": t.num_samples,
+                            "max_concurrent_trials": t.max_concurrent_trials, "time_budget_s": t.time_budget_s,
+                            "applied": self.applied})
+        started = time.monotonic()
+        record.use(sampler=make_sampler(t.searcher, t.seed, t.num_samples, offset=len(record.trials())))
+        searcher = RecordSearcher(record, optuna_distributions(self.spec), t.metric, t.mode,
+                                  self.run_cfg.train.epochs, plans)
+
+        def statuses() -> dict[str, str]:
+            by_number = record.statuses()
+            return {tid: by_number[n] for tid, n in searcher.numbers.items() if n in by_number}
+
+        callbacks = [ProgressLine(t.metric, t.mode, self.run_cfg.train.epochs, to_run, statuses=statuses),
+                     MirrorCallback(self.mirror, searcher.numbers), *extra_callbacks]
+        trainable = tune.with_resources(
+            tune.with_parameters(train_trial, base=run_config_to_dict(self.run_cfg), metric=t.metric, mode=t.mode,
+                                 runs_dir=paths.runs_uri, run_name=f"run-{run_index}",
+                                 keep_checkpoints=t.keep_checkpoints, gpu_share=t.resources_per_trial.gpu,
+                                 data=self.study_data),
+            t.resources_per_trial.as_dict())
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=t.metric, mode=t.mode, search_alg=searcher, scheduler=RecordScheduler(searcher, pruner),
+                num_samples=to_run, max_concurrent_trials=t.max_concurrent_trials, time_budget_s=budget_left,
+                reuse_actors=True, trial_dirname_creator=lambda trial: trial_dirname(int(trial.config[NUMBER_KEY]))),
+            # A retried trial continues from its newest checkpoint in the study folder (the trainable
+            # writes those itself; Ray's checkpoint index restarts with a lost worker).
+            run_config=tune.RunConfig(name=f"run-{run_index}", storage_path=paths.runs_uri, callbacks=callbacks,
+                                      failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=0))
+        try:
+            interrupt = _InterruptWatch()
+            with interrupt:
+                tuner.fit()
+            return interrupt.seen
+        except KeyboardInterrupt:
+            return True
+        except Exception as exc:
+            if disk_full(exc):  # (unfinished trials stay "running" in the record: --resume continues them)
+                raise StudyError(f"the disk holding {paths.local_dir} is full ({first_line(exc)}); finished "
+                                 "trials are kept: free space, then continue with --resume", code=1) from exc
+            raise
+        finally:
+            try:
+                record.add_history({"run": run_index, "seconds": round(time.monotonic() - started, 1)})
+            except OSError as exc:  # a full disk: the run's length is lost, nothing else
+                print(f"warning: could not record the run's length: {exc}", file=sys.stderr)
 
 
 def make_mirror(spec: Any, run_cfg: Any, inputs: Inputs, record: StudyRecord) -> Mirror:

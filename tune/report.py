@@ -210,13 +210,17 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary) -> Path:
-    """The complete run config of the best trial, runnable by ``python -m minimind_train.sft``."""
+def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary, finalist: Finalist | None = None) -> Path:
+    """The complete run config of the best trial, runnable by ``python -m minimind_train.sft``; its header
+    records the trial's value and, when finalists ran, the config's mean ± std over seeds."""
     cfg = apply_params(spec.run, best.params)
     body = yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False, allow_unicode=True)
     head = (f"# Best trial {best.trial_id} of study from {spec.source}: "
-            f"{spec.tune.metric} {best.best_value:.6f} at epoch {best.best_epoch}.\n"
-            f"# Run it alone: python -m minimind_train.sft --config {path.name}\n")
+            f"{spec.tune.metric} {best.best_value:.6f} at epoch {best.best_epoch}.\n")
+    if finalist is not None:
+        head += (f"# Over seeds {', '.join(map(str, finalist.seeds))}: mean {spec.tune.metric} "
+                 f"{finalist.mean:.6f} ± {finalist.std:.6f} (the best mean of the finalists).\n")
+    head += f"# Run it alone: python -m minimind_train.sft --config {path.name}\n"
     path.write_text(head + body, encoding="utf-8")
     return path
 
@@ -280,16 +284,29 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
     t = spec.tune
     study_dir = paths.local_dir
     summaries = summarize_trials(record, t.metric, t.mode)
+    seeded = {r.number for r in record.trials() if r.finalist_of is not None}
+    search = [s for s in summaries if s.number not in seeded]  # (finalists are seeds of search configs)
     unfinished = [s for s in summaries if s.status in ("interrupted", "running", "failed")]
     print()
-    print(format_table(summaries, t.metric))
-    eligible = [s for s in summaries if s.status == "completed" and math.isfinite(s.best_value)]
-    eligible = eligible or [s for s in summaries if s.status == "stopped_early" and math.isfinite(s.best_value)]
+    print(format_table(search, t.metric))
+    eligible = [s for s in search if s.status == "completed" and math.isfinite(s.best_value)]
+    eligible = eligible or [s for s in search if s.status == "stopped_early" and math.isfinite(s.best_value)]
     artifacts: dict[str, Path] = {}
+    finalists = summarize_finalists(record, summaries, spec.run.train.seed, t.mode)
+    study_metrics: dict[str, float] = {}
+    if finalists:
+        print(f"\nfinalists: the top configs trained again with other seeds, best mean {t.metric} first")
+        for f in finalists:
+            print(f"  {f.trial_id}  mean {f.mean:.4f} ± {f.std:.4f}  seeds {' '.join(map(str, f.seeds))}: "
+                  + " ".join(f"{v:.4f}" for v in f.values))
+        artifacts["finalists.csv"] = write_finalists_csv(study_dir / "finalists.csv", finalists, t.metric)
+        study_metrics = {f"best_mean_{t.metric}": finalists[0].mean, f"best_std_{t.metric}": finalists[0].std}
+        eligible = [s for s in search if s.number == finalists[0].number]
     best = eligible[0] if eligible else None
     best_model: Path | None = None
     if best is not None:
-        artifacts["best.yaml"] = write_best_yaml(study_dir / "best.yaml", spec, best)
+        artifacts["best.yaml"] = write_best_yaml(study_dir / "best.yaml", spec, best,
+                                                 finalists[0] if finalists else None)
         if best.checkpoint is not None and paths.is_local:
             best_model = Path(best.checkpoint) / "model.pth"
         elif best.checkpoint is not None:  # in the bucket: MLflow logs (and the user gets) a local copy
@@ -302,12 +319,12 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
     plots = plot_study(record.study, {s.trial_id: s.curve for s in summaries}, study_dir / "plots",
                        best_trial=best.trial_id if best else None, metric_name=t.metric)
     artifacts.update({f"plots/{p.name}": p for p in plots.values()})
-    fidelity = _print_rung_fidelity(spec, summaries)
+    study_metrics.update(_print_rung_fidelity(spec, search))
     warn_on_failure(lambda: mirror.finish(status if best is not None else "FAILED",
                                           best=record.trial(best.number) if best is not None else None,
                                           best_value=best.best_value if best else None,
                                           best_epoch=best.best_epoch if best else None, artifacts=artifacts,
-                                          study_metrics=fidelity))
+                                          study_metrics=study_metrics))
     freed = prune_resume_state(record, summaries, t.keep_top_trials)  # (local trial folders only)
     print()
     if best is not None and best.checkpoint is None:
@@ -322,7 +339,9 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
             print(f"note: unfinished trial {s.trial_id} already reached {t.metric} {s.best_value:.4f} after "
                   f"{s.epochs} epoch(s): --resume finishes it")
     if best is not None:
-        print(f"best: trial {best.trial_id}  {t.metric} {best.best_value:.4f} (epoch {best.best_epoch})")
+        mean = f"; mean over {len(finalists[0].seeds)} seeds {finalists[0].mean:.4f} ± {finalists[0].std:.4f}" \
+            if finalists else ""
+        print(f"best: trial {best.trial_id}  {t.metric} {best.best_value:.4f} (epoch {best.best_epoch}){mean}")
         for k, v in best.params.items():
             print(f"  {k}: {v}")
         print(f"best config: {study_dir / 'best.yaml'}")

@@ -168,8 +168,8 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
     from .preflight import check_inputs, reconcile
     from .report import finish_study
     from .restart import finish_pending_restart
-    from .searcher import resume_plans
-    from .space import spec_to_dict
+    from .searcher import finalist_plans, resume_plans
+    from .space import optuna_distributions, spec_to_dict
     from .storage import writable_problem
     from .warmstart import check_warm_start
 
@@ -221,8 +221,11 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
             applied = reconcile(record, spec_to_dict(spec), inputs, explicit_space=args.space is not None)
             plans = resume_plans(record, {p.path for p in spec.search}, spec.tune.metric, spec.tune.mode,
                                  spec.run.train.epochs)
-            finished = record.finished_count()
-            if not plans and finished >= spec.tune.num_samples:
+            finished, finals = record.finished_count(), spec.tune.finalists
+            pending = finals.seeds and finalist_plans(record, optuna_distributions(spec), spec.tune.metric,
+                                                      spec.tune.mode, run_cfg.train.epochs, finals.top_k,
+                                                      finals.seeds, run_cfg.train.seed, create=False)
+            if not plans and finished >= spec.tune.num_samples and not pending:
                 print(f"nothing to run: {finished} trials finished (num_samples {spec.tune.num_samples}); "
                       "summarising the study and bringing MLflow up to date")
                 return finish_study(spec, paths, record, make_mirror(spec, run_cfg, inputs, record), "FINISHED")

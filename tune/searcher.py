@@ -24,7 +24,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from .record import StudyRecord
+from .record import StudyRecord, TrialRecord
 
 __all__ = [
     "NUMBER_KEY",
@@ -33,6 +33,7 @@ __all__ = [
     "RecordSearcher",
     "ResumePlan",
     "failure_reason",
+    "finalist_plans",
     "make_pruner",
     "make_sampler",
     "resume_plans",
@@ -55,8 +56,9 @@ class ResumePlan:
     epoch: int = 0
 
 
-def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str, epochs: int) -> list[ResumePlan]:
-    """The record's unfinished trials, to continue from their newest checkpoints.
+def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str, epochs: int,
+                 finalists: bool = False) -> list[ResumePlan]:
+    """The record's unfinished search trials (or ``finalists``), to continue from their newest checkpoints.
 
     An epoch whose checkpoint is on disk but whose result never reached the record (Ray was shutting
     down, the driver was killed) is recorded from the checkpoint's own metrics, so it is not trained
@@ -65,6 +67,8 @@ def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str
     """
     plans = []
     for t in record.unfinished():
+        if (t.finalist_of is not None) != finalists:
+            continue
         if set(t.params) != searched:
             record.abandon(t.number, f"its values were never all recorded ({sorted(t.params)} of "
                                      f"{sorted(searched)}); a new trial takes its place")
@@ -82,7 +86,32 @@ def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str
             print(f"warning: trial t{t.number:03d} has {done} epoch(s) recorded but its newest checkpoint is "
                   f"epoch {newest}'s; it trains again from there (the record keeps the first values)",
                   file=sys.stderr)
-        plans.append(ResumePlan(number=t.number, params=t.params, epoch=newest))
+        plans.append(ResumePlan(number=t.number, params=t.run_params, epoch=newest))
+    return plans
+
+
+def finalist_plans(record: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution],
+                   metric: str, mode: str, epochs: int, top_k: int, seeds: int, base_seed: int,
+                   create: bool = True) -> list[ResumePlan]:
+    """The finalists still to train: the ``top_k`` completed search trials' configs, each with seeds
+    ``base_seed + 1 .. base_seed + seeds`` (``train.seed``: model init and data order). Unfinished
+    finalists continue; missing ones are created in the record (``create=False``: only counted, with
+    number -1)."""
+    plans = resume_plans(record, set(distributions), metric, mode, epochs, finalists=True)
+    trials = record.trials()
+    have = {(t.finalist_of, t.seed) for t in trials if t.finalist_of is not None}
+    sign = 1 if mode == "min" else -1
+
+    def best(t: TrialRecord) -> float:
+        return min(sign * v for _, v in t.curve(metric) if math.isfinite(v))
+
+    done = [t for t in trials if t.finalist_of is None and t.status == "completed"
+            and any(math.isfinite(v) for _, v in t.curve(metric))]
+    for t in sorted(done, key=best)[:top_k]:
+        for seed in range(base_seed + 1, base_seed + 1 + seeds):
+            if (t.number, seed) not in have:
+                number = record.add_finalist(t, seed, distributions) if create else -1
+                plans.append(ResumePlan(number=number, params={**t.params, "train.seed": seed}))
     return plans
 
 
