@@ -942,8 +942,7 @@ def _finish(spec: Any, paths: StudyPaths, record: Any, mirror: Any, status: str)
         if best_model is not None:
             artifacts["best/model.pth"] = best_model
     artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric)
-    plots = plot_study(record.study, {s.trial_id: s.curve for s in summaries}, study_dir / "plots",
-                       best_trial=best.trial_id if best else None, metric_name=t.metric)
+    plots = plot_study(record.study, study_dir / "plots", metric=t.metric, best_trial=best.number if best else None)
     artifacts.update({f"plots/{p.name}": p for p in plots.values()})
     best_record = record.trial(best.number) if best is not None else None
     fidelity = _print_rung_fidelity(spec, summaries)
