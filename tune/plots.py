@@ -175,7 +175,8 @@ def _curves(points: list[_Point], metric: str, best: _Point | None) -> Figure:
         grey += colour == "0.75"
         label = " ".join([p.name, f"{p.value:.4g}"] + ["best"] * (p is best)
                          + ["stopped early"] * p.stopped_early)
-        ax.plot(epochs, values, marker="o", markersize=4, linestyle="--" if p.stopped_early else "-",
+        ax.plot(epochs, values, marker="o", markersize=4 if len(epochs) > 1 else 7,  # (a lone point: seen)
+                linestyle="--" if p.stopped_early else "-",
                 color=colour, linewidth=3 if p is best else 1.3, zorder=3 if p is best else 2,
                 label=None if colour == "0.75" else label)
     if grey:
