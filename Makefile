@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast tune ui bench clean
+.PHONY: install test test-fast tune ui ui-check bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ tune: install
 
 ui: install
 	$(PY) -m tune.ui $(ARGS)
+
+# A tiny study looked at in the MLflow UI by headless Chromium (apt-get install chromium); not in `make test`.
+ui-check: install
+	$(PY) scripts/ui_check.py $(ARGS)
 
 bench: install
 	$(PY) benchmarks/throughput.py

@@ -1,51 +1,70 @@
-"""A real ``mlflow server`` on 127.0.0.1: it answers, shows runs logged over http, and stops by PID."""
+"""tune.ui: a study's store served by a real ``mlflow server`` on 127.0.0.1, landing on its runs table."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tune.mirror import TRACKING_URI_ENV, check_tracking_server
-from tune.ui import find_study_db, main, start_mlflow_server, stop_server
+from tune.mirror import TRACKING_URI_ENV
+from tune.record import StudyRecord
+from tune.ui import _VIEW_TAG_PREFIX, _landing_url, _refresh_study_mirror, find_study_db, main, runs_table_url
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = "ui-test"
+SEARCH = {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+          "train.accumulation_steps": {"type": "categorical", "choices": [1, 2]}}
+SPEC: dict[str, Any] = {
+    "model": {"hidden_size": 64}, "train": {"epochs": 2}, "search": SEARCH,
+    "tune": {"mode": "min", "metric": "val_loss", "num_samples": 3},
+    "mlflow": {"tracking_uri": None, "experiment": EXPERIMENT},
+}
+DISTRIBUTIONS = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                 "train.accumulation_steps": optuna.distributions.CategoricalDistribution([1, 2])}
 
 
-@pytest.mark.slow  # the server imports MLflow and builds its schema: 10-30 s on a small machine
-def test_server_serves_ui_and_runs_then_stops(tmp_path: Path) -> None:
-    db = tmp_path / "study" / "mlflow.db"
-    backend = f"sqlite:///{db}"
-    proc, url = start_mlflow_server(backend)
-    try:
-        assert url.startswith("http://127.0.0.1:")
-        with urllib.request.urlopen(url, timeout=10) as response:
-            assert response.status == 200
-            assert b"<html" in response.read().lower()
-        check_tracking_server(url)
+@pytest.fixture(autouse=True)
+def _no_env_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TRACKING_URI_ENV, raising=False)
 
-        remote = MlflowClient(tracking_uri=url)
-        experiment_id = remote.create_experiment("ui-check")
-        run = remote.create_run(experiment_id, run_name="over-http")
-        remote.log_metric(run.info.run_id, "val_loss", 1.25, step=1)
-        remote.log_text(run.info.run_id, "hello", "note.txt")
-        remote.set_terminated(run.info.run_id)
 
-        # Visible both through the server and in the database file it was pointed at.
-        (seen,) = remote.search_runs([experiment_id])
-        assert seen.data.metrics == {"val_loss": 1.25}
-        (stored,) = MlflowClient(tracking_uri=backend).search_runs([experiment_id])
-        assert stored.info.run_id == run.info.run_id
-        assert [a.path for a in remote.list_artifacts(run.info.run_id)] == ["note.txt"]
-        assert (tmp_path / "study" / "mlartifacts").is_dir()
-    finally:
-        stop_server(proc)
-    assert proc.returncode is not None
-    with pytest.raises(ProcessLookupError):
-        os.killpg(proc.pid, 0)  # the whole group (uvicorn included) is gone
-    with pytest.raises(OSError):
-        urllib.request.urlopen(url, timeout=2)
+def _make_study(storage: Path) -> Path:
+    """A finished study record of three trials (two completed, one stopped early) and its mirror."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    record = StudyRecord.create(storage / "s", "s", SPEC, "train: {}\n", {})
+    for number, status, losses in ((0, "completed", [3.0, 2.5]), (1, "stopped_early", [3.5]),
+                                   (2, "completed", [2.8, 2.1])):
+        assert record.ask(DISTRIBUTIONS)[0] == number
+        for epoch, loss in enumerate(losses, start=1):
+            record.record_epoch(number, epoch, {"val_loss": loss, "train_loss": loss + 0.2}, "val_loss")
+        record.finish(number, status, "val_loss", "min")
+    _refresh_study_mirror(f"sqlite:///{record.dir / 'mlflow.db'}")
+    return record.dir
+
+
+@pytest.fixture(scope="session")
+def template_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Building MLflow's schema takes seconds; the fast tests copy one finished study instead.
+    return _make_study(tmp_path_factory.mktemp("template"))
+
+
+def _study(tmp_path: Path, template: Path) -> Path:
+    shutil.copytree(template, tmp_path / "studies" / "s")
+    return tmp_path / "studies" / "s"
 
 
 def test_find_study_db_prefers_named_then_newest(tmp_path: Path) -> None:
@@ -62,9 +81,116 @@ def test_find_study_db_prefers_named_then_newest(tmp_path: Path) -> None:
         find_study_db(tmp_path, "absent")
 
 
-def test_cli_reports_missing_study_without_starting_anything(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.delenv(TRACKING_URI_ENV, raising=False)
+def test_cli_reports_missing_study_without_starting_anything(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--storage-path", str(tmp_path)]) == 2
     assert "no study tracking database" in capsys.readouterr().err
+
+
+def test_runs_table_url_opens_the_model_training_view() -> None:
+    url = runs_table_url("http://127.0.0.1:5001/", "7")
+    fragment = urllib.parse.urlsplit(urllib.parse.urlsplit(url).fragment)
+    assert url.startswith("http://127.0.0.1:5001/#/")
+    assert fragment.path == "/experiments/7/runs"
+    assert urllib.parse.parse_qs(fragment.query) == {"workflowType": ["machine_learning"]}
+
+
+def _query(url: str) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(urllib.parse.urlsplit(url).fragment).query))
+
+
+def test_landing_url_is_a_saved_view_of_objective_params_and_status_best_first(tmp_path: Path,
+                                                                             template_study: Path) -> None:
+    uri = f"sqlite:///{_study(tmp_path, template_study) / 'mlflow.db'}"
+    url = _landing_url(uri, "http://127.0.0.1:5001")
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
+    assert url.startswith(runs_table_url("http://127.0.0.1:5001", experiment.experiment_id) + "&")
+    key = _query(url)["viewStateShareKey"]
+    view = json.loads(experiment.tags[_VIEW_TAG_PREFIX + key])
+    assert view == {"orderByKey": "metrics.`val_loss`", "orderByAsc": True,
+                    "selectedColumns": ["metrics.`val_loss`", "params.`train.learning_rate`",
+                                        "params.`train.accumulation_steps`", "tags.`minimind.status`"]}
+    assert _landing_url(uri, "http://127.0.0.1:5001") == url  # the same view: one tag, not one per start
+    assert [k for k in MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT).tags
+            if k.startswith(_VIEW_TAG_PREFIX)] == [_VIEW_TAG_PREFIX + key]
+    # Not a study's own store: the server's root, where the experiments are listed.
+    assert _landing_url(f"sqlite:///{tmp_path / 'other.db'}", "http://127.0.0.1:5001") == "http://127.0.0.1:5001"
+
+
+def test_a_read_only_store_lands_on_the_sorted_table(tmp_path: Path, template_study: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"sqlite:///{_study(tmp_path, template_study) / 'mlflow.db'}"
+
+    def read_only(*_: object) -> None:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", read_only)
+    url = _landing_url(uri, "http://127.0.0.1:5001")
+    # A share key that is not in the store would make the UI show an error: the URL sorts instead.
+    assert _query(url) == {"workflowType": "machine_learning", "orderByKey": "metrics.`val_loss`",
+                           "orderByAsc": "true"}
+    assert "no saved view" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _health(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # the server imports MLflow and opens the store: 10-30 s on a small machine
+def test_serves_the_study_writes_nothing_else_and_stops_on_sigterm(tmp_path: Path) -> None:
+    study = _make_study(tmp_path / "studies")
+    files_before = sorted(p.relative_to(study) for p in study.rglob("*"))
+    port = _free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "tune.ui", "--storage-path", str(tmp_path / "studies"), "--port",
+                           str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert ui.stdout is not None
+        lines = []
+        for line in ui.stdout:
+            lines.append(line)
+            if line.startswith("MLflow UI: "):
+                break
+        url = lines[-1].split()[2]
+        server = f"http://127.0.0.1:{port}"
+        assert url.startswith(server + "/#/experiments/") and "viewStateShareKey=" in url, lines
+        assert _health(server)
+
+        # The trials as the UI reads them, over http; a run logged through the server keeps its
+        # artifacts beside the study's database.
+        remote = MlflowClient(tracking_uri=server)
+        experiment = remote.get_experiment_by_name(EXPERIMENT)
+        trials = {r.info.run_name.split()[0]: r for r in remote.search_runs([experiment.experiment_id])
+                  if "minimind.trial" in r.data.tags}
+        assert {name: r.data.metrics["val_loss"] for name, r in trials.items()} == {
+            "t000": 2.5, "t001": 3.5, "t002": 2.1}
+        run = remote.create_run(remote.create_experiment("through-the-server"))
+        remote.log_text(run.info.run_id, "hello", "note.txt")
+        assert (study / "mlartifacts").is_dir() and list((study / "mlartifacts").rglob("note.txt"))
+        files_after = sorted(p.relative_to(study) for p in study.rglob("*") if "note.txt" not in p.parts
+                             and not p.name.endswith("-journal"))
+        assert [p for p in files_after if p not in files_before and p.parts[0] != "mlartifacts"] == []
+
+        os.kill(ui.pid, signal.SIGTERM)  # tune.ui alone, as a plain `kill` does
+        assert ui.wait(timeout=60) is not None
+    finally:
+        if ui.poll() is None:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait()
+    deadline = time.monotonic() + 30
+    while _health(server) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _health(server)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(ui.pid, 0)  # the MLflow server and its workers are gone with it

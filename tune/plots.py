@@ -1,11 +1,16 @@
-"""Study plots as PNG files, drawn with matplotlib's Agg renderer: no browser, no display.
+"""Study plots as PNG files that answer "which config?" at a glance (matplotlib Agg: no display).
 
-``plot_study`` always writes the same four files, so the artifact list of every study looks alike;
-when there is too little data for a plot (no completed trial, a single trial for importances), the
-file is a figure that says so instead of an exception. Called by ``tune/run.py`` after the study::
+Optuna draws what it can (``optuna.visualization.matplotlib``, with the objective as ``target_name``);
+the per-epoch curves of every trial with the best one highlighted are drawn here, as Optuna's
+intermediate-values plot neither names the objective nor marks the best trial. Every finished trial
+is shown: a trial stopped early by ASHA (Optuna ``PRUNED``) by its last value, marked as such, as
+Optuna's own history and parallel-coordinates plots would leave it out. Called by ``tune/run.py``::
 
-    paths = plot_study(optuna_study, curves, study_dir / "plots", best_trial=best_name)
-    # curves: {trial_name: [(epoch, val_loss), ...]} from the trial results
+    paths = plot_study(record.study, study_dir / "plots", metric="val_loss", best_trial=3)
+
+``plot_study`` always writes the same files (:data:`PLOT_FILES`); a plot without enough data (no
+trial yet, fewer than :data:`MIN_TRIALS_FOR_IMPORTANCE` completed trials for importances) is a
+figure that says why instead of an error.
 """
 
 from __future__ import annotations
@@ -15,44 +20,76 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
 
-if TYPE_CHECKING:
-    import optuna
-    from matplotlib.figure import Figure
+if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
+    matplotlib.use("Agg")  # Optuna's plots go through pyplot: no GUI window; a notebook keeps its backend
+import matplotlib.pyplot as plt
+import optuna
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from optuna.trial import FrozenTrial, TrialState
+from optuna.visualization import matplotlib as optuna_plots
 
-__all__ = ["PLOT_FILES", "plot_study", "plot_val_loss_curves"]
+from .record import trial_dirname
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+__all__ = ["MIN_TRIALS_FOR_IMPORTANCE", "PLOT_FILES", "plot_study", "study_figures"]
 
 logger = logging.getLogger(__name__)
 
-# name -> file written by plot_study
 PLOT_FILES: dict[str, str] = {
     "optimization_history": "optimization_history.png",
-    "param_importances": "param_importances.png",
     "parallel_coordinates": "parallel_coordinates.png",
-    "val_loss_curves": "val_loss_curves.png",
+    "param_importances": "param_importances.png",
+    "curves": "objective_curves.png",
 }
-
+# fANOVA's forest on fewer completed trials ranks parameters by noise.
+MIN_TRIALS_FOR_IMPORTANCE = 5
 _DPI = 110
-# More lines than this make a legend unreadable; the best trial is still labelled.
-_MAX_LEGEND_ENTRIES = 12
+# tab10 without its grey: the best trial is black, the next ones these, the rest grey with one legend entry.
+_COLOURS = [f"C{i}" for i in (1, 2, 3, 4, 5, 6, 8, 9, 0)]
+# Optuna's parallel coordinates use Blues, whose low end is white on a white background.
+_LINE_COLOURS = ListedColormap(plt.get_cmap("Blues")(list(range(90, 256))))
 
 
-def _headless() -> None:
-    # Optuna's matplotlib plots go through pyplot, which would pick a GUI backend on a desktop.
-    # Only decide when nobody did: a notebook that already imported pyplot keeps its backend.
-    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
-        matplotlib.use("Agg")
+@dataclass(frozen=True)
+class _Point:
+    """A trial as the plots show it: its value is Optuna's, or the last epoch's for one stopped early."""
+
+    trial: FrozenTrial
+    value: float
+    stopped_early: bool
+
+    @property
+    def name(self) -> str:
+        return trial_dirname(self.trial.number)
 
 
-def _message_figure(title: str, message: str) -> Figure:
-    from matplotlib.figure import Figure
+def _points(study: optuna.Study) -> list[_Point]:
+    """Completed and stopped-early trials with a finite value, best first."""
+    points = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if t.user_attrs.get("status") == "warm_start" or "finalist_of" in t.user_attrs:
+            continue  # (an earlier study's history, or a finalist's extra seed: not a search trial)
+        epochs = t.intermediate_values
+        value = t.value if t.state == TrialState.COMPLETE else epochs[max(epochs)] if epochs else None
+        if value is not None and math.isfinite(value):
+            points.append(_Point(t, float(value), t.state == TrialState.PRUNED))
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
+    return sorted(points, key=lambda p: (p.stopped_early, sign * p.value, p.trial.number))
 
-    fig = Figure(figsize=(7, 4))
+
+def _note(title: str, message: str) -> Figure:
+    fig = Figure(figsize=(7, 3))
     ax = fig.add_subplot()
     ax.set_axis_off()
     ax.set_title(title)
@@ -60,174 +97,146 @@ def _message_figure(title: str, message: str) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
-    if fig.canvas.manager is not None:
-        # Created through pyplot (optuna): pyplot keeps it alive until closed.
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-    return path
+def _counts(points: list[_Point]) -> str:
+    stopped = sum(p.stopped_early for p in points)
+    return f"{len(points) - stopped} completed, {stopped} stopped early"
 
 
-def _completed(study: optuna.Study | None) -> list[optuna.trial.FrozenTrial]:
-    if study is None:
-        return []
-    from optuna.trial import TrialState
-
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
-def _count_summary(study: optuna.Study | None) -> str:
-    if study is None:
-        return "no Optuna study"
-    counts: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name.lower()] = counts.get(trial.state.name.lower(), 0) + 1
-    if not counts:
-        return "no trials"
-    return ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
+def _history(study: optuna.Study, points: list[_Point], metric: str, best: _Point | None) -> Figure:
+    ax = optuna_plots.plot_optimization_history(study, target_name=metric)
+    stopped = [p for p in points if p.stopped_early]
+    if stopped:
+        ax.scatter([p.trial.number for p in stopped], [p.value for p in stopped], marker="x",
+                   color="tab:gray", label=f"{metric}, stopped early (last epoch)", zorder=3)
+    if best is not None:
+        ax.scatter([best.trial.number], [best.value], marker="*", s=300, color="gold", edgecolors="black",
+                   label=f"best: {best.name} {best.value:.4g}", zorder=4)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.set_title(f"{metric} by trial ({_counts(points)})")
+    return ax.figure  # type: ignore[return-value]
 
 
-def _optuna_figure(title: str, draw: Callable[[], object]) -> Figure:
-    """Run one of optuna's matplotlib plots; a failure becomes a figure naming the reason."""
-    import optuna
-
-    try:
-        with warnings.catch_warnings():
-            # Optuna flags its matplotlib backend as experimental on every call, and matplotlib
-            # warns about the flat axes of a single trial; neither tells the user anything.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            ax = draw()
-    except Exception as exc:  # noqa: BLE001 - a plot is never worth failing the study for
-        logger.warning("%s plot failed: %s", title, exc)
-        return _message_figure(title, f"could not draw this plot:\n{exc}")
-    return ax.figure  # type: ignore[attr-defined,no-any-return]
+def _view(study: optuna.Study, points: list[_Point]) -> optuna.Study:
+    """An in-memory copy in which a trial stopped early counts as complete with its last value, in the
+    order of ``points``: Optuna plots only complete trials."""
+    view = optuna.create_study(direction=study.direction)
+    view.add_trials([optuna.trial.create_trial(params=p.trial.params, distributions=p.trial.distributions,
+                                               value=p.value) for p in points])
+    return view
 
 
-def _history(study: optuna.Study | None) -> Figure:
-    title = "Optimization history"
-    if not _completed(study):
-        return _message_figure(title, f"No completed trials yet ({_count_summary(study)}).")
-    assert study is not None
-    if len(study.directions) > 1:
-        return _message_figure(title, "Multi-objective studies are not plotted.")
-    from optuna.visualization.matplotlib import plot_optimization_history
-
-    return _optuna_figure(title, lambda: plot_optimization_history(study))
-
-
-def _importances(study: optuna.Study | None) -> Figure:
-    title = "Hyperparameter importances"
-    completed = _completed(study)
-    if len(completed) < 2:
-        return _message_figure(
-            title,
-            f"Needs at least 2 completed trials; this study has {len(completed)} "
-            f"({_count_summary(study)}).",
-        )
-    assert study is not None
-    if len(study.directions) > 1:
-        return _message_figure(title, "Multi-objective studies are not plotted.")
-    import optuna
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            importances = optuna.importance.get_param_importances(study)
-    except Exception as exc:  # noqa: BLE001 - evaluators raise assorted errors on degenerate data
-        # e.g. every completed trial used the same values: nothing to attribute the spread to.
-        logger.info("parameter importances unavailable: %s", exc)
-        return _message_figure(title, f"Not computable for these trials:\n{exc}")
-    if not importances:
-        return _message_figure(title, "No searched parameter varied across the completed trials.")
-    from matplotlib.figure import Figure
-
-    names = list(importances)[::-1]
-    values = [importances[name] for name in names]
-    fig = Figure(figsize=(7, 0.6 + 0.45 * len(names)))
-    ax = fig.add_subplot()
-    bars = ax.barh(names, values, color="tab:blue")
-    ax.bar_label(bars, labels=[f"{value:.2f}" for value in values], padding=3)
-    ax.set_xlim(0, max(1.0, max(values) * 1.15))
-    ax.set_xlabel("importance (share of the objective's variation)")
-    ax.set_title(f"{title} ({len(completed)} completed trials)")
-    return fig
+def _parallel(study: optuna.Study, points: list[_Point], metric: str, best: _Point | None) -> Figure:
+    ax = optuna_plots.plot_parallel_coordinate(_view(study, points), target_name=metric)
+    params = sorted({name for p in points for name in p.trial.params})  # Optuna's axis order
+    ax.set_xticks(range(len(params) + 1), [metric, *params], rotation=12, ha="right")
+    ax.set_title(f"{metric} and the searched parameters ({_counts(points)})")
+    ax.figure.set_size_inches(max(7.0, 2.4 * (len(params) + 1)), 5)
+    # One LineCollection, a segment per trial in an order of Optuna's own; each starts at the
+    # trial's value on the objective axis, which tells whose it is.
+    lines = ax.collections[0]
+    minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
+    lines.set_cmap(_LINE_COLOURS.reversed() if minimize else _LINE_COLOURS)  # the best is the darkest
+    stopped = {p.value for p in points if p.stopped_early}
+    segments = lines.get_segments()
+    lines.set_linestyles(["--" if segment[0, 1] in stopped else "-" for segment in segments])
+    handles = [Line2D([], [], color="tab:blue", label="completed"),
+               Line2D([], [], color="tab:blue", linestyle="--", label="stopped early (last epoch)")]
+    for segment in segments:
+        if best is not None and segment[0, 1] == best.value:
+            handles += ax.plot(segment[:, 0], segment[:, 1], color="black", linewidth=3, zorder=5,
+                               label=f"best: {best.name} {best.value:.4g}")
+            break
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.08), ncol=3, fontsize=8,
+              frameon=False)
+    return ax.figure  # type: ignore[return-value]
 
 
-def _parallel(study: optuna.Study | None) -> Figure:
-    title = "Parallel coordinates"
-    if not _completed(study):
-        return _message_figure(title, f"No completed trials yet ({_count_summary(study)}).")
-    assert study is not None
-    if len(study.directions) > 1:
-        return _message_figure(title, "Multi-objective studies are not plotted.")
-    from optuna.visualization.matplotlib import plot_parallel_coordinate
+def _importances(study: optuna.Study, points: list[_Point], metric: str) -> Figure:
+    completed = len(points) - sum(p.stopped_early for p in points)
+    title = f"Parameter importance for {metric}"
+    if completed < MIN_TRIALS_FOR_IMPORTANCE:
+        return _note(title, f"Needs at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials; this study has "
+                            f"{completed}.\nTrials stopped early do not count: their values are from "
+                            f"fewer epochs.")
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # the same figure for the same trials
+    ax = optuna_plots.plot_param_importances(study, evaluator=evaluator, target_name=metric)
+    ax.set_title(f"{title} ({completed} completed trials)", loc="left")  # (where Optuna put its own)
+    return ax.figure  # type: ignore[return-value]
 
-    return _optuna_figure(title, lambda: plot_parallel_coordinate(study))
 
-
-def plot_val_loss_curves(
-    curves: Mapping[str, Sequence[tuple[int, float]]],
-    best_trial: str | None = None,
-    metric_name: str = "val_loss",
-) -> Figure:
-    """One line per trial, epoch on x; non-finite points (diverged trials) are left out."""
-    from matplotlib.figure import Figure
-
-    title = f"{metric_name} per epoch"
-    lines = {
-        name: sorted((int(epoch), float(value)) for epoch, value in points if math.isfinite(float(value)))
-        for name, points in curves.items()
-    }
-    lines = {name: points for name, points in lines.items() if points}
-    if not lines:
-        return _message_figure(title, f"No trial has reported {metric_name} yet.")
-    fig = Figure(figsize=(8, 5))
-    ax = fig.add_subplot()
-    legend = len(lines) <= _MAX_LEGEND_ENTRIES
-    for name, points in sorted(lines.items()):
-        epochs, values = zip(*points)
-        is_best = name == best_trial
-        ax.plot(
-            epochs, values, marker="o", markersize=3,
-            linewidth=2.5 if is_best else 1.0,
-            alpha=1.0 if is_best or best_trial is None else 0.55,
-            color="black" if is_best else None,
-            label=f"{name} (best)" if is_best else (name if legend else None),
-            zorder=3 if is_best else 2,
-        )
+def _curves(points: list[_Point], metric: str, best: _Point | None) -> Figure:
+    ranked = sorted((p for p in points if p.trial.intermediate_values), key=lambda p: p is not best)
+    fig = Figure(figsize=(9, 5))
+    ax: Axes = fig.add_subplot()
+    colours, grey = iter(_COLOURS), 0
+    for p in ranked:
+        epochs, values = zip(*sorted(p.trial.intermediate_values.items()))
+        colour = "black" if p is best else next(colours, "0.75")
+        grey += colour == "0.75"
+        label = " ".join([p.name, f"{p.value:.4g}"] + ["best"] * (p is best)
+                         + ["stopped early"] * p.stopped_early)
+        ax.plot(epochs, values, marker="o", markersize=4 if len(epochs) > 1 else 7,  # (a lone point: seen)
+                linestyle="--" if p.stopped_early else "-",
+                color=colour, linewidth=3 if p is best else 1.3, zorder=3 if p is best else 2,
+                label=None if colour == "0.75" else label)
+    if grey:
+        ax.plot([], [], color="0.75", label=f"{grey} more trials")
     ax.set_xlabel("epoch")
-    ax.set_ylabel(metric_name)
-    ax.set_title(f"{title} ({len(lines)} trials)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per epoch, best first in the legend ({_counts(ranked)})")
     ax.grid(True, alpha=0.3)
-    # Epochs are whole numbers; matplotlib would otherwise tick 1.5, 2.5 for short studies.
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
-def plot_study(
-    study: optuna.Study | None,
-    curves: Mapping[str, Sequence[tuple[int, float]]],
-    out_dir: Path,
-    *,
-    best_trial: str | None = None,
-    metric_name: str = "val_loss",
-) -> dict[str, Path]:
-    """Write the study's PNG plots into ``out_dir``; returns ``{name: path}`` for all of PLOT_FILES."""
-    _headless()
-    out_dir = Path(out_dir)
-    figures: dict[str, Callable[[], Figure]] = {
-        "optimization_history": lambda: _history(study),
-        "param_importances": lambda: _importances(study),
-        "parallel_coordinates": lambda: _parallel(study),
-        "val_loss_curves": lambda: plot_val_loss_curves(curves, best_trial, metric_name),
+def study_figures(study: optuna.Study, metric: str, best_trial: int | None = None) -> dict[str, Figure]:
+    """The study's figures by the names of :data:`PLOT_FILES`.
+
+    ``metric`` names the objective (the study's values and intermediate values); ``best_trial`` is
+    the number of the trial to highlight (default: Optuna's best completed trial). Close them with
+    ``matplotlib.pyplot.close`` (Optuna's are pyplot figures).
+    """
+    points = _points(study)
+    if best_trial is None:
+        best = next((p for p in points if not p.stopped_early), None)
+    else:
+        best = next((p for p in points if p.trial.number == best_trial), None)
+    draw: dict[str, Callable[[], Figure]] = {
+        "optimization_history": lambda: _history(study, points, metric, best),
+        "parallel_coordinates": lambda: _parallel(study, points, metric, best),
+        "param_importances": lambda: _importances(study, points, metric),
+        "curves": lambda: _curves(points, metric, best),
     }
-    paths: dict[str, Path] = {}
-    for name, make in figures.items():
-        paths[name] = _save(make(), out_dir / PLOT_FILES[name])
+    figures = {}
+    for name, make in draw.items():
+        title = name.replace("_", " ")
+        if not points:
+            figures[name] = _note(title, f"No trial has a {metric} yet ({len(study.trials)} trials in the "
+                                         f"study).")
+            continue
+        try:
+            with warnings.catch_warnings(), plt.style.context("default"):
+                # Optuna flags its matplotlib plots experimental on every call, and matplotlib warns
+                # about the flat axes of a single trial; neither tells the user anything.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.simplefilter("ignore", UserWarning)
+                figures[name] = make()
+        except Exception as exc:  # noqa: BLE001 - a plot is never worth failing the study for
+            logger.warning("the %s plot failed: %s", title, exc)
+            figures[name] = _note(title, f"Could not draw this plot:\n{exc}")
+    return figures
+
+
+def plot_study(study: optuna.Study, out_dir: Path, *, metric: str,
+               best_trial: int | None = None) -> dict[str, Path]:
+    """Write :func:`study_figures` into ``out_dir``; returns ``{name: path}``, one per :data:`PLOT_FILES`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, fig in study_figures(study, metric, best_trial).items():
+        paths[name] = out_dir / PLOT_FILES[name]
+        fig.savefig(paths[name], dpi=_DPI, bbox_inches="tight")
+        plt.close(fig)
     return paths

@@ -316,8 +316,7 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
         if best_model is not None:
             artifacts["best/model.pth"] = best_model
     artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric)
-    plots = plot_study(record.study, {s.trial_id: s.curve for s in summaries}, study_dir / "plots",
-                       best_trial=best.trial_id if best else None, metric_name=t.metric)
+    plots = plot_study(record.study, study_dir / "plots", metric=t.metric, best_trial=best.number if best else None)
     artifacts.update({f"plots/{p.name}": p for p in plots.values()})
     study_metrics.update(_print_rung_fidelity(spec, search))
     warn_on_failure(lambda: mirror.finish(status if best is not None else "FAILED",
