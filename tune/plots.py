@@ -37,7 +37,7 @@ from matplotlib.lines import Line2D
 from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as optuna_plots
 
-from .record import trial_dirname
+from .storage import trial_dirname
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

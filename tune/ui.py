@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import mirror
 from .mirror import TRACKING_URI_ENV, TrackingError
-from .record import MANIFEST_FILE, Manifest, RecordError
+from .record import MANIFEST_FILE, Manifest, StudyError
 
 __all__ = ["find_study_db", "main", "runs_table_url"]
 
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise TrackingError(f"a server already answers on {server_url}; pass another --port")
         _refresh_study_mirror(uri)
         url = _landing_url(uri, server_url)
-    except (FileNotFoundError, RecordError, TrackingError) as exc:
+    except (FileNotFoundError, StudyError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
