@@ -17,7 +17,7 @@ from minimind_train.checkpoint import MODEL_FILE, STATE_FILE, drop_resume_state
 from minimind_train.config import run_config_to_dict
 
 from .record import CHECKPOINT_PREFIX, FINISHED, StudyRecord
-from .space import StudySpec, apply_params
+from .space import StudySpec
 
 __all__ = [
     "RUNG_FIDELITY_WARNING",
@@ -143,7 +143,7 @@ def _fmt(value: Any) -> str:
 
 def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary) -> Path:
     """The complete run config of the best trial, runnable by ``python -m minimind_train.sft``."""
-    cfg = apply_params(spec.run, best.params)
+    cfg = spec.run.with_overrides(best.params)
     body = yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False, allow_unicode=True)
     head = (f"# Best trial {best.trial_id} of study from {spec.source}: "
             f"{spec.tune.metric} {best.best_value:.6f} at epoch {best.best_epoch}.\n"
