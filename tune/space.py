@@ -1,7 +1,6 @@
 """Search-space files: parse and validate a whole study up front, and hand its space to Optuna.
 
-A space file is a run file (``model``/``data``/``train``, exactly the schema of
-:mod:`minimind_train.config`) plus three study sections::
+A space file is a run file (``model``/``data``/``train``, exactly :mod:`minimind_train.config`) plus::
 
     search:                       # dotted config path -> distribution, in Optuna's vocabulary
       train.learning_rate: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}
@@ -9,17 +8,13 @@ A space file is a run file (``model``/``data``/``train``, exactly the schema of
     tune:                         # how many trials, how they run and which one wins
       num_samples: 8
       scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
-    mlflow:
-      experiment: minimind-sft
+    mlflow: {experiment: minimind-sft}
 
-:func:`load_space` rejects every mistake it can see before a trial starts -- unknown keys,
-distributions that could produce an invalid config, combinations of searched values that break a
-cross-field rule, missing data/tokenizer/checkpoint files -- with a :class:`SpaceError` naming the
-key, the value and what is allowed.
-
-Parameter keys are the dotted config paths themselves (``train.learning_rate``): Ray Tune splits keys
-on ``/`` only, so a dotted key stays one flat key in Optuna's study, the trial config, the result
-columns and MLflow params, and a trial sets it with :meth:`RunConfig.with_overrides`.
+:func:`load_space` rejects every mistake it can see before a trial starts (unknown keys, values a
+distribution could draw that make an invalid config, missing files) with a :class:`SpaceError` naming
+the key, the value and what is allowed. A parameter's key is its dotted config path: Ray Tune splits
+keys on ``/`` only, so it stays one flat key in Optuna's study, the trial config, result columns and
+MLflow params, and a trial sets it with :meth:`RunConfig.with_overrides`.
 """
 
 from __future__ import annotations
@@ -39,22 +34,8 @@ import yaml
 from annotated_types import Ge, Gt
 from pydantic.dataclasses import dataclass
 
-from minimind_train.config import (
-    STRICT,
-    Bool,
-    ConfigError,
-    Int,
-    Number,
-    RunConfig,
-    Text,
-    base_type,
-    expected,
-    raising,
-    resolve_paths,
-    run_config_from_dict,
-    run_config_to_dict,
-    validate,
-)
+from minimind_train import config
+from minimind_train.config import ConfigError, RunConfig
 
 if TYPE_CHECKING:
     import optuna
@@ -93,15 +74,15 @@ _MAX_COMBINATIONS = 512
 
 
 # A number kept as written (an integer stays one): these values are logged and shown as given.
-Quantity = Int | Number
+Quantity = config.Int | config.Number
 
 
 class SpaceError(ConfigError):
     """A search-space file is invalid; the message names the key, the value and what is allowed."""
 
 
-@raising("search", SpaceError)
-@dataclass(frozen=True, config=STRICT)
+@config.raising("search", SpaceError)
+@dataclass(frozen=True, config=config.STRICT)
 class SearchParam:
     """One searched config field and its distribution, with Optuna's semantics (bounds inclusive).
 
@@ -109,26 +90,30 @@ class SearchParam:
     ``high - low`` must be a multiple of ``step``); ``categorical`` uses ``choices``.
     """
 
-    path: Text
+    path: config.Text
     type: Literal["float", "int", "categorical"]
-    low: Number | None = None
-    high: Number | None = None
-    log: Bool = False
-    step: Number | None = None
+    low: config.Number | None = None
+    high: config.Number | None = None
+    log: config.Bool = False
+    step: config.Number | None = None
     choices: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         key = f"search.{self.path}"
-        if self.type == "categorical":
-            for name in ("low", "high", "step", "log"):
-                if getattr(self, name) is not None and getattr(self, name) is not False:
-                    raise SpaceError(f"{key}.{name}={getattr(self, name)!r} is not allowed: a categorical "
-                                     "parameter takes only choices")
-            _check_choices(key, self.choices)
-            return
-        if self.choices:
+        given = [n for n in ("low", "high", "step") if getattr(self, n) is not None] + (["log"] if self.log else [])
+        if self.type == "categorical" and given:
+            raise SpaceError(f"{key}.{given[0]}={getattr(self, given[0])!r} is not allowed: a categorical "
+                             "parameter takes only choices")
+        if self.type != "categorical" and self.choices:
             raise SpaceError(f"{key}.choices={list(self.choices)!r} is not allowed: a {self.type} parameter "
                              "takes low, high, log and step")
+        if self.type == "categorical":
+            # What a choice may be is the field's business (checked with the config); Optuna needs distinct ones.
+            twice = [c for i, c in enumerate(self.choices) if c in self.choices[:i]]
+            if not self.choices or twice:
+                raise SpaceError(f"{key}.choices={list(self.choices)!r} is not allowed: "
+                                 + (f"{twice[0]!r} is listed twice" if twice else "expected a non-empty list"))
+            return
         for name in ("low", "high", "step"):
             value = getattr(self, name)
             if value is None and name != "step":
@@ -137,22 +122,17 @@ class SearchParam:
                 if not value.is_integer():
                     raise SpaceError(f"{key}.{name}={value!r} is not allowed: expected an integer")
                 object.__setattr__(self, name, int(value))
-        low, high, step = self.low, self.high, self.step
-        assert low is not None and high is not None
-        if low >= high:
-            raise SpaceError(f"{key}.low={low!r} is not allowed: must be < {key}.high={high!r}")
-        if self.log and low <= 0:
-            raise SpaceError(f"{key}.low={low!r} is not allowed: must be > 0 when log is true")
-        if step is not None and self.log:
-            raise SpaceError(f"{key}.step={step!r} is not allowed with log: true (a log scale has no even "
-                             "grid); drop one of them")
-        if step is not None and step <= 0:
-            raise SpaceError(f"{key}.step={step!r} is not allowed: expected "
-                             + ("an integer >= 1" if self.type == "int" else "a number > 0"))
-        if step is not None and not _on_grid(high - low, step):
-            raise SpaceError(f"{key}.high={high!r} is not allowed: with low={low!r} and step={step!r}, "
-                             "high - low must be a multiple of step (Optuna samples low + k * step); for "
-                             "another grid list the values as {type: categorical, choices: [...]}")
+        low, high, step = self.low or 0, self.high or 0, self.step
+        grid = (f"with low={low!r} and step={step!r}, high - low must be a multiple of step (Optuna samples "
+                "low + k * step); for another grid list the values as {type: categorical, choices: [...]}")
+        for ok, name, why in ((low < high, "low", f"must be < {key}.high={high!r}"),
+                              (low > 0 or not self.log, "low", "must be > 0 when log is true"),
+                              (step is None or not self.log, "step", "a log scale has no even grid: drop step or log"),
+                              (step is None or step > 0, "step", "expected an integer >= 1" if self.type == "int"
+                               else "expected a number > 0"),
+                              (step is None or _on_grid(high - low, step), "high", grid)):
+            if not ok:
+                raise SpaceError(f"{key}.{name}={getattr(self, name)!r} is not allowed: {why}")
 
     def grid(self) -> tuple[Any, ...] | None:
         """Every value the parameter can take, or None for a continuous distribution."""
@@ -175,8 +155,8 @@ class SearchParam:
         return text + (f" step {_fmt(self.step)}" if self.step is not None else "")
 
 
-@raising("tune.scheduler", SpaceError)
-@dataclass(frozen=True, config=STRICT)
+@config.raising("tune.scheduler", SpaceError)
+@dataclass(frozen=True, config=config.STRICT)
 class SchedulerSpec:
     """Trial scheduler: ASHA over epochs (``training_iteration``), or none (every trial runs to the end).
 
@@ -184,10 +164,10 @@ class SchedulerSpec:
     """
 
     type: Literal["asha", "none"] = "asha"
-    grace_period: Annotated[Int, Ge(1)] = 1
+    grace_period: Annotated[config.Int, Ge(1)] = 1
     # Optuna's SuccessiveHalvingPruner (the ASHA used here) keeps the top 1/reduction_factor at a rung.
-    reduction_factor: Annotated[Int, Ge(2)] = 2
-    max_t: Annotated[Int, Ge(1)] = 1
+    reduction_factor: Annotated[config.Int, Ge(2)] = 2
+    max_t: Annotated[config.Int, Ge(1)] = 1
 
     def __post_init__(self) -> None:
         if self.type == "asha" and self.grace_period > self.max_t:
@@ -203,8 +183,8 @@ class SchedulerSpec:
         return tuple(self.grace_period * self.reduction_factor ** k for k in range(count))
 
 
-@raising("tune.resources_per_trial", SpaceError)
-@dataclass(frozen=True, config=STRICT)
+@config.raising("tune.resources_per_trial", SpaceError)
+@dataclass(frozen=True, config=config.STRICT)
 class Resources:
     """What one trial reserves; ``gpu`` may be a fraction (several trials share a GPU)."""
 
@@ -221,36 +201,36 @@ class Resources:
         return {"cpu": self.cpu, "gpu": self.gpu}
 
 
-@raising("tune", SpaceError)
-@dataclass(frozen=True, config=STRICT)
+@config.raising("tune", SpaceError)
+@dataclass(frozen=True, config=config.STRICT)
 class TuneSettings:
     """How many trials run, how, and how the winner is chosen."""
 
-    num_samples: Annotated[Int, Ge(1)]
-    max_concurrent_trials: Annotated[Int, Ge(1)] = 1
+    num_samples: Annotated[config.Int, Ge(1)]
+    max_concurrent_trials: Annotated[config.Int, Ge(1)] = 1
     metric: Literal["val_loss", "train_loss"] = "val_loss"
     mode: Literal["min", "max"] = "min"
-    seed: Int = 0
+    seed: config.Int = 0
     time_budget_s: Annotated[Quantity, Gt(0)] | None = None
     scheduler: SchedulerSpec = dataclasses.field(default_factory=SchedulerSpec)
     resources_per_trial: Resources = dataclasses.field(default_factory=Resources)
     # Optuna's sampler: TPE, or random (seeded by ``seed`` either way).
     searcher: Literal["optuna", "random"] = "optuna"
     # Ray retries of a crashed trial (from its last checkpoint).
-    max_failures: Annotated[Int, Ge(0)] = 2
+    max_failures: Annotated[config.Int, Ge(0)] = 2
     # Checkpoints kept per trial, best by ``metric``.
-    keep_checkpoints: Annotated[Int, Ge(1)] = 1
+    keep_checkpoints: Annotated[config.Int, Ge(1)] = 1
     # Trials whose full resume state survives the end of the study; the rest keep only model.pth.
-    keep_top_trials: Annotated[Int, Ge(0)] = 3
+    keep_top_trials: Annotated[config.Int, Ge(0)] = 3
 
 
-@raising("mlflow", SpaceError)
-@dataclass(frozen=True, config=STRICT)
+@config.raising("mlflow", SpaceError)
+@dataclass(frozen=True, config=config.STRICT)
 class MlflowSettings:
     """Where the study is tracked; ``tracking_uri`` None leaves the choice to the driver."""
 
-    tracking_uri: Text | None = None
-    experiment: Text = "minimind-sft"
+    tracking_uri: config.Text | None = None
+    experiment: config.Text = "minimind-sft"
 
     def __post_init__(self) -> None:
         for name in ("tracking_uri", "experiment"):
@@ -323,92 +303,67 @@ def load_space(path_or_name: str | Path) -> StudySpec:
 def _build_spec(raw: Any, source: Path, text: str) -> StudySpec:
     if not isinstance(raw, Mapping):
         raise SpaceError(f"the file must be a mapping with sections {', '.join(_SECTIONS)}; got {raw!r}")
-    for key in raw:
-        if key not in _SECTIONS:
-            raise SpaceError(f"{key} is not a known section (value {raw[key]!r}); "
-                             f"allowed sections: {', '.join(_SECTIONS)}")
-    run = run_config_from_dict({k: raw[k] for k in _CONFIG_SECTIONS if k in raw})
-    run = resolve_paths(run, source.parent)
+    unknown = next((key for key in raw if key not in _SECTIONS), None)
+    if unknown is not None:
+        raise SpaceError(f"{unknown} is not a known section (value {raw[unknown]!r}); allowed sections: "
+                         f"{', '.join(_SECTIONS)}")
+    run = config.run_config_from_dict({k: raw[k] for k in _CONFIG_SECTIONS if k in raw})
+    run = config.resolve_paths(run, source.parent)
     search = _parse_search(raw.get("search"), run)
     settings = _parse_tune(raw.get("tune"), run.train.epochs)
-    mlflow = validate(MlflowSettings, raw.get("mlflow") or {}, "mlflow", SpaceError)
+    mlflow = config.validate(MlflowSettings, raw.get("mlflow") or {}, "mlflow", SpaceError)
     if settings.resources_per_trial.gpu == 0 and run.train.device == "cuda":
-        raise SpaceError("tune.resources_per_trial.gpu=0 is not allowed with train.device='cuda': "
-                         "a trial without a GPU share sees no GPU; reserve a share (e.g. 0.25) or use "
-                         "train.device: auto")
+        raise SpaceError("tune.resources_per_trial.gpu=0 is not allowed with train.device='cuda': a trial "
+                         "without a GPU share sees no GPU; reserve a share (e.g. 0.25) or use train.device: auto")
     # Files last: a space whose structure is wrong says so even on a machine without the data.
-    _check_files(run, raw, source.parent)
+    for section, name, kind in (("model", "init_from", "file"), ("data", "train_path", "file"),
+                                ("data", "val_path", "file"), ("data", "tokenizer", "folder")):
+        path = Path(getattr(getattr(run, section), name) or ".")
+        if path != Path(".") and not (path.is_file() if kind == "file" else path.is_dir()):
+            raise SpaceError(f"{section}.{name}={raw[section][name]!r}: {path} "
+                             + ("does not exist" if not path.exists() else f"is not a {kind}")
+                             + f" (relative paths resolve against the space file's folder, {source.parent})")
     return StudySpec(run=run, search=search, tune=settings, mlflow=mlflow, source=source, text=text)
 
 
 def _parse_search(raw: Any, run: RunConfig) -> tuple[SearchParam, ...]:
     example = "{train.learning_rate: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}}"
-    if not raw:
-        raise SpaceError(f"search={raw!r} is not allowed: a study needs at least one searched field, "
-                         f"e.g. search: {example}")
-    if not isinstance(raw, Mapping):
-        raise SpaceError(f"search={raw!r} is not allowed: expected a mapping of dotted config paths to "
-                         f"distributions, e.g. {example}")
+    if not raw or not isinstance(raw, Mapping):
+        raise SpaceError(f"search={raw!r} is not allowed: " + (
+            "a study needs at least one searched field" if not raw else
+            "expected a mapping of dotted config paths to distributions") + f", e.g. search: {example}")
+    fields = [f"{s}.{f.name}" for s in _CONFIG_SECTIONS for f in dataclasses.fields(getattr(run, s))]
     params = []
     for path, dist in raw.items():
-        _check_searchable(path, run)
+        near = [f for f in fields if f.startswith(f"{str(path).partition('.')[0]}.")] or fields
+        if path not in fields:
+            raise SpaceError(f"search.{path} is not a config field; searchable fields: "
+                             + ", ".join(f for f in near if f not in _UNSEARCHABLE))
+        if path in _UNSEARCHABLE:
+            raise SpaceError(f"search.{path} is not allowed: {path} cannot be searched because "
+                             f"{_UNSEARCHABLE[path]}")
         if not isinstance(dist, Mapping):
             raise SpaceError(f"search.{path}={dist!r} is not allowed: expected a distribution such as "
                              "{type: float, low: 0.1, high: 2.0} or {type: categorical, choices: [1, 2, 4]}")
-        params.append(validate(SearchParam, {**dist, "path": path}, f"search.{path}", SpaceError))
-    for param in params:
-        _check_field_type(param, run)
+        params.append(config.validate(SearchParam, {**dist, "path": path}, f"search.{path}", SpaceError))
+        _check_field_type(params[-1], run)
     for section in _CONFIG_SECTIONS:
-        group = [p for p in params if p.path.startswith(f"{section}.")]
-        if group:
+        if group := [p for p in params if p.path.startswith(f"{section}.")]:
             _check_values(run, group)
     return tuple(params)
-
-
-def _check_searchable(path: Any, run: RunConfig) -> None:
-    fields = {s: [f.name for f in dataclasses.fields(getattr(run, s))] for s in _CONFIG_SECTIONS}
-    section, _, name = str(path).partition(".")
-    searchable = [f"{s}.{n}" for s in fields for n in fields[s] if f"{s}.{n}" not in _UNSEARCHABLE]
-    if not isinstance(path, str) or section not in fields:
-        raise SpaceError(f"search.{path} is not a config field (section {section!r} is not one of "
-                         f"{', '.join(fields)}); searchable fields: {', '.join(searchable)}")
-    if name not in fields[section]:
-        raise SpaceError(f"search.{path} is not a config field; searchable {section} fields: "
-                         + ", ".join(p for p in searchable if p.startswith(f"{section}.")))
-    if path in _UNSEARCHABLE:
-        raise SpaceError(f"search.{path} is not allowed: {path} cannot be searched because {_UNSEARCHABLE[path]}")
-
-
-def _check_choices(key: str, choices: tuple[Any, ...]) -> None:
-    if not choices:
-        raise SpaceError(f"{key}.choices={list(choices)!r} is not allowed: expected a non-empty list")
-    kinds = {"boolean" if isinstance(c, bool) else "number" if isinstance(c, (int, float)) else
-             "string" if isinstance(c, str) else type(c).__name__ for c in choices if c is not None}
-    odd = next((c for c in choices if c is not None and not isinstance(c, (bool, int, float, str))), None)
-    if odd is not None:  # Optuna stores choices as categories: they must be hashable scalars
-        raise SpaceError(f"{key}.choices={list(choices)!r} is not allowed: {odd!r} is a {type(odd).__name__}; "
-                         "choices must be numbers, strings, booleans or null")
-    if len(kinds) > 1:
-        raise SpaceError(f"{key}.choices={list(choices)!r} is not allowed: mixes {' and '.join(sorted(kinds))} "
-                         "values; all choices must be of one type (null may be added to any)")
-    # bool/int equality (True == 1) is excluded above, so plain equality finds real duplicates.
-    for i, choice in enumerate(choices):
-        if choice in choices[:i]:
-            raise SpaceError(f"{key}.choices={list(choices)!r} is not allowed: {choice!r} is listed twice")
 
 
 def _check_field_type(param: SearchParam, run: RunConfig) -> None:
     """A numeric distribution must fit the field's type; categorical choices are checked by value."""
     section, _, name = param.path.partition(".")
     hint = typing.get_type_hints(type(getattr(run, section)), include_extras=True)[name]
-    kind, key = base_type(hint), f"search.{param.path}"
-    if param.type == "categorical" or kind is float or (kind is int and param.type == "int"):
-        return
-    if kind is int:
-        raise SpaceError(f"{key}.type='float' is not allowed: {param.path} is an integer field; use "
-                         "type: int (or categorical)")
-    raise SpaceError(f"{key}.type={param.type!r} is not allowed: {param.path} is not a numeric field "
-                     f"(it takes {expected(hint)}); use type: categorical with choices")
+    kind, key = config.base_type(hint), f"search.{param.path}"
+    if kind is int and param.type == "float":
+        raise SpaceError(f"{key}.type='float' is not allowed: {param.path} is an integer field; use type: int "
+                         "(or categorical)")
+    if kind not in (int, float) and param.type != "categorical":
+        raise SpaceError(f"{key}.type={param.type!r} is not allowed: {param.path} is not a numeric field (it "
+                         f"takes {config.expected(hint)}); use type: categorical with choices")
 
 
 def _check_values(run: RunConfig, group: Sequence[SearchParam]) -> None:
@@ -419,8 +374,7 @@ def _check_values(run: RunConfig, group: Sequence[SearchParam]) -> None:
     the fixed config and with every combination of the group's other values (a field valid only
     together with another searched field is not a mistake), else on the combination.
     """
-    grids = [_values_to_check(p) for p in group]
-    paths = [p.path for p in group]
+    grids, paths = [_values_to_check(p) for p in group], [p.path for p in group]
 
     def fails(assignment: Mapping[str, Any]) -> ConfigError | None:
         try:
@@ -429,17 +383,13 @@ def _check_values(run: RunConfig, group: Sequence[SearchParam]) -> None:
             return exc
         return None
 
-    if math.prod(len(g) for g in grids) > _MAX_COMBINATIONS:
-        log.debug("checking %d combinations of searched %s values", _MAX_COMBINATIONS, paths[0].split(".")[0])
     for combo in _combinations(grids):
-        error = fails(dict(zip(paths, combo)))
-        if error is None:
+        if (error := fails(dict(zip(paths, combo)))) is None:
             continue
         for i, (param, value) in enumerate(zip(group, combo)):
-            alone = fails({param.path: value})
-            others = [p for j, p in enumerate(paths) if j != i]
-            if alone and all(fails({param.path: value, **dict(zip(others, c))})
-                             for c in _combinations([g for j, g in enumerate(grids) if j != i])):
+            others = [paths[:i] + paths[i + 1:], grids[:i] + grids[i + 1:]]
+            if (alone := fails({param.path: value})) and all(
+                    fails({param.path: value, **dict(zip(others[0], c))}) for c in _combinations(others[1])):
                 raise SpaceError(f"search.{param.path}{_which(param, value)}={value!r} is not allowed: {alone}")
         shown = ", ".join(f"search.{k}={v!r}" for k, v in zip(paths, combo))
         raise SpaceError(f"the combination {shown} is not allowed: {error}; every combination of searched "
@@ -447,64 +397,44 @@ def _check_values(run: RunConfig, group: Sequence[SearchParam]) -> None:
 
 
 def _which(param: SearchParam, value: Any) -> str:
-    if param.type == "categorical":
-        return ".choices"
-    return ".low" if value == param.low else ".high" if value == param.high else ""
+    """The key under ``search.<path>`` that holds ``value``."""
+    return ".choices" if param.type == "categorical" else {param.low: ".low", param.high: ".high"}.get(value, "")
 
 
-def _values_to_check(param: SearchParam) -> tuple[Any, ...]:
-    grid = param.grid()
-    if grid is None:
-        # Continuous: the config's rules on a float field are intervals, so the bounds decide.
-        return (param.low, param.high)
-    if len(grid) <= _MAX_VALUES_PER_PARAM:
-        return grid
-    last = len(grid) - 1
-    picks = sorted({round(k * last / (_MAX_VALUES_PER_PARAM - 1)) for k in range(_MAX_VALUES_PER_PARAM)})
-    return tuple(grid[k] for k in picks)
+def _values_to_check(param: SearchParam) -> Sequence[Any]:
+    """Every value of a small grid, evenly spaced ones (both ends included) of a large one; a
+    continuous range's bounds (the config's rules on a float field are intervals)."""
+    grid = param.grid() or (param.low, param.high)
+    last, n = len(grid) - 1, min(len(grid), _MAX_VALUES_PER_PARAM)
+    return [grid[round(k * last / (n - 1))] for k in range(n)] if n > 1 else grid
 
 
 def _combinations(grids: Sequence[Sequence[Any]]) -> Iterator[tuple[Any, ...]]:
     """Every combination when there are few, else a fixed-seed sample (the study then stays reproducible)."""
     if math.prod(len(g) for g in grids) <= _MAX_COMBINATIONS:
-        yield from itertools.product(*grids)
-        return
+        return itertools.product(*grids)
     rng = random.Random(0)
-    for _ in range(_MAX_COMBINATIONS):
-        yield tuple(rng.choice(g) for g in grids)
+    return (tuple(rng.choice(g) for g in grids) for _ in range(_MAX_COMBINATIONS))
 
 
 def _parse_tune(raw: Any, epochs: int) -> TuneSettings:
     """The tune section; the scheduler's budget ``max_t`` is the trial's length, ``train.epochs``."""
-    raw = {} if raw is None else raw
-    if isinstance(raw, Mapping):
-        raw = {k: v for k, v in raw.items() if v is not None or k not in ("scheduler", "resources_per_trial")}
-        sched = raw.get("scheduler", {})
-        if isinstance(sched, Mapping):
-            for key, value in sched.items():
-                if sched.get("type") == "none" and key != "type":
-                    raise SpaceError(f"tune.scheduler.{key} is not a known key for type none (value {value!r}); "
-                                     "allowed keys: type")
-            if sched.get("max_t", epochs) != epochs:
-                # ASHA's budget is the trial's epochs: with max_t below them every trial would end
-                # "stopped early" and the searcher would never see a finished one.
-                raise SpaceError(f"tune.scheduler.max_t={sched['max_t']!r} is not allowed: must equal "
-                                 f"train.epochs={epochs} (a trial reports once per epoch and ASHA's budget is "
-                                 f"the trial's length); to train {sched['max_t']} epochs set train.epochs: "
-                                 f"{sched['max_t']}, or leave max_t out")
-            raw = {**raw, "scheduler": {**sched, "max_t": epochs}}
-    return validate(TuneSettings, raw, "tune", SpaceError)
-
-
-def _check_files(run: RunConfig, raw: Mapping[str, Any], base: Path) -> None:
-    for section, name, kind in (("model", "init_from", "file"), ("data", "train_path", "file"),
-                                ("data", "val_path", "file"), ("data", "tokenizer", "folder")):
-        resolved = getattr(getattr(run, section), name)
-        path = Path(resolved) if resolved is not None else None
-        if path is not None and not (path.is_file() if kind == "file" else path.is_dir()):
-            what = "does not exist" if not path.exists() else f"is not a {kind}"
-            raise SpaceError(f"{section}.{name}={(raw.get(section) or {}).get(name)!r}: {path} {what} "
-                             f"(relative paths resolve against the space file's folder, {base})")
+    if isinstance(raw, Mapping) or raw is None:  # a null scheduler or resources section: the defaults
+        raw = {k: v for k, v in (raw or {}).items() if v is not None or k not in ("scheduler", "resources_per_trial")}
+    sched = raw.get("scheduler", {}) if isinstance(raw, Mapping) else None
+    if isinstance(sched, Mapping):
+        asha_key = next((k for k in sched if k != "type"), None) if sched.get("type") == "none" else None
+        if asha_key is not None:
+            raise SpaceError(f"tune.scheduler.{asha_key} is not a known key for type none (value "
+                             f"{sched[asha_key]!r}); allowed keys: type")
+        if (max_t := sched.get("max_t", epochs)) != epochs:
+            # ASHA's budget is the trial's epochs: with max_t below them every trial would end "stopped
+            # early" and the searcher would never see a finished one.
+            raise SpaceError(f"tune.scheduler.max_t={max_t!r} is not allowed: must equal train.epochs={epochs} "
+                             "(a trial reports once per epoch and ASHA's budget is the trial's length); to train "
+                             f"{max_t} epochs set train.epochs: {max_t}, or leave max_t out")
+        raw = {**raw, "scheduler": {**sched, "max_t": epochs}}
+    return config.validate(TuneSettings, raw, "tune", SpaceError)
 
 
 def check_resources(spec: StudySpec, available: Mapping[str, float]) -> None:
@@ -558,7 +488,7 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
     tune["scheduler"] = {"type": sched.type, **({"grace_period": sched.grace_period,
                                                  "reduction_factor": sched.reduction_factor}
                                                 if sched.type == "asha" else {})}
-    return {**run_config_to_dict(spec.run), "search": search, "tune": tune, "mlflow": dataclasses.asdict(spec.mlflow)}
+    return {**config.run_config_to_dict(spec.run), "search": search, "tune": tune, "mlflow": dataclasses.asdict(spec.mlflow)}
 
 
 def spec_to_yaml(spec: StudySpec, header: str = "") -> str:
@@ -574,7 +504,7 @@ def describe(spec: StudySpec) -> str:
     lines = [f"space: {spec.source}", "", "fixed config (* = searched, the search wins):"]
     bundled = {"data.train_path": "bundled demo dataset", "data.tokenizer": "bundled tokenizer",
                "data.val_path": f"hold out {_fmt(spec.run.data.val_fraction)} of the training data"}
-    for section, values in run_config_to_dict(spec.run).items():
+    for section, values in config.run_config_to_dict(spec.run).items():
         lines.append(f"  {section}:")
         for name, value in values.items():
             path = f"{section}.{name}"
@@ -615,5 +545,7 @@ def _fmt(value: Any) -> str:
 
 
 def _on_grid(value: float, step: float) -> bool:
+    if step <= 0:
+        return False
     ratio = value / step
     return abs(ratio - round(ratio)) <= 1e-9 * max(1.0, abs(ratio))
