@@ -36,6 +36,7 @@ from pydantic.dataclasses import dataclass
 
 from minimind_train import config
 from minimind_train.config import ConfigError, RunConfig
+from minimind_train.validation import STRICT, Bool, Int, Number, Text, base_type, expected, raising, validate
 
 if TYPE_CHECKING:
     import optuna
@@ -74,15 +75,15 @@ _MAX_COMBINATIONS = 512
 
 
 # A number kept as written (an integer stays one): these values are logged and shown as given.
-Quantity = config.Int | config.Number
+Quantity = Int | Number
 
 
 class SpaceError(ConfigError):
     """A search-space file is invalid; the message names the key, the value and what is allowed."""
 
 
-@config.raising("search", SpaceError)
-@dataclass(frozen=True, config=config.STRICT)
+@raising("search", SpaceError)
+@dataclass(frozen=True, config=STRICT)
 class SearchParam:
     """One searched config field and its distribution, with Optuna's semantics (bounds inclusive).
 
@@ -90,12 +91,12 @@ class SearchParam:
     ``high - low`` must be a multiple of ``step``); ``categorical`` uses ``choices``.
     """
 
-    path: config.Text
+    path: Text
     type: Literal["float", "int", "categorical"]
-    low: config.Number | None = None
-    high: config.Number | None = None
-    log: config.Bool = False
-    step: config.Number | None = None
+    low: Number | None = None
+    high: Number | None = None
+    log: Bool = False
+    step: Number | None = None
     choices: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
@@ -155,8 +156,8 @@ class SearchParam:
         return text + (f" step {_fmt(self.step)}" if self.step is not None else "")
 
 
-@config.raising("tune.scheduler", SpaceError)
-@dataclass(frozen=True, config=config.STRICT)
+@raising("tune.scheduler", SpaceError)
+@dataclass(frozen=True, config=STRICT)
 class SchedulerSpec:
     """Trial scheduler: ASHA over epochs (``training_iteration``), or none (every trial runs to the end).
 
@@ -164,10 +165,10 @@ class SchedulerSpec:
     """
 
     type: Literal["asha", "none"] = "asha"
-    grace_period: Annotated[config.Int, Ge(1)] = 1
+    grace_period: Annotated[Int, Ge(1)] = 1
     # Optuna's SuccessiveHalvingPruner (the ASHA used here) keeps the top 1/reduction_factor at a rung.
-    reduction_factor: Annotated[config.Int, Ge(2)] = 2
-    max_t: Annotated[config.Int, Ge(1)] = 1
+    reduction_factor: Annotated[Int, Ge(2)] = 2
+    max_t: Annotated[Int, Ge(1)] = 1
 
     def __post_init__(self) -> None:
         if self.type == "asha" and self.grace_period > self.max_t:
@@ -183,8 +184,8 @@ class SchedulerSpec:
         return tuple(self.grace_period * self.reduction_factor ** k for k in range(count))
 
 
-@config.raising("tune.resources_per_trial", SpaceError)
-@dataclass(frozen=True, config=config.STRICT)
+@raising("tune.resources_per_trial", SpaceError)
+@dataclass(frozen=True, config=STRICT)
 class Resources:
     """What one trial reserves; ``gpu`` may be a fraction (several trials share a GPU)."""
 
@@ -201,36 +202,36 @@ class Resources:
         return {"cpu": self.cpu, "gpu": self.gpu}
 
 
-@config.raising("tune", SpaceError)
-@dataclass(frozen=True, config=config.STRICT)
+@raising("tune", SpaceError)
+@dataclass(frozen=True, config=STRICT)
 class TuneSettings:
     """How many trials run, how, and how the winner is chosen."""
 
-    num_samples: Annotated[config.Int, Ge(1)]
-    max_concurrent_trials: Annotated[config.Int, Ge(1)] = 1
+    num_samples: Annotated[Int, Ge(1)]
+    max_concurrent_trials: Annotated[Int, Ge(1)] = 1
     metric: Literal["val_loss", "train_loss"] = "val_loss"
     mode: Literal["min", "max"] = "min"
-    seed: config.Int = 0
+    seed: Int = 0
     time_budget_s: Annotated[Quantity, Gt(0)] | None = None
     scheduler: SchedulerSpec = dataclasses.field(default_factory=SchedulerSpec)
     resources_per_trial: Resources = dataclasses.field(default_factory=Resources)
     # Optuna's sampler: TPE, or random (seeded by ``seed`` either way).
     searcher: Literal["optuna", "random"] = "optuna"
     # Ray retries of a crashed trial (from its last checkpoint).
-    max_failures: Annotated[config.Int, Ge(0)] = 2
+    max_failures: Annotated[Int, Ge(0)] = 2
     # Checkpoints kept per trial, best by ``metric``.
-    keep_checkpoints: Annotated[config.Int, Ge(1)] = 1
+    keep_checkpoints: Annotated[Int, Ge(1)] = 1
     # Trials whose full resume state survives the end of the study; the rest keep only model.pth.
-    keep_top_trials: Annotated[config.Int, Ge(0)] = 3
+    keep_top_trials: Annotated[Int, Ge(0)] = 3
 
 
-@config.raising("mlflow", SpaceError)
-@dataclass(frozen=True, config=config.STRICT)
+@raising("mlflow", SpaceError)
+@dataclass(frozen=True, config=STRICT)
 class MlflowSettings:
     """Where the study is tracked; ``tracking_uri`` None leaves the choice to the driver."""
 
-    tracking_uri: config.Text | None = None
-    experiment: config.Text = "minimind-sft"
+    tracking_uri: Text | None = None
+    experiment: Text = "minimind-sft"
 
     def __post_init__(self) -> None:
         for name in ("tracking_uri", "experiment"):
@@ -311,7 +312,7 @@ def _build_spec(raw: Any, source: Path, text: str) -> StudySpec:
     run = config.resolve_paths(run, source.parent)
     search = _parse_search(raw.get("search"), run)
     settings = _parse_tune(raw.get("tune"), run.train.epochs)
-    mlflow = config.validate(MlflowSettings, raw.get("mlflow") or {}, "mlflow", SpaceError)
+    mlflow = validate(MlflowSettings, raw.get("mlflow") or {}, "mlflow", SpaceError)
     if settings.resources_per_trial.gpu == 0 and run.train.device == "cuda":
         raise SpaceError("tune.resources_per_trial.gpu=0 is not allowed with train.device='cuda': a trial "
                          "without a GPU share sees no GPU; reserve a share (e.g. 0.25) or use train.device: auto")
@@ -345,7 +346,7 @@ def _parse_search(raw: Any, run: RunConfig) -> tuple[SearchParam, ...]:
         if not isinstance(dist, Mapping):
             raise SpaceError(f"search.{path}={dist!r} is not allowed: expected a distribution such as "
                              "{type: float, low: 0.1, high: 2.0} or {type: categorical, choices: [1, 2, 4]}")
-        params.append(config.validate(SearchParam, {**dist, "path": path}, f"search.{path}", SpaceError))
+        params.append(validate(SearchParam, {**dist, "path": path}, f"search.{path}", SpaceError))
         _check_field_type(params[-1], run)
     for section in _CONFIG_SECTIONS:
         if group := [p for p in params if p.path.startswith(f"{section}.")]:
@@ -357,13 +358,13 @@ def _check_field_type(param: SearchParam, run: RunConfig) -> None:
     """A numeric distribution must fit the field's type; categorical choices are checked by value."""
     section, _, name = param.path.partition(".")
     hint = typing.get_type_hints(type(getattr(run, section)), include_extras=True)[name]
-    kind, key = config.base_type(hint), f"search.{param.path}"
+    kind, key = base_type(hint), f"search.{param.path}"
     if kind is int and param.type == "float":
         raise SpaceError(f"{key}.type='float' is not allowed: {param.path} is an integer field; use type: int "
                          "(or categorical)")
     if kind not in (int, float) and param.type != "categorical":
         raise SpaceError(f"{key}.type={param.type!r} is not allowed: {param.path} is not a numeric field (it "
-                         f"takes {config.expected(hint)}); use type: categorical with choices")
+                         f"takes {expected(hint)}); use type: categorical with choices")
 
 
 def _check_values(run: RunConfig, group: Sequence[SearchParam]) -> None:
@@ -434,7 +435,7 @@ def _parse_tune(raw: Any, epochs: int) -> TuneSettings:
                              "(a trial reports once per epoch and ASHA's budget is the trial's length); to train "
                              f"{max_t} epochs set train.epochs: {max_t}, or leave max_t out")
         raw = {**raw, "scheduler": {**sched, "max_t": epochs}}
-    return config.validate(TuneSettings, raw, "tune", SpaceError)
+    return validate(TuneSettings, raw, "tune", SpaceError)
 
 
 def check_resources(spec: StudySpec, available: Mapping[str, float]) -> None:
