@@ -177,7 +177,7 @@ class SchedulerSpec:
 
     @property
     def rungs(self) -> tuple[float, ...]:
-        """The epochs at which ASHA compares trials, ascending (Ray's ``_Bracket`` formula); () for none."""
+        """The epochs at which ASHA (Optuna's pruner) compares trials, ascending; () for none."""
         if self.type == "none":
             return ()
         count = int(math.log(self.max_t / self.grace_period) / math.log(self.reduction_factor) + 1)
@@ -523,7 +523,7 @@ def describe(spec: StudySpec) -> str:
               (f"  objective: {t.mode} {t.metric}; up to {t.max_failures} retries per failed trial; keep "
               f"{t.keep_checkpoints} checkpoint(s) per trial, resume state of the top {t.keep_top_trials}")]
     if sched.type == "asha":
-        # Ray's last rung can sit at max_t, where every trial stops anyway: not a decision.
+        # The last rung can sit at max_t, where every trial stops anyway: not a decision.
         decisions = ", ".join(_fmt(r) for r in sched.rungs if r < sched.max_t) or "none"
         lines.append(f"  scheduler ASHA over epochs (max_t {sched.max_t}): after epoch {decisions} a trial "
                      f"continues only if in the top 1/{_fmt(sched.reduction_factor)} of the trials that got there")
