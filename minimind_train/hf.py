@@ -7,6 +7,7 @@ weights between the two, strictly.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -14,31 +15,34 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from .model import (
-    CONFIG_FIELDS,
-    MiniMindConfig,
-    MiniMindForCausalLM,
-    MiniMindModel,
-    init_weights,
-)
+from .config import ModelConfig
+from .model import UPSTREAM_VOCAB_SIZE, MiniMindForCausalLM, MiniMindModel, init_weights, model_config_from
 
 __all__ = ["MiniMindHFConfig", "MiniMindHFForCausalLM", "from_hf", "to_hf"]
 
+# The ModelConfig fields a config.json holds (init_from is where a run started, not the model).
+_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "init_from")
+
 
 class MiniMindHFConfig(PretrainedConfig):
-    """:class:`MiniMindConfig` as a transformers config (``config.json``); the same checks apply."""
+    """A MiniMind2 :class:`ModelConfig` as a transformers config (``config.json``); the same checks apply."""
 
     model_type = "minimind"
 
     def __init__(self, **kwargs: Any) -> None:
-        core = MiniMindConfig(**{k: kwargs.pop(k) for k in CONFIG_FIELDS if k in kwargs})
-        for name in CONFIG_FIELDS:
+        given = {k: kwargs.pop(k) for k in _FIELDS if k in kwargs}
+        core = model_config_from(ModelConfig(**given), given.get("vocab_size") or UPSTREAM_VOCAB_SIZE)
+        for name in _FIELDS:
             setattr(self, name, getattr(core, name))
-        super().__init__(bos_token_id=core.bos_token_id, eos_token_id=core.eos_token_id,
-                         pad_token_id=core.pad_token_id, tie_word_embeddings=True, **kwargs)
+        if not kwargs.pop("tie_word_embeddings", True):
+            raise ValueError("tie_word_embeddings=False: MiniMind2 ties lm_head to embed_tokens")
+        for name, token_id in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 0)):
+            kwargs.setdefault(name, token_id)  # MiniMind's tokenizer
+        super().__init__(tie_word_embeddings=True, **kwargs)
 
-    def to_core(self) -> MiniMindConfig:
-        return MiniMindConfig(**{name: getattr(self, name) for name in CONFIG_FIELDS})
+    def to_core(self) -> ModelConfig:
+        """The :class:`ModelConfig` this transformers config holds."""
+        return ModelConfig(**{name: getattr(self, name) for name in _FIELDS})
 
 
 class MiniMindHFForCausalLM(PreTrainedModel, GenerationMixin):
@@ -50,7 +54,7 @@ class MiniMindHFForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: MiniMindHFConfig | None = None) -> None:
         config = config or MiniMindHFConfig()
         super().__init__(config)
-        self.model = MiniMindModel(config)
+        self.model = MiniMindModel(config.to_core())
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -93,7 +97,7 @@ class MiniMindHFForCausalLM(PreTrainedModel, GenerationMixin):
 def to_hf(model: MiniMindForCausalLM) -> MiniMindHFForCausalLM:
     """A transformers model holding a copy of ``model``'s weights (same dtype and device)."""
     param = next(model.parameters())
-    hf = MiniMindHFForCausalLM(MiniMindHFConfig(**model.config.to_dict()))
+    hf = MiniMindHFForCausalLM(MiniMindHFConfig(**{n: getattr(model.config, n) for n in _FIELDS}))
     hf.to(device=param.device, dtype=param.dtype)
     hf.load_state_dict(model.state_dict(), strict=True)
     return hf.train(model.training)

@@ -16,7 +16,7 @@ d65ef2c) lives in :mod:`minimind_train.model3` and is imported only when one is 
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -35,11 +35,10 @@ if TYPE_CHECKING:
     from minimind_train.model3 import MiniMind3ForCausalLM
 
 __all__ = [
-    "CONFIG_FIELDS",
+    "UPSTREAM_VOCAB_SIZE",
     "CausalLM",
     "GenerationMismatchError",
     "LMOutput",
-    "MiniMindConfig",
     "MiniMindForCausalLM",
     "MiniMindModel",
     "build_model",
@@ -56,98 +55,13 @@ __all__ = [
 ]
 
 
+# Upstream's vocabulary (MiniMind's tokenizer): the embedding size of a model built without a tokenizer.
+UPSTREAM_VOCAB_SIZE = 6400
+
+
 def default_intermediate_size(hidden_size: int) -> int:
     """MiniMind's SwiGLU width: 8/3 of the hidden size, rounded up to a multiple of 64."""
     return 64 * ((int(hidden_size * 8 / 3) + 63) // 64)
-
-
-class MiniMindConfig:
-    """MiniMind2's model hyperparameters, with upstream's names and defaults (MiniMind2: 512 x 8)."""
-
-    model_type = "minimind"
-
-    def __init__(
-        self,
-        dropout: float = 0.0,
-        bos_token_id: int = 1,
-        eos_token_id: int = 2,
-        pad_token_id: int = 0,
-        hidden_act: str = "silu",
-        hidden_size: int = 512,
-        intermediate_size: int | None = None,
-        max_position_embeddings: int = 32768,
-        num_attention_heads: int = 8,
-        num_hidden_layers: int = 8,
-        num_key_value_heads: int = 2,
-        vocab_size: int = 6400,
-        rms_norm_eps: float = 1e-5,
-        rope_theta: float = 1e6,
-        flash_attn: bool = True,
-        use_moe: bool = False,
-        num_experts_per_tok: int = 2,
-        n_routed_experts: int = 4,
-        n_shared_experts: int = 1,
-        scoring_func: str = "softmax",
-        aux_loss_alpha: float = 0.1,
-        seq_aux: bool = True,
-        norm_topk_prob: bool = True,
-        tie_word_embeddings: bool = True,
-    ) -> None:
-        if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 2:
-            raise ValueError(f"hidden_size={hidden_size} must split into num_attention_heads="
-                             f"{num_attention_heads} heads of even size")
-        if num_attention_heads % num_key_value_heads:
-            raise ValueError(f"num_attention_heads={num_attention_heads} must be a multiple of "
-                             f"num_key_value_heads={num_key_value_heads}")
-        if use_moe and not 0 < num_experts_per_tok <= n_routed_experts:
-            raise ValueError(f"num_experts_per_tok={num_experts_per_tok} must be in "
-                             f"[1, n_routed_experts={n_routed_experts}]")
-        if scoring_func != "softmax":
-            raise ValueError(f"scoring_func={scoring_func!r}: only 'softmax' is supported")
-        self.dropout = dropout
-        self.hidden_act = hidden_act
-        self.hidden_size = hidden_size
-        # Resolved here so a saved config.json states the width actually built.
-        self.intermediate_size = intermediate_size or default_intermediate_size(hidden_size)
-        self.max_position_embeddings = max_position_embeddings
-        self.num_attention_heads = num_attention_heads
-        self.num_hidden_layers = num_hidden_layers
-        self.num_key_value_heads = num_key_value_heads
-        self.vocab_size = vocab_size
-        self.rms_norm_eps = rms_norm_eps
-        self.rope_theta = rope_theta
-        self.flash_attn = flash_attn
-        self.use_moe = use_moe
-        self.num_experts_per_tok = num_experts_per_tok
-        self.n_routed_experts = n_routed_experts
-        self.n_shared_experts = n_shared_experts
-        self.scoring_func = scoring_func
-        self.aux_loss_alpha = aux_loss_alpha
-        self.seq_aux = seq_aux
-        self.norm_topk_prob = norm_topk_prob
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
-        if not tie_word_embeddings:
-            raise ValueError("tie_word_embeddings=False: MiniMind2 ties lm_head to embed_tokens")
-        self.tie_word_embeddings = tie_word_embeddings
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in CONFIG_FIELDS}
-
-    def __repr__(self) -> str:
-        return f"MiniMindConfig({self.to_dict()})"
-
-
-CONFIG_FIELDS: tuple[str, ...] = tuple(inspect.signature(MiniMindConfig.__init__).parameters)[1:]
-
-
-def _activation(name: str) -> nn.Module:
-    if name == "silu":  # MiniMind's; anything else comes from transformers' table
-        return nn.SiLU()
-    from transformers.activations import ACT2FN
-
-    return ACT2FN[name]
 
 
 class RMSNorm(nn.Module):
@@ -177,7 +91,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: MiniMindConfig, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads
@@ -190,7 +104,8 @@ class Attention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
-        self.flash = config.flash_attn
+        # False: upstream's explicit softmax attention (tests compare the two paths).
+        self.flash = True
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: Cache | None) -> Tensor:
@@ -229,20 +144,21 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: MiniMindConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        width = config.intermediate_size or default_intermediate_size(config.hidden_size)
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.dropout = nn.Dropout(config.dropout)
-        self.act_fn = _activation(config.hidden_act)
+        self.act_fn = nn.SiLU()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class MoEGate(nn.Module):
-    def __init__(self, config: MiniMindConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.n_routed_experts = config.n_routed_experts
@@ -278,7 +194,7 @@ class MoEGate(nn.Module):
 
 
 class MOEFeedForward(nn.Module):
-    def __init__(self, config: MiniMindConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_routed_experts)])
         self.gate = MoEGate(config)
@@ -311,7 +227,7 @@ class MOEFeedForward(nn.Module):
 
 
 class MiniMindBlock(nn.Module):
-    def __init__(self, layer_idx: int, config: MiniMindConfig) -> None:
+    def __init__(self, layer_idx: int, config: ModelConfig) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -328,7 +244,7 @@ class MiniMindBlock(nn.Module):
 
 
 class MiniMindModel(nn.Module):
-    def __init__(self, config: MiniMindConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -415,9 +331,11 @@ class MiniMindForCausalLM(nn.Module):
 
     family = "minimind2"
 
-    def __init__(self, config: MiniMindConfig | None = None) -> None:
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        """``config``: a ``minimind2`` :class:`ModelConfig`; vocab_size None builds upstream's 6,400."""
         super().__init__()
-        self.config = config or MiniMindConfig()
+        config = config or ModelConfig()
+        self.config = model_config_from(config, config.vocab_size or UPSTREAM_VOCAB_SIZE)
         self.model = MiniMindModel(self.config)
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
         # The same RNG draws in the same order as transformers' post_init (init children first,
@@ -489,32 +407,16 @@ def _vocab(cfg: ModelConfig, vocab_size: int) -> int:
     return vocab
 
 
-def model_config_from(cfg: ModelConfig, vocab_size: int) -> MiniMindConfig:
-    """The MiniMind2 model config of a run; ``cfg.vocab_size`` None takes ``vocab_size`` (the tokenizer's
-    length). A ``minimind3`` run has no MiniMind2 config: use :func:`build_model`."""
+def model_config_from(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
+    """``cfg`` as a MiniMind2 model is built from it: ``vocab_size`` None takes ``vocab_size`` (the
+    tokenizer's length) and ``intermediate_size`` None the MiniMind2 formula, so the config a model
+    holds (and a saved ``config.json``) states what was built. A ``minimind3`` run: use :func:`build_model`."""
     if cfg.family != "minimind2":
         raise ConfigError(f"model.family={cfg.family!r}: model_config_from builds MiniMind2 configs only; "
                           "use build_model")
-    vocab = _vocab(cfg, vocab_size)
-    return MiniMindConfig(
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        vocab_size=vocab,
-        intermediate_size=cfg.intermediate_size,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings,
-        dropout=cfg.dropout,
-        use_moe=cfg.use_moe,
-        n_routed_experts=cfg.n_routed_experts,
-        num_experts_per_tok=cfg.num_experts_per_tok,
-        n_shared_experts=cfg.n_shared_experts,
-        aux_loss_alpha=cfg.aux_loss_alpha,
-        seq_aux=cfg.seq_aux,
-        norm_topk_prob=cfg.norm_topk_prob,
-    )
+    assert cfg.hidden_size is not None
+    return dataclasses.replace(cfg, vocab_size=_vocab(cfg, vocab_size), intermediate_size=(
+        cfg.intermediate_size or default_intermediate_size(cfg.hidden_size)))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -561,6 +463,11 @@ class GenerationMismatchError(ValueError):
 
 
 _NAMES = {"minimind2": "MiniMind2 (upstream 274483c)", "minimind3": "MiniMind-3 (upstream d65ef2c)"}
+# Upstream MiniMind2 config keys that are not ModelConfig fields: the one value this model implements, or
+# None where the value changes neither weights nor numerics (special token ids, the attention kernel).
+_UPSTREAM2_ONLY: dict[str, Any] = {"hidden_act": "silu", "scoring_func": "softmax", "tie_word_embeddings": True,
+                                   "flash_attn": None, "bos_token_id": None, "eos_token_id": None,
+                                   "pad_token_id": None}
 # Config keys that only one generation's upstream MiniMindConfig has.
 _CONFIG_ONLY = {
     "minimind2": {"n_routed_experts", "n_shared_experts", "aux_loss_alpha", "seq_aux", "scoring_func"},
@@ -611,10 +518,15 @@ def from_upstream(config: dict[str, Any], pth: str | os.PathLike[str]
             f"(keys {sorted(_CONFIG_ONLY[from_config] & set(config))})")
     model: MiniMindForCausalLM | MiniMind3ForCausalLM
     if family == "minimind2":
-        unknown = sorted(set(config) - set(CONFIG_FIELDS))
+        fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("family", "head_dim", "init_from")]
+        unknown = sorted(set(config) - set(fields) - set(_UPSTREAM2_ONLY))
         if unknown:
-            raise ValueError(f"MiniMind2 config keys {unknown} are not known; allowed: {list(CONFIG_FIELDS)}")
-        model = MiniMindForCausalLM(MiniMindConfig(**{k: v for k, v in config.items() if v is not None}))
+            raise ValueError(f"MiniMind2 config keys {unknown} are not known; allowed: {fields + list(_UPSTREAM2_ONLY)}")
+        for key, only in _UPSTREAM2_ONLY.items():
+            if only is not None and config.get(key, only) != only:
+                raise ValueError(f"MiniMind2 config {key}={config[key]!r} is not supported: this model implements "
+                                 f"only {only!r}")
+        model = MiniMindForCausalLM(ModelConfig(**{k: v for k, v in config.items() if k in fields and v is not None}))
     else:
         from minimind_train.model3 import MiniMind3ForCausalLM
 

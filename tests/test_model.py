@@ -14,7 +14,7 @@ from torch import nn
 from minimind_train.config import ConfigError, ModelConfig
 from minimind_train.hf import MiniMindHFConfig, MiniMindHFForCausalLM, from_hf, to_hf
 from minimind_train.model import (
-    MiniMindConfig,
+    Attention,
     MiniMindForCausalLM,
     MOEFeedForward,
     count_parameters,
@@ -28,10 +28,15 @@ TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "nu
         "vocab_size": 128}
 
 
-def tiny_model(seed: int = 0, std: float = 0.02, **overrides: object) -> MiniMindForCausalLM:
-    """A small random model; a larger ``std`` gives peaked, non-repetitive greedy continuations."""
+def tiny_model(seed: int = 0, std: float = 0.02, flash_attn: bool = True,
+               **overrides: object) -> MiniMindForCausalLM:
+    """A small random model; a larger ``std`` gives peaked, non-repetitive greedy continuations.
+    ``flash_attn`` False: upstream's explicit softmax attention instead of SDPA."""
     torch.manual_seed(seed)
-    model = MiniMindForCausalLM(MiniMindConfig(**{**TINY, **overrides}))
+    model = MiniMindForCausalLM(ModelConfig(**{**TINY, **overrides}))
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.flash = flash_attn
     if std != 0.02:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -42,7 +47,7 @@ def tiny_model(seed: int = 0, std: float = 0.02, **overrides: object) -> MiniMin
 
 def load_reference(fixture_dir: Path, name: str) -> tuple[MiniMindForCausalLM, dict]:
     ref = json.loads((fixture_dir / f"{name}.reference.json").read_text())
-    config = MiniMindConfig(**{k: v for k, v in ref["config"].items() if v is not None})
+    config = ModelConfig(**{k: v for k, v in ref["config"].items() if v is not None})
     model = MiniMindForCausalLM(config)
     state = torch.load(fixture_dir / f"{name}.pth", weights_only=True)
     model.load_state_dict(state, strict=True)
@@ -54,7 +59,7 @@ def load_reference(fixture_dir: Path, name: str) -> tuple[MiniMindForCausalLM, d
 @pytest.mark.parametrize("name", ["tiny_dense", "tiny_moe"])
 def test_state_dict_keys_match_upstream(fixture_dir: Path, name: str) -> None:
     ref = json.loads((fixture_dir / f"{name}.reference.json").read_text())
-    model = MiniMindForCausalLM(MiniMindConfig(**{k: v for k, v in ref["config"].items() if v is not None}))
+    model = MiniMindForCausalLM(ModelConfig(**{k: v for k, v in ref["config"].items() if v is not None}))
     upstream = torch.load(fixture_dir / f"{name}.pth", weights_only=True)
     ours = model.state_dict()
     assert set(ours) == set(upstream)
@@ -300,7 +305,7 @@ def test_dense_aux_loss_is_zero_tensor() -> None:
 @pytest.mark.parametrize("seq_aux", [True, False])
 def test_aux_loss_is_alpha_under_uniform_routing(seq_aux: bool) -> None:
     """Uniform gate probabilities: load and probability terms give exactly 1 per layer, times alpha."""
-    layer = MOEFeedForward(MiniMindConfig(**TINY, use_moe=True, aux_loss_alpha=0.3, seq_aux=seq_aux)).train()
+    layer = MOEFeedForward(ModelConfig(**TINY, use_moe=True, aux_loss_alpha=0.3, seq_aux=seq_aux)).train()
     nn.init.zeros_(layer.gate.weight)
     _, aux = layer(torch.randn(3, 5, 64))
     assert aux.item() == pytest.approx(0.3, abs=1e-6)
@@ -309,7 +314,7 @@ def test_aux_loss_is_alpha_under_uniform_routing(seq_aux: bool) -> None:
 def test_seq_aux_equals_token_aux_for_one_sequence_only() -> None:
     def aux(seq_aux: bool, x: torch.Tensor) -> float:
         torch.manual_seed(1)
-        layer = MOEFeedForward(MiniMindConfig(**TINY, use_moe=True, seq_aux=seq_aux)).train()
+        layer = MOEFeedForward(ModelConfig(**TINY, use_moe=True, seq_aux=seq_aux)).train()
         return layer(x)[1].item()
 
     torch.manual_seed(0)
@@ -322,7 +327,7 @@ def test_seq_aux_equals_token_aux_for_one_sequence_only() -> None:
 def test_moe_matches_per_token_reference() -> None:
     """The batched routing equals a direct per-token mixture of its top-k experts plus the shared one."""
     torch.manual_seed(0)
-    layer = MOEFeedForward(MiniMindConfig(**TINY, use_moe=True, num_experts_per_tok=2)).eval()
+    layer = MOEFeedForward(ModelConfig(**TINY, use_moe=True, num_experts_per_tok=2)).eval()
     x = torch.randn(2, 5, 64)
     y, _ = layer(x)
     probs = F.linear(x, layer.gate.weight).softmax(-1)
@@ -377,7 +382,7 @@ def test_fp32_model_has_no_fp16_anywhere() -> None:
 @pytest.mark.parametrize("layers,expected", [(2, 8_915_456), (8, 25_829_888)])
 def test_parameter_counts(layers: int, expected: int) -> None:
     with torch.device("meta"):
-        model = MiniMindForCausalLM(MiniMindConfig(hidden_size=512, num_hidden_layers=layers,
+        model = MiniMindForCausalLM(ModelConfig(hidden_size=512, num_hidden_layers=layers,
                                                    num_attention_heads=8, num_key_value_heads=2,
                                                    vocab_size=6400))
     assert model.config.intermediate_size == 1408
@@ -393,7 +398,7 @@ def test_embeddings_are_tied_and_counted_once() -> None:
 
 def test_intermediate_size_formula() -> None:
     assert [default_intermediate_size(h) for h in (64, 512, 640, 768)] == [192, 1408, 1728, 2048]
-    assert MiniMindConfig(**TINY, intermediate_size=100).intermediate_size == 100
+    assert ModelConfig(**TINY, intermediate_size=100).intermediate_size == 100
 
 
 def test_model_config_from_run_config() -> None:
@@ -418,7 +423,7 @@ def test_model_config_from_run_config() -> None:
                                  {"use_moe": True, "num_experts_per_tok": 5}, {"scoring_func": "sigmoid"}])
 def test_config_rejects_inconsistent_shapes(bad: dict) -> None:
     with pytest.raises(ValueError):
-        MiniMindConfig(**{**TINY, **bad})
+        ModelConfig(**{**TINY, **bad})
 
 
 def test_dropout_is_honoured() -> None:
@@ -452,7 +457,7 @@ def test_save_pretrained_round_trip(tmp_path: Path) -> None:
 def test_training_model_initialises_like_the_hf_model(use_moe: bool) -> None:
     """Same seed, same weights: the plain model draws what transformers' post_init draws."""
     torch.manual_seed(3)
-    ours = MiniMindForCausalLM(MiniMindConfig(**TINY, use_moe=use_moe)).state_dict()
+    ours = MiniMindForCausalLM(ModelConfig(**TINY, use_moe=use_moe)).state_dict()
     torch.manual_seed(3)
     hf = MiniMindHFForCausalLM(MiniMindHFConfig(**TINY, use_moe=use_moe)).state_dict()
     assert list(ours) == list(hf)
@@ -463,8 +468,8 @@ def test_training_model_initialises_like_the_hf_model(use_moe: bool) -> None:
 def test_hf_config_applies_the_same_checks() -> None:
     with pytest.raises(ValueError, match="num_key_value_heads=3"):
         MiniMindHFConfig(**{**TINY, "num_key_value_heads": 3})
-    with pytest.raises(TypeError):
-        MiniMindConfig(**TINY, torch_dtype="float16")  # the training config takes no stray keys
+    with pytest.raises(ConfigError, match="model.torch_dtype is not a known key"):
+        ModelConfig(**TINY, torch_dtype="float16")  # the training config takes no stray keys
 
 
 def test_training_imports_no_transformers() -> None:

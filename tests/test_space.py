@@ -1,4 +1,4 @@
-"""Search-space files: validation, bundled spaces, name resolution, and the hand-over to Optuna and Ray."""
+"""Search-space files: validation, bundled spaces, name resolution, and the hand-over to Optuna."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from tune.space import (
     SearchParam,
     SpaceError,
     StudySpec,
-    apply_params,
     bundled_spaces,
     check_resources,
     describe,
@@ -110,10 +109,10 @@ BAD_CASES: list[tuple[str, tuple[str, ...], Any, tuple[str, ...]]] = [
     ("log not a boolean", LR + ("log",), "yes please", ("search.train.learning_rate.log", "'yes please'")),
     ("step with log", LR + ("step",), 1.0e-4, ("search.train.learning_rate.step", "0.0001", "log")),
     ("step not positive", WARMUP + ("step",), 0, ("search.train.warmup_steps.step=0", ">= 1")),
-    ("step off grid", WARMUP, {"type": "int", "low": 5, "high": 25, "step": 10},
-     ("search.train.warmup_steps.low=5", "multiples of step")),
+    ("step off grid", WARMUP, {"type": "int", "low": 0, "high": 25, "step": 10},
+     ("search.train.warmup_steps.high=25", "multiple of step")),
     ("float step off grid", ("search", "train.grad_clip"),
-     {"type": "float", "low": 0.1, "high": 1.0, "step": 0.25}, ("search.train.grad_clip.low=0.1", "0.25")),
+     {"type": "float", "low": 0.1, "high": 1.0, "step": 0.25}, ("search.train.grad_clip.high=1.0", "0.25")),
     ("empty choices", ACCUM + ("choices",), [], ("search.train.accumulation_steps.choices", "[]")),
     ("choices not a list", ACCUM + ("choices",), "1,2", ("search.train.accumulation_steps.choices", "'1,2'")),
     ("mixed choices", ACCUM + ("choices",), [1, "two"], ("search.train.accumulation_steps.choices", "'two'")),
@@ -269,7 +268,7 @@ def test_fields_searched_together_are_checked_together(tmp_path: Path) -> None:
     raw["search"]["model.num_attention_heads"] = {"type": "categorical", "choices": [3, 6]}
     raw["search"]["model.num_key_value_heads"] = {"type": "categorical", "choices": [3]}
     spec = load_space(write_space(tmp_path, raw))
-    cfg = apply_params(spec.run, {"model.num_attention_heads": 6, "model.num_key_value_heads": 3})
+    cfg = spec.run.with_overrides({"model.num_attention_heads": 6, "model.num_key_value_heads": 3})
     assert (cfg.model.num_attention_heads, cfg.model.num_key_value_heads) == (6, 3)
 
     # hidden 64 is fine with 4 heads and 6 heads is fine with hidden 96, but 64/6 is not a head size.
@@ -364,7 +363,7 @@ def test_unknown_space_lists_bundled_names(tmp_path: Path, monkeypatch: pytest.M
 
 
 # ---------------------------------------------------------------------------------------------------
-# The hand-over to Optuna and Ray.
+# The hand-over to Optuna.
 
 
 def stepped_spec(tmp_path: Path) -> StudySpec:
@@ -405,42 +404,25 @@ def test_optuna_samples_stay_in_the_space_and_on_its_grid(tmp_path: Path) -> Non
             if len(grid) <= 12:  # 400 draws reach every point of a small grid, endpoints included
                 assert values == on_grid, (param.path, sorted(values), grid)
         for value in drawn:
-            apply_params(spec.run, {param.path: value})
+            spec.run.with_overrides({param.path: value})
 
 
 # ---------------------------------------------------------------------------------------------------
-# Applying a trial's values.
+# Applying a trial's values (RunConfig.with_overrides; its own rules are tested in test_config.py).
 
 
-def test_apply_params_round_trip(tmp_path: Path) -> None:
+def test_a_trials_params_round_trip(tmp_path: Path) -> None:
     spec = load_space(write_space(tmp_path, BASE))
     params = {"train.learning_rate": 0.003, "train.accumulation_steps": np.int64(4),
               "train.grad_clip": np.float64(0.5), "train.warmup_steps": 20}
-    cfg = apply_params(spec.run, params)
+    cfg = spec.run.with_overrides(params)
     assert (cfg.train.learning_rate, cfg.train.accumulation_steps, cfg.train.grad_clip,
             cfg.train.warmup_steps) == (0.003, 4, 0.5, 20)
     assert type(cfg.train.accumulation_steps) is int
     assert cfg.model == spec.run.model and cfg.data == spec.run.data
     assert cfg.train.batch_size == spec.run.train.batch_size
-    back = apply_params(cfg, {p.path: getattr(spec.run.train, p.path.split(".")[1]) for p in spec.search})
+    back = cfg.with_overrides({p.path: getattr(spec.run.train, p.path.split(".")[1]) for p in spec.search})
     assert back == spec.run
-
-
-def test_apply_params_changes_related_fields_together() -> None:
-    # One at a time, hidden 96 with the default 8 heads (head size 12) is valid but 6 heads first
-    # with hidden 512 is not; together they must be accepted.
-    cfg = apply_params(RunConfig(), {"model.num_attention_heads": 6, "model.hidden_size": 96,
-                                     "model.num_key_value_heads": 3})
-    assert (cfg.model.hidden_size, cfg.model.num_attention_heads) == (96, 6)
-
-
-def test_apply_params_rejects_bad_input() -> None:
-    with pytest.raises(SpaceError, match=r"train\.lr is not a config field.*train\.learning_rate"):
-        apply_params(RunConfig(), {"train.lr": 0.1})
-    with pytest.raises(SpaceError, match=r"train\.learning_rate=-1\.0"):
-        apply_params(RunConfig(), {"train.learning_rate": -1.0})
-    with pytest.raises(SpaceError, match=r"train\.batch_size=2\.5"):
-        apply_params(RunConfig(), {"train.batch_size": 2.5})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from study_driver import (
     trained_epochs,
 )
 
-from tune.space import apply_params, load_space
+from tune.space import load_space
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Ray's bookkeeping keys: none of them may become an MLflow metric or param of a trial.
@@ -197,7 +197,7 @@ def test_best_yaml_is_the_best_trials_config(study: Study) -> None:
         for e, m in t.epochs.items())
     cfg = load_run_config(study.dir / "best.yaml")
     params = next(t.params for t in record.trials() if t.name == best_trial)
-    assert cfg == apply_params(study.spec.run, params), study.fail("best.yaml is not the best trial")
+    assert cfg == study.spec.run.with_overrides(params), study.fail("best.yaml is not the best trial")
     assert f"best: trial {best_trial}  val_loss {best_loss:.4f} (epoch {best_epoch})" in study.driver.stdout
     assert sorted(trained_epochs(study.dir)) == sorted(set(trained_epochs(study.dir)))
 

@@ -215,7 +215,8 @@ class Manifest:
 # Keys of the spec that may change between runs of one study: they say how to run, not what is studied.
 RUN_SETTINGS = ("tune.num_samples", "tune.max_concurrent_trials", "tune.time_budget_s",
                 "tune.resources_per_trial.cpu", "tune.resources_per_trial.gpu", "tune.max_failures",
-                "tune.keep_checkpoints", "tune.keep_top_trials", "mlflow.tracking_uri", "mlflow.experiment",
+                "tune.keep_checkpoints", "tune.keep_top_trials", "tune.finalists.top_k", "tune.finalists.seeds",
+                "tune.warm_start", "mlflow.tracking_uri", "mlflow.experiment",
                 "train.num_threads", "train.device", "train.log_interval", "train.eval_batch_size",
                 "data.cache_dir")
 # Inputs compared by content (Manifest.fingerprints), not by path.

@@ -22,7 +22,7 @@ from minimind_train.config import run_config_to_dict
 
 from .mirror import Mirror, warn_on_failure
 from .record import FINISHED, StudyRecord
-from .space import StudySpec, apply_params
+from .space import StudySpec
 from .storage import CHECKPOINT_PREFIX, StudyPaths
 
 __all__ = [
@@ -213,7 +213,7 @@ def _fmt(value: Any) -> str:
 def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary, finalist: Finalist | None = None) -> Path:
     """The complete run config of the best trial, runnable by ``python -m minimind_train.sft``; its header
     records the trial's value and, when finalists ran, the config's mean ± std over seeds."""
-    cfg = apply_params(spec.run, best.params)
+    cfg = spec.run.with_overrides(best.params)
     body = yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False, allow_unicode=True)
     head = (f"# Best trial {best.trial_id} of study from {spec.source}: "
             f"{spec.tune.metric} {best.best_value:.6f} at epoch {best.best_epoch}.\n")

@@ -204,11 +204,11 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
             raise StudyError(f"--resume: no study to resume at {paths.uri}")
         record = StudyRecord.open(study_dir) if args.resume else None
         earlier = None
-        if args.warm_start:
-            if record is not None:
-                raise StudyError(f"--warm-start={args.warm_start}: a study is warm-started when it is created; "
-                                 f"{paths.name!r} exists (--resume continues it as it is)")
-            earlier = check_warm_start(args.warm_start, spec_to_dict(spec))
+        if args.warm_start and record is not None:
+            raise StudyError(f"--warm-start={args.warm_start}: a study is warm-started when it is created; "
+                             f"{paths.name!r} exists (--resume continues it as it is)")
+        if record is None and (args.warm_start or spec.tune.warm_start):
+            earlier = check_warm_start(args.warm_start or spec.tune.warm_start, spec_to_dict(spec))
         run_cfg = dataclasses.replace(spec.run, train=dataclasses.replace(
             spec.run.train, num_threads=max(1, int(spec.tune.resources_per_trial.cpu))))
         print("checking inputs: tokenizer, data (tokenised once into the token cache), model, storage, "

@@ -28,7 +28,6 @@ from minimind_train.train import TrainingDiverged, train_epochs
 
 from .cluster import StudyData, current_node, open_study_data
 from .searcher import NUMBER_KEY, PARAMS_KEY
-from .space import apply_params
 from .storage import checkpoint_metas, filesystem_of, retain_checkpoints, trial_dirname, write_checkpoint
 
 __all__ = ["TrialOutOfMemory", "flatten_params", "train_trial"]
@@ -52,7 +51,7 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 
 
 def trial_run_config(base: Mapping[str, Any], config: Mapping[str, Any]) -> RunConfig:
-    return apply_params(run_config_from_dict(base), flatten_params(config))
+    return run_config_from_dict(base).with_overrides(flatten_params(config))
 
 
 def _cap_gpu_memory(gpu_share: float) -> None:
