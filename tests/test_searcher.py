@@ -152,3 +152,35 @@ def test_a_trial_without_all_its_values_is_abandoned_never_run_with_defaults(tmp
     assert [p.number for p in plans] == [whole]
     assert record.trial(0).status == "abandoned" and record.finished_count() == 0
     assert record.study.trials[0].state == optuna.trial.TrialState.FAIL
+
+
+def test_finalists_are_the_top_configs_with_more_seeds_and_continue_once(record: StudyRecord) -> None:
+    from tune.searcher import finalist_plans
+
+    values = {}
+    for value in (3.0, 1.0, 2.0, 4.0):
+        n, _ = record.ask(SPACE)
+        for epoch in range(1, EPOCHS + 1):
+            record.record_epoch(n, epoch, {"val_loss": value + 1 / epoch}, "val_loss")
+        record.finish(n, "completed", "val_loss", "min")
+        values[n] = value
+    pending = finalist_plans(record, SPACE, "val_loss", "min", EPOCHS, top_k=2, seeds=2, base_seed=42, create=False)
+    assert [p.number for p in pending] == [-1] * 4 and record.finished_count() == 4
+    plans = finalist_plans(record, SPACE, "val_loss", "min", EPOCHS, top_k=2, seeds=2, base_seed=42)
+    best_two = sorted(values, key=values.get)[:2]
+    assert [(record.trial(p.number).finalist_of, p.params["train.seed"]) for p in plans] == [
+        (best_two[0], 43), (best_two[0], 44), (best_two[1], 43), (best_two[1], 44)]
+    assert all(p.params["train.learning_rate"] == record.trial(p.params and record.trial(p.number).finalist_of)
+               .params["train.learning_rate"] for p in plans)
+    # One finished, one interrupted: only the interrupted continues (with its seed), nothing is added.
+    done, cut = plans[0].number, plans[1].number
+    for epoch in range(1, EPOCHS + 1):
+        record.record_epoch(done, epoch, {"val_loss": 1.5}, "val_loss")
+    record.finish(done, "completed", "val_loss", "min")
+    record.set_status(cut, "interrupted")
+    for p in plans[2:]:
+        record.finish(p.number, "diverged", "val_loss", "min", error="nan")
+    again = finalist_plans(record, SPACE, "val_loss", "min", EPOCHS, top_k=2, seeds=2, base_seed=42)
+    assert [(p.number, p.params["train.seed"]) for p in again] == [(cut, 44)]
+    assert record.finished_count() == 4  # finalists are not search trials
+    assert resume_plans(record, set(SPACE), "val_loss", "min", EPOCHS) == []  # (the search has none)
