@@ -617,7 +617,7 @@ def _probe_address(address: str) -> None:
 
 def _run_on_ray(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs, record: Any, applied: list[str],
                 plans: list[Any], aside: Path | None, study_data: Any) -> int:
-    from .progress import ProgressLine
+    from .progress import ProgressView
 
     t = spec.tune
     finished = record.finished_count()
@@ -652,8 +652,8 @@ def _run_on_ray(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs, rec
         by_number = record.statuses()
         return {tid: by_number[n] for tid, n in searcher.numbers.items() if n in by_number}
 
-    callbacks = [ProgressLine(t.metric, t.mode, run_cfg.train.epochs, to_run, statuses=statuses),
-                 MirrorCallback(mirror, searcher.numbers)]
+    view = ProgressView(t.metric, t.mode, run_cfg.train.epochs, to_run, statuses=statuses, local=paths.is_local)
+    callbacks = [view, MirrorCallback(mirror, searcher.numbers)]
     if aside is not None:
         callbacks.append(_restart_cleanup(aside, paths.local_dir, inputs.tracking_uri))
     tuner = _make_tuner(spec, paths, run_cfg, searcher, scheduler, study_data, callbacks, to_run, budget_left,
@@ -676,6 +676,7 @@ def _run_on_ray(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: _Inputs, rec
                              "trials are kept: free space, then continue with --resume", code=1) from exc
         raise
     finally:
+        view.close()
         try:
             record.add_history({"run": run_index, "seconds": round(time.monotonic() - started, 1)})
         except OSError as exc:  # a full disk: the run's length is lost, nothing else
