@@ -366,6 +366,8 @@ def _quiet_libraries() -> None:
 
     for name in ("mlflow", "alembic", "optuna", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray's notice that a new local cluster uses token authentication (its default) asks nothing of the user.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # After a Ctrl-C Ray advises `Tuner.restore(...)`: a study continues with --resume (printed by
     # the driver), never from Ray's own saved state.
     logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore" not in record.getMessage())
