@@ -88,9 +88,10 @@ def test_progress_counts_trial_epochs_with_the_running_trials_steps(tmp_path: Pa
     assert view.progress()[0] == 5
 
 
-def test_a_stale_step_file_is_not_shown(tmp_path: Path) -> None:
+def test_a_reported_epoch_counts_at_once_and_makes_the_step_file_stale(tmp_path: Path) -> None:
     view, trials = _running_study(tmp_path)
-    trials[2].last_result = {"epoch": 2}  # epoch 2 reported; its file still says epoch 2, step 10
+    # Ray calls back before it updates the trial's last_result; the file still says epoch 2, step 10.
+    view.on_trial_result(0, trials, trials[2], {"epoch": 2, "val_loss": 2.0})
     assert view.progress()[0] == 3 + 1 + 2
 
 
@@ -119,14 +120,16 @@ def test_plain_mode_prints_each_event_once_on_its_own_line(tmp_path: Path) -> No
     view.on_trial_complete(0, trials, c)
     view.on_experiment_end(trials)
     lines = view._stream.getvalue().splitlines()
-    assert len(lines) == 3 and len(set(lines)) == 3, lines
+    assert len(lines) == 4 and len(set(lines)) == 4, lines
     assert not any("\r" in line or "\x1b" in line for line in lines)
-    assert "] t003 epoch 1/3 val_loss 2.0000; 5.2/13 trial-epochs, ETA " in lines[0]
-    assert lines[0].endswith("| done 1, running 1, stopped early 1, failed 0, diverged 0, pending 1 | best "
+    assert lines[0].endswith("] t003 lr=2.3e-3 acc=1 started | done 1, running 1, stopped early 1, failed 0, "
+                             "diverged 0, pending 1 | best -")
+    assert "] t003 epoch 1/3 val_loss 2.0000; 5.2/13 trial-epochs, ETA " in lines[1]
+    assert lines[1].endswith("| done 1, running 1, stopped early 1, failed 0, diverged 0, pending 1 | best "
                              "val_loss 2.0000 (t003)")
-    assert lines[1].endswith("] t003 lr=2.3e-3 acc=1 completed at epoch 3 (val_loss 1.2500) | done 2, running 0, "
+    assert lines[2].endswith("] t003 lr=2.3e-3 acc=1 completed at epoch 3 (val_loss 1.2500) | done 2, running 0, "
                              "stopped early 1, failed 0, diverged 0, pending 1 | best val_loss 1.2500 (t003)")
-    assert "] run ended: 7/13 trial-epochs in " in lines[2]
+    assert "] run ended: 7/13 trial-epochs in " in lines[3]
 
 
 def test_a_failed_trial_is_one_line_with_its_reason_and_traceback_path() -> None:

@@ -96,6 +96,7 @@ class ProgressView(Callback):
         self._trials: list[Any] = []
         self._recorded: Mapping[str, str] = {}
         self._labels: dict[str, str] = {}  # Ray trial id -> "t003 lr=2.3e-3 acc=1"
+        self._reported: dict[str, int] = {}  # Ray trial id -> its last epoch (Ray's last_result lags)
         self._restored: dict[str, int] = {}  # Ray trial id -> epochs it had done before this run
         self._live: Any = None
 
@@ -126,7 +127,7 @@ class ProgressView(Callback):
         return self._labels[trial.trial_id].split(" ")[0] if short else self._labels[trial.trial_id]
 
     def _epoch(self, trial: Any) -> int:
-        return int((trial.last_result or {}).get("epoch", 0))
+        return max(self._reported.get(trial.trial_id, 0), int((trial.last_result or {}).get("epoch", 0)))
 
     def _step(self, trial: Any) -> tuple[int, int, int] | None:
         """A running trial's step in the epoch after its last reported one, when its folder is local."""
@@ -183,12 +184,16 @@ class ProgressView(Callback):
         self._trials = trials
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._refresh(trials)
         self._first = self._first or time.monotonic()  # the ETA's rate leaves Ray's start-up out
+        if self._live is None and trial.trial_id not in self._labels:  # (not again when Ray retries it)
+            self._event(f"{self._label(trial)} started")
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict,
                         **info: Any) -> None:
         self._refresh(trials)
         epoch, value = int(result.get("epoch", 0)), result.get(self.metric)
+        self._reported[trial.trial_id] = epoch
         if result.get("restored"):  # its checkpoint's epoch again, trained in an earlier run
             self._restored[trial.trial_id] = epoch
             return
