@@ -359,6 +359,9 @@ def _quiet_libraries() -> None:
     # A failed trial is one line from tune.progress (its reason and where the traceback is), not
     # Ray's full traceback on the driver's stderr; the trial folder keeps it (error.txt).
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    # Ray warns when a step of its loop takes over 0.5 s and advises reporting less often: trials report
+    # once an epoch, so the advice is moot (an MLflow write on a busy machine sets it off).
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "60")
     # Each epoch checkpoints, so Ray's "snapshotting too often" advice fires constantly and is moot.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import mlflow  # noqa: F401  (it configures its loggers on import; quieten them afterwards)
