@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from tune.progress import PROGRESS_FILE, ProgressView, count_trials, eta_s, read_step, step_writer
+from tune.progress import STEP_FILE, ProgressView, count_trials, eta_s, read_step, step_writer
 
 PARAMS = {"train.learning_rate": 0.0023, "train.accumulation_steps": 1}
 
@@ -19,7 +19,7 @@ PARAMS = {"train.learning_rate": 0.0023, "train.accumulation_steps": 1}
 def _trial(tid: str, status: str, epoch: int = 0, number: int = 1, path: str = "/runs/run-1/t001",
            **result: float) -> SimpleNamespace:
     return SimpleNamespace(trial_id=tid, status=status, last_result={"epoch": epoch, **result} if epoch else {},
-                           config={"study_trial": number, "params": PARAMS}, path=path,
+                           config={"study_trial": number, "params": PARAMS}, path=path, error_file=None,
                            get_error=lambda: RuntimeError("Traceback ...\nValueError: boom"))
 
 
@@ -50,8 +50,8 @@ def test_step_writer_writes_at_most_once_per_interval_and_atomically(tmp_path: P
     write(_step(2, 5, 40))
     write(_step(2, 6, 40))  # within the interval: skipped
     assert read_step(tmp_path / "t001") == (2, 5, 40)
-    assert [p.name for p in (tmp_path / "t001").iterdir()] == [PROGRESS_FILE]  # no temporary file left
-    assert json.loads((tmp_path / "t001" / PROGRESS_FILE).read_text())["time"] > 0
+    assert [p.name for p in (tmp_path / "t001").iterdir()] == [STEP_FILE]  # no temporary file left
+    assert json.loads((tmp_path / "t001" / STEP_FILE).read_text())["time"] > 0
     again = step_writer(tmp_path / "t001", min_interval_s=0)
     again(_step(2, 7, 40))
     again(_step(3, 1, 40))
@@ -60,15 +60,15 @@ def test_step_writer_writes_at_most_once_per_interval_and_atomically(tmp_path: P
 
 def test_a_missing_or_damaged_step_file_reads_as_none(tmp_path: Path) -> None:
     assert read_step(tmp_path) is None
-    (tmp_path / PROGRESS_FILE).write_text('{"epoch": 1, "step":')
+    (tmp_path / STEP_FILE).write_text('{"epoch": 1, "step":')
     assert read_step(tmp_path) is None
-    (tmp_path / PROGRESS_FILE).write_text('{"epoch": 1}')
+    (tmp_path / STEP_FILE).write_text('{"epoch": 1}')
     assert read_step(tmp_path) is None
 
 
 def _running_study(tmp_path: Path, local: bool = True) -> tuple[ProgressView, list[SimpleNamespace]]:
     """5 trials of 3 epochs planned: a completed one, one stopped early after epoch 1, one running
-    (epoch 1 reported, 10 of 40 steps of epoch 2 in its progress.json), one pending, one not asked yet."""
+    (epoch 1 reported, 10 of 40 steps of epoch 2 in its step.json), one pending, one not asked yet."""
     running = tmp_path / "t003"
     step_writer(running)(_step(2, 10, 40))
     trials = [_trial("a", "TERMINATED", 3, number=1), _trial("b", "TERMINATED", 1, number=2),
@@ -132,14 +132,21 @@ def test_plain_mode_prints_each_event_once_on_its_own_line(tmp_path: Path) -> No
     assert "] run ended: 7/13 trial-epochs in " in lines[3]
 
 
-def test_a_failed_trial_is_one_line_with_its_reason_and_traceback_path() -> None:
+def test_a_failed_trial_is_one_line_with_its_reason_and_traceback_path(tmp_path: Path) -> None:
     out = io.StringIO()
     view = ProgressView("val_loss", "min", planned_epochs=3, num_samples=1, stream=out)
     trial = _trial("a", "ERROR")
+    trial.error_file = None  # the storage's copy only
     view.on_trial_error(0, [trial], trial)
+    # The driver's own copy first: Ray syncs it to the storage later.
+    (tmp_path / "error.txt").write_text("Failure # 1\nThe actor died unexpectedly before finishing this task.\n"
+                                        + "x" * 300)
+    trial.error_file = str(tmp_path / "error.txt")
+    view.on_trial_recover(0, [trial], trial)
     lines = out.getvalue().splitlines()
-    assert len(lines) == 1
+    assert len(lines) == 2
     assert "t001 lr=2.3e-3 acc=1 failed: ValueError: boom (traceback: /runs/run-1/t001/error.txt) | " in lines[0]
+    assert f"t001 lr=2.3e-3 acc=1 crashed; Ray retries it from its last checkpoint: {'x' * 199}… (traceback: " in lines[1]
 
 
 def test_the_best_value_follows_the_mode() -> None:

@@ -1,5 +1,5 @@
 """The driver's live view of a study (rich on a terminal, one line per event elsewhere), and the
-``progress.json`` through which a trial tells it its step."""
+``step.json`` through which a trial tells it its step."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-__all__ = ["PROGRESS_FILE", "ProgressView", "count_trials", "eta_s", "read_step", "step_writer"]
+__all__ = ["STEP_FILE", "ProgressView", "count_trials", "eta_s", "read_step", "step_writer"]
 
-PROGRESS_FILE = "progress.json"  # in the trial's folder: {"epoch", "step", "steps_per_epoch", "time"}
+STEP_FILE = "step.json"  # in the trial's folder (beside Ray's progress.csv): {"epoch", "step", "steps_per_epoch", "time"}
 _SHOWN = ("done", "running", "stopped early", "failed", "diverged")  # always shown; others when non-zero
 _FINAL = {"completed": "done", "stopped_early": "stopped early", "failed": "failed", "diverged": "diverged"}
 _RAY = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": "running", "ERROR": "failed"}
@@ -25,29 +25,29 @@ _RAY = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": "running", "ERROR"
 
 def step_writer(trial_dir: str | Path, min_interval_s: float = 1.0) -> Callable[[Any], None]:
     """An ``on_step`` callback for ``minimind_train.train.train_epochs`` that writes its ``StepInfo``
-    to ``trial_dir``/:data:`PROGRESS_FILE` at most every ``min_interval_s`` seconds, atomically (by
+    to ``trial_dir``/:data:`STEP_FILE` at most every ``min_interval_s`` seconds, atomically (by
     rename). A failed write is skipped: the view is not worth a trial."""
     folder, last = Path(trial_dir), [-math.inf]
 
     def write(info: Any) -> None:
         if (now := time.time()) - last[0] < min_interval_s:
             return
-        last[0], tmp = now, folder / f".{PROGRESS_FILE}.{os.getpid()}"
+        last[0], tmp = now, folder / f".{STEP_FILE}.{os.getpid()}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"epoch": info.epoch, "step": info.step_in_epoch,
                                        "steps_per_epoch": info.steps_in_epoch, "time": now}), encoding="utf-8")
-            os.replace(tmp, folder / PROGRESS_FILE)
+            os.replace(tmp, folder / STEP_FILE)
         except OSError:
             pass
     return write
 
 
 def read_step(trial_dir: str | Path) -> tuple[int, int, int] | None:
-    """``(epoch in progress (1-based), step, steps_per_epoch)`` from a trial's :data:`PROGRESS_FILE`;
+    """``(epoch in progress (1-based), step, steps_per_epoch)`` from a trial's :data:`STEP_FILE`;
     None when it is missing or unreadable."""
     try:
-        d = json.loads((Path(trial_dir) / PROGRESS_FILE).read_text(encoding="utf-8"))
+        d = json.loads((Path(trial_dir) / STEP_FILE).read_text(encoding="utf-8"))
         return int(d["epoch"]), int(d["step"]), max(1, int(d["steps_per_epoch"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -224,10 +224,12 @@ class ProgressView(Callback):
         """One line for a trial's failure: its reason and where the full traceback is."""
         from .searcher import failure_reason
 
-        try:
-            reason = failure_reason(str(trial.get_error() or "")) or "no error text"
+        try:  # The driver's copy: the storage's (get_error) is synced later.
+            text = Path(trial.error_file).read_text(errors="replace") if trial.error_file else trial.get_error()
+            reason = failure_reason(str(text or "")) or "no error text"
         except Exception:  # noqa: BLE001 - an unreadable error file must not end the study
             reason = "no error text"
+        reason = reason if len(reason) <= 200 else reason[:199] + "…"  # (all of it is in the file)
         self._event(f"{self._label(trial)} {what}: {reason} (traceback: {trial.path}/error.txt)")
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
