@@ -18,7 +18,8 @@ PARAMS = {"train.learning_rate": 0.0023, "train.accumulation_steps": 1}
 
 def _trial(tid: str, status: str, epoch: int = 0, number: int = 1, path: str = "/runs/run-1/t001",
            **result: float) -> SimpleNamespace:
-    return SimpleNamespace(trial_id=tid, status=status, last_result={"epoch": epoch, **result} if epoch else {},
+    last = {"epoch": epoch, **result} if epoch else {}
+    return SimpleNamespace(trial_id=tid, status=status, last_result=last,
                            config={"study_trial": number, "params": PARAMS}, path=path, error_file=None,
                            get_error=lambda: RuntimeError("Traceback ...\nValueError: boom"))
 
@@ -127,7 +128,8 @@ def test_plain_mode_prints_each_event_once_on_its_own_line(tmp_path: Path) -> No
     assert "] t003 epoch 1/3 val_loss 2.0000; 5.2/13 trial-epochs, ETA " in lines[1]
     assert lines[1].endswith("| done 1, running 1, stopped early 1, failed 0, diverged 0, pending 1 | best "
                              "val_loss 2.0000 (t003)")
-    assert lines[2].endswith("] t003 lr=2.3e-3 acc=1 completed at epoch 3 (val_loss 1.2500) | done 2, running 0, "
+    assert lines[2].endswith("] t003 lr=2.3e-3 acc=1 completed at epoch 3 (val_loss 1.2500) | done 2, "
+                             "running 0, "
                              "stopped early 1, failed 0, diverged 0, pending 1 | best val_loss 1.2500 (t003)")
     assert "] run ended: 7/13 trial-epochs in " in lines[3]
 
@@ -139,14 +141,14 @@ def test_a_failed_trial_is_one_line_with_its_reason_and_traceback_path(tmp_path:
     trial.error_file = None  # the storage's copy only
     view.on_trial_error(0, [trial], trial)
     # The driver's own copy first: Ray syncs it to the storage later.
-    (tmp_path / "error.txt").write_text("Failure # 1\nThe actor died unexpectedly before finishing this task.\n"
-                                        + "x" * 300)
+    (tmp_path / "error.txt").write_text("Failure # 1\nThe actor died unexpectedly.\n" + "x" * 300)
     trial.error_file = str(tmp_path / "error.txt")
     view.on_trial_recover(0, [trial], trial)
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
-    assert "t001 lr=2.3e-3 acc=1 failed: ValueError: boom (traceback: /runs/run-1/t001/error.txt) | " in lines[0]
-    assert f"t001 lr=2.3e-3 acc=1 crashed; Ray retries it from its last checkpoint: {'x' * 199}… (traceback: " in lines[1]
+    assert "] t001 lr=2.3e-3 acc=1 failed: ValueError: boom (traceback: /runs/run-1/t001/error.txt) |" in lines[0]
+    retried = "t001 lr=2.3e-3 acc=1 crashed; Ray retries it from its last checkpoint"
+    assert f"] {retried}: {'x' * 199}… (traceback: /runs/run-1/t001/error.txt) | " in lines[1]
 
 
 def test_the_best_value_follows_the_mode() -> None:

@@ -17,7 +17,7 @@ from ray.tune import Callback
 
 __all__ = ["STEP_FILE", "ProgressView", "count_trials", "eta_s", "read_step", "step_writer"]
 
-STEP_FILE = "step.json"  # in the trial's folder (beside Ray's progress.csv): {"epoch", "step", "steps_per_epoch", "time"}
+STEP_FILE = "step.json"  # in a trial's folder: {"epoch", "step", "steps_per_epoch", "time"}
 _SHOWN = ("done", "running", "stopped early", "failed", "diverged")  # always shown; others when non-zero
 _FINAL = {"completed": "done", "stopped_early": "stopped early", "failed": "failed", "diverged": "diverged"}
 _RAY = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": "running", "ERROR": "failed"}
@@ -36,7 +36,7 @@ def step_writer(trial_dir: str | Path, min_interval_s: float = 1.0) -> Callable[
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"epoch": info.epoch, "step": info.step_in_epoch,
-                                       "steps_per_epoch": info.steps_in_epoch, "time": now}), encoding="utf-8")
+                                       "steps_per_epoch": info.steps_in_epoch, "time": now}))
             os.replace(tmp, folder / STEP_FILE)
         except OSError:
             pass
@@ -90,7 +90,8 @@ class ProgressView(Callback):
                  statuses: Callable[[], Mapping[str, str]] | None = None, local: bool = True,
                  stream: TextIO | None = None) -> None:
         self.metric, self.mode, self.statuses, self.local = metric, mode, statuses, local
-        self.planned_epochs, self.num_samples, self._stream = planned_epochs, num_samples, stream or sys.stdout
+        self.planned_epochs, self.num_samples = planned_epochs, num_samples
+        self._stream = stream or sys.stdout
         self._start, self._first = time.monotonic(), None  # _first: the first trial's start (for the ETA)
         self._best, self._best_trial = (math.inf if mode == "min" else -math.inf), ""
         self._trials: list[Any] = []
@@ -159,8 +160,9 @@ class ProgressView(Callback):
 
         done, planned, eta = self.progress()
         grid = Table.grid(padding=(0, 2))
-        grid.add_row(ProgressBar(total=max(planned, 1), completed=done, width=40), f"{done:.1f}/{planned:g} "
-                     f"trial-epochs  {_duration(time.monotonic() - self._start)} elapsed  ETA {_duration(eta)}")
+        elapsed = _duration(time.monotonic() - self._start)
+        grid.add_row(ProgressBar(total=max(planned, 1), completed=done, width=40),
+                     f"{done:.1f}/{planned:g} trial-epochs  {elapsed} elapsed  ETA {_duration(eta)}")
         grid.add_row("", f"trials {len(self._trials)}/{self.num_samples}: {self.status()}")
         for t in [t for t in self._trials if t.status == "RUNNING"]:
             step = self._step(t)
@@ -201,7 +203,8 @@ class ProgressView(Callback):
                 value < self._best if self.mode == "min" else value > self._best):
             self._best, self._best_trial = float(value), self._label(trial, short=True)
         # Plain lines only; a trial's last epoch is in its end line, next.
-        if self._live is None and epoch < self.planned_epochs and self._recorded.get(trial.trial_id) not in _FINAL:
+        ended = epoch >= self.planned_epochs or self._recorded.get(trial.trial_id) in _FINAL
+        if self._live is None and not ended:
             done, planned, eta = self.progress()
             shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
             self._event(f"{self._label(trial, short=True)} epoch {epoch}/{self.planned_epochs} {self.metric} "
@@ -224,8 +227,9 @@ class ProgressView(Callback):
         """One line for a trial's failure: its reason and where the full traceback is."""
         from .searcher import failure_reason
 
-        try:  # The driver's copy: the storage's (get_error) is synced later.
-            text = Path(trial.error_file).read_text(errors="replace") if trial.error_file else trial.get_error()
+        try:  # the driver's copy: the storage's (get_error) comes with Ray's next sync
+            text = Path(trial.error_file).read_text(errors="replace") if trial.error_file else (
+                trial.get_error())
             reason = failure_reason(str(text or "")) or "no error text"
         except Exception:  # noqa: BLE001 - an unreadable error file must not end the study
             reason = "no error text"
@@ -236,4 +240,5 @@ class ProgressView(Callback):
         self._refresh(trials)
         self.close()
         done, planned, _ = self.progress()
-        self._event(f"run ended: {done:g}/{planned:g} trial-epochs in {_duration(time.monotonic() - self._start)}")
+        took = _duration(time.monotonic() - self._start)
+        self._event(f"run ended: {done:g}/{planned:g} trial-epochs in {took}")
