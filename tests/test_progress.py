@@ -146,7 +146,8 @@ def test_a_failed_trial_is_one_line_with_its_reason_and_traceback_path(tmp_path:
     view.on_trial_recover(0, [trial], trial)
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
-    assert "] t001 lr=2.3e-3 acc=1 failed: ValueError: boom (traceback: /runs/run-1/t001/error.txt) |" in lines[0]
+    assert "] t001 lr=2.3e-3 acc=1 failed: ValueError: boom (traceback: /runs/run-1/t001/error.txt) | " \
+        in lines[0]
     retried = "t001 lr=2.3e-3 acc=1 crashed; Ray retries it from its last checkpoint"
     assert f"] {retried}: {'x' * 199}… (traceback: /runs/run-1/t001/error.txt) | " in lines[1]
 
