@@ -123,8 +123,7 @@ def test_plain_mode_prints_each_event_once_on_its_own_line(tmp_path: Path) -> No
     lines = view._stream.getvalue().splitlines()
     assert len(lines) == 4 and len(set(lines)) == 4, lines
     assert not any("\r" in line or "\x1b" in line for line in lines)
-    assert lines[0].endswith("] t003 lr=2.3e-3 acc=1 started | done 1, running 1, stopped early 1, failed 0, "
-                             "diverged 0, pending 1 | best -")
+    assert lines[0].endswith("s] t003 lr=2.3e-3 acc=1 started")
     assert "] t003 epoch 1/3 val_loss 2.0000; 5.2/13 trial-epochs, ETA " in lines[1]
     assert lines[1].endswith("| done 1, running 1, stopped early 1, failed 0, diverged 0, pending 1 | best "
                              "val_loss 2.0000 (t003)")

@@ -170,12 +170,13 @@ class ProgressView(Callback):
                          f"{self.planned_epochs}" + (f"  step {step[1]}/{step[2]}" if step else ""))
         return grid
 
-    def _event(self, text: str) -> None:
-        """A line that stays: above the terminal view, or with the time and counts without one."""
+    def _event(self, text: str, counts: bool = True) -> None:
+        """A line that stays: above the terminal view, or with the time (and counts) without one."""
         if self._live is not None:
             self._live.console.print(text, markup=False, highlight=False)
             return
-        self._stream.write(f"[{time.monotonic() - self._start:6.0f}s] {text} | {self.status()}\n")
+        status = f" | {self.status()}" if counts else ""
+        self._stream.write(f"[{time.monotonic() - self._start:6.0f}s] {text}{status}\n")
         self._stream.flush()
 
     def _refresh(self, trials: list[Any]) -> None:
@@ -189,7 +190,7 @@ class ProgressView(Callback):
         self._refresh(trials)
         self._first = self._first or time.monotonic()  # the ETA's rate leaves Ray's start-up out
         if self._live is None and trial.trial_id not in self._labels:  # (not again when Ray retries it)
-            self._event(f"{self._label(trial)} started")
+            self._event(f"{self._label(trial)} started", counts=False)  # (Ray says RUNNING after this)
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict,
                         **info: Any) -> None:
