@@ -158,3 +158,16 @@ def test_the_best_value_follows_the_mode() -> None:
     view.on_trial_result(0, [a, b], b, {"epoch": 1, "accuracy": 0.25})
     view.on_trial_result(0, [a, b], b, {"epoch": 1, "accuracy": float("nan")})
     assert view.status().endswith("| best accuracy 0.5000 (t001)")
+
+
+def test_only_epochs_trained_in_this_run_set_the_eta_rate() -> None:
+    view = ProgressView("val_loss", "min", planned_epochs=3, num_samples=2, local=False, stream=io.StringIO())
+    a, b = _trial("a", "RUNNING", number=1), _trial("b", "RUNNING", number=2)
+    for t in (a, b):
+        view.on_trial_start(0, [a, b], t)
+    view.on_trial_result(0, [a, b], a, {"epoch": 2, "val_loss": 2.0, "restored": 1})  # continued by --resume
+    assert view.progress() == (2, 6, None)  # nothing trained in this run yet
+    view.on_trial_result(0, [a, b], b, {"epoch": 1, "val_loss": 3.0})
+    view.on_trial_result(0, [a, b], b, {"epoch": 1, "val_loss": 3.0, "restored": 1})  # Ray retried it
+    done, planned, eta = view.progress()
+    assert (done, planned) == (3, 6) and eta is not None and eta > 0

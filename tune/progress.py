@@ -197,8 +197,10 @@ class ProgressView(Callback):
         self._refresh(trials)
         epoch, value = int(result.get("epoch", 0)), result.get(self.metric)
         self._reported[trial.trial_id] = epoch
-        if result.get("restored"):  # its checkpoint's epoch again, trained in an earlier run
-            self._restored[trial.trial_id] = epoch
+        # A run's first report of a continued trial is its checkpoint's epoch again (not trained now;
+        # a repeat after Ray retried it in this run was).
+        self._restored.setdefault(trial.trial_id, epoch if result.get("restored") else 0)
+        if result.get("restored"):
             return
         if isinstance(value, (int, float)) and math.isfinite(value) and (
                 value < self._best if self.mode == "min" else value > self._best):
