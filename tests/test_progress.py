@@ -171,3 +171,17 @@ def test_only_epochs_trained_in_this_run_set_the_eta_rate() -> None:
     view.on_trial_result(0, [a, b], b, {"epoch": 1, "val_loss": 3.0, "restored": 1})  # Ray retried it
     done, planned, eta = view.progress()
     assert (done, planned) == (3, 6) and eta is not None and eta > 0
+
+
+def test_a_diverged_trial_is_one_line_with_its_reason() -> None:
+    out = io.StringIO()
+    view = ProgressView("val_loss", "min", planned_epochs=3, num_samples=1, stream=out,
+                        statuses=lambda: {"a": "diverged"})  # recorded by the scheduler, before the callbacks
+    a = _trial("a", "RUNNING")
+    result = {"epoch": 2, "val_loss": float("nan"), "diverged": 1, "diverged_reason": "loss 41.0 > 4 x 10.2"}
+    view.on_trial_result(0, [a], a, result)
+    a.status, a.last_result = "TERMINATED", result
+    view.on_trial_complete(0, [a], a)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and "] t001 lr=2.3e-3 acc=1 diverged at epoch 2: loss 41.0 > 4 x 10.2 | done 0, " \
+        "running 0, stopped early 0, failed 0, diverged 1 | best -" in lines[0], lines
