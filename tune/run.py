@@ -372,8 +372,10 @@ def _quiet_libraries() -> None:
     # Ray's notice that a new local cluster uses token authentication (its default) asks nothing of the user.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # After a Ctrl-C Ray advises `Tuner.restore(...)`: a study continues with --resume (printed by
-    # the driver), never from Ray's own saved state.
-    logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore" not in record.getMessage())
+    # the driver), never from Ray's own saved state. Ray's "Trials did not complete: [train_trial_...]"
+    # repeats by Ray's trial names what the view and the summary say by the study's.
+    logging.getLogger("ray.tune.tune").addFilter(
+        lambda record: not any(s in record.getMessage() for s in ("Tuner.restore", "Trials did not complete")))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
