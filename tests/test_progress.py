@@ -1,32 +1,187 @@
-"""tune.progress: the live status line counts trials as the study record sees them."""
+"""tune.progress: the live view's counts, trial-epoch progress and ETA, the per-step file a trial
+writes, and the plain one-line events when stdout is not a terminal (all without a terminal)."""
 
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
-from tune.progress import ProgressLine
+import pytest
+from rich.console import Console
+
+from tune.progress import STEP_FILE, ProgressView, count_trials, eta_s, read_step, step_writer
+
+PARAMS = {"train.learning_rate": 0.0023, "train.accumulation_steps": 1}
 
 
-def _trial(tid: str, status: str, epoch: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(trial_id=tid, status=status, last_result={"epoch": epoch}, config={"study_trial": 1},
-                           path="/runs/run-1/t001", get_error=lambda: RuntimeError("ValueError: boom"))
+def _trial(tid: str, status: str, epoch: int = 0, number: int = 1, path: str = "/runs/run-1/t001",
+           **result: float) -> SimpleNamespace:
+    last = {"epoch": epoch, **result} if epoch else {}
+    return SimpleNamespace(trial_id=tid, status=status, last_result=last,
+                           config={"study_trial": number, "params": PARAMS}, path=path, error_file=None,
+                           get_error=lambda: RuntimeError("Traceback ...\nValueError: boom"))
 
 
-def test_interrupted_trials_are_not_counted_as_stopped_early() -> None:
-    statuses = {"a": "completed", "b": "stopped_early", "c": "interrupted", "d": "failed", "e": "diverged"}
-    line = ProgressLine("val_loss", "min", planned_epochs=3, num_samples=7, statuses=lambda: statuses)
+def _step(epoch: int, step: int, steps: int) -> SimpleNamespace:
+    return SimpleNamespace(epoch=epoch, step_in_epoch=step, steps_in_epoch=steps)
+
+
+def test_ended_trials_are_counted_as_the_record_has_them() -> None:
+    recorded = {"a": "completed", "b": "stopped_early", "c": "interrupted", "d": "failed", "e": "diverged",
+                "h": "stopped_early"}
     trials = [_trial("a", "TERMINATED", 3), _trial("b", "TERMINATED", 1), _trial("c", "TERMINATED", 1),
               _trial("d", "ERROR", 1), _trial("e", "TERMINATED", 2), _trial("f", "RUNNING", 1),
-              _trial("g", "PENDING")]
-    text = line._line(trials)
-    assert "trials 7/7: done 1, running 1, stopped early 1, failed 2, interrupted 1, pending 1 |" in text
+              _trial("g", "PENDING"), _trial("h", "RUNNING", 1), _trial("i", "ERROR")]
+    # "h": the scheduler stopped it (the record says so) before Ray marked it ended.
+    assert count_trials(trials, recorded) == {"done": 1, "running": 1, "stopped early": 2, "failed": 2,
+                                              "diverged": 1, "interrupted": 1, "pending": 1}
 
 
-def test_a_failed_trial_is_one_line_with_its_reason(monkeypatch) -> None:
+def test_eta_is_the_remaining_trial_epochs_at_this_runs_rate() -> None:
+    assert eta_s(done=4, done_at_start=1, planned=10, elapsed_s=30) == pytest.approx(6 * 30 / 3)
+    assert eta_s(done=1, done_at_start=1, planned=10, elapsed_s=30) is None  # only a resumed trial's epoch
+    assert eta_s(done=0, done_at_start=0, planned=10, elapsed_s=0) is None
+    assert eta_s(done=10, done_at_start=0, planned=9, elapsed_s=30) == 0.0
+
+
+def test_step_writer_writes_at_most_once_per_interval_and_atomically(tmp_path: Path) -> None:
+    write = step_writer(tmp_path / "t001", min_interval_s=3600)
+    write(_step(2, 5, 40))
+    write(_step(2, 6, 40))  # within the interval: skipped
+    assert read_step(tmp_path / "t001") == (2, 5, 40)
+    assert [p.name for p in (tmp_path / "t001").iterdir()] == [STEP_FILE]  # no temporary file left
+    assert json.loads((tmp_path / "t001" / STEP_FILE).read_text())["time"] > 0
+    again = step_writer(tmp_path / "t001", min_interval_s=0)
+    again(_step(2, 7, 40))
+    again(_step(3, 1, 40))
+    assert read_step(tmp_path / "t001") == (3, 1, 40)
+
+
+def test_a_missing_or_damaged_step_file_reads_as_none(tmp_path: Path) -> None:
+    assert read_step(tmp_path) is None
+    (tmp_path / STEP_FILE).write_text('{"epoch": 1, "step":')
+    assert read_step(tmp_path) is None
+    (tmp_path / STEP_FILE).write_text('{"epoch": 1}')
+    assert read_step(tmp_path) is None
+
+
+def _running_study(tmp_path: Path, local: bool = True) -> tuple[ProgressView, list[SimpleNamespace]]:
+    """5 trials of 3 epochs planned: a completed one, one stopped early after epoch 1, one running
+    (epoch 1 reported, 10 of 40 steps of epoch 2 in its step.json), one pending, one not asked yet."""
+    running = tmp_path / "t003"
+    step_writer(running)(_step(2, 10, 40))
+    trials = [_trial("a", "TERMINATED", 3, number=1), _trial("b", "TERMINATED", 1, number=2),
+              _trial("c", "RUNNING", 1, number=3, path=str(running)), _trial("d", "PENDING", number=4)]
+    view = ProgressView("val_loss", "min", planned_epochs=3, num_samples=5, local=local, stream=io.StringIO(),
+                        statuses=lambda: {"a": "completed", "b": "stopped_early", "c": "running"})
+    view.on_step_end(0, trials)
+    return view, trials
+
+
+def test_progress_counts_trial_epochs_with_the_running_trials_steps(tmp_path: Path) -> None:
+    view, _ = _running_study(tmp_path)
+    done, planned, _ = view.progress()
+    assert done == pytest.approx(3 + 1 + 1 + 10 / 40)
+    assert planned == 3 + 1 + 3 + 3 + 3  # the stopped trial plans only what it did
+    view.local = False  # URI storage: epochs only
+    assert view.progress()[0] == 5
+
+
+def test_a_reported_epoch_counts_at_once_and_makes_the_step_file_stale(tmp_path: Path) -> None:
+    view, trials = _running_study(tmp_path)
+    # Ray calls back before it updates the trial's last_result; the file still says epoch 2, step 10.
+    view.on_trial_result(0, trials, trials[2], {"epoch": 2, "val_loss": 2.0})
+    assert view.progress()[0] == 3 + 1 + 2
+
+
+def test_the_terminal_view_shows_progress_counts_and_each_running_trials_step(tmp_path: Path) -> None:
+    view, trials = _running_study(tmp_path)
+    view.on_trial_result(0, trials, trials[0], {"epoch": 3, "val_loss": 1.5})
     out = io.StringIO()
-    line = ProgressLine("val_loss", "min", planned_epochs=3, num_samples=1)
-    monkeypatch.setattr(ProgressLine, "_stream", property(lambda self: out))
-    line.on_trial_error(0, [], _trial("a", "ERROR"))
-    first = out.getvalue().splitlines()[0]
-    assert first == "trial t001 failed: ValueError: boom (traceback: /runs/run-1/t001/error.txt)"
+    Console(file=out, width=160).print(view.render())
+    text = out.getvalue()
+    assert "5.2/13 trial-epochs" in text
+    assert "trials 4/5: done 1, running 1, stopped early 1, failed 0, diverged 0, pending 1" in text
+    assert "best val_loss 1.5000 (t001)" in text
+    assert "t003 lr=2.3e-3 acc=1 epoch 2/3 step 10/40" in " ".join(text.split())
+
+
+def test_plain_mode_prints_each_event_once_on_its_own_line(tmp_path: Path) -> None:
+    view, trials = _running_study(tmp_path)
+    view.setup()
+    c = trials[2]
+    view.on_trial_start(0, trials, c)
+    view.on_trial_result(0, trials, c, {"epoch": 1, "val_loss": 2.0})
+    view.on_trial_result(0, trials, c, {"epoch": 1, "val_loss": 2.0, "restored": 1})  # a resume's repeat
+    view.on_trial_result(0, trials, c, {"epoch": 3, "val_loss": 1.25})  # the last epoch: in the end line
+    c.status, c.last_result = "TERMINATED", {"epoch": 3, "val_loss": 1.25}
+    view.statuses = lambda: {"a": "completed", "b": "stopped_early", "c": "completed"}  # (Ray's order)
+    view.on_trial_complete(0, trials, c)
+    view.on_experiment_end(trials)
+    lines = view._stream.getvalue().splitlines()
+    assert len(lines) == 4 and len(set(lines)) == 4, lines
+    assert not any("\r" in line or "\x1b" in line for line in lines)
+    assert lines[0].endswith("s] t003 lr=2.3e-3 acc=1 started")
+    assert "] t003 epoch 1/3 val_loss 2.0000; 5.2/13 trial-epochs, ETA " in lines[1]
+    assert lines[1].endswith("| done 1, running 1, stopped early 1, failed 0, diverged 0, pending 1 | best "
+                             "val_loss 2.0000 (t003)")
+    assert lines[2].endswith("] t003 lr=2.3e-3 acc=1 completed at epoch 3 (val_loss 1.2500) | done 2, "
+                             "running 0, "
+                             "stopped early 1, failed 0, diverged 0, pending 1 | best val_loss 1.2500 (t003)")
+    assert "] run ended: 7/13 trial-epochs in " in lines[3]
+
+
+def test_a_failed_trial_is_one_line_with_its_reason_and_traceback_path(tmp_path: Path) -> None:
+    out = io.StringIO()
+    view = ProgressView("val_loss", "min", planned_epochs=3, num_samples=1, stream=out)
+    trial = _trial("a", "ERROR")
+    trial.error_file = None  # the storage's copy only
+    view.on_trial_error(0, [trial], trial)
+    # The driver's own copy first: Ray syncs it to the storage later.
+    (tmp_path / "error.txt").write_text("Failure # 1\nThe actor died unexpectedly.\n" + "x" * 300)
+    trial.error_file = str(tmp_path / "error.txt")
+    view.on_trial_recover(0, [trial], trial)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "] t001 lr=2.3e-3 acc=1 failed: ValueError: boom (traceback: /runs/run-1/t001/error.txt) | " \
+        in lines[0]
+    retried = "t001 lr=2.3e-3 acc=1 crashed; Ray retries it from its last checkpoint"
+    assert f"] {retried}: {'x' * 199}… (traceback: /runs/run-1/t001/error.txt) | " in lines[1]
+
+
+def test_the_best_value_follows_the_mode() -> None:
+    view = ProgressView("accuracy", "max", planned_epochs=2, num_samples=2, stream=io.StringIO())
+    a, b = _trial("a", "RUNNING", number=1), _trial("b", "RUNNING", number=2)
+    view.on_trial_result(0, [a, b], a, {"epoch": 1, "accuracy": 0.5})
+    view.on_trial_result(0, [a, b], b, {"epoch": 1, "accuracy": 0.25})
+    view.on_trial_result(0, [a, b], b, {"epoch": 1, "accuracy": float("nan")})
+    assert view.status().endswith("| best accuracy 0.5000 (t001)")
+
+
+def test_only_epochs_trained_in_this_run_set_the_eta_rate() -> None:
+    view = ProgressView("val_loss", "min", planned_epochs=3, num_samples=2, local=False, stream=io.StringIO())
+    a, b = _trial("a", "RUNNING", number=1), _trial("b", "RUNNING", number=2)
+    for t in (a, b):
+        view.on_trial_start(0, [a, b], t)
+    view.on_trial_result(0, [a, b], a, {"epoch": 2, "val_loss": 2.0, "restored": 1})  # continued by --resume
+    assert view.progress() == (2, 6, None)  # nothing trained in this run yet
+    view.on_trial_result(0, [a, b], b, {"epoch": 1, "val_loss": 3.0})
+    view.on_trial_result(0, [a, b], b, {"epoch": 1, "val_loss": 3.0, "restored": 1})  # Ray retried it
+    done, planned, eta = view.progress()
+    assert (done, planned) == (3, 6) and eta is not None and eta > 0
+
+
+def test_a_diverged_trial_is_one_line_with_its_reason() -> None:
+    out = io.StringIO()
+    view = ProgressView("val_loss", "min", planned_epochs=3, num_samples=1, stream=out,
+                        statuses=lambda: {"a": "diverged"})  # recorded by the scheduler, before the callbacks
+    a = _trial("a", "RUNNING")
+    result = {"epoch": 2, "val_loss": float("nan"), "diverged": 1, "diverged_reason": "loss 41.0 > 4 x 10.2"}
+    view.on_trial_result(0, [a], a, result)
+    a.status, a.last_result = "TERMINATED", result
+    view.on_trial_complete(0, [a], a)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and "] t001 lr=2.3e-3 acc=1 diverged at epoch 2: loss 41.0 > 4 x 10.2 | done 0, " \
+        "running 0, stopped early 0, failed 0, diverged 1 | best -" in lines[0], lines

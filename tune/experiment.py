@@ -29,7 +29,7 @@ from minimind_train.config import run_config_to_dict
 from . import cluster, restart
 from .mirror import Mirror, MirrorCallback, warn_on_failure
 from .preflight import Inputs
-from .progress import ProgressLine
+from .progress import ProgressView
 from .record import StudyError, StudyRecord
 from .report import finish_study
 from .searcher import (
@@ -264,8 +264,9 @@ class _Experiment:
             by_number = record.statuses()
             return {tid: by_number[n] for tid, n in searcher.numbers.items() if n in by_number}
 
-        callbacks = [ProgressLine(t.metric, t.mode, self.run_cfg.train.epochs, to_run, statuses=statuses),
-                     MirrorCallback(self.mirror, searcher.numbers), *extra_callbacks]
+        view = ProgressView(t.metric, t.mode, self.run_cfg.train.epochs, to_run, statuses=statuses,
+                            local=paths.is_local)
+        callbacks = [view, MirrorCallback(self.mirror, searcher.numbers), *extra_callbacks]
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=run_config_to_dict(self.run_cfg), metric=t.metric, mode=t.mode,
                                  runs_dir=paths.runs_uri, run_name=f"run-{run_index}",
@@ -295,6 +296,7 @@ class _Experiment:
                                  "trials are kept: free space, then continue with --resume", code=1) from exc
             raise
         finally:
+            view.close()
             try:
                 record.add_history({"run": run_index, "seconds": round(time.monotonic() - started, 1)})
             except OSError as exc:  # a full disk: the run's length is lost, nothing else

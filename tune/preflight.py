@@ -46,6 +46,9 @@ def quiet_libraries() -> None:
     # A failed trial is one line from tune.progress (its reason and where the traceback is), not
     # Ray's full traceback on the driver's stderr; the trial folder keeps it (error.txt).
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    # Ray warns when a step of its loop takes over 0.5 s and advises reporting less often: trials report
+    # once an epoch, so the advice is moot (an MLflow write on a busy machine sets it off).
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "60")
     # Each epoch checkpoints, so Ray's "snapshotting too often" advice fires constantly and is moot.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import mlflow  # noqa: F401  (it configures its loggers on import; quieten them afterwards)
@@ -53,9 +56,14 @@ def quiet_libraries() -> None:
 
     for name in ("mlflow", "alembic", "optuna", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray's notice that a new local cluster uses token authentication (its default) asks nothing of the
+    # user. (A logger's name, not an attribute: Ray has no public switch for this notice.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # After a Ctrl-C Ray advises `Tuner.restore(...)`: a study continues with --resume (printed by
-    # the driver), never from Ray's own saved state.
-    logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore" not in record.getMessage())
+    # the driver), never from Ray's own saved state. Ray's "Trials did not complete: [train_trial_...]"
+    # repeats by Ray's trial names what the view and the summary say by the study's.
+    logging.getLogger("ray.tune.tune").addFilter(
+        lambda record: not any(s in record.getMessage() for s in ("Tuner.restore", "Trials did not complete")))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

@@ -1,122 +1,247 @@
-"""A compact live view of a study: one status line instead of Ray's wide tables."""
+"""The driver's live view of a study (rich on a terminal, one line per event elsewhere), and the
+``step.json`` through which a trial tells it its step."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TextIO
 
 from ray.tune import Callback
 
-__all__ = ["ProgressLine"]
+__all__ = ["STEP_FILE", "ProgressView", "count_trials", "eta_s", "read_step", "step_writer"]
+
+STEP_FILE = "step.json"  # in a trial's folder: {"epoch", "step", "steps_per_epoch", "time"}
+_SHOWN = ("done", "running", "stopped early", "failed", "diverged")  # always shown; others when non-zero
+_FINAL = {"completed": "done", "stopped_early": "stopped early", "failed": "failed", "diverged": "diverged"}
+_RAY = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": "running", "ERROR": "failed"}
 
 
-class ProgressLine(Callback):
-    """Prints ``done / running / stopped early / failed, best so far, elapsed`` when anything changes.
+def step_writer(trial_dir: str | Path, min_interval_s: float = 1.0) -> Callable[[Any], None]:
+    """An ``on_step`` callback for ``minimind_train.train.train_epochs`` that writes its ``StepInfo``
+    to ``trial_dir``/:data:`STEP_FILE` at most every ``min_interval_s`` seconds, atomically (by
+    rename). A failed write is skipped: the view is not worth a trial."""
+    folder, last = Path(trial_dir), [-math.inf]
 
-    On a terminal the line is redrawn in place; otherwise (CI, ``ray job submit`` logs) a new line is
-    printed at most every ``min_interval_s`` seconds and on every trial end.
+    def write(info: Any) -> None:
+        if (now := time.time()) - last[0] < min_interval_s:
+            return
+        last[0], tmp = now, folder / f".{STEP_FILE}.{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"epoch": info.epoch, "step": info.step_in_epoch,
+                                       "steps_per_epoch": info.steps_in_epoch, "time": now}))
+            os.replace(tmp, folder / STEP_FILE)
+        except OSError:
+            pass
+    return write
+
+
+def read_step(trial_dir: str | Path) -> tuple[int, int, int] | None:
+    """``(epoch in progress (1-based), step, steps_per_epoch)`` from a trial's :data:`STEP_FILE`;
+    None when it is missing or unreadable."""
+    try:
+        d = json.loads((Path(trial_dir) / STEP_FILE).read_text(encoding="utf-8"))
+        return int(d["epoch"]), int(d["step"]), max(1, int(d["steps_per_epoch"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def count_trials(trials: list[Any], recorded: Mapping[str, str]) -> dict[str, int]:
+    """Trials by state. How a trial ended is the study record's word (``recorded``: Ray trial id ->
+    tune.record status; it is set before Ray's own status, and tells an interrupted trial from a
+    stopped one); otherwise Ray's status says pending or running."""
+    count = dict.fromkeys(_SHOWN, 0)
+    for t in trials:
+        status = recorded.get(t.trial_id)
+        key = _FINAL.get(status or "") or _RAY.get(t.status) or ("interrupted" if status else "done")
+        count[key] = count.get(key, 0) + 1
+    return count
+
+
+def eta_s(done: float, done_at_start: float, planned: float, elapsed_s: float) -> float | None:
+    """Seconds left at this run's rate: ``(planned - done) * elapsed_s / (done - done_at_start)``, in
+    trial-epochs (those done by earlier runs do not count for the rate); None before any progress."""
+    if done - done_at_start <= 0 or elapsed_s <= 0:
+        return None
+    return max(0.0, planned - done) * elapsed_s / (done - done_at_start)
+
+
+def _duration(seconds: float | None) -> str:
+    return "-" if seconds is None else str(datetime.timedelta(seconds=round(seconds)))
+
+
+class ProgressView(Callback):
+    """Progress in trial-epochs (done / planned, ETA), each running trial's epoch and step, counts and
+    the best value so far: on a terminal a rich.live.Live view redrawn twice a second, above it a line
+    per ended trial; otherwise (CI, ``ray job submit`` logs, pipes) one line per epoch and per ended trial.
+
+    ``planned_epochs`` per trial and ``num_samples`` trials in this run; ``statuses()`` maps Ray trial
+    ids to their study-record status; ``local``: the trial folders are on this machine (steps shown).
     """
 
     def __init__(self, metric: str, mode: str, planned_epochs: int, num_samples: int,
-                 min_interval_s: float = 5.0, statuses: Callable[[], Mapping[str, str]] | None = None) -> None:
-        """``statuses()`` maps Ray trial ids to their study-record status (tune.record)."""
-        self.statuses = statuses
-        self.metric = metric
-        self.mode = mode
-        self.planned_epochs = planned_epochs
-        self.num_samples = num_samples
-        self.min_interval_s = min_interval_s
-        self._start = time.monotonic()
-        self._last_print = 0.0
-        self._best = math.inf if mode == "min" else -math.inf
-        self._best_trial = ""
+                 statuses: Callable[[], Mapping[str, str]] | None = None, local: bool = True,
+                 stream: TextIO | None = None) -> None:
+        self.metric, self.mode, self.statuses, self.local = metric, mode, statuses, local
+        self.planned_epochs, self.num_samples = planned_epochs, num_samples
+        self._stream = stream or sys.stdout
+        self._start, self._first = time.monotonic(), None  # _first: the first trial's start (for the ETA)
+        self._best, self._best_trial = (math.inf if mode == "min" else -math.inf), ""
+        self._trials: list[Any] = []
+        self._recorded: Mapping[str, str] = {}
+        self._labels: dict[str, str] = {}  # Ray trial id -> "t003 lr=2.3e-3 acc=1"
+        self._reported: dict[str, int] = {}  # Ray trial id -> its last epoch (Ray's last_result lags)
+        self._restored: dict[str, int] = {}  # Ray trial id -> epochs it had done before this run
+        self._live: Any = None
 
     def setup(self, **info: Any) -> None:
-        # Also runs on --resume, in a new process whose monotonic clock has another origin.
-        self._start = time.monotonic()
+        self._start = time.monotonic()  # this process's clock (a --resume is another process)
+        if self._stream.isatty():
+            from rich.console import Console
+            from rich.live import Live
 
-    @property
-    def _stream(self) -> TextIO:
-        return sys.stdout
+            self._live = Live(console=Console(file=self._stream), get_renderable=self.render,
+                              refresh_per_second=2, transient=True)
+            self._live.start()
 
-    def _better(self, value: float) -> bool:
-        return value < self._best if self.mode == "min" else value > self._best
+    def close(self) -> None:
+        """Stop the terminal view (idempotent; the driver calls it however the run ends)."""
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
 
-    def _line(self, trials: list[Any]) -> str:
-        # How a trial ended is the study record's word (an interrupted trial is not stopped early).
-        statuses = self.statuses() if self.statuses is not None else {}
-        count = {"done": 0, "running": 0, "stopped early": 0, "failed": 0, "interrupted": 0, "pending": 0}
-        for t in trials:
-            recorded = statuses.get(t.trial_id)
-            if t.status == "PENDING":
-                count["pending"] += 1
-            elif t.status == "RUNNING":
-                count["running"] += 1
-            elif recorded == "completed":
-                count["done"] += 1
-            elif recorded == "stopped_early":
-                count["stopped early"] += 1
-            elif recorded in ("failed", "diverged") or t.status == "ERROR":
-                count["failed"] += 1
-            else:
-                count["interrupted" if recorded else "done"] += 1
-        elapsed = time.monotonic() - self._start
+    def _label(self, trial: Any, short: bool = False) -> str:
+        if trial.trial_id not in self._labels:
+            from .mirror import run_name
+            from .record import TrialRecord
+
+            params, number = dict(trial.config.get("params") or {}), trial.config.get("study_trial")
+            self._labels[trial.trial_id] = (run_name(TrialRecord(number, "", params, {}), list(params))
+                                            if isinstance(number, int) else trial.trial_id)
+        return self._labels[trial.trial_id].split(" ")[0] if short else self._labels[trial.trial_id]
+
+    def _epoch(self, trial: Any) -> int:
+        return max(self._reported.get(trial.trial_id, 0), int((trial.last_result or {}).get("epoch", 0)))
+
+    def _step(self, trial: Any) -> tuple[int, int, int] | None:
+        """A running trial's step in the epoch after its last reported one, when its folder is local."""
+        step = read_step(trial.path) if self.local and trial.path and trial.status == "RUNNING" else None
+        return step if step and step[0] == self._epoch(trial) + 1 else None
+
+    def progress(self) -> tuple[float, float, float | None]:
+        """``(done, planned, eta_s)`` in trial-epochs: a running trial adds its steps as a fraction of an
+        epoch, an ended one plans what it did, a trial not yet started all ``planned_epochs``."""
+        done = planned = 0.0
+        for t in self._trials:
+            step = self._step(t)
+            done += self._epoch(t) + (step[1] / step[2] if step else 0.0)
+            planned += self._epoch(t) if t.status in ("TERMINATED", "ERROR") else self.planned_epochs
+        planned += max(0, self.num_samples - len(self._trials)) * self.planned_epochs
+        elapsed = time.monotonic() - (self._first or time.monotonic())
+        return done, planned, eta_s(done, sum(self._restored.values()), planned, elapsed)
+
+    def status(self) -> str:
+        """``done 1, running 2, stopped early 0, failed 0, diverged 0 | best val_loss 7.4992 (t001)``."""
+        count = count_trials(self._trials, self._recorded)
         best = f"{self.metric} {self._best:.4f} ({self._best_trial})" if self._best_trial else "-"
-        shown = ", ".join(f"{k} {v}" for k, v in count.items() if v or k in ("done", "running", "stopped early",
-                                                                             "failed"))
-        return f"[{elapsed:6.0f}s] trials {len(trials)}/{self.num_samples}: {shown} | best {best}"
+        return ", ".join(f"{k} {v}" for k, v in count.items() if v or k in _SHOWN) + f" | best {best}"
 
-    def _show(self, trials: list[Any], force: bool = False) -> None:
-        now = time.monotonic()
-        tty = self._stream.isatty()
-        if not force and not tty and now - self._last_print < self.min_interval_s:
+    def render(self) -> Any:
+        """The terminal view, rebuilt from the trials' current state at each redraw."""
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        done, planned, eta = self.progress()
+        grid = Table.grid(padding=(0, 2))
+        elapsed = _duration(time.monotonic() - self._start)
+        grid.add_row(ProgressBar(total=max(planned, 1), completed=done, width=40),
+                     f"{done:.1f}/{planned:g} trial-epochs  {elapsed} elapsed  ETA {_duration(eta)}")
+        grid.add_row("", f"trials {len(self._trials)}/{self.num_samples}: {self.status()}")
+        for t in [t for t in self._trials if t.status == "RUNNING"]:
+            step = self._step(t)
+            grid.add_row(f"  {self._label(t)}", f"epoch {min(self._epoch(t) + 1, self.planned_epochs)}/"
+                         f"{self.planned_epochs}" + (f"  step {step[1]}/{step[2]}" if step else ""))
+        return grid
+
+    def _event(self, text: str, counts: bool = True) -> None:
+        """A line that stays: above the terminal view, or with the time (and counts) without one."""
+        if self._live is not None:
+            self._live.console.print(text, markup=False, highlight=False)
             return
-        self._last_print = now
-        line = self._line(trials)
-        if tty:
-            self._stream.write("\r\x1b[2K" + line)
-        else:
-            self._stream.write(line + "\n")
+        status = f" | {self.status()}" if counts else ""
+        self._stream.write(f"[{time.monotonic() - self._start:6.0f}s] {text}{status}\n")
         self._stream.flush()
+
+    def _refresh(self, trials: list[Any]) -> None:
+        self._trials = trials
+        self._recorded = self.statuses() if self.statuses is not None else {}
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self._trials = trials
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._refresh(trials)
+        self._first = self._first or time.monotonic()  # the ETA's rate leaves Ray's start-up out
+        if self._live is None and trial.trial_id not in self._labels:  # (not again when Ray retries it)
+            self._event(f"{self._label(trial)} started", counts=False)  # (Ray says RUNNING after this)
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict,
                         **info: Any) -> None:
-        value = result.get(self.metric)
-        if isinstance(value, (int, float)) and math.isfinite(value) and self._better(value):
-            number = trial.config.get("study_trial")
-            self._best = float(value)
-            self._best_trial = f"t{number:03d}" if isinstance(number, int) else trial.trial_id
-        self._show(trials)
+        self._refresh(trials)
+        epoch, value = int(result.get("epoch", 0)), result.get(self.metric)
+        self._reported[trial.trial_id] = epoch
+        # A run's first report of a continued trial is its checkpoint's epoch again (not trained now;
+        # a repeat after Ray retried it in this run was).
+        self._restored.setdefault(trial.trial_id, epoch if result.get("restored") else 0)
+        if result.get("restored"):
+            return
+        if isinstance(value, (int, float)) and math.isfinite(value) and (
+                value < self._best if self.mode == "min" else value > self._best):
+            self._best, self._best_trial = float(value), self._label(trial, short=True)
+        # Plain lines only; a trial's last epoch is in its end line, next.
+        ended = epoch >= self.planned_epochs or self._recorded.get(trial.trial_id) in _FINAL
+        if self._live is None and not ended:
+            done, planned, eta = self.progress()
+            shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+            self._event(f"{self._label(trial, short=True)} epoch {epoch}/{self.planned_epochs} {self.metric} "
+                        f"{shown}; {done:.1f}/{planned:g} trial-epochs, ETA {_duration(eta)}")
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._show(trials, force=True)
+        self._refresh(trials)
+        status, last = self._recorded.get(trial.trial_id, "completed"), trial.last_result or {}
+        value = last.get(self.metric)
+        why = (f": {last.get('diverged_reason', '')}" if status == "diverged" else
+               f" ({self.metric} {value:.4f})" if isinstance(value, (int, float)) else "")
+        self._event(f"{self._label(trial)} {status.replace('_', ' ')} at epoch {self._epoch(trial)}{why}")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._event(trial, "failed")
-        self._show(trials, force=True)
+        self._refresh(trials)
+        self.on_trial_recover(iteration, trials, trial, what="failed")
 
-    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._event(trial, "crashed; Ray retries it from its last checkpoint")
-
-    def _event(self, trial: Any, what: str) -> None:
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any,
+                         what: str = "crashed; Ray retries it from its last checkpoint", **info: Any) -> None:
         """One line for a trial's failure: its reason and where the full traceback is."""
         from .searcher import failure_reason
 
-        try:
-            reason = failure_reason(str(trial.get_error() or "")) or "no error text"
+        try:  # the driver's copy: the storage's (get_error) comes with Ray's next sync
+            text = Path(trial.error_file).read_text(errors="replace") if trial.error_file else (
+                trial.get_error())
+            reason = failure_reason(str(text or "")) or "no error text"
         except Exception:  # noqa: BLE001 - an unreadable error file must not end the study
             reason = "no error text"
-        number = trial.config.get("study_trial")
-        name = f"t{number:03d}" if isinstance(number, int) else trial.trial_id
-        if self._stream.isatty():
-            self._stream.write("\r\x1b[2K")
-        self._stream.write(f"trial {name} {what}: {reason} (traceback: {trial.path}/error.txt)\n")
-        self._stream.flush()
+        reason = reason if len(reason) <= 200 else reason[:199] + "…"  # (all of it is in the file)
+        self._event(f"{self._label(trial)} {what}: {reason} (traceback: {trial.path}/error.txt)")
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        self._show(trials, force=True)
-        if self._stream.isatty():
-            self._stream.write("\n")
+        self._refresh(trials)
+        self.close()
+        done, planned, _ = self.progress()
+        took = _duration(time.monotonic() - self._start)
+        self._event(f"run ended: {done:g}/{planned:g} trial-epochs in {took}")

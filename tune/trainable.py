@@ -27,6 +27,7 @@ from minimind_train.data import prepare_data
 from minimind_train.train import TrainingDiverged, train_epochs
 
 from .cluster import StudyData, current_node, open_study_data
+from .progress import step_writer
 from .searcher import NUMBER_KEY, PARAMS_KEY
 from .storage import checkpoint_metas, filesystem_of, retain_checkpoints, trial_dirname, write_checkpoint
 
@@ -144,7 +145,9 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str,
     oom = None
     epoch = 0 if state is None else state.epoch
     try:
-        for result in train_epochs(train_cfg, sft, state):
+        # The driver's live view shows each running trial's step from this file (local storage only).
+        on_step = step_writer(trial_dir) if "://" not in runs_dir else None
+        for result in train_epochs(train_cfg, sft, state, on_step=on_step):
             epoch = result.epoch
             with tempfile.TemporaryDirectory(prefix="minimind-ckpt-") as tmp:
                 folder = save_checkpoint(Path(tmp) / "checkpoint", result.state, cfg, result.metrics,
