@@ -103,7 +103,7 @@ def _check_mlflow(study: Path, trials: dict[str, Any], output: str) -> None:
 
 
 def _progress(driver: Driver) -> dict[str, int]:
-    """The driver's latest status line (tune.progress.ProgressLine)."""
+    """The driver's latest status line (tune.progress.ProgressView, plain mode)."""
     lines = PROGRESS.findall(driver.stdout)
     if not lines:
         return {}
