@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 import socket
@@ -28,6 +29,7 @@ from tune.mirror import (
     STUDY_ID_TAG,
     SYNCED_TAG,
     TRIAL_TAG,
+    VIEW_TAG_PREFIX,
     Mirror,
     MirrorCallback,
     TrackingError,
@@ -35,7 +37,9 @@ from tune.mirror import (
     main,
     resolve_tracking_uri,
     run_name,
+    runs_table_url,
     sqlite_db_path,
+    study_runs_url,
 )
 from tune.record import StudyRecord, TrialRecord
 
@@ -313,8 +317,8 @@ def test_finish_closes_the_parent_with_results(record: StudyRecord, tmp_path: Pa
     # The description names the best trial (a link to its run), its value and epoch, how to retrain it.
     note = parent.data.tags[NOTE_TAG]
     experiment_id = parent.info.experiment_id
-    assert f"[t000](#/experiments/{experiment_id}/runs/{runs[best_number].info.run_id})" in note
-    assert run_name(best, list(SPEC["search"])) in note
+    name = run_name(best, list(SPEC["search"]))
+    assert f"**Best trial [{name}](#/experiments/{experiment_id}/runs/{runs[best_number].info.run_id})**" in note
     assert f"{OBJECTIVE} 0.6667 at epoch 3" in note
     assert f"`python -m minimind_train.sft --config {best_yaml.resolve()}`" in note
     assert "2 trials: 1 completed, 1 unfinished." in note
@@ -332,6 +336,35 @@ def test_finish_closes_the_parent_with_results(record: StudyRecord, tmp_path: Pa
     assert artifact_root.is_relative_to(record.dir.resolve() / "mlartifacts")
     with pytest.raises(ValueError, match="status must be one of"):
         mirror.finish("completed", best=None, best_value=None, best_epoch=None, artifacts={})
+
+
+def test_saved_view_opens_the_studys_runs_best_first(record: StudyRecord, tmp_path: Path,
+                                                      template_db: Path) -> None:
+    server = "http://127.0.0.1:5000/"
+    assert study_runs_url(server, record.dir) is None  # no experiment of the study yet
+    number = new_trial(record, epochs=1)
+    mirror_of(record).sync()
+    other = make_record(tmp_path / "other", None)  # a second study in the same experiment
+    mirror_of(other, resolve_tracking_uri(None, record.dir)).sync()
+    client = client_of(record)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    study_id = record.manifest.study_id
+    envelope = json.loads(experiment.tags[VIEW_TAG_PREFIX + study_id])
+    assert envelope["name"] == f"s: best {OBJECTIVE} first" and isinstance(envelope["createdAt"], int)
+    state = json.loads(envelope["state"])
+    assert state["orderByKey"] == f"metrics.`best_{OBJECTIVE}`" and state["orderByAsc"] is True
+    assert state["selectedColumns"] == [f"metrics.`best_{OBJECTIVE}`", f"metrics.`{OBJECTIVE}`",
+                                        "params.`train.learning_rate`", "params.`train.grad_clip`",
+                                        f"tags.`{STATUS_TAG}`"]
+    # Its filter is MLflow's own search syntax and selects this study's runs only.
+    shown = client.search_runs([experiment.experiment_id], state["searchFilter"])
+    assert sorted(r.data.tags[ROLE_TAG] for r in shown) == ["parent", "trial"]
+    assert children(client)[number].info.run_id in {r.info.run_id for r in shown}
+    mirror_of(record).sync()  # unchanged: the tag is written again only when the view changes
+    assert client.get_experiment(experiment.experiment_id).tags[VIEW_TAG_PREFIX + study_id] == json.dumps(envelope)
+    assert study_runs_url(server, record.dir) == (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
+                                                  f"/runs?workflowType=machine_learning&viewStateShareKey={study_id}")
+    assert runs_table_url(server, "7") == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
 
 
 def test_moved_study_folder_rebuilds_its_own_store(record: StudyRecord, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_EXPERIMENT", "ERROR_TAG", "NOTE_TAG", "PARENT_RUN_TAG", "ROLE_TAG", "STATUS_TAG", "STUDY_DIR_TAG",
-    "STUDY_ID_TAG", "STUDY_TAG", "SYNCED_TAG", "TRACKING_URI_ENV", "TRIAL_TAG", "Mirror", "MirrorCallback",
+    "STUDY_ID_TAG", "STUDY_TAG", "SYNCED_TAG", "TRACKING_URI_ENV", "TRIAL_TAG", "VIEW_TAG_PREFIX", "Mirror", "MirrorCallback",
     "TrackingError", "check_tracking_server", "delete_study_runs", "is_http_uri", "main", "resolve_tracking_uri",
     "run_name", "runs_table_url", "sqlite_db_path", "study_runs_url",
 ]
@@ -61,6 +63,7 @@ SYNCED_TAG = "minimind.synced_epochs"
 BEST_TRIAL_TAG, BEST_RUN_TAG = "minimind.best_trial", "minimind.best_run_id"
 # MLflow's own: the UI nests a run under the run the first names, and shows the second as its description.
 PARENT_RUN_TAG, NOTE_TAG = "mlflow.parentRunId", "mlflow.note.content"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # an experiment tag: a saved view of the runs table (MLflow 3 UI)
 
 # Record status -> MLflow run status; "running" is RUNNING while the driver lives, else KILLED.
 _RUN_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED", "diverged": "FAILED",
@@ -142,12 +145,9 @@ def _open_sqlite(uri: str, db: Path) -> None:
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any trial starts, with a :class:`TrackingError` when ``uri`` is unusable.
-
-    An HTTP(S) server gets one short ``GET <uri>/health`` (MLflow's client retries for minutes before
-    it reports a dead server); a sqlite store is opened (created if new); other URIs are opened
-    through MLflow, which also rejects the deprecated folder store with its own explanation.
-    """
+    """Fail fast, before any trial starts, with a :class:`TrackingError` when ``uri`` is unusable: a
+    server gets one short ``GET <uri>/health`` (MLflow's client retries for minutes before it reports a
+    dead one), a sqlite store is opened (created if new), other URIs are opened through MLflow."""
     if is_http_uri(uri):
         return _check_http(uri, timeout_s)
     db = sqlite_db_path(uri)
@@ -184,32 +184,27 @@ def _check_http(uri: str, timeout_s: float) -> None:
         raise TrackingError(f"MLflow tracking server {uri} answered HTTP {status} on {url}; is it healthy?")
 
 
-def runs_table_url(tracking_server_url: str, experiment_id: str, *, study_id: str | None = None,
-                   objective: str | None = None, mode: str = "min") -> str:
+def runs_table_url(tracking_server_url: str, experiment_id: str, view: str | None = None) -> str:
     """The MLflow UI's runs table of an experiment in the model-training view (MLflow 3 opens an
-    experiment on its GenAI overview), showing one study's runs, sorted by ``best_<objective>`` (a
-    trial's best value so far; the parent's is the study's), best first. The keys are the runs
-    page's URL state in MLflow 3.17's frontend (``searchFilter``, ``orderByKey``, ``orderByAsc``)."""
-    query = {"workflowType": "machine_learning"}
-    if study_id is not None:
-        query["searchFilter"] = _where({STUDY_ID_TAG: study_id})
-    if objective is not None:
-        query.update(orderByKey=f"metrics.`best_{objective}`", orderByAsc=str(mode == "min").lower())
-    encoded = urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
-    return f"{tracking_server_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{encoded}"
+    experiment on its GenAI overview), through the saved ``view`` if given (a study id: see
+    :meth:`Mirror.saved_view`)."""
+    share = "" if view is None else f"&viewStateShareKey={urllib.parse.quote(view)}"
+    return f"{tracking_server_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning{share}"
 
 
 def study_runs_url(tracking_server_url: str, study_dir: Path, tracking_uri: str | None = None) -> str | None:
-    """:func:`runs_table_url` of the study at ``study_dir``, whose runs are in ``tracking_uri`` (default:
-    as the study says); None when that store has no experiment of the study yet."""
+    """:func:`runs_table_url` of the study at ``study_dir`` through its saved view (once a sync wrote it),
+    its runs in ``tracking_uri`` (default: as the study says); None while the store has no experiment
+    of the study."""
     manifest = StudyRecord.open(Path(study_dir)).manifest
-    mlflow_spec, tune_spec = manifest.spec.get("mlflow") or {}, manifest.spec.get("tune") or {}
+    mlflow_spec = manifest.spec.get("mlflow") or {}
     uri = tracking_uri or resolve_tracking_uri(mlflow_spec.get("tracking_uri"), Path(study_dir))
     experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(
         str(mlflow_spec.get("experiment") or DEFAULT_EXPERIMENT))
-    return None if experiment is None else runs_table_url(
-        tracking_server_url, experiment.experiment_id, study_id=manifest.study_id,
-        objective=str(tune_spec.get("metric") or "val_loss"), mode=str(tune_spec.get("mode") or "min"))
+    if experiment is None:
+        return None
+    view = manifest.study_id if VIEW_TAG_PREFIX + manifest.study_id in experiment.tags else None
+    return runs_table_url(tracking_server_url, experiment.experiment_id, view)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,11 +275,8 @@ def _set_status(client: MlflowClient, run: Run, status: str) -> None:
 
 
 class Mirror:
-    """The MLflow copy of one study record; connects on first use.
-
-    Every public method raises :class:`TrackingError` (naming the URI) on any MLflow failure. Nothing
-    of MLflow's state is cached but the connection: each call starts from what MLflow has.
-    """
+    """The MLflow copy of one study record. Its methods raise :class:`TrackingError` (naming the URI) on
+    any MLflow failure; nothing of MLflow's state is cached but the connection."""
 
     def __init__(self, tracking_uri: str, experiment: str, record: StudyRecord, *, fixed_params: Mapping[str, Any],
                  settings: Mapping[str, Any], tags: Mapping[str, str]) -> None:
@@ -313,10 +305,8 @@ class Mirror:
     def sync(self, numbers: Iterable[int] | None = None, *, closing: bool = False) -> None:
         """Bring the parent run and the given trials' runs (None: every trial) up to date with the record.
 
-        Without ``closing`` the driver is alive: the parent run is RUNNING, and so are the runs of
-        ``running`` trials. With ``closing`` the parent's status is left to :meth:`finish` and
-        ``running`` trials become KILLED (their driver is gone).
-        """
+        ``running`` trials' runs are RUNNING, as is the parent, while the driver lives; with ``closing``
+        they become KILLED (their driver is gone) and the parent's status is left to :meth:`finish`."""
         wanted = None if numbers is None else set(numbers)
         with self._session("sync") as client:
             parent = self._parent(client, running=not closing)
@@ -370,10 +360,11 @@ class Mirror:
         tally = f"{len(trials)} trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."
         if best is None:
             return f"No trial completed. {tally}"
-        link = f"[{best.name}](#/experiments/{self.experiment_id}/runs/{best_run.info.run_id})" if best_run else best.name
+        name = run_name(best, self.search_keys)
+        link = f"[{name}](#/experiments/{self.experiment_id}/runs/{best_run.info.run_id})" if best_run else name
         shown = "" if value is None else f": {self.objective} {value:.4g}" + (f" at epoch {epoch}" if epoch else "")
         config = Path(artifacts.get("best.yaml", Path(self.record.dir) / "best.yaml")).resolve()
-        return (f"**Best trial {link}** `{run_name(best, self.search_keys)}`{shown}.\n\n"
+        return (f"**Best trial {link}**{shown}.\n\n"
                 f"Retrain it: `python -m minimind_train.sft --config {config}`\n\n{tally}")
 
     @contextlib.contextmanager
@@ -397,22 +388,38 @@ class Mirror:
                 f"{self.study_dir}` catches MLflow up") from exc
 
     def _experiment(self, client: MlflowClient) -> str:
-        experiment = client.get_experiment_by_name(self.experiment)
-        if experiment is None:
+        """The experiment's id, created if new, with the study's saved view."""
+        if client.get_experiment_by_name(self.experiment) is None:
             # Artifacts beside a sqlite db (MLflow would use ./mlruns of the driver's working folder).
             db = sqlite_db_path(self.tracking_uri)
             try:
-                return client.create_experiment(self.experiment, artifact_location=db and str(
-                    db.resolve().parent / ARTIFACTS_DIR))
+                client.create_experiment(self.experiment, artifact_location=db and str(db.resolve().parent / ARTIFACTS_DIR))
             except Exception:
-                experiment = client.get_experiment_by_name(self.experiment)  # another driver made it meanwhile
-                if experiment is None:
+                if client.get_experiment_by_name(self.experiment) is None:  # (else made meanwhile by another driver)
                     raise
+        experiment = client.get_experiment_by_name(self.experiment)
         if experiment.lifecycle_stage != "active":
             raise TrackingError(f"MLflow experiment {self.experiment!r} in {self.tracking_uri} is deleted; restore it "
                                 f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or set "
                                 f"another mlflow.experiment")
+        key, view = self.saved_view()
+        if experiment.tags.get(key) != view:
+            client.set_experiment_tag(experiment.experiment_id, key, view)
         return experiment.experiment_id
+
+    def saved_view(self) -> tuple[str, str]:
+        """The study's saved view of the runs table, as ``(experiment tag, value)``: its runs, best first,
+        with the objective, its best so far, the searched values and the status as columns. MLflow
+        3.17's UI lists it under "Views" and opens it by ``viewStateShareKey=<study id>`` (its own
+        format: an envelope with the table state as a JSON string; a UI that differs ignores it)."""
+        created = int(datetime.fromisoformat(self.record.manifest.created).timestamp() * 1000)
+        state = {"searchFilter": _where({STUDY_ID_TAG: self.study_id}),
+                 "orderByKey": f"metrics.`best_{self.objective}`", "orderByAsc": self.mode == "min",
+                 "selectedColumns": [f"metrics.`best_{self.objective}`", f"metrics.`{self.objective}`",
+                                     *(f"params.`{k}`" for k in self.search_keys), f"tags.`{STATUS_TAG}`"]}
+        return VIEW_TAG_PREFIX + self.study_id, json.dumps(
+            {"name": f"{self.record.manifest.name}: best {self.objective} first", "createdAt": created,
+             "updatedAt": created, "state": json.dumps(state)})
 
     def _find(self, client: MlflowClient, tags: Mapping[str, str]) -> dict[str, Run]:
         """The study's active runs with ``tags`` by their ``tags``' last value; of duplicates (two
@@ -512,11 +519,9 @@ def delete_study_runs(tracking_uri: str, study_id: str) -> int:
 class MirrorCallback(Callback):
     """Ray Tune callback (driver side): syncs a trial's run on each of its results and at its end.
 
-    ``numbers`` maps Ray trial ids to record trial numbers (the searcher fills it as it suggests).
-    The first failure prints one warning and ends live mirroring for the rest of the driver run:
-    with a dead server, each further attempt would cost MLflow's full timeout per result. Pickled
-    copies (Ray keeps callbacks in ``tuner.pkl``) are inert.
-    """
+    ``numbers`` maps Ray trial ids to record trial numbers (the searcher fills it). The first failure
+    prints one warning and ends live mirroring (with a dead server each attempt costs MLflow's full
+    timeout). Pickled copies (Ray keeps callbacks in ``tuner.pkl``) are inert."""
 
     def __init__(self, mirror: Mirror, numbers: Mapping[str, int]) -> None:
         self.mirror: Mirror | None = mirror
