@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 import socket
@@ -28,6 +29,7 @@ from tune.mirror import (
     STUDY_ID_TAG,
     SYNCED_TAG,
     TRIAL_TAG,
+    VIEW_TAG_PREFIX,
     Mirror,
     MirrorCallback,
     TrackingError,
@@ -35,7 +37,9 @@ from tune.mirror import (
     main,
     resolve_tracking_uri,
     run_name,
+    runs_table_url,
     sqlite_db_path,
+    study_runs_url,
 )
 from tune.record import StudyRecord, TrialRecord
 
@@ -178,7 +182,8 @@ def test_sync_is_idempotent_and_never_duplicates(record: StudyRecord) -> None:
     assert history(client, runs[a]) == [(1, 2.0), (2, 1.0)]
     assert runs[a].data.tags[SYNCED_TAG] == "2"
     # aux_loss is 0 at every epoch (a dense model): not logged; nor is the timestamp or an epoch metric.
-    assert set(runs[a].data.metrics) == {OBJECTIVE, "train_loss", "lr", "time_this_epoch_s"}
+    # best_val_loss is the best so far (what the runs table sorts by).
+    assert set(runs[a].data.metrics) == {OBJECTIVE, f"best_{OBJECTIVE}", "train_loss", "lr", "time_this_epoch_s"}
     stamps = [m.timestamp for m in client.get_metric_history(runs[a].info.run_id, OBJECTIVE)]
     assert stamps == [int(record.trial(a).epochs[e]["timestamp_ms"]) for e in (1, 2)]
 
@@ -191,6 +196,8 @@ def test_sync_is_idempotent_and_never_duplicates(record: StudyRecord) -> None:
     assert history(client, runs[a]) == [(1, 2.0), (2, 1.0), (3, 2.0 / 3)]
     assert [(m.step, str(m.value)) for m in client.get_metric_history(runs[b].info.run_id, OBJECTIVE)] == [
         (1, "3.0"), (2, "nan")]
+    assert history(client, runs[a], f"best_{OBJECTIVE}") == [(1, 2.0), (2, 1.0), (3, 2.0 / 3)]
+    assert history(client, runs[b], f"best_{OBJECTIVE}") == [(1, 3.0), (2, 3.0)]  # NaN is never the best
 
     # A crash between log_batch and the synced-epochs tag: everything is logged again, nothing shows twice.
     client.set_tag(runs[a].info.run_id, SYNCED_TAG, "0")
@@ -217,7 +224,7 @@ def test_params_tags_and_nesting(record: StudyRecord) -> None:
                                   "tune.resources.gpu": "0.5"}
     assert parent.data.tags[STUDY_ID_TAG] == record.manifest.study_id
     assert parent.data.tags[STUDY_DIR_TAG] == str(record.dir.resolve())
-    assert parent.data.tags["git_commit"] == "abc123"
+    assert parent.data.tags["minimind.git_commit"] == "abc123"  # every tag of ours has one prefix
     assert parent.data.tags["minimind.study"] == "s"
     params = record.trial(number).params
     assert child.data.params == {k: str(v) for k, v in params.items()}  # only the searched values
@@ -301,18 +308,25 @@ def test_finish_closes_the_parent_with_results(record: StudyRecord, tmp_path: Pa
         mirror.finish("FINISHED", best=best, best_value=2.0 / 3, best_epoch=3,
                       artifacts={"best.yaml": best_yaml, "plots/curves": plot,
                                  "missing.txt": tmp_path / "nope"},
-                      description="8 trials, best t000", study_metrics={"rung_fidelity_epoch_1": 0.8})
+                      study_metrics={"rung_fidelity_epoch_1": 0.8})
     client = client_of(record)
     (parent,) = parents(client)
     runs = children(client)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[STATUS_TAG] == "completed"
-    assert parent.data.tags[NOTE_TAG] == "8 trials, best t000"
-    assert parent.data.tags["best.trial"] == "t000"
-    assert parent.data.tags["best.epoch"] == "3"
-    assert parent.data.tags["best.run_id"] == runs[best_number].info.run_id
-    assert parent.data.tags["best.train.learning_rate"] == str(best.params["train.learning_rate"])
-    assert history(client, parent, f"best_{OBJECTIVE}") == [(3, 2.0 / 3)]
+    # The description names the best trial (a link to its run), its value and epoch, how to retrain it.
+    note = parent.data.tags[NOTE_TAG]
+    experiment_id = parent.info.experiment_id
+    name = run_name(best, list(SPEC["search"]))
+    assert f"**Best trial [{name}](#/experiments/{experiment_id}/runs/{runs[best_number].info.run_id})**" in note
+    assert f"{OBJECTIVE} 0.6667 at epoch 3" in note
+    assert f"`python -m minimind_train.sft --config {best_yaml.resolve()}`" in note
+    assert "2 trials: 1 completed, 1 unfinished." in note
+    assert parent.data.tags["minimind.best_trial"] == "t000"
+    assert parent.data.tags["minimind.best_run_id"] == runs[best_number].info.run_id
+    assert not [k for k in parent.data.tags if not k.startswith(("minimind.", "mlflow."))]
+    # At step = the number of finished trials: a later finish after more trials adds a point.
+    assert history(client, parent, f"best_{OBJECTIVE}") == [(1, 2.0 / 3)]
     assert parent.data.metrics["rung_fidelity_epoch_1"] == 0.8
     assert runs[cut].info.status == "KILLED"  # still running when the driver finished
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -322,6 +336,35 @@ def test_finish_closes_the_parent_with_results(record: StudyRecord, tmp_path: Pa
     assert artifact_root.is_relative_to(record.dir.resolve() / "mlartifacts")
     with pytest.raises(ValueError, match="status must be one of"):
         mirror.finish("completed", best=None, best_value=None, best_epoch=None, artifacts={})
+
+
+def test_saved_view_opens_the_studys_runs_best_first(record: StudyRecord, tmp_path: Path,
+                                                      template_db: Path) -> None:
+    server = "http://127.0.0.1:5000/"
+    assert study_runs_url(server, record.dir) is None  # no experiment of the study yet
+    number = new_trial(record, epochs=1)
+    mirror_of(record).sync()
+    other = make_record(tmp_path / "other", None)  # a second study in the same experiment
+    mirror_of(other, resolve_tracking_uri(None, record.dir)).sync()
+    client = client_of(record)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    study_id = record.manifest.study_id
+    envelope = json.loads(experiment.tags[VIEW_TAG_PREFIX + study_id])
+    assert envelope["name"] == f"s: best {OBJECTIVE} first" and isinstance(envelope["createdAt"], int)
+    state = json.loads(envelope["state"])
+    assert state["orderByKey"] == f"metrics.`best_{OBJECTIVE}`" and state["orderByAsc"] is True
+    assert state["selectedColumns"] == [f"metrics.`best_{OBJECTIVE}`", f"metrics.`{OBJECTIVE}`",
+                                        "params.`train.learning_rate`", "params.`train.grad_clip`",
+                                        f"tags.`{STATUS_TAG}`"]
+    # Its filter is MLflow's own search syntax and selects this study's runs only.
+    shown = client.search_runs([experiment.experiment_id], state["searchFilter"])
+    assert sorted(r.data.tags[ROLE_TAG] for r in shown) == ["parent", "trial"]
+    assert children(client)[number].info.run_id in {r.info.run_id for r in shown}
+    mirror_of(record).sync()  # unchanged: the tag is written again only when the view changes
+    assert client.get_experiment(experiment.experiment_id).tags[VIEW_TAG_PREFIX + study_id] == json.dumps(envelope)
+    assert study_runs_url(server, record.dir) == (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
+                                                  f"/runs?workflowType=machine_learning&viewStateShareKey={study_id}")
+    assert runs_table_url(server, "7") == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
 
 
 def test_moved_study_folder_rebuilds_its_own_store(record: StudyRecord, tmp_path: Path) -> None:
@@ -451,7 +494,7 @@ def test_main(record: StudyRecord, tmp_path: Path, capsys: pytest.CaptureFixture
     (parent,) = parents(client)
     # No driver holds the study: the parent is closed as the record stands (a trial is resumable).
     assert parent.info.status == "KILLED"
-    assert parent.data.tags["best.trial"] == "t000"
+    assert parent.data.tags["minimind.best_trial"] == "t000"
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["best.yaml"]
     assert {n: r.info.status for n, r in children(client).items()} == {done: "FINISHED", paused: "KILLED"}
     # Default params from the spec: the fixed config without the searched keys, the tune section.

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,9 +19,9 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tune.mirror import TRACKING_URI_ENV
+from tune.mirror import TRACKING_URI_ENV, VIEW_TAG_PREFIX, runs_table_url
 from tune.record import StudyRecord
-from tune.ui import _VIEW_TAG_PREFIX, _landing_url, _refresh_study_mirror, find_study_db, main, runs_table_url
+from tune.ui import _landing_url, _refresh_study_mirror, find_study_db, main
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "ui-test"
@@ -99,38 +98,31 @@ def _query(url: str) -> dict[str, str]:
     return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(urllib.parse.urlsplit(url).fragment).query))
 
 
-def test_landing_url_is_a_saved_view_of_objective_params_and_status_best_first(tmp_path: Path,
-                                                                             template_study: Path) -> None:
-    uri = f"sqlite:///{_study(tmp_path, template_study) / 'mlflow.db'}"
+def test_landing_url_is_the_study_saved_view_best_first(tmp_path: Path, template_study: Path) -> None:
+    folder = _study(tmp_path, template_study)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     url = _landing_url(uri, "http://127.0.0.1:5001")
     experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
+    study_id = StudyRecord.open(folder).manifest.study_id
     assert url.startswith(runs_table_url("http://127.0.0.1:5001", experiment.experiment_id) + "&")
-    key = _query(url)["viewStateShareKey"]
-    view = json.loads(experiment.tags[_VIEW_TAG_PREFIX + key])
-    assert view == {"orderByKey": "metrics.`val_loss`", "orderByAsc": True,
-                    "selectedColumns": ["metrics.`val_loss`", "params.`train.learning_rate`",
-                                        "params.`train.accumulation_steps`", "tags.`minimind.status`"]}
-    assert _landing_url(uri, "http://127.0.0.1:5001") == url  # the same view: one tag, not one per start
-    assert [k for k in MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT).tags
-            if k.startswith(_VIEW_TAG_PREFIX)] == [_VIEW_TAG_PREFIX + key]
+    assert _query(url)["viewStateShareKey"] == study_id
+    state = json.loads(json.loads(experiment.tags[VIEW_TAG_PREFIX + study_id])["state"])
+    assert state["orderByKey"] == "metrics.`best_val_loss`" and state["orderByAsc"] is True
+    assert "params.`train.learning_rate`" in state["selectedColumns"]
     # Not a study's own store: the server's root, where the experiments are listed.
     assert _landing_url(f"sqlite:///{tmp_path / 'other.db'}", "http://127.0.0.1:5001") == "http://127.0.0.1:5001"
 
 
-def test_a_read_only_store_lands_on_the_sorted_table(tmp_path: Path, template_study: Path,
-                                                    monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    uri = f"sqlite:///{_study(tmp_path, template_study) / 'mlflow.db'}"
-
-    def read_only(*_: object) -> None:
-        raise sqlite3.OperationalError("attempt to write a readonly database")
-
-    monkeypatch.setattr(MlflowClient, "set_experiment_tag", read_only)
-    url = _landing_url(uri, "http://127.0.0.1:5001")
+def test_without_a_saved_view_the_table_is_sorted_best_first(tmp_path: Path, template_study: Path) -> None:
+    folder = _study(tmp_path, template_study)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    client.delete_experiment_tag(experiment.experiment_id,
+                                 VIEW_TAG_PREFIX + StudyRecord.open(folder).manifest.study_id)
     # A share key that is not in the store would make the UI show an error: the URL sorts instead.
-    assert _query(url) == {"workflowType": "machine_learning", "orderByKey": "metrics.`val_loss`",
-                           "orderByAsc": "true"}
-    assert "no saved view" in capsys.readouterr().err
+    assert _query(_landing_url(uri, "http://127.0.0.1:5001")) == {
+        "workflowType": "machine_learning", "orderByKey": "metrics.`best_val_loss`", "orderByAsc": "true"}
 
 
 def _free_port() -> int:

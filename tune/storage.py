@@ -44,7 +44,7 @@ __all__ = [
 
 STAGING_ENV = "MINIMIND_TUNE_STAGING"
 # What a resume of a URI study needs back on the driver; the rest is rewritten by every run.
-_RESUME_OUTPUTS = ("study.json", "space.yaml", "optuna.db", "mlflow.db", "mlartifacts")
+_RESUME_OUTPUTS = ("study.json", "space.yaml", "optuna.db", "mlflow.db", "mlflow.db.lock", "mlartifacts")
 RUNS_DIR = "runs"  # <study>/runs/run-K/tNNN: trial NNN's folder in driver run K
 CHECKPOINT_PREFIX = "epoch_"  # a trial's checkpoint of epoch e: <trial folder>/epoch_000e
 

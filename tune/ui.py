@@ -16,8 +16,6 @@ as it is, sorted by the objective. An ``http(s)`` tracking URI is a server alrea
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -33,17 +31,10 @@ from . import mirror
 from .mirror import TRACKING_URI_ENV, TrackingError
 from .record import MANIFEST_FILE, Manifest, StudyError
 
-__all__ = ["find_study_db", "main", "runs_table_url"]
+__all__ = ["find_study_db", "main"]
 
 _DEFAULT_STORAGE = Path("studies")  # tune.run's default --storage-path (importing it pulls in torch)
 _DB_NAME = "mlflow.db"
-# The experiment tag that the MLflow UI's "share view" writes and ?viewStateShareKey=KEY reads (3.x).
-_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
-
-
-def runs_table_url(tracking_server_url: str, experiment_id: str) -> str:
-    """An experiment's runs table in the model-training view (not MLflow 3's GenAI overview)."""
-    return f"{tracking_server_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def find_study_db(storage: Path, study: str | None = None) -> Path:
@@ -74,28 +65,19 @@ def _refresh_study_mirror(uri: str) -> None:
 
 
 def _landing_url(uri: str, server_url: str) -> str:
-    """The study's runs table in its saved view when ``uri`` is a study's own store, else the root."""
+    """The study's runs table through its saved view (written by each mirror sync), or sorted best
+    first where the store could not save it; the server's root when ``uri`` is not a study's own store."""
     study, db = _study(uri), mirror.sqlite_db_path(uri)
     if study is None or db is None or not db.is_file():
         return server_url
-    from mlflow.tracking import MlflowClient
-
-    spec, client = study[1].spec, MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(spec["mlflow"].get("experiment") or mirror.DEFAULT_EXPERIMENT)
-    if experiment is None:
+    url = mirror.study_runs_url(server_url, study[0], uri)
+    if url is None:
         return server_url
-    # The table's sort as the UI keeps it in its URL (a canonical sort key, a "true"/"false" string).
-    sort = {"orderByKey": f"metrics.`{spec['tune']['metric']}`", "orderByAsc": spec["tune"]["mode"] == "min"}
-    columns = [sort["orderByKey"], *(f"params.`{k}`" for k in spec["search"]), f"tags.`{mirror.STATUS_TAG}`"]
-    view = json.dumps({**sort, "selectedColumns": columns}, sort_keys=True)
-    key = hashlib.sha256(view.encode()).hexdigest()[:16]
-    try:
-        client.set_experiment_tag(experiment.experiment_id, _VIEW_TAG_PREFIX + key, view)
-        query = {"viewStateShareKey": key}  # alone: the UI ignores a shared view when the URL sorts too
-    except Exception as exc:  # noqa: BLE001 - a read-only store (sqlite raises its own kinds) is still sorted
-        print(f"note: no saved view of the runs table ({str(exc).splitlines()[0]})", file=sys.stderr)
-        query = {**sort, "orderByAsc": str(sort["orderByAsc"]).lower()}
-    return f"{runs_table_url(server_url, experiment.experiment_id)}&{urllib.parse.urlencode(query)}"
+    if "viewStateShareKey" not in url:  # (the UI's sort as it keeps it in its URL)
+        tune = study[1].spec["tune"]
+        url += "&" + urllib.parse.urlencode({"orderByKey": f"metrics.`best_{tune['metric']}`",
+                                             "orderByAsc": str(tune["mode"] == "min").lower()})
+    return url
 
 
 def _answers(url: str) -> bool:
