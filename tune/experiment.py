@@ -207,8 +207,9 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
         todo = finalist_plans(record, optuna_distributions(spec), t.metric, t.mode, run_cfg.train.epochs,
                               finals.top_k, finals.seeds, run_cfg.train.seed)
         if todo:
-            print(f"finalists: the top {finals.top_k} configs again with {finals.seeds} more seed(s) each: "
-                  f"{len(todo)} trial(s), never stopped early", flush=True)
+            configs = len({tuple(sorted((k, v) for k, v in p.params.items() if k != "train.seed")) for p in todo})
+            print(f"finalists: {configs} of the top {finals.top_k} completed configs again with other seeds: "
+                  f"{len(todo)} trial(s) of {run_cfg.train.epochs} epochs, never stopped early", flush=True)
             interrupted = run.fit(todo, 0, optuna.pruners.NopPruner(), [])
     elif not (plans or new):
         print(f"nothing to run: {finished} of {t.num_samples} trials finished")
