@@ -40,7 +40,7 @@ def _pair(record: StudyRecord, plans: list[ResumePlan] | None = None) -> tuple[R
 
 
 def _trial(trial_id: str, config: dict[str, Any]) -> Any:
-    return SimpleNamespace(trial_id=trial_id, config=config, get_error=lambda: None)
+    return SimpleNamespace(trial_id=trial_id, config=config, get_error=lambda: None, error_file=None)
 
 
 def _result(epoch: int, value: float, **extra: Any) -> dict[str, Any]:
@@ -184,3 +184,15 @@ def test_finalists_are_the_top_configs_with_more_seeds_and_continue_once(record:
     assert [(p.number, p.params["train.seed"]) for p in again] == [(cut, 44)]
     assert record.finished_count() == 4  # finalists are not search trials
     assert resume_plans(record, set(SPACE), "val_loss", "min", EPOCHS) == []  # (the search has none)
+
+
+def test_a_lost_worker_is_recorded_with_its_reason_from_the_drivers_error_file(record: StudyRecord,
+                                                                              tmp_path: Path) -> None:
+    searcher, scheduler = _pair(record)
+    config = searcher.suggest("a")
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback ...\nray.exceptions.ActorDiedError: The actor died unexpectedly\n")
+    trial = SimpleNamespace(trial_id="a", config=config, error_file=str(error_file),
+                            get_error=lambda: None)  # (the storage's copy is not there yet)
+    scheduler.on_trial_error(SimpleNamespace(), trial)
+    assert "The actor died unexpectedly" in record.trial(config[NUMBER_KEY]).error

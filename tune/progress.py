@@ -228,14 +228,9 @@ class ProgressView(Callback):
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any,
                          what: str = "crashed; Ray retries it from its last checkpoint", **info: Any) -> None:
         """One line for a trial's failure: its reason and where the full traceback is."""
-        from .searcher import failure_reason
+        from .searcher import error_text, failure_reason
 
-        try:  # the driver's copy: the storage's (get_error) comes with Ray's next sync
-            text = Path(trial.error_file).read_text(errors="replace") if trial.error_file else (
-                trial.get_error())
-            reason = failure_reason(str(text or "")) or "no error text"
-        except Exception:  # noqa: BLE001 - an unreadable error file must not end the study
-            reason = "no error text"
+        reason = failure_reason(error_text(trial)) or "no error text"
         reason = reason if len(reason) <= 200 else reason[:199] + "…"  # (all of it is in the file)
         self._event(f"{self._label(trial)} {what}: {reason} (traceback: {trial.path}/error.txt)")
 

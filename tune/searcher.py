@@ -32,6 +32,7 @@ __all__ = [
     "RecordScheduler",
     "RecordSearcher",
     "ResumePlan",
+    "error_text",
     "failure_reason",
     "finalist_plans",
     "make_pruner",
@@ -215,12 +216,17 @@ class RecordScheduler(FIFOScheduler):
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
         number = self.searcher.numbers.get(trial.trial_id)
         if number is not None:
-            try:
-                text = str(trial.get_error() or "")
-            except Exception:  # noqa: BLE001 - an unreadable error file must not end the study
-                text = ""
-            self.searcher.record.set_status(number, "failed", failure_reason(text) or "the trial crashed")
+            self.searcher.record.set_status(number, "failed", failure_reason(error_text(trial)) or "the trial crashed")
         super().on_trial_error(tune_controller, trial)
+
+
+def error_text(trial: Trial) -> str:
+    """A failed trial's error text: the driver's own copy (``error_file``), which exists at once; the
+    storage's (``get_error``) comes only with Ray's next sync. "" when neither can be read."""
+    try:
+        return Path(trial.error_file).read_text(errors="replace") if trial.error_file else str(trial.get_error() or "")
+    except Exception:  # noqa: BLE001 - an unreadable error file must not end the study
+        return ""
 
 
 def failure_reason(text: str) -> str:
