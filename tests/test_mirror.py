@@ -6,8 +6,6 @@ import json
 import pickle
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,19 +27,20 @@ from tune.mirror import (
     STUDY_ID_TAG,
     SYNCED_TAG,
     TRIAL_TAG,
-    VIEW_TAG_PREFIX,
     Mirror,
     MirrorCallback,
-    TrackingError,
-    check_tracking_server,
     main,
-    resolve_tracking_uri,
     run_name,
-    runs_table_url,
-    sqlite_db_path,
-    study_runs_url,
 )
 from tune.record import StudyRecord, TrialRecord
+from tune.tracking import (
+    VIEW_TAG_PREFIX,
+    TrackingError,
+    check_tracking_server,
+    resolve_tracking_uri,
+    runs_table_url,
+    study_runs_url,
+)
 
 EXPERIMENT = "mirror-test"
 OBJECTIVE = "val_loss"
@@ -142,19 +141,6 @@ def free_port() -> int:
 
 # ---------------------------------------------------------------------------------------------------
 
-
-def test_resolve_tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
-    assert resolve_tracking_uri("http://127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
-    monkeypatch.chdir(tmp_path)
-    expected = f"sqlite:///{tmp_path.resolve() / 'rel/m.db'}"
-    assert resolve_tracking_uri("sqlite:///rel/m.db", Path("x")) == expected
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://server:1")
-    assert resolve_tracking_uri(None, tmp_path) == "http://server:1"
-    assert resolve_tracking_uri("http://yaml:2", tmp_path) == "http://yaml:2"
-    assert sqlite_db_path("sqlite:////a/b/mlflow.db") == Path("/a/b/mlflow.db")
-    assert sqlite_db_path("sqlite:///:memory:") is None
-    assert sqlite_db_path("http://x") is None
 
 
 def test_run_name_is_short_and_telling() -> None:
@@ -506,17 +492,3 @@ def test_main(record: StudyRecord, tmp_path: Path, capsys: pytest.CaptureFixture
     assert main([str(record.dir), "--tracking-uri", f"http://127.0.0.1:{free_port()}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: MLflow tracking server http://127.0.0.1:")
-
-
-@pytest.mark.slow  # two interpreters import MLflow and Ray, one builds the schema: about 10 s on 2 cores
-def test_two_processes_create_one_fresh_store(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
-    code = "import sys; from tune.mirror import check_tracking_server as c; c(sys.argv[1]); print('ok')"
-    repo = Path(__file__).resolve().parents[1]
-    procs = [subprocess.Popen([sys.executable, "-c", code, uri], cwd=repo, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [p.communicate(timeout=120) for p in procs]
-    for proc, (out, err) in zip(procs, results, strict=True):
-        assert proc.returncode == 0, err
-        assert out.strip() == "ok"
-    assert MlflowClient(tracking_uri=uri).search_experiments()

@@ -19,8 +19,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tune.mirror import TRACKING_URI_ENV, VIEW_TAG_PREFIX, runs_table_url
 from tune.record import StudyRecord
+from tune.tracking import TRACKING_URI_ENV, VIEW_TAG_PREFIX, runs_table_url
 from tune.ui import _landing_url, _refresh_study_mirror, find_study_db, main
 
 REPO = Path(__file__).resolve().parents[1]

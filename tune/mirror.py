@@ -13,23 +13,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param, Run, RunTag, ViewType
 from mlflow.tracking import MlflowClient
@@ -37,13 +31,23 @@ from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.utils import flatten_dict
 
-from .record import FINISHED, MANIFEST_FILE, RESUMABLE, StudyError, StudyLock, StudyRecord, TrialRecord
+from .lock import StudyLock
+from .record import FINISHED, RESUMABLE, StudyError, StudyRecord, TrialRecord
+from .tracking import (
+    DEFAULT_EXPERIMENT,
+    TRACKING_URI_ENV,
+    VIEW_TAG_PREFIX,
+    TrackingError,
+    artifact_location,
+    check_tracking_server,
+    locked_file,
+    resolve_tracking_uri,
+)
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
 __all__ = [
-    "DEFAULT_EXPERIMENT",
     "ERROR_TAG",
     "NOTE_TAG",
     "PARENT_RUN_TAG",
@@ -53,30 +57,17 @@ __all__ = [
     "STUDY_ID_TAG",
     "STUDY_TAG",
     "SYNCED_TAG",
-    "TRACKING_URI_ENV",
     "TRIAL_TAG",
-    "VIEW_TAG_PREFIX",
     "Mirror",
     "MirrorCallback",
-    "TrackingError",
-    "check_tracking_server",
     "delete_study_runs",
-    "is_http_uri",
     "main",
-    "resolve_tracking_uri",
     "run_name",
-    "runs_table_url",
-    "sqlite_db_path",
-    "study_runs_url",
     "warn_on_failure",
 ]
 
 logger = logging.getLogger(__name__)
 
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-DEFAULT_EXPERIMENT = "minimind-sft"
-DEFAULT_DB = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
 MIRROR_LOCK = ".mirror.lock"
 
 STUDY_ID_TAG, STUDY_TAG, STUDY_DIR_TAG = "minimind.study_id", "minimind.study", "minimind.study_dir"
@@ -85,7 +76,6 @@ SYNCED_TAG = "minimind.synced_epochs"
 BEST_TRIAL_TAG, BEST_RUN_TAG = "minimind.best_trial", "minimind.best_run_id"
 # MLflow's own: the UI nests a run under the run the first names, and shows the second as its description.
 PARENT_RUN_TAG, NOTE_TAG = "mlflow.parentRunId", "mlflow.note.content"
-VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # an experiment tag: a saved view of the runs table (MLflow 3 UI)
 
 # Record status -> MLflow run status; "running" is RUNNING while the driver lives, else KILLED.
 _RUN_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED", "diverged": "FAILED",
@@ -99,134 +89,6 @@ _MAX_RUNS = 50000  # MLflow's largest search page; no study has that many trials
 _ABBREVIATIONS = {"learning_rate": "lr", "accumulation_steps": "acc", "grad_clip": "clip", "min_lr_ratio": "min_lr",
                   "warmup_steps": "warmup", "weight_decay": "wd", "batch_size": "bs", "dropout": "drop",
                   "hidden_size": "hidden", "num_hidden_layers": "layers"}
-
-
-class TrackingError(RuntimeError):
-    """The tracking backend is unusable; the message names the URI and what to do about it."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# The tracking store and the UI's address.
-
-
-def resolve_tracking_uri(configured: str | None, study_dir: Path) -> str:
-    """The YAML value, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<study_dir>/mlflow.db``; a relative
-    sqlite path made absolute, so that the driver, the UI and a resume from elsewhere open one file."""
-    uri = (configured or os.environ.get(TRACKING_URI_ENV) or "").strip()
-    if not uri:
-        return f"sqlite:///{(Path(study_dir) / DEFAULT_DB).resolve()}"
-    db = sqlite_db_path(uri)
-    return uri if db is None or db.is_absolute() or "?" in uri else f"sqlite:///{db.resolve()}"
-
-
-def sqlite_db_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI; None for other URIs and in-memory databases."""
-    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
-    return Path(path) if path and not path.startswith(":memory:") else None
-
-
-def is_http_uri(uri: str) -> bool:
-    return urllib.parse.urlparse(uri).scheme in ("http", "https")
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[IO[str] | None]:
-    """An exclusive ``fcntl.flock`` on ``path`` (the kernel drops it with a killed holder): the open
-    file, or None in a read-only folder (where nothing else writes either)."""
-    with contextlib.ExitStack() as stack:
-        fh = None
-        with contextlib.suppress(OSError):
-            fh = stack.enter_context(path.open("a+", encoding="utf-8"))
-        if fh is not None:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        yield fh
-
-
-def _open_sqlite(uri: str, db: Path) -> None:
-    """Open a sqlite store, under ``<db>.lock``: MLflow migrates a new file on first open, and two
-    processes doing that at once make one fail. The lock file keeps the folder the store was written
-    from; a study's own store moved or copied with its folder (its artifact paths point into the old
-    one) is deleted before MLflow opens it (MLflow keeps an engine per URI for the process's life)
-    and rebuilt from the record by the next sync."""
-    db.parent.mkdir(parents=True, exist_ok=True)
-    here, own = str(db.parent.resolve()), db.name == DEFAULT_DB and (db.parent / MANIFEST_FILE).is_file()
-    with _locked(db.with_name(db.name + ".lock")) as fh:
-        written_from = ""
-        if fh is not None:
-            fh.seek(0)
-            written_from = fh.read().strip()
-        if own and written_from not in ("", here) and db.exists():
-            logger.warning("MLflow store %s was written from %s; rebuilding it from the record", db, written_from)
-            for suffix in ("", "-journal", "-wal", "-shm"):
-                db.with_name(db.name + suffix).unlink(missing_ok=True)
-            shutil.rmtree(db.parent / ARTIFACTS_DIR, ignore_errors=True)
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        if own and fh is not None and written_from != here:
-            fh.truncate(0)
-            fh.write(here)
-
-
-def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any trial starts, with a :class:`TrackingError` when ``uri`` is unusable: a
-    server gets one short ``GET <uri>/health`` (MLflow's client retries for minutes before it reports a
-    dead one), a sqlite store is opened (created if new), other URIs are opened through MLflow."""
-    if is_http_uri(uri):
-        return _check_http(uri, timeout_s)
-    db = sqlite_db_path(uri)
-    try:
-        if db is None:
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-            return None
-        db.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
-            raise TrackingError(f"MLflow database {uri} is not writable; fix its permissions or set another "
-                                f"mlflow.tracking_uri")
-        return _open_sqlite(uri, db)
-    except TrackingError:
-        raise
-    except Exception as exc:
-        raise TrackingError(f"MLflow tracking URI {uri} is not usable: {_one_line(exc)}") from exc
-
-
-def _check_http(uri: str, timeout_s: float) -> None:
-    url, started = uri.rstrip("/") + "/health", time.monotonic()
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            status = response.status
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    except (urllib.error.URLError, OSError) as exc:
-        raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}, after "
-            f"{time.monotonic() - started:.1f}s). Start it (e.g. `python -m tune.ui`, or `mlflow server --host "
-            f"127.0.0.1 --port N`), fix mlflow.tracking_uri in the study YAML or ${TRACKING_URI_ENV}, or leave "
-            f"both unset to track into the study's own sqlite db.") from exc
-    # A proxy may not route /health (404) or may want credentials (401/403): a server still answers.
-    if status >= 500:
-        raise TrackingError(f"MLflow tracking server {uri} answered HTTP {status} on {url}; is it healthy?")
-
-
-def runs_table_url(tracking_server_url: str, experiment_id: str, view: str | None = None) -> str:
-    """The MLflow UI's runs table of an experiment in the model-training view (MLflow 3 opens an
-    experiment on its GenAI overview), through the saved ``view`` if given (a study id: see
-    :meth:`Mirror.saved_view`)."""
-    share = "" if view is None else f"&viewStateShareKey={urllib.parse.quote(view)}"
-    return f"{tracking_server_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning{share}"
-
-
-def study_runs_url(tracking_server_url: str, study_dir: Path, tracking_uri: str | None = None) -> str | None:
-    """:func:`runs_table_url` of the study at ``study_dir`` through its saved view (once a sync wrote it),
-    its runs in ``tracking_uri`` (default: as the study says); None while the store has no experiment
-    of the study."""
-    manifest = StudyRecord.open(Path(study_dir)).manifest
-    mlflow_spec = manifest.spec.get("mlflow") or {}
-    uri = tracking_uri or resolve_tracking_uri(mlflow_spec.get("tracking_uri"), Path(study_dir))
-    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(
-        str(mlflow_spec.get("experiment") or DEFAULT_EXPERIMENT))
-    if experiment is None:
-        return None
-    view = manifest.study_id if VIEW_TAG_PREFIX + manifest.study_id in experiment.tags else None
-    return runs_table_url(tracking_server_url, experiment.experiment_id, view)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -395,7 +257,7 @@ class Mirror:
         """The connection, under the study's mirror lock (two syncs at once could each create a run for
         one new trial); any failure becomes a :class:`TrackingError`, and the next call reconnects."""
         try:
-            with _locked(Path(self.record.dir) / MIRROR_LOCK):
+            with locked_file(Path(self.record.dir) / MIRROR_LOCK):
                 if self._client is None:
                     check_tracking_server(self.tracking_uri)  # fast: MLflow's client retries for minutes
                     client = MlflowClient(tracking_uri=self.tracking_uri)
@@ -413,10 +275,8 @@ class Mirror:
     def _experiment(self, client: MlflowClient) -> str:
         """The experiment's id, created if new, with the study's saved view."""
         if client.get_experiment_by_name(self.experiment) is None:
-            # Artifacts beside a sqlite db (MLflow would use ./mlruns of the driver's working folder).
-            db = sqlite_db_path(self.tracking_uri)
             try:
-                client.create_experiment(self.experiment, artifact_location=db and str(db.resolve().parent / ARTIFACTS_DIR))
+                client.create_experiment(self.experiment, artifact_location=artifact_location(self.tracking_uri))
             except Exception:
                 if client.get_experiment_by_name(self.experiment) is None:  # (else made meanwhile by another driver)
                     raise

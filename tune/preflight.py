@@ -83,7 +83,7 @@ def check_inputs(spec: Any, run_cfg: Any, paths: StudyPaths, address: str | None
     from minimind_train.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     from .cluster import file_sha256
-    from .mirror import TrackingError, check_tracking_server, resolve_tracking_uri
+    from .tracking import TrackingError, check_tracking_server, resolve_tracking_uri
 
     gpu = spec.tune.resources_per_trial.gpu
     if gpu > 0 and not (address or os.environ.get("RAY_ADDRESS")) and torch.cuda.device_count() == 0:

@@ -15,9 +15,8 @@ A study folder holds::
 
 Ray is the executor: each driver run is a fresh Ray experiment under ``runs/``; nothing of Ray's
 own saved state is read back. A trial interrupted in one run continues in the next from the newest
-whole checkpoint in its folders. A lock file beside the study folder (``.<name>.lock``) is held by
-the live driver (``fcntl.flock``: released by the kernel when the process dies, so a stale lock
-cannot exist).
+whole checkpoint in its folders. A lock file beside the study folder (tune.lock) is held by the
+live driver.
 
 Trial statuses (user attr ``status``) and their Optuna states:
 
@@ -37,19 +36,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
-import fcntl
 import hashlib
 import json
 import math
 import os
-import socket
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import optuna
 
@@ -63,11 +59,9 @@ __all__ = [
     "WARM_START",
     "Manifest",
     "StudyError",
-    "StudyLock",
     "StudyRecord",
     "TrialRecord",
     "diff_specs",
-    "lock_path",
 ]
 
 MANIFEST_FILE = "study.json"
@@ -90,82 +84,6 @@ class StudyError(RuntimeError):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message)
         self.code = code
-
-
-# ---------------------------------------------------------------------------------------------------
-# The lock.
-
-
-def lock_path(study_dir: Path) -> Path:
-    """Beside the study folder, so that ``--restart`` can move the folder while holding it."""
-    return study_dir.parent / f".{study_dir.name}.lock"
-
-
-class StudyLock:
-    """An exclusive lock on one study, held for the driver's life.
-
-    ``fcntl.flock`` is atomic and the kernel releases it when the holder dies, so a lock left by a
-    killed driver never blocks the next one. The file holds the holder's pid, host and start time,
-    for the refusal message.
-    """
-
-    def __init__(self, study_dir: Path) -> None:
-        self.path = lock_path(study_dir)
-        self._fh: IO[str] | None = None
-
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`StudyError` naming the holder; creates the storage folder."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fh = self.path.open("a+", encoding="utf-8")
-        except OSError as exc:
-            raise StudyError(f"cannot create the study's lock file {self.path}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise StudyError(f"study {self.path.name[1:-5]!r} is in use by {holder} "
-                                  f"(lock {self.path}); wait for it to end or stop it first") from exc
-            raise
-        fh.seek(0)
-        fh.truncate()
-        started = _dt.datetime.now().isoformat(timespec="seconds")
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}\n")
-        fh.flush()
-        self._fh = fh
-
-    @staticmethod
-    def held(study_dir: Path) -> bool:
-        """Whether a live driver holds the lock of the study at ``study_dir`` (a shared, non-blocking
-        probe, released at once; writes nothing)."""
-        try:
-            fh = lock_path(study_dir).open("r", encoding="utf-8")
-        except FileNotFoundError:
-            return False
-        with fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    return True
-                raise
-            fcntl.flock(fh, fcntl.LOCK_UN)
-        return False
-
-    def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()  # closing releases the flock
-            self._fh = None
-
-    def __enter__(self) -> StudyLock:  # noqa: PYI034 - Self needs Python 3.11
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 # ---------------------------------------------------------------------------------------------------

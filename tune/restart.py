@@ -19,8 +19,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from .mirror import delete_study_runs, sqlite_db_path, warn_on_failure
+from .mirror import delete_study_runs, warn_on_failure
 from .record import MANIFEST_FILE, Manifest, StudyError, StudyRecord
+from .tracking import sqlite_db_path
 
 __all__ = ["RestartCleanup", "finish_pending_restart", "move_aside", "settle"]
 

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .record import MANIFEST_FILE, Manifest, StudyError, StudyLock, StudyRecord, lock_path
+from .lock import StudyLock, lock_path
+from .record import MANIFEST_FILE, Manifest, StudyError, StudyRecord
 from .storage import StudyPaths
 
 __all__ = ["DEFAULT_STORAGE", "main"]

@@ -27,9 +27,9 @@ import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import mirror
-from .mirror import TRACKING_URI_ENV, TrackingError
+from . import mirror, tracking
 from .record import MANIFEST_FILE, Manifest, StudyError
+from .tracking import TRACKING_URI_ENV, TrackingError
 
 __all__ = ["find_study_db", "main"]
 
@@ -52,7 +52,7 @@ def find_study_db(storage: Path, study: str | None = None) -> Path:
 
 def _study(uri: str) -> tuple[Path, Manifest] | None:
     """The folder and manifest of the study whose own store ``uri`` is (a sqlite db beside study.json)."""
-    db = mirror.sqlite_db_path(uri)
+    db = tracking.sqlite_db_path(uri)
     if db is None or not (db.parent / MANIFEST_FILE).is_file():
         return None
     return db.parent, Manifest.from_json((db.parent / MANIFEST_FILE).read_text(encoding="utf-8"), db.parent)
@@ -67,10 +67,10 @@ def _refresh_study_mirror(uri: str) -> None:
 def _landing_url(uri: str, server_url: str) -> str:
     """The study's runs table through its saved view (written by each mirror sync), or sorted best
     first where the store could not save it; the server's root when ``uri`` is not a study's own store."""
-    study, db = _study(uri), mirror.sqlite_db_path(uri)
+    study, db = _study(uri), tracking.sqlite_db_path(uri)
     if study is None or db is None or not db.is_file():
         return server_url
-    url = mirror.study_runs_url(server_url, study[0], uri)
+    url = tracking.study_runs_url(server_url, study[0], uri)
     if url is None:
         return server_url
     if "viewStateShareKey" not in url:  # (the UI's sort as it keeps it in its URL)
@@ -100,11 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_url = f"http://127.0.0.1:{args.port}"
     try:
         if args.tracking_uri or (args.study is None and os.environ.get(TRACKING_URI_ENV)):
-            uri = mirror.resolve_tracking_uri(args.tracking_uri, Path("."))
+            uri = tracking.resolve_tracking_uri(args.tracking_uri, Path("."))
         else:
-            uri = mirror.resolve_tracking_uri(None, find_study_db(args.storage_path, args.study).parent)
-        if mirror.is_http_uri(uri):
-            mirror.check_tracking_server(uri)
+            uri = tracking.resolve_tracking_uri(None, find_study_db(args.storage_path, args.study).parent)
+        if tracking.is_http_uri(uri):
+            tracking.check_tracking_server(uri)
             print(f"MLflow UI: {uri}   (a running tracking server)", flush=True)
             return 0
         if _answers(server_url):  # it would pass for ours until MLflow reports the port taken
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(args.port), "--workers", "1", "--uvicorn-opts", "--no-access-log"]
-    if (artifacts := mirror.default_artifact_location(uri)) is not None:  # for runs logged through it
+    if (artifacts := tracking.artifact_location(uri)) is not None:  # for runs logged through it
         command += ["--artifacts-destination", artifacts]
     # The job runner (GenAI evaluation) doubles start-up and is never used here; Starlette's deprecation
     # notice is MLflow's to act on. The caller's own settings win.

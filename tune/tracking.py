@@ -1,0 +1,187 @@
+"""Where a study's MLflow data lives, and the address of its runs in the UI.
+
+The tracking URI (the space file's, else ``$MLFLOW_TRACKING_URI``, else the study's own sqlite
+store), a fast check that it is usable before any trial starts, the study's own store rebuilt when
+its folder was moved or copied, and the URL of a study's runs table in the MLflow UI. What goes into
+the store is tune.mirror's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from mlflow.tracking import MlflowClient
+
+from .record import MANIFEST_FILE, StudyRecord
+
+__all__ = [
+    "ARTIFACTS_DIR",
+    "DEFAULT_DB",
+    "DEFAULT_EXPERIMENT",
+    "TRACKING_URI_ENV",
+    "VIEW_TAG_PREFIX",
+    "TrackingError",
+    "artifact_location",
+    "check_tracking_server",
+    "is_http_uri",
+    "locked_file",
+    "resolve_tracking_uri",
+    "runs_table_url",
+    "sqlite_db_path",
+    "study_runs_url",
+]
+
+logger = logging.getLogger(__name__)
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+DEFAULT_EXPERIMENT = "minimind-sft"
+DEFAULT_DB = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # an experiment tag: a saved view of the runs table (MLflow 3 UI)
+
+
+class TrackingError(RuntimeError):
+    """The tracking backend is unusable; the message names the URI and what to do about it."""
+
+
+def _one_line(exc: BaseException) -> str:
+    first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    return first[:300] + ("..." if len(first) > 300 else "")
+
+
+def resolve_tracking_uri(configured: str | None, study_dir: Path) -> str:
+    """The YAML value, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<study_dir>/mlflow.db``; a relative
+    sqlite path made absolute, so that the driver, the UI and a resume from elsewhere open one file."""
+    uri = (configured or os.environ.get(TRACKING_URI_ENV) or "").strip()
+    if not uri:
+        return f"sqlite:///{(Path(study_dir) / DEFAULT_DB).resolve()}"
+    db = sqlite_db_path(uri)
+    return uri if db is None or db.is_absolute() or "?" in uri else f"sqlite:///{db.resolve()}"
+
+
+def sqlite_db_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for other URIs and in-memory databases."""
+    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    return Path(path) if path and not path.startswith(":memory:") else None
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a study's runs keep artifacts: ``mlartifacts/`` beside a sqlite store (MLflow would use
+    ``./mlruns`` of whatever folder the process started in); the server decides for other URIs."""
+    db = sqlite_db_path(uri)
+    return None if db is None else str(db.resolve().parent / ARTIFACTS_DIR)
+
+
+def is_http_uri(uri: str) -> bool:
+    return urllib.parse.urlparse(uri).scheme in ("http", "https")
+
+
+@contextlib.contextmanager
+def locked_file(path: Path) -> Iterator[IO[str] | None]:
+    """An exclusive ``fcntl.flock`` on ``path`` (the kernel drops it with a killed holder): the open
+    file, or None in a read-only folder (where nothing else writes either)."""
+    with contextlib.ExitStack() as stack:
+        fh = None
+        with contextlib.suppress(OSError):
+            fh = stack.enter_context(path.open("a+", encoding="utf-8"))
+        if fh is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield fh
+
+
+def _open_sqlite(uri: str, db: Path) -> None:
+    """Open a sqlite store, under ``<db>.lock``: MLflow migrates a new file on first open, and two
+    processes doing that at once make one fail. The lock file keeps the folder the store was written
+    from; a study's own store moved or copied with its folder (its artifact paths point into the old
+    one) is deleted before MLflow opens it (MLflow keeps an engine per URI for the process's life)
+    and rebuilt from the record by the next sync."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    here, own = str(db.parent.resolve()), db.name == DEFAULT_DB and (db.parent / MANIFEST_FILE).is_file()
+    with locked_file(db.with_name(db.name + ".lock")) as fh:
+        written_from = ""
+        if fh is not None:
+            fh.seek(0)
+            written_from = fh.read().strip()
+        if own and written_from not in ("", here) and db.exists():
+            logger.warning("MLflow store %s was written from %s; rebuilding it from the record", db, written_from)
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                db.with_name(db.name + suffix).unlink(missing_ok=True)
+            shutil.rmtree(db.parent / ARTIFACTS_DIR, ignore_errors=True)
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        if own and fh is not None and written_from != here:
+            fh.truncate(0)
+            fh.write(here)
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any trial starts, with a :class:`TrackingError` when ``uri`` is unusable: a
+    server gets one short ``GET <uri>/health`` (MLflow's client retries for minutes before it reports a
+    dead one), a sqlite store is opened (created if new), other URIs are opened through MLflow."""
+    if is_http_uri(uri):
+        return _check_http(uri, timeout_s)
+    db = sqlite_db_path(uri)
+    try:
+        if db is None:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            return None
+        db.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise TrackingError(f"MLflow database {uri} is not writable; fix its permissions or set another "
+                                f"mlflow.tracking_uri")
+        return _open_sqlite(uri, db)
+    except TrackingError:
+        raise
+    except Exception as exc:
+        raise TrackingError(f"MLflow tracking URI {uri} is not usable: {_one_line(exc)}") from exc
+
+
+def _check_http(uri: str, timeout_s: float) -> None:
+    url, started = uri.rstrip("/") + "/health", time.monotonic()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}, after "
+            f"{time.monotonic() - started:.1f}s). Start it (e.g. `python -m tune.ui`, or `mlflow server --host "
+            f"127.0.0.1 --port N`), fix mlflow.tracking_uri in the study YAML or ${TRACKING_URI_ENV}, or leave "
+            f"both unset to track into the study's own sqlite db.") from exc
+    # A proxy may not route /health (404) or may want credentials (401/403): a server still answers.
+    if status >= 500:
+        raise TrackingError(f"MLflow tracking server {uri} answered HTTP {status} on {url}; is it healthy?")
+
+
+def runs_table_url(tracking_server_url: str, experiment_id: str, view: str | None = None) -> str:
+    """The MLflow UI's runs table of an experiment in the model-training view (MLflow 3 opens an
+    experiment on its GenAI overview), through the saved ``view`` if given (a study id: see
+    :meth:`Mirror.saved_view`)."""
+    share = "" if view is None else f"&viewStateShareKey={urllib.parse.quote(view)}"
+    return f"{tracking_server_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning{share}"
+
+
+def study_runs_url(tracking_server_url: str, study_dir: Path, tracking_uri: str | None = None) -> str | None:
+    """:func:`runs_table_url` of the study at ``study_dir`` through its saved view (once a sync wrote it),
+    its runs in ``tracking_uri`` (default: as the study says); None while the store has no experiment
+    of the study."""
+    manifest = StudyRecord.open(Path(study_dir)).manifest
+    mlflow_spec = manifest.spec.get("mlflow") or {}
+    uri = tracking_uri or resolve_tracking_uri(mlflow_spec.get("tracking_uri"), Path(study_dir))
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(
+        str(mlflow_spec.get("experiment") or DEFAULT_EXPERIMENT))
+    if experiment is None:
+        return None
+    view = manifest.study_id if VIEW_TAG_PREFIX + manifest.study_id in experiment.tags else None
+    return runs_table_url(tracking_server_url, experiment.experiment_id, view)
