@@ -349,3 +349,47 @@ def test_diverging_trials_are_diverged_never_best(ws: Workspace, cause: str) -> 
         assert run.info.status == "FAILED"
         assert run.data.tags["minimind.status"] == "diverged"
         assert any(w in run.data.tags["minimind.error"] for w in words), run.data.tags
+
+
+@pytest.mark.slow
+def test_a_warm_started_study_runs_the_earlier_best_first_and_finalists_answer_by_mean(
+        ws: Workspace, tmp_path: Path) -> None:
+    """A 2-trial scouting study, then a new study warm-started from it with finalists on: the
+    scout's best config is the new study's first trial, its top config trains again with a second
+    seed, and the answer carries the mean over both seeds (summary, finalists.csv, best.yaml, MLflow)."""
+    import mlflow
+
+    from tune.record import StudyRecord
+
+    scout = run_driver(ws, ["--space", "smoke.yaml", "--name", "scout"], timeout_s=300)
+    assert scout.proc.returncode == 0, scout.output()
+    space = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
+    space["tune"].update(num_samples=2, scheduler={"type": "none"}, finalists={"top_k": 1, "seeds": 1})
+    (tmp_path / "full.yaml").write_text(yaml.safe_dump(space))
+    full = run_driver(ws, ["--space", str(tmp_path / "full.yaml"), "--name", "full",
+                           "--warm-start", str(ws.study_dir("scout"))], timeout_s=400)
+    assert full.proc.returncode == 0, full.output()
+    assert "warm start from" in full.stdout and "2 trial(s) as history" in full.stdout, full.output()
+    assert "finalists: 1 of the top 1 completed configs" in full.stdout, full.output()
+
+    scouted = StudyRecord.open(ws.study_dir("scout"))
+    best_scout = min(scouted.trials(), key=lambda t: min(v for _, v in t.curve("val_loss")))
+    record = StudyRecord.open(ws.study_dir("full"))
+    trials = record.trials()
+    search = [t for t in trials if t.finalist_of is None]
+    finalists = [t for t in trials if t.finalist_of is not None]
+    assert len(search) == 2 and record.finished_count() == 2  # warm-start history is not the study's
+    assert search[0].params == best_scout.params  # the earlier best runs first
+    assert [(f.seed, f.status) for f in finalists] == [(1, "completed")]  # train.seed 0 + 1
+    top = min(search, key=lambda t: min(v for _, v in t.curve("val_loss")))
+    assert finalists[0].finalist_of == top.number and finalists[0].params == top.params
+
+    rows = (ws.study_dir("full") / "finalists.csv").read_text().splitlines()
+    values = [min(v for _, v in t.curve("val_loss")) for t in (top, finalists[0])]
+    assert len(rows) == 2 and rows[1].startswith(f"{top.name},") and ",0 1," in rows[1]
+    mean = sum(values) / 2
+    assert f"mean val_loss {mean:.6f}" in (ws.study_dir("full") / "best.yaml").read_text()
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{ws.study_dir('full') / 'mlflow.db'}")
+    parent = client.search_runs([client.get_experiment_by_name("minimind-smoke").experiment_id],
+                                "tags.`minimind.role` = 'parent'")
+    assert parent and parent[0].data.metrics["best_mean_val_loss"] == pytest.approx(mean)
