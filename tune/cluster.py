@@ -167,7 +167,7 @@ def _check_here(check: _Check) -> str | None:
     """None when ``check`` passes on this node, else the reason."""
     try:
         if check.kind == "cache":
-            from minimind_train.data import open_cache
+            from minimind_train.token_cache import open_cache
 
             key = open_cache(check.target).key
             return None if key == check.expected else f"holds another cache (key {key})"
@@ -518,7 +518,7 @@ def _put_folder_file(path: Path) -> tuple[Any, int]:
 
 
 def _cache_roots(cache_dir: str | None) -> list[Path]:
-    from minimind_train.data import resolve_cache_dir
+    from minimind_train.token_cache import resolve_cache_dir
 
     roots = [resolve_cache_dir(cache_dir)]
     default = resolve_cache_dir(None)
@@ -552,7 +552,7 @@ def _writable_root(roots: Sequence[Path], what: str) -> Path:
 
 
 def _cache_ok(path: Path, key: str) -> bool:
-    from minimind_train.data import open_cache
+    from minimind_train.token_cache import open_cache
 
     try:
         return open_cache(path).key == key
