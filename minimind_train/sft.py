@@ -16,12 +16,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import load_train_state, save_checkpoint
+from .checkpoint import init_state, load_train_state, save_checkpoint
 from .config import ConfigError, load_run_config
 from .data import DataError, prepare_data
 from .model import count_parameters
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
-from .train import NonFiniteLossError, StepInfo, init_state, train_epochs
+from .train import NonFiniteLossError, StepInfo, train_epochs
 
 __all__ = ["main", "resolve_config_path"]
 
