@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast tune ui ui-check bench clean
+.PHONY: install test test-fast tune ui ui-check bench assets clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ ui-check: install
 bench: install
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/study_overhead.py
+
+# Regenerates the bundled demo data and tokenizer (minimind_train/assets) byte for byte.
+assets: install
+	$(PY) scripts/build_demo_assets.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -2,8 +2,8 @@
 
 Generates an N-conversation MiniMind-3 SFT file (plain answers, ``reasoning_content``, inline think
 blocks and tool use, mixed Chinese/English), builds its token cache with
-:func:`minimind_train.data.load_or_build_cache` (all cores unless ``--workers``) and times, in this
-same process, a naive loop (``json.loads`` + :func:`~minimind_train.data.encode_conversation` per
+:func:`minimind_train.token_cache.load_or_build_cache` (all cores unless ``--workers``) and times, in this
+same process, a naive loop (``json.loads`` + :func:`~minimind_train.chat.encode_conversation` per
 line, one process) over the first ``--naive-n`` conversations. Prints conversations/s of both, their
 ratio, peak RSS (this process and the largest worker) and the cache size; the last line holds
 ``ratio_to_naive=<x>``.
@@ -75,7 +75,7 @@ def generate(path: Path, n: int, seed: int = 0) -> Path:
 
 def naive_rate(path: Path, tokenizer: Any, max_seq_len: int, limit: int) -> tuple[float, int]:
     """(conversations/s, count) of the naive loop: parse and encode one line at a time, one process."""
-    from minimind_train.data import encode_conversation
+    from minimind_train.chat import encode_conversation
 
     start = time.perf_counter()
     count = 0
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None, help="where the file and cache go (default: a temp dir)")
     args = parser.parse_args(argv)
 
-    from minimind_train.data import default_workers, load_or_build_cache
+    from minimind_train.token_cache import default_workers, load_or_build_cache
     from minimind_train.tokenizer import BUNDLED_TOKENIZER3_DIR, load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer or BUNDLED_TOKENIZER3_DIR)

@@ -55,7 +55,7 @@ class Setup:
 
 def longer_demo(path: Path, per_sample: int = 6) -> Path:
     """The bundled demo conversations chained ``per_sample`` at a time into longer multi-turn ones."""
-    from minimind_train.demo import DEMO_DATA_PATH
+    from minimind_train.data import DEMO_DATA_PATH
 
     rows = [json.loads(line) for line in DEMO_DATA_PATH.read_text(encoding="utf-8").splitlines() if line]
     with path.open("w", encoding="utf-8") as fh:
@@ -84,7 +84,8 @@ def worker(rank: int, fraction: float, s: Setup, barrier, results) -> None:
     try:
         import torch
 
-        from minimind_train.data import batch_indices, prepare_data
+        from minimind_train.batches import batch_indices
+        from minimind_train.data import prepare_data
         from minimind_train.train import backward_window, clip_grad_norm, init_state
 
         cfg = run_config(s)

@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from minimind_train.batches import batch_indices
 from minimind_train.config import DataConfig, RunConfig, TrainConfig
-from minimind_train.data import batch_indices, iterate_batches, prepare_data
+from minimind_train.data import prepare_data
 from minimind_train.train import backward_window, clip_grad_norm, init_state
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                       dtype="float32"))
         state = init_state(cfg, data.vocab_size)
         order = batch_indices(data.train.lengths, args.batch, seed=0, epoch=0)[:args.steps + 2]
-        batches = list(iterate_batches(data.train, order, data.pad_id))
+        batches = [data.train.batch(items, data.pad_id) for items in order]
     params = list(state.model.parameters())
 
     def step(batch) -> None:

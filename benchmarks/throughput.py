@@ -50,8 +50,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script from any folder
     sys.path.insert(0, str(REPO))
 
+from minimind_train.batches import batch_indices
+from minimind_train.chat import IGNORE_INDEX
 from minimind_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from minimind_train.data import SFTData, batch_indices, prepare_data
+from minimind_train.data import SFTData, prepare_data
 from minimind_train.model import MiniMindForCausalLM, count_parameters, model_config_from
 from minimind_train.tokenizer import load_tokenizer
 from minimind_train.train import init_state, train_epochs
@@ -312,7 +314,7 @@ def run_pair(data: SFTData, data_cfg: DataConfig, batch: int, seconds: float, se
     lengths, sup, executed = [], 0, 0.0
     for items in order:
         _, labels = data.train.batch(items, data.pad_id)
-        n_sup = int((labels[:, 1:] != -100).sum())
+        n_sup = int((labels[:, 1:] != IGNORE_INDEX).sum())
         lens = data.train.lengths[np.asarray(items)]
         lengths.append(lens)
         sup += n_sup
@@ -376,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from minimind_train.demo import DEMO_DATA_PATH
+    from minimind_train.data import DEMO_DATA_PATH
 
     data_path = Path(args.data) if args.data else DEMO_DATA_PATH
     tokenizer = load_tokenizer(args.tokenizer)

@@ -1,42 +1,34 @@
-"""Checkpoints: an fp16 MiniMind ``.pth`` for use, plus full resume state, written atomically.
+"""The training state: built fresh (:func:`init_state`), checkpointed atomically, restored exactly.
 
 Layout of one checkpoint folder::
 
-    model.pth        fp16 state dict with MiniMind2 keys (what upstream MiniMind scripts load)
+    model.pth        fp16 state dict with MiniMind keys (what upstream MiniMind scripts load)
     train_state.pt   fp32 weights, optimizer, scaler, epoch/step, RNG -- enough to resume exactly
     meta.json        config, metrics of that epoch, tokenizer fingerprint, versions
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import RunConfig, run_config_to_dict
-from .model import GenerationMismatchError, build_model, check_generation
-from .train import TrainState, init_state
+from .model import GenerationMismatchError, MiniMindForCausalLM, build_model, check_generation
 
-__all__ = [
-    "META_FILE",
-    "MODEL_FILE",
-    "STATE_FILE",
-    "WeightMismatchError",
-    "drop_resume_state",
-    "fp16_state_dict",
-    "load_minimind_weights",
-    "load_train_state",
-    "model_from_checkpoint",
-    "read_meta",
-    "save_checkpoint",
-]
+if TYPE_CHECKING:
+    from .model3 import MiniMind3ForCausalLM
+
+__all__ = ["META_FILE", "MODEL_FILE", "STATE_FILE", "TrainState", "WeightMismatchError", "drop_resume_state",
+           "init_state", "load_minimind_weights", "load_train_state", "model_from_checkpoint", "read_meta",
+           "save_checkpoint"]
 
 MODEL_FILE = "model.pth"
 STATE_FILE = "train_state.pt"
@@ -47,9 +39,68 @@ class WeightMismatchError(RuntimeError):
     """A weights file does not fit the model; the message lists every offending key."""
 
 
-def fp16_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights as upstream MiniMind saves them: ``{k: v.half()}`` on CPU."""
-    return {k: v.detach().half().cpu() for k, v in model.state_dict().items()}
+@dataclass
+class TrainState:
+    """Everything that changes during training; ``epoch``/``step`` count completed epochs/steps."""
+
+    model: MiniMindForCausalLM | MiniMind3ForCausalLM
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    device: torch.device
+    amp_dtype: torch.dtype
+    epoch: int = 0
+    step: int = 0
+    # The loss of the run's first optimizer step: the reference of the divergence check.
+    first_loss: float | None = None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def _amp_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name == "float16" and device.type != "cuda":
+        raise ValueError("train.dtype='float16' needs CUDA (use float32 or bfloat16 on CPU)")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def init_state(cfg: RunConfig, vocab_size: int, device: torch.device | None = None) -> TrainState:
+    """Fresh model of ``model.family`` (with ``model.init_from``'s weights, loaded strictly), AdamW
+    and scaler, on ``device`` (None: ``train.device``)."""
+    return _new_state(cfg, vocab_size, device, cfg.model.init_from)
+
+
+def _new_state(cfg: RunConfig, vocab_size: int, device: torch.device | None,
+               weights: str | None) -> TrainState:
+    device = device or _device(cfg.train.device)
+    amp_dtype = _amp_dtype(cfg.train.dtype, device)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, vocab_size)
+    if weights:
+        load_minimind_weights(model, weights)
+    model.to(device)
+    t = cfg.train
+    # Norm weights and biases are not decayed (standard AdamW practice; MiniMind decays nothing).
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # Fused on CPU too: one pass over each parameter instead of ~8 foreach passes (8.9M parameters
+    # on two cores: ~25 ms instead of ~400 ms a step); the same AdamW update.
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+        fused=device.type in ("cuda", "cpu"),
+    )
+    # GradScaler only for fp16: bf16 has fp32's exponent range and needs no loss scaling.
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    return TrainState(model=model, optimizer=optimizer, scaler=scaler, device=device, amp_dtype=amp_dtype)
 
 
 def load_minimind_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
@@ -83,19 +134,6 @@ def load_minimind_weights(model: torch.nn.Module, path: str | os.PathLike[str]) 
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in loaded.items()}, strict=True)
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(
     directory: str | os.PathLike[str],
     state: TrainState,
@@ -110,8 +148,12 @@ def save_checkpoint(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        torch.save(fp16_state_dict(state.model), tmp / MODEL_FILE)
+        # The fp16 weights as upstream MiniMind saves them: {k: v.half()} on CPU.
+        torch.save({k: v.detach().half().cpu() for k, v in state.model.state_dict().items()}, tmp / MODEL_FILE)
         if resume_state:
+            rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save({
                 "model": {k: v.detach().float().cpu() for k, v in state.model.state_dict().items()},
                 "optimizer": state.optimizer.state_dict(),
@@ -119,7 +161,7 @@ def save_checkpoint(
                 "epoch": state.epoch,
                 "step": state.step,
                 "first_loss": state.first_loss,
-                "rng": _rng_state(),
+                "rng": rng,
             }, tmp / STATE_FILE)
         info = {
             "config": run_config_to_dict(cfg),
@@ -158,8 +200,8 @@ def load_train_state(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: this checkpoint holds no resume state (only fp16 weights)")
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    # init_from is not re-applied: the saved weights supersede it.
-    state = init_state(_without_init(cfg), vocab_size, device)
+    # init_from is not loaded: the saved weights supersede it.
+    state = _new_state(cfg, vocab_size, device, weights=None)
     state.model.load_state_dict(saved["model"], strict=True)
     state.optimizer.load_state_dict(saved["optimizer"])
     if state.scaler is not None and saved["scaler"] is not None:
@@ -167,12 +209,10 @@ def load_train_state(
     state.epoch = int(saved["epoch"])
     state.step = int(saved["step"])
     state.first_loss = saved.get("first_loss")  # absent in checkpoints older than the divergence check
-    _set_rng_state(saved["rng"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
     return state
-
-
-def _without_init(cfg: RunConfig) -> RunConfig:
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None))
 
 
 def drop_resume_state(directory: str | os.PathLike[str]) -> int:

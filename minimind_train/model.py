@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minimind_train.chat import IGNORE_INDEX
 from minimind_train.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
@@ -289,8 +290,8 @@ def token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]
     targets = labels[:, 1:]
     logits = logits[:, :-1]
     ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             ignore_index=-100, reduction="sum")
-    return ce_sum, (targets != -100).sum()
+                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return ce_sum, (targets != IGNORE_INDEX).sum()
 
 
 def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -299,7 +300,7 @@ def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
     The positions index ``hidden.reshape(B * T, H)``; only they need the LM head for the loss.
     Computed where ``labels`` lives: on the CPU batch before the transfer, so CUDA never syncs on it.
     """
-    nxt = labels[:, 1:] != -100
+    nxt = labels[:, 1:] != IGNORE_INDEX
     positions = F.pad(nxt, (0, 1)).reshape(-1).nonzero().squeeze(1)
     return positions, labels.reshape(-1)[positions + 1]
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import load_train_state, save_checkpoint
+from .checkpoint import init_state, load_train_state, save_checkpoint
 from .config import ConfigError, load_run_config
 from .data import DataError, prepare_data
 from .model import count_parameters
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
-from .train import NonFiniteLossError, StepInfo, init_state, train_epochs
+from .train import StepInfo, TrainingDiverged, train_epochs
 
 __all__ = ["main", "resolve_config_path"]
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"val_loss {m['val_loss']:.4f}{marker}  lr {m['lr']:.2e}  "
                   f"grad_norm {m['grad_norm']:.3f}  {m['supervised_tokens_per_s']:,.0f} sup tok/s  "
                   f"{m['epoch_seconds']:.1f}s", flush=True)
-    except NonFiniteLossError as exc:
+    except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     finally:

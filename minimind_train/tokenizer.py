@@ -1,4 +1,4 @@
-"""The bundled tokenizer, loading any MiniMind2-format tokenizer folder, and training a new one.
+"""Tokenizers: loading a MiniMind2-format folder (the bundled one by default) and its fingerprint.
 
 A MiniMind2-format folder holds ``tokenizer.json`` (byte-level BPE) and ``tokenizer_config.json``
 (special tokens and the ChatML chat template). Ids 0, 1 and 2 are ``<|endoftext|>`` (pad and unk),
@@ -9,22 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-__all__ = [
-    "BUNDLED_TOKENIZER3_DIR",
-    "BUNDLED_TOKENIZER_DIR",
-    "CHAT_TEMPLATE",
-    "SPECIAL_TOKENS",
-    "TOKENIZER_FILES",
-    "load_tokenizer",
-    "tokenizer_fingerprint",
-    "train_tokenizer",
-]
+__all__ = ["BUNDLED_TOKENIZER3_DIR", "BUNDLED_TOKENIZER_DIR", "SPECIAL_TOKENS", "TOKENIZER_FILES",
+           "load_tokenizer", "tokenizer_fingerprint"]
 
 BUNDLED_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 # MiniMind-3's tokenizer (upstream d65ef2c, Apache-2.0), byte copies; see its SOURCE.md.
@@ -32,46 +22,6 @@ BUNDLED_TOKENIZER3_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # In id order: pad/unk, bos, eos.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-
-# MiniMind2's template verbatim: ChatML, with a default system prompt when the first message is not
-# a system message, and the assistant prefix rendered after every user turn.
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
-    "{{ '<|im_start|>system\\n' + system_message + '<|im_end|>\\n' }}"
-    "{% else %}{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}{% endif %}"
-    "{% for message in messages %}{% set content = message['content'] %}"
-    "{% if message['role'] == 'user' %}"
-    "{{ '<|im_start|>user\\n' + content + '<|im_end|>\\n<|im_start|>assistant\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ content + '<|im_end|>' + '\\n' }}{% endif %}"
-    "{% endfor %}"
-)
-
-
-def _tokenizer_config() -> dict[str, object]:
-    """MiniMind2's tokenizer_config.json, field for field."""
-    return {
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": {
-            str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
-                     "single_word": False, "special": True}
-            for i, token in enumerate(SPECIAL_TOKENS)
-        },
-        "additional_special_tokens": [],
-        "bos_token": SPECIAL_TOKENS[1],
-        "clean_up_tokenization_spaces": False,
-        "eos_token": SPECIAL_TOKENS[2],
-        "legacy": True,
-        "model_max_length": 32768,
-        "pad_token": SPECIAL_TOKENS[0],
-        "sp_model_kwargs": {},
-        "spaces_between_special_tokens": False,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "unk_token": SPECIAL_TOKENS[0],
-        "chat_template": CHAT_TEMPLATE,
-    }
-
 
 def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
     """Load a MiniMind2-format tokenizer folder (None: the bundled one) and check its contract.
@@ -135,34 +85,3 @@ def tokenizer_fingerprint(tokenizer_or_dir: PreTrainedTokenizerBase | str | Path
         digest.update(json.dumps(content, sort_keys=True, ensure_ascii=False,
                                  separators=(",", ":")).encode("utf-8") + b"\0")
     return digest.hexdigest()
-
-
-def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 6400) -> None:
-    """Train a MiniMind2-format byte-level BPE on ``texts`` and write it to ``out_dir``.
-
-    Trained from an iterator: the ``tokenizers`` file reader aborts the process on non-UTF-8 input.
-    The vocabulary may come out smaller than ``vocab_size`` when the texts support fewer merges.
-    """
-    if vocab_size <= len(SPECIAL_TOKENS) + 256:
-        raise ValueError(f"vocab_size={vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens "
-                         "plus the 256-byte alphabet")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        show_progress=False,
-        # All 256 bytes, seen or not, so any text round-trips and nothing is ever unknown.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    tokenizer.decoder = decoders.ByteLevel()
-    for expected_id, token in enumerate(SPECIAL_TOKENS):
-        if tokenizer.token_to_id(token) != expected_id:
-            raise RuntimeError(f"trainer gave {token} id {tokenizer.token_to_id(token)}, expected {expected_id}")
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out / "tokenizer.json"), pretty=False)
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(_tokenizer_config(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8", newline="\n")

@@ -1,8 +1,9 @@
-"""The per-epoch SFT function.
+"""The per-epoch SFT loop and its loss.
 
 ``train_epochs(cfg, data, state)`` is a plain generator: it yields one :class:`EpochResult` (metrics
-and the live :class:`TrainState`) per epoch, so a caller (the CLI, a Ray trainable, a test) decides
-what to do between epochs -- checkpoint, report, stop. Nothing here knows about Ray.
+and the live :class:`~minimind_train.checkpoint.TrainState`) per epoch, so a caller (the CLI, a Ray
+trainable, a test) decides what to do between epochs -- checkpoint, report, stop. Nothing here knows
+about Ray.
 
 Loss semantics (see shared/design.md): for a window of ``accumulation_steps`` micro-batches the
 optimizer step minimises ``sum(CE over supervised tokens) / (supervised tokens in the window)`` plus
@@ -12,43 +13,25 @@ give the same gradient.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from .batches import TokenizedDataset, batch_indices
+from .checkpoint import TrainState, init_state
 from .config import RunConfig, TrainConfig
-from .data import SFTData, TokenizedDataset, batch_indices, iterate_batches
-from .model import MiniMindForCausalLM, build_model, supervised_positions
+from .data import SFTData
+from .model import supervised_positions
 
-if TYPE_CHECKING:
-    from .model3 import MiniMind3ForCausalLM
-
-__all__ = [
-    "EpochResult",
-    "NonFiniteLossError",
-    "StepInfo",
-    "TrainState",
-    "TrainingDiverged",
-    "autocast_context",
-    "backward_window",
-    "check_divergence",
-    "clip_grad_norm",
-    "evaluate",
-    "init_state",
-    "lr_at",
-    "resolve_device",
-    "resolve_dtype",
-    "steps_per_epoch",
-    "train_epochs",
-]
+__all__ = ["EpochResult", "NonFiniteLossError", "StepInfo", "TrainingDiverged", "backward_window",
+           "check_divergence", "clip_grad_norm", "evaluate", "lr_at", "steps_per_epoch", "train_epochs"]
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +76,6 @@ def check_divergence(cfg: TrainConfig, first_loss: float | None, loss: float, gr
                                epoch, step, grad_norm)
 
 
-@dataclass
-class TrainState:
-    """Everything that changes during training; ``epoch``/``step`` count completed epochs/steps."""
-
-    model: MiniMindForCausalLM | MiniMind3ForCausalLM
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    device: torch.device
-    amp_dtype: torch.dtype
-    epoch: int = 0
-    step: int = 0
-    # The loss of the run's first optimizer step: the reference of the divergence check.
-    first_loss: float | None = None
-
-
 @dataclass(frozen=True)
 class StepInfo:
     """One optimizer step, for progress displays."""
@@ -123,6 +91,8 @@ class StepInfo:
 
 @dataclass(frozen=True)
 class EpochResult:
+    """What :func:`train_epochs` yields after each epoch."""
+
     epoch: int  # 1-based number of the epoch just finished
     metrics: dict[str, float]
     state: TrainState = field(repr=False)
@@ -154,75 +124,35 @@ def steps_per_epoch(num_batches: int, train: TrainConfig) -> int:
     return min(steps, train.max_steps_per_epoch) if train.max_steps_per_epoch else steps
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' but no CUDA device is available")
-    return torch.device(name)
+def _supervised_ce(state: TrainState, input_ids: torch.Tensor, labels: torch.Tensor,
+                   positions: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(CE sum over the supervised next tokens, their count, aux loss) of one micro-batch.
 
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name == "float16" and device.type != "cuda":
-        raise ValueError("train.dtype='float16' needs CUDA (use float32 or bfloat16 on CPU)")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def autocast_context(device: torch.device, amp_dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    if amp_dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-def init_state(cfg: RunConfig, vocab_size: int, device: torch.device | None = None) -> TrainState:
-    """Fresh model of ``model.family`` (optionally ``init_from`` a .pth of that generation, strictly),
-    AdamW and scaler."""
-    from .checkpoint import load_minimind_weights
-
-    device = device or resolve_device(cfg.train.device)
-    amp_dtype = resolve_dtype(cfg.train.dtype, device)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, vocab_size)
-    if cfg.model.init_from:
-        load_minimind_weights(model, cfg.model.init_from)
-    model.to(device)
-    t = cfg.train
-    # Norm weights and biases are not decayed (standard AdamW practice; MiniMind decays nothing).
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    # Fused on CPU too: one pass over each parameter instead of ~8 foreach passes (8.9M parameters
-    # on two cores: ~25 ms instead of ~400 ms a step); the same AdamW update.
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-        fused=device.type in ("cuda", "cpu"),
-    )
-    # GradScaler only for fp16: bf16 has fp32's exponent range and needs no loss scaling.
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    return TrainState(model=model, optimizer=optimizer, scaler=scaler, device=device, amp_dtype=amp_dtype)
+    The LM head runs only where the next token is supervised (same loss, see
+    MiniMindForCausalLM.supervised_cross_entropy); ``positions`` are found on the CPU batch, so CUDA
+    never syncs on them.
+    """
+    device, amp_dtype = state.device, state.amp_dtype
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+        return state.model.supervised_cross_entropy(
+            input_ids.to(device, non_blocking=True), labels,
+            tuple(x.to(device, non_blocking=True) for x in positions))
 
 
 @torch.no_grad()
 def evaluate(state: TrainState, dataset: TokenizedDataset, batch_size: int, pad_id: int) -> float:
     """Token-weighted CE over every supervised token of ``dataset`` (the tuning objective)."""
-    model = state.model
-    was_training = model.training
-    model.eval()
+    was_training = state.model.training
+    state.model.eval()
     total = torch.zeros((), dtype=torch.float64, device=state.device)
     count = 0
     order = batch_indices(dataset.lengths, batch_size, seed=0, epoch=0, shuffle=False)
-    for input_ids, labels in iterate_batches(dataset, order, pad_id):
-        positions = _to_device(supervised_positions(labels), state.device)
-        input_ids = input_ids.to(state.device, non_blocking=True)
-        with autocast_context(state.device, state.amp_dtype):
-            ce_sum, n, _ = model.supervised_cross_entropy(input_ids, labels, positions)
+    for items in order:
+        input_ids, labels = dataset.batch(items, pad_id)
+        ce_sum, n, _ = _supervised_ce(state, input_ids, labels, supervised_positions(labels))
         total += ce_sum.double()
         count += n
-    model.train(was_training)
+    state.model.train(was_training)
     if count == 0:
         raise ValueError("validation split has no supervised tokens")
     return float(total / count)
@@ -235,30 +165,19 @@ def backward_window(
 
     Returns the window's CE sum, aux-loss sum (both detached) and supervised-token count.
     """
+    positions = [supervised_positions(labels) for _, labels in window]
     # The denominator is the whole window's supervised-token count, known before any forward.
-    n_sup = sum(int((y[:, 1:] != -100).sum()) for _, y in window)
+    n_sup = sum(int(targets.numel()) for _, targets in positions)
     ce_window = torch.zeros((), dtype=torch.float32, device=state.device)
     aux_window = torch.zeros((), dtype=torch.float64, device=state.device)
-    for input_ids, labels in window:
-        # The LM head runs only where the next token is supervised (same loss, see
-        # MiniMindForCausalLM.supervised_cross_entropy); positions are found on the CPU batch.
-        positions = _to_device(supervised_positions(labels), state.device)
-        input_ids = input_ids.to(state.device, non_blocking=True)
-        with autocast_context(state.device, state.amp_dtype):
-            ce_sum, _, aux = state.model.supervised_cross_entropy(input_ids, labels, positions)
+    for (input_ids, labels), pos in zip(window, positions):
+        ce_sum, _, aux = _supervised_ce(state, input_ids, labels, pos)
         aux = aux.float()
         loss = ce_sum / max(n_sup, 1) + aux / len(window)
-        if state.scaler is not None:
-            state.scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        (state.scaler.scale(loss) if state.scaler is not None else loss).backward()
         ce_window += ce_sum.detach()
         aux_window += aux.detach().double()
     return ce_window, aux_window, n_sup
-
-
-def _to_device(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(x.to(device, non_blocking=True) for x in tensors)
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -297,7 +216,7 @@ def train_epochs(
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     if state is None:
-        state = init_state(cfg, vocab_size=_vocab_size(cfg, data))
+        state = init_state(cfg, vocab_size=cfg.model.vocab_size or data.vocab_size)
     model, optimizer, device = state.model, state.optimizer, state.device
     num_batches = math.ceil(len(data.train) / t.batch_size)
     per_epoch = steps_per_epoch(num_batches, t)
@@ -310,7 +229,6 @@ def train_epochs(
         model.train()
         order = batch_indices(data.train.lengths, t.batch_size, seed=t.seed, epoch=epoch,
                               shuffle=True, group_by_length=cfg.data.group_by_length)
-        lengths = data.train.lengths
         ce_epoch = torch.zeros((), dtype=torch.float64, device=device)
         aux_epoch = torch.zeros((), dtype=torch.float64, device=device)
         sup_epoch = tokens_epoch = micro_epoch = 0
@@ -323,8 +241,8 @@ def train_epochs(
         for step_in_epoch in range(per_epoch):
             window_order = order[step_in_epoch * t.accumulation_steps:
                                  (step_in_epoch + 1) * t.accumulation_steps]
-            window = list(iterate_batches(data.train, window_order, data.pad_id))
-            tokens_epoch += int(sum(int(lengths[i]) for batch in window_order for i in batch))
+            window = [data.train.batch(items, data.pad_id) for items in window_order]
+            tokens_epoch += sum(int(data.train.lengths[items].sum()) for items in window_order)
             lr = lr_at(state.step, total_steps, t.learning_rate, t.min_lr_ratio, t.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -337,14 +255,14 @@ def train_epochs(
             window_loss = float(ce_window) / max(n_sup, 1)
             if state.first_loss is None and math.isfinite(window_loss):
                 state.first_loss = window_loss
+            # fp16: the scaler skips steps with inf/NaN gradients and lowers its scale; only the loss
+            # says whether the run itself diverged.
+            checked_norm = 0.0 if state.scaler is not None else float(grad_norm)
+            check_divergence(t, state.first_loss, window_loss, checked_norm, epoch + 1, state.step)
             if state.scaler is not None:
-                # fp16: the scaler skips steps with inf/NaN gradients and lowers its scale; only the
-                # loss says whether the run itself diverged.
-                check_divergence(t, state.first_loss, window_loss, 0.0, epoch + 1, state.step)
                 state.scaler.step(optimizer)
                 state.scaler.update()
             else:
-                check_divergence(t, state.first_loss, window_loss, float(grad_norm), epoch + 1, state.step)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -386,6 +304,3 @@ def train_epochs(
                  t.epochs, metrics["train_loss"], val_loss, lr, metrics["supervised_tokens_per_s"])
         yield EpochResult(epoch=state.epoch, metrics=metrics, state=state)
 
-
-def _vocab_size(cfg: RunConfig, data: SFTData) -> int:
-    return cfg.model.vocab_size if cfg.model.vocab_size is not None else data.vocab_size

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -33,3 +36,34 @@ def make_checkpoint(folder: Path, epoch: int, val: float, *, meta: bool = True, 
     if meta:
         (folder / "meta.json").write_text(json.dumps({"epoch": epoch, "metrics": {"val_loss": val}}))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tok() -> Any:
+    """The bundled MiniMind2 tokenizer."""
+    from minimind_train.tokenizer import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+def write_rows(path: Path, rows: Iterable[Any]) -> Path:
+    """A jsonl file of ``rows``, one JSON value per line; a str row is written verbatim (blank or
+    malformed lines)."""
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+    return path
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` MiniMind SFT rows of random words: one or two rounds each, every fifth with a system prompt."""
+    rng = random.Random(seed)
+    words = ["sun", "rain", "river", "stone", "light", "green", "cloud", "north", "quiet", "swift"]
+    rows = []
+    for i in range(n):
+        convs = [{"role": "system", "content": "Be terse."}] if i % 5 == 0 else []
+        for _ in range(rng.randint(1, 2)):
+            convs.append({"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(1, 9)))})
+            convs.append({"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 39)))})
+        rows.append({"conversations": convs})
+    return rows

@@ -19,8 +19,7 @@ from minimind_train.config import (
     TrainConfig,
     run_config_from_dict,
 )
-from minimind_train.data import prepare_data
-from minimind_train.demo import generate_demo_conversations, write_jsonl
+from minimind_train.data import DEMO_DATA_PATH, prepare_data
 from minimind_train.model import (
     GenerationMismatchError,
     MiniMindForCausalLM,
@@ -155,7 +154,8 @@ def test_supervised_cross_entropy_equals_full_forward(use_moe: bool) -> None:
 
 def test_minimind3_trains_and_checkpoints_like_upstream(tmp_path: Path) -> None:
     path = tmp_path / "train.jsonl"
-    write_jsonl(generate_demo_conversations(32, seed=1), path)
+    path.write_text("".join(DEMO_DATA_PATH.read_text(encoding="utf-8").splitlines(keepends=True)[:32]),
+                    encoding="utf-8")
     cfg = RunConfig(
         model=dataclasses.replace(TINY3, use_moe=True),
         data=DataConfig(train_path=str(path), val_fraction=0.25, max_seq_len=64,

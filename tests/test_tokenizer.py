@@ -1,4 +1,4 @@
-"""The bundled tokenizer, loading MiniMind2-format folders, fingerprints and training."""
+"""The bundled tokenizer, loading MiniMind2-format folders, and fingerprints."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ import pytest
 from conftest import SHARED, need_shared
 from transformers import PreTrainedTokenizerFast
 
-from minimind_train.demo import DEMO_DATA_PATH
+from minimind_train.data import DEMO_DATA_PATH
 from minimind_train.tokenizer import (
     BUNDLED_TOKENIZER_DIR,
     SPECIAL_TOKENS,
     load_tokenizer,
     tokenizer_fingerprint,
-    train_tokenizer,
 )
 
 CONVERSATIONS: list[list[dict[str, str]]] = [
@@ -223,25 +222,3 @@ def test_fingerprint_is_stable_and_content_sensitive(tmp_path: Path) -> None:
 def test_fingerprint_of_missing_files_names_them(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         tokenizer_fingerprint(tmp_path)
-
-
-def test_train_small_tokenizer(tmp_path: Path) -> None:
-    texts = ["hello world, hello tokenizer", "你好世界，你好", "12 + 30 = 42"] * 20
-    train_tokenizer(iter(texts), tmp_path, vocab_size=300)
-    tokenizer = load_tokenizer(tmp_path)
-    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
-    assert 259 < len(tokenizer) <= 300
-    assert len(tokenizer.encode("hello")) == 1  # merges were learned
-    for text in UNICODE_SAMPLES:
-        assert tokenizer.decode(tokenizer.encode(text)) == text
-    data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
-    assert data["pre_tokenizer"]["type"] == "ByteLevel"
-    assert data["pre_tokenizer"]["add_prefix_space"] is False
-    assert data["decoder"]["type"] == "ByteLevel"
-    assert tokenizer.apply_chat_template(CONVERSATIONS[0], tokenize=False) == load_tokenizer(
-        BUNDLED_TOKENIZER_DIR).apply_chat_template(CONVERSATIONS[0], tokenize=False)
-
-
-def test_train_rejects_a_vocab_without_room_for_merges(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="vocab_size=259"):
-        train_tokenizer(["abc"], tmp_path, vocab_size=259)

@@ -15,25 +15,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minimind_train.chat import IGNORE_INDEX
 from minimind_train.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     WeightMismatchError,
+    init_state,
     load_minimind_weights,
     load_train_state,
     save_checkpoint,
 )
 from minimind_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from minimind_train.data import collate, encode_conversation, prepare_data
-from minimind_train.demo import generate_demo_conversations, write_jsonl
-from minimind_train.tokenizer import load_tokenizer
+from minimind_train.data import DEMO_DATA_PATH, SFTData, prepare_data
 from minimind_train.train import (
     NonFiniteLossError,
     TrainingDiverged,
     backward_window,
     check_divergence,
     clip_grad_norm,
-    init_state,
     lr_at,
     steps_per_epoch,
     train_epochs,
@@ -42,20 +41,12 @@ from minimind_train.train import (
 TINY = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(None)
-
-
-@pytest.fixture(scope="module")
-def convs() -> list[dict]:
-    return generate_demo_conversations(64, seed=3)
-
-
 @pytest.fixture
-def run_cfg(tmp_path: Path, convs: list[dict]) -> RunConfig:
+def run_cfg(tmp_path: Path) -> RunConfig:
+    """A tiny model on the first 64 bundled demo conversations."""
     path = tmp_path / "train.jsonl"
-    write_jsonl(convs, path)
+    path.write_text("".join(DEMO_DATA_PATH.read_text(encoding="utf-8").splitlines(keepends=True)[:64]),
+                    encoding="utf-8")
     return RunConfig(
         model=TINY,
         data=DataConfig(train_path=str(path), val_fraction=0.25, max_seq_len=64,
@@ -65,32 +56,30 @@ def run_cfg(tmp_path: Path, convs: list[dict]) -> RunConfig:
     )
 
 
-def _samples(tokenizer, convs, n):
-    return [tuple(torch.tensor(x) for x in encode_conversation(tokenizer, c["conversations"], 64))
-            for c in convs[:n]]
+@pytest.fixture
+def data(run_cfg: RunConfig, tok) -> SFTData:
+    return prepare_data(run_cfg.data, tok)
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_batch8_accum1_equals_batch2_accum4(tokenizer, convs, run_cfg):
-    samples = _samples(tokenizer, convs, 8)
-    state = init_state(run_cfg, vocab_size=len(tokenizer), device=torch.device("cpu"))
-    backward_window(state, [collate(samples, pad_id=0)])
+def test_batch8_accum1_equals_batch2_accum4(data, run_cfg):
+    state = init_state(run_cfg, vocab_size=data.vocab_size, device=torch.device("cpu"))
+    backward_window(state, [data.train.batch(range(8), data.pad_id)])
     big = _grads(state.model)
     state.model.zero_grad(set_to_none=True)
-    backward_window(state, [collate(samples[i:i + 2], pad_id=0) for i in range(0, 8, 2)])
+    backward_window(state, [data.train.batch([i, i + 1], data.pad_id) for i in range(0, 8, 2)])
     small = _grads(state.model)
     assert big.keys() == small.keys() and big
     for name in big:
         torch.testing.assert_close(small[name], big[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_loss_is_next_token_ce_over_supervised_tokens(tokenizer, convs, run_cfg):
-    samples = _samples(tokenizer, convs, 4)
-    x, y = collate(samples, pad_id=0)
-    state = init_state(run_cfg, vocab_size=len(tokenizer), device=torch.device("cpu"))
+def test_loss_is_next_token_ce_over_supervised_tokens(data, run_cfg):
+    x, y = data.train.batch(range(4), data.pad_id)
+    state = init_state(run_cfg, vocab_size=data.vocab_size, device=torch.device("cpu"))
     state.model.eval()
     ce, _, n = backward_window(state, [(x, y)])
     logits = state.model(input_ids=x).logits.detach()
@@ -98,22 +87,22 @@ def test_loss_is_next_token_ce_over_supervised_tokens(tokenizer, convs, run_cfg)
     total, count = 0.0, 0
     for b in range(x.shape[0]):
         for t in range(x.shape[1] - 1):
-            if y[b, t + 1] != -100:
+            if y[b, t + 1] != IGNORE_INDEX:
                 total += float(F.cross_entropy(logits[b, t][None], y[b, t + 1][None]))
                 count += 1
     assert n == count
     assert math.isclose(float(ce) / n, total / count, rel_tol=1e-5)
     # A second shift (the seed's bug) would give a different number.
     shifted_twice = F.cross_entropy(logits[:, :-2].reshape(-1, logits.shape[-1]), y[:, 2:].reshape(-1),
-                                    ignore_index=-100)
+                                    ignore_index=IGNORE_INDEX)
     assert not math.isclose(float(shifted_twice), total / count, rel_tol=1e-3)
 
 
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3, math.inf])
-def test_clip_grad_norm_equals_torch(tokenizer, convs, run_cfg, max_norm):
+def test_clip_grad_norm_equals_torch(data, run_cfg, max_norm):
     """Skipping the rescale when its factor is 1 changes nothing: same norm, bit-identical gradients."""
-    state = init_state(run_cfg, vocab_size=len(tokenizer), device=torch.device("cpu"))
-    backward_window(state, [collate(_samples(tokenizer, convs, 4), pad_id=0)])
+    state = init_state(run_cfg, vocab_size=data.vocab_size, device=torch.device("cpu"))
+    backward_window(state, [data.train.batch(range(4), data.pad_id)])
     params = list(state.model.parameters())
     grads = {n: p.grad.clone() for n, p in state.model.named_parameters()}
     ours = clip_grad_norm(params, max_norm)

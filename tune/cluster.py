@@ -226,7 +226,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _cache_ok(folder: Path, key: str) -> bool:
-    from minimind_train.data import open_cache
+    from minimind_train.token_cache import open_cache
 
     try:
         return open_cache(folder).key == key
@@ -268,7 +268,7 @@ def study_data(data: Any, run_cfg: Any, nodes: Sequence[Node], driver: str, stor
 def _reach(driver_folder: Path, name: str, ok: Callable[[Path], bool], shared: str | None,
            cache_dir: str | None) -> Path:
     """A folder on this node that passes ``ok``: the driver's, else the node's copy of ``<shared>/<name>``."""
-    from minimind_train.data import resolve_cache_dir
+    from minimind_train.token_cache import resolve_cache_dir
 
     if ok(driver_folder):
         return driver_folder

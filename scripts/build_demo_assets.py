@@ -1,12 +1,12 @@
-"""The bundled demo SFT dataset: templated bilingual tasks a tiny model learns on a CPU in minutes.
+"""Builds the bundled demo assets: the demo SFT dataset and the MiniMind2-format tokenizer trained on it.
 
-Every answer follows from its question by a fixed rule (arithmetic, a small lookup table, a string
-operation), so a 0.5-9M-parameter model can learn the data well enough that the learning rate and
-the other hyperparameters visibly move the validation loss. Held-out conversations are new
-combinations (operands, countries, phrasings, follow-ups) of patterns the training split has seen.
+    python scripts/build_demo_assets.py [--out minimind_train/assets]
 
-``python -m minimind_train.demo --out minimind_train/assets`` regenerates both bundled assets, the
-dataset and the tokenizer trained on it, byte for byte.
+regenerates ``demo/sft_demo.jsonl`` and ``tokenizer/`` under the assets folder, byte for byte. Every
+answer of the dataset follows from its question by a fixed rule (arithmetic, a small lookup table, a
+string operation), so a 0.5-9M-parameter model can learn it well enough on a CPU in minutes that the
+learning rate and the other hyperparameters visibly move the validation loss. Held-out conversations
+are new combinations (operands, countries, phrasings, follow-ups) of patterns the training split has seen.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
-    "DEMO_DATA_PATH",
+    "CHAT_TEMPLATE",
     "DEMO_SEED",
     "DEMO_SIZE",
     "build_assets",
@@ -28,16 +28,21 @@ __all__ = [
     "generate_demo_conversations",
     "main",
     "tokenizer_corpus",
+    "train_tokenizer",
     "write_jsonl",
     "zh_number",
 ]
 
 log = logging.getLogger(__name__)
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-DEMO_DATA_PATH = ASSETS_DIR / "demo" / "sft_demo.jsonl"
+REPO = Path(__file__).resolve().parents[1]
+# The package's assets folder: minimind_train.data.DEMO_DATA_PATH is <assets>/demo/sft_demo.jsonl.
+ASSETS_DIR = REPO / "minimind_train" / "assets"
+DEMO_FILE = Path("demo") / "sft_demo.jsonl"
 DEMO_SIZE = 3000
 DEMO_SEED = 0
+# In id order: pad/unk, bos, eos (minimind_train.tokenizer.SPECIAL_TOKENS, whose loader checks them).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 # A question template and the answer template that goes with it; ``{name}`` fields are filled from
 # the exchange's values.
@@ -577,7 +582,7 @@ def write_jsonl(conversations: Iterable[Mapping[str, object]], path: str | Path)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tokenizer corpus and the asset builder.
+# The tokenizer: its corpus, MiniMind2's tokenizer files, the trainer; the asset builder.
 
 
 def tokenizer_corpus(conversations: Sequence[Mapping[str, Sequence[Mapping[str, str]]]]) -> Iterator[str]:
@@ -608,14 +613,87 @@ def tokenizer_corpus(conversations: Sequence[Mapping[str, Sequence[Mapping[str, 
         yield prompt
 
 
+# MiniMind2's template verbatim: ChatML, with a default system prompt when the first message is not
+# a system message, and the assistant prefix rendered after every user turn.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+    "{{ '<|im_start|>system\\n' + system_message + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}{% set content = message['content'] %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ '<|im_start|>user\\n' + content + '<|im_end|>\\n<|im_start|>assistant\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ content + '<|im_end|>' + '\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def _tokenizer_config() -> dict[str, object]:
+    """MiniMind2's tokenizer_config.json, field for field."""
+    return {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True}
+            for i, token in enumerate(SPECIAL_TOKENS)
+        },
+        "additional_special_tokens": [],
+        "bos_token": SPECIAL_TOKENS[1],
+        "clean_up_tokenization_spaces": False,
+        "eos_token": SPECIAL_TOKENS[2],
+        "legacy": True,
+        "model_max_length": 32768,
+        "pad_token": SPECIAL_TOKENS[0],
+        "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": SPECIAL_TOKENS[0],
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 6400) -> None:
+    """Train a MiniMind2-format byte-level BPE on ``texts`` and write it to ``out_dir``.
+
+    Trained from an iterator: the ``tokenizers`` file reader aborts the process on non-UTF-8 input.
+    The vocabulary may come out smaller than ``vocab_size`` when the texts support fewer merges.
+    """
+    # Imported here so that generating the dataset needs only the standard library.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size <= len(SPECIAL_TOKENS) + 256:
+        raise ValueError(f"vocab_size={vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens "
+                         "plus the 256-byte alphabet")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        # All 256 bytes, seen or not, so any text round-trips and nothing is ever unknown.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.decoder = decoders.ByteLevel()
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != expected_id:
+            raise RuntimeError(f"trainer gave {token} id {tokenizer.token_to_id(token)}, expected {expected_id}")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"), pretty=False)
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(_tokenizer_config(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8", newline="\n")
+
+
 def build_assets(out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``demo/sft_demo.jsonl`` and ``tokenizer/`` under ``out_dir``; return both paths."""
-    # Imported here so that generating the dataset needs only the standard library.
-    from minimind_train.tokenizer import train_tokenizer
-
     out_dir = Path(out_dir)
     conversations = generate_demo_conversations(DEMO_SIZE, DEMO_SEED)
-    data_path = out_dir / "demo" / DEMO_DATA_PATH.name
+    data_path = out_dir / DEMO_FILE
     write_jsonl(conversations, data_path)
     tokenizer_dir = out_dir / "tokenizer"
     train_tokenizer(tokenizer_corpus(conversations), tokenizer_dir)
@@ -627,7 +705,7 @@ def build_assets(out_dir: str | Path) -> tuple[Path, Path]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m minimind_train.demo",
+        prog="python scripts/build_demo_assets.py",
         description="Regenerate the bundled demo SFT dataset and the tokenizer trained on it.")
     parser.add_argument("--out", default=str(ASSETS_DIR),
                         help="assets folder to write demo/ and tokenizer/ into (default: the package's)")

@@ -1,8 +1,10 @@
-"""The bundled demo SFT dataset: format, content rules, determinism and reproducible assets."""
+"""The demo asset builder (scripts/build_demo_assets.py) and the bundled demo dataset: format, content
+rules, determinism, the tokenizer trainer, and assets reproduced byte for byte."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -14,17 +16,25 @@ from pathlib import Path
 
 import pytest
 
-from minimind_train.demo import (
-    DEMO_DATA_PATH,
-    DEMO_SEED,
-    DEMO_SIZE,
-    en_number,
-    generate_demo_conversations,
-    main,
-    write_jsonl,
-    zh_number,
-)
+from minimind_train import tokenizer as tokenizer_mod
+from minimind_train.data import DEMO_DATA_PATH
 from minimind_train.tokenizer import BUNDLED_TOKENIZER_DIR, TOKENIZER_FILES, load_tokenizer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_assets.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("build_demo_assets", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("build_demo_assets", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load_script()
+DEMO_SEED, DEMO_SIZE = demo.DEMO_SEED, demo.DEMO_SIZE
+en_number, zh_number = demo.en_number, demo.zh_number
+generate_demo_conversations, write_jsonl = demo.generate_demo_conversations, demo.write_jsonl
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -65,9 +75,7 @@ def test_data_is_bilingual_multi_turn_and_has_system_prompts(bundled: list[list[
 
 def test_answers_follow_from_questions(bundled: list[list[dict[str, str]]]) -> None:
     """Spot-check the rules on every answer they apply to: wrong data cannot be learned."""
-    from minimind_train.demo import _COUNTRIES
-
-    capitals = {en: cap for en, _, cap, _ in _COUNTRIES}
+    capitals = {en: cap for en, _, cap, _ in demo._COUNTRIES}
     checked = 0
     for messages in bundled:
         for m in messages:
@@ -119,7 +127,8 @@ def test_generation_is_deterministic_by_seed() -> None:
 
 
 def test_generation_does_not_depend_on_hash_seed() -> None:
-    code = ("import hashlib, json; from minimind_train.demo import generate_demo_conversations as g; "
+    code = ("import hashlib, json, sys; sys.path.insert(0, 'scripts'); "
+            "from build_demo_assets import generate_demo_conversations as g; "
             "print(hashlib.sha256(json.dumps(g(300, 3), ensure_ascii=False).encode()).hexdigest())")
     digests = {
         subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, check=True,
@@ -141,8 +150,9 @@ def test_write_jsonl_round_trips(tmp_path: Path) -> None:
 
 
 def test_builder_reproduces_bundled_assets_byte_for_byte(tmp_path: Path) -> None:
-    main(["--out", str(tmp_path)])
-    assert (tmp_path / "demo" / DEMO_DATA_PATH.name).read_bytes() == DEMO_DATA_PATH.read_bytes()
+    demo.main(["--out", str(tmp_path)])
+    assert (tmp_path / demo.DEMO_FILE).read_bytes() == DEMO_DATA_PATH.read_bytes()
+    assert tmp_path / demo.DEMO_FILE == tmp_path / DEMO_DATA_PATH.relative_to(demo.ASSETS_DIR)
     assert generate_demo_conversations(DEMO_SIZE, DEMO_SEED) == [
         json.loads(line) for line in DEMO_DATA_PATH.read_text(encoding="utf-8").splitlines()]
     for name in TOKENIZER_FILES:
@@ -162,3 +172,40 @@ def test_number_words(n: int, en: str, zh: str) -> None:
                                        (1005, "一千零五"), (1050, "一千零五十"), (9999, "九千九百九十九")])
 def test_large_chinese_numbers(n: int, zh: str) -> None:
     assert zh_number(n) == zh
+
+
+def test_script_runs_from_any_folder(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "--out" in proc.stdout, proc.stderr
+
+
+def test_special_tokens_are_the_loaders() -> None:
+    assert demo.SPECIAL_TOKENS == tokenizer_mod.SPECIAL_TOKENS
+
+
+UNICODE_SAMPLES = ["Hello, world!", "  leading and trailing spaces  ", "tabs\tand\nnew lines\r\n",
+                   "中文测试：机器学习是人工智能的一个分支。", "emoji 🌍🎉👩‍💻", "math ∑∫√∞ and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 outside the BMP"]
+
+
+def test_train_small_tokenizer(tmp_path: Path) -> None:
+    texts = ["hello world, hello tokenizer", "你好世界，你好", "12 + 30 = 42"] * 20
+    demo.train_tokenizer(iter(texts), tmp_path, vocab_size=300)
+    tokenizer = load_tokenizer(tmp_path)
+    assert [tokenizer.convert_tokens_to_ids(t) for t in tokenizer_mod.SPECIAL_TOKENS] == [0, 1, 2]
+    assert 259 < len(tokenizer) <= 300
+    assert len(tokenizer.encode("hello")) == 1  # merges were learned
+    for text in UNICODE_SAMPLES:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    assert data["pre_tokenizer"]["type"] == "ByteLevel"
+    assert data["pre_tokenizer"]["add_prefix_space"] is False
+    assert data["decoder"]["type"] == "ByteLevel"
+    conversation = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    assert tokenizer.apply_chat_template(conversation, tokenize=False) == load_tokenizer(
+        BUNDLED_TOKENIZER_DIR).apply_chat_template(conversation, tokenize=False)
+
+
+def test_train_rejects_a_vocab_without_room_for_merges(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="vocab_size=259"):
+        demo.train_tokenizer(["abc"], tmp_path, vocab_size=259)

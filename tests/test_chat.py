@@ -1,0 +1,185 @@
+"""Chat format and labels (minimind_train.chat): upstream's MiniMind2 and MiniMind-3 references,
+reasoning and tool calls, the supervised spans, truncation and the conversations refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SHARED, need_shared
+
+from minimind_train.chat import IGNORE_INDEX, DataError, encode_conversation
+from minimind_train.tokenizer import load_tokenizer
+
+FIXTURES3 = SHARED / "fixtures" / "minimind3"
+
+
+@pytest.fixture(scope="module")
+def tok3() -> Any:
+    return load_tokenizer(need_shared(FIXTURES3))
+
+
+@pytest.fixture(scope="module")
+def rows3() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in need_shared(FIXTURES3 / "conversations.jsonl").read_text().splitlines()]
+
+
+def _msg(role: str, content: Any) -> dict[str, Any]:
+    return {"role": role, "content": content}
+
+
+def _supervised_text(tok: Any, ids: list[int], labels: list[int]) -> str:
+    return tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+
+
+class Scripted:
+    """Replays the draws upstream made (recorded in sft_reference.json) and checks their order."""
+
+    def __init__(self, draws: list[dict[str, Any]]) -> None:
+        self.draws = list(draws)
+
+    def random(self) -> float:
+        draw = self.draws.pop(0)
+        assert draw["call"] == "random()", draw
+        return float(draw["returned"])
+
+    def choice(self, seq: Any) -> Any:
+        draw = self.draws.pop(0)
+        assert draw["call"].startswith("choice"), draw
+        return seq[draw["returned_index"]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# MiniMind2
+
+
+def test_reproduces_upstream_sft_reference(fixture_dir: Path) -> None:
+    tokenizer = load_tokenizer(fixture_dir)
+    ref = json.loads((fixture_dir / "sft_reference.json").read_text(encoding="utf-8"))
+    rows = [json.loads(line) for line in (fixture_dir / "conversations.jsonl").read_text().splitlines()]
+    assert len(rows) == len(ref["samples"]) == 4
+    for row, sample in zip(rows, ref["samples"]):
+        ids, labels = encode_conversation(tokenizer, row["conversations"], ref["max_length"])
+        assert ids == sample["input_ids"]
+        assert labels == sample["labels"]
+        # Upstream's shifted triple is the same supervision seen from the target side.
+        y, m = sample["upstream_Y"], sample["upstream_loss_mask"]
+        assert [t for t, keep in zip(y, m) if keep] == [lab for lab in labels[1:] if lab != IGNORE_INDEX]
+
+
+def test_system_message_is_a_system_message(tok: Any) -> None:
+    conv = [_msg("system", "Answer briefly."), _msg("user", "Hi"), _msg("assistant", "Hello.")]
+    ids, labels = encode_conversation(tok, conv, 512)
+    text = tok.decode(ids)
+    # Position-alternating roles (upstream) would render the system prompt as a user turn.
+    assert text.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nHi")
+    assert "You are a helpful assistant" not in text
+    assert _supervised_text(tok, ids, labels) == "Hello.<|im_end|>\n"
+
+
+def test_assistant_first_turn_is_context_not_target(tok: Any) -> None:
+    conv = [_msg("assistant", "Welcome!"), _msg("user", "Hi"), _msg("assistant", "Hello.")]
+    ids, labels = encode_conversation(tok, conv, 512)
+    assert "Welcome!" in tok.decode(ids)
+    # The template opens no assistant header before a first assistant turn, so only "Hello." is a target.
+    assert _supervised_text(tok, ids, labels) == "Hello.<|im_end|>\n"
+
+
+def test_every_assistant_turn_is_supervised(tok: Any) -> None:
+    conv = [_msg("user", "One?"), _msg("assistant", "1."), _msg("user", "Two?"), _msg("assistant", "2.")]
+    ids, labels = encode_conversation(tok, conv, 512)
+    assert _supervised_text(tok, ids, labels) == "1.<|im_end|>\n2.<|im_end|>\n"
+    assert len(ids) == len(labels)
+    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels))
+
+
+@pytest.mark.parametrize("answer", ["plain", "  leading spaces", "\nleading newline", "", "多语言 ok"])
+def test_header_newline_never_supervised(tok: Any, answer: str) -> None:
+    ids, labels = encode_conversation(tok, [_msg("user", "q"), _msg("assistant", answer)], 512)
+    header = tok("<|im_start|>assistant", add_special_tokens=False)["input_ids"]
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    starts = [i for i in range(len(ids)) if ids[i:i + len(header)] == header]
+    assert len(starts) == 1
+    newline = starts[0] + len(header)
+    assert tok.decode([ids[newline]]).startswith("\n")
+    assert labels[:newline + 1] == [IGNORE_INDEX] * (newline + 1)
+    end = ids.index(end_id, newline)
+    # <|im_end|> and the newline after it are targets; the rest of the span is the answer.
+    assert labels[end] == end_id and labels[end + 1] == ids[end + 1] and tok.decode([ids[end + 1]]) == "\n"
+    assert all(lab != IGNORE_INDEX for lab in labels[newline + 1:end + 2])
+
+
+def test_truncation_keeps_a_prefix(tok: Any) -> None:
+    conv = [_msg("user", "Tell me a story."), _msg("assistant", "Once upon a time " * 20)]
+    full_ids, full_labels = encode_conversation(tok, conv, 10_000)
+    for max_length in (5, 30, len(full_ids) - 1, len(full_ids), len(full_ids) + 5):
+        ids, labels = encode_conversation(tok, conv, max_length)
+        assert len(ids) == len(labels) == min(max_length, len(full_ids))
+        assert ids == full_ids[:max_length] and labels == full_labels[:max_length]
+    # Cut inside the answer: everything up to the cut is still a target (no <|im_end|> needed).
+    ids, labels = encode_conversation(tok, conv, len(full_ids) - 3)
+    assert labels[-1] == ids[-1]
+
+
+@pytest.mark.parametrize("conv", [
+    [_msg("user", "q"), _msg("bot", "a")],
+    [_msg("user", "q"), _msg("assistant", 42)],
+    [_msg("user", "q"), {"content": "no role"}],
+    [_msg("user", "q"), "not a message"],
+    [],
+])
+def test_encode_rejects_malformed_conversations(tok: Any, conv: list[Any]) -> None:
+    with pytest.raises(DataError, match="invalid conversation"):
+        encode_conversation(tok, conv, 64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MiniMind-3: reasoning, tools, augmentation
+
+
+def test_reproduces_upstream_minimind3_sft_reference(tok3: Any, rows3: list[dict[str, Any]]) -> None:
+    ref = json.loads((FIXTURES3 / "sft_reference.json").read_text(encoding="utf-8"))
+    variants = set()
+    for sample in ref["samples"]:
+        conv = rows3[sample["conversation_index"]]["conversations"]
+        if sample["variant"] == "base":  # augmentation off: upstream's base branch, no draws needed
+            ids, labels = encode_conversation(tok3, conv, sample["max_length"])
+            assert ids == sample["input_ids"] and labels == sample["labels"]
+        rng = Scripted(sample["random_draws"])
+        ids, labels = encode_conversation(tok3, conv, sample["max_length"], rng=rng)
+        assert ids == sample["input_ids"], (sample["conversation_index"], sample["variant"])
+        assert labels == sample["labels"], (sample["conversation_index"], sample["variant"])
+        assert not rng.draws  # the same number of draws as upstream
+        variants.add(sample["variant"])
+    assert variants == {"base", "strip_empty_think", "system_injected_prompt0"}
+
+
+def test_reasoning_and_tool_calls_are_supervised_tool_responses_not(tok3: Any, rows3: list) -> None:
+    ids, labels = encode_conversation(tok3, rows3[4]["conversations"], 768)  # tool_use
+    supervised = _supervised_text(tok3, ids, labels)
+    assert '<tool_call>\n{"name": "get_weather"' in supervised
+    assert "Lisbon will be sunny" in supervised
+    assert "tool_response" not in supervised and "temperature" not in supervised
+    ids, labels = encode_conversation(tok3, rows3[2]["conversations"], 128)  # reasoning_content
+    assert "8 × 5 = 40" in _supervised_text(tok3, ids, labels)
+
+
+def test_format_probe_accepts_and_refuses_what_upstream_does(tok3: Any) -> None:
+    probe = json.loads((FIXTURES3 / "format_probe.json").read_text(encoding="utf-8"))
+    assert probe["results"]  # the probe lists both outcomes
+    for name, conv in probe["conversation_inputs"].items():
+        result = probe["results"][name]
+        if result["accepted"]:
+            ids, _ = encode_conversation(tok3, conv, 4096)
+            assert tok3.decode(ids) == result["prompt_text"], name
+        else:
+            with pytest.raises(DataError, match="invalid conversation"):
+                encode_conversation(tok3, conv, 4096)
+
+
+def test_tool_role_needs_a_template_that_renders_it(tok: Any, rows3: list) -> None:
+    # The bundled MiniMind2 tokenizer: no tool branch in its template.
+    with pytest.raises(DataError, match="unknown_role"):
+        encode_conversation(tok, rows3[4]["conversations"], 768)
