@@ -131,8 +131,7 @@ def test_a_node_without_the_driver_folders_copies_them_from_the_storage(tmp_path
     import torch
 
     from minimind_train.config import DataConfig, ModelConfig, RunConfig
-    from minimind_train.data import prepare_data
-    from minimind_train.demo import DEMO_DATA_PATH
+    from minimind_train.data import DEMO_DATA_PATH, prepare_data
     from tune.cluster import ClusterError, Node, open_study_data, study_data
 
     driver_cache, jsonl = tmp_path / "driver-cache", tmp_path / "sft.jsonl"

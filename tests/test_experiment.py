@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 from typing import Any
 
 import pytest
@@ -68,22 +67,6 @@ def test_a_cluster_that_is_not_there_is_not_retried(fake_ray: Any) -> None:
     with pytest.raises(StudyError, match="the Ray cluster at ray://nowhere:10001.*ray status"):
         experiment.init_ray("ray://nowhere:10001", None)
     assert len(fake.calls) == 1
-
-
-@pytest.mark.parametrize(("exc", "full"), [
-    (OSError(errno.ENOSPC, "No space left on device"), True),
-    (RuntimeError("(sqlite3.OperationalError) database or disk is full"), True),
-    (OSError(errno.EACCES, "Permission denied"), False),
-    (ValueError("bad"), False),
-])
-def test_disk_full_is_found_through_the_cause_chain(exc: BaseException, full: bool) -> None:
-    try:
-        try:
-            raise exc
-        except BaseException as inner:
-            raise RuntimeError("Tune failed") from inner
-    except RuntimeError as outer:
-        assert experiment.disk_full(outer) is full
 
 
 def test_an_address_with_nothing_listening_fails_at_once() -> None:

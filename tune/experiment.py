@@ -8,13 +8,10 @@ back. A ``--restart``'s old study is moved aside here, only after every input wa
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +24,7 @@ from ray import tune
 from minimind_train.config import run_config_to_dict
 
 from . import cluster, restart
+from .interrupts import InterruptWatch, disk_full, first_line, sigterm_as_sigint
 from .mirror import Mirror, MirrorCallback, warn_on_failure
 from .preflight import Inputs
 from .progress import ProgressView
@@ -46,14 +44,7 @@ from .storage import StudyPaths, trial_dirname, upload_outputs
 from .trainable import train_trial
 from .warmstart import warm_start
 
-__all__ = ["disk_full", "first_line", "init_ray", "make_mirror", "run_experiment", "sigterm_as_sigint"]
-
-
-def sigterm_as_sigint() -> None:
-    """SIGTERM (a plain `kill`, `ray job stop`) stops the study like Ctrl-C: Ray's own SIGINT handling
-    ends the trials, the record is closed, and --resume continues."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+__all__ = ["init_ray", "make_mirror", "run_experiment"]
 
 
 def init_ray(address: str | None, temp_dir: str | None) -> None:
@@ -105,22 +96,6 @@ def probe_address(address: str) -> None:
     except OSError as exc:
         raise StudyError(f"--address={address}: no Ray cluster answers there ({exc.strerror or exc}); start "
                          "it (`ray start --head`) or fix the address") from exc
-
-
-def disk_full(exc: BaseException) -> bool:
-    """Whether a full disk (or a full sqlite database) caused ``exc``, anywhere in its chain."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(seen) or "database or disk is full" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
 
 
 def space_header(spec: Any, name: str) -> str:
@@ -285,7 +260,7 @@ class _Experiment:
             run_config=tune.RunConfig(name=f"run-{run_index}", storage_path=paths.runs_uri, callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=0))
         try:
-            interrupt = _InterruptWatch()
+            interrupt = InterruptWatch()
             with interrupt:
                 tuner.fit()
             return interrupt.seen
@@ -328,33 +303,3 @@ def _git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-class _InterruptWatch:
-    """Whether Ray Tune's own SIGINT/SIGUSR1 handler fired during ``Tuner.fit()``.
-
-    On the first Ctrl-C Ray stops the trials and returns from ``fit()`` normally; nothing in the
-    returned grid says so. Its handler then puts back the handler it found, so a sentinel installed
-    here before ``fit()`` and found again afterwards means exactly that the interrupt happened.
-    """
-
-    def __init__(self) -> None:
-        self.seen = False
-        self._previous: Any = None
-        # Ray installs no handler off the main thread or with TUNE_DISABLE_SIGINT_HANDLER=1; a
-        # Ctrl-C then raises KeyboardInterrupt out of fit() as usual.
-        self._active = (threading.current_thread() is threading.main_thread()
-                        and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0"))
-
-    @staticmethod
-    def _sentinel(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    def __enter__(self) -> None:
-        if self._active:
-            self._previous = signal.signal(signal.SIGINT, self._sentinel)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._active:
-            self.seen = exc[0] is None and signal.getsignal(signal.SIGINT) is self._sentinel
-            signal.signal(signal.SIGINT, self._previous)

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s", stream=sys.stdout)
     # Heavy imports after argument parsing so `--help` is instant.
-    from .experiment import disk_full, first_line, sigterm_as_sigint
+    from .interrupts import disk_full, first_line, sigterm_as_sigint
 
     sigterm_as_sigint()
     try:
