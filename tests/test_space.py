@@ -498,3 +498,19 @@ def test_search_param_validates_when_built_directly() -> None:
     grid = SearchParam(path="train.min_lr_ratio", type="float", low=0.0, high=0.3, step=0.1).grid()
     assert grid is not None and grid == pytest.approx((0.0, 0.1, 0.2, 0.3))
     assert SearchParam(path="train.learning_rate", type="float", low=1e-4, high=1e-2, log=True).grid() is None
+
+
+def test_finalists_and_warm_start_settings(tmp_path: Path) -> None:
+    raw = with_change(("tune", "finalists"), {"top_k": 2, "seeds": 1})
+    raw["tune"]["warm_start"] = "../scout"
+    (tmp_path / "spaces").mkdir()
+    spec = load_space(write_space(tmp_path / "spaces", raw))
+    assert (spec.tune.finalists.top_k, spec.tune.finalists.seeds) == (2, 1)
+    assert spec.tune.warm_start == str((tmp_path / "scout").resolve())  # relative to the space file
+    assert "finalists: the top 2 configs again with 1 more seed(s) each" in describe(spec)
+    # Finalists vary train.seed themselves: a searched train.seed would make them repeat a trial.
+    raw["search"]["train.seed"] = {"type": "categorical", "choices": [1, 3]}
+    with pytest.raises(SpaceError, match="tune.finalists.seeds=1 is not allowed with search.train.seed"):
+        load_space(write_space(tmp_path, raw))
+    with pytest.raises(SpaceError, match="tune.finalists.seeds"):
+        load_space(write_space(tmp_path, with_change(("tune", "finalists"), {"top_k": 2, "seeds": -1})))

@@ -60,3 +60,22 @@ def test_a_study_with_another_objective_or_space_is_refused_naming_what_differs(
         check_warm_start(scout.dir, _spec(search=("train.learning_rate",)))
     with pytest.raises(StudyError, match="--warm-start=.*nowhere.*not a study folder"):
         check_warm_start(tmp_path / "nowhere", _spec())
+
+
+def test_an_earlier_studys_finalists_and_history_are_not_copied_and_configs_queue_once(tmp_path: Path) -> None:
+    scout = _study(tmp_path / "scout", SCOUT[:4])
+    best = min(scout.trials(), key=lambda t: min(v for _, v in t.curve("val_loss")))
+    for seed in (1, 2):  # its finalists: the best config again with other seeds
+        number = scout.add_finalist(best, seed, SPACE)
+        scout.record_epoch(number, 1, {"val_loss": 0.9}, "val_loss")
+        scout.finish(number, "completed", "val_loss", "min")
+    full = StudyRecord.create(tmp_path / "full", "full", _spec(epochs=4), "", {})
+    line = warm_start(full, check_warm_start(scout.dir, _spec()), SPACE, top_k=3)
+    assert "4 trial(s) as history (0 outside" in line and "its 3 best config(s)" in line
+    asked = [full.trial(full.ask(SPACE)[0]).params["train.learning_rate"] for _ in range(3)]
+    assert asked == [5e-3, 1e-3, 5e-4]  # three distinct configs, best first
+
+
+def test_an_empty_warm_start_is_refused() -> None:
+    with pytest.raises(StudyError, match="--warm-start='' is not allowed: expected the folder of an earlier study"):
+        check_warm_start("", _spec())

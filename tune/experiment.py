@@ -137,7 +137,9 @@ def run_experiment(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, r
                 except OSError as exc:
                     raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
                 if warm_start_from is not None:
-                    print(warm_start(record, warm_start_from, optuna_distributions(spec)))
+                    # About a third of the trials (1 to 3) start from the earlier best configs; TPE picks the rest.
+                    queue = max(1, min(3, spec.tune.num_samples // 3))
+                    print(warm_start(record, warm_start_from, optuna_distributions(spec), top_k=queue))
             else:
                 (study_dir / "space.yaml").write_text(space_yaml, encoding="utf-8")
             record.runs = paths.runs_uri

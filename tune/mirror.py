@@ -227,7 +227,8 @@ class Mirror:
                 if best_value is not None:  # stamped as its epoch: finishing again adds no point
                     metrics.append(Metric(f"best_{self.objective}", float(best_value),
                                           _stamp(best.epochs.get(best_epoch or 0, {})), step))
-            tags[NOTE_TAG] = self._note(trials, best, best_value, best_epoch, best_run, artifacts)
+            tags[NOTE_TAG] = self._note(trials, best, best_value, best_epoch, best_run, artifacts,
+                                        dict(study_metrics or {}))
             _update(client, parent, tags, {}, [m for m in metrics if math.isfinite(m.value)])
             for target, path in artifacts.items():
                 folder = str(PurePosixPath(target.strip("/")).parent)
@@ -239,15 +240,22 @@ class Mirror:
             self.parent_status = status
 
     def _note(self, trials: list[TrialRecord], best: TrialRecord | None, value: float | None, epoch: int | None,
-              best_run: Run | None, artifacts: Mapping[str, Path]) -> str:
-        """The parent's description (Markdown): the best trial, its value, how to retrain it, the tally."""
-        counts = Counter({"running": "unfinished"}.get(t.status, t.status).replace("_", " ") for t in trials)
-        tally = f"{len(trials)} trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."
+              best_run: Run | None, artifacts: Mapping[str, Path], study_metrics: Mapping[str, float]) -> str:
+        """The parent's description (Markdown): the best trial, its value (and mean over seeds when
+        finalists ran), how to retrain it, the tally of search trials and finalist runs."""
+        search = [t for t in trials if t.finalist_of is None]
+        counts = Counter({"running": "unfinished"}.get(t.status, t.status).replace("_", " ") for t in search)
+        tally = f"{len(search)} trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."
+        if finalists := len(trials) - len(search):
+            tally += f" {finalists} finalist runs (top configs with other seeds)."
         if best is None:
             return f"No trial completed. {tally}"
         name = run_name(best, self.search_keys)
         link = f"[{name}](#/experiments/{self.experiment_id}/runs/{best_run.info.run_id})" if best_run else name
         shown = "" if value is None else f": {self.objective} {value:.4g}" + (f" at epoch {epoch}" if epoch else "")
+        mean = study_metrics.get(f"best_mean_{self.objective}")
+        if mean is not None and math.isfinite(mean):
+            shown += f"; over seeds, mean {mean:.4g} ± {study_metrics.get(f'best_std_{self.objective}', 0.0):.2g}"
         config = Path(artifacts.get("best.yaml", Path(self.record.dir) / "best.yaml")).resolve()
         return (f"**Best trial {link}**{shown}.\n\n"
                 f"Retrain it: `python -m minimind_train.sft --config {config}`\n\n{tally}")

@@ -103,14 +103,24 @@ def _counts(points: list[_Point]) -> str:
 
 
 def _history(study: optuna.Study, points: list[_Point], metric: str, best: _Point | None) -> Figure:
-    ax = optuna_plots.plot_optimization_history(study, target_name=metric)
+    # Optuna draws the history of a copy holding only this study's search trials (an earlier study's
+    # warm-start history and the finalists' extra seeds stay out), in trial order; the x axis names them.
+    own = sorted(points, key=lambda p: p.trial.number)
+    at = {p.trial.number: i for i, p in enumerate(own)}
+    view = optuna.create_study(direction=study.direction)
+    view.add_trials([optuna.trial.create_trial(
+        params=p.trial.params, distributions=p.trial.distributions, intermediate_values=p.trial.intermediate_values,
+        state=TrialState.PRUNED if p.stopped_early else TrialState.COMPLETE,
+        value=None if p.stopped_early else p.value) for p in own])
+    ax = optuna_plots.plot_optimization_history(view, target_name=metric)
     stopped = [p for p in points if p.stopped_early]
     if stopped:
-        ax.scatter([p.trial.number for p in stopped], [p.value for p in stopped], marker="x",
+        ax.scatter([at[p.trial.number] for p in stopped], [p.value for p in stopped], marker="x",
                    color="tab:gray", label=f"{metric}, stopped early (last epoch)", zorder=3)
     if best is not None:
-        ax.scatter([best.trial.number], [best.value], marker="*", s=300, color="gold", edgecolors="black",
+        ax.scatter([at[best.trial.number]], [best.value], marker="*", s=300, color="gold", edgecolors="black",
                    label=f"best: {best.name} {best.value:.4g}", zorder=4)
+    ax.set_xticks(range(len(own)), [p.name for p in own], rotation=45 if len(own) > 12 else 0, fontsize=8)
     ax.set_xlabel("trial")
     ax.set_ylabel(metric)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)

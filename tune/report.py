@@ -10,7 +10,7 @@ import os
 import shutil
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,15 +225,21 @@ def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary, finalist: F
     return path
 
 
-def write_summary_csv(path: Path, summaries: Sequence[TrialSummary], metric: str) -> Path:
+def write_summary_csv(path: Path, summaries: Sequence[TrialSummary], metric: str,
+                      finalists: Mapping[int, tuple[int, int]] | None = None) -> Path:
+    """``summary.csv``: every trial ranked; a finalist's row says whose config it is and its seed
+    (``finalists``: trial number -> (search trial number, seed))."""
     keys = sorted({k for s in summaries for k in s.params})
+    seeded = dict(finalists or {})
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["rank", "trial_id", "status", "epochs", f"best_{metric}", "best_epoch",
-                    "checkpoint", "error"] + keys)
+                    "checkpoint", "error", "finalist_of", "seed"] + keys)
         for i, s in enumerate(summaries, 1):
-            w.writerow([i, s.trial_id, s.status, s.epochs, s.best_value, s.best_epoch,
-                        s.checkpoint or "", s.error] + [s.params.get(k, "") for k in keys])
+            of, seed = seeded.get(s.number, (None, None))
+            w.writerow([i, s.trial_id, s.status, s.epochs, s.best_value, s.best_epoch, s.checkpoint or "",
+                        s.error, "" if of is None else f"t{of:03d}", "" if seed is None else seed]
+                       + [s.params.get(k, "") for k in keys])
     return path
 
 
@@ -284,7 +290,7 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
     t = spec.tune
     study_dir = paths.local_dir
     summaries = summarize_trials(record, t.metric, t.mode)
-    seeded = {r.number for r in record.trials() if r.finalist_of is not None}
+    seeded = {r.number: (r.finalist_of, r.seed) for r in record.trials() if r.finalist_of is not None}
     search = [s for s in summaries if s.number not in seeded]  # (finalists are seeds of search configs)
     unfinished = [s for s in summaries if s.status in ("interrupted", "running", "failed")]
     print()
@@ -297,11 +303,18 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
     if finalists:
         print(f"\nfinalists: the top configs trained again with other seeds, best mean {t.metric} first")
         for f in finalists:
-            print(f"  {f.trial_id}  mean {f.mean:.4f} ± {f.std:.4f}  seeds {' '.join(map(str, f.seeds))}: "
+            mean = f"mean {f.mean:.4f} ± {f.std:.4f}" if math.isfinite(f.mean) else "unstable (a seed diverged)"
+            print(f"  {f.trial_id}  {mean}  seeds {' '.join(map(str, f.seeds))}: "
                   + " ".join(f"{v:.4f}" for v in f.values))
         artifacts["finalists.csv"] = write_finalists_csv(study_dir / "finalists.csv", finalists, t.metric)
-        study_metrics = {f"best_mean_{t.metric}": finalists[0].mean, f"best_std_{t.metric}": finalists[0].std}
-        eligible = [s for s in search if s.number == finalists[0].number]
+        if math.isfinite(finalists[0].mean):
+            study_metrics = {f"best_mean_{t.metric}": finalists[0].mean, f"best_std_{t.metric}": finalists[0].std}
+            eligible = [s for s in search if s.number == finalists[0].number]
+        else:
+            print("warning: every finalist config diverged or failed with another seed: no config is stable "
+                  "across seeds; best.yaml is the best single trial's config (lower the learning rate range "
+                  "before trusting it)", file=sys.stderr)
+            finalists = []
     best = eligible[0] if eligible else None
     best_model: Path | None = None
     if best is not None:
@@ -315,7 +328,7 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
             best_model = fetch_file(paths.uri, f"{best.checkpoint}/model.pth", study_dir / "best" / "model.pth")
         if best_model is not None:
             artifacts["best/model.pth"] = best_model
-    artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric)
+    artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric, seeded)
     plots = plot_study(record.study, study_dir / "plots", metric=t.metric, best_trial=best.number if best else None)
     artifacts.update({f"plots/{p.name}": p for p in plots.values()})
     study_metrics.update(_print_rung_fidelity(spec, search))

@@ -109,6 +109,13 @@ def _main(args: argparse.Namespace) -> int:
         print(f"study: {name}  output: {paths.uri}")
         if args.resume:
             print(describe_resume(spec_to_dict(spec), paths))
+        elif (source := args.warm_start if args.warm_start is not None else spec.tune.warm_start) is not None:
+            from .warmstart import check_warm_start
+
+            key = "--warm-start" if args.warm_start is not None else "tune.warm_start"
+            earlier = check_warm_start(source, spec_to_dict(spec), key)
+            print(f"warm start: {len(earlier.trials())} trials of study {earlier.manifest.name!r} at {earlier.dir} "
+                  "(same objective and searched parameters)")
         return 0
     return _run_study(spec, paths, args)
 
@@ -205,11 +212,13 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
             raise StudyError(f"--resume: no study to resume at {paths.uri}")
         record = StudyRecord.open(study_dir) if args.resume else None
         earlier = None
-        if args.warm_start and record is not None:
+        if args.warm_start is not None and record is not None:
             raise StudyError(f"--warm-start={args.warm_start}: a study is warm-started when it is created; "
                              f"{paths.name!r} exists (--resume continues it as it is)")
-        if record is None and (args.warm_start or spec.tune.warm_start):
-            earlier = check_warm_start(args.warm_start or spec.tune.warm_start, spec_to_dict(spec))
+        source, key = (args.warm_start, "--warm-start") if args.warm_start is not None else (
+            spec.tune.warm_start, "tune.warm_start")
+        if record is None and source is not None:
+            earlier = check_warm_start(source, spec_to_dict(spec), key)
         run_cfg = dataclasses.replace(spec.run, train=dataclasses.replace(
             spec.run.train, num_threads=max(1, int(spec.tune.resources_per_trial.cpu))))
         print("checking inputs: tokenizer, data (tokenised once into the token cache), model, storage, "

@@ -327,6 +327,12 @@ def _build_spec(raw: Any, source: Path, text: str) -> StudySpec:
     search = _parse_search(raw.get("search"), run)
     settings = _parse_tune(raw.get("tune"), run.train.epochs)
     mlflow = validate(MlflowSettings, raw.get("mlflow") or {}, "mlflow", SpaceError)
+    if settings.finalists.seeds and any(p.path == "train.seed" for p in search):
+        raise SpaceError(f"tune.finalists.seeds={settings.finalists.seeds} is not allowed with search.train.seed: "
+                         "finalists train the top configs with other values of train.seed themselves; search "
+                         "other fields, or set tune.finalists.seeds: 0")
+    if settings.warm_start is not None:  # (relative to the space file, like the data paths)
+        settings = dataclasses.replace(settings, warm_start=str((source.parent / settings.warm_start).resolve()))
     if settings.resources_per_trial.gpu == 0 and run.train.device == "cuda":
         raise SpaceError("tune.resources_per_trial.gpu=0 is not allowed with train.device='cuda': a trial "
                          "without a GPU share sees no GPU; reserve a share (e.g. 0.25) or use train.device: auto")

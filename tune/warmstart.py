@@ -23,17 +23,20 @@ __all__ = ["check_warm_start", "warm_start"]
 _FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
-def check_warm_start(source: str | Path, spec_dict: Mapping[str, Any]) -> StudyRecord:
+def check_warm_start(source: str | Path, spec_dict: Mapping[str, Any], key: str = "--warm-start") -> StudyRecord:
     """Open the earlier study at ``source`` and check that its objective and searched parameters are
     the new study's (``spec_dict``: :func:`tune.space.spec_to_dict`); ranges may differ.
 
     Raises:
-        StudyError: the folder is not a readable study, or each difference as ``key: old -> new``.
+        StudyError: the folder is not a readable study, or each difference as ``key: old -> new``
+        (``key`` names where ``source`` came from: the option or ``tune.warm_start``).
     """
+    if not str(source).strip():
+        raise StudyError(f"{key}={str(source)!r} is not allowed: expected the folder of an earlier study")
     try:
         other = StudyRecord.open(Path(source).expanduser().resolve())
     except StudyError as exc:
-        raise StudyError(f"--warm-start={source}: {exc}") from exc
+        raise StudyError(f"{key}={source}: {exc}") from exc
     old, new = other.manifest.spec, spec_dict
     differences = [f"tune.{key}: {old['tune'].get(key)} -> {new['tune'].get(key)}"
                    for key in ("metric", "mode") if old["tune"].get(key) != new["tune"].get(key)]
@@ -41,7 +44,7 @@ def check_warm_start(source: str | Path, spec_dict: Mapping[str, Any]) -> StudyR
     if old_paths != new_paths:
         differences.append(f"searched parameters: {', '.join(old_paths)} -> {', '.join(new_paths)}")
     if differences:
-        raise StudyError(f"--warm-start={source}: that study searched another space, so its trials cannot "
+        raise StudyError(f"{key}={source}: that study searched another space, so its trials cannot "
                          "guide this one:\n  " + "\n  ".join(differences))
     return other
 
@@ -54,14 +57,16 @@ def _inside(distribution: optuna.distributions.BaseDistribution, value: Any) -> 
 
 def warm_start(record: StudyRecord, other: StudyRecord,
                distributions: Mapping[str, optuna.distributions.BaseDistribution], top_k: int = 3) -> str:
-    """Copy ``other``'s completed and early-stopped trials whose values lie inside ``distributions``
-    into ``record``'s Optuna study (values, per-epoch intermediate values, state), and queue the
-    ``top_k`` best completed configs to be asked first. Returns one line saying what was done."""
+    """Copy ``other``'s completed and early-stopped search trials whose values lie inside
+    ``distributions`` into ``record``'s Optuna study (values, per-epoch intermediate values, state),
+    and queue its ``top_k`` best distinct completed configs to be asked first. Its own history and
+    its finalists (the same configs with other seeds) are left out. Returns one line saying what was done."""
     copied, outside = [], 0
     for t in other.study.get_trials(deepcopy=False, states=_FINISHED_STATES):
-        if t.user_attrs.get("status") == WARM_START or not all(
-                _inside(distributions[k], v) for k, v in t.params.items()):
-            outside += t.user_attrs.get("status") != WARM_START
+        if t.user_attrs.get("status") == WARM_START or "finalist_of" in t.user_attrs:
+            continue
+        if not all(_inside(distributions[k], v) for k, v in t.params.items()):
+            outside += 1
             continue
         record.study.add_trial(optuna.trial.create_trial(
             params=t.params, distributions=dict(distributions), state=t.state,
@@ -71,7 +76,10 @@ def warm_start(record: StudyRecord, other: StudyRecord,
         copied.append(t)
     completed = [t for t in copied if t.state == optuna.trial.TrialState.COMPLETE]
     best_first = sorted(completed, key=lambda t: t.value, reverse=record.study.direction.name == "MAXIMIZE")
-    for t in best_first[:top_k]:
-        record.study.enqueue_trial(t.params)
+    queued: list[dict[str, Any]] = []
+    for t in best_first:
+        if len(queued) < top_k and t.params not in queued:
+            record.study.enqueue_trial(t.params)
+            queued.append(t.params)
     return (f"warm start from {other.dir}: {len(copied)} trial(s) as history ({outside} outside this space's "
-            f"ranges left out); its {min(top_k, len(best_first))} best config(s) run first")
+            f"ranges left out); its {len(queued)} best config(s) run first")
