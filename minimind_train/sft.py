@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import init_state, load_train_state, save_checkpoint
+from .checkpoint import META_FILE, init_state, load_train_state, read_meta, save_checkpoint
 from .config import ConfigError, load_run_config
 from .data import DataError, prepare_data
 from .model import count_parameters
@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
         bar.update(info.step_in_epoch - bar.n)
 
-    best = math.inf
+    # A resumed run keeps the best epoch it already has unless a new one beats it.
+    resumed_best = args.resume and (output / "best" / META_FILE).is_file()
+    best = read_meta(output / "best")["metrics"]["val_loss"] if resumed_best else math.inf
     meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data": data.stats_dict()}
     try:
         for result in train_epochs(cfg, data, state, on_step=on_step):

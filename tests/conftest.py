@@ -14,6 +14,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures" / "minimind2"
+FIXTURES3 = SHARED / "fixtures" / "minimind3"
 
 
 def need_shared(path: Path) -> Path:
@@ -44,6 +45,30 @@ def tok() -> Any:
     from minimind_train.tokenizer import load_tokenizer
 
     return load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def tok3() -> Any:
+    """Upstream MiniMind-3's tokenizer (``../shared``)."""
+    from minimind_train.tokenizer import load_tokenizer
+
+    return load_tokenizer(need_shared(FIXTURES3))
+
+
+@pytest.fixture(scope="session")
+def rows3() -> list[dict[str, Any]]:
+    """Upstream MiniMind-3's reference conversations: reasoning, tool use, empty think blocks (``../shared``)."""
+    lines = need_shared(FIXTURES3 / "conversations.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def msg(role: str, content: Any) -> dict[str, Any]:
+    return {"role": role, "content": content}
+
+
+def qa(question: str, answer: str) -> dict[str, Any]:
+    """A one-round MiniMind SFT row."""
+    return {"conversations": [msg("user", question), msg("assistant", answer)]}
 
 
 def write_rows(path: Path, rows: Iterable[Any]) -> Path:

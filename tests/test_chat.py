@@ -8,26 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SHARED, need_shared
+from conftest import FIXTURES3, msg
 
 from minimind_train.chat import IGNORE_INDEX, DataError, encode_conversation
 from minimind_train.tokenizer import load_tokenizer
-
-FIXTURES3 = SHARED / "fixtures" / "minimind3"
-
-
-@pytest.fixture(scope="module")
-def tok3() -> Any:
-    return load_tokenizer(need_shared(FIXTURES3))
-
-
-@pytest.fixture(scope="module")
-def rows3() -> list[dict[str, Any]]:
-    return [json.loads(line) for line in need_shared(FIXTURES3 / "conversations.jsonl").read_text().splitlines()]
-
-
-def _msg(role: str, content: Any) -> dict[str, Any]:
-    return {"role": role, "content": content}
 
 
 def _supervised_text(tok: Any, ids: list[int], labels: list[int]) -> str:
@@ -70,7 +54,7 @@ def test_reproduces_upstream_sft_reference(fixture_dir: Path) -> None:
 
 
 def test_system_message_is_a_system_message(tok: Any) -> None:
-    conv = [_msg("system", "Answer briefly."), _msg("user", "Hi"), _msg("assistant", "Hello.")]
+    conv = [msg("system", "Answer briefly."), msg("user", "Hi"), msg("assistant", "Hello.")]
     ids, labels = encode_conversation(tok, conv, 512)
     text = tok.decode(ids)
     # Position-alternating roles (upstream) would render the system prompt as a user turn.
@@ -80,7 +64,7 @@ def test_system_message_is_a_system_message(tok: Any) -> None:
 
 
 def test_assistant_first_turn_is_context_not_target(tok: Any) -> None:
-    conv = [_msg("assistant", "Welcome!"), _msg("user", "Hi"), _msg("assistant", "Hello.")]
+    conv = [msg("assistant", "Welcome!"), msg("user", "Hi"), msg("assistant", "Hello.")]
     ids, labels = encode_conversation(tok, conv, 512)
     assert "Welcome!" in tok.decode(ids)
     # The template opens no assistant header before a first assistant turn, so only "Hello." is a target.
@@ -88,7 +72,7 @@ def test_assistant_first_turn_is_context_not_target(tok: Any) -> None:
 
 
 def test_every_assistant_turn_is_supervised(tok: Any) -> None:
-    conv = [_msg("user", "One?"), _msg("assistant", "1."), _msg("user", "Two?"), _msg("assistant", "2.")]
+    conv = [msg("user", "One?"), msg("assistant", "1."), msg("user", "Two?"), msg("assistant", "2.")]
     ids, labels = encode_conversation(tok, conv, 512)
     assert _supervised_text(tok, ids, labels) == "1.<|im_end|>\n2.<|im_end|>\n"
     assert len(ids) == len(labels)
@@ -97,7 +81,7 @@ def test_every_assistant_turn_is_supervised(tok: Any) -> None:
 
 @pytest.mark.parametrize("answer", ["plain", "  leading spaces", "\nleading newline", "", "多语言 ok"])
 def test_header_newline_never_supervised(tok: Any, answer: str) -> None:
-    ids, labels = encode_conversation(tok, [_msg("user", "q"), _msg("assistant", answer)], 512)
+    ids, labels = encode_conversation(tok, [msg("user", "q"), msg("assistant", answer)], 512)
     header = tok("<|im_start|>assistant", add_special_tokens=False)["input_ids"]
     end_id = tok.convert_tokens_to_ids("<|im_end|>")
     starts = [i for i in range(len(ids)) if ids[i:i + len(header)] == header]
@@ -112,7 +96,7 @@ def test_header_newline_never_supervised(tok: Any, answer: str) -> None:
 
 
 def test_truncation_keeps_a_prefix(tok: Any) -> None:
-    conv = [_msg("user", "Tell me a story."), _msg("assistant", "Once upon a time " * 20)]
+    conv = [msg("user", "Tell me a story."), msg("assistant", "Once upon a time " * 20)]
     full_ids, full_labels = encode_conversation(tok, conv, 10_000)
     for max_length in (5, 30, len(full_ids) - 1, len(full_ids), len(full_ids) + 5):
         ids, labels = encode_conversation(tok, conv, max_length)
@@ -124,10 +108,10 @@ def test_truncation_keeps_a_prefix(tok: Any) -> None:
 
 
 @pytest.mark.parametrize("conv", [
-    [_msg("user", "q"), _msg("bot", "a")],
-    [_msg("user", "q"), _msg("assistant", 42)],
-    [_msg("user", "q"), {"content": "no role"}],
-    [_msg("user", "q"), "not a message"],
+    [msg("user", "q"), msg("bot", "a")],
+    [msg("user", "q"), msg("assistant", 42)],
+    [msg("user", "q"), {"content": "no role"}],
+    [msg("user", "q"), "not a message"],
     [],
 ])
 def test_encode_rejects_malformed_conversations(tok: Any, conv: list[Any]) -> None:

@@ -11,22 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SHARED, need_shared, synthetic_rows, write_rows
+from conftest import msg, qa, synthetic_rows, write_rows
 
 from minimind_train.config import DataConfig
 from minimind_train.data import DEMO_DATA_PATH, DataError, open_prepared, prepare_data
 from minimind_train.token_cache import SkipCounts
-from minimind_train.tokenizer import load_tokenizer
-
-FIXTURES3 = SHARED / "fixtures" / "minimind3"
-
-
-def _msg(role: str, content: Any) -> dict[str, Any]:
-    return {"role": role, "content": content}
-
-
-def _qa(q: str, a: str) -> dict[str, Any]:
-    return {"conversations": [_msg("user", q), _msg("assistant", a)]}
 
 
 def test_split_is_deterministic_disjoint_and_complete(tmp_path: Path, tok: Any) -> None:
@@ -56,13 +45,13 @@ def test_split_that_would_be_empty_is_an_error(tmp_path: Path, tok: Any) -> None
 
 def test_explicit_val_path(tmp_path: Path, tok: Any) -> None:
     train = write_rows(tmp_path / "train.jsonl", synthetic_rows(6, seed=1))
-    val = write_rows(tmp_path / "val.jsonl", [*synthetic_rows(3, seed=2), {"conversations": [_msg("user", "q")]}])
+    val = write_rows(tmp_path / "val.jsonl", [*synthetic_rows(3, seed=2), {"conversations": [msg("user", "q")]}])
     data = prepare_data(DataConfig(train_path=str(train), val_path=str(val),
                                    cache_dir=str(tmp_path / "c")), tok)
     assert (len(data.train), len(data.val)) == (6, 3)
     assert data.stats.val_skipped == SkipCounts(no_assistant=1)
     assert data.stats.val_cache_key not in (None, data.stats.cache_key)
-    empty = write_rows(tmp_path / "empty.jsonl", [{"conversations": [_msg("user", "q")]}])
+    empty = write_rows(tmp_path / "empty.jsonl", [{"conversations": [msg("user", "q")]}])
     with pytest.raises(DataError, match="empty.jsonl"):
         prepare_data(DataConfig(train_path=str(train), val_path=str(empty),
                                 cache_dir=str(tmp_path / "c")), tok)
@@ -80,8 +69,8 @@ def test_val_max_samples_caps_the_validation_split(tmp_path: Path, tok: Any) -> 
 
 def test_skipped_samples_are_in_the_stats(tmp_path: Path, tok: Any) -> None:
     path = write_rows(tmp_path / "mixed.jsonl", [
-        _qa("Hi", "Hello."), "", {"conversations": [_msg("user", "only a question")]},
-        {"conversations": "user: q"}, _qa("word " * 200, "too late"), _qa("Bye", "Goodbye.")])
+        qa("Hi", "Hello."), "", {"conversations": [msg("user", "only a question")]},
+        {"conversations": "user: q"}, qa("word " * 200, "too late"), qa("Bye", "Goodbye.")])
     cfg = DataConfig(train_path=str(path), cache_dir=str(tmp_path / "c"), max_seq_len=64, val_fraction=0.5)
     data = prepare_data(cfg, tok)
     assert data.stats.skipped == SkipCounts(invalid_format=1, no_assistant=1, truncated=1)
@@ -90,12 +79,11 @@ def test_skipped_samples_are_in_the_stats(tmp_path: Path, tok: Any) -> None:
     assert json.loads(json.dumps(data.stats_dict())) == data.stats_dict()
 
 
-def test_unknown_fields_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    tok3 = load_tokenizer(need_shared(FIXTURES3))
-    rows3 = [json.loads(line) for line in (FIXTURES3 / "conversations.jsonl").read_text().splitlines()]
-    extra = {"conversations": [_msg("user", "u"), {"role": "assistant", "content": "a", "name": "bot"}]}
+def test_unknown_fields_are_reported(tmp_path: Path, tok3: Any, rows3: list,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    extra = {"conversations": [msg("user", "u"), {"role": "assistant", "content": "a", "name": "bot"}]}
     legacy = {"conversations": [{"role": "system", "content": "s", "functions": "[]"},
-                                _msg("user", "u"), _msg("assistant", "a")]}
+                                msg("user", "u"), msg("assistant", "a")]}
     path = write_rows(tmp_path / "d.jsonl", [*rows3, extra, legacy, extra])
     with caplog.at_level(logging.WARNING, logger="minimind_train.data"):
         data = prepare_data(DataConfig(train_path=str(path), cache_dir=str(tmp_path / "c"),
@@ -108,12 +96,12 @@ def test_unknown_fields_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFi
 
 
 def test_empty_after_filtering_is_an_error(tmp_path: Path, tok: Any) -> None:
-    path = write_rows(tmp_path / "empty.jsonl", [{"conversations": [_msg("user", "q")]}, "",
-                                                 {"conversations": [_msg("user", "q"), _msg("x", "a")]}])
+    path = write_rows(tmp_path / "empty.jsonl", [{"conversations": [msg("user", "q")]}, "",
+                                                 {"conversations": [msg("user", "q"), msg("x", "a")]}])
     with pytest.raises(DataError, match=r"empty\.jsonl: no usable SFT samples; all 2 were skipped "
                                         r"\(unknown_role=1, no_assistant=1\)"):
         prepare_data(DataConfig(train_path=str(path), cache_dir=str(tmp_path / "c")), tok)
-    path = write_rows(tmp_path / "long.jsonl", [_qa("word " * 200, "too late")])
+    path = write_rows(tmp_path / "long.jsonl", [qa("word " * 200, "too late")])
     with pytest.raises(DataError, match="with data.max_seq_len=64 no answer token is left in the window"):
         prepare_data(DataConfig(train_path=str(path), cache_dir=str(tmp_path / "c"), max_seq_len=64), tok)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,15 @@ def test_runs_resumes_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.Ca
 
     assert main(["--config", str(_config(tmp_path, 2)), "--output", str(out), "--quiet"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+    # A best epoch no later one can beat: resuming must keep it.
+    meta = read_meta(out / "best")
+    meta["metrics"]["val_loss"] = 0.0
+    (out / "best" / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     assert main(["--config", str(_config(tmp_path, 3)), "--output", str(out), "--resume", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "after epoch 2" in printed and "epoch 3/3" in printed and "epoch 2/3" not in printed
     assert read_meta(out / "last")["epoch"] == 3
+    assert read_meta(out / "best")["metrics"]["val_loss"] == 0.0
 
 
 def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

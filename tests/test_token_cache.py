@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SHARED, need_shared, synthetic_rows, write_rows
+from conftest import msg, qa, synthetic_rows, write_rows
 
 from minimind_train import chat, token_cache
 from minimind_train.chat import DataError, encode_conversation
@@ -22,26 +22,6 @@ from minimind_train.config import DataConfig
 from minimind_train.data import prepare_data
 from minimind_train.token_cache import SkipCounts, load_or_build_cache, resolve_cache_dir
 from minimind_train.tokenizer import load_tokenizer
-
-FIXTURES3 = SHARED / "fixtures" / "minimind3"
-
-
-@pytest.fixture(scope="module")
-def tok3() -> Any:
-    return load_tokenizer(need_shared(FIXTURES3))
-
-
-@pytest.fixture(scope="module")
-def rows3() -> list[dict[str, Any]]:
-    return [json.loads(line) for line in need_shared(FIXTURES3 / "conversations.jsonl").read_text().splitlines()]
-
-
-def _msg(role: str, content: Any) -> dict[str, Any]:
-    return {"role": role, "content": content}
-
-
-def _qa(q: str, a: str) -> dict[str, Any]:
-    return {"conversations": [_msg("user", q), _msg("assistant", a)]}
 
 
 class _CountingTokenize:
@@ -63,7 +43,7 @@ def _cache_dirs(root: Path) -> list[Path]:
 
 
 def test_malformed_json_names_file_and_line(tmp_path: Path, tok: Any) -> None:
-    path = write_rows(tmp_path / "bad.jsonl", [_qa("a", "b"), "", '{"conversations": [', _qa("c", "d")])
+    path = write_rows(tmp_path / "bad.jsonl", [qa("a", "b"), "", '{"conversations": [', qa("c", "d")])
     with pytest.raises(DataError, match=rf"{path}:3: malformed JSON"):
         load_or_build_cache(path, tok, 64, tmp_path / "c")
     assert not list((tmp_path / "c").iterdir())  # the failed build left nothing behind
@@ -78,19 +58,19 @@ def test_invalid_utf8_is_a_data_error(tmp_path: Path, tok: Any) -> None:
 
 def test_bad_samples_are_skipped_and_counted(tmp_path: Path, tok: Any) -> None:
     path = write_rows(tmp_path / "mixed.jsonl", [
-        _qa("Hi", "Hello."),
+        qa("Hi", "Hello."),
         "",
         "   ",
-        {"conversations": [_msg("user", "only a question")]},
-        {"conversations": [_msg("user", "q"), _msg("bot", "a")]},
-        {"conversations": [_msg("user", "q"), _msg("assistant", ["a"])]},
-        {"conversations": [_msg("user", "q"), {"role": "assistant"}]},
+        {"conversations": [msg("user", "only a question")]},
+        {"conversations": [msg("user", "q"), msg("bot", "a")]},
+        {"conversations": [msg("user", "q"), msg("assistant", ["a"])]},
+        {"conversations": [msg("user", "q"), {"role": "assistant"}]},
         {"conversations": "user: q"},
-        {"messages": [_msg("user", "q"), _msg("assistant", "a")]},
+        {"messages": [msg("user", "q"), msg("assistant", "a")]},
         [1, 2],
-        {"conversations": [_msg("assistant", "greeting only")]},
-        _qa("word " * 200, "too late"),
-        _qa("Bye", "Goodbye."),
+        {"conversations": [msg("assistant", "greeting only")]},
+        qa("word " * 200, "too late"),
+        qa("Bye", "Goodbye."),
     ])
     cache = load_or_build_cache(path, tok, 64, tmp_path / "c")
     assert cache.lines.tolist() == [1, 13]
@@ -107,17 +87,17 @@ def test_template_errors_are_skipped(tmp_path: Path, tok: Any) -> None:
     config["chat_template"] = ("{% if messages|length > 2 %}{{ raise_exception('one exchange only') }}"
                                "{% endif %}" + config["chat_template"])
     (strict_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    two_rounds = {"conversations": [_msg("user", "a"), _msg("assistant", "b"),
-                                    _msg("user", "c"), _msg("assistant", "d")]}
-    path = write_rows(tmp_path / "d.jsonl", [two_rounds, *(_qa(f"q{i}", f"a{i}") for i in range(4))])
+    two_rounds = {"conversations": [msg("user", "a"), msg("assistant", "b"),
+                                    msg("user", "c"), msg("assistant", "d")]}
+    path = write_rows(tmp_path / "d.jsonl", [two_rounds, *(qa(f"q{i}", f"a{i}") for i in range(4))])
     cache = load_or_build_cache(path, load_tokenizer(strict_dir), 64, tmp_path / "c")
     assert cache.skipped == SkipCounts(template_error=1) and cache.num_samples == 4
 
 
 def test_unknown_fields_are_counted(tmp_path: Path, tok3: Any, rows3: list) -> None:
-    extra = {"conversations": [_msg("user", "u"), {"role": "assistant", "content": "a", "name": "bot"}]}
+    extra = {"conversations": [msg("user", "u"), {"role": "assistant", "content": "a", "name": "bot"}]}
     legacy = {"conversations": [{"role": "system", "content": "s", "functions": "[]"},
-                                _msg("user", "u"), _msg("assistant", "a")]}
+                                msg("user", "u"), msg("assistant", "a")]}
     path = write_rows(tmp_path / "d.jsonl", [*rows3, extra, legacy, extra])
     cache = load_or_build_cache(path, tok3, 768, tmp_path / "c")
     assert cache.skipped == SkipCounts(unknown_field=3)
