@@ -391,7 +391,8 @@ def _print_rung_fidelity(spec: StudySpec, summaries: Sequence[TrialSummary]) -> 
         return {}
     found = rung_fidelity(summaries, rungs)
     shown = ", ".join(f"epoch {f.epoch}: {f.spearman:+.2f} (n={f.trials})" if f.spearman is not None
-                      else f"epoch {f.epoch}: n/a ({f.trials} completed trials, needs 3)" for f in found)
+                      else f"epoch {f.epoch}: n/a ({f.trials} completed trials, "
+                      + ("needs 3)" if f.trials < 3 else "their values tie)") for f in found)
     print(f"rung fidelity (Spearman of each rung's ranking with the final one): {shown}")
     for f in found:
         if f.spearman is not None and f.spearman < RUNG_FIDELITY_WARNING:
