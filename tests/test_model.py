@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimind_train.chat import IGNORE_INDEX
 from minimind_train.config import ConfigError, ModelConfig
 from minimind_train.hf import MiniMindHFConfig, MiniMindHFForCausalLM, from_hf, to_hf
 from minimind_train.model import (
@@ -97,8 +98,8 @@ def test_hf_label_convention_matches_upstream_shifted_loss(fixture_dir: Path) ->
     x, y = torch.tensor(ref["input_ids"]), torch.tensor(ref["targets"])
     mask = torch.tensor(ref["loss_mask"]).bool()
     input_ids = torch.cat([x, y[:, -1:]], dim=1)
-    labels = torch.full_like(input_ids, -100)
-    labels[:, 1:] = torch.where(mask, y, -100)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, 1:] = torch.where(mask, y, IGNORE_INDEX)
     with torch.no_grad():
         out = model(input_ids, labels=labels)
     assert out.loss.item() == pytest.approx(ref["masked_loss_eval"], abs=1e-4)
@@ -112,7 +113,7 @@ def test_hf_label_convention_matches_upstream_shifted_loss(fixture_dir: Path) ->
 def test_token_cross_entropy_shift_and_ignore() -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11, dtype=torch.bfloat16)
-    labels = torch.tensor([[-100, 3, -100, 7, 1], [-100, -100, -100, -100, 10]])
+    labels = torch.tensor([[IGNORE_INDEX, 3, IGNORE_INDEX, 7, 1], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 10]])
     ce_sum, n = token_cross_entropy(logits, labels)
     assert ce_sum.dtype == torch.float32 and n.item() == 4
     expected = sum(F.cross_entropy(logits[b, t - 1].float()[None], labels[b, t][None])
@@ -123,7 +124,7 @@ def test_token_cross_entropy_shift_and_ignore() -> None:
 def test_loss_with_nothing_supervised_is_zero_not_nan() -> None:
     model = tiny_model()
     ids = torch.randint(3, 128, (2, 6))
-    out = model(ids, labels=torch.full_like(ids, -100))
+    out = model(ids, labels=torch.full_like(ids, IGNORE_INDEX))
     assert out.loss.item() == 0.0
 
 
@@ -137,9 +138,9 @@ def test_loss_rejects_truncated_logits() -> None:
 def _sft_labels(ids: torch.Tensor, seed: int) -> torch.Tensor:
     """SFT-like labels: supervised spans, prompt and right padding ignored, one row all ignored."""
     g = torch.Generator().manual_seed(seed)
-    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.5, ids, -100)
-    labels[1, -3:] = -100  # padding
-    labels[2] = -100  # nothing supervised in this row
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.5, ids, IGNORE_INDEX)
+    labels[1, -3:] = IGNORE_INDEX  # padding
+    labels[2] = IGNORE_INDEX  # nothing supervised in this row
     return labels
 
 
@@ -170,7 +171,7 @@ def test_selected_positions_head_equals_full_head(use_moe: bool) -> None:
 
 
 def test_supervised_positions_index_the_flat_hidden_states() -> None:
-    labels = torch.tensor([[-100, 5, -100, 7], [-100, -100, 9, -100]])
+    labels = torch.tensor([[IGNORE_INDEX, 5, IGNORE_INDEX, 7], [IGNORE_INDEX, IGNORE_INDEX, 9, IGNORE_INDEX]])
     positions, targets = supervised_positions(labels)
     # Position (b, t) predicts labels[b, t + 1]; flat index b * T + t.
     assert positions.tolist() == [0, 2, 5] and targets.tolist() == [5, 7, 9]
@@ -179,7 +180,7 @@ def test_supervised_positions_index_the_flat_hidden_states() -> None:
 def test_selected_head_with_nothing_supervised_is_zero() -> None:
     model = tiny_model()
     ids = torch.randint(3, 128, (2, 6))
-    ce, n, _ = model.supervised_cross_entropy(ids, torch.full_like(ids, -100))
+    ce, n, _ = model.supervised_cross_entropy(ids, torch.full_like(ids, IGNORE_INDEX))
     assert n == 0 and ce.item() == 0.0
     ce.backward()  # still differentiable: zero gradients, no error
 

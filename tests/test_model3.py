@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import SHARED, need_shared
 
+from minimind_train.chat import IGNORE_INDEX
 from minimind_train.checkpoint import WeightMismatchError, load_minimind_weights, save_checkpoint
 from minimind_train.config import (
     ConfigError,
@@ -139,8 +140,8 @@ def test_supervised_cross_entropy_equals_full_forward(use_moe: bool) -> None:
     model = build_model(dataclasses.replace(TINY3, use_moe=use_moe), vocab_size=128).train()
     ids = torch.randint(3, 128, (3, 12))
     labels = ids.clone()
-    labels[:, :5] = -100
-    labels[1, 8:] = -100
+    labels[:, :5] = IGNORE_INDEX
+    labels[1, 8:] = IGNORE_INDEX
     out = model(ids, labels=labels)
     ce_sum, n = token_cross_entropy(out.logits, labels)
     ce_fast, n_fast, aux = model.supervised_cross_entropy(ids, labels)
