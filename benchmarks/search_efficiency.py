@@ -9,7 +9,9 @@ its model, its ``search`` section, ``train.epochs`` and its ASHA ``grace_period`
 ``--num-samples`` trials per search):
 
 * ``random``: Optuna's random sampler, every trial trained for all epochs (no pruner);
-* ``tpe+asha``: Optuna's TPE sampler and Optuna's SuccessiveHalvingPruner (ASHA), the study's defaults.
+* ``tpe+asha``: Optuna's TPE sampler and Optuna's SuccessiveHalvingPruner (ASHA), the study's defaults;
+* ``random+asha``: the random sampler with ASHA, which separates ASHA's share of the saving from TPE's
+  (it draws random search's configs, so its curves come from the cache at no training cost).
 
 Both come from the study's own factories (:func:`tune.searcher.make_sampler`, :func:`make_pruner`) and
 are driven through Optuna's ask-and-tell interface with the project's trainer
@@ -24,7 +26,10 @@ different order).
 Printed per dataset and method: trial-epochs used, best objective (median and range over seeds; the
 best completed trial's value, what the study would export), and the trial-epochs each search needed
 to come within ``--tolerance`` (1 %) of random search's median best; the goal is that TPE + ASHA needs
-at most 1/3 of random's trial-epochs. ``--out`` writes every trial's curve as JSON.
+at most 1/3 of random's trial-epochs. Then, to say what bounds the result: each ASHA rung's fidelity
+(Spearman rank correlation of the objective at the rung and at the last epoch, over random search's
+fully trained trials: the study's own end-of-study check) and how often TPE's best trial was one of
+its random start-up trials. ``--out`` writes every trial's curve as JSON.
 
 Cache: a trial's per-epoch curve depends only on its run config (searched values, model, training
 seed: the same for every trial and both methods, like a study's ``train.seed``), the tokens it trains
@@ -79,6 +84,8 @@ __all__ = [
     "compare",
     "main",
     "run_search",
+    "rung_fidelity",
+    "startup_trials",
 ]
 
 GOAL_RATIO = 1 / 3
@@ -98,8 +105,11 @@ class Method:
     pruner: str
 
 
-METHODS = (Method("random", "random", "none"), Method("tpe+asha", "optuna", "asha"))
-BASELINE, CANDIDATE = METHODS[0].name, METHODS[1].name
+# random+asha separates ASHA's share from TPE's: the random sampler draws the same configs whatever
+# the pruner does, so it trains nothing that random search did not (its curves are prefixes of those).
+METHODS = (Method("random", "random", "none"), Method("random+asha", "random", "asha"),
+           Method("tpe+asha", "optuna", "asha"))
+BASELINE, CANDIDATE = "random", "tpe+asha"
 
 
 @dataclass(frozen=True)
@@ -158,6 +168,16 @@ class SearchRun:
     @property
     def best(self) -> float | None:
         return self.progress()[-1][1] if self.trials else None
+
+    @property
+    def best_trial(self) -> int | None:
+        """Index of the first completed trial with the best value; None when none completed."""
+        values = [(t.value(self.mode), i) for i, t in enumerate(self.trials)]
+        values = [(v, i) for v, i in values if v is not None]
+        if not values:
+            return None
+        best = min(v for v, _ in values) if self.mode == "min" else max(v for v, _ in values)
+        return next(i for v, i in values if v == best)
 
     def epochs_to_reach(self, target: float) -> int | None:
         """Trial-epochs used when the best completed value first reached ``target``; None if never."""
@@ -292,6 +312,46 @@ def compare(runs: Sequence[SearchRun], tolerance: float = 0.01) -> Comparison:
         summaries[name] = MethodSummary(name, tuple(r.seed for r in group), tuple(r.trial_epochs for r in group),
                                         tuple(r.best for r in group), tuple(r.epochs_to_reach(target) for r in group))
     return Comparison(mode, tolerance, reference, target, summaries)
+
+
+def rung_fidelity(runs: Sequence[SearchRun], budget: Budget) -> dict[int, tuple[int, float | None]]:
+    """Per ASHA rung below the last epoch: (trials, Spearman rank correlation between the objective at
+    that epoch and at the last epoch) over random search's trials, which all ran every epoch -- the
+    definition of the study's end-of-study check (``tune.report.rung_fidelity``: pandas ranks, ties
+    averaged); None with fewer than 3 trials."""
+    import pandas as pd
+
+    curves = {json.dumps(t.params, sort_keys=True, default=str): t.values
+              for r in runs if r.method == BASELINE for t in r.trials if t.state == "completed"}
+    out: dict[int, tuple[int, float | None]] = {}
+    rung = budget.grace_period
+    while rung < budget.epochs:
+        pairs = [(v[rung - 1], v[-1]) for v in curves.values()]
+        rho = None
+        if len(pairs) >= 3:
+            at_rung, final = (pd.Series(x) for x in zip(*pairs))
+            value = at_rung.rank().corr(final.rank())
+            rho = None if math.isnan(value) else float(value)
+        out[rung] = (len(pairs), rho)
+        rung *= budget.reduction_factor
+    return out
+
+
+def startup_trials(runs: Sequence[SearchRun], method: str = CANDIDATE) -> dict[int, int]:
+    """Per seed: how many of ``method``'s first trials are the random sampler's first draws for that seed
+    (TPE's start-up trials), found by comparing params with random search's trials."""
+    random_runs = {r.seed: r for r in runs if r.method == BASELINE}
+    out = {}
+    for run in runs:
+        if run.method != method or run.seed not in random_runs:
+            continue
+        n = 0
+        for mine, theirs in zip(run.trials, random_runs[run.seed].trials):
+            if mine.params != theirs.params:
+                break
+            n += 1
+        out[run.seed] = n
+    return out
 
 
 def format_comparison(name: str, comparison: Comparison, metric: str) -> str:
@@ -500,7 +560,7 @@ def bench_dataset(ds: DatasetSpec, spec: StudySpec, budget: Budget, seeds: Seque
     start = time.perf_counter()
     runs = []
     for seed in seeds:
-        for method in METHODS:  # random first: TPE's start-up trials then reuse its curves
+        for method in METHODS:  # random first: the others then reuse its curves
             run = run_search(method, seed, budget, distributions, objective)
             runs.append(run)
             best = "none" if run.best is None else f"{run.best:.4f}"
@@ -509,11 +569,22 @@ def bench_dataset(ds: DatasetSpec, spec: StudySpec, budget: Budget, seeds: Seque
                   f"{objective.reused_epochs}, {time.perf_counter() - start:.0f} s)", flush=True)
     comparison = compare(runs, tolerance)
     print(format_comparison(ds.name, comparison, metric), flush=True)
+    fidelity = rung_fidelity(runs, budget)
+    print(f"[{ds.name}] rung fidelity over random search's trials (Spearman, epoch e vs epoch {budget.epochs}): "
+          + ", ".join(f"epoch {e}: {'n/a' if rho is None else f'{rho:+.2f}'} (n={n})"
+                      for e, (n, rho) in fidelity.items()), flush=True)
+    startup = startup_trials(runs)
+    from_startup = [r.seed for r in runs if r.method == CANDIDATE and r.best_trial is not None
+                    and r.best_trial < startup.get(r.seed, 0)]
+    print(f"[{ds.name}] {CANDIDATE}: start-up (random) trials per seed {list(startup.values())}; the best "
+          f"trial was a start-up trial in {len(from_startup)} of {len(startup)} seeds", flush=True)
     return {
         "dataset": ds.name, "description": ds.describe(), "train_samples": len(data.train),
         "val_samples": len(data.val), "budget": asdict(budget),
         "metric": metric, "reference": comparison.reference, "target": comparison.target,
         "ratio": comparison.ratio, "goal_met": comparison.goal_met,
+        "rung_fidelity": {str(e): {"trials": n, "spearman": rho} for e, (n, rho) in fidelity.items()},
+        "startup_trials": {str(k): v for k, v in startup.items()}, "best_from_startup_seeds": from_startup,
         "summaries": {k: {"seeds": list(v.seeds), "trial_epochs": list(v.trial_epochs), "best": list(v.best),
                           "to_target": list(v.to_target), "median_trial_epochs": v.median_trial_epochs,
                           "median_best": v.median_best(comparison.mode), "median_to_target": v.median_to_target}
@@ -522,6 +593,7 @@ def bench_dataset(ds: DatasetSpec, spec: StudySpec, budget: Budget, seeds: Seque
                     "train_seconds": round(objective.train_seconds, 1),
                     "wall_seconds": round(time.perf_counter() - start, 1)},
         "runs": [{"method": r.method, "seed": r.seed, "trial_epochs": r.trial_epochs, "best": r.best,
+                  "best_trial": r.best_trial,
                   "trials": [{"params": t.params, "values": list(t.values), "state": t.state, "epochs": t.epochs}
                              for t in r.trials]} for r in runs],
     }

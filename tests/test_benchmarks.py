@@ -106,7 +106,9 @@ def test_search_efficiency_loop_follows_the_study_rules() -> None:
 
     distributions = optuna_distributions(load_space(REPO / "search_spaces" / "sft.yaml"))
     budget = bench.Budget(num_samples=12, epochs=4, grace_period=1, reduction_factor=2)
-    random_run, tpe_run = (bench.run_search(m, 3, budget, distributions, _toy_objective) for m in bench.METHODS)
+    methods = {m.name: m for m in bench.METHODS}
+    random_run, asha_run, tpe_run = (bench.run_search(methods[name], 3, budget, distributions, _toy_objective)
+                                     for name in ("random", "random+asha", "tpe+asha"))
     assert [t.state for t in random_run.trials] == ["completed"] * 12
     assert random_run.trial_epochs == 48 and all(len(t.values) == 4 for t in random_run.trials)
     states = {t.state for t in tpe_run.trials}
@@ -117,10 +119,17 @@ def test_search_efficiency_loop_follows_the_study_rules() -> None:
         assert (t.state == "pruned" and 1 <= t.epochs < 4) or (t.state == "completed" and t.epochs == 4)
         assert t.value("min") == (min(t.values) if t.state == "completed" else None)
     assert tpe_run.trial_epochs == sum(t.epochs for t in tpe_run.trials) < random_run.trial_epochs
+    # The random sampler draws the same configs with or without ASHA; pruned ones stop early.
+    assert [t.params for t in asha_run.trials] == [t.params for t in random_run.trials]
+    assert any(t.state == "pruned" for t in asha_run.trials) and asha_run.trial_epochs < 48
     # TPE's start-up trials are the random sampler's first draws for the same seed (what the cache reuses).
     startup = min(4, 12 // 3)
     assert [t.params for t in tpe_run.trials[:startup]] == [t.params for t in random_run.trials[:startup]]
     assert tpe_run.trials[startup].params != random_run.trials[startup].params
+    assert bench.startup_trials([random_run, asha_run, tpe_run]) == {3: startup}
+    # Rung fidelity over random's trials: the toy's ranking never changes with the epoch.
+    assert bench.rung_fidelity([random_run, tpe_run], budget) == {1: (12, pytest.approx(1.0)),
+                                                                  2: (12, pytest.approx(1.0))}
 
 
 def test_search_efficiency_diverged_trial_fails_and_counts_its_epoch() -> None:
@@ -195,13 +204,15 @@ def test_search_efficiency_runs_and_reuses_cached_curves(tmp_path: Path, capsys)
     (ds,) = first["datasets"]
     assert ds["dataset"] == "demo" and ds["train_samples"] == 24 and ds["val_samples"] == 8
     assert ds["budget"]["epochs"] == 2 and ds["budget"]["num_samples"] == 3
-    assert [(r["method"], r["seed"]) for r in ds["runs"]] == [("random", 0), ("tpe+asha", 0),
-                                                              ("random", 1), ("tpe+asha", 1)]
-    assert set(ds["summaries"]) == {"random", "tpe+asha"}
-    assert ds["summaries"]["random"]["trial_epochs"] == [6, 6]
+    names = ("random", "random+asha", "tpe+asha")
+    assert [(r["method"], r["seed"]) for r in ds["runs"]] == [(m, s) for s in (0, 1) for m in names]
+    assert set(ds["summaries"]) == set(names) and ds["summaries"]["random"]["trial_epochs"] == [6, 6]
+    assert set(ds["rung_fidelity"]) == {"1"} and ds["rung_fidelity"]["1"]["trials"] == 6
+    assert ds["startup_trials"] == {"0": 1, "1": 1}  # smoke: 3 trials -> min(4, max(1, 3 // 3))
     assert all(len(t["values"]) == t["epochs"] for r in ds["runs"] for t in r["trials"])
-    assert ds["compute"]["trained_epochs"] > 0 and ds["compute"]["reused_epochs"] >= 2  # TPE's start-up trial
+    # random+asha and TPE's start-up trial reuse random's curves
+    assert ds["compute"]["trained_epochs"] > 0 and ds["compute"]["reused_epochs"] >= 2 * 2 + 2
     out = capsys.readouterr().out
-    assert "trial-epochs to target" in out and "goal <= 1/3" in out
+    assert "trial-epochs to target" in out and "goal <= 1/3" in out and "rung fidelity" in out
     assert again["compute"]["trained_epochs"] == 0
     assert again["runs"] == ds["runs"] and again["summaries"] == ds["summaries"]
