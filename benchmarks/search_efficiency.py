@@ -114,7 +114,7 @@ BASELINE, CANDIDATE = "random", "tpe+asha"
 
 @dataclass(frozen=True)
 class Budget:
-    """The rules both methods share: trials per search, epochs per trial, ASHA's rungs, the direction."""
+    """The rules every method shares: trials per search, epochs per trial, ASHA's rungs, the direction."""
 
     num_samples: int
     epochs: int
@@ -172,12 +172,8 @@ class SearchRun:
     @property
     def best_trial(self) -> int | None:
         """Index of the first completed trial with the best value; None when none completed."""
-        values = [(t.value(self.mode), i) for i, t in enumerate(self.trials)]
-        values = [(v, i) for v, i in values if v is not None]
-        if not values:
-            return None
-        best = min(v for v, _ in values) if self.mode == "min" else max(v for v, _ in values)
-        return next(i for v, i in values if v == best)
+        best = self.best
+        return None if best is None else next(i for i, t in enumerate(self.trials) if t.value(self.mode) == best)
 
     def epochs_to_reach(self, target: float) -> int | None:
         """Trial-epochs used when the best completed value first reached ``target``; None if never."""
@@ -357,7 +353,7 @@ def startup_trials(runs: Sequence[SearchRun], method: str = CANDIDATE) -> dict[i
 def format_comparison(name: str, comparison: Comparison, metric: str) -> str:
     """The printed table of one dataset."""
     c = comparison
-    head = f"{'method':<10} {'trial-epochs median [range]':<28} {f'best {metric} median [range]':<30}"
+    head = f"{'method':<11} {'trial-epochs median [range]':<28} {f'best {metric} median [range]':<30}"
     target = (f"[{name}] target: random's median best {metric} {c.reference:.4f} within {c.tolerance:.0%} "
               f"-> {c.target:.4f}")
     lines = [target, f"{head} trial-epochs to target per seed (median)"]
@@ -367,7 +363,7 @@ def format_comparison(name: str, comparison: Comparison, metric: str) -> str:
                 and s.median_best(c.mode) is not None else "none completed")
         reach = ", ".join("-" if v is None else str(v) for v in s.to_target)
         med = s.median_to_target
-        lines.append(f"{s.method:<10} {f'{s.median_trial_epochs:g} [{min(s.trial_epochs)}-{max(s.trial_epochs)}]':<28} "
+        lines.append(f"{s.method:<11} {f'{s.median_trial_epochs:g} [{min(s.trial_epochs)}-{max(s.trial_epochs)}]':<28} "
                      f"{best:<30} {reach} ({'not reached' if med is None else f'{med:g}'})")
     if c.ratio is None:
         verdict = (f"{CANDIDATE} did not reach the target in most seeds within "
@@ -564,7 +560,7 @@ def bench_dataset(ds: DatasetSpec, spec: StudySpec, budget: Budget, seeds: Seque
             run = run_search(method, seed, budget, distributions, objective)
             runs.append(run)
             best = "none" if run.best is None else f"{run.best:.4f}"
-            print(f"[{ds.name}] seed {seed} {method.name:<9} trial-epochs {run.trial_epochs:3d} best {best} "
+            print(f"[{ds.name}] seed {seed} {method.name:<11} trial-epochs {run.trial_epochs:3d} best {best} "
                   f"(states {_states(run)}; trained so far {objective.trained_epochs}, reused "
                   f"{objective.reused_epochs}, {time.perf_counter() - start:.0f} s)", flush=True)
     comparison = compare(runs, tolerance)

@@ -166,6 +166,7 @@ def test_search_efficiency_comparison_counts_trial_epochs_to_the_target() -> Non
         _run(bench, "tpe+asha", 2, [(done, (1.5,) * 4, 4)]),  # reached at 4
     ]
     c = bench.compare(runs, tolerance=0.01)
+    assert [r.best_trial for r in runs[3:]] == [2, None, 0]
     assert c.reference == 2.0 and c.target == pytest.approx(2.02)
     rnd, tpe = c.summaries["random"], c.summaries["tpe+asha"]
     assert rnd.trial_epochs == (12, 12, 12) and rnd.best == (3.0, 2.0, 1.0) and rnd.to_target == (None, 8, 4)
