@@ -555,3 +555,13 @@ def test_space_fixture_is_valid(tmp_path):
     path.write_text(textwrap.dedent(SPACE.replace("EPOCHS", str(EPOCHS))))
     spec = load_space(str(path))
     assert spec.tune.num_samples == 3 and spec.tune.max_failures >= 1
+
+
+def test_current_node_outside_ray_starts_no_ray() -> None:
+    import ray
+
+    from tune.cluster import current_node
+
+    assert not ray.is_initialized()
+    assert current_node()["node_id"] == ""
+    assert not ray.is_initialized()  # (get_runtime_context would have started a whole local Ray)

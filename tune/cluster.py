@@ -67,7 +67,9 @@ def current_node() -> dict[str, str]:
     import ray
 
     node = {"node_id": "", "hostname": socket.gethostname(), "ip": "", "gpu_ids": ""}
-    with contextlib.suppress(Exception):  # outside a Ray worker (a test) these stay empty
+    if not ray.is_initialized():  # (get_runtime_context would start a whole local Ray to answer)
+        return node
+    with contextlib.suppress(Exception):
         node.update(node_id=ray.get_runtime_context().get_node_id(), ip=ray.util.get_node_ip_address(),
                     gpu_ids=",".join(str(g) for g in ray.get_gpu_ids()))  # the GPU(s) Ray gave this trial
     return node
