@@ -360,9 +360,16 @@ def test_a_warm_started_study_runs_the_earlier_best_first_and_finalists_answer_b
     import mlflow
 
     from tune.record import StudyRecord
+    from tune.space import optuna_distributions, spec_to_dict
 
-    scout = run_driver(ws, ["--space", "smoke.yaml", "--name", "scout"], timeout_s=300)
-    assert scout.proc.returncode == 0, scout.output()
+    # The scouting study as its record holds it (its trials need no training for this test).
+    smoke = load_space("smoke")
+    scouted = StudyRecord.create(ws.study_dir("scout"), "scout", spec_to_dict(smoke), "", {})
+    for lr, acc, value in ((2e-3, 1, 7.6), (5e-3, 2, 7.5)):
+        scouted.study.enqueue_trial({"train.learning_rate": lr, "train.accumulation_steps": acc})
+        number, _ = scouted.ask(optuna_distributions(smoke))
+        scouted.record_epoch(number, 1, {"val_loss": value}, "val_loss")
+        scouted.finish(number, "completed", "val_loss", "min")
     space = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
     space["tune"].update(num_samples=2, scheduler={"type": "none"}, finalists={"top_k": 1, "seeds": 1})
     (tmp_path / "full.yaml").write_text(yaml.safe_dump(space))
@@ -372,7 +379,6 @@ def test_a_warm_started_study_runs_the_earlier_best_first_and_finalists_answer_b
     assert "warm start from" in full.stdout and "2 trial(s) as history" in full.stdout, full.output()
     assert "finalists: 1 of the top 1 completed configs" in full.stdout, full.output()
 
-    scouted = StudyRecord.open(ws.study_dir("scout"))
     best_scout = min(scouted.trials(), key=lambda t: min(v for _, v in t.curve("val_loss")))
     record = StudyRecord.open(ws.study_dir("full"))
     trials = record.trials()
