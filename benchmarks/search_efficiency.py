@@ -3,7 +3,7 @@
     nice -n 10 python benchmarks/search_efficiency.py [--datasets demo,real] [--seeds 5] [--num-samples 10]
 
 For each dataset (the bundled demo data; a real one, ``../shared/data/alpaca_zh_demo.jsonl`` with the
-MiniMind2 tokenizer of ``../shared/fixtures/minimind2`` when present) and each searcher seed, two
+MiniMind2 tokenizer of ``../shared/fixtures/minimind2`` when present) and each searcher seed, three
 searches over the same model, search space and budget (``--space``, default ``search_spaces/sft.yaml``:
 its model, its ``search`` section, ``train.epochs`` and its ASHA ``grace_period``/``reduction_factor``;
 ``--num-samples`` trials per search):
@@ -13,7 +13,7 @@ its model, its ``search`` section, ``train.epochs`` and its ASHA ``grace_period`
 * ``random+asha``: the random sampler with ASHA, which separates ASHA's share of the saving from TPE's
   (it draws random search's configs, so its curves come from the cache at no training cost).
 
-Both come from the study's own factories (:func:`tune.searcher.make_sampler`, :func:`make_pruner`) and
+All come from the study's own factories (:func:`tune.searcher.make_sampler`, :func:`make_pruner`) and
 are driven through Optuna's ask-and-tell interface with the project's trainer
 (:func:`minimind_train.train.train_epochs`), in this one process, one trial after another, without
 Ray. The rules are the study's (``tune.searcher.RecordScheduler`` and ``StudyRecord.finish``): after
@@ -32,7 +32,7 @@ fully trained trials: the study's own end-of-study check) and how often TPE's be
 its random start-up trials. ``--out`` writes every trial's curve as JSON.
 
 Cache: a trial's per-epoch curve depends only on its run config (searched values, model, training
-seed: the same for every trial and both methods, like a study's ``train.seed``), the tokens it trains
+seed: the same for every trial and method, like a study's ``train.seed``), the tokens it trains
 and validates on, and torch; so each curve is stored under ``--cache-dir`` keyed by exactly those, and a
 config drawn again (TPE's start-up trials are the random sampler's first draws for the same seed,
 another searcher seed, a rerun) reuses it instead of training again. A curve cut short by the pruner is
