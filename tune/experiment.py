@@ -183,7 +183,11 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
     if not interrupted and finals.seeds:
         todo = finalist_plans(record, optuna_distributions(spec), t.metric, t.mode, run_cfg.train.epochs,
                               finals.top_k, finals.seeds, run_cfg.train.seed)
-        if todo:
+        out_of_time = t.time_budget_s is not None and record.seconds_used() >= t.time_budget_s
+        if todo and out_of_time:
+            print(f"finalists: {len(todo)} trial(s) not run, the time budget is used up; the answer is the single "
+                  "best trial (raise --time-budget-s and --resume to run them)", file=sys.stderr)
+        elif todo:
             configs = len({tuple(sorted((k, v) for k, v in p.params.items() if k != "train.seed")) for p in todo})
             print(f"finalists: {configs} of the top {finals.top_k} completed configs again with other seeds: "
                   f"{len(todo)} trial(s) of {run_cfg.train.epochs} epochs, never stopped early", flush=True)
