@@ -181,9 +181,9 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
         interrupted = run.fit(plans, new, pruner, extra)
     finals = t.finalists
     if not interrupted and finals.seeds:
-        todo = finalist_plans(record, optuna_distributions(spec), t.metric, t.mode, run_cfg.train.epochs,
-                              finals.top_k, finals.seeds, run_cfg.train.seed)
         out_of_time = t.time_budget_s is not None and record.seconds_used() >= t.time_budget_s
+        todo = finalist_plans(record, optuna_distributions(spec), t.metric, t.mode, run_cfg.train.epochs,
+                              finals.top_k, finals.seeds, run_cfg.train.seed, create=not out_of_time)
         if todo and out_of_time:
             print(f"finalists: {len(todo)} trial(s) not run, the time budget is used up; the answer is the single "
                   "best trial (raise --time-budget-s and --resume to run them)", file=sys.stderr)
