@@ -192,8 +192,6 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
             print(f"finalists: {configs} of the top {finals.top_k} completed configs again with other seeds: "
                   f"{len(todo)} trial(s) of {run_cfg.train.epochs} epochs, never stopped early", flush=True)
             interrupted = run.fit(todo, 0, optuna.pruners.NopPruner(), [])
-    elif not (plans or new):
-        print(f"nothing to run: {finished} of {t.num_samples} trials finished")
     record.interrupt_running()
     if interrupted:
         warn_on_failure(lambda: mirror.finish("KILLED", best=None, best_value=None, best_epoch=None, artifacts={}))
