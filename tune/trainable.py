@@ -1,24 +1,22 @@
 """The Ray trainable: a thin adapter over :func:`minimind_train.train.train_epochs`.
 
-Per epoch it writes a checkpoint folder (fp16 MiniMind ``model.pth`` + resume state), then calls
-``tune.report(metrics)`` with ``epoch`` (the trial's real epoch, across driver runs).
-Checkpoints are the study's own (``epoch_000e`` folders in the trial's folder, not Ray's): a trial
-continues from the newest whole one it has, after a retry by Ray or a ``--resume``. A loss
-that becomes non-finite ends the trial with one ``diverged`` report (no retry: the same config
-diverges again).
-The dataset reaches trials through the on-disk token cache that the driver built once per study:
-each trial memory-maps it (``tune.cluster.open_study_data``; on a node that cannot read the driver's
-folder, its node's own copy of the one the driver put on the shared storage), so concurrent trials on a node share pages.
+Per epoch it writes the study's own checkpoint (``epoch_000e`` in the trial's folder, not Ray's), then
+``tune.report``s the metrics with the trial's real ``epoch`` (across driver runs); a retried or resumed trial
+continues from its newest whole checkpoint, a diverged one ends with one ``diverged`` report (no retry: the
+same config diverges again). Data come memory-mapped from the driver's per-study token cache
+(``tune.cluster.open_study_data``), so concurrent trials on a node share pages.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from ray import tune
 
 from minimind_train.checkpoint import load_train_state, save_checkpoint
@@ -31,79 +29,42 @@ from .progress import step_writer
 from .searcher import NUMBER_KEY, PARAMS_KEY
 from .storage import checkpoint_metas, filesystem_of, retain_checkpoints, trial_dirname, write_checkpoint
 
-__all__ = ["TrialOutOfMemory", "flatten_params", "train_trial"]
+__all__ = ["TrialOutOfMemory", "train_trial"]
 
 log = logging.getLogger(__name__)
+
 
 class TrialOutOfMemory(RuntimeError):
     """The trial needed more GPU memory than its share (its neighbours are unaffected)."""
 
 
-def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Searched values by dotted config path, whether Ray handed them nested or flat."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        path = f"{prefix}{key}".replace("/", ".")
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, f"{path}."))
-        else:
-            flat[path] = value
-    return flat
-
-
-def trial_run_config(base: Mapping[str, Any], config: Mapping[str, Any]) -> RunConfig:
-    return run_config_from_dict(base).with_overrides(flatten_params(config))
-
-
-def _cap_gpu_memory(gpu_share: float) -> None:
-    """Hold a fractional-GPU trial to its share, so an oversized trial fails alone, not its neighbours."""
-    import torch
-
-    if 0 < gpu_share < 1 and torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(gpu_share)
-
-
 def _oom_message(gpu_share: float, cfg: RunConfig, exc: BaseException) -> str:
-    import torch
-
+    partial = 0 < gpu_share < 1
     try:
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+        gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+        size = f" ({gpu_share * gib:.1f} of {gib:.1f} GiB)" if partial else f" ({gib:.1f} GiB)"
     except (RuntimeError, AssertionError):  # no usable device to describe
-        total = None
-    known = total is not None
-    if 0 < gpu_share < 1:
-        share = f"its share of {gpu_share:g} of the GPU" + (
-            f" ({gpu_share * total:.1f} of {total:.1f} GiB)" if known else "")
-    else:
-        share = "the whole GPU" + (f" ({total:.1f} GiB)" if known else "")
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        size = ""
+    share = (f"its share of {gpu_share:g} of the GPU" if partial else "the whole GPU") + size
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return (f"out of GPU memory within {share} at train.batch_size={cfg.train.batch_size}: use a smaller "
             "train.batch_size (with train.accumulation_steps to keep the effective batch), a smaller "
             f"data.max_seq_len or model, or a larger tune.resources_per_trial.gpu ({detail})")
 
 
-def _release_gpu_memory() -> None:
-    """Give the trial's cached CUDA blocks back, so they do not stay reserved in a reused actor."""
-    import gc
-
-    import torch
-
+def _release_gpu_memory() -> None:  # (cached CUDA blocks would stay reserved in a reused actor)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         gc.collect()
         torch.cuda.empty_cache()
 
 
 def _restore(runs: str, number: int, cfg: RunConfig, vocab_size: int) -> tuple[Any, dict[str, Any]]:
-    """The train state to continue from and its checkpoint's meta.json: the newest loadable of the
-    trial's whole checkpoints in its folders of every driver run under ``runs`` (a local folder or a
-    URI): after a retry by Ray in this run, or a ``--resume``. ``(None, {})`` when it has none."""
-    candidates = sorted(checkpoint_metas(runs, number).items(), reverse=True)
-    for epoch, (path, meta) in candidates:
-        try:
-            if "://" not in runs:
-                return load_train_state(path, cfg, vocab_size), meta
-            fs, _ = filesystem_of(runs)
-            with tune.Checkpoint(path, filesystem=fs).as_directory() as directory:  # downloaded
+    """The train state to continue from and its checkpoint's meta.json: the newest loadable whole checkpoint
+    of the trial in any driver run under ``runs`` (a local folder or a URI); ``(None, {})`` when none."""
+    fs, _ = filesystem_of(runs)
+    for epoch, (path, meta) in sorted(checkpoint_metas(runs, number).items(), reverse=True):
+        try:  # (as_directory downloads from a URI; a local folder is used in place)
+            with tune.Checkpoint(path, filesystem=fs).as_directory() as directory:
                 return load_train_state(directory, cfg, vocab_size), meta
         except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: try the next older one
             log.warning("checkpoint %s (epoch %d) cannot be loaded (%s); trying an older one", path, epoch, exc)
@@ -114,59 +75,50 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str,
                 run_name: str, keep_checkpoints: int = 1, gpu_share: float = 0.0,
                 data: StudyData | None = None) -> None:
     """Function trainable. ``config``: ``params`` (searched values by dotted path) and ``study_trial``
-    (the record's trial number); ``base`` is the fixed run config; ``metric``/``mode`` the study
-    objective (reported as NaN when the trial diverges; it ranks the kept checkpoints).
+    (the record's trial number); ``base``: the fixed run config; ``metric``/``mode``: the objective (NaN
+    when the trial diverges; it ranks the kept checkpoints); ``data``: the driver's token cache on any node
+    (:func:`tune.cluster.study_data`; None prepares the data here). Each epoch's checkpoint goes to
+    ``<runs_dir>/<run_name>/tNNN/epoch_000e`` (a folder or a URI) *before* its result is reported, so a
+    recorded result always has its checkpoint; the ``keep_checkpoints`` best and the newest are kept.
 
-    Each epoch's checkpoint goes to ``<runs_dir>/<run_name>/tNNN/epoch_000e`` (a local folder or a
-    URI), *before* its result is reported, so a result in the record always has its checkpoint; the
-    ``keep_checkpoints`` best and the newest are kept. ``data`` (from :func:`tune.cluster.study_data`)
-    opens the driver's token cache on any node; None prepares the data here.
+    Raises:
+        TrialOutOfMemory: CUDA ran out of memory within the trial's ``gpu_share`` (0: no cap, 1: whole GPU).
     """
-    cfg = trial_run_config(base, config.get(PARAMS_KEY, {}))
+    cfg = run_config_from_dict(base).with_overrides(config.get(PARAMS_KEY, {}))
     number = int(config[NUMBER_KEY])
     _release_gpu_memory()  # what a previous trial in this (reused) actor left cached
-    _cap_gpu_memory(gpu_share)
-    train_cfg = cfg  # differs only in model.init_from when that was copied to this node
+    if 0 < gpu_share < 1 and torch.cuda.is_available():  # an oversized trial fails alone, not its neighbours
+        torch.cuda.set_per_process_memory_fraction(gpu_share)
     if data is None:
-        sft = prepare_data(cfg.data, show_progress=False)
-    else:
+        sft, train_cfg = prepare_data(cfg.data, show_progress=False), cfg
+    else:  # train_cfg differs from cfg only in model.init_from, when that was copied to this node
         sft, train_cfg = open_study_data(data, cfg)
     node = current_node()  # where each epoch ran, kept in the checkpoint's meta.json (not a metric)
     state, meta = _restore(runs_dir, number, cfg, sft.vocab_size)
     trial_dir = f"{runs_dir}/{run_name}/{trial_dirname(number)}"
     if state is not None:
         log.info("trial %s continues after epoch %d", number, state.epoch)
-        # The checkpoint's epoch is reported again (marked, never trained again): a worker that died
-        # between writing it and reporting it left that result out of the record (which keeps the
-        # first report of an epoch, so a repeat changes nothing).
+        # Reported again (marked, not trained again): a worker that died between writing the checkpoint
+        # and reporting it left that result out of the record (which keeps an epoch's first report).
         tune.report({**meta.get("metrics", {}), "epoch": state.epoch, "restored": 1})
-    import torch
-
-    oom = None
-    epoch = 0 if state is None else state.epoch
+    oom = diverged = None
+    on_step = step_writer(trial_dir) if "://" not in runs_dir else None  # the driver's live view, local only
     try:
-        # The driver's live view shows each running trial's step from this file (local storage only).
-        on_step = step_writer(trial_dir) if "://" not in runs_dir else None
         for result in train_epochs(train_cfg, sft, state, on_step=on_step):
-            epoch = result.epoch
             with tempfile.TemporaryDirectory(prefix="minimind-ckpt-") as tmp:
                 folder = save_checkpoint(Path(tmp) / "checkpoint", result.state, cfg, result.metrics,
                                          {"data": sft.stats_dict(), "ray": node, "study_trial": number})
                 write_checkpoint(folder, trial_dir, result.epoch)
             retain_checkpoints(runs_dir, number, keep_checkpoints, metric, mode)
             tune.report({**result.metrics, "epoch": result.epoch})
-    except torch.cuda.OutOfMemoryError as exc:
-        # Raised below, outside this block: the CUDA error's traceback holds the trial's tensors.
+    except torch.cuda.OutOfMemoryError as exc:  # raised below, outside: its traceback holds the tensors
         oom = _oom_message(gpu_share, cfg, exc)
     except TrainingDiverged as exc:
-        state = result = None
-        _release_gpu_memory()
-        tune.report({metric: float("nan"), "epoch": epoch + 1, "diverged": 1, "diverged_reason": str(exc)})
-        return
-    # Finished or out of memory: give the cached blocks back now. (A trial stopped by the scheduler
-    # leaves through Ray's SystemExit in tune.report; a reused actor frees its memory at the next
-    # trial's start, above.)
+        diverged = {metric: float("nan"), "epoch": exc.epoch, "diverged": 1, "diverged_reason": str(exc)}
+    # Freed now (one stopped by the scheduler leaves via SystemExit in tune.report: freed at the next start).
     state = result = None
     _release_gpu_memory()
+    if diverged is not None:
+        tune.report(diverged)
     if oom is not None:
         raise TrialOutOfMemory(oom)
