@@ -1,7 +1,6 @@
 """How a driver stops: Ctrl-C, a plain ``kill`` (SIGTERM) and a full disk.
 
-Light on imports (no Ray, no torch): the entry point installs the SIGTERM handler and recognises
-a full disk before anything heavy is loaded.
+Light on imports (no Ray, no torch): tune.run uses it before anything heavy is loaded.
 """
 
 from __future__ import annotations
@@ -26,9 +25,8 @@ def disk_full(exc: BaseException) -> bool:
     """Whether a full disk (or a full sqlite database) caused ``exc``, anywhere in its chain."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(seen) or "database or disk is full" in str(seen):
+        if (getattr(seen, "errno", None) == errno.ENOSPC or "No space left on device" in str(seen)
+                or "database or disk is full" in str(seen)):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -38,31 +36,28 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
 
 
+def _sentinel(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 class InterruptWatch:
     """Whether Ray Tune's own SIGINT/SIGUSR1 handler fired during ``Tuner.fit()``.
 
-    On the first Ctrl-C Ray stops the trials and returns from ``fit()`` normally; nothing in the
-    returned grid says so. Its handler then puts back the handler it found, so a sentinel installed
-    here before ``fit()`` and found again afterwards means exactly that the interrupt happened.
+    On the first Ctrl-C Ray stops the trials and returns from ``fit()`` normally (the returned grid does
+    not say so), putting back the handler it found: this sentinel, found again afterwards, means exactly that.
     """
 
     def __init__(self) -> None:
         self.seen = False
-        self._previous: Any = None
-        # Ray installs no handler off the main thread or with TUNE_DISABLE_SIGINT_HANDLER=1; a
-        # Ctrl-C then raises KeyboardInterrupt out of fit() as usual.
+        # Ray installs no handler off the main thread or with TUNE_DISABLE_SIGINT_HANDLER=1 (KeyboardInterrupt).
         self._active = (threading.current_thread() is threading.main_thread()
                         and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0"))
 
-    @staticmethod
-    def _sentinel(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
     def __enter__(self) -> None:
         if self._active:
-            self._previous = signal.signal(signal.SIGINT, self._sentinel)
+            self._previous = signal.signal(signal.SIGINT, _sentinel)
 
     def __exit__(self, *exc: object) -> None:
         if self._active:
-            self.seen = exc[0] is None and signal.getsignal(signal.SIGINT) is self._sentinel
+            self.seen = exc[0] is None and signal.getsignal(signal.SIGINT) is _sentinel
             signal.signal(signal.SIGINT, self._previous)
