@@ -1,4 +1,4 @@
-"""One driver run of a study on Ray: a fresh Ray Tune experiment under ``runs/run-K``.
+"""One driver run of a study: its inputs checked, then a fresh Ray Tune experiment under ``runs/run-K``.
 
 Ray only executes: the searcher and scheduler read and write the study record (tune.searcher), the
 trainable writes its own checkpoints (tune.trainable), and nothing of Ray's saved state is read
@@ -7,13 +7,13 @@ back. A ``--restart``'s old study is moved aside here, only after every input wa
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +23,13 @@ from ray import tune
 
 from minimind_train.config import run_config_to_dict
 
-from . import cluster, restart
+from . import cluster, restart, searcher
 from .interrupts import InterruptWatch, disk_full, first_line, sigterm_as_sigint
 from .mirror import Mirror, MirrorCallback, warn_on_failure
-from .preflight import Inputs
+from .preflight import Inputs, check_inputs, reconcile
 from .progress import ProgressView
 from .record import StudyError, StudyRecord
 from .report import finish_study
-from .searcher import (
-    NUMBER_KEY,
-    RecordScheduler,
-    RecordSearcher,
-    ResumePlan,
-    finalist_plans,
-    make_pruner,
-    make_sampler,
-)
 from .space import SpaceError, check_resources, optuna_distributions, spec_to_dict, spec_to_yaml
 from .storage import StudyPaths, trial_dirname, upload_outputs
 from .trainable import train_trial
@@ -58,10 +49,8 @@ def init_ray(address: str | None, temp_dir: str | None) -> None:
     if address:
         probe_address(address)
         kwargs["address"] = address
-    else:
-        kwargs["include_dashboard"] = False
-        if temp_dir:
-            kwargs["_temp_dir"] = temp_dir  # (ray.init's documented argument for a local instance)
+    else:  # (_temp_dir: ray.init's documented argument for a local instance)
+        kwargs.update(include_dashboard=False, _temp_dir=temp_dir)
         # Trials run in a thread of a reused worker, and glibc gives each new thread its own malloc
         # arena, which keeps its freed pages: one arena caps a trial worker's peak memory.
         os.environ.setdefault("MALLOC_ARENA_MAX", "1")
@@ -72,7 +61,7 @@ def init_ray(address: str | None, temp_dir: str | None) -> None:
             return
         except Exception as exc:
             ray.shutdown()
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            text = (str(exc).splitlines() or [type(exc).__name__])[0]
             if attempt == 1 and not address and "timed out" in text:
                 print(f"Ray did not start ({text}); trying once more ...", file=sys.stderr, flush=True)
                 time.sleep(2)
@@ -98,19 +87,37 @@ def probe_address(address: str) -> None:
                          "it (`ray start --head`) or fix the address") from exc
 
 
-def space_header(spec: Any, name: str) -> str:
-    return (f"Study {name}: the resolved space (absolute paths) from {spec.source}.\n"
-            f"Continue it with: python -m tune.run --resume --name {name} [--storage-path ...]")
-
-
-def run_experiment(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord | None, *,
-                   replace: bool, address: str | None, ray_temp_dir: str | None, applied: list[str],
-                   plans: list[ResumePlan], warm_start_from: StudyRecord | None = None) -> int:
-    """Start Ray, create the study (or move the replaced one aside first; ``warm_start_from`` gives
-    it an earlier study's trials as history), run its trials, finish.
+def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, explicit_space: bool,
+                   replace: bool, address: str | None, ray_temp_dir: str | None,
+                   warm_start_from: StudyRecord | None = None) -> int:
+    """Check the inputs and, on ``--resume``, what is left to run; then start Ray, create the study (or
+    move the replaced one aside first; ``warm_start_from`` gives it an earlier study's trials as
+    history), run its trials, finish. ``explicit_space``: the space came from ``--space``.
 
     Returns the driver's exit status (0, 1, or 130 after an interrupt).
     """
+    t = spec.tune
+    run_cfg = dataclasses.replace(spec.run, train=dataclasses.replace(
+        spec.run.train, num_threads=max(1, int(t.resources_per_trial.cpu))))
+    print("checking inputs: tokenizer, data (tokenised once into the token cache), model, storage, "
+          "tracking ...", flush=True)
+    inputs = check_inputs(spec, run_cfg, paths, address)
+    applied: list[str] = []
+    plans: list[searcher.ResumePlan] = []
+    if record is not None:
+        record.runs = paths.runs_uri
+        applied = reconcile(record, spec_to_dict(spec), inputs, explicit_space=explicit_space)
+        plans = searcher.resume_plans(record, {p.path for p in spec.search}, t.metric, t.mode,
+                                      run_cfg.train.epochs)
+        finished = record.finished_count()
+        if not plans and finished >= t.num_samples and not _finalists(spec, run_cfg, record, create=False):
+            print(f"nothing to run: {finished} trials finished (num_samples {t.num_samples}); "
+                  "summarising the study and bringing MLflow up to date")
+            return finish_study(spec, paths, record, make_mirror(spec, run_cfg, inputs, record), "FINISHED")
+        if t.time_budget_s is not None and record.seconds_used() >= t.time_budget_s:
+            raise StudyError(f"the study's time budget (tune.time_budget_s={t.time_budget_s:g}) is used up "
+                             f"({record.seconds_used():.0f} s); raise it with --time-budget-s to run the "
+                             "remaining trials")
     print(f"inputs checked in {inputs.seconds:.1f}s (token cache {inputs.data.stats.cache_key[:12]}); "
           f"model: {inputs.n_params:,} parameters", flush=True)
     print("starting Ray ...", flush=True)
@@ -118,7 +125,7 @@ def run_experiment(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, r
     try:
         try:
             check_resources(spec, ray.cluster_resources())
-            nodes = cluster.trial_nodes(spec.tune.resources_per_trial.cpu, spec.tune.resources_per_trial.gpu)
+            nodes = cluster.trial_nodes(t.resources_per_trial.cpu, t.resources_per_trial.gpu)
             driver_node = cluster.driver_node_id()
             cluster.check_storage(paths.storage, nodes, driver_node)
             study_data = cluster.study_data(inputs.data, run_cfg, nodes, driver_node, paths.storage)
@@ -129,7 +136,9 @@ def run_experiment(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, r
         # One try from the move on: however the run ends (a Ctrl-C included), a --restart's old study
         # comes back unless the new one has a result (a kill is undone by the next start instead).
         try:
-            space_yaml = spec_to_yaml(spec, space_header(spec, paths.name))
+            space_yaml = spec_to_yaml(spec, f"Study {paths.name}: the resolved space (absolute paths) from "
+                                            f"{spec.source}.\nContinue it with: python -m tune.run --resume "
+                                            f"--name {paths.name} [--storage-path ...]")
             if record is None:
                 try:
                     record = StudyRecord.create(study_dir, paths.name, spec_to_dict(spec), space_yaml,
@@ -138,7 +147,7 @@ def run_experiment(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, r
                     raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
                 if warm_start_from is not None:
                     # About a third of the trials (1 to 3) start from the earlier best configs; TPE picks the rest.
-                    queue = max(1, min(3, spec.tune.num_samples // 3))
+                    queue = max(1, min(3, t.num_samples // 3))
                     print(warm_start(record, warm_start_from, optuna_distributions(spec), top_k=queue))
             else:
                 (study_dir / "space.yaml").write_text(space_yaml, encoding="utf-8")
@@ -157,10 +166,20 @@ def run_experiment(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, r
         ray.shutdown()
 
 
+def _finalists(spec: Any, run_cfg: Any, record: StudyRecord, create: bool) -> list[searcher.ResumePlan]:
+    """The finalists still to run (``tune.finalists``: the top configs with more seeds); ``create``
+    adds the missing ones to the record."""
+    t, finals = spec.tune, spec.tune.finalists
+    if not finals.seeds:
+        return []
+    return searcher.finalist_plans(record, optuna_distributions(spec), t.metric, t.mode, run_cfg.train.epochs,
+                                   finals.top_k, finals.seeds, run_cfg.train.seed, create=create)
+
+
 def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord,
-                applied: list[str], plans: list[ResumePlan], aside: Path | None, study_data: Any) -> int:
-    """The search (new and unfinished trials, ASHA on), then the finalists (``tune.finalists``: the top
-    configs with more seeds, never stopped early), each a Ray Tune experiment; then the study's outputs."""
+                applied: list[str], plans: list[searcher.ResumePlan], aside: Path | None, study_data: Any) -> int:
+    """The search (new and unfinished trials, ASHA on), then the finalists (never stopped early), each
+    a Ray Tune experiment ``runs/run-K``; then the study's outputs."""
     t = spec.tune
     finished = record.finished_count()
     new = max(0, t.num_samples - finished - len(plans))
@@ -170,101 +189,54 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
         print(f"continuing {len(plans)} unfinished trial(s) from their checkpoints: "
               + ", ".join(f"t{p.number:03d} (after epoch {p.epoch})" for p in plans))
     mirror = make_mirror(spec, run_cfg, inputs, record)
-    run = _Experiment(spec, paths, run_cfg, inputs, record, mirror, study_data, applied)
-    interrupted = False
-    if plans or new:
-        extra = [restart.RestartCleanup(aside, paths.local_dir, inputs.tracking_uri)] if aside else []
-        pruner = make_pruner(t.scheduler.type, t.scheduler.grace_period, t.scheduler.reduction_factor)
-        print(f"study {paths.name}: {len(plans) + new} trial(s) ({len(plans)} continued, {new} new; {finished} "
-              f"finished before), {t.max_concurrent_trials} at a time, {t.resources_per_trial.cpu:g} CPU + "
-              f"{t.resources_per_trial.gpu:g} GPU each; output {paths.uri}; MLflow {inputs.tracking_uri}", flush=True)
-        interrupted = run.fit(plans, new, pruner, extra)
-    finals = t.finalists
-    if not interrupted and finals.seeds:
-        out_of_time = t.time_budget_s is not None and record.seconds_used() >= t.time_budget_s
-        todo = finalist_plans(record, optuna_distributions(spec), t.metric, t.mode, run_cfg.train.epochs,
-                              finals.top_k, finals.seeds, run_cfg.train.seed, create=not out_of_time)
-        if todo and out_of_time:
-            print(f"finalists: {len(todo)} trial(s) not run, the time budget is used up; the answer is the single "
-                  "best trial (raise --time-budget-s and --resume to run them)", file=sys.stderr)
-        elif todo:
-            configs = len({tuple(sorted((k, v) for k, v in p.params.items() if k != "train.seed")) for p in todo})
-            print(f"finalists: {configs} of the top {finals.top_k} completed configs again with other seeds: "
-                  f"{len(todo)} trial(s) of {run_cfg.train.epochs} epochs, never stopped early", flush=True)
-            interrupted = run.fit(todo, 0, optuna.pruners.NopPruner(), [])
-    record.interrupt_running()
-    if interrupted:
-        warn_on_failure(lambda: mirror.finish("KILLED", best=None, best_value=None, best_epoch=None, artifacts={}))
-        print(f"\ninterrupted: continue with python -m tune.run --resume --name {paths.name} "
-              f"--storage-path {paths.storage}", file=sys.stderr)
-        return 130
-    return finish_study(spec, paths, record, mirror, "FINISHED")
 
-
-@dataclass
-class _Experiment:
-    """What each Ray Tune experiment of one driver run shares."""
-
-    spec: Any
-    paths: StudyPaths
-    run_cfg: Any
-    inputs: Inputs
-    record: StudyRecord
-    mirror: Mirror
-    study_data: Any
-    applied: list[str]
-
-    def fit(self, plans: list[ResumePlan], new: int, pruner: optuna.pruners.BasePruner,
-            extra_callbacks: list[Any]) -> bool:
-        """Run ``plans`` and ``new`` trials as experiment ``runs/run-K``; returns whether it was interrupted.
+    def fit(plans: list[searcher.ResumePlan], new: int, pruner: optuna.pruners.BasePruner,
+            callbacks: list[Any]) -> bool:
+        """Run ``plans`` and ``new`` trials as one Ray Tune experiment; returns whether it was interrupted.
 
         Raises:
-            StudyError: the time budget is used up (exit 2), or the disk filled up (exit 1).
+            StudyError: the disk filled up (exit 1).
         """
-        t, record, paths = self.spec.tune, self.record, self.paths
         to_run, used = len(plans) + new, record.seconds_used()
+        # (a budget used up never gets here: tune.run refuses it, the finalists are skipped)
         budget_left = None if t.time_budget_s is None else t.time_budget_s - used
         if budget_left is not None:
-            if budget_left <= 0:
-                raise StudyError(f"the study's time budget (tune.time_budget_s={t.time_budget_s:g}) is used up "
-                                 f"({used:.0f} s); raise it with --time-budget-s to run the {to_run} remaining "
-                                 "trial(s)")
             print(f"time budget: {budget_left:.0f} s left of {t.time_budget_s:.0f} s ({used:.0f} s used before)")
         run_index = record.next_run_index()
         record.add_history({"run": run_index, "started": _dt.datetime.now().isoformat(timespec="seconds"),
                             "argv": sys.argv[1:], "num_samples": t.num_samples,
                             "max_concurrent_trials": t.max_concurrent_trials, "time_budget_s": t.time_budget_s,
-                            "applied": self.applied})
+                            "applied": applied})
         started = time.monotonic()
-        record.use(sampler=make_sampler(t.searcher, t.seed, t.num_samples, offset=len(record.trials())))
-        searcher = RecordSearcher(record, optuna_distributions(self.spec), t.metric, t.mode,
-                                  self.run_cfg.train.epochs, plans)
+        record.use(sampler=searcher.make_sampler(t.searcher, t.seed, t.num_samples, offset=len(record.trials())))
+        search = searcher.RecordSearcher(record, optuna_distributions(spec), t.metric, t.mode,
+                                         run_cfg.train.epochs, plans)
 
         def statuses() -> dict[str, str]:
             by_number = record.statuses()
-            return {tid: by_number[n] for tid, n in searcher.numbers.items() if n in by_number}
+            return {tid: by_number[n] for tid, n in search.numbers.items() if n in by_number}
 
-        view = ProgressView(t.metric, t.mode, self.run_cfg.train.epochs, to_run, statuses=statuses,
-                            local=paths.is_local)
-        callbacks = [view, MirrorCallback(self.mirror, searcher.numbers), *extra_callbacks]
+        view = ProgressView(t.metric, t.mode, run_cfg.train.epochs, to_run, statuses=statuses, local=paths.is_local)
         trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base=run_config_to_dict(self.run_cfg), metric=t.metric, mode=t.mode,
+            tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), metric=t.metric, mode=t.mode,
                                  runs_dir=paths.runs_uri, run_name=f"run-{run_index}",
                                  keep_checkpoints=t.keep_checkpoints, gpu_share=t.resources_per_trial.gpu,
-                                 data=self.study_data),
+                                 data=study_data),
             t.resources_per_trial.as_dict())
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                metric=t.metric, mode=t.mode, search_alg=searcher, scheduler=RecordScheduler(searcher, pruner),
+                metric=t.metric, mode=t.mode, search_alg=search, scheduler=searcher.RecordScheduler(search, pruner),
                 num_samples=to_run, max_concurrent_trials=t.max_concurrent_trials, time_budget_s=budget_left,
-                reuse_actors=True, trial_dirname_creator=lambda trial: trial_dirname(int(trial.config[NUMBER_KEY]))),
+                reuse_actors=True,
+                trial_dirname_creator=lambda trial: trial_dirname(int(trial.config[searcher.NUMBER_KEY]))),
             # A retried trial continues from its newest checkpoint in the study folder (the trainable
             # writes those itself; Ray's checkpoint index restarts with a lost worker).
-            run_config=tune.RunConfig(name=f"run-{run_index}", storage_path=paths.runs_uri, callbacks=callbacks,
-                                      failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=0))
+            run_config=tune.RunConfig(name=f"run-{run_index}", storage_path=paths.runs_uri, verbose=0,
+                                      callbacks=[view, MirrorCallback(mirror, search.numbers), *callbacks],
+                                      failure_config=tune.FailureConfig(max_failures=t.max_failures)))
+        interrupt = InterruptWatch()
         try:
-            interrupt = InterruptWatch()
             with interrupt:
                 tuner.fit()
             return interrupt.seen
@@ -281,6 +253,33 @@ class _Experiment:
                 record.add_history({"run": run_index, "seconds": round(time.monotonic() - started, 1)})
             except OSError as exc:  # a full disk: the run's length is lost, nothing else
                 print(f"warning: could not record the run's length: {exc}", file=sys.stderr)
+
+    interrupted = False
+    if plans or new:
+        extra = [restart.RestartCleanup(aside, paths.local_dir, inputs.tracking_uri)] if aside else []
+        pruner = searcher.make_pruner(t.scheduler.type, t.scheduler.grace_period, t.scheduler.reduction_factor)
+        print(f"study {paths.name}: {len(plans) + new} trial(s) ({len(plans)} continued, {new} new; {finished} "
+              f"finished before), {t.max_concurrent_trials} at a time, {t.resources_per_trial.cpu:g} CPU + "
+              f"{t.resources_per_trial.gpu:g} GPU each; output {paths.uri}; MLflow {inputs.tracking_uri}", flush=True)
+        interrupted = fit(plans, new, pruner, extra)
+    if not interrupted and t.finalists.seeds:
+        out_of_time = t.time_budget_s is not None and record.seconds_used() >= t.time_budget_s
+        todo = _finalists(spec, run_cfg, record, create=not out_of_time)
+        if todo and out_of_time:
+            print(f"finalists: {len(todo)} trial(s) not run, the time budget is used up; the answer is the single "
+                  "best trial (raise --time-budget-s and --resume to run them)", file=sys.stderr)
+        elif todo:
+            configs = len({tuple(sorted((k, v) for k, v in p.params.items() if k != "train.seed")) for p in todo})
+            print(f"finalists: {configs} of the top {t.finalists.top_k} completed configs again with other seeds: "
+                  f"{len(todo)} trial(s) of {run_cfg.train.epochs} epochs, never stopped early", flush=True)
+            interrupted = fit(todo, 0, optuna.pruners.NopPruner(), [])
+    record.interrupt_running()
+    if interrupted:
+        warn_on_failure(lambda: mirror.finish("KILLED", best=None, best_value=None, best_epoch=None, artifacts={}))
+        print(f"\ninterrupted: continue with python -m tune.run --resume --name {paths.name} "
+              f"--storage-path {paths.storage}", file=sys.stderr)
+        return 130
+    return finish_study(spec, paths, record, mirror, "FINISHED")
 
 
 def make_mirror(spec: Any, run_cfg: Any, inputs: Inputs, record: StudyRecord) -> Mirror:

@@ -109,11 +109,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"study: {name}  output: {paths.uri}")
         if args.resume:
             print(describe_resume(spec_to_dict(spec), paths))
-        elif (source := args.warm_start if args.warm_start is not None else spec.tune.warm_start) is not None:
-            from .warmstart import check_warm_start
-
-            key = "--warm-start" if args.warm_start is not None else "tune.warm_start"
-            earlier = check_warm_start(source, spec_to_dict(spec), key)
+        elif (earlier := _warm_start_from(spec, args)) is not None:
             print(f"warm start: {len(earlier.trials())} trials of study {earlier.manifest.name!r} at {earlier.dir} "
                   "(same objective and searched parameters)")
         return 0
@@ -171,23 +167,26 @@ def _apply_overrides(spec: Any, args: argparse.Namespace) -> Any:
     return dataclasses.replace(spec, tune=dataclasses.replace(spec.tune, **changes))
 
 
-def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
-    from .experiment import make_mirror, run_experiment
-    from .preflight import check_inputs, reconcile
-    from .report import finish_study
-    from .restart import finish_pending_restart
-    from .searcher import finalist_plans, resume_plans
-    from .space import optuna_distributions, spec_to_dict
-    from .storage import writable_problem
+def _warm_start_from(spec: Any, args: argparse.Namespace) -> Any:
+    """The earlier study ``--warm-start`` (else ``tune.warm_start``) names, checked; None when neither does."""
+    from .space import spec_to_dict
     from .warmstart import check_warm_start
+
+    source, key = ((args.warm_start, "--warm-start") if args.warm_start is not None
+                   else (spec.tune.warm_start, "tune.warm_start"))
+    return None if source is None else check_warm_start(source, spec_to_dict(spec), key)
+
+
+def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
+    from .experiment import run_experiment
+    from .restart import finish_pending_restart
+    from .storage import download_outputs, writable_problem
 
     study_dir = paths.local_dir
     if problem := writable_problem(paths.storage):  # (before the lock file is written there)
         raise StudyError(problem)
     with StudyLock(study_dir):
         if not paths.is_local and (args.resume or args.restart):
-            from .storage import download_outputs
-
             download_outputs(paths.uri, study_dir)
         if paths.is_local:
             finish_pending_restart(study_dir)
@@ -211,41 +210,12 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
         if args.resume and not exists:
             raise StudyError(f"--resume: no study to resume at {paths.uri}")
         record = StudyRecord.open(study_dir) if args.resume else None
-        earlier = None
         if args.warm_start is not None and record is not None:
             raise StudyError(f"--warm-start={args.warm_start}: a study is warm-started when it is created; "
                              f"{paths.name!r} exists (--resume continues it as it is)")
-        source, key = (args.warm_start, "--warm-start") if args.warm_start is not None else (
-            spec.tune.warm_start, "tune.warm_start")
-        if record is None and source is not None:
-            earlier = check_warm_start(source, spec_to_dict(spec), key)
-        run_cfg = dataclasses.replace(spec.run, train=dataclasses.replace(
-            spec.run.train, num_threads=max(1, int(spec.tune.resources_per_trial.cpu))))
-        print("checking inputs: tokenizer, data (tokenised once into the token cache), model, storage, "
-              "tracking ...", flush=True)
-        inputs = check_inputs(spec, run_cfg, paths, args.address)
-        applied: list[str] = []
-        plans: list[Any] = []
-        if record is not None:
-            record.runs = paths.runs_uri
-            applied = reconcile(record, spec_to_dict(spec), inputs, explicit_space=args.space is not None)
-            plans = resume_plans(record, {p.path for p in spec.search}, spec.tune.metric, spec.tune.mode,
-                                 spec.run.train.epochs)
-            finished, finals = record.finished_count(), spec.tune.finalists
-            pending = finals.seeds and finalist_plans(record, optuna_distributions(spec), spec.tune.metric,
-                                                      spec.tune.mode, run_cfg.train.epochs, finals.top_k,
-                                                      finals.seeds, run_cfg.train.seed, create=False)
-            if not plans and finished >= spec.tune.num_samples and not pending:
-                print(f"nothing to run: {finished} trials finished (num_samples {spec.tune.num_samples}); "
-                      "summarising the study and bringing MLflow up to date")
-                return finish_study(spec, paths, record, make_mirror(spec, run_cfg, inputs, record), "FINISHED")
-            if spec.tune.time_budget_s is not None and record.seconds_used() >= spec.tune.time_budget_s:
-                raise StudyError(f"the study's time budget (tune.time_budget_s={spec.tune.time_budget_s:g}) is "
-                                 f"used up ({record.seconds_used():.0f} s); raise it with --time-budget-s to run "
-                                 "the remaining trials")
-        return run_experiment(spec, paths, run_cfg, inputs, record, replace=args.restart, address=args.address,
-                              ray_temp_dir=args.ray_temp_dir, applied=applied, plans=plans,
-                              warm_start_from=earlier)
+        earlier = None if record is not None else _warm_start_from(spec, args)
+        return run_experiment(spec, paths, record, explicit_space=args.space is not None, replace=args.restart,
+                              address=args.address, ray_temp_dir=args.ray_temp_dir, warm_start_from=earlier)
 
 
 if __name__ == "__main__":
