@@ -80,8 +80,7 @@ def probe_address(address: str) -> None:
     if "://" in address or not sep or not port.isdigit():
         return
     try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
-            pass
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
     except OSError as exc:
         raise StudyError(f"--address={address}: no Ray cluster answers there ({exc.strerror or exc}); start "
                          "it (`ray start --head`) or fix the address") from exc
@@ -192,11 +191,7 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
 
     def fit(plans: list[searcher.ResumePlan], new: int, pruner: optuna.pruners.BasePruner,
             callbacks: list[Any]) -> bool:
-        """Run ``plans`` and ``new`` trials as one Ray Tune experiment; returns whether it was interrupted.
-
-        Raises:
-            StudyError: the disk filled up (exit 1).
-        """
+        """Run ``plans`` and ``new`` trials as one Ray Tune experiment; whether it was interrupted."""
         to_run, used = len(plans) + new, record.seconds_used()
         # (a budget used up never gets here: tune.run refuses it, the finalists are skipped)
         budget_left = None if t.time_budget_s is None else t.time_budget_s - used
@@ -262,17 +257,16 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
               f"finished before), {t.max_concurrent_trials} at a time, {t.resources_per_trial.cpu:g} CPU + "
               f"{t.resources_per_trial.gpu:g} GPU each; output {paths.uri}; MLflow {inputs.tracking_uri}", flush=True)
         interrupted = fit(plans, new, pruner, extra)
-    if not interrupted and t.finalists.seeds:
-        out_of_time = t.time_budget_s is not None and record.seconds_used() >= t.time_budget_s
-        todo = _finalists(spec, run_cfg, record, create=not out_of_time)
-        if todo and out_of_time:
-            print(f"finalists: {len(todo)} trial(s) not run, the time budget is used up; the answer is the single "
-                  "best trial (raise --time-budget-s and --resume to run them)", file=sys.stderr)
-        elif todo:
-            configs = len({tuple(sorted((k, v) for k, v in p.params.items() if k != "train.seed")) for p in todo})
-            print(f"finalists: {configs} of the top {t.finalists.top_k} completed configs again with other seeds: "
-                  f"{len(todo)} trial(s) of {run_cfg.train.epochs} epochs, never stopped early", flush=True)
-            interrupted = fit(todo, 0, optuna.pruners.NopPruner(), [])
+    out_of_time = t.time_budget_s is not None and record.seconds_used() >= t.time_budget_s
+    todo = [] if interrupted else _finalists(spec, run_cfg, record, create=not out_of_time)
+    if todo and out_of_time:
+        print(f"finalists: {len(todo)} trial(s) not run, the time budget is used up; the answer is the single "
+              "best trial (raise --time-budget-s and --resume to run them)", file=sys.stderr)
+    elif todo:
+        configs = len({tuple(sorted((k, v) for k, v in p.params.items() if k != "train.seed")) for p in todo})
+        print(f"finalists: {configs} of the top {t.finalists.top_k} completed configs again with other seeds: "
+              f"{len(todo)} trial(s) of {run_cfg.train.epochs} epochs, never stopped early", flush=True)
+        interrupted = fit(todo, 0, optuna.pruners.NopPruner(), [])
     record.interrupt_running()
     if interrupted:
         warn_on_failure(lambda: mirror.finish("KILLED", best=None, best_value=None, best_epoch=None, artifacts={}))

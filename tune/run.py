@@ -1,11 +1,10 @@
 """``python -m tune.run --space FILE``: a Ray Tune + Optuna study over the SFT trainer.
 
-The entry point: it reads the space, takes the study's lock, checks every input before Ray starts
-or anything is deleted (tune.preflight), and runs one Ray experiment under the study folder
-(tune.experiment) whose searcher and scheduler read and write the study record (tune.record); the
-end of the run writes ``best.yaml``, ``summary.csv`` and plots (tune.report). ``--resume``
-continues a study from its record; ``--restart`` replaces it, keeping the old one until the new one
-has a result (tune.restart).
+The entry point: it reads the space and takes the study's lock; the driver run (tune.experiment) checks
+every input before Ray starts or anything is deleted, runs the trials, whose searcher and scheduler read and
+write the study record (tune.record), and writes ``best.yaml``, ``summary.csv`` and plots (tune.report).
+``--resume`` continues a study from its record; ``--restart`` replaces it, keeping the old one until the new
+one has a result (tune.restart).
 """
 
 from __future__ import annotations
@@ -36,8 +35,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="study name (default: the space file's stem)")
     p.add_argument("--storage-path", default=os.environ.get("MINIMIND_TUNE_STORAGE"),
                    help=f"folder or URI for study output (default: ./{DEFAULT_STORAGE})")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
                       help="continue a study: unfinished trials go on from their checkpoints, new ones "
@@ -51,9 +49,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warm-start", metavar="STUDY_DIR",
                    help="a new study starts from an earlier study's trials (same objective and searched "
                         "parameters; other ranges, epochs or model allowed): its best configs run first")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved space, resources and trial plan, then exit")
-    p.add_argument("--ray-temp-dir", default=None, help="temp dir of a local Ray instance")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved space, resources and trial plan, then exit")
+    p.add_argument("--ray-temp-dir", help="temp dir of a local Ray instance")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -118,8 +115,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def _check_name(name: str) -> None:
     """A study name is one folder name: never a path that leaves (or is) the storage folder."""
-    if (not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".")
-            or any(ord(c) < 32 for c in name)):
+    if not name or name.startswith(".") or "/" in name or "\\" in name or any(ord(c) < 32 for c in name):
         raise StudyError(f"--name={name!r} is not allowed: a study name is one folder name (no '/', no "
                          "control characters, not empty, not starting with '.')")
 
