@@ -20,7 +20,7 @@ from typing import Any
 
 from .lock import StudyLock, lock_path
 from .record import MANIFEST_FILE, Manifest, StudyError, StudyRecord
-from .storage import StudyPaths
+from .storage import StudyPaths, download_outputs, writable_problem
 
 __all__ = ["DEFAULT_STORAGE", "main"]
 
@@ -176,7 +176,6 @@ def _warm_start_from(spec: Any, args: argparse.Namespace) -> Any:
 def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
     from .experiment import run_experiment
     from .restart import finish_pending_restart
-    from .storage import download_outputs, writable_problem
 
     study_dir = paths.local_dir
     if problem := writable_problem(paths.storage):  # (before the lock file is written there)
