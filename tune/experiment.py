@@ -27,7 +27,7 @@ from . import cluster, restart
 from .interrupts import InterruptWatch, disk_full, first_line, sigterm_as_sigint
 from .mirror import Mirror, MirrorCallback, warn_on_failure
 from .preflight import Inputs
-from .progress import ProgressView
+from .progress import RAY_ERRORS_FILE, ProgressView, ray_errors_to
 from .record import StudyError, StudyRecord
 from .report import finish_study
 from .searcher import (
@@ -114,47 +114,48 @@ def run_experiment(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, r
     print(f"inputs checked in {inputs.seconds:.1f}s (token cache {inputs.data.stats.cache_key[:12]}); "
           f"model: {inputs.n_params:,} parameters", flush=True)
     print("starting Ray ...", flush=True)
-    init_ray(address, ray_temp_dir)
-    try:
+    with ray_errors_to(paths.local_dir / RAY_ERRORS_FILE):
+        init_ray(address, ray_temp_dir)
         try:
-            check_resources(spec, ray.cluster_resources())
-            nodes = cluster.trial_nodes(spec.tune.resources_per_trial.cpu, spec.tune.resources_per_trial.gpu)
-            driver_node = cluster.driver_node_id()
-            cluster.check_storage(paths.storage, nodes, driver_node)
-            study_data = cluster.study_data(inputs.data, run_cfg, nodes, driver_node, paths.storage)
-        except (SpaceError, cluster.ClusterError) as exc:
-            raise StudyError(str(exc)) from exc
-        study_dir = paths.local_dir
-        aside = restart.move_aside(study_dir) if replace and study_dir.exists() else None
-        # One try from the move on: however the run ends (a Ctrl-C included), a --restart's old study
-        # comes back unless the new one has a result (a kill is undone by the next start instead).
-        try:
-            space_yaml = spec_to_yaml(spec, space_header(spec, paths.name))
-            if record is None:
-                try:
-                    record = StudyRecord.create(study_dir, paths.name, spec_to_dict(spec), space_yaml,
-                                                inputs.fingerprints)
-                except OSError as exc:
-                    raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
-                if warm_start_from is not None:
-                    # About a third of the trials (1 to 3) start from the earlier best configs; TPE picks the rest.
-                    queue = max(1, min(3, spec.tune.num_samples // 3))
-                    print(warm_start(record, warm_start_from, optuna_distributions(spec), top_k=queue))
-            else:
-                (study_dir / "space.yaml").write_text(space_yaml, encoding="utf-8")
-            record.runs = paths.runs_uri
-            return _run_trials(spec, paths, run_cfg, inputs, record, applied, plans, aside, study_data)
-        finally:
-            if aside is not None:
-                restart.settle(aside, study_dir, inputs.tracking_uri)
-    finally:
-        if not paths.is_local:
             try:
-                n = upload_outputs(paths.local_dir, paths.uri)
-                print(f"uploaded {n / 2**20:.1f} MiB of driver outputs from {paths.local_dir} to {paths.uri}")
-            except Exception as exc:  # noqa: BLE001 - the study itself is done; say where the files are
-                print(f"warning: could not upload {paths.local_dir} to {paths.uri}: {exc}", file=sys.stderr)
-        ray.shutdown()
+                check_resources(spec, ray.cluster_resources())
+                nodes = cluster.trial_nodes(spec.tune.resources_per_trial.cpu, spec.tune.resources_per_trial.gpu)
+                driver_node = cluster.driver_node_id()
+                cluster.check_storage(paths.storage, nodes, driver_node)
+                study_data = cluster.study_data(inputs.data, run_cfg, nodes, driver_node, paths.storage)
+            except (SpaceError, cluster.ClusterError) as exc:
+                raise StudyError(str(exc)) from exc
+            study_dir = paths.local_dir
+            aside = restart.move_aside(study_dir) if replace and study_dir.exists() else None
+            # One try from the move on: however the run ends (a Ctrl-C included), a --restart's old study
+            # comes back unless the new one has a result (a kill is undone by the next start instead).
+            try:
+                space_yaml = spec_to_yaml(spec, space_header(spec, paths.name))
+                if record is None:
+                    try:
+                        record = StudyRecord.create(study_dir, paths.name, spec_to_dict(spec), space_yaml,
+                                                    inputs.fingerprints)
+                    except OSError as exc:
+                        raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
+                    if warm_start_from is not None:
+                        # About a third of the trials (1 to 3) start from the earlier best configs; TPE picks the rest.
+                        queue = max(1, min(3, spec.tune.num_samples // 3))
+                        print(warm_start(record, warm_start_from, optuna_distributions(spec), top_k=queue))
+                else:
+                    (study_dir / "space.yaml").write_text(space_yaml, encoding="utf-8")
+                record.runs = paths.runs_uri
+                return _run_trials(spec, paths, run_cfg, inputs, record, applied, plans, aside, study_data)
+            finally:
+                if aside is not None:
+                    restart.settle(aside, study_dir, inputs.tracking_uri)
+        finally:
+            if not paths.is_local:
+                try:
+                    n = upload_outputs(paths.local_dir, paths.uri)
+                    print(f"uploaded {n / 2**20:.1f} MiB of driver outputs from {paths.local_dir} to {paths.uri}")
+                except Exception as exc:  # noqa: BLE001 - the study itself is done; say where the files are
+                    print(f"warning: could not upload {paths.local_dir} to {paths.uri}: {exc}", file=sys.stderr)
+            ray.shutdown()
 
 
 def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord,
@@ -245,7 +246,7 @@ class _Experiment:
             return {tid: by_number[n] for tid, n in searcher.numbers.items() if n in by_number}
 
         view = ProgressView(t.metric, t.mode, self.run_cfg.train.epochs, to_run, statuses=statuses,
-                            local=paths.is_local)
+                            local=paths.is_local, ray_errors=paths.local_dir / RAY_ERRORS_FILE)
         callbacks = [view, MirrorCallback(self.mirror, searcher.numbers), *extra_callbacks]
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=run_config_to_dict(self.run_cfg), metric=t.metric, mode=t.mode,
