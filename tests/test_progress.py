@@ -207,7 +207,7 @@ def test_ray_error_messages_go_to_the_study_log_and_everything_else_to_the_termi
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     log = tmp_path / "ray_errors.log"
     with ray_errors_to(log):
-        _print_from("ray_listen_error_messages", "(raylet) A worker died or was killed while executing a task")
+        _print_from("ray_listen_error_messages", "\x1b[33m(raylet)\x1b[0m A worker died or was killed while executing a task")
         _print_from("some-other-thread", "t001 failed: ValueError: boom")
         print("study line")
         assert sys.stdout.isatty() is False  # (what the view asks the terminal passes through)

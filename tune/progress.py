@@ -8,6 +8,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -93,7 +94,7 @@ class _RayErrorsToFile:
         if threading.current_thread().name != _RAY_ERROR_THREAD:
             return self.terminal.write(text)
         with contextlib.suppress(OSError), self.path.open("a", encoding="utf-8") as log:
-            log.write(text)
+            log.write(re.sub(r"\x1b\[[0-9;]*m", "", text))  # (without the terminal's colour codes)
         return len(text)
 
     def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding: the terminal's
