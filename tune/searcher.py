@@ -196,8 +196,9 @@ class RecordScheduler(FIFOScheduler):
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
         number = self.searcher.numbers.get(trial.trial_id)
-        if number is not None:
-            self.searcher.record.set_status(number, "failed", failure_reason(error_text(trial)) or "the trial crashed")
+        if number is not None:  # (Ray calls this also when it retries the trial: then it is still running)
+            self.searcher.record.set_status(number, "running" if trial.should_recover() else "failed",
+                                            failure_reason(error_text(trial)) or "the trial crashed")
         super().on_trial_error(tune_controller, trial)
 
 
