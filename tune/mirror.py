@@ -1,12 +1,11 @@
 """MLflow as a mirror of the study record: one parent run per study, one nested run per trial.
 
-The record (``tune.record``) is the truth; :meth:`Mirror.sync` copies it into MLflow at any time, from
-any process, as often as wanted. Runs are found by their tags (``minimind.study_id``,
-``minimind.trial``) through MLflow's ``search_runs``, never by name, and nest through the
-``mlflow.parentRunId`` tag as in Ray's ``MLflowLoggerCallback``: no crash between two MLflow calls
-leaves a second run for a study or a trial. A failing store never fails a study: :class:`MirrorCallback`
-warns once, and ``python -m tune.mirror STUDY_DIR`` (or ``--resume``) catches MLflow up later. All
-calls go through an explicit ``MlflowClient``: MLflow's global active run cannot serve concurrent trials.
+The record (``tune.record``) is the truth; :meth:`Mirror.sync` copies it into MLflow at any time, from any
+process, as often as wanted. Runs are found by their tags (``minimind.study_id``, ``minimind.trial``), never by
+name, and nest through the ``mlflow.parentRunId`` tag as in Ray's ``MLflowLoggerCallback``: no crash between
+two MLflow calls leaves a second run. A failing store never fails a study: :class:`MirrorCallback` warns once,
+and ``python -m tune.mirror STUDY_DIR`` (or ``--resume``) catches MLflow up later. All calls go through an
+explicit ``MlflowClient``: MLflow's global active run cannot serve concurrent trials.
 """
 
 from __future__ import annotations
@@ -117,11 +116,9 @@ def _update(client: MlflowClient, run: Run, tags: Mapping[str, str], params: Map
 
 
 def _set_status(client: MlflowClient, run: Run, status: str) -> None:
-    if status == run.info.status:
-        return
-    if status == "RUNNING":
+    if status == "RUNNING" != run.info.status:
         client.update_run(run.info.run_id, status="RUNNING")
-    else:  # (with the end time)
+    elif status != run.info.status:  # (with the end time)
         client.set_terminated(run.info.run_id, status=status)
 
 
