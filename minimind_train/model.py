@@ -1,17 +1,14 @@
 """MiniMind2 in plain PyTorch (GQA + RoPE + RMSNorm + SwiGLU, optional MoE, tied embeddings), and the
 one entry point that builds either MiniMind generation (:func:`build_model`, :func:`from_upstream`).
 
-Module and parameter names match upstream MiniMind2 (github.com/jingyaogong/minimind), so its ``.pth``
-state dicts load strictly and this model's state dicts load into upstream code. Numerics in fp32 match
-upstream; the deliberate differences are speed and precision fixes that do not change fp32 results:
-one routing path for train and eval, experts keeping the autocast dtype (upstream forces fp16 in
-training), routing softmax in fp32, and RoPE computed for the positions in use instead of a
-32k-row buffer.
+Module and parameter names match upstream MiniMind2 (github.com/jingyaogong/minimind), so ``.pth``
+state dicts load both ways. fp32 numerics match upstream; the deliberate differences change no fp32
+result: one routing path for train and eval, experts keeping the autocast dtype, routing softmax in
+fp32, RoPE computed for the positions in use.
 
-Training imports nothing from transformers: that import (``transformers.generation`` pulls in SciPy
-and scikit-learn) costs each tuning trial's worker ~3 s and ~140 MB. The Hugging Face face of the
-same modules (``generate()``, ``save_pretrained``) is :mod:`minimind_train.hf`. MiniMind-3 (upstream
-d65ef2c) lives in :mod:`minimind_train.model3` and is imported only when one is built.
+Training imports nothing from transformers (``transformers.generation`` costs each trial's worker ~3 s
+and ~140 MB); ``generate()`` and ``save_pretrained`` are in :mod:`minimind_train.hf`. MiniMind-3 lives
+in :mod:`minimind_train.model3`, imported only when one is built.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +34,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "UPSTREAM_VOCAB_SIZE",
-    "CausalLM",
     "GenerationMismatchError",
     "LMOutput",
     "MiniMindForCausalLM",
@@ -50,6 +46,7 @@ __all__ = [
     "from_upstream",
     "init_weights",
     "model_config_from",
+    "supervised_cross_entropy",
     "supervised_positions",
     "token_cross_entropy",
     "upstream3_config_from",
@@ -199,10 +196,7 @@ class MOEFeedForward(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_routed_experts)])
         self.gate = MoEGate(config)
-        if config.n_shared_experts > 0:
-            self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
-        else:
-            self.shared_experts = nn.ModuleList()
+        self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         bsz, seq_len, hidden = x.shape
@@ -305,6 +299,17 @@ def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
     return positions, labels.reshape(-1)[positions + 1]
 
 
+def supervised_cross_entropy(hidden: Tensor, lm_head: nn.Module, labels: Tensor,
+                             positions: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, int]:
+    """(fp32 CE sum, supervised count) of final hidden states (B, T, H), with ``lm_head`` run only at
+    the positions whose next token is supervised: :func:`token_cross_entropy` of the full logits, at a
+    fraction of the head's FLOPs and memory. ``positions``: :func:`supervised_positions` of ``labels``,
+    precomputed (on the CPU) and moved to the device."""
+    idx, targets = positions if positions is not None else supervised_positions(labels)
+    logits = lm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx))
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+
+
 def init_weights(module: nn.Module) -> None:
     """MiniMind2's initialisation of one module (applied children first, as transformers' post_init)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -383,21 +388,11 @@ class MiniMindForCausalLM(nn.Module):
     def supervised_cross_entropy(
         self, input_ids: Tensor, labels: Tensor, positions: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, int, Tensor]:
-        """(fp32 CE sum over supervised tokens, their count, MoE aux loss) of a right-padded batch.
-
-        Equal to ``token_cross_entropy(self(input_ids).logits, labels)`` plus the aux loss, but the
-        LM head and the softmax run only at the positions whose next token is supervised (on
-        alpaca_zh: three quarters of a length-grouped batch, a quarter of one padded to 512) instead
-        of at every position: same loss and gradients, a fraction of the head's FLOPs and of its
-        (rows x vocab) logits and their gradient. ``positions``:
-        :func:`supervised_positions` of ``labels``, precomputed (on the CPU) and moved to the device.
-        """
+        """(fp32 CE sum over supervised tokens, their count, MoE aux loss) of a right-padded batch, by
+        :func:`supervised_cross_entropy` (on alpaca_zh the head runs at three quarters of a
+        length-grouped batch's positions, a quarter of one padded to 512)."""
         hidden, aux_loss = self.model(input_ids, None, None, None)
-        idx, targets = positions if positions is not None else supervised_positions(labels)
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
-        logits = self.lm_head(selected)
-        ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        return ce_sum, int(targets.numel()), aux_loss
+        return *supervised_cross_entropy(hidden, self.lm_head, labels, positions), aux_loss
 
 
 def _vocab(cfg: ModelConfig, vocab_size: int) -> int:
@@ -424,16 +419,6 @@ def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameters; tied weights (lm_head = embed_tokens) count once."""
     return sum(p.numel() for p in model.parameters())
 
-
-
-class CausalLM(Protocol):
-    """What training needs of a model of either generation."""
-
-    family: str
-
-    def supervised_cross_entropy(self, input_ids: Tensor, labels: Tensor,
-                                 positions: tuple[Tensor, Tensor] | None = None
-                                 ) -> tuple[Tensor, int, Tensor]: ...
 
 
 def upstream3_config_from(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from transformers import Qwen3Config, Qwen3MoeConfig
 from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 
-from .model import LMOutput, supervised_positions, token_cross_entropy
+from .model import LMOutput, supervised_cross_entropy, token_cross_entropy
 
 __all__ = [
     "MiniMind3ForCausalLM",
@@ -80,24 +80,17 @@ def upstream_config(config: dict[str, Any]) -> dict[str, Any]:
 def qwen3_config(config: dict[str, Any]) -> Qwen3Config | Qwen3MoeConfig:
     """The transformers config that makes Qwen3(Moe)ForCausalLM compute upstream MiniMind-3."""
     full = upstream_config(config)
-    common: dict[str, Any] = {
-        "vocab_size": full["vocab_size"], "hidden_size": full["hidden_size"],
-        "intermediate_size": full["intermediate_size"], "num_hidden_layers": full["num_hidden_layers"],
-        "num_attention_heads": full["num_attention_heads"],
-        "num_key_value_heads": full["num_key_value_heads"], "head_dim": full["head_dim"],
-        "hidden_act": full["hidden_act"], "max_position_embeddings": full["max_position_embeddings"],
-        "rms_norm_eps": full["rms_norm_eps"], "rope_theta": full["rope_theta"], "rope_scaling": None,
-        "tie_word_embeddings": True, "attention_bias": False, "attention_dropout": 0.0,
-        "use_sliding_window": False, "bos_token_id": full["bos_token_id"],
-        "eos_token_id": full["eos_token_id"], "use_cache": False,
-    }
+    same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+            "rope_theta", "bos_token_id", "eos_token_id")
+    common: dict[str, Any] = {key: full[key] for key in same}
+    common.update(rope_scaling=None, tie_word_embeddings=True, attention_bias=False, attention_dropout=0.0,
+                  use_sliding_window=False, use_cache=False)
     if not full["use_moe"]:
         return Qwen3Config(**common)
-    return Qwen3MoeConfig(
-        **common, num_experts=full["num_experts"], num_experts_per_tok=full["num_experts_per_tok"],
-        moe_intermediate_size=full["moe_intermediate_size"], norm_topk_prob=full["norm_topk_prob"],
-        router_aux_loss_coef=full["router_aux_loss_coef"], decoder_sparse_step=1, mlp_only_layers=[],
-        output_router_logits=False)
+    moe = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "router_aux_loss_coef")
+    return Qwen3MoeConfig(**common, **{key: full[key] for key in moe}, decoder_sparse_step=1, mlp_only_layers=[],
+                          output_router_logits=False)
 
 
 def switch_aux_loss(router_logits: Tensor, top_k: int, coef: float) -> Tensor:
@@ -160,11 +153,7 @@ class MiniMind3ForCausalLM(nn.Module):
     def supervised_cross_entropy(
         self, input_ids: Tensor, labels: Tensor, positions: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, int, Tensor]:
-        """As :meth:`minimind_train.model.MiniMindForCausalLM.supervised_cross_entropy`: the LM head
-        only where the next token is supervised; (CE sum, supervised count, balance loss)."""
+        """As :meth:`minimind_train.model.MiniMindForCausalLM.supervised_cross_entropy`: (CE sum,
+        supervised count, balance loss), the LM head only where the next token is supervised."""
         hidden, aux_loss = self._hidden(input_ids)
-        idx, targets = positions if positions is not None else supervised_positions(labels)
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
-        logits = self.lm_head(selected)
-        ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        return ce_sum, int(targets.numel()), aux_loss
+        return *supervised_cross_entropy(hidden, self.lm_head, labels, positions), aux_loss
