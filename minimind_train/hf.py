@@ -62,17 +62,9 @@ class MiniMindHFForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module: nn.Module) -> None:
         init_weights(module)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool = False,
-        logits_to_keep: int | Tensor = 0,
-        position_ids: Tensor | None = None,
-        **kwargs: object,
-    ) -> MoeCausalLMOutputWithPast:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                past_key_values: Cache | None = None, use_cache: bool = False, logits_to_keep: int | Tensor = 0,
+                position_ids: Tensor | None = None, **kwargs: object) -> MoeCausalLMOutputWithPast:
         """As :meth:`MiniMindForCausalLM.forward`; extra generate() inputs (``cache_position``) are ignored."""
         if past_key_values is not None and not isinstance(past_key_values, Cache):
             raise TypeError(f"past_key_values must be a transformers Cache, got {type(past_key_values)}")

@@ -330,10 +330,7 @@ class LMOutput:
 
 class MiniMindForCausalLM(nn.Module):
     """The MiniMind2 causal LM (``model`` + tied ``lm_head``): upstream's parameter names and init.
-
-    For ``generate()`` and ``save_pretrained`` use :func:`minimind_train.hf.to_hf`, which wraps the
-    same weights in a transformers ``PreTrainedModel``.
-    """
+    For ``generate()`` and ``save_pretrained``, :func:`minimind_train.hf.to_hf` wraps the same weights."""
 
     family = "minimind2"
 
@@ -349,23 +346,15 @@ class MiniMindForCausalLM(nn.Module):
         self.apply(init_weights)
         self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool = False,
-        logits_to_keep: int | Tensor = 0,
-        position_ids: Tensor | None = None,
-    ) -> LMOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                past_key_values: Cache | None = None, use_cache: bool = False, logits_to_keep: int | Tensor = 0,
+                position_ids: Tensor | None = None) -> LMOutput:
         """Logits, the MoE aux loss (not added to ``loss``) and, given labels, the mean CE over
         supervised tokens (labels unshifted, -100 = ignore).
 
-        ``attention_mask`` (B, past + T) marks padding. Right-padded training batches need none (real
-        tokens never attend to later pads) and run faster without one. ``position_ids`` default to
-        consecutive positions after the cache. The Hugging Face wrapper (:mod:`minimind_train.hf`)
-        runs this same function on its own ``model`` and ``lm_head``.
+        ``attention_mask`` (B, past + T) marks padding; right-padded training batches need none (real
+        tokens never attend to later pads). ``position_ids`` default to consecutive positions after the
+        cache. :mod:`minimind_train.hf` runs this same function on its own ``model`` and ``lm_head``.
         """
         cache = past_key_values
         if cache is None and use_cache:
@@ -504,15 +493,13 @@ def from_upstream(config: dict[str, Any], pth: str | os.PathLike[str]
             f"(keys {sorted(_CONFIG_ONLY[from_config] & set(config))})")
     model: MiniMindForCausalLM | MiniMind3ForCausalLM
     if family == "minimind2":
-        fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("family", "head_dim", "init_from")]
-        unknown = sorted(set(config) - set(fields) - set(_UPSTREAM2_ONLY))
-        if unknown:
-            raise ValueError(f"MiniMind2 config keys {unknown} are not known; allowed: {fields + list(_UPSTREAM2_ONLY)}")
         for key, only in _UPSTREAM2_ONLY.items():
             if only is not None and config.get(key, only) != only:
                 raise ValueError(f"MiniMind2 config {key}={config[key]!r} is not supported: this model implements "
                                  f"only {only!r}")
-        model = MiniMindForCausalLM(ModelConfig(**{k: v for k, v in config.items() if k in fields and v is not None}))
+        # ModelConfig refuses any other key that is not one of its fields, naming them.
+        kept = {k: v for k, v in config.items() if k not in _UPSTREAM2_ONLY and v is not None}
+        model = MiniMindForCausalLM(ModelConfig(**kept))
     else:
         from minimind_train.model3 import MiniMind3ForCausalLM
 

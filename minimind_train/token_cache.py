@@ -9,6 +9,7 @@ concurrent builders of one key keep the first.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -419,10 +420,8 @@ def load_or_build_cache(path: str | Path, tokenizer: Any, max_seq_len: int,
         except (OSError, ValueError) as exc:
             log.warning("rebuilding unreadable token cache %s: %s", final, exc)
             trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=root))
-            try:
+            with contextlib.suppress(OSError):  # someone else moved it already
                 os.rename(final, trash / "old")
-            except OSError:
-                pass  # someone else moved it already
             shutil.rmtree(trash, ignore_errors=True)
     if show_progress is None:
         show_progress = sys.stderr.isatty()

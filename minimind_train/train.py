@@ -41,10 +41,7 @@ class TrainingDiverged(FloatingPointError):
 
     def __init__(self, reason: str, epoch: int, step: int, value: float) -> None:
         super().__init__(f"{reason} at epoch {epoch}, optimizer step {step}")
-        self.reason = reason
-        self.epoch = epoch
-        self.step = step
-        self.value = value
+        self.reason, self.epoch, self.step, self.value = reason, epoch, step, value
 
     def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
         # Ray pickles trial errors; the default reduce would call __init__ with the message only.
@@ -54,19 +51,14 @@ class TrainingDiverged(FloatingPointError):
 class NonFiniteLossError(TrainingDiverged):
     """The training loss or gradient became NaN/inf."""
 
-    def __init__(self, epoch: int, step: int, value: float) -> None:
-        super().__init__(f"non-finite training loss or gradient {value}", epoch, step, value)
-
-    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
-        return (type(self), (self.epoch, self.step, self.value))
-
 
 def check_divergence(cfg: TrainConfig, first_loss: float | None, loss: float, grad_norm: float,
                      epoch: int, step: int) -> None:
     """Raise :class:`TrainingDiverged` when an optimizer step's ``loss`` or ``grad_norm`` (before
     clipping) crosses the thresholds of ``cfg`` (relative to the run's ``first_loss``)."""
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
-        raise NonFiniteLossError(epoch, step, loss if not math.isfinite(loss) else grad_norm)
+        value = loss if not math.isfinite(loss) else grad_norm
+        raise NonFiniteLossError(f"non-finite training loss or gradient {value}", epoch, step, value)
     factor = cfg.divergence_loss_factor
     if factor > 0 and first_loss is not None and loss > factor * first_loss:
         raise TrainingDiverged(f"loss {loss:.4g} exploded above {factor:g} x the first step's {first_loss:.4g}",
@@ -126,12 +118,8 @@ def steps_per_epoch(num_batches: int, train: TrainConfig) -> int:
 
 def _supervised_ce(state: TrainState, input_ids: torch.Tensor, labels: torch.Tensor,
                    positions: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """(CE sum over the supervised next tokens, their count, aux loss) of one micro-batch.
-
-    The LM head runs only where the next token is supervised (same loss, see
-    MiniMindForCausalLM.supervised_cross_entropy); ``positions`` are found on the CPU batch, so CUDA
-    never syncs on them.
-    """
+    """(CE sum over the supervised next tokens, their count, aux loss) of one micro-batch under autocast;
+    ``positions`` are found on the CPU batch, so CUDA never syncs on them."""
     device, amp_dtype = state.device, state.amp_dtype
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
         return state.model.supervised_cross_entropy(
@@ -158,9 +146,8 @@ def evaluate(state: TrainState, dataset: TokenizedDataset, batch_size: int, pad_
     return float(total / count)
 
 
-def backward_window(
-    state: TrainState, window: list[tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+def backward_window(state: TrainState, window: list[tuple[torch.Tensor, torch.Tensor]]
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Accumulate the gradient of one optimizer step's micro-batches into ``.grad``.
 
     Returns the window's CE sum, aux-loss sum (both detached) and supervised-token count.
@@ -181,11 +168,8 @@ def backward_window(
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` that skips the rescale pass when it would multiply by 1.
-
-    clip_grad_norm_ always multiplies every gradient by ``min(1, max_norm / (norm + 1e-6))``; when
-    that factor is exactly 1 the pass over all gradients changes nothing, so it is skipped.
-    """
+    """``torch.nn.utils.clip_grad_norm_`` without its rescale pass over every gradient when the factor
+    ``min(1, max_norm / (norm + 1e-6))`` is exactly 1 (that pass would change nothing)."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, 2.0)
     if math.isfinite(max_norm) and float(max_norm / (norm + 1e-6)) < 1.0:
@@ -200,13 +184,8 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_epochs(
-    cfg: RunConfig,
-    data: SFTData,
-    state: TrainState | None = None,
-    *,
-    on_step: Callable[[StepInfo], None] | None = None,
-) -> Iterator[EpochResult]:
+def train_epochs(cfg: RunConfig, data: SFTData, state: TrainState | None = None, *,
+                 on_step: Callable[[StepInfo], None] | None = None) -> Iterator[EpochResult]:
     """Train from ``state`` (fresh when None) to ``cfg.train.epochs``, yielding after each epoch.
 
     Resuming from a state saved after epoch ``e`` replays exactly what an uninterrupted run does:
