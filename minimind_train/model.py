@@ -49,7 +49,6 @@ __all__ = [
     "supervised_cross_entropy",
     "supervised_positions",
     "token_cross_entropy",
-    "upstream3_config_from",
 ]
 
 
@@ -105,8 +104,7 @@ class Attention(nn.Module):
         # False: upstream's explicit softmax attention (tests compare the two paths).
         self.flash = True
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: Cache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: Cache | None) -> Tensor:
         """``mask``: boolean (B|1, 1, T, S), True = may attend; None = plain causal from position 0."""
         bsz, seq_len, _ = x.shape
         q = self.q_proj(x).view(bsz, seq_len, self.n_heads, self.head_dim)
@@ -277,10 +275,8 @@ class MiniMindModel(nn.Module):
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum of fp32 CE over supervised tokens, their count); logits[:, t] predicts labels[:, t + 1].
-
-    Labels use the Hugging Face convention: aligned with the inputs, not shifted, -100 = ignore.
-    """
+    """(sum of fp32 CE over supervised tokens, their count); logits[:, t] predicts labels[:, t + 1]
+    (the Hugging Face convention: labels aligned with the inputs, -100 = ignore)."""
     targets = labels[:, 1:]
     logits = logits[:, :-1]
     ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
@@ -289,11 +285,8 @@ def token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]
 
 
 def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(flat positions ``b * T + t`` whose next label is supervised, those labels) for labels (B, T).
-
-    The positions index ``hidden.reshape(B * T, H)``; only they need the LM head for the loss.
-    Computed where ``labels`` lives: on the CPU batch before the transfer, so CUDA never syncs on it.
-    """
+    """(flat positions ``b * T + t`` into ``hidden.reshape(B * T, H)`` whose next label is supervised,
+    those labels) for labels (B, T); computed where ``labels`` lives (the CPU batch: no CUDA sync)."""
     nxt = labels[:, 1:] != IGNORE_INDEX
     positions = F.pad(nxt, (0, 1)).reshape(-1).nonzero().squeeze(1)
     return positions, labels.reshape(-1)[positions + 1]
@@ -301,10 +294,9 @@ def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 def supervised_cross_entropy(hidden: Tensor, lm_head: nn.Module, labels: Tensor,
                              positions: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, int]:
-    """(fp32 CE sum, supervised count) of final hidden states (B, T, H), with ``lm_head`` run only at
-    the positions whose next token is supervised: :func:`token_cross_entropy` of the full logits, at a
-    fraction of the head's FLOPs and memory. ``positions``: :func:`supervised_positions` of ``labels``,
-    precomputed (on the CPU) and moved to the device."""
+    """:func:`token_cross_entropy` of ``lm_head(hidden)`` (hidden: B, T, H), with the head run only where
+    the next token is supervised (a fraction of its FLOPs and memory). ``positions``:
+    :func:`supervised_positions` of ``labels``, precomputed on the CPU and moved to the device."""
     idx, targets = positions if positions is not None else supervised_positions(labels)
     logits = lm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx))
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
@@ -374,9 +366,8 @@ class MiniMindForCausalLM(nn.Module):
             loss = ce_sum / n_tokens.clamp(min=1)
         return LMOutput(logits=logits, aux_loss=aux_loss, loss=loss, past_key_values=cache if use_cache else None)
 
-    def supervised_cross_entropy(
-        self, input_ids: Tensor, labels: Tensor, positions: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, int, Tensor]:
+    def supervised_cross_entropy(self, input_ids: Tensor, labels: Tensor,
+                                 positions: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, int, Tensor]:
         """(fp32 CE sum over supervised tokens, their count, MoE aux loss) of a right-padded batch, by
         :func:`supervised_cross_entropy` (on alpaca_zh the head runs at three quarters of a
         length-grouped batch's positions, a quarter of one padded to 512)."""
@@ -393,9 +384,8 @@ def _vocab(cfg: ModelConfig, vocab_size: int) -> int:
 
 
 def model_config_from(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
-    """``cfg`` as a MiniMind2 model is built from it: ``vocab_size`` None takes ``vocab_size`` (the
-    tokenizer's length) and ``intermediate_size`` None the MiniMind2 formula, so the config a model
-    holds (and a saved ``config.json``) states what was built. A ``minimind3`` run: use :func:`build_model`."""
+    """``cfg`` as a MiniMind2 model is built from it (``vocab_size`` None: the tokenizer's ``vocab_size``;
+    ``intermediate_size`` None: MiniMind2's formula), so a model's config states what was built."""
     if cfg.family != "minimind2":
         raise ConfigError(f"model.family={cfg.family!r}: model_config_from builds MiniMind2 configs only; "
                           "use build_model")
@@ -410,25 +400,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 
-def upstream3_config_from(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
-    """The upstream MiniMind-3 config dict of a ``minimind3`` run (upstream's key names)."""
-    return {
-        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim, "vocab_size": _vocab(cfg, vocab_size),
-        "intermediate_size": cfg.intermediate_size, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
-        "dropout": cfg.dropout, "use_moe": cfg.use_moe, "num_experts": cfg.n_routed_experts,
-        "num_experts_per_tok": cfg.num_experts_per_tok, "norm_topk_prob": cfg.norm_topk_prob,
-        "router_aux_loss_coef": cfg.aux_loss_alpha,
-    }
-
-
 def build_model(cfg: ModelConfig, vocab_size: int) -> MiniMindForCausalLM | MiniMind3ForCausalLM:
     """A freshly initialised model of the run's generation (``cfg.family``)."""
     if cfg.family == "minimind2":
         return MiniMindForCausalLM(model_config_from(cfg, vocab_size))
-    from minimind_train.model3 import MiniMind3ForCausalLM
+    from minimind_train.model3 import MiniMind3ForCausalLM, upstream3_config_from
 
     return MiniMind3ForCausalLM(upstream3_config_from(cfg, vocab_size))
 
@@ -457,11 +433,8 @@ def detect_family(state_dict: Mapping[str, Any]) -> str:
 
 
 def check_generation(state_dict: Mapping[str, Any], family: str, source: str) -> None:
-    """Raise :class:`GenerationMismatchError` when ``state_dict`` is not of generation ``family``.
-
-    A MiniMind2 state dict loads into the MiniMind-3 modules with strict=False and then computes
-    something else; this refuses it first, saying which generation the file is.
-    """
+    """Raise :class:`GenerationMismatchError`, naming the file's generation, when ``state_dict`` is not
+    of generation ``family`` (a MiniMind2 state dict would load into MiniMind-3 with strict=False)."""
     found = detect_family(state_dict)
     if found != family:
         raise GenerationMismatchError(
@@ -476,12 +449,9 @@ def _config_family(config: Mapping[str, Any]) -> str | None:
 
 def from_upstream(config: dict[str, Any], pth: str | os.PathLike[str]
                   ) -> MiniMindForCausalLM | MiniMind3ForCausalLM:
-    """Either generation, built from upstream's config dict and loaded strictly from upstream's ``.pth``.
-
-    The generation is read from the weights (and must agree with the config's generation-specific
-    keys). The model is fp32, in eval mode; ``forward(input_ids)`` returns ``.logits`` and ``.aux_loss``
-    (non-zero for MoE in train mode).
-    """
+    """Either generation, built from upstream's config dict and loaded strictly from upstream's ``.pth``
+    (the generation is read from the weights and must agree with the config's generation-specific keys).
+    fp32, in eval mode; ``forward(input_ids)`` returns ``.logits`` and ``.aux_loss``."""
     state = torch.load(pth, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):
         raise TypeError(f"{pth}: expected a state dict, got {type(state).__name__}")

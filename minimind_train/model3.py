@@ -1,16 +1,11 @@
 """MiniMind-3 (upstream d65ef2c) as transformers' Qwen3 / Qwen3-MoE modules, with MiniMind's losses.
 
-Upstream's current model is numerically transformers' ``Qwen3ForCausalLM`` (dense) or
-``Qwen3MoeForCausalLM`` (MoE) once its config is mapped (``head_dim`` copied, ``norm_topk_prob``,
-``rope_theta`` 1e6, ``rms_norm_eps`` 1e-6, tied embeddings, no shared expert; measured bit-identical
-with sdpa attention, see ``../shared/fixtures/minimind3/README_models.md``), and its state-dict keys are
-those classes' keys. So the modules here are transformers' own; this file only adds what MiniMind does
-differently: the MoE balance loss is the *sum* of per-layer Switch-style losses (Qwen3-MoE pools all
-layers into one term), it is zero in eval mode, and training runs the LM head only at supervised
-positions (:meth:`MiniMind3ForCausalLM.supervised_cross_entropy`, as MiniMind2's class does).
-
-Importing this module imports transformers' modeling code (seconds); :mod:`minimind_train.model`
-imports it only when a MiniMind-3 model is built.
+Upstream's model is numerically transformers' ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM`` with its
+config mapped (measured bit-identical with sdpa attention, see
+``../shared/fixtures/minimind3/README_models.md``), with the same state-dict keys. This file adds only
+what MiniMind does differently: the MoE balance loss is the *sum* of per-layer Switch-style losses
+(Qwen3-MoE pools all layers into one term) and zero in eval mode, and training runs the LM head only at
+supervised positions. Importing it imports transformers' modeling code (seconds).
 """
 
 from __future__ import annotations
@@ -25,13 +20,15 @@ from transformers import Qwen3Config, Qwen3MoeConfig
 from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 
-from .model import LMOutput, supervised_cross_entropy, token_cross_entropy
+from .config import ModelConfig
+from .model import LMOutput, _vocab, supervised_cross_entropy, token_cross_entropy
 
 __all__ = [
     "MiniMind3ForCausalLM",
     "default_intermediate_size3",
     "qwen3_config",
     "switch_aux_loss",
+    "upstream3_config_from",
     "upstream_config",
 ]
 
@@ -91,6 +88,15 @@ def qwen3_config(config: dict[str, Any]) -> Qwen3Config | Qwen3MoeConfig:
     moe = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "router_aux_loss_coef")
     return Qwen3MoeConfig(**common, **{key: full[key] for key in moe}, decoder_sparse_step=1, mlp_only_layers=[],
                           output_router_logits=False)
+
+
+def upstream3_config_from(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
+    """The upstream MiniMind-3 config dict of a ``minimind3`` run (upstream's key names)."""
+    same = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "rms_norm_eps", "rope_theta", "max_position_embeddings", "dropout", "use_moe",
+            "num_experts_per_tok", "norm_topk_prob")
+    return {**{key: getattr(cfg, key) for key in same}, "vocab_size": _vocab(cfg, vocab_size),
+            "num_experts": cfg.n_routed_experts, "router_aux_loss_coef": cfg.aux_loss_alpha}
 
 
 def switch_aux_loss(router_logits: Tensor, top_k: int, coef: float) -> Tensor:

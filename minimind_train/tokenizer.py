@@ -43,12 +43,9 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
     except Exception as exc:  # tokenizers/transformers raise many types for corrupt files
         raise ValueError(f"tokenizer folder {str(directory)!r} does not load: {exc}") from exc
     problems = []
-    for expected_id, token in enumerate(SPECIAL_TOKENS):
-        actual = tokenizer.convert_tokens_to_ids(token)
-        if actual != expected_id:
+    for expected_id, (role, token) in enumerate(zip(("pad_token", "bos_token", "eos_token"), SPECIAL_TOKENS)):
+        if (actual := tokenizer.convert_tokens_to_ids(token)) != expected_id:
             problems.append(f"{token} has id {actual}, expected {expected_id}")
-    for role, token in (("pad_token", SPECIAL_TOKENS[0]), ("bos_token", SPECIAL_TOKENS[1]),
-                        ("eos_token", SPECIAL_TOKENS[2])):
         if getattr(tokenizer, role) != token:
             problems.append(f"{role} is {getattr(tokenizer, role)!r}, expected {token!r}")
     if not tokenizer.chat_template:
