@@ -8,7 +8,7 @@ weights between the two, strictly.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from torch import Tensor, nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
@@ -22,6 +22,7 @@ __all__ = ["MiniMindHFConfig", "MiniMindHFForCausalLM", "from_hf", "to_hf"]
 
 # The ModelConfig fields a config.json holds (init_from is where a run started, not the model).
 _FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "init_from")
+_M = TypeVar("_M", bound=nn.Module)
 
 
 class MiniMindHFConfig(PretrainedConfig):
@@ -75,19 +76,19 @@ class MiniMindHFForCausalLM(PreTrainedModel, GenerationMixin):
                                          past_key_values=out.past_key_values)
 
 
+def _copy_into(target: _M, source: nn.Module) -> _M:
+    """``target`` with ``source``'s weights (strictly), dtype, device and train/eval mode."""
+    param = next(source.parameters())
+    target.to(device=param.device, dtype=param.dtype)
+    target.load_state_dict(source.state_dict(), strict=True)
+    return target.train(source.training)
+
+
 def to_hf(model: MiniMindForCausalLM) -> MiniMindHFForCausalLM:
     """A transformers model holding a copy of ``model``'s weights (same dtype and device)."""
-    param = next(model.parameters())
-    hf = MiniMindHFForCausalLM(MiniMindHFConfig(**{n: getattr(model.config, n) for n in _FIELDS}))
-    hf.to(device=param.device, dtype=param.dtype)
-    hf.load_state_dict(model.state_dict(), strict=True)
-    return hf.train(model.training)
+    return _copy_into(MiniMindHFForCausalLM(MiniMindHFConfig(**{n: getattr(model.config, n) for n in _FIELDS})), model)
 
 
 def from_hf(hf: MiniMindHFForCausalLM) -> MiniMindForCausalLM:
     """The training model holding a copy of ``hf``'s weights."""
-    param = next(hf.parameters())
-    model = MiniMindForCausalLM(hf.config.to_core())
-    model.to(device=param.device, dtype=param.dtype)
-    model.load_state_dict(hf.state_dict(), strict=True)
-    return model.train(hf.training)
+    return _copy_into(MiniMindForCausalLM(hf.config.to_core()), hf)

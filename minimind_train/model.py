@@ -32,24 +32,10 @@ if TYPE_CHECKING:
 
     from minimind_train.model3 import MiniMind3ForCausalLM
 
-__all__ = [
-    "UPSTREAM_VOCAB_SIZE",
-    "GenerationMismatchError",
-    "LMOutput",
-    "MiniMindForCausalLM",
-    "MiniMindModel",
-    "build_model",
-    "check_generation",
-    "count_parameters",
-    "default_intermediate_size",
-    "detect_family",
-    "from_upstream",
-    "init_weights",
-    "model_config_from",
-    "supervised_cross_entropy",
-    "supervised_positions",
-    "token_cross_entropy",
-]
+__all__ = ["UPSTREAM_VOCAB_SIZE", "GenerationMismatchError", "LMOutput", "MiniMindForCausalLM", "MiniMindModel",
+           "build_model", "check_generation", "count_parameters", "default_intermediate_size", "detect_family",
+           "from_upstream", "init_weights", "model_config_from", "supervised_cross_entropy",
+           "supervised_positions", "token_cross_entropy"]
 
 
 # Upstream's vocabulary (MiniMind's tokenizer): the embedding size of a model built without a tokenizer.
@@ -121,15 +107,12 @@ class Attention(nn.Module):
         # reads the shared kv heads directly instead of materialising n_rep copies of k and v. The
         # kernels used with a mask or fp32 on CUDA need equal head counts.
         native_gqa = mask is None and (q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16))
-        if self.flash and native_gqa:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
-                                                 enable_gqa=n_rep > 1)
-        elif self.flash:
+        if not (self.flash and native_gqa):
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                                 is_causal=mask is None)
+        if self.flash:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None,
+                                                 enable_gqa=native_gqa and n_rep > 1)
         else:
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
             if mask is None:
                 mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)

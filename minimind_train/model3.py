@@ -23,14 +23,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 from .config import ModelConfig
 from .model import LMOutput, _vocab, supervised_cross_entropy, token_cross_entropy
 
-__all__ = [
-    "MiniMind3ForCausalLM",
-    "default_intermediate_size3",
-    "qwen3_config",
-    "switch_aux_loss",
-    "upstream3_config_from",
-    "upstream_config",
-]
+__all__ = ["MiniMind3ForCausalLM", "default_intermediate_size3", "qwen3_config", "switch_aux_loss",
+           "upstream3_config_from", "upstream_config"]
 
 # Every attribute upstream's MiniMindConfig.__init__ sets at d65ef2c, with its default; a key outside
 # this table in an upstream config dict is an error rather than something silently ignored.

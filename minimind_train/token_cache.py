@@ -74,10 +74,6 @@ class SkipCounts:
     no_supervised_tokens: int = 0
     truncated: int = 0
 
-    @classmethod
-    def from_counter(cls, counts: Mapping[str, int]) -> SkipCounts:
-        return cls(**{f.name: int(counts.get(f.name, 0)) for f in dataclasses.fields(cls)})
-
     @property
     def total(self) -> int:
         return sum(self.as_dict().values())
@@ -119,7 +115,7 @@ class TokenCache:
 
     @property
     def skipped(self) -> SkipCounts:
-        return SkipCounts.from_counter(self.meta["skipped"])
+        return SkipCounts(**self.meta["skipped"])
 
     def __reduce__(self) -> tuple[Callable[[Path], TokenCache], tuple[Path]]:
         # Pickle by path: a copy in another process maps the same files instead of carrying the data.
@@ -302,11 +298,8 @@ def _key_parts(path: Path, tokenizer: Any, max_seq_len: int, augment: bool, augm
             digest.update(block)
     template = getattr(tokenizer, "chat_template", None) or ""
     parts: dict[str, Any] = {
-        "version": CACHE_VERSION,
-        "data_sha256": digest.hexdigest(),
-        "tokenizer": _tokenizer_key(tokenizer),
-        "max_seq_len": int(max_seq_len),
-        "chat_template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest(),
+        "version": CACHE_VERSION, "data_sha256": digest.hexdigest(), "tokenizer": _tokenizer_key(tokenizer),
+        "max_seq_len": int(max_seq_len), "chat_template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest(),
     }
     if augment:  # absent when off, so an unaugmented cache keeps one key
         parts.update(augment=True, augment_seed=int(augment_seed))
@@ -355,23 +348,13 @@ def _build(path: Path, tokenizer: Any, max_seq_len: int, parts: Mapping[str, Any
             array.finish()
     if digest.hexdigest() != parts["data_sha256"]:
         raise DataError(f"{path} changed while it was being tokenised; run again")
-    counts = SkipCounts.from_counter(skipped)
+    counts = SkipCounts(**skipped)
     meta = {
-        "version": CACHE_VERSION,
-        "key": key,
-        "key_parts": dict(parts),
-        "source": str(path),
-        "source_bytes": size,
-        "num_samples": arrays["lines"].count,
-        "num_tokens": total,
-        "num_supervised": num_supervised,
-        "max_length": max_len,
-        "token_dtype": np.dtype(token_dtype).name,
-        "skipped": counts.as_dict(),
-        "unknown_fields": dict(sorted(unknown.items())),
-        "workers": workers,
-        "build_seconds": round(time.perf_counter() - start, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "version": CACHE_VERSION, "key": key, "key_parts": dict(parts), "source": str(path), "source_bytes": size,
+        "num_samples": arrays["lines"].count, "num_tokens": total, "num_supervised": num_supervised,
+        "max_length": max_len, "token_dtype": np.dtype(token_dtype).name, "skipped": counts.as_dict(),
+        "unknown_fields": dict(sorted(unknown.items())), "workers": workers,
+        "build_seconds": round(time.perf_counter() - start, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # meta.json last: its presence marks the folder complete.
     (folder / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
