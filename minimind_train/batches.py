@@ -57,9 +57,8 @@ def batch_indices(lengths: np.ndarray | Sequence[int], batch_size: int, *, seed:
     """Batches of dataset indices, a deterministic function of ``(seed, epoch)``; the last may be short.
 
     With ``group_by_length`` the shuffled order is cut into chunks of :data:`CHUNK_BATCHES` batches, each
-    chunk sorted by length and cut into batches, so a batch holds similar lengths (little padding)
-    while which samples meet still varies by epoch; the batch order is then shuffled. Without
-    ``shuffle`` (evaluation) the order is sequential, length-sorted within chunks when grouping.
+    sorted by length and cut into batches (little padding; which samples meet still varies by epoch),
+    then the batch order is shuffled. Without ``shuffle`` (evaluation) the order is sequential.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be > 0")

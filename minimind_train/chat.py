@@ -62,12 +62,9 @@ class BadToolJSON(ValueError):
 
 def check_messages(obj: Any, unknown: Counter[str] | None = None
                    ) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """``(messages, None)`` for a well-formed message list, else ``(None, reason)``.
-
-    ``reason`` is a :class:`~minimind_train.token_cache.SkipCounts` field. Each message comes back with
-    exactly upstream's five fields (missing ones None, as upstream's loader makes them), so nothing else
-    reaches the template. Names of unknown fields are counted in ``unknown``.
-    """
+    """``(messages, None)`` for a well-formed message list, else ``(None, reason)`` (a
+    :class:`~minimind_train.token_cache.SkipCounts` field). Each message comes back with exactly
+    upstream's five fields (missing ones None); names of unknown fields are counted in ``unknown``."""
     if not isinstance(obj, (list, tuple)):
         return None, "invalid_format"
     messages: list[dict[str, Any]] = []
@@ -108,9 +105,7 @@ def render(tokenizer: Any, messages: list[dict[str, Any]], rng: Random | None = 
         raise DataError("the tokenizer has no chat_template; SFT data is rendered with it")
     if (rng is not None and not any(m.get("tools") for m in messages) and messages
             and messages[0]["role"] != "system" and rng.random() < ADD_SYSTEM_RATIO):
-        system = dict.fromkeys(FIELDS)
-        system.update(role="system", content=rng.choice(SYSTEM_PROMPTS))
-        messages = [system, *messages]
+        messages = [{**dict.fromkeys(FIELDS), "role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, *messages]
     tools, parsed = None, []
     for message in messages:
         message = dict(message)

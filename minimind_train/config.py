@@ -190,12 +190,9 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
-        """This config with each ``{"section.key": value}`` set, validated together like YAML input.
-
-        Together, so fields bound by a rule (hidden_size and num_attention_heads) can change at once.
-        NumPy scalars (from a sampler) become Python numbers. Raises :class:`ConfigError` for a path
-        that is not a field (naming the fields) or a value that is not allowed.
-        """
+        """This config with each ``{"section.key": value}`` set, validated together like YAML input (so
+        fields bound by a rule can change at once); NumPy scalars become Python numbers. Raises
+        :class:`ConfigError` for a path that is not a field (naming the fields) or a bad value."""
         raw = run_config_to_dict(self)
         for path, value in overrides.items():
             section, _, name = str(path).partition(".")

@@ -37,9 +37,8 @@ class MiniMindHFConfig(PretrainedConfig):
             setattr(self, name, getattr(core, name))
         if not kwargs.pop("tie_word_embeddings", True):
             raise ValueError("tie_word_embeddings=False: MiniMind2 ties lm_head to embed_tokens")
-        for name, token_id in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 0)):
-            kwargs.setdefault(name, token_id)  # MiniMind's tokenizer
-        super().__init__(tie_word_embeddings=True, **kwargs)
+        # Special token ids default to MiniMind's tokenizer's.
+        super().__init__(**{"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **kwargs}, tie_word_embeddings=True)
 
     def to_core(self) -> ModelConfig:
         """The :class:`ModelConfig` this transformers config holds."""

@@ -257,11 +257,8 @@ def default_workers() -> int:
 
 
 def _encoded(spec: _EncodeSpec, chunks: Iterator[list[tuple[int, bytes]]], workers: int) -> Iterator[_Chunk]:
-    """Chunk results in file order, from ``workers`` processes (1: in this process).
-
-    At most ``2 * workers`` chunks are in flight (``Pool.imap`` would read the whole file ahead), so
-    memory stays bounded by chunk size, not file size.
-    """
+    """Chunk results in file order, from ``workers`` processes (1: in this process); at most
+    ``2 * workers`` chunks in flight (``Pool.imap`` would read the whole file ahead)."""
     if workers <= 1:
         yield from (_encode_lines(spec, chunk) for chunk in chunks)
         return
@@ -380,10 +377,9 @@ def load_or_build_cache(path: str | Path, tokenizer: Any, max_seq_len: int,
                         augment_seed: int = 0, workers: int | None = None) -> TokenCache:
     """The token cache of ``path``, tokenising it first unless an identical build is cached.
 
-    ``show_progress`` None shows a progress bar only when stderr is a terminal. ``workers``: processes
-    that tokenise (None or 0: every core for files over 4 MiB, else this process alone); the cache is
-    the same whatever the number. Raises :class:`~minimind_train.chat.DataError` for a missing file or a
-    line that is not JSON (naming ``file:line``).
+    ``show_progress`` None: a progress bar only when stderr is a terminal. ``workers``: tokenising
+    processes (None or 0: every core for files over 4 MiB), the cache is the same whatever the number.
+    Raises :class:`~minimind_train.chat.DataError` for a missing file or a non-JSON line (``file:line``).
     """
     path = Path(path).expanduser().resolve()
     if not path.is_file():

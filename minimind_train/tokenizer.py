@@ -24,11 +24,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """Load a MiniMind2-format tokenizer folder (None: the bundled one) and check its contract.
-
-    Raises FileNotFoundError when the folder or one of its files is missing and ValueError when the
-    files do not load or the special-token ids or the chat template are not MiniMind2's.
-    """
+    """Load a MiniMind2-format tokenizer folder (None: the bundled one) and check its contract. Raises
+    FileNotFoundError when the folder or a file is missing, ValueError when the files do not load or the
+    special-token ids or the chat template are not MiniMind2's."""
     directory = BUNDLED_TOKENIZER_DIR if path is None else Path(path).expanduser()
     if not directory.is_dir():
         raise FileNotFoundError(f"tokenizer folder {str(directory)!r} does not exist or is not a folder")
@@ -56,12 +54,9 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
 
 
 def tokenizer_fingerprint(tokenizer_or_dir: PreTrainedTokenizerBase | str | Path) -> str:
-    """sha256 over the contents of tokenizer.json and tokenizer_config.json (hex).
-
-    The JSON is hashed in canonical form (sorted keys, no whitespace), so a checkout that rewrites
-    line endings or indentation keeps the fingerprint; any change of vocabulary, merges, special
-    tokens or template changes it. A tokenizer object is fingerprinted by the folder it was loaded from.
-    """
+    """sha256 (hex) over tokenizer.json and tokenizer_config.json in canonical JSON form (sorted keys, no
+    whitespace: line endings and indentation do not matter, content does); a tokenizer object is
+    fingerprinted by the folder it was loaded from."""
     if isinstance(tokenizer_or_dir, PreTrainedTokenizerBase):
         source = tokenizer_or_dir.name_or_path
         if not source:

@@ -1,14 +1,11 @@
 """The per-epoch SFT loop and its loss.
 
-``train_epochs(cfg, data, state)`` is a plain generator: it yields one :class:`EpochResult` (metrics
-and the live :class:`~minimind_train.checkpoint.TrainState`) per epoch, so a caller (the CLI, a Ray
-trainable, a test) decides what to do between epochs -- checkpoint, report, stop. Nothing here knows
-about Ray.
+``train_epochs(cfg, data, state)`` is a plain generator yielding one :class:`EpochResult` per epoch, so
+its caller (the CLI, a Ray trainable, a test) decides what happens between epochs; nothing here knows Ray.
 
-Loss semantics (see shared/design.md): for a window of ``accumulation_steps`` micro-batches the
-optimizer step minimises ``sum(CE over supervised tokens) / (supervised tokens in the window)`` plus
-the MoE aux loss averaged over the window's micro-batches, so batch 8 x accum 1 and batch 2 x accum 4
-give the same gradient.
+Loss (see shared/design.md): an optimizer step over ``accumulation_steps`` micro-batches minimises
+``sum(CE over supervised tokens) / (supervised tokens in the window)`` plus the MoE aux loss averaged
+over the micro-batches, so batch 8 x accum 1 and batch 2 x accum 4 give the same gradient.
 """
 
 from __future__ import annotations
@@ -91,11 +88,9 @@ class EpochResult:
 
 
 def lr_at(step: int, total_steps: int, lr: float, min_lr_ratio: float, warmup_steps: int = 0) -> float:
-    """Learning rate of 0-based optimizer step ``step`` out of ``total_steps``.
-
-    Linear warmup reaches ``lr`` at step ``warmup_steps``; cosine decay then runs from exactly ``lr``
-    (first post-warmup step) to exactly ``lr * min_lr_ratio`` (last step).
-    """
+    """Learning rate of 0-based optimizer step ``step`` out of ``total_steps``: linear warmup reaches
+    ``lr`` at step ``warmup_steps``, then cosine decay runs from exactly ``lr`` to exactly
+    ``lr * min_lr_ratio`` (last step)."""
     if total_steps <= 0:
         raise ValueError(f"total_steps={total_steps} must be > 0")
     if not 0 <= step < total_steps:
@@ -148,10 +143,8 @@ def evaluate(state: TrainState, dataset: TokenizedDataset, batch_size: int, pad_
 
 def backward_window(state: TrainState, window: list[tuple[torch.Tensor, torch.Tensor]]
                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Accumulate the gradient of one optimizer step's micro-batches into ``.grad``.
-
-    Returns the window's CE sum, aux-loss sum (both detached) and supervised-token count.
-    """
+    """Accumulate the gradient of one optimizer step's micro-batches into ``.grad``; returns the window's
+    CE sum, aux-loss sum (both detached) and supervised-token count."""
     positions = [supervised_positions(labels) for _, labels in window]
     # The denominator is the whole window's supervised-token count, known before any forward.
     n_sup = sum(int(targets.numel()) for _, targets in positions)
@@ -186,11 +179,9 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def train_epochs(cfg: RunConfig, data: SFTData, state: TrainState | None = None, *,
                  on_step: Callable[[StepInfo], None] | None = None) -> Iterator[EpochResult]:
-    """Train from ``state`` (fresh when None) to ``cfg.train.epochs``, yielding after each epoch.
-
-    Resuming from a state saved after epoch ``e`` replays exactly what an uninterrupted run does:
-    batch order depends only on (seed, epoch) and the RNG/optimizer/schedule travel in the state.
-    """
+    """Train from ``state`` (fresh when None) to ``cfg.train.epochs``, yielding after each epoch. A resumed
+    state replays an uninterrupted run exactly: batch order depends only on (seed, epoch) and the
+    RNG, optimizer and schedule travel in the state."""
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
