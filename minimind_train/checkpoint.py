@@ -167,6 +167,7 @@ def save_checkpoint(directory: str | os.PathLike[str], state: TrainState, cfg: R
 
 
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``meta.json`` of a checkpoint folder (config, epoch, step, metrics, versions)."""
     return json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
 
 

@@ -49,17 +49,6 @@ class SFTStats:
     # Message fields that made samples of the training file be skipped ("name xcount, ..."), if any.
     unknown_fields: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        """Flat JSON-ready mapping (``skipped.<reason>`` keys)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, SkipCounts):
-                out.update({f"{f.name}.{k}": v for k, v in value.as_dict().items()})
-            elif value is not None:
-                out[f.name] = value
-        return out
-
 
 @dataclass(frozen=True, eq=False)
 class SFTData:
@@ -72,7 +61,15 @@ class SFTData:
     stats: SFTStats
 
     def stats_dict(self) -> dict[str, Any]:
-        return self.stats.as_dict()
+        """:attr:`stats` as a flat JSON-ready mapping (``skipped.<reason>`` keys, unset fields left out)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self.stats):
+            value = getattr(self.stats, f.name)
+            if isinstance(value, SkipCounts):
+                out.update({f"{f.name}.{k}": v for k, v in value.as_dict().items()})
+            elif value is not None:
+                out[f.name] = value
+        return out
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Any = None, *, show_progress: bool | None = None) -> SFTData:
