@@ -119,12 +119,11 @@ class Manifest:
 
 
 # Keys of the spec that may change between runs of one study: they say how to run, not what is studied.
-RUN_SETTINGS = ("tune.num_samples", "tune.max_concurrent_trials", "tune.time_budget_s",
-                "tune.resources_per_trial.cpu", "tune.resources_per_trial.gpu", "tune.max_failures",
-                "tune.keep_checkpoints", "tune.keep_top_trials", "tune.finalists.top_k", "tune.finalists.seeds",
-                "tune.warm_start", "mlflow.tracking_uri", "mlflow.experiment",
-                "train.num_threads", "train.device", "train.log_interval", "train.eval_batch_size",
-                "data.cache_dir")
+RUN_SETTINGS = ("tune.num_samples", "tune.max_concurrent_trials", "tune.time_budget_s", "tune.max_failures",
+                "tune.resources_per_trial.cpu", "tune.resources_per_trial.gpu", "tune.keep_checkpoints",
+                "tune.keep_top_trials", "tune.finalists.top_k", "tune.finalists.seeds", "tune.warm_start",
+                "mlflow.tracking_uri", "mlflow.experiment", "train.num_threads", "train.device",
+                "train.log_interval", "train.eval_batch_size", "data.cache_dir")
 # Inputs compared by content (Manifest.fingerprints), not by path.
 PATH_KEYS = ("data.train_path", "data.val_path", "data.tokenizer", "model.init_from")
 
@@ -188,15 +187,12 @@ class TrialRecord:
         return [(e, float(m[metric])) for e, m in sorted(self.epochs.items()) if metric in m]
 
 
-def _status(t: FrozenTrial) -> str:
-    return str(t.user_attrs.get("status", _STATUS_OF.get(t.state, "running")))
-
-
 def _trial_record(t: FrozenTrial) -> TrialRecord:
     epochs = {int(key[6:]): {k: float(v) for k, v in value.items() if _is_number(v)}
               for key, value in t.user_attrs.items()
               if key.startswith("epoch_") and key[6:].isdigit() and isinstance(value, Mapping)}
-    return TrialRecord(number=t.number, status=_status(t), params=dict(t.params), epochs=epochs,
+    status = str(t.user_attrs.get("status", _STATUS_OF.get(t.state, "running")))
+    return TrialRecord(number=t.number, status=status, params=dict(t.params), epochs=epochs,
                        error=str(t.user_attrs.get("error", "")), finalist_of=t.user_attrs.get("finalist_of"),
                        seed=t.user_attrs.get("seed"))
 
@@ -298,7 +294,7 @@ class StudyRecord:
 
     def statuses(self) -> dict[int, str]:
         """Trial number -> status, in one read of the storage."""
-        return {t.number: _status(t) for t in self._own_trials()}
+        return {t.number: t.status for t in self.trials()}
 
     def trial(self, number: int) -> TrialRecord:
         """Raises KeyError: ``number`` is not one of the study's own trials."""
