@@ -311,10 +311,6 @@ class StudyRecord:
         """The trial's whole checkpoints by epoch: (path on the runs' filesystem, meta.json)."""
         return checkpoint_metas(self.runs, number)
 
-    def checkpoints(self, number: int) -> dict[int, str]:
-        """The trial's whole checkpoints by epoch (paths on the runs' filesystem)."""
-        return {epoch: path for epoch, (path, _) in self.checkpoint_metas(number).items()}
-
     def best_checkpoint(self, number: int, metric: str, mode: str) -> str | None:
         """The trial's kept checkpoint with the best ``metric`` by its own meta.json."""
         scored = []
