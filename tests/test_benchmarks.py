@@ -31,8 +31,8 @@ def test_gpu_check_script_is_valid_bash() -> None:
 def test_gpu_check_reads_each_trials_checkpoints_from_the_study_record(tmp_path: Path) -> None:
     """The study summary embedded in gpu_check.sh, run on a CPU study record (it runs only on a GPU machine)."""
     import optuna
-
     from conftest import make_checkpoint
+
     from tune.record import StudyRecord
 
     text = (BENCH / "gpu_check.sh").read_text()
