@@ -110,7 +110,8 @@ def _history(study: optuna.Study, points: list[_Point], metric: str, best: _Poin
 
 
 def _parallel(study: optuna.Study, points: list[_Point], metric: str, best: _Point | None) -> Figure:
-    ax = optuna_plots.plot_parallel_coordinate(_view(study, points, stopped_complete=True), target_name=metric)
+    view = _view(study, points, stopped_complete=True)
+    ax = optuna_plots.plot_parallel_coordinate(view, target_name=metric)
     params = sorted({name for p in points for name in p.trial.params})  # Optuna's axis order
     ax.set_xticks(range(len(params) + 1), [metric, *params], rotation=12, ha="right")
     ax.set_title(f"{metric} and the searched parameters ({_counts(points)})")
@@ -126,8 +127,10 @@ def _parallel(study: optuna.Study, points: list[_Point], metric: str, best: _Poi
     handles = [Line2D([], [], color="tab:blue", label="completed"),
                Line2D([], [], color="tab:blue", linestyle="--", label="stopped early (last epoch)")]
     if best is not None and (own := [segment for segment in segments if segment[0, 1] == best.value]):
-        handles += ax.plot(*own[0].T, color="black", linewidth=3, zorder=5, label=f"best: {best.name} {best.value:.4g}")
-    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.08), ncol=3, fontsize=8, frameon=False)
+        handles += ax.plot(*own[0].T, color="black", linewidth=3, zorder=5,
+                           label=f"best: {best.name} {best.value:.4g}")
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.08), ncol=3, fontsize=8,
+              frameon=False)
     return ax.figure  # type: ignore[return-value]
 
 
@@ -136,7 +139,8 @@ def _importances(study: optuna.Study, points: list[_Point], metric: str, best: _
     title = f"Parameter importance for {metric}"
     if completed < MIN_TRIALS_FOR_IMPORTANCE:
         return _note(title, f"Needs at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials; this study has "
-                            f"{completed}.\nTrials stopped early do not count: their values are from fewer epochs.")
+                            f"{completed}.\nTrials stopped early do not count: their values are from "
+                            "fewer epochs.")
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # the same figure for the same trials
     ax = optuna_plots.plot_param_importances(study, evaluator=evaluator, target_name=metric)
     ax.set_title(f"{title} ({completed} completed trials)", loc="left")  # (where Optuna put its own)
@@ -145,14 +149,15 @@ def _importances(study: optuna.Study, points: list[_Point], metric: str, best: _
 
 def _curves(study: optuna.Study, points: list[_Point], metric: str, best: _Point | None) -> Figure:
     ranked = sorted((p for p in points if p.trial.intermediate_values), key=lambda p: p is not best)
-    ax = Figure(figsize=(9, 5)).add_subplot(
-        xlabel="epoch", ylabel=metric, title=f"{metric} per epoch, best first in the legend ({_counts(ranked)})")
+    ax = Figure(figsize=(9, 5)).add_subplot(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch, "
+                                            f"best first in the legend ({_counts(ranked)})")
     colours, grey = iter(_COLOURS), 0
     for p in ranked:
         epochs, values = zip(*sorted(p.trial.intermediate_values.items()))
         colour = "black" if p is best else next(colours, "0.75")
         grey += colour == "0.75"
-        label = " ".join([p.name, f"{p.value:.4g}"] + ["best"] * (p is best) + ["stopped early"] * p.stopped_early)
+        label = " ".join([p.name, f"{p.value:.4g}"] + ["best"] * (p is best)
+                         + ["stopped early"] * p.stopped_early)
         ax.plot(epochs, values, marker="o", markersize=4 if len(epochs) > 1 else 7,  # (a lone point: seen)
                 linestyle="--" if p.stopped_early else "-", color=colour, linewidth=3 if p is best else 1.3,
                 zorder=3 if p is best else 2, label=None if colour == "0.75" else label)
@@ -164,8 +169,8 @@ def _curves(study: optuna.Study, points: list[_Point], metric: str, best: _Point
     return ax.figure  # type: ignore[return-value]
 
 
-_DRAW = {"optimization_history": _history, "parallel_coordinates": _parallel, "param_importances": _importances,
-         "curves": _curves}
+_DRAW = {"optimization_history": _history, "parallel_coordinates": _parallel,
+         "param_importances": _importances, "curves": _curves}
 
 
 def study_figures(study: optuna.Study, metric: str, best_trial: int | None = None) -> dict[str, Figure]:
@@ -174,8 +179,8 @@ def study_figures(study: optuna.Study, metric: str, best_trial: int | None = Non
     completed trial). Close them with ``matplotlib.pyplot.close`` (Optuna's are pyplot figures)."""
     points = _points(study)
     if not points:
-        return {name: _note(name.replace("_", " "), f"No trial has a {metric} yet ({len(study.trials)} trials in "
-                                                     f"the study).") for name in PLOT_FILES}
+        why = f"No trial has a {metric} yet ({len(study.trials)} trials in the study)."
+        return {name: _note(name.replace("_", " "), why) for name in PLOT_FILES}
     best = next((p for p in points if (p.trial.number == best_trial if best_trial is not None
                                        else not p.stopped_early)), None)
     figures = {}

@@ -29,9 +29,9 @@ from .space import StudySpec
 from .storage import CHECKPOINT_PREFIX, StudyPaths, fetch_file
 
 __all__ = [
-    "RUNG_FIDELITY_WARNING", "Finalist", "RungFidelity", "TrialSummary", "dir_bytes", "finish_study", "format_table",
-    "prune_resume_state", "rank_finalists", "rung_fidelity", "summarize_finalists", "summarize_trials",
-    "write_best_yaml", "write_finalists_csv", "write_summary_csv",
+    "RUNG_FIDELITY_WARNING", "Finalist", "RungFidelity", "TrialSummary", "dir_bytes", "finish_study",
+    "format_table", "prune_resume_state", "rank_finalists", "rung_fidelity", "summarize_finalists",
+    "summarize_trials", "write_best_yaml", "write_finalists_csv", "write_summary_csv",
 ]
 
 
@@ -49,36 +49,34 @@ class TrialSummary:
     error: str = ""
     number: int = -1  # the record's trial number
     checkpoint_epoch: int | None = None  # the epoch of ``checkpoint`` (best_epoch unless that one is gone)
-    finalist_of: int | None = None  # a finalist: the search trial whose config it trains again with ``seed``
+    finalist_of: int | None = None  # a finalist: the search trial whose config it trains again, with ``seed``
     seed: int | None = None
 
 
-def _worst(mode: str) -> float:
-    return math.inf if mode == "min" else -math.inf
-
-
-_STATUS_RANK = {"completed": 0, "stopped_early": 1, "interrupted": 2, "running": 2, "failed": 3, "diverged": 3,
-                "abandoned": 4}
+_STATUS_RANK = {"completed": 0, "stopped_early": 1, "interrupted": 2, "running": 2, "failed": 3,
+                "diverged": 3, "abandoned": 4}
 
 
 def summarize_trials(record: StudyRecord, metric: str, mode: str) -> list[TrialSummary]:
     """Ranked summaries of the record's trials, best first: by status (completed, stopped early,
     unfinished, diverged and failed), then by the objective at the trial's best epoch."""
-    out, pick = [], min if mode == "min" else max
+    pick, worst = (min, math.inf) if mode == "min" else (max, -math.inf)
+    out = []
     for t in record.trials():
         curve = t.curve(metric)
         finite = [(e, v) for e, v in curve if math.isfinite(v)]
-        best_epoch, best_value = pick(finite, key=lambda ev: ev[1]) if finite else (0, _worst(mode))
+        best_epoch, best_value = pick(finite, key=lambda ev: ev[1]) if finite else (0, worst)
         metas = record.checkpoint_metas(t.number) if finite else {}
         if best_epoch in metas:  # the best epoch's own weights, when kept
             checkpoint = metas[best_epoch][0]
         else:
             checkpoint = record.best_checkpoint(t.number, metric, mode) if metas else None
+        checkpoint_epoch = next((e for e, (path, _) in metas.items() if path == checkpoint), None)
         out.append(TrialSummary(
-            trial_id=t.name, name=t.name, status=t.status, epochs=max(t.epochs, default=0), best_value=best_value,
-            best_epoch=best_epoch, params=t.params, curve=curve, checkpoint=checkpoint, error=t.error,
-            number=t.number, checkpoint_epoch=next((e for e, (path, _) in metas.items() if path == checkpoint), None),
-            finalist_of=t.finalist_of, seed=t.seed))
+            trial_id=t.name, name=t.name, status=t.status, epochs=max(t.epochs, default=0),
+            best_value=best_value, best_epoch=best_epoch, params=t.params, curve=curve, checkpoint=checkpoint,
+            error=t.error, number=t.number, checkpoint_epoch=checkpoint_epoch, finalist_of=t.finalist_of,
+            seed=t.seed))
     sign = 1.0 if mode == "min" else -1.0
     return sorted(out, key=lambda s: (_STATUS_RANK.get(s.status, 3), sign * s.best_value, s.number))
 
@@ -103,14 +101,15 @@ def rung_fidelity(summaries: Sequence[TrialSummary], rungs: Sequence[float]) -> 
     their average rank (pandas ``rank``)."""
     import pandas as pd
 
-    completed = [s for s in summaries if s.status == "completed" and s.curve and math.isfinite(s.curve[-1][1])]
+    completed = [s for s in summaries
+                 if s.status == "completed" and s.curve and math.isfinite(s.curve[-1][1])]
     out = []
     for epoch in map(int, rungs):
         pairs = [(dict(s.curve).get(epoch), s.curve[-1][1]) for s in completed]
         pairs = [(a, b) for a, b in pairs if a is not None and math.isfinite(a)]
         ranks = pd.DataFrame(pairs).rank()
         rho = ranks[0].corr(ranks[1]) if len(pairs) >= 3 else math.nan
-        out.append(RungFidelity(epoch=epoch, trials=len(pairs), spearman=None if math.isnan(rho) else float(rho)))
+        out.append(RungFidelity(epoch, len(pairs), None if math.isnan(rho) else float(rho)))
     return out
 
 
@@ -145,10 +144,11 @@ def summarize_finalists(summaries: Sequence[TrialSummary], base_seed: int, mode:
     """The configs with finished finalist trials, ranked (:func:`rank_finalists`); the search trial
     itself ran with ``base_seed``."""
     runs: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    worst = math.inf if mode == "min" else -math.inf
     for s in summaries:
         if s.finalist_of is not None and s.seed is not None and s.status in FINISHED:
             finite = s.status == "completed" and math.isfinite(s.best_value)
-            runs[s.finalist_of].append((s.seed, s.best_value if finite else _worst(mode)))
+            runs[s.finalist_of].append((s.seed, s.best_value if finite else worst))
     by_number = {s.number: s for s in summaries}
     out = []
     for number, seeded in runs.items():
@@ -181,12 +181,13 @@ def write_summary_csv(path: Path, summaries: Sequence[TrialSummary], metric: str
     """``summary.csv``: every trial ranked; a finalist's row names the search trial whose config it
     trains again (``finalist_of``) and its ``seed``."""
     keys = _param_keys(summaries)
-    return _write_csv(path, [
-        ["rank", "trial_id", "status", "epochs", f"best_{metric}", "best_epoch", "checkpoint", "error", "finalist_of",
-         "seed", *keys],
-        *([i, s.trial_id, s.status, s.epochs, s.best_value, s.best_epoch, s.checkpoint or "", s.error,
-           "" if s.finalist_of is None else f"t{s.finalist_of:03d}", "" if s.seed is None else s.seed,
-           *(s.params.get(k, "") for k in keys)] for i, s in enumerate(summaries, 1))])
+    return _write_csv(path, [  # (None is an empty cell)
+        ["rank", "trial_id", "status", "epochs", f"best_{metric}", "best_epoch", "checkpoint", "error",
+         "finalist_of", "seed", *keys],
+        *([i, s.trial_id, s.status, s.epochs, s.best_value, s.best_epoch, s.checkpoint, s.error,
+           None if s.finalist_of is None else f"t{s.finalist_of:03d}", s.seed,
+           *(s.params.get(k) for k in keys)]
+          for i, s in enumerate(summaries, 1))])
 
 
 def format_table(summaries: Sequence[TrialSummary], metric: str, top: int = 10) -> str:
@@ -196,16 +197,18 @@ def format_table(summaries: Sequence[TrialSummary], metric: str, top: int = 10) 
         return "(no trials)"
     keys = _param_keys(summaries)
     rows = [["rank", "trial", "status", "epochs", f"best {metric}", *keys]]
-    rows += [[str(i), s.trial_id, s.status, str(s.epochs), f"{s.best_value:.4f}" if math.isfinite(s.best_value) else "-",
+    rows += [[str(i), s.trial_id, s.status, str(s.epochs),
+              f"{s.best_value:.4f}" if math.isfinite(s.best_value) else "-",
               *(f"{v:.4g}" if isinstance(v := s.params.get(k), float) else str(v) for k in keys)]
              for i, s in enumerate(summaries[:top], 1)]
     widths = [max(map(len, column)) for column in zip(*rows)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
 
-def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary, finalist: Finalist | None = None) -> Path:
-    """The complete run config of the best trial, runnable by ``python -m minimind_train.sft``; its header
-    records the trial's value and, when finalists ran, the config's mean ± std over seeds."""
+def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary,
+                    finalist: Finalist | None = None) -> Path:
+    """The complete run config of the best trial, runnable by ``python -m minimind_train.sft``; its
+    header records the trial's value and, when finalists ran, the config's mean ± std over seeds."""
     body = yaml.safe_dump(run_config_to_dict(spec.run.with_overrides(best.params)), sort_keys=False,
                           allow_unicode=True)
     head = (f"# Best trial {best.trial_id} of study from {spec.source}: "
@@ -225,8 +228,9 @@ def prune_resume_state(record: StudyRecord, summaries: Sequence[TrialSummary], k
     continues it). Every other finished trial keeps only the fp16 weights of its best checkpoint.
     """
     freed = 0
-    for s in (s for s in summaries[keep_top:] if s.status in FINISHED):
-        for ckpt in (ckpt for d in record.trial_dirs(s.number) for ckpt in d.glob(f"{CHECKPOINT_PREFIX}*")):
+    for s in summaries[keep_top:]:
+        trial_dirs = record.trial_dirs(s.number) if s.status in FINISHED else []
+        for ckpt in (ckpt for trial_dir in trial_dirs for ckpt in trial_dir.glob(f"{CHECKPOINT_PREFIX}*")):
             if str(ckpt) == s.checkpoint:
                 freed += drop_resume_state(ckpt)
             elif (ckpt / MODEL_FILE).exists() or (ckpt / STATE_FILE).exists():
@@ -252,7 +256,8 @@ def _answer(search: Sequence[TrialSummary], finalists: Sequence[Finalist],
     if finalists:
         print(f"\nfinalists: the top configs trained again with other seeds, best mean {metric} first")
         for f in finalists:
-            mean = f"mean {f.mean:.4f} ± {f.std:.4f}" if math.isfinite(f.mean) else "unstable (a seed diverged)"
+            mean = (f"mean {f.mean:.4f} ± {f.std:.4f}" if math.isfinite(f.mean)
+                    else "unstable (a seed diverged)")
             print(f"  {f.trial_id}  {mean}  seeds {' '.join(map(str, f.seeds))}: "
                   + " ".join(f"{v:.4f}" for v in f.values))
         if math.isfinite(finalists[0].mean):
@@ -287,26 +292,26 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
     print()
     print(format_table(search, t.metric))
     finalists = summarize_finalists(summaries, spec.run.train.seed, t.mode)
-    artifacts: dict[str, Path] = {}
+    best, finalist = _answer(search, finalists, t.metric)
+    best_model = None if best is None else _best_model(paths, best)
+    plots = plot_study(record.study, study_dir / "plots", metric=t.metric,
+                       best_trial=None if best is None else best.number)
+    artifacts = {"summary.csv": write_summary_csv(study_dir / "summary.csv", summaries, t.metric),
+                 **{f"plots/{p.name}": p for p in plots.values()}}
     if finalists:
         artifacts["finalists.csv"] = write_finalists_csv(study_dir / "finalists.csv", finalists, t.metric)
-    best, finalist = _answer(search, finalists, t.metric)
-    study_metrics: dict[str, float] = {}
-    if finalist is not None:
-        study_metrics = {f"best_mean_{t.metric}": finalist.mean, f"best_std_{t.metric}": finalist.std}
-    best_model = None if best is None else _best_model(paths, best)
     if best is not None:
         artifacts["best.yaml"] = write_best_yaml(study_dir / "best.yaml", spec, best, finalist)
     if best_model is not None:
         artifacts["best/model.pth"] = best_model
-    artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric)
-    plots = plot_study(record.study, study_dir / "plots", metric=t.metric, best_trial=None if best is None else best.number)
-    artifacts.update({f"plots/{p.name}": p for p in plots.values()})
+    study_metrics = {} if finalist is None else {f"best_mean_{t.metric}": finalist.mean,
+                                                  f"best_std_{t.metric}": finalist.std}
     study_metrics.update(_print_rung_fidelity(spec, search))
     warn_on_failure(lambda: mirror.finish(
         "FAILED" if best is None else status, best=None if best is None else record.trial(best.number),
-        best_value=None if best is None else best.best_value, best_epoch=None if best is None else best.best_epoch,
-        artifacts=artifacts, study_metrics=study_metrics))
+        best_value=None if best is None else best.best_value,
+        best_epoch=None if best is None else best.best_epoch, artifacts=artifacts,
+        study_metrics=study_metrics))
     freed = prune_resume_state(record, summaries, t.keep_top_trials)  # (local trial folders only)
     unfinished = [s for s in summaries if s.status in ("interrupted", "running", "failed")]
     print()
@@ -317,7 +322,8 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
     print(f"compare trials: python -m tune.ui --tracking-uri {mirror.tracking_uri}")
     if unfinished:
         print(f"{len(unfinished)} trial(s) unfinished ({', '.join(s.trial_id for s in unfinished)}): "
-              "--resume continues them", *(f"  {s.trial_id}: {s.status}: {s.error}" for s in unfinished if s.error),
+              "--resume continues them",
+              *(f"  {s.trial_id}: {s.status}: {s.error}" for s in unfinished if s.error),
               sep="\n", file=sys.stderr)
     if full := [s for s in unfinished if "No space left on device" in s.error or "disk is full" in s.error]:
         print(f"error: the disk holding {study_dir} is full: {len(full)} trial(s) could not save "
@@ -332,7 +338,7 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
 
 def _print_best(spec: StudySpec, paths: StudyPaths, best: TrialSummary, finalist: Finalist | None,
                 best_model: Path | None, unfinished: Sequence[TrialSummary]) -> None:
-    """The study's answer, after the warnings about its checkpoint and the unfinished trials that beat it."""
+    """The study's answer, after warnings about its checkpoint and the unfinished trials that beat it."""
     metric, sign = spec.tune.metric, 1 if spec.tune.mode == "min" else -1
     if best.checkpoint is None:
         print(f"warning: no checkpoint of trial {best.trial_id} is left; best.yaml still retrains its config",
@@ -344,9 +350,11 @@ def _print_best(spec: StudySpec, paths: StudyPaths, best: TrialSummary, finalist
         if math.isfinite(s.best_value) and sign * s.best_value < sign * best.best_value:
             print(f"note: unfinished trial {s.trial_id} already reached {metric} {s.best_value:.4f} after "
                   f"{s.epochs} epoch(s): --resume finishes it")
-    mean = f"; mean over {len(finalist.seeds)} seeds {finalist.mean:.4f} ± {finalist.std:.4f}" if finalist else ""
+    mean = "" if finalist is None else (f"; mean over {len(finalist.seeds)} seeds {finalist.mean:.4f} ± "
+                                        f"{finalist.std:.4f}")
     print(f"best: trial {best.trial_id}  {metric} {best.best_value:.4f} (epoch {best.best_epoch}){mean}",
-          *(f"  {k}: {v}" for k, v in best.params.items()), f"best config: {paths.local_dir / 'best.yaml'}", sep="\n")
+          *(f"  {k}: {v}" for k, v in best.params.items()), f"best config: {paths.local_dir / 'best.yaml'}",
+          sep="\n")
     if best_model is not None:
         copied = "" if paths.is_local else f" (copied from {best.checkpoint}/{MODEL_FILE})"
         print(f"best fp16 checkpoint: {best_model}{copied}")
@@ -367,6 +375,6 @@ def _print_rung_fidelity(spec: StudySpec, summaries: Sequence[TrialSummary]) -> 
     for f in found:
         if f.spearman is not None and f.spearman < RUNG_FIDELITY_WARNING:
             print(f"warning: at epoch {f.epoch} the trials ranked unlike at their end ({f.spearman:+.2f} < "
-                  f"{RUNG_FIDELITY_WARNING}): ASHA may have stopped configs that would have ended best; raise "
-                  "tune.scheduler.grace_period or lower reduction_factor", file=sys.stderr)
+                  f"{RUNG_FIDELITY_WARNING}): ASHA may have stopped configs that would have ended best; "
+                  "raise tune.scheduler.grace_period or lower reduction_factor", file=sys.stderr)
     return {f"rung_fidelity_epoch_{f.epoch}": f.spearman for f in found if f.spearman is not None}
