@@ -60,12 +60,12 @@ _STATUS_RANK = {"completed": 0, "stopped_early": 1, "interrupted": 2, "running":
 def summarize_trials(record: StudyRecord, metric: str, mode: str) -> list[TrialSummary]:
     """Ranked summaries of the record's trials, best first: by status (completed, stopped early,
     unfinished, diverged and failed), then by the objective at the trial's best epoch."""
-    pick, worst = (min, math.inf) if mode == "min" else (max, -math.inf)
+    sign = 1.0 if mode == "min" else -1.0
     out = []
     for t in record.trials():
         curve = t.curve(metric)
         finite = [(e, v) for e, v in curve if math.isfinite(v)]
-        best_epoch, best_value = pick(finite, key=lambda ev: ev[1]) if finite else (0, worst)
+        best_epoch, best_value = min(finite, key=lambda ev: sign * ev[1]) if finite else (0, sign * math.inf)
         metas = record.checkpoint_metas(t.number) if finite else {}
         if best_epoch in metas:  # the best epoch's own weights, when kept
             checkpoint = metas[best_epoch][0]
@@ -77,7 +77,6 @@ def summarize_trials(record: StudyRecord, metric: str, mode: str) -> list[TrialS
             best_value=best_value, best_epoch=best_epoch, params=t.params, curve=curve, checkpoint=checkpoint,
             error=t.error, number=t.number, checkpoint_epoch=checkpoint_epoch, finalist_of=t.finalist_of,
             seed=t.seed))
-    sign = 1.0 if mode == "min" else -1.0
     return sorted(out, key=lambda s: (_STATUS_RANK.get(s.status, 3), sign * s.best_value, s.number))
 
 
