@@ -292,17 +292,18 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
     print(format_table(search, t.metric))
     finalists = summarize_finalists(summaries, spec.run.train.seed, t.mode)
     best, finalist = _answer(search, finalists, t.metric)
-    best_model = None if best is None else _best_model(paths, best)
-    plots = plot_study(record.study, study_dir / "plots", metric=t.metric,
-                       best_trial=None if best is None else best.number)
-    artifacts = {"summary.csv": write_summary_csv(study_dir / "summary.csv", summaries, t.metric),
-                 **{f"plots/{p.name}": p for p in plots.values()}}
+    artifacts: dict[str, Path] = {}
     if finalists:
         artifacts["finalists.csv"] = write_finalists_csv(study_dir / "finalists.csv", finalists, t.metric)
     if best is not None:
         artifacts["best.yaml"] = write_best_yaml(study_dir / "best.yaml", spec, best, finalist)
+    best_model = None if best is None else _best_model(paths, best)
     if best_model is not None:
         artifacts["best/model.pth"] = best_model
+    artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric)
+    plots = plot_study(record.study, study_dir / "plots", metric=t.metric,
+                       best_trial=None if best is None else best.number)
+    artifacts.update({f"plots/{p.name}": p for p in plots.values()})
     study_metrics = {} if finalist is None else {f"best_mean_{t.metric}": finalist.mean,
                                                   f"best_std_{t.metric}": finalist.std}
     study_metrics.update(_print_rung_fidelity(spec, search))
