@@ -51,7 +51,7 @@ from tune.record import StudyRecord
 record = StudyRecord.open(Path(sys.argv[1]))
 rows = []
 for t in record.trials():
-    metas = [json.loads((c / "meta.json").read_text()) for c in record.checkpoints(t.number).values()]
+    metas = [meta for _, meta in record.checkpoint_metas(t.number).values()]
     last = t.epochs[max(t.epochs)] if t.epochs else {}
     rows.append({"trial": t.name, "status": t.status, "epochs": sorted(t.epochs),
                  "val_loss": last.get("val_loss"), "peak_memory_mb": last.get("peak_memory_mb"),

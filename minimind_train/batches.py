@@ -10,7 +10,10 @@ import torch
 from .chat import IGNORE_INDEX
 from .token_cache import TokenCache
 
-__all__ = ["TokenizedDataset", "batch_indices"]
+__all__ = ["CHUNK_BATCHES", "TokenizedDataset", "batch_indices"]
+
+# Batches per length-sorted chunk: enough to group similar lengths, few enough that batches still mix.
+CHUNK_BATCHES = 64
 
 
 class TokenizedDataset:
@@ -50,25 +53,21 @@ class TokenizedDataset:
 
 
 def batch_indices(lengths: np.ndarray | Sequence[int], batch_size: int, *, seed: int, epoch: int,
-                  shuffle: bool = True, group_by_length: bool = True,
-                  chunk_batches: int = 64) -> list[list[int]]:
+                  shuffle: bool = True, group_by_length: bool = True) -> list[list[int]]:
     """Batches of dataset indices, a deterministic function of ``(seed, epoch)``; the last may be short.
 
-    With ``group_by_length`` the shuffled order is cut into chunks of ``chunk_batches`` batches, each
-    chunk sorted by length and cut into batches, so a batch holds similar lengths (little padding)
-    while which samples meet still varies by epoch; the batch order is then shuffled. Without
-    ``shuffle`` (evaluation) the order is sequential, length-sorted within chunks when grouping.
+    With ``group_by_length`` the shuffled order is cut into chunks of :data:`CHUNK_BATCHES` batches, each
+    sorted by length and cut into batches (little padding; which samples meet still varies by epoch),
+    then the batch order is shuffled. Without ``shuffle`` (evaluation) the order is sequential.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be > 0")
-    if chunk_batches <= 0:
-        raise ValueError(f"chunk_batches={chunk_batches} must be > 0")
     lengths = np.asarray(lengths)
     n = lengths.size
     rng = np.random.default_rng([seed, epoch]) if shuffle else None
     order = rng.permutation(n) if rng is not None else np.arange(n)
     if group_by_length and n:
-        chunk = chunk_batches * batch_size
+        chunk = CHUNK_BATCHES * batch_size
         # Stable sort keeps equal-length ties in the (shuffled) order, so ties stay random too.
         order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
                                 for c in np.split(order, range(chunk, n, chunk))])

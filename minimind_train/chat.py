@@ -1,16 +1,13 @@
 """Chat format and labels: a MiniMind conversation -> the chat template's text -> token ids and labels.
 
-Labels follow the Hugging Face convention: same length as ``input_ids``, the token id where the token
-is supervised, :data:`IGNORE_INDEX` elsewhere; the causal shift happens in the loss. As in MiniMind2 and
-MiniMind-3, everything after each ``<|im_start|>assistant\\n`` through the next ``<|im_end|>`` and the
-token after it (the ``\\n``) is supervised -- for MiniMind-3 that includes ``<think>`` blocks and tool
-calls; tool responses, user and system turns never are.
+Labels follow the Hugging Face convention: aligned with ``input_ids``, the token id where supervised,
+:data:`IGNORE_INDEX` elsewhere (the loss shifts). As upstream, everything after each
+``<|im_start|>assistant\\n`` through the next ``<|im_end|>`` and its ``\\n`` is supervised (MiniMind-3:
+``<think>`` blocks and tool calls too); tool responses, user and system turns never are.
 
 Messages carry upstream's fields ``role, content, reasoning_content, tools, tool_calls`` (the last two
-JSON strings, parsed as upstream's ``SFTDataset`` parses them); the chat template decides what they
-render to. A message with any other field is refused (upstream's loader refuses the whole file).
-Upstream's random augmentation (a system prompt prepended with p 0.2, empty think blocks removed with
-p 0.8) runs only when :func:`render` is given a generator.
+JSON strings, parsed as upstream's ``SFTDataset`` does); a message with any other field is refused.
+Upstream's random augmentation runs only when :func:`render` is given a generator.
 """
 
 from __future__ import annotations
@@ -65,12 +62,9 @@ class BadToolJSON(ValueError):
 
 def check_messages(obj: Any, unknown: Counter[str] | None = None
                    ) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """``(messages, None)`` for a well-formed message list, else ``(None, reason)``.
-
-    ``reason`` is a :class:`~minimind_train.token_cache.SkipCounts` field. Each message comes back with
-    exactly upstream's five fields (missing ones None, as upstream's loader makes them), so nothing else
-    reaches the template. Names of unknown fields are counted in ``unknown``.
-    """
+    """``(messages, None)`` for a well-formed message list, else ``(None, reason)`` (a
+    :class:`~minimind_train.token_cache.SkipCounts` field). Each message comes back with exactly
+    upstream's five fields (missing ones None); names of unknown fields are counted in ``unknown``."""
     if not isinstance(obj, (list, tuple)):
         return None, "invalid_format"
     messages: list[dict[str, Any]] = []
@@ -104,16 +98,14 @@ def render(tokenizer: Any, messages: list[dict[str, Any]], rng: Random | None = 
 
     ``tools`` comes from a system message's JSON string (the last one wins) and each ``tool_calls``
     string is parsed, as upstream's SFTDataset does; :class:`BadToolJSON` when one is not JSON. With
-    ``rng`` (a seeded ``random.Random``, or anything with its ``random()`` and ``choice()``), upstream's ``pre_processing_chat`` (tool-use data untouched, else a system prompt with p
-    0.2) and ``post_processing_chat`` (every empty think block removed with p 0.8), draws in its order.
+    ``rng`` (a seeded ``random.Random``): upstream's ``pre_processing_chat`` (unless tool use, a system
+    prompt with p 0.2) and ``post_processing_chat`` (empty think blocks removed with p 0.8), in its order.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat_template; SFT data is rendered with it")
     if (rng is not None and not any(m.get("tools") for m in messages) and messages
             and messages[0]["role"] != "system" and rng.random() < ADD_SYSTEM_RATIO):
-        system = dict.fromkeys(FIELDS)
-        system.update(role="system", content=rng.choice(SYSTEM_PROMPTS))
-        messages = [system, *messages]
+        messages = [{**dict.fromkeys(FIELDS), "role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, *messages]
     tools, parsed = None, []
     for message in messages:
         message = dict(message)
@@ -188,13 +180,11 @@ def supervision_mask(ids: np.ndarray, markers: tuple[np.ndarray, int]) -> np.nda
 
 def encode_conversation(tokenizer: Any, conversations: Sequence[Mapping[str, Any]], max_length: int,
                         *, rng: Random | None = None) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of one conversation, truncated to ``max_length`` tokens.
+    """``(input_ids, labels)`` of one conversation, truncated to ``max_length`` tokens, as the token
+    cache encodes it (``rng``: see :func:`render`).
 
-    Roles are taken from each message (``system``/``user``/``assistant``, and ``tool`` where the
-    template renders it), not from its position; every message field and the tools reach the chat
-    template as in upstream's ``SFTDataset``. ``rng`` (e.g. a seeded ``random.Random``) turns on
-    upstream's random augmentation with its draws in upstream's order. Raises :class:`DataError` for an
-    unknown role or field, non-string content, bad tool JSON or a malformed message.
+    Raises :class:`DataError` for an unknown role (``tool`` only where the template renders it) or
+    field, non-string content, bad tool JSON or a malformed message.
     """
     if max_length <= 0:
         raise ValueError(f"max_length={max_length} must be > 0")

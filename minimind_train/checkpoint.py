@@ -9,6 +9,7 @@ Layout of one checkpoint folder::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -75,19 +76,14 @@ def _amp_dtype(name: str, device: torch.device) -> torch.dtype:
 def init_state(cfg: RunConfig, vocab_size: int, device: torch.device | None = None) -> TrainState:
     """Fresh model of ``model.family`` (with ``model.init_from``'s weights, loaded strictly), AdamW
     and scaler, on ``device`` (None: ``train.device``)."""
-    return _new_state(cfg, vocab_size, device, cfg.model.init_from)
-
-
-def _new_state(cfg: RunConfig, vocab_size: int, device: torch.device | None,
-               weights: str | None) -> TrainState:
-    device = device or _device(cfg.train.device)
-    amp_dtype = _amp_dtype(cfg.train.dtype, device)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, vocab_size)
-    if weights:
-        load_minimind_weights(model, weights)
-    model.to(device)
     t = cfg.train
+    device = device or _device(t.device)
+    amp_dtype = _amp_dtype(t.dtype, device)
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, vocab_size)
+    if cfg.model.init_from:
+        load_minimind_weights(model, cfg.model.init_from)
+    model.to(device)
     # Norm weights and biases are not decayed (standard AdamW practice; MiniMind decays nothing).
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -134,15 +130,9 @@ def load_minimind_weights(model: torch.nn.Module, path: str | os.PathLike[str]) 
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in loaded.items()}, strict=True)
 
 
-def save_checkpoint(
-    directory: str | os.PathLike[str],
-    state: TrainState,
-    cfg: RunConfig,
-    metrics: Mapping[str, float] | None = None,
-    meta: Mapping[str, Any] | None = None,
-    *,
-    resume_state: bool = True,
-) -> Path:
+def save_checkpoint(directory: str | os.PathLike[str], state: TrainState, cfg: RunConfig,
+                    metrics: Mapping[str, float] | None = None, meta: Mapping[str, Any] | None = None, *,
+                    resume_state: bool = True) -> Path:
     """Write a checkpoint folder atomically: readers see the old folder or the new one, never half."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -158,19 +148,10 @@ def save_checkpoint(
                 "model": {k: v.detach().float().cpu() for k, v in state.model.state_dict().items()},
                 "optimizer": state.optimizer.state_dict(),
                 "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-                "epoch": state.epoch,
-                "step": state.step,
-                "first_loss": state.first_loss,
-                "rng": rng,
+                "epoch": state.epoch, "step": state.step, "first_loss": state.first_loss, "rng": rng,
             }, tmp / STATE_FILE)
-        info = {
-            "config": run_config_to_dict(cfg),
-            "epoch": state.epoch,
-            "step": state.step,
-            "metrics": dict(metrics or {}),
-            "versions": {"torch": torch.__version__},
-            **dict(meta or {}),
-        }
+        info = {"config": run_config_to_dict(cfg), "epoch": state.epoch, "step": state.step,
+                "metrics": dict(metrics or {}), "versions": {"torch": torch.__version__}, **dict(meta or {})}
         (tmp / META_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -186,22 +167,20 @@ def save_checkpoint(
 
 
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``meta.json`` of a checkpoint folder (config, epoch, step, metrics, versions)."""
     return json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
 
 
-def load_train_state(
-    directory: str | os.PathLike[str],
-    cfg: RunConfig,
-    vocab_size: int,
-    device: torch.device | None = None,
-) -> TrainState:
+def load_train_state(directory: str | os.PathLike[str], cfg: RunConfig, vocab_size: int,
+                     device: torch.device | None = None) -> TrainState:
     """Rebuild the exact :class:`TrainState` saved in ``directory`` (fp32 weights, optimizer, RNG)."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: this checkpoint holds no resume state (only fp16 weights)")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     # init_from is not loaded: the saved weights supersede it.
-    state = _new_state(cfg, vocab_size, device, weights=None)
+    state = init_state(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None)), vocab_size,
+                       device)
     state.model.load_state_dict(saved["model"], strict=True)
     state.optimizer.load_state_dict(saved["optimizer"])
     if state.scaler is not None and saved["scaler"] is not None:

@@ -21,7 +21,7 @@ from pydantic.dataclasses import dataclass
 from .validation import STRICT, Bool, ConfigError, Int, Number, Text, did_you_mean, raising, validate
 
 __all__ = [
-    "FAMILY_DEFAULTS", "MODEL_FAMILIES", "ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig",
+    "FAMILY_DEFAULTS", "ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig",
     "load_run_config", "resolve_paths", "run_config_from_dict", "run_config_to_dict",
 ]
 
@@ -34,7 +34,6 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "minimind3": {"hidden_size": 768, "num_key_value_heads": 4, "rms_norm_eps": 1e-6,
                   "num_experts_per_tok": 1, "n_shared_experts": 0, "aux_loss_alpha": 5e-4, "seq_aux": False},
 }
-MODEL_FAMILIES: tuple[str, ...] = tuple(FAMILY_DEFAULTS)
 # The one value MiniMind-3 (upstream d65ef2c) supports for a field, and why.
 _NO_DROPOUT = "dropout 0.0 in its released configs; the Qwen3 modules used here have no residual dropout"
 _MINIMIND3_ONLY = {"n_shared_experts": (0, "no shared expert"),
@@ -44,14 +43,12 @@ _MINIMIND3_ONLY = {"n_shared_experts": (0, "no shared expert"),
 @raising("model")
 @dataclass(frozen=True, config=STRICT)
 class ModelConfig:
-    """One MiniMind generation's architecture (upstream field names) and where training starts from.
+    """One MiniMind generation's architecture (upstream field names) and where training starts from:
+    the run file's ``model`` section, and what :func:`minimind_train.model.build_model` takes.
 
-    The one model config type: the run file's ``model`` section, and what the model classes and
-    :func:`minimind_train.model.build_model` take. ``family`` picks the generation: ``minimind2``
-    (upstream 274483c) or ``minimind3`` (upstream d65ef2c: Qwen3-style q/k norms, ``head_dim``,
-    Switch-style MoE balance loss). Fields left None take that generation's upstream default
-    (:data:`FAMILY_DEFAULTS`) when the config is built; ``dataclasses.replace(cfg, family=...)`` keeps
-    the values already resolved.
+    ``family``: ``minimind2`` (upstream 274483c) or ``minimind3`` (upstream d65ef2c: Qwen3-style q/k
+    norms, ``head_dim``, Switch-style MoE balance loss). Fields left None take that generation's
+    default (:data:`FAMILY_DEFAULTS`); ``dataclasses.replace(cfg, family=...)`` keeps resolved values.
     """
 
     family: Literal["minimind2", "minimind3"] = "minimind2"
@@ -193,12 +190,9 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
-        """This config with each ``{"section.key": value}`` set, validated together like YAML input.
-
-        Together, so fields bound by a rule (hidden_size and num_attention_heads) can change at once.
-        NumPy scalars (from a sampler) become Python numbers. Raises :class:`ConfigError` for a path
-        that is not a field (naming the fields) or a value that is not allowed.
-        """
+        """This config with each ``{"section.key": value}`` set, validated together like YAML input (so
+        fields bound by a rule can change at once); NumPy scalars become Python numbers. Raises
+        :class:`ConfigError` for a path that is not a field (naming the fields) or a bad value."""
         raw = run_config_to_dict(self)
         for path, value in overrides.items():
             section, _, name = str(path).partition(".")

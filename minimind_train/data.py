@@ -49,17 +49,6 @@ class SFTStats:
     # Message fields that made samples of the training file be skipped ("name xcount, ..."), if any.
     unknown_fields: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        """Flat JSON-ready mapping (``skipped.<reason>`` keys)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, SkipCounts):
-                out.update({f"{f.name}.{k}": v for k, v in value.as_dict().items()})
-            elif value is not None:
-                out[f.name] = value
-        return out
-
 
 @dataclass(frozen=True, eq=False)
 class SFTData:
@@ -72,7 +61,15 @@ class SFTData:
     stats: SFTStats
 
     def stats_dict(self) -> dict[str, Any]:
-        return self.stats.as_dict()
+        """:attr:`stats` as a flat JSON-ready mapping (``skipped.<reason>`` keys, unset fields left out)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self.stats):
+            value = getattr(self.stats, f.name)
+            if isinstance(value, SkipCounts):
+                out.update({f"{f.name}.{k}": v for k, v in value.as_dict().items()})
+            elif value is not None:
+                out[f.name] = value
+        return out
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Any = None, *, show_progress: bool | None = None) -> SFTData:
@@ -102,13 +99,10 @@ def prepare_data(cfg: DataConfig, tokenizer: Any = None, *, show_progress: bool 
 
 def open_prepared(cfg: DataConfig, train_cache: str | Path, val_cache: str | Path | None = None, *,
                   pad_id: int, vocab_size: int) -> SFTData:
-    """What :func:`prepare_data` returned for ``cfg``, reopened from its published cache folders alone.
-
-    ``train_cache``/``val_cache`` are ``stats.cache_path``/``stats.val_cache_path`` of that result, and
-    ``pad_id``/``vocab_size`` its fields; neither the source jsonl nor the tokenizer is read, so a
-    process that has only the cache folders (a trial on another machine) gets the same splits.
-    Raises ``OSError``/``ValueError`` when a folder is missing or incomplete.
-    """
+    """What :func:`prepare_data` returned for ``cfg``, reopened from its cache folders alone
+    (``stats.cache_path``/``stats.val_cache_path`` of that result): neither the jsonl nor the tokenizer
+    is read, so a trial on another machine gets the same splits. Raises ``OSError``/``ValueError`` when a
+    folder is missing or incomplete."""
     if (val_cache is None) != (cfg.val_path is None):
         raise ValueError(f"val_cache={val_cache!r} does not match data.val_path={cfg.val_path!r}")
     train = open_cache(train_cache)

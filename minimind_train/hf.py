@@ -8,7 +8,7 @@ weights between the two, strictly.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from torch import Tensor, nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
@@ -22,6 +22,7 @@ __all__ = ["MiniMindHFConfig", "MiniMindHFForCausalLM", "from_hf", "to_hf"]
 
 # The ModelConfig fields a config.json holds (init_from is where a run started, not the model).
 _FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "init_from")
+_M = TypeVar("_M", bound=nn.Module)
 
 
 class MiniMindHFConfig(PretrainedConfig):
@@ -36,9 +37,8 @@ class MiniMindHFConfig(PretrainedConfig):
             setattr(self, name, getattr(core, name))
         if not kwargs.pop("tie_word_embeddings", True):
             raise ValueError("tie_word_embeddings=False: MiniMind2 ties lm_head to embed_tokens")
-        for name, token_id in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 0)):
-            kwargs.setdefault(name, token_id)  # MiniMind's tokenizer
-        super().__init__(tie_word_embeddings=True, **kwargs)
+        # Special token ids default to MiniMind's tokenizer's.
+        super().__init__(**{"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **kwargs}, tie_word_embeddings=True)
 
     def to_core(self) -> ModelConfig:
         """The :class:`ModelConfig` this transformers config holds."""
@@ -58,32 +58,13 @@ class MiniMindHFForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    # Embedding getters/setters: PreTrainedModel's defaults find model.embed_tokens and lm_head.
     def _init_weights(self, module: nn.Module) -> None:
         init_weights(module)
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool = False,
-        logits_to_keep: int | Tensor = 0,
-        position_ids: Tensor | None = None,
-        **kwargs: object,
-    ) -> MoeCausalLMOutputWithPast:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                past_key_values: Cache | None = None, use_cache: bool = False, logits_to_keep: int | Tensor = 0,
+                position_ids: Tensor | None = None, **kwargs: object) -> MoeCausalLMOutputWithPast:
         """As :meth:`MiniMindForCausalLM.forward`; extra generate() inputs (``cache_position``) are ignored."""
         if past_key_values is not None and not isinstance(past_key_values, Cache):
             raise TypeError(f"past_key_values must be a transformers Cache, got {type(past_key_values)}")
@@ -94,19 +75,19 @@ class MiniMindHFForCausalLM(PreTrainedModel, GenerationMixin):
                                          past_key_values=out.past_key_values)
 
 
+def _copy_into(target: _M, source: nn.Module) -> _M:
+    """``target`` with ``source``'s weights (strictly), dtype, device and train/eval mode."""
+    param = next(source.parameters())
+    target.to(device=param.device, dtype=param.dtype)
+    target.load_state_dict(source.state_dict(), strict=True)
+    return target.train(source.training)
+
+
 def to_hf(model: MiniMindForCausalLM) -> MiniMindHFForCausalLM:
     """A transformers model holding a copy of ``model``'s weights (same dtype and device)."""
-    param = next(model.parameters())
-    hf = MiniMindHFForCausalLM(MiniMindHFConfig(**{n: getattr(model.config, n) for n in _FIELDS}))
-    hf.to(device=param.device, dtype=param.dtype)
-    hf.load_state_dict(model.state_dict(), strict=True)
-    return hf.train(model.training)
+    return _copy_into(MiniMindHFForCausalLM(MiniMindHFConfig(**{n: getattr(model.config, n) for n in _FIELDS})), model)
 
 
 def from_hf(hf: MiniMindHFForCausalLM) -> MiniMindForCausalLM:
     """The training model holding a copy of ``hf``'s weights."""
-    param = next(hf.parameters())
-    model = MiniMindForCausalLM(hf.config.to_core())
-    model.to(device=param.device, dtype=param.dtype)
-    model.load_state_dict(hf.state_dict(), strict=True)
-    return model.train(hf.training)
+    return _copy_into(MiniMindForCausalLM(hf.config.to_core()), hf)

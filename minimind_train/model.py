@@ -1,17 +1,14 @@
 """MiniMind2 in plain PyTorch (GQA + RoPE + RMSNorm + SwiGLU, optional MoE, tied embeddings), and the
 one entry point that builds either MiniMind generation (:func:`build_model`, :func:`from_upstream`).
 
-Module and parameter names match upstream MiniMind2 (github.com/jingyaogong/minimind), so its ``.pth``
-state dicts load strictly and this model's state dicts load into upstream code. Numerics in fp32 match
-upstream; the deliberate differences are speed and precision fixes that do not change fp32 results:
-one routing path for train and eval, experts keeping the autocast dtype (upstream forces fp16 in
-training), routing softmax in fp32, and RoPE computed for the positions in use instead of a
-32k-row buffer.
+Module and parameter names match upstream MiniMind2 (github.com/jingyaogong/minimind), so ``.pth``
+state dicts load both ways. fp32 numerics match upstream; the deliberate differences change no fp32
+result: one routing path for train and eval, experts keeping the autocast dtype, routing softmax in
+fp32, RoPE computed for the positions in use.
 
-Training imports nothing from transformers: that import (``transformers.generation`` pulls in SciPy
-and scikit-learn) costs each tuning trial's worker ~3 s and ~140 MB. The Hugging Face face of the
-same modules (``generate()``, ``save_pretrained``) is :mod:`minimind_train.hf`. MiniMind-3 (upstream
-d65ef2c) lives in :mod:`minimind_train.model3` and is imported only when one is built.
+Training imports nothing from transformers (``transformers.generation`` costs each trial's worker ~3 s
+and ~140 MB); ``generate()`` and ``save_pretrained`` are in :mod:`minimind_train.hf`. MiniMind-3 lives
+in :mod:`minimind_train.model3`, imported only when one is built.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -35,25 +32,10 @@ if TYPE_CHECKING:
 
     from minimind_train.model3 import MiniMind3ForCausalLM
 
-__all__ = [
-    "UPSTREAM_VOCAB_SIZE",
-    "CausalLM",
-    "GenerationMismatchError",
-    "LMOutput",
-    "MiniMindForCausalLM",
-    "MiniMindModel",
-    "build_model",
-    "check_generation",
-    "count_parameters",
-    "default_intermediate_size",
-    "detect_family",
-    "from_upstream",
-    "init_weights",
-    "model_config_from",
-    "supervised_positions",
-    "token_cross_entropy",
-    "upstream3_config_from",
-]
+__all__ = ["UPSTREAM_VOCAB_SIZE", "GenerationMismatchError", "LMOutput", "MiniMindForCausalLM", "MiniMindModel",
+           "build_model", "check_generation", "count_parameters", "default_intermediate_size", "detect_family",
+           "from_upstream", "init_weights", "model_config_from", "supervised_cross_entropy",
+           "supervised_positions", "token_cross_entropy"]
 
 
 # Upstream's vocabulary (MiniMind's tokenizer): the embedding size of a model built without a tokenizer.
@@ -108,8 +90,7 @@ class Attention(nn.Module):
         # False: upstream's explicit softmax attention (tests compare the two paths).
         self.flash = True
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: Cache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: Cache | None) -> Tensor:
         """``mask``: boolean (B|1, 1, T, S), True = may attend; None = plain causal from position 0."""
         bsz, seq_len, _ = x.shape
         q = self.q_proj(x).view(bsz, seq_len, self.n_heads, self.head_dim)
@@ -126,15 +107,12 @@ class Attention(nn.Module):
         # reads the shared kv heads directly instead of materialising n_rep copies of k and v. The
         # kernels used with a mask or fp32 on CUDA need equal head counts.
         native_gqa = mask is None and (q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16))
-        if self.flash and native_gqa:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
-                                                 enable_gqa=n_rep > 1)
-        elif self.flash:
+        if not (self.flash and native_gqa):
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                                 is_causal=mask is None)
+        if self.flash:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None,
+                                                 enable_gqa=native_gqa and n_rep > 1)
         else:
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
             if mask is None:
                 mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
@@ -199,10 +177,7 @@ class MOEFeedForward(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_routed_experts)])
         self.gate = MoEGate(config)
-        if config.n_shared_experts > 0:
-            self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
-        else:
-            self.shared_experts = nn.ModuleList()
+        self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         bsz, seq_len, hidden = x.shape
@@ -283,10 +258,8 @@ class MiniMindModel(nn.Module):
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum of fp32 CE over supervised tokens, their count); logits[:, t] predicts labels[:, t + 1].
-
-    Labels use the Hugging Face convention: aligned with the inputs, not shifted, -100 = ignore.
-    """
+    """(sum of fp32 CE over supervised tokens, their count); logits[:, t] predicts labels[:, t + 1]
+    (the Hugging Face convention: labels aligned with the inputs, -100 = ignore)."""
     targets = labels[:, 1:]
     logits = logits[:, :-1]
     ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
@@ -295,14 +268,21 @@ def token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]
 
 
 def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(flat positions ``b * T + t`` whose next label is supervised, those labels) for labels (B, T).
-
-    The positions index ``hidden.reshape(B * T, H)``; only they need the LM head for the loss.
-    Computed where ``labels`` lives: on the CPU batch before the transfer, so CUDA never syncs on it.
-    """
+    """(flat positions ``b * T + t`` into ``hidden.reshape(B * T, H)`` whose next label is supervised,
+    those labels) for labels (B, T); computed where ``labels`` lives (the CPU batch: no CUDA sync)."""
     nxt = labels[:, 1:] != IGNORE_INDEX
     positions = F.pad(nxt, (0, 1)).reshape(-1).nonzero().squeeze(1)
     return positions, labels.reshape(-1)[positions + 1]
+
+
+def supervised_cross_entropy(hidden: Tensor, lm_head: nn.Module, labels: Tensor,
+                             positions: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, int]:
+    """:func:`token_cross_entropy` of ``lm_head(hidden)`` (hidden: B, T, H), with the head run only where
+    the next token is supervised (a fraction of its FLOPs and memory). ``positions``:
+    :func:`supervised_positions` of ``labels``, precomputed on the CPU and moved to the device."""
+    idx, targets = positions if positions is not None else supervised_positions(labels)
+    logits = lm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx))
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
 
 
 def init_weights(module: nn.Module) -> None:
@@ -325,10 +305,7 @@ class LMOutput:
 
 class MiniMindForCausalLM(nn.Module):
     """The MiniMind2 causal LM (``model`` + tied ``lm_head``): upstream's parameter names and init.
-
-    For ``generate()`` and ``save_pretrained`` use :func:`minimind_train.hf.to_hf`, which wraps the
-    same weights in a transformers ``PreTrainedModel``.
-    """
+    For ``generate()`` and ``save_pretrained``, :func:`minimind_train.hf.to_hf` wraps the same weights."""
 
     family = "minimind2"
 
@@ -344,23 +321,15 @@ class MiniMindForCausalLM(nn.Module):
         self.apply(init_weights)
         self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool = False,
-        logits_to_keep: int | Tensor = 0,
-        position_ids: Tensor | None = None,
-    ) -> LMOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                past_key_values: Cache | None = None, use_cache: bool = False, logits_to_keep: int | Tensor = 0,
+                position_ids: Tensor | None = None) -> LMOutput:
         """Logits, the MoE aux loss (not added to ``loss``) and, given labels, the mean CE over
         supervised tokens (labels unshifted, -100 = ignore).
 
-        ``attention_mask`` (B, past + T) marks padding. Right-padded training batches need none (real
-        tokens never attend to later pads) and run faster without one. ``position_ids`` default to
-        consecutive positions after the cache. The Hugging Face wrapper (:mod:`minimind_train.hf`)
-        runs this same function on its own ``model`` and ``lm_head``.
+        ``attention_mask`` (B, past + T) marks padding; right-padded training batches need none (real
+        tokens never attend to later pads). ``position_ids`` default to consecutive positions after the
+        cache. :mod:`minimind_train.hf` runs this same function on its own ``model`` and ``lm_head``.
         """
         cache = past_key_values
         if cache is None and use_cache:
@@ -380,24 +349,13 @@ class MiniMindForCausalLM(nn.Module):
             loss = ce_sum / n_tokens.clamp(min=1)
         return LMOutput(logits=logits, aux_loss=aux_loss, loss=loss, past_key_values=cache if use_cache else None)
 
-    def supervised_cross_entropy(
-        self, input_ids: Tensor, labels: Tensor, positions: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, int, Tensor]:
-        """(fp32 CE sum over supervised tokens, their count, MoE aux loss) of a right-padded batch.
-
-        Equal to ``token_cross_entropy(self(input_ids).logits, labels)`` plus the aux loss, but the
-        LM head and the softmax run only at the positions whose next token is supervised (on
-        alpaca_zh: three quarters of a length-grouped batch, a quarter of one padded to 512) instead
-        of at every position: same loss and gradients, a fraction of the head's FLOPs and of its
-        (rows x vocab) logits and their gradient. ``positions``:
-        :func:`supervised_positions` of ``labels``, precomputed (on the CPU) and moved to the device.
-        """
+    def supervised_cross_entropy(self, input_ids: Tensor, labels: Tensor,
+                                 positions: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, int, Tensor]:
+        """(fp32 CE sum over supervised tokens, their count, MoE aux loss) of a right-padded batch, by
+        :func:`supervised_cross_entropy` (on alpaca_zh the head runs at three quarters of a
+        length-grouped batch's positions, a quarter of one padded to 512)."""
         hidden, aux_loss = self.model(input_ids, None, None, None)
-        idx, targets = positions if positions is not None else supervised_positions(labels)
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
-        logits = self.lm_head(selected)
-        ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        return ce_sum, int(targets.numel()), aux_loss
+        return *supervised_cross_entropy(hidden, self.lm_head, labels, positions), aux_loss
 
 
 def _vocab(cfg: ModelConfig, vocab_size: int) -> int:
@@ -409,9 +367,8 @@ def _vocab(cfg: ModelConfig, vocab_size: int) -> int:
 
 
 def model_config_from(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
-    """``cfg`` as a MiniMind2 model is built from it: ``vocab_size`` None takes ``vocab_size`` (the
-    tokenizer's length) and ``intermediate_size`` None the MiniMind2 formula, so the config a model
-    holds (and a saved ``config.json``) states what was built. A ``minimind3`` run: use :func:`build_model`."""
+    """``cfg`` as a MiniMind2 model is built from it (``vocab_size`` None: the tokenizer's ``vocab_size``;
+    ``intermediate_size`` None: MiniMind2's formula), so a model's config states what was built."""
     if cfg.family != "minimind2":
         raise ConfigError(f"model.family={cfg.family!r}: model_config_from builds MiniMind2 configs only; "
                           "use build_model")
@@ -426,35 +383,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 
-class CausalLM(Protocol):
-    """What training needs of a model of either generation."""
-
-    family: str
-
-    def supervised_cross_entropy(self, input_ids: Tensor, labels: Tensor,
-                                 positions: tuple[Tensor, Tensor] | None = None
-                                 ) -> tuple[Tensor, int, Tensor]: ...
-
-
-def upstream3_config_from(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
-    """The upstream MiniMind-3 config dict of a ``minimind3`` run (upstream's key names)."""
-    return {
-        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim, "vocab_size": _vocab(cfg, vocab_size),
-        "intermediate_size": cfg.intermediate_size, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
-        "dropout": cfg.dropout, "use_moe": cfg.use_moe, "num_experts": cfg.n_routed_experts,
-        "num_experts_per_tok": cfg.num_experts_per_tok, "norm_topk_prob": cfg.norm_topk_prob,
-        "router_aux_loss_coef": cfg.aux_loss_alpha,
-    }
-
-
 def build_model(cfg: ModelConfig, vocab_size: int) -> MiniMindForCausalLM | MiniMind3ForCausalLM:
     """A freshly initialised model of the run's generation (``cfg.family``)."""
     if cfg.family == "minimind2":
         return MiniMindForCausalLM(model_config_from(cfg, vocab_size))
-    from minimind_train.model3 import MiniMind3ForCausalLM
+    from minimind_train.model3 import MiniMind3ForCausalLM, upstream3_config_from
 
     return MiniMind3ForCausalLM(upstream3_config_from(cfg, vocab_size))
 
@@ -483,11 +416,8 @@ def detect_family(state_dict: Mapping[str, Any]) -> str:
 
 
 def check_generation(state_dict: Mapping[str, Any], family: str, source: str) -> None:
-    """Raise :class:`GenerationMismatchError` when ``state_dict`` is not of generation ``family``.
-
-    A MiniMind2 state dict loads into the MiniMind-3 modules with strict=False and then computes
-    something else; this refuses it first, saying which generation the file is.
-    """
+    """Raise :class:`GenerationMismatchError`, naming the file's generation, when ``state_dict`` is not
+    of generation ``family`` (a MiniMind2 state dict would load into MiniMind-3 with strict=False)."""
     found = detect_family(state_dict)
     if found != family:
         raise GenerationMismatchError(
@@ -502,12 +432,9 @@ def _config_family(config: Mapping[str, Any]) -> str | None:
 
 def from_upstream(config: dict[str, Any], pth: str | os.PathLike[str]
                   ) -> MiniMindForCausalLM | MiniMind3ForCausalLM:
-    """Either generation, built from upstream's config dict and loaded strictly from upstream's ``.pth``.
-
-    The generation is read from the weights (and must agree with the config's generation-specific
-    keys). The model is fp32, in eval mode; ``forward(input_ids)`` returns ``.logits`` and ``.aux_loss``
-    (non-zero for MoE in train mode).
-    """
+    """Either generation, built from upstream's config dict and loaded strictly from upstream's ``.pth``
+    (the generation is read from the weights and must agree with the config's generation-specific keys).
+    fp32, in eval mode; ``forward(input_ids)`` returns ``.logits`` and ``.aux_loss``."""
     state = torch.load(pth, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):
         raise TypeError(f"{pth}: expected a state dict, got {type(state).__name__}")
@@ -519,15 +446,13 @@ def from_upstream(config: dict[str, Any], pth: str | os.PathLike[str]
             f"(keys {sorted(_CONFIG_ONLY[from_config] & set(config))})")
     model: MiniMindForCausalLM | MiniMind3ForCausalLM
     if family == "minimind2":
-        fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("family", "head_dim", "init_from")]
-        unknown = sorted(set(config) - set(fields) - set(_UPSTREAM2_ONLY))
-        if unknown:
-            raise ValueError(f"MiniMind2 config keys {unknown} are not known; allowed: {fields + list(_UPSTREAM2_ONLY)}")
         for key, only in _UPSTREAM2_ONLY.items():
             if only is not None and config.get(key, only) != only:
                 raise ValueError(f"MiniMind2 config {key}={config[key]!r} is not supported: this model implements "
                                  f"only {only!r}")
-        model = MiniMindForCausalLM(ModelConfig(**{k: v for k, v in config.items() if k in fields and v is not None}))
+        # ModelConfig refuses any other key that is not one of its fields, naming them.
+        kept = {k: v for k, v in config.items() if k not in _UPSTREAM2_ONLY and v is not None}
+        model = MiniMindForCausalLM(ModelConfig(**kept))
     else:
         from minimind_train.model3 import MiniMind3ForCausalLM
 

@@ -1,16 +1,11 @@
 """MiniMind-3 (upstream d65ef2c) as transformers' Qwen3 / Qwen3-MoE modules, with MiniMind's losses.
 
-Upstream's current model is numerically transformers' ``Qwen3ForCausalLM`` (dense) or
-``Qwen3MoeForCausalLM`` (MoE) once its config is mapped (``head_dim`` copied, ``norm_topk_prob``,
-``rope_theta`` 1e6, ``rms_norm_eps`` 1e-6, tied embeddings, no shared expert; measured bit-identical
-with sdpa attention, see ``../shared/fixtures/minimind3/README_models.md``), and its state-dict keys are
-those classes' keys. So the modules here are transformers' own; this file only adds what MiniMind does
-differently: the MoE balance loss is the *sum* of per-layer Switch-style losses (Qwen3-MoE pools all
-layers into one term), it is zero in eval mode, and training runs the LM head only at supervised
-positions (:meth:`MiniMind3ForCausalLM.supervised_cross_entropy`, as MiniMind2's class does).
-
-Importing this module imports transformers' modeling code (seconds); :mod:`minimind_train.model`
-imports it only when a MiniMind-3 model is built.
+Upstream's model is numerically transformers' ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM`` with its
+config mapped (measured bit-identical with sdpa attention, see
+``../shared/fixtures/minimind3/README_models.md``), with the same state-dict keys. This file adds only
+what MiniMind does differently: the MoE balance loss is the *sum* of per-layer Switch-style losses
+(Qwen3-MoE pools all layers into one term) and zero in eval mode, and training runs the LM head only at
+supervised positions. Importing it imports transformers' modeling code (seconds).
 """
 
 from __future__ import annotations
@@ -25,15 +20,11 @@ from transformers import Qwen3Config, Qwen3MoeConfig
 from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 
-from .model import LMOutput, supervised_positions, token_cross_entropy
+from .config import ModelConfig
+from .model import LMOutput, _vocab, supervised_cross_entropy, token_cross_entropy
 
-__all__ = [
-    "MiniMind3ForCausalLM",
-    "default_intermediate_size3",
-    "qwen3_config",
-    "switch_aux_loss",
-    "upstream_config",
-]
+__all__ = ["MiniMind3ForCausalLM", "default_intermediate_size3", "qwen3_config", "switch_aux_loss",
+           "upstream3_config_from", "upstream_config"]
 
 # Every attribute upstream's MiniMindConfig.__init__ sets at d65ef2c, with its default; a key outside
 # this table in an upstream config dict is an error rather than something silently ignored.
@@ -80,24 +71,26 @@ def upstream_config(config: dict[str, Any]) -> dict[str, Any]:
 def qwen3_config(config: dict[str, Any]) -> Qwen3Config | Qwen3MoeConfig:
     """The transformers config that makes Qwen3(Moe)ForCausalLM compute upstream MiniMind-3."""
     full = upstream_config(config)
-    common: dict[str, Any] = {
-        "vocab_size": full["vocab_size"], "hidden_size": full["hidden_size"],
-        "intermediate_size": full["intermediate_size"], "num_hidden_layers": full["num_hidden_layers"],
-        "num_attention_heads": full["num_attention_heads"],
-        "num_key_value_heads": full["num_key_value_heads"], "head_dim": full["head_dim"],
-        "hidden_act": full["hidden_act"], "max_position_embeddings": full["max_position_embeddings"],
-        "rms_norm_eps": full["rms_norm_eps"], "rope_theta": full["rope_theta"], "rope_scaling": None,
-        "tie_word_embeddings": True, "attention_bias": False, "attention_dropout": 0.0,
-        "use_sliding_window": False, "bos_token_id": full["bos_token_id"],
-        "eos_token_id": full["eos_token_id"], "use_cache": False,
-    }
+    same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+            "rope_theta", "bos_token_id", "eos_token_id")
+    common: dict[str, Any] = {key: full[key] for key in same}
+    common.update(rope_scaling=None, tie_word_embeddings=True, attention_bias=False, attention_dropout=0.0,
+                  use_sliding_window=False, use_cache=False)
     if not full["use_moe"]:
         return Qwen3Config(**common)
-    return Qwen3MoeConfig(
-        **common, num_experts=full["num_experts"], num_experts_per_tok=full["num_experts_per_tok"],
-        moe_intermediate_size=full["moe_intermediate_size"], norm_topk_prob=full["norm_topk_prob"],
-        router_aux_loss_coef=full["router_aux_loss_coef"], decoder_sparse_step=1, mlp_only_layers=[],
-        output_router_logits=False)
+    moe = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "router_aux_loss_coef")
+    return Qwen3MoeConfig(**common, **{key: full[key] for key in moe}, decoder_sparse_step=1, mlp_only_layers=[],
+                          output_router_logits=False)
+
+
+def upstream3_config_from(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
+    """The upstream MiniMind-3 config dict of a ``minimind3`` run (upstream's key names)."""
+    same = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "rms_norm_eps", "rope_theta", "max_position_embeddings", "dropout", "use_moe",
+            "num_experts_per_tok", "norm_topk_prob")
+    return {**{key: getattr(cfg, key) for key in same}, "vocab_size": _vocab(cfg, vocab_size),
+            "num_experts": cfg.n_routed_experts, "router_aux_loss_coef": cfg.aux_loss_alpha}
 
 
 def switch_aux_loss(router_logits: Tensor, top_k: int, coef: float) -> Tensor:
@@ -160,11 +153,7 @@ class MiniMind3ForCausalLM(nn.Module):
     def supervised_cross_entropy(
         self, input_ids: Tensor, labels: Tensor, positions: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, int, Tensor]:
-        """As :meth:`minimind_train.model.MiniMindForCausalLM.supervised_cross_entropy`: the LM head
-        only where the next token is supervised; (CE sum, supervised count, balance loss)."""
+        """As :meth:`minimind_train.model.MiniMindForCausalLM.supervised_cross_entropy`: (CE sum,
+        supervised count, balance loss), the LM head only where the next token is supervised."""
         hidden, aux_loss = self._hidden(input_ids)
-        idx, targets = positions if positions is not None else supervised_positions(labels)
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
-        logits = self.lm_head(selected)
-        ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        return ce_sum, int(targets.numel()), aux_loss
+        return *supervised_cross_entropy(hidden, self.lm_head, labels, positions), aux_loss

@@ -45,10 +45,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minimind_train.sft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="run config YAML (sections model, data, train)")
-    p.add_argument("--output", default=None,
-                   help="checkpoint folder (default: runs/sft-<time>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from <output>/last instead of starting fresh")
+    p.add_argument("--output", default=None, help="checkpoint folder (default: runs/sft-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue from <output>/last instead of starting fresh")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -72,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed from {output / 'last'} after epoch {state.epoch}")
     else:
         if (output / "last").exists():
-            print(f"error: {output} already holds a run; pass --resume or another --output",
-                  file=sys.stderr)
+            print(f"error: {output} already holds a run; pass --resume or another --output", file=sys.stderr)
             return 2
         state = init_state(cfg, vocab)
     print(f"model: {count_parameters(state.model):,} parameters on {state.device} ({state.amp_dtype}); "

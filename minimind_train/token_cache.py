@@ -9,6 +9,7 @@ concurrent builders of one key keep the first.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -73,10 +74,6 @@ class SkipCounts:
     no_supervised_tokens: int = 0
     truncated: int = 0
 
-    @classmethod
-    def from_counter(cls, counts: Mapping[str, int]) -> SkipCounts:
-        return cls(**{f.name: int(counts.get(f.name, 0)) for f in dataclasses.fields(cls)})
-
     @property
     def total(self) -> int:
         return sum(self.as_dict().values())
@@ -118,7 +115,7 @@ class TokenCache:
 
     @property
     def skipped(self) -> SkipCounts:
-        return SkipCounts.from_counter(self.meta["skipped"])
+        return SkipCounts(**self.meta["skipped"])
 
     def __reduce__(self) -> tuple[Callable[[Path], TokenCache], tuple[Path]]:
         # Pickle by path: a copy in another process maps the same files instead of carrying the data.
@@ -260,11 +257,8 @@ def default_workers() -> int:
 
 
 def _encoded(spec: _EncodeSpec, chunks: Iterator[list[tuple[int, bytes]]], workers: int) -> Iterator[_Chunk]:
-    """Chunk results in file order, from ``workers`` processes (1: in this process).
-
-    At most ``2 * workers`` chunks are in flight (``Pool.imap`` would read the whole file ahead), so
-    memory stays bounded by chunk size, not file size.
-    """
+    """Chunk results in file order, from ``workers`` processes (1: in this process); at most
+    ``2 * workers`` chunks in flight (``Pool.imap`` would read the whole file ahead)."""
     if workers <= 1:
         yield from (_encode_lines(spec, chunk) for chunk in chunks)
         return
@@ -301,11 +295,8 @@ def _key_parts(path: Path, tokenizer: Any, max_seq_len: int, augment: bool, augm
             digest.update(block)
     template = getattr(tokenizer, "chat_template", None) or ""
     parts: dict[str, Any] = {
-        "version": CACHE_VERSION,
-        "data_sha256": digest.hexdigest(),
-        "tokenizer": _tokenizer_key(tokenizer),
-        "max_seq_len": int(max_seq_len),
-        "chat_template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest(),
+        "version": CACHE_VERSION, "data_sha256": digest.hexdigest(), "tokenizer": _tokenizer_key(tokenizer),
+        "max_seq_len": int(max_seq_len), "chat_template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest(),
     }
     if augment:  # absent when off, so an unaugmented cache keeps one key
         parts.update(augment=True, augment_seed=int(augment_seed))
@@ -354,23 +345,13 @@ def _build(path: Path, tokenizer: Any, max_seq_len: int, parts: Mapping[str, Any
             array.finish()
     if digest.hexdigest() != parts["data_sha256"]:
         raise DataError(f"{path} changed while it was being tokenised; run again")
-    counts = SkipCounts.from_counter(skipped)
+    counts = SkipCounts(**skipped)
     meta = {
-        "version": CACHE_VERSION,
-        "key": key,
-        "key_parts": dict(parts),
-        "source": str(path),
-        "source_bytes": size,
-        "num_samples": arrays["lines"].count,
-        "num_tokens": total,
-        "num_supervised": num_supervised,
-        "max_length": max_len,
-        "token_dtype": np.dtype(token_dtype).name,
-        "skipped": counts.as_dict(),
-        "unknown_fields": dict(sorted(unknown.items())),
-        "workers": workers,
-        "build_seconds": round(time.perf_counter() - start, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "version": CACHE_VERSION, "key": key, "key_parts": dict(parts), "source": str(path), "source_bytes": size,
+        "num_samples": arrays["lines"].count, "num_tokens": total, "num_supervised": num_supervised,
+        "max_length": max_len, "token_dtype": np.dtype(token_dtype).name, "skipped": counts.as_dict(),
+        "unknown_fields": dict(sorted(unknown.items())), "workers": workers,
+        "build_seconds": round(time.perf_counter() - start, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # meta.json last: its presence marks the folder complete.
     (folder / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -396,10 +377,9 @@ def load_or_build_cache(path: str | Path, tokenizer: Any, max_seq_len: int,
                         augment_seed: int = 0, workers: int | None = None) -> TokenCache:
     """The token cache of ``path``, tokenising it first unless an identical build is cached.
 
-    ``show_progress`` None shows a progress bar only when stderr is a terminal. ``workers``: processes
-    that tokenise (None or 0: every core for files over 4 MiB, else this process alone); the cache is
-    the same whatever the number. Raises :class:`~minimind_train.chat.DataError` for a missing file or a
-    line that is not JSON (naming ``file:line``).
+    ``show_progress`` None: a progress bar only when stderr is a terminal. ``workers``: tokenising
+    processes (None or 0: every core for files over 4 MiB), the cache is the same whatever the number.
+    Raises :class:`~minimind_train.chat.DataError` for a missing file or a non-JSON line (``file:line``).
     """
     path = Path(path).expanduser().resolve()
     if not path.is_file():
@@ -419,10 +399,8 @@ def load_or_build_cache(path: str | Path, tokenizer: Any, max_seq_len: int,
         except (OSError, ValueError) as exc:
             log.warning("rebuilding unreadable token cache %s: %s", final, exc)
             trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=root))
-            try:
+            with contextlib.suppress(OSError):  # someone else moved it already
                 os.rename(final, trash / "old")
-            except OSError:
-                pass  # someone else moved it already
             shutil.rmtree(trash, ignore_errors=True)
     if show_progress is None:
         show_progress = sys.stderr.isatty()

@@ -24,11 +24,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """Load a MiniMind2-format tokenizer folder (None: the bundled one) and check its contract.
-
-    Raises FileNotFoundError when the folder or one of its files is missing and ValueError when the
-    files do not load or the special-token ids or the chat template are not MiniMind2's.
-    """
+    """Load a MiniMind2-format tokenizer folder (None: the bundled one) and check its contract. Raises
+    FileNotFoundError when the folder or a file is missing, ValueError when the files do not load or the
+    special-token ids or the chat template are not MiniMind2's."""
     directory = BUNDLED_TOKENIZER_DIR if path is None else Path(path).expanduser()
     if not directory.is_dir():
         raise FileNotFoundError(f"tokenizer folder {str(directory)!r} does not exist or is not a folder")
@@ -43,12 +41,9 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
     except Exception as exc:  # tokenizers/transformers raise many types for corrupt files
         raise ValueError(f"tokenizer folder {str(directory)!r} does not load: {exc}") from exc
     problems = []
-    for expected_id, token in enumerate(SPECIAL_TOKENS):
-        actual = tokenizer.convert_tokens_to_ids(token)
-        if actual != expected_id:
+    for expected_id, (role, token) in enumerate(zip(("pad_token", "bos_token", "eos_token"), SPECIAL_TOKENS)):
+        if (actual := tokenizer.convert_tokens_to_ids(token)) != expected_id:
             problems.append(f"{token} has id {actual}, expected {expected_id}")
-    for role, token in (("pad_token", SPECIAL_TOKENS[0]), ("bos_token", SPECIAL_TOKENS[1]),
-                        ("eos_token", SPECIAL_TOKENS[2])):
         if getattr(tokenizer, role) != token:
             problems.append(f"{role} is {getattr(tokenizer, role)!r}, expected {token!r}")
     if not tokenizer.chat_template:
@@ -59,12 +54,9 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
 
 
 def tokenizer_fingerprint(tokenizer_or_dir: PreTrainedTokenizerBase | str | Path) -> str:
-    """sha256 over the contents of tokenizer.json and tokenizer_config.json (hex).
-
-    The JSON is hashed in canonical form (sorted keys, no whitespace), so a checkout that rewrites
-    line endings or indentation keeps the fingerprint; any change of vocabulary, merges, special
-    tokens or template changes it. A tokenizer object is fingerprinted by the folder it was loaded from.
-    """
+    """sha256 (hex) over tokenizer.json and tokenizer_config.json in canonical JSON form (sorted keys, no
+    whitespace: line endings and indentation do not matter, content does); a tokenizer object is
+    fingerprinted by the folder it was loaded from."""
     if isinstance(tokenizer_or_dir, PreTrainedTokenizerBase):
         source = tokenizer_or_dir.name_or_path
         if not source:

@@ -1,14 +1,11 @@
 """The per-epoch SFT loop and its loss.
 
-``train_epochs(cfg, data, state)`` is a plain generator: it yields one :class:`EpochResult` (metrics
-and the live :class:`~minimind_train.checkpoint.TrainState`) per epoch, so a caller (the CLI, a Ray
-trainable, a test) decides what to do between epochs -- checkpoint, report, stop. Nothing here knows
-about Ray.
+``train_epochs(cfg, data, state)`` is a plain generator yielding one :class:`EpochResult` per epoch, so
+its caller (the CLI, a Ray trainable, a test) decides what happens between epochs; nothing here knows Ray.
 
-Loss semantics (see shared/design.md): for a window of ``accumulation_steps`` micro-batches the
-optimizer step minimises ``sum(CE over supervised tokens) / (supervised tokens in the window)`` plus
-the MoE aux loss averaged over the window's micro-batches, so batch 8 x accum 1 and batch 2 x accum 4
-give the same gradient.
+Loss (see shared/design.md): an optimizer step over ``accumulation_steps`` micro-batches minimises
+``sum(CE over supervised tokens) / (supervised tokens in the window)`` plus the MoE aux loss averaged
+over the micro-batches, so batch 8 x accum 1 and batch 2 x accum 4 give the same gradient.
 """
 
 from __future__ import annotations
@@ -41,10 +38,7 @@ class TrainingDiverged(FloatingPointError):
 
     def __init__(self, reason: str, epoch: int, step: int, value: float) -> None:
         super().__init__(f"{reason} at epoch {epoch}, optimizer step {step}")
-        self.reason = reason
-        self.epoch = epoch
-        self.step = step
-        self.value = value
+        self.reason, self.epoch, self.step, self.value = reason, epoch, step, value
 
     def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
         # Ray pickles trial errors; the default reduce would call __init__ with the message only.
@@ -54,19 +48,14 @@ class TrainingDiverged(FloatingPointError):
 class NonFiniteLossError(TrainingDiverged):
     """The training loss or gradient became NaN/inf."""
 
-    def __init__(self, epoch: int, step: int, value: float) -> None:
-        super().__init__(f"non-finite training loss or gradient {value}", epoch, step, value)
-
-    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
-        return (type(self), (self.epoch, self.step, self.value))
-
 
 def check_divergence(cfg: TrainConfig, first_loss: float | None, loss: float, grad_norm: float,
                      epoch: int, step: int) -> None:
     """Raise :class:`TrainingDiverged` when an optimizer step's ``loss`` or ``grad_norm`` (before
     clipping) crosses the thresholds of ``cfg`` (relative to the run's ``first_loss``)."""
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
-        raise NonFiniteLossError(epoch, step, loss if not math.isfinite(loss) else grad_norm)
+        value = loss if not math.isfinite(loss) else grad_norm
+        raise NonFiniteLossError(f"non-finite training loss or gradient {value}", epoch, step, value)
     factor = cfg.divergence_loss_factor
     if factor > 0 and first_loss is not None and loss > factor * first_loss:
         raise TrainingDiverged(f"loss {loss:.4g} exploded above {factor:g} x the first step's {first_loss:.4g}",
@@ -99,11 +88,9 @@ class EpochResult:
 
 
 def lr_at(step: int, total_steps: int, lr: float, min_lr_ratio: float, warmup_steps: int = 0) -> float:
-    """Learning rate of 0-based optimizer step ``step`` out of ``total_steps``.
-
-    Linear warmup reaches ``lr`` at step ``warmup_steps``; cosine decay then runs from exactly ``lr``
-    (first post-warmup step) to exactly ``lr * min_lr_ratio`` (last step).
-    """
+    """Learning rate of 0-based optimizer step ``step`` out of ``total_steps``: linear warmup reaches
+    ``lr`` at step ``warmup_steps``, then cosine decay runs from exactly ``lr`` to exactly
+    ``lr * min_lr_ratio`` (last step)."""
     if total_steps <= 0:
         raise ValueError(f"total_steps={total_steps} must be > 0")
     if not 0 <= step < total_steps:
@@ -126,12 +113,8 @@ def steps_per_epoch(num_batches: int, train: TrainConfig) -> int:
 
 def _supervised_ce(state: TrainState, input_ids: torch.Tensor, labels: torch.Tensor,
                    positions: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """(CE sum over the supervised next tokens, their count, aux loss) of one micro-batch.
-
-    The LM head runs only where the next token is supervised (same loss, see
-    MiniMindForCausalLM.supervised_cross_entropy); ``positions`` are found on the CPU batch, so CUDA
-    never syncs on them.
-    """
+    """(CE sum over the supervised next tokens, their count, aux loss) of one micro-batch under autocast;
+    ``positions`` are found on the CPU batch, so CUDA never syncs on them."""
     device, amp_dtype = state.device, state.amp_dtype
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
         return state.model.supervised_cross_entropy(
@@ -158,13 +141,10 @@ def evaluate(state: TrainState, dataset: TokenizedDataset, batch_size: int, pad_
     return float(total / count)
 
 
-def backward_window(
-    state: TrainState, window: list[tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Accumulate the gradient of one optimizer step's micro-batches into ``.grad``.
-
-    Returns the window's CE sum, aux-loss sum (both detached) and supervised-token count.
-    """
+def backward_window(state: TrainState, window: list[tuple[torch.Tensor, torch.Tensor]]
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Accumulate the gradient of one optimizer step's micro-batches into ``.grad``; returns the window's
+    CE sum, aux-loss sum (both detached) and supervised-token count."""
     positions = [supervised_positions(labels) for _, labels in window]
     # The denominator is the whole window's supervised-token count, known before any forward.
     n_sup = sum(int(targets.numel()) for _, targets in positions)
@@ -181,11 +161,8 @@ def backward_window(
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` that skips the rescale pass when it would multiply by 1.
-
-    clip_grad_norm_ always multiplies every gradient by ``min(1, max_norm / (norm + 1e-6))``; when
-    that factor is exactly 1 the pass over all gradients changes nothing, so it is skipped.
-    """
+    """``torch.nn.utils.clip_grad_norm_`` without its rescale pass over every gradient when the factor
+    ``min(1, max_norm / (norm + 1e-6))`` is exactly 1 (that pass would change nothing)."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, 2.0)
     if math.isfinite(max_norm) and float(max_norm / (norm + 1e-6)) < 1.0:
@@ -200,18 +177,11 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_epochs(
-    cfg: RunConfig,
-    data: SFTData,
-    state: TrainState | None = None,
-    *,
-    on_step: Callable[[StepInfo], None] | None = None,
-) -> Iterator[EpochResult]:
-    """Train from ``state`` (fresh when None) to ``cfg.train.epochs``, yielding after each epoch.
-
-    Resuming from a state saved after epoch ``e`` replays exactly what an uninterrupted run does:
-    batch order depends only on (seed, epoch) and the RNG/optimizer/schedule travel in the state.
-    """
+def train_epochs(cfg: RunConfig, data: SFTData, state: TrainState | None = None, *,
+                 on_step: Callable[[StepInfo], None] | None = None) -> Iterator[EpochResult]:
+    """Train from ``state`` (fresh when None) to ``cfg.train.epochs``, yielding after each epoch. A resumed
+    state replays an uninterrupted run exactly: batch order depends only on (seed, epoch) and the
+    RNG, optimizer and schedule travel in the state."""
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)

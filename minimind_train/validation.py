@@ -9,6 +9,7 @@ allowed (read from the field's type), or a rule's own message; an unknown key na
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -33,10 +34,8 @@ class ConfigError(ValueError):
 def _yaml_number(value: Any) -> Any:
     # PyYAML (YAML 1.1) reads 1e-4, without a dot, as a string: accept that spelling of a number.
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             return float(value)
-        except ValueError:
-            pass
     return value
 
 

@@ -28,6 +28,27 @@ def test_gpu_check_script_is_valid_bash() -> None:
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
 
 
+def test_gpu_check_reads_each_trials_checkpoints_from_the_study_record(tmp_path: Path) -> None:
+    """The study summary embedded in gpu_check.sh, run on a CPU study record (it runs only on a GPU machine)."""
+    import optuna
+    from conftest import make_checkpoint
+
+    from tune.record import StudyRecord
+
+    text = (BENCH / "gpu_check.sh").read_text()
+    summary = text.split("<<'PYEOF'\n", 1)[1].split("\nPYEOF", 1)[0]
+    spec = {"train": {"epochs": 1}, "tune": {"metric": "val_loss", "mode": "min", "num_samples": 1}}
+    record = StudyRecord.create(tmp_path / "gpu", "gpu", spec, "train: {}\n", {})
+    n, _ = record.ask({"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    record.record_epoch(n, 1, {"val_loss": 2.0, "peak_memory_mb": 12.0}, "val_loss")
+    make_checkpoint(tmp_path / "gpu" / "runs" / "run-1" / f"t{n:03d}" / "epoch_0001", 1, 2.0)
+    (tmp_path / "out").mkdir()
+    subprocess.run([sys.executable, "-c", summary, str(tmp_path / "gpu"), str(tmp_path / "out")], check=True,
+                   cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    [row] = json.loads((tmp_path / "out" / "study_trials.json").read_text())
+    assert (row["trial"], row["epochs"], row["val_loss"], row["gpus"]) == (f"t{n:03d}", [1], 2.0, ["?"])
+
+
 def test_gpu_throughput_cpu_smoke(tmp_path: Path) -> None:
     """The GPU helper's whole path (spawned trial processes, barrier, aggregation, JSON) on CPU."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -211,6 +211,10 @@ def test_killed_worker_restarts_its_trial_from_the_checkpoint(ws: Workspace) -> 
     pids = [r["pid"] for r in rows]
     assert [r["epoch"] for r in rows if not r.get("restored")] == [1, 2, 3], f"{rows}{output}"
     assert pids[0] == target["pid"] and pids[-1] != target["pid"], f"the kill missed: {pids}"
+    # The terminal has one line for the lost worker; Ray's own "(raylet) A worker died ..." block (printed
+    # by its driver straight to stdout) is in the study's ray_errors.log instead.
+    assert "(raylet)" not in output and len([ln for ln in output.splitlines() if "crashed" in ln]) == 1, output
+    assert "(raylet)" in (study / "ray_errors.log").read_text(), output
     # The new worker continued from the checkpoint the dead one wrote (its epoch re-reported, marked).
     (restored,) = [r for r in rows if r.get("restored")]
     assert restored["pid"] != target["pid"] and restored["epoch"] >= 1, rows

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import io
 import json
+import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
 
-from tune.progress import STEP_FILE, ProgressView, count_trials, eta_s, read_step, step_writer
+from tune.progress import (
+    STEP_FILE,
+    ProgressView,
+    count_trials,
+    eta_s,
+    ray_errors_to,
+    read_step,
+    step_writer,
+)
 
 PARAMS = {"train.learning_rate": 0.0023, "train.accumulation_steps": 1}
 
@@ -185,3 +195,52 @@ def test_a_diverged_trial_is_one_line_with_its_reason() -> None:
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 and "] t001 lr=2.3e-3 acc=1 diverged at epoch 2: loss 41.0 > 4 x 10.2 | done 0, " \
         "running 0, stopped early 0, failed 0, diverged 1 | best -" in lines[0], lines
+
+
+def _print_from(thread_name: str, text: str) -> None:
+    thread = threading.Thread(target=lambda: print(text), name=thread_name)
+    thread.start()
+    thread.join()
+
+
+def test_ray_error_messages_go_to_the_study_log_and_everything_else_to_the_terminal(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "ray_errors.log"
+    with ray_errors_to(log):
+        _print_from("ray_listen_error_messages", "\x1b[33m(raylet)\x1b[0m A worker died or was killed while executing a task")
+        _print_from("some-other-thread", "t001 failed: ValueError: boom")
+        print("study line")
+        assert sys.stdout.isatty() is False  # (what the view asks the terminal passes through)
+    _print_from("ray_listen_error_messages", "after: to the terminal again")
+    out = capsys.readouterr().out
+    assert "worker died" not in out and "t001 failed: ValueError: boom" in out and "study line" in out
+    assert "after: to the terminal again" in out
+    assert "(raylet) A worker died" in log.read_text()
+
+
+def test_ray_error_messages_are_dropped_while_the_study_folder_does_not_exist(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with ray_errors_to(tmp_path / "not-yet" / "ray_errors.log"):
+        _print_from("ray_listen_error_messages", "(raylet) A worker died")
+    assert "worker died" not in capsys.readouterr().out and not (tmp_path / "not-yet").exists()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_live_view_keeps_ray_error_messages_out_of_the_terminal(tmp_path: Path) -> None:
+    terminal, log = _Terminal(), tmp_path / "ray_errors.log"
+    view = ProgressView("val_loss", "min", 3, 2, stream=terminal, ray_errors=log)
+    before = sys.stdout
+    view.setup()
+    try:
+        assert sys.stdout is not before  # Live's stand-in, and ours in front of it
+        _print_from("ray_listen_error_messages", "(raylet) A worker died or was killed")
+        print("a line the driver prints")
+    finally:
+        view.close()
+    assert sys.stdout is before
+    assert "worker died" not in terminal.getvalue() and "a line the driver prints" in terminal.getvalue()
+    assert "(raylet) A worker died" in log.read_text()

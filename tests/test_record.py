@@ -107,7 +107,7 @@ def test_checkpoints_skip_what_a_kill_or_full_disk_cut_short(record: StudyRecord
     make_checkpoint(run2 / "epoch_0005", 5, 1.0, state=b"")  # resume state cut short
     assert record.trial_dirs(n) == [run1, run2]
     expected = {1: run1 / "epoch_0001", 2: run1 / "epoch_0002", 3: run2 / "epoch_0003"}
-    assert record.checkpoints(n) == {e: str(p) for e, p in expected.items()}
+    assert {e: path for e, (path, _) in record.checkpoint_metas(n).items()} == {e: str(p) for e, p in expected.items()}
     assert record.best_checkpoint(n, "val_loss", "min") == str(run1 / "epoch_0002")
     assert record.best_checkpoint(n, "val_loss", "max") == str(run1 / "epoch_0001")
     assert record.next_run_index() == 3

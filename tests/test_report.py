@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
+import yaml
+from conftest import REPO, make_checkpoint
+from mlflow.tracking import MlflowClient
 
+from minimind_train.config import load_run_config
+from tune.mirror import Mirror
 from tune.record import StudyRecord
-from tune.report import summarize_trials
+from tune.report import finish_study, summarize_trials
+from tune.space import load_space, optuna_distributions, spec_to_dict
+from tune.storage import StudyPaths
+from tune.tracking import resolve_tracking_uri
 
 LR = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
 
@@ -103,3 +112,67 @@ def test_finalists_rank_by_mean_and_an_unstable_config_last(tmp_path: Path) -> N
     rows = write_finalists_csv(tmp_path / "finalists.csv", ranked, "val_loss").read_text().splitlines()
     assert rows[0] == "trial,train.learning_rate,seeds,mean_val_loss,std_val_loss,val_loss_per_seed"
     assert rows[1].startswith("t001,0.001,42 43,2.1") and rows[1].endswith(",2 2.2")
+
+
+def test_finish_study_prints_the_answer_and_writes_its_files(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The end of a study with finalists: the table of search trials, the best block with the mean over
+    seeds, a note on an unfinished trial that already beats it, summary.csv, finalists.csv, best.yaml,
+    the closed MLflow parent, and the resume state of all but the top trial pruned."""
+    raw = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
+    raw["tune"].update(scheduler={"type": "none"}, keep_top_trials=1, finalists={"top_k": 1, "seeds": 1})
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(raw))
+    spec = load_space(tmp_path / "space.yaml")
+    paths = StudyPaths(str(tmp_path / "studies"), "s")
+    record = StudyRecord.create(paths.local_dir, "s", spec_to_dict(spec), "", {})
+    distributions = optuna_distributions(spec)
+    runs = paths.local_dir / "runs" / "run-1"
+
+    def run(number: int, curve: list[float], status: str, error: str = "") -> None:
+        for epoch, value in enumerate(curve, 1):
+            record.record_epoch(number, epoch, {"val_loss": value}, "val_loss")
+            make_checkpoint(runs / f"t{number:03d}" / f"epoch_{epoch:04d}", epoch, value)
+        record.finish(number, status, "val_loss", "min", error)
+
+    trials = [([3.0, 2.0], "completed", ""), ([2.5, 1.0], "completed", ""),
+              ([0.9], "interrupted", "time budget")]
+    for i, (curve, status, error) in enumerate(trials):
+        record.study.enqueue_trial({"train.learning_rate": 1e-3 * (i + 1), "train.accumulation_steps": 1})
+        run(record.ask(distributions)[0], curve, status, error)
+    run(record.add_finalist(record.trial(1), 1, distributions), [1.4, 1.2], "completed")
+    mirror = Mirror(resolve_tracking_uri(None, record.dir), "report-test", record, fixed_params={},
+                    settings={}, tags={})
+
+    assert finish_study(spec, paths, record, mirror, "FINISHED") == 0
+    out, err = capsys.readouterr()
+    table = out.strip().splitlines()[:4]
+    assert table[0].split() == ["rank", "trial", "status", "epochs", "best", "val_loss",
+                                "train.accumulation_steps", "train.learning_rate"]
+    assert [row.split()[:5] for row in table[1:]] == [  # search trials only: the finalist is in summary.csv
+        ["1", "t001", "completed", "2", "1.0000"], ["2", "t000", "completed", "2", "2.0000"],
+        ["3", "t002", "interrupted", "1", "0.9000"]]
+    assert "  t001  mean 1.1000 ± 0.1414  seeds 0 1: 1.0000 1.2000" in out
+    assert "note: unfinished trial t002 already reached val_loss 0.9000 after 1 epoch(s)" in out
+    assert "best: trial t001  val_loss 1.0000 (epoch 2); mean over 2 seeds 1.1000 ± 0.1414\n" \
+           "  train.accumulation_steps: 1\n  train.learning_rate: 0.002\n" in out
+    best_model = runs / "t001" / "epoch_0002" / "model.pth"
+    assert f"best fp16 checkpoint: {best_model}" in out
+    assert "1 trial(s) unfinished (t002): --resume continues them\n  t002: interrupted: time budget" in err
+
+    with (paths.local_dir / "summary.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["trial_id"], r["finalist_of"], r["seed"]) for r in rows] == [
+        ("t001", "", ""), ("t003", "t001", "1"), ("t000", "", ""), ("t002", "", "")]
+    assert rows[0]["checkpoint"] == str(best_model.parent) and rows[0]["best_val_loss"] == "1.0"
+    assert (paths.local_dir / "finalists.csv").read_text().splitlines()[1].startswith("t001,1,0.002,0 1,1.1,")
+    assert load_run_config(paths.local_dir / "best.yaml") == spec.run.with_overrides(record.trial(1).params)
+    # Beyond the top trial, a finished trial keeps only the fp16 weights of its best epoch.
+    t000 = runs / "t000"
+    assert sorted(str(p.relative_to(t000)) for p in t000.glob("*/*.p*")) == ["epoch_0002/model.pth"]
+    assert (best_model.parent / "train_state.pt").exists()
+
+    client = MlflowClient(mirror.tracking_uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("report-test").experiment_id],
+                                   "tags.`minimind.role` = 'parent'")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_mean_val_loss"] == pytest.approx(1.1)

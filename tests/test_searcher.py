@@ -40,7 +40,8 @@ def _pair(record: StudyRecord, plans: list[ResumePlan] | None = None) -> tuple[R
 
 
 def _trial(trial_id: str, config: dict[str, Any]) -> Any:
-    return SimpleNamespace(trial_id=trial_id, config=config, get_error=lambda: None, error_file=None)
+    return SimpleNamespace(trial_id=trial_id, config=config, get_error=lambda: None, error_file=None,
+                           should_recover=lambda: False)
 
 
 def _result(epoch: int, value: float, **extra: Any) -> dict[str, Any]:
@@ -193,6 +194,18 @@ def test_a_lost_worker_is_recorded_with_its_reason_from_the_drivers_error_file(r
     error_file = tmp_path / "error.txt"
     error_file.write_text("Traceback ...\nray.exceptions.ActorDiedError: The actor died unexpectedly\n")
     trial = SimpleNamespace(trial_id="a", config=config, error_file=str(error_file),
-                            get_error=lambda: None)  # (the storage's copy is not there yet)
+                            get_error=lambda: None, should_recover=lambda: False)  # (no storage copy yet)
     scheduler.on_trial_error(SimpleNamespace(), trial)
     assert "The actor died unexpectedly" in record.trial(config[NUMBER_KEY]).error
+
+
+def test_a_trial_that_ray_retries_stays_running_with_its_last_failure(record: StudyRecord) -> None:
+    searcher, scheduler = _pair(record)
+    trial = _trial("a", searcher.suggest("a"))
+    trial.get_error, trial.should_recover = lambda: RuntimeError("ActorDiedError: worker died"), lambda: True
+    scheduler.on_trial_error(SimpleNamespace(), trial)  # Ray requeues it (tune.FailureConfig.max_failures)
+    assert (record.trial(0).status, record.trial(0).error) == ("running", "ActorDiedError: worker died")
+    trial.should_recover = lambda: False  # its last allowed failure
+    scheduler.on_trial_error(SimpleNamespace(), trial)
+    searcher.on_trial_complete("a", None, error=True)
+    assert record.trial(0).status == "failed"

@@ -1,12 +1,12 @@
 """How every node of a Ray cluster reaches the study's files: the shared storage and the inputs put there.
 
-The driver (``tune/run.py``) runs on one node; trials run on any node with room. Before the first
-trial, :func:`check_storage` refuses a ``--storage-path`` (a folder or a pyarrow URI) that some trial
-node cannot read (Ray Tune persists and restores every trial there), and :func:`study_data` copies the
-token cache folders the driver built and ``model.init_from`` to ``<storage>/.cache/`` (named by their
-content, so studies share them), unless the driver's node is the only trial node. A trial
-(:func:`open_study_data`) maps the driver's folders where its node reads them, else its node's own
-copy of those on the storage, made once per node in the node's token cache folder. """
+The driver runs on one node; trials run on any node with room. Before the first trial,
+:func:`check_storage` refuses a ``--storage-path`` (a folder or a pyarrow URI) that some trial node
+cannot read, and :func:`study_data` copies the driver's token cache folders and ``model.init_from`` to
+``<storage>/.cache/`` (named by their content, so studies share them) unless the driver's node is the only
+trial node. A trial (:func:`open_study_data`) maps the driver's folders where its node reads them, else
+its node's own copy of those on the storage, made once per node in the node's token cache folder.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,8 @@ import pyarrow.fs as pafs
 
 from .storage import copy_path, filesystem_of, local_path
 
-__all__ = [
-    "CACHE_DIR", "ClusterError", "Node", "StudyData", "check_storage", "current_node",
-    "driver_node_id", "file_sha256", "job_working_dir", "open_study_data",
-    "storage_problem", "study_data", "trial_nodes",
-]
+__all__ = ["CACHE_DIR", "ClusterError", "Node", "StudyData", "check_storage", "current_node", "driver_node_id",
+           "file_sha256", "job_working_dir", "open_study_data", "storage_problem", "study_data", "trial_nodes"]
 
 log = logging.getLogger(__name__)
 
@@ -67,33 +64,27 @@ def current_node() -> dict[str, str]:
     import ray
 
     node = {"node_id": "", "hostname": socket.gethostname(), "ip": "", "gpu_ids": ""}
-    if not ray.is_initialized():  # (get_runtime_context would start a whole local Ray to answer)
-        return node
-    with contextlib.suppress(Exception):
-        node.update(node_id=ray.get_runtime_context().get_node_id(), ip=ray.util.get_node_ip_address(),
-                    gpu_ids=",".join(str(g) for g in ray.get_gpu_ids()))  # the GPU(s) Ray gave this trial
+    if ray.is_initialized():  # (else get_runtime_context would start a whole local Ray to answer)
+        with contextlib.suppress(Exception):
+            node.update(node_id=ray.get_runtime_context().get_node_id(), ip=ray.util.get_node_ip_address(),
+                        gpu_ids=",".join(str(g) for g in ray.get_gpu_ids()))  # the GPU(s) Ray gave this trial
     return node
 
 
 def _here() -> str:
     node = current_node()
-    return f"{node['node_id'][:12]} ({node['hostname']}, {node['ip']})"
+    return Node(node["node_id"], node["ip"], node["hostname"]).label()
 
 
 def trial_nodes(cpu: float, gpu: float) -> list[Node]:
     """Alive nodes whose total resources fit one trial (``cpu`` CPUs and ``gpu`` GPUs)."""
     import ray
 
-    out = []
-    for n in ray.nodes():
-        res = n.get("Resources") or {}
-        if n.get("Alive") and res.get("CPU", 0.0) + 1e-9 >= cpu and res.get("GPU", 0.0) + 1e-9 >= gpu:
-            out.append(Node(n["NodeID"], n.get("NodeManagerAddress", "?"), n.get("NodeManagerHostname", "?")))
-    return out
+    def fits(res: dict[str, float]) -> bool:
+        return res.get("CPU", 0.0) + 1e-9 >= cpu and res.get("GPU", 0.0) + 1e-9 >= gpu
 
-
-# ---------------------------------------------------------------------------------------------------
-# Storage.
+    return [Node(n["NodeID"], n.get("NodeManagerAddress", "?"), n.get("NodeManagerHostname", "?"))
+            for n in ray.nodes() if n.get("Alive") and fits(n.get("Resources") or {})]
 
 
 def job_working_dir() -> str | None:
@@ -126,10 +117,8 @@ def _read_marker(marker: str, token: str) -> str | None:
         fs, path = filesystem_of(marker)
         with fs.open_input_stream(path) as fh:
             return None if fh.read().decode() == token else "holds another marker (a different folder)"
-    except FileNotFoundError:
-        return "does not exist"
     except Exception as exc:  # noqa: BLE001 - any failure to read is the answer
-        return f"{type(exc).__name__}: {exc}"
+        return "does not exist" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"
 
 
 def _probe(nodes: Sequence[Node], marker: str, token: str, timeout_s: float) -> dict[str, str | None]:
@@ -185,37 +174,20 @@ def check_storage(storage: str, nodes: Sequence[Node], driver: str, timeout_s: f
                        f"so {advice}.")
 
 
-# ---------------------------------------------------------------------------------------------------
-# The study's data: on the storage for the trial nodes, and where each node opens it.
-
-
 @dataclass(frozen=True)
 class StudyData:
-    """What a trial needs to open the study's data on any node; ``shared`` is ``<storage>/.cache`` when
-    the driver put a copy of every input there (see :meth:`folders`), None on a one-node cluster."""
+    """What a trial needs to open the study's data on any node. ``inputs`` holds, per input (train cache,
+    val cache, ``init_from``'s folder), ``(the driver's folder, the name of its copies, {file: bytes})``;
+    ``shared`` is ``<storage>/.cache`` when the driver put a copy of each there, None on a one-node cluster."""
 
     train_cache: str
-    train_key: str
     val_cache: str | None
-    val_key: str | None
     pad_id: int
     vocab_size: int
     init_from: str | None = None
-    init_size: int | None = None  # bytes
     init_sha256: str | None = None
     shared: str | None = None
-
-    def folders(self) -> list[tuple[Path, str, Callable[[Path], bool], str | None]]:
-        """Per input (train cache, val cache, init_from): ``(the driver's folder, the name of its copies,
-        whether a folder holds it, its one file or None for all)``; a token cache is checked by its key,
-        ``init_from`` by its size."""
-        out = [(Path(p), Path(p).name, lambda f, k=k: _cache_ok(f, k), None)
-               for p, k in ((self.train_cache, self.train_key), (self.val_cache, self.val_key)) if p and k]
-        if self.init_from:
-            init = Path(self.init_from)
-            out.append((init.parent, f"init_from-{(self.init_sha256 or '')[:16]}", lambda f: (
-                (f / init.name).is_file() and (f / init.name).stat().st_size == self.init_size), init.name))
-        return out
+    inputs: tuple[tuple[str, str, dict[str, int]], ...] = ()
 
 
 def file_sha256(path: Path) -> str:
@@ -227,13 +199,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cache_ok(folder: Path, key: str) -> bool:
-    from minimind_train.token_cache import open_cache
-
-    try:
-        return open_cache(folder).key == key
-    except (OSError, ValueError, KeyError):
-        return False
+def _holds(folder: Path, files: dict[str, int]) -> bool:
+    """Whether ``folder`` has each of ``files`` at its size in bytes (a copy cut short has not)."""
+    return all((folder / f).is_file() and (folder / f).stat().st_size == size for f, size in files.items())
 
 
 def study_data(data: Any, run_cfg: Any, nodes: Sequence[Node], driver: str, storage: str) -> StudyData:
@@ -241,57 +209,56 @@ def study_data(data: Any, run_cfg: Any, nodes: Sequence[Node], driver: str, stor
     unless ``driver`` (a node id) is the only one of the trial ``nodes``, each input is copied to
     ``<storage>/.cache`` where no copy with the same file names and sizes is."""
     s = data.stats
+    caches = [Path(p).resolve() for p in (s.cache_path, s.val_cache_path) if p]
     init = Path(run_cfg.model.init_from).resolve() if run_cfg.model.init_from else None
     one_node = [n.node_id for n in nodes] == [driver]
-    handle = StudyData(
-        train_cache=str(Path(s.cache_path).resolve()), train_key=s.cache_key,
-        val_cache=str(Path(s.val_cache_path).resolve()) if s.val_cache_path else None,
-        val_key=s.val_cache_key, pad_id=int(data.pad_id), vocab_size=int(data.vocab_size),
-        init_from=str(init) if init else None, init_size=init.stat().st_size if init else None,
-        init_sha256=file_sha256(init) if init and not one_node else None,
-        shared=None if one_node else f"{storage.rstrip('/')}/{CACHE_DIR}")
-    for folder, name, _, only in handle.folders() if handle.shared else []:
-        files = [folder / only] if only else sorted(folder.iterdir())
+    sha = file_sha256(init) if init and not one_node else None
+    inputs = [(str(c), c.name, {f.name: f.stat().st_size for f in sorted(c.iterdir())}) for c in caches]
+    if init:
+        inputs.append((str(init.parent), f"init_from-{(sha or '')[:16]}", {init.name: init.stat().st_size}))
+    handle = StudyData(train_cache=str(caches[0]), val_cache=str(caches[1]) if s.val_cache_path else None,
+                       pad_id=int(data.pad_id), vocab_size=int(data.vocab_size), init_from=str(init) if init else None,
+                       init_sha256=sha, shared=None if one_node else f"{storage.rstrip('/')}/{CACHE_DIR}",
+                       inputs=tuple(inputs))
+    for folder, name, files in handle.inputs if handle.shared else ():
         fs, base = filesystem_of(f"{handle.shared}/{name}")
-        listing = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-        there = {Path(i.path).name: i.size for i in listing}
-        todo = [f for f in files if there.get(f.name) != f.stat().st_size]  # what the storage lacks
+        there = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))}
+        todo = [f for f, size in files.items() if there.get(f) != size]  # what the storage lacks
         try:
             for f in todo:
-                copy_path(str(f), f"{base}/{f.name}", pafs.LocalFileSystem(), fs)
+                copy_path(f"{folder}/{f}", f"{base}/{f}", pafs.LocalFileSystem(), fs)
         except OSError as exc:
             raise ClusterError(f"cannot copy {folder} to {base} for the trial nodes: {exc}") from exc
         if todo:
             log.info("copied %s to %s for the trial nodes (%.1f MiB)", folder, base,
-                     sum(f.stat().st_size for f in todo) / 2**20)
+                     sum(files[f] for f in todo) / 2**20)
     return handle
 
 
-def _reach(driver_folder: Path, name: str, ok: Callable[[Path], bool], shared: str | None,
-           cache_dir: str | None) -> Path:
-    """A folder on this node that passes ``ok``: the driver's, else the node's copy of ``<shared>/<name>``."""
+def _reach(folder: Path, name: str, files: dict[str, int], shared: str | None, cache_dir: str | None) -> Path:
+    """A folder on this node that holds ``files``: the driver's, else the node's copy of ``<shared>/<name>``."""
     from minimind_train.token_cache import resolve_cache_dir
 
-    if ok(driver_folder):
-        return driver_folder
+    if _holds(folder, files):
+        return folder
     if shared is None:
         raise ClusterError(
-            f"node {_here()}: {driver_folder} is not readable here, and the study put no copy on its storage "
+            f"node {_here()}: {folder} is not readable here, and the study put no copy on its storage "
             "(the driver's node was its only trial node when it started); make the folder readable here, or "
             "continue the study with --resume, which copies it")
-    root = resolve_cache_dir(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{name}.lock", "a+b") as lock:
+    copy = resolve_cache_dir(cache_dir) / name
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    with open(copy.parent / f".{name}.lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one copy per node, however many of its trials start at once
-        if not ok(root / name):
-            shutil.rmtree(root / name, ignore_errors=True)  # an unusable leftover
+        if not _holds(copy, files):
+            shutil.rmtree(copy, ignore_errors=True)  # an unusable leftover
             fs, path = filesystem_of(f"{shared}/{name}")
-            copy_path(path, str(root / name), fs, pafs.LocalFileSystem())
-            log.info("node %s: copied %s/%s to %s", _here(), shared, name, root)
-    if not ok(root / name):
+            copy_path(path, str(copy), fs, pafs.LocalFileSystem())
+            log.info("node %s: copied %s/%s to %s", _here(), shared, name, copy.parent)
+    if not _holds(copy, files):
         raise ClusterError(f"node {_here()}: the study's copy {shared}/{name} does not open (incomplete?); "
                            "delete it and continue the study with --resume")
-    return root / name
+    return copy
 
 
 def open_study_data(handle: StudyData, cfg: Any) -> tuple[Any, Any]:
@@ -299,9 +266,9 @@ def open_study_data(handle: StudyData, cfg: Any) -> tuple[Any, Any]:
     config differs from ``cfg`` only in ``model.init_from``, when this node uses a copy of it."""
     from minimind_train.data import open_prepared
 
-    train, *rest = [_reach(folder, name, ok, handle.shared, cfg.data.cache_dir)
-                    for folder, name, ok, _ in handle.folders()]
-    val = rest.pop(0) if handle.val_cache and handle.val_key else None
+    train, *rest = [_reach(Path(folder), name, files, handle.shared, cfg.data.cache_dir)
+                    for folder, name, files in handle.inputs]
+    val = rest.pop(0) if handle.val_cache else None
     data = open_prepared(cfg.data, train, val, pad_id=handle.pad_id, vocab_size=handle.vocab_size)
     if handle.init_from and rest[0] != Path(handle.init_from).parent:
         init_from = str(rest[0] / Path(handle.init_from).name)

@@ -7,6 +7,7 @@ back. A ``--restart``'s old study is moved aside here, only after every input wa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import os
@@ -27,7 +28,7 @@ from . import cluster, restart, searcher
 from .interrupts import InterruptWatch, disk_full, first_line, sigterm_as_sigint
 from .mirror import Mirror, MirrorCallback, warn_on_failure
 from .preflight import Inputs, check_inputs, reconcile
-from .progress import ProgressView
+from .progress import RAY_ERRORS_FILE, ProgressView, ray_errors_to
 from .record import StudyError, StudyRecord
 from .report import finish_study
 from .space import SpaceError, check_resources, optuna_distributions, spec_to_dict, spec_to_yaml
@@ -120,8 +121,13 @@ def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, 
     print(f"inputs checked in {inputs.seconds:.1f}s (token cache {inputs.data.stats.cache_key[:12]}); "
           f"model: {inputs.n_params:,} parameters", flush=True)
     print("starting Ray ...", flush=True)
-    init_ray(address, ray_temp_dir)
-    try:
+    # Closed in reverse: a --restart's old study settled, outputs uploaded, Ray shut down, Ray's errors back.
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ray_errors_to(paths.local_dir / RAY_ERRORS_FILE))
+        init_ray(address, ray_temp_dir)
+        stack.callback(ray.shutdown)
+        if not paths.is_local:
+            stack.callback(_upload_outputs, paths)
         try:
             check_resources(spec, ray.cluster_resources())
             nodes = cluster.trial_nodes(t.resources_per_trial.cpu, t.resources_per_trial.gpu)
@@ -132,37 +138,35 @@ def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, 
             raise StudyError(str(exc)) from exc
         study_dir = paths.local_dir
         aside = restart.move_aside(study_dir) if replace and study_dir.exists() else None
-        # One try from the move on: however the run ends (a Ctrl-C included), a --restart's old study
-        # comes back unless the new one has a result (a kill is undone by the next start instead).
-        try:
-            space_yaml = spec_to_yaml(spec, f"Study {paths.name}: the resolved space (absolute paths) from "
-                                            f"{spec.source}.\nContinue it with: python -m tune.run --resume "
-                                            f"--name {paths.name} [--storage-path ...]")
-            if record is None:
-                try:
-                    record = StudyRecord.create(study_dir, paths.name, spec_to_dict(spec), space_yaml,
-                                                inputs.fingerprints)
-                except OSError as exc:
-                    raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
-                if warm_start_from is not None:
-                    # About a third of the trials (1 to 3) start from the earlier best configs; TPE picks the rest.
-                    queue = max(1, min(3, t.num_samples // 3))
-                    print(warm_start(record, warm_start_from, optuna_distributions(spec), top_k=queue))
-            else:
-                (study_dir / "space.yaml").write_text(space_yaml, encoding="utf-8")
-            record.runs = paths.runs_uri
-            return _run_trials(spec, paths, run_cfg, inputs, record, applied, plans, aside, study_data)
-        finally:
-            if aside is not None:
-                restart.settle(aside, study_dir, inputs.tracking_uri)
-    finally:
-        if not paths.is_local:
+        if aside is not None:
+            # However the run ends from here (a Ctrl-C included), a --restart's old study comes back unless
+            # the new one has a result (a kill is undone by the next start instead).
+            stack.callback(restart.settle, aside, study_dir, inputs.tracking_uri)
+        space_yaml = spec_to_yaml(spec, f"Study {paths.name}: the resolved space (absolute paths) from "
+                                        f"{spec.source}.\nContinue it with: python -m tune.run --resume "
+                                        f"--name {paths.name} [--storage-path ...]")
+        if record is None:
             try:
-                n = upload_outputs(paths.local_dir, paths.uri)
-                print(f"uploaded {n / 2**20:.1f} MiB of driver outputs from {paths.local_dir} to {paths.uri}")
-            except Exception as exc:  # noqa: BLE001 - the study itself is done; say where the files are
-                print(f"warning: could not upload {paths.local_dir} to {paths.uri}: {exc}", file=sys.stderr)
-        ray.shutdown()
+                record = StudyRecord.create(study_dir, paths.name, spec_to_dict(spec), space_yaml,
+                                            inputs.fingerprints)
+            except OSError as exc:
+                raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
+            if warm_start_from is not None:
+                # About a third of the trials (1 to 3) start from the earlier best configs; TPE picks the rest.
+                queue = max(1, min(3, t.num_samples // 3))
+                print(warm_start(record, warm_start_from, optuna_distributions(spec), top_k=queue))
+        else:
+            (study_dir / "space.yaml").write_text(space_yaml, encoding="utf-8")
+        record.runs = paths.runs_uri
+        return _run_trials(spec, paths, run_cfg, inputs, record, applied, plans, aside, study_data)
+
+
+def _upload_outputs(paths: StudyPaths) -> None:
+    try:
+        n = upload_outputs(paths.local_dir, paths.uri)
+        print(f"uploaded {n / 2**20:.1f} MiB of driver outputs from {paths.local_dir} to {paths.uri}")
+    except Exception as exc:  # noqa: BLE001 - the study itself is done; say where the files are
+        print(f"warning: could not upload {paths.local_dir} to {paths.uri}: {exc}", file=sys.stderr)
 
 
 def _finalists(spec: Any, run_cfg: Any, record: StudyRecord, create: bool) -> list[searcher.ResumePlan]:
@@ -193,7 +197,7 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
             callbacks: list[Any]) -> bool:
         """Run ``plans`` and ``new`` trials as one Ray Tune experiment; whether it was interrupted."""
         to_run, used = len(plans) + new, record.seconds_used()
-        # (a budget used up never gets here: tune.run refuses it, the finalists are skipped)
+        # (a budget used up never gets here: a --resume is refused above, the finalists are skipped)
         budget_left = None if t.time_budget_s is None else t.time_budget_s - used
         if budget_left is not None:
             print(f"time budget: {budget_left:.0f} s left of {t.time_budget_s:.0f} s ({used:.0f} s used before)")
@@ -211,7 +215,8 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
             by_number = record.statuses()
             return {tid: by_number[n] for tid, n in search.numbers.items() if n in by_number}
 
-        view = ProgressView(t.metric, t.mode, run_cfg.train.epochs, to_run, statuses=statuses, local=paths.is_local)
+        view = ProgressView(t.metric, t.mode, run_cfg.train.epochs, to_run, statuses=statuses, local=paths.is_local,
+                            ray_errors=paths.local_dir / RAY_ERRORS_FILE)
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), metric=t.metric, mode=t.mode,
                                  runs_dir=paths.runs_uri, run_name=f"run-{run_index}",

@@ -1,13 +1,13 @@
 """The study lock: one driver at a time per study, never a stale lock.
 
 ``fcntl.flock`` on ``.<name>.lock`` beside the study folder (so that ``--restart`` can move the
-folder while holding it): atomic, and released by the kernel when the holder dies.
+folder while holding it): atomic, and released by the kernel when the holder dies, so a lock left by
+a killed driver never blocks the next one. The file names its holder for the refusal message.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import fcntl
 import os
 import socket
@@ -18,26 +18,25 @@ from .record import StudyError
 
 __all__ = ["StudyLock", "lock_path"]
 
+# What flock raises, with LOCK_NB, for a lock another process holds (EAGAIN; EACCES on some systems).
+_HELD = (BlockingIOError, PermissionError)
+
 
 def lock_path(study_dir: Path) -> Path:
-    """Beside the study folder, so that ``--restart`` can move the folder while holding it."""
     return study_dir.parent / f".{study_dir.name}.lock"
 
 
 class StudyLock:
-    """An exclusive lock on one study, held for the driver's life.
-
-    ``fcntl.flock`` is atomic and the kernel releases it when the holder dies, so a lock left by a
-    killed driver never blocks the next one. The file holds the holder's pid, host and start time,
-    for the refusal message.
-    """
+    """An exclusive lock on one study, held for the driver's life (or a ``with`` block)."""
 
     def __init__(self, study_dir: Path) -> None:
         self.path = lock_path(study_dir)
         self._fh: IO[str] | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise :class:`StudyError` naming the holder; creates the storage folder."""
+        """Take the lock and write the holder (pid, host, start time) into its file; creates the
+        storage folder. Raises :class:`StudyError`: the lock is held (naming the holder), or its file
+        cannot be created."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fh = self.path.open("a+", encoding="utf-8")
@@ -49,14 +48,14 @@ class StudyLock:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
+            if isinstance(exc, _HELD):
                 raise StudyError(f"study {self.path.name[1:-5]!r} is in use by {holder} "
                                   f"(lock {self.path}); wait for it to end or stop it first") from exc
             raise
         fh.seek(0)
         fh.truncate()
-        started = _dt.datetime.now().isoformat(timespec="seconds")
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}\n")
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                 f"{_dt.datetime.now().isoformat(timespec='seconds')}\n")
         fh.flush()
         self._fh = fh
 
@@ -68,24 +67,18 @@ class StudyLock:
             fh = lock_path(study_dir).open("r", encoding="utf-8")
         except FileNotFoundError:
             return False
-        with fh:
+        with fh:  # (closing the file releases the probe's own shared lock)
             try:
                 fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    return True
-                raise
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            except _HELD:
+                return True
         return False
-
-    def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()  # closing releases the flock
-            self._fh = None
 
     def __enter__(self) -> StudyLock:  # noqa: PYI034 - Self needs Python 3.11
         self.acquire()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.release()
+        if self._fh is not None:
+            self._fh.close()  # closing releases the flock
+            self._fh = None

@@ -1,12 +1,11 @@
 """MLflow as a mirror of the study record: one parent run per study, one nested run per trial.
 
-The record (``tune.record``) is the truth; :meth:`Mirror.sync` copies it into MLflow at any time, from
-any process, as often as wanted. Runs are found by their tags (``minimind.study_id``,
-``minimind.trial``) through MLflow's ``search_runs``, never by name, and nest through the
-``mlflow.parentRunId`` tag as in Ray's ``MLflowLoggerCallback``: no crash between two MLflow calls
-leaves a second run for a study or a trial. A failing store never fails a study: :class:`MirrorCallback`
-warns once, and ``python -m tune.mirror STUDY_DIR`` (or ``--resume``) catches MLflow up later. All
-calls go through an explicit ``MlflowClient``: MLflow's global active run cannot serve concurrent trials.
+The record (``tune.record``) is the truth; :meth:`Mirror.sync` copies it into MLflow at any time, from any
+process, as often as wanted. Runs are found by their tags (``minimind.study_id``, ``minimind.trial``), never by
+name, and nest through the ``mlflow.parentRunId`` tag as in Ray's ``MLflowLoggerCallback``: no crash between
+two MLflow calls leaves a second run. A failing store never fails a study: :class:`MirrorCallback` warns once,
+and ``python -m tune.mirror STUDY_DIR`` (or ``--resume``) catches MLflow up later. All calls go through an
+explicit ``MlflowClient``: MLflow's global active run cannot serve concurrent trials.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param, Run, RunTag, ViewType
@@ -31,40 +30,17 @@ from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.utils import flatten_dict
 
+from . import tracking
 from .lock import StudyLock
 from .record import FINISHED, RESUMABLE, StudyError, StudyRecord, TrialRecord
-from .tracking import (
-    DEFAULT_EXPERIMENT,
-    TRACKING_URI_ENV,
-    VIEW_TAG_PREFIX,
-    TrackingError,
-    artifact_location,
-    check_tracking_server,
-    locked_file,
-    resolve_tracking_uri,
-)
+from .tracking import TrackingError, _one_line
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
-__all__ = [
-    "ERROR_TAG",
-    "NOTE_TAG",
-    "PARENT_RUN_TAG",
-    "ROLE_TAG",
-    "STATUS_TAG",
-    "STUDY_DIR_TAG",
-    "STUDY_ID_TAG",
-    "STUDY_TAG",
-    "SYNCED_TAG",
-    "TRIAL_TAG",
-    "Mirror",
-    "MirrorCallback",
-    "delete_study_runs",
-    "main",
-    "run_name",
-    "warn_on_failure",
-]
+__all__ = ["ERROR_TAG", "NOTE_TAG", "PARENT_RUN_TAG", "ROLE_TAG", "STATUS_TAG", "STUDY_DIR_TAG", "STUDY_ID_TAG",
+           "STUDY_TAG", "SYNCED_TAG", "TRIAL_TAG", "Mirror", "MirrorCallback", "delete_study_runs", "main",
+           "run_name", "warn_on_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +50,9 @@ STUDY_ID_TAG, STUDY_TAG, STUDY_DIR_TAG = "minimind.study_id", "minimind.study", 
 ROLE_TAG, TRIAL_TAG, STATUS_TAG, ERROR_TAG = "minimind.role", "minimind.trial", "minimind.status", "minimind.error"
 SYNCED_TAG = "minimind.synced_epochs"
 BEST_TRIAL_TAG, BEST_RUN_TAG = "minimind.best_trial", "minimind.best_run_id"
-# MLflow's own: the UI nests a run under the run the first names, and shows the second as its description.
-PARENT_RUN_TAG, NOTE_TAG = "mlflow.parentRunId", "mlflow.note.content"
+# MLflow's own: the UI nests a run under the run the first names, and shows the second as its description;
+# the third is the run's name (log_batch renames the run).
+PARENT_RUN_TAG, NOTE_TAG, _RUN_NAME_TAG = "mlflow.parentRunId", "mlflow.note.content", "mlflow.runName"
 
 # Record status -> MLflow run status; "running" is RUNNING while the driver lives, else KILLED.
 _RUN_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED", "diverged": "FAILED",
@@ -89,15 +66,6 @@ _MAX_RUNS = 50000  # MLflow's largest search page; no study has that many trials
 _ABBREVIATIONS = {"learning_rate": "lr", "accumulation_steps": "acc", "grad_clip": "clip", "min_lr_ratio": "min_lr",
                   "warmup_steps": "warmup", "weight_decay": "wd", "batch_size": "bs", "dropout": "drop",
                   "hidden_size": "hidden", "num_hidden_layers": "layers"}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Small helpers.
-
-
-def _one_line(exc: BaseException) -> str:
-    first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    return first[:300] + ("..." if len(first) > 300 else "")
 
 
 def _where(tags: Mapping[str, str]) -> str:
@@ -148,15 +116,10 @@ def _update(client: MlflowClient, run: Run, tags: Mapping[str, str], params: Map
 
 
 def _set_status(client: MlflowClient, run: Run, status: str) -> None:
-    if status != run.info.status:
-        if status == "RUNNING":
-            client.update_run(run.info.run_id, status="RUNNING")
-        else:
-            client.set_terminated(run.info.run_id, status=status)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The mirror.
+    if status == "RUNNING" != run.info.status:
+        client.update_run(run.info.run_id, status="RUNNING")
+    elif status != run.info.status:  # (with the end time)
+        client.set_terminated(run.info.run_id, status=status)
 
 
 class Mirror:
@@ -166,26 +129,18 @@ class Mirror:
     def __init__(self, tracking_uri: str, experiment: str, record: StudyRecord, *, fixed_params: Mapping[str, Any],
                  settings: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         self.tracking_uri, self.experiment, self.record = tracking_uri, experiment, record
+        self.study_id, self.study_dir = record.manifest.study_id, str(Path(record.dir).resolve())
         # The parent's params: the fixed config and the tuner's settings (the trials' runs hold only
         # their searched values).
         self.params = {**flatten_dict(dict(fixed_params), delimiter="."),
                        **{f"tune.{k}": v for k, v in flatten_dict(dict(settings), delimiter=".").items()}}
         self.tags = {k if k.startswith(("minimind.", "mlflow.")) else f"minimind.{k}": str(v) for k, v in tags.items()}
-        spec = record.manifest.spec
-        self.objective = str((spec.get("tune") or {}).get("metric") or "val_loss")
-        self.mode = str((spec.get("tune") or {}).get("mode") or "min")
-        self.search_keys = [str(k) for k in spec.get("search") or {}]
+        tune = record.manifest.spec.get("tune") or {}
+        self.objective, self.mode = str(tune.get("metric") or "val_loss"), str(tune.get("mode") or "min")
+        self.search_keys = [str(k) for k in record.manifest.spec.get("search") or {}]
         self.experiment_id: str | None = None
         self.parent_status: str | None = None  # the parent run's MLflow status as of the last call
         self._client: MlflowClient | None = None
-
-    @property
-    def study_id(self) -> str:
-        return self.record.manifest.study_id
-
-    @property
-    def study_dir(self) -> str:
-        return str(Path(self.record.dir).resolve())
 
     def sync(self, numbers: Iterable[int] | None = None, *, closing: bool = False) -> None:
         """Bring the parent run and the given trials' runs (None: every trial) up to date with the record.
@@ -195,10 +150,10 @@ class Mirror:
         wanted = None if numbers is None else set(numbers)
         with self._session("sync") as client:
             parent = self._parent(client, running=not closing)
-            runs = self._trial_runs(client, wanted)
+            runs = self._runs(client, "trial", min(wanted) if wanted and len(wanted) == 1 else None)
             for trial in self.record.trials():
                 if wanted is None or trial.number in wanted:
-                    self._sync_trial(client, parent.info.run_id, runs.get(trial.number), trial, closing)
+                    self._sync_trial(client, parent.info.run_id, runs.get(str(trial.number)), trial, closing)
 
     def finish(self, status: str, *, best: TrialRecord | None, best_value: float | None, best_epoch: int | None,
                artifacts: Mapping[str, Path], study_metrics: Mapping[str, float] | None = None) -> None:
@@ -214,26 +169,25 @@ class Mirror:
         if status not in _STUDY_STATUS:
             raise ValueError(f"status must be one of {sorted(_STUDY_STATUS)}, got {status!r}")
         self.sync(closing=True)
+        study_metrics = study_metrics or {}
         with self._session("finish") as client:
             parent, trials = self._parent(client, running=False), self.record.trials()
-            step = sum(t.status in FINISHED for t in trials)
-            tags = {STATUS_TAG: _STUDY_STATUS[status]}
-            metrics = [Metric(k, float(v), int(time.time() * 1000), step) for k, v in (study_metrics or {}).items()]
-            best_run = None if best is None else self._trial_runs(client, {best.number}).get(best.number)
+            step, now = sum(t.status in FINISHED for t in trials), int(time.time() * 1000)
+            metrics = [Metric(k, float(v), now, step) for k, v in study_metrics.items()]
+            best_run = None if best is None else self._runs(client, "trial", best.number).get(str(best.number))
+            tags = {STATUS_TAG: _STUDY_STATUS[status],
+                    NOTE_TAG: self._note(trials, best, best_value, best_epoch, best_run, artifacts, study_metrics)}
             if best is not None:
                 tags[BEST_TRIAL_TAG] = best.name
-                if best_run is not None:
-                    tags[BEST_RUN_TAG] = best_run.info.run_id
-                if best_value is not None:  # stamped as its epoch: finishing again adds no point
-                    metrics.append(Metric(f"best_{self.objective}", float(best_value),
-                                          _stamp(best.epochs.get(best_epoch or 0, {})), step))
-            tags[NOTE_TAG] = self._note(trials, best, best_value, best_epoch, best_run, artifacts,
-                                        dict(study_metrics or {}))
+            if best_run is not None:
+                tags[BEST_RUN_TAG] = best_run.info.run_id
+            if best is not None and best_value is not None:  # stamped as its epoch: finishing again adds no point
+                metrics.append(Metric(f"best_{self.objective}", float(best_value),
+                                      _stamp(best.epochs.get(best_epoch or 0, {})), step))
             _update(client, parent, tags, {}, [m for m in metrics if math.isfinite(m.value)])
             for target, path in artifacts.items():
-                folder = str(PurePosixPath(target.strip("/")).parent)
                 if Path(path).is_file():
-                    client.log_artifact(parent.info.run_id, str(path), None if folder == "." else folder)
+                    client.log_artifact(parent.info.run_id, str(path), target.strip("/").rpartition("/")[0] or None)
                 else:
                     logger.warning("artifact %s does not exist; not logged to MLflow", path)
             client.set_terminated(parent.info.run_id, status=status)
@@ -265,9 +219,10 @@ class Mirror:
         """The connection, under the study's mirror lock (two syncs at once could each create a run for
         one new trial); any failure becomes a :class:`TrackingError`, and the next call reconnects."""
         try:
-            with locked_file(Path(self.record.dir) / MIRROR_LOCK):
+            with tracking.locked_file(Path(self.record.dir) / MIRROR_LOCK):
                 if self._client is None:
-                    check_tracking_server(self.tracking_uri)  # fast: MLflow's client retries for minutes
+                    # Fast: MLflow's client retries for minutes.
+                    tracking.check_tracking_server(self.tracking_uri)
                     client = MlflowClient(tracking_uri=self.tracking_uri)
                     self.experiment_id, self._client = self._experiment(client), client
                 yield self._client
@@ -284,7 +239,8 @@ class Mirror:
         """The experiment's id, created if new, with the study's saved view."""
         if client.get_experiment_by_name(self.experiment) is None:
             try:
-                client.create_experiment(self.experiment, artifact_location=artifact_location(self.tracking_uri))
+                location = tracking.artifact_location(self.tracking_uri)
+                client.create_experiment(self.experiment, artifact_location=location)
             except Exception:
                 if client.get_experiment_by_name(self.experiment) is None:  # (else made meanwhile by another driver)
                     raise
@@ -308,29 +264,28 @@ class Mirror:
                  "orderByKey": f"metrics.`best_{self.objective}`", "orderByAsc": self.mode == "min",
                  "selectedColumns": [f"metrics.`best_{self.objective}`", f"metrics.`{self.objective}`",
                                      *(f"params.`{k}`" for k in self.search_keys), f"tags.`{STATUS_TAG}`"]}
-        return VIEW_TAG_PREFIX + self.study_id, json.dumps(
+        return tracking.VIEW_TAG_PREFIX + self.study_id, json.dumps(
             {"name": f"{self.record.manifest.name}: best {self.objective} first", "createdAt": created,
              "updatedAt": created, "state": json.dumps(state)})
 
-    def _find(self, client: MlflowClient, tags: Mapping[str, str]) -> dict[str, Run]:
-        """The study's active runs with ``tags`` by their ``tags``' last value; of duplicates (two
-        processes creating one run at the same moment) the oldest, the others deleted."""
+    def _runs(self, client: MlflowClient, role: str, number: int | None = None) -> dict[str, Run]:
+        """The study's active runs of ``role`` (of trial ``number`` alone if given) by trial number, or
+        "parent"; of duplicates (two processes creating one run at once) the oldest, the others deleted."""
+        tags = {STUDY_ID_TAG: self.study_id, ROLE_TAG: role, **({} if number is None else {TRIAL_TAG: str(number)})}
         found: dict[str, Run] = {}
-        for run in client.search_runs([str(self.experiment_id)], _where({STUDY_ID_TAG: self.study_id, **tags}),
-                                      ViewType.ACTIVE_ONLY, _MAX_RUNS, ["attributes.start_time ASC"]):
-            key = run.data.tags.get(TRIAL_TAG, "parent")
-            if key in found:
-                logger.warning("MLflow run %s duplicates run %s; deleted", run.info.run_id, found[key].info.run_id)
+        for run in client.search_runs([str(self.experiment_id)], _where(tags), ViewType.ACTIVE_ONLY, _MAX_RUNS,
+                                      ["attributes.start_time ASC"]):
+            kept = found.setdefault(run.data.tags.get(TRIAL_TAG, "parent"), run)
+            if kept is not run:
+                logger.warning("MLflow run %s duplicates run %s; deleted", run.info.run_id, kept.info.run_id)
                 client.delete_run(run.info.run_id)
-            else:
-                found[key] = run
         return found
 
     def _parent(self, client: MlflowClient, running: bool) -> Run:
         """The parent run, found or created, its tags and params up to date."""
         tags = {**self.tags, STUDY_ID_TAG: self.study_id, STUDY_TAG: self.record.manifest.name, ROLE_TAG: "parent",
                 STUDY_DIR_TAG: self.study_dir}
-        run = self._find(client, {ROLE_TAG: "parent"}).get("parent") or client.create_run(
+        run = self._runs(client, "parent").get("parent") or client.create_run(
             str(self.experiment_id), run_name=self.record.manifest.name, tags={**tags, STATUS_TAG: "running"})
         # A setting changed by a later driver run stays as a tag beside the first value's param.
         tags.update({f"minimind.latest.{k}": str(v) for k, v in self.params.items()
@@ -340,12 +295,6 @@ class Mirror:
             _set_status(client, run, "RUNNING")
         self.parent_status = "RUNNING" if running else run.info.status
         return run
-
-    def _trial_runs(self, client: MlflowClient, numbers: set[int] | None) -> dict[int, Run]:
-        """Trial number -> its run, for ``numbers`` (None: every trial)."""
-        one = {TRIAL_TAG: str(min(numbers))} if numbers is not None and len(numbers) == 1 else {}
-        runs = self._find(client, {ROLE_TAG: "trial", **one})
-        return {int(n): run for n, run in runs.items() if numbers is None or int(n) in numbers}
 
     def _sync_trial(self, client: MlflowClient, parent_id: str, run: Run | None, trial: TrialRecord,
                     closing: bool) -> None:
@@ -360,11 +309,9 @@ class Mirror:
             client.delete_tag(run.info.run_id, ERROR_TAG)
         synced = run.data.tags.get(SYNCED_TAG, "0")
         metrics = self._metrics(trial, after=int(synced) if synced.isdigit() else 0)
-        _update(client, run, tags, trial.params, metrics)
+        _update(client, run, {**tags, _RUN_NAME_TAG: name}, trial.params, metrics)
         if metrics:  # after the points: a crash in between logs them again, which adds nothing (_stamp)
             client.set_tag(run.info.run_id, SYNCED_TAG, str(max(trial.epochs)))
-        if run.info.run_name != name:
-            client.update_run(run.info.run_id, name=name)
         _set_status(client, run, _RUN_STATUS.get(trial.status, "KILLED" if closing else "RUNNING"))
 
     def _metrics(self, trial: TrialRecord, after: int) -> list[Metric]:
@@ -383,10 +330,6 @@ class Mirror:
                 out += [Metric(k, float(row[k]), _stamp(values), epoch)
                         for k in sorted(row, key=lambda k: (k != self.objective, k != best_key, k))]
         return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Live mirroring from the driver; deleting a study's runs.
 
 
 def delete_study_runs(tracking_uri: str, study_id: str) -> int:
@@ -439,30 +382,24 @@ class MirrorCallback(Callback):
     on_trial_complete = on_trial_error = on_trial_result
 
 
-# ---------------------------------------------------------------------------------------------------
-# python -m tune.mirror STUDY_DIR
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tune.mirror STUDY_DIR [--tracking-uri URI]``: sync the study's mirror; without a live
+    driver, also close its parent run as the record stands. Returns the exit status (2: an error)."""
     parser = argparse.ArgumentParser(prog="python -m tune.mirror", description="Bring the MLflow mirror of a study "
                                      "up to date with its record (idempotent).")
     parser.add_argument("study_dir", type=Path, help="the study folder (holds study.json)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the study's "
-                        f"mlflow.tracking_uri, else ${TRACKING_URI_ENV}, else sqlite in the study folder)")
+                        f"mlflow.tracking_uri, else ${tracking.TRACKING_URI_ENV}, else sqlite in the study folder)")
     args = parser.parse_args(argv)
     try:
         record = StudyRecord.open(args.study_dir.resolve())
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    spec = record.manifest.spec
-    uri = resolve_tracking_uri(args.tracking_uri or (spec.get("mlflow") or {}).get("tracking_uri"), record.dir)
-    experiment = str((spec.get("mlflow") or {}).get("experiment") or DEFAULT_EXPERIMENT)
-    sections = {s: dict(spec[s]) for s in ("model", "data", "train") if isinstance(spec.get(s), Mapping)}
-    fixed = {k: v for k, v in flatten_dict(sections, delimiter=".").items() if k not in (spec.get("search") or {})}
-    try:
+        spec, held = record.manifest.spec, StudyLock.held(record.dir)
+        configured = spec.get("mlflow") or {}
+        uri = tracking.resolve_tracking_uri(args.tracking_uri or configured.get("tracking_uri"), record.dir)
+        experiment = str(configured.get("experiment") or tracking.DEFAULT_EXPERIMENT)
+        sections = {s: dict(spec[s]) for s in ("model", "data", "train") if isinstance(spec.get(s), Mapping)}
+        fixed = {k: v for k, v in flatten_dict(sections, delimiter=".").items() if k not in (spec.get("search") or {})}
         mirror = Mirror(uri, experiment, record, fixed_params=fixed, settings=spec.get("tune") or {}, tags={})
-        held = StudyLock.held(record.dir)
         mirror.sync(closing=not held)
         # Without a driver, a parent left RUNNING (by a killed driver, or created just now) is closed
         # as the record stands; one a driver closed keeps its status.
@@ -470,12 +407,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             trials = record.trials()
             status = ("KILLED" if any(t.status in RESUMABLE for t in trials)
                       else "FINISHED" if any(t.status == "completed" for t in trials) else "FAILED")
-            best, value, epoch = _best(record, mirror.objective, mirror.mode)
+            best, value, epoch = _best(trials, mirror.objective, mirror.mode)
             found = {name: record.dir / name for name in ("best.yaml", "summary.csv")}
             found.update({f"plots/{p.name}": p for p in sorted((record.dir / "plots").glob("*.png"))})
             mirror.finish(status, best=best, best_value=value, best_epoch=epoch,
                           artifacts={k: p for k, p in found.items() if p.is_file()})
-    except TrackingError as exc:
+    except (StudyError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"MLflow mirror of {record.dir} is up to date ({len(record.trials())} trial runs, "
@@ -483,10 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _best(record: StudyRecord, objective: str, mode: str) -> tuple[TrialRecord | None, float | None, int | None]:
-    """The record's best completed search trial, its best epoch's objective and that epoch."""
+def _best(trials: list[TrialRecord], objective: str, mode: str) -> tuple[TrialRecord | None, float | None, int | None]:
+    """The best completed search trial, its best epoch's objective and that epoch."""
     sign = 1.0 if mode == "min" else -1.0
-    scored = [(sign * v, t, e) for t in record.trials() if t.status == "completed" and t.finalist_of is None
+    scored = [(sign * v, t, e) for t in trials if t.status == "completed" and t.finalist_of is None
               for e, v in t.curve(objective) if math.isfinite(v)]
     if not scored:
         return None, None, None
@@ -506,6 +443,7 @@ def warn_on_failure(call: Callable[[], object]) -> bool:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         print(f"warning: MLflow was not updated: {reason}{advice}", file=sys.stderr)
         return False
+
 
 if __name__ == "__main__":
     sys.exit(main())

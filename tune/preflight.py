@@ -43,13 +43,11 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     # Ray's rich output ignores verbose=0; the legacy reporter honours it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # A failed trial is one line from tune.progress (its reason and where the traceback is), not
-    # Ray's full traceback on the driver's stderr; the trial folder keeps it (error.txt).
+    # A failed trial is one line from tune.progress; its traceback stays in the trial folder (error.txt).
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
-    # Ray warns when a step of its loop takes over 0.5 s and advises reporting less often: trials report
-    # once an epoch, so the advice is moot (an MLflow write on a busy machine sets it off).
+    # Trials report and checkpoint once an epoch: Ray's advice to report less often (a loop step over
+    # 0.5 s, e.g. an MLflow write on a busy machine) and its "snapshotting too often" advice are moot.
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "60")
-    # Each epoch checkpoints, so Ray's "snapshotting too often" advice fires constantly and is moot.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import mlflow  # noqa: F401  (it configures its loggers on import; quieten them afterwards)
     import optuna
@@ -59,9 +57,8 @@ def quiet_libraries() -> None:
     # Ray's notice that a new local cluster uses token authentication (its default) asks nothing of the
     # user. (A logger's name, not an attribute: Ray has no public switch for this notice.)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # After a Ctrl-C Ray advises `Tuner.restore(...)`: a study continues with --resume (printed by
-    # the driver), never from Ray's own saved state. Ray's "Trials did not complete: [train_trial_...]"
-    # repeats by Ray's trial names what the view and the summary say by the study's.
+    # After a Ctrl-C a study continues with --resume, never by Ray's `Tuner.restore(...)`; Ray's "Trials
+    # did not complete: [...]" repeats by Ray's trial names what the summary says by the study's.
     logging.getLogger("ray.tune.tune").addFilter(
         lambda record: not any(s in record.getMessage() for s in ("Tuner.restore", "Trials did not complete")))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -87,9 +84,8 @@ def check_inputs(spec: Any, run_cfg: Any, paths: StudyPaths, address: str | None
 
     gpu = spec.tune.resources_per_trial.gpu
     if gpu > 0 and not (address or os.environ.get("RAY_ADDRESS")) and torch.cuda.device_count() == 0:
-        raise StudyError(f"tune.resources_per_trial.gpu={gpu:g} is not allowed: this machine has no GPU that "
-                         "torch can use, and no Ray cluster was given (--address); set gpu: 0 to train "
-                         "on CPUs")
+        raise StudyError(f"tune.resources_per_trial.gpu={gpu:g} is not allowed: this machine has no GPU that torch "
+                         "can use, and no Ray cluster was given (--address); set gpu: 0 to train on CPUs")
     data_cfg = spec.run.data
     try:
         tokenizer = load_tokenizer(data_cfg.tokenizer)
@@ -99,8 +95,8 @@ def check_inputs(spec: Any, run_cfg: Any, paths: StudyPaths, address: str | None
     try:
         data = prepare_data(data_cfg, tokenizer)
     except (DataError, FileNotFoundError, ValueError, UnicodeDecodeError) as exc:
-        key = ("data.val_path" if data_cfg.val_path and str(data_cfg.val_path) in str(exc) else "data.train_path")
-        raise StudyError(f"{key}={getattr(data_cfg, key.split('.')[1])!r}: {exc}") from exc
+        name = "val_path" if data_cfg.val_path and str(data_cfg.val_path) in str(exc) else "train_path"
+        raise StudyError(f"data.{name}={getattr(data_cfg, name)!r}: {exc}") from exc
     with torch.device("meta"):  # shapes only: no memory, no init
         n_params = count_parameters(build_model(run_cfg.model, len(tokenizer)))
     fingerprints = {"dataset": data.stats.cache_key, "tokenizer": tokenizer_fingerprint(tokenizer)}
@@ -110,11 +106,10 @@ def check_inputs(spec: Any, run_cfg: Any, paths: StudyPaths, address: str | None
     if init_from is not None:
         try:
             load_minimind_weights(build_model(run_cfg.model, len(tokenizer)), init_from)
-        except WeightMismatchError as exc:
-            raise StudyError(f"model.init_from={init_from!r} does not fit the model: {exc}") from exc
         except Exception as exc:
-            raise StudyError(f"model.init_from={init_from!r} is not a loadable torch state dict "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+            why = (f"does not fit the model: {exc}" if isinstance(exc, WeightMismatchError) else "is not a "
+                   f"loadable torch state dict ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})")
+            raise StudyError(f"model.init_from={init_from!r} {why}") from exc
         fingerprints["model.init_from"] = file_sha256(Path(init_from))
     tracking_uri = resolve_tracking_uri(spec.mlflow.tracking_uri, paths.local_dir)
     # (the study's own sqlite store is created with the study folder: nothing to ask)
@@ -130,11 +125,9 @@ def reconcile(record: StudyRecord, spec_dict: dict[str, Any], inputs: Inputs, ex
     """Refuse a ``--resume`` whose study definition or input contents changed (each change a
     ``key: old -> new`` line); return the run settings that changed (applied on this run)."""
     changed = diff_specs(record.manifest.spec, spec_dict)
-    old_prints, new_prints = record.manifest.fingerprints, inputs.fingerprints
-    for key in sorted(set(old_prints) | set(new_prints)):
-        if old_prints.get(key) != new_prints.get(key):
-            changed.append(f"{key} contents: {old_prints.get(key, '(none)')[:12]} -> "
-                           f"{new_prints.get(key, '(none)')[:12]}")
+    old, new = record.manifest.fingerprints, inputs.fingerprints
+    changed += [f"{key} contents: {old.get(key, '(none)')[:12]} -> {new.get(key, '(none)')[:12]}"
+                for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
     if changed:
         where = "the space file" if explicit_space else "the study"
         raise StudyError(

@@ -3,21 +3,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
+import re
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
 from ray.tune import Callback
 
-__all__ = ["STEP_FILE", "ProgressView", "count_trials", "eta_s", "read_step", "step_writer"]
+__all__ = ["RAY_ERRORS_FILE", "STEP_FILE", "ProgressView", "count_trials", "eta_s", "ray_errors_to", "read_step",
+           "step_writer"]
 
 STEP_FILE = "step.json"  # in a trial's folder: {"epoch", "step", "steps_per_epoch", "time"}
+RAY_ERRORS_FILE = "ray_errors.log"  # in the study folder: what Ray's driver printed about lost workers
+# Ray's driver prints the cluster's error messages (a lost worker: "(raylet) A worker died ...", ~7 lines)
+# from a thread of this name straight to sys.stdout: there is no logger for them and no ray.init switch
+# (log_to_driver covers only the workers' own output). The name is the one Ray detail relied on here;
+# tests/test_faults.py fails if those lines reach the terminal again.
+_RAY_ERROR_THREAD = "ray_listen_error_messages"
 _SHOWN = ("done", "running", "stopped early", "failed", "diverged")  # always shown; others when non-zero
 _FINAL = {"completed": "done", "stopped_early": "stopped early", "failed": "failed", "diverged": "diverged"}
 _RAY = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": "running", "ERROR": "failed"}
@@ -73,6 +83,36 @@ def eta_s(done: float, done_at_start: float, planned: float, elapsed_s: float) -
     return max(0.0, planned - done) * elapsed_s / (done - done_at_start)
 
 
+class _RayErrorsToFile:
+    """A stand-in for ``sys.stdout`` that appends what Ray's error thread writes to ``path`` (when it can:
+    the study's one line per failed trial already says what happened) and passes the rest through."""
+
+    def __init__(self, terminal: TextIO, path: Path) -> None:
+        self.terminal, self.path = terminal, path
+
+    def write(self, text: str) -> int:
+        if threading.current_thread().name != _RAY_ERROR_THREAD:
+            return self.terminal.write(text)
+        with contextlib.suppress(OSError), self.path.open("a", encoding="utf-8") as log:
+            log.write(re.sub(r"\x1b\[[0-9;]*m", "", text))  # (without the terminal's colour codes)
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding: the terminal's
+        return getattr(self.terminal, name)
+
+
+@contextlib.contextmanager
+def ray_errors_to(path: Path) -> Iterator[None]:
+    """While active, Ray's driver-side error messages go to ``path`` instead of the terminal (appended;
+    nothing is written while ``path``'s folder does not exist)."""
+    previous = sys.stdout
+    sys.stdout = _RayErrorsToFile(previous, path)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout = previous
+
+
 def _duration(seconds: float | None) -> str:
     return "-" if seconds is None else str(datetime.timedelta(seconds=round(seconds)))
 
@@ -88,10 +128,10 @@ class ProgressView(Callback):
 
     def __init__(self, metric: str, mode: str, planned_epochs: int, num_samples: int,
                  statuses: Callable[[], Mapping[str, str]] | None = None, local: bool = True,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, ray_errors: Path | None = None) -> None:
         self.metric, self.mode, self.statuses, self.local = metric, mode, statuses, local
         self.planned_epochs, self.num_samples = planned_epochs, num_samples
-        self._stream = stream or sys.stdout
+        self._stream = stream  # None: sys.stdout at each use (ours stands in for it during a run)
         self._start, self._first = time.monotonic(), None  # _first: the first trial's start (for the ETA)
         self._best, self._best_trial = (math.inf if mode == "min" else -math.inf), ""
         self._trials: list[Any] = []
@@ -100,19 +140,25 @@ class ProgressView(Callback):
         self._reported: dict[str, int] = {}  # Ray trial id -> its last epoch (Ray's last_result lags)
         self._restored: dict[str, int] = {}  # Ray trial id -> epochs it had done before this run
         self._live: Any = None
+        self._ray_errors = ray_errors
+        self._live_stdout: TextIO | None = None  # what Live put in sys.stdout (restored before Live stops)
 
     def setup(self, **info: Any) -> None:
         self._start = time.monotonic()  # this process's clock (a --resume is another process)
-        if self._stream.isatty():
+        if (self._stream or sys.stdout).isatty():
             from rich.console import Console
             from rich.live import Live
 
-            self._live = Live(console=Console(file=self._stream), get_renderable=self.render,
+            self._live = Live(console=Console(file=self._stream or sys.stdout), get_renderable=self.render,
                               refresh_per_second=2, transient=True)
             self._live.start()
+            if self._ray_errors is not None:  # Live put its own stand-in in sys.stdout: divert before it
+                self._live_stdout, sys.stdout = sys.stdout, _RayErrorsToFile(sys.stdout, self._ray_errors)
 
     def close(self) -> None:
         """Stop the terminal view (idempotent; the driver calls it however the run ends)."""
+        if self._live_stdout is not None:
+            sys.stdout, self._live_stdout = self._live_stdout, None
         if self._live is not None:
             self._live.stop()
             self._live = None
@@ -176,8 +222,9 @@ class ProgressView(Callback):
             self._live.console.print(text, markup=False, highlight=False)
             return
         status = f" | {self.status()}" if counts else ""
-        self._stream.write(f"[{time.monotonic() - self._start:6.0f}s] {text}{status}\n")
-        self._stream.flush()
+        out = self._stream or sys.stdout
+        out.write(f"[{time.monotonic() - self._start:6.0f}s] {text}{status}\n")
+        out.flush()
 
     def _refresh(self, trials: list[Any]) -> None:
         self._trials = trials

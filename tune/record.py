@@ -2,21 +2,17 @@
 
 A study folder holds::
 
-    study.json      manifest: the resolved spec (fixed config, search space, objective, scheduler),
-                    the input fingerprints and the study id; written once when the study is created
-                    (only the run settings -- num_samples, concurrency, time budget -- change later,
-                    each change kept in its ``history``)
+    study.json      manifest: the resolved spec (fixed config, search space, objective, scheduler), the
+                    input fingerprints and the study id, written at creation; each driver run adds to
+                    its ``history`` (start, overrides, changed run settings)
     space.yaml      the resolved spec as a space file (what ``--resume`` without ``--space`` runs)
     optuna.db       the Optuna storage (sqlite): every trial, its params, its per-epoch objective
                     (intermediate values), its per-epoch metrics and status (user attrs), its state
-    runs/run-K/tNNN the trial folders of driver run K: Ray's result.json, and the trial's own
-                    checkpoints epoch_000e/ (model.pth, train_state.pt, meta.json)
+    runs/run-K/tNNN driver run K's Ray trial folders, with the trial's checkpoints (tune.storage): a
+                    trial interrupted in one run continues in the next from its newest whole one
     mlflow.db       the default MLflow store, a mirror of the record (tune.mirror)
 
-Ray is the executor: each driver run is a fresh Ray experiment under ``runs/``; nothing of Ray's
-own saved state is read back. A trial interrupted in one run continues in the next from the newest
-whole checkpoint in its folders. A lock file beside the study folder (tune.lock) is held by the
-live driver.
+The live driver holds a lock file beside the folder (tune.lock).
 
 Trial statuses (user attr ``status``) and their Optuna states:
 
@@ -35,34 +31,28 @@ diverged       FAIL      loss became non-finite or exploded: its config is unusa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
 import math
 import os
+import sqlite3
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from minimind_train.validation import validate
 
 from .storage import RUNS_DIR, checkpoint_metas, local_path, trial_dirs
 
-__all__ = [
-    "FINISHED",
-    "MANIFEST_FILE",
-    "OPTUNA_FILE",
-    "RESUMABLE",
-    "WARM_START",
-    "Manifest",
-    "StudyError",
-    "StudyRecord",
-    "TrialRecord",
-    "diff_specs",
-]
+__all__ = ["FINISHED", "MANIFEST_FILE", "OPTUNA_FILE", "PATH_KEYS", "RESUMABLE", "RUN_SETTINGS", "WARM_START",
+           "Manifest", "StudyError", "StudyRecord", "TrialRecord", "diff_specs"]
 
 MANIFEST_FILE = "study.json"
 SPACE_FILE = "space.yaml"
@@ -74,6 +64,9 @@ FINISHED = frozenset({"completed", "stopped_early", "diverged"})
 # A trial copied from an earlier study (tune.warmstart): history for the sampler, not a trial of this study.
 WARM_START = "warm_start"
 RESUMABLE = frozenset({"running", "interrupted", "failed"})
+# The Optuna state each finished status ends in (the table above); any other state reads as ``running``.
+_STATE_OF = {"completed": TrialState.COMPLETE, "stopped_early": TrialState.PRUNED, "diverged": TrialState.FAIL}
+_STATUS_OF = {state: status for status, state in _STATE_OF.items()}
 
 
 class StudyError(RuntimeError):
@@ -86,11 +79,7 @@ class StudyError(RuntimeError):
         self.code = code
 
 
-# ---------------------------------------------------------------------------------------------------
-# The manifest.
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     """``study.json``. ``spec`` is :func:`tune.space.spec_to_dict` of the spec the study was created with.
 
@@ -102,8 +91,8 @@ class Manifest:
     name: str
     created: str
     spec: dict[str, Any]
-    fingerprints: dict[str, str]
-    history: list[dict[str, Any]] = field(default_factory=list)
+    fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     format: int = FORMAT
 
     @property
@@ -111,32 +100,30 @@ class Manifest:
         return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
-        body = {"format": self.format, "study_id": self.study_id, "name": self.name, "created": self.created,
-                "spec_hash": self.spec_hash, "fingerprints": self.fingerprints, "spec": self.spec,
-                "history": self.history}
-        return json.dumps(body, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+        body = {"format": self.format, "spec_hash": self.spec_hash, **dataclasses.asdict(self)}
+        return json.dumps(body, indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> Manifest:
+        """The manifest in ``text`` (read from ``where``); StudyError: another format, or damaged."""
         try:
             raw = json.loads(text)
             if raw.get("format") != FORMAT:
                 raise StudyError(f"{where}: study format {raw.get('format')!r} is not {FORMAT}; this "
                                   "version of minimind-tune cannot continue it")
-            return cls(study_id=raw["study_id"], name=raw["name"], created=raw["created"], spec=raw["spec"],
-                       fingerprints=dict(raw.get("fingerprints") or {}), history=list(raw.get("history") or []))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise StudyError(f"{where} is damaged ({exc}); the trials are still in {OPTUNA_FILE} and "
+            return validate(cls, raw)  # (spec_hash, derived from spec, is not read back)
+        except (ValueError, AttributeError) as exc:  # (a ConfigError from validate is a ValueError)
+            reason = str(exc).replace("\n", "; ")
+            raise StudyError(f"{where} is damaged ({reason}); the trials are still in {OPTUNA_FILE} and "
                               f"{RUNS_DIR}/") from exc
 
 
 # Keys of the spec that may change between runs of one study: they say how to run, not what is studied.
-RUN_SETTINGS = ("tune.num_samples", "tune.max_concurrent_trials", "tune.time_budget_s",
-                "tune.resources_per_trial.cpu", "tune.resources_per_trial.gpu", "tune.max_failures",
-                "tune.keep_checkpoints", "tune.keep_top_trials", "tune.finalists.top_k", "tune.finalists.seeds",
-                "tune.warm_start", "mlflow.tracking_uri", "mlflow.experiment",
-                "train.num_threads", "train.device", "train.log_interval", "train.eval_batch_size",
-                "data.cache_dir")
+RUN_SETTINGS = ("tune.num_samples", "tune.max_concurrent_trials", "tune.time_budget_s", "tune.max_failures",
+                "tune.resources_per_trial.cpu", "tune.resources_per_trial.gpu", "tune.keep_checkpoints",
+                "tune.keep_top_trials", "tune.finalists.top_k", "tune.finalists.seeds", "tune.warm_start",
+                "mlflow.tracking_uri", "mlflow.experiment", "train.num_threads", "train.device",
+                "train.log_interval", "train.eval_batch_size", "data.cache_dir")
 # Inputs compared by content (Manifest.fingerprints), not by path.
 PATH_KEYS = ("data.train_path", "data.val_path", "data.tokenizer", "model.init_from")
 
@@ -145,25 +132,25 @@ def diff_specs(old: Mapping[str, Any], new: Mapping[str, Any],
                ignore: Sequence[str] = RUN_SETTINGS + PATH_KEYS) -> list[str]:
     """``key: old -> new`` for each key of two :func:`tune.space.spec_to_dict` results that differs.
 
-    Searched parameters compare as a whole (``search.train.learning_rate: {...} -> {...}``).
+    Searched parameters compare as a whole (``search.train.learning_rate: {...} -> {...}``), after the others.
     """
+    flat_old, flat_new = _flat(old), _flat(new)
+    lines = []
+    for key in sorted(set(flat_old) | set(flat_new), key=lambda k: (k.startswith("search."), k)):
+        absent = "(not searched)" if key.startswith("search.") else "(absent)"
+        a, b = flat_old.get(key, absent), flat_new.get(key, absent)
+        if a != b and key not in ignore:
+            lines.append(f"{key}: {_show(a)} -> {_show(b)}")
+    return lines
+
+
+def _flat(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec's values by dotted key; each searched parameter whole, as ``search.<path>``."""
     # (Ray's flatten_dict: the record is read by the driver, which has Ray anyway.)
     from ray.tune.utils import flatten_dict
 
-    flat_old, flat_new = flatten_dict(dict(old), delimiter="."), flatten_dict(dict(new), delimiter=".")
-    search_old, search_new = dict(old.get("search") or {}), dict(new.get("search") or {})
-    lines = []
-    for key in sorted(set(flat_old) | set(flat_new)):
-        if key.startswith("search.") or key in ignore:
-            continue
-        a, b = flat_old.get(key, "(absent)"), flat_new.get(key, "(absent)")
-        if a != b:
-            lines.append(f"{key}: {_show(a)} -> {_show(b)}")
-    for path in sorted(set(search_old) | set(search_new)):
-        a, b = search_old.get(path, "(not searched)"), search_new.get(path, "(not searched)")
-        if a != b:
-            lines.append(f"search.{path}: {_show(a)} -> {_show(b)}")
-    return lines
+    fixed = flatten_dict({k: v for k, v in spec.items() if k != "search"}, delimiter=".")
+    return fixed | {f"search.{path}": d for path, d in (spec.get("search") or {}).items()}
 
 
 def _show(value: Any) -> str:
@@ -174,11 +161,7 @@ def _show(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Trials.
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TrialRecord:
     """One trial as the record has it. ``epochs`` maps epoch (1-based) to the metrics it reported."""
 
@@ -204,8 +187,14 @@ class TrialRecord:
         return [(e, float(m[metric])) for e, m in sorted(self.epochs.items()) if metric in m]
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+def _trial_record(t: FrozenTrial) -> TrialRecord:
+    epochs = {int(key[6:]): {k: float(v) for k, v in value.items() if _is_number(v)}
+              for key, value in t.user_attrs.items()
+              if key.startswith("epoch_") and key[6:].isdigit() and isinstance(value, Mapping)}
+    status = str(t.user_attrs.get("status", _STATUS_OF.get(t.state, "running")))
+    return TrialRecord(number=t.number, status=status, params=dict(t.params), epochs=epochs,
+                       error=str(t.user_attrs.get("error", "")), finalist_of=t.user_attrs.get("finalist_of"),
+                       seed=t.user_attrs.get("seed"))
 
 
 class StudyRecord:
@@ -224,7 +213,7 @@ class StudyRecord:
         self.manifest = manifest
         self.storage = storage
         self.study_id = storage.get_study_id_from_name(_STUDY_NAME)
-        self.study = optuna.load_study(study_name=_STUDY_NAME, storage=storage)
+        self.use()
 
     def use(self, sampler: optuna.samplers.BaseSampler | None = None,
             pruner: optuna.pruners.BasePruner | None = None) -> None:
@@ -281,7 +270,7 @@ class StudyRecord:
 
     def add_history(self, entry: Mapping[str, Any]) -> None:
         """Record a driver run (its start, command-line overrides, applied settings) in the manifest."""
-        manifest = Manifest(**{**self.manifest.__dict__, "history": [*self.manifest.history, dict(entry)]})
+        manifest = dataclasses.replace(self.manifest, history=[*self.manifest.history, dict(entry)])
         _write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
         self.manifest = manifest
 
@@ -290,56 +279,37 @@ class StudyRecord:
         return sum(float(h.get("seconds", 0.0)) for h in self.manifest.history)
 
     def next_run_index(self) -> int:
-        runs = self.dir / RUNS_DIR
-        taken = [int(p.name[4:]) for p in runs.glob("run-*") if p.name[4:].isdigit()] if runs.is_dir() else []
+        taken = [int(p.name[4:]) for p in (self.dir / RUNS_DIR).glob("run-*") if p.name[4:].isdigit()]
         return max(taken, default=0) + 1
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def _own_trials(self) -> list[optuna.trial.FrozenTrial]:
+    def _own_trials(self) -> list[FrozenTrial]:
         """The study's own trials: not those copied from an earlier study, nor configs queued to be asked."""
         return [t for t in self.study.get_trials(deepcopy=False)
-                if t.state != optuna.trial.TrialState.WAITING and t.user_attrs.get("status") != WARM_START]
+                if t.state != TrialState.WAITING and t.user_attrs.get("status") != WARM_START]
 
     def trials(self) -> list[TrialRecord]:
-        out = []
-        for t in self._own_trials():
-            epochs = {}
-            for key, value in t.user_attrs.items():
-                if key.startswith("epoch_") and key[6:].isdigit() and isinstance(value, Mapping):
-                    epochs[int(key[6:])] = {k: float(v) for k, v in value.items() if _is_number(v)}
-            status = str(t.user_attrs.get("status", _STATUS_OF_STATE.get(t.state, "running")))
-            out.append(TrialRecord(number=t.number, status=status, params=dict(t.params), epochs=epochs,
-                                   error=str(t.user_attrs.get("error", "")),
-                                   finalist_of=t.user_attrs.get("finalist_of"), seed=t.user_attrs.get("seed")))
-        return out
+        return [_trial_record(t) for t in self._own_trials()]
 
     def statuses(self) -> dict[int, str]:
         """Trial number -> status, in one read of the storage."""
-        return {t.number: str(t.user_attrs.get("status", _STATUS_OF_STATE.get(t.state, "running")))
-                for t in self._own_trials()}
+        return {t.number: t.status for t in self.trials()}
 
     def trial(self, number: int) -> TrialRecord:
-        for t in self.trials():
+        """Raises KeyError: ``number`` is not one of the study's own trials."""
+        for t in self._own_trials():
             if t.number == number:
-                return t
+                return _trial_record(t)
         raise KeyError(number)
-
-    @property
-    def runs_are_local(self) -> bool:
-        return local_path(self.runs) is not None
 
     def trial_dirs(self, number: int) -> list[Path]:
         """The trial's local Ray folders, oldest run first ([] for a URI storage)."""
-        return trial_dirs(Path(self.runs), number) if self.runs_are_local else []
+        return trial_dirs(Path(self.runs), number) if local_path(self.runs) is not None else []
 
     def checkpoint_metas(self, number: int) -> dict[int, tuple[str, dict[str, Any]]]:
         """The trial's whole checkpoints by epoch: (path on the runs' filesystem, meta.json)."""
         return checkpoint_metas(self.runs, number)
-
-    def checkpoints(self, number: int) -> dict[int, str]:
-        """The trial's whole checkpoints by epoch (paths on the runs' filesystem)."""
-        return {epoch: path for epoch, (path, _) in self.checkpoint_metas(number).items()}
 
     def best_checkpoint(self, number: int, metric: str, mode: str) -> str | None:
         """The trial's kept checkpoint with the best ``metric`` by its own meta.json."""
@@ -364,7 +334,7 @@ class StudyRecord:
     def _trial_id(self, number: int) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
-    def _frozen(self, number: int) -> optuna.trial.FrozenTrial:
+    def _frozen(self, number: int) -> FrozenTrial:
         return self.storage.get_trial(self._trial_id(number))
 
     def set_status(self, number: int, status: str, error: str = "") -> None:
@@ -380,7 +350,7 @@ class StudyRecord:
         if f"epoch_{epoch}" in frozen.user_attrs or frozen.state.is_finished():
             return False
         clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
-        clean.setdefault("timestamp_ms", float(_now_ms()))
+        clean.setdefault("timestamp_ms", float(time.time_ns() // 1_000_000))
         value = clean.get(objective)
         if value is not None and math.isfinite(value) and epoch not in frozen.intermediate_values:
             self.storage.set_trial_intermediate_value(trial_id, epoch, value)
@@ -394,37 +364,33 @@ class StudyRecord:
     def finish(self, number: int, status: str, objective: str, mode: str, error: str = "") -> None:
         """End a trial in Optuna: completed -> COMPLETE(best epoch), stopped_early -> PRUNED, diverged -> FAIL.
 
-        Other statuses leave the trial RUNNING (resumable) and only record the status.
+        Other statuses leave the trial RUNNING (resumable) and only record the status. A finished trial
+        stays as it is; a completed one without a finite ``objective`` is diverged.
         """
-        if self._frozen(number).state.is_finished():
+        frozen = self._frozen(number)
+        if frozen.state.is_finished():
             return
-        if status == "completed":
-            values = [v for _, v in self.trial(number).curve(objective) if math.isfinite(v)]
-            if not values:
-                status, error = "diverged", error or f"no finite {objective} was reported"
+        values = [v for _, v in _trial_record(frozen).curve(objective) if math.isfinite(v)]
+        if status == "completed" and not values:
+            status, error = "diverged", error or f"no finite {objective} was reported"
         self.set_status(number, status, error)
-        if status not in FINISHED:
-            return
-        if status == "completed":
-            self.study.tell(number, min(values) if mode == "min" else max(values))
-        else:
-            state = (optuna.trial.TrialState.PRUNED if status == "stopped_early"
-                     else optuna.trial.TrialState.FAIL)
-            self.study.tell(number, state=state)
+        if status in FINISHED:
+            best = (min(values) if mode == "min" else max(values)) if status == "completed" else None
+            self.study.tell(number, best, state=_STATE_OF[status])
 
     def abandon(self, number: int, reason: str) -> None:
         """End a trial that can never run as asked (its params were never all recorded: the driver
         died inside ``ask``): Optuna FAIL, status ``abandoned``; it does not count towards num_samples."""
         self.set_status(number, "abandoned", reason)
         if not self._frozen(number).state.is_finished():
-            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+            self.study.tell(number, state=TrialState.FAIL)
 
     def interrupt_running(self) -> None:
         """Mark trials still ``running`` as ``interrupted`` (the time budget ends trials without telling
         the searcher); ``--resume`` continues them."""
-        for t in self.unfinished():
-            if t.status == "running":
-                self.set_status(t.number, "interrupted")
+        for number, status in self.statuses().items():
+            if status == "running":
+                self.set_status(number, "interrupted")
 
     def unfinished(self) -> list[TrialRecord]:
         return [t for t in self.trials() if t.status in RESUMABLE]
@@ -437,24 +403,13 @@ class StudyRecord:
                      distributions: Mapping[str, optuna.distributions.BaseDistribution]) -> int:
         """A new trial training search trial ``of``'s config with ``seed``; returns its number."""
         template = optuna.trial.create_trial(
-            state=optuna.trial.TrialState.RUNNING, params=of.params, distributions=dict(distributions),
+            state=TrialState.RUNNING, params=of.params, distributions=dict(distributions),
             user_attrs={"status": "running", "finalist_of": of.number, "seed": seed})
         return self.storage.get_trial_number_from_id(self.storage.create_new_trial(self.study_id, template))
 
 
-_STATUS_OF_STATE = {
-    optuna.trial.TrialState.COMPLETE: "completed",
-    optuna.trial.TrialState.PRUNED: "stopped_early",
-    optuna.trial.TrialState.FAIL: "diverged",
-    optuna.trial.TrialState.RUNNING: "running",
-    optuna.trial.TrialState.WAITING: "running",
-}
-
-
 def _is_optuna_db(path: Path) -> bool:
     """Whether ``path`` is a sqlite file holding Optuna's tables, read without writing anything."""
-    import sqlite3
-
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             return db.execute("select 1 from sqlite_master where type='table' and name='studies'").fetchone() is not None
@@ -475,5 +430,4 @@ def _write_atomic(path: Path, text: str) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)

@@ -4,18 +4,21 @@ the closed MLflow mirror, and bounded disk use (:func:`finish_study`)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
 import shutil
 import statistics
 import sys
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.filesize import decimal as human_bytes
 
 from minimind_train.checkpoint import MODEL_FILE, STATE_FILE, drop_resume_state
 from minimind_train.config import run_config_to_dict
@@ -23,24 +26,12 @@ from minimind_train.config import run_config_to_dict
 from .mirror import Mirror, warn_on_failure
 from .record import FINISHED, StudyRecord
 from .space import StudySpec
-from .storage import CHECKPOINT_PREFIX, StudyPaths
+from .storage import CHECKPOINT_PREFIX, StudyPaths, fetch_file
 
 __all__ = [
-    "RUNG_FIDELITY_WARNING",
-    "Finalist",
-    "RungFidelity",
-    "TrialSummary",
-    "dir_bytes",
-    "finish_study",
-    "format_table",
-    "prune_resume_state",
-    "rank_finalists",
-    "rung_fidelity",
-    "summarize_finalists",
-    "summarize_trials",
-    "write_best_yaml",
-    "write_finalists_csv",
-    "write_summary_csv",
+    "RUNG_FIDELITY_WARNING", "Finalist", "RungFidelity", "TrialSummary", "dir_bytes", "finish_study",
+    "format_table", "prune_resume_state", "rank_finalists", "rung_fidelity", "summarize_finalists",
+    "summarize_trials", "write_best_yaml", "write_finalists_csv", "write_summary_csv",
 ]
 
 
@@ -58,41 +49,35 @@ class TrialSummary:
     error: str = ""
     number: int = -1  # the record's trial number
     checkpoint_epoch: int | None = None  # the epoch of ``checkpoint`` (best_epoch unless that one is gone)
+    finalist_of: int | None = None  # a finalist: the search trial whose config it trains again, with ``seed``
+    seed: int | None = None
 
 
-def _worst(mode: str) -> float:
-    return math.inf if mode == "min" else -math.inf
+_STATUS_RANK = {"completed": 0, "stopped_early": 1, "interrupted": 2, "running": 2, "failed": 3,
+                "diverged": 3, "abandoned": 4}
 
 
 def summarize_trials(record: StudyRecord, metric: str, mode: str) -> list[TrialSummary]:
-    """Ranked summaries of the record's trials, best first: completed trials by their best epoch, then
-    trials stopped early, then unfinished ones, diverged and failed last."""
-    out: list[TrialSummary] = []
+    """Ranked summaries of the record's trials, best first: by status (completed, stopped early,
+    unfinished, diverged and failed), then by the objective at the trial's best epoch."""
+    sign = 1.0 if mode == "min" else -1.0
+    out = []
     for t in record.trials():
         curve = t.curve(metric)
         finite = [(e, v) for e, v in curve if math.isfinite(v)]
-        if finite:
-            pick = min if mode == "min" else max
-            best_epoch, best_value = pick(finite, key=lambda ev: ev[1])
+        best_epoch, best_value = min(finite, key=lambda ev: sign * ev[1]) if finite else (0, sign * math.inf)
+        metas = record.checkpoint_metas(t.number) if finite else {}
+        if best_epoch in metas:  # the best epoch's own weights, when kept
+            checkpoint = metas[best_epoch][0]
         else:
-            best_epoch, best_value = 0, _worst(mode)
-        checkpoint, checkpoint_epoch = None, None
-        if finite:
-            metas = record.checkpoint_metas(t.number)
-            if best_epoch in metas:  # the best epoch's own weights, when kept
-                checkpoint, checkpoint_epoch = metas[best_epoch][0], best_epoch
-            elif (checkpoint := record.best_checkpoint(t.number, metric, mode)) is not None:
-                checkpoint_epoch = next(e for e, (path, _) in metas.items() if path == checkpoint)
+            checkpoint = record.best_checkpoint(t.number, metric, mode) if metas else None
+        checkpoint_epoch = next((e for e, (path, _) in metas.items() if path == checkpoint), None)
         out.append(TrialSummary(
             trial_id=t.name, name=t.name, status=t.status, epochs=max(t.epochs, default=0),
-            best_value=best_value, best_epoch=best_epoch, params=t.params, curve=curve,
-            checkpoint=checkpoint, checkpoint_epoch=checkpoint_epoch, error=t.error, number=t.number,
-        ))
-    sign = 1.0 if mode == "min" else -1.0
-    order = {"completed": 0, "stopped_early": 1, "interrupted": 2, "running": 2, "failed": 3, "diverged": 3,
-             "abandoned": 4}
-    out.sort(key=lambda s: (order.get(s.status, 3), sign * s.best_value, s.number))
-    return out
+            best_value=best_value, best_epoch=best_epoch, params=t.params, curve=curve, checkpoint=checkpoint,
+            error=t.error, number=t.number, checkpoint_epoch=checkpoint_epoch, finalist_of=t.finalist_of,
+            seed=t.seed))
+    return sorted(out, key=lambda s: (_STATUS_RANK.get(s.status, 3), sign * s.best_value, s.number))
 
 
 # Below this Spearman correlation a rung's ranking says little about the final one (documented in the
@@ -115,18 +100,15 @@ def rung_fidelity(summaries: Sequence[TrialSummary], rungs: Sequence[float]) -> 
     their average rank (pandas ``rank``)."""
     import pandas as pd
 
-    completed = [s for s in summaries if s.status == "completed" and s.curve and math.isfinite(s.curve[-1][1])]
+    completed = [s for s in summaries
+                 if s.status == "completed" and s.curve and math.isfinite(s.curve[-1][1])]
     out = []
-    for rung in rungs:
-        epoch = int(rung)
+    for epoch in map(int, rungs):
         pairs = [(dict(s.curve).get(epoch), s.curve[-1][1]) for s in completed]
         pairs = [(a, b) for a, b in pairs if a is not None and math.isfinite(a)]
-        rho = None
-        if len(pairs) >= 3:
-            at_rung, final = (pd.Series(x) for x in zip(*pairs))
-            value = at_rung.rank().corr(final.rank())
-            rho = None if math.isnan(value) else float(value)
-        out.append(RungFidelity(epoch=epoch, trials=len(pairs), spearman=rho))
+        ranks = pd.DataFrame(pairs).rank()
+        rho = ranks[0].corr(ranks[1]) if len(pairs) >= 3 else math.nan
+        out.append(RungFidelity(epoch, len(pairs), None if math.isnan(rho) else float(rho)))
     return out
 
 
@@ -157,89 +139,84 @@ def rank_finalists(finalists: Sequence[Finalist], mode: str) -> list[Finalist]:
     return sorted(finalists, key=lambda f: f.mean if mode == "min" else -f.mean)
 
 
-def summarize_finalists(record: StudyRecord, summaries: Sequence[TrialSummary], base_seed: int,
-                        mode: str) -> list[Finalist]:
-    """The configs with finished finalist trials, ranked (:func:`rank_finalists`)."""
+def summarize_finalists(summaries: Sequence[TrialSummary], base_seed: int, mode: str) -> list[Finalist]:
+    """The configs with finished finalist trials, ranked (:func:`rank_finalists`); the search trial
+    itself ran with ``base_seed``."""
+    runs: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    worst = math.inf if mode == "min" else -math.inf
+    for s in summaries:
+        if s.finalist_of is not None and s.seed is not None and s.status in FINISHED:
+            finite = s.status == "completed" and math.isfinite(s.best_value)
+            runs[s.finalist_of].append((s.seed, s.best_value if finite else worst))
     by_number = {s.number: s for s in summaries}
-    extra: dict[int, list[tuple[int, float]]] = {}
-    for t in record.trials():
-        s = by_number.get(t.number)
-        if t.finalist_of is not None and t.seed is not None and s is not None and s.status in FINISHED:
-            value = s.best_value if s.status == "completed" and math.isfinite(s.best_value) else _worst(mode)
-            extra.setdefault(t.finalist_of, []).append((t.seed, value))
     out = []
-    for number, seeded in extra.items():
+    for number, seeded in runs.items():
         base = by_number[number]
-        pairs = [(base_seed, base.best_value), *sorted(seeded)]
-        out.append(Finalist(base.trial_id, number, base.params, tuple(p for p, _ in pairs),
-                            tuple(v for _, v in pairs)))
+        seeds, values = zip((base_seed, base.best_value), *sorted(seeded))
+        out.append(Finalist(base.trial_id, number, base.params, seeds, values))
     return rank_finalists(out, mode)
+
+
+def _param_keys(items: Iterable[TrialSummary | Finalist]) -> list[str]:
+    return sorted({k for item in items for k in item.params})
+
+
+def _write_csv(path: Path, rows: Iterable[Sequence[Any]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+    return path
 
 
 def write_finalists_csv(path: Path, finalists: Sequence[Finalist], metric: str) -> Path:
     """``finalists.csv``: trial, its config values, seeds, mean, std and the per-seed values."""
-    keys = sorted({k for f in finalists for k in f.params})
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["trial", *keys, "seeds", f"mean_{metric}", f"std_{metric}", f"{metric}_per_seed"])
-        for f in finalists:
-            w.writerow([f.trial_id, *(f.params.get(k) for k in keys), " ".join(map(str, f.seeds)),
-                        f.mean, f.std, " ".join(f"{v:.6g}" for v in f.values)])
-    return path
+    keys = _param_keys(finalists)
+    return _write_csv(path, [
+        ["trial", *keys, "seeds", f"mean_{metric}", f"std_{metric}", f"{metric}_per_seed"],
+        *([f.trial_id, *(f.params.get(k) for k in keys), " ".join(map(str, f.seeds)), f.mean, f.std,
+           " ".join(f"{v:.6g}" for v in f.values)] for f in finalists)])
+
+
+def write_summary_csv(path: Path, summaries: Sequence[TrialSummary], metric: str) -> Path:
+    """``summary.csv``: every trial ranked; a finalist's row names the search trial whose config it
+    trains again (``finalist_of``) and its ``seed``."""
+    keys = _param_keys(summaries)
+    return _write_csv(path, [  # (None is an empty cell)
+        ["rank", "trial_id", "status", "epochs", f"best_{metric}", "best_epoch", "checkpoint", "error",
+         "finalist_of", "seed", *keys],
+        *([i, s.trial_id, s.status, s.epochs, s.best_value, s.best_epoch, s.checkpoint, s.error,
+           None if s.finalist_of is None else f"t{s.finalist_of:03d}", s.seed,
+           *(s.params.get(k) for k in keys)]
+          for i, s in enumerate(summaries, 1))])
 
 
 def format_table(summaries: Sequence[TrialSummary], metric: str, top: int = 10) -> str:
+    """The ``top`` trials as a plain-text table, columns aligned: rank, trial, status, epochs, best
+    objective and the searched values."""
     if not summaries:
         return "(no trials)"
-    keys = sorted({k for s in summaries for k in s.params})
-    header = ["rank", "trial", "status", "epochs", f"best {metric}"] + keys
-    rows = []
-    for i, s in enumerate(summaries[:top], 1):
-        vals = [_fmt(s.params.get(k)) for k in keys]
-        rows.append([str(i), s.trial_id, s.status, str(s.epochs),
-                     f"{s.best_value:.4f}" if math.isfinite(s.best_value) else "-"] + vals)
-    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+    keys = _param_keys(summaries)
+    rows = [["rank", "trial", "status", "epochs", f"best {metric}", *keys]]
+    rows += [[str(i), s.trial_id, s.status, str(s.epochs),
+              f"{s.best_value:.4f}" if math.isfinite(s.best_value) else "-",
+              *(f"{v:.4g}" if isinstance(v := s.params.get(k), float) else str(v) for k in keys)]
+             for i, s in enumerate(summaries[:top], 1)]
+    widths = [max(map(len, column)) for column in zip(*rows)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary, finalist: Finalist | None = None) -> Path:
-    """The complete run config of the best trial, runnable by ``python -m minimind_train.sft``; its header
-    records the trial's value and, when finalists ran, the config's mean ± std over seeds."""
-    cfg = spec.run.with_overrides(best.params)
-    body = yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary,
+                    finalist: Finalist | None = None) -> Path:
+    """The complete run config of the best trial, runnable by ``python -m minimind_train.sft``; its
+    header records the trial's value and, when finalists ran, the config's mean ± std over seeds."""
+    body = yaml.safe_dump(run_config_to_dict(spec.run.with_overrides(best.params)), sort_keys=False,
+                          allow_unicode=True)
     head = (f"# Best trial {best.trial_id} of study from {spec.source}: "
             f"{spec.tune.metric} {best.best_value:.6f} at epoch {best.best_epoch}.\n")
     if finalist is not None:
         head += (f"# Over seeds {', '.join(map(str, finalist.seeds))}: mean {spec.tune.metric} "
                  f"{finalist.mean:.6f} ± {finalist.std:.6f} (the best mean of the finalists).\n")
-    head += f"# Run it alone: python -m minimind_train.sft --config {path.name}\n"
-    path.write_text(head + body, encoding="utf-8")
-    return path
-
-
-def write_summary_csv(path: Path, summaries: Sequence[TrialSummary], metric: str,
-                      finalists: Mapping[int, tuple[int, int]] | None = None) -> Path:
-    """``summary.csv``: every trial ranked; a finalist's row says whose config it is and its seed
-    (``finalists``: trial number -> (search trial number, seed))."""
-    keys = sorted({k for s in summaries for k in s.params})
-    seeded = dict(finalists or {})
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["rank", "trial_id", "status", "epochs", f"best_{metric}", "best_epoch",
-                    "checkpoint", "error", "finalist_of", "seed"] + keys)
-        for i, s in enumerate(summaries, 1):
-            of, seed = seeded.get(s.number, (None, None))
-            w.writerow([i, s.trial_id, s.status, s.epochs, s.best_value, s.best_epoch, s.checkpoint or "",
-                        s.error, "" if of is None else f"t{of:03d}", "" if seed is None else seed]
-                       + [s.params.get(k, "") for k in keys])
+    path.write_text(f"{head}# Run it alone: python -m minimind_train.sft --config {path.name}\n{body}",
+                    encoding="utf-8")
     return path
 
 
@@ -251,35 +228,55 @@ def prune_resume_state(record: StudyRecord, summaries: Sequence[TrialSummary], k
     """
     freed = 0
     for s in summaries[keep_top:]:
-        if s.status not in FINISHED:
-            continue
-        for trial_dir in record.trial_dirs(s.number):
-            for ckpt in trial_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-                if str(ckpt) == s.checkpoint:
-                    freed += drop_resume_state(ckpt)
-                elif (ckpt / MODEL_FILE).exists() or (ckpt / STATE_FILE).exists():
-                    freed += dir_bytes(ckpt)
-                    shutil.rmtree(ckpt, ignore_errors=True)
+        trial_dirs = record.trial_dirs(s.number) if s.status in FINISHED else []
+        for ckpt in (ckpt for trial_dir in trial_dirs for ckpt in trial_dir.glob(f"{CHECKPOINT_PREFIX}*")):
+            if str(ckpt) == s.checkpoint:
+                freed += drop_resume_state(ckpt)
+            elif (ckpt / MODEL_FILE).exists() or (ckpt / STATE_FILE).exists():
+                freed += dir_bytes(ckpt)
+                shutil.rmtree(ckpt, ignore_errors=True)
     return freed
 
 
 def dir_bytes(path: Path) -> int:
+    """Bytes in the files under ``path`` (one removed while counted counts 0)."""
     total = 0
     for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
     return total
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+def _answer(search: Sequence[TrialSummary], finalists: Sequence[Finalist],
+            metric: str) -> tuple[TrialSummary | None, Finalist | None]:
+    """The study's answer, printing the finalists: the config with the best finite mean over seeds,
+    else the best completed trial (the best stopped early when none completed), else None."""
+    if finalists:
+        print(f"\nfinalists: the top configs trained again with other seeds, best mean {metric} first")
+        for f in finalists:
+            mean = (f"mean {f.mean:.4f} ± {f.std:.4f}" if math.isfinite(f.mean)
+                    else "unstable (a seed diverged)")
+            print(f"  {f.trial_id}  {mean}  seeds {' '.join(map(str, f.seeds))}: "
+                  + " ".join(f"{v:.4f}" for v in f.values))
+        if math.isfinite(finalists[0].mean):
+            return next((s for s in search if s.number == finalists[0].number), None), finalists[0]
+        print("warning: every finalist config diverged or failed with another seed: no config is stable "
+              "across seeds; best.yaml is the best single trial's config (lower the learning rate range "
+              "before trusting it)", file=sys.stderr)
+    for status in ("completed", "stopped_early"):
+        if eligible := [s for s in search if s.status == status and math.isfinite(s.best_value)]:
+            return eligible[0], None
+    return None, None
+
+
+def _best_model(paths: StudyPaths, best: TrialSummary) -> Path | None:
+    """The best checkpoint's fp16 weights on this machine: from a bucket, a local copy (which MLflow logs)."""
+    if best.checkpoint is None:
+        return None
+    if paths.is_local:
+        return Path(best.checkpoint) / MODEL_FILE
+    return fetch_file(paths.uri, f"{best.checkpoint}/{MODEL_FILE}", paths.local_dir / "best" / MODEL_FILE)
 
 
 def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror: Mirror, status: str) -> int:
@@ -290,96 +287,77 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
     t = spec.tune
     study_dir = paths.local_dir
     summaries = summarize_trials(record, t.metric, t.mode)
-    seeded = {r.number: (r.finalist_of, r.seed) for r in record.trials() if r.finalist_of is not None}
-    search = [s for s in summaries if s.number not in seeded]  # (finalists are seeds of search configs)
-    unfinished = [s for s in summaries if s.status in ("interrupted", "running", "failed")]
+    search = [s for s in summaries if s.finalist_of is None]  # (finalists are seeds of search configs)
     print()
     print(format_table(search, t.metric))
-    eligible = [s for s in search if s.status == "completed" and math.isfinite(s.best_value)]
-    eligible = eligible or [s for s in search if s.status == "stopped_early" and math.isfinite(s.best_value)]
+    finalists = summarize_finalists(summaries, spec.run.train.seed, t.mode)
+    best, finalist = _answer(search, finalists, t.metric)
     artifacts: dict[str, Path] = {}
-    finalists = summarize_finalists(record, summaries, spec.run.train.seed, t.mode)
-    study_metrics: dict[str, float] = {}
     if finalists:
-        print(f"\nfinalists: the top configs trained again with other seeds, best mean {t.metric} first")
-        for f in finalists:
-            mean = f"mean {f.mean:.4f} ± {f.std:.4f}" if math.isfinite(f.mean) else "unstable (a seed diverged)"
-            print(f"  {f.trial_id}  {mean}  seeds {' '.join(map(str, f.seeds))}: "
-                  + " ".join(f"{v:.4f}" for v in f.values))
         artifacts["finalists.csv"] = write_finalists_csv(study_dir / "finalists.csv", finalists, t.metric)
-        if math.isfinite(finalists[0].mean):
-            study_metrics = {f"best_mean_{t.metric}": finalists[0].mean, f"best_std_{t.metric}": finalists[0].std}
-            eligible = [s for s in search if s.number == finalists[0].number]
-        else:
-            print("warning: every finalist config diverged or failed with another seed: no config is stable "
-                  "across seeds; best.yaml is the best single trial's config (lower the learning rate range "
-                  "before trusting it)", file=sys.stderr)
-            finalists = []
-    best = eligible[0] if eligible else None
-    best_model: Path | None = None
     if best is not None:
-        artifacts["best.yaml"] = write_best_yaml(study_dir / "best.yaml", spec, best,
-                                                 finalists[0] if finalists else None)
-        if best.checkpoint is not None and paths.is_local:
-            best_model = Path(best.checkpoint) / "model.pth"
-        elif best.checkpoint is not None:  # in the bucket: MLflow logs (and the user gets) a local copy
-            from .storage import fetch_file
-
-            best_model = fetch_file(paths.uri, f"{best.checkpoint}/model.pth", study_dir / "best" / "model.pth")
-        if best_model is not None:
-            artifacts["best/model.pth"] = best_model
-    artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric, seeded)
-    plots = plot_study(record.study, study_dir / "plots", metric=t.metric, best_trial=best.number if best else None)
+        artifacts["best.yaml"] = write_best_yaml(study_dir / "best.yaml", spec, best, finalist)
+    best_model = None if best is None else _best_model(paths, best)
+    if best_model is not None:
+        artifacts["best/model.pth"] = best_model
+    artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric)
+    plots = plot_study(record.study, study_dir / "plots", metric=t.metric,
+                       best_trial=None if best is None else best.number)
     artifacts.update({f"plots/{p.name}": p for p in plots.values()})
+    study_metrics = {} if finalist is None else {f"best_mean_{t.metric}": finalist.mean,
+                                                  f"best_std_{t.metric}": finalist.std}
     study_metrics.update(_print_rung_fidelity(spec, search))
-    warn_on_failure(lambda: mirror.finish(status if best is not None else "FAILED",
-                                          best=record.trial(best.number) if best is not None else None,
-                                          best_value=best.best_value if best else None,
-                                          best_epoch=best.best_epoch if best else None, artifacts=artifacts,
-                                          study_metrics=study_metrics))
+    warn_on_failure(lambda: mirror.finish(
+        "FAILED" if best is None else status, best=None if best is None else record.trial(best.number),
+        best_value=None if best is None else best.best_value,
+        best_epoch=None if best is None else best.best_epoch, artifacts=artifacts,
+        study_metrics=study_metrics))
     freed = prune_resume_state(record, summaries, t.keep_top_trials)  # (local trial folders only)
+    unfinished = [s for s in summaries if s.status in ("interrupted", "running", "failed")]
     print()
-    if best is not None and best.checkpoint is None:
-        print(f"warning: no checkpoint of trial {best.trial_id} is left; best.yaml still retrains its config",
-              file=sys.stderr)
-    if best is not None and best.checkpoint_epoch not in (None, best.best_epoch):
-        print(f"warning: the checkpoint of trial {best.trial_id}'s best epoch {best.best_epoch} is gone; "
-              f"best/model.pth is its epoch {best.checkpoint_epoch} checkpoint", file=sys.stderr)
-    sign = 1 if t.mode == "min" else -1
-    for s in unfinished:
-        if best is not None and math.isfinite(s.best_value) and sign * s.best_value < sign * best.best_value:
-            print(f"note: unfinished trial {s.trial_id} already reached {t.metric} {s.best_value:.4f} after "
-                  f"{s.epochs} epoch(s): --resume finishes it")
     if best is not None:
-        mean = f"; mean over {len(finalists[0].seeds)} seeds {finalists[0].mean:.4f} ± {finalists[0].std:.4f}" \
-            if finalists else ""
-        print(f"best: trial {best.trial_id}  {t.metric} {best.best_value:.4f} (epoch {best.best_epoch}){mean}")
-        for k, v in best.params.items():
-            print(f"  {k}: {v}")
-        print(f"best config: {study_dir / 'best.yaml'}")
-        if best_model is not None:
-            print(f"best fp16 checkpoint: {best_model}"
-                  + ("" if paths.is_local else f" (copied from {best.checkpoint}/model.pth)"))
-    print(f"disk: {_human_bytes(dir_bytes(study_dir))} in {study_dir} "
-          f"({_human_bytes(freed)} of resume state pruned; top {t.keep_top_trials} trials keep theirs)")
+        _print_best(spec, paths, best, finalist, best_model, unfinished)
+    print(f"disk: {human_bytes(dir_bytes(study_dir))} in {study_dir} "
+          f"({human_bytes(freed)} of resume state pruned; top {t.keep_top_trials} trials keep theirs)")
     print(f"compare trials: python -m tune.ui --tracking-uri {mirror.tracking_uri}")
     if unfinished:
         print(f"{len(unfinished)} trial(s) unfinished ({', '.join(s.trial_id for s in unfinished)}): "
-              f"--resume continues them", file=sys.stderr)
-        for s in unfinished:
-            if s.error:
-                print(f"  {s.trial_id}: {s.status}: {s.error}", file=sys.stderr)
-    full = [s for s in unfinished if "No space left on device" in s.error or "disk is full" in s.error]
-    if full:
+              "--resume continues them",
+              *(f"  {s.trial_id}: {s.status}: {s.error}" for s in unfinished if s.error),
+              sep="\n", file=sys.stderr)
+    if full := [s for s in unfinished if "No space left on device" in s.error or "disk is full" in s.error]:
         print(f"error: the disk holding {study_dir} is full: {len(full)} trial(s) could not save "
               "(finished trials are kept); free space, then continue with --resume", file=sys.stderr)
         return 1
     if best is None:
-        print("error: no trial completed:", file=sys.stderr)
-        for s in summaries:
-            print(f"  {s.trial_id}: {s.status} {s.error}", file=sys.stderr)
+        print("error: no trial completed:", *(f"  {s.trial_id}: {s.status} {s.error}" for s in summaries),
+              sep="\n", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_best(spec: StudySpec, paths: StudyPaths, best: TrialSummary, finalist: Finalist | None,
+                best_model: Path | None, unfinished: Sequence[TrialSummary]) -> None:
+    """The study's answer, after warnings about its checkpoint and the unfinished trials that beat it."""
+    metric, sign = spec.tune.metric, 1 if spec.tune.mode == "min" else -1
+    if best.checkpoint is None:
+        print(f"warning: no checkpoint of trial {best.trial_id} is left; best.yaml still retrains its config",
+              file=sys.stderr)
+    elif best.checkpoint_epoch != best.best_epoch:
+        print(f"warning: the checkpoint of trial {best.trial_id}'s best epoch {best.best_epoch} is gone; "
+              f"best/model.pth is its epoch {best.checkpoint_epoch} checkpoint", file=sys.stderr)
+    for s in unfinished:
+        if math.isfinite(s.best_value) and sign * s.best_value < sign * best.best_value:
+            print(f"note: unfinished trial {s.trial_id} already reached {metric} {s.best_value:.4f} after "
+                  f"{s.epochs} epoch(s): --resume finishes it")
+    mean = "" if finalist is None else (f"; mean over {len(finalist.seeds)} seeds {finalist.mean:.4f} ± "
+                                        f"{finalist.std:.4f}")
+    print(f"best: trial {best.trial_id}  {metric} {best.best_value:.4f} (epoch {best.best_epoch}){mean}",
+          *(f"  {k}: {v}" for k, v in best.params.items()), f"best config: {paths.local_dir / 'best.yaml'}",
+          sep="\n")
+    if best_model is not None:
+        copied = "" if paths.is_local else f" (copied from {best.checkpoint}/{MODEL_FILE})"
+        print(f"best fp16 checkpoint: {best_model}{copied}")
 
 
 def _print_rung_fidelity(spec: StudySpec, summaries: Sequence[TrialSummary]) -> dict[str, float]:
@@ -397,6 +375,6 @@ def _print_rung_fidelity(spec: StudySpec, summaries: Sequence[TrialSummary]) -> 
     for f in found:
         if f.spearman is not None and f.spearman < RUNG_FIDELITY_WARNING:
             print(f"warning: at epoch {f.epoch} the trials ranked unlike at their end ({f.spearman:+.2f} < "
-                  f"{RUNG_FIDELITY_WARNING}): ASHA may have stopped configs that would have ended best; raise "
-                  "tune.scheduler.grace_period or lower reduction_factor", file=sys.stderr)
+                  f"{RUNG_FIDELITY_WARNING}): ASHA may have stopped configs that would have ended best; "
+                  "raise tune.scheduler.grace_period or lower reduction_factor", file=sys.stderr)
     return {f"rung_fidelity_epoch_{f.epoch}": f.spearman for f in found if f.spearman is not None}

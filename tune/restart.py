@@ -9,7 +9,6 @@ the next start finishes the job (:func:`finish_pending_restart`).
 from __future__ import annotations
 
 import datetime as _dt
-import glob
 import os
 import re
 import shutil
@@ -34,18 +33,15 @@ def move_aside(study_dir: Path) -> Path:
     return aside
 
 
-def _has_results(study_dir: Path) -> bool:
-    try:
-        return StudyRecord.exists(study_dir) and any(t.epochs for t in StudyRecord.open(study_dir).trials())
-    except Exception:  # noqa: BLE001 - a half-created study: it has no result
-        return False
-
-
 def settle(aside: Path, study_dir: Path, tracking_uri: str | None) -> None:
     """End a ``--restart``: delete the old study when the new one has a result, else put it back."""
     if not aside.exists():
         return
-    if _has_results(study_dir):
+    try:
+        has_result = any(t.epochs for t in StudyRecord.open(study_dir).trials())
+    except Exception:  # noqa: BLE001 - no study, or a half-created one: it has no result
+        has_result = False
+    if has_result:
         delete_replaced(aside, study_dir, tracking_uri)
         return
     if study_dir.exists():
@@ -58,8 +54,7 @@ def settle(aside: Path, study_dir: Path, tracking_uri: str | None) -> None:
 def finish_pending_restart(study_dir: Path) -> None:
     """Complete a ``--restart`` whose driver was killed (what that driver would have done)."""
     pattern = re.compile(rf"\.{re.escape(study_dir.name)}\.replaced-\d{{8}}-\d{{6}}")
-    candidates = study_dir.parent.glob(f".{glob.escape(study_dir.name)}.replaced-*")
-    for aside in sorted(p for p in candidates if pattern.fullmatch(p.name)):
+    for aside in sorted(p for p in study_dir.parent.glob(".*.replaced-*") if pattern.fullmatch(p.name)):
         settle(aside, study_dir, tracking_uri=None)
 
 

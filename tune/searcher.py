@@ -11,8 +11,8 @@ ends with the value it was stopped on.
 
 from __future__ import annotations
 
-import logging
 import math
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,21 +26,8 @@ from ray.tune.search import Searcher
 
 from .record import StudyRecord, TrialRecord
 
-__all__ = [
-    "NUMBER_KEY",
-    "PARAMS_KEY",
-    "RecordScheduler",
-    "RecordSearcher",
-    "ResumePlan",
-    "error_text",
-    "failure_reason",
-    "finalist_plans",
-    "make_pruner",
-    "make_sampler",
-    "resume_plans",
-]
-
-log = logging.getLogger(__name__)
+__all__ = ["NUMBER_KEY", "PARAMS_KEY", "RecordScheduler", "RecordSearcher", "ResumePlan", "error_text",
+           "failure_reason", "finalist_plans", "make_pruner", "make_sampler", "resume_plans"]
 
 # Keys of a trial's Ray config besides the searched values (see tune.trainable.train_trial).
 NUMBER_KEY = "study_trial"
@@ -67,9 +54,7 @@ def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str
     ``ask``) is abandoned, never run with defaults.
     """
     plans = []
-    for t in record.unfinished():
-        if (t.finalist_of is not None) != finalists:
-            continue
+    for t in [t for t in record.unfinished() if (t.finalist_of is not None) == finalists]:
         if set(t.params) != searched:
             record.abandon(t.number, f"its values were never all recorded ({sorted(t.params)} of "
                                      f"{sorted(searched)}); a new trial takes its place")
@@ -119,10 +104,9 @@ def finalist_plans(record: StudyRecord, distributions: Mapping[str, optuna.distr
 def make_sampler(kind: str, seed: int, num_samples: int, offset: int = 0) -> optuna.samplers.BaseSampler:
     """TPE (``optuna``) or ``random``. ``offset`` (trials already in the record) shifts the seed, so a
     resumed study does not draw its first run's values again."""
-    seed = seed + offset
     if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, max(1, num_samples // 3)))
+        return optuna.samplers.RandomSampler(seed=seed + offset)
+    return optuna.samplers.TPESampler(seed=seed + offset, n_startup_trials=min(4, max(1, num_samples // 3)))
 
 
 def make_pruner(kind: str, grace_period: int, reduction_factor: int) -> optuna.pruners.BasePruner:
@@ -152,10 +136,10 @@ class RecordSearcher(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if self._resume:
             plan = self._resume.pop(0)
-            self.numbers[trial_id] = plan.number
-            self.record.set_status(plan.number, "running")
-            return {PARAMS_KEY: plan.params, NUMBER_KEY: plan.number}
-        number, params = self.record.ask(self.distributions)
+            number, params = plan.number, plan.params
+            self.record.set_status(number, "running")
+        else:
+            number, params = self.record.ask(self.distributions)
         self.numbers[trial_id] = number
         return {PARAMS_KEY: params, NUMBER_KEY: number}
 
@@ -174,12 +158,9 @@ class RecordSearcher(Searcher):
             status = "interrupted"  # Ctrl-C or the time budget ended it: --resume continues it
         self.record.finish(number, status, self.metric, self.mode, error=current.error)
 
-    # Ray may snapshot the searcher; the record is the state, so there is nothing else to save.
     def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: the record is the state (a study resumes from it, never from Ray's snapshot)."""
         Path(checkpoint_path).write_text("state is in the study record (optuna.db)\n")
-
-    def restore(self, checkpoint_path: str) -> None:
-        raise NotImplementedError("a study resumes from its record (tune.record), not Ray's saved state")
 
 
 class RecordScheduler(FIFOScheduler):
@@ -215,8 +196,9 @@ class RecordScheduler(FIFOScheduler):
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
         number = self.searcher.numbers.get(trial.trial_id)
-        if number is not None:
-            self.searcher.record.set_status(number, "failed", failure_reason(error_text(trial)) or "the trial crashed")
+        if number is not None:  # (Ray calls this also when it retries the trial: then it is still running)
+            self.searcher.record.set_status(number, "running" if trial.should_recover() else "failed",
+                                            failure_reason(error_text(trial)) or "the trial crashed")
         super().on_trial_error(tune_controller, trial)
 
 
@@ -231,23 +213,17 @@ def error_text(trial: Trial) -> str:
 
 def failure_reason(text: str) -> str:
     """The exception line of a trial's error text (Ray wraps it in a traceback and ANSI colours)."""
-    import re
-
     lines = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", ln).strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith(("File ", "Traceback", "^", "~"))]
     exceptions = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Diverged|Memory|Interrupt)\b", ln)]
     return (exceptions or lines or [""])[-1][:500]
 
 
-_RAY_KEYS = ("training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "time_since_restore",
-             "iterations_since_restore", "pid", "trial_id", "done", "epoch", "restored")
-
-
 def _metrics(result: Mapping[str, Any]) -> dict[str, float]:
     """What the trainable reported (Ray adds bookkeeping keys; ``ray.tune.result`` names them)."""
-    from ray.tune.result import AUTO_RESULT_KEYS
+    from ray.tune.result import AUTO_RESULT_KEYS, DONE, TRIAL_ID
 
-    skip = set(AUTO_RESULT_KEYS) | set(_RAY_KEYS)
+    skip = {*AUTO_RESULT_KEYS, TRIAL_ID, DONE, "epoch", "restored"}  # (the last two: the trainable's bookkeeping)
     # "config/..." keys are Ray's flattened copy of the trial's config, not metrics.
     out = {k: float(v) for k, v in result.items()
            if k not in skip and "/" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -248,8 +248,7 @@ class MlflowSettings:
     experiment: Text = "minimind-sft"
 
     def __post_init__(self) -> None:
-        for name in ("tracking_uri", "experiment"):
-            value = getattr(self, name)
+        for name, value in (("tracking_uri", self.tracking_uri), ("experiment", self.experiment)):
             if value is not None and not value.strip():
                 raise SpaceError(f"mlflow.{name}={value!r} is not allowed: expected a non-empty string"
                                  + (" or null" if name == "tracking_uri" else ""))
@@ -288,11 +287,10 @@ def resolve_space_path(path_or_name: str | Path) -> Path:
         return given.resolve()
     if given.exists():
         raise SpaceError(f"space {str(path_or_name)!r}: {given.resolve()} is not a file")
-    parts = given.parts
-    if len(parts) == 1 or (len(parts) == 2 and parts[0] == BUNDLED_PACKAGE):
-        name = parts[-1] if parts[-1].endswith((".yaml", ".yml")) else f"{parts[-1]}.yaml"
-        if (_bundled_dir() / name).is_file():
-            return (_bundled_dir() / name).resolve()
+    *folder, name = given.parts
+    bundled = _bundled_dir() / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if folder in ([], [BUNDLED_PACKAGE]) and bundled.is_file():
+        return bundled.resolve()
     raise SpaceError(f"space {str(path_or_name)!r}: no such file ({given.resolve()}), and not a bundled "
                      f"space; bundled spaces: {', '.join(bundled_spaces()) or '(none)'}")
 
@@ -318,9 +316,8 @@ def load_space(path_or_name: str | Path) -> StudySpec:
 def _build_spec(raw: Any, source: Path, text: str) -> StudySpec:
     if not isinstance(raw, Mapping):
         raise SpaceError(f"the file must be a mapping with sections {', '.join(_SECTIONS)}; got {raw!r}")
-    unknown = next((key for key in raw if key not in _SECTIONS), None)
-    if unknown is not None:
-        raise SpaceError(f"{unknown} is not a known section (value {raw[unknown]!r}); allowed sections: "
+    if unknown := [key for key in raw if key not in _SECTIONS]:
+        raise SpaceError(f"{unknown[0]} is not a known section (value {raw[unknown[0]]!r}); allowed sections: "
                          f"{', '.join(_SECTIONS)}")
     run = config.run_config_from_dict({k: raw[k] for k in _CONFIG_SECTIONS if k in raw})
     run = config.resolve_paths(run, source.parent)
@@ -353,11 +350,12 @@ def _parse_search(raw: Any, run: RunConfig) -> tuple[SearchParam, ...]:
         raise SpaceError(f"search={raw!r} is not allowed: " + (
             "a study needs at least one searched field" if not raw else
             "expected a mapping of dotted config paths to distributions") + f", e.g. search: {example}")
-    fields = [f"{s}.{f.name}" for s in _CONFIG_SECTIONS for f in dataclasses.fields(getattr(run, s))]
+    hints = {f"{s}.{name}": hint for s in _CONFIG_SECTIONS
+             for name, hint in typing.get_type_hints(type(getattr(run, s)), include_extras=True).items()}
     params = []
     for path, dist in raw.items():
-        near = [f for f in fields if f.startswith(f"{str(path).partition('.')[0]}.")] or fields
-        if path not in fields:
+        near = [f for f in hints if f.startswith(f"{str(path).partition('.')[0]}.")] or hints
+        if path not in hints:
             raise SpaceError(f"search.{path} is not a config field; searchable fields: "
                              + ", ".join(f for f in near if f not in _UNSEARCHABLE))
         if path in _UNSEARCHABLE:
@@ -366,25 +364,19 @@ def _parse_search(raw: Any, run: RunConfig) -> tuple[SearchParam, ...]:
         if not isinstance(dist, Mapping):
             raise SpaceError(f"search.{path}={dist!r} is not allowed: expected a distribution such as "
                              "{type: float, low: 0.1, high: 2.0} or {type: categorical, choices: [1, 2, 4]}")
-        params.append(validate(SearchParam, {**dist, "path": path}, f"search.{path}", SpaceError))
-        _check_field_type(params[-1], run)
+        param = validate(SearchParam, {**dist, "path": path}, f"search.{path}", SpaceError)
+        # A numeric distribution must fit the field's type; categorical choices are checked by value.
+        if base_type(hints[path]) is int and param.type == "float":
+            raise SpaceError(f"search.{path}.type='float' is not allowed: {path} is an integer field; use "
+                             "type: int (or categorical)")
+        if base_type(hints[path]) not in (int, float) and param.type != "categorical":
+            raise SpaceError(f"search.{path}.type={param.type!r} is not allowed: {path} is not a numeric field "
+                             f"(it takes {expected(hints[path])}); use type: categorical with choices")
+        params.append(param)
     for section in _CONFIG_SECTIONS:
         if group := [p for p in params if p.path.startswith(f"{section}.")]:
             _check_values(run, group)
     return tuple(params)
-
-
-def _check_field_type(param: SearchParam, run: RunConfig) -> None:
-    """A numeric distribution must fit the field's type; categorical choices are checked by value."""
-    section, _, name = param.path.partition(".")
-    hint = typing.get_type_hints(type(getattr(run, section)), include_extras=True)[name]
-    kind, key = base_type(hint), f"search.{param.path}"
-    if kind is int and param.type == "float":
-        raise SpaceError(f"{key}.type='float' is not allowed: {param.path} is an integer field; use type: int "
-                         "(or categorical)")
-    if kind not in (int, float) and param.type != "categorical":
-        raise SpaceError(f"{key}.type={param.type!r} is not allowed: {param.path} is not a numeric field (it "
-                         f"takes {expected(hint)}); use type: categorical with choices")
 
 
 def _check_values(run: RunConfig, group: Sequence[SearchParam]) -> None:
@@ -440,21 +432,19 @@ def _combinations(grids: Sequence[Sequence[Any]]) -> Iterator[tuple[Any, ...]]:
 
 def _parse_tune(raw: Any, epochs: int) -> TuneSettings:
     """The tune section; the scheduler's budget ``max_t`` is the trial's length, ``train.epochs``."""
-    if isinstance(raw, Mapping) or raw is None:  # a null scheduler or resources section: the defaults
+    if raw is None or isinstance(raw, Mapping):  # a null scheduler or resources section: the defaults
         raw = {k: v for k, v in (raw or {}).items() if v is not None or k not in ("scheduler", "resources_per_trial")}
-    sched = raw.get("scheduler", {}) if isinstance(raw, Mapping) else None
-    if isinstance(sched, Mapping):
-        asha_key = next((k for k in sched if k != "type"), None) if sched.get("type") == "none" else None
-        if asha_key is not None:
-            raise SpaceError(f"tune.scheduler.{asha_key} is not a known key for type none (value "
-                             f"{sched[asha_key]!r}); allowed keys: type")
-        if (max_t := sched.get("max_t", epochs)) != epochs:
-            # ASHA's budget is the trial's epochs: with max_t below them every trial would end "stopped
-            # early" and the searcher would never see a finished one.
-            raise SpaceError(f"tune.scheduler.max_t={max_t!r} is not allowed: must equal train.epochs={epochs} "
-                             "(a trial reports once per epoch and ASHA's budget is the trial's length); to train "
-                             f"{max_t} epochs set train.epochs: {max_t}, or leave max_t out")
-        raw = {**raw, "scheduler": {**sched, "max_t": epochs}}
+        if isinstance(sched := raw.get("scheduler", {}), Mapping):
+            if sched.get("type") == "none" and (extra := [k for k in sched if k != "type"]):
+                raise SpaceError(f"tune.scheduler.{extra[0]} is not a known key for type none (value "
+                                 f"{sched[extra[0]]!r}); allowed keys: type")
+            if (max_t := sched.get("max_t", epochs)) != epochs:
+                # ASHA's budget is the trial's epochs: with max_t below them every trial would end "stopped
+                # early" and the searcher would never see a finished one.
+                raise SpaceError(f"tune.scheduler.max_t={max_t!r} is not allowed: must equal train.epochs="
+                                 f"{epochs} (a trial reports once per epoch and ASHA's budget is the trial's "
+                                 f"length); to train {max_t} epochs set train.epochs: {max_t}, or leave max_t out")
+            raw["scheduler"] = {**sched, "max_t": epochs}
     return validate(TuneSettings, raw, "tune", SpaceError)
 
 
@@ -464,22 +454,18 @@ def check_resources(spec: StudySpec, available: Mapping[str, float]) -> None:
     ``available`` is ``ray.cluster_resources()`` (keys ``CPU``, ``GPU``). Ray would otherwise keep such
     trials PENDING forever.
     """
-    need, t = spec.tune.resources_per_trial, spec.tune
-    gpus, cpus = float(available.get("GPU", 0.0)), float(available.get("CPU", 0.0))
-    key = "tune.resources_per_trial"
-    if need.gpu > 0 and gpus == 0:
-        raise SpaceError(f"{key}.gpu={_fmt(need.gpu)} is not allowed: the Ray cluster has no GPU "
-                         f"(cluster: {_fmt(cpus)} CPU, 0 GPU); set gpu: 0 to train on CPUs")
-    if need.gpu > gpus:
-        raise SpaceError(f"{key}.gpu={_fmt(need.gpu)} is not allowed: the Ray cluster has only "
-                         f"{_fmt(gpus)} GPU, so no trial could start")
-    if need.cpu > cpus:
-        raise SpaceError(f"{key}.cpu={_fmt(need.cpu)} is not allowed: the Ray cluster has only "
-                         f"{_fmt(cpus)} CPU, so no trial could start")
-    fits = min(math.floor(cpus / need.cpu + 1e-9), math.floor(gpus / need.gpu + 1e-9) if need.gpu else math.inf)
-    if fits < t.max_concurrent_trials:
-        log.info("the cluster (%s CPU, %s GPU) fits %d trials at once, fewer than "
-                 "tune.max_concurrent_trials=%d", _fmt(cpus), _fmt(gpus), fits, t.max_concurrent_trials)
+    need, concurrent = spec.tune.resources_per_trial, spec.tune.max_concurrent_trials
+    have = {"cpu": float(available.get("CPU", 0.0)), "gpu": float(available.get("GPU", 0.0))}
+    for name in ("gpu", "cpu"):
+        if (want := getattr(need, name)) > have[name]:
+            why = (f"the Ray cluster has no GPU (cluster: {_fmt(have['cpu'])} CPU, 0 GPU); set gpu: 0 to train "
+                   "on CPUs" if name == "gpu" and have["gpu"] == 0 else
+                   f"the Ray cluster has only {_fmt(have[name])} {name.upper()}, so no trial could start")
+            raise SpaceError(f"tune.resources_per_trial.{name}={_fmt(want)} is not allowed: {why}")
+    fits = min(math.floor(have[name] / getattr(need, name) + 1e-9) for name in ("cpu", "gpu") if getattr(need, name))
+    if fits < concurrent:
+        log.info("the cluster (%s CPU, %s GPU) fits %d trials at once, fewer than tune.max_concurrent_trials=%d",
+                 _fmt(have["cpu"]), _fmt(have["gpu"]), fits, concurrent)
 
 
 def optuna_distributions(spec: StudySpec) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -499,17 +485,15 @@ def optuna_distributions(spec: StudySpec) -> dict[str, optuna.distributions.Base
 
 def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
     """The resolved spec as a space file's mapping (paths absolute); ``load_space`` of its YAML is ``spec``."""
-    search: dict[str, Any] = {}
-    for p in spec.search:
-        search[p.path] = ({"type": p.type, "choices": list(p.choices)} if p.type == "categorical" else
-                          {"type": p.type, "low": p.low, "high": p.high, **({"log": True} if p.log else {}),
-                           **({"step": p.step} if p.step is not None else {})})
-    sched = spec.tune.scheduler
+    # A space file's spelling: what a distribution does not use, and the default log and step, left out.
+    search = {p.path: {k: list(v) if k == "choices" else v for k, v in dataclasses.asdict(p).items()
+                       if k != "path" and v not in (None, ()) and v is not False} for p in spec.search}
     tune = dataclasses.asdict(spec.tune)
-    tune["scheduler"] = {"type": sched.type, **({"grace_period": sched.grace_period,
-                                                 "reduction_factor": sched.reduction_factor}
-                                                if sched.type == "asha" else {})}
-    return {**config.run_config_to_dict(spec.run), "search": search, "tune": tune, "mlflow": dataclasses.asdict(spec.mlflow)}
+    # max_t is always train.epochs; type none has no ASHA settings.
+    kept = ("type", "grace_period", "reduction_factor") if spec.tune.scheduler.type == "asha" else ("type",)
+    tune["scheduler"] = {k: v for k, v in tune["scheduler"].items() if k in kept}
+    return {**config.run_config_to_dict(spec.run), "search": search, "tune": tune,
+            "mlflow": dataclasses.asdict(spec.mlflow)}
 
 
 def spec_to_yaml(spec: StudySpec, header: str = "") -> str:
@@ -523,21 +507,20 @@ def describe(spec: StudySpec) -> str:
     t, sched, res = spec.tune, spec.tune.scheduler, spec.tune.resources_per_trial
     searched = {p.path for p in spec.search}
     lines = [f"space: {spec.source}", "", "fixed config (* = searched, the search wins):"]
-    bundled = {"data.train_path": "bundled demo dataset", "data.tokenizer": "bundled tokenizer",
-               "data.val_path": f"hold out {_fmt(spec.run.data.val_fraction)} of the training data"}
+    notes = {"data.train_path": "bundled demo dataset", "data.tokenizer": "bundled tokenizer",
+             "data.val_path": f"hold out {_fmt(spec.run.data.val_fraction)} of the training data"}
     for section, values in config.run_config_to_dict(spec.run).items():
         lines.append(f"  {section}:")
         for name, value in values.items():
             path = f"{section}.{name}"
-            note = f"  ({bundled[path]})" if value is None and path in bundled else ""
+            note = f"  ({notes[path]})" if value is None and path in notes else ""
             lines.append(f"   {'*' if path in searched else ' '}{name}: {_fmt(value)}{note}")
     width = max(len(p.path) for p in spec.search)
-    lines += ["", f"search space ({len(spec.search)} parameters):"]
-    lines += [f"  {p.path.ljust(width)}  {p.summary()}" for p in spec.search]
     searcher = "Optuna TPE" if t.searcher == "optuna" else "random"
     budget = "none" if t.time_budget_s is None else f"{_fmt(t.time_budget_s)} s"
     concurrent = min(t.max_concurrent_trials, t.num_samples)
-    lines += ["", "trial plan:",
+    lines += ["", f"search space ({len(spec.search)} parameters):",
+              *(f"  {p.path.ljust(width)}  {p.summary()}" for p in spec.search), "", "trial plan:",
               (f"  {t.num_samples} trials, at most {concurrent} at once; searcher {searcher} "
               f"(seed {t.seed}); time budget {budget}"),
               (f"  objective: {t.mode} {t.metric}; up to {t.max_failures} retries per failed trial; keep "
@@ -572,7 +555,5 @@ def _fmt(value: Any) -> str:
 
 
 def _on_grid(value: float, step: float) -> bool:
-    if step <= 0:
-        return False
-    ratio = value / step
-    return abs(ratio - round(ratio)) <= 1e-9 * max(1.0, abs(ratio))
+    """Whether ``value`` is a whole multiple of ``step``, up to float rounding (e.g. 0.3 / 0.1)."""
+    return step > 0 and math.isclose(value / step, round(value / step), rel_tol=1e-9, abs_tol=1e-9)

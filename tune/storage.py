@@ -1,11 +1,11 @@
 """Where a study's files live: its folder (local, or a pyarrow URI such as ``s3://bucket/studies``)
 and the trials' checkpoints in it.
 
-``StudyPaths`` names the places; the trainable publishes each epoch's checkpoint atomically
-(:func:`write_checkpoint`), keeps the best and the newest (:func:`retain_checkpoints`), and a
-resumed trial finds its whole checkpoints again (:func:`checkpoint_metas`), whichever driver run
-wrote them. With a URI storage the driver's own outputs (the record, MLflow, plots) live in a local
-staging folder (:func:`staging_dir`), uploaded at the end and downloaded again by ``--resume``.
+``StudyPaths`` names the places; the trainable publishes each epoch's checkpoint (:func:`write_checkpoint`),
+keeps the best and the newest (:func:`retain_checkpoints`), and a resumed trial finds its whole
+checkpoints again (:func:`checkpoint_metas`), whichever driver run wrote them. With a URI storage the
+driver's own outputs (the record, MLflow, plots) live in a local staging folder (:func:`staging_dir`),
+uploaded at the end and downloaded again by ``--resume``.
 """
 
 from __future__ import annotations
@@ -23,23 +23,9 @@ from typing import Any
 import pyarrow.fs as pafs
 
 __all__ = [
-    "CHECKPOINT_PREFIX",
-    "RUNS_DIR",
-    "StudyPaths",
-    "checkpoint_metas",
-    "checkpoint_name",
-    "copy_path",
-    "download_outputs",
-    "fetch_file",
-    "filesystem_of",
-    "local_path",
-    "retain_checkpoints",
-    "staging_dir",
-    "trial_dirname",
-    "trial_dirs",
-    "upload_outputs",
-    "writable_problem",
-    "write_checkpoint",
+    "CHECKPOINT_PREFIX", "RUNS_DIR", "StudyPaths", "checkpoint_metas", "copy_path", "download_outputs",
+    "fetch_file", "filesystem_of", "local_path", "retain_checkpoints", "staging_dir", "trial_dirname",
+    "trial_dirs", "upload_outputs", "writable_problem", "write_checkpoint",
 ]
 
 STAGING_ENV = "MINIMIND_TUNE_STAGING"
@@ -71,13 +57,10 @@ class StudyPaths:
 
     @property
     def local_dir(self) -> Path:
-        """Folder of the study on this machine (the record and the driver's outputs live here).
-
-        For a URI storage a driver-local staging folder, uploaded to :attr:`uri` at the end.
-        """
-        if not self.is_local:
-            return staging_dir(self.uri)
-        return Path(self.storage.removeprefix("file://")) / self.name
+        """Folder of the study on this machine (the record and the driver's outputs live here); for a
+        URI storage a driver-local staging folder, uploaded to :attr:`uri` at the end."""
+        folder = local_path(self.storage)
+        return staging_dir(self.uri) if folder is None else folder / self.name
 
     @property
     def uri(self) -> str:
@@ -100,21 +83,17 @@ def writable_problem(storage: str) -> str | None:
         existing = existing.parent
     if not existing.is_dir():
         return f"--storage-path={storage}: {existing} is a file, not a folder"
-    probe = existing / f".minimind-tune-probe-{os.getpid()}"
     try:
-        probe.write_bytes(b"x")
+        with tempfile.TemporaryFile(dir=existing) as probe:
+            probe.write(b"x")
     except OSError as exc:
         return f"--storage-path={storage}: cannot write in {existing} ({exc.strerror or exc})"
-    finally:
-        probe.unlink(missing_ok=True)
     return None
 
 
 def filesystem_of(location: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path on it) of a local folder or a URI."""
-    if "://" not in location:
-        return pafs.LocalFileSystem(), os.path.abspath(location)
-    fs, path = pafs.FileSystem.from_uri(location)
+    fs, path = pafs.FileSystem.from_uri(location if "://" in location else os.path.abspath(location))
     return fs, path.rstrip("/")
 
 
@@ -122,44 +101,46 @@ def trial_dirname(number: int) -> str:
     return f"t{number:03d}"
 
 
+def _run_number(name: str) -> int:
+    """K of a driver run's folder ``run-K`` (0 if K is not a number), to order runs oldest first."""
+    return int(name[4:]) if name[4:].isdigit() else 0
+
+
 def checkpoint_metas(runs: str | Path, number: int) -> dict[int, tuple[str, dict[str, Any]]]:
     """Trial ``number``'s whole checkpoints under ``runs`` (a local folder or a pyarrow URI such as
     ``s3://bucket/studies/sft/runs``), by epoch: ``(path on that filesystem, its meta.json)``.
 
     Whole means: meta.json parses and names its epoch, model.pth is not empty, and the resume state,
-    when present, is not empty; a later run's folder wins an epoch. A folder that passes and still fails to load is skipped by the trainable.
+    when present, is not empty; a later run's folder wins an epoch. A folder that passes and still
+    fails to load is skipped by the trainable.
     """
     fs, base = filesystem_of(str(runs))
-    name = trial_dirname(number)
     found: dict[int, tuple[str, dict[str, Any]]] = {}
     try:
-        runs_info = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+        listing = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     except OSError:
         return found
-    run_dirs = [i for i in runs_info if i.type == pafs.FileType.Directory and i.base_name.startswith("run-")]
-    for run in sorted(run_dirs, key=lambda i: int(i.base_name[4:]) if i.base_name[4:].isdigit() else 0):
+    runs_found = [i for i in listing if i.type == pafs.FileType.Directory and i.base_name.startswith("run-")]
+    for run in sorted(runs_found, key=lambda i: _run_number(i.base_name)):
+        trial = pafs.FileSelector(f"{run.path}/{trial_dirname(number)}", allow_not_found=True, recursive=True)
         try:
-            entries = fs.get_file_info(pafs.FileSelector(f"{run.path}/{name}", allow_not_found=True))
+            entries = fs.get_file_info(trial)
         except OSError:
             continue
+        sizes = {i.path: i.size for i in entries if i.type == pafs.FileType.File}
         for info in sorted(entries, key=lambda i: i.path):
             if info.type != pafs.FileType.Directory or not info.base_name.startswith(CHECKPOINT_PREFIX):
                 continue
             try:
                 with fs.open_input_stream(f"{info.path}/meta.json") as fh:
-                    meta = json.loads(fh.read().decode("utf-8"))
+                    meta = json.loads(fh.read())
                 epoch = int(meta["epoch"])
-                model, state = fs.get_file_info([f"{info.path}/model.pth", f"{info.path}/train_state.pt"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # cut short (a full disk, a kill mid-copy): never resumed from
-            state_ok = state.type == pafs.FileType.NotFound or bool(state.size)  # (pruned, or whole)
-            if model.type == pafs.FileType.File and model.size and state_ok:
+            # The resume state may be absent (pruned) but never empty.
+            if sizes.get(f"{info.path}/model.pth") and sizes.get(f"{info.path}/train_state.pt", 1):
                 found[epoch] = (info.path, meta)
     return found
-
-
-def checkpoint_name(epoch: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
 
 
 def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
@@ -168,10 +149,9 @@ def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
     Locally an atomic rename: readers see the whole folder or none. On a bucket meta.json goes last,
     so a folder cut short has no meta.json and is never resumed from (:func:`checkpoint_metas`).
     """
-    target = f"{trial_dir}/{checkpoint_name(epoch)}"
+    target = f"{trial_dir}/{CHECKPOINT_PREFIX}{epoch:04d}"
     if "://" not in trial_dir:
         final = Path(target)
-        final.parent.mkdir(parents=True, exist_ok=True)
         staged = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(local, staged)
@@ -180,11 +160,8 @@ def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
         os.replace(staged, final)
         return str(final)
     fs, path = filesystem_of(target)
-    fs.create_dir(path, recursive=True)
-    files = sorted(p for p in local.iterdir() if p.is_file())
-    for f in sorted(files, key=lambda p: p.name == "meta.json"):
-        pafs.copy_files(str(f), f"{path}/{f.name}", source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=fs)
+    for f in sorted((p for p in local.iterdir() if p.is_file()), key=lambda p: p.name == "meta.json"):
+        copy_path(str(f), f"{path}/{f.name}", pafs.LocalFileSystem(), fs)
     return path
 
 
@@ -194,7 +171,6 @@ def retain_checkpoints(runs: str, number: int, keep: int, metric: str, mode: str
     metas = checkpoint_metas(runs, number)
     if len(metas) <= keep + 1:
         return []
-    newest = max(metas)
 
     def score(epoch: int) -> float:
         try:
@@ -203,21 +179,18 @@ def retain_checkpoints(runs: str, number: int, keep: int, metric: str, mode: str
             return math.inf
         return (value if mode == "min" else -value) if math.isfinite(value) else math.inf
 
-    kept = set(sorted(metas, key=score)[:keep]) | {newest}
+    kept = set(sorted(metas, key=score)[:keep]) | {max(metas)}
+    deleted = [path for epoch, (path, _) in metas.items() if epoch not in kept]
     fs, _ = filesystem_of(runs)
-    deleted = []
-    for epoch, (path, _) in metas.items():
-        if epoch not in kept:
-            fs.delete_dir(path)
-            deleted.append(path)
+    for path in deleted:
+        fs.delete_dir(path)
     return deleted
 
 
 def trial_dirs(runs_dir: Path, number: int) -> list[Path]:
     """Trial ``number``'s folders in the driver runs under ``runs_dir`` (``run-K/tNNN``), oldest run first."""
-    name = trial_dirname(number)
-    found = [p / name for p in runs_dir.glob("run-*") if (p / name).is_dir()] if runs_dir.is_dir() else []
-    return sorted(found, key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
+    found = [p / trial_dirname(number) for p in runs_dir.glob("run-*") if (p / trial_dirname(number)).is_dir()]
+    return sorted(found, key=lambda p: _run_number(p.parent.name))
 
 
 def staging_dir(study_uri: str) -> Path:

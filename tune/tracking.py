@@ -25,22 +25,9 @@ from mlflow.tracking import MlflowClient
 
 from .record import MANIFEST_FILE, StudyRecord
 
-__all__ = [
-    "ARTIFACTS_DIR",
-    "DEFAULT_DB",
-    "DEFAULT_EXPERIMENT",
-    "TRACKING_URI_ENV",
-    "VIEW_TAG_PREFIX",
-    "TrackingError",
-    "artifact_location",
-    "check_tracking_server",
-    "is_http_uri",
-    "locked_file",
-    "resolve_tracking_uri",
-    "runs_table_url",
-    "sqlite_db_path",
-    "study_runs_url",
-]
+__all__ = ["ARTIFACTS_DIR", "DEFAULT_DB", "DEFAULT_EXPERIMENT", "TRACKING_URI_ENV", "VIEW_TAG_PREFIX",
+           "TrackingError", "artifact_location", "check_tracking_server", "is_http_uri", "locked_file",
+           "resolve_tracking_uri", "runs_table_url", "sqlite_db_path", "study_runs_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +94,9 @@ def _open_sqlite(uri: str, db: Path) -> None:
     one) is deleted before MLflow opens it (MLflow keeps an engine per URI for the process's life)
     and rebuilt from the record by the next sync."""
     db.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+        raise TrackingError(f"MLflow database {uri} is not writable; fix its permissions or set another "
+                            f"mlflow.tracking_uri")
     here, own = str(db.parent.resolve()), db.name == DEFAULT_DB and (db.parent / MANIFEST_FILE).is_file()
     with locked_file(db.with_name(db.name + ".lock")) as fh:
         written_from = ""
@@ -130,20 +120,16 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
     dead one), a sqlite store is opened (created if new), other URIs are opened through MLflow."""
     if is_http_uri(uri):
         return _check_http(uri, timeout_s)
-    db = sqlite_db_path(uri)
     try:
-        if db is None:
+        if (db := sqlite_db_path(uri)) is not None:
+            _open_sqlite(uri, db)
+        else:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-            return None
-        db.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
-            raise TrackingError(f"MLflow database {uri} is not writable; fix its permissions or set another "
-                                f"mlflow.tracking_uri")
-        return _open_sqlite(uri, db)
     except TrackingError:
         raise
     except Exception as exc:
         raise TrackingError(f"MLflow tracking URI {uri} is not usable: {_one_line(exc)}") from exc
+    return None
 
 
 def _check_http(uri: str, timeout_s: float) -> None:
@@ -153,7 +139,7 @@ def _check_http(uri: str, timeout_s: float) -> None:
             status = response.status
     except urllib.error.HTTPError as exc:
         status = exc.code
-    except (urllib.error.URLError, OSError) as exc:
+    except OSError as exc:  # (URLError among them)
         raise TrackingError(
             f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}, after "
             f"{time.monotonic() - started:.1f}s). Start it (e.g. `python -m tune.ui`, or `mlflow server --host "

@@ -6,11 +6,10 @@
     python -m tune.ui --study my_study --open  # studies/my_study/mlflow.db, opened in a browser
     python -m tune.ui --tracking-uri sqlite:////abs/path/mlflow.db --port 5001
 
-A study's own store is brought up to date with its record (``tune.mirror``) and given a saved view of
-the runs table (objective, searched parameters and trial status as columns, best trial first); then
-``mlflow server`` serves it and, once it answers, the URL of that view is printed. Ctrl-C (or SIGTERM)
-stops it; MLflow reports its own errors, a port in use among them. A read-only study folder opens
-as it is, sorted by the objective. An ``http(s)`` tracking URI is a server already.
+A study's own store is first brought up to date with its record (``tune.mirror``, which saves the study's
+view of the runs table: best trial first); ``mlflow server`` serves it and, once it answers, the URL of that
+view is printed. Ctrl-C (or SIGTERM) stops it; MLflow reports its own errors, a port in use among them. A
+read-only study folder opens as it is, sorted by the objective. An ``http(s)`` tracking URI is a server already.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from .tracking import TRACKING_URI_ENV, TrackingError
 __all__ = ["find_study_db", "main"]
 
 _DEFAULT_STORAGE = Path("studies")  # tune.run's default --storage-path (importing it pulls in torch)
-_DB_NAME = "mlflow.db"
+_DB_NAME = tracking.DEFAULT_DB
 
 
 def find_study_db(storage: Path, study: str | None = None) -> Path:
@@ -50,31 +49,27 @@ def find_study_db(storage: Path, study: str | None = None) -> Path:
     return max(dbs, key=lambda path: path.stat().st_mtime)
 
 
-def _study(uri: str) -> tuple[Path, Manifest] | None:
-    """The folder and manifest of the study whose own store ``uri`` is (a sqlite db beside study.json)."""
+def _study_db(uri: str) -> Path | None:
+    """The sqlite file of ``uri`` when it is a study's own store (beside the study's study.json)."""
     db = tracking.sqlite_db_path(uri)
-    if db is None or not (db.parent / MANIFEST_FILE).is_file():
-        return None
-    return db.parent, Manifest.from_json((db.parent / MANIFEST_FILE).read_text(encoding="utf-8"), db.parent)
+    return db if db is not None and (db.parent / MANIFEST_FILE).is_file() else None
 
 
 def _refresh_study_mirror(uri: str) -> None:
     """Bring a study's own store up to date with its record (rebuilt when the folder was moved or copied)."""
-    if (study := _study(uri)) is not None and mirror.main([str(study[0]), "--tracking-uri", uri]) != 0:
+    if (db := _study_db(uri)) is not None and mirror.main([str(db.parent), "--tracking-uri", uri]) != 0:
         print("warning: showing the MLflow store as it is", file=sys.stderr)
 
 
 def _landing_url(uri: str, server_url: str) -> str:
     """The study's runs table through its saved view (written by each mirror sync), or sorted best
     first where the store could not save it; the server's root when ``uri`` is not a study's own store."""
-    study, db = _study(uri), tracking.sqlite_db_path(uri)
-    if study is None or db is None or not db.is_file():
-        return server_url
-    url = tracking.study_runs_url(server_url, study[0], uri)
-    if url is None:
+    db = _study_db(uri)
+    url = tracking.study_runs_url(server_url, db.parent, uri) if db is not None and db.is_file() else None
+    if url is None or db is None:
         return server_url
     if "viewStateShareKey" not in url:  # (the UI's sort as it keeps it in its URL)
-        tune = study[1].spec["tune"]
+        tune = Manifest.from_json((db.parent / MANIFEST_FILE).read_text(encoding="utf-8"), db.parent).spec["tune"]
         url += "&" + urllib.parse.urlencode({"orderByKey": f"metrics.`best_{tune['metric']}`",
                                              "orderByAsc": str(tune["mode"] == "min").lower()})
     return url
@@ -101,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.tracking_uri or (args.study is None and os.environ.get(TRACKING_URI_ENV)):
             uri = tracking.resolve_tracking_uri(args.tracking_uri, Path("."))
-        else:
-            uri = tracking.resolve_tracking_uri(None, find_study_db(args.storage_path, args.study).parent)
+        else:  # (the study's own store even where $MLFLOW_TRACKING_URI is set: it was asked for)
+            uri = f"sqlite:///{find_study_db(args.storage_path, args.study).resolve()}"
         if tracking.is_http_uri(uri):
             tracking.check_tracking_server(uri)
             print(f"MLflow UI: {uri}   (a running tracking server)", flush=True)

@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from .record import WARM_START, StudyError, StudyRecord
 
 __all__ = ["check_warm_start", "warm_start"]
-
-_FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-
 
 def check_warm_start(source: str | Path, spec_dict: Mapping[str, Any], key: str = "--warm-start") -> StudyRecord:
     """Open the earlier study at ``source`` and check that its objective and searched parameters are
@@ -62,7 +60,7 @@ def warm_start(record: StudyRecord, other: StudyRecord,
     and queue its ``top_k`` best distinct completed configs to be asked first. Its own history and
     its finalists (the same configs with other seeds) are left out. Returns one line saying what was done."""
     copied, outside = [], 0
-    for t in other.study.get_trials(deepcopy=False, states=_FINISHED_STATES):
+    for t in other.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         if t.user_attrs.get("status") == WARM_START or "finalist_of" in t.user_attrs:
             continue
         if not all(_inside(distributions[k], v) for k, v in t.params.items()):
@@ -70,16 +68,14 @@ def warm_start(record: StudyRecord, other: StudyRecord,
             continue
         record.study.add_trial(optuna.trial.create_trial(
             params=t.params, distributions=dict(distributions), state=t.state,
-            value=t.value if t.state == optuna.trial.TrialState.COMPLETE else None,
-            intermediate_values=t.intermediate_values,
+            value=t.value if t.state == TrialState.COMPLETE else None, intermediate_values=t.intermediate_values,
             user_attrs={"status": WARM_START, "source": f"{other.manifest.name} t{t.number:03d}"}))
         copied.append(t)
-    completed = [t for t in copied if t.state == optuna.trial.TrialState.COMPLETE]
-    best_first = sorted(completed, key=lambda t: t.value, reverse=record.study.direction.name == "MAXIMIZE")
-    queued: list[dict[str, Any]] = []
-    for t in best_first:
-        if len(queued) < top_k and t.params not in queued:
-            record.study.enqueue_trial(t.params)
-            queued.append(t.params)
+    completed = sorted((t for t in copied if t.state == TrialState.COMPLETE), key=lambda t: t.value,
+                       reverse=record.study.direction.name == "MAXIMIZE")
+    best_first = [t.params for t in completed]
+    queued = [params for i, params in enumerate(best_first) if params not in best_first[:i]][:top_k]  # distinct
+    for params in queued:
+        record.study.enqueue_trial(params)
     return (f"warm start from {other.dir}: {len(copied)} trial(s) as history ({outside} outside this space's "
             f"ranges left out); its {len(queued)} best config(s) run first")

@@ -1,0 +1,109 @@
+"""Preflight: each bad input of a study is one StudyError naming the key and the value; --resume is
+compared with the study it continues."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from conftest import qa, write_rows
+
+from tune.preflight import check_inputs, describe_resume, reconcile
+from tune.record import StudyError, StudyRecord
+from tune.space import StudySpec, load_space, spec_to_dict
+from tune.storage import StudyPaths
+
+
+def tiny_space(folder: Path, edit: Callable[[dict[str, Any], Path], None] | None = None) -> StudySpec:
+    """A one-parameter study on 12 rows of the bundled tokenizer, tokenised into ``folder``."""
+    write_rows(folder / "train.jsonl", [qa(f"question {i}?", f"answer {i}.") for i in range(12)])
+    raw: dict[str, Any] = {
+        "model": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                  "max_position_embeddings": 64},
+        "data": {"train_path": "train.jsonl", "max_seq_len": 32, "cache_dir": "cache", "tokenize_workers": 1},
+        "train": {"epochs": 1, "device": "cpu"},
+        "search": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        "tune": {"num_samples": 1},
+    }
+    if edit is not None:
+        edit(raw, folder)
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return load_space(path)
+
+
+def check(spec: StudySpec, folder: Path) -> Any:
+    return check_inputs(spec, spec.run, StudyPaths(str(folder / "studies"), "s"))
+
+
+def test_good_inputs_are_measured_and_fingerprinted(tmp_path: Path) -> None:
+    inputs = check(tiny_space(tmp_path), tmp_path)
+    assert len(inputs.data.train) > 0 and inputs.n_params > 0
+    assert set(inputs.fingerprints) == {"dataset", "tokenizer"}
+    # The study's own sqlite store: nothing to ask before it exists.
+    assert inputs.tracking_uri.startswith("sqlite:///") and str(tmp_path / "studies" / "s") in inputs.tracking_uri
+
+
+def _init_not_torch(raw: dict[str, Any], folder: Path) -> None:
+    (folder / "notes.pth").write_text("not a checkpoint", encoding="utf-8")
+    raw["model"]["init_from"] = "notes.pth"
+
+
+def _init_other_shape(raw: dict[str, Any], folder: Path) -> None:
+    torch.save({"model.embed_tokens.weight": torch.zeros(3, 3)}, folder / "wide.pth")
+    raw["model"]["init_from"] = "wide.pth"
+
+
+def _tokenizer_broken(raw: dict[str, Any], folder: Path) -> None:
+    from minimind_train.tokenizer import BUNDLED_TOKENIZER_DIR
+
+    shutil.copytree(BUNDLED_TOKENIZER_DIR, folder / "tok_broken")
+    (folder / "tok_broken" / "tokenizer.json").write_text(json.dumps({"model": {}}), encoding="utf-8")
+    raw["data"]["tokenizer"] = "tok_broken"
+
+
+def _malformed_line(raw: dict[str, Any], folder: Path) -> None:
+    write_rows(folder / "bad.jsonl", [qa("q?", "a."), "{not json"])
+    raw["data"]["train_path"] = "bad.jsonl"
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (_init_not_torch, ("model.init_from=", "notes.pth", "is not a loadable torch state dict")),
+    (_init_other_shape, ("model.init_from=", "wide.pth", "does not fit the model")),
+    (_tokenizer_broken, ("data.tokenizer=", "tok_broken", "cannot be loaded as a tokenizer")),
+    (_malformed_line, ("data.train_path=", "bad.jsonl")),
+], ids=["init-not-torch", "init-other-shape", "tokenizer-broken", "malformed-line"])
+def test_a_bad_input_names_its_key_and_value(tmp_path: Path, edit: Callable[[dict[str, Any], Path], None],
+                                             words: tuple[str, ...]) -> None:
+    spec = tiny_space(tmp_path, edit)
+    with pytest.raises(StudyError) as info:
+        check(spec, tmp_path)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_resume_is_refused_for_another_study_and_applies_run_settings(tmp_path: Path) -> None:
+    spec = tiny_space(tmp_path)
+    inputs = check(spec, tmp_path)
+    paths = StudyPaths(str(tmp_path / "studies"), "s")
+    assert "no study to compare with" in describe_resume(spec_to_dict(spec), paths)
+    record = StudyRecord.create(paths.local_dir, "s", spec_to_dict(spec), spec.text, inputs.fingerprints)
+    assert "the space matches study 's'" in describe_resume(spec_to_dict(spec), paths)
+    more = dataclasses.replace(spec, tune=dataclasses.replace(spec.tune, num_samples=3))
+    assert reconcile(record, spec_to_dict(more), inputs, explicit_space=True) == ["tune.num_samples: 1 -> 3"]
+
+    other = dataclasses.replace(inputs, fingerprints={**inputs.fingerprints, "dataset": "f" * 64})
+    wider = dataclasses.replace(spec, run=spec.run.with_overrides({"model.hidden_size": 64}))
+    with pytest.raises(StudyError) as info:
+        reconcile(record, spec_to_dict(wider), other, explicit_space=True)
+    message = str(info.value)
+    assert "model.hidden_size: 32 -> 64" in message and "dataset contents: " in message
+    assert "-> ffffffffffff" in message
+    assert "would be refused" in describe_resume(spec_to_dict(wider), paths)
