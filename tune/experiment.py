@@ -170,8 +170,7 @@ def _upload_outputs(paths: StudyPaths) -> None:
 
 
 def _finalists(spec: Any, run_cfg: Any, record: StudyRecord, create: bool) -> list[searcher.ResumePlan]:
-    """The finalists still to run (``tune.finalists``: the top configs with more seeds); ``create``
-    adds the missing ones to the record."""
+    """The finalists still to run (``tune.finalists``); ``create`` adds the missing ones to the record."""
     t, finals = spec.tune, spec.tune.finalists
     if not finals.seeds:
         return []
