@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +36,21 @@ def test_a_study_name_is_one_folder_name(name: str) -> None:
 def test_ordinary_names_pass() -> None:
     for name in ("sft", "my study", "lr-sweep_2"):
         run._check_name(name)
+
+
+def test_the_driver_quietens_ray_before_importing_it(tmp_path: Path) -> None:
+    """Ray reads TUNE_WARN_THRESHOLD_S once, at import: set later, its slow-step advice still floods the view."""
+    script = (
+        "import sys, tune.preflight as p\n"
+        "def stop(*args, **kwargs):\n"
+        "    from ray.tune.utils.util import warn_if_slow\n"
+        "    print('threshold', warn_if_slow.DEFAULT_THRESHOLD)\n"
+        "    raise SystemExit(0)\n"
+        "p.check_inputs = stop  # (the first step of a run that needs Ray)\n"
+        "import tune.run\n"
+        "sys.exit(tune.run.main(['--space', 'smoke.yaml', '--storage-path', sys.argv[1]]))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNE_")}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=False, capture_output=True, text=True,
+                         env=env,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert "threshold 60.0" in out.stdout, out.stdout + out.stderr

@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from .cluster import storage_problem
-    from .preflight import describe_resume
+    from .preflight import describe_resume, quiet_libraries
+
+    if not args.dry_run:
+        quiet_libraries()  # before Ray is imported: it reads some of these settings once, at import
     from .space import SpaceError, describe, load_space, spec_to_dict
 
     storage = args.storage_path or str(DEFAULT_STORAGE)
