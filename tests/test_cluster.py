@@ -33,6 +33,9 @@ from pathlib import Path
 
 import pytest
 
+from tune.cluster import ClusterError, check_resources
+from tune.space import Resources
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
@@ -63,6 +66,26 @@ EPOCHS = 5
 
 # ---------------------------------------------------------------------------------------------------
 # Fast checks of tune/cluster.py (no Ray cluster).
+
+
+def test_check_resources_accepts_what_fits() -> None:
+    check_resources(Resources(cpu=1, gpu=0), 1, {"CPU": 2.0})
+    check_resources(Resources(cpu=2, gpu=0.25), 4, {"CPU": 16.0, "GPU": 1.0})
+    check_resources(Resources(cpu=4, gpu=2), 1, {"CPU": 4.0, "GPU": 2.0})
+
+
+@pytest.mark.parametrize(("cpu", "gpu", "available", "expected"), [
+    (1, 0.25, {"CPU": 8.0}, ("tune.resources_per_trial.gpu=0.25", "no GPU")),
+    (1, 1, {"CPU": 8.0, "GPU": 0.0}, ("tune.resources_per_trial.gpu=1", "no GPU")),
+    (1, 2, {"CPU": 8.0, "GPU": 1.0}, ("tune.resources_per_trial.gpu=2", "only 1 GPU")),
+    (4, 0, {"CPU": 2.0}, ("tune.resources_per_trial.cpu=4", "only 2 CPU")),
+])
+def test_check_resources_refuses_trials_that_could_never_start(
+        cpu: float, gpu: float, available: dict[str, float], expected: tuple[str, ...]) -> None:
+    with pytest.raises(ClusterError) as info:
+        check_resources(Resources(cpu=cpu, gpu=gpu), 1, available)
+    for part in expected:
+        assert part in str(info.value)
 
 
 def test_job_working_dir(monkeypatch):

@@ -19,7 +19,6 @@ from tune.space import (
     SpaceError,
     StudySpec,
     bundled_spaces,
-    check_resources,
     describe,
     load_space,
     optuna_distributions,
@@ -333,8 +332,6 @@ def test_minimind2_space_is_valid_once_its_files_exist(tmp_path: Path) -> None:
     assert spec.run.model.hidden_size == 512 and spec.run.model.num_hidden_layers == 8
     assert spec.run.model.init_from == str(tmp_path / "pretrain_512.pth")
     assert spec.tune.resources_per_trial.gpu == 0.25
-    with pytest.raises(SpaceError, match=r"tune\.resources_per_trial\.gpu=0\.25"):
-        check_resources(spec, {"CPU": 16.0})
 
 
 @pytest.mark.parametrize("given", ["sft.yaml", "sft", "search_spaces/sft.yaml"])
@@ -426,32 +423,7 @@ def test_a_trials_params_round_trip(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Resources, scheduler rungs and the dry-run description.
-
-
-def spec_with_resources(tmp_path: Path, cpu: float, gpu: float) -> StudySpec:
-    return load_space(write_space(tmp_path, with_change(RES, {"cpu": cpu, "gpu": gpu})))
-
-
-def test_check_resources_accepts_what_fits(tmp_path: Path) -> None:
-    check_resources(spec_with_resources(tmp_path, 1, 0), {"CPU": 2.0})
-    check_resources(spec_with_resources(tmp_path, 2, 0.25), {"CPU": 16.0, "GPU": 1.0})
-    check_resources(spec_with_resources(tmp_path, 4, 2), {"CPU": 4.0, "GPU": 2.0})
-
-
-@pytest.mark.parametrize(("cpu", "gpu", "available", "expected"), [
-    (1, 0.25, {"CPU": 8.0}, ("tune.resources_per_trial.gpu=0.25", "no GPU")),
-    (1, 1, {"CPU": 8.0, "GPU": 0.0}, ("tune.resources_per_trial.gpu=1", "no GPU")),
-    (1, 2, {"CPU": 8.0, "GPU": 1.0}, ("tune.resources_per_trial.gpu=2", "only 1 GPU")),
-    (4, 0, {"CPU": 2.0}, ("tune.resources_per_trial.cpu=4", "only 2 CPU")),
-])
-def test_check_resources_refuses_trials_that_could_never_start(
-        tmp_path: Path, cpu: float, gpu: float, available: dict[str, float], expected: tuple[str, ...]) -> None:
-    spec = spec_with_resources(tmp_path, cpu, gpu)
-    with pytest.raises(SpaceError) as info:
-        check_resources(spec, available)
-    for part in expected:
-        assert part in str(info.value)
+# Scheduler rungs and the dry-run description.
 
 
 @pytest.mark.parametrize(("grace", "rf", "max_t"), [(1, 2, 4), (1, 2, 8), (1, 3, 10), (2, 2, 9), (1, 4, 4),

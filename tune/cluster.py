@@ -1,4 +1,5 @@
-"""How every node of a Ray cluster reaches the study's files: the shared storage and the inputs put there.
+"""How a study fits a Ray cluster: room for a trial, and every node reaching the study's files (the shared
+storage and the inputs put there).
 
 The driver runs on one node; trials run on any node with room. Before the first trial,
 :func:`check_storage` refuses a ``--storage-path`` (a folder or a pyarrow URI) that some trial node
@@ -16,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -30,7 +32,8 @@ import pyarrow.fs as pafs
 
 from .storage import copy_path, filesystem_of, local_path
 
-__all__ = ["CACHE_DIR", "ClusterError", "Node", "StudyData", "check_storage", "current_node", "driver_node_id",
+__all__ = ["CACHE_DIR", "ClusterError", "Node", "StudyData", "check_resources", "check_storage", "current_node",
+           "driver_node_id",
            "file_sha256", "job_working_dir", "open_study_data", "storage_problem", "study_data", "trial_nodes"]
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,29 @@ _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for a `ray job sub
 
 
 class ClusterError(RuntimeError):
-    """The cluster cannot run this study as configured; the message names the node and the path."""
+    """The cluster cannot run this study as configured; the message names the key or node and the path."""
+
+
+def check_resources(need: Any, concurrent: int, available: dict[str, float]) -> None:
+    """Refuse trials that could never be placed on a cluster with ``available`` resources (Ray would keep
+    them PENDING forever); log when fewer than ``concurrent`` fit at once.
+
+    ``need``: ``tune.space.Resources`` (``cpu``, ``gpu``); ``available``: ``ray.cluster_resources()``.
+
+    Raises:
+        ClusterError: naming ``tune.resources_per_trial.<cpu|gpu>``, its value and what the cluster has.
+    """
+    have = {"cpu": float(available.get("CPU", 0.0)), "gpu": float(available.get("GPU", 0.0))}
+    for name in ("gpu", "cpu"):
+        if (want := getattr(need, name)) > have[name]:
+            why = (f"the Ray cluster has no GPU (cluster: {have['cpu']:g} CPU, 0 GPU); set gpu: 0 to train on "
+                   "CPUs" if name == "gpu" and have["gpu"] == 0 else
+                   f"the Ray cluster has only {have[name]:g} {name.upper()}, so no trial could start")
+            raise ClusterError(f"tune.resources_per_trial.{name}={want:g} is not allowed: {why}")
+    fits = min(math.floor(have[name] / getattr(need, name) + 1e-9) for name in ("cpu", "gpu") if getattr(need, name))
+    if fits < concurrent:
+        log.info("the cluster (%g CPU, %g GPU) fits %d trials at once, fewer than tune.max_concurrent_trials=%d",
+                 have["cpu"], have["gpu"], fits, concurrent)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from .preflight import Inputs, check_inputs, reconcile
 from .progress import RAY_ERRORS_FILE, ProgressView, ray_errors_to
 from .record import StudyError, StudyRecord
 from .report import finish_study
-from .space import SpaceError, check_resources, optuna_distributions, spec_to_dict, spec_to_yaml
+from .space import optuna_distributions, spec_to_dict, spec_to_yaml
 from .storage import StudyPaths, trial_dirname, upload_outputs
 from .trainable import train_trial
 from .warmstart import warm_start
@@ -129,12 +129,12 @@ def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, 
         if not paths.is_local:
             stack.callback(_upload_outputs, paths)
         try:
-            check_resources(spec, ray.cluster_resources())
+            cluster.check_resources(t.resources_per_trial, t.max_concurrent_trials, ray.cluster_resources())
             nodes = cluster.trial_nodes(t.resources_per_trial.cpu, t.resources_per_trial.gpu)
             driver_node = cluster.driver_node_id()
             cluster.check_storage(paths.storage, nodes, driver_node)
             study_data = cluster.study_data(inputs.data, run_cfg, nodes, driver_node, paths.storage)
-        except (SpaceError, cluster.ClusterError) as exc:
+        except cluster.ClusterError as exc:
             raise StudyError(str(exc)) from exc
         study_dir = paths.local_dir
         aside = restart.move_aside(study_dir) if replace and study_dir.exists() else None

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUNDLED_PACKAGE", "MlflowSettings", "Resources", "SchedulerSpec", "SearchParam", "SpaceError", "StudySpec",
-    "TuneSettings", "bundled_spaces", "check_resources", "describe", "load_space", "optuna_distributions",
+    "TuneSettings", "bundled_spaces", "describe", "load_space", "optuna_distributions",
     "resolve_space_path", "spec_to_dict", "spec_to_yaml",
 ]
 
@@ -446,26 +446,6 @@ def _parse_tune(raw: Any, epochs: int) -> TuneSettings:
                                  f"length); to train {max_t} epochs set train.epochs: {max_t}, or leave max_t out")
             raw["scheduler"] = {**sched, "max_t": epochs}
     return validate(TuneSettings, raw, "tune", SpaceError)
-
-
-def check_resources(spec: StudySpec, available: Mapping[str, float]) -> None:
-    """Refuse a study whose trials could never be placed on a cluster with ``available`` resources.
-
-    ``available`` is ``ray.cluster_resources()`` (keys ``CPU``, ``GPU``). Ray would otherwise keep such
-    trials PENDING forever.
-    """
-    need, concurrent = spec.tune.resources_per_trial, spec.tune.max_concurrent_trials
-    have = {"cpu": float(available.get("CPU", 0.0)), "gpu": float(available.get("GPU", 0.0))}
-    for name in ("gpu", "cpu"):
-        if (want := getattr(need, name)) > have[name]:
-            why = (f"the Ray cluster has no GPU (cluster: {_fmt(have['cpu'])} CPU, 0 GPU); set gpu: 0 to train "
-                   "on CPUs" if name == "gpu" and have["gpu"] == 0 else
-                   f"the Ray cluster has only {_fmt(have[name])} {name.upper()}, so no trial could start")
-            raise SpaceError(f"tune.resources_per_trial.{name}={_fmt(want)} is not allowed: {why}")
-    fits = min(math.floor(have[name] / getattr(need, name) + 1e-9) for name in ("cpu", "gpu") if getattr(need, name))
-    if fits < concurrent:
-        log.info("the cluster (%s CPU, %s GPU) fits %d trials at once, fewer than tune.max_concurrent_trials=%d",
-                 _fmt(have["cpu"]), _fmt(have["gpu"]), fits, concurrent)
 
 
 def optuna_distributions(spec: StudySpec) -> dict[str, optuna.distributions.BaseDistribution]:
