@@ -49,6 +49,16 @@ def test_gpu_check_reads_each_trials_checkpoints_from_the_study_record(tmp_path:
     assert (row["trial"], row["epochs"], row["val_loss"], row["gpus"]) == (f"t{n:03d}", [1], 2.0, ["?"])
 
 
+def test_step_cost_reports_cpu_seconds_per_step_and_the_losses() -> None:
+    out = subprocess.run([sys.executable, str(BENCH / "step_cost.py"), "--steps", "3", "--data",
+                          str(REPO / "minimind_train" / "assets" / "demo" / "sft_demo.jsonl"), "--tokenizer",
+                          str(REPO / "minimind_train" / "assets" / "tokenizer")], check=True, capture_output=True,
+                         text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    figures = json.loads(out.splitlines()[-1])
+    assert figures["steps"] == 3 and figures["cpu_s_per_step"] > 0
+    assert 0 < figures["val_loss"] < 20 and 0 < figures["train_loss"] < 20  # (ln 6400 = 8.8 at the start)
+
+
 def test_gpu_throughput_cpu_smoke(tmp_path: Path) -> None:
     """The GPU helper's whole path (spawned trial processes, barrier, aggregation, JSON) on CPU."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
