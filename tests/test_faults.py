@@ -140,6 +140,7 @@ def test_interrupt_resume_kill_resume(ws: Workspace) -> None:
     output = first.output()
     assert rc == 130, f"an interrupted study must not look finished{output}"
     assert "--resume" in first.stderr and "Tuner.restore" not in first.stderr + first.stdout, output
+    assert "Ctrl-C: stopping" in output and "Stop signal received" not in output, output  # ours, not Ray's
     assert not (study / "best.yaml").exists(), output
     after_interrupt = _finished(study)
     interrupted = {n: t for n, t in _record(study).items() if t.status == "interrupted"}

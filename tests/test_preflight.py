@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 import yaml
 from conftest import qa, write_rows
 
-from tune.preflight import check_inputs, describe_resume, reconcile
+from tune.preflight import STOPPING, check_inputs, describe_resume, quiet_libraries, reconcile
 from tune.record import StudyError, StudyRecord
 from tune.space import StudySpec, load_space, spec_to_dict
 from tune.storage import StudyPaths
@@ -107,3 +108,17 @@ def test_resume_is_refused_for_another_study_and_applies_run_settings(tmp_path: 
     assert "model.hidden_size: 32 -> 64" in message and "dataset contents: " in message
     assert "-> ffffffffffff" in message
     assert "would be refused" in describe_resume(spec_to_dict(wider), paths)
+
+
+def test_rays_lines_about_its_own_restore_are_dropped_or_reworded(caplog: pytest.LogCaptureFixture) -> None:
+    quiet_libraries()
+    ray_tune = logging.getLogger("ray.tune.tune")
+    with caplog.at_level(logging.WARNING):
+        ray_tune.warning("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run. This will try to "
+                         "checkpoint the experiment state one last time. Press CTRL+C (or send SIGINT/SIGKILL/"
+                         "SIGTERM) to skip. ")
+        ray_tune.warning("Experiment has been interrupted, but the most recent state was saved.\nResume "
+                         "experiment with: Tuner.restore(path=%r, trainable=...)", "/x/run-1")
+        ray_tune.warning("Trials did not complete: [train_trial_1, train_trial_2]")
+        ray_tune.warning("any other warning")
+    assert [r.getMessage() for r in caplog.records] == [STOPPING, "any other warning"]

@@ -57,11 +57,23 @@ def quiet_libraries() -> None:
     # Ray's notice that a new local cluster uses token authentication (its default) asks nothing of the
     # user. (A logger's name, not an attribute: Ray has no public switch for this notice.)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # After a Ctrl-C a study continues with --resume, never by Ray's `Tuner.restore(...)`; Ray's "Trials
-    # did not complete: [...]" repeats by Ray's trial names what the summary says by the study's.
-    logging.getLogger("ray.tune.tune").addFilter(
-        lambda record: not any(s in record.getMessage() for s in ("Tuner.restore", "Trials did not complete")))
+    logging.getLogger("ray.tune.tune").addFilter(_ray_tune_lines)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+STOPPING = ("Ctrl-C: stopping the running trials; every finished epoch is kept (continue with --resume). "
+            "Ctrl-C again stops at once.")
+
+
+def _ray_tune_lines(record: logging.LogRecord) -> bool:
+    """A study continues with --resume, never by Ray's `Tuner.restore(...)` or from Ray's experiment state:
+    Ray's lines that say so are dropped or (its Ctrl-C notice) reworded; its "Trials did not complete: [...]"
+    repeats by Ray's trial names what the summary says by the study's."""
+    text = record.getMessage()
+    if text.startswith("Stop signal received"):
+        record.msg, record.args = STOPPING, ()
+        return True
+    return not any(s in text for s in ("Tuner.restore", "Trials did not complete"))
 
 
 def check_inputs(spec: Any, run_cfg: Any, paths: StudyPaths, address: str | None = None) -> Inputs:
