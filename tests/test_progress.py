@@ -16,12 +16,14 @@ from rich.console import Console
 from tune.progress import (
     STEP_FILE,
     ProgressView,
+    best_recorded,
     count_trials,
     eta_s,
     ray_errors_to,
     read_step,
     step_writer,
 )
+from tune.record import TrialRecord
 
 PARAMS = {"train.learning_rate": 0.0023, "train.accumulation_steps": 1}
 
@@ -168,6 +170,21 @@ def test_the_best_value_follows_the_mode() -> None:
     view.on_trial_result(0, [a, b], b, {"epoch": 1, "accuracy": 0.25})
     view.on_trial_result(0, [a, b], b, {"epoch": 1, "accuracy": float("nan")})
     assert view.status().endswith("| best accuracy 0.5000 (t001)")
+
+
+def test_the_best_so_far_starts_from_what_earlier_runs_recorded() -> None:
+    trials = [TrialRecord(0, "completed", {}, {1: {"val_loss": 2.5}, 2: {"val_loss": 1.9564}}),
+              TrialRecord(1, "diverged", {}, {1: {"val_loss": float("nan")}}), TrialRecord(2, "running", {}, {})]
+    assert best_recorded(trials, "val_loss", "min") == (1.9564, "t000")
+    assert best_recorded(trials, "val_loss", "max") == (2.5, "t000")
+    assert best_recorded(trials[1:], "val_loss", "min") is None
+    view = ProgressView("val_loss", "min", planned_epochs=2, num_samples=1, stream=io.StringIO(),
+                        best=best_recorded(trials, "val_loss", "min"))
+    a = _trial("a", "RUNNING", number=3)
+    view.on_trial_result(0, [a], a, {"epoch": 1, "val_loss": 3.5138})  # worse than t000's: t000 stays best
+    assert view.status().endswith("| best val_loss 1.9564 (t000)")
+    view.on_trial_result(0, [a], a, {"epoch": 2, "val_loss": 1.5})
+    assert view.status().endswith("| best val_loss 1.5000 (t003)")
 
 
 def test_only_epochs_trained_in_this_run_set_the_eta_rate() -> None:

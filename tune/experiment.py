@@ -28,7 +28,7 @@ from . import cluster, restart, searcher
 from .interrupts import InterruptWatch, disk_full, first_line, sigterm_as_sigint
 from .mirror import Mirror, MirrorCallback, warn_on_failure
 from .preflight import Inputs, check_inputs, reconcile
-from .progress import RAY_ERRORS_FILE, ProgressView, ray_errors_to
+from .progress import RAY_ERRORS_FILE, ProgressView, best_recorded, ray_errors_to
 from .record import StudyError, StudyRecord
 from .report import finish_study
 from .space import optuna_distributions, spec_to_dict, spec_to_yaml
@@ -215,7 +215,8 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
             return {tid: by_number[n] for tid, n in search.numbers.items() if n in by_number}
 
         view = ProgressView(t.metric, t.mode, run_cfg.train.epochs, to_run, statuses=statuses, local=paths.is_local,
-                            ray_errors=paths.local_dir / RAY_ERRORS_FILE)
+                            ray_errors=paths.local_dir / RAY_ERRORS_FILE,
+                            best=best_recorded(record.trials(), t.metric, t.mode))  # (earlier runs and phases)
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), metric=t.metric, mode=t.mode,
                                  runs_dir=paths.runs_uri, run_name=f"run-{run_index}",

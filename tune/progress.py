@@ -12,14 +12,14 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
 from ray.tune import Callback
 
-__all__ = ["RAY_ERRORS_FILE", "STEP_FILE", "ProgressView", "count_trials", "eta_s", "ray_errors_to", "read_step",
-           "step_writer"]
+__all__ = ["RAY_ERRORS_FILE", "STEP_FILE", "ProgressView", "best_recorded", "count_trials", "eta_s", "ray_errors_to",
+           "read_step", "step_writer"]
 
 STEP_FILE = "step.json"  # in a trial's folder: {"epoch", "step", "steps_per_epoch", "time"}
 RAY_ERRORS_FILE = "ray_errors.log"  # in the study folder: what Ray's driver printed about lost workers
@@ -75,6 +75,13 @@ def count_trials(trials: list[Any], recorded: Mapping[str, str]) -> dict[str, in
     return count
 
 
+def best_recorded(trials: Iterable[Any], metric: str, mode: str) -> tuple[float, str] | None:
+    """``(value, "t003")``: the best finite ``metric`` any epoch of the record's ``trials``
+    (:class:`tune.record.TrialRecord`) reported, by ``mode``; None before any."""
+    values = [(v, f"t{t.number:03d}") for t in trials for _, v in t.curve(metric) if math.isfinite(v)]
+    return min(values, key=lambda item: item[0] if mode == "min" else -item[0], default=None)
+
+
 def eta_s(done: float, done_at_start: float, planned: float, elapsed_s: float) -> float | None:
     """Seconds left at this run's rate: ``(planned - done) * elapsed_s / (done - done_at_start)``, in
     trial-epochs (those done by earlier runs do not count for the rate); None before any progress."""
@@ -123,17 +130,20 @@ class ProgressView(Callback):
     per ended trial; otherwise (CI, ``ray job submit`` logs, pipes) one line per epoch and per ended trial.
 
     ``planned_epochs`` per trial and ``num_samples`` trials in this run; ``statuses()`` maps Ray trial
-    ids to their study-record status; ``local``: the trial folders are on this machine (steps shown).
+    ids to their study-record status; ``local``: the trial folders are on this machine (steps shown);
+    ``best``: ``(value, "t003")``, the best value earlier runs recorded; ``ray_errors``: where Ray's
+    driver-side error messages go while the terminal view runs (:func:`ray_errors_to`).
     """
 
     def __init__(self, metric: str, mode: str, planned_epochs: int, num_samples: int,
                  statuses: Callable[[], Mapping[str, str]] | None = None, local: bool = True,
-                 stream: TextIO | None = None, ray_errors: Path | None = None) -> None:
+                 stream: TextIO | None = None, ray_errors: Path | None = None,
+                 best: tuple[float, str] | None = None) -> None:
         self.metric, self.mode, self.statuses, self.local = metric, mode, statuses, local
         self.planned_epochs, self.num_samples = planned_epochs, num_samples
         self._stream = stream  # None: sys.stdout at each use (ours stands in for it during a run)
         self._start, self._first = time.monotonic(), None  # _first: the first trial's start (for the ETA)
-        self._best, self._best_trial = (math.inf if mode == "min" else -math.inf), ""
+        self._best, self._best_trial = best or ((math.inf if mode == "min" else -math.inf), "")
         self._trials: list[Any] = []
         self._recorded: Mapping[str, str] = {}
         self._labels: dict[str, str] = {}  # Ray trial id -> "t003 lr=2.3e-3 acc=1"
