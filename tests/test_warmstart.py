@@ -7,6 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from tune import run
 from tune.record import StudyError, StudyRecord
 from tune.warmstart import check_warm_start, warm_start
 
@@ -74,6 +75,18 @@ def test_an_earlier_studys_finalists_and_history_are_not_copied_and_configs_queu
     assert "4 trial(s) as history (0 outside" in line and "its 3 best config(s)" in line
     asked = [full.trial(full.ask(SPACE)[0]).params["train.learning_rate"] for _ in range(3)]
     assert asked == [5e-3, 1e-3, 5e-4]  # three distinct configs, best first
+
+
+def test_dry_run_counts_the_trials_the_warm_start_will_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    scout = _study(tmp_path / "scout", SCOUT[:4])  # smoke.yaml searches accumulation 1 or 2: the 4 is outside
+    for seed in (1, 2):  # finalists are not history
+        number = scout.add_finalist(scout.trials()[0], seed, SPACE)
+        scout.finish(number, "completed", "val_loss", "min")
+    assert run.main(["--space", "smoke.yaml", "--dry-run", "--warm-start", str(scout.dir),
+                     "--storage-path", str(tmp_path / "studies")]) == 0
+    out = capsys.readouterr().out
+    assert "warm start: 3 finished trial(s) of study 'scout'" in out and "(1 outside this space's ranges" in out
 
 
 def test_an_empty_warm_start_is_refused() -> None:

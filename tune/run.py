@@ -85,7 +85,7 @@ def _main(args: argparse.Namespace) -> int:
 
     if not args.dry_run:
         quiet_libraries()  # before Ray is imported: it reads some of these settings once, at import
-    from .space import SpaceError, describe, load_space, spec_to_dict
+    from .space import SpaceError, describe, load_space, optuna_distributions, spec_to_dict
 
     storage = args.storage_path or str(DEFAULT_STORAGE)
     if problem := storage_problem(storage):  # e.g. relative under `ray job submit`
@@ -110,8 +110,12 @@ def _main(args: argparse.Namespace) -> int:
         if args.resume:
             print(describe_resume(spec_to_dict(spec), paths))
         elif (earlier := _warm_start_from(spec, args)) is not None:
-            print(f"warm start: {len(earlier.trials())} trials of study {earlier.manifest.name!r} at {earlier.dir} "
-                  "(same objective and searched parameters)")
+            from .warmstart import history_trials
+
+            used, outside = history_trials(earlier, optuna_distributions(spec))
+            print(f"warm start: {len(used)} finished trial(s) of study {earlier.manifest.name!r} at {earlier.dir} "
+                  f"as history ({outside} outside this space's ranges left out; same objective and searched "
+                  "parameters)")
         return 0
     return _run_study(spec, paths, args)
 

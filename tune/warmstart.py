@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 
 from .record import WARM_START, StudyError, StudyRecord
 
-__all__ = ["check_warm_start", "warm_start"]
+__all__ = ["check_warm_start", "history_trials", "warm_start"]
+
 
 def check_warm_start(source: str | Path, spec_dict: Mapping[str, Any], key: str = "--warm-start") -> StudyRecord:
     """Open the earlier study at ``source`` and check that its objective and searched parameters are
@@ -53,24 +54,33 @@ def _inside(distribution: optuna.distributions.BaseDistribution, value: Any) -> 
     return distribution.low <= value <= distribution.high  # Float- and IntDistribution
 
 
+def history_trials(other: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution]
+                   ) -> tuple[list[optuna.trial.FrozenTrial], int]:
+    """``other``'s completed and early-stopped search trials whose values lie inside ``distributions``
+    (not its own history, not its finalists), and how many were left out for lying outside."""
+    found, outside = [], 0
+    for t in other.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if t.user_attrs.get("status") == WARM_START or "finalist_of" in t.user_attrs:
+            continue
+        if all(_inside(distributions[k], v) for k, v in t.params.items()):
+            found.append(t)
+        else:
+            outside += 1
+    return found, outside
+
+
 def warm_start(record: StudyRecord, other: StudyRecord,
                distributions: Mapping[str, optuna.distributions.BaseDistribution], top_k: int = 3) -> str:
     """Copy ``other``'s completed and early-stopped search trials whose values lie inside
     ``distributions`` into ``record``'s Optuna study (values, per-epoch intermediate values, state),
     and queue its ``top_k`` best distinct completed configs to be asked first. Its own history and
     its finalists (the same configs with other seeds) are left out. Returns one line saying what was done."""
-    copied, outside = [], 0
-    for t in other.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if t.user_attrs.get("status") == WARM_START or "finalist_of" in t.user_attrs:
-            continue
-        if not all(_inside(distributions[k], v) for k, v in t.params.items()):
-            outside += 1
-            continue
+    copied, outside = history_trials(other, distributions)
+    for t in copied:
         record.study.add_trial(optuna.trial.create_trial(
             params=t.params, distributions=dict(distributions), state=t.state,
             value=t.value if t.state == TrialState.COMPLETE else None, intermediate_values=t.intermediate_values,
             user_attrs={"status": WARM_START, "source": f"{other.manifest.name} t{t.number:03d}"}))
-        copied.append(t)
     completed = sorted((t for t in copied if t.state == TrialState.COMPLETE), key=lambda t: t.value,
                        reverse=record.study.direction.name == "MAXIMIZE")
     best_first = [t.params for t in completed]
