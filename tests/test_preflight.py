@@ -108,6 +108,12 @@ def test_resume_is_refused_for_another_study_and_applies_run_settings(tmp_path: 
     assert "model.hidden_size: 32 -> 64" in message and "dataset contents: " in message
     assert "-> ffffffffffff" in message
     assert "would be refused" in describe_resume(spec_to_dict(wider), paths)
+    assert "without --space" in message  # (the space file given differs: the study's own would not)
+    # Without --space the study's own space.yaml was read: the advice is never "without --space" again.
+    for inputs_now, spec_now, advice in ((inputs, wider, "space.yaml was edited"), (other, spec, "input files back")):
+        with pytest.raises(StudyError) as info:
+            reconcile(record, spec_to_dict(spec_now), inputs_now, explicit_space=False)
+        assert advice in str(info.value) and "without --space" not in str(info.value)
 
 
 def test_rays_lines_about_its_own_restore_are_dropped_or_reworded(caplog: pytest.LogCaptureFixture) -> None:

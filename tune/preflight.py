@@ -136,17 +136,18 @@ def check_inputs(spec: Any, run_cfg: Any, paths: StudyPaths, address: str | None
 def reconcile(record: StudyRecord, spec_dict: dict[str, Any], inputs: Inputs, explicit_space: bool) -> list[str]:
     """Refuse a ``--resume`` whose study definition or input contents changed (each change a
     ``key: old -> new`` line); return the run settings that changed (applied on this run)."""
-    changed = diff_specs(record.manifest.spec, spec_dict)
+    edited = diff_specs(record.manifest.spec, spec_dict)
     old, new = record.manifest.fingerprints, inputs.fingerprints
-    changed += [f"{key} contents: {old.get(key, '(none)')[:12]} -> {new.get(key, '(none)')[:12]}"
-                for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    changed = edited + [f"{key} contents: {old.get(key, '(none)')[:12]} -> {new.get(key, '(none)')[:12]}"
+                        for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
     if changed:
         where = "the space file" if explicit_space else "the study"
-        raise StudyError(
-            f"--resume refused: {where} defines another study than {record.dir} holds:\n  "
-            + "\n  ".join(changed)
-            + "\nresume with the study's own space (--resume --name NAME without --space), or start a "
-              "new study (--name NEW) for the changed one")
+        advice = ("resume with the study's own space (--resume --name NAME without --space)" if explicit_space
+                  else f"the study's space.yaml was edited: study.json keeps its definition, so undo the edits (or "
+                  f"delete {record.dir / 'space.yaml'}: it is written again from study.json)" if edited
+                  else "put the input files back as they were")
+        raise StudyError(f"--resume refused: {where} defines another study than {record.dir} holds:\n  "
+                         + "\n  ".join(changed) + f"\n{advice}, or start a new study (--name NEW) for the changed one")
     settings = diff_specs(record.manifest.spec, spec_dict, ignore=PATH_KEYS)
     paths = diff_specs(record.manifest.spec, spec_dict, ignore=RUN_SETTINGS)
     return settings + [f"{p} (same contents)" for p in paths]
