@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {count_parameters(state.model):,} parameters on {state.device} ({state.amp_dtype}); "
           f"data: {len(data.train):,} train / {len(data.val):,} val samples")
 
-    bar = None if args.quiet else tqdm(unit="step", dynamic_ncols=True, file=sys.stderr)
+    # The step bar only on a terminal (in a log file its redraws would be thousands of lines); the
+    # per-epoch lines below say the same in a pipe.
+    bar = None if args.quiet or not sys.stderr.isatty() else tqdm(unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def on_step(info: StepInfo) -> None:
         if bar is None:

@@ -50,6 +50,13 @@ def test_runs_resumes_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.Ca
     assert read_meta(out / "best")["metrics"]["val_loss"] == 0.0
 
 
+def test_no_step_bar_in_a_log_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --quiet and without a terminal (captured, as in a pipe): epoch lines, no tqdm redraws."""
+    assert main(["--config", str(_config(tmp_path, 1)), "--output", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert "epoch 1/1" in captured.out and "\r" not in captured.err + captured.out and "step/s" not in captured.err
+
+
 def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {hidden_sizes: 64}\n", encoding="utf-8")
