@@ -123,6 +123,9 @@ def main() -> int:
     finally:
         ui.terminate()
         ui.wait(timeout=60)
+        # Only the screenshots stay: the study and Ray's session files are tens of MB.
+        for left in (storage, work / "ray") if args.out is None else (work,):
+            shutil.rmtree(left, ignore_errors=True)
     print(f"screenshots: {out}")
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)
