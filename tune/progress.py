@@ -211,20 +211,22 @@ class ProgressView(Callback):
 
     def render(self) -> Any:
         """The terminal view, rebuilt from the trials' current state at each redraw."""
+        from rich.console import Group
         from rich.progress_bar import ProgressBar
         from rich.table import Table
+        from rich.text import Text
 
         done, planned, eta = self.progress()
-        grid = Table.grid(padding=(0, 2))
+        bar, running = Table.grid(padding=(0, 2)), Table.grid(padding=(0, 2))
         elapsed = _duration(time.monotonic() - self._start)
-        grid.add_row(ProgressBar(total=max(planned, 1), completed=done, width=40),
-                     f"{done:.1f}/{planned:g} trial-epochs  {elapsed} elapsed  ETA {_duration(eta)}")
-        grid.add_row("", f"trials {len(self._trials)}/{self.num_samples}: {self.status()}")
+        bar.add_row(ProgressBar(total=max(planned, 1), completed=done, width=40),
+                    f"{done:.1f}/{planned:g} trial-epochs  {elapsed} elapsed  ETA {_duration(eta)}")
         for t in [t for t in self._trials if t.status == "RUNNING"]:
             step = self._step(t)
-            grid.add_row(f"  {self._label(t)}", f"epoch {min(self._epoch(t) + 1, self.planned_epochs)}/"
-                         f"{self.planned_epochs}" + (f"  step {step[1]}/{step[2]}" if step else ""))
-        return grid
+            running.add_row(f"  {self._label(t)}", f"epoch {min(self._epoch(t) + 1, self.planned_epochs)}/"
+                            f"{self.planned_epochs}" + (f"  step {step[1]}/{step[2]}" if step else ""))
+        # The counts on a line of their own: under the bar's column they wrapped on a narrow terminal.
+        return Group(bar, Text(f"trials {len(self._trials)}/{self.num_samples}: {self.status()}"), running)
 
     def _event(self, text: str, counts: bool = True) -> None:
         """A line that stays: above the terminal view, or with the time (and counts) without one."""
