@@ -114,32 +114,46 @@ def test_finalists_rank_by_mean_and_an_unstable_config_last(tmp_path: Path) -> N
     assert rows[1].startswith("t001,0.001,42 43,2.1") and rows[1].endswith(",2 2.2")
 
 
+class _Study:
+    """A smoke.yaml study (``tune`` settings overridden) whose trials are written straight into its record."""
+
+    def __init__(self, tmp_path: Path, **tune: object) -> None:
+        raw = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
+        raw["tune"].update(tune)
+        (tmp_path / "space.yaml").write_text(yaml.safe_dump(raw))
+        self.spec = load_space(tmp_path / "space.yaml")
+        self.paths = StudyPaths(str(tmp_path / "studies"), "s")
+        self.record = StudyRecord.create(self.paths.local_dir, "s", spec_to_dict(self.spec), "", {})
+        self.distributions = optuna_distributions(self.spec)
+        self.runs = self.paths.local_dir / "runs" / "run-1"
+
+    def run(self, number: int, curve: list[float], status: str, error: str = "") -> None:
+        for epoch, value in enumerate(curve, 1):
+            self.record.record_epoch(number, epoch, {"val_loss": value}, "val_loss")
+            make_checkpoint(self.runs / f"t{number:03d}" / f"epoch_{epoch:04d}", epoch, value)
+        self.record.finish(number, status, "val_loss", "min", error)
+
+    def add(self, trials: list[tuple[list[float], str, str]]) -> None:
+        """New search trials: (curve, status, error) each, learning rates 1e-3, 2e-3, ..."""
+        for i, (curve, status, error) in enumerate(trials):
+            self.record.study.enqueue_trial({"train.learning_rate": 1e-3 * (i + 1), "train.accumulation_steps": 1})
+            self.run(self.record.ask(self.distributions)[0], curve, status, error)
+
+    def finish(self) -> int:
+        mirror = Mirror(resolve_tracking_uri(None, self.record.dir), "report-test", self.record, fixed_params={},
+                        settings={}, tags={})
+        return finish_study(self.spec, self.paths, self.record, mirror, "FINISHED")
+
+
 def test_finish_study_prints_the_answer_and_writes_its_files(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """The end of a study with finalists: the table of search trials, the best block with the mean over
     seeds, a note on an unfinished trial that already beats it, summary.csv, finalists.csv, best.yaml,
     the closed MLflow parent, and the resume state of all but the top trial pruned."""
-    raw = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
-    raw["tune"].update(scheduler={"type": "none"}, keep_top_trials=1, finalists={"top_k": 1, "seeds": 1})
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(raw))
-    spec = load_space(tmp_path / "space.yaml")
-    paths = StudyPaths(str(tmp_path / "studies"), "s")
-    record = StudyRecord.create(paths.local_dir, "s", spec_to_dict(spec), "", {})
-    distributions = optuna_distributions(spec)
-    runs = paths.local_dir / "runs" / "run-1"
-
-    def run(number: int, curve: list[float], status: str, error: str = "") -> None:
-        for epoch, value in enumerate(curve, 1):
-            record.record_epoch(number, epoch, {"val_loss": value}, "val_loss")
-            make_checkpoint(runs / f"t{number:03d}" / f"epoch_{epoch:04d}", epoch, value)
-        record.finish(number, status, "val_loss", "min", error)
-
-    trials = [([3.0, 2.0], "completed", ""), ([2.5, 1.0], "completed", ""),
-              ([0.9], "interrupted", "time budget")]
-    for i, (curve, status, error) in enumerate(trials):
-        record.study.enqueue_trial({"train.learning_rate": 1e-3 * (i + 1), "train.accumulation_steps": 1})
-        run(record.ask(distributions)[0], curve, status, error)
-    run(record.add_finalist(record.trial(1), 1, distributions), [1.4, 1.2], "completed")
+    study = _Study(tmp_path, scheduler={"type": "none"}, keep_top_trials=1, finalists={"top_k": 1, "seeds": 1})
+    spec, paths, record, runs = study.spec, study.paths, study.record, study.runs
+    study.add([([3.0, 2.0], "completed", ""), ([2.5, 1.0], "completed", ""), ([0.9], "interrupted", "time budget")])
+    study.run(record.add_finalist(record.trial(1), 1, study.distributions), [1.4, 1.2], "completed")
     mirror = Mirror(resolve_tracking_uri(None, record.dir), "report-test", record, fixed_params={},
                     settings={}, tags={})
 
@@ -165,7 +179,7 @@ def test_finish_study_prints_the_answer_and_writes_its_files(tmp_path: Path,
         ("t001", "", ""), ("t003", "t001", "1"), ("t000", "", ""), ("t002", "", "")]
     assert rows[0]["checkpoint"] == str(best_model.parent) and rows[0]["best_val_loss"] == "1.0"
     assert (paths.local_dir / "finalists.csv").read_text().splitlines()[1].startswith("t001,1,0.002,0 1,1.1,")
-    assert load_run_config(paths.local_dir / "best.yaml") == spec.run.with_overrides(record.trial(1).params)
+    assert load_run_config(paths.local_dir / "best.yaml") == spec.trial_run.with_overrides(record.trial(1).params)
     # Beyond the top trial, a finished trial keeps only the fp16 weights of its best epoch.
     t000 = runs / "t000"
     assert sorted(str(p.relative_to(t000)) for p in t000.glob("*/*.p*")) == ["epoch_0002/model.pth"]
@@ -176,3 +190,74 @@ def test_finish_study_prints_the_answer_and_writes_its_files(tmp_path: Path,
                                    "tags.`minimind.role` = 'parent'")
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["best_mean_val_loss"] == pytest.approx(1.1)
+
+
+@pytest.mark.parametrize("cpu", [1, 2])
+def test_best_yaml_runs_with_the_trials_thread_count(tmp_path: Path, cpu: int) -> None:
+    """A trial runs with train.num_threads = its CPU share (StudySpec.trial_run); best.yaml says the same,
+    so `python -m minimind_train.sft --config best.yaml` on CPU gives the trial's losses (not 0: all cores)."""
+    from tune.report import write_best_yaml
+
+    study = _Study(tmp_path, resources_per_trial={"cpu": cpu, "gpu": 0})
+    study.add([([2.0, 1.5], "completed", "")])
+    (best,) = summarize_trials(study.record, "val_loss", "min")
+    path = write_best_yaml(tmp_path / "best.yaml", study.spec, best)
+    cfg = load_run_config(path)
+    assert cfg.train.num_threads == cpu
+    assert cfg == study.spec.run.with_overrides({**best.params, "train.num_threads": cpu})
+    assert f"# train.num_threads: {cpu}, as the trial ran (its CPU share)" in path.read_text()
+
+
+def test_a_used_up_time_budget_is_named_with_how_to_continue(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Time budget 25 s, 30 s used: with no trial completed the error says so (not an empty reason per
+    trial); with one completed, the unfinished trials' line says so, and a note when none is left unfinished
+    but fewer than num_samples ran."""
+    study = _Study(tmp_path, time_budget_s=25, num_samples=3)
+    study.add([([2.0], "interrupted", ""), ([2.5], "interrupted", "")])
+    study.record.add_history({"run": 1, "seconds": 30.0})
+    how = (f"the study's time budget (tune.time_budget_s=25) is used up (30 s); to continue, raise it and resume: "
+           f"python -m tune.run --resume --name s --storage-path {tmp_path / 'studies'} --time-budget-s 55")
+    assert study.finish() == 1
+    err = capsys.readouterr().err
+    assert f"error: no trial completed: {how}\n  t000: interrupted (time budget)\n" \
+           "  t001: interrupted (time budget)\n" in err
+    assert "trial(s) unfinished" not in err  # (the error lists them)
+
+    study.record.record_epoch(0, 2, {"val_loss": 1.8}, "val_loss")  # (as if a run within budget had finished it)
+    make_checkpoint(study.runs / "t000" / "epoch_0002", 2, 1.8)
+    study.record.finish(0, "completed", "val_loss", "min")
+    assert study.finish() == 0
+    assert f"1 trial(s) unfinished (t001): {how}\n  t001: interrupted (time budget)\n" in capsys.readouterr().err
+    study.record.finish(1, "stopped_early", "val_loss", "min")
+    assert study.finish() == 0
+    assert f"note: 2 of 3 trials ran: {how}\n" in capsys.readouterr().err
+
+
+def test_without_a_budget_an_interrupted_trial_has_no_empty_reason(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    study = _Study(tmp_path)
+    study.add([([2.0], "interrupted", "")])
+    assert study.finish() == 1
+    assert capsys.readouterr().err.endswith(
+        "error: no trial completed: --resume continues the unfinished ones\n  t000: interrupted\n")
+
+
+def test_a_cut_failure_reason_ends_with_an_ellipsis(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ray's lost-worker message is one long line: its reason (tune.searcher.failure_reason, 500 characters)
+    and the record's copy of any error (2000) end with "…" where they are cut, in the summary too."""
+    from tune.searcher import failure_reason
+
+    died = ("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task. "
+            + "If the process was killed by the kernel OOM killer (verifiable by checking for OOM in dmesg "
+            "of the OOMing node), consider more memory. " * 8)
+    reason = failure_reason(f"Traceback (most recent call last):\n  File 'x'\n{died}\n")
+    assert len(reason) == 500 and reason.endswith("…") and died.startswith(reason[:-1])
+    assert failure_reason("ValueError: short") == "ValueError: short"
+    study = _Study(tmp_path)
+    study.add([([2.0], "failed", reason), ([2.5], "diverged", "d" * 2500)])
+    assert study.record.trial(0).error == reason
+    assert study.record.trial(1).error == "d" * 1999 + "…"
+    assert study.finish() == 1
+    err = capsys.readouterr().err
+    assert f"  t000: failed: {reason}\n" in err and f"  t001: diverged: {'d' * 1999}…\n" in err

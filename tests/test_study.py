@@ -197,7 +197,7 @@ def test_best_yaml_is_the_best_trials_config(study: Study) -> None:
         for e, m in t.epochs.items())
     cfg = load_run_config(study.dir / "best.yaml")
     params = next(t.params for t in record.trials() if t.name == best_trial)
-    assert cfg == study.spec.run.with_overrides(params), study.fail("best.yaml is not the best trial")
+    assert cfg == study.spec.trial_run.with_overrides(params), study.fail("best.yaml is not the best trial")
     assert f"best: trial {best_trial}  val_loss {best_loss:.4f} (epoch {best_epoch})" in study.driver.stdout
     assert sorted(trained_epochs(study.dir)) == sorted(set(trained_epochs(study.dir)))
 

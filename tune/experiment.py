@@ -8,7 +8,6 @@ back. A ``--restart``'s old study is moved aside here, only after every input wa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
 import os
 import socket
@@ -97,8 +96,7 @@ def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, 
     Returns the driver's exit status (0, 1, or 130 after an interrupt).
     """
     t = spec.tune
-    run_cfg = dataclasses.replace(spec.run, train=dataclasses.replace(
-        spec.run.train, num_threads=max(1, int(t.resources_per_trial.cpu))))
+    run_cfg = spec.trial_run
     print("checking inputs: tokenizer, data (tokenised once into the token cache), model, storage, "
           "tracking ...", flush=True)
     inputs = check_inputs(spec, run_cfg, paths, address)

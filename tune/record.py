@@ -341,7 +341,7 @@ class StudyRecord:
         trial_id = self._trial_id(number)
         self.storage.set_trial_user_attr(trial_id, "status", status)
         if error:
-            self.storage.set_trial_user_attr(trial_id, "error", error[:2000])
+            self.storage.set_trial_user_attr(trial_id, "error", error if len(error) <= 2000 else error[:1999] + "…")
 
     def record_epoch(self, number: int, epoch: int, metrics: Mapping[str, Any], objective: str) -> bool:
         """Store one epoch's metrics and objective; False when that epoch was already recorded."""

@@ -206,12 +206,15 @@ def format_table(summaries: Sequence[TrialSummary], metric: str, top: int = 10) 
 
 def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary,
                     finalist: Finalist | None = None) -> Path:
-    """The complete run config of the best trial, runnable by ``python -m minimind_train.sft``; its
-    header records the trial's value and, when finalists ran, the config's mean ± std over seeds."""
-    body = yaml.safe_dump(run_config_to_dict(spec.run.with_overrides(best.params)), sort_keys=False,
-                          allow_unicode=True)
+    """The complete run config of the best trial as it ran (``StudySpec.trial_run``: its thread count
+    too), runnable by ``python -m minimind_train.sft``; its header records the trial's value and, when
+    finalists ran, the config's mean ± std over seeds."""
+    run = spec.trial_run.with_overrides(best.params)
+    body = yaml.safe_dump(run_config_to_dict(run), sort_keys=False, allow_unicode=True)
     head = (f"# Best trial {best.trial_id} of study from {spec.source}: "
-            f"{spec.tune.metric} {best.best_value:.6f} at epoch {best.best_epoch}.\n")
+            f"{spec.tune.metric} {best.best_value:.6f} at epoch {best.best_epoch}.\n"
+            f"# train.num_threads: {run.train.num_threads}, as the trial ran (its CPU share): on CPU a step's sums "
+            "depend on the\n# thread count, so another count gives slightly other losses; on GPU it does not matter.\n")
     if finalist is not None:
         head += (f"# Over seeds {', '.join(map(str, finalist.seeds))}: mean {spec.tune.metric} "
                  f"{finalist.mean:.6f} ± {finalist.std:.6f} (the best mean of the finalists).\n")
@@ -320,20 +323,41 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
     print(f"disk: {human_bytes(dir_bytes(study_dir))} in {study_dir} "
           f"({human_bytes(freed)} of resume state pruned; top {t.keep_top_trials} trials keep theirs)")
     print(f"compare trials: python -m tune.ui --tracking-uri {mirror.tracking_uri}")
-    if unfinished:
+    budget = _budget_used_up(spec, paths, record)
+    if best is not None and unfinished:
         print(f"{len(unfinished)} trial(s) unfinished ({', '.join(s.trial_id for s in unfinished)}): "
-              "--resume continues them",
-              *(f"  {s.trial_id}: {s.status}: {s.error}" for s in unfinished if s.error),
+              + (budget or "--resume continues them"), *(f"  {_reason(s, budget)}" for s in unfinished),
               sep="\n", file=sys.stderr)
+    elif best is not None and budget and record.finished_count() < t.num_samples:
+        print(f"note: {record.finished_count()} of {t.num_samples} trials ran: {budget}", file=sys.stderr)
     if full := [s for s in unfinished if "No space left on device" in s.error or "disk is full" in s.error]:
         print(f"error: the disk holding {study_dir} is full: {len(full)} trial(s) could not save "
               "(finished trials are kept); free space, then continue with --resume", file=sys.stderr)
         return 1
     if best is None:
-        print("error: no trial completed:", *(f"  {s.trial_id}: {s.status} {s.error}" for s in summaries),
+        then = budget or ("--resume continues the unfinished ones" if unfinished else "")
+        print(f"error: no trial completed: {then}".rstrip(), *(f"  {_reason(s, budget)}" for s in summaries),
               sep="\n", file=sys.stderr)
         return 1
     return 0
+
+
+def _budget_used_up(spec: StudySpec, paths: StudyPaths, record: StudyRecord) -> str:
+    """How to continue a study whose time budget (over all its driver runs) is used up; "" when it is not."""
+    budget, used = spec.tune.time_budget_s, record.seconds_used()
+    if budget is None or used < budget:
+        return ""
+    return (f"the study's time budget (tune.time_budget_s={budget:g}) is used up ({used:.0f} s); to continue, "
+            f"raise it and resume: python -m tune.run --resume --name {paths.name} --storage-path "
+            f"{paths.storage} --time-budget-s {math.ceil(used + budget)}")
+
+
+def _reason(s: TrialSummary, budget: str) -> str:
+    """``tNNN: status: reason`` for the summary on stderr; an interrupted trial without a recorded reason
+    was stopped by the time budget when ``budget`` (:func:`_budget_used_up`) is used up."""
+    if s.error:
+        return f"{s.trial_id}: {s.status}: {s.error}"
+    return f"{s.trial_id}: {s.status}" + (" (time budget)" if budget and s.status == "interrupted" else "")
 
 
 def _print_best(spec: StudySpec, paths: StudyPaths, best: TrialSummary, finalist: Finalist | None,

@@ -216,7 +216,8 @@ def failure_reason(text: str) -> str:
     lines = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", ln).strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith(("File ", "Traceback", "^", "~"))]
     exceptions = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Diverged|Memory|Interrupt)\b", ln)]
-    return (exceptions or lines or [""])[-1][:500]
+    reason = (exceptions or lines or [""])[-1]
+    return reason if len(reason) <= 500 else reason[:499] + "…"  # (the whole text is in the trial's error file)
 
 
 def _metrics(result: Mapping[str, Any]) -> dict[str, float]:

@@ -266,6 +266,13 @@ class StudySpec:
     source: Path
     text: str
 
+    @property
+    def trial_run(self) -> RunConfig:
+        """The run config every trial starts from: ``run`` with ``train.num_threads`` set to the trial's
+        CPU share (``tune.resources_per_trial.cpu``, at least 1), so concurrent trials do not oversubscribe."""
+        threads = max(1, int(self.tune.resources_per_trial.cpu))
+        return dataclasses.replace(self.run, train=dataclasses.replace(self.run.train, num_threads=threads))
+
 
 def _bundled_dir() -> Path:
     return Path(str(importlib.resources.files(BUNDLED_PACKAGE)))
