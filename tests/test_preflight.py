@@ -127,4 +127,6 @@ def test_rays_lines_about_its_own_restore_are_dropped_or_reworded(caplog: pytest
                          "experiment with: Tuner.restore(path=%r, trainable=...)", "/x/run-1")
         ray_tune.warning("Trials did not complete: [train_trial_1, train_trial_2]")
         ray_tune.warning("any other warning")
+        logging.getLogger("ray.tune.analysis.experiment_analysis").warning(
+            "Failed to fetch metrics for 1 trial(s):\n- train_trial_1: FileNotFoundError('Could not fetch metrics')")
     assert [r.getMessage() for r in caplog.records] == [STOPPING, "any other warning"]

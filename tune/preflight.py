@@ -58,6 +58,10 @@ def quiet_libraries() -> None:
     # user. (A logger's name, not an attribute: Ray has no public switch for this notice.)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray.tune.tune").addFilter(_ray_tune_lines)
+    # Tuner.fit's ResultGrid reads every trial's result files and warns ("Failed to fetch metrics ...") for a
+    # trial that ended before its first result (a spent time budget, Ctrl-C); the study reads its record,
+    # never the ResultGrid.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
