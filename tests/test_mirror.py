@@ -367,8 +367,9 @@ def test_runs_last_as_long_as_the_recorded_trials(record: StudyRecord) -> None:
 
     def train(number: int, epochs: range, at: float) -> None:  # epochs of 30 s from `at`
         for epoch in epochs:
-            record.record_epoch(number, epoch, {OBJECTIVE: 1.0 / epoch, "time_epoch_start_unix": at + 30.0 * (epoch - 1),
-                                                "timestamp_ms": (at + 30.0 * epoch) * 1000}, OBJECTIVE)
+            times = {"time_epoch_start_unix": at + 30.0 * (epoch - 1),
+                     "timestamp_ms": (at + 30.0 * epoch) * 1000}
+            record.record_epoch(number, epoch, {OBJECTIVE: 1.0 / epoch, **times}, OBJECTIVE)
 
     done, early, cut, crashed = (new_trial(record) for _ in range(4))
     train(done, range(1, 4), began)
@@ -390,7 +391,8 @@ def test_runs_last_as_long_as_the_recorded_trials(record: StudyRecord) -> None:
         return int(moment.timestamp() * 1000)
 
     frozen = {t.number: t for t in record.study.get_trials()}
-    first_step = {n: int(record.trial(n).epochs[1]["time_epoch_start_unix"] * 1000) for n in (done, early, cut)}
+    first_step = {n: int(record.trial(n).epochs[1]["time_epoch_start_unix"] * 1000)
+                  for n in (done, early, cut)}
     assert spans() == {done: (first_step[done], ms(frozen[done].datetime_complete)),
                        early: (first_step[early], ms(frozen[early].datetime_complete)),
                        cut: (first_step[cut], int(record.trial(cut).epochs[2]["timestamp_ms"])),
@@ -411,8 +413,10 @@ def test_runs_last_as_long_as_the_recorded_trials(record: StudyRecord) -> None:
     assert main([str(record.dir)]) == 0
     (parent,) = parents(client)
     created = int(datetime.fromisoformat(record.manifest.created).timestamp() * 1000)
-    assert (parent.info.start_time, parent.info.end_time) == (created, max(end for _, end in spans().values()))
-    mirror.finish("FINISHED", best=None, best_value=None, best_epoch=None, artifacts={}, end_time=created + 5000)
+    last = max(end for _, end in spans().values())
+    assert (parent.info.start_time, parent.info.end_time) == (created, last)
+    mirror.finish("FINISHED", best=None, best_value=None, best_epoch=None, artifacts={},
+                  end_time=created + 5000)
     assert client.get_run(parent.info.run_id).info.end_time == created + 5000
 
 

@@ -449,7 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The study ended with its last recorded trial time (its driver is gone).
             ends = [end for _, end in mirror._spans(trials).values() if end is not None]
             mirror.finish(status, best=best, best_value=value, best_epoch=epoch,
-                          artifacts={k: p for k, p in found.items() if p.is_file()}, end_time=max(ends, default=None))
+                          end_time=max(ends, default=None),
+                          artifacts={k: p for k, p in found.items() if p.is_file()})
     except (StudyError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
