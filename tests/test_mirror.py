@@ -7,6 +7,7 @@ import pickle
 import shutil
 import socket
 import time
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -312,7 +313,8 @@ def test_finish_closes_the_parent_with_results(record: StudyRecord, tmp_path: Pa
     assert parent.data.tags["minimind.best_run_id"] == runs[best_number].info.run_id
     assert not [k for k in parent.data.tags if not k.startswith(("minimind.", "mlflow."))]
     # At step = the number of finished trials: a later finish after more trials adds a point.
-    assert history(client, parent, f"best_{OBJECTIVE}") == [(1, 2.0 / 3)]
+    assert history(client, parent, f"study_best_{OBJECTIVE}") == [(1, 2.0 / 3)]
+    assert f"best_{OBJECTIVE}" not in parent.data.metrics  # the trials' sort key: the parent sorts last
     assert parent.data.metrics["rung_fidelity_epoch_1"] == 0.8
     assert runs[cut].info.status == "KILLED"  # still running when the driver finished
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -342,15 +344,80 @@ def test_saved_view_opens_the_studys_runs_best_first(record: StudyRecord, tmp_pa
     assert state["selectedColumns"] == [f"metrics.`best_{OBJECTIVE}`", f"metrics.`{OBJECTIVE}`",
                                         "params.`train.learning_rate`", "params.`train.grad_clip`",
                                         f"tags.`{STATUS_TAG}`"]
-    # Its filter is MLflow's own search syntax and selects this study's runs only.
-    shown = client.search_runs([experiment.experiment_id], state["searchFilter"])
-    assert sorted(r.data.tags[ROLE_TAG] for r in shown) == ["parent", "trial"]
-    assert children(client)[number].info.run_id in {r.info.run_id for r in shown}
-    mirror_of(record).sync()  # unchanged: the tag is written again only when the view changes
+    # Its filter is MLflow's own search syntax and selects this study's runs only; its order puts the
+    # trials best first and the finished parent (which has the study's best under another name) last.
+    better = new_trial(record, epochs=2)
+    mirror = mirror_of(record)
+    mirror.finish("FINISHED", best=record.trial(better), best_value=1.0, best_epoch=2, artifacts={})
+    shown = client.search_runs([experiment.experiment_id], state["searchFilter"],
+                               order_by=[f"{state['orderByKey']} {'ASC' if state['orderByAsc'] else 'DESC'}"])
+    assert [(r.data.tags[ROLE_TAG], r.data.tags.get(TRIAL_TAG)) for r in shown] == [
+        ("trial", str(better)), ("trial", str(number)), ("parent", None)]
+    mirror.sync()  # unchanged: the tag is written again only when the view changes
     assert client.get_experiment(experiment.experiment_id).tags[VIEW_TAG_PREFIX + study_id] == json.dumps(envelope)
     assert study_runs_url(server, record.dir) == (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
                                                   f"/runs?workflowType=machine_learning&viewStateShareKey={study_id}")
     assert runs_table_url(server, "7") == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+
+
+def test_runs_last_as_long_as_the_recorded_trials(record: StudyRecord) -> None:
+    """A run's start and end are its trial's in the record, not the mirror's syncs (which made ASHA-stopped
+    trials last milliseconds); the parent's are the study's."""
+    began = time.time() - 3600.0  # the trials ran an hour ago; the mirror catches up now
+
+    def train(number: int, epochs: range, at: float) -> None:  # epochs of 30 s from `at`
+        for epoch in epochs:
+            times = {"time_epoch_start_unix": at + 30.0 * (epoch - 1),
+                     "timestamp_ms": (at + 30.0 * epoch) * 1000}
+            record.record_epoch(number, epoch, {OBJECTIVE: 1.0 / epoch, **times}, OBJECTIVE)
+
+    done, early, cut, crashed = (new_trial(record) for _ in range(4))
+    train(done, range(1, 4), began)
+    train(early, range(1, 2), began + 100)
+    train(cut, range(1, 3), began + 200)  # interrupted, resumed below
+    mirror = mirror_of(record)
+    mirror.sync()  # live, as the callback does at each report
+    record.finish(done, "completed", OBJECTIVE, "min")
+    record.finish(early, "stopped_early", OBJECTIVE, "min")
+    record.finish(crashed, "failed", OBJECTIVE, "min", error="RuntimeError: at set-up")  # before any epoch
+    record.finish(cut, "interrupted", OBJECTIVE, "min")
+    mirror.sync(closing=True)
+    client = client_of(record)
+
+    def spans() -> dict[int, tuple[int, int]]:
+        return {n: (r.info.start_time, r.info.end_time) for n, r in children(client).items()}
+
+    def ms(moment: Any) -> int:
+        return int(moment.timestamp() * 1000)
+
+    frozen = {t.number: t for t in record.study.get_trials()}
+    first_step = {n: int(record.trial(n).epochs[1]["time_epoch_start_unix"] * 1000)
+                  for n in (done, early, cut)}
+    assert spans() == {done: (first_step[done], ms(frozen[done].datetime_complete)),
+                       early: (first_step[early], ms(frozen[early].datetime_complete)),
+                       cut: (first_step[cut], int(record.trial(cut).epochs[2]["timestamp_ms"])),
+                       crashed: (ms(frozen[crashed].datetime_start),) * 2}
+    # A store closed by an older mirror at its sync time is corrected.
+    client.set_terminated(children(client)[early].info.run_id, status="FINISHED", end_time=1)
+    mirror.sync([early])
+    assert spans()[early] == (first_step[early], ms(frozen[early].datetime_complete))
+
+    # Resumed in a later driver run, the trial spans both runs and the pause between them.
+    record.set_status(cut, "running")
+    train(cut, range(3, 4), time.time() - 30.0)
+    record.finish(cut, "completed", OBJECTIVE, "min")
+    mirror.sync()
+    assert spans()[cut] == (first_step[cut], ms(record.study.get_trials()[cut].datetime_complete))
+
+    # Without a driver (python -m tune.mirror), the parent ends with the last recorded trial time.
+    assert main([str(record.dir)]) == 0
+    (parent,) = parents(client)
+    created = int(datetime.fromisoformat(record.manifest.created).timestamp() * 1000)
+    last = max(end for _, end in spans().values())
+    assert (parent.info.start_time, parent.info.end_time) == (created, last)
+    mirror.finish("FINISHED", best=None, best_value=None, best_epoch=None, artifacts={},
+                  end_time=created + 5000)
+    assert client.get_run(parent.info.run_id).info.end_time == created + 5000
 
 
 def test_moved_study_folder_rebuilds_its_own_store(record: StudyRecord, tmp_path: Path) -> None:

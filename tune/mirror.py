@@ -115,11 +115,19 @@ def _update(client: MlflowClient, run: Run, tags: Mapping[str, str], params: Map
         client.log_batch(run.info.run_id, metrics=metrics, params=missing, tags=changed)
 
 
-def _set_status(client: MlflowClient, run: Run, status: str) -> None:
-    if status == "RUNNING" != run.info.status:
-        client.update_run(run.info.run_id, status="RUNNING")
-    elif status != run.info.status:  # (with the end time)
-        client.set_terminated(run.info.run_id, status=status)
+def _ms(moment: datetime | None) -> int | None:
+    """Milliseconds since the Unix epoch (MLflow's run times) of Optuna's naive local datetime."""
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+def _set_status(client: MlflowClient, run: Run, status: str, end_time: int | None = None) -> None:
+    """Give ``run`` MLflow ``status``; a terminal one with ``end_time`` (ms; None: now), which is
+    corrected when it differs (a trial resumed and ended again, a store synced by an older mirror)."""
+    if status == "RUNNING":
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+    elif status != run.info.status or (end_time is not None and run.info.end_time != end_time):
+        client.set_terminated(run.info.run_id, status=status, end_time=end_time)
 
 
 class Mirror:
@@ -130,6 +138,8 @@ class Mirror:
                  settings: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         self.tracking_uri, self.experiment, self.record = tracking_uri, experiment, record
         self.study_id, self.study_dir = record.manifest.study_id, str(Path(record.dir).resolve())
+        # The study's start (ms since the Unix epoch): its parent run's start time.
+        self.created = int(datetime.fromisoformat(record.manifest.created).timestamp() * 1000)
         # The parent's params: the fixed config and the tuner's settings (the trials' runs hold only
         # their searched values).
         self.params = {**flatten_dict(dict(fixed_params), delimiter="."),
@@ -151,20 +161,46 @@ class Mirror:
         with self._session("sync") as client:
             parent = self._parent(client, running=not closing)
             runs = self._runs(client, "trial", min(wanted) if wanted and len(wanted) == 1 else None)
-            for trial in self.record.trials():
+            trials = self.record.trials()
+            spans = self._spans(trials)
+            for trial in trials:
                 if wanted is None or trial.number in wanted:
-                    self._sync_trial(client, parent.info.run_id, runs.get(str(trial.number)), trial, closing)
+                    self._sync_trial(client, parent.info.run_id, runs.get(str(trial.number)), trial,
+                                     spans[trial.number], closing)
+
+    def _spans(self, trials: Iterable[TrialRecord]) -> dict[int, tuple[int | None, int | None]]:
+        """Each trial's start and end as the record has them (ms since the Unix epoch), by number.
+
+        The start is the trial's first training step (its first epoch's ``time_epoch_start_unix``;
+        before any epoch, when Optuna asked it); the end is Optuna's completion, else its last epoch's
+        report, else its start. Not the mirror's sync times: a trial's run is made at its first report
+        and closed at a later sync. The trainer's set-up before the first step (seconds) is left out;
+        a trial resumed in a later driver run spans both runs and the pause between them."""
+        frozen = {t.number: t for t in self.record.study.get_trials(deepcopy=False)}
+        spans: dict[int, tuple[int | None, int | None]] = {}
+        for trial in trials:
+            first = trial.epochs[min(trial.epochs)] if trial.epochs else {}
+            last = trial.epochs[max(trial.epochs)] if trial.epochs else {}
+            step = first.get("time_epoch_start_unix", math.nan)
+            start = int(step * 1000) if math.isfinite(step) else _ms(frozen[trial.number].datetime_start)
+            report = last.get("timestamp_ms", math.nan)
+            spans[trial.number] = (start, _ms(frozen[trial.number].datetime_complete)
+                                   or (int(report) if math.isfinite(report) else start))
+        return spans
 
     def finish(self, status: str, *, best: TrialRecord | None, best_value: float | None, best_epoch: int | None,
-               artifacts: Mapping[str, Path], study_metrics: Mapping[str, float] | None = None) -> None:
+               artifacts: Mapping[str, Path], study_metrics: Mapping[str, float] | None = None,
+               end_time: int | None = None) -> None:
         """Close the mirror: every trial synced (``closing``), the results on the parent run, which ends
-        with ``status`` (FINISHED, FAILED or KILLED).
+        with ``status`` (FINISHED, FAILED or KILLED) at ``end_time`` (ms since the Unix epoch; None: now)
+        and starts when the study was created, so that its duration spans every driver run.
 
         The parent's description names the best trial, its ``best_value`` (at ``best_epoch``) and the
         command that retrains it. ``artifacts`` maps a path in the run to a local file, which keeps its
         name in that path's folder; a missing one is a warning (this runs in the driver's ``finally``).
-        ``best_<objective>`` and ``study_metrics`` (e.g. ``rung_fidelity_epoch_1``) are logged at step =
-        the number of finished trials, so that a finish after more trials adds a point.
+        ``study_best_<objective>`` (not the trials' ``best_<objective>``, which the runs table sorts by:
+        MLflow sorts a run lacking it last) and ``study_metrics`` (e.g. ``rung_fidelity_epoch_1``) are
+        logged at step = the number of finished trials, so that a finish after more trials adds a point.
         """
         if status not in _STUDY_STATUS:
             raise ValueError(f"status must be one of {sorted(_STUDY_STATUS)}, got {status!r}")
@@ -182,7 +218,7 @@ class Mirror:
             if best_run is not None:
                 tags[BEST_RUN_TAG] = best_run.info.run_id
             if best is not None and best_value is not None:  # stamped as its epoch: finishing again adds no point
-                metrics.append(Metric(f"best_{self.objective}", float(best_value),
+                metrics.append(Metric(f"study_best_{self.objective}", float(best_value),
                                       _stamp(best.epochs.get(best_epoch or 0, {})), step))
             _update(client, parent, tags, {}, [m for m in metrics if math.isfinite(m.value)])
             for target, path in artifacts.items():
@@ -190,7 +226,7 @@ class Mirror:
                     client.log_artifact(parent.info.run_id, str(path), target.strip("/").rpartition("/")[0] or None)
                 else:
                     logger.warning("artifact %s does not exist; not logged to MLflow", path)
-            client.set_terminated(parent.info.run_id, status=status)
+            client.set_terminated(parent.info.run_id, status=status, end_time=end_time)
             self.parent_status = status
 
     def _note(self, trials: list[TrialRecord], best: TrialRecord | None, value: float | None, epoch: int | None,
@@ -259,14 +295,13 @@ class Mirror:
         with the objective, its best so far, the searched values and the status as columns. MLflow
         3.17's UI lists it under "Views" and opens it by ``viewStateShareKey=<study id>`` (its own
         format: an envelope with the table state as a JSON string; a UI that differs ignores it)."""
-        created = int(datetime.fromisoformat(self.record.manifest.created).timestamp() * 1000)
         state = {"searchFilter": _where({STUDY_ID_TAG: self.study_id}),
                  "orderByKey": f"metrics.`best_{self.objective}`", "orderByAsc": self.mode == "min",
                  "selectedColumns": [f"metrics.`best_{self.objective}`", f"metrics.`{self.objective}`",
                                      *(f"params.`{k}`" for k in self.search_keys), f"tags.`{STATUS_TAG}`"]}
         return tracking.VIEW_TAG_PREFIX + self.study_id, json.dumps(
-            {"name": f"{self.record.manifest.name}: best {self.objective} first", "createdAt": created,
-             "updatedAt": created, "state": json.dumps(state)})
+            {"name": f"{self.record.manifest.name}: best {self.objective} first", "createdAt": self.created,
+             "updatedAt": self.created, "state": json.dumps(state)})
 
     def _runs(self, client: MlflowClient, role: str, number: int | None = None) -> dict[str, Run]:
         """The study's active runs of ``role`` (of trial ``number`` alone if given) by trial number, or
@@ -286,7 +321,8 @@ class Mirror:
         tags = {**self.tags, STUDY_ID_TAG: self.study_id, STUDY_TAG: self.record.manifest.name, ROLE_TAG: "parent",
                 STUDY_DIR_TAG: self.study_dir}
         run = self._runs(client, "parent").get("parent") or client.create_run(
-            str(self.experiment_id), run_name=self.record.manifest.name, tags={**tags, STATUS_TAG: "running"})
+            str(self.experiment_id), start_time=self.created, run_name=self.record.manifest.name,
+            tags={**tags, STATUS_TAG: "running"})
         # A setting changed by a later driver run stays as a tag beside the first value's param.
         tags.update({f"minimind.latest.{k}": str(v) for k, v in self.params.items()
                      if k in run.data.params and run.data.params[k] != str(v)})
@@ -297,12 +333,12 @@ class Mirror:
         return run
 
     def _sync_trial(self, client: MlflowClient, parent_id: str, run: Run | None, trial: TrialRecord,
-                    closing: bool) -> None:
+                    span: tuple[int | None, int | None], closing: bool) -> None:
         name = run_name(trial, self.search_keys)
         tags = {STUDY_ID_TAG: self.study_id, STUDY_TAG: self.record.manifest.name, ROLE_TAG: "trial",
                 TRIAL_TAG: str(trial.number), PARENT_RUN_TAG: parent_id, STATUS_TAG: trial.status}
         # The identity tags go in with the run (one request): no crash leaves a run no sync can find.
-        run = run or client.create_run(str(self.experiment_id), run_name=name, tags=tags)
+        run = run or client.create_run(str(self.experiment_id), start_time=span[0], tags=tags, run_name=name)
         if trial.status in ("failed", "diverged") and trial.error:
             tags[ERROR_TAG] = trial.error
         elif ERROR_TAG in run.data.tags:  # failed once, then completed on --resume
@@ -312,7 +348,7 @@ class Mirror:
         _update(client, run, {**tags, _RUN_NAME_TAG: name}, trial.params, metrics)
         if metrics:  # after the points: a crash in between logs them again, which adds nothing (_stamp)
             client.set_tag(run.info.run_id, SYNCED_TAG, str(max(trial.epochs)))
-        _set_status(client, run, _RUN_STATUS.get(trial.status, "KILLED" if closing else "RUNNING"))
+        _set_status(client, run, _RUN_STATUS.get(trial.status, "KILLED" if closing else "RUNNING"), span[1])
 
     def _metrics(self, trial: TrialRecord, after: int) -> list[Metric]:
         """The trial's epochs after ``after`` at step = epoch: the objective first, then its best so far
@@ -410,7 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             best, value, epoch = _best(trials, mirror.objective, mirror.mode)
             found = {name: record.dir / name for name in ("best.yaml", "summary.csv")}
             found.update({f"plots/{p.name}": p for p in sorted((record.dir / "plots").glob("*.png"))})
+            # The study ended with its last recorded trial time (its driver is gone).
+            ends = [end for _, end in mirror._spans(trials).values() if end is not None]
             mirror.finish(status, best=best, best_value=value, best_epoch=epoch,
+                          end_time=max(ends, default=None),
                           artifacts={k: p for k, p in found.items() if p.is_file()})
     except (StudyError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
