@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from tune.cluster import ClusterError, check_resources
+from tune.record import StudyRecord
 from tune.space import Resources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -545,8 +546,12 @@ def test_study_on_two_nodes_survives_losing_one():
             rows = [json.loads(line) for line in (study / "runs" / "run-1" / victim / "result.json").read_text().splitlines()
                     if line.strip()]
             trained = [r["epoch"] for r in rows if not r.get("restored")]
-            assert trained == list(range(1, EPOCHS + 1)), rows  # every epoch once: none trained twice
             restarted = [r for r in rows if r.get("restored")]  # Ray retried it: it continued from disk
+            # No epoch trained twice, none lost. An epoch whose checkpoint the dying node wrote but whose report
+            # died with it is reported by the retry from that checkpoint (marked restored), not trained again.
+            assert len(trained) == len(set(trained)), rows
+            assert sorted(set(trained) | {r["epoch"] for r in restarted}) == list(range(1, EPOCHS + 1)), rows
+            assert sorted(StudyRecord.open(study).trial(int(victim[1:])).epochs) == list(range(1, EPOCHS + 1))
             assert restarted and restarted[0]["epoch"] >= max(killed_at), (rows, killed_at)
             assert all(ckpts[victim][e] == worker_id for e in killed_at), (killed_at, ckpts[victim])
             assert ckpts[victim][EPOCHS] == head_id, ckpts[victim]
