@@ -176,15 +176,14 @@ class Mirror:
         report, else its start. Not the mirror's sync times: a trial's run is made at its first report
         and closed at a later sync. The trainer's set-up before the first step (seconds) is left out;
         a trial resumed in a later driver run spans both runs and the pause between them."""
-        frozen = {t.number: t for t in self.record.study.get_trials(deepcopy=False)}
         spans: dict[int, tuple[int | None, int | None]] = {}
         for trial in trials:
             first = trial.epochs[min(trial.epochs)] if trial.epochs else {}
             last = trial.epochs[max(trial.epochs)] if trial.epochs else {}
             step = first.get("time_epoch_start_unix", math.nan)
-            start = int(step * 1000) if math.isfinite(step) else _ms(frozen[trial.number].datetime_start)
+            start = int(step * 1000) if math.isfinite(step) else _ms(trial.started)
             report = last.get("timestamp_ms", math.nan)
-            spans[trial.number] = (start, _ms(frozen[trial.number].datetime_complete)
+            spans[trial.number] = (start, _ms(trial.completed)
                                    or (int(report) if math.isfinite(report) else start))
         return spans
 

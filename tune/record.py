@@ -173,6 +173,9 @@ class TrialRecord:
     # A finalist (tune.report): the config of search trial ``finalist_of`` trained again with ``seed``.
     finalist_of: int | None = None
     seed: int | None = None
+    # When Optuna asked for the trial and when it finished (naive local time; None: not yet).
+    started: _dt.datetime | None = None
+    completed: _dt.datetime | None = None
 
     @property
     def name(self) -> str:
@@ -194,7 +197,7 @@ def _trial_record(t: FrozenTrial) -> TrialRecord:
     status = str(t.user_attrs.get("status", _STATUS_OF.get(t.state, "running")))
     return TrialRecord(number=t.number, status=status, params=dict(t.params), epochs=epochs,
                        error=str(t.user_attrs.get("error", "")), finalist_of=t.user_attrs.get("finalist_of"),
-                       seed=t.user_attrs.get("seed"))
+                       seed=t.user_attrs.get("seed"), started=t.datetime_start, completed=t.datetime_complete)
 
 
 class StudyRecord:
