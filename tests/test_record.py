@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import optuna
@@ -156,6 +160,24 @@ def test_an_empty_or_foreign_database_is_refused_and_left_as_it_is(record: Study
     with pytest.raises(StudyError, match="not an Optuna database"):
         StudyRecord.open(record.dir)
     assert db.stat().st_size == 0  # nothing was created in it
+
+
+def test_a_driver_killed_mid_write_leaves_a_study_that_opens_as_it_was(record: StudyRecord) -> None:
+    """SIGKILL inside a write transaction leaves a hot journal; opening rolls it back, nothing is refused."""
+    n, _ = record.ask(LR)
+    record.record_epoch(n, 1, {"val_loss": 2.0}, "val_loss")
+    writer = textwrap.dedent(f"""
+        import os, signal, sqlite3
+        db = sqlite3.connect({str(record.dir / "optuna.db")!r}, isolation_level=None)
+        db.execute("pragma cache_size=1")  # spill the changed pages, so the journal is on disk
+        db.execute("begin")
+        db.execute("update trial_intermediate_values set intermediate_value = 99.0")
+        db.execute("update studies set study_name = study_name")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert subprocess.run([sys.executable, "-c", writer], check=False).returncode == -signal.SIGKILL
+    assert (record.dir / "optuna.db-journal").stat().st_size > 0  # the hot journal a kill leaves
+    assert StudyRecord.open(record.dir).trial(n).epochs[1]["val_loss"] == 2.0  # the cut write rolled back
 
 
 def test_time_budget_counts_for_the_whole_study(record: StudyRecord) -> None:

@@ -412,9 +412,14 @@ class StudyRecord:
 
 
 def _is_optuna_db(path: Path) -> bool:
-    """Whether ``path`` is a sqlite file holding Optuna's tables, read without writing anything."""
+    """Whether ``path`` is a sqlite file holding Optuna's tables; creates nothing in it.
+
+    Opened read-write (``mode=rw`` never creates the file or a table) rather than ``mode=ro``: a driver
+    killed mid-write leaves a hot journal, which only a writable connection rolls back (a read-only one
+    fails with SQLITE_READONLY_ROLLBACK, and the study would look damaged).
+    """
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True)) as db:
             return db.execute("select 1 from sqlite_master where type='table' and name='studies'").fetchone() is not None
     except sqlite3.Error:
         return False
