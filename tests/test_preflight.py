@@ -16,7 +16,7 @@ import torch
 import yaml
 from conftest import qa, write_rows
 
-from tune.preflight import STOPPING, check_inputs, describe_resume, quiet_libraries, reconcile
+from tune.preflight import STOPPING, check_inputs, describe, describe_resume, quiet_libraries, reconcile
 from tune.record import StudyError, StudyRecord
 from tune.space import StudySpec, load_space, spec_to_dict
 from tune.storage import StudyPaths
@@ -130,3 +130,20 @@ def test_rays_lines_about_its_own_restore_are_dropped_or_reworded(caplog: pytest
         logging.getLogger("ray.tune.analysis.experiment_analysis").warning(
             "Failed to fetch metrics for 1 trial(s):\n- train_trial_1: FileNotFoundError('Could not fetch metrics')")
     assert [r.getMessage() for r in caplog.records] == [STOPPING, "any other warning"]
+
+
+def test_describe_shows_the_plan() -> None:
+    spec = load_space("sft")
+    text = describe(spec)
+    for param in spec.search:
+        assert param.path in text
+    assert "log-uniform [0.0001, 0.03]" in text
+    assert "categorical {1, 2, 4}" in text
+    assert "(max_t 4): after epoch 1, 2 a trial" in text
+    assert f"{spec.tune.num_samples} trials, at most {spec.tune.max_concurrent_trials} at once" in text
+    assert "1 CPU, 0 GPU" in text
+    assert "bundled demo dataset" in text and "bundled tokenizer" in text
+    assert "*learning_rate" in text
+    finalists = dataclasses.replace(spec.tune.finalists, top_k=2, seeds=1)
+    spec = dataclasses.replace(spec, tune=dataclasses.replace(spec.tune, finalists=finalists))
+    assert "finalists: the top 2 configs again with 1 more seed(s) each (2 trials of 4 epochs)" in describe(spec)

@@ -19,7 +19,6 @@ from tune.space import (
     SpaceError,
     StudySpec,
     bundled_spaces,
-    describe,
     load_space,
     optuna_distributions,
     resolve_space_path,
@@ -447,20 +446,6 @@ def test_rungs_are_where_optunas_asha_decides(grace: int, rf: int, max_t: int) -
     assert SchedulerSpec(type="none", max_t=max_t).rungs == ()
 
 
-def test_describe_shows_the_plan() -> None:
-    spec = load_space("sft")
-    text = describe(spec)
-    for param in spec.search:
-        assert param.path in text
-    assert "log-uniform [0.0001, 0.03]" in text
-    assert "categorical {1, 2, 4}" in text
-    assert "(max_t 4): after epoch 1, 2 a trial" in text
-    assert f"{spec.tune.num_samples} trials, at most {spec.tune.max_concurrent_trials} at once" in text
-    assert "1 CPU, 0 GPU" in text
-    assert "bundled demo dataset" in text and "bundled tokenizer" in text
-    assert "*learning_rate" in text
-
-
 def test_search_param_validates_when_built_directly() -> None:
     with pytest.raises(SpaceError, match=r"search\.train\.grad_clip\.low=2\.0"):
         SearchParam(path="train.grad_clip", type="float", low=2.0, high=1.0)
@@ -479,7 +464,6 @@ def test_finalists_and_warm_start_settings(tmp_path: Path) -> None:
     spec = load_space(write_space(tmp_path / "spaces", raw))
     assert (spec.tune.finalists.top_k, spec.tune.finalists.seeds) == (2, 1)
     assert spec.tune.warm_start == str((tmp_path / "scout").resolve())  # relative to the space file
-    assert "finalists: the top 2 configs again with 1 more seed(s) each" in describe(spec)
     # Finalists vary train.seed themselves: a searched train.seed would make them repeat a trial.
     raw["search"]["train.seed"] = {"type": "categorical", "choices": [1, 3]}
     with pytest.raises(SpaceError, match="tune.finalists.seeds=1 is not allowed with search.train.seed"):

@@ -3,7 +3,8 @@
 
 The data is tokenised here (once per study, into the token cache), the tokenizer and ``init_from``
 are loaded (``init_from`` shape-checked against the model), the tracking server is asked, and a
-``--resume`` is compared with the study it continues (:func:`reconcile`).
+``--resume`` is compared with the study it continues (:func:`reconcile`); ``--dry-run`` prints the
+resolved plan instead (:func:`describe`, :func:`describe_resume`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minimind_train import config
+
 from .record import PATH_KEYS, RUN_SETTINGS, Manifest, StudyError, StudyRecord, diff_specs
+from .space import SearchParam, StudySpec
 from .storage import StudyPaths
 
-__all__ = ["Inputs", "check_inputs", "describe_resume", "quiet_libraries", "reconcile"]
+__all__ = ["Inputs", "check_inputs", "describe", "describe_resume", "quiet_libraries", "reconcile"]
 
 
 @dataclass(frozen=True)
@@ -169,3 +173,63 @@ def describe_resume(spec_dict: dict[str, Any], paths: StudyPaths) -> str:
     if changed:
         return "--resume would be refused: the space defines another study:\n  " + "\n  ".join(changed)
     return f"--resume: the space matches study {paths.name!r} (created {old.created})"
+
+
+def describe(spec: StudySpec) -> str:
+    """The resolved study for ``--dry-run``: fixed config, searched distributions, plan, resources."""
+    t, sched, res = spec.tune, spec.tune.scheduler, spec.tune.resources_per_trial
+    searched = {p.path for p in spec.search}
+    lines = [f"space: {spec.source}", "", "fixed config (* = searched, the search wins):"]
+    notes = {"data.train_path": "bundled demo dataset", "data.tokenizer": "bundled tokenizer",
+             "data.val_path": f"hold out {_fmt(spec.run.data.val_fraction)} of the training data"}
+    for section, values in config.run_config_to_dict(spec.run).items():
+        lines.append(f"  {section}:")
+        for name, value in values.items():
+            path = f"{section}.{name}"
+            note = f"  ({notes[path]})" if value is None and path in notes else ""
+            lines.append(f"   {'*' if path in searched else ' '}{name}: {_fmt(value)}{note}")
+    width = max(len(p.path) for p in spec.search)
+    searcher = "Optuna TPE" if t.searcher == "optuna" else "random"
+    budget = "none" if t.time_budget_s is None else f"{_fmt(t.time_budget_s)} s"
+    concurrent = min(t.max_concurrent_trials, t.num_samples)
+    lines += ["", f"search space ({len(spec.search)} parameters):",
+              *(f"  {p.path.ljust(width)}  {_summary(p)}" for p in spec.search), "", "trial plan:",
+              (f"  {t.num_samples} trials, at most {concurrent} at once; searcher {searcher} "
+              f"(seed {t.seed}); time budget {budget}"),
+              (f"  objective: {t.mode} {t.metric}; up to {t.max_failures} retries per failed trial; keep "
+              f"{t.keep_checkpoints} checkpoint(s) per trial, resume state of the top {t.keep_top_trials}")]
+    if sched.type == "asha":
+        # The last rung can sit at max_t, where every trial stops anyway: not a decision.
+        decisions = ", ".join(_fmt(r) for r in sched.rungs if r < sched.max_t) or "none"
+        lines.append(f"  scheduler ASHA over epochs (max_t {sched.max_t}): after epoch {decisions} a trial "
+                     f"continues only if in the top 1/{_fmt(sched.reduction_factor)} of the trials that got there")
+    else:
+        lines.append(f"  scheduler none: every trial runs all {sched.max_t} epochs")
+    finals = t.finalists.top_k * t.finalists.seeds
+    if finals:
+        lines.append(f"  finalists: the top {t.finalists.top_k} configs again with {t.finalists.seeds} more "
+                     f"seed(s) each ({finals} trials of {sched.max_t} epochs); the best mean wins")
+    if t.warm_start:
+        lines.append(f"  warm start from {t.warm_start} (a new study only)")
+    lines += [f"  at most {(t.num_samples + finals) * sched.max_t} trial-epochs in total", "",
+              (f"resources per trial: {_fmt(res.cpu)} CPU, {_fmt(res.gpu)} GPU ({concurrent} concurrent "
+              f"trials need {_fmt(res.cpu * concurrent)} CPU, {_fmt(res.gpu * concurrent)} GPU)"),
+              (f"mlflow: experiment {spec.mlflow.experiment!r}, tracking "
+              f"{spec.mlflow.tracking_uri or '(driver default)'}")]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "null" if value is None else str(value)
+
+
+def _summary(param: SearchParam) -> str:
+    """E.g. ``float log-uniform [1e-05, 0.001]`` or ``categorical {1, 2, 4}``."""
+    if param.type == "categorical":
+        return "categorical {" + ", ".join(_fmt(c) for c in param.choices) + "}"
+    text = f"{param.type} {'log-uniform' if param.log else 'uniform'} [{_fmt(param.low)}, {_fmt(param.high)}]"
+    return text + (f" step {_fmt(param.step)}" if param.step is not None else "")

@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from .cluster import storage_problem
-    from .preflight import describe_resume, quiet_libraries
+    from .preflight import describe, describe_resume, quiet_libraries
 
     if not args.dry_run:
         quiet_libraries()  # before Ray is imported: it reads some of these settings once, at import
-    from .space import SpaceError, describe, load_space, optuna_distributions, spec_to_dict
+    from .space import SpaceError, load_space, optuna_distributions, spec_to_dict
 
     storage = args.storage_path or str(DEFAULT_STORAGE)
     if problem := storage_problem(storage):  # e.g. relative under `ray job submit`
