@@ -176,6 +176,11 @@ def _finalists(spec: Any, run_cfg: Any, record: StudyRecord, create: bool) -> li
                                    finals.top_k, finals.seeds, run_cfg.train.seed, create=create)
 
 
+def _continuing(plans: list[searcher.ResumePlan]) -> str:
+    return (f"continuing {len(plans)} unfinished trial(s) from their checkpoints: "
+            + ", ".join(f"t{p.number:03d} (after epoch {p.epoch})" for p in plans))
+
+
 def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord,
                 applied: list[str], plans: list[searcher.ResumePlan], aside: Path | None, study_data: Any) -> int:
     """The search (new and unfinished trials, ASHA on), then the finalists (never stopped early), each
@@ -186,8 +191,7 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
     for line in applied:
         print(f"applied on resume: {line}")
     if plans:
-        print(f"continuing {len(plans)} unfinished trial(s) from their checkpoints: "
-              + ", ".join(f"t{p.number:03d} (after epoch {p.epoch})" for p in plans))
+        print(_continuing(plans))
     mirror = make_mirror(spec, run_cfg, inputs, record)
 
     def fit(plans: list[searcher.ResumePlan], new: int, pruner: optuna.pruners.BasePruner,
@@ -269,6 +273,8 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
         configs = len({tuple(sorted((k, v) for k, v in p.params.items() if k != "train.seed")) for p in todo})
         print(f"finalists: {configs} of the top {t.finalists.top_k} completed configs again with other seeds: "
               f"{len(todo)} trial(s) of {run_cfg.train.epochs} epochs, never stopped early", flush=True)
+        if continued := [p for p in todo if p.epoch]:  # a --resume after the finalists had begun
+            print(_continuing(continued))
         interrupted = fit(todo, 0, optuna.pruners.NopPruner(), [])
     record.interrupt_running()
     if interrupted:
