@@ -388,6 +388,25 @@ class StudyRecord:
         if not self._frozen(number).state.is_finished():
             self.study.tell(number, state=TrialState.FAIL)
 
+    def tell_decided(self, objective: str, mode: str) -> list[int]:
+        """Tell Optuna the end of each trial whose status is final but whose Optuna state is still
+        RUNNING: its driver died between the two writes of :meth:`finish` (or :meth:`abandon`), or after
+        the scheduler's decision and before Ray ended the trial. Returns their numbers.
+
+        Otherwise such a trial is never resumed (its status is final) and never told: TPE, the plots and
+        a warm start from this study would not see it."""
+        told = []
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            status = t.user_attrs.get("status")
+            if status == "abandoned":
+                self.abandon(t.number, str(t.user_attrs.get("error", "")))
+            elif status in FINISHED:
+                self.finish(t.number, str(status), objective, mode, error=str(t.user_attrs.get("error", "")))
+            else:
+                continue
+            told.append(t.number)
+        return told
+
     def interrupt_running(self) -> None:
         """Mark trials still ``running`` as ``interrupted`` (the time budget ends trials without telling
         the searcher); ``--resume`` continues them."""
