@@ -185,3 +185,14 @@ def test_time_budget_counts_for_the_whole_study(record: StudyRecord) -> None:
         record.add_history(entry)
     assert record.seconds_used() == pytest.approx(550.5)
     assert StudyRecord.open(record.dir).seconds_used() == pytest.approx(550.5)
+
+
+def test_a_runs_length_is_rewritten_as_it_goes_and_each_run_counts_once(record: StudyRecord) -> None:
+    record.add_history({"run": 1, "started": "x"})
+    for seconds in (5.0, 10.0, 15.04):
+        record.record_run_seconds(1, seconds)
+    record.add_history({"run": 1, "started": "y"})  # a run killed before Ray made run-1/ takes its index again
+    record.record_run_seconds(1, 7.0)
+    history = StudyRecord.open(record.dir).manifest.history
+    assert [h.get("seconds") for h in history] == [None, 15.0, None, 7.0]
+    assert StudyRecord.open(record.dir).seconds_used() == pytest.approx(22.0)

@@ -277,6 +277,19 @@ class StudyRecord:
         _write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
         self.manifest = manifest
 
+    def record_run_seconds(self, run: int, seconds: float) -> None:
+        """Set driver run ``run``'s length so far (seconds), replacing what this run set before: called
+        as the run goes, so that a driver killed at any moment has its time counted up to the last call."""
+        history = list(self.manifest.history)
+        entry = {"run": run, "seconds": round(seconds, 1)}
+        if history and history[-1].get("run") == run and "seconds" in history[-1]:
+            history[-1] = entry
+        else:
+            history.append(entry)
+        manifest = dataclasses.replace(self.manifest, history=history)
+        _write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
+        self.manifest = manifest
+
     def seconds_used(self) -> float:
         """Seconds the study's driver runs have run so far (``time_budget_s`` counts over all of them)."""
         return sum(float(h.get("seconds", 0.0)) for h in self.manifest.history)
