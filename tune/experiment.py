@@ -99,7 +99,7 @@ class RunClock(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "record": None}
 
-    def on_step(self, iteration: int, trials: list[Any], **info: Any) -> None:
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
         now = time.monotonic()
         if self.record is None or now - self.last < self.every_s:
             return
@@ -176,7 +176,7 @@ def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, 
                 queue = max(1, min(3, t.num_samples // 3))
                 print(warm_start(record, warm_start_from, optuna_distributions(spec), top_k=queue))
         else:
-            (study_dir / "space.yaml").write_text(space_yaml, encoding="utf-8")
+            record.write_space(space_yaml)
         record.runs = paths.runs_uri
         return _run_trials(spec, paths, run_cfg, inputs, record, applied, plans, aside, study_data)
 
