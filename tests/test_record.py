@@ -196,3 +196,18 @@ def test_a_runs_length_is_rewritten_as_it_goes_and_each_run_counts_once(record: 
     history = StudyRecord.open(record.dir).manifest.history
     assert [h.get("seconds") for h in history] == [None, 15.0, None, 7.0]
     assert StudyRecord.open(record.dir).seconds_used() == pytest.approx(22.0)
+
+
+def test_a_driver_killed_mid_write_of_space_yaml_leaves_the_old_one_whole(record: StudyRecord) -> None:
+    """--resume rewrites space.yaml; cut short, ``--resume --name`` read half of it and refused the study."""
+    from conftest import killed_mid_write
+
+    before = (record.dir / "space.yaml").read_text()
+    killed_mid_write(f"""
+        from pathlib import Path
+        from tune.record import StudyRecord
+        record = StudyRecord.open(Path({str(record.dir)!r}))
+        cut()
+        record.write_space("model: {{hidden_size: 64}}\\ntrain: {{epochs: 3}}\\n" * 4)
+    """)
+    assert (record.dir / "space.yaml").read_text() == before

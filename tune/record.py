@@ -52,7 +52,7 @@ from minimind_train.validation import validate
 from .storage import RUNS_DIR, checkpoint_metas, local_path, trial_dirs
 
 __all__ = ["FINISHED", "MANIFEST_FILE", "OPTUNA_FILE", "PATH_KEYS", "RESUMABLE", "RUN_SETTINGS", "WARM_START",
-           "Manifest", "StudyError", "StudyRecord", "TrialRecord", "diff_specs"]
+           "Manifest", "StudyError", "StudyRecord", "TrialRecord", "diff_specs", "write_atomic"]
 
 MANIFEST_FILE = "study.json"
 SPACE_FILE = "space.yaml"
@@ -248,9 +248,9 @@ class StudyRecord:
         storage = cls._storage(study_dir)
         study = optuna.create_study(storage=storage, study_name=_STUDY_NAME, direction=direction)
         study.set_user_attr("study_id", manifest.study_id)
-        (study_dir / SPACE_FILE).write_text(space_yaml, encoding="utf-8")
+        write_atomic(study_dir / SPACE_FILE, space_yaml)
         # The manifest last: a folder without it is a creation cut short, never a study.
-        _write_atomic(study_dir / MANIFEST_FILE, manifest.to_json())
+        write_atomic(study_dir / MANIFEST_FILE, manifest.to_json())
         return cls(study_dir, manifest, storage)
 
     @classmethod
@@ -274,7 +274,7 @@ class StudyRecord:
     def add_history(self, entry: Mapping[str, Any]) -> None:
         """Record a driver run (its start, command-line overrides, applied settings) in the manifest."""
         manifest = dataclasses.replace(self.manifest, history=[*self.manifest.history, dict(entry)])
-        _write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
+        write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
         self.manifest = manifest
 
     def record_run_seconds(self, run: int, seconds: float) -> None:
@@ -287,8 +287,12 @@ class StudyRecord:
         else:
             history.append(entry)
         manifest = dataclasses.replace(self.manifest, history=history)
-        _write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
+        write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
         self.manifest = manifest
+
+    def write_space(self, space_yaml: str) -> None:
+        """Write ``space.yaml`` (what ``--resume --name`` runs) whole or not at all."""
+        write_atomic(self.dir / SPACE_FILE, space_yaml)
 
     def seconds_used(self) -> float:
         """Seconds the study's driver runs have run so far (``time_budget_s`` counts over all of them)."""
@@ -461,7 +465,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path``'s content with ``text`` (UTF-8) by a rename: a reader, or the next driver after a
+    kill at any moment, finds the old file or the new one whole, never part of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as fh:
