@@ -166,15 +166,21 @@ def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, 
                                         f"{spec.source}.\nContinue it with: python -m tune.run --resume "
                                         f"--name {paths.name} [--storage-path ...]")
         if record is None:
+            said: list[str] = []
+
+            def prepare(new: StudyRecord) -> None:  # (inside the creation: a kill leaves no half warm start)
+                if warm_start_from is not None:
+                    # About a third of the trials (1 to 3) start from the earlier best configs; TPE picks the rest.
+                    queue = max(1, min(3, t.num_samples // 3))
+                    said.append(warm_start(new, warm_start_from, optuna_distributions(spec), top_k=queue))
+
             try:
                 record = StudyRecord.create(study_dir, paths.name, spec_to_dict(spec), space_yaml,
-                                            inputs.fingerprints)
+                                            inputs.fingerprints, prepare=prepare)
             except OSError as exc:
                 raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
-            if warm_start_from is not None:
-                # About a third of the trials (1 to 3) start from the earlier best configs; TPE picks the rest.
-                queue = max(1, min(3, t.num_samples // 3))
-                print(warm_start(record, warm_start_from, optuna_distributions(spec), top_k=queue))
+            for line in said:
+                print(line)
         else:
             record.write_space(space_yaml)
         record.runs = paths.runs_uri

@@ -33,14 +33,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -238,20 +240,36 @@ class StudyRecord:
 
     @classmethod
     def create(cls, study_dir: Path, name: str, spec: Mapping[str, Any], space_yaml: str,
-               fingerprints: Mapping[str, str]) -> StudyRecord:
-        """A new study folder; ``spec`` is :func:`tune.space.spec_to_dict`. The folder must not exist."""
-        study_dir.mkdir(parents=True, exist_ok=False)
+               fingerprints: Mapping[str, str],
+               prepare: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
+        """A new study folder; ``spec`` is :func:`tune.space.spec_to_dict`; ``prepare`` fills the new
+        record before it is a study (a warm start's history). The caller holds the study's lock.
+
+        The folder is made whole beside ``study_dir`` and renamed into place: a creation cut short (a
+        kill) leaves no folder there, only the hidden one, which the next creation clears.
+
+        Raises:
+            FileExistsError: ``study_dir`` exists.
+        """
+        if study_dir.exists():
+            raise FileExistsError(errno.EEXIST, "a study folder is there already", str(study_dir))
+        staging = study_dir.with_name(f".{study_dir.name}.creating")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         manifest = Manifest(study_id=uuid.uuid4().hex, name=name,
                             created=_dt.datetime.now().isoformat(timespec="seconds"), spec=dict(spec),
                             fingerprints=dict(fingerprints))
         direction = "minimize" if spec["tune"]["mode"] == "min" else "maximize"
-        storage = cls._storage(study_dir)
+        storage = cls._storage(staging)
         study = optuna.create_study(storage=storage, study_name=_STUDY_NAME, direction=direction)
         study.set_user_attr("study_id", manifest.study_id)
-        write_atomic(study_dir / SPACE_FILE, space_yaml)
-        # The manifest last: a folder without it is a creation cut short, never a study.
-        write_atomic(study_dir / MANIFEST_FILE, manifest.to_json())
-        return cls(study_dir, manifest, storage)
+        write_atomic(staging / SPACE_FILE, space_yaml)
+        if prepare is not None:
+            prepare(cls(staging, manifest, storage))
+        write_atomic(staging / MANIFEST_FILE, manifest.to_json())
+        storage.engine.dispose()  # (its connections know the staging path)
+        os.rename(staging, study_dir)
+        return cls(study_dir, manifest, cls._storage(study_dir))
 
     @classmethod
     def open(cls, study_dir: Path) -> StudyRecord:
