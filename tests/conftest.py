@@ -39,6 +39,34 @@ def make_checkpoint(folder: Path, epoch: int, val: float, *, meta: bool = True, 
     return folder
 
 
+def killed_mid_write(code: str, limit: int = 16) -> None:
+    """Run ``code`` in a Python subprocess and SIGKILL it in the middle of a write, as a driver killed at
+    that moment: ``code`` calls ``cut()`` just before the write, after which a file takes only ``limit``
+    bytes (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails with EFBIG, and the process then
+    kills itself, whatever the code made of the error). Asserts that a write was cut."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    harness = textwrap.dedent(f"""
+        import errno, os, resource, signal
+        def cut():
+            resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        try:
+            exec(compile({textwrap.dedent(code)!r}, "<killed_mid_write>", "exec"))
+        except BaseException as exc:  # (the failed write, or what the code made of it)
+            cause = exc
+            while cause is not None:
+                if isinstance(cause, OSError) and cause.errno == errno.EFBIG:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                cause = cause.__cause__ or cause.__context__
+            raise
+    """)
+    done = subprocess.run([sys.executable, "-c", harness], check=False, capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, f"no write was cut (rc {done.returncode}): {done.stderr[-2000:]}"
+
+
 @pytest.fixture(scope="session")
 def tok() -> Any:
     """The bundled MiniMind2 tokenizer."""

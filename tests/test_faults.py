@@ -102,6 +102,12 @@ def _check_mlflow(study: Path, trials: dict[str, Any], output: str) -> None:
     assert sorted(by_trial) == sorted(trials), output
 
 
+def _seconds_used(study: Path) -> float:
+    from tune.record import StudyRecord
+
+    return StudyRecord.open(study).seconds_used()
+
+
 def _progress(driver: Driver) -> dict[str, int]:
     """The driver's latest status line (tune.progress.ProgressView, plain mode)."""
     lines = PROGRESS.findall(driver.stdout)
@@ -143,6 +149,7 @@ def test_interrupt_resume_kill_resume(ws: Workspace) -> None:
     assert "Ctrl-C: stopping" in output and "Stop signal received" not in output, output  # ours, not Ray's
     assert not (study / "best.yaml").exists(), output
     after_interrupt = _finished(study)
+    used_before = _seconds_used(study)
     interrupted = {n: t for n, t in _record(study).items() if t.status == "interrupted"}
     _, parents, children = mlflow_runs(study)
     assert [(p.info.status, p.data.tags["minimind.status"]) for p in parents] == [("KILLED", "interrupted")]
@@ -167,6 +174,8 @@ def test_interrupt_resume_kill_resume(ws: Workspace) -> None:
     for name in interrupted:
         assert name in continued or name in _finished(study), f"{name} was neither continued nor finished{output}"
     after_kill = _finished(study)
+    # The killed run's time counts towards time_budget_s (to within RunClock's beat of 5 s).
+    assert _seconds_used(study) > used_before, (used_before, _seconds_used(study), output)
 
     # 3. --resume to the end.
     third = run_driver(ws, [*args, "--resume"], timeout_s=300)

@@ -185,3 +185,51 @@ def test_time_budget_counts_for_the_whole_study(record: StudyRecord) -> None:
         record.add_history(entry)
     assert record.seconds_used() == pytest.approx(550.5)
     assert StudyRecord.open(record.dir).seconds_used() == pytest.approx(550.5)
+
+
+def test_a_runs_length_is_rewritten_as_it_goes_and_each_run_counts_once(record: StudyRecord) -> None:
+    record.add_history({"run": 1, "started": "x"})
+    for seconds in (5.0, 10.0, 15.04):
+        record.record_run_seconds(1, seconds)
+    record.add_history({"run": 1, "started": "y"})  # a run killed before Ray made run-1/ takes its index again
+    record.record_run_seconds(1, 7.0)
+    history = StudyRecord.open(record.dir).manifest.history
+    assert [h.get("seconds") for h in history] == [None, 15.0, None, 7.0]
+    assert StudyRecord.open(record.dir).seconds_used() == pytest.approx(22.0)
+
+
+def test_a_driver_killed_mid_write_of_space_yaml_leaves_the_old_one_whole(record: StudyRecord) -> None:
+    """--resume rewrites space.yaml; cut short, ``--resume --name`` read half of it and refused the study."""
+    from conftest import killed_mid_write
+
+    before = (record.dir / "space.yaml").read_text()
+    killed_mid_write(f"""
+        from pathlib import Path
+        from tune.record import StudyRecord
+        record = StudyRecord.open(Path({str(record.dir)!r}))
+        cut()
+        record.write_space("model: {{hidden_size: 64}}\\ntrain: {{epochs: 3}}\\n" * 4)
+    """)
+    assert (record.dir / "space.yaml").read_text() == before
+
+
+def test_a_driver_killed_while_creating_a_study_leaves_no_half_study(tmp_path: Path) -> None:
+    """Killed between optuna.db and study.json, creation used to leave ``<name>/`` without a manifest,
+    which every later start refused (plain, --resume, --restart) as "a study without its study.json"."""
+    killed = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from tune import record
+        write = record.write_atomic
+        def write_killed(path, text):
+            if path.name == "study.json":  # the last step of a creation
+                os.kill(os.getpid(), signal.SIGKILL)
+            write(path, text)
+        record.write_atomic = write_killed
+        record.StudyRecord.create(Path({str(tmp_path / "s")!r}), "s", {SPEC!r}, "model: {{}}\\n", {{}})
+    """)
+    assert subprocess.run([sys.executable, "-c", killed], check=False).returncode == -signal.SIGKILL
+    assert not (tmp_path / "s").exists()  # no study, and nothing that looks like one half made
+    made = StudyRecord.create(tmp_path / "s", "s", SPEC, "model: {}\n", {})  # the next start creates it
+    assert StudyRecord.open(tmp_path / "s").manifest == made.manifest
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # the cut creation's leftovers are gone

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from minimind_train.config import load_run_config
 from tune.mirror import Mirror
 from tune.record import StudyRecord
-from tune.report import finish_study, summarize_trials
+from tune.report import TrialSummary, finish_study, summarize_trials, write_best_yaml, write_summary_csv
 from tune.space import load_space, optuna_distributions, spec_to_dict
 from tune.storage import StudyPaths
 from tune.tracking import resolve_tracking_uri
@@ -261,3 +261,27 @@ def test_a_cut_failure_reason_ends_with_an_ellipsis(tmp_path: Path, capsys: pyte
     assert study.finish() == 1
     err = capsys.readouterr().err
     assert f"  t000: failed: {reason}\n" in err and f"  t001: diverged: {'d' * 1999}…\n" in err
+
+
+def test_a_driver_killed_mid_write_of_best_yaml_or_summary_leaves_the_old_files_whole(tmp_path: Path) -> None:
+    """Half a best.yaml can still parse (``learning_rate: 0.00``): a file cut short must never be there."""
+    from conftest import killed_mid_write
+
+    from tune.space import load_space
+
+    spec = load_space("smoke")
+    old = TrialSummary("t000", "t000", "completed", 2, 1.5, 2, {"train.learning_rate": 0.001})
+    best, summary = write_best_yaml(tmp_path / "best.yaml", spec, old), tmp_path / "summary.csv"
+    write_summary_csv(summary, [old], "val_loss")
+    before = {p: p.read_bytes() for p in (best, summary)}
+    for call in (f"write_best_yaml(Path({str(best)!r}), load_space('smoke'), new)",
+                 f"write_summary_csv(Path({str(summary)!r}), [new], 'val_loss')"):
+        killed_mid_write(f"""
+            from pathlib import Path
+            from tune.report import TrialSummary, write_best_yaml, write_summary_csv
+            from tune.space import load_space
+            new = TrialSummary("t001", "t001", "completed", 2, 1.2, 2, {{"train.learning_rate": 0.0234}})
+            cut()
+            {call}
+        """, limit=40)
+    assert {p: p.read_bytes() for p in (best, summary)} == before

@@ -40,3 +40,28 @@ def test_a_pending_restart_is_found_whatever_the_name(tmp_path: Any) -> None:
     _study_with(old, 1)
     finish_pending_restart(new)  # the killed --restart had not created the new study yet
     assert (new / "study.json").exists() and not old.exists()
+
+
+def test_a_restart_finished_by_the_next_start_deletes_the_old_runs_in_the_store_it_named(tmp_path: Any) -> None:
+    """The killed --restart's driver would have deleted the old study's runs in an MLflow store outside
+    its folder; the next start, finishing that job, left them there (it did not know the store)."""
+    import optuna
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    from tune.record import StudyRecord
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    old, new = tmp_path / ".s.replaced-20261201-000000", tmp_path / "s"
+    spec = {"tune": {"mode": "min"}, "mlflow": {"tracking_uri": uri, "experiment": "e"}}
+    record = StudyRecord.create(old, "s", spec, "", {})
+    number, _ = record.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    record.record_epoch(number, 1, {"val_loss": 1.0}, "val_loss")
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("e"), tags={"minimind.study_id": record.manifest.study_id})
+    _study_with(new, 1)  # the new study has a result: the replacement completes
+    finish_pending_restart(new)
+    assert not old.exists()
+    assert client.get_run(run.info.run_id).info.lifecycle_stage == "deleted"
+    assert client.search_runs([run.info.experiment_id], run_view_type=ViewType.ACTIVE_ONLY) == []

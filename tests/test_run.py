@@ -54,3 +54,29 @@ def test_the_driver_quietens_ray_before_importing_it(tmp_path: Path) -> None:
                          env=env,
                          cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert "threshold 60.0" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_driver_killed_mid_rebuild_of_space_yaml_leaves_none_and_the_next_rebuilds_it(tmp_path: Path) -> None:
+    """``--resume --name`` rebuilds a missing space.yaml from study.json; cut short, it left half a file,
+    which the next ``--resume --name`` read as the study's space and refused."""
+    import yaml
+    from conftest import killed_mid_write
+
+    from tune.record import StudyRecord
+    from tune.storage import StudyPaths
+
+    spec = {"model": {"hidden_size": 64}, "train": {"epochs": 3}, "tune": {"mode": "min", "metric": "val_loss"}}
+    record = StudyRecord.create(tmp_path / "s", "s", spec, "", {})
+    (record.dir / "space.yaml").unlink()
+    killed_mid_write(f"""
+        from tune import restart, run
+        from tune.storage import StudyPaths
+        settle = restart.finish_pending_restart
+        def cut_after(folder):  # (the lock is taken: the next write is space.yaml's)
+            settle(folder)
+            cut()
+        restart.finish_pending_restart = cut_after
+        run._own_space(StudyPaths({str(tmp_path)!r}, "s"))
+    """)
+    rebuilt = run._own_space(StudyPaths(str(tmp_path), "s"))
+    assert yaml.safe_load(rebuilt.read_text()) == spec

@@ -209,3 +209,40 @@ def test_a_trial_that_ray_retries_stays_running_with_its_last_failure(record: St
     scheduler.on_trial_error(SimpleNamespace(), trial)
     searcher.on_trial_complete("a", None, error=True)
     assert record.trial(0).status == "failed"
+
+
+@pytest.mark.parametrize("status", ["completed", "stopped_early", "diverged", "abandoned"])
+def test_a_trial_whose_driver_died_between_its_status_and_optunas_tell_is_told_on_resume(
+        record: StudyRecord, status: str) -> None:
+    """A SIGKILL after the record says how a trial ended but before Optuna is told leaves it RUNNING in
+    Optuna: never resumed (its status is final), yet missing from TPE, the plots and warm starts."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    n, _ = record.ask(SPACE)
+    for epoch, value in enumerate([2.0, 1.5, 1.7][:EPOCHS if status == "completed" else 1], 1):
+        record.record_epoch(n, epoch, {"val_loss": value}, "val_loss")
+    end = (f"record.abandon({n}, 'cut')" if status == "abandoned"
+           else f"record.finish({n}, {status!r}, 'val_loss', 'min')")
+    killed = textwrap.dedent(f"""
+        import os, signal, optuna
+        from pathlib import Path
+        from tune.record import StudyRecord
+        def tell(*args, **kwargs):  # the moment between the two writes
+            os.kill(os.getpid(), signal.SIGKILL)
+        optuna.Study.tell = tell
+        record = StudyRecord.open(Path({str(record.dir)!r}))
+        {end}
+    """)
+    assert subprocess.run([sys.executable, "-c", killed], check=False).returncode == -signal.SIGKILL
+    assert record.trial(n).status == status  # the decision is in the record ...
+    assert record.study.trials[n].state == optuna.trial.TrialState.RUNNING  # ... Optuna was not told
+    assert resume_plans(StudyRecord.open(record.dir), set(SPACE), "val_loss", "min", EPOCHS) == []
+    told = StudyRecord.open(record.dir).study.trials[n]
+    expected = {"completed": optuna.trial.TrialState.COMPLETE, "stopped_early": optuna.trial.TrialState.PRUNED}
+    assert told.state == expected.get(status, optuna.trial.TrialState.FAIL)
+    # (as an uninterrupted finish: the best epoch's value; Optuna gives a pruned trial its last one)
+    assert told.value == {"completed": 1.5, "stopped_early": 2.0}.get(status)
+    assert StudyRecord.open(record.dir).trial(n).status == status

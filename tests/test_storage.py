@@ -60,3 +60,28 @@ def test_write_checkpoint_publishes_whole_folders_and_retention_keeps_best_and_n
     assert sorted(Path(p).name for p in deleted) == ["epoch_0001", "epoch_0003"]  # best (2) and newest (4) stay
     assert sorted(p.name for p in trial.iterdir()) == ["epoch_0002", "epoch_0004"]
     assert retain_checkpoints(str(runs), 0, keep=1, metric="val_loss", mode="min") == []
+
+
+def test_a_resume_keeps_the_staging_record_a_killed_driver_left_newer_than_the_storages(tmp_path: Path) -> None:
+    """A driver on a URI storage uploads its record at its end; SIGKILLed, its staging copy is the newest.
+    Overwritten by the storage's older copy, the trials asked since were forgotten, their numbers asked
+    again, and those new trials restored the killed run's checkpoints of other configs."""
+    import json
+
+    from tune.storage import download_outputs
+
+    remote, staging = tmp_path / "remote" / "study", tmp_path / "staging"
+
+    def write(folder: Path, runs: int, db: bytes) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        history = [{"run": k, "started": f"2026-12-01T0{k}:00:00"} for k in range(1, runs + 1)]
+        (folder / "study.json").write_text(json.dumps({"format": 1, "history": history}))
+        (folder / "optuna.db").write_bytes(db)
+
+    write(remote, 1, b"uploaded by run 1")
+    write(staging, 2, b"run 2, killed before its upload")
+    assert download_outputs(str(remote), staging) == []
+    assert (staging / "optuna.db").read_bytes() == b"run 2, killed before its upload"
+    write(remote, 3, b"run 3, on another machine")  # the storage's record is the newer one
+    assert "optuna.db" in download_outputs(str(remote), staging)
+    assert (staging / "optuna.db").read_bytes() == b"run 3, on another machine"

@@ -35,7 +35,7 @@ from .storage import StudyPaths, trial_dirname, upload_outputs
 from .trainable import train_trial
 from .warmstart import warm_start
 
-__all__ = ["init_ray", "make_mirror", "run_experiment"]
+__all__ = ["RunClock", "init_ray", "make_mirror", "run_experiment"]
 
 
 def init_ray(address: str | None, temp_dir: str | None) -> None:
@@ -84,6 +84,28 @@ def probe_address(address: str) -> None:
     except OSError as exc:
         raise StudyError(f"--address={address}: no Ray cluster answers there ({exc.strerror or exc}); start "
                          "it (`ray start --head`) or fix the address") from exc
+
+
+class RunClock(tune.Callback):
+    """Keeps the driver run's length in the study record as the run goes (at most every ``every_s``
+    seconds, from Ray Tune's driver loop): a driver killed at any moment has its time counted towards
+    ``time_budget_s``, at most ``every_s`` short. Pickled copies (Ray keeps callbacks in ``tuner.pkl``)
+    are inert."""
+
+    def __init__(self, record: StudyRecord, run: int, started: float, every_s: float = 5.0) -> None:
+        self.record: StudyRecord | None = record
+        self.run, self.started, self.every_s, self.last = run, started, every_s, started
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "record": None}
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        now = time.monotonic()
+        if self.record is None or now - self.last < self.every_s:
+            return
+        self.last = now
+        with contextlib.suppress(OSError):  # a full disk: the next beat, or the run's end, tries again
+            self.record.record_run_seconds(self.run, now - self.started)
 
 
 def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, explicit_space: bool,
@@ -144,17 +166,23 @@ def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, 
                                         f"{spec.source}.\nContinue it with: python -m tune.run --resume "
                                         f"--name {paths.name} [--storage-path ...]")
         if record is None:
+            said: list[str] = []
+
+            def prepare(new: StudyRecord) -> None:  # (inside the creation: a kill leaves no half warm start)
+                if warm_start_from is not None:
+                    # About a third of the trials (1 to 3) start from the earlier best configs; TPE picks the rest.
+                    queue = max(1, min(3, t.num_samples // 3))
+                    said.append(warm_start(new, warm_start_from, optuna_distributions(spec), top_k=queue))
+
             try:
                 record = StudyRecord.create(study_dir, paths.name, spec_to_dict(spec), space_yaml,
-                                            inputs.fingerprints)
+                                            inputs.fingerprints, prepare=prepare)
             except OSError as exc:
                 raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
-            if warm_start_from is not None:
-                # About a third of the trials (1 to 3) start from the earlier best configs; TPE picks the rest.
-                queue = max(1, min(3, t.num_samples // 3))
-                print(warm_start(record, warm_start_from, optuna_distributions(spec), top_k=queue))
+            for line in said:
+                print(line)
         else:
-            (study_dir / "space.yaml").write_text(space_yaml, encoding="utf-8")
+            record.write_space(space_yaml)
         record.runs = paths.runs_uri
         return _run_trials(spec, paths, run_cfg, inputs, record, applied, plans, aside, study_data)
 
@@ -235,7 +263,8 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
             # A retried trial continues from its newest checkpoint in the study folder (the trainable
             # writes those itself; Ray's checkpoint index restarts with a lost worker).
             run_config=tune.RunConfig(name=f"run-{run_index}", storage_path=paths.runs_uri, verbose=0,
-                                      callbacks=[view, MirrorCallback(mirror, search.numbers), *callbacks],
+                                      callbacks=[view, MirrorCallback(mirror, search.numbers),
+                                                 RunClock(record, run_index, started), *callbacks],
                                       failure_config=tune.FailureConfig(max_failures=t.max_failures)))
         interrupt = InterruptWatch()
         try:
@@ -252,7 +281,7 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
         finally:
             view.close()
             try:
-                record.add_history({"run": run_index, "seconds": round(time.monotonic() - started, 1)})
+                record.record_run_seconds(run_index, time.monotonic() - started)
             except OSError as exc:  # a full disk: the run's length is lost, nothing else
                 print(f"warning: could not record the run's length: {exc}", file=sys.stderr)
 

@@ -33,14 +33,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,7 @@ from minimind_train.validation import validate
 from .storage import RUNS_DIR, checkpoint_metas, local_path, trial_dirs
 
 __all__ = ["FINISHED", "MANIFEST_FILE", "OPTUNA_FILE", "PATH_KEYS", "RESUMABLE", "RUN_SETTINGS", "WARM_START",
-           "Manifest", "StudyError", "StudyRecord", "TrialRecord", "diff_specs"]
+           "Manifest", "StudyError", "StudyRecord", "TrialRecord", "diff_specs", "write_atomic"]
 
 MANIFEST_FILE = "study.json"
 SPACE_FILE = "space.yaml"
@@ -238,20 +240,36 @@ class StudyRecord:
 
     @classmethod
     def create(cls, study_dir: Path, name: str, spec: Mapping[str, Any], space_yaml: str,
-               fingerprints: Mapping[str, str]) -> StudyRecord:
-        """A new study folder; ``spec`` is :func:`tune.space.spec_to_dict`. The folder must not exist."""
-        study_dir.mkdir(parents=True, exist_ok=False)
+               fingerprints: Mapping[str, str],
+               prepare: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
+        """A new study folder; ``spec`` is :func:`tune.space.spec_to_dict`; ``prepare`` fills the new
+        record before it is a study (a warm start's history). The caller holds the study's lock.
+
+        The folder is made whole beside ``study_dir`` and renamed into place: a creation cut short (a
+        kill) leaves no folder there, only the hidden one, which the next creation clears.
+
+        Raises:
+            FileExistsError: ``study_dir`` exists.
+        """
+        if study_dir.exists():
+            raise FileExistsError(errno.EEXIST, "a study folder is there already", str(study_dir))
+        staging = study_dir.with_name(f".{study_dir.name}.creating")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         manifest = Manifest(study_id=uuid.uuid4().hex, name=name,
                             created=_dt.datetime.now().isoformat(timespec="seconds"), spec=dict(spec),
                             fingerprints=dict(fingerprints))
         direction = "minimize" if spec["tune"]["mode"] == "min" else "maximize"
-        storage = cls._storage(study_dir)
+        storage = cls._storage(staging)
         study = optuna.create_study(storage=storage, study_name=_STUDY_NAME, direction=direction)
         study.set_user_attr("study_id", manifest.study_id)
-        (study_dir / SPACE_FILE).write_text(space_yaml, encoding="utf-8")
-        # The manifest last: a folder without it is a creation cut short, never a study.
-        _write_atomic(study_dir / MANIFEST_FILE, manifest.to_json())
-        return cls(study_dir, manifest, storage)
+        write_atomic(staging / SPACE_FILE, space_yaml)
+        if prepare is not None:
+            prepare(cls(staging, manifest, storage))
+        write_atomic(staging / MANIFEST_FILE, manifest.to_json())
+        storage.engine.dispose()  # (its connections know the staging path)
+        os.rename(staging, study_dir)
+        return cls(study_dir, manifest, cls._storage(study_dir))
 
     @classmethod
     def open(cls, study_dir: Path) -> StudyRecord:
@@ -274,8 +292,25 @@ class StudyRecord:
     def add_history(self, entry: Mapping[str, Any]) -> None:
         """Record a driver run (its start, command-line overrides, applied settings) in the manifest."""
         manifest = dataclasses.replace(self.manifest, history=[*self.manifest.history, dict(entry)])
-        _write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
+        write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
         self.manifest = manifest
+
+    def record_run_seconds(self, run: int, seconds: float) -> None:
+        """Set driver run ``run``'s length so far (seconds), replacing what this run set before: called
+        as the run goes, so that a driver killed at any moment has its time counted up to the last call."""
+        history = list(self.manifest.history)
+        entry = {"run": run, "seconds": round(seconds, 1)}
+        if history and history[-1].get("run") == run and "seconds" in history[-1]:
+            history[-1] = entry
+        else:
+            history.append(entry)
+        manifest = dataclasses.replace(self.manifest, history=history)
+        write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
+        self.manifest = manifest
+
+    def write_space(self, space_yaml: str) -> None:
+        """Write ``space.yaml`` (what ``--resume --name`` runs) whole or not at all."""
+        write_atomic(self.dir / SPACE_FILE, space_yaml)
 
     def seconds_used(self) -> float:
         """Seconds the study's driver runs have run so far (``time_budget_s`` counts over all of them)."""
@@ -388,6 +423,25 @@ class StudyRecord:
         if not self._frozen(number).state.is_finished():
             self.study.tell(number, state=TrialState.FAIL)
 
+    def tell_decided(self, objective: str, mode: str) -> list[int]:
+        """Tell Optuna the end of each trial whose status is final but whose Optuna state is still
+        RUNNING: its driver died between the two writes of :meth:`finish` (or :meth:`abandon`), or after
+        the scheduler's decision and before Ray ended the trial. Returns their numbers.
+
+        Otherwise such a trial is never resumed (its status is final) and never told: TPE, the plots and
+        a warm start from this study would not see it."""
+        told = []
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            status = t.user_attrs.get("status")
+            if status == "abandoned":
+                self.abandon(t.number, str(t.user_attrs.get("error", "")))
+            elif status in FINISHED:
+                self.finish(t.number, str(status), objective, mode, error=str(t.user_attrs.get("error", "")))
+            else:
+                continue
+            told.append(t.number)
+        return told
+
     def interrupt_running(self) -> None:
         """Mark trials still ``running`` as ``interrupted`` (the time budget ends trials without telling
         the searcher); ``--resume`` continues them."""
@@ -429,7 +483,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path``'s content with ``text`` (UTF-8) by a rename: a reader, or the next driver after a
+    kill at any moment, finds the old file or the new one whole, never part of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as fh:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import math
 import os
 import shutil
@@ -24,7 +25,7 @@ from minimind_train.checkpoint import MODEL_FILE, STATE_FILE, drop_resume_state
 from minimind_train.config import run_config_to_dict
 
 from .mirror import Mirror, warn_on_failure
-from .record import FINISHED, StudyRecord
+from .record import FINISHED, StudyRecord, write_atomic
 from .space import StudySpec
 from .storage import CHECKPOINT_PREFIX, StudyPaths, fetch_file
 
@@ -162,8 +163,9 @@ def _param_keys(items: Iterable[TrialSummary | Finalist]) -> list[str]:
 
 
 def _write_csv(path: Path, rows: Iterable[Sequence[Any]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerows(rows)
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    write_atomic(path, text.getvalue())  # (never half a file, whenever the driver is killed)
     return path
 
 
@@ -218,8 +220,7 @@ def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary,
     if finalist is not None:
         head += (f"# Over seeds {', '.join(map(str, finalist.seeds))}: mean {spec.tune.metric} "
                  f"{finalist.mean:.6f} ± {finalist.std:.6f} (the best mean of the finalists).\n")
-    path.write_text(f"{head}# Run it alone: python -m minimind_train.sft --config {path.name}\n{body}",
-                    encoding="utf-8")
+    write_atomic(path, f"{head}# Run it alone: python -m minimind_train.sft --config {path.name}\n{body}")
     return path
 
 

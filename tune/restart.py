@@ -20,7 +20,7 @@ from ray.tune import Callback
 
 from .mirror import delete_study_runs, warn_on_failure
 from .record import MANIFEST_FILE, Manifest, StudyError, StudyRecord
-from .tracking import sqlite_db_path
+from .tracking import resolve_tracking_uri, sqlite_db_path
 
 __all__ = ["RestartCleanup", "finish_pending_restart", "move_aside", "settle"]
 
@@ -59,12 +59,16 @@ def finish_pending_restart(study_dir: Path) -> None:
 
 
 def delete_replaced(aside: Path, study_dir: Path, tracking_uri: str | None) -> None:
-    """Delete the study ``--restart`` replaced: its folder, and its runs in a store outside it."""
+    """Delete the study ``--restart`` replaced: its folder, and its runs in a store outside it
+    (``tracking_uri``; None: the store the old study's own space names, as a start that finishes a
+    killed ``--restart`` has no other)."""
     if not aside.exists():
         return
     try:
-        old_id: str | None = Manifest.from_json((aside / MANIFEST_FILE).read_text(encoding="utf-8"),
-                                                aside).study_id
+        old = Manifest.from_json((aside / MANIFEST_FILE).read_text(encoding="utf-8"), aside)
+        old_id: str | None = old.study_id
+        if tracking_uri is None:
+            tracking_uri = resolve_tracking_uri((old.spec.get("mlflow") or {}).get("tracking_uri"), study_dir)
     except (OSError, StudyError):
         old_id = None  # not a study of this version: none of its runs carries a study id
     db = sqlite_db_path(tracking_uri) if tracking_uri else None

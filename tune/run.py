@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .lock import StudyLock, lock_path
-from .record import MANIFEST_FILE, Manifest, StudyError, StudyRecord
+from .record import MANIFEST_FILE, Manifest, StudyError, StudyRecord, write_atomic
 from .storage import StudyPaths, download_outputs, writable_problem
 
 __all__ = ["DEFAULT_STORAGE", "main"]
@@ -144,7 +144,7 @@ def _own_space(paths: StudyPaths) -> Path:
     if manifest.is_file():
         try:
             spec = Manifest.from_json(manifest.read_text(encoding="utf-8"), manifest).spec
-            space.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
+            write_atomic(space, yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
             return space
         except OSError as exc:
             raise StudyError(f"--resume: cannot rebuild {space} from {manifest}: {exc}") from exc

@@ -51,8 +51,10 @@ def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str
     An epoch whose checkpoint is on disk but whose result never reached the record (Ray was shutting
     down, the driver was killed) is recorded from the checkpoint's own metrics, so it is not trained
     again; a trial whose searched values were never all recorded (the driver died inside Optuna's
-    ``ask``) is abandoned, never run with defaults.
+    ``ask``) is abandoned, never run with defaults; a trial whose end was recorded but not told to
+    Optuna (the driver died in between) is told now (:meth:`StudyRecord.tell_decided`).
     """
+    record.tell_decided(metric, mode)
     plans = []
     for t in [t for t in record.unfinished() if (t.finalist_of is not None) == finalists]:
         if set(t.params) != searched:

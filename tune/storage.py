@@ -207,10 +207,26 @@ def copy_path(src: str, dst: str, from_fs: Any, to_fs: Any) -> None:
     pafs.copy_files(src, dst, source_filesystem=from_fs, destination_filesystem=to_fs)
 
 
+def _history(fs: Any, path: str) -> list[Any] | None:
+    """The driver runs a ``study.json`` lists (its ``history``); None when it is missing or unreadable."""
+    try:
+        with fs.open_input_stream(path) as fh:
+            history = json.loads(fh.read()).get("history")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return history if isinstance(history, list) else None
+
+
 def download_outputs(study_uri: str, local: Path) -> list[str]:
-    """Fetch the driver-side state a resume needs (MLflow's db, ...) into ``local``; returns their names."""
+    """Fetch the driver-side state a resume needs (the record, MLflow's db, ...) into ``local``; returns
+    their names. Nothing is fetched when ``local`` holds the newer record: its driver runs extend the
+    storage's (a driver killed before its upload at the end left the study's latest record here)."""
     fs, base = filesystem_of(study_uri)
     local.mkdir(parents=True, exist_ok=True)
+    mine = _history(pafs.LocalFileSystem(), str(local / "study.json"))
+    theirs = _history(fs, f"{base}/study.json") or []
+    if mine is not None and mine[:len(theirs)] == theirs:
+        return []
     got = [n for n in _RESUME_OUTPUTS if fs.get_file_info(f"{base}/{n}").type != pafs.FileType.NotFound]
     for name in got:
         copy_path(f"{base}/{name}", str(local / name), fs, pafs.LocalFileSystem())
