@@ -35,6 +35,16 @@ def test_a_restart_cut_short_after_a_result_completes_the_replacement(tmp_path: 
     assert not old.exists() and (new / "study.json").exists() and not (new / "keep.txt").exists()
 
 
+def test_a_new_study_that_cannot_be_read_deletes_neither(tmp_path: Any, capsys: Any) -> None:
+    old, new = tmp_path / ".s.replaced-20261201-000000", tmp_path / "s"
+    _study_with(old, 2)
+    _study_with(new, 1)
+    (new / "optuna.db").write_bytes(b"damaged")  # its trials cannot be checked: it may hold results
+    finish_pending_restart(new)
+    assert (old / "study.json").exists() and (new / "optuna.db").read_bytes() == b"damaged"
+    assert "neither study deleted" in capsys.readouterr().err
+
+
 def test_a_pending_restart_is_found_whatever_the_name(tmp_path: Any) -> None:
     old, new = tmp_path / ".r[1].replaced-20261201-000000", tmp_path / "r[1]"
     _study_with(old, 1)

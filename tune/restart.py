@@ -37,10 +37,14 @@ def settle(aside: Path, study_dir: Path, tracking_uri: str | None) -> None:
     """End a ``--restart``: delete the old study when the new one has a result, else put it back."""
     if not aside.exists():
         return
-    try:
-        has_result = any(t.epochs for t in StudyRecord.open(study_dir).trials())
-    except Exception:  # noqa: BLE001 - no study, or a half-created one: it has no result
-        has_result = False
+    has_result = False  # (no new study: a study is created whole, by a rename, or not at all)
+    if study_dir.exists():
+        try:
+            has_result = any(t.epochs for t in StudyRecord.open(study_dir).trials())
+        except StudyError as exc:  # nothing is deleted that could not be checked: both stay
+            print(f"--restart: neither study deleted: the new one cannot be read ({exc}); the old one is "
+                  f"kept at {aside}", file=sys.stderr)
+            return
     if has_result:
         delete_replaced(aside, study_dir, tracking_uri)
         return
