@@ -154,6 +154,8 @@ def test_finish_study_prints_the_answer_and_writes_its_files(tmp_path: Path,
     spec, paths, record, runs = study.spec, study.paths, study.record, study.runs
     study.add([([3.0, 2.0], "completed", ""), ([2.5, 1.0], "completed", ""), ([0.9], "interrupted", "time budget")])
     study.run(record.add_finalist(record.trial(1), 1, study.distributions), [1.4, 1.2], "completed")
+    # Checkpoint copies a killed worker left half done: a finished trial's go, an unfinished one's stay.
+    leftovers = [make_checkpoint(runs / f"t{n:03d}" / f".epoch_0003.{n}.tmp", 3, 0.5) for n in (0, 1, 2)]
     mirror = Mirror(resolve_tracking_uri(None, record.dir), "report-test", record, fixed_params={},
                     settings={}, tags={})
 
@@ -184,6 +186,7 @@ def test_finish_study_prints_the_answer_and_writes_its_files(tmp_path: Path,
     t000 = runs / "t000"
     assert sorted(str(p.relative_to(t000)) for p in t000.glob("*/*.p*")) == ["epoch_0002/model.pth"]
     assert (best_model.parent / "train_state.pt").exists()
+    assert [p.exists() for p in leftovers] == [False, False, True]
 
     client = MlflowClient(mirror.tracking_uri)
     (parent,) = client.search_runs([client.get_experiment_by_name("report-test").experiment_id],

@@ -228,9 +228,16 @@ def prune_resume_state(record: StudyRecord, summaries: Sequence[TrialSummary], k
     """Bound a study's disk use; returns bytes freed.
 
     The ``keep_top`` best trials keep everything, and so does every unfinished trial (``--resume``
-    continues it). Every other finished trial keeps only the fp16 weights of its best checkpoint.
+    continues it). Every other finished trial keeps only the fp16 weights of its best checkpoint. A
+    finished trial's checkpoint copies that a killed worker left half done (hidden ``.epoch_*.tmp``
+    folders of :func:`tune.storage.write_checkpoint`, never read) are deleted.
     """
     freed = 0
+    for s in summaries:
+        dirs = record.trial_dirs(s.number) if s.status in FINISHED else []
+        for staged in (p for trial_dir in dirs for p in trial_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")):
+            freed += dir_bytes(staged)
+            shutil.rmtree(staged, ignore_errors=True)
     for s in summaries[keep_top:]:
         trial_dirs = record.trial_dirs(s.number) if s.status in FINISHED else []
         for ckpt in (ckpt for trial_dir in trial_dirs for ckpt in trial_dir.glob(f"{CHECKPOINT_PREFIX}*")):
