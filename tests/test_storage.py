@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import make_checkpoint
 
 
@@ -85,3 +86,31 @@ def test_a_resume_keeps_the_staging_record_a_killed_driver_left_newer_than_the_s
     write(remote, 3, b"run 3, on another machine")  # the storage's record is the newer one
     assert "optuna.db" in download_outputs(str(remote), staging)
     assert (staging / "optuna.db").read_bytes() == b"run 3, on another machine"
+
+
+def test_a_download_cut_short_is_done_again_by_the_next_resume(tmp_path: Path, monkeypatch) -> None:
+    """Killed while fetching the record, a resume must not take the half-copied databases for the record."""
+    import json
+
+    from tune import storage
+
+    remote, staging = tmp_path / "remote" / "study", tmp_path / "staging"
+    remote.mkdir(parents=True)
+    (remote / "study.json").write_text(json.dumps({"format": 1, "history": [{"run": 1}]}))
+    (remote / "optuna.db").write_bytes(b"trials")
+    (remote / "mlflow.db").write_bytes(b"runs")
+    real = storage.copy_path
+
+    def cut(src: str, dst: str, *args: object) -> None:
+        if dst.endswith("mlflow.db"):
+            Path(dst).write_bytes(b"ru")  # half a copy, then the driver dies
+            raise KeyboardInterrupt
+        real(src, dst, *args)
+
+    monkeypatch.setattr(storage, "copy_path", cut)
+    with pytest.raises(KeyboardInterrupt):
+        storage.download_outputs(str(remote), staging)
+    monkeypatch.setattr(storage, "copy_path", real)
+    assert sorted(storage.download_outputs(str(remote), staging)) == ["mlflow.db", "optuna.db", "study.json"]
+    assert (staging / "mlflow.db").read_bytes() == b"runs"
+

@@ -228,7 +228,9 @@ def download_outputs(study_uri: str, local: Path) -> list[str]:
     if mine is not None and mine[:len(theirs)] == theirs:
         return []
     got = [n for n in _RESUME_OUTPUTS if fs.get_file_info(f"{base}/{n}").type != pafs.FileType.NotFound]
-    for name in got:
+    # study.json last: a download cut short (a kill) leaves no record as new as the storage's, so the
+    # next resume downloads again rather than trusting the half-copied databases beside it.
+    for name in sorted(got, key=lambda n: n == "study.json"):
         copy_path(f"{base}/{name}", str(local / name), fs, pafs.LocalFileSystem())
     return got
 
@@ -243,6 +245,9 @@ def upload_outputs(local: Path, study_uri: str) -> int:
 
 
 def fetch_file(study_uri: str, fs_path: str | os.PathLike[str], local: Path) -> Path:
-    """Copy ``fs_path`` (a path on the filesystem of ``study_uri``, as Ray reports it) to ``local``."""
-    copy_path(str(fs_path), str(local), filesystem_of(study_uri)[0], pafs.LocalFileSystem())
+    """Copy ``fs_path`` (a path on the filesystem of ``study_uri``, as Ray reports it) to ``local``,
+    whole or not at all (copied beside it, then renamed)."""
+    staged = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+    copy_path(str(fs_path), str(staged), filesystem_of(study_uri)[0], pafs.LocalFileSystem())
+    os.replace(staged, local)
     return local
