@@ -174,8 +174,10 @@ def test_interrupt_resume_kill_resume(ws: Workspace) -> None:
     for name in interrupted:
         assert name in continued or name in _finished(study), f"{name} was neither continued nor finished{output}"
     after_kill = _finished(study)
-    # The killed run's time counts towards time_budget_s (to within RunClock's beat of 5 s).
-    assert _seconds_used(study) > used_before, (used_before, _seconds_used(study), output)
+    # The killed run's time counts towards time_budget_s to within RunClock's beat of 5 s, so a kill
+    # sooner than that after the run began may add nothing (CI saw one): the beat itself is pinned in
+    # tests/test_experiment.py; here nothing already counted may be lost.
+    assert _seconds_used(study) >= used_before, (used_before, _seconds_used(study), output)
 
     # 3. --resume to the end.
     third = run_driver(ws, [*args, "--resume"], timeout_s=300)
