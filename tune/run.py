@@ -96,7 +96,7 @@ def _stopped(exc: BaseException, paths: StudyPaths | None) -> tuple[str, int]:
         return f"\ninterrupted: continue with {stopped.resume}", 130
     record = stopped.record if stopped else None if paths is None else paths.local_dir / OPTUNA_FILE
     if (problem := os_problem(exc, record)) is None:
-        raise exc
+        raise exc if stopped is None or stopped.__cause__ is None else stopped.__cause__
     if stopped is None:
         return f"error: {problem}; nothing was changed: run the command again then", 2
     if not stopped.record.exists():
@@ -131,6 +131,7 @@ def _main(args: argparse.Namespace, study: _Study) -> int:
     name = args.name or spec.source.stem
     _check_name(name)
     paths = study.paths = StudyPaths(storage=storage, name=name)
+    _check_length(paths)
     if args.dry_run:
         print(describe(spec))
         print(f"study: {name}  output: {paths.uri}")
@@ -147,11 +148,29 @@ def _main(args: argparse.Namespace, study: _Study) -> int:
     return _run_study(spec, paths, args)
 
 
+# What the study adds to its name and folder: `.NAME.replaced-YYYYmmdd-HHMMSS` (a --restart's old study),
+# and below the folder runs/run-K/tNNN/epoch_000E/ files, Ray's and the tmp names of atomic writes.
+_NAME_SUFFIX = len(".replaced-20261207-120000") + 1
+_DEPTH = 160
+_NAME_MAX, _PATH_MAX = 255, 4096  # (Linux's limits, in bytes)
+
+
 def _check_name(name: str) -> None:
     """A study name is one folder name: never a path that leaves (or is) the storage folder."""
     if not name or name.startswith(".") or "/" in name or "\\" in name or any(ord(c) < 32 for c in name):
         raise StudyError(f"--name={name!r} is not allowed: a study name is one folder name (no '/', no "
                          "control characters, not empty, not starting with '.')")
+    if len(os.fsencode(name)) > _NAME_MAX - _NAME_SUFFIX:
+        raise StudyError(f"--name is too long ({len(os.fsencode(name))} bytes): at most "
+                         f"{_NAME_MAX - _NAME_SUFFIX} (a file name is at most {_NAME_MAX}, and the study adds to it)")
+
+
+def _check_length(paths: StudyPaths) -> None:
+    """The study's deepest files fit in a path (PATH_MAX): else they fail one by one, mid-study."""
+    if paths.is_local and len(os.fsencode(str(paths.local_dir))) > _PATH_MAX - _DEPTH:
+        raise StudyError(f"--storage-path={paths.storage} with --name={paths.name}: the study folder's path is "
+                         f"too long ({len(os.fsencode(str(paths.local_dir)))} bytes; at most {_PATH_MAX - _DEPTH}, "
+                         "so that its files fit in a path): choose a shorter --storage-path or --name")
 
 
 def _own_space(paths: StudyPaths) -> Path:
