@@ -15,8 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -220,7 +220,7 @@ def _closing(paths: StudyPaths, record: StudyRecord, mirror: Mirror) -> Iterator
     (KILLED); :class:`StudyStopped`, caused by what stopped it, tells tune.run so."""
     try:
         yield
-    except (Exception, KeyboardInterrupt) as exc:
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - whatever stops it, the study is closed
         try:
             if isinstance(exc, KeyboardInterrupt):
                 record.interrupt_running()

@@ -68,7 +68,7 @@ def signals_deferred() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
-class StudyStopped(Exception):  # noqa: N818 - not an error of its own: its __cause__ is
+class StudyStopped(Exception):
     """A driver run stopped after its trials began (by a signal or an error: the ``__cause__``), with the
     study left for ``--resume``: trials still running marked interrupted, the MLflow parent closed."""
 

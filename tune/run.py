@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     study = _Study()
     try:
         return _main(args, study)
-    except (Exception, KeyboardInterrupt) as exc:
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - _stopped re-raises what it does not know
         message, code = _stopped(exc, study.paths)
         print(message, file=sys.stderr)
         return code
