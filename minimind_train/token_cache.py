@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -217,10 +218,15 @@ def _encode_lines(spec: _EncodeSpec, lines: list[tuple[int, bytes]]) -> _Chunk:
 
 
 _WORKER_SPEC: _EncodeSpec | None = None
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _worker_init(spec: _EncodeSpec) -> None:
     global _WORKER_SPEC
+    # A terminal's Ctrl-C reaches the whole process group: a worker leaves it to its parent, which stops
+    # the pool (SIGTERM). Started with both signals blocked (_encoded), so none came before this line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     # Each worker is one core: the Rust tokenizer's own thread pool would only oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_SPEC = spec
@@ -264,8 +270,18 @@ def _encoded(spec: _EncodeSpec, chunks: Iterator[list[tuple[int, bytes]]], worke
         return
     import multiprocessing
 
-    # spawn: forking a process that has run torch or Rust thread pools is not safe.
-    with multiprocessing.get_context("spawn").Pool(workers, _worker_init, (spec,)) as pool:
+    # spawn: forking a process that has run torch or Rust thread pools is not safe. The workers start
+    # with SIGINT and SIGTERM blocked (inherited; _worker_init unblocks them): a signal in the middle of
+    # the start would leave a worker with half its start-up data (a traceback), or hit one still importing
+    # (another); one received meanwhile stops this process right after the pool exists, which then ends it.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, (spec,))
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise
+    with pool:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # (inside: a signal now terminates the pool)
         pending: deque[Any] = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_worker_encode, (chunk,)))

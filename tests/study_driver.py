@@ -99,7 +99,9 @@ class Driver:
     """One ``python -m tune.run`` process; stdout/stderr go to files so they can be read while it runs."""
 
     def __init__(self, ws: Workspace, args: Sequence[str], *, cwd: Path = REPO, tag: str = "run",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, sigint_ignored: bool = False) -> None:
+        """``sigint_ignored``: started as a background job of a non-interactive shell is (`cmd &`:
+        SIGINT ignored, which the driver inherits)."""
         self.ws = ws
         self.args = list(args)
         n = len(list(ws.root.glob(f"{tag}-*.out")))
@@ -110,8 +112,14 @@ class Driver:
         cmd = [sys.executable, "-m", "tune.run", "--storage-path", str(ws.storage),
                "--ray-temp-dir", str(ws.ray_tmp), *self.args]
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=ws.env(**(env or {})), stdout=self._out, stderr=self._err,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        # (an ignored signal stays ignored across exec; this test process's own handler is put back at once)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if sigint_ignored else None
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=ws.env(**(env or {})), stdout=self._out,
+                                         stderr=self._err, stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         self.pid = self.proc.pid
 
     @property
@@ -144,6 +152,14 @@ class Driver:
                 self.teardown()
                 raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}{self.output()}")
             time.sleep(poll_s)
+
+    def children(self) -> list[int]:
+        """Pids of the driver's live child processes (e.g. its tokeniser workers)."""
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in text.split()]
 
     def teardown(self) -> None:
         """Kill whatever of this driver's session is still alive and insist that nothing is left."""

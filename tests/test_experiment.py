@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -107,3 +108,34 @@ def test_a_driver_run_keeps_its_length_in_the_record_as_it_goes(tmp_path: Any) -
     import pickle
 
     assert pickle.loads(pickle.dumps(clock)).record is None  # Ray's tuner.pkl copy writes nothing
+
+
+def test_sigterm_while_ray_starts_stops_like_ctrl_c(fake_ray: Any) -> None:
+    """ray.init installs its own SIGTERM handler first thing (sys.exit(15)): the driver exited 15 and said
+    nothing (the shared case sigterm-sigint-ignored, 2.). Now: KeyboardInterrupt, what started of Ray
+    shut down, and the driver's own handler back."""
+    import signal
+
+    from tune import interrupts
+
+    fake = fake_ray([])
+
+    def ray_init_killed(**kwargs: Any) -> None:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # (as ray.init does)
+        signal.raise_signal(signal.SIGTERM)
+
+    fake.init = ray_init_killed
+    import ray
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        interrupts.stop_on_signals()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ray, "init", ray_init_killed)
+            with pytest.raises(KeyboardInterrupt):
+                experiment.init_ray(None, "/tmp/rt")
+        assert fake.shutdowns == 1
+        assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)

@@ -357,9 +357,11 @@ def test_tracking_server_dies_mid_study(ws: Workspace, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sigterm_stops_like_ctrl_c_and_resume_completes(ws: Workspace) -> None:
     """A plain `kill` (SIGTERM; `ray job stop` sends one first) ends the study like Ctrl-C: exit 130,
-    a closed record, every trial with all its values, and --resume completes it."""
+    a closed record, every trial with all its values, and --resume completes it; also in a driver that
+    inherited SIGINT ignored (the shared case sigterm-sigint-ignored)."""
     study = ws.study_dir(NAME)
-    first = Driver(ws, ["--space", str(SPACE)])
+    # Started as `bash -c 'python -m tune.run ... &'` starts it: SIGINT ignored (SIGTERM was forwarded to it).
+    first = Driver(ws, ["--space", str(SPACE)], sigint_ignored=True)
     try:
         first.wait_for("a trial's end", lambda: len(_finished(study)) >= 1, 240, poll_s=0.05)
         os.kill(first.pid, signal.SIGTERM)  # the driver alone, as `kill PID` does
@@ -378,3 +380,62 @@ def test_sigterm_stops_like_ctrl_c_and_resume_completes(ws: Workspace) -> None:
     trials = _check_study_complete(study, 6, output)
     for name, epochs in before.items():
         assert dict(trials[name].epochs) == epochs, f"finished trial {name} changed{output}"
+
+
+def _stopped_cleanly(driver: Driver, rc: int, study: Path) -> None:
+    """A signal's exit: 130, the interrupt's one line, no traceback, the study's lock free."""
+    from tune.lock import StudyLock
+
+    output = driver.output()
+    assert rc == 130, output
+    assert "Traceback" not in driver.stderr + driver.stdout, output
+    assert "interrupted" in driver.stderr.strip().splitlines()[-1], output
+    assert not StudyLock.held(study), output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "group", "sigint_ignored", "delay_s"), [
+    (signal.SIGINT, True, False, 0.0),   # a terminal's Ctrl-C: the whole group, workers included, as they start
+    (signal.SIGTERM, False, True, 1.0),  # `kill` of a background job (SIGINT ignored) while they work
+], ids=["ctrl-c-to-the-group", "sigterm-sigint-ignored"])
+def test_a_signal_while_tokenising_stops_the_driver_and_its_workers(
+        ws: Workspace, signum: int, group: bool, sigint_ignored: bool, delay_s: float) -> None:
+    """The shared cases ctrl-c-tokenising and sigterm-sigint-ignored (1.): tokenising a 30,000-line file
+    with a pool of 2 workers, the signal stops it all: one line, no worker's traceback, nothing left."""
+    data = ws.root / "big.jsonl"
+    demo = (REPO / "minimind_train/assets/demo/sft_demo.jsonl").read_bytes()
+    data.write_bytes(demo * 10)
+    raw = yaml.safe_load(SPACE.read_text())
+    raw["data"].update(train_path=str(data), tokenize_workers=2)
+    space = ws.root / "tokenising.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    driver = Driver(ws, ["--space", str(space)], sigint_ignored=sigint_ignored)
+    try:
+        driver.wait_for("the tokeniser's workers", lambda: len(driver.children()) >= 2, 120, poll_s=0.02)
+        time.sleep(delay_s)
+        if group:
+            os.killpg(driver.pid, signum)
+        else:
+            os.kill(driver.pid, signum)
+        rc = driver.wait(60)
+        time.sleep(1)  # (a worker's traceback would come after the driver's exit)
+    finally:
+        driver.teardown()
+    _stopped_cleanly(driver, rc, ws.study_dir("tokenising"))
+    assert "before any trial started" in driver.stderr, driver.output()
+
+
+@pytest.mark.slow
+def test_sigterm_while_ray_starts_stops_like_ctrl_c(ws: Workspace) -> None:
+    """The shared case sigterm-sigint-ignored (2.): SIGTERM to a driver that inherited SIGINT ignored,
+    while Ray starts (ray.init installs its own SIGTERM handler, sys.exit(15)): exit 130, one line,
+    Ray's processes gone (teardown insists), the lock free."""
+    driver = Driver(ws, ["--space", str(SPACE), "--name", "raystart"], sigint_ignored=True)
+    try:
+        driver.wait_for("Ray's start", lambda: "starting Ray" in driver.stdout, 240, poll_s=0.02)
+        time.sleep(0.5)
+        os.kill(driver.pid, signal.SIGTERM)
+        rc = driver.wait(120)
+    finally:
+        driver.teardown()
+    _stopped_cleanly(driver, rc, ws.study_dir("raystart"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -288,3 +289,42 @@ def test_a_driver_killed_mid_write_of_best_yaml_or_summary_leaves_the_old_files_
             {call}
         """, limit=40)
     assert {p: p.read_bytes() for p in (best, summary)} == before
+
+
+def test_ctrl_c_during_the_end_report_leaves_the_answer_and_closes_the_parent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The shared case ctrl-c-end-report-finalists (b): Ctrl-C (or SIGTERM) while the report is written
+    said "interrupted before any trial started", left no best.yaml and the MLflow parent RUNNING."""
+    import signal
+
+    from study_driver import mlflow_runs
+
+    from tune import experiment, interrupts, report, run
+
+    study = _Study(tmp_path, scheduler={"type": "none"})
+    study.add([([3.0, 2.0], "completed", ""), ([2.5, 1.0], "completed", "")])
+    mirror = Mirror(resolve_tracking_uri(None, study.record.dir), "report-test", study.record, fixed_params={},
+                    settings={}, tags={})
+    write_best_yaml = report.write_best_yaml
+
+    def signalled_while_writing(*args: Any, **kwargs: Any) -> Path:
+        signal.raise_signal(signal.SIGTERM)  # (the driver's handler: as a plain `kill` now)
+        return write_best_yaml(*args, **kwargs)
+
+    monkeypatch.setattr(report, "write_best_yaml", signalled_while_writing)
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.stop_on_signals()
+    try:
+        with pytest.raises(interrupts.StudyStopped) as stopped, experiment._closing(study.paths, study.record, mirror):
+            finish_study(study.spec, study.paths, study.record, mirror, "FINISHED")
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    message, code = run._stopped(stopped.value, study.paths)
+    assert code == 130 and message.strip() == (f"interrupted: continue with python -m tune.run --resume --name s "
+                                               f"--storage-path {study.paths.storage}"), message
+    best = yaml.safe_load((study.paths.local_dir / "best.yaml").read_text())
+    assert best["train"]["learning_rate"] == pytest.approx(2e-3)  # t001, the best of what finished
+    _, parents, _ = mlflow_runs(study.paths.local_dir)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert "Traceback" not in capsys.readouterr().err

@@ -80,3 +80,92 @@ def test_a_driver_killed_mid_rebuild_of_space_yaml_leaves_none_and_the_next_rebu
     """)
     rebuilt = run._own_space(StudyPaths(str(tmp_path), "s"))
     assert yaml.safe_load(rebuilt.read_text()) == spec
+
+
+def _stopped_by(exc: BaseException, after_trials: bool) -> BaseException:
+    """``exc`` as main() meets it: raised in the trials (wrapped by experiment._closing) or before."""
+    from tune.interrupts import StudyStopped
+
+    if not after_trials:
+        return exc
+    try:
+        raise StudyStopped("python -m tune.run --resume --name s --storage-path /st", Path("/st/s/optuna.db")) from exc
+    except StudyStopped as stopped:
+        return stopped
+
+
+@pytest.mark.parametrize(("exc", "after_trials", "code", "line"), [
+    (KeyboardInterrupt(), False, 130, "interrupted before any trial started; the study is as it was"),
+    (KeyboardInterrupt(), True, 130, "interrupted: continue with python -m tune.run --resume --name s"),
+    (StudyError("a refusal"), False, 2, "error: a refusal"),
+    (OSError(30, "Read-only file system", "/st/s/.best.yaml.1.tmp"), False, 2,
+     "error: cannot write /st/s/.best.yaml.1.tmp (Read-only file system): make it writable"),
+    (OSError(28, "No space left on device", "/st/s/x"), True, 1, "error: the disk holding /st/s/x is full"),
+])
+def test_what_stopped_the_driver_is_one_message_and_exit_status(exc: BaseException, after_trials: bool, code: int,
+                                                                 line: str) -> None:
+    message, status = run._stopped(_stopped_by(exc, after_trials), None)
+    assert status == code and line in message and len(message.strip().splitlines()) == 1, message
+
+
+def test_a_bug_keeps_its_traceback() -> None:
+    with pytest.raises(ValueError):
+        run._stopped(_stopped_by(ValueError("a bug"), True), None)
+
+
+def test_resume_with_a_storage_path_that_is_a_file_names_the_option(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The shared case storage-path-is-file: `--resume --name N` (the study's own space) said "lock file
+    … File exists"."""
+    afile = tmp_path / "afile"
+    afile.write_text("I am a plain file\n")
+    assert run.main(["--resume", "--name", "s", "--storage-path", str(afile)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --storage-path={afile}: {afile} is a file, not a folder", err
+    assert sorted(tmp_path.iterdir()) == [afile] and afile.read_text() == "I am a plain file\n"
+
+
+def test_names_and_paths_too_long_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """A 240-byte study name on --restart, a storage path near PATH_MAX: tracebacks from the middle of a study."""
+    with pytest.raises(StudyError, match="--name is too long"):
+        run._check_name("n" * 240)
+    run._check_name("n" * 200)
+    from tune.storage import StudyPaths
+
+    with pytest.raises(StudyError, match="too long .* choose a shorter --storage-path or --name"):
+        run._check_length(StudyPaths(str(tmp_path / ("d" * 250) / ("e" * 250)) * 8, "s"))
+
+
+def _read_only(folder: Path) -> bool:
+    """Make ``folder`` read-only for root too (a read-only bind mount); False where that is not allowed."""
+    done = subprocess.run(["mount", "--bind", str(folder), str(folder)], check=False, capture_output=True)
+    if done.returncode != 0:
+        return False
+    if subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=False, capture_output=True).returncode:
+        subprocess.run(["umount", str(folder)], check=False, capture_output=True)
+        return False
+    return True
+
+
+def test_resume_of_a_read_only_study_is_one_line_and_changes_nothing(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The shared case readonly-study-folder: 48- and 106-line tracebacks (root ignores file modes: a
+    read-only bind mount, as the case did)."""
+    from study_driver import folder_digest
+
+    from tune.record import StudyRecord
+    from tune.space import load_space, spec_to_dict, spec_to_yaml
+
+    spec = load_space("smoke")
+    record = StudyRecord.create(tmp_path / "s", "s", spec_to_dict(spec), spec_to_yaml(spec, "Study s"), {})
+    before = folder_digest(record.dir)
+    if not _read_only(record.dir):
+        pytest.skip("a read-only bind mount needs root")
+    try:
+        rc = run.main(["--resume", "--name", "s", "--storage-path", str(tmp_path)])
+    finally:
+        subprocess.run(["umount", str(record.dir)], check=False, capture_output=True)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0, err
+    assert f"the study folder {record.dir}: cannot write in {record.dir} (Read-only file system)" in err, err
+    assert folder_digest(record.dir) == before

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,11 @@ from ray import tune
 from minimind_train.config import run_config_to_dict
 
 from . import cluster, restart, searcher
-from .interrupts import InterruptWatch, disk_full, first_line, sigterm_as_sigint
+from .interrupts import InterruptWatch, StudyStopped, stop_on_signals
 from .mirror import Mirror, MirrorCallback, warn_on_failure
 from .preflight import Inputs, check_inputs, reconcile
 from .progress import RAY_ERRORS_FILE, ProgressView, best_recorded, ray_errors_to
-from .record import StudyError, StudyRecord
+from .record import OPTUNA_FILE, StudyError, StudyRecord
 from .report import finish_study
 from .space import optuna_distributions, spec_to_dict, spec_to_yaml
 from .storage import StudyPaths, trial_dirname, upload_outputs
@@ -56,9 +58,18 @@ def init_ray(address: str | None, temp_dir: str | None) -> None:
         os.environ.setdefault("MALLOC_ARENA_MAX", "1")
     for attempt in (1, 2):
         try:
-            ray.init(**kwargs)
-            sigterm_as_sigint()  # ray.init installs its own (sys.exit at any point of the driver)
+            try:
+                ray.init(**kwargs)
+            except SystemExit as exc:  # ray.init's own SIGTERM handler, installed first thing: sys.exit(15)
+                if exc.code != signal.SIGTERM:
+                    raise
+                raise KeyboardInterrupt from None
+            finally:
+                stop_on_signals()  # (back from ray.init's handler: SIGTERM stops like Ctrl-C again)
             return
+        except KeyboardInterrupt:  # a signal while Ray started: what started of it goes
+            ray.shutdown()
+            raise
         except Exception as exc:
             ray.shutdown()
             text = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -133,7 +144,9 @@ def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, 
         if not plans and finished >= t.num_samples and not _finalists(spec, run_cfg, record, create=False):
             print(f"nothing to run: {finished} trials finished (num_samples {t.num_samples}); "
                   "summarising the study and bringing MLflow up to date")
-            return finish_study(spec, paths, record, make_mirror(spec, run_cfg, inputs, record), "FINISHED")
+            mirror = make_mirror(spec, run_cfg, inputs, record)
+            with _closing(paths, record, mirror):
+                return finish_study(spec, paths, record, mirror, "FINISHED")
         if t.time_budget_s is not None and record.seconds_used() >= t.time_budget_s:
             raise StudyError(f"the study's time budget (tune.time_budget_s={t.time_budget_s:g}) is used up "
                              f"({record.seconds_used():.0f} s); raise it with --time-budget-s to run the "
@@ -193,6 +206,28 @@ def _upload_outputs(paths: StudyPaths) -> None:
         print(f"uploaded {n / 2**20:.1f} MiB of driver outputs from {paths.local_dir} to {paths.uri}")
     except Exception as exc:  # noqa: BLE001 - the study itself is done; say where the files are
         print(f"warning: could not upload {paths.local_dir} to {paths.uri}: {exc}", file=sys.stderr)
+
+
+def _resume_command(paths: StudyPaths) -> str:
+    return f"python -m tune.run --resume --name {paths.name} --storage-path {paths.storage}"
+
+
+@contextlib.contextmanager
+def _closing(paths: StudyPaths, record: StudyRecord, mirror: Mirror) -> Iterator[None]:
+    """Once trials may have run, however the driver run stops early (a signal at any moment, the end
+    report included; an error, e.g. of the OS), the study is left for ``--resume``: trials still running
+    are marked interrupted (after a signal: the record is intact) and the MLflow parent is closed
+    (KILLED); :class:`StudyStopped`, caused by what stopped it, tells tune.run so."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - whatever stops it, the study is closed
+        try:
+            if isinstance(exc, KeyboardInterrupt):
+                record.interrupt_running()
+            warn_on_failure(lambda: mirror.finish("KILLED", best=None, best_value=None, best_epoch=None,
+                                                  artifacts={}))
+        finally:
+            raise StudyStopped(_resume_command(paths), paths.local_dir / OPTUNA_FILE) from exc
 
 
 def _finalists(spec: Any, run_cfg: Any, record: StudyRecord, create: bool) -> list[searcher.ResumePlan]:
@@ -273,11 +308,6 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
             return interrupt.seen
         except KeyboardInterrupt:
             return True
-        except Exception as exc:
-            if disk_full(exc):  # (unfinished trials stay "running" in the record: --resume continues them)
-                raise StudyError(f"the disk holding {paths.local_dir} is full ({first_line(exc)}); finished "
-                                 "trials are kept: free space, then continue with --resume", code=1) from exc
-            raise
         finally:
             view.close()
             try:
@@ -285,6 +315,15 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
             except OSError as exc:  # a full disk: the run's length is lost, nothing else
                 print(f"warning: could not record the run's length: {exc}", file=sys.stderr)
 
+    with _closing(paths, record, mirror):
+        return _phases(spec, paths, run_cfg, inputs, record, plans, new, finished, aside, mirror, fit)
+
+
+def _phases(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord,
+            plans: list[searcher.ResumePlan], new: int, finished: int, aside: Path | None, mirror: Mirror,
+            fit: Callable[[list[searcher.ResumePlan], int, optuna.pruners.BasePruner, list[Any]], bool]) -> int:
+    """The search, the finalists, the end report; an interrupt at any point raises KeyboardInterrupt."""
+    t = spec.tune
     interrupted = False
     if plans or new:
         extra = [restart.RestartCleanup(aside, paths.local_dir, inputs.tracking_uri)] if aside else []
@@ -305,12 +344,9 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
         if continued := [p for p in todo if p.epoch]:  # a --resume after the finalists had begun
             print(_continuing(continued))
         interrupted = fit(todo, 0, optuna.pruners.NopPruner(), [])
-    record.interrupt_running()
-    if interrupted:
-        warn_on_failure(lambda: mirror.finish("KILLED", best=None, best_value=None, best_epoch=None, artifacts={}))
-        print(f"\ninterrupted: continue with python -m tune.run --resume --name {paths.name} "
-              f"--storage-path {paths.storage}", file=sys.stderr)
-        return 130
+    if interrupted:  # (Ray's handler ended the trials; _closing marks them and closes the mirror)
+        raise KeyboardInterrupt
+    record.interrupt_running()  # (trials the time budget ended)
     return finish_study(spec, paths, record, mirror, "FINISHED")
 
 

@@ -1,50 +1,140 @@
-"""How a driver stops: Ctrl-C, a plain ``kill`` (SIGTERM) and a full disk.
+"""How a driver stops: Ctrl-C, a plain ``kill`` (SIGTERM), and the OS errors it can meet.
+
+One rule for the signals (:func:`stop_on_signals`): SIGINT and SIGTERM both stop the driver at every
+moment, whatever it inherited (a background job of a non-interactive shell starts with SIGINT ignored);
+while Ray Tune runs trials its own Ctrl-C handler ends them gracefully, for either signal. One rule for
+the OS errors (:func:`os_problem`): an error anywhere in an exception's chain (Ray and Optuna wrap them)
+becomes one line that names the path and what to do; tune.run turns it into the exit status.
 
 Light on imports (no Ray, no torch): tune.run uses it before anything heavy is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import threading
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
 
-__all__ = ["InterruptWatch", "disk_full", "first_line", "sigterm_as_sigint"]
+__all__ = ["InterruptWatch", "StudyStopped", "chain", "disk_full", "first_line", "os_problem", "signals_deferred",
+           "stop_on_signals"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def sigterm_as_sigint() -> None:
-    """SIGTERM (a plain `kill`, `ray job stop`) stops the study like Ctrl-C: Ray's own SIGINT handling
-    ends the trials, the record is closed, and --resume continues."""
+def _stop(signum: int, frame: FrameType | None) -> None:
+    """The driver's handler of both signals: stop here (KeyboardInterrupt), or, for SIGTERM while a
+    handler of Ray Tune's holds SIGINT, do what Ctrl-C does now (called here, not re-sent: SIGINT may be
+    ignored by the process's disposition, and a signal sent to oneself is handled later)."""
+    if signum != signal.SIGINT:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not _stop:
+            handler(signal.SIGINT, frame)
+            return
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """Install the driver's handler for SIGINT and SIGTERM (main thread only; again after a library
+    such as ``ray.init`` installed its own). Installed for SIGINT too when it was inherited ignored."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+        for signum in _SIGNALS:
+            signal.signal(signum, _stop)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A short step that must be done whole (starting worker processes, writing the study's answer):
+    SIGINT and SIGTERM received meanwhile stop the driver right after it, as if received then."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in _SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        handler = previous[received[0]]
+        if callable(handler):
+            handler(received[0], None)
+        elif handler != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+
+class StudyStopped(Exception):
+    """A driver run stopped after its trials began (by a signal or an error: the ``__cause__``), with the
+    study left for ``--resume``: trials still running marked interrupted, the MLflow parent closed."""
+
+    def __init__(self, resume: str, record: Path) -> None:
+        super().__init__(f"stopped; continue with {resume}")
+        self.resume = resume  # the command that continues the study
+        self.record = record  # its optuna.db
+
+
+def chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what caused it, outermost first (the wrapping Ray and Optuna add included)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
 
 
 def disk_full(exc: BaseException) -> bool:
     """Whether a full disk (or a full sqlite database) caused ``exc``, anywhere in its chain."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if (getattr(seen, "errno", None) == errno.ENOSPC or "No space left on device" in str(seen)
-                or "database or disk is full" in str(seen)):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return any(getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(seen)
+               or "database or disk is full" in str(seen) for seen in chain(exc))
 
 
 def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+    """The first line of ``exc``'s message (its type's name when it has none)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _sentinel(signum: int, frame: Any) -> None:
+def os_problem(exc: BaseException, record: Path | None = None) -> str | None:
+    """One line for the OS error behind ``exc`` (anywhere in its chain): what happened to which path and
+    what to do about it; None when no OS error is behind it. ``record``: the study's ``optuna.db``, which
+    sqlite's messages do not name."""
+    if disk_full(exc):
+        where = next((seen.filename for seen in chain(exc) if getattr(seen, "filename", None)), None) or record
+        return f"the disk holding {where} is full: free space"
+    for seen in chain(exc):
+        text, code = str(seen), getattr(seen, "errno", None)
+        path = getattr(seen, "filename", None)
+        if "database is locked" in text:  # sqlite's busy timeout ran out (optuna#820)
+            return (f"the study record {record} stayed locked by another process for longer than its busy "
+                    "timeout (60 s): close what holds it (a database browser, a second writer)")
+        if "readonly database" in text:  # sqlite: a read-only file or folder, or the file deleted under it
+            if record is not None and not record.exists():
+                return (f"the study record {record} was deleted while the driver used it; the trials' "
+                        "checkpoints are still in runs/")
+            return f"the study record {record} cannot be written (read-only): make it and its folder writable"
+        if isinstance(seen, OSError) and path is not None:
+            reason = seen.strerror or text
+            if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return f"cannot write {path} ({reason}): make it writable, or choose another --storage-path"
+            if code == errno.ENAMETOOLONG:
+                return f"{path}: {reason}: choose a shorter --name or --storage-path"
+            return f"{path}: {reason}"
+    return None
+
+
+def _sentinel(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
 class InterruptWatch:
     """Whether Ray Tune's own SIGINT/SIGUSR1 handler fired during ``Tuner.fit()``.
 
-    On the first Ctrl-C Ray stops the trials and returns from ``fit()`` normally (the returned grid does
-    not say so), putting back the handler it found: this sentinel, found again afterwards, means exactly that.
+    On the first Ctrl-C (or SIGTERM: :func:`_stop` calls Ray's handler) Ray stops the trials and returns
+    from ``fit()`` normally (the returned grid does not say so), putting back the handler it found: this
+    sentinel, found again afterwards, means exactly that.
     """
 
     def __init__(self) -> None:

@@ -24,6 +24,7 @@ from rich.filesize import decimal as human_bytes
 from minimind_train.checkpoint import MODEL_FILE, STATE_FILE, drop_resume_state
 from minimind_train.config import run_config_to_dict
 
+from .interrupts import signals_deferred
 from .mirror import Mirror, warn_on_failure
 from .record import FINISHED, StudyRecord, write_atomic
 from .space import StudySpec
@@ -297,21 +298,24 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
 
     t = spec.tune
     study_dir = paths.local_dir
-    summaries = summarize_trials(record, t.metric, t.mode)
-    search = [s for s in summaries if s.finalist_of is None]  # (finalists are seeds of search configs)
-    print()
-    print(format_table(search, t.metric))
-    finalists = summarize_finalists(summaries, spec.run.train.seed, t.mode)
-    best, finalist = _answer(search, finalists, t.metric)
-    artifacts: dict[str, Path] = {}
-    if finalists:
-        artifacts["finalists.csv"] = write_finalists_csv(study_dir / "finalists.csv", finalists, t.metric)
-    if best is not None:
-        artifacts["best.yaml"] = write_best_yaml(study_dir / "best.yaml", spec, best, finalist)
+    # The answer of what finished is written whole first: a Ctrl-C or SIGTERM during the report stops
+    # the driver right after it (the plots, the MLflow parent's results and the pruning: on --resume).
+    with signals_deferred():
+        summaries = summarize_trials(record, t.metric, t.mode)
+        search = [s for s in summaries if s.finalist_of is None]  # (finalists are seeds of search configs)
+        print()
+        print(format_table(search, t.metric))
+        finalists = summarize_finalists(summaries, spec.run.train.seed, t.mode)
+        best, finalist = _answer(search, finalists, t.metric)
+        artifacts: dict[str, Path] = {}
+        if finalists:
+            artifacts["finalists.csv"] = write_finalists_csv(study_dir / "finalists.csv", finalists, t.metric)
+        if best is not None:
+            artifacts["best.yaml"] = write_best_yaml(study_dir / "best.yaml", spec, best, finalist)
+        artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric)
     best_model = None if best is None else _best_model(paths, best)
     if best_model is not None:
         artifacts["best/model.pth"] = best_model
-    artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric)
     plots = plot_study(record.study, study_dir / "plots", metric=t.metric,
                        best_trial=None if best is None else best.number)
     artifacts.update({f"plots/{p.name}": p for p in plots.values()})

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .lock import StudyLock, lock_path
-from .record import MANIFEST_FILE, Manifest, StudyError, StudyRecord, write_atomic
+from .record import MANIFEST_FILE, OPTUNA_FILE, Manifest, StudyError, StudyRecord, write_atomic
 from .storage import StudyPaths, download_outputs, writable_problem
 
 __all__ = ["DEFAULT_STORAGE", "main"]
@@ -55,31 +55,56 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@dataclasses.dataclass
+class _Study:
+    """What the driver knows of its study so far (for the message when it stops)."""
+
+    paths: StudyPaths | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s", stream=sys.stdout)
     # Heavy imports after argument parsing so `--help` is instant.
-    from .interrupts import disk_full, first_line, sigterm_as_sigint
+    from .interrupts import stop_on_signals
 
-    sigterm_as_sigint()
+    stop_on_signals()
+    study = _Study()
     try:
-        return _main(args)
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.code
-    except KeyboardInterrupt:  # before Ray's own handler took over: no trial had started
-        print("\ninterrupted before any trial started; the study is as it was", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if not disk_full(exc):
-            raise
-        print(f"error: the disk is full ({first_line(exc)}); finished trials are kept: free space, then "
-              "continue with --resume", file=sys.stderr)
-        return 1
+        return _main(args, study)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - _stopped re-raises what it does not know
+        message, code = _stopped(exc, study.paths)
+        print(message, file=sys.stderr)
+        return code
 
 
-def _main(args: argparse.Namespace) -> int:
+def _stopped(exc: BaseException, paths: StudyPaths | None) -> tuple[str, int]:
+    """The one place that turns what stopped the driver into its message and exit status: a refusal
+    (2, or the StudyError's own), Ctrl-C or SIGTERM (130) and an OS error (one line naming the path and
+    what to do: 2 before any trial ran, when nothing was changed; 1 after, the study left for --resume).
+    Anything else is a bug: re-raised, with its traceback."""
+    from .interrupts import StudyStopped, chain, os_problem
+
+    causes = list(chain(exc))
+    stopped = next((e for e in causes if isinstance(e, StudyStopped)), None)
+    if (refusal := next((e for e in causes if isinstance(e, StudyError)), None)) is not None:
+        return f"error: {refusal}", refusal.code
+    if any(isinstance(e, KeyboardInterrupt) for e in causes):
+        if stopped is None:
+            return "\ninterrupted before any trial started; the study is as it was", 130
+        return f"\ninterrupted: continue with {stopped.resume}", 130
+    record = stopped.record if stopped else None if paths is None else paths.local_dir / OPTUNA_FILE
+    if (problem := os_problem(exc, record)) is None:
+        raise exc if stopped is None or stopped.__cause__ is None else stopped.__cause__
+    if stopped is None:
+        return f"error: {problem}; nothing was changed: run the command again then", 2
+    if not stopped.record.exists():
+        return f"error: {problem}", 1
+    return f"error: {problem}, then continue with {stopped.resume}; finished trials are kept", 1
+
+
+def _main(args: argparse.Namespace, study: _Study) -> int:
     from .cluster import storage_problem
     from .preflight import describe, describe_resume, quiet_libraries
 
@@ -96,6 +121,8 @@ def _main(args: argparse.Namespace) -> int:
         _check_name(args.name)
     if args.space is None and not (args.resume and args.name):
         raise StudyError("--space is required (only --resume --name NAME can take the study's own space)")
+    if args.space is None and (problem := writable_problem(storage)):  # (before its lock file is written)
+        raise StudyError(problem)
     space = args.space or _own_space(StudyPaths(storage, args.name))
     try:
         spec = _apply_overrides(load_space(space), args)
@@ -103,7 +130,8 @@ def _main(args: argparse.Namespace) -> int:
         raise StudyError(str(exc)) from exc
     name = args.name or spec.source.stem
     _check_name(name)
-    paths = StudyPaths(storage=storage, name=name)
+    paths = study.paths = StudyPaths(storage=storage, name=name)
+    _check_length(paths)
     if args.dry_run:
         print(describe(spec))
         print(f"study: {name}  output: {paths.uri}")
@@ -120,11 +148,29 @@ def _main(args: argparse.Namespace) -> int:
     return _run_study(spec, paths, args)
 
 
+# What the study adds to its name and folder: `.NAME.replaced-YYYYmmdd-HHMMSS` (a --restart's old study),
+# and below the folder runs/run-K/tNNN/epoch_000E/ files, Ray's and the tmp names of atomic writes.
+_NAME_SUFFIX = len(".replaced-20261207-120000") + 1
+_DEPTH = 160
+_NAME_MAX, _PATH_MAX = 255, 4096  # (Linux's limits, in bytes)
+
+
 def _check_name(name: str) -> None:
     """A study name is one folder name: never a path that leaves (or is) the storage folder."""
     if not name or name.startswith(".") or "/" in name or "\\" in name or any(ord(c) < 32 for c in name):
         raise StudyError(f"--name={name!r} is not allowed: a study name is one folder name (no '/', no "
                          "control characters, not empty, not starting with '.')")
+    if len(os.fsencode(name)) > _NAME_MAX - _NAME_SUFFIX:
+        raise StudyError(f"--name is too long ({len(os.fsencode(name))} bytes): at most "
+                         f"{_NAME_MAX - _NAME_SUFFIX} (a file name is at most {_NAME_MAX}, and the study adds to it)")
+
+
+def _check_length(paths: StudyPaths) -> None:
+    """The study's deepest files fit in a path (PATH_MAX): else they fail one by one, mid-study."""
+    if paths.is_local and len(os.fsencode(str(paths.local_dir))) > _PATH_MAX - _DEPTH:
+        raise StudyError(f"--storage-path={paths.storage} with --name={paths.name}: the study folder's path is "
+                         f"too long ({len(os.fsencode(str(paths.local_dir)))} bytes; at most {_PATH_MAX - _DEPTH}, "
+                         "so that its files fit in a path): choose a shorter --storage-path or --name")
 
 
 def _own_space(paths: StudyPaths) -> Path:
@@ -211,6 +257,8 @@ def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
                              "continue it or --restart to replace it (or choose another --name)")
         if args.resume and not exists:
             raise StudyError(f"--resume: no study to resume at {paths.uri}")
+        if exists and (problem := writable_problem(str(study_dir), f"the study folder {study_dir}")):
+            raise StudyError(problem)  # (a read-only one: refused before anything is read or written)
         record = StudyRecord.open(study_dir) if args.resume else None
         if args.warm_start is not None and record is not None:
             raise StudyError(f"--warm-start={args.warm_start}: a study is warm-started when it is created; "

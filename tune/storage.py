@@ -72,22 +72,24 @@ class StudyPaths:
         return str(self.local_dir / RUNS_DIR) if self.is_local else f"{self.uri}/{RUNS_DIR}"
 
 
-def writable_problem(storage: str) -> str | None:
+def writable_problem(storage: str, label: str | None = None) -> str | None:
     """Why the local ``storage`` folder cannot hold a study (None when it can; a URI is probed by
     Ray's nodes later). A real write, not ``os.access``: root passes every permission check, and a
-    read-only mount or a full disk only shows when something is written."""
+    read-only mount or a full disk only shows when something is written. ``label`` names the folder in
+    the message (default: the ``--storage-path`` option)."""
     existing = local_path(storage)
     if existing is None:
         return None
+    label = label or f"--storage-path={storage}"
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        return f"--storage-path={storage}: {existing} is a file, not a folder"
+        return f"{label}: {existing} is a file, not a folder"
     try:
         with tempfile.TemporaryFile(dir=existing) as probe:
             probe.write(b"x")
     except OSError as exc:
-        return f"--storage-path={storage}: cannot write in {existing} ({exc.strerror or exc})"
+        return f"{label}: cannot write in {existing} ({exc.strerror or exc}); make it writable"
     return None
 
 
