@@ -82,14 +82,14 @@ def test_a_driver_killed_mid_rebuild_of_space_yaml_leaves_none_and_the_next_rebu
     assert yaml.safe_load(rebuilt.read_text()) == spec
 
 
-def _stopped_by(exc: BaseException, after_trials: bool) -> BaseException:
+def _stopped_by(exc: BaseException, after_trials: bool, record: Path = Path("/st/s/optuna.db")) -> BaseException:
     """``exc`` as main() meets it: raised in the trials (wrapped by experiment._closing) or before."""
     from tune.interrupts import StudyStopped
 
     if not after_trials:
         return exc
     try:
-        raise StudyStopped("python -m tune.run --resume --name s --storage-path /st", Path("/st/s/optuna.db")) from exc
+        raise StudyStopped("python -m tune.run --resume --name s --storage-path /st", record) from exc
     except StudyStopped as stopped:
         return stopped
 
@@ -106,6 +106,14 @@ def test_what_stopped_the_driver_is_one_message_and_exit_status(exc: BaseExcepti
                                                                  line: str) -> None:
     message, status = run._stopped(_stopped_by(exc, after_trials), None)
     assert status == code and line in message and len(message.strip().splitlines()) == 1, message
+
+
+def test_an_os_error_after_trials_ran_exits_like_an_interrupt_when_the_record_is_kept(tmp_path: Path) -> None:
+    """A full disk (or a locked database) once trials ran leaves a study that --resume continues: the
+    interrupted exit, 130; with its record gone (1 above) nothing can be continued."""
+    (record := tmp_path / "optuna.db").write_bytes(b"")
+    message, status = run._stopped(_stopped_by(OSError(28, "No space left on device", "/st/s/x"), True, record), None)
+    assert status == 130 and "then continue with python -m tune.run --resume --name s" in message, message
 
 
 def test_a_bug_keeps_its_traceback() -> None:

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 def _stopped(exc: BaseException, paths: StudyPaths | None) -> tuple[str, int]:
     """The one place that turns what stopped the driver into its message and exit status: a refusal
     (2, or the StudyError's own), Ctrl-C or SIGTERM (130) and an OS error (one line naming the path and
-    what to do: 2 before any trial ran, when nothing was changed; 1 after, the study left for --resume).
+    what to do: 2 before any trial ran, when nothing was changed; after, 130 like an interrupt when the
+    study is left for --resume, 1 when its record is gone).
     Anything else is a bug: re-raised, with its traceback."""
     from .interrupts import StudyStopped, chain, os_problem
 
@@ -101,7 +102,7 @@ def _stopped(exc: BaseException, paths: StudyPaths | None) -> tuple[str, int]:
         return f"error: {problem}; nothing was changed: run the command again then", 2
     if not stopped.record.exists():
         return f"error: {problem}", 1
-    return f"error: {problem}, then continue with {stopped.resume}; finished trials are kept", 1
+    return f"error: {problem}, then continue with {stopped.resume}; finished trials are kept", 130
 
 
 def _main(args: argparse.Namespace, study: _Study) -> int:
