@@ -167,6 +167,9 @@ class TrainConfig:
     # Optional cap on optimizer steps per epoch (quick studies on big data); 0 = no cap.
     max_steps_per_epoch: Annotated[Int, Ge(0)] = 0
     log_interval: Annotated[Int, Gt(0)] = 10
+    # Evaluations of the objective per epoch, at evenly spaced optimizer steps (the last at the epoch's
+    # end; see minimind_train.train.evaluation_steps): each is a report. 1: once per epoch.
+    evals_per_epoch: Annotated[Int, Ge(1)] = 1
     # Divergence (the run stops with TrainingDiverged): an optimizer step's loss above this multiple
     # of the run's first step's loss (a fresh model starts near ln(vocab), so 10x is far worse than
     # guessing), or a gradient norm (before clipping) above divergence_grad_norm. 0 disables either.

@@ -2,7 +2,8 @@
 
 The config has sections ``model``, ``data`` and ``train`` (the schema the tuner uses, so a study's
 ``best.yaml`` runs here unchanged). A bare name such as ``sft_demo.yaml`` resolves to the bundled
-example. Each epoch writes ``<output>/last`` (resumable) and, when validation improves, ``<output>/best``.
+example. Each evaluation (``train.evals_per_epoch`` per epoch) prints a line and writes ``<output>/last``
+(resumable, mid-epoch too) and, when validation improves, ``<output>/best``.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = len(tokenizer)
     if args.resume:
         state = load_train_state(output / "last", cfg, vocab)
-        print(f"resumed from {output / 'last'} after epoch {state.epoch}")
+        print(f"resumed from {output / 'last'} after epoch {state.epoch}, optimizer step {state.step}")
     else:
         if (output / "last").exists():
             print(f"error: {output} already holds a run; pass --resume or another --output", file=sys.stderr)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
           f"data: {len(data.train):,} train / {len(data.val):,} val samples")
 
     # The step bar only on a terminal (in a log file its redraws would be thousands of lines); the
-    # per-epoch lines below say the same in a pipe.
+    # per-evaluation lines below say the same in a pipe.
     bar = None if args.quiet or not sys.stderr.isatty() else tqdm(unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def on_step(info: StepInfo) -> None:
@@ -88,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
         bar.update(info.step_in_epoch - bar.n)
 
-    # A resumed run keeps the best epoch it already has unless a new one beats it.
+    # A resumed run keeps the best evaluation it already has unless a new one beats it.
     resumed_best = args.resume and (output / "best" / META_FILE).is_file()
     best = read_meta(output / "best")["metrics"]["val_loss"] if resumed_best else math.inf
     meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data": data.stats_dict()}
     try:
         for result in train_epochs(cfg, data, state, on_step=on_step):
-            if bar is not None:
+            if bar is not None and result.epoch_end:
                 bar.reset()
             m = result.metrics
             save_checkpoint(output / "last", result.state, cfg, m, meta)
@@ -103,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                 best = m["val_loss"]
                 save_checkpoint(output / "best", result.state, cfg, m, meta, resume_state=False)
                 marker = " *"
-            print(f"epoch {result.epoch}/{cfg.train.epochs}  train_loss {m['train_loss']:.4f}  "
+            # Inside an epoch: where (its training metrics cover the steps since the previous line).
+            where = "" if result.epoch_end else f" step {result.step_in_epoch}/{result.steps_in_epoch}"
+            print(f"epoch {result.epoch}/{cfg.train.epochs}{where}  train_loss {m['train_loss']:.4f}  "
                   f"val_loss {m['val_loss']:.4f}{marker}  lr {m['lr']:.2e}  "
                   f"grad_norm {m['grad_norm']:.3f}  {m['supervised_tokens_per_s']:,.0f} sup tok/s  "
                   f"{m['epoch_seconds']:.1f}s", flush=True)

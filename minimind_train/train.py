@@ -1,7 +1,11 @@
-"""The per-epoch SFT loop and its loss.
+"""The SFT loop, its evaluations and its loss.
 
-``train_epochs(cfg, data, state)`` is a plain generator yielding one :class:`EpochResult` per epoch, so
-its caller (the CLI, a Ray trainable, a test) decides what happens between epochs; nothing here knows Ray.
+``train_epochs(cfg, data, state)`` is a plain generator yielding one :class:`EvalResult` per evaluation
+of the objective -- ``train.evals_per_epoch`` of them per epoch (default 1: once, at the epoch's end) --
+so its caller (the CLI, a Ray trainable, a test) decides what happens between evaluations (report,
+checkpoint, stop); nothing here knows Ray. The unit of progress is *optimizer steps done*
+(:attr:`EvalResult.optimizer_steps`); :func:`evaluation_steps` says where in an epoch evaluations fall.
+A state saved at any evaluation resumes exactly there, mid-epoch included.
 
 Loss (see shared/design.md): an optimizer step over ``accumulation_steps`` micro-batches minimises
 ``sum(CE over supervised tokens) / (supervised tokens in the window)`` plus the MoE aux loss averaged
@@ -10,6 +14,7 @@ over the micro-batches, so batch 8 x accum 1 and batch 2 x accum 4 give the same
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import resource
@@ -27,8 +32,9 @@ from .config import RunConfig, TrainConfig
 from .data import SFTData
 from .model import supervised_positions
 
-__all__ = ["EpochResult", "NonFiniteLossError", "StepInfo", "TrainingDiverged", "backward_window",
-           "check_divergence", "clip_grad_norm", "evaluate", "lr_at", "steps_per_epoch", "train_epochs"]
+__all__ = ["EpochResult", "EvalResult", "NonFiniteLossError", "StepInfo", "TrainingDiverged",
+           "backward_window", "check_divergence", "clip_grad_norm", "evaluate", "evaluation_steps", "lr_at",
+           "steps_per_epoch", "train_epochs"]
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +85,33 @@ class StepInfo:
 
 
 @dataclass(frozen=True)
-class EpochResult:
-    """What :func:`train_epochs` yields after each epoch."""
+class EvalResult:
+    """What :func:`train_epochs` yields at each evaluation of the objective (one report).
 
-    epoch: int  # 1-based number of the epoch just finished
+    ``metrics`` has the same keys at every evaluation. ``val_loss`` is measured on the whole validation
+    split (as capped by ``data.val_max_samples``) every time, so all evaluations of all trials measure
+    one quantity. The training-side metrics (``train_loss``, ``aux_loss``, ``grad_norm``, throughput,
+    ``epoch_seconds``, ``val_seconds``, ``time_epoch_start_unix``) cover the *interval* since the
+    previous evaluation (or the epoch's start): with one evaluation per epoch that interval is the epoch.
+    ``lr`` is the last step's, ``optimizer_steps`` the run's steps done.
+    """
+
+    epoch: int  # 1-based number of the epoch this evaluation falls in (just finished when epoch_end)
     metrics: dict[str, float]
     state: TrainState = field(repr=False)
+    evaluation: int  # 1-based index of this evaluation over the whole run
+    optimizer_steps: int  # optimizer steps done in the run: the unit of progress
+    step_in_epoch: int  # optimizer steps done in this epoch (== steps_in_epoch at its end)
+    steps_in_epoch: int  # optimizer steps of a whole epoch
+
+    @property
+    def epoch_end(self) -> bool:
+        """Whether this evaluation ends its epoch (the state then holds ``epoch`` completed epochs)."""
+        return self.step_in_epoch == self.steps_in_epoch
+
+
+# Its name before evaluations inside an epoch; with ``evals_per_epoch: 1`` it is exactly the old yield.
+EpochResult = EvalResult
 
 
 def lr_at(step: int, total_steps: int, lr: float, min_lr_ratio: float, warmup_steps: int = 0) -> float:
@@ -109,6 +136,16 @@ def steps_per_epoch(num_batches: int, train: TrainConfig) -> int:
     """Optimizer steps per epoch: a last partial accumulation window still makes a step."""
     steps = math.ceil(num_batches / train.accumulation_steps)
     return min(steps, train.max_steps_per_epoch) if train.max_steps_per_epoch else steps
+
+
+def evaluation_steps(per_epoch: int, evals_per_epoch: int) -> list[int]:
+    """The optimizer steps into an epoch (1-based counts) after which :func:`train_epochs` evaluates:
+    evaluation k of N after ``ceil(k * per_epoch / N)`` steps, k = 1..N, so the last is at the epoch's
+    end and the spacing is even to within one step. With ``per_epoch < N`` equal counts merge: the
+    epoch has ``min(N, per_epoch)`` evaluations (one after every step)."""
+    if per_epoch < 1 or evals_per_epoch < 1:
+        raise ValueError(f"per_epoch={per_epoch} and evals_per_epoch={evals_per_epoch} must be >= 1")
+    return sorted({-(-k * per_epoch // evals_per_epoch) for k in range(1, evals_per_epoch + 1)})
 
 
 def _supervised_ce(state: TrainState, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -178,10 +215,14 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def train_epochs(cfg: RunConfig, data: SFTData, state: TrainState | None = None, *,
-                 on_step: Callable[[StepInfo], None] | None = None) -> Iterator[EpochResult]:
-    """Train from ``state`` (fresh when None) to ``cfg.train.epochs``, yielding after each epoch. A resumed
-    state replays an uninterrupted run exactly: batch order depends only on (seed, epoch) and the
-    RNG, optimizer and schedule travel in the state."""
+                 on_step: Callable[[StepInfo], None] | None = None) -> Iterator[EvalResult]:
+    """Train from ``state`` (fresh when None) to ``cfg.train.epochs``, yielding at each of the
+    ``train.evals_per_epoch`` evaluations per epoch (:func:`evaluation_steps`). A resumed state -- saved
+    at any evaluation, mid-epoch included -- replays an uninterrupted run exactly: batch order depends
+    only on (seed, epoch), the position in the epoch is ``state.step - state.epoch * steps per epoch``,
+    and the RNG, optimizer, scaler and schedule travel in the state. Nothing accumulates across an
+    evaluation (its training metrics cover the interval since the previous one), so nothing more needs
+    to travel."""
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -191,24 +232,33 @@ def train_epochs(cfg: RunConfig, data: SFTData, state: TrainState | None = None,
     num_batches = math.ceil(len(data.train) / t.batch_size)
     per_epoch = steps_per_epoch(num_batches, t)
     total_steps = per_epoch * t.epochs
+    eval_at = evaluation_steps(per_epoch, t.evals_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = t.grad_clip if t.grad_clip > 0 else math.inf
 
     while state.epoch < t.epochs:
         epoch = state.epoch
+        done = state.step - epoch * per_epoch  # steps of this epoch already taken (> 0: resumed mid-epoch)
+        if not 0 <= done < per_epoch:
+            raise ValueError(f"the training state (epoch {epoch}, optimizer step {state.step}) does not fit "
+                             f"{per_epoch} optimizer steps per epoch: it was saved with other data or "
+                             "train.batch_size / accumulation_steps / max_steps_per_epoch")
         model.train()
         order = batch_indices(data.train.lengths, t.batch_size, seed=t.seed, epoch=epoch,
                               shuffle=True, group_by_length=cfg.data.group_by_length)
-        ce_epoch = torch.zeros((), dtype=torch.float64, device=device)
-        aux_epoch = torch.zeros((), dtype=torch.float64, device=device)
-        sup_epoch = tokens_epoch = micro_epoch = 0
-        grad_norms: list[float] = []
-        lr = t.learning_rate
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        wall_start = time.time()
-        start = time.perf_counter()
-        for step_in_epoch in range(per_epoch):
+        evaluation = epoch * len(eval_at) + bisect.bisect_right(eval_at, done)  # evaluations done so far
+        for step_in_epoch in range(done, per_epoch):
+            if step_in_epoch == done or step_in_epoch in eval_at:
+                # An interval starts (the epoch's, or the one after an evaluation): its metrics start here.
+                ce_epoch = torch.zeros((), dtype=torch.float64, device=device)
+                aux_epoch = torch.zeros((), dtype=torch.float64, device=device)
+                sup_epoch = tokens_epoch = micro_epoch = 0
+                grad_norms: list[float] = []
+                lr = t.learning_rate
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                wall_start = time.time()
+                start = time.perf_counter()
             window_order = order[step_in_epoch * t.accumulation_steps:
                                  (step_in_epoch + 1) * t.accumulation_steps]
             window = [data.train.batch(items, data.pad_id) for items in window_order]
@@ -246,31 +296,39 @@ def train_epochs(cfg: RunConfig, data: SFTData, state: TrainState | None = None,
             if (step_in_epoch + 1) % t.log_interval == 0:
                 log.debug("epoch %d step %d/%d loss %.4f lr %.3g grad_norm %.3f", info.epoch,
                           info.step_in_epoch, per_epoch, info.loss, lr, info.grad_norm)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - start
-        val_start = time.perf_counter()
-        val_loss = evaluate(state, data.val, t.eval_batch_size, data.pad_id)
-        val_seconds = time.perf_counter() - val_start
-        state.epoch += 1
-        metrics = {
-            "train_loss": float(ce_epoch) / max(sup_epoch, 1),
-            "val_loss": val_loss,
-            "aux_loss": float(aux_epoch) / max(micro_epoch, 1),
-            "lr": lr,
-            "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
-            "supervised_tokens_per_s": sup_epoch / train_seconds if train_seconds > 0 else 0.0,
-            "tokens_per_s": tokens_epoch / train_seconds if train_seconds > 0 else 0.0,
-            "epoch_seconds": train_seconds,
-            "val_seconds": val_seconds,
-            "peak_memory_mb": _peak_memory_mb(device),
-            "optimizer_steps": float(state.step),
-            # Wall clock (Unix seconds) when the epoch's first step began: with a study's launch time
-            # it gives the time to the first training step. The "time_" prefix marks it as timing
-            # bookkeeping, which the MLflow tracker leaves out like Ray's own time_* keys.
-            "time_epoch_start_unix": wall_start,
-        }
-        log.info("epoch %d/%d train_loss %.4f val_loss %.4f lr %.3g %.0f sup tok/s", state.epoch,
-                 t.epochs, metrics["train_loss"], val_loss, lr, metrics["supervised_tokens_per_s"])
-        yield EpochResult(epoch=state.epoch, metrics=metrics, state=state)
-
+            if step_in_epoch + 1 not in eval_at:
+                continue
+            epoch_end = step_in_epoch + 1 == per_epoch
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_seconds = time.perf_counter() - start
+            val_start = time.perf_counter()
+            val_loss = evaluate(state, data.val, t.eval_batch_size, data.pad_id)
+            val_seconds = time.perf_counter() - val_start
+            evaluation += 1
+            if epoch_end:
+                state.epoch += 1
+            metrics = {
+                "train_loss": float(ce_epoch) / max(sup_epoch, 1),
+                "val_loss": val_loss,
+                "aux_loss": float(aux_epoch) / max(micro_epoch, 1),
+                "lr": lr,
+                "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+                "supervised_tokens_per_s": sup_epoch / train_seconds if train_seconds > 0 else 0.0,
+                "tokens_per_s": tokens_epoch / train_seconds if train_seconds > 0 else 0.0,
+                "epoch_seconds": train_seconds,
+                "val_seconds": val_seconds,
+                "peak_memory_mb": _peak_memory_mb(device),
+                "optimizer_steps": float(state.step),
+                # Wall clock (Unix seconds) when the interval's (the epoch's) first step began: with a
+                # study's launch time it gives the time to the first training step. The "time_" prefix
+                # marks it as timing bookkeeping, which the MLflow tracker leaves out like Ray's own
+                # time_* keys.
+                "time_epoch_start_unix": wall_start,
+            }
+            where = "" if epoch_end else f" step {step_in_epoch + 1}/{per_epoch}"
+            log.info("epoch %d/%d%s train_loss %.4f val_loss %.4f lr %.3g %.0f sup tok/s", epoch + 1,
+                     t.epochs, where, metrics["train_loss"], val_loss, lr, metrics["supervised_tokens_per_s"])
+            yield EvalResult(epoch=epoch + 1, metrics=metrics, state=state, evaluation=evaluation,
+                             optimizer_steps=state.step, step_in_epoch=step_in_epoch + 1,
+                             steps_in_epoch=per_epoch)

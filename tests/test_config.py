@@ -23,6 +23,8 @@ from minimind_train.config import (
 
 @pytest.mark.parametrize(("raw", "expected"), [
     ({"train": {"epochs": 0}}, "train.epochs=0 is not allowed: expected an integer > 0"),
+    ({"train": {"evals_per_epoch": 0}}, "train.evals_per_epoch=0 is not allowed: expected an integer >= 1"),
+    ({"train": {"evals_per_epoch": 2.5}}, "train.evals_per_epoch=2.5 is not allowed: expected an integer"),
     ({"train": {"batch_size": "16"}}, "train.batch_size='16' is not allowed: expected an integer > 0"),
     ({"train": {"batch_size": 2.0}}, "train.batch_size=2.0 is not allowed: expected an integer"),
     ({"train": {"min_lr_ratio": 1.5}}, "train.min_lr_ratio=1.5 is not allowed: expected a finite number >= 0 and <= 1"),

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from minimind_train.checkpoint import MODEL_FILE, STATE_FILE, read_meta
+from minimind_train import sft
+from minimind_train.checkpoint import MODEL_FILE, STATE_FILE, TrainState, read_meta
 from minimind_train.data import DEMO_DATA_PATH
 from minimind_train.sft import main, resolve_config_path
 
@@ -78,3 +79,34 @@ def test_a_diverged_run_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[st
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     assert main(["--config", str(path), "--output", str(tmp_path / "out"), "--quiet"]) == 3
     assert "exploded" in capsys.readouterr().err
+
+
+def test_evaluations_inside_an_epoch_print_and_resume_mid_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _config(tmp_path, 2)
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    cfg["train"].update(evals_per_epoch=2)  # 2 steps per epoch: an evaluation after each
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    out = tmp_path / "out"
+    real_save = sft.save_checkpoint
+    saved: list[int] = []
+
+    def save_then_stop(directory: Path, state: TrainState, *args: object, **kwargs: object) -> Path:
+        folder = real_save(directory, state, *args, **kwargs)
+        saved.extend([state.step] if directory.name == "last" else [])
+        if saved == [1, 2, 3]:
+            raise KeyboardInterrupt  # the process dies after the checkpoint of step 3, mid-epoch 2
+        return folder
+
+    monkeypatch.setattr(sft, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--config", str(path), "--output", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    assert "epoch 1/2 step 1/2  train_loss" in printed and "epoch 1/2  train_loss" in printed
+    assert (read_meta(out / "last")["epoch"], read_meta(out / "last")["step"]) == (1, 3)
+    monkeypatch.setattr(sft, "save_checkpoint", real_save)
+    assert main(["--config", str(path), "--output", str(out), "--resume", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "after epoch 1, optimizer step 3" in printed
+    assert "epoch 2/2  train_loss" in printed and "step 1/2" not in printed
+    assert (read_meta(out / "last")["epoch"], read_meta(out / "last")["step"]) == (2, 4)

@@ -19,6 +19,7 @@ from minimind_train.chat import IGNORE_INDEX
 from minimind_train.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
+    TrainState,
     WeightMismatchError,
     init_state,
     load_minimind_weights,
@@ -33,6 +34,7 @@ from minimind_train.train import (
     backward_window,
     check_divergence,
     clip_grad_norm,
+    evaluation_steps,
     lr_at,
     steps_per_epoch,
     train_epochs,
@@ -268,3 +270,82 @@ def test_first_loss_survives_a_checkpoint(run_cfg, tmp_path):
     save_checkpoint(tmp_path / "c", result.state, run_cfg, result.metrics)
     state = load_train_state(tmp_path / "c", run_cfg, data.vocab_size)
     assert state.first_loss == result.state.first_loss
+
+
+@pytest.mark.parametrize(("per_epoch", "n", "expected"), [
+    (10, 1, [10]), (10, 4, [3, 5, 8, 10]), (6, 3, [2, 4, 6]), (7, 7, list(range(1, 8))),
+    (3, 5, [1, 2, 3]),  # fewer steps than evaluations: one after every step
+])
+def test_evaluation_steps_are_evenly_spaced_and_end_the_epoch(per_epoch, n, expected):
+    steps = evaluation_steps(per_epoch, n)
+    assert steps == expected and steps[-1] == per_epoch and len(steps) == min(n, per_epoch)
+    gaps = [b - a for a, b in itertools.pairwise([0, *steps])]
+    assert max(gaps) - min(gaps) <= 1
+    with pytest.raises(ValueError, match="evals_per_epoch=0"):
+        evaluation_steps(per_epoch, 0)
+
+
+_TIMING = ("epoch_seconds", "val_seconds", "supervised_tokens_per_s", "tokens_per_s", "peak_memory_mb",
+           "time_epoch_start_unix")
+
+
+def _untimed(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k not in _TIMING}
+
+
+def _evals_cfg(run_cfg: RunConfig, n: int) -> RunConfig:
+    # 6 optimizer steps of 4 samples per epoch (of 12 batches: small and fast); dropout, so the RNG
+    # must travel in a checkpoint too.
+    return dataclasses.replace(run_cfg, model=dataclasses.replace(TINY, dropout=0.1),
+                               train=dataclasses.replace(run_cfg.train, evals_per_epoch=n, batch_size=4,
+                                                         max_steps_per_epoch=6))
+
+
+def test_evaluations_inside_an_epoch_and_a_resume_from_one_are_bit_exact(run_cfg, tmp_path):
+    """3 evaluations per epoch report at steps 2, 4, 6 and change nothing in training; a state saved at
+    an intermediate evaluation (mid-epoch 1, and mid-epoch 2 after an epoch end) and resumed in a fresh
+    RNG ends bit-identical to an uninterrupted run, with the same metrics at every later evaluation."""
+    once, thrice = _evals_cfg(run_cfg, 1), _evals_cfg(run_cfg, 3)
+    data = prepare_data(once.data)
+    runs = list(train_epochs(once, data))
+    want = runs[-1].state  # uninterrupted, with no evaluation inside an epoch
+    by_epoch = [(r.epoch, r.evaluation, r.optimizer_steps, r.epoch_end, r.metrics) for r in runs]
+    results = []
+    for r in train_epochs(thrice, data):
+        results.append(r)
+        if r.evaluation in (2, 5):
+            save_checkpoint(tmp_path / f"eval{r.evaluation}", r.state, thrice, r.metrics)
+    assert [(r.epoch, r.evaluation, r.optimizer_steps, r.step_in_epoch, r.epoch_end) for r in results] == [
+        (1, 1, 2, 2, False), (1, 2, 4, 4, False), (1, 3, 6, 6, True),
+        (2, 4, 8, 2, False), (2, 5, 10, 4, False), (2, 6, 12, 6, True)]
+    assert [row[:4] for row in by_epoch] == [(1, 1, 6, True), (2, 2, 12, True)]
+    assert all(r.metrics.keys() == by_epoch[0][4].keys() for r in results)
+    assert all(r.metrics["optimizer_steps"] == r.optimizer_steps for r in results)
+    ends = [r.metrics for r in results if r.epoch_end]
+    assert [m["val_loss"] for m in ends] == [row[4]["val_loss"] for row in by_epoch]
+    assert [m["lr"] for m in ends] == [row[4]["lr"] for row in by_epoch]
+    # Training metrics cover the interval since the previous evaluation (2 steps), not the epoch.
+    assert ends[0]["train_loss"] != by_epoch[0][4]["train_loss"]
+
+    def assert_same_state(state: TrainState) -> None:
+        for (name, a), b in zip(state.model.named_parameters(), want.model.parameters()):
+            assert torch.equal(a, b), name
+        for a, b in zip(state.optimizer.state.values(), want.optimizer.state.values()):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+
+    assert_same_state(results[-1].state)
+    for stop in (2, 5):
+        torch.manual_seed(12345)  # a resumed process has some other RNG state; the checkpoint restores it
+        state = load_train_state(tmp_path / f"eval{stop}", thrice, data.vocab_size)
+        resumed = list(train_epochs(thrice, data, state))
+        assert [(r.epoch, r.evaluation, r.optimizer_steps, _untimed(r.metrics)) for r in resumed] == \
+            [(r.epoch, r.evaluation, r.optimizer_steps, _untimed(r.metrics)) for r in results[stop:]]
+        assert_same_state(resumed[-1].state)
+
+
+def test_a_state_that_does_not_fit_the_epoch_is_refused(run_cfg):
+    data = prepare_data(run_cfg.data)
+    state = init_state(run_cfg, vocab_size=data.vocab_size)
+    state.step = 7  # 6 steps per epoch: step 7 is not in epoch 0
+    with pytest.raises(ValueError, match=r"epoch 0, optimizer step 7\) does not fit 6 optimizer steps"):
+        next(train_epochs(run_cfg, data, state))
