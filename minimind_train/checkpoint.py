@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import RunConfig, run_config_to_dict
+from .config import MODEL_FILE, RunConfig, run_config_to_dict, weights_file
 from .model import GenerationMismatchError, MiniMindForCausalLM, build_model, check_generation
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ __all__ = ["META_FILE", "MODEL_FILE", "STATE_FILE", "TrainState", "WeightMismatc
            "init_state", "load_minimind_weights", "load_train_state", "model_from_checkpoint", "read_meta",
            "save_checkpoint"]
 
-MODEL_FILE = "model.pth"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 
@@ -100,11 +99,13 @@ def init_state(cfg: RunConfig, vocab_size: int, device: torch.device | None = No
 
 
 def load_minimind_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
-    """Load a MiniMind ``.pth`` strictly; any missing, unexpected or wrong-shape key is an error, and a
-    file of the other MiniMind generation is refused saying which generation it is."""
-    path = Path(path)
+    """Load a MiniMind ``.pth`` (or a checkpoint folder's) strictly; any missing, unexpected or
+    wrong-shape key is an error, and a file of the other MiniMind generation is refused saying which
+    generation it is."""
+    path = weights_file(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model.init_from: no such file: {path}")
+        raise FileNotFoundError(f"no such weights file: {path} (expected a MiniMind .pth file, or a "
+                                f"checkpoint folder holding {MODEL_FILE})")
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(loaded, Mapping):
         raise WeightMismatchError(f"{path}: expected a state dict, got {type(loaded).__name__}")
@@ -204,9 +205,9 @@ def drop_resume_state(directory: str | os.PathLike[str]) -> int:
     return size
 
 
-def model_from_checkpoint(directory: str | os.PathLike[str], cfg: RunConfig,
-                          vocab_size: int) -> torch.nn.Module:
-    """An fp32 model of ``cfg.model.family`` with the checkpoint's fp16 weights, loaded strictly."""
+def model_from_checkpoint(path: str | os.PathLike[str], cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
+    """An fp32 model of ``cfg.model.family`` with a checkpoint's fp16 weights, loaded strictly; ``path``
+    is the checkpoint folder or its ``model.pth`` (the path a study prints)."""
     model = build_model(cfg.model, vocab_size)
-    load_minimind_weights(model, Path(directory) / MODEL_FILE)
+    load_minimind_weights(model, path)
     return model
