@@ -5,6 +5,10 @@ Layout of one checkpoint folder::
     model.pth        fp16 state dict with MiniMind keys (what upstream MiniMind scripts load)
     train_state.pt   fp32 weights, optimizer, scaler, epoch/step, RNG -- enough to resume exactly
     meta.json        config, metrics of that epoch, tokenizer fingerprint, versions
+
+:func:`checkpoint_problem` is the one rule for whether a checkpoint folder can be used (its weights) or
+continued from (its resume state too): the study's listing, the driver's resume message and the trainable
+that resumes all ask it.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
@@ -27,8 +32,8 @@ from .model import GenerationMismatchError, MiniMindForCausalLM, build_model, ch
 if TYPE_CHECKING:
     from .model3 import MiniMind3ForCausalLM
 
-__all__ = ["META_FILE", "MODEL_FILE", "STATE_FILE", "TrainState", "WeightMismatchError", "drop_resume_state",
-           "init_state", "load_minimind_weights", "load_train_state", "model_from_checkpoint", "read_meta",
+__all__ = ["META_FILE", "MODEL_FILE", "STATE_FILE", "TrainState", "WeightMismatchError", "checkpoint_problem",
+           "drop_resume_state", "init_state", "load_minimind_weights", "load_train_state", "model_from_checkpoint", "read_meta",
            "save_checkpoint"]
 
 STATE_FILE = "train_state.pt"
@@ -170,6 +175,61 @@ def save_checkpoint(directory: str | os.PathLike[str], state: TrainState, cfg: R
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``meta.json`` of a checkpoint folder (config, epoch, step, metrics, versions)."""
     return json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
+
+
+def _archive_problem(fh: IO[bytes]) -> str | None:
+    """Why an open file is not a whole torch archive (``torch.save``'s zip), or None. Reads only the
+    zip's directory: a file cut short has lost it (it is written last), and every entry must lie within
+    the file; damage inside an entry's bytes is found by loading it."""
+    size = fh.seek(0, os.SEEK_END)
+    if size == 0:
+        return "is empty (0 bytes)"
+    fh.seek(0)
+    try:
+        with zipfile.ZipFile(fh) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        return f"is truncated or not a torch file ({size} bytes, no whole zip directory)"
+    if not any(e.filename.endswith("/data.pkl") for e in entries):
+        return "is not a torch file (a zip without data.pkl)"
+    if any(e.header_offset + e.compress_size > size for e in entries):
+        return f"is truncated ({size} bytes)"
+    return None
+
+
+def checkpoint_problem(folder: str | os.PathLike[str], *, resume: bool,
+                       open_file: Callable[[str], IO[bytes]] | None = None) -> str | None:
+    """Why the checkpoint ``folder`` cannot be used, or None: the one validity rule for checkpoints.
+
+    Usable: ``meta.json`` is a JSON object naming its integer epoch, ``model.pth`` is a whole torch
+    file, and so is ``train_state.pt`` where present (pruned from finished trials); continued from
+    (``resume``) needs it present. Missing, empty, truncated and non-torch files are each named. ``open_file`` opens a path for seekable binary reading (a
+    pyarrow filesystem's ``open_input_file`` for a bucket); default: the local filesystem.
+    """
+    def opened(name: str) -> IO[bytes]:
+        return (open_file or (lambda p: open(p, "rb")))(f"{folder}/{name}")  # noqa: SIM115 - returned
+
+    try:
+        with opened(META_FILE) as fh:
+            meta = json.loads(fh.read())
+        int(meta["epoch"])
+    except FileNotFoundError:
+        return f"{META_FILE} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{META_FILE} is unreadable or names no epoch ({type(exc).__name__}: {exc})"
+    for name in (MODEL_FILE, STATE_FILE):
+        try:
+            with opened(name) as fh:
+                problem = _archive_problem(fh)
+        except FileNotFoundError:
+            if name == STATE_FILE and not resume:
+                continue  # (pruned at a study's end: the weights are still usable)
+            problem = "is missing" + (" (no resume state)" if name == STATE_FILE else "")
+        except OSError as exc:
+            problem = f"cannot be read ({exc})"
+        if problem is not None:
+            return f"{name} {problem}"
+    return None
 
 
 def load_train_state(directory: str | os.PathLike[str], cfg: RunConfig, vocab_size: int,

@@ -77,14 +77,44 @@ def fixture_dir() -> Path:
     return need_shared(FIXTURES)
 
 
-def make_checkpoint(folder: Path, epoch: int, val: float, *, meta: bool = True, state: bytes = b"x") -> Path:
-    """A trial checkpoint folder as tune.trainable writes it (``meta=False``: cut short before meta.json)."""
+def make_checkpoint(folder: Path, epoch: int, val: float, *, meta: bool = True, state: bytes | None = None) -> Path:
+    """A trial checkpoint folder as tune.trainable writes it (``meta=False``: cut short before meta.json;
+    ``state``: the resume state's bytes instead of a small torch file)."""
     folder.mkdir(parents=True)
     torch.save({"w": torch.zeros(1)}, folder / "model.pth")
-    (folder / "train_state.pt").write_bytes(state)
+    if state is None:
+        torch.save({"epoch": epoch}, folder / "train_state.pt")
+    else:
+        (folder / "train_state.pt").write_bytes(state)
     if meta:
         (folder / "meta.json").write_text(json.dumps({"epoch": epoch, "metrics": {"val_loss": val}}))
     return folder
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# Every way a checkpoint file can be incomplete or unreadable, as (file, damage, words of the problem).
+DAMAGES: dict[str, tuple[str, Any, str]] = {
+    "state-missing": ("train_state.pt", Path.unlink, "train_state.pt is missing"),
+    "state-empty": ("train_state.pt", lambda p: p.write_bytes(b""), "train_state.pt is empty"),
+    "state-truncated": ("train_state.pt", _truncate, "train_state.pt is truncated"),
+    "state-not-torch": ("train_state.pt", lambda p: p.write_text("not torch"), "train_state.pt is truncated or not"),
+    "model-missing": ("model.pth", Path.unlink, "model.pth is missing"),
+    "model-empty": ("model.pth", lambda p: p.write_bytes(b""), "model.pth is empty"),
+    "model-truncated": ("model.pth", _truncate, "model.pth is truncated"),
+    "model-not-torch": ("model.pth", lambda p: p.write_text("{}"), "model.pth is truncated or not"),
+    "meta-missing": ("meta.json", Path.unlink, "meta.json is missing"),
+    "meta-not-json": ("meta.json", lambda p: p.write_text("{"), "meta.json is unreadable"),
+}
+
+
+def damage(folder: Path, form: str) -> str:
+    """Damage the checkpoint ``folder`` as :data:`DAMAGES` ``form`` says; the problem's words."""
+    name, how, words = DAMAGES[form]
+    how(folder / name)
+    return words
 
 
 def killed_mid_write(code: str, limit: int = 16) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DAMAGES, damage, make_checkpoint
 import torch.nn.functional as F
 
 from minimind_train.chat import IGNORE_INDEX
@@ -20,6 +21,7 @@ from minimind_train.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     WeightMismatchError,
+    checkpoint_problem,
     init_state,
     load_minimind_weights,
     load_train_state,
@@ -213,6 +215,19 @@ def test_a_checkpoint_loads_from_its_model_pth_or_its_folder(run_cfg, tmp_path):
         (tmp_path / "empty_folder").mkdir(exist_ok=True)
         with pytest.raises(FileNotFoundError, match=r"no such weights file: .*(nowhere|empty_folder/model)\.pth"):
             model_from_checkpoint(missing, run_cfg, data.vocab_size)
+
+
+@pytest.mark.parametrize("form", sorted(DAMAGES))
+def test_the_checkpoint_validity_rule_names_each_damage(tmp_path, form):
+    # One rule decides which checkpoint a trial continues from (issue 21: a deleted train_state.pt was
+    # announced as the resume point while the trial silently trained from an older one).
+    folder = make_checkpoint(tmp_path / "epoch_0002", 2, 1.0)
+    assert checkpoint_problem(folder, resume=True) is None
+    words = damage(folder, form)
+    problem = checkpoint_problem(folder, resume=True)
+    assert problem is not None and problem.startswith(words), problem
+    # The weights alone stay usable where only the resume state was pruned (deleted), not damaged.
+    assert (checkpoint_problem(folder, resume=False) is None) == (form == "state-missing")
 
 
 def test_init_from_mismatch_lists_keys(run_cfg, tmp_path):

@@ -51,7 +51,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from minimind_train.validation import validate
 
-from .storage import RUNS_DIR, checkpoint_metas, local_path, trial_dirs
+from .storage import RUNS_DIR, ResumePoint, checkpoint_metas, local_path, resume_point, trial_dirs
 
 __all__ = ["FINISHED", "MANIFEST_FILE", "OPTUNA_FILE", "PATH_KEYS", "RESUMABLE", "RUN_SETTINGS", "WARM_START",
            "Manifest", "StudyError", "StudyRecord", "TrialRecord", "diff_specs", "write_atomic"]
@@ -346,8 +346,12 @@ class StudyRecord:
         return trial_dirs(Path(self.runs), number) if local_path(self.runs) is not None else []
 
     def checkpoint_metas(self, number: int) -> dict[int, tuple[str, dict[str, Any]]]:
-        """The trial's whole checkpoints by epoch: (path on the runs' filesystem, meta.json)."""
+        """The trial's usable checkpoints by epoch: (path on the runs' filesystem, meta.json)."""
         return checkpoint_metas(self.runs, number)
+
+    def resume_point(self, number: int) -> ResumePoint:
+        """The checkpoint the trial continues from (and the newer ones that cannot be continued from)."""
+        return resume_point(self.runs, number)
 
     def best_checkpoint(self, number: int, metric: str, mode: str) -> str | None:
         """The trial's kept checkpoint with the best ``metric`` by its own meta.json."""
