@@ -207,7 +207,7 @@ def checkpoint_problem(folder: str | os.PathLike[str], *, resume: bool,
     pyarrow filesystem's ``open_input_file`` for a bucket); default: the local filesystem.
     """
     def opened(name: str) -> IO[bytes]:
-        return (open_file or (lambda p: open(p, "rb")))(f"{folder}/{name}")  # noqa: SIM115 - returned
+        return (open_file or (lambda p: open(p, "rb")))(f"{folder}/{name}")
 
     try:
         with opened(META_FILE) as fh:

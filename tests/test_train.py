@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DAMAGES, damage, make_checkpoint
 import torch.nn.functional as F
+from conftest import DAMAGES, damage, make_checkpoint
 
 from minimind_train.chat import IGNORE_INDEX
 from minimind_train.checkpoint import (
