@@ -182,6 +182,26 @@ def test_the_resume_message_and_the_resumed_epoch_agree(record: StudyRecord, for
     assert plan.epoch == restored.epoch == meta["epoch"] == 1
 
 
+def test_a_checkpoint_never_continues_under_another_configuration(tmp_path: Path) -> None:
+    # Issue 21: whichever study file was edited, one trial's epochs never mix two configurations.
+    import dataclasses
+
+    from minimind_train.checkpoint import init_state, save_checkpoint
+    from minimind_train.config import ModelConfig, RunConfig, TrainConfig
+    from tune.trainable import _restore
+
+    cfg = RunConfig(model=ModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1), train=TrainConfig(device="cpu", dtype="float32"))
+    state = init_state(cfg, vocab_size=64)
+    state.epoch = 1
+    save_checkpoint(tmp_path / "runs" / "run-1" / "t000" / "epoch_0001", state, cfg, {"val_loss": 2.0})
+    moved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_threads=1))  # a run setting
+    assert _restore(str(tmp_path / "runs"), 0, moved, 64)[0].epoch == 1
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, weight_decay=0.5))
+    with pytest.raises(RuntimeError, match=r"another configuration .*train\.weight_decay: 0\.\d+ -> 0\.5"):
+        _restore(str(tmp_path / "runs"), 0, other, 64)
+
+
 def test_finalists_are_the_top_configs_with_more_seeds_and_continue_once(record: StudyRecord) -> None:
     from tune.searcher import finalist_plans
 

@@ -10,6 +10,7 @@ same config diverges again). Data come memory-mapped from the driver's per-study
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -20,12 +21,13 @@ import torch
 from ray import tune
 
 from minimind_train.checkpoint import load_train_state, save_checkpoint
-from minimind_train.config import RunConfig, run_config_from_dict
+from minimind_train.config import RunConfig, run_config_from_dict, run_config_to_dict
 from minimind_train.data import prepare_data
 from minimind_train.train import TrainingDiverged, train_epochs
 
 from .cluster import StudyData, current_node, open_study_data
 from .progress import step_writer
+from .record import PATH_KEYS, RUN_SETTINGS
 from .searcher import NUMBER_KEY, PARAMS_KEY
 from .storage import filesystem_of, resume_point, retain_checkpoints, trial_dirname, write_checkpoint
 
@@ -71,6 +73,18 @@ def _restore(runs: str, number: int, cfg: RunConfig, vocab_size: int) -> tuple[A
         log.warning("trial %s: checkpoint %s cannot be continued from: %s", number, path, problem)
     if point.path is None:
         return None, {}
+    # The last guard against one trial's epochs mixing two configurations (the study's files are compared
+    # before Ray starts: StudyRecord.open, preflight.reconcile): its checkpoint says what it trained with.
+    saved = point.meta.get("config")
+    if isinstance(saved, Mapping):
+        now = json.loads(json.dumps(run_config_to_dict(cfg)))  # (as meta.json holds it: lists, not tuples)
+        changed = [f"{section}.{name}: {old!r} -> {now[section][name]!r}"
+                   for section, values in saved.items() if isinstance(values, Mapping) and section in now
+                   for name, old in values.items() if name in now[section]
+                   and f"{section}.{name}" not in RUN_SETTINGS + PATH_KEYS and now[section][name] != old]
+        if changed:
+            raise RuntimeError(f"checkpoint {point.path} was trained with another configuration than the study's "
+                               f"now ({'; '.join(changed)}); its epochs are not continued with another")
     fs, _ = filesystem_of(runs)
     try:  # (as_directory downloads from a URI; a local folder is used in place)
         with tune.Checkpoint(point.path, filesystem=fs).as_directory() as directory:
