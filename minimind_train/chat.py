@@ -6,7 +6,10 @@ Labels follow the Hugging Face convention: aligned with ``input_ids``, the token
 ``<think>`` blocks and tool calls too); tool responses, user and system turns never are.
 
 Messages carry upstream's fields ``role, content, reasoning_content, tools, tool_calls`` (the last two
-JSON strings, parsed as upstream's ``SFTDataset`` does); a message with any other field is refused.
+JSON strings, parsed as upstream's ``SFTDataset`` does); a message with any other field is refused. As
+upstream's loader makes every missing field null, a null field is a missing one: the template renders it
+(MiniMind-3's renders a null content as ``''``), and where the template cannot, the conversation is refused
+as upstream's would fail.
 Upstream's random augmentation runs only when :func:`render` is given a generator.
 """
 
@@ -78,7 +81,8 @@ def check_messages(obj: Any, unknown: Counter[str] | None = None
             return None, "unknown_field"
         if message["role"] not in ROLES:
             return None, "unknown_role"
-        if not isinstance(message.get("content"), str):
+        # Null is what upstream's loader gives for a missing field; the template decides what it renders.
+        if message.get("content") is not None and not isinstance(message["content"], str):
             return None, "non_string_content"
         if any(message.get(k) is not None and not isinstance(message[k], str) for k in _JSON_FIELDS):
             return None, "non_string_field"
@@ -184,7 +188,8 @@ def encode_conversation(tokenizer: Any, conversations: Sequence[Mapping[str, Any
     cache encodes it (``rng``: see :func:`render`).
 
     Raises :class:`DataError` for an unknown role (``tool`` only where the template renders it) or
-    field, non-string content, bad tool JSON or a malformed message.
+    field, content neither a string nor null, bad tool JSON, a malformed message, or one the chat
+    template raises on (as upstream's would: a null first system content, say).
     """
     if max_length <= 0:
         raise ValueError(f"max_length={max_length} must be > 0")
@@ -197,8 +202,12 @@ def encode_conversation(tokenizer: Any, conversations: Sequence[Mapping[str, Any
         raise DataError(f"invalid conversation ({reason or 'empty'}{detail}): {conversations!r:.200}")
     try:
         text = render(tokenizer, messages, rng)
+    except DataError:
+        raise
     except BadToolJSON as exc:
         raise DataError(f"invalid conversation (tools/tool_calls is not a JSON string: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - a template's raise_exception, or a null it cannot join
+        raise DataError(f"invalid conversation (template_error: the chat template raised {exc!r})") from None
     ids = np.asarray(tokenize(tokenizer, [text])[0], dtype=np.int64)
     mask = supervision_mask(ids, label_markers(tokenizer))[:max_length]
     ids = ids[:max_length]

@@ -5,6 +5,10 @@ Layout of one checkpoint folder::
     model.pth        fp16 state dict with MiniMind keys (what upstream MiniMind scripts load)
     train_state.pt   fp32 weights, optimizer, scaler, epoch/step, RNG -- enough to resume exactly
     meta.json        config, metrics of that epoch, tokenizer fingerprint, versions
+
+:func:`checkpoint_problem` is the one rule for whether a checkpoint folder can be used (its weights) or
+continued from (its resume state too): the study's listing, the driver's resume message and the trainable
+that resumes all ask it.
 """
 
 from __future__ import annotations
@@ -14,24 +18,24 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from .config import RunConfig, run_config_to_dict
+from .config import MODEL_FILE, RunConfig, run_config_to_dict, weights_file
 from .model import GenerationMismatchError, MiniMindForCausalLM, build_model, check_generation
 
 if TYPE_CHECKING:
     from .model3 import MiniMind3ForCausalLM
 
-__all__ = ["META_FILE", "MODEL_FILE", "STATE_FILE", "TrainState", "WeightMismatchError", "drop_resume_state",
-           "init_state", "load_minimind_weights", "load_train_state", "model_from_checkpoint", "read_meta",
+__all__ = ["META_FILE", "MODEL_FILE", "STATE_FILE", "TrainState", "WeightMismatchError", "checkpoint_problem",
+           "drop_resume_state", "init_state", "load_minimind_weights", "load_train_state", "model_from_checkpoint", "read_meta",
            "save_checkpoint"]
 
-MODEL_FILE = "model.pth"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 
@@ -100,11 +104,13 @@ def init_state(cfg: RunConfig, vocab_size: int, device: torch.device | None = No
 
 
 def load_minimind_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
-    """Load a MiniMind ``.pth`` strictly; any missing, unexpected or wrong-shape key is an error, and a
-    file of the other MiniMind generation is refused saying which generation it is."""
-    path = Path(path)
+    """Load a MiniMind ``.pth`` (or a checkpoint folder's) strictly; any missing, unexpected or
+    wrong-shape key is an error, and a file of the other MiniMind generation is refused saying which
+    generation it is."""
+    path = weights_file(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model.init_from: no such file: {path}")
+        raise FileNotFoundError(f"no such weights file: {path} (expected a MiniMind .pth file, or a "
+                                f"checkpoint folder holding {MODEL_FILE})")
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(loaded, Mapping):
         raise WeightMismatchError(f"{path}: expected a state dict, got {type(loaded).__name__}")
@@ -171,6 +177,61 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
 
 
+def _archive_problem(fh: IO[bytes]) -> str | None:
+    """Why an open file is not a whole torch archive (``torch.save``'s zip), or None. Reads only the
+    zip's directory: a file cut short has lost it (it is written last), and every entry must lie within
+    the file; damage inside an entry's bytes is found by loading it."""
+    size = fh.seek(0, os.SEEK_END)
+    if size == 0:
+        return "is empty (0 bytes)"
+    fh.seek(0)
+    try:
+        with zipfile.ZipFile(fh) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        return f"is truncated or not a torch file ({size} bytes, no whole zip directory)"
+    if not any(e.filename.endswith("/data.pkl") for e in entries):
+        return "is not a torch file (a zip without data.pkl)"
+    if any(e.header_offset + e.compress_size > size for e in entries):
+        return f"is truncated ({size} bytes)"
+    return None
+
+
+def checkpoint_problem(folder: str | os.PathLike[str], *, resume: bool,
+                       open_file: Callable[[str], IO[bytes]] | None = None) -> str | None:
+    """Why the checkpoint ``folder`` cannot be used, or None: the one validity rule for checkpoints.
+
+    Usable: ``meta.json`` is a JSON object naming its integer epoch, ``model.pth`` is a whole torch
+    file, and so is ``train_state.pt`` where present (pruned from finished trials); continued from
+    (``resume``) needs it present. Missing, empty, truncated and non-torch files are each named. ``open_file`` opens a path for seekable binary reading (a
+    pyarrow filesystem's ``open_input_file`` for a bucket); default: the local filesystem.
+    """
+    def opened(name: str) -> IO[bytes]:
+        return (open_file or (lambda p: open(p, "rb")))(f"{folder}/{name}")
+
+    try:
+        with opened(META_FILE) as fh:
+            meta = json.loads(fh.read())
+        int(meta["epoch"])
+    except FileNotFoundError:
+        return f"{META_FILE} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{META_FILE} is unreadable or names no epoch ({type(exc).__name__}: {exc})"
+    for name in (MODEL_FILE, STATE_FILE):
+        try:
+            with opened(name) as fh:
+                problem = _archive_problem(fh)
+        except FileNotFoundError:
+            if name == STATE_FILE and not resume:
+                continue  # (pruned at a study's end: the weights are still usable)
+            problem = "is missing" + (" (no resume state)" if name == STATE_FILE else "")
+        except OSError as exc:
+            problem = f"cannot be read ({exc})"
+        if problem is not None:
+            return f"{name} {problem}"
+    return None
+
+
 def load_train_state(directory: str | os.PathLike[str], cfg: RunConfig, vocab_size: int,
                      device: torch.device | None = None) -> TrainState:
     """Rebuild the exact :class:`TrainState` saved in ``directory`` (fp32 weights, optimizer, RNG)."""
@@ -204,9 +265,9 @@ def drop_resume_state(directory: str | os.PathLike[str]) -> int:
     return size
 
 
-def model_from_checkpoint(directory: str | os.PathLike[str], cfg: RunConfig,
-                          vocab_size: int) -> torch.nn.Module:
-    """An fp32 model of ``cfg.model.family`` with the checkpoint's fp16 weights, loaded strictly."""
+def model_from_checkpoint(path: str | os.PathLike[str], cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
+    """An fp32 model of ``cfg.model.family`` with a checkpoint's fp16 weights, loaded strictly; ``path``
+    is the checkpoint folder or its ``model.pth`` (the path a study prints)."""
     model = build_model(cfg.model, vocab_size)
-    load_minimind_weights(model, Path(directory) / MODEL_FILE)
+    load_minimind_weights(model, path)
     return model

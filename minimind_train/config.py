@@ -21,9 +21,13 @@ from pydantic.dataclasses import dataclass
 from .validation import STRICT, Bool, ConfigError, Int, Number, Text, did_you_mean, raising, validate
 
 __all__ = [
-    "FAMILY_DEFAULTS", "ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig",
-    "load_run_config", "resolve_paths", "run_config_from_dict", "run_config_to_dict",
+    "FAMILY_DEFAULTS", "MODEL_FILE", "ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig",
+    "load_run_config", "resolve_paths", "run_config_from_dict", "run_config_to_dict", "weights_file",
 ]
+
+# A checkpoint folder's fp16 weights (what upstream MiniMind scripts load); here, not in checkpoint.py,
+# so that a config path naming a checkpoint folder resolves without importing torch.
+MODEL_FILE = "model.pth"
 
 # What a field left unset (None) means for each generation: upstream's defaults (MiniMind2 at
 # 274483c, MiniMind-3 at d65ef2c). The first column is what these fields always were, so a run
@@ -74,7 +78,8 @@ class ModelConfig:
     aux_loss_alpha: Annotated[Number, Ge(0)] | None = None
     seq_aux: Bool | None = None
     norm_topk_prob: Bool = True
-    # A MiniMind .pth (e.g. a pretrain checkpoint) loaded strictly before training.
+    # A MiniMind .pth (e.g. a pretrain checkpoint), or a checkpoint folder holding model.pth, loaded
+    # strictly before training.
     init_from: Text | None = None
 
     def __post_init__(self) -> None:
@@ -231,8 +236,16 @@ def load_run_config(path: str | Path) -> RunConfig:
     return resolve_paths(run_config_from_dict(raw), path.resolve().parent)
 
 
+def weights_file(path: str | Path) -> Path:
+    """The weights file ``path`` names: a ``.pth`` file as given, a checkpoint folder's :data:`MODEL_FILE`
+    (a study prints the file; either pastes where a checkpoint is loaded)."""
+    path = Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
 def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
-    """Make the file paths of ``cfg`` absolute, relative ones taken from ``base``."""
+    """Make the file paths of ``cfg`` absolute, relative ones taken from ``base``; ``model.init_from``
+    naming a checkpoint folder becomes its weights file (:func:`weights_file`)."""
     def absolute(p: str | None) -> str | None:
         if p is None:
             return None
@@ -240,7 +253,8 @@ def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
         return str(q if q.is_absolute() else (base / q).resolve())
 
     d = cfg.data
+    init_from = absolute(cfg.model.init_from)
     return dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, init_from=absolute(cfg.model.init_from)),
+        cfg, model=dataclasses.replace(cfg.model, init_from=init_from and str(weights_file(init_from))),
         data=dataclasses.replace(d, train_path=absolute(d.train_path), val_path=absolute(d.val_path),
                                  tokenizer=absolute(d.tokenizer), cache_dir=absolute(d.cache_dir)))

@@ -57,10 +57,11 @@ class SkipCounts:
     ``invalid_format``: not a JSON object, no ``conversations`` list, or a message that is not an
     object or has no role; ``unknown_field``: a message field other than upstream's five (upstream's
     loader refuses such a file; the names are in the cache's ``unknown_fields``); ``unknown_role``: a
-    role the chat template does not render (``tool`` with MiniMind2's); ``non_string_field``:
+    role the chat template does not render (``tool`` with MiniMind2's); ``non_string_content``: content
+neither a string nor null (null is a missing content, as upstream's loader makes it); ``non_string_field``:
     reasoning_content/tools/tool_calls that is not a (JSON) string; ``invalid_tool_json``: tools or
     tool_calls that is not JSON; ``template_error``: the chat template raised (strict templates check
-    role order); ``no_supervised_tokens``: no ``<|im_start|>assistant`` span was rendered (e.g. only an
+    role order; a null content the template cannot join, as MiniMind2's assistant turn); ``no_supervised_tokens``: no ``<|im_start|>assistant`` span was rendered (e.g. only an
     assistant-first turn); ``truncated``: every supervised token lies beyond ``max_seq_len``.
     """
 

@@ -1,9 +1,12 @@
-"""Shared test helpers: the optional ``../shared`` reference material and tiny configs."""
+"""Shared test helpers: the optional ``../shared`` reference material and tiny configs; and the check
+that the test suite leaves nothing in the repository tree (a session that does fails, naming the files)."""
 
 from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,51 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures" / "minimind2"
 FIXTURES3 = SHARED / "fixtures" / "minimind3"
+
+
+def repository_files() -> set[str] | None:
+    """``git status`` of the repository tree, one line per untracked or ignored file (each named) and per
+    changed tracked file; None when the tests do not run from a git checkout. pytest's own cache and
+    bytecode are left out, and so is a virtual environment inside the checkout (its files are not
+    written by tests, and listing them takes seconds)."""
+    try:
+        top = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, check=True, timeout=60).stdout.strip()
+        if Path(top).resolve() != REPO:
+            return None  # (an unpacked source tree inside some other repository)
+        venv = Path(sys.prefix).resolve()
+        exclude = [f":(exclude){venv.relative_to(REPO)}"] if venv.is_relative_to(REPO) else []
+        out = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all", "--ignored",
+                              "--", ".", *exclude], capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {line for line in out.splitlines()
+            if not (line[3:].startswith(".pytest_cache/") or "__pycache__/" in line)}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BEFORE] = repository_files()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # A test that writes into the checkout (a file: URI taken for a relative path left a folder named
+    # "file:" that got committed) fails the session, whichever test it was.
+    before = session.config.stash.get(_BEFORE, None)
+    after = repository_files() if before is not None else None
+    left = sorted(after - before) if after is not None and before is not None else []
+    if left:
+        title = f"the test session left {len(left)} file(s) in the repository tree {REPO}"
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None:
+            print(title, *left[:20], sep="\n", file=sys.stderr)
+        else:
+            reporter.write_sep("=", title, red=True)
+            for line in left[:20]:
+                reporter.write_line(line, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_BEFORE = pytest.StashKey[set[str] | None]()
 
 
 def need_shared(path: Path) -> Path:
@@ -29,14 +77,44 @@ def fixture_dir() -> Path:
     return need_shared(FIXTURES)
 
 
-def make_checkpoint(folder: Path, epoch: int, val: float, *, meta: bool = True, state: bytes = b"x") -> Path:
-    """A trial checkpoint folder as tune.trainable writes it (``meta=False``: cut short before meta.json)."""
+def make_checkpoint(folder: Path, epoch: int, val: float, *, meta: bool = True, state: bytes | None = None) -> Path:
+    """A trial checkpoint folder as tune.trainable writes it (``meta=False``: cut short before meta.json;
+    ``state``: the resume state's bytes instead of a small torch file)."""
     folder.mkdir(parents=True)
     torch.save({"w": torch.zeros(1)}, folder / "model.pth")
-    (folder / "train_state.pt").write_bytes(state)
+    if state is None:
+        torch.save({"epoch": epoch}, folder / "train_state.pt")
+    else:
+        (folder / "train_state.pt").write_bytes(state)
     if meta:
         (folder / "meta.json").write_text(json.dumps({"epoch": epoch, "metrics": {"val_loss": val}}))
     return folder
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# Every way a checkpoint file can be incomplete or unreadable, as (file, damage, words of the problem).
+DAMAGES: dict[str, tuple[str, Any, str]] = {
+    "state-missing": ("train_state.pt", Path.unlink, "train_state.pt is missing"),
+    "state-empty": ("train_state.pt", lambda p: p.write_bytes(b""), "train_state.pt is empty"),
+    "state-truncated": ("train_state.pt", _truncate, "train_state.pt is truncated"),
+    "state-not-torch": ("train_state.pt", lambda p: p.write_text("not torch"), "train_state.pt is truncated or not"),
+    "model-missing": ("model.pth", Path.unlink, "model.pth is missing"),
+    "model-empty": ("model.pth", lambda p: p.write_bytes(b""), "model.pth is empty"),
+    "model-truncated": ("model.pth", _truncate, "model.pth is truncated"),
+    "model-not-torch": ("model.pth", lambda p: p.write_text("{}"), "model.pth is truncated or not"),
+    "meta-missing": ("meta.json", Path.unlink, "meta.json is missing"),
+    "meta-not-json": ("meta.json", lambda p: p.write_text("{"), "meta.json is unreadable"),
+}
+
+
+def damage(folder: Path, form: str) -> str:
+    """Damage the checkpoint ``folder`` as :data:`DAMAGES` ``form`` says; the problem's words."""
+    name, how, words = DAMAGES[form]
+    how(folder / name)
+    return words
 
 
 def killed_mid_write(code: str, limit: int = 16) -> None:

@@ -163,6 +163,48 @@ def test_format_probe_accepts_and_refuses_what_upstream_does(tok3: Any) -> None:
                 encode_conversation(tok3, conv, 4096)
 
 
+def _nulled(conv: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
+    """``conv`` with ``field`` null wherever it is missing (``content``: where it is empty), as upstream's
+    loader hands it to its template."""
+    if field == "content":
+        return [{**m, "content": None} if m.get("content") == "" else m for m in conv]
+    return [m if field in m else {**m, field: None} for m in conv]
+
+
+@pytest.mark.parametrize("field", ["content", "reasoning_content", "tools", "tool_calls"])
+def test_null_fields_render_as_upstream(tok3: Any, rows3: list, field: str) -> None:
+    # Upstream's loader makes every missing field null: real tool-use data has "content": null beside
+    # tool_calls. Same ids and labels as upstream's SFTDataset for every reference conversation.
+    ref = json.loads((FIXTURES3 / "sft_reference.json").read_text(encoding="utf-8"))
+    nulled = 0
+    for sample in (s for s in ref["samples"] if s["variant"] == "base"):
+        conv = rows3[sample["conversation_index"]]["conversations"]
+        nulled += _nulled(conv, field) != conv
+        ids, labels = encode_conversation(tok3, _nulled(conv, field), sample["max_length"])
+        assert ids == sample["input_ids"] and labels == sample["labels"], (field, sample["conversation_index"])
+    assert nulled  # the field was null somewhere
+
+
+@pytest.mark.parametrize("role", ["user", "assistant", "tool", "system"])
+def test_null_content_is_a_missing_content(tok3: Any, role: str) -> None:
+    # No upstream reference for these: upstream's template takes a non-string content as ''.
+    def conv(content: Any) -> list[dict[str, Any]]:
+        return [msg("system", "s"), msg("user", "u"), msg("assistant", "a"), msg(role, content),
+                msg("assistant", "b")]
+    assert encode_conversation(tok3, conv(None), 256) == encode_conversation(tok3, conv(""), 256)
+    assert encode_conversation(tok3, conv(None), 256) == encode_conversation(tok3, [
+        *conv("")[:3], {"role": role}, conv("")[4]], 256)
+
+
+def test_null_content_the_template_cannot_render_is_refused(tok: Any, tok3: Any) -> None:
+    # Upstream's templates join a first system content (MiniMind-3) and an assistant content (MiniMind2)
+    # with '+': upstream's SFTDataset raises there, so the conversation is refused, naming the template.
+    with pytest.raises(DataError, match="template_error"):
+        encode_conversation(tok3, [msg("system", None), msg("user", "u"), msg("assistant", "a")], 64)
+    with pytest.raises(DataError, match="template_error"):
+        encode_conversation(tok, [msg("user", "u"), msg("assistant", None)], 64)
+
+
 def test_tool_role_needs_a_template_that_renders_it(tok: Any, rows3: list) -> None:
     # The bundled MiniMind2 tokenizer: no tool branch in its template.
     with pytest.raises(DataError, match="unknown_role"):

@@ -82,6 +82,15 @@ def test_load_run_config_resolves_paths_against_its_folder(tmp_path: Path) -> No
     assert cfg.data.val_path is None and cfg.model.init_from is None
 
 
+def test_init_from_a_checkpoint_folder_is_its_model_pth(tmp_path: Path) -> None:
+    # What a study prints (.../model.pth) and its folder name the same weights.
+    (tmp_path / "epoch_0004").mkdir()
+    for given in ("epoch_0004", "epoch_0004/model.pth", "other.pth"):
+        (tmp_path / "run.yaml").write_text(f"model: {{init_from: {given}}}\n", encoding="utf-8")
+        expected = tmp_path / (given if given.endswith(".pth") else f"{given}/model.pth")
+        assert load_run_config(tmp_path / "run.yaml").model.init_from == str(expected)
+
+
 def test_with_overrides_sets_dotted_paths_and_converts_numpy() -> None:
     cfg = RunConfig().with_overrides({"train.accumulation_steps": np.int64(4), "train.grad_clip": np.float64(0.5),
                                       "model.use_moe": True})

@@ -56,6 +56,49 @@ def test_open_names_what_is_missing(tmp_path: Path, record: StudyRecord) -> None
         StudyRecord.open(record.dir)
 
 
+def _edit_study_json(record: StudyRecord, *, keep_hash: bool = True) -> None:
+    """``hidden_size: 128`` in a 64-wide study's study.json, by hand (valid JSON; ``keep_hash=False``: its
+    spec_hash recomputed too, as a careful hand would)."""
+    path = record.dir / "study.json"
+    raw = json.loads(path.read_text())
+    raw["spec"]["model"]["hidden_size"] = 128
+    if not keep_hash:
+        raw["spec_hash"] = Manifest(**{k: v for k, v in raw.items() if k not in ("spec_hash",)}).spec_hash
+    path.write_text(json.dumps(raw, indent=2))
+
+
+def test_study_json_edited_by_hand_is_refused_naming_it(record: StudyRecord) -> None:
+    # Issue 21: the refusal blamed space.yaml; once it was deleted, one trial mixed 64- and 128-wide epochs.
+    _edit_study_json(record)
+    with pytest.raises(StudyError) as info:
+        StudyRecord.open(record.dir)
+    message = str(info.value)
+    assert f"{record.dir / 'study.json'} was edited by hand" in message
+    assert "model.hidden_size: 64 -> 128" in message and "space.yaml" not in message
+    # Without optuna.db's copy (a study created before it was kept), its own spec_hash gives it away.
+    record.study.set_user_attr("spec", None)
+    with pytest.raises(StudyError, match=r"study\.json was edited by hand: its spec is not the one it was written"):
+        StudyRecord.open(record.dir)
+
+
+def test_the_definition_copy_that_disagrees_is_named(record: StudyRecord) -> None:
+    db, manifest = record.dir / "optuna.db", record.dir / "study.json"
+    # optuna.db's copy edited: study.json still agrees with the hash it was written with.
+    record.study.set_user_attr("spec", {**SPEC, "model": {"hidden_size": 128}})
+    with pytest.raises(StudyError, match=rf"{db} was edited by hand.*\n  model\.hidden_size: 128 -> 64"):
+        StudyRecord.open(record.dir)
+    record.study.set_user_attr("spec", SPEC)
+    assert StudyRecord.open(record.dir).manifest.spec == SPEC
+    # study.json rewritten whole (spec and spec_hash): it and optuna.db's copy disagree, and it is refused.
+    _edit_study_json(record, keep_hash=False)
+    with pytest.raises(StudyError, match=r"model\.hidden_size: 64 -> 128"):
+        StudyRecord.open(record.dir)
+    record.study.set_user_attr("spec", "not a spec")
+    with pytest.raises(StudyError, match=rf"{db} was edited by hand"):
+        StudyRecord.open(record.dir)
+    assert manifest.is_file()
+
+
 def test_an_epoch_is_recorded_once(record: StudyRecord) -> None:
     n, _ = record.ask(LR)
     assert record.record_epoch(n, 1, {"val_loss": 2.0}, "val_loss")

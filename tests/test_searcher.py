@@ -8,6 +8,7 @@ from typing import Any
 
 import optuna
 import pytest
+from conftest import DAMAGES, damage
 from ray.tune.schedulers import TrialScheduler
 
 from tune.record import StudyRecord
@@ -153,6 +154,52 @@ def test_a_trial_without_all_its_values_is_abandoned_never_run_with_defaults(tmp
     assert [p.number for p in plans] == [whole]
     assert record.trial(0).status == "abandoned" and record.finished_count() == 0
     assert record.study.trials[0].state == optuna.trial.TrialState.FAIL
+
+
+@pytest.mark.parametrize("form", sorted(DAMAGES))
+def test_the_resume_message_and_the_resumed_epoch_agree(record: StudyRecord, form: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue 21: "continuing t000 (after epoch 2)" while the trial retrained from epoch 1 or from scratch.
+    from minimind_train.checkpoint import init_state, save_checkpoint
+    from minimind_train.config import ModelConfig, RunConfig, TrainConfig
+    from tune.trainable import _restore
+
+    cfg = RunConfig(model=ModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1), train=TrainConfig(device="cpu", dtype="float32"))
+    n, _ = record.ask(SPACE)
+    state, trial_dir = init_state(cfg, vocab_size=64), Path(record.runs) / "run-1" / f"t{n:03d}"
+    for epoch in (1, 2):
+        state.epoch = epoch
+        save_checkpoint(trial_dir / f"epoch_{epoch:04d}", state, cfg, {"val_loss": 3.0 - epoch})
+        record.record_epoch(n, epoch, {"val_loss": 3.0 - epoch}, "val_loss")
+    record.set_status(n, "interrupted")
+    words = damage(trial_dir / "epoch_0002", form)
+    [plan] = resume_plans(record, set(SPACE), "val_loss", "min", EPOCHS)
+    err = capsys.readouterr().err
+    assert f"checkpoint {trial_dir / 'epoch_0002'} cannot be continued from: {words}" in err
+    assert "its newest usable checkpoint is epoch 1's" in err
+    restored, meta = _restore(record.runs, n, cfg, 64)  # what the trainable does with it
+    assert plan.epoch == restored.epoch == meta["epoch"] == 1
+
+
+def test_a_checkpoint_never_continues_under_another_configuration(tmp_path: Path) -> None:
+    # Issue 21: whichever study file was edited, one trial's epochs never mix two configurations.
+    import dataclasses
+
+    from minimind_train.checkpoint import init_state, save_checkpoint
+    from minimind_train.config import ModelConfig, RunConfig, TrainConfig
+    from tune.trainable import _restore
+
+    cfg = RunConfig(model=ModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1), train=TrainConfig(device="cpu", dtype="float32"))
+    state = init_state(cfg, vocab_size=64)
+    state.epoch = 1
+    save_checkpoint(tmp_path / "runs" / "run-1" / "t000" / "epoch_0001", state, cfg, {"val_loss": 2.0})
+    moved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_threads=1))  # a run setting
+    assert _restore(str(tmp_path / "runs"), 0, moved, 64)[0].epoch == 1
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, weight_decay=0.5))
+    with pytest.raises(RuntimeError, match=r"another configuration .*train\.weight_decay: 0\.\d+ -> 0\.5"):
+        _restore(str(tmp_path / "runs"), 0, other, 64)
 
 
 def test_finalists_are_the_top_configs_with_more_seeds_and_continue_once(record: StudyRecord) -> None:

@@ -331,6 +331,13 @@ def test_minimind2_space_is_valid_once_its_files_exist(tmp_path: Path) -> None:
     assert spec.run.model.hidden_size == 512 and spec.run.model.num_hidden_layers == 8
     assert spec.run.model.init_from == str(tmp_path / "pretrain_512.pth")
     assert spec.tune.resources_per_trial.gpu == 0.25
+    # A checkpoint folder stands for its model.pth (a study prints the file; either pastes here).
+    (tmp_path / "pretrain_512.pth").unlink()
+    (tmp_path / "pretrain_512.pth").mkdir()
+    with pytest.raises(SpaceError, match=r"pretrain_512\.pth/model\.pth does not exist"):
+        load_space(space)
+    (tmp_path / "pretrain_512.pth" / "model.pth").write_bytes(b"")
+    assert load_space(space).run.model.init_from == str(tmp_path / "pretrain_512.pth" / "model.pth")
 
 
 @pytest.mark.parametrize("given", ["sft.yaml", "sft", "search_spaces/sft.yaml"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import make_checkpoint
+from conftest import DAMAGES, damage, make_checkpoint
 
 
 def test_local_path_and_staging_dir(monkeypatch, tmp_path):
@@ -61,6 +61,23 @@ def test_write_checkpoint_publishes_whole_folders_and_retention_keeps_best_and_n
     assert sorted(Path(p).name for p in deleted) == ["epoch_0001", "epoch_0003"]  # best (2) and newest (4) stay
     assert sorted(p.name for p in trial.iterdir()) == ["epoch_0002", "epoch_0004"]
     assert retain_checkpoints(str(runs), 0, keep=1, metric="val_loss", mode="min") == []
+
+
+@pytest.mark.parametrize("form", sorted(DAMAGES))
+def test_resume_point_is_the_newest_whole_checkpoint_and_names_the_damaged(tmp_path: Path, form: str) -> None:
+    from tune.storage import resume_point
+
+    runs = tmp_path / "runs"
+    make_checkpoint(runs / "run-1" / "t000" / "epoch_0001", 1, 3.0)
+    newest = make_checkpoint(runs / "run-1" / "t000" / "epoch_0002", 2, 2.0)
+    assert resume_point(str(runs), 0).epoch == 2
+    words = damage(newest, form)
+    for location in (str(runs), f"file://{runs}"):  # (a bucket is read through pyarrow the same way)
+        point = resume_point(location, 0)
+        assert (point.epoch, point.path, point.meta["epoch"]) == (1, str(runs / "run-1" / "t000" / "epoch_0001"), 1)
+        assert [(path, problem.startswith(words)) for path, problem in point.damaged] == [(str(newest), True)]
+    damage(runs / "run-1" / "t000" / "epoch_0001", form)
+    assert resume_point(str(runs), 0).epoch == 0 and len(resume_point(str(runs), 0).damaged) == 2
 
 
 def test_a_resume_keeps_the_staging_record_a_killed_driver_left_newer_than_the_storages(tmp_path: Path) -> None:

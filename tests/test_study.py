@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,22 @@ def test_best_checkpoint_loads_strictly(study: Study) -> None:
     meta = read_meta(model_pth.parent)
     rows = stored_results(study.dir)[model_pth.parent.parent.name]
     assert meta["metrics"]["val_loss"] == min(r["val_loss"] for r in rows)  # the best epoch's weights
+
+
+@pytest.mark.slow
+def test_readme_generation_snippet_takes_the_printed_paths(study: Study) -> None:
+    # The README's snippet with the two paths the study printed pasted in, as a user does (issue 19).
+    printed = dict(ln.split(": ", 1) for ln in study.driver.stdout.splitlines()
+                   if ln.startswith(("best config: ", "best fp16 checkpoint: ")))
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    snippet = next(b for b in readme.split("```python\n")[1:] if "model_from_checkpoint" in b).split("```")[0]
+    lines = snippet.splitlines()
+    for i, line in enumerate(lines):
+        for key in list(printed):
+            if f'# printed after "{key}:"' in line:
+                lines[i] = re.sub(r'"[^"]*"', repr(printed.pop(key)), line, count=1)
+    assert not printed, f"the README's snippet has no line for {sorted(printed)}"
+    exec(compile("\n".join(lines).replace("max_new_tokens=64", "max_new_tokens=4"), "README", "exec"), {})  # noqa: S102 - the README's own code
 
 
 @pytest.mark.slow

@@ -74,8 +74,9 @@ def test_bad_samples_are_skipped_and_counted(tmp_path: Path, tok: Any) -> None:
     ])
     cache = load_or_build_cache(path, tok, 64, tmp_path / "c")
     assert cache.lines.tolist() == [1, 13]
-    assert cache.skipped == SkipCounts(invalid_format=3, unknown_role=1, non_string_content=2,
-                                       no_assistant=1, no_supervised_tokens=1, truncated=1)
+    # (MiniMind2's template cannot join a null assistant content: upstream's fails there too.)
+    assert cache.skipped == SkipCounts(invalid_format=3, unknown_role=1, non_string_content=1,
+                                       no_assistant=1, template_error=1, no_supervised_tokens=1, truncated=1)
     assert cache.skipped.total == 9 and str(cache.skipped).startswith("invalid_format=3, unknown_role=1")
 
 
@@ -103,6 +104,15 @@ def test_unknown_fields_are_counted(tmp_path: Path, tok3: Any, rows3: list) -> N
     assert cache.skipped == SkipCounts(unknown_field=3)
     assert cache.meta["unknown_fields"] == {"functions": 1, "name": 2}
     assert cache.num_samples == 6  # the tool-use conversation is kept
+
+
+def test_null_content_beside_tool_calls_is_kept(tmp_path: Path, tok3: Any, rows3: list) -> None:
+    # Real tool-use data: "content": null on an assistant message that only calls tools.
+    rows = [{"conversations": [{**m, "content": None} if m.get("tool_calls") else m for m in r["conversations"]]}
+            for r in rows3]
+    assert rows != rows3
+    cache = load_or_build_cache(write_rows(tmp_path / "d.jsonl", rows), tok3, 768, tmp_path / "c")
+    assert cache.skipped == SkipCounts() and cache.num_samples == len(rows3)
 
 
 def test_tool_role_needs_a_template_that_renders_it(tmp_path: Path, tok: Any, rows3: list) -> None:

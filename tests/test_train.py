@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DAMAGES, damage, make_checkpoint
 
 from minimind_train.chat import IGNORE_INDEX
 from minimind_train.checkpoint import (
@@ -21,9 +22,11 @@ from minimind_train.checkpoint import (
     STATE_FILE,
     TrainState,
     WeightMismatchError,
+    checkpoint_problem,
     init_state,
     load_minimind_weights,
     load_train_state,
+    model_from_checkpoint,
     save_checkpoint,
 )
 from minimind_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -196,6 +199,37 @@ def test_checkpoint_layout_and_strict_reload(run_cfg, tmp_path):
     save_checkpoint(folder, state, run_cfg, {"val_loss": 0.5})  # overwrite in place
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["c"]
     assert json.loads((folder / "meta.json").read_text())["metrics"]["val_loss"] == 0.5
+
+
+def test_a_checkpoint_loads_from_its_model_pth_or_its_folder(run_cfg, tmp_path):
+    # A study prints .../epoch_000e/model.pth; the folder was the only form that loaded (issue 19).
+    data = prepare_data(run_cfg.data)
+    state = init_state(run_cfg, vocab_size=data.vocab_size)
+    folder = save_checkpoint(tmp_path / "epoch_0001", state, run_cfg, {"val_loss": 1.0})
+    expected = {k: v.half().float() for k, v in state.model.state_dict().items()}
+    for path in (folder, folder / MODEL_FILE, str(folder / MODEL_FILE)):
+        loaded = model_from_checkpoint(path, run_cfg, data.vocab_size).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in expected.items()), path
+        cfg = dataclasses.replace(run_cfg, model=dataclasses.replace(run_cfg.model, init_from=str(path)))
+        loaded = init_state(cfg, vocab_size=data.vocab_size).model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in expected.items()), path
+    for missing in (tmp_path / "nowhere.pth", tmp_path / "empty_folder"):
+        (tmp_path / "empty_folder").mkdir(exist_ok=True)
+        with pytest.raises(FileNotFoundError, match=r"no such weights file: .*(nowhere|empty_folder/model)\.pth"):
+            model_from_checkpoint(missing, run_cfg, data.vocab_size)
+
+
+@pytest.mark.parametrize("form", sorted(DAMAGES))
+def test_the_checkpoint_validity_rule_names_each_damage(tmp_path, form):
+    # One rule decides which checkpoint a trial continues from (issue 21: a deleted train_state.pt was
+    # announced as the resume point while the trial silently trained from an older one).
+    folder = make_checkpoint(tmp_path / "epoch_0002", 2, 1.0)
+    assert checkpoint_problem(folder, resume=True) is None
+    words = damage(folder, form)
+    problem = checkpoint_problem(folder, resume=True)
+    assert problem is not None and problem.startswith(words), problem
+    # The weights alone stay usable where only the resume state was pruned (deleted), not damaged.
+    assert (checkpoint_problem(folder, resume=False) is None) == (form == "state-missing")
 
 
 def test_init_from_mismatch_lists_keys(run_cfg, tmp_path):

@@ -7,7 +7,9 @@ A study folder holds::
                     its ``history`` (start, overrides, changed run settings)
     space.yaml      the resolved spec as a space file (what ``--resume`` without ``--space`` runs)
     optuna.db       the Optuna storage (sqlite): every trial, its params, its per-epoch objective
-                    (intermediate values), its per-epoch metrics and status (user attrs), its state
+                    (intermediate values), its per-epoch metrics and status (user attrs), its state;
+                    and a copy of study.json's spec (study user attr ``spec``): :meth:`StudyRecord.open`
+                    refuses a study whose copies disagree, naming the file edited by hand
     runs/run-K/tNNN driver run K's Ray trial folders, with the trial's checkpoints (tune.storage): a
                     trial interrupted in one run continues in the next from its newest whole one
     mlflow.db       the default MLflow store, a mirror of the record (tune.mirror)
@@ -51,7 +53,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from minimind_train.validation import validate
 
-from .storage import RUNS_DIR, checkpoint_metas, local_path, trial_dirs
+from .storage import RUNS_DIR, ResumePoint, checkpoint_metas, local_path, resume_point, trial_dirs
 
 __all__ = ["FINISHED", "MANIFEST_FILE", "OPTUNA_FILE", "PATH_KEYS", "RESUMABLE", "RUN_SETTINGS", "WARM_START",
            "Manifest", "StudyError", "StudyRecord", "TrialRecord", "diff_specs", "write_atomic"]
@@ -60,6 +62,7 @@ MANIFEST_FILE = "study.json"
 SPACE_FILE = "space.yaml"
 OPTUNA_FILE = "optuna.db"
 _STUDY_NAME = "study"  # the one Optuna study inside optuna.db
+_SPEC_ATTR = "spec"  # optuna.db's copy of study.json's spec (studies created since it is kept)
 FORMAT = 1
 
 FINISHED = frozenset({"completed", "stopped_early", "diverged"})
@@ -99,7 +102,7 @@ class Manifest:
 
     @property
     def spec_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
+        return _spec_hash(self.spec)
 
     def to_json(self) -> str:
         body = {"format": self.format, "spec_hash": self.spec_hash, **dataclasses.asdict(self)}
@@ -107,17 +110,48 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> Manifest:
-        """The manifest in ``text`` (read from ``where``); StudyError: another format, or damaged."""
+        """The manifest in ``text`` (read from ``where``); StudyError: another format, or damaged.
+        (:meth:`StudyRecord.open` also compares its definition with its other copies.)"""
         try:
             raw = json.loads(text)
             if raw.get("format") != FORMAT:
                 raise StudyError(f"{where}: study format {raw.get('format')!r} is not {FORMAT}; this "
                                   "version of minimind-tune cannot continue it")
-            return validate(cls, raw)  # (spec_hash, derived from spec, is not read back)
+            return validate(cls, raw)  # (spec_hash, derived from spec, is compared by check_copies)
         except (ValueError, AttributeError) as exc:  # (a ConfigError from validate is a ValueError)
             reason = str(exc).replace("\n", "; ")
             raise StudyError(f"{where} is damaged ({reason}); the trials are still in {OPTUNA_FILE} and "
                               f"{RUNS_DIR}/") from exc
+
+    def check_copies(self, written: Any, where: Path, recorded: Mapping[str, Any] | None,
+                     recorded_in: Path) -> None:
+        """Refuse (StudyError) a definition whose copies disagree, naming the file that does: ``written``,
+        the ``spec_hash`` study.json (``where``) was written with, and ``recorded``, the spec kept in
+        ``recorded_in`` (optuna.db; None for studies older than that). The study's trials ran with one
+        definition and never continue with another, whichever file was edited by hand. (``space.yaml``,
+        the third copy, is compared by the driver: :func:`tune.preflight.reconcile`.)"""
+        hash_ok = written is None or written == self.spec_hash
+        if recorded is None or _spec_hash(recorded) == self.spec_hash:
+            if hash_ok:
+                return
+            what = (f"its spec is not the one it was written with (spec_hash {written}, its spec's is now "
+                    f"{self.spec_hash})")
+            raise StudyError(f"{where} was edited by hand: {what}; put it back as it was, or start a new "
+                             "study (--name NEW) for the changed definition")
+        changes = "\n  ".join(diff_specs(recorded, self.spec, ignore=()))
+        if written == _spec_hash(recorded):  # (study.json's own hash names the recorded copy: its spec was edited)
+            culprit, other = where, f"the definition its trials ran with, kept in {recorded_in}"
+        elif hash_ok:  # (study.json agrees with itself: the copy in optuna.db was edited, or study.json rewritten whole)
+            culprit, other = recorded_in, f"the one {where} was written with"
+        else:
+            culprit, other = f"{where} and {recorded_in}", "each other"
+        raise StudyError(f"{culprit} was edited by hand: its study definition disagrees "
+                         f"with {other} (recorded -> {where.name}):\n  {changes}\nput it back as it was; "
+                         "or start a new study (--name NEW) for the changed definition")
+
+
+def _spec_hash(spec: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Keys of the spec that may change between runs of one study: they say how to run, not what is studied.
@@ -263,6 +297,7 @@ class StudyRecord:
         storage = cls._storage(staging)
         study = optuna.create_study(storage=storage, study_name=_STUDY_NAME, direction=direction)
         study.set_user_attr("study_id", manifest.study_id)
+        study.set_user_attr(_SPEC_ATTR, manifest.spec)  # (a second copy: an edited study.json is told apart)
         write_atomic(staging / SPACE_FILE, space_yaml)
         if prepare is not None:
             prepare(cls(staging, manifest, storage))
@@ -276,17 +311,32 @@ class StudyRecord:
         path = study_dir / MANIFEST_FILE
         if not path.is_file():
             raise StudyError(f"{study_dir} is not a study folder (no {MANIFEST_FILE})")
-        manifest = Manifest.from_json(path.read_text(encoding="utf-8"), path)
-        if not (study_dir / OPTUNA_FILE).is_file():
-            raise StudyError(f"{study_dir / OPTUNA_FILE} is missing: the study's trials are not recorded")
-        if not _is_optuna_db(study_dir / OPTUNA_FILE):  # (Optuna would create its tables in it)
-            raise StudyError(f"{study_dir / OPTUNA_FILE} is not an Optuna database (empty or damaged); the "
+        text = path.read_text(encoding="utf-8")
+        db = study_dir / OPTUNA_FILE
+        if not db.is_file():
+            Manifest.from_json(text, path)  # (a damaged study.json is said first)
+            raise StudyError(f"{db} is missing: the study's trials are not recorded")
+        if not _is_optuna_db(db):  # (Optuna would create its tables in it)
+            Manifest.from_json(text, path)
+            raise StudyError(f"{db} is not an Optuna database (empty or damaged); the "
                               f"trials' checkpoints are still in {RUNS_DIR}/")
         try:
-            return cls(study_dir, manifest, cls._storage(study_dir))
+            storage = cls._storage(study_dir)
+            recorded = storage.get_study_user_attrs(storage.get_study_id_from_name(_STUDY_NAME)).get(_SPEC_ATTR)
         except Exception as exc:  # sqlalchemy and optuna raise many kinds for a damaged database
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise StudyError(f"{study_dir / OPTUNA_FILE} cannot be read ({reason}); the trials' checkpoints "
+            raise StudyError(f"{db} cannot be read ({reason}); the trials' checkpoints "
+                              f"are still in {RUNS_DIR}/") from exc
+        if recorded is not None and not isinstance(recorded, Mapping):
+            raise StudyError(f"{db} was edited by hand: its copy of the study's definition is not a mapping "
+                             f"({recorded!r:.80}); put it back, or start a new study (--name NEW)")
+        manifest = Manifest.from_json(text, path)
+        manifest.check_copies(json.loads(text).get("spec_hash"), path, recorded, db)
+        try:
+            return cls(study_dir, manifest, storage)
+        except Exception as exc:  # (as above)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise StudyError(f"{db} cannot be read ({reason}); the trials' checkpoints "
                               f"are still in {RUNS_DIR}/") from exc
 
     def add_history(self, entry: Mapping[str, Any]) -> None:
@@ -346,8 +396,12 @@ class StudyRecord:
         return trial_dirs(Path(self.runs), number) if local_path(self.runs) is not None else []
 
     def checkpoint_metas(self, number: int) -> dict[int, tuple[str, dict[str, Any]]]:
-        """The trial's whole checkpoints by epoch: (path on the runs' filesystem, meta.json)."""
+        """The trial's usable checkpoints by epoch: (path on the runs' filesystem, meta.json)."""
         return checkpoint_metas(self.runs, number)
+
+    def resume_point(self, number: int) -> ResumePoint:
+        """The checkpoint the trial continues from (and the newer ones that cannot be continued from)."""
+        return resume_point(self.runs, number)
 
     def best_checkpoint(self, number: int, metric: str, mode: str) -> str | None:
         """The trial's kept checkpoint with the best ``metric`` by its own meta.json."""

@@ -66,15 +66,21 @@ def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str
         for epoch, (_, meta) in sorted(metas.items()):
             if meta.get("metrics"):
                 record.record_epoch(t.number, epoch, dict(meta["metrics"]), metric)
-        done, newest = max(record.trial(t.number).epochs, default=0), max(metas, default=0)
+        done = max(record.trial(t.number).epochs, default=0)
         if done >= epochs:  # it had finished: only its end was not recorded
             record.finish(t.number, "completed", metric, mode)
             continue
-        if done > newest:
-            print(f"warning: trial t{t.number:03d} has {done} epoch(s) recorded but its newest checkpoint is "
-                  f"epoch {newest}'s; it trains again from there (the record keeps the first values)",
+        # The trainable continues from this same answer (one rule), so the message says what happens.
+        point = record.resume_point(t.number)
+        for path, problem in point.damaged:
+            print(f"warning: trial t{t.number:03d}'s checkpoint {path} cannot be continued from: {problem}",
                   file=sys.stderr)
-        plans.append(ResumePlan(number=t.number, params=t.run_params, epoch=newest))
+        if done > point.epoch:
+            where = (f"epoch {point.epoch}'s; it trains again from there" if point.epoch else
+                     "none; it trains again from the start")
+            print(f"warning: trial t{t.number:03d} has {done} epoch(s) recorded but its newest usable checkpoint "
+                  f"is {where} (the record keeps the first values)", file=sys.stderr)
+        plans.append(ResumePlan(number=t.number, params=t.run_params, epoch=point.epoch))
     return plans
 
 

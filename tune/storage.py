@@ -2,8 +2,8 @@
 and the trials' checkpoints in it.
 
 ``StudyPaths`` names the places; the trainable publishes each epoch's checkpoint (:func:`write_checkpoint`),
-keeps the best and the newest (:func:`retain_checkpoints`), and a resumed trial finds its whole
-checkpoints again (:func:`checkpoint_metas`), whichever driver run wrote them. With a URI storage the
+keeps the best and the newest (:func:`retain_checkpoints`), and a resumed trial finds its usable
+checkpoints again (:func:`checkpoint_metas`, :func:`resume_point`), whichever driver run wrote them. With a URI storage the
 driver's own outputs (the record, MLflow, plots) live in a local staging folder (:func:`staging_dir`),
 uploaded at the end and downloaded again by ``--resume``.
 """
@@ -16,15 +16,15 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 __all__ = [
-    "CHECKPOINT_PREFIX", "RUNS_DIR", "StudyPaths", "checkpoint_metas", "copy_path", "download_outputs",
-    "fetch_file", "filesystem_of", "local_path", "retain_checkpoints", "staging_dir", "trial_dirname",
+    "CHECKPOINT_PREFIX", "RUNS_DIR", "ResumePoint", "StudyPaths", "checkpoint_metas", "copy_path",
+    "download_outputs", "fetch_file", "filesystem_of", "local_path", "resume_point", "retain_checkpoints", "staging_dir", "trial_dirname",
     "trial_dirs", "upload_outputs", "writable_problem", "write_checkpoint",
 ]
 
@@ -108,41 +108,79 @@ def _run_number(name: str) -> int:
     return int(name[4:]) if name[4:].isdigit() else 0
 
 
-def checkpoint_metas(runs: str | Path, number: int) -> dict[int, tuple[str, dict[str, Any]]]:
-    """Trial ``number``'s whole checkpoints under ``runs`` (a local folder or a pyarrow URI such as
-    ``s3://bucket/studies/sft/runs``), by epoch: ``(path on that filesystem, its meta.json)``.
-
-    Whole means: meta.json parses and names its epoch, model.pth is not empty, and the resume state,
-    when present, is not empty; a later run's folder wins an epoch. A folder that passes and still
-    fails to load is skipped by the trainable.
-    """
+def _checkpoint_folders(runs: str, number: int) -> list[tuple[int, str]]:
+    """Trial ``number``'s checkpoint folders under ``runs``, whole or not: ``(epoch by its name, path on
+    the runs' filesystem)``, newest epoch first and, within an epoch, the latest driver run first."""
     fs, base = filesystem_of(str(runs))
-    found: dict[int, tuple[str, dict[str, Any]]] = {}
+    found: list[tuple[int, int, str]] = []
     try:
         listing = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     except OSError:
-        return found
-    runs_found = [i for i in listing if i.type == pafs.FileType.Directory and i.base_name.startswith("run-")]
-    for run in sorted(runs_found, key=lambda i: _run_number(i.base_name)):
-        trial = pafs.FileSelector(f"{run.path}/{trial_dirname(number)}", allow_not_found=True, recursive=True)
+        return []
+    for run in (i for i in listing if i.type == pafs.FileType.Directory and i.base_name.startswith("run-")):
+        trial = pafs.FileSelector(f"{run.path}/{trial_dirname(number)}", allow_not_found=True)
         try:
             entries = fs.get_file_info(trial)
         except OSError:
             continue
-        sizes = {i.path: i.size for i in entries if i.type == pafs.FileType.File}
-        for info in sorted(entries, key=lambda i: i.path):
-            if info.type != pafs.FileType.Directory or not info.base_name.startswith(CHECKPOINT_PREFIX):
-                continue
-            try:
-                with fs.open_input_stream(f"{info.path}/meta.json") as fh:
-                    meta = json.loads(fh.read())
-                epoch = int(meta["epoch"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # cut short (a full disk, a kill mid-copy): never resumed from
-            # The resume state may be absent (pruned) but never empty.
-            if sizes.get(f"{info.path}/model.pth") and sizes.get(f"{info.path}/train_state.pt", 1):
-                found[epoch] = (info.path, meta)
+        for info in entries:
+            epoch = info.base_name.removeprefix(CHECKPOINT_PREFIX)
+            if info.type == pafs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX) \
+                    and epoch.isdigit():
+                found.append((int(epoch), _run_number(run.base_name), info.path))
+    return [(epoch, path) for epoch, _, path in sorted(found, reverse=True)]
+
+
+def checkpoint_metas(runs: str | Path, number: int) -> dict[int, tuple[str, dict[str, Any]]]:
+    """Trial ``number``'s usable checkpoints under ``runs`` (a local folder or a pyarrow URI such as
+    ``s3://bucket/studies/sft/runs``), by epoch: ``(path on that filesystem, its meta.json)``.
+
+    Usable by :func:`minimind_train.checkpoint.checkpoint_problem` (meta.json and a whole model.pth;
+    the resume state may have been pruned); a later run's folder wins an epoch. Which one a trial
+    continues from is :func:`resume_point`'s answer.
+    """
+    from minimind_train.checkpoint import checkpoint_problem  # (torch: not imported by a dry run)
+
+    fs, _ = filesystem_of(str(runs))
+    found: dict[int, tuple[str, dict[str, Any]]] = {}
+    for epoch, path in _checkpoint_folders(str(runs), number):
+        if epoch in found or checkpoint_problem(path, resume=False, open_file=fs.open_input_file) is not None:
+            continue
+        try:
+            with fs.open_input_stream(f"{path}/meta.json") as fh:
+                found[epoch] = (path, json.loads(fh.read()))
+        except (OSError, ValueError):
+            continue  # (gone since the check)
     return found
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a trial continues: after ``epoch`` (0: from the start) from the checkpoint at ``path`` with
+    its ``meta``; ``damaged``: the newer checkpoints that cannot be continued from, ``(path, why)``."""
+
+    epoch: int = 0
+    path: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    damaged: tuple[tuple[str, str], ...] = ()
+
+
+def resume_point(runs: str | Path, number: int) -> ResumePoint:
+    """The checkpoint trial ``number`` continues from: the newest that
+    :func:`minimind_train.checkpoint.checkpoint_problem` finds whole with its resume state. The driver
+    says it, and the trainable loads it, through this one function."""
+    from minimind_train.checkpoint import checkpoint_problem  # (torch: not imported by a dry run)
+
+    fs, _ = filesystem_of(str(runs))
+    damaged = []
+    for _, path in _checkpoint_folders(str(runs), number):
+        problem = checkpoint_problem(path, resume=True, open_file=fs.open_input_file)
+        if problem is None:
+            with fs.open_input_stream(f"{path}/meta.json") as fh:
+                meta = json.loads(fh.read())
+            return ResumePoint(int(meta["epoch"]), path, meta, tuple(damaged))
+        damaged.append((path, problem))
+    return ResumePoint(damaged=tuple(damaged))
 
 
 def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:

@@ -2,7 +2,7 @@
 
 Per epoch it writes the study's own checkpoint (``epoch_000e`` in the trial's folder, not Ray's), then
 ``tune.report``s the metrics with the trial's real ``epoch`` (across driver runs); a retried or resumed trial
-continues from its newest whole checkpoint, a diverged one ends with one ``diverged`` report (no retry: the
+continues from the checkpoint :func:`~tune.storage.resume_point` names (the driver's message uses it too), a diverged one ends with one ``diverged`` report (no retry: the
 same config diverges again). Data come memory-mapped from the driver's per-study token cache
 (``tune.cluster.open_study_data``), so concurrent trials on a node share pages.
 """
@@ -10,6 +10,7 @@ same config diverges again). Data come memory-mapped from the driver's per-study
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -20,14 +21,15 @@ import torch
 from ray import tune
 
 from minimind_train.checkpoint import load_train_state, save_checkpoint
-from minimind_train.config import RunConfig, run_config_from_dict
+from minimind_train.config import RunConfig, run_config_from_dict, run_config_to_dict
 from minimind_train.data import prepare_data
 from minimind_train.train import TrainingDiverged, train_epochs
 
 from .cluster import StudyData, current_node, open_study_data
 from .progress import step_writer
+from .record import PATH_KEYS, RUN_SETTINGS
 from .searcher import NUMBER_KEY, PARAMS_KEY
-from .storage import checkpoint_metas, filesystem_of, retain_checkpoints, trial_dirname, write_checkpoint
+from .storage import filesystem_of, resume_point, retain_checkpoints, trial_dirname, write_checkpoint
 
 __all__ = ["TrialOutOfMemory", "train_trial"]
 
@@ -59,16 +61,37 @@ def _release_gpu_memory() -> None:  # (cached CUDA blocks would stay reserved in
 
 
 def _restore(runs: str, number: int, cfg: RunConfig, vocab_size: int) -> tuple[Any, dict[str, Any]]:
-    """The train state to continue from and its checkpoint's meta.json: the newest loadable whole checkpoint
-    of the trial in any driver run under ``runs`` (a local folder or a URI); ``(None, {})`` when none."""
+    """The train state to continue from and its checkpoint's meta.json: the checkpoint
+    :func:`~tune.storage.resume_point` names (the one the driver announced); ``(None, {})`` when none.
+
+    Raises:
+        RuntimeError: that checkpoint passes the validity rule but does not load; no older one is taken
+            silently, as the driver said which one the trial continues from.
+    """
+    point = resume_point(runs, number)
+    for path, problem in point.damaged:
+        log.warning("trial %s: checkpoint %s cannot be continued from: %s", number, path, problem)
+    if point.path is None:
+        return None, {}
+    # The last guard against one trial's epochs mixing two configurations (the study's files are compared
+    # before Ray starts: StudyRecord.open, preflight.reconcile): its checkpoint says what it trained with.
+    saved = point.meta.get("config")
+    if isinstance(saved, Mapping):
+        now = json.loads(json.dumps(run_config_to_dict(cfg)))  # (as meta.json holds it: lists, not tuples)
+        changed = [f"{section}.{name}: {old!r} -> {now[section][name]!r}"
+                   for section, values in saved.items() if isinstance(values, Mapping) and section in now
+                   for name, old in values.items() if name in now[section]
+                   and f"{section}.{name}" not in RUN_SETTINGS + PATH_KEYS and now[section][name] != old]
+        if changed:
+            raise RuntimeError(f"checkpoint {point.path} was trained with another configuration than the study's "
+                               f"now ({'; '.join(changed)}); its epochs are not continued with another")
     fs, _ = filesystem_of(runs)
-    for epoch, (path, meta) in sorted(checkpoint_metas(runs, number).items(), reverse=True):
-        try:  # (as_directory downloads from a URI; a local folder is used in place)
-            with tune.Checkpoint(path, filesystem=fs).as_directory() as directory:
-                return load_train_state(directory, cfg, vocab_size), meta
-        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: try the next older one
-            log.warning("checkpoint %s (epoch %d) cannot be loaded (%s); trying an older one", path, epoch, exc)
-    return None, {}
+    try:  # (as_directory downloads from a URI; a local folder is used in place)
+        with tune.Checkpoint(point.path, filesystem=fs).as_directory() as directory:
+            return load_train_state(directory, cfg, vocab_size), point.meta
+    except Exception as exc:
+        raise RuntimeError(f"checkpoint {point.path} (epoch {point.epoch}) cannot be loaded: "
+                           f"{type(exc).__name__}: {exc}") from exc
 
 
 def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str, mode: str, runs_dir: str,
