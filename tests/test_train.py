@@ -268,3 +268,25 @@ def test_first_loss_survives_a_checkpoint(run_cfg, tmp_path):
     save_checkpoint(tmp_path / "c", result.state, run_cfg, result.metrics)
     state = load_train_state(tmp_path / "c", run_cfg, data.vocab_size)
     assert state.first_loss == result.state.first_loss
+
+
+def test_the_model_before_training_is_measured_once_and_reported_with_the_first_epoch(run_cfg, tmp_path):
+    """What a run must beat to have learned anything (tune.record.no_better_reason): the validation loss
+    before the first step and ln(vocabulary size), with a fresh run's first epoch only; training is unchanged
+    by the measurement (a resumed run, which does not measure, continues exactly)."""
+    from minimind_train.train import evaluate
+
+    data = prepare_data(run_cfg.data)
+    fresh = init_state(run_cfg, data.vocab_size)
+    before = evaluate(fresh, data.val, run_cfg.train.eval_batch_size, data.pad_id)
+    gen = train_epochs(run_cfg, data)
+    first = next(gen)
+    assert first.metrics["baseline_val_loss"] == pytest.approx(before, abs=1e-6)
+    assert first.metrics["uniform_loss"] == pytest.approx(math.log(data.vocab_size))
+    assert first.metrics["baseline_train_loss"] == first.state.first_loss
+    assert first.metrics["val_loss"] < before
+    save_checkpoint(tmp_path / "c", first.state, run_cfg, first.metrics)
+    second = next(gen)
+    resumed = next(train_epochs(run_cfg, data, load_train_state(tmp_path / "c", run_cfg, data.vocab_size)))
+    assert not any(k.startswith("baseline_") or k == "uniform_loss" for k in {*second.metrics, *resumed.metrics})
+    assert resumed.metrics["train_loss"] == pytest.approx(second.metrics["train_loss"], abs=1e-6)
