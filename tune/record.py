@@ -130,7 +130,8 @@ def ranked(items: Iterable[_T], mode: str, status: Callable[[_T], str], value: C
     """The one ranking of answers, best first: the ``items`` whose status is one of ``statuses`` (by
     default :data:`ANSWERS`) with a finite value, ordered by :func:`rank_key`. A ``no_better``,
     ``diverged`` or unfinished trial is never among them: whatever names a study's best (report,
-    finalists, MLflow, plots, warm starts, the live view) picks from here."""
+    finalists, MLflow, plots, warm starts) picks from here; the live view skips values that
+    :func:`no_better_reason` rejects."""
     found = [item for item in items if status(item) in statuses and math.isfinite(value(item))]
     return sorted(found, key=lambda item: rank_key(status(item), value(item), mode))
 
