@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             if bar is not None and result.epoch_end:
                 bar.reset()
             m = result.metrics
+            if "baseline_val_loss" in m:  # (a fresh run's first epoch: what it must beat to have learned)
+                print(f"before training: val_loss {m['baseline_val_loss']:.4f} (the uniform predictor: "
+                      f"{m['uniform_loss']:.4f})", flush=True)
             save_checkpoint(output / "last", result.state, cfg, m, meta)
             marker = ""
             if m["val_loss"] < best:

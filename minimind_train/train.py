@@ -235,6 +235,16 @@ def train_epochs(cfg: RunConfig, data: SFTData, state: TrainState | None = None,
     eval_at = evaluation_steps(per_epoch, t.evals_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = t.grad_clip if t.grad_clip > 0 else math.inf
+    # What a run must beat to have learned anything, reported with a fresh run's first evaluation (tune.record's
+    # no_better_reason reads these names): the validation loss before the first optimizer step, and
+    # ln(vocabulary size), the loss of the uniform predictor (a collapsed model's). One evaluation, no
+    # randomness used: the run trains exactly as without it.
+    baseline: dict[str, float] = {}
+    if state.epoch == 0 and state.step == 0:
+        baseline = {"baseline_val_loss": evaluate(state, data.val, t.eval_batch_size, data.pad_id),
+                    "uniform_loss": math.log(cfg.model.vocab_size or data.vocab_size)}
+        log.info("before training: val_loss %.4f (uniform predictor %.4f)", baseline["baseline_val_loss"],
+                 baseline["uniform_loss"])
 
     while state.epoch < t.epochs:
         epoch = state.epoch
@@ -326,6 +336,10 @@ def train_epochs(cfg: RunConfig, data: SFTData, state: TrainState | None = None,
                 # time_* keys.
                 "time_epoch_start_unix": wall_start,
             }
+            if baseline:  # (the first step's loss was the untrained model's on its first window)
+                metrics |= baseline | ({"baseline_train_loss": state.first_loss}
+                                       if state.first_loss is not None else {})
+                baseline = {}
             where = "" if epoch_end else f" step {step_in_epoch + 1}/{per_epoch}"
             log.info("epoch %d/%d%s train_loss %.4f val_loss %.4f lr %.3g %.0f sup tok/s", epoch + 1,
                      t.epochs, where, metrics["train_loss"], val_loss, lr, metrics["supervised_tokens_per_s"])

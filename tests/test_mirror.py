@@ -559,3 +559,20 @@ def test_main(record: StudyRecord, tmp_path: Path, capsys: pytest.CaptureFixture
     assert main([str(record.dir), "--tracking-uri", f"http://127.0.0.1:{free_port()}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: MLflow tracking server http://127.0.0.1:")
+
+
+def test_a_trial_no_better_than_untrained_is_a_failed_run_and_never_the_best(record: StudyRecord) -> None:
+    """It is FAILED with its reason in MLflow, and the parent names the trial that learned as the best,
+    although the other's value is lower (it started lower: a pretrained model that learned nothing)."""
+    learned = new_trial(record, epochs=3, start=3.0)
+    record.finish(learned, "completed", OBJECTIVE, "min")
+    stuck, _ = record.ask(SEARCH)
+    record.record_epoch(stuck, 1, {OBJECTIVE: 0.5, f"baseline_{OBJECTIVE}": 0.5}, OBJECTIVE)
+    record.finish(stuck, "completed", OBJECTIVE, "min")
+    assert main([str(record.dir)]) == 0
+    client = client_of(record)
+    run = children(client)[stuck]
+    assert (run.info.status, run.data.tags[STATUS_TAG]) == ("FAILED", "no_better")
+    assert run.data.tags[ERROR_TAG].startswith(f"no better than the untrained model: {OBJECTIVE} 0.5000")
+    (parent,) = parents(client)
+    assert (parent.info.status, parent.data.tags["minimind.best_trial"]) == ("FINISHED", f"t{learned:03d}")

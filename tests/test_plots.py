@@ -266,3 +266,24 @@ def test_text_is_legible_at_mlflow_preview_width(tmp_path: Path) -> None:
     finally:
         for fig in figs.values():
             plt.close(fig)
+
+
+def test_a_trial_no_better_than_untrained_is_not_plotted_nor_the_best() -> None:
+    """tune.record tells such a trial to Optuna as COMPLETE with its value (here the lowest); the plots
+    leave it out, and the best highlighted is the best trial that learned."""
+    study = _study(2, 0)
+    trial = study.ask()
+    trial.suggest_float("train.learning_rate", 1e-5, 1e-2, log=True)
+    trial.suggest_categorical("train.accumulation_steps", [1, 2, 4])
+    trial.report(0.1, 1)
+    trial.set_user_attr("status", "no_better")
+    study.tell(trial, 0.1)
+    figs = study_figures(study, METRIC)
+    try:
+        labels = figs["curves"].axes[0].get_legend_handles_labels()[1]
+        assert not any(label.startswith("t002") for label in labels), labels
+        best = min(study.trials[:2], key=lambda t: t.value).number
+        assert [label.split()[0] for label in labels if "best" in label] == [f"t{best:03d}"], labels
+    finally:
+        for fig in figs.values():
+            plt.close(fig)

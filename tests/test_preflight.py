@@ -16,7 +16,15 @@ import torch
 import yaml
 from conftest import qa, write_rows
 
-from tune.preflight import STOPPING, check_inputs, describe, describe_resume, quiet_libraries, reconcile
+from tune.preflight import (
+    STOPPING,
+    check_inputs,
+    describe,
+    describe_resume,
+    expected_shape,
+    quiet_libraries,
+    reconcile,
+)
 from tune.record import StudyError, StudyRecord
 from tune.space import StudySpec, load_space, spec_to_dict
 from tune.storage import StudyPaths
@@ -139,11 +147,42 @@ def test_describe_shows_the_plan() -> None:
         assert param.path in text
     assert "log-uniform [0.0001, 0.03]" in text
     assert "categorical {1, 2, 4}" in text
-    assert "(max_t 4): after epoch 1, 2 a trial" in text
+    assert "(max_t 2): after epoch 1 a trial" in text
     assert f"{spec.tune.num_samples} trials, at most {spec.tune.max_concurrent_trials} at once" in text
     assert "1 CPU, 0 GPU" in text
     assert "bundled demo dataset" in text and "bundled tokenizer" in text
     assert "*learning_rate" in text
     finalists = dataclasses.replace(spec.tune.finalists, top_k=2, seeds=1)
     spec = dataclasses.replace(spec, tune=dataclasses.replace(spec.tune, finalists=finalists))
-    assert "finalists: the top 2 configs again with 1 more seed(s) each (2 trials of 4 epochs)" in describe(spec)
+    assert "finalists: the top 2 configs again with 1 more seed(s) each (2 trials of 2 epochs)" in describe(spec)
+
+
+def test_expected_shape_follows_optunas_successive_halving() -> None:
+    """One rung: the n-th trial continues with probability max(1, n // rf) / n, whatever the rankings;
+    no scheduler: every trial completes; finalists train every epoch, one config per completed trial."""
+    from tune.space import SchedulerSpec
+
+    one_rung = SchedulerSpec(type="asha", grace_period=1, reduction_factor=3, max_t=3)
+    exact = sum(max(1, n // 3) / n for n in range(1, 11))
+    shape = expected_shape(10, one_rung, draws=20000)
+    assert shape.completed == pytest.approx(exact, abs=0.05)
+    assert shape.trial_epochs == pytest.approx(3 * exact + (10 - exact), abs=0.15)
+    none = expected_shape(5, SchedulerSpec(type="none", max_t=4), top_k=3, seeds=2)
+    assert (none.completed, none.trial_epochs) == (5, 5 * 4 + 3 * 2 * 4)
+    assert expected_shape(1, one_rung, top_k=3, seeds=1).trial_epochs == 3 + 3  # (one config to re-run)
+
+
+def test_the_default_study_compares_several_configs_in_a_few_minutes() -> None:
+    """Issue 19: sft.yaml's ASHA (8 trials, 4 epochs, decisions after 1 and 2) expected ~2.4 completed
+    trials and often left one: the finalists re-ran one config and rung fidelity was n/a. Its shape now
+    leaves enough completed configs for rung fidelity (3) and finalists among 2, within the trial-epochs
+    of 3-4 minutes on 2 idle cores (~14 s per trial-epoch of its model, 2 at once, plus start-up)."""
+    spec = load_space("sft.yaml")
+    t, sched = spec.tune, spec.tune.scheduler
+    shape = expected_shape(t.num_samples, sched, t.finalists.top_k, t.finalists.seeds)
+    assert shape.completed >= 3 + 1, shape  # (with a margin: a run is one draw)
+    assert t.finalists.top_k >= 2 and t.finalists.seeds >= 1
+    assert sched.type == "asha" and any(r < sched.max_t for r in sched.rungs)  # a rung to measure fidelity at
+    assert shape.trial_epochs <= 24, shape
+    assert min(t.max_concurrent_trials, t.num_samples) * t.resources_per_trial.cpu <= 2
+    assert f"expect about {shape.completed:.1f} of the {t.num_samples} trials to complete" in describe(spec)

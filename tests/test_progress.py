@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import sys
 import threading
 from pathlib import Path
@@ -261,3 +262,17 @@ def test_the_live_view_keeps_ray_error_messages_out_of_the_terminal(tmp_path: Pa
     assert sys.stdout is before
     assert "worker died" not in terminal.getvalue() and "a line the driver prints" in terminal.getvalue()
     assert "(raylet) A worker died" in log.read_text()
+
+
+def test_a_value_no_better_than_its_trials_untrained_model_is_never_best_so_far() -> None:
+    """Issue 19's instance: a trial collapsed to the uniform predictor (val_loss ln(6400)) beside one that
+    diverged: the live view and the best recorded so far show no best rather than the collapse."""
+    collapsed = {"val_loss": math.log(6400), "baseline_val_loss": 8.779, "uniform_loss": math.log(6400)}
+    view = ProgressView("val_loss", "min", planned_epochs=2, num_samples=2, stream=io.StringIO())
+    a = _trial("a", "RUNNING", number=0)
+    view.on_trial_result(0, [a], a, {"epoch": 1, **collapsed})
+    view.on_trial_result(0, [a], a, {"epoch": 2, "val_loss": math.log(6400)})
+    assert view.status().endswith("| best -")
+    trials = [TrialRecord(0, "no_better", {}, {1: collapsed, 2: {"val_loss": math.log(6400)}}),
+              TrialRecord(1, "running", {}, {1: {**collapsed, "val_loss": 5.0}})]
+    assert best_recorded(trials, "val_loss", "min") == (5.0, "t001")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -14,10 +15,13 @@ import pytest
 from conftest import make_checkpoint
 
 from tune.record import (
+    FINISHED,
     Manifest,
     StudyError,
     StudyRecord,
     diff_specs,
+    no_better_reason,
+    ranked,
 )
 from tune.storage import checkpoint_metas
 
@@ -133,6 +137,70 @@ def test_a_completed_trial_without_a_finite_value_is_diverged(record: StudyRecor
     record.finish(n, "completed", "val_loss", "min")
     assert record.trial(n).status == "diverged"
     assert record.study.trials[0].state == optuna.trial.TrialState.FAIL
+
+
+# The instance of issue 19: the smoke model at lr 1327 (accumulation 1) collapsed to the uniform
+# predictor. Its first epoch's report, as minimind_train.train makes it, and its curve.
+COLLAPSED = {"val_loss": math.log(6400), "baseline_val_loss": 8.77894, "uniform_loss": math.log(6400)}
+
+
+@pytest.mark.parametrize(("first", "curve", "status", "words"), [
+    (COLLAPSED, [math.log(6400)] * 2, "no_better",
+     "no better than the uniform predictor: val_loss 8.7641 >= 8.7641 = ln(vocabulary size)"),
+    # Fine-tuning a pretrained model (init_from): the bar is its own loss before training, far below ln(V).
+    ({"val_loss": 2.5, "baseline_val_loss": 2.49, "uniform_loss": 8.76}, [2.5, 2.491], "no_better",
+     "no better than the untrained model: val_loss 2.4910 >= 2.4900 before training"),
+    ({"val_loss": 5.0, "baseline_val_loss": 8.78, "uniform_loss": 8.76}, [5.0, 3.0], "completed", ""),
+    ({"val_loss": 5.0}, [5.0, 8.9], "completed", ""),  # recorded before the trainer reported its bars
+])
+def test_a_trial_that_learned_nothing_is_no_better_never_completed(
+        record: StudyRecord, first: dict[str, float], curve: list[float], status: str, words: str) -> None:
+    n, _ = record.ask(LR)
+    for epoch, value in enumerate(curve, 1):
+        record.record_epoch(n, epoch, {**(first if epoch == 1 else {}), "val_loss": value}, "val_loss")
+    record.finish(n, "completed", "val_loss", "min")
+    trial = record.trial(n)
+    assert (trial.status, trial.error) == (status, words)
+    # Told to Optuna as a complete trial with its own (bad) value: TPE puts the region among the bad ones.
+    frozen = record.study.trials[0]
+    assert (frozen.state, frozen.value) == (optuna.trial.TrialState.COMPLETE, min(curve))
+    assert trial.status in FINISHED and trial not in record.unfinished() and record.finished_count() == 1
+
+
+def test_a_trial_stopped_early_that_learned_nothing_is_no_better_and_told_once_after_a_kill(
+        record: StudyRecord) -> None:
+    n, _ = record.ask(LR)
+    record.record_epoch(n, 1, COLLAPSED, "val_loss")
+    record.finish(n, "stopped_early", "val_loss", "min")
+    assert record.trial(n).status == "no_better"
+    # A driver killed between the status and Optuna's tell: the next run tells it, with its value.
+    m, _ = record.ask(LR)
+    record.record_epoch(m, 1, COLLAPSED, "val_loss")
+    record.set_status(m, "no_better", "no better than the uniform predictor")
+    assert record.tell_decided("val_loss", "min") == [m]
+    assert record.study.trials[m].state == optuna.trial.TrialState.COMPLETE
+    assert record.study.trials[m].value == COLLAPSED["val_loss"]
+
+
+def test_no_better_reason_needs_a_clear_improvement_in_the_objectives_direction() -> None:
+    bars = {"baseline_train_loss": 4.0, "uniform_loss": 8.0}
+    assert no_better_reason(3.997, "train_loss", "min", bars).startswith("no better than the untrained model")
+    assert no_better_reason(3.99, "train_loss", "min", bars) == ""  # (0.25% better: beyond the margin)
+    assert no_better_reason(3.997, "train_loss", "min", {}) == ""  # (no bars reported: nothing to check)
+    assert no_better_reason(8.5, "val_loss", "min", bars).startswith("no better than the uniform predictor")
+    assert no_better_reason(2.0, "val_loss", "min", bars) == ""
+    # Maximised: better is higher; the uniform predictor is a bound on losses minimised only.
+    assert no_better_reason(4.001, "train_loss", "max", bars).endswith("4.0010 <= 4.0000 before training")
+    assert no_better_reason(9.0, "train_loss", "max", bars) == ""
+
+
+def test_ranked_answers_are_completed_then_stopped_early_never_one_that_learned_nothing() -> None:
+    trials = [("t0", "no_better", 0.5), ("t1", "stopped_early", 1.0), ("t2", "completed", 3.0),
+              ("t3", "diverged", float("nan")), ("t4", "completed", 2.0), ("t5", "running", 0.1),
+              ("t6", "completed", float("inf"))]
+    ranked_names = [t[0] for t in ranked(trials, "min", lambda t: t[1], lambda t: t[2])]
+    assert ranked_names == ["t4", "t2", "t1"]
+    assert [t[0] for t in ranked(trials, "max", lambda t: t[1], lambda t: t[2], statuses=("completed",))] == ["t2", "t4"]
 
 
 def test_finished_trials_are_final(record: StudyRecord) -> None:

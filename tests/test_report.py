@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -128,17 +129,21 @@ class _Study:
         self.distributions = optuna_distributions(self.spec)
         self.runs = self.paths.local_dir / "runs" / "run-1"
 
-    def run(self, number: int, curve: list[float], status: str, error: str = "") -> None:
+    def run(self, number: int, curve: list[float], status: str, error: str = "",
+            before: float | None = None) -> None:
+        """``before``: the val_loss of the trial's model before training (the trainer reports it with
+        epoch 1, beside ln(6400), the bundled tokenizer's uniform predictor)."""
+        bars = {} if before is None else {"baseline_val_loss": before, "uniform_loss": math.log(6400)}
         for epoch, value in enumerate(curve, 1):
-            self.record.record_epoch(number, epoch, {"val_loss": value}, "val_loss")
+            self.record.record_epoch(number, epoch, {"val_loss": value, **(bars if epoch == 1 else {})}, "val_loss")
             make_checkpoint(self.runs / f"t{number:03d}" / f"epoch_{epoch:04d}", epoch, value)
         self.record.finish(number, status, "val_loss", "min", error)
 
-    def add(self, trials: list[tuple[list[float], str, str]]) -> None:
+    def add(self, trials: list[tuple[list[float], str, str]], before: float | None = None) -> None:
         """New search trials: (curve, status, error) each, learning rates 1e-3, 2e-3, ..."""
         for i, (curve, status, error) in enumerate(trials):
             self.record.study.enqueue_trial({"train.learning_rate": 1e-3 * (i + 1), "train.accumulation_steps": 1})
-            self.run(self.record.ask(self.distributions)[0], curve, status, error)
+            self.run(self.record.ask(self.distributions)[0], curve, status, error, before)
 
     def finish(self) -> int:
         mirror = Mirror(resolve_tracking_uri(None, self.record.dir), "report-test", self.record, fixed_params={},
@@ -194,6 +199,43 @@ def test_finish_study_prints_the_answer_and_writes_its_files(tmp_path: Path,
                                    "tags.`minimind.role` = 'parent'")
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["best_mean_val_loss"] == pytest.approx(1.1)
+
+
+def test_when_no_trial_beat_the_untrained_model_nothing_is_exported_and_the_study_fails(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 19's instance: one trial diverged, the other collapsed to the uniform predictor (val_loss
+    ln(6400)) and ran to its end: no best.yaml, no checkpoint, exit 1, and one line that says why."""
+    study = _Study(tmp_path)
+    study.add([([math.log(6400)] * 2, "completed", ""), ([float("nan")], "diverged", "loss exploded")], before=8.779)
+    assert study.finish() == 1
+    out, err = capsys.readouterr()
+    assert "error: no trial beat the untrained model: 1 trial(s) ended no better than before training; no " \
+           "best.yaml or checkpoint is exported" in err
+    assert "  t000: no_better: no better than the uniform predictor: val_loss 8.7641 >= 8.7641" in err
+    assert "best:" not in out and "best fp16 checkpoint" not in out
+    assert not (study.paths.local_dir / "best.yaml").exists()
+    with (study.paths.local_dir / "summary.csv").open() as fh:
+        assert [(r["trial_id"], r["status"]) for r in csv.DictReader(fh)] == [("t000", "no_better"), ("t001", "diverged")]
+
+
+def test_a_trial_no_better_than_untrained_is_never_the_best_whatever_its_value(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A fine-tuning trial that stayed at its pretrained loss (2.0) beside one from another start that
+    learned (9 -> 3): the one that learned is the answer and the only finalist; the other ranks below."""
+    study = _Study(tmp_path, scheduler={"type": "none"}, finalists={"top_k": 2, "seeds": 1})
+    study.add([([2.0, 2.0], "completed", "")], before=2.0)
+    study.add([([5.0, 3.0], "completed", "")], before=9.0)
+    from tune.searcher import finalist_plans
+
+    plans = finalist_plans(study.record, study.distributions, "val_loss", "min", 2, top_k=2, seeds=1, base_seed=0)
+    assert [study.record.trial(p.number).finalist_of for p in plans] == [1]
+    study.run(plans[0].number, [3.5, 3.1], "completed", before=9.0)
+    assert study.finish() == 0
+    out, _ = capsys.readouterr()
+    assert [row.split()[1:3] for row in out.strip().splitlines()[1:3]] == [["t001", "completed"], ["t000", "no_better"]]
+    assert "best: trial t001  val_loss 3.0000 (epoch 2); mean over 2 seeds 3.0500" in out
+    assert load_run_config(study.paths.local_dir / "best.yaml") == study.spec.trial_run.with_overrides(
+        study.record.trial(1).params)
 
 
 @pytest.mark.parametrize("cpu", [1, 2])

@@ -36,7 +36,8 @@ def test_runs_resumes_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.Ca
     # best/ holds the fp16 weights of the best epoch, without resume state.
     assert {p.name for p in (out / "best").iterdir()} == {MODEL_FILE, "meta.json"}
     assert read_meta(out / "last")["epoch"] == 2 and "tokenizer_fingerprint" in read_meta(out / "last")
-    assert "epoch 2/2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "epoch 2/2" in printed and printed.splitlines()[1].startswith("before training: val_loss ")
 
     assert main(["--config", str(_config(tmp_path, 2)), "--output", str(out), "--quiet"]) == 2
     assert "already holds a run" in capsys.readouterr().err

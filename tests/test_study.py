@@ -416,3 +416,28 @@ def test_a_warm_started_study_runs_the_earlier_best_first_and_finalists_answer_b
     parent = client.search_runs([client.get_experiment_by_name("minimind-smoke").experiment_id],
                                 "tags.`minimind.role` = 'parent'")
     assert parent and parent[0].data.metrics["best_mean_val_loss"] == pytest.approx(mean)
+
+
+@pytest.mark.slow
+def test_a_trial_that_learned_nothing_is_not_exported_as_best(ws: Workspace) -> None:
+    """Issue 19's instance: the smoke model, 2 epochs of 4 steps, learning rate ~1300 with accumulation 1:
+    the model collapses to the uniform predictor (val_loss ln(6400)) without a non-finite or exploding
+    loss and runs to its end. It is no_better (with the reason), never best.yaml, and the study exits 1."""
+    raw = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
+    raw["train"]["max_steps_per_epoch"] = 4
+    raw["search"] = {"train.learning_rate": {"type": "categorical", "choices": [1327.0]},
+                     "train.accumulation_steps": {"type": "categorical", "choices": [1]}}
+    raw["tune"].update(num_samples=1, max_concurrent_trials=1)
+    (ws.root / "collapse.yaml").write_text(yaml.safe_dump(raw))
+
+    driver = run_driver(ws, ["--space", str(ws.root / "collapse.yaml")], timeout_s=240)
+    output = driver.output()
+    assert driver.proc.returncode == 1, output
+    assert "error: no trial beat the untrained model: 1 trial(s) ended no better than before training" \
+        in driver.stderr, output
+    study = ws.study_dir("collapse")
+    with (study / "summary.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["status"] == "no_better" and "no better than the uniform predictor" in row["error"], row
+    assert math.isclose(float(row["best_val_loss"]), math.log(6400), abs_tol=1e-3), row
+    assert not (study / "best.yaml").exists() and "best fp16 checkpoint" not in driver.stdout

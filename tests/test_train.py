@@ -353,7 +353,8 @@ def test_evaluations_inside_an_epoch_and_a_resume_from_one_are_bit_exact(run_cfg
         (1, 1, 2, 2, False), (1, 2, 4, 4, False), (1, 3, 6, 6, True),
         (2, 4, 8, 2, False), (2, 5, 10, 4, False), (2, 6, 12, 6, True)]
     assert [row[:4] for row in by_epoch] == [(1, 1, 6, True), (2, 2, 12, True)]
-    assert all(r.metrics.keys() == by_epoch[0][4].keys() for r in results)
+    # (the run's first evaluation also carries what the untrained model scored: baseline_* and uniform_loss)
+    assert all(r.metrics.keys() == by_epoch[i][4].keys() for i, r in ((0, results[0]), (1, results[1])))
     assert all(r.metrics["optimizer_steps"] == r.optimizer_steps for r in results)
     ends = [r.metrics for r in results if r.epoch_end]
     assert [m["val_loss"] for m in ends] == [row[4]["val_loss"] for row in by_epoch]
@@ -383,3 +384,23 @@ def test_a_state_that_does_not_fit_the_epoch_is_refused(run_cfg):
     state.step = 7  # 6 steps per epoch: step 7 is not in epoch 0
     with pytest.raises(ValueError, match=r"epoch 0, optimizer step 7\) does not fit 6 optimizer steps"):
         next(train_epochs(run_cfg, data, state))
+def test_the_model_before_training_is_measured_once_and_reported_with_the_first_epoch(run_cfg, tmp_path):
+    """What a run must beat to have learned anything (tune.record.no_better_reason): the validation loss
+    before the first step and ln(vocabulary size), with a fresh run's first epoch only; training is unchanged
+    by the measurement (a resumed run, which does not measure, continues exactly)."""
+    from minimind_train.train import evaluate
+
+    data = prepare_data(run_cfg.data)
+    fresh = init_state(run_cfg, data.vocab_size)
+    before = evaluate(fresh, data.val, run_cfg.train.eval_batch_size, data.pad_id)
+    gen = train_epochs(run_cfg, data)
+    first = next(gen)
+    assert first.metrics["baseline_val_loss"] == pytest.approx(before, abs=1e-6)
+    assert first.metrics["uniform_loss"] == pytest.approx(math.log(data.vocab_size))
+    assert first.metrics["baseline_train_loss"] == first.state.first_loss
+    assert first.metrics["val_loss"] < before
+    save_checkpoint(tmp_path / "c", first.state, run_cfg, first.metrics)
+    second = next(gen)
+    resumed = next(train_epochs(run_cfg, data, load_train_state(tmp_path / "c", run_cfg, data.vocab_size)))
+    assert not any(k.startswith("baseline_") or k == "uniform_loss" for k in {*second.metrics, *resumed.metrics})
+    assert resumed.metrics["train_loss"] == pytest.approx(second.metrics["train_loss"], abs=1e-6)

@@ -92,3 +92,18 @@ def test_dry_run_counts_the_trials_the_warm_start_will_use(tmp_path: Path, capsy
 def test_an_empty_warm_start_is_refused() -> None:
     with pytest.raises(StudyError, match="--warm-start='' is not allowed: expected the folder of an earlier study"):
         check_warm_start("", _spec())
+
+
+def test_an_earlier_trial_that_learned_nothing_is_history_but_never_asked_first(tmp_path: Path) -> None:
+    """Its bad value teaches TPE the region is bad; its config is no earlier best to try again."""
+    scout = _study(tmp_path / "scout", [(1e-4, 1, 4.0, "completed"), (5e-3, 2, 3.0, "completed")])
+    collapsed = {"val_loss": 8.7641, "baseline_val_loss": 8.78, "uniform_loss": 8.7641}
+    scout.study.enqueue_trial({"train.learning_rate": 1e-2, "train.accumulation_steps": 1})
+    n, _ = scout.ask(SPACE)
+    scout.record_epoch(n, 1, collapsed, "val_loss")
+    scout.finish(n, "completed", "val_loss", "min")
+    assert scout.trial(n).status == "no_better"
+    full = StudyRecord.create(tmp_path / "full", "full", _spec(), "", {})
+    assert "3 trial(s) as history" in warm_start(full, check_warm_start(scout.dir, _spec()), SPACE, top_k=3)
+    asked = [full.trial(full.ask(SPACE)[0]).params["train.learning_rate"] for _ in range(2)]
+    assert asked == [5e-3, 1e-4]

@@ -32,7 +32,7 @@ from ray.tune.utils import flatten_dict
 
 from . import tracking
 from .lock import StudyLock
-from .record import FINISHED, RESUMABLE, StudyError, StudyRecord, TrialRecord
+from .record import FINISHED, NO_BETTER, RESUMABLE, StudyError, StudyRecord, TrialRecord, ranked
 from .tracking import TrackingError, _one_line
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ PARENT_RUN_TAG, NOTE_TAG, _RUN_NAME_TAG = "mlflow.parentRunId", "mlflow.note.con
 
 # Record status -> MLflow run status; "running" is RUNNING while the driver lives, else KILLED.
 _RUN_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED", "diverged": "FAILED",
-               "abandoned": "FAILED", "interrupted": "KILLED"}
+               NO_BETTER: "FAILED", "abandoned": "FAILED", "interrupted": "KILLED"}
 # finish(status) -> the parent's minimind.status tag.
 _STUDY_STATUS = {"FINISHED": "completed", "FAILED": "failed", "KILLED": "interrupted"}
 # Record keys that are bookkeeping, not metrics: the timestamp is the point's own, the epoch its step.
@@ -338,7 +338,7 @@ class Mirror:
                 TRIAL_TAG: str(trial.number), PARENT_RUN_TAG: parent_id, STATUS_TAG: trial.status}
         # The identity tags go in with the run (one request): no crash leaves a run no sync can find.
         run = run or client.create_run(str(self.experiment_id), start_time=span[0], tags=tags, run_name=name)
-        if trial.status in ("failed", "diverged") and trial.error:
+        if trial.status in ("failed", "diverged", NO_BETTER) and trial.error:
             tags[ERROR_TAG] = trial.error
         elif ERROR_TAG in run.data.tags:  # failed once, then completed on --resume
             client.delete_tag(run.info.run_id, ERROR_TAG)
@@ -459,14 +459,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _best(trials: list[TrialRecord], objective: str, mode: str) -> tuple[TrialRecord | None, float | None, int | None]:
-    """The best completed search trial, its best epoch's objective and that epoch."""
+    """The best completed search trial (:func:`tune.record.ranked`), its best epoch's objective and that epoch."""
     sign = 1.0 if mode == "min" else -1.0
-    scored = [(sign * v, t, e) for t in trials if t.status == "completed" and t.finalist_of is None
-              for e, v in t.curve(objective) if math.isfinite(v)]
-    if not scored:
+    best_epoch = {t.number: min(((sign * v, e) for e, v in t.curve(objective) if math.isfinite(v)),
+                                default=(math.inf, 0)) for t in trials}
+    answers = ranked([t for t in trials if t.finalist_of is None], mode, lambda t: t.status,
+                     lambda t: sign * best_epoch[t.number][0], statuses=("completed",))
+    if not answers:
         return None, None, None
-    value, trial, epoch = min(scored, key=lambda s: s[0])
-    return trial, sign * value, epoch
+    value, epoch = best_epoch[answers[0].number]
+    return answers[0], sign * value, epoch
 
 
 def warn_on_failure(call: Callable[[], object]) -> bool:

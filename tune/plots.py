@@ -14,7 +14,6 @@ below the plot and list only artists that show something; every text is large en
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import warnings
@@ -36,6 +35,7 @@ from matplotlib.text import Text
 from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as optuna_plots
 
+from .record import ranked
 from .storage import trial_dirname
 
 __all__ = ["MIN_TRIALS_FOR_IMPORTANCE", "PLOT_DPI", "PLOT_FILES", "plot_study", "study_figures"]
@@ -80,17 +80,22 @@ class _Style(NamedTuple):
 
 
 def _points(study: optuna.Study) -> list[_Point]:
-    """Completed and stopped-early search trials with a finite value, best first (an earlier study's
-    warm-start history and the finalists' extra seeds stay out)."""
+    """Completed and stopped-early search trials with a finite value, best first (:func:`tune.record.ranked`;
+    an earlier study's warm-start history, the finalists' extra seeds and trials no better than untrained
+    stay out)."""
     points = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         epochs = t.intermediate_values
         value = t.value if t.state == TrialState.COMPLETE else epochs[max(epochs)] if epochs else None
-        own = t.user_attrs.get("status") != "warm_start" and "finalist_of" not in t.user_attrs
-        if own and value is not None and math.isfinite(value):
+        if "finalist_of" not in t.user_attrs and value is not None:
             points.append(_Point(t, float(value), t.state == TrialState.PRUNED, trial_dirname(t.number)))
-    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
-    return sorted(points, key=lambda p: (p.stopped_early, sign * p.value, p.trial.number))
+    mode = "min" if study.direction == optuna.study.StudyDirection.MINIMIZE else "max"
+    return ranked(points, mode, _status, lambda p: p.value)
+
+
+def _status(point: _Point) -> str:
+    """The record's status of a plotted trial (one recorded before statuses: by its Optuna state)."""
+    return str(point.trial.user_attrs.get("status", "stopped_early" if point.stopped_early else "completed"))
 
 
 def _finalist_configs(study: optuna.Study) -> set[int]:

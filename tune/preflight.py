@@ -4,13 +4,15 @@
 The data is tokenised here (once per study, into the token cache), the tokenizer and ``init_from``
 are loaded (``init_from`` shape-checked against the model), the tracking server is asked, and a
 ``--resume`` is compared with the study it continues (:func:`reconcile`); ``--dry-run`` prints the
-resolved plan instead (:func:`describe`, :func:`describe_resume`).
+resolved plan instead (:func:`describe`, :func:`describe_resume`), with what ASHA is expected to leave
+(:func:`expected_shape`): how many trials complete, and the trial-epochs the study trains.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +21,11 @@ from typing import Any
 from minimind_train import config
 
 from .record import PATH_KEYS, RUN_SETTINGS, Manifest, StudyError, StudyRecord, diff_specs
-from .space import SearchParam, StudySpec
+from .space import SchedulerSpec, SearchParam, StudySpec
 from .storage import StudyPaths
 
-__all__ = ["Inputs", "check_inputs", "describe", "describe_resume", "quiet_libraries", "reconcile"]
+__all__ = ["Inputs", "StudyShape", "check_inputs", "describe", "describe_resume", "expected_shape", "quiet_libraries",
+           "reconcile"]
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,49 @@ def describe_resume(spec_dict: dict[str, Any], paths: StudyPaths) -> str:
     return f"--resume: the space matches study {paths.name!r} (created {old.created})"
 
 
+@dataclass(frozen=True)
+class StudyShape:
+    """What a study's plan is expected to give (:func:`expected_shape`): the search trials that run every
+    epoch (completed: what rung fidelity, finalists and the answer are made of) and the trial-epochs
+    trained, finalists included (what its length is made of)."""
+
+    completed: float
+    trial_epochs: float
+
+
+def expected_shape(num_samples: int, sched: SchedulerSpec, top_k: int = 0, seeds: int = 0,
+                   draws: int = 2000) -> StudyShape:
+    """The expected :class:`StudyShape` of ``num_samples`` search trials under ``sched``, with finalists
+    (``tune.finalists``: the ``top_k`` best completed configs again with ``seeds`` more seeds, all epochs).
+
+    ASHA as tune.searcher runs it (Optuna's SuccessiveHalvingPruner): at each rung below ``max_t`` the
+    n-th trial to arrive continues when its value is within the best ``max(1, n // reduction_factor)``
+    of the n that arrived so far. Trials are taken to arrive one at a time in random order, and each
+    rung's ranking to be drawn afresh (the cautious case: with several rungs, a trial that ranks the same
+    at each completes more often); the mean over ``draws`` such orders (seeded: the same figure each
+    time). A searcher that improves as it goes completes more; the first trial always completes.
+    """
+    epochs = sched.max_t
+    rungs = [int(r) for r in sched.rungs if r < epochs] if sched.type == "asha" else []
+    rng = random.Random(0)
+    completed = trained = 0
+    for _ in range(draws):
+        arrived: dict[int, list[float]] = {r: [] for r in rungs}
+        done = 0
+        for _ in range(num_samples):
+            stopped_at = 0
+            for rung in rungs:
+                arrived[rung].append(value := rng.random())
+                if value > sorted(arrived[rung])[max(1, len(arrived[rung]) // sched.reduction_factor) - 1]:
+                    stopped_at = rung
+                    break
+            done += not stopped_at
+            trained += stopped_at or epochs
+        completed += done
+        trained += min(top_k, done) * seeds * epochs
+    return StudyShape(completed / draws, trained / draws)
+
+
 def describe(spec: StudySpec) -> str:
     """The resolved study for ``--dry-run``: fixed config, searched distributions, plan, resources."""
     t, sched, res = spec.tune, spec.tune.scheduler, spec.tune.resources_per_trial
@@ -206,12 +252,17 @@ def describe(spec: StudySpec) -> str:
     else:
         lines.append(f"  scheduler none: every trial runs all {sched.max_t} epochs")
     finals = t.finalists.top_k * t.finalists.seeds
+    shape = expected_shape(t.num_samples, sched, t.finalists.top_k, t.finalists.seeds)
+    if sched.type == "asha":
+        lines.append(f"  expect about {shape.completed:.1f} of the {t.num_samples} trials to complete (trials in "
+                     "random order; rung fidelity needs 3, finalists their top_k)")
     if finals:
         lines.append(f"  finalists: the top {t.finalists.top_k} configs again with {t.finalists.seeds} more "
                      f"seed(s) each ({finals} trials of {sched.max_t} epochs); the best mean wins")
     if t.warm_start:
         lines.append(f"  warm start from {t.warm_start} (a new study only)")
-    lines += [f"  at most {(t.num_samples + finals) * sched.max_t} trial-epochs in total", "",
+    lines += [(f"  at most {(t.num_samples + finals) * sched.max_t} trial-epochs in total, about "
+               f"{shape.trial_epochs:.0f} expected"), "",
               (f"resources per trial: {_fmt(res.cpu)} CPU, {_fmt(res.gpu)} GPU ({concurrent} concurrent "
               f"trials need {_fmt(res.cpu * concurrent)} CPU, {_fmt(res.gpu * concurrent)} GPU)"),
               (f"mlflow: experiment {spec.mlflow.experiment!r}, tracking "

@@ -29,7 +29,8 @@ RAY_ERRORS_FILE = "ray_errors.log"  # in the study folder: what Ray's driver pri
 # tests/test_faults.py fails if those lines reach the terminal again.
 _RAY_ERROR_THREAD = "ray_listen_error_messages"
 _SHOWN = ("done", "running", "stopped early", "failed", "diverged")  # always shown; others when non-zero
-_FINAL = {"completed": "done", "stopped_early": "stopped early", "failed": "failed", "diverged": "diverged"}
+_FINAL = {"completed": "done", "stopped_early": "stopped early", "failed": "failed", "diverged": "diverged",
+          "no_better": "no better"}
 _RAY = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": "running", "ERROR": "failed"}
 
 
@@ -77,8 +78,12 @@ def count_trials(trials: list[Any], recorded: Mapping[str, str]) -> dict[str, in
 
 def best_recorded(trials: Iterable[Any], metric: str, mode: str) -> tuple[float, str] | None:
     """``(value, "t003")``: the best finite ``metric`` any epoch of the record's ``trials``
-    (:class:`tune.record.TrialRecord`) reported, by ``mode``; None before any."""
-    values = [(v, f"t{t.number:03d}") for t in trials for _, v in t.curve(metric) if math.isfinite(v)]
+    (:class:`tune.record.TrialRecord`) reported, by ``mode``, leaving out values no better than their
+    trial's model before training (:func:`tune.record.no_better_reason`); None before any."""
+    from .record import no_better_reason
+
+    values = [(v, f"t{t.number:03d}") for t in trials for _, v in t.curve(metric)
+              if math.isfinite(v) and not no_better_reason(v, metric, mode, t.epochs.get(1, {}))]
     return min(values, key=lambda item: item[0] if mode == "min" else -item[0], default=None)
 
 
@@ -149,6 +154,7 @@ class ProgressView(Callback):
         self._labels: dict[str, str] = {}  # Ray trial id -> "t003 lr=2.3e-3 acc=1"
         self._reported: dict[str, int] = {}  # Ray trial id -> its last epoch (Ray's last_result lags)
         self._restored: dict[str, int] = {}  # Ray trial id -> epochs it had done before this run
+        self._first_epoch: dict[str, Mapping[str, Any]] = {}  # Ray trial id -> its epoch-1 report (its baseline)
         self._live: Any = None
         self._ray_errors = ray_errors
         self._live_stdout: TextIO | None = None  # what Live put in sys.stdout (restored before Live stops)
@@ -259,10 +265,16 @@ class ProgressView(Callback):
         # A run's first report of a continued trial is its checkpoint's epoch again (not trained now;
         # a repeat after Ray retried it in this run was).
         self._restored.setdefault(trial.trial_id, epoch if result.get("restored") else 0)
+        if epoch == 1:
+            self._first_epoch[trial.trial_id] = result
         if result.get("restored"):
             return
+        from .record import no_better_reason
+
+        # A value no better than the trial's untrained model is never "best so far" (it is no answer).
         if isinstance(value, (int, float)) and math.isfinite(value) and (
-                value < self._best if self.mode == "min" else value > self._best):
+                value < self._best if self.mode == "min" else value > self._best) and not no_better_reason(
+                    value, self.metric, self.mode, self._first_epoch.get(trial.trial_id, {})):
             self._best, self._best_trial = float(value), self._label(trial, short=True)
         # Plain lines only; a trial's last epoch is in its end line, next.
         ended = epoch >= self.planned_epochs or self._recorded.get(trial.trial_id) in _FINAL

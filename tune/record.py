@@ -27,7 +27,16 @@ failed         RUNNING   crashed after Ray's retries (``--resume`` retries it)
 completed      COMPLETE  trained every epoch; value = best epoch's objective
 stopped_early  PRUNED    stopped by ASHA (Optuna's SuccessiveHalvingPruner) at a rung
 diverged       FAIL      loss became non-finite or exploded: its config is unusable
+no_better      COMPLETE  finished (all epochs, or stopped by ASHA) no better than the model
+                         before training or the uniform predictor (:func:`no_better_reason`):
+                         it learned nothing, so it is never the answer nor a finalist
 =============  ========  ===============================================================
+
+``no_better`` is told to Optuna as COMPLETE with its own (bad) value rather than FAIL: TPE ignores
+FAIL trials, so the region of a trial that learned nothing would look unexplored and be sampled
+again; as a complete trial with a value no better than the untrained model's it lands in TPE's
+"bad" group, and ASHA's rungs keep its values. Everything that picks an answer goes through
+:func:`ranked`, which only takes ``completed`` (and, failing those, ``stopped_early``) trials.
 """
 
 from __future__ import annotations
@@ -44,9 +53,9 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -55,23 +64,79 @@ from minimind_train.validation import validate
 
 from .storage import RUNS_DIR, ResumePoint, checkpoint_metas, local_path, resume_point, trial_dirs
 
-__all__ = ["FINISHED", "MANIFEST_FILE", "OPTUNA_FILE", "PATH_KEYS", "RESUMABLE", "RUN_SETTINGS", "WARM_START",
-           "Manifest", "StudyError", "StudyRecord", "TrialRecord", "diff_specs", "write_atomic"]
+__all__ = ["ANSWERS", "BASELINE_PREFIX", "FINISHED", "MANIFEST_FILE", "NO_BETTER", "NO_BETTER_MARGIN", "OPTUNA_FILE",
+           "PATH_KEYS", "RESUMABLE", "RUN_SETTINGS", "UNIFORM_KEY", "WARM_START", "Manifest", "StudyError",
+           "StudyRecord", "TrialRecord", "diff_specs", "no_better_reason", "rank_key", "ranked", "write_atomic"]
 
 MANIFEST_FILE = "study.json"
 SPACE_FILE = "space.yaml"
 OPTUNA_FILE = "optuna.db"
+_T = TypeVar("_T")
 _STUDY_NAME = "study"  # the one Optuna study inside optuna.db
 _SPEC_ATTR = "spec"  # optuna.db's copy of study.json's spec (studies created since it is kept)
 FORMAT = 1
 
-FINISHED = frozenset({"completed", "stopped_early", "diverged"})
+NO_BETTER = "no_better"
+FINISHED = frozenset({"completed", "stopped_early", "diverged", NO_BETTER})
 # A trial copied from an earlier study (tune.warmstart): history for the sampler, not a trial of this study.
 WARM_START = "warm_start"
 RESUMABLE = frozenset({"running", "interrupted", "failed"})
 # The Optuna state each finished status ends in (the table above); any other state reads as ``running``.
-_STATE_OF = {"completed": TrialState.COMPLETE, "stopped_early": TrialState.PRUNED, "diverged": TrialState.FAIL}
-_STATUS_OF = {state: status for status, state in _STATE_OF.items()}
+_STATE_OF = {"completed": TrialState.COMPLETE, "stopped_early": TrialState.PRUNED, "diverged": TrialState.FAIL,
+             NO_BETTER: TrialState.COMPLETE}
+_STATUS_OF = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "stopped_early", TrialState.FAIL: "diverged"}
+
+# Statuses whose value can be a study's answer, preferred first: a completed trial, else (none
+# completed) one stopped early. Never no_better, diverged, or an unfinished one.
+ANSWERS = ("completed", "stopped_early")
+# Every status in the order a study's table lists them (then by value): answers first, unfinished next.
+_STATUS_ORDER = {"completed": 0, "stopped_early": 1, "interrupted": 2, "running": 2, "failed": 3,
+                 "diverged": 3, NO_BETTER: 3, "abandoned": 4}
+
+# Metrics of a trial's first epoch that say what "learned something" means (minimind_train.train reports
+# them): ``baseline_<metric>``, the objective of the model before its first optimizer step, and
+# ``uniform_loss``, ln(vocabulary size): the loss of predicting every token equally likely.
+BASELINE_PREFIX = "baseline_"
+UNIFORM_KEY = "uniform_loss"
+# A value must beat those bars by more than this fraction of them: a collapsed model lands on ln(V) up to
+# rounding, and 0.1% of the untrained loss is no learning worth an answer.
+NO_BETTER_MARGIN = 1e-3
+
+
+def no_better_reason(value: float, metric: str, mode: str, first_epoch: Mapping[str, float]) -> str:
+    """Why a trial whose best objective is ``value`` learned nothing ("" when it did): it is not better
+    (by :data:`NO_BETTER_MARGIN`) than its model before training (``baseline_<metric>`` in
+    ``first_epoch``, its first epoch's metrics) or, for a loss minimised, than the uniform predictor
+    (``uniform_loss``). A bar the trial did not report is not checked (a study recorded before them)."""
+    sign = 1.0 if mode == "min" else -1.0
+    than = ">=" if mode == "min" else "<="
+    bars = [(first_epoch.get(f"{BASELINE_PREFIX}{metric}"), "the untrained model",
+             "{value:.4f} {than} {bar:.4f} before training")]
+    if mode == "min":
+        bars.append((first_epoch.get(UNIFORM_KEY), "the uniform predictor",
+                     "{value:.4f} {than} {bar:.4f} = ln(vocabulary size)"))
+    for bar, what, shown in bars:
+        if bar is not None and math.isfinite(bar) and not sign * value < sign * bar - NO_BETTER_MARGIN * abs(bar):
+            return f"no better than {what}: {metric} " + shown.format(value=value, than=than, bar=bar)
+    return ""
+
+
+def rank_key(status: str, value: float, mode: str) -> tuple[int, float]:
+    """Where a trial of ``status`` whose best objective is ``value`` stands in a study's ranking (smaller
+    first): by status (answers, then unfinished, then those that are no answer), then by value."""
+    sign = 1.0 if mode == "min" else -1.0
+    return _STATUS_ORDER.get(status, 3), sign * value if math.isfinite(value) else math.inf
+
+
+def ranked(items: Iterable[_T], mode: str, status: Callable[[_T], str], value: Callable[[_T], float],
+           statuses: Sequence[str] = ANSWERS) -> list[_T]:
+    """The one ranking of answers, best first: the ``items`` whose status is one of ``statuses`` (by
+    default :data:`ANSWERS`) with a finite value, ordered by :func:`rank_key`. A ``no_better``,
+    ``diverged`` or unfinished trial is never among them: whatever names a study's best (report,
+    finalists, MLflow, plots, warm starts) picks from here; the live view skips values that
+    :func:`no_better_reason` rejects."""
+    found = [item for item in items if status(item) in statuses and math.isfinite(value(item))]
+    return sorted(found, key=lambda item: rank_key(status(item), value(item), mode))
 
 
 class StudyError(RuntimeError):
@@ -454,21 +519,29 @@ class StudyRecord:
         return bool(frozen.intermediate_values) and pruner.prune(self.study, frozen)
 
     def finish(self, number: int, status: str, objective: str, mode: str, error: str = "") -> None:
-        """End a trial in Optuna: completed -> COMPLETE(best epoch), stopped_early -> PRUNED, diverged -> FAIL.
+        """End a trial in Optuna: completed -> COMPLETE(best epoch), stopped_early -> PRUNED, diverged -> FAIL,
+        no_better -> COMPLETE(best epoch).
 
         Other statuses leave the trial RUNNING (resumable) and only record the status. A finished trial
-        stays as it is; a completed one without a finite ``objective`` is diverged.
+        stays as it is; a completed one without a finite ``objective`` is diverged; a completed or
+        stopped one whose best value is no better than before training (:func:`no_better_reason`) is
+        ``no_better``, the reason as its error.
         """
         frozen = self._frozen(number)
         if frozen.state.is_finished():
             return
-        values = [v for _, v in _trial_record(frozen).curve(objective) if math.isfinite(v)]
-        if status == "completed" and not values:
+        trial = _trial_record(frozen)
+        values = [v for _, v in trial.curve(objective) if math.isfinite(v)]
+        best = (min(values) if mode == "min" else max(values)) if values else None
+        if status in ("completed", NO_BETTER) and best is None:
             status, error = "diverged", error or f"no finite {objective} was reported"
+        elif status in ANSWERS and best is not None and (
+                reason := no_better_reason(best, objective, mode, trial.epochs.get(1, {}))):
+            status, error = NO_BETTER, reason
         self.set_status(number, status, error)
         if status in FINISHED:
-            best = (min(values) if mode == "min" else max(values)) if status == "completed" else None
-            self.study.tell(number, best, state=_STATE_OF[status])
+            self.study.tell(number, best if _STATE_OF[status] == TrialState.COMPLETE else None,
+                            state=_STATE_OF[status])
 
     def abandon(self, number: int, reason: str) -> None:
         """End a trial that can never run as asked (its params were never all recorded: the driver

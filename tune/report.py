@@ -26,7 +26,7 @@ from minimind_train.config import run_config_to_dict
 
 from .interrupts import signals_deferred
 from .mirror import Mirror, warn_on_failure
-from .record import FINISHED, StudyRecord, write_atomic
+from .record import FINISHED, NO_BETTER, StudyRecord, rank_key, ranked, write_atomic
 from .space import StudySpec
 from .storage import CHECKPOINT_PREFIX, StudyPaths, fetch_file
 
@@ -55,13 +55,10 @@ class TrialSummary:
     seed: int | None = None
 
 
-_STATUS_RANK = {"completed": 0, "stopped_early": 1, "interrupted": 2, "running": 2, "failed": 3,
-                "diverged": 3, "abandoned": 4}
-
-
 def summarize_trials(record: StudyRecord, metric: str, mode: str) -> list[TrialSummary]:
-    """Ranked summaries of the record's trials, best first: by status (completed, stopped early,
-    unfinished, diverged and failed), then by the objective at the trial's best epoch."""
+    """Ranked summaries of the record's trials, best first (:func:`tune.record.rank_key`): by status
+    (completed, stopped early, unfinished, then no better than untrained, diverged and failed), then by
+    the objective at the trial's best epoch."""
     sign = 1.0 if mode == "min" else -1.0
     out = []
     for t in record.trials():
@@ -79,7 +76,7 @@ def summarize_trials(record: StudyRecord, metric: str, mode: str) -> list[TrialS
             best_value=best_value, best_epoch=best_epoch, params=t.params, curve=curve, checkpoint=checkpoint,
             error=t.error, number=t.number, checkpoint_epoch=checkpoint_epoch, finalist_of=t.finalist_of,
             seed=t.seed))
-    return sorted(out, key=lambda s: (_STATUS_RANK.get(s.status, 3), sign * s.best_value, s.number))
+    return sorted(out, key=lambda s: (*rank_key(s.status, s.best_value, mode), s.number))
 
 
 # Below this Spearman correlation a rung's ranking says little about the final one (documented in the
@@ -260,10 +257,11 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-def _answer(search: Sequence[TrialSummary], finalists: Sequence[Finalist],
-            metric: str) -> tuple[TrialSummary | None, Finalist | None]:
+def _answer(search: Sequence[TrialSummary], finalists: Sequence[Finalist], metric: str,
+            mode: str) -> tuple[TrialSummary | None, Finalist | None]:
     """The study's answer, printing the finalists: the config with the best finite mean over seeds,
-    else the best completed trial (the best stopped early when none completed), else None."""
+    else the best completed trial (the best stopped early when none completed; never one that is no
+    better than untrained: :func:`tune.record.ranked`), else None."""
     if finalists:
         print(f"\nfinalists: the top configs trained again with other seeds, best mean {metric} first")
         for f in finalists:
@@ -276,10 +274,8 @@ def _answer(search: Sequence[TrialSummary], finalists: Sequence[Finalist],
         print("warning: every finalist config diverged or failed with another seed: no config is stable "
               "across seeds; best.yaml is the best single trial's config (lower the learning rate range "
               "before trusting it)", file=sys.stderr)
-    for status in ("completed", "stopped_early"):
-        if eligible := [s for s in search if s.status == status and math.isfinite(s.best_value)]:
-            return eligible[0], None
-    return None, None
+    answers = ranked(search, mode, lambda s: s.status, lambda s: s.best_value)
+    return (answers[0] if answers else None), None
 
 
 def _best_model(paths: StudyPaths, best: TrialSummary) -> Path | None:
@@ -306,7 +302,7 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
         print()
         print(format_table(search, t.metric))
         finalists = summarize_finalists(summaries, spec.run.train.seed, t.mode)
-        best, finalist = _answer(search, finalists, t.metric)
+        best, finalist = _answer(search, finalists, t.metric, t.mode)
         artifacts: dict[str, Path] = {}
         if finalists:
             artifacts["finalists.csv"] = write_finalists_csv(study_dir / "finalists.csv", finalists, t.metric)
@@ -348,8 +344,14 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
         return 1
     if best is None:
         then = budget or ("--resume continues the unfinished ones" if unfinished else "")
-        print(f"error: no trial completed: {then}".rstrip(), *(f"  {_reason(s, budget)}" for s in summaries),
-              sep="\n", file=sys.stderr)
+        if learned_nothing := [s for s in search if s.status == NO_BETTER]:
+            # Trials ran to their end and learned nothing: exporting one would hand over an untrained model.
+            head = (f"error: no trial beat the untrained model: {len(learned_nothing)} trial(s) ended no better "
+                    "than before training; no best.yaml or checkpoint is exported (lower the learning rate "
+                    f"range or check the data) {then}")
+        else:
+            head = f"error: no trial completed: {then}"
+        print(head.rstrip(), *(f"  {_reason(s, budget)}" for s in summaries), sep="\n", file=sys.stderr)
         return 1
     return 0
 

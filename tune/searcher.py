@@ -24,7 +24,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from .record import StudyRecord, TrialRecord
+from .record import StudyRecord, TrialRecord, ranked
 
 __all__ = ["NUMBER_KEY", "PARAMS_KEY", "RecordScheduler", "RecordSearcher", "ResumePlan", "error_text",
            "failure_reason", "finalist_plans", "make_pruner", "make_sampler", "resume_plans"]
@@ -87,7 +87,7 @@ def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str
 def finalist_plans(record: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution],
                    metric: str, mode: str, epochs: int, top_k: int, seeds: int, base_seed: int,
                    create: bool = True) -> list[ResumePlan]:
-    """The finalists still to train: the ``top_k`` completed search trials' configs, each with seeds
+    """The finalists still to train: the ``top_k`` best completed search trials' configs (:func:`tune.record.ranked`), each with seeds
     ``base_seed + 1 .. base_seed + seeds`` (``train.seed``: model init and data order). Unfinished
     finalists continue; missing ones are created in the record (``create=False``: only counted, with
     number -1)."""
@@ -97,11 +97,11 @@ def finalist_plans(record: StudyRecord, distributions: Mapping[str, optuna.distr
     sign = 1 if mode == "min" else -1
 
     def best(t: TrialRecord) -> float:
-        return min(sign * v for _, v in t.curve(metric) if math.isfinite(v))
+        return sign * min((sign * v for _, v in t.curve(metric) if math.isfinite(v)), default=math.inf)
 
-    done = [t for t in trials if t.finalist_of is None and t.status == "completed"
-            and any(math.isfinite(v) for _, v in t.curve(metric))]
-    for t in sorted(done, key=best)[:top_k]:
+    # Completed configs only (never one no better than untrained, nor one stopped early).
+    search = [t for t in trials if t.finalist_of is None]
+    for t in ranked(search, mode, lambda t: t.status, best, statuses=("completed",))[:top_k]:
         for seed in range(base_seed + 1, base_seed + 1 + seeds):
             if (t.number, seed) not in have:
                 number = record.add_finalist(t, seed, distributions) if create else -1

@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .record import WARM_START, StudyError, StudyRecord
+from .record import WARM_START, StudyError, StudyRecord, ranked
 
 __all__ = ["check_warm_start", "history_trials", "warm_start"]
 
@@ -81,8 +81,12 @@ def warm_start(record: StudyRecord, other: StudyRecord,
             params=t.params, distributions=dict(distributions), state=t.state,
             value=t.value if t.state == TrialState.COMPLETE else None, intermediate_values=t.intermediate_values,
             user_attrs={"status": WARM_START, "source": f"{other.manifest.name} t{t.number:03d}"}))
-    completed = sorted((t for t in copied if t.state == TrialState.COMPLETE), key=lambda t: t.value,
-                       reverse=record.study.direction.name == "MAXIMIZE")
+    # Its answers only (tune.record.ranked): a trial no better than untrained is history (TPE learns the
+    # region is bad), never a config to ask first.
+    mode = "max" if record.study.direction.name == "MAXIMIZE" else "min"
+    completed = ranked([t for t in copied if t.state == TrialState.COMPLETE], mode,
+                       lambda t: str(t.user_attrs.get("status", "completed")), lambda t: float(t.value),
+                       statuses=("completed",))
     best_first = [t.params for t in completed]
     queued = [params for i, params in enumerate(best_first) if params not in best_first[:i]][:top_k]  # distinct
     for params in queued:
