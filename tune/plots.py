@@ -14,6 +14,7 @@ below the plot and list only artists that show something; every text is large en
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
