@@ -7,11 +7,12 @@ single-page app fetches and draws after the page loads) and a page still loading
 half is a failure. It checks that the runs table lists every trial run with its objective value, best
 first; that the chart view draws its charts (no loading spinner left in view); that the compare view
 tune.ui prints holds the trials only, drawn over the searched parameters and the objective; and that
-each plot in the study run's artifacts shows. The screenshots, taken of what was checked, go to a
-folder that it prints. Needs Debian's ``chromium`` (``apt-get install chromium``); it is not part of
-``make test``. Exit status 0 when every check passed.
+each plot in the study run's artifacts shows; then that ``tune.ui --dashboard`` (Optuna's dashboard)
+lands on the study's note stating the answer and draws the study's history. The screenshots, taken
+of what was checked, go to a folder that it prints. Needs Debian's ``chromium`` (``apt-get install
+chromium``); it is not part of ``make test``. Exit status 0 when every check passed.
 
-    python scripts/ui_check.py [--out DIR] [--num-samples N]
+    python scripts/ui_check.py [--out DIR] [--num-samples N] [--study-dir DIR] [--page-timeout S]
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ class Chromium:
             deadline, streak, state = time.monotonic() + self.page_timeout_s, 0, {}
             while streak < 2 and time.monotonic() < deadline:
                 time.sleep(0.5)
-                state = self.call("Runtime.evaluate", session, expression=_STATE_JS, returnByValue=True)["result"]["value"]
+                result = self.call("Runtime.evaluate", session, expression=_STATE_JS, returnByValue=True)["result"]
+                # (no value while a page is being replaced, e.g. on an error page)
+                state = {"loading": 0, "charts": 0, "axes": [], "images": 0, "dom": "", **(result.get("value") or {})}
                 streak = streak + 1 if ready(state) else 0
             screenshot.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", session, format="png")["data"]))
             return streak >= 2, state
@@ -128,19 +131,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start_ui(storage: Path, study: str, port: int) -> tuple[subprocess.Popen[str], dict[str, str]]:
+def _start_ui(storage: Path, study: str, port: int, *extra: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
     """``tune.ui`` serving ``study``, and the URLs it prints by what they are (``MLflow UI``, ``compare the
-    trials``) once the server answers."""
-    command = [sys.executable, "-m", "tune.ui", "--storage-path", str(storage), "--study", study, "--port", str(port)]
+    trials``, ``Optuna dashboard``) once its server answers."""
+    command = [sys.executable, "-m", "tune.ui", "--storage-path", str(storage), "--study", study, "--port", str(port),
+               *extra]
     ui = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert ui.stdout is not None
     urls: dict[str, str] = {}
     deadline = time.monotonic() + 300
     for line in ui.stdout:
         print(line, end="")
-        if match := re.match(r"(MLflow UI|compare the trials): (\S+)", line):
+        if match := re.match(r"(MLflow UI|compare the trials|Optuna dashboard): (\S+)", line):
             urls[match[1]] = match[2]
-        elif line.startswith("(serving ") and "MLflow UI" in urls:  # its last line
+        elif line.startswith("(") and urls:  # its last line
             return ui, urls
         if time.monotonic() > deadline:
             break
@@ -163,6 +167,17 @@ def _run_study(work: Path, num_samples: int) -> Path:
 
 def check(study_dir: Path, out: Path, page_timeout_s: float = PAGE_TIMEOUT_S) -> Iterator[str]:
     """Serve ``study_dir`` with tune.ui, look at its pages, save their screenshots in ``out``; the failures."""
+    browser = Chromium(page_timeout_s)
+    try:
+        yield from _check_mlflow(study_dir, out, browser, page_timeout_s)
+        yield from _check_dashboard(study_dir, out, browser, page_timeout_s)
+        print(f"pages: {', '.join(sorted(p.stem for p in out.glob('*.png')))}")
+    finally:
+        browser.close()
+
+
+def _check_mlflow(study_dir: Path, out: Path, browser: Chromium, page_timeout_s: float) -> Iterator[str]:
+    """The MLflow UI: its runs table, charts, the trials' comparison and the study run's plots."""
     from mlflow.tracking import MlflowClient
 
     spec = json.loads((study_dir / "study.json").read_text(encoding="utf-8"))["spec"]
@@ -176,7 +191,6 @@ def check(study_dir: Path, out: Path, page_timeout_s: float = PAGE_TIMEOUT_S) ->
     names = [r.info.run_name for r in trials]
 
     ui, urls = _start_ui(study_dir.parent, study_dir.name, _free_port())
-    browser = Chromium(page_timeout_s)
     try:
         url = urls["MLflow UI"]
         ready, state = browser.look(url, out / "runs_table.png", lambda s: all(n in s["dom"] for n in names)
@@ -222,9 +236,28 @@ def check(study_dir: Path, out: Path, page_timeout_s: float = PAGE_TIMEOUT_S) ->
                                         lambda s: s["images"] > 0 and not s["loading"])
             if not ready:
                 yield f"{artifact.path}: not shown after {page_timeout_s:.0f} s"
-        print(f"{len(trials)} trials; pages: {', '.join(sorted(p.stem for p in out.glob('*.png')))}")
     finally:
-        browser.close()
+        ui.terminate()
+        ui.wait(timeout=60)
+
+
+def _check_dashboard(study_dir: Path, out: Path, browser: Chromium, page_timeout_s: float) -> Iterator[str]:
+    """``tune.ui --dashboard``: it lands on the study's note, which states the answer of best.yaml and
+    the command that trains it again, and the study's page draws its history."""
+    best = (study_dir / "best.yaml").read_text(encoding="utf-8").splitlines()[0].removeprefix("# ")
+    command = f"python -m minimind_train.sft --config {study_dir / 'best.yaml'}"
+    ui, urls = _start_ui(study_dir.parent, study_dir.name, _free_port(), "--dashboard")
+    try:
+        note = urls["Optuna dashboard"]
+        ready, state = browser.look(note, out / "dashboard_note.png", lambda s: "the answer" in s["dom"]
+                                    and not s["loading"])
+        if not ready or best not in state["dom"] or command not in state["dom"]:
+            yield f"dashboard: {note} does not show the answer ({best!r} and {command!r}) as the study's note"
+        ready, state = browser.look(note.removesuffix("/note"), out / "dashboard_study.png",
+                                    lambda s: s["charts"] > 0 and not s["loading"])
+        if not ready:
+            yield f"dashboard: the study's page drew no chart after {page_timeout_s:.0f} s"
+    finally:
         ui.terminate()
         ui.wait(timeout=60)
 
@@ -251,8 +284,8 @@ def main() -> int:
     print(f"screenshots: {out}")
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)
-    print("ui-check: " + ("failed" if failures else "passed: the runs table, charts, the trials' comparison and "
-                                                      "the plots are shown"))
+    print("ui-check: " + ("failed" if failures else "passed: the runs table, charts, the trials' comparison, "
+                                                      "the plots and the dashboard's note are shown"))
     return 1 if failures else 0
 
 

@@ -5,6 +5,7 @@
     python -m tune.ui                          # the newest study under studies/
     python -m tune.ui --study my_study --open  # studies/my_study, opened in a browser
     python -m tune.ui --tracking-uri sqlite:////abs/path/mlflow.db --port 5001
+    python -m tune.ui --dashboard [--study my_study]  # Optuna's dashboard on the study's record (tune.dashboard)
 
 A study opens in the store its runs went to, as its study.json records it (its own ``mlflow.db``, a
 sqlite file elsewhere, a server; a study that records none: its own ``mlflow.db``). That store is first
@@ -32,7 +33,7 @@ import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import mirror, tracking
+from . import dashboard, mirror, tracking
 from .record import MANIFEST_FILE, Manifest, StudyError
 from .tracking import TRACKING_URI_ENV, TrackingError
 
@@ -146,6 +147,24 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    """``--dashboard``: tune.dashboard on the study's record."""
+    try:
+        if args.tracking_uri:
+            raise StudyError("--dashboard shows a study's record, not an MLflow store: pass --study (and "
+                             "--storage-path), not --tracking-uri")
+        study_dir = find_study(args.storage_path, args.study).resolve()
+        return dashboard.serve(study_dir, 8080 if args.port is None else args.port,
+                               opened=webbrowser.open if args.open else None)
+    except (FileNotFoundError, StudyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the port taken, among others
+        print(f"error: the dashboard could not listen on 127.0.0.1:{args.port or 8080}: {exc}; pass another --port",
+              file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tune.ui", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", help=f"MLflow store (default: ${TRACKING_URI_ENV}, else the newest "
@@ -153,9 +172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--storage-path", type=Path, default=_DEFAULT_STORAGE, help="where studies live")
     parser.add_argument("--study", help="open study STUDY under --storage-path, in the MLflow store it recorded "
                         f"(a study from before that record: its {_DB_NAME})")
-    parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    parser.add_argument("--port", type=int, help="port on 127.0.0.1 (default: 5000; 8080 with --dashboard)")
     parser.add_argument("--open", action="store_true", help="open the URL in a web browser")
+    parser.add_argument("--dashboard", action="store_true", help="Optuna's dashboard on a snapshot of the study's "
+                        "record instead of the MLflow UI (see tune.dashboard)")
     args = parser.parse_args(argv)
+    if args.dashboard:
+        return _dashboard(args)
+    args.port = 5000 if args.port is None else args.port
     server_url = f"http://127.0.0.1:{args.port}"
     try:
         study_dir: Path | None = None
