@@ -21,7 +21,15 @@ from mlflow.tracking import MlflowClient
 
 from tune.record import StudyRecord
 from tune.tracking import TRACKING_URI_ENV, VIEW_TAG_PREFIX, runs_table_url
-from tune.ui import SERVER_LOG, _compare_url, _landing_url, _refresh_study_mirror, find_study, main, study_store
+from tune.ui import (
+    SERVER_LOG,
+    _compare_url,
+    _landing_url,
+    _refresh_study_mirror,
+    find_study,
+    main,
+    study_store,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "ui-test"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import sys
 import tempfile
 import warnings
 import wsgiref.simple_server
@@ -140,7 +139,3 @@ def serve(study_dir: Path, port: int, opened: Any = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             server.serve_forever()
     return 0
-
-
-if __name__ == "__main__":  # (python -m tune.ui --dashboard is the command)
-    sys.exit("use: python -m tune.ui --dashboard [--study NAME]")
