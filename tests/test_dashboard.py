@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 import urllib.request
 from pathlib import Path
@@ -93,3 +94,16 @@ def test_cli_refuses_a_tracking_uri_and_a_missing_study(tmp_path: Path, capsys: 
     assert "--dashboard shows a study's record" in capsys.readouterr().err
     assert main(["--dashboard", "--storage-path", str(tmp_path), "--study", "absent"]) == 2
     assert "is the study name right?" in capsys.readouterr().err
+
+
+def test_a_damaged_record_or_a_taken_port_is_one_line(study: StudyRecord, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    storage = ["--storage-path", str(study.dir.parent), "--study", "s"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["--dashboard", *storage, "--port", str(taken.getsockname()[1])]) == 2
+    assert "pass another --port" in capsys.readouterr().err
+    (study.dir / "optuna.db").write_bytes(b"not a database" * 100)
+    assert main(["--dashboard", *storage]) == 2
+    assert "optuna.db cannot be read" in capsys.readouterr().err

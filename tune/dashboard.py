@@ -26,7 +26,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial
 
-from .record import MANIFEST_FILE, OPTUNA_FILE, WARM_START, Manifest
+from .record import MANIFEST_FILE, OPTUNA_FILE, WARM_START, Manifest, StudyError
 
 __all__ = ["BEST_FILE", "answer_note", "dashboard_url", "serve", "snapshot", "trial_role"]
 
@@ -40,9 +40,12 @@ def snapshot(study_dir: Path, into: Path) -> Path:
     source_db, copy = Path(study_dir) / OPTUNA_FILE, Path(into) / OPTUNA_FILE
     if not source_db.is_file():
         raise FileNotFoundError(f"no study record {source_db}; is the study folder right?")
-    with contextlib.closing(sqlite3.connect(f"{source_db.resolve().as_uri()}?mode=ro", uri=True)) as source, \
-            contextlib.closing(sqlite3.connect(copy)) as target:
-        source.backup(target)
+    try:
+        with contextlib.closing(sqlite3.connect(f"{source_db.resolve().as_uri()}?mode=ro", uri=True)) as source, \
+                contextlib.closing(sqlite3.connect(copy)) as target:
+            source.backup(target)
+    except sqlite3.Error as exc:
+        raise StudyError(f"{source_db} cannot be read ({exc}); the dashboard shows nothing of it") from exc
     return copy
 
 
@@ -121,8 +124,11 @@ def _served(study_dir: Path, port: int) -> Iterator[tuple[wsgiref.simple_server.
         study = _annotate(storage, study_dir, manifest)
         import optuna_dashboard
 
-        server = wsgiref.simple_server.make_server("127.0.0.1", port, optuna_dashboard.wsgi(storage),
-                                                   handler_class=_Quiet)
+        try:
+            server = wsgiref.simple_server.make_server("127.0.0.1", port, optuna_dashboard.wsgi(storage),
+                                                       handler_class=_Quiet)
+        except OSError as exc:  # the port taken, among others
+            raise StudyError(f"the dashboard cannot listen on 127.0.0.1:{port} ({exc}); pass another --port") from exc
         try:
             yield server, dashboard_url(f"http://127.0.0.1:{server.server_port}", storage, study)
         finally:

@@ -41,7 +41,7 @@ __all__ = ["SERVER_LOG", "find_study", "main", "study_store"]
 
 _DEFAULT_STORAGE = Path("studies")  # tune.run's default --storage-path (importing it pulls in torch)
 _DB_NAME = tracking.DEFAULT_DB
-SERVER_LOG = "mlflow-server.log"  # beside a sqlite store (a temporary file where that folder is read-only)
+SERVER_LOG = "mlflow-server.log"  # mlflow server's output: in the study folder (see _server_log)
 
 
 def find_study(storage: Path, study: str | None = None) -> Path:
@@ -158,10 +158,6 @@ def _dashboard(args: argparse.Namespace) -> int:
                                opened=webbrowser.open if args.open else None)
     except (FileNotFoundError, StudyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the port taken, among others
-        print(f"error: the dashboard could not listen on 127.0.0.1:{args.port or 8080}: {exc}; pass another --port",
-              file=sys.stderr)
         return 2
 
 
