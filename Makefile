@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast tune ui ui-check bench assets clean
+.PHONY: install test test-fast tune ui dashboard ui-check bench assets clean
 
 install: $(STAMP)
 
@@ -27,7 +27,12 @@ tune: install
 ui: install
 	$(PY) -m tune.ui $(ARGS)
 
-# A tiny study looked at in the MLflow UI by headless Chromium (apt-get install chromium); not in `make test`.
+# Optuna's dashboard on a snapshot of the newest study's record (ARGS="--study NAME" for another).
+dashboard: install
+	$(PY) -m tune.ui --dashboard $(ARGS)
+
+# A tiny study looked at in the MLflow UI and Optuna's dashboard by headless Chromium (apt-get install
+# chromium); not in `make test`.
 ui-check: install
 	$(PY) scripts/ui_check.py $(ARGS)
 

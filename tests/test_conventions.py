@@ -93,3 +93,14 @@ def test_installed_ray_is_the_pinned_one() -> None:
     pin = re.search(r'"ray\[[^\]]*\]>=([\d.]+),<([\d.]+)"', (REPO / "pyproject.toml").read_text()).groups()
     as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:2])
     assert as_tuple(pin[0]) <= as_tuple(ray.__version__) < as_tuple(pin[1]), (ray.__version__, pin)
+
+
+def test_project_metadata_builds_without_deprecation_warnings() -> None:
+    """setuptools warns (twice per install) on a ``project.license`` table; the SPDX string form it
+    wants exists from setuptools 77 on, so the build requires that."""
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert isinstance(meta["project"]["license"], str), meta["project"]["license"]
+    (setuptools,) = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
+    assert tuple(int(x) for x in setuptools.split(">=")[1].split(".")) >= (77,), setuptools

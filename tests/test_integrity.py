@@ -275,9 +275,12 @@ def test_a_moved_study_resumes_and_opens_where_it_lands(victim: Victim, tmp_path
     _, parents, _ = mlflow_runs(elsewhere / NAME)
     assert [p.data.tags["minimind.study_dir"] for p in parents] == [str(elsewhere / NAME)]
     assert folder_digest(victim.dir) == original  # the original is untouched
-    from tune.ui import find_study_db
+    from tune.ui import find_study, study_store
 
-    assert find_study_db(elsewhere, NAME) == elsewhere / NAME / "mlflow.db"
+    # Each run recorded its store as the study's own (null), which is where the folder is now.
+    manifest = json.loads((elsewhere / NAME / "study.json").read_text())
+    assert [h["tracking_uri"] for h in manifest["history"] if "tracking_uri" in h][-1] is None
+    assert study_store(find_study(elsewhere, NAME))[0] == f"sqlite:///{elsewhere / NAME / 'mlflow.db'}"
 
 
 @pytest.mark.slow

@@ -576,3 +576,16 @@ def test_a_trial_no_better_than_untrained_is_a_failed_run_and_never_the_best(rec
     assert run.data.tags[ERROR_TAG].startswith(f"no better than the untrained model: {OBJECTIVE} 0.5000")
     (parent,) = parents(client)
     assert (parent.info.status, parent.data.tags["minimind.best_trial"]) == ("FINISHED", f"t{learned:03d}")
+
+
+def test_main_syncs_into_the_store_the_study_recorded(record: StudyRecord, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A study that tracked into a store elsewhere (its space's mlflow.tracking_uri, or
+    $MLFLOW_TRACKING_URI then) is caught up there, not in a new store in its folder."""
+    elsewhere = f"sqlite:///{tmp_path / 'team' / 'mlflow.db'}"
+    record.add_history({"run": 1, "started": "2026-12-01T08:00:00", "tracking_uri": elsewhere})
+    record.finish(new_trial(record, epochs=2), "completed", OBJECTIVE, "min")
+    assert main([str(record.dir)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"at {elsewhere}")
+    assert len(MlflowClient(tracking_uri=elsewhere).search_runs(
+        [e.experiment_id for e in MlflowClient(tracking_uri=elsewhere).search_experiments()])) == 2

@@ -38,3 +38,23 @@ def test_two_processes_create_one_fresh_store(tmp_path: Path) -> None:
         assert proc.returncode == 0, err
         assert out.strip() == "ok"
     assert MlflowClient(tracking_uri=uri).search_experiments()
+
+
+def test_the_store_a_study_used_is_recorded_so_that_it_follows_a_moved_folder(tmp_path: Path) -> None:
+    from tune.record import Manifest
+    from tune.tracking import own_store_uri, recorded_tracking_uri, uri_to_record
+
+    study = tmp_path / "s"
+    assert uri_to_record(own_store_uri(study), study) is None  # null: the study's own, wherever it is
+    assert uri_to_record("sqlite:////team/mlflow.db", study) == "sqlite:////team/mlflow.db"
+    assert uri_to_record("https://me:secret@mlflow.example:8443/x", study) == "https://me@mlflow.example:8443/x"
+
+    def manifest(*history: dict[str, object]) -> Manifest:
+        return Manifest(study_id="id", name="s", created="2026-12-01T08:00:00", spec={}, history=list(history))
+
+    moved = tmp_path / "moved"
+    assert recorded_tracking_uri(moved, manifest()) is None  # a study from before the record
+    assert recorded_tracking_uri(moved, manifest({"run": 1, "tracking_uri": None}, {"run": 1, "seconds": 3})) == \
+        own_store_uri(moved)
+    assert recorded_tracking_uri(moved, manifest({"run": 1, "tracking_uri": None},
+                                                 {"run": 2, "tracking_uri": "http://h:5000"})) == "http://h:5000"

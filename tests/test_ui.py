@@ -21,7 +21,15 @@ from mlflow.tracking import MlflowClient
 
 from tune.record import StudyRecord
 from tune.tracking import TRACKING_URI_ENV, VIEW_TAG_PREFIX, runs_table_url
-from tune.ui import _landing_url, _refresh_study_mirror, find_study_db, main
+from tune.ui import (
+    SERVER_LOG,
+    _compare_url,
+    _landing_url,
+    _refresh_study_mirror,
+    find_study,
+    main,
+    study_store,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "ui-test"
@@ -66,24 +74,66 @@ def _study(tmp_path: Path, template: Path) -> Path:
     return tmp_path / "studies" / "s"
 
 
-def test_find_study_db_prefers_named_then_newest(tmp_path: Path) -> None:
+def test_find_study_prefers_named_then_newest(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run a study first"):
-        find_study_db(tmp_path)
-    old, new = tmp_path / "old" / "mlflow.db", tmp_path / "new" / "mlflow.db"
+        find_study(tmp_path)
+    # A study whose store is elsewhere has no mlflow.db in its folder: its study.json marks it.
+    old, new = tmp_path / "old" / "mlflow.db", tmp_path / "new" / "study.json"
     for index, path in enumerate((old, new)):
         path.parent.mkdir()
         path.write_bytes(b"")
         os.utime(path, (1_000_000 + index, 1_000_000 + index))
-    assert find_study_db(tmp_path) == new
-    assert find_study_db(tmp_path, "old") == old
+    assert find_study(tmp_path) == new.parent
+    assert find_study(tmp_path, "old") == old.parent
     with pytest.raises(FileNotFoundError, match="study name"):
-        find_study_db(tmp_path, "absent")
+        find_study(tmp_path, "absent")
+
+
+def _recording(tmp_path: Path, template: Path, uri: str | None) -> Path:
+    """A copy of the template study whose driver run recorded ``uri`` as its store (None: its own)."""
+    folder = _study(tmp_path, template)
+    StudyRecord.open(folder).add_history({"run": 1, "started": "2026-12-01T08:00:00", "tracking_uri": uri})
+    return folder
+
+
+def test_a_study_opens_in_the_store_its_runs_went_to(tmp_path: Path, template_study: Path) -> None:
+    """A space's mlflow.tracking_uri (or $MLFLOW_TRACKING_URI when the study ran) naming a sqlite file
+    elsewhere: study.json records it, and tune.ui opens it, brought up to date, on the study's runs."""
+    elsewhere = f"sqlite:///{tmp_path / 'team' / 'mlflow.db'}"
+    folder = _recording(tmp_path, template_study, elsewhere)
+    (folder / "mlflow.db").unlink()  # the study never had its own store
+    assert find_study(tmp_path / "studies", "s") == folder
+    uri, which = study_store(folder)
+    assert uri == elsewhere and "study.json" in which
+    _refresh_study_mirror(uri, folder)
+    experiment = MlflowClient(tracking_uri=elsewhere).get_experiment_by_name(EXPERIMENT)
+    assert not (folder / "mlflow.db").exists()
+    url = _landing_url(uri, "http://127.0.0.1:5001", folder)
+    assert url.startswith(runs_table_url("http://127.0.0.1:5001", experiment.experiment_id) + "&")
+    assert _query(url)["viewStateShareKey"] == StudyRecord.open(folder).manifest.study_id
+
+
+def test_a_recorded_own_store_follows_a_moved_folder_and_old_studies_open_theirs(
+        tmp_path: Path, template_study: Path) -> None:
+    folder = _recording(tmp_path, template_study, None)  # null: the study's own store, wherever it is now
+    assert study_store(folder) == (f"sqlite:///{folder / 'mlflow.db'}", "study s's own store")
+    old = _study(tmp_path / "old", template_study)  # a study from before the store was recorded
+    assert study_store(old)[0] == f"sqlite:///{old / 'mlflow.db'}"
+
+
+def test_a_recorded_server_is_named_and_no_server_is_started(tmp_path: Path, template_study: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    server = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    _recording(tmp_path, template_study, server)
+    assert main(["--storage-path", str(tmp_path / "studies"), "--study", "s"]) == 2
+    err = capsys.readouterr().err
+    assert f"MLflow tracking server {server} is unreachable" in err
 
 
 def test_cli_reports_missing_study_without_starting_anything(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--storage-path", str(tmp_path)]) == 2
-    assert "no study tracking database" in capsys.readouterr().err
+    assert "no study under" in capsys.readouterr().err
 
 
 def test_runs_table_url_opens_the_model_training_view() -> None:
@@ -125,6 +175,24 @@ def test_without_a_saved_view_the_table_is_sorted_best_first(tmp_path: Path, tem
         "workflowType": "machine_learning", "orderByKey": "metrics.`best_val_loss`", "orderByAsc": "true"}
 
 
+def test_the_compare_url_holds_the_trials_best_first_not_the_study_run(tmp_path: Path,
+                                                                       template_study: Path) -> None:
+    """The study's own run in a comparison (the runs table's header box selects it) makes MLflow's
+    chart open on the fixed settings only it has, with no metric."""
+    folder = _study(tmp_path, template_study)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    url = _compare_url(uri, "http://127.0.0.1:5001")
+    assert url is not None and url.startswith("http://127.0.0.1:5001/#/compare-runs?")
+    query = _query(url)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    names = {r.info.run_id: r.info.run_name.split()[0] for r in client.search_runs([experiment.experiment_id])}
+    assert [names[run_id] for run_id in json.loads(query["runs"])] == ["t002", "t000", "t001"]
+    assert json.loads(query["experiments"]) == [experiment.experiment_id]
+    assert query["workflowType"] == "machine_learning"
+    assert _compare_url(f"sqlite:///{tmp_path / 'other.db'}", "http://127.0.0.1:5001") is None
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -155,6 +223,9 @@ def test_serves_the_study_writes_nothing_else_and_stops_on_sigterm(tmp_path: Pat
             if line.startswith("MLflow UI: "):
                 break
         url = lines[-1].split()[2]
+        # Only our lines (the mirror's one) before the URL: MLflow's own go to its log in the study folder.
+        assert [line.split()[:2] for line in lines] == [["MLflow", "mirror"], ["MLflow", "UI:"]], lines
+        assert (study / SERVER_LOG).stat().st_size > 0
         server = f"http://127.0.0.1:{port}"
         assert url.startswith(server + "/#/experiments/") and "viewStateShareKey=" in url, lines
         assert _health(server)
@@ -172,7 +243,8 @@ def test_serves_the_study_writes_nothing_else_and_stops_on_sigterm(tmp_path: Pat
         assert (study / "mlartifacts").is_dir() and list((study / "mlartifacts").rglob("note.txt"))
         files_after = sorted(p.relative_to(study) for p in study.rglob("*") if "note.txt" not in p.parts
                              and not p.name.endswith("-journal"))
-        assert [p for p in files_after if p not in files_before and p.parts[0] != "mlartifacts"] == []
+        assert [p for p in files_after if p not in files_before and p.parts[0] != "mlartifacts"] == [
+            Path(SERVER_LOG)]
 
         os.kill(ui.pid, signal.SIGTERM)  # tune.ui alone, as a plain `kill` does
         assert ui.wait(timeout=60) is not None

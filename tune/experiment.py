@@ -25,7 +25,7 @@ from ray import tune
 
 from minimind_train.config import run_config_to_dict
 
-from . import cluster, restart, searcher
+from . import cluster, restart, searcher, tracking
 from .interrupts import InterruptWatch, StudyStopped, stop_on_signals
 from .mirror import Mirror, MirrorCallback, warn_on_failure
 from .preflight import Inputs, check_inputs, reconcile
@@ -269,7 +269,9 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
         record.add_history({"run": run_index, "started": _dt.datetime.now().isoformat(timespec="seconds"),
                             "argv": sys.argv[1:], "num_samples": t.num_samples,
                             "max_concurrent_trials": t.max_concurrent_trials, "time_budget_s": t.time_budget_s,
-                            "applied": applied})
+                            "applied": applied,
+                            # (so that tune.ui and tune.mirror open the store the trials went to)
+                            tracking.HISTORY_KEY: tracking.uri_to_record(inputs.tracking_uri, record.dir)})
         started = time.monotonic()
         record.use(sampler=searcher.make_sampler(t.searcher, t.seed, t.num_samples, offset=len(record.trials())))
         search = searcher.RecordSearcher(record, optuna_distributions(spec), t.metric, t.mode,

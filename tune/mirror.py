@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ERROR_TAG", "NOTE_TAG", "PARENT_RUN_TAG", "ROLE_TAG", "STATUS_TAG", "STUDY_DIR_TAG", "STUDY_ID_TAG",
            "STUDY_TAG", "SYNCED_TAG", "TRIAL_TAG", "Mirror", "MirrorCallback", "delete_study_runs", "main",
-           "run_name", "warn_on_failure"]
+           "run_name", "trials_compare_url", "warn_on_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -385,6 +385,27 @@ def delete_study_runs(tracking_uri: str, study_id: str) -> int:
                             f"{_one_line(exc)}") from exc
 
 
+def trials_compare_url(tracking_server_url: str, tracking_uri: str, study_dir: Path) -> str | None:
+    """The MLflow UI's compare view of the study's trial runs that report its objective, best first;
+    None while the store has none. The study's own run stays out: it holds every fixed setting (ticking
+    the runs table's header box selects it too, and the compare view then opens on settings that only
+    it has, with no metric)."""
+    manifest = StudyRecord.open(Path(study_dir)).manifest
+    spec = manifest.spec
+    tune = spec.get("tune") or {}
+    objective, ascending = str(tune.get("metric") or "val_loss"), str(tune.get("mode") or "min") == "min"
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(str((spec.get("mlflow") or {}).get("experiment")
+                                                   or tracking.DEFAULT_EXPERIMENT))
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], _where({STUDY_ID_TAG: manifest.study_id, ROLE_TAG: "trial"}),
+                              ViewType.ACTIVE_ONLY, _MAX_RUNS,
+                              [f"metrics.`best_{objective}` {'ASC' if ascending else 'DESC'}"])
+    ids = [run.info.run_id for run in runs if objective in run.data.metrics]
+    return tracking.compare_runs_url(tracking_server_url, experiment.experiment_id, ids) if ids else None
+
+
 class MirrorCallback(Callback):
     """Ray Tune callback (driver side): syncs a trial's run on each of its results and at its end.
 
@@ -423,14 +444,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tune.mirror", description="Bring the MLflow mirror of a study "
                                      "up to date with its record (idempotent).")
     parser.add_argument("study_dir", type=Path, help="the study folder (holds study.json)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the study's "
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the one the study's "
+                        "last run used, as study.json records it; for a study that records none, its "
                         f"mlflow.tracking_uri, else ${tracking.TRACKING_URI_ENV}, else sqlite in the study folder)")
     args = parser.parse_args(argv)
     try:
         record = StudyRecord.open(args.study_dir.resolve())
         spec, held = record.manifest.spec, StudyLock.held(record.dir)
         configured = spec.get("mlflow") or {}
-        uri = tracking.resolve_tracking_uri(args.tracking_uri or configured.get("tracking_uri"), record.dir)
+        uri = (args.tracking_uri and tracking.resolve_tracking_uri(args.tracking_uri, record.dir)) or (
+            tracking.recorded_tracking_uri(record.dir, record.manifest)
+            or tracking.resolve_tracking_uri(configured.get("tracking_uri"), record.dir))
         experiment = str(configured.get("experiment") or tracking.DEFAULT_EXPERIMENT)
         sections = {s: dict(spec[s]) for s in ("model", "data", "train") if isinstance(spec.get(s), Mapping)}
         fixed = {k: v for k, v in flatten_dict(sections, delimiter=".").items() if k not in (spec.get("search") or {})}

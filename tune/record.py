@@ -4,7 +4,7 @@ A study folder holds::
 
     study.json      manifest: the resolved spec (fixed config, search space, objective, scheduler), the
                     input fingerprints and the study id, written at creation; each driver run adds to
-                    its ``history`` (start, overrides, changed run settings)
+                    its ``history`` (start, overrides, changed run settings, the MLflow store it used)
     space.yaml      the resolved spec as a space file (what ``--resume`` without ``--space`` runs)
     optuna.db       the Optuna storage (sqlite): every trial, its params, its per-epoch objective
                     (intermediate values), its per-epoch metrics and status (user attrs), its state;

@@ -1,7 +1,8 @@
 """Where a study's MLflow data lives, and the address of its runs in the UI.
 
 The tracking URI (the space file's, else ``$MLFLOW_TRACKING_URI``, else the study's own sqlite
-store), a fast check that it is usable before any trial starts, the study's own store rebuilt when
+store) and the record of which one a study used (each driver run's entry in study.json's history, read
+back by ``tune.ui`` and ``tune.mirror``), a fast check that it is usable before any trial starts, the study's own store rebuilt when
 its folder was moved or copied, and the URL of a study's runs table in the MLflow UI. What goes into
 the store is tune.mirror's job.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -17,17 +19,18 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
 from mlflow.tracking import MlflowClient
 
-from .record import MANIFEST_FILE, StudyRecord
+from .record import MANIFEST_FILE, Manifest, StudyRecord
 
-__all__ = ["ARTIFACTS_DIR", "DEFAULT_DB", "DEFAULT_EXPERIMENT", "TRACKING_URI_ENV", "VIEW_TAG_PREFIX",
-           "TrackingError", "artifact_location", "check_tracking_server", "is_http_uri", "locked_file",
-           "resolve_tracking_uri", "runs_table_url", "sqlite_db_path", "study_runs_url"]
+__all__ = ["ARTIFACTS_DIR", "DEFAULT_DB", "DEFAULT_EXPERIMENT", "HISTORY_KEY", "TRACKING_URI_ENV", "VIEW_TAG_PREFIX",
+           "TrackingError", "artifact_location", "check_tracking_server", "compare_runs_url", "is_http_uri",
+           "locked_file", "own_store_uri", "recorded_tracking_uri", "resolve_tracking_uri", "runs_table_url", "sqlite_db_path",
+           "study_runs_url", "uri_to_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ DEFAULT_EXPERIMENT = "minimind-sft"
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # an experiment tag: a saved view of the runs table (MLflow 3 UI)
+# The key of a driver run's study.json history entry that names the MLflow store it used (null: the study's own).
+HISTORY_KEY = "tracking_uri"
 
 
 class TrackingError(RuntimeError):
@@ -52,9 +57,38 @@ def resolve_tracking_uri(configured: str | None, study_dir: Path) -> str:
     sqlite path made absolute, so that the driver, the UI and a resume from elsewhere open one file."""
     uri = (configured or os.environ.get(TRACKING_URI_ENV) or "").strip()
     if not uri:
-        return f"sqlite:///{(Path(study_dir) / DEFAULT_DB).resolve()}"
+        return own_store_uri(study_dir)
     db = sqlite_db_path(uri)
     return uri if db is None or db.is_absolute() or "?" in uri else f"sqlite:///{db.resolve()}"
+
+
+def own_store_uri(study_dir: Path) -> str:
+    """The study's own store: ``sqlite:///<study_dir>/mlflow.db``, absolute."""
+    return f"sqlite:///{(Path(study_dir) / DEFAULT_DB).resolve()}"
+
+
+def uri_to_record(uri: str, study_dir: Path) -> str | None:
+    """What a driver run's history entry keeps of the store ``uri`` it uses (:data:`HISTORY_KEY`): None
+    for the study's own store (its path changes with a moved folder; the record's null follows it),
+    else the URI without a password (study.json is copied around; MLflow takes credentials from
+    ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` as well)."""
+    if uri == own_store_uri(study_dir):
+        return None
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}@{parts.hostname}" + (f":{parts.port}" if parts.port is not None else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def recorded_tracking_uri(study_dir: Path, manifest: Manifest) -> str | None:
+    """The store the study's latest driver run used, as its study.json ``history`` records it (the
+    study's own store, where it is now, for a recorded null); None where no run recorded one (a study
+    made before the store was recorded)."""
+    for entry in reversed(manifest.history):
+        if HISTORY_KEY in entry:
+            return own_store_uri(study_dir) if entry[HISTORY_KEY] is None else str(entry[HISTORY_KEY])
+    return None
 
 
 def sqlite_db_path(uri: str) -> Path | None:
@@ -158,13 +192,24 @@ def runs_table_url(tracking_server_url: str, experiment_id: str, view: str | Non
     return f"{tracking_server_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning{share}"
 
 
+def compare_runs_url(tracking_server_url: str, experiment_id: str, run_ids: Sequence[str]) -> str:
+    """The MLflow UI's compare view of ``run_ids`` (its parallel coordinates, scatter and contour plots
+    over the params that differ between them), in the model-training view."""
+    compact = {"separators": (",", ":")}  # (no spaces to encode)
+    query = urllib.parse.urlencode({"runs": json.dumps(list(run_ids), **compact),
+                                    "experiments": json.dumps([experiment_id], **compact),
+                                    "workflowType": "machine_learning"})
+    return f"{tracking_server_url.rstrip('/')}/#/compare-runs?{query}"
+
+
 def study_runs_url(tracking_server_url: str, study_dir: Path, tracking_uri: str | None = None) -> str | None:
     """:func:`runs_table_url` of the study at ``study_dir`` through its saved view (once a sync wrote it),
-    its runs in ``tracking_uri`` (default: as the study says); None while the store has no experiment
-    of the study."""
+    its runs in ``tracking_uri`` (default: the store the study recorded, else as its spec says); None
+    while the store has no experiment of the study."""
     manifest = StudyRecord.open(Path(study_dir)).manifest
     mlflow_spec = manifest.spec.get("mlflow") or {}
-    uri = tracking_uri or resolve_tracking_uri(mlflow_spec.get("tracking_uri"), Path(study_dir))
+    uri = (tracking_uri or recorded_tracking_uri(Path(study_dir), manifest)
+           or resolve_tracking_uri(mlflow_spec.get("tracking_uri"), Path(study_dir)))
     experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(
         str(mlflow_spec.get("experiment") or DEFAULT_EXPERIMENT))
     if experiment is None:

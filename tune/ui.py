@@ -2,14 +2,20 @@
 
 ::
 
-    python -m tune.ui                          # the newest studies/*/mlflow.db
-    python -m tune.ui --study my_study --open  # studies/my_study/mlflow.db, opened in a browser
+    python -m tune.ui                          # the newest study under studies/
+    python -m tune.ui --study my_study --open  # studies/my_study, opened in a browser
     python -m tune.ui --tracking-uri sqlite:////abs/path/mlflow.db --port 5001
+    python -m tune.ui --dashboard [--study my_study]  # Optuna's dashboard on the study's record (tune.dashboard)
 
-A study's own store is first brought up to date with its record (``tune.mirror``, which saves the study's
-view of the runs table: best trial first); ``mlflow server`` serves it and, once it answers, the URL of that
-view is printed. Ctrl-C (or SIGTERM) stops it; MLflow reports its own errors, a port in use among them. A
-read-only study folder opens as it is, sorted by the objective. An ``http(s)`` tracking URI is a server already.
+A study opens in the store its runs went to, as its study.json records it (its own ``mlflow.db``, a
+sqlite file elsewhere, a server; a study that records none: its own ``mlflow.db``). That store is first
+brought up to date with the record (``tune.mirror``, which saves the study's view of the runs table:
+best trial first); ``mlflow server`` serves it, its output in ``mlflow-server.log`` in the study folder
+(MLflow's errors, a port in use among them, are printed when it stops). Once it answers, the URL of
+that view is printed, then the compare view of the trials so far (the runs table's header box would
+select the study's own run too), then the store and why that one. Ctrl-C (or SIGTERM) stops it. A
+read-only study folder opens as it is, sorted by the objective. An ``http(s)`` store is a server
+already: its URLs are printed.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -26,53 +33,110 @@ import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import mirror, tracking
+from . import dashboard, mirror, tracking
 from .record import MANIFEST_FILE, Manifest, StudyError
 from .tracking import TRACKING_URI_ENV, TrackingError
 
-__all__ = ["find_study_db", "main"]
+__all__ = ["SERVER_LOG", "find_study", "main", "study_store"]
 
 _DEFAULT_STORAGE = Path("studies")  # tune.run's default --storage-path (importing it pulls in torch)
 _DB_NAME = tracking.DEFAULT_DB
+SERVER_LOG = "mlflow-server.log"  # mlflow server's output: in the study folder (see _server_log)
 
 
-def find_study_db(storage: Path, study: str | None = None) -> Path:
-    """The tracking db of ``study`` under ``storage``, or the most recently written one."""
+def find_study(storage: Path, study: str | None = None) -> Path:
+    """The folder of ``study`` under ``storage``, or the most recently written study there (one with a
+    study.json or an own tracking db)."""
+    def marks(folder: Path) -> list[Path]:
+        return [path for path in (folder / MANIFEST_FILE, folder / _DB_NAME) if path.is_file()]
+
     if study is not None:
-        if not (db := storage / study / _DB_NAME).is_file():
-            raise FileNotFoundError(f"no tracking database {db}; is the study name right?")
-        return db
-    dbs = [path for path in storage.glob(f"*/{_DB_NAME}") if path.is_file()]
-    if not dbs:
-        raise FileNotFoundError(f"no study tracking database under {storage}/ (looked for */{_DB_NAME}); "
+        if not marks(folder := storage / study):
+            raise FileNotFoundError(f"no study {folder} (neither {MANIFEST_FILE} nor {_DB_NAME} there); is the "
+                                    f"study name right?")
+        return folder
+    found = {folder: max(p.stat().st_mtime for p in paths) for folder in storage.glob("*")
+             if (paths := marks(folder))}
+    if not found:
+        raise FileNotFoundError(f"no study under {storage}/ (looked for */{MANIFEST_FILE} and */{_DB_NAME}); "
                                 f"run a study first, or pass --tracking-uri / --storage-path")
-    return max(dbs, key=lambda path: path.stat().st_mtime)
+    return max(found, key=lambda folder: found[folder])
 
 
-def _study_db(uri: str) -> Path | None:
-    """The sqlite file of ``uri`` when it is a study's own store (beside the study's study.json)."""
+def study_store(study_dir: Path) -> tuple[str, str]:
+    """The tracking URI of the store the study's runs went to, and why that one (for the user): as its
+    study.json records it, else (a study from before that record) its own ``mlflow.db``."""
+    own = tracking.own_store_uri(study_dir)
+    try:
+        manifest = Manifest.from_json((study_dir / MANIFEST_FILE).read_text(encoding="utf-8"), study_dir)
+        recorded = tracking.recorded_tracking_uri(study_dir, manifest)
+    except (OSError, StudyError):  # no record or a damaged one: the store as it is
+        recorded = None
+    if recorded is not None and recorded != own:
+        return recorded, f"the store study {study_dir.name} tracked into, as its {MANIFEST_FILE} records"
+    if not (study_dir / _DB_NAME).is_file() and not (study_dir / MANIFEST_FILE).is_file():
+        raise FileNotFoundError(f"no tracking database {study_dir / _DB_NAME}; is the study name right?")
+    return own, f"study {study_dir.name}'s own store"
+
+
+def _study_dir(uri: str) -> Path | None:
+    """The study folder of ``uri`` when it is a study's own store (beside the study's study.json)."""
     db = tracking.sqlite_db_path(uri)
-    return db if db is not None and (db.parent / MANIFEST_FILE).is_file() else None
+    return db.parent if db is not None and db.name == _DB_NAME and (db.parent / MANIFEST_FILE).is_file() else None
 
 
-def _refresh_study_mirror(uri: str) -> None:
-    """Bring a study's own store up to date with its record (rebuilt when the folder was moved or copied)."""
-    if (db := _study_db(uri)) is not None and mirror.main([str(db.parent), "--tracking-uri", uri]) != 0:
+def _refresh_study_mirror(uri: str, study_dir: Path | None = None) -> None:
+    """Bring the store of ``study_dir`` (default: the study whose own store ``uri`` is) up to date with its
+    record (rebuilt when the folder was moved or copied)."""
+    study_dir = study_dir or _study_dir(uri)
+    if study_dir is not None and (study_dir / MANIFEST_FILE).is_file() and \
+            mirror.main([str(study_dir), "--tracking-uri", uri]) != 0:
         print("warning: showing the MLflow store as it is", file=sys.stderr)
 
 
-def _landing_url(uri: str, server_url: str) -> str:
-    """The study's runs table through its saved view (written by each mirror sync), or sorted best
-    first where the store could not save it; the server's root when ``uri`` is not a study's own store."""
-    db = _study_db(uri)
-    url = tracking.study_runs_url(server_url, db.parent, uri) if db is not None and db.is_file() else None
-    if url is None or db is None:
+def _landing_url(uri: str, server_url: str, study_dir: Path | None = None) -> str:
+    """The runs table of ``study_dir`` (default: the study whose own store ``uri`` is) through its saved
+    view (written by each mirror sync), or sorted best first where the store could not save it; the
+    server's root when there is no study or the store has none of its runs."""
+    study_dir = study_dir or _study_dir(uri)
+    if study_dir is None or not (study_dir / MANIFEST_FILE).is_file():
+        return server_url
+    db = tracking.sqlite_db_path(uri)
+    try:
+        url = None if db is not None and not db.is_file() else tracking.study_runs_url(server_url, study_dir, uri)
+    except Exception:  # noqa: BLE001 - MLflow raises many kinds; the server's root still works
+        url = None
+    if url is None:
         return server_url
     if "viewStateShareKey" not in url:  # (the UI's sort as it keeps it in its URL)
-        tune = Manifest.from_json((db.parent / MANIFEST_FILE).read_text(encoding="utf-8"), db.parent).spec["tune"]
+        tune = Manifest.from_json((study_dir / MANIFEST_FILE).read_text(encoding="utf-8"), study_dir).spec["tune"]
         url += "&" + urllib.parse.urlencode({"orderByKey": f"metrics.`best_{tune['metric']}`",
                                              "orderByAsc": str(tune["mode"] == "min").lower()})
     return url
+
+
+def _compare_url(uri: str, server_url: str, study_dir: Path | None = None) -> str | None:
+    """The compare view of the trials so far of ``study_dir`` (default: the study whose own store
+    ``uri`` is); None without a study or its trials."""
+    study_dir = study_dir or _study_dir(uri)
+    if study_dir is None or not (study_dir / MANIFEST_FILE).is_file():
+        return None
+    try:
+        return mirror.trials_compare_url(server_url, uri, study_dir)
+    except Exception:  # noqa: BLE001 - MLflow raises many kinds; the runs table still works
+        return None
+
+
+def _server_log(uri: str, study_dir: Path | None) -> Path:
+    """Where ``mlflow server`` writes its output (its start-up lines would bury the URL): in the study
+    folder, else beside a sqlite store, else (or where neither is writable) a new temporary file."""
+    db = tracking.sqlite_db_path(uri)
+    for folder in (study_dir, None if db is None else db.parent):
+        if folder is not None and os.access(folder, os.W_OK):
+            return folder / SERVER_LOG
+    handle, path = tempfile.mkstemp(prefix="mlflow-server-", suffix=".log")
+    os.close(handle)
+    return Path(path)
 
 
 def _answers(url: str) -> bool:
@@ -83,29 +147,54 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    """``--dashboard``: tune.dashboard on the study's record."""
+    try:
+        if args.tracking_uri:
+            raise StudyError("--dashboard shows a study's record, not an MLflow store: pass --study (and "
+                             "--storage-path), not --tracking-uri")
+        study_dir = find_study(args.storage_path, args.study).resolve()
+        return dashboard.serve(study_dir, 8080 if args.port is None else args.port,
+                               opened=webbrowser.open if args.open else None)
+    except (FileNotFoundError, StudyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tune.ui", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", help=f"MLflow store (default: ${TRACKING_URI_ENV}, else the newest "
                         f"<storage-path>/*/{_DB_NAME})")
     parser.add_argument("--storage-path", type=Path, default=_DEFAULT_STORAGE, help="where studies live")
-    parser.add_argument("--study", help=f"open <storage-path>/<study>/{_DB_NAME}")
-    parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    parser.add_argument("--study", help="open study STUDY under --storage-path, in the MLflow store it recorded "
+                        f"(a study from before that record: its {_DB_NAME})")
+    parser.add_argument("--port", type=int, help="port on 127.0.0.1 (default: 5000; 8080 with --dashboard)")
     parser.add_argument("--open", action="store_true", help="open the URL in a web browser")
+    parser.add_argument("--dashboard", action="store_true", help="Optuna's dashboard on a snapshot of the study's "
+                        "record instead of the MLflow UI (see tune.dashboard)")
     args = parser.parse_args(argv)
+    if args.dashboard:
+        return _dashboard(args)
+    args.port = 5000 if args.port is None else args.port
     server_url = f"http://127.0.0.1:{args.port}"
     try:
+        study_dir: Path | None = None
         if args.tracking_uri or (args.study is None and os.environ.get(TRACKING_URI_ENV)):
             uri = tracking.resolve_tracking_uri(args.tracking_uri, Path("."))
-        else:  # (the study's own store even where $MLFLOW_TRACKING_URI is set: it was asked for)
-            uri = f"sqlite:///{find_study_db(args.storage_path, args.study).resolve()}"
+            which = "from --tracking-uri" if args.tracking_uri else f"from ${TRACKING_URI_ENV}"
+        else:  # (the study's store even where $MLFLOW_TRACKING_URI is set: the study was asked for)
+            study_dir = find_study(args.storage_path, args.study).resolve()
+            uri, which = study_store(study_dir)
         if tracking.is_http_uri(uri):
             tracking.check_tracking_server(uri)
-            print(f"MLflow UI: {uri}   (a running tracking server)", flush=True)
+            compare = _compare_url(uri, uri.rstrip("/"), study_dir)
+            print(f"MLflow UI: {_landing_url(uri, uri.rstrip('/'), study_dir)}   (a running tracking server, "
+                  f"{which})", *([f"compare the trials: {compare}"] if compare else []), sep="\n", flush=True)
             return 0
         if _answers(server_url):  # it would pass for ours until MLflow reports the port taken
             raise TrackingError(f"a server already answers on {server_url}; pass another --port")
-        _refresh_study_mirror(uri)
-        url = _landing_url(uri, server_url)
+        _refresh_study_mirror(uri, study_dir)
+        url, compare = _landing_url(uri, server_url, study_dir), _compare_url(uri, server_url, study_dir)
     except (FileNotFoundError, StudyError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -117,17 +206,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     # notice is MLflow's to act on. The caller's own settings win.
     quiet = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
              "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated"}
-    server = subprocess.Popen(command, env={**quiet, **os.environ})
-    # A plain `kill` reaches this process alone; `mlflow server` stops its workers on the same signal.
-    previous = signal.signal(signal.SIGTERM, lambda signum, _: server.send_signal(signum))
+    log, stopped = _server_log(uri, study_dir), []
+    with log.open("w", encoding="utf-8") as out:  # (the server keeps its own handle)
+        server = subprocess.Popen(command, env={**quiet, **os.environ}, stdout=out, stderr=subprocess.STDOUT)
+
+    def stop(signum: int, _: object) -> None:
+        # A plain `kill` reaches this process alone; `mlflow server` stops its workers on the same signal.
+        stopped.append(signum)
+        server.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         while server.poll() is None and not _answers(server_url):
             time.sleep(0.25)
         if server.poll() is None:
-            print(f"MLflow UI: {url}\n(serving {uri}; Ctrl-C stops it)", flush=True)
+            print(f"MLflow UI: {url}", *([f"compare the trials: {compare}"] if compare else []),
+                  f"(serving {uri}, {which}; server log {log}; Ctrl-C stops it)", sep="\n", flush=True)
             if args.open:
                 webbrowser.open(url)
-        return server.wait()
+        code = server.wait()
     except KeyboardInterrupt:
         return 0
     finally:
@@ -135,6 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server.poll() is None:
             server.terminate()
             server.wait()
+    if code != 0 and not stopped:  # MLflow's own error, e.g. the port in use
+        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
+        print("\n".join([f"error: mlflow server exited with {code}; the end of {log}:", *tail]), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
