@@ -439,3 +439,38 @@ def test_sigterm_while_ray_starts_stops_like_ctrl_c(ws: Workspace) -> None:
     finally:
         driver.teardown()
     _stopped_cleanly(driver, rc, ws.study_dir("raystart"))
+
+
+@pytest.mark.slow
+def test_the_record_deleted_mid_study_is_one_line_and_closes_the_study(ws: Workspace) -> None:
+    """The shared case optuna-db-truncated-deleted (f): optuna.db removed while trials run (optuna#2722:
+    sqlite then fails each write, "attempt to write a readonly database"). One line naming the record and
+    what to do, exit 1 (nothing to --resume), the MLflow parent closed, the lock free, and the finished
+    trial's checkpoints left on disk (its own metrics are in them)."""
+    from tune.lock import StudyLock
+
+    raw = yaml.safe_load(SPACE.read_text())
+    raw["tune"].update(num_samples=3, max_concurrent_trials=1)  # after the first trial, two more to run
+    space = ws.root / "deleted.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    study = ws.study_dir("deleted")
+    ended = re.compile(r"(t\d{3}) .*(?:completed at epoch|stopped early at)")
+    driver = Driver(ws, ["--space", str(space)])
+    try:
+        driver.wait_for("a trial's end", lambda: ended.search(driver.stdout) is not None, 240, poll_s=0.05)
+        (study / "optuna.db").unlink()
+        rc = driver.wait(120)
+    finally:
+        driver.teardown()
+    output = driver.output()
+    finished = ended.search(driver.stdout).group(1)  # type: ignore[union-attr]
+    assert rc == 1, output
+    assert "Traceback" not in driver.stdout + driver.stderr, output
+    errors = [ln for ln in (driver.stdout + driver.stderr).splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and str(study / "optuna.db") in errors[0], output
+    assert "was deleted" in errors[0] and "runs/" in errors[0] and f"move {study} away" in errors[0], output
+    assert not StudyLock.held(study), output
+    _, parents, children = mlflow_runs(study)
+    assert [p.info.status for p in parents] == ["KILLED"], output
+    assert all(r.info.status != "RUNNING" for r in children), output
+    assert list((study / "runs" / "run-1" / finished).glob("epoch_*/meta.json")), output

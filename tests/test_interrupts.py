@@ -101,7 +101,9 @@ def test_an_os_error_is_one_line_naming_the_path_and_what_to_do(exc: BaseExcepti
 
 def test_the_record_deleted_under_the_driver_is_named(tmp_path: Path) -> None:
     exc = RuntimeError("(sqlite3.OperationalError) attempt to write a readonly database")
-    assert "was deleted while the driver used it" in interrupts.os_problem(_wrapped(exc), tmp_path / "optuna.db")
+    line = interrupts.os_problem(_wrapped(exc), tmp_path / "optuna.db")
+    assert line is not None and "was deleted while the driver used it" in line, line
+    assert f"move {tmp_path} away, then start the study again" in line, line  # (what to do)
 
 
 def test_optuna_db_locked_by_another_process_is_one_line(tmp_path: Path) -> None:

@@ -177,3 +177,39 @@ def test_resume_of_a_read_only_study_is_one_line_and_changes_nothing(tmp_path: P
     assert rc == 2 and err.count("\n") == 0, err
     assert f"the study folder {record.dir}: cannot write in {record.dir} (Read-only file system)" in err, err
     assert folder_digest(record.dir) == before
+
+
+def _damage_record(record: Path, how: str) -> None:
+    if how == "deleted":
+        record.unlink()
+    else:  # cut to nothing, or to half its size (optuna#2722's siblings)
+        os.truncate(record, 0 if how == "empty" else record.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--restart"])
+@pytest.mark.parametrize("how", ["empty", "half", "deleted"])
+def test_a_damaged_or_deleted_record_is_one_line_and_changes_nothing(tmp_path: Path, how: str, mode: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The shared case optuna-db-truncated-deleted (a-d): optuna.db cut to 0 bytes, to half, or deleted
+    before a run; --resume and --restart refuse it in one line naming it, exit 2, the folder untouched
+    (--restart replaces only a study it can read: the checkpoints in runs/ stay)."""
+    from study_driver import folder_digest
+
+    from tune.lock import StudyLock
+    from tune.record import StudyRecord
+    from tune.space import load_space, spec_to_dict, spec_to_yaml
+
+    spec = load_space("smoke")
+    record = StudyRecord.create(tmp_path / "s", "s", spec_to_dict(spec), spec_to_yaml(spec, "Study s"), {})
+    (record.dir / "runs" / "run-1" / "t000" / "epoch_0001").mkdir(parents=True)
+    (record.dir / "runs" / "run-1" / "t000" / "epoch_0001" / "meta.json").write_text("{}")
+    record.storage.engine.dispose()
+    _damage_record(record.dir / "optuna.db", how)
+    before = folder_digest(record.dir)
+    space = ["--space", "smoke"] if mode == "--restart" else []
+    rc = run.main([mode, *space, "--name", "s", "--storage-path", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and not out, out + err
+    assert str(record.dir / "optuna.db") in err and "Traceback" not in out + err, err
+    assert ("is missing" if how == "deleted" else "is not an Optuna database") in err, err
+    assert folder_digest(record.dir) == before and not StudyLock.held(record.dir)

@@ -112,8 +112,10 @@ def os_problem(exc: BaseException, record: Path | None = None) -> str | None:
                     "timeout (60 s): close what holds it (a database browser, a second writer)")
         if "readonly database" in text:  # sqlite: a read-only file or folder, or the file deleted under it
             if record is not None and not record.exists():
-                return (f"the study record {record} was deleted while the driver used it; the trials' "
-                        "checkpoints are still in runs/")
+                # Nothing can continue the study (--resume and --restart refuse a folder without it).
+                return (f"the study record {record} was deleted while the driver used it, so the study cannot "
+                        f"be continued; its trials' checkpoints are still in runs/: move {record.parent} "
+                        "away, then start the study again")
             return f"the study record {record} cannot be written (read-only): make it and its folder writable"
         if isinstance(seen, OSError) and path is not None:
             reason = seen.strerror or text
