@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from . import chat
 from .chat import DataError
+from .signals import STOP_SIGNALS, signals_deferred
 
 __all__ = ["CACHE_VERSION", "SkipCounts", "TokenCache", "default_workers", "load_or_build_cache", "open_cache",
            "resolve_cache_dir"]
@@ -219,18 +220,20 @@ def _encode_lines(spec: _EncodeSpec, lines: list[tuple[int, bytes]]) -> _Chunk:
 
 
 _WORKER_SPEC: _EncodeSpec | None = None
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# How long _encoded waits for one tokeniser worker to start (imports included) before going on without.
+_WORKER_START_S = 120.0
 
 
-def _worker_init(spec: _EncodeSpec) -> None:
+def _worker_init(spec: _EncodeSpec, ready: Any) -> None:
     global _WORKER_SPEC
     # A terminal's Ctrl-C reaches the whole process group: a worker leaves it to its parent, which stops
     # the pool (SIGTERM). Started with both signals blocked (_encoded), so none came before this line.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     # Each worker is one core: the Rust tokenizer's own thread pool would only oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_SPEC = spec
+    ready.release()  # (_encoded waits for every worker to get here before it can be stopped)
 
 
 def _worker_encode(lines: list[tuple[int, bytes]]) -> _Chunk:
@@ -272,17 +275,25 @@ def _encoded(spec: _EncodeSpec, chunks: Iterator[list[tuple[int, bytes]]], worke
     import multiprocessing
 
     # spawn: forking a process that has run torch or Rust thread pools is not safe. The workers start
-    # with SIGINT and SIGTERM blocked (inherited; _worker_init unblocks them): a signal in the middle of
-    # the start would leave a worker with half its start-up data (a traceback), or hit one still importing
-    # (another); one received meanwhile stops this process right after the pool exists, which then ends it.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, (spec,))
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        raise
-    with pool:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # (inside: a signal now terminates the pool)
+    # with SIGINT and SIGTERM blocked (inherited; _worker_init unblocks them), and this process defers
+    # both until every worker has started: a worker stopped (or its parent gone) in the middle of its
+    # start-up prints a traceback (its start-up data or the pool's semaphores half there). Blocking alone
+    # is not enough here: a signal taken by another thread still runs the Python handler in this one.
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Semaphore(0)
+    with signals_deferred():
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pool = ctx.Pool(workers, _worker_init, (spec, ready))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        try:
+            for _ in range(workers):  # (bounded: a worker that dies starting is replaced, or never comes)
+                ready.acquire(timeout=_WORKER_START_S)
+        except BaseException:
+            pool.terminate()
+            raise
+    with pool:  # (a signal now terminates the pool: every worker can be stopped)
         pending: deque[Any] = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_worker_encode, (chunk,)))

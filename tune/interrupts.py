@@ -11,7 +11,6 @@ Light on imports (no Ray, no torch): tune.run uses it before anything heavy is l
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import signal
@@ -19,6 +18,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+
+from minimind_train.signals import signals_deferred  # (one rule, shared with the tokeniser's pool)
 
 __all__ = ["InterruptWatch", "StudyStopped", "chain", "disk_full", "first_line", "os_problem", "signals_deferred",
            "stop_on_signals"]
@@ -44,28 +45,6 @@ def stop_on_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in _SIGNALS:
             signal.signal(signum, _stop)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """A short step that must be done whole (starting worker processes, writing the study's answer):
-    SIGINT and SIGTERM received meanwhile stop the driver right after it, as if received then."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in _SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if received:
-        handler = previous[received[0]]
-        if callable(handler):
-            handler(received[0], None)
-        elif handler != signal.SIG_IGN:
-            raise KeyboardInterrupt
 
 
 class StudyStopped(Exception):
