@@ -178,7 +178,7 @@ def test_finalists_share_their_configs_tag(record: StudyRecord) -> None:
     assert runs[other].data.tags[CONFIG_TAG] == runs[other].info.run_name != config
     # The study's run names the answer with its mean over the seeds that finished.
     (parent,) = parents(client)
-    assert parent.info.run_name == f"s: best {config}, {OBJECTIVE} 2, mean 1.5 over 2 seeds"
+    assert parent.info.run_name == f"s: best {config}, mean {OBJECTIVE} 1.5 over 2 seeds"
     assert CONFIG_TAG not in parent.data.tags  # (the saved view shows it in the group of runs without one)
     mirror.sync()  # a later sync keeps the name
     assert parents(client)[0].info.run_name == parent.info.run_name
@@ -382,7 +382,8 @@ def test_saved_view_opens_the_studys_runs_best_first(record: StudyRecord, tmp_pa
     assert state["groupsExpanded"] == {f"tag.{CONFIG_TAG}": True}
     assert state["columnOrder"] == ["attributes.`Run Name`", *state["selectedColumns"], "runDateAndNestInfo",
                                     "duration"]
-    assert state["columnWidths"]["attributes.`Run Name`"] >= 7 * len("Group: t000 lr=2.3e-3 clip=0.90") + 100
+    assert state["columnWidths"]["attributes.`Run Name`"] >= 6 * len(f"s: best t000 lr=2.3e-3 clip=0.90, mean "
+                                                                     f"{OBJECTIVE} 0.6667 over 2 seeds")
     assert state["columnWidths"][f"metrics.`best_{OBJECTIVE}`"] >= 7 * len("0.6666666666666666") + 30
     # Its filter is MLflow's own search syntax and selects this study's runs only; its order puts the
     # trials best first and the finished parent (which has the study's best under another name) last.

@@ -238,15 +238,16 @@ class Mirror:
     def _answer(self, trials: list[TrialRecord], best: TrialRecord | None, value: float | None,
                 study_metrics: Mapping[str, float]) -> str:
         """The parent's run name, which the runs table shows in full: the study and its answer, e.g.
-        ``smoke: best t003 lr=9.4e-3 acc=2, val_loss 4.767, mean 4.644 over 2 seeds``."""
+        ``smoke: best t003 lr=9.4e-3 acc=2, mean val_loss 4.644 over 2 seeds`` (the mean is the answer
+        when finalists ran, else ``, val_loss 4.767``)."""
         if best is None or value is None:
             return self.record.manifest.name
-        answer = f"{self.record.manifest.name}: best {run_name(best, self.search_keys)}, {self.objective} {value:.4g}"
+        answer = f"{self.record.manifest.name}: best {run_name(best, self.search_keys)}"
         mean = study_metrics.get(f"best_mean_{self.objective}")
-        if mean is not None and math.isfinite(mean):
-            seeds = 1 + sum(t.finalist_of == best.number and t.status in FINISHED for t in trials)
-            answer += f", mean {mean:.4g} over {seeds} seeds"
-        return answer
+        if mean is None or not math.isfinite(mean):
+            return f"{answer}, {self.objective} {value:.4g}"
+        seeds = 1 + sum(t.finalist_of == best.number and t.status in FINISHED for t in trials)
+        return f"{answer}, mean {self.objective} {mean:.4g} over {seeds} seeds"
 
     def _note(self, trials: list[TrialRecord], best: TrialRecord | None, value: float | None, epoch: int | None,
               best_run: Run | None, artifacts: Mapping[str, Path], study_metrics: Mapping[str, float]) -> str:
@@ -320,14 +321,16 @@ class Mirror:
         best_key = f"metrics.`best_{self.objective}`"
         selected = [best_key, f"metrics.`{self.objective}`", *(f"params.`{k}`" for k in self.search_keys),
                     f"tags.`{STATUS_TAG}`"]
-        # A group's label: ~7 px a character of "Group: t003 k=v ..." beside its expander, colour and count.
-        label = len("Group: t000") + sum(len(_ABBREVIATIONS.get(k.rsplit(".", 1)[-1], k)) + 9
-                                         for k in self.search_keys)
+        # ~6 px a character of the longest name: a group's label "Group: t000 k=v ..." beside its expander,
+        # colour and count, or the study's run's (:meth:`_answer`).
+        config = len("t000") + sum(len(_ABBREVIATIONS.get(k.rsplit(".", 1)[-1], k)) + 9 for k in self.search_keys)
+        label = max(len("Group: ") + config + 10, len(f"{self.record.manifest.name}: best , mean {self.objective} "
+                                                      f"0.0000 over 2 seeds") + config)
         state = {"searchFilter": _where({STUDY_ID_TAG: self.study_id}), "orderByKey": best_key,
                  "orderByAsc": self.mode == "min", "selectedColumns": selected,
                  # (MLflow's column ids: the name, the selected ones, then its "Created" and "Duration")
                  "columnOrder": ["attributes.`Run Name`", *selected, "runDateAndNestInfo", "duration"],
-                 "columnWidths": {"attributes.`Run Name`": min(520, 120 + 7 * label), best_key: 170},
+                 "columnWidths": {"attributes.`Run Name`": min(560, 60 + 6 * label), best_key: 170},
                  "groupBy": {"aggregateFunction": "average",
                              "groupByKeys": [{"mode": "tag", "groupByData": CONFIG_TAG}]},
                  # (the id of the group of runs without the tag: "mode.key"; MLflow folds it by default)
