@@ -4,8 +4,9 @@ Runs ``search_spaces/smoke.yaml`` with 6 trials (so that ASHA stops some early) 
 storage path, starts ``python -m tune.ui`` on a free port and opens the URLs it prints in headless
 Chromium, driven over the DevTools protocol so that each page is waited on until it has rendered (the
 single-page app fetches and draws after the page loads) and a page still loading after a minute and a
-half is a failure. It checks that the runs table lists every trial run with its objective value, best
-first; that the chart view draws its charts (no loading spinner left in view); that the compare view
+half is a failure. It checks that the runs table lists every trial run with its objective value, grouped
+by config, best mean first, and states the answer with no click (the study's run named after it, the
+answer's config as the first group with its mean over seeds); that the chart view draws its charts (no loading spinner left in view); that the compare view
 tune.ui prints holds the trials only, drawn over the searched parameters and the objective; and that
 each plot in the study run's artifacts shows; then that ``tune.ui --dashboard`` (Optuna's dashboard)
 lands on the study's note stating the answer and draws the study's history. The screenshots, taken
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import re
 import shutil
@@ -188,7 +190,12 @@ def _check_mlflow(study_dir: Path, out: Path, browser: Chromium, page_timeout_s:
     trials = sorted((r for r in runs if "minimind.trial" in r.data.tags and metric in r.data.metrics),
                     key=lambda r: r.data.metrics[metric])
     (parent,) = [r for r in runs if "minimind.trial" not in r.data.tags]
-    names = [r.info.run_name for r in trials]
+    # The runs table groups the trials by config (a config's seeds together), best mean first.
+    groups: dict[str, list[Any]] = {}
+    for run in sorted(trials, key=lambda r: r.data.metrics[f"best_{metric}"]):
+        groups.setdefault(run.data.tags["minimind.config"], []).append(run)
+    ranked = sorted(groups.values(), key=lambda g: sum(r.data.metrics[f"best_{metric}"] for r in g) / len(g))
+    names = [r.info.run_name for group in ranked for r in group]
 
     ui, urls = _start_ui(study_dir.parent, study_dir.name, _free_port())
     try:
@@ -206,6 +213,7 @@ def _check_mlflow(study_dir: Path, out: Path, browser: Chromium, page_timeout_s:
                 yield f"{run.info.run_name}: its {metric} {value} is not shown"
         if metric not in text:
             yield f"no {metric} column"
+        yield from _check_answer(text, parent, {r.info.run_id: r for r in trials}, metric)
 
         ready, state = browser.look(f"{url}&compareRunsMode=CHART", out / "charts.png",
                                     lambda s: s["charts"] > 0 and not s["loading"])
@@ -239,6 +247,29 @@ def _check_mlflow(study_dir: Path, out: Path, browser: Chromium, page_timeout_s:
     finally:
         ui.terminate()
         ui.wait(timeout=60)
+
+
+def _check_answer(text: list[str], parent: Any, trials: dict[str, Any], metric: str) -> Iterator[str]:
+    """The landing page states the answer: the study's run named after it, and the answer's config as a
+    group whose row holds its mean over seeds (else its value), with no click."""
+    if parent.info.run_name not in text:
+        yield f"the study's run {parent.info.run_name!r} (naming the answer) is not shown"
+    best = trials.get(parent.data.tags.get("minimind.best_run_id", ""))
+    if best is None:
+        yield "the study's run names no best trial run (minimind.best_run_id)"
+        return
+    label = f"Group: {best.data.tags['minimind.config']}"
+    mean = parent.data.metrics.get(f"best_mean_{metric}", best.data.metrics[f"best_{metric}"])
+    if label not in text:
+        yield f"the answer's config {label!r} is not shown"
+        return
+    # First, best mean first; its row holds the mean (MLflow shows the full float; the grid draws the
+    # name column apart from the metric columns, so the value is looked for among all cells).
+    if [t for t in text if t.startswith("Group: ")][:1] != [label]:
+        yield f"the answer's config {label!r} is not the first group"
+    if not any(re.fullmatch(r"[-+]?\d+\.\d+(e[-+]?\d+)?", cell) and math.isclose(float(cell), mean, rel_tol=1e-9)
+               for cell in text):
+        yield f"the answer's mean best_{metric} {mean!r} is not shown"
 
 
 def _check_dashboard(study_dir: Path, out: Path, browser: Chromium, page_timeout_s: float) -> Iterator[str]:

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from ray import cloudpickle
 
 from tune.mirror import (
+    CONFIG_TAG,
     ERROR_TAG,
     NOTE_TAG,
     PARENT_RUN_TAG,
@@ -153,6 +154,34 @@ def test_run_name_is_short_and_telling() -> None:
     clash = TrialRecord(number=12, status="running", epochs={},
                         params={"model.dropout": 0.1, "train.dropout": 12345.0, "train.optimizer": "adamw"})
     assert run_name(clash) == "t012 model.dropout=0.10 train.dropout=1.2e4 optimizer=adamw"
+    # A finalist reads as a seed of its config, not as another config (its group names the values).
+    finalist = TrialRecord(number=8, status="running", epochs={}, params=trial.params, finalist_of=3, seed=1)
+    assert run_name(finalist, order) == "t008 = t003 seed=1"
+
+
+def test_finalists_share_their_configs_tag(record: StudyRecord) -> None:
+    """The runs table groups by the config tag: a config's seeds are one group, labelled by its values."""
+    number = new_trial(record, epochs=1)
+    record.finish(number, "completed", OBJECTIVE, "min")
+    other = new_trial(record, epochs=1)
+    seed = record.add_finalist(record.trial(number), 1, SEARCH)
+    add_epochs(record, seed, range(1, 2), start=1.0)
+    record.finish(seed, "completed", OBJECTIVE, "min")
+    mirror = mirror_of(record)
+    mirror.finish("FINISHED", best=record.trial(number), best_value=2.0, best_epoch=1, artifacts={},
+                  study_metrics={f"best_mean_{OBJECTIVE}": 1.5, f"best_std_{OBJECTIVE}": 0.5})
+    client = client_of(record)
+    runs = children(client)
+    config = run_name(record.trial(number), list(SPEC["search"]))
+    assert runs[number].data.tags[CONFIG_TAG] == config == runs[seed].data.tags[CONFIG_TAG]
+    assert runs[seed].info.run_name == f"t{seed:03d} = t{number:03d} seed=1"
+    assert runs[other].data.tags[CONFIG_TAG] == runs[other].info.run_name != config
+    # The study's run names the answer with its mean over the seeds that finished.
+    (parent,) = parents(client)
+    assert parent.info.run_name == f"s: best {config}, mean {OBJECTIVE} 1.5 over 2 seeds"
+    assert CONFIG_TAG not in parent.data.tags  # (the saved view shows it in the group of runs without one)
+    mirror.sync()  # a later sync keeps the name
+    assert parents(client)[0].info.run_name == parent.info.run_name
 
 
 def test_sync_is_idempotent_and_never_duplicates(record: StudyRecord) -> None:
@@ -301,6 +330,8 @@ def test_finish_closes_the_parent_with_results(record: StudyRecord, tmp_path: Pa
     runs = children(client)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[STATUS_TAG] == "completed"
+    # Its name, which the runs table shows, states the answer: the config's values and its value.
+    assert parent.info.run_name == f"s: best {run_name(best, list(SPEC['search']))}, {OBJECTIVE} 0.6667"
     # The description names the best trial (a link to its run), its value and epoch, how to retrain it.
     note = parent.data.tags[NOTE_TAG]
     experiment_id = parent.info.experiment_id
@@ -344,6 +375,16 @@ def test_saved_view_opens_the_studys_runs_best_first(record: StudyRecord, tmp_pa
     assert state["selectedColumns"] == [f"metrics.`best_{OBJECTIVE}`", f"metrics.`{OBJECTIVE}`",
                                         "params.`train.learning_rate`", "params.`train.grad_clip`",
                                         f"tags.`{STATUS_TAG}`"]
+    # Grouped by config, best mean first (a group's metric is the mean over its seeds); the group of runs
+    # without a config (the study's run, which names the answer) open; the name and the value whole.
+    assert state["groupBy"] == {"aggregateFunction": "average",
+                                "groupByKeys": [{"mode": "tag", "groupByData": CONFIG_TAG}]}
+    assert state["groupsExpanded"] == {f"tag.{CONFIG_TAG}": True}
+    assert state["columnOrder"] == ["attributes.`Run Name`", *state["selectedColumns"], "runDateAndNestInfo",
+                                    "duration"]
+    assert state["columnWidths"]["attributes.`Run Name`"] >= 6 * len(f"s: best t000 lr=2.3e-3 clip=0.90, mean "
+                                                                     f"{OBJECTIVE} 0.6667 over 2 seeds")
+    assert state["columnWidths"][f"metrics.`best_{OBJECTIVE}`"] >= 7 * len("0.6666666666666666") + 30
     # Its filter is MLflow's own search syntax and selects this study's runs only; its order puts the
     # trials best first and the finished parent (which has the study's best under another name) last.
     better = new_trial(record, epochs=2)

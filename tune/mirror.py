@@ -38,7 +38,7 @@ from .tracking import TrackingError, _one_line
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
-__all__ = ["ERROR_TAG", "NOTE_TAG", "PARENT_RUN_TAG", "ROLE_TAG", "STATUS_TAG", "STUDY_DIR_TAG", "STUDY_ID_TAG",
+__all__ = ["CONFIG_TAG", "ERROR_TAG", "NOTE_TAG", "PARENT_RUN_TAG", "ROLE_TAG", "STATUS_TAG", "STUDY_DIR_TAG", "STUDY_ID_TAG",
            "STUDY_TAG", "SYNCED_TAG", "TRIAL_TAG", "Mirror", "MirrorCallback", "delete_study_runs", "main",
            "run_name", "trials_compare_url", "warn_on_failure"]
 
@@ -50,6 +50,9 @@ STUDY_ID_TAG, STUDY_TAG, STUDY_DIR_TAG = "minimind.study_id", "minimind.study", 
 ROLE_TAG, TRIAL_TAG, STATUS_TAG, ERROR_TAG = "minimind.role", "minimind.trial", "minimind.status", "minimind.error"
 SYNCED_TAG = "minimind.synced_epochs"
 BEST_TRIAL_TAG, BEST_RUN_TAG = "minimind.best_trial", "minimind.best_run_id"
+# The config a trial's run trains: its search trial's run name, which a finalist shares. The saved view
+# groups the runs table by it, so that a config's seeds are one group, its metrics their mean.
+CONFIG_TAG = "minimind.config"
 # MLflow's own: the UI nests a run under the run the first names, and shows the second as its description;
 # the third is the run's name (log_batch renames the run).
 PARENT_RUN_TAG, NOTE_TAG, _RUN_NAME_TAG = "mlflow.parentRunId", "mlflow.note.content", "mlflow.runName"
@@ -90,13 +93,15 @@ def _short_number(value: Any) -> str:
 
 def run_name(trial: TrialRecord, key_order: Sequence[str] = ()) -> str:
     """``t003 lr=2.3e-3 acc=1 clip=0.90``: the trial's name and its searched values, short (a key by
-    its last component, abbreviated; the whole key where two would clash)."""
+    its last component, abbreviated; the whole key where two would clash). A finalist's is
+    ``t008 = t003 seed=1``: the config it trains again (its group in the runs table names the values)."""
+    if trial.finalist_of is not None:
+        return f"{trial.name} = t{trial.finalist_of:03d} seed={trial.seed}"
     keys = [k for k in key_order if k in trial.params] + sorted(k for k in trial.params if k not in key_order)
     short = {k: _ABBREVIATIONS.get(k.rsplit(".", 1)[-1], k.rsplit(".", 1)[-1]) for k in keys}
     clashes = Counter(short.values())
-    finalist = [] if trial.finalist_of is None else [f"seed={trial.seed} (finalist of t{trial.finalist_of:03d})"]
     return " ".join([trial.name, *(f"{short[k] if clashes[short[k]] == 1 else k}={_short_number(trial.params[k])}"
-                                   for k in keys), *finalist])
+                                   for k in keys)])
 
 
 def _stamp(metrics: Mapping[str, float]) -> int:
@@ -163,10 +168,12 @@ class Mirror:
             runs = self._runs(client, "trial", min(wanted) if wanted and len(wanted) == 1 else None)
             trials = self.record.trials()
             spans = self._spans(trials)
+            configs = {t.number: run_name(t, self.search_keys) for t in trials if t.finalist_of is None}
             for trial in trials:
                 if wanted is None or trial.number in wanted:
+                    config = configs.get(trial.number if trial.finalist_of is None else trial.finalist_of, "")
                     self._sync_trial(client, parent.info.run_id, runs.get(str(trial.number)), trial,
-                                     spans[trial.number], closing)
+                                     spans[trial.number], closing, config)
 
     def _spans(self, trials: Iterable[TrialRecord]) -> dict[int, tuple[int | None, int | None]]:
         """Each trial's start and end as the record has them (ms since the Unix epoch), by number.
@@ -210,7 +217,7 @@ class Mirror:
             step, now = sum(t.status in FINISHED for t in trials), int(time.time() * 1000)
             metrics = [Metric(k, float(v), now, step) for k, v in study_metrics.items()]
             best_run = None if best is None else self._runs(client, "trial", best.number).get(str(best.number))
-            tags = {STATUS_TAG: _STUDY_STATUS[status],
+            tags = {STATUS_TAG: _STUDY_STATUS[status], _RUN_NAME_TAG: self._answer(trials, best, best_value, study_metrics),
                     NOTE_TAG: self._note(trials, best, best_value, best_epoch, best_run, artifacts, study_metrics)}
             if best is not None:
                 tags[BEST_TRIAL_TAG] = best.name
@@ -227,6 +234,20 @@ class Mirror:
                     logger.warning("artifact %s does not exist; not logged to MLflow", path)
             client.set_terminated(parent.info.run_id, status=status, end_time=end_time)
             self.parent_status = status
+
+    def _answer(self, trials: list[TrialRecord], best: TrialRecord | None, value: float | None,
+                study_metrics: Mapping[str, float]) -> str:
+        """The parent's run name, which the runs table shows in full: the study and its answer, e.g.
+        ``smoke: best t003 lr=9.4e-3 acc=2, mean val_loss 4.644 over 2 seeds`` (the mean is the answer
+        when finalists ran, else ``, val_loss 4.767``)."""
+        if best is None or value is None:
+            return self.record.manifest.name
+        answer = f"{self.record.manifest.name}: best {run_name(best, self.search_keys)}"
+        mean = study_metrics.get(f"best_mean_{self.objective}")
+        if mean is None or not math.isfinite(mean):
+            return f"{answer}, {self.objective} {value:.4g}"
+        seeds = 1 + sum(t.finalist_of == best.number and t.status in FINISHED for t in trials)
+        return f"{answer}, mean {self.objective} {mean:.4g} over {seeds} seeds"
 
     def _note(self, trials: list[TrialRecord], best: TrialRecord | None, value: float | None, epoch: int | None,
               best_run: Run | None, artifacts: Mapping[str, Path], study_metrics: Mapping[str, float]) -> str:
@@ -290,14 +311,30 @@ class Mirror:
         return experiment.experiment_id
 
     def saved_view(self) -> tuple[str, str]:
-        """The study's saved view of the runs table, as ``(experiment tag, value)``: its runs, best first,
-        with the objective, its best so far, the searched values and the status as columns. MLflow
-        3.17's UI lists it under "Views" and opens it by ``viewStateShareKey=<study id>`` (its own
-        format: an envelope with the table state as a JSON string; a UI that differs ignores it)."""
-        state = {"searchFilter": _where({STUDY_ID_TAG: self.study_id}),
-                 "orderByKey": f"metrics.`best_{self.objective}`", "orderByAsc": self.mode == "min",
-                 "selectedColumns": [f"metrics.`best_{self.objective}`", f"metrics.`{self.objective}`",
-                                     *(f"params.`{k}`" for k in self.search_keys), f"tags.`{STATUS_TAG}`"]}
+        """The study's saved view of the runs table, as ``(experiment tag, value)``: its runs grouped by
+        config (:data:`CONFIG_TAG`: a config's group row, labelled with its searched values, holds the
+        mean over its seeds), best mean first, with the objective, its best so far, the searched values
+        and the status as columns; the study's own run, which names the answer, in the group of runs
+        without a config, open. The name and objective columns are wide enough for a label and a whole
+        value. MLflow 3.17's UI lists it under "Views" and opens it by ``viewStateShareKey=<study id>``
+        (its own format: an envelope with the table state as a JSON string; a UI that differs ignores it)."""
+        best_key = f"metrics.`best_{self.objective}`"
+        selected = [best_key, f"metrics.`{self.objective}`", *(f"params.`{k}`" for k in self.search_keys),
+                    f"tags.`{STATUS_TAG}`"]
+        # ~6 px a character of the longest name: a group's label "Group: t000 k=v ..." beside its expander,
+        # colour and count, or the study's run's (:meth:`_answer`).
+        config = len("t000") + sum(len(_ABBREVIATIONS.get(k.rsplit(".", 1)[-1], k)) + 9 for k in self.search_keys)
+        label = max(len("Group: ") + config + 10, len(f"{self.record.manifest.name}: best , mean {self.objective} "
+                                                      f"0.0000 over 2 seeds") + config)
+        state = {"searchFilter": _where({STUDY_ID_TAG: self.study_id}), "orderByKey": best_key,
+                 "orderByAsc": self.mode == "min", "selectedColumns": selected,
+                 # (MLflow's column ids: the name, the selected ones, then its "Created" and "Duration")
+                 "columnOrder": ["attributes.`Run Name`", *selected, "runDateAndNestInfo", "duration"],
+                 "columnWidths": {"attributes.`Run Name`": min(560, 60 + 6 * label), best_key: 170},
+                 "groupBy": {"aggregateFunction": "average",
+                             "groupByKeys": [{"mode": "tag", "groupByData": CONFIG_TAG}]},
+                 # (the id of the group of runs without the tag: "mode.key"; MLflow folds it by default)
+                 "groupsExpanded": {f"tag.{CONFIG_TAG}": True}}
         return tracking.VIEW_TAG_PREFIX + self.study_id, json.dumps(
             {"name": f"{self.record.manifest.name}: best {self.objective} first", "createdAt": self.created,
              "updatedAt": self.created, "state": json.dumps(state)})
@@ -332,10 +369,10 @@ class Mirror:
         return run
 
     def _sync_trial(self, client: MlflowClient, parent_id: str, run: Run | None, trial: TrialRecord,
-                    span: tuple[int | None, int | None], closing: bool) -> None:
+                    span: tuple[int | None, int | None], closing: bool, config: str) -> None:
         name = run_name(trial, self.search_keys)
         tags = {STUDY_ID_TAG: self.study_id, STUDY_TAG: self.record.manifest.name, ROLE_TAG: "trial",
-                TRIAL_TAG: str(trial.number), PARENT_RUN_TAG: parent_id, STATUS_TAG: trial.status}
+                TRIAL_TAG: str(trial.number), PARENT_RUN_TAG: parent_id, STATUS_TAG: trial.status, CONFIG_TAG: config}
         # The identity tags go in with the run (one request): no crash leaves a run no sync can find.
         run = run or client.create_run(str(self.experiment_id), start_time=span[0], tags=tags, run_name=name)
         if trial.status in ("failed", "diverged", NO_BETTER) and trial.error:
