@@ -46,14 +46,14 @@ def _trial(trial_id: str, config: dict[str, Any]) -> Any:
 
 
 def _result(epoch: int, value: float, **extra: Any) -> dict[str, Any]:
-    return {"val_loss": value, "train_loss": value + 0.5, "epoch": epoch, "training_iteration": epoch,
-            "config/params/x": 1.0, "time_this_iter_s": 1.0, "timestamp": 1_700_000_000 + epoch, **extra}
+    return {"val_loss": value, "train_loss": value + 0.5, "epoch": epoch, "evaluation": epoch,
+            "training_iteration": epoch, "config/params/x": 1.0, "time_this_iter_s": 1.0, "timestamp": 1_700_000_000 + epoch, **extra}
 
 
 def test_suggest_continues_unfinished_trials_first(record: StudyRecord) -> None:
     old, params = record.ask(SPACE)
     record.finish(old, "interrupted", "val_loss", "min")
-    searcher, _ = _pair(record, [ResumePlan(old, params, epoch=2)])
+    searcher, _ = _pair(record, [ResumePlan(old, params, evaluation=2)])
     first = searcher.suggest("a")
     assert first == {PARAMS_KEY: params, NUMBER_KEY: old}
     assert record.trial(old).status == "running"
@@ -178,8 +178,8 @@ def test_the_resume_message_and_the_resumed_epoch_agree(record: StudyRecord, for
     err = capsys.readouterr().err
     assert f"checkpoint {trial_dir / 'epoch_0002'} cannot be continued from: {words}" in err
     assert "its newest usable checkpoint is epoch 1's" in err
-    restored, meta = _restore(record.runs, n, cfg, 64)  # what the trainable does with it
-    assert plan.epoch == restored.epoch == meta["epoch"] == 1
+    restored, point = _restore(record.runs, n, cfg, 64)  # what the trainable does with it
+    assert plan.evaluation == point.evaluation == restored.epoch == point.meta["epoch"] == 1
 
 
 def test_a_checkpoint_never_continues_under_another_configuration(tmp_path: Path) -> None:
