@@ -293,3 +293,24 @@ def test_a_trial_whose_driver_died_between_its_status_and_optunas_tell_is_told_o
     # (as an uninterrupted finish: the best epoch's value; Optuna gives a pruned trial its last one)
     assert told.value == {"completed": 1.5, "stopped_early": 2.0}.get(status)
     assert StudyRecord.open(record.dir).trial(n).status == status
+
+
+def test_asha_stops_a_trial_inside_the_epoch_at_an_evaluation_rung(record: StudyRecord) -> None:
+    # Issue 22: a 1-epoch trial of 8 evaluations; rungs at 1, 2, 4 evaluations (max_t 8), keyed by the
+    # result's "evaluation" (its "epoch" is 1 throughout): the worse trial stops at evaluation 2.
+    searcher = RecordSearcher(record, SPACE, "val_loss", "min", 8)
+    scheduler = RecordScheduler(searcher, make_pruner("asha", 1, 2))
+    good, bad = (_trial(tid, searcher.suggest(tid)) for tid in ("g", "b"))
+    for k in range(1, 9):
+        assert scheduler.on_trial_result(None, good, {**_result(1, 2.0 - k / 10), "evaluation": k}) == \
+            TrialScheduler.CONTINUE
+    searcher.on_trial_complete("g")
+    assert scheduler.on_trial_result(None, bad, {**_result(1, 1.85), "evaluation": 1}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, bad, {**_result(1, 3.0), "evaluation": 2}) == TrialScheduler.STOP
+    searcher.on_trial_complete("b")
+    assert record.trial(good.config[NUMBER_KEY]).status == "completed"
+    assert record.trial(bad.config[NUMBER_KEY]).status == "stopped_early"
+    assert record.study.trials[good.config[NUMBER_KEY]].intermediate_values == {
+        k: pytest.approx(2.0 - k / 10) for k in range(1, 9)}
+    assert record.study.trials[bad.config[NUMBER_KEY]].intermediate_values == {1: 1.85, 2: 3.0}
+    assert "evaluation" not in record.trial(good.config[NUMBER_KEY]).epochs[3]  # bookkeeping, not a metric

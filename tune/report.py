@@ -26,7 +26,7 @@ from minimind_train.config import run_config_to_dict
 
 from .interrupts import signals_deferred
 from .mirror import Mirror, warn_on_failure
-from .record import FINISHED, NO_BETTER, StudyRecord, rank_key, ranked, write_atomic
+from .record import FINISHED, NO_BETTER, StudyRecord, evaluation_name, rank_key, ranked, write_atomic
 from .space import StudySpec
 from .storage import CHECKPOINT_PREFIX, StudyPaths, fetch_file
 
@@ -88,22 +88,23 @@ RUNG_FIDELITY_WARNING = 0.5
 class RungFidelity:
     """How well the ranking of trials at an ASHA rung predicts their final ranking."""
 
-    epoch: int
+    epoch: int  # the rung: an evaluation index (tune.record.evaluation_index; the epoch with one per epoch)
     trials: int  # completed trials with a value at this rung
     spearman: float | None  # None with fewer than 3 such trials
 
 
 def rung_fidelity(summaries: Sequence[TrialSummary], rungs: Sequence[float]) -> list[RungFidelity]:
-    """Spearman rank correlation, per rung epoch, between the trials' objective at that epoch and at
-    their last epoch, over the trials that completed (the ones that reached the budget). Ties take
-    their average rank (pandas ``rank``)."""
+    """Spearman rank correlation, per rung (an evaluation index), between the trials' objective at that
+    rung and at their last evaluation, over the trials that completed (the ones that reached the budget).
+    A trial's value at a rung is its first at or past it, the one ASHA judged (an epoch with fewer steps
+    than evaluations skips indices). Ties take their average rank (pandas ``rank``)."""
     import pandas as pd
 
     completed = [s for s in summaries
                  if s.status == "completed" and s.curve and math.isfinite(s.curve[-1][1])]
     out = []
     for epoch in map(int, rungs):
-        pairs = [(dict(s.curve).get(epoch), s.curve[-1][1]) for s in completed]
+        pairs = [(next((v for e, v in s.curve if e >= epoch), None), s.curve[-1][1]) for s in completed]
         pairs = [(a, b) for a, b in pairs if a is not None and math.isfinite(a)]
         ranks = pd.DataFrame(pairs).rank()
         rho = ranks[0].corr(ranks[1]) if len(pairs) >= 3 else math.nan
@@ -400,19 +401,23 @@ def _print_best(spec: StudySpec, paths: StudyPaths, best: TrialSummary, finalist
 
 def _print_rung_fidelity(spec: StudySpec, summaries: Sequence[TrialSummary]) -> dict[str, float]:
     """Did ASHA's early rankings predict the final one? (Spearman per rung, completed trials.)
-    Returns ``{"rung_fidelity_epoch_E": rho}`` for the MLflow parent run."""
-    sched = spec.tune.scheduler
-    rungs = [r for r in sched.rungs if r < spec.run.train.epochs] if sched.type == "asha" else []
+    Returns ``{"rung_fidelity_epoch_E": rho}`` (``rung_fidelity_evaluation_K`` with evaluations inside an
+    epoch) for the MLflow parent run."""
+    sched, per_epoch = spec.tune.scheduler, spec.run.train.evals_per_epoch
+    rungs = [r for r in sched.rungs if r < sched.max_t] if sched.type == "asha" else []
     if not rungs:
         return {}
     found = rung_fidelity(summaries, rungs)
-    shown = ", ".join(f"epoch {f.epoch}: {f.spearman:+.2f} (n={f.trials})" if f.spearman is not None
-                      else f"epoch {f.epoch}: n/a ({f.trials} completed trials, "
+    shown = ", ".join(f"{evaluation_name(f.epoch, per_epoch)}: {f.spearman:+.2f} (n={f.trials})"
+                      if f.spearman is not None
+                      else f"{evaluation_name(f.epoch, per_epoch)}: n/a ({f.trials} completed trials, "
                       + ("needs 3)" if f.trials < 3 else "their values tie)") for f in found)
     print(f"rung fidelity (Spearman of each rung's ranking with the final one): {shown}")
     for f in found:
         if f.spearman is not None and f.spearman < RUNG_FIDELITY_WARNING:
-            print(f"warning: at epoch {f.epoch} the trials ranked unlike at their end ({f.spearman:+.2f} < "
+            print(f"warning: at {evaluation_name(f.epoch, per_epoch)} the trials ranked unlike at their end "
+                  f"({f.spearman:+.2f} < "
                   f"{RUNG_FIDELITY_WARNING}): ASHA may have stopped configs that would have ended best; "
                   "raise tune.scheduler.grace_period or lower reduction_factor", file=sys.stderr)
-    return {f"rung_fidelity_epoch_{f.epoch}": f.spearman for f in found if f.spearman is not None}
+    unit = "epoch" if per_epoch == 1 else "evaluation"
+    return {f"rung_fidelity_{unit}_{f.epoch}": f.spearman for f in found if f.spearman is not None}
