@@ -213,7 +213,8 @@ def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary,
     run = spec.trial_run.with_overrides(best.params)
     body = yaml.safe_dump(run_config_to_dict(run), sort_keys=False, allow_unicode=True)
     head = (f"# Best trial {best.trial_id} of study from {spec.source}: "
-            f"{spec.tune.metric} {best.best_value:.6f} at epoch {best.best_epoch}.\n"
+            f"{spec.tune.metric} {best.best_value:.6f} at "
+            f"{evaluation_name(best.best_epoch, spec.run.train.evals_per_epoch)}.\n"
             f"# train.num_threads: {run.train.num_threads}, as the trial ran (its CPU share): on CPU a step's sums "
             "depend on the\n# thread count, so another count gives slightly other losses; on GPU it does not matter.\n")
     if finalist is not None:
@@ -379,19 +380,24 @@ def _print_best(spec: StudySpec, paths: StudyPaths, best: TrialSummary, finalist
                 best_model: Path | None, unfinished: Sequence[TrialSummary]) -> None:
     """The study's answer, after warnings about its checkpoint and the unfinished trials that beat it."""
     metric, sign = spec.tune.metric, 1 if spec.tune.mode == "min" else -1
+
+    def at(index: int | None) -> str:  # an evaluation index as the study counts it ("epoch 2" with one per epoch)
+        return evaluation_name(index or 0, spec.run.train.evals_per_epoch)
+
     if best.checkpoint is None:
         print(f"warning: no checkpoint of trial {best.trial_id} is left; best.yaml still retrains its config",
               file=sys.stderr)
     elif best.checkpoint_epoch != best.best_epoch:
-        print(f"warning: the checkpoint of trial {best.trial_id}'s best epoch {best.best_epoch} is gone; "
-              f"best/model.pth is its epoch {best.checkpoint_epoch} checkpoint", file=sys.stderr)
+        print(f"warning: the checkpoint of trial {best.trial_id}'s best {at(best.best_epoch)} is gone; "
+              f"best/model.pth is its {at(best.checkpoint_epoch)} checkpoint", file=sys.stderr)
     for s in unfinished:
         if math.isfinite(s.best_value) and sign * s.best_value < sign * best.best_value:
             print(f"note: unfinished trial {s.trial_id} already reached {metric} {s.best_value:.4f} after "
-                  f"{s.epochs} epoch(s): --resume finishes it")
+                  + (f"{s.epochs} epoch(s)" if spec.run.train.evals_per_epoch == 1 else at(s.epochs))
+                  + ": --resume finishes it")
     mean = "" if finalist is None else (f"; mean over {len(finalist.seeds)} seeds {finalist.mean:.4f} ± "
                                         f"{finalist.std:.4f}")
-    print(f"best: trial {best.trial_id}  {metric} {best.best_value:.4f} (epoch {best.best_epoch}){mean}",
+    print(f"best: trial {best.trial_id}  {metric} {best.best_value:.4f} ({at(best.best_epoch)}){mean}",
           *(f"  {k}: {v}" for k, v in best.params.items()), f"best config: {paths.local_dir / 'best.yaml'}",
           sep="\n")
     if best_model is not None:
