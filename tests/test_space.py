@@ -347,6 +347,12 @@ def test_minimind2_space_is_valid_once_its_files_exist(tmp_path: Path) -> None:
     assert spec.run.model.hidden_size == 512 and spec.run.model.num_hidden_layers == 8
     assert spec.run.model.init_from == str(tmp_path / "pretrain_512.pth")
     assert spec.tune.resources_per_trial.gpu == 0.25
+    # Issue 22: upstream's budget (a full pass, lr 1e-5 inside the searched range), rungs inside the epoch.
+    (lr,) = [p for p in spec.search if p.path == "train.learning_rate"]
+    assert spec.run.train.epochs == 1 and not spec.run.train.max_steps_per_epoch
+    assert lr.low <= spec.run.train.learning_rate == 1e-5 <= lr.high
+    assert [r / spec.run.train.evals_per_epoch for r in spec.tune.scheduler.rungs if r < spec.tune.scheduler.max_t] \
+        == [0.125, 0.25, 0.5]
     # A checkpoint folder stands for its model.pth (a study prints the file; either pastes here).
     (tmp_path / "pretrain_512.pth").unlink()
     (tmp_path / "pretrain_512.pth").mkdir()
