@@ -21,13 +21,18 @@ from pydantic.dataclasses import dataclass
 from .validation import STRICT, Bool, ConfigError, Int, Number, Text, did_you_mean, raising, validate
 
 __all__ = [
-    "FAMILY_DEFAULTS", "MODEL_FILE", "ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig",
+    "DEMO_DATA_PATH", "FAMILY_DEFAULTS", "MODEL_FILE", "ConfigError", "DataConfig", "ModelConfig", "RunConfig",
+    "TrainConfig",
     "load_run_config", "resolve_paths", "run_config_from_dict", "run_config_to_dict", "weights_file",
 ]
 
 # A checkpoint folder's fp16 weights (what upstream MiniMind scripts load); here, not in checkpoint.py,
 # so that a config path naming a checkpoint folder resolves without importing torch.
 MODEL_FILE = "model.pth"
+
+# The bundled demo dataset (data.train_path None), built by scripts/build_demo_assets.py, which also trains
+# the bundled tokenizer on it; here, not in data.py, so that a study's dry run sizes it without torch.
+DEMO_DATA_PATH = Path(__file__).resolve().parent / "assets" / "demo" / "sft_demo.jsonl"
 
 # What a field left unset (None) means for each generation: upstream's defaults (MiniMind2 at
 # 274483c, MiniMind-3 at d65ef2c). The first column is what these fields always were, so a run

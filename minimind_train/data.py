@@ -18,15 +18,12 @@ import numpy as np
 
 from .batches import TokenizedDataset
 from .chat import DataError
-from .config import DataConfig
+from .config import DEMO_DATA_PATH, DataConfig
 from .token_cache import SkipCounts, TokenCache, load_or_build_cache, open_cache
 
 __all__ = ["DEMO_DATA_PATH", "DataError", "SFTData", "SFTStats", "open_prepared", "prepare_data"]
 
 log = logging.getLogger(__name__)
-
-# Built by scripts/build_demo_assets.py, which also trains the bundled tokenizer on it.
-DEMO_DATA_PATH = Path(__file__).resolve().parent / "assets" / "demo" / "sft_demo.jsonl"
 
 
 @dataclass(frozen=True)

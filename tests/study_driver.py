@@ -207,14 +207,15 @@ def stored_results(study_dir: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def trained_epochs(study_dir: Path) -> list[tuple[str, int]]:
-    """(trial name, epoch) for every epoch any driver run trained and reported, from each run's
-    Ray ``result.json``: a pair that occurs twice is an epoch trained twice. (A continued trial first
-    reports the epoch of the checkpoint it continues from again, marked ``restored``: not training.)"""
+    """(trial name, evaluation index) for every evaluation any driver run trained and reported, from each
+    run's Ray ``result.json``: a pair that occurs twice was trained twice. (A continued trial first reports
+    the evaluation of the checkpoint it continues from again, marked ``restored``: not training.) With one
+    evaluation per epoch the index is the epoch."""
     pairs = []
     for path in sorted(study_dir.glob("runs/run-*/t[0-9][0-9][0-9]/result.json")):
         for row in read_results(path):
             if "epoch" in row and not row.get("diverged") and not row.get("restored"):
-                pairs.append((path.parent.name, int(row["epoch"])))
+                pairs.append((path.parent.name, int(row.get("evaluation", row["epoch"]))))
     return pairs
 
 

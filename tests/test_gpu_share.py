@@ -66,11 +66,11 @@ def test_oom_within_share_fails_alone_with_a_clear_message(fake_cuda: dict, monk
 
 def test_memory_released_after_a_finished_trial(fake_cuda: dict, monkeypatch) -> None:
     def one_epoch(*args, **kwargs):
-        yield types.SimpleNamespace(epoch=1, metrics={"val_loss": 1.0}, state=None)
+        yield types.SimpleNamespace(epoch=1, metrics={"val_loss": 1.0}, state=None, step_in_epoch=3, steps_in_epoch=3)
 
     monkeypatch.setattr(trainable, "train_epochs", one_epoch)
     trainable.train_trial({"study_trial": 0}, **fake_cuda["kwargs"], gpu_share=0.5)
-    assert fake_cuda["reports"] == [{"val_loss": 1.0, "epoch": 1}]
+    assert fake_cuda["reports"] == [{"val_loss": 1.0, "epoch": 1, "evaluation": 1}]
     assert fake_cuda["fraction"] == [0.5]
     assert fake_cuda["empty_cache"] == 2  # at the start and at the end
 

@@ -109,6 +109,19 @@ def test_plots_are_png_for_any_number_and_kind_of_trials(trials: tuple[int, ...]
             plt.close(fig)
 
 
+def test_curves_x_axis_is_the_records_unit_evaluations_inside_an_epoch() -> None:
+    # Issue 22: with train.evals_per_epoch N the intermediate values' steps are evaluation indices.
+    study = _study(2, 1, epochs=8)
+    study.set_user_attr("spec", {"train": {"epochs": 1, "evals_per_epoch": 8}})  # (tune.record keeps it so)
+    fig = study_figures(study, METRIC)["curves"]
+    try:
+        (ax,) = fig.axes
+        assert ax.get_xlabel() == "evaluation (8 per epoch: 8 = 1 epoch)"
+        assert max(max(line.get_xdata(), default=0) for line in ax.get_lines()) == 8
+    finally:
+        plt.close(fig)
+
+
 @pytest.mark.parametrize("figures", [(3, 2, 1)], indirect=True)
 def test_history_shows_stopped_early_trials_and_the_best(figures: dict[str, Figure]) -> None:
     ax = figures["optimization_history"].axes[0]

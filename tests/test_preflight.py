@@ -157,6 +157,26 @@ def test_describe_shows_the_plan() -> None:
     assert "finalists: the top 2 configs again with 1 more seed(s) each (2 trials of 2 epochs)" in describe(spec)
 
 
+def test_describe_shows_the_rungs_inside_the_epoch_in_steps_and_fractions() -> None:
+    # Issue 22: 1 epoch, 16 evaluations: rungs at evaluations 1, 2, 4, 8 (16 ends every trial).
+    spec = load_space("sft")
+    train = dataclasses.replace(spec.run.train, epochs=1, evals_per_epoch=16)
+    sched = dataclasses.replace(spec.tune.scheduler, max_t=16)
+    spec = dataclasses.replace(spec, run=dataclasses.replace(spec.run, train=train),
+                               tune=dataclasses.replace(spec.tune, scheduler=sched))
+    text = describe(spec, steps_per_epoch=160)
+    assert "scheduler ASHA over evaluations (max_t 16): after evaluation 1, 2, 4, 8 a trial" in text
+    assert "evaluations: 16 per epoch, after optimizer steps 10, 20, 30," in text
+    for rung, fraction, step in ((1, "0.0625", 10), (2, "0.125", 20), (4, "0.25", 40), (8, "0.5", 80)):
+        assert f"rung after evaluation {rung}: {fraction} epoch(s), optimizer step {step}\n" in text
+    assert "about" not in describe(spec, steps_per_epoch=160).split("evaluations: 16")[1].split("\n")[0]
+    assert "of about" in describe(spec)  # a dry run estimates the steps from the file's length
+    few = describe(spec, steps_per_epoch=5)  # fewer steps than evaluations: the first one past the rung
+    assert "rung after evaluation 1: 0.0625 epoch(s), optimizer step 1\n" in few
+    assert "rung after evaluation 8: 0.5 epoch(s), optimizer step 3\n" in few
+    assert expected_shape(4, sched, evals_per_epoch=16).trial_epochs <= 4  # trial-epochs, not evaluations
+
+
 def test_expected_shape_follows_optunas_successive_halving() -> None:
     """One rung: the n-th trial continues with probability max(1, n // rf) / n, whatever the rankings;
     no scheduler: every trial completes; finalists train every epoch, one config per completed trial."""

@@ -344,3 +344,53 @@ def test_a_driver_killed_while_creating_a_study_leaves_no_half_study(tmp_path: P
     made = StudyRecord.create(tmp_path / "s", "s", SPEC, "model: {}\n", {})  # the next start creates it
     assert StudyRecord.open(tmp_path / "s").manifest == made.manifest
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # the cut creation's leftovers are gone
+
+
+@pytest.mark.parametrize(("steps", "per_epoch"), [(8, 8), (13, 8), (100, 16), (3, 8), (1, 4), (5, 1), (7, 3)])
+def test_an_evaluations_index_is_its_place_on_the_grid_of_evals_per_epoch(steps: int, per_epoch: int) -> None:
+    # Issue 22: the one unit of a study's reports. Where the trainer evaluates (evaluation_steps), the
+    # index counts its evaluations when the epoch has enough steps; otherwise (fewer steps than
+    # evaluations) each takes the grid's largest index at its step, so an index is always a fraction of
+    # an epoch, and the epoch's last is epoch x N whatever the batch size.
+    from minimind_train.train import evaluation_steps
+    from tune.record import evaluation_index
+
+    at = evaluation_steps(steps, per_epoch)
+    for epoch in (1, 2):
+        indices = [evaluation_index(epoch, s, steps, per_epoch) for s in at]
+        assert indices == sorted(set(indices)) and indices[-1] == epoch * per_epoch
+        if steps >= per_epoch:
+            assert indices == list(range((epoch - 1) * per_epoch + 1, epoch * per_epoch + 1))
+        for s, k in zip(at, indices):  # the trainer evaluates index k after ceil(k * S / N) steps
+            assert s == -(-((k - 1) % per_epoch + 1) * steps // per_epoch)
+    assert [evaluation_index(e, steps, steps, 1) for e in (1, 2, 3)] == [1, 2, 3]  # one per epoch: the epoch
+    with pytest.raises(ValueError, match="no evaluation after step 0"):
+        evaluation_index(1, 0, steps, per_epoch)
+
+
+def test_a_study_made_before_a_config_field_existed_defines_the_same_study() -> None:
+    # Issue 22: a study made before train.evals_per_epoch must --resume; its absent field is the default.
+    new = json.loads(json.dumps(SPEC))
+    new["train"] = {**new["train"], "evals_per_epoch": 1}
+    assert diff_specs(SPEC, new) == [] and diff_specs(new, SPEC) == []
+    new["train"]["evals_per_epoch"] = 8
+    assert diff_specs(SPEC, new) == ["train.evals_per_epoch: 1 -> 8"]
+    assert diff_specs({**SPEC, "tune": {"mode": "min"}}, SPEC) != []  # (the tune section has no such default)
+
+
+def test_evaluations_inside_an_epoch_are_recorded_at_their_index(tmp_path: Path) -> None:
+    from tune.record import evals_per_epoch
+
+    spec = {**SPEC, "train": {"epochs": 1, "evals_per_epoch": 4}}
+    record = StudyRecord.create(tmp_path / "e", "e", spec, "", {})
+    n, _ = record.ask(LR)
+    for k in (1, 2, 3, 4):
+        assert record.record_epoch(n, k, {"val_loss": 5.0 - k, "optimizer_steps": 2.0 * k}, "val_loss")
+    assert not record.record_epoch(n, 2, {"val_loss": 0.0}, "val_loss")  # recorded once
+    record.finish(n, "completed", "val_loss", "min")
+    frozen = record.study.trials[n]
+    assert frozen.intermediate_values == {1: 4.0, 2: 3.0, 3: 2.0, 4: 1.0} and frozen.value == 1.0
+    assert [m["optimizer_steps"] for _, m in sorted(record.trial(n).epochs.items())] == [2.0, 4.0, 6.0, 8.0]
+    assert evals_per_epoch(record.study) == 4 and evals_per_epoch(StudyRecord.open(tmp_path / "e").study) == 4
+    old = StudyRecord.create(tmp_path / "o", "o", SPEC, "", {})  # a study made before the field
+    assert evals_per_epoch(old.study) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -76,6 +77,10 @@ def test_rung_fidelity_is_spearman_over_completed_trials() -> None:
     reverse = [_summary("a", [1.0, 3.0]), _summary("b", [2.0, 2.0]), _summary("c", [3.0, 1.0])]
     assert rung_fidelity(reverse, [1])[0].spearman == pytest.approx(-1.0)
     assert rung_fidelity(agree[:2], [1])[0].spearman is None  # fewer than 3 completed trials
+    # Issue 22: with fewer steps than evaluations an epoch skips indices (here 2, 4, ...): a trial's
+    # value at rung 1 is its first at or past it, the one ASHA judged.
+    gapped = [dataclasses.replace(s, curve=[(2 * k, v) for k, v in s.curve]) for s in reverse]
+    assert rung_fidelity(gapped, [1])[0] == rung_fidelity(reverse, [1])[0]
 
 
 def test_finalists_pick_the_true_best_config_more_often_than_the_single_best_trial() -> None:

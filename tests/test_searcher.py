@@ -46,14 +46,14 @@ def _trial(trial_id: str, config: dict[str, Any]) -> Any:
 
 
 def _result(epoch: int, value: float, **extra: Any) -> dict[str, Any]:
-    return {"val_loss": value, "train_loss": value + 0.5, "epoch": epoch, "training_iteration": epoch,
-            "config/params/x": 1.0, "time_this_iter_s": 1.0, "timestamp": 1_700_000_000 + epoch, **extra}
+    return {"val_loss": value, "train_loss": value + 0.5, "epoch": epoch, "evaluation": epoch,
+            "training_iteration": epoch, "config/params/x": 1.0, "time_this_iter_s": 1.0, "timestamp": 1_700_000_000 + epoch, **extra}
 
 
 def test_suggest_continues_unfinished_trials_first(record: StudyRecord) -> None:
     old, params = record.ask(SPACE)
     record.finish(old, "interrupted", "val_loss", "min")
-    searcher, _ = _pair(record, [ResumePlan(old, params, epoch=2)])
+    searcher, _ = _pair(record, [ResumePlan(old, params, evaluation=2)])
     first = searcher.suggest("a")
     assert first == {PARAMS_KEY: params, NUMBER_KEY: old}
     assert record.trial(old).status == "running"
@@ -178,8 +178,8 @@ def test_the_resume_message_and_the_resumed_epoch_agree(record: StudyRecord, for
     err = capsys.readouterr().err
     assert f"checkpoint {trial_dir / 'epoch_0002'} cannot be continued from: {words}" in err
     assert "its newest usable checkpoint is epoch 1's" in err
-    restored, meta = _restore(record.runs, n, cfg, 64)  # what the trainable does with it
-    assert plan.epoch == restored.epoch == meta["epoch"] == 1
+    restored, point = _restore(record.runs, n, cfg, 64)  # what the trainable does with it
+    assert plan.evaluation == point.evaluation == restored.epoch == point.meta["epoch"] == 1
 
 
 def test_a_checkpoint_never_continues_under_another_configuration(tmp_path: Path) -> None:
@@ -293,3 +293,24 @@ def test_a_trial_whose_driver_died_between_its_status_and_optunas_tell_is_told_o
     # (as an uninterrupted finish: the best epoch's value; Optuna gives a pruned trial its last one)
     assert told.value == {"completed": 1.5, "stopped_early": 2.0}.get(status)
     assert StudyRecord.open(record.dir).trial(n).status == status
+
+
+def test_asha_stops_a_trial_inside_the_epoch_at_an_evaluation_rung(record: StudyRecord) -> None:
+    # Issue 22: a 1-epoch trial of 8 evaluations; rungs at 1, 2, 4 evaluations (max_t 8), keyed by the
+    # result's "evaluation" (its "epoch" is 1 throughout): the worse trial stops at evaluation 2.
+    searcher = RecordSearcher(record, SPACE, "val_loss", "min", 8)
+    scheduler = RecordScheduler(searcher, make_pruner("asha", 1, 2))
+    good, bad = (_trial(tid, searcher.suggest(tid)) for tid in ("g", "b"))
+    for k in range(1, 9):
+        assert scheduler.on_trial_result(None, good, {**_result(1, 2.0 - k / 10), "evaluation": k}) == \
+            TrialScheduler.CONTINUE
+    searcher.on_trial_complete("g")
+    assert scheduler.on_trial_result(None, bad, {**_result(1, 1.85), "evaluation": 1}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, bad, {**_result(1, 3.0), "evaluation": 2}) == TrialScheduler.STOP
+    searcher.on_trial_complete("b")
+    assert record.trial(good.config[NUMBER_KEY]).status == "completed"
+    assert record.trial(bad.config[NUMBER_KEY]).status == "stopped_early"
+    assert record.study.trials[good.config[NUMBER_KEY]].intermediate_values == {
+        k: pytest.approx(2.0 - k / 10) for k in range(1, 9)}
+    assert record.study.trials[bad.config[NUMBER_KEY]].intermediate_values == {1: 1.85, 2: 3.0}
+    assert "evaluation" not in record.trial(good.config[NUMBER_KEY]).epochs[3]  # bookkeeping, not a metric

@@ -89,6 +89,8 @@ BAD_CASES: list[tuple[str, tuple[str, ...], Any, tuple[str, ...]]] = [
      ("search.data.train_path", "file path")),
     ("search the epoch budget", ("search", "train.epochs"), {"type": "int", "low": 1, "high": 4},
      ("search.train.epochs", "tune.scheduler.max_t")),
+    ("search the evaluation unit", ("search", "train.evals_per_epoch"), {"type": "int", "low": 1, "high": 8},
+     ("search.train.evals_per_epoch", "rungs count")),
     ("search the val split", ("search", "data.val_fraction"), {"type": "float", "low": 0.1, "high": 0.2},
      ("search.data.val_fraction", "validation split")),
     ("distribution not a mapping", LR, 0.001, ("search.train.learning_rate", "0.001")),
@@ -190,6 +192,20 @@ def test_base_space_is_valid(tmp_path: Path) -> None:
     assert spec.mlflow.tracking_uri is None
     assert isinstance(spec.run, RunConfig)
     assert spec.text == (tmp_path / "space.yaml").read_text(encoding="utf-8")
+
+
+def test_asha_counts_evaluations_inside_an_epoch(tmp_path: Path) -> None:
+    # Issue 22: a 1-epoch study with 16 evaluations per epoch has rungs at 1, 2, 4, 8, 16 (factor 2).
+    raw = with_change(("train",), {**BASE["train"], "epochs": 1, "evals_per_epoch": 16})
+    spec = load_space(write_space(tmp_path, raw))
+    assert spec.tune.scheduler.max_t == 16 and spec.tune.scheduler.rungs == (1, 2, 4, 8, 16)
+    two = load_space(write_space(tmp_path, with_change(("train",), {**BASE["train"], "epochs": 2,
+                                                                     "evals_per_epoch": 8})))
+    assert two.tune.scheduler.max_t == 16
+    raw["tune"]["scheduler"] = {**raw["tune"]["scheduler"], "max_t": 1}  # (epochs, as before: now wrong)
+    with pytest.raises(SpaceError, match=r"tune.scheduler.max_t=1 is not allowed: must equal train.epochs x "
+                                         r"train.evals_per_epoch = 1 x 16 = 16"):
+        load_space(write_space(tmp_path, raw))
 
 
 def test_space_error_is_a_config_error() -> None:
@@ -331,6 +347,12 @@ def test_minimind2_space_is_valid_once_its_files_exist(tmp_path: Path) -> None:
     assert spec.run.model.hidden_size == 512 and spec.run.model.num_hidden_layers == 8
     assert spec.run.model.init_from == str(tmp_path / "pretrain_512.pth")
     assert spec.tune.resources_per_trial.gpu == 0.25
+    # Issue 22: upstream's budget (a full pass, lr 1e-5 inside the searched range), rungs inside the epoch.
+    (lr,) = [p for p in spec.search if p.path == "train.learning_rate"]
+    assert spec.run.train.epochs == 1 and not spec.run.train.max_steps_per_epoch
+    assert lr.low <= spec.run.train.learning_rate == 1e-5 <= lr.high
+    assert [r / spec.run.train.evals_per_epoch for r in spec.tune.scheduler.rungs if r < spec.tune.scheduler.max_t] \
+        == [0.125, 0.25, 0.5]
     # A checkpoint folder stands for its model.pth (a study prints the file; either pastes here).
     (tmp_path / "pretrain_512.pth").unlink()
     (tmp_path / "pretrain_512.pth").mkdir()

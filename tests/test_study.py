@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ from study_driver import (
     Driver,
     Workspace,
     mlflow_runs,
+    read_results,
     run_driver,
     stored_results,
     trained_epochs,
@@ -441,3 +444,92 @@ def test_a_trial_that_learned_nothing_is_not_exported_as_best(ws: Workspace) -> 
     assert row["status"] == "no_better" and "no better than the uniform predictor" in row["error"], row
     assert math.isclose(float(row["best_val_loss"]), math.log(6400), abs_tol=1e-3), row
     assert not (study / "best.yaml").exists() and "best fp16 checkpoint" not in driver.stdout
+
+
+# --- evaluations inside an epoch (issue 22) ----------------------------------------------------------
+
+EVALS = 8
+# The measured values of an evaluation (the rest is timing): equal to the bit in a resumed run.
+EXACT = ("val_loss", "train_loss", "lr", "grad_norm", "aux_loss", "optimizer_steps")
+
+
+def _evals_space(ws: Workspace, num_samples: int) -> Path:
+    raw = yaml.safe_load((SPACES / "study.yaml").read_text())
+    raw["model"].update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    # 1 epoch of 40 steps, an evaluation every 5: long enough for a kill to land between two.
+    raw["train"].update(epochs=1, evals_per_epoch=EVALS, max_steps_per_epoch=40)
+    raw["search"] = {"train.learning_rate": {"type": "float", "low": 1.0e-4, "high": 3.0e-2, "log": True}}
+    raw["tune"].update(num_samples=num_samples, max_concurrent_trials=1, keep_top_trials=num_samples)
+    space = ws.root / f"evals{num_samples}.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    return space
+
+
+@pytest.mark.slow
+def test_evaluations_inside_an_epoch_report_rung_and_resume_exactly(ws: Workspace) -> None:
+    import dataclasses
+    from collections import Counter
+
+    import optuna
+
+    from minimind_train.data import prepare_data
+    from minimind_train.train import train_epochs
+    from tune.record import StudyRecord
+
+    # A 1-epoch study of 8 evaluations, its driver SIGKILLed while its first trial is mid-epoch, then resumed.
+    space = _evals_space(ws, 4)
+    study = ws.study_dir("evals")
+    driver = Driver(ws, ["--space", str(space), "--name", "evals"])
+    try:
+        def mid_epoch() -> bool:
+            try:
+                return 3 <= len(stored_results(study).get("t000", [])) <= EVALS - 2
+            except Exception:  # noqa: BLE001 - the record is being created
+                return False
+
+        driver.wait_for("evaluations inside the first trial's epoch", mid_epoch, 240, poll_s=0.05)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and Ray's daemons: no chance to clean up
+        driver.proc.wait(timeout=30)
+    finally:
+        driver.teardown()
+    resumed = run_driver(ws, ["--space", str(space), "--name", "evals", "--resume"], timeout_s=300)
+    output = driver.output() + resumed.output()
+    assert resumed.proc.returncode == 0, output
+    # It continues from its last evaluation (not the epoch's start), and trains none twice.
+    found = re.search(r"t000 \(after evaluation (\d) \(0\.\d+ epochs\)\)", resumed.stdout)
+    assert found and 3 <= int(found[1]) < EVALS, output
+    trained = trained_epochs(study)
+    assert not [k for k, n in Counter(trained).items() if n > 1], f"trained twice: {trained}{output}"
+    rows = read_results(study / "runs" / "run-2" / "t000" / "result.json")
+    assert [r["evaluation"] for r in rows if r.get("restored")] == [int(found[1])], rows
+    assert [r["evaluation"] for r in rows if not r.get("restored")] == list(range(int(found[1]) + 1, EVALS + 1))
+
+    # Every completed trial: 8 intermediate values at distinct steps, 8 MLflow points per metric; ASHA
+    # stopped trials inside the epoch.
+    record = StudyRecord.open(study)
+    status = {t.number: t.status for t in record.trials()}
+    frozen = record.study.get_trials(deepcopy=False)
+    done = [t for t in frozen if status[t.number] == "completed"]
+    stopped = [t for t in frozen if len(t.intermediate_values) < EVALS]  # stopped_early, or no_better
+    assert done and stopped and all(status[t.number] in ("stopped_early", "no_better") for t in stopped), output
+    for t in done:
+        assert t.state == optuna.trial.TrialState.COMPLETE, output
+        assert sorted(t.intermediate_values) == list(range(1, EVALS + 1)), t.intermediate_values
+    client, _, children = mlflow_runs(study)
+    by_trial = {run.data.tags["minimind.trial"]: run for run in children}
+    for t in done:
+        for key in ("val_loss", "train_loss", "optimizer_steps"):
+            points = client.get_metric_history(by_trial[str(t.number)].info.run_id, key)
+            assert sorted(p.step for p in points) == list(range(1, EVALS + 1)), (key, points)
+
+    # The killed trial ends with exactly the values of an uninterrupted run of its config.
+    spec = load_space(space)
+    cfg = spec.trial_run.with_overrides(record.trial(0).run_params)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(ws.cache)))
+    threads = torch.get_num_threads()  # (the trial's count, 1, is set for this process by train_epochs)
+    try:
+        want = [r.metrics for r in train_epochs(cfg, prepare_data(cfg.data, show_progress=False))]
+    finally:
+        torch.set_num_threads(threads)
+    got = [m for _, m in sorted(record.trial(0).epochs.items())]
+    assert [{k: r[k] for k in EXACT} for r in got] == [{k: r[k] for k in EXACT} for r in want], output

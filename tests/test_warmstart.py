@@ -53,6 +53,28 @@ def test_history_is_copied_and_the_best_configs_are_asked_first(tmp_path: Path) 
     assert [t.number for t in full.trials()] == [first, second]
 
 
+@pytest.mark.parametrize(("scout_evals", "curve", "full_evals", "expected"), [
+    (1, {1: 3.0, 2: 2.0}, 4, {4: 3.0, 8: 2.0}), (4, {4: 3.0, 8: 2.0}, 1, {1: 3.0, 2: 2.0}),
+    (1, {1: 3.0, 2: 2.0}, 1, {1: 3.0, 2: 2.0}), (4, {3: 3.0, 4: 2.0}, 1, {1: 2.0}),
+    (2, {2: 3.0, 3: 2.5, 4: 2.0}, 3, {3: 3.0, 4: 2.5, 6: 2.0})])
+def test_history_moves_to_the_new_studys_evaluation_unit(tmp_path: Path, scout_evals: int, curve: dict[int, float],
+                                                         full_evals: int, expected: dict[int, float]) -> None:
+    # Issue 22: a step is an evaluation index (k / N epochs): epoch 1 of a scouting study with one
+    # evaluation per epoch is evaluation 4 of a study with 4 per epoch.
+    def study(name: str, evals: int) -> StudyRecord:
+        return StudyRecord.create(tmp_path / name, name, {**_spec(), "train": {"evals_per_epoch": evals}}, "", {})
+
+    scout = study("scout", scout_evals)
+    n, _ = scout.ask(SPACE)
+    for step, value in curve.items():
+        scout.record_epoch(n, step, {"val_loss": value}, "val_loss")
+    scout.finish(n, "stopped_early", "val_loss", "min")
+    full = study("full", full_evals)
+    warm_start(full, scout, SPACE)
+    (copied,) = full.study.get_trials()
+    assert copied.intermediate_values == expected
+
+
 def test_a_study_with_another_objective_or_space_is_refused_naming_what_differs(tmp_path: Path) -> None:
     scout = _study(tmp_path / "scout", SCOUT[:1])
     with pytest.raises(StudyError, match=r"tune.metric: val_loss -> train_loss"):

@@ -30,7 +30,7 @@ from .interrupts import InterruptWatch, StudyStopped, stop_on_signals
 from .mirror import Mirror, MirrorCallback, warn_on_failure
 from .preflight import Inputs, check_inputs, reconcile
 from .progress import RAY_ERRORS_FILE, ProgressView, best_recorded, ray_errors_to
-from .record import OPTUNA_FILE, StudyError, StudyRecord
+from .record import OPTUNA_FILE, StudyError, StudyRecord, evaluation_name
 from .report import finish_study
 from .space import optuna_distributions, spec_to_dict, spec_to_yaml
 from .storage import StudyPaths, trial_dirname, upload_outputs
@@ -139,7 +139,7 @@ def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, 
         record.runs = paths.runs_uri
         applied = reconcile(record, spec_to_dict(spec), inputs, explicit_space=explicit_space)
         plans = searcher.resume_plans(record, {p.path for p in spec.search}, t.metric, t.mode,
-                                      run_cfg.train.epochs)
+                                      t.scheduler.max_t, evals_per_epoch=run_cfg.train.evals_per_epoch)
         finished = record.finished_count()
         if not plans and finished >= t.num_samples and not _finalists(spec, run_cfg, record, create=False):
             print(f"nothing to run: {finished} trials finished (num_samples {t.num_samples}); "
@@ -235,13 +235,14 @@ def _finalists(spec: Any, run_cfg: Any, record: StudyRecord, create: bool) -> li
     t, finals = spec.tune, spec.tune.finalists
     if not finals.seeds:
         return []
-    return searcher.finalist_plans(record, optuna_distributions(spec), t.metric, t.mode, run_cfg.train.epochs,
-                                   finals.top_k, finals.seeds, run_cfg.train.seed, create=create)
+    return searcher.finalist_plans(record, optuna_distributions(spec), t.metric, t.mode, t.scheduler.max_t,
+                                   finals.top_k, finals.seeds, run_cfg.train.seed, create=create,
+                                   evals_per_epoch=run_cfg.train.evals_per_epoch)
 
 
-def _continuing(plans: list[searcher.ResumePlan]) -> str:
+def _continuing(plans: list[searcher.ResumePlan], evals_per_epoch: int) -> str:
     return (f"continuing {len(plans)} unfinished trial(s) from their checkpoints: "
-            + ", ".join(f"t{p.number:03d} (after epoch {p.epoch})" for p in plans))
+            + ", ".join(f"t{p.number:03d} (after {evaluation_name(p.evaluation, evals_per_epoch)})" for p in plans))
 
 
 def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord,
@@ -254,7 +255,7 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
     for line in applied:
         print(f"applied on resume: {line}")
     if plans:
-        print(_continuing(plans))
+        print(_continuing(plans, run_cfg.train.evals_per_epoch))
     mirror = make_mirror(spec, run_cfg, inputs, record)
 
     def fit(plans: list[searcher.ResumePlan], new: int, pruner: optuna.pruners.BasePruner,
@@ -275,7 +276,7 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
         started = time.monotonic()
         record.use(sampler=searcher.make_sampler(t.searcher, t.seed, t.num_samples, offset=len(record.trials())))
         search = searcher.RecordSearcher(record, optuna_distributions(spec), t.metric, t.mode,
-                                         run_cfg.train.epochs, plans)
+                                         t.scheduler.max_t, plans)
 
         def statuses() -> dict[str, str]:
             by_number = record.statuses()
@@ -343,8 +344,8 @@ def _phases(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: 
         configs = len({tuple(sorted((k, v) for k, v in p.params.items() if k != "train.seed")) for p in todo})
         print(f"finalists: {configs} of the top {t.finalists.top_k} completed configs again with other seeds: "
               f"{len(todo)} trial(s) of {run_cfg.train.epochs} epochs, never stopped early", flush=True)
-        if continued := [p for p in todo if p.epoch]:  # a --resume after the finalists had begun
-            print(_continuing(continued))
+        if continued := [p for p in todo if p.evaluation]:  # a --resume after the finalists had begun
+            print(_continuing(continued, run_cfg.train.evals_per_epoch))
         interrupted = fit(todo, 0, optuna.pruners.NopPruner(), [])
     if interrupted:  # (Ray's handler ended the trials; _closing marks them and closes the mirror)
         raise KeyboardInterrupt

@@ -387,7 +387,8 @@ class Mirror:
         _set_status(client, run, _RUN_STATUS.get(trial.status, "KILLED" if closing else "RUNNING"), span[1])
 
     def _metrics(self, trial: TrialRecord, after: int) -> list[Metric]:
-        """The trial's epochs after ``after`` at step = epoch: the objective first, then its best so far
+        """The trial's evaluations after ``after`` at step = the evaluation index (the record's key,
+        :func:`tune.record.evaluation_index`; with one evaluation per epoch, the epoch): the objective first, then its best so far
         (``best_<objective>``, what the runs table sorts by), then the rest; ``aux_loss`` only where it
         was ever non-zero (a MoE model)."""
         aux = any(m.get("aux_loss", 0.0) != 0.0 for m in trial.epochs.values())

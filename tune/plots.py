@@ -36,7 +36,7 @@ from matplotlib.text import Text
 from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as optuna_plots
 
-from .record import ranked
+from .record import evals_per_epoch, ranked
 from .storage import trial_dirname
 
 __all__ = ["MIN_TRIALS_FOR_IMPORTANCE", "PLOT_DPI", "PLOT_FILES", "plot_study", "study_figures"]
@@ -286,8 +286,13 @@ def _importances(study: optuna.Study, points: list[_Point], metric: str, best: _
 def _curves(study: optuna.Study, points: list[_Point], metric: str, best: _Point | None) -> Figure:
     styles = _styles(study, points, best)
     drawn = [p for p in _ranked(points, best) if p.trial.intermediate_values]
-    ax = Figure(figsize=(8, 5.5)).add_subplot(xlabel="epoch", ylabel=metric)
-    ax.set_title(f"{metric} per epoch, best first in the legend ({_counts(drawn)})", loc="left")
+    # The x axis is the record's unit, the evaluation index (tune.record.evaluation_index): the epoch when
+    # there is one evaluation per epoch, as in every study made before evaluations inside an epoch.
+    per_epoch = evals_per_epoch(study)
+    unit = "epoch" if per_epoch == 1 else "evaluation"
+    xlabel = unit if per_epoch == 1 else f"evaluation ({per_epoch} per epoch: {per_epoch} = 1 epoch)"
+    ax = Figure(figsize=(8, 5.5)).add_subplot(xlabel=xlabel, ylabel=metric)
+    ax.set_title(f"{metric} per {unit}, best first in the legend ({_counts(drawn)})", loc="left")
     grey: str | None = _grey_label(drawn, styles)
     # The named trials first, then the grey rest: the legend's order, its last entry the grey lines'.
     for p in sorted(drawn, key=lambda p: styles[p.trial.number].label is None):
@@ -298,7 +303,7 @@ def _curves(study: optuna.Study, points: list[_Point], metric: str, best: _Point
                 linestyle="--" if p.stopped_early else "-", color=style.colour, linewidth=style.width,
                 zorder=style.zorder, label=label)
     ax.grid(True, alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs
+    ax.xaxis.get_major_locator().set_params(integer=True)  # whole evaluations
     _legend_below(ax, ncols=2)
     return ax.figure  # type: ignore[return-value]
 

@@ -20,12 +20,12 @@ from typing import Any
 
 from minimind_train import config
 
-from .record import PATH_KEYS, RUN_SETTINGS, Manifest, StudyError, StudyRecord, diff_specs
+from .record import PATH_KEYS, RUN_SETTINGS, Manifest, StudyError, StudyRecord, diff_specs, evaluation_index
 from .space import SchedulerSpec, SearchParam, StudySpec
 from .storage import StudyPaths
 
-__all__ = ["Inputs", "StudyShape", "check_inputs", "describe", "describe_resume", "expected_shape", "quiet_libraries",
-           "reconcile"]
+__all__ = ["Inputs", "StudyShape", "check_inputs", "describe", "describe_resume", "describe_rungs", "expected_shape",
+           "quiet_libraries", "reconcile", "steps_per_epoch_estimate"]
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ class StudyShape:
 
 
 def expected_shape(num_samples: int, sched: SchedulerSpec, top_k: int = 0, seeds: int = 0,
-                   draws: int = 2000) -> StudyShape:
+                   draws: int = 2000, evals_per_epoch: int = 1) -> StudyShape:
     """The expected :class:`StudyShape` of ``num_samples`` search trials under ``sched``, with finalists
     (``tune.finalists``: the ``top_k`` best completed configs again with ``seeds`` more seeds, all epochs).
 
@@ -199,9 +199,10 @@ def expected_shape(num_samples: int, sched: SchedulerSpec, top_k: int = 0, seeds
     rung's ranking to be drawn afresh (the cautious case: with several rungs, a trial that ranks the same
     at each completes more often); the mean over ``draws`` such orders (seeded: the same figure each
     time). A searcher that improves as it goes completes more; the first trial always completes.
+    The rungs and ``max_t`` count evaluations, ``evals_per_epoch`` of them an epoch (``train.evals_per_epoch``).
     """
-    epochs = sched.max_t
-    rungs = [int(r) for r in sched.rungs if r < epochs] if sched.type == "asha" else []
+    length = sched.max_t  # (in evaluations)
+    rungs = [int(r) for r in sched.rungs if r < length] if sched.type == "asha" else []
     rng = random.Random(0)
     completed = trained = 0
     for _ in range(draws):
@@ -215,14 +216,57 @@ def expected_shape(num_samples: int, sched: SchedulerSpec, top_k: int = 0, seeds
                     stopped_at = rung
                     break
             done += not stopped_at
-            trained += stopped_at or epochs
+            trained += stopped_at or length
         completed += done
-        trained += min(top_k, done) * seeds * epochs
-    return StudyShape(completed / draws, trained / draws)
+        trained += min(top_k, done) * seeds * length
+    return StudyShape(completed / draws, trained / draws / evals_per_epoch)
 
 
-def describe(spec: StudySpec) -> str:
-    """The resolved study for ``--dry-run``: fixed config, searched distributions, plan, resources."""
+def steps_per_epoch_estimate(spec: StudySpec) -> int:
+    """About how many optimizer steps an epoch of the fixed config takes, without tokenising (a dry run):
+    the training file's lines less the held-out split, in batches of ``train.batch_size`` and windows of
+    ``train.accumulation_steps`` (skipped samples are not known before tokenising: a little high then)."""
+    import math
+
+    data, train = spec.run.data, spec.run.train
+    path = Path(data.train_path) if data.train_path else config.DEMO_DATA_PATH
+    with path.open("rb") as fh:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
+    samples = lines if data.val_path else lines - math.floor(lines * data.val_fraction + 0.5)
+    steps = math.ceil(math.ceil(max(samples, 1) / train.batch_size) / train.accumulation_steps)
+    return min(steps, train.max_steps_per_epoch) if train.max_steps_per_epoch else steps
+
+
+def describe_rungs(sched: SchedulerSpec, evals_per_epoch: int, steps_per_epoch: int, exact: bool = True,
+                   searched: tuple[str, ...] = ()) -> list[str]:
+    """ASHA's rungs below ``max_t`` in evaluations, as fractions of an epoch and in optimizer steps of an
+    epoch of ``steps_per_epoch`` (``exact`` False: an estimate); ``searched``: the batch-shaping keys a
+    trial may change (its steps then differ, the fractions do not)."""
+    # (imports torch: only a plan with evaluations inside an epoch pays for it; one formula, the trainer's)
+    from minimind_train.train import evaluation_steps
+
+    n = evals_per_epoch
+    at = evaluation_steps(steps_per_epoch, n)
+    about = "" if exact else "about "
+
+    def step_of(rung: int) -> int:  # the optimizer step of the first evaluation at or past the rung
+        epoch, k = divmod(rung - 1, n)
+        return epoch * steps_per_epoch + next(s for s in at if evaluation_index(1, s, steps_per_epoch, n) >= k + 1)
+
+    lines = [f"    rung after evaluation {int(r)}: {r / n:g} epoch(s), {about}optimizer step {step_of(int(r))}"
+             for r in sched.rungs if r < sched.max_t]
+    note = f"; {' and '.join(searched)} searched: a trial's steps differ, its fractions do not" if searched else ""
+    head = (f"  evaluations: {n} per epoch, after optimizer steps {', '.join(map(str, at))} of {about}"
+            f"{steps_per_epoch} per epoch (fixed config{note})")
+    if steps_per_epoch < n:
+        head += "; fewer steps than evaluations: one after every step"
+    return [head, *lines]
+
+
+def describe(spec: StudySpec, steps_per_epoch: int | None = None) -> str:
+    """The resolved study for ``--dry-run``: fixed config, searched distributions, plan, resources.
+    ``steps_per_epoch``: the fixed config's (None: estimated from the training file's length) for where
+    the rungs fall inside an epoch, shown when ``train.evals_per_epoch`` is above 1."""
     t, sched, res = spec.tune, spec.tune.scheduler, spec.tune.resources_per_trial
     searched = {p.path for p in spec.search}
     lines = [f"space: {spec.source}", "", "fixed config (* = searched, the search wins):"]
@@ -244,24 +288,30 @@ def describe(spec: StudySpec) -> str:
               f"(seed {t.seed}); time budget {budget}"),
               (f"  objective: {t.mode} {t.metric}; up to {t.max_failures} retries per failed trial; keep "
               f"{t.keep_checkpoints} checkpoint(s) per trial, resume state of the top {t.keep_top_trials}")]
+    per_epoch = spec.run.train.evals_per_epoch
+    unit = "epoch" if per_epoch == 1 else "evaluation"
     if sched.type == "asha":
         # The last rung can sit at max_t, where every trial stops anyway: not a decision.
         decisions = ", ".join(_fmt(r) for r in sched.rungs if r < sched.max_t) or "none"
-        lines.append(f"  scheduler ASHA over epochs (max_t {sched.max_t}): after epoch {decisions} a trial "
+        lines.append(f"  scheduler ASHA over {unit}s (max_t {sched.max_t}): after {unit} {decisions} a trial "
                      f"continues only if in the top 1/{_fmt(sched.reduction_factor)} of the trials that got there")
     else:
-        lines.append(f"  scheduler none: every trial runs all {sched.max_t} epochs")
+        lines.append(f"  scheduler none: every trial runs all {sched.max_t} {unit}s")
+    if per_epoch > 1:
+        shaping = tuple(k for k in ("train.batch_size", "train.accumulation_steps") if k in searched)
+        steps = steps_per_epoch if steps_per_epoch is not None else steps_per_epoch_estimate(spec)
+        lines += describe_rungs(sched, per_epoch, steps, exact=steps_per_epoch is not None, searched=shaping)
     finals = t.finalists.top_k * t.finalists.seeds
-    shape = expected_shape(t.num_samples, sched, t.finalists.top_k, t.finalists.seeds)
+    shape = expected_shape(t.num_samples, sched, t.finalists.top_k, t.finalists.seeds, evals_per_epoch=per_epoch)
     if sched.type == "asha":
         lines.append(f"  expect about {shape.completed:.1f} of the {t.num_samples} trials to complete (trials in "
                      "random order; rung fidelity needs 3, finalists their top_k)")
     if finals:
         lines.append(f"  finalists: the top {t.finalists.top_k} configs again with {t.finalists.seeds} more "
-                     f"seed(s) each ({finals} trials of {sched.max_t} epochs); the best mean wins")
+                     f"seed(s) each ({finals} trials of {spec.run.train.epochs} epochs); the best mean wins")
     if t.warm_start:
         lines.append(f"  warm start from {t.warm_start} (a new study only)")
-    lines += [(f"  at most {(t.num_samples + finals) * sched.max_t} trial-epochs in total, about "
+    lines += [(f"  at most {(t.num_samples + finals) * spec.run.train.epochs} trial-epochs in total, about "
                f"{shape.trial_epochs:.0f} expected"), "",
               (f"resources per trial: {_fmt(res.cpu)} CPU, {_fmt(res.gpu)} GPU ({concurrent} concurrent "
               f"trials need {_fmt(res.cpu * concurrent)} CPU, {_fmt(res.gpu * concurrent)} GPU)"),

@@ -83,7 +83,7 @@ def best_recorded(trials: Iterable[Any], metric: str, mode: str) -> tuple[float,
     from .record import no_better_reason
 
     values = [(v, f"t{t.number:03d}") for t in trials for _, v in t.curve(metric)
-              if math.isfinite(v) and not no_better_reason(v, metric, mode, t.epochs.get(1, {}))]
+              if math.isfinite(v) and not no_better_reason(v, metric, mode, t.first_metrics)]
     return min(values, key=lambda item: item[0] if mode == "min" else -item[0], default=None)
 
 

@@ -6,8 +6,9 @@ A study folder holds::
                     input fingerprints and the study id, written at creation; each driver run adds to
                     its ``history`` (start, overrides, changed run settings, the MLflow store it used)
     space.yaml      the resolved spec as a space file (what ``--resume`` without ``--space`` runs)
-    optuna.db       the Optuna storage (sqlite): every trial, its params, its per-epoch objective
-                    (intermediate values), its per-epoch metrics and status (user attrs), its state;
+    optuna.db       the Optuna storage (sqlite): every trial, its params, its objective at each
+                    evaluation (intermediate values), each evaluation's metrics and its status (user
+                    attrs), its state;
                     and a copy of study.json's spec (study user attr ``spec``): :meth:`StudyRecord.open`
                     refuses a study whose copies disagree, naming the file edited by hand
     runs/run-K/tNNN driver run K's Ray trial folders, with the trial's checkpoints (tune.storage): a
@@ -15,6 +16,13 @@ A study folder holds::
     mlflow.db       the default MLflow store, a mirror of the record (tune.mirror)
 
 The live driver holds a lock file beside the folder (tune.lock).
+
+A trial's reports are keyed by their **evaluation index** (:func:`evaluation_index`): ``train.evals_per_epoch``
+(N) evenly spaced evaluations per epoch, index ``k`` meaning ``k / N`` epochs trained, so index ``e * N``
+ends epoch ``e``. It is the step of the Optuna intermediate value, the key of the metrics (user attr
+``epoch_<k>``: the name from when there was one report per epoch), the step of the MLflow points, the x
+of the plots, the checkpoint folder's number and what ASHA's rungs count. With N = 1 it is the epoch:
+exactly the records of studies made before evaluations inside an epoch, which open and resume as they are.
 
 Trial statuses (user attr ``status``) and their Optuna states:
 
@@ -60,13 +68,37 @@ from typing import Any, TypeVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from minimind_train.config import RunConfig, run_config_to_dict
 from minimind_train.validation import validate
 
 from .storage import RUNS_DIR, ResumePoint, checkpoint_metas, local_path, resume_point, trial_dirs
 
-__all__ = ["ANSWERS", "BASELINE_PREFIX", "FINISHED", "MANIFEST_FILE", "NO_BETTER", "NO_BETTER_MARGIN", "OPTUNA_FILE",
-           "PATH_KEYS", "RESUMABLE", "RUN_SETTINGS", "UNIFORM_KEY", "WARM_START", "Manifest", "StudyError",
-           "StudyRecord", "TrialRecord", "diff_specs", "no_better_reason", "rank_key", "ranked", "write_atomic"]
+__all__ = [
+    "ANSWERS",
+    "BASELINE_PREFIX",
+    "FINISHED",
+    "MANIFEST_FILE",
+    "NO_BETTER",
+    "NO_BETTER_MARGIN",
+    "OPTUNA_FILE",
+    "PATH_KEYS",
+    "RESUMABLE",
+    "RUN_SETTINGS",
+    "UNIFORM_KEY",
+    "WARM_START",
+    "Manifest",
+    "StudyError",
+    "StudyRecord",
+    "TrialRecord",
+    "diff_specs",
+    "evals_per_epoch",
+    "evaluation_index",
+    "evaluation_name",
+    "no_better_reason",
+    "rank_key",
+    "ranked",
+    "write_atomic",
+]
 
 MANIFEST_FILE = "study.json"
 SPACE_FILE = "space.yaml"
@@ -103,10 +135,41 @@ UNIFORM_KEY = "uniform_loss"
 NO_BETTER_MARGIN = 1e-3
 
 
+def evaluation_index(epoch: int, step_in_epoch: int, steps_in_epoch: int, evals_per_epoch: int) -> int:
+    """The index (1-based over the run) of the evaluation after ``step_in_epoch`` of the ``steps_in_epoch``
+    optimizer steps of 1-based ``epoch``, on the grid of ``evals_per_epoch`` (N) per epoch: ``(epoch - 1) * N
+    + floor(step_in_epoch * N / steps_in_epoch)``. The trainer evaluates after ``ceil(k * S / N)`` steps
+    (:func:`minimind_train.train.evaluation_steps`), and this is that ``k``: the run's count of evaluations
+    when the epoch has at least N steps. With fewer (one evaluation per step, a small batch count) an
+    evaluation takes the grid's largest index at its step, so an index always means the same fraction of
+    training, whatever a trial's batch size: values at one index compare across trials (ASHA's rungs), and
+    the last evaluation of epoch e is ``e * N``. Optimizer steps differ between trials that search
+    ``train.batch_size`` or ``accumulation_steps``, so they are kept as a metric (``optimizer_steps``) only."""
+    if not (1 <= step_in_epoch <= steps_in_epoch and epoch >= 1 and evals_per_epoch >= 1):
+        raise ValueError(f"no evaluation after step {step_in_epoch} of {steps_in_epoch} in epoch {epoch} "
+                         f"with evals_per_epoch={evals_per_epoch}")
+    return (epoch - 1) * evals_per_epoch + step_in_epoch * evals_per_epoch // steps_in_epoch
+
+
+def evals_per_epoch(study: optuna.Study) -> int:
+    """The study's ``train.evals_per_epoch`` from its own copy of the spec in optuna.db (1 for a study
+    made before it: one evaluation per epoch)."""
+    spec = study.user_attrs.get(_SPEC_ATTR)
+    train = spec.get("train") if isinstance(spec, Mapping) else None
+    value = train.get("evals_per_epoch") if isinstance(train, Mapping) else None
+    return value if isinstance(value, int) and value >= 1 else 1
+
+
+def evaluation_name(index: int, evals_per_epoch: int) -> str:
+    """Evaluation ``index`` in messages: ``epoch 2`` with one evaluation per epoch (as studies always said),
+    else ``evaluation 3 (0.375 epochs)``."""
+    return f"epoch {index}" if evals_per_epoch == 1 else f"evaluation {index} ({index / evals_per_epoch:g} epochs)"
+
+
 def no_better_reason(value: float, metric: str, mode: str, first_epoch: Mapping[str, float]) -> str:
     """Why a trial whose best objective is ``value`` learned nothing ("" when it did): it is not better
     (by :data:`NO_BETTER_MARGIN`) than its model before training (``baseline_<metric>`` in
-    ``first_epoch``, its first epoch's metrics) or, for a loss minimised, than the uniform predictor
+    ``first_epoch``, its first evaluation's metrics: :attr:`TrialRecord.first_metrics`) or, for a loss minimised, than the uniform predictor
     (``uniform_loss``). A bar the trial did not report is not checked (a study recorded before them)."""
     sign = 1.0 if mode == "min" else -1.0
     than = ">=" if mode == "min" else "<="
@@ -234,11 +297,14 @@ def diff_specs(old: Mapping[str, Any], new: Mapping[str, Any],
     """``key: old -> new`` for each key of two :func:`tune.space.spec_to_dict` results that differs.
 
     Searched parameters compare as a whole (``search.train.learning_rate: {...} -> {...}``), after the others.
+    A run-config field missing from one side is its default: a spec written before the field existed
+    (e.g. ``train.evals_per_epoch`` in a study made before it) defines the same study as one that has it.
     """
     flat_old, flat_new = _flat(old), _flat(new)
+    defaults = _flat(run_config_to_dict(RunConfig()))
     lines = []
     for key in sorted(set(flat_old) | set(flat_new), key=lambda k: (k.startswith("search."), k)):
-        absent = "(not searched)" if key.startswith("search.") else "(absent)"
+        absent = defaults.get(key, "(not searched)" if key.startswith("search.") else "(absent)")
         a, b = flat_old.get(key, absent), flat_new.get(key, absent)
         if a != b and key not in ignore:
             lines.append(f"{key}: {_show(a)} -> {_show(b)}")
@@ -264,7 +330,8 @@ def _show(value: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TrialRecord:
-    """One trial as the record has it. ``epochs`` maps epoch (1-based) to the metrics it reported."""
+    """One trial as the record has it. ``epochs`` maps each evaluation index (:func:`evaluation_index`;
+    with one evaluation per epoch, the 1-based epoch) to the metrics it reported there."""
 
     number: int
     status: str
@@ -286,6 +353,12 @@ class TrialRecord:
     def run_params(self) -> dict[str, Any]:
         """The values the trainable applies to the base config: the searched ones (and a finalist's seed)."""
         return self.params if self.seed is None else {**self.params, "train.seed": self.seed}
+
+    @property
+    def first_metrics(self) -> dict[str, float]:
+        """The metrics of its first evaluation, which carry the baselines (:func:`no_better_reason`); its
+        index is 1 only when the first epoch has at least ``evals_per_epoch`` steps."""
+        return self.epochs[min(self.epochs)] if self.epochs else {}
 
     def curve(self, metric: str) -> list[tuple[int, float]]:
         return [(e, float(m[metric])) for e, m in sorted(self.epochs.items()) if metric in m]
@@ -501,7 +574,8 @@ class StudyRecord:
             self.storage.set_trial_user_attr(trial_id, "error", error if len(error) <= 2000 else error[:1999] + "…")
 
     def record_epoch(self, number: int, epoch: int, metrics: Mapping[str, Any], objective: str) -> bool:
-        """Store one epoch's metrics and objective; False when that epoch was already recorded."""
+        """Store one evaluation's metrics and objective (Optuna's intermediate value at step ``epoch``, the
+        evaluation index: :func:`evaluation_index`); False when that evaluation was already recorded."""
         trial_id = self._trial_id(number)
         frozen = self.storage.get_trial(trial_id)
         if f"epoch_{epoch}" in frozen.user_attrs or frozen.state.is_finished():
@@ -536,7 +610,7 @@ class StudyRecord:
         if status in ("completed", NO_BETTER) and best is None:
             status, error = "diverged", error or f"no finite {objective} was reported"
         elif status in ANSWERS and best is not None and (
-                reason := no_better_reason(best, objective, mode, trial.epochs.get(1, {}))):
+                reason := no_better_reason(best, objective, mode, trial.first_metrics)):
             status, error = NO_BETTER, reason
         self.set_status(number, status, error)
         if status in FINISHED:

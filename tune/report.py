@@ -26,7 +26,7 @@ from minimind_train.config import run_config_to_dict
 
 from .interrupts import signals_deferred
 from .mirror import Mirror, warn_on_failure
-from .record import FINISHED, NO_BETTER, StudyRecord, rank_key, ranked, write_atomic
+from .record import FINISHED, NO_BETTER, StudyRecord, evaluation_name, rank_key, ranked, write_atomic
 from .space import StudySpec
 from .storage import CHECKPOINT_PREFIX, StudyPaths, fetch_file
 
@@ -88,22 +88,23 @@ RUNG_FIDELITY_WARNING = 0.5
 class RungFidelity:
     """How well the ranking of trials at an ASHA rung predicts their final ranking."""
 
-    epoch: int
+    epoch: int  # the rung: an evaluation index (tune.record.evaluation_index; the epoch with one per epoch)
     trials: int  # completed trials with a value at this rung
     spearman: float | None  # None with fewer than 3 such trials
 
 
 def rung_fidelity(summaries: Sequence[TrialSummary], rungs: Sequence[float]) -> list[RungFidelity]:
-    """Spearman rank correlation, per rung epoch, between the trials' objective at that epoch and at
-    their last epoch, over the trials that completed (the ones that reached the budget). Ties take
-    their average rank (pandas ``rank``)."""
+    """Spearman rank correlation, per rung (an evaluation index), between the trials' objective at that
+    rung and at their last evaluation, over the trials that completed (the ones that reached the budget).
+    A trial's value at a rung is its first at or past it, the one ASHA judged (an epoch with fewer steps
+    than evaluations skips indices). Ties take their average rank (pandas ``rank``)."""
     import pandas as pd
 
     completed = [s for s in summaries
                  if s.status == "completed" and s.curve and math.isfinite(s.curve[-1][1])]
     out = []
     for epoch in map(int, rungs):
-        pairs = [(dict(s.curve).get(epoch), s.curve[-1][1]) for s in completed]
+        pairs = [(next((v for e, v in s.curve if e >= epoch), None), s.curve[-1][1]) for s in completed]
         pairs = [(a, b) for a, b in pairs if a is not None and math.isfinite(a)]
         ranks = pd.DataFrame(pairs).rank()
         rho = ranks[0].corr(ranks[1]) if len(pairs) >= 3 else math.nan
@@ -212,7 +213,8 @@ def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary,
     run = spec.trial_run.with_overrides(best.params)
     body = yaml.safe_dump(run_config_to_dict(run), sort_keys=False, allow_unicode=True)
     head = (f"# Best trial {best.trial_id} of study from {spec.source}: "
-            f"{spec.tune.metric} {best.best_value:.6f} at epoch {best.best_epoch}.\n"
+            f"{spec.tune.metric} {best.best_value:.6f} at "
+            f"{evaluation_name(best.best_epoch, spec.run.train.evals_per_epoch)}.\n"
             f"# train.num_threads: {run.train.num_threads}, as the trial ran (its CPU share): on CPU a step's sums "
             "depend on the\n# thread count, so another count gives slightly other losses; on GPU it does not matter.\n")
     if finalist is not None:
@@ -378,19 +380,24 @@ def _print_best(spec: StudySpec, paths: StudyPaths, best: TrialSummary, finalist
                 best_model: Path | None, unfinished: Sequence[TrialSummary]) -> None:
     """The study's answer, after warnings about its checkpoint and the unfinished trials that beat it."""
     metric, sign = spec.tune.metric, 1 if spec.tune.mode == "min" else -1
+
+    def at(index: int | None) -> str:  # an evaluation index as the study counts it ("epoch 2" with one per epoch)
+        return evaluation_name(index or 0, spec.run.train.evals_per_epoch)
+
     if best.checkpoint is None:
         print(f"warning: no checkpoint of trial {best.trial_id} is left; best.yaml still retrains its config",
               file=sys.stderr)
     elif best.checkpoint_epoch != best.best_epoch:
-        print(f"warning: the checkpoint of trial {best.trial_id}'s best epoch {best.best_epoch} is gone; "
-              f"best/model.pth is its epoch {best.checkpoint_epoch} checkpoint", file=sys.stderr)
+        print(f"warning: the checkpoint of trial {best.trial_id}'s best {at(best.best_epoch)} is gone; "
+              f"best/model.pth is its {at(best.checkpoint_epoch)} checkpoint", file=sys.stderr)
     for s in unfinished:
         if math.isfinite(s.best_value) and sign * s.best_value < sign * best.best_value:
             print(f"note: unfinished trial {s.trial_id} already reached {metric} {s.best_value:.4f} after "
-                  f"{s.epochs} epoch(s): --resume finishes it")
+                  + (f"{s.epochs} epoch(s)" if spec.run.train.evals_per_epoch == 1 else at(s.epochs))
+                  + ": --resume finishes it")
     mean = "" if finalist is None else (f"; mean over {len(finalist.seeds)} seeds {finalist.mean:.4f} ± "
                                         f"{finalist.std:.4f}")
-    print(f"best: trial {best.trial_id}  {metric} {best.best_value:.4f} (epoch {best.best_epoch}){mean}",
+    print(f"best: trial {best.trial_id}  {metric} {best.best_value:.4f} ({at(best.best_epoch)}){mean}",
           *(f"  {k}: {v}" for k, v in best.params.items()), f"best config: {paths.local_dir / 'best.yaml'}",
           sep="\n")
     if best_model is not None:
@@ -400,19 +407,23 @@ def _print_best(spec: StudySpec, paths: StudyPaths, best: TrialSummary, finalist
 
 def _print_rung_fidelity(spec: StudySpec, summaries: Sequence[TrialSummary]) -> dict[str, float]:
     """Did ASHA's early rankings predict the final one? (Spearman per rung, completed trials.)
-    Returns ``{"rung_fidelity_epoch_E": rho}`` for the MLflow parent run."""
-    sched = spec.tune.scheduler
-    rungs = [r for r in sched.rungs if r < spec.run.train.epochs] if sched.type == "asha" else []
+    Returns ``{"rung_fidelity_epoch_E": rho}`` (``rung_fidelity_evaluation_K`` with evaluations inside an
+    epoch) for the MLflow parent run."""
+    sched, per_epoch = spec.tune.scheduler, spec.run.train.evals_per_epoch
+    rungs = [r for r in sched.rungs if r < sched.max_t] if sched.type == "asha" else []
     if not rungs:
         return {}
     found = rung_fidelity(summaries, rungs)
-    shown = ", ".join(f"epoch {f.epoch}: {f.spearman:+.2f} (n={f.trials})" if f.spearman is not None
-                      else f"epoch {f.epoch}: n/a ({f.trials} completed trials, "
+    shown = ", ".join(f"{evaluation_name(f.epoch, per_epoch)}: {f.spearman:+.2f} (n={f.trials})"
+                      if f.spearman is not None
+                      else f"{evaluation_name(f.epoch, per_epoch)}: n/a ({f.trials} completed trials, "
                       + ("needs 3)" if f.trials < 3 else "their values tie)") for f in found)
     print(f"rung fidelity (Spearman of each rung's ranking with the final one): {shown}")
     for f in found:
         if f.spearman is not None and f.spearman < RUNG_FIDELITY_WARNING:
-            print(f"warning: at epoch {f.epoch} the trials ranked unlike at their end ({f.spearman:+.2f} < "
+            print(f"warning: at {evaluation_name(f.epoch, per_epoch)} the trials ranked unlike at their end "
+                  f"({f.spearman:+.2f} < "
                   f"{RUNG_FIDELITY_WARNING}): ASHA may have stopped configs that would have ended best; "
                   "raise tune.scheduler.grace_period or lower reduction_factor", file=sys.stderr)
-    return {f"rung_fidelity_epoch_{f.epoch}": f.spearman for f in found if f.spearman is not None}
+    unit = "epoch" if per_epoch == 1 else "evaluation"
+    return {f"rung_fidelity_{unit}_{f.epoch}": f.spearman for f in found if f.spearman is not None}

@@ -24,7 +24,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from .record import StudyRecord, TrialRecord, ranked
+from .record import StudyRecord, TrialRecord, evaluation_name, ranked
 
 __all__ = ["NUMBER_KEY", "PARAMS_KEY", "RecordScheduler", "RecordSearcher", "ResumePlan", "error_text",
            "failure_reason", "finalist_plans", "make_pruner", "make_sampler", "resume_plans"]
@@ -36,19 +36,21 @@ PARAMS_KEY = "params"
 
 @dataclass(frozen=True)
 class ResumePlan:
-    """An unfinished trial to continue: its number, params, and the epoch of its newest whole
+    """An unfinished trial to continue: its number, params, and the evaluation index of its newest whole
     checkpoint, where it continues (the trainable finds the checkpoint itself)."""
 
     number: int
     params: dict[str, Any]
-    epoch: int = 0
+    evaluation: int = 0
 
 
-def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str, epochs: int,
-                 finalists: bool = False) -> list[ResumePlan]:
-    """The record's unfinished search trials (or ``finalists``), to continue from their newest checkpoints.
+def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str, evaluations: int,
+                 finalists: bool = False, evals_per_epoch: int = 1) -> list[ResumePlan]:
+    """The record's unfinished search trials (or ``finalists``), to continue from their newest checkpoints;
+    ``evaluations``: a whole trial's (``tune.scheduler.max_t``, the last evaluation index), of
+    ``evals_per_epoch`` per epoch.
 
-    An epoch whose checkpoint is on disk but whose result never reached the record (Ray was shutting
+    An evaluation whose checkpoint is on disk but whose result never reached the record (Ray was shutting
     down, the driver was killed) is recorded from the checkpoint's own metrics, so it is not trained
     again; a trial whose searched values were never all recorded (the driver died inside Optuna's
     ``ask``) is abandoned, never run with defaults; a trial whose end was recorded but not told to
@@ -63,11 +65,11 @@ def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str
             print(f"trial t{t.number:03d} abandoned: its values were never all recorded", file=sys.stderr)
             continue
         metas = record.checkpoint_metas(t.number)
-        for epoch, (_, meta) in sorted(metas.items()):
+        for index, (_, meta) in sorted(metas.items()):
             if meta.get("metrics"):
-                record.record_epoch(t.number, epoch, dict(meta["metrics"]), metric)
+                record.record_epoch(t.number, index, dict(meta["metrics"]), metric)
         done = max(record.trial(t.number).epochs, default=0)
-        if done >= epochs:  # it had finished: only its end was not recorded
+        if done >= evaluations:  # it had finished: only its end was not recorded
             record.finish(t.number, "completed", metric, mode)
             continue
         # The trainable continues from this same answer (one rule), so the message says what happens.
@@ -75,23 +77,24 @@ def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str
         for path, problem in point.damaged:
             print(f"warning: trial t{t.number:03d}'s checkpoint {path} cannot be continued from: {problem}",
                   file=sys.stderr)
-        if done > point.epoch:
-            where = (f"epoch {point.epoch}'s; it trains again from there" if point.epoch else
-                     "none; it trains again from the start")
-            print(f"warning: trial t{t.number:03d} has {done} epoch(s) recorded but its newest usable checkpoint "
-                  f"is {where} (the record keeps the first values)", file=sys.stderr)
-        plans.append(ResumePlan(number=t.number, params=t.run_params, epoch=point.epoch))
+        if done > point.evaluation:
+            where = (f"{evaluation_name(point.evaluation, evals_per_epoch)}'s; it trains again from there"
+                     if point.evaluation else "none; it trains again from the start")
+            print(f"warning: trial t{t.number:03d} has results up to {evaluation_name(done, evals_per_epoch)} recorded but its "
+                  f"newest usable checkpoint is {where} (the record keeps the first values)", file=sys.stderr)
+        plans.append(ResumePlan(number=t.number, params=t.run_params, evaluation=point.evaluation))
     return plans
 
 
 def finalist_plans(record: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution],
-                   metric: str, mode: str, epochs: int, top_k: int, seeds: int, base_seed: int,
-                   create: bool = True) -> list[ResumePlan]:
+                   metric: str, mode: str, evaluations: int, top_k: int, seeds: int, base_seed: int,
+                   create: bool = True, evals_per_epoch: int = 1) -> list[ResumePlan]:
     """The finalists still to train: the ``top_k`` best completed search trials' configs (:func:`tune.record.ranked`), each with seeds
     ``base_seed + 1 .. base_seed + seeds`` (``train.seed``: model init and data order). Unfinished
     finalists continue; missing ones are created in the record (``create=False``: only counted, with
     number -1)."""
-    plans = resume_plans(record, set(distributions), metric, mode, epochs, finalists=True)
+    plans = resume_plans(record, set(distributions), metric, mode, evaluations, finalists=True,
+                         evals_per_epoch=evals_per_epoch)
     trials = record.trials()
     have = {(t.finalist_of, t.seed) for t in trials if t.finalist_of is not None}
     sign = 1 if mode == "min" else -1
@@ -118,7 +121,9 @@ def make_sampler(kind: str, seed: int, num_samples: int, offset: int = 0) -> opt
 
 
 def make_pruner(kind: str, grace_period: int, reduction_factor: int) -> optuna.pruners.BasePruner:
-    """ASHA as Optuna's SuccessiveHalvingPruner (rungs at grace_period * reduction_factor**k epochs)."""
+    """ASHA as Optuna's SuccessiveHalvingPruner: rungs at ``grace_period * reduction_factor**k`` evaluations,
+    the steps of the intermediate values (:func:`tune.record.evaluation_index`; with one evaluation per
+    epoch, epochs)."""
     if kind == "none":
         return optuna.pruners.NopPruner()
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=grace_period, reduction_factor=reduction_factor,
@@ -129,15 +134,16 @@ class RecordSearcher(Searcher):
     """Suggests trials from the record: first ``resume`` plans, then new Optuna trials.
 
     Ray calls ``suggest`` at most ``num_samples`` times (``TuneConfig.num_samples``): the driver passes
-    unfinished + new trials.
+    unfinished + new trials. ``planned``: the evaluation index that ends a whole trial
+    (``tune.scheduler.max_t``).
     """
 
     def __init__(self, record: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution],
-                 metric: str, mode: str, planned_epochs: int, resume: list[ResumePlan] | None = None) -> None:
+                 metric: str, mode: str, planned: int, resume: list[ResumePlan] | None = None) -> None:
         super().__init__(metric=metric, mode=mode)
         self.record = record
         self.distributions = dict(distributions)
-        self.planned_epochs = planned_epochs
+        self.planned = planned
         self._resume = list(resume or [])
         self.numbers: dict[str, int] = {}  # Ray trial id -> record trial number
 
@@ -160,7 +166,7 @@ class RecordSearcher(Searcher):
             status = current.status
         elif error:
             status = "failed"
-        elif self.planned_epochs in current.epochs:
+        elif self.planned in current.epochs:
             status = "completed"
         else:
             status = "interrupted"  # Ctrl-C or the time budget ended it: --resume continues it
@@ -174,8 +180,9 @@ class RecordSearcher(Searcher):
 class RecordScheduler(FIFOScheduler):
     """Records each result, then stops the trial if it diverged or Optuna's pruner prunes it.
 
-    Results carry ``epoch`` (the trial's real epoch, across resumes); Ray's ``training_iteration``
-    restarts at 1 in each driver run, so it is not used.
+    Results carry ``evaluation`` (the trial's real evaluation index across resumes,
+    :func:`tune.record.evaluation_index`: what the record is keyed by and the rungs count) and ``epoch``;
+    Ray's ``training_iteration`` restarts at 1 in each driver run, so it is not used.
     """
 
     def __init__(self, searcher: RecordSearcher, pruner: optuna.pruners.BasePruner) -> None:
@@ -188,16 +195,18 @@ class RecordScheduler(FIFOScheduler):
         if number is None or "epoch" not in result:
             return TrialScheduler.CONTINUE
         record, metric = self.searcher.record, self.searcher.metric
-        epoch = int(result["epoch"])
         if result.get("diverged"):
             record.set_status(number, "diverged", str(result.get("diverged_reason", "diverged")))
             return TrialScheduler.STOP
-        record.record_epoch(number, epoch, _metrics(result), metric)
+        index = int(result["evaluation"])
+        record.record_epoch(number, index, _metrics(result), metric)
         value = result.get(metric)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
-            record.set_status(number, "diverged", f"{metric}={value!r} at epoch {epoch}")
+            epoch = int(result["epoch"])
+            where = f"epoch {epoch}" if index == epoch else f"evaluation {index} (epoch {epoch})"
+            record.set_status(number, "diverged", f"{metric}={value!r} at {where}")
             return TrialScheduler.STOP
-        if epoch < self.searcher.planned_epochs and record.should_prune(number, self.pruner):
+        if index < self.searcher.planned and record.should_prune(number, self.pruner):
             record.set_status(number, "stopped_early")
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
@@ -232,7 +241,7 @@ def _metrics(result: Mapping[str, Any]) -> dict[str, float]:
     """What the trainable reported (Ray adds bookkeeping keys; ``ray.tune.result`` names them)."""
     from ray.tune.result import AUTO_RESULT_KEYS, DONE, TRIAL_ID
 
-    skip = {*AUTO_RESULT_KEYS, TRIAL_ID, DONE, "epoch", "restored"}  # (the last two: the trainable's bookkeeping)
+    skip = {*AUTO_RESULT_KEYS, TRIAL_ID, DONE, "epoch", "evaluation", "restored"}  # (the trainable's bookkeeping)
     # "config/..." keys are Ray's flattened copy of the trial's config, not metrics.
     out = {k: float(v) for k, v in result.items()
            if k not in skip and "/" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)}

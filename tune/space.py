@@ -63,6 +63,7 @@ _UNSEARCHABLE: Mapping[str, str] = {
     "data.max_seq_len": "the dataset is tokenised once for all trials, and truncation changes val_loss",
     "train.epochs": "it is the trial budget the scheduler counts in; set train.epochs and "
                     "tune.scheduler.max_t instead",
+    "train.evals_per_epoch": "it sets the unit the scheduler's rungs count (evaluations); set it as a fixed value",
     "train.num_threads": "each trial sets it to its CPU share (tune.resources_per_trial.cpu)",
     "train.device": "tune.resources_per_trial decides whether a trial gets a GPU",
 }
@@ -152,9 +153,11 @@ class SearchParam:
 @raising("tune.scheduler", SpaceError)
 @dataclass(frozen=True, config=STRICT)
 class SchedulerSpec:
-    """Trial scheduler: ASHA over epochs (``training_iteration``), or none (every trial runs to the end).
+    """Trial scheduler: ASHA over evaluations, or none (every trial runs to the end).
 
-    For ``none`` the ASHA fields are unused; ``max_t`` is still the planned number of epochs.
+    ``grace_period``, ``max_t`` and the rungs count evaluations (:func:`tune.record.evaluation_index`):
+    ``max_t`` is ``train.epochs * train.evals_per_epoch``, a whole trial; with one evaluation per epoch
+    they count epochs. For ``none`` the ASHA fields are unused; ``max_t`` is still a trial's length.
     """
 
     type: Literal["asha", "none"] = "asha"
@@ -170,7 +173,7 @@ class SchedulerSpec:
 
     @property
     def rungs(self) -> tuple[float, ...]:
-        """The epochs at which ASHA (Optuna's pruner) compares trials, ascending; () for none."""
+        """The evaluation indices at which ASHA (Optuna's pruner) compares trials, ascending; () for none."""
         if self.type == "none":
             return ()
         count = int(math.log(self.max_t / self.grace_period) / math.log(self.reduction_factor) + 1)
@@ -322,7 +325,7 @@ def _build_spec(raw: Any, source: Path, text: str) -> StudySpec:
     run = config.run_config_from_dict({k: raw[k] for k in _CONFIG_SECTIONS if k in raw})
     run = config.resolve_paths(run, source.parent)
     search = _parse_search(raw.get("search"), run)
-    settings = _parse_tune(raw.get("tune"), run.train.epochs)
+    settings = _parse_tune(raw.get("tune"), run.train.epochs, run.train.evals_per_epoch)
     mlflow = validate(MlflowSettings, raw.get("mlflow") or {}, "mlflow", SpaceError)
     if settings.finalists.seeds and any(p.path == "train.seed" for p in search):
         raise SpaceError(f"tune.finalists.seeds={settings.finalists.seeds} is not allowed with search.train.seed: "
@@ -430,21 +433,28 @@ def _combinations(grids: Sequence[Sequence[Any]]) -> Iterator[tuple[Any, ...]]:
     return (tuple(rng.choice(g) for g in grids) for _ in range(_MAX_COMBINATIONS))
 
 
-def _parse_tune(raw: Any, epochs: int) -> TuneSettings:
-    """The tune section; the scheduler's budget ``max_t`` is the trial's length, ``train.epochs``."""
+def _parse_tune(raw: Any, epochs: int, evals_per_epoch: int = 1) -> TuneSettings:
+    """The tune section; the scheduler's budget ``max_t`` is the trial's length in evaluations,
+    ``train.epochs * train.evals_per_epoch``."""
     if raw is None or isinstance(raw, Mapping):  # a null scheduler or resources section: the defaults
         raw = {k: v for k, v in (raw or {}).items() if v is not None or k not in ("scheduler", "resources_per_trial")}
         if isinstance(sched := raw.get("scheduler", {}), Mapping):
             if sched.get("type") == "none" and (extra := [k for k in sched if k != "type"]):
                 raise SpaceError(f"tune.scheduler.{extra[0]} is not a known key for type none (value "
                                  f"{sched[extra[0]]!r}); allowed keys: type")
-            if (max_t := sched.get("max_t", epochs)) != epochs:
-                # ASHA's budget is the trial's epochs: with max_t below them every trial would end "stopped
+            length = epochs * evals_per_epoch
+            if (max_t := sched.get("max_t", length)) != length:
+                # ASHA's budget is the trial's length: with max_t below it every trial would end "stopped
                 # early" and the searcher would never see a finished one.
-                raise SpaceError(f"tune.scheduler.max_t={max_t!r} is not allowed: must equal train.epochs="
-                                 f"{epochs} (a trial reports once per epoch and ASHA's budget is the trial's "
-                                 f"length); to train {max_t} epochs set train.epochs: {max_t}, or leave max_t out")
-            raw["scheduler"] = {**sched, "max_t": epochs}
+                if evals_per_epoch == 1:
+                    raise SpaceError(f"tune.scheduler.max_t={max_t!r} is not allowed: must equal train.epochs="
+                                     f"{epochs} (a trial reports once per epoch and ASHA's budget is the trial's "
+                                     f"length); to train {max_t} epochs set train.epochs: {max_t}, or leave max_t out")
+                raise SpaceError(f"tune.scheduler.max_t={max_t!r} is not allowed: must equal train.epochs x "
+                                 f"train.evals_per_epoch = {epochs} x {evals_per_epoch} = {length} (ASHA counts "
+                                 "evaluations and its budget is the trial's length); change train.epochs or "
+                                 "train.evals_per_epoch, or leave max_t out")
+            raw["scheduler"] = {**sched, "max_t": length}
     return validate(TuneSettings, raw, "tune", SpaceError)
 
 
@@ -469,7 +479,7 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
     search = {p.path: {k: list(v) if k == "choices" else v for k, v in dataclasses.asdict(p).items()
                        if k != "path" and v not in (None, ()) and v is not False} for p in spec.search}
     tune = dataclasses.asdict(spec.tune)
-    # max_t is always train.epochs; type none has no ASHA settings.
+    # max_t is always train.epochs * train.evals_per_epoch; type none has no ASHA settings.
     kept = ("type", "grace_period", "reduction_factor") if spec.tune.scheduler.type == "asha" else ("type",)
     tune["scheduler"] = {k: v for k, v in tune["scheduler"].items() if k in kept}
     return {**config.run_config_to_dict(spec.run), "search": search, "tune": tune,

@@ -1,7 +1,8 @@
 """Where a study's files live: its folder (local, or a pyarrow URI such as ``s3://bucket/studies``)
 and the trials' checkpoints in it.
 
-``StudyPaths`` names the places; the trainable publishes each epoch's checkpoint (:func:`write_checkpoint`),
+``StudyPaths`` names the places; the trainable publishes a checkpoint at each evaluation (:func:`write_checkpoint`,
+named by the evaluation index of :func:`tune.record.evaluation_index`: with one evaluation per epoch, the epoch),
 keeps the best and the newest (:func:`retain_checkpoints`), and a resumed trial finds its usable
 checkpoints again (:func:`checkpoint_metas`, :func:`resume_point`), whichever driver run wrote them. With a URI storage the
 driver's own outputs (the record, MLflow, plots) live in a local staging folder (:func:`staging_dir`),
@@ -32,7 +33,9 @@ STAGING_ENV = "MINIMIND_TUNE_STAGING"
 # What a resume of a URI study needs back on the driver; the rest is rewritten by every run.
 _RESUME_OUTPUTS = ("study.json", "space.yaml", "optuna.db", "mlflow.db", "mlflow.db.lock", "mlartifacts")
 RUNS_DIR = "runs"  # <study>/runs/run-K/tNNN: trial NNN's folder in driver run K
-CHECKPOINT_PREFIX = "epoch_"  # a trial's checkpoint of epoch e: <trial folder>/epoch_000e
+# A trial's checkpoint at evaluation index k: <trial folder>/epoch_000k (the name from when k was the epoch:
+# with train.evals_per_epoch 1 it still is, so studies made before evaluations inside an epoch resume as they are).
+CHECKPOINT_PREFIX = "epoch_"
 
 
 def local_path(location: str) -> Path | None:
@@ -109,8 +112,8 @@ def _run_number(name: str) -> int:
 
 
 def _checkpoint_folders(runs: str, number: int) -> list[tuple[int, str]]:
-    """Trial ``number``'s checkpoint folders under ``runs``, whole or not: ``(epoch by its name, path on
-    the runs' filesystem)``, newest epoch first and, within an epoch, the latest driver run first."""
+    """Trial ``number``'s checkpoint folders under ``runs``, whole or not: ``(evaluation index by its name,
+    path on the runs' filesystem)``, newest first and, within an index, the latest driver run first."""
     fs, base = filesystem_of(str(runs))
     found: list[tuple[int, int, str]] = []
     try:
@@ -133,10 +136,10 @@ def _checkpoint_folders(runs: str, number: int) -> list[tuple[int, str]]:
 
 def checkpoint_metas(runs: str | Path, number: int) -> dict[int, tuple[str, dict[str, Any]]]:
     """Trial ``number``'s usable checkpoints under ``runs`` (a local folder or a pyarrow URI such as
-    ``s3://bucket/studies/sft/runs``), by epoch: ``(path on that filesystem, its meta.json)``.
+    ``s3://bucket/studies/sft/runs``), by evaluation index: ``(path on that filesystem, its meta.json)``.
 
     Usable by :func:`minimind_train.checkpoint.checkpoint_problem` (meta.json and a whole model.pth;
-    the resume state may have been pruned); a later run's folder wins an epoch. Which one a trial
+    the resume state may have been pruned); a later run's folder wins an index. Which one a trial
     continues from is :func:`resume_point`'s answer.
     """
     from minimind_train.checkpoint import checkpoint_problem  # (torch: not imported by a dry run)
@@ -156,10 +159,12 @@ def checkpoint_metas(runs: str | Path, number: int) -> dict[int, tuple[str, dict
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where a trial continues: after ``epoch`` (0: from the start) from the checkpoint at ``path`` with
-    its ``meta``; ``damaged``: the newer checkpoints that cannot be continued from, ``(path, why)``."""
+    """Where a trial continues: after evaluation index ``evaluation`` (0: from the start; ``epoch``: the
+    epochs it had completed) from the checkpoint at ``path`` with its ``meta``; ``damaged``: the newer
+    checkpoints that cannot be continued from, ``(path, why)``."""
 
     epoch: int = 0
+    evaluation: int = 0
     path: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     damaged: tuple[tuple[str, str], ...] = ()
@@ -173,18 +178,19 @@ def resume_point(runs: str | Path, number: int) -> ResumePoint:
 
     fs, _ = filesystem_of(str(runs))
     damaged = []
-    for _, path in _checkpoint_folders(str(runs), number):
+    for index, path in _checkpoint_folders(str(runs), number):
         problem = checkpoint_problem(path, resume=True, open_file=fs.open_input_file)
         if problem is None:
             with fs.open_input_stream(f"{path}/meta.json") as fh:
                 meta = json.loads(fh.read())
-            return ResumePoint(int(meta["epoch"]), path, meta, tuple(damaged))
+            return ResumePoint(int(meta["epoch"]), index, path, meta, tuple(damaged))
         damaged.append((path, problem))
     return ResumePoint(damaged=tuple(damaged))
 
 
 def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
-    """Publish the checkpoint folder ``local`` as ``<trial_dir>/epoch_000e`` (a local folder or a URI).
+    """Publish the checkpoint folder ``local`` as ``<trial_dir>/epoch_000k`` (a local folder or a URI), ``k``
+    = ``epoch``, the evaluation index (:func:`tune.record.evaluation_index`).
 
     Locally an atomic rename: readers see the whole folder or none. On a bucket meta.json goes last,
     so a folder cut short has no meta.json and is never resumed from (:func:`checkpoint_metas`).
@@ -195,7 +201,7 @@ def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
         staged = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(local, staged)
-        if final.exists():  # the same epoch trained again (its result never reached the record)
+        if final.exists():  # the same evaluation trained again (its result never reached the record)
             shutil.rmtree(final)
         os.replace(staged, final)
         return str(final)
@@ -212,15 +218,15 @@ def retain_checkpoints(runs: str, number: int, keep: int, metric: str, mode: str
     if len(metas) <= keep + 1:
         return []
 
-    def score(epoch: int) -> float:
+    def score(index: int) -> float:
         try:
-            value = float(metas[epoch][1]["metrics"][metric])
+            value = float(metas[index][1]["metrics"][metric])
         except (KeyError, TypeError, ValueError):
             return math.inf
         return (value if mode == "min" else -value) if math.isfinite(value) else math.inf
 
     kept = set(sorted(metas, key=score)[:keep]) | {max(metas)}
-    deleted = [path for epoch, (path, _) in metas.items() if epoch not in kept]
+    deleted = [path for index, (path, _) in metas.items() if index not in kept]
     fs, _ = filesystem_of(runs)
     for path in deleted:
         fs.delete_dir(path)

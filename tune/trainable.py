@@ -1,9 +1,11 @@
 """The Ray trainable: a thin adapter over :func:`minimind_train.train.train_epochs`.
 
-Per epoch it writes the study's own checkpoint (``epoch_000e`` in the trial's folder, not Ray's), then
-``tune.report``s the metrics with the trial's real ``epoch`` (across driver runs); a retried or resumed trial
-continues from the checkpoint :func:`~tune.storage.resume_point` names (the driver's message uses it too), a diverged one ends with one ``diverged`` report (no retry: the
-same config diverges again). Data come memory-mapped from the driver's per-study token cache
+At each evaluation (``train.evals_per_epoch`` per epoch) it writes the study's own checkpoint (``epoch_000k``
+in the trial's folder, not Ray's; ``k`` the evaluation index, :func:`tune.record.evaluation_index`), then
+``tune.report``s the metrics with that ``evaluation`` and the trial's real ``epoch`` it falls in (across
+driver runs); a retried or resumed trial continues from the checkpoint :func:`~tune.storage.resume_point`
+names, mid-epoch included (the driver's message uses it too), a diverged one ends with one ``diverged``
+report (no retry: the same config diverges again). Data come memory-mapped from the driver's per-study token cache
 (``tune.cluster.open_study_data``), so concurrent trials on a node share pages.
 """
 
@@ -27,9 +29,16 @@ from minimind_train.train import TrainingDiverged, train_epochs
 
 from .cluster import StudyData, current_node, open_study_data
 from .progress import step_writer
-from .record import PATH_KEYS, RUN_SETTINGS
+from .record import PATH_KEYS, RUN_SETTINGS, evaluation_index
 from .searcher import NUMBER_KEY, PARAMS_KEY
-from .storage import filesystem_of, resume_point, retain_checkpoints, trial_dirname, write_checkpoint
+from .storage import (
+    ResumePoint,
+    filesystem_of,
+    resume_point,
+    retain_checkpoints,
+    trial_dirname,
+    write_checkpoint,
+)
 
 __all__ = ["TrialOutOfMemory", "train_trial"]
 
@@ -60,9 +69,9 @@ def _release_gpu_memory() -> None:  # (cached CUDA blocks would stay reserved in
         torch.cuda.empty_cache()
 
 
-def _restore(runs: str, number: int, cfg: RunConfig, vocab_size: int) -> tuple[Any, dict[str, Any]]:
-    """The train state to continue from and its checkpoint's meta.json: the checkpoint
-    :func:`~tune.storage.resume_point` names (the one the driver announced); ``(None, {})`` when none.
+def _restore(runs: str, number: int, cfg: RunConfig, vocab_size: int) -> tuple[Any, ResumePoint]:
+    """The train state to continue from and where it is: the checkpoint :func:`~tune.storage.resume_point`
+    names (the one the driver announced); ``(None, point)`` when none.
 
     Raises:
         RuntimeError: that checkpoint passes the validity rule but does not load; no older one is taken
@@ -72,7 +81,7 @@ def _restore(runs: str, number: int, cfg: RunConfig, vocab_size: int) -> tuple[A
     for path, problem in point.damaged:
         log.warning("trial %s: checkpoint %s cannot be continued from: %s", number, path, problem)
     if point.path is None:
-        return None, {}
+        return None, point
     # The last guard against one trial's epochs mixing two configurations (the study's files are compared
     # before Ray starts: StudyRecord.open, preflight.reconcile): its checkpoint says what it trained with.
     saved = point.meta.get("config")
@@ -88,9 +97,9 @@ def _restore(runs: str, number: int, cfg: RunConfig, vocab_size: int) -> tuple[A
     fs, _ = filesystem_of(runs)
     try:  # (as_directory downloads from a URI; a local folder is used in place)
         with tune.Checkpoint(point.path, filesystem=fs).as_directory() as directory:
-            return load_train_state(directory, cfg, vocab_size), point.meta
+            return load_train_state(directory, cfg, vocab_size), point
     except Exception as exc:
-        raise RuntimeError(f"checkpoint {point.path} (epoch {point.epoch}) cannot be loaded: "
+        raise RuntimeError(f"checkpoint {point.path} (evaluation {point.evaluation}) cannot be loaded: "
                            f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -100,9 +109,10 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str,
     """Function trainable. ``config``: ``params`` (searched values by dotted path) and ``study_trial``
     (the record's trial number); ``base``: the fixed run config; ``metric``/``mode``: the objective (NaN
     when the trial diverges; it ranks the kept checkpoints); ``data``: the driver's token cache on any node
-    (:func:`tune.cluster.study_data`; None prepares the data here). Each epoch's checkpoint goes to
-    ``<runs_dir>/<run_name>/tNNN/epoch_000e`` (a folder or a URI) *before* its result is reported, so a
-    recorded result always has its checkpoint; the ``keep_checkpoints`` best and the newest are kept.
+    (:func:`tune.cluster.study_data`; None prepares the data here). Each evaluation's checkpoint goes to
+    ``<runs_dir>/<run_name>/tNNN/epoch_000k`` (a folder or a URI; ``k`` its evaluation index) *before* its
+    result is reported, so a recorded result always has its checkpoint; the ``keep_checkpoints`` best and
+    the newest are kept.
 
     Raises:
         TrialOutOfMemory: CUDA ran out of memory within the trial's ``gpu_share`` (0: no cap, 1: whole GPU).
@@ -117,23 +127,28 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str,
     else:  # train_cfg differs from cfg only in model.init_from, when that was copied to this node
         sft, train_cfg = open_study_data(data, cfg)
     node = current_node()  # where each epoch ran, kept in the checkpoint's meta.json (not a metric)
-    state, meta = _restore(runs_dir, number, cfg, sft.vocab_size)
+    state, point = _restore(runs_dir, number, cfg, sft.vocab_size)
     trial_dir = f"{runs_dir}/{run_name}/{trial_dirname(number)}"
     if state is not None:
-        log.info("trial %s continues after epoch %d", number, state.epoch)
+        done = point.evaluation
+        log.info("trial %s continues after evaluation %d (epoch %d, optimizer step %d)", number, done,
+                 state.epoch, state.step)
         # Reported again (marked, not trained again): a worker that died between writing the checkpoint
-        # and reporting it left that result out of the record (which keeps an epoch's first report).
-        tune.report({**meta.get("metrics", {}), "epoch": state.epoch, "restored": 1})
+        # and reporting it left that result out of the record (which keeps an evaluation's first report).
+        tune.report({**point.meta.get("metrics", {}), "epoch": -(-done // cfg.train.evals_per_epoch),
+                     "evaluation": done, "restored": 1})
     oom = diverged = None
     on_step = step_writer(trial_dir) if "://" not in runs_dir else None  # the driver's live view, local only
     try:
         for result in train_epochs(train_cfg, sft, state, on_step=on_step):
+            index = evaluation_index(result.epoch, result.step_in_epoch, result.steps_in_epoch,
+                                     cfg.train.evals_per_epoch)
             with tempfile.TemporaryDirectory(prefix="minimind-ckpt-") as tmp:
                 folder = save_checkpoint(Path(tmp) / "checkpoint", result.state, cfg, result.metrics,
                                          {"data": sft.stats_dict(), "ray": node, "study_trial": number})
-                write_checkpoint(folder, trial_dir, result.epoch)
+                write_checkpoint(folder, trial_dir, index)
             retain_checkpoints(runs_dir, number, keep_checkpoints, metric, mode)
-            tune.report({**result.metrics, "epoch": result.epoch})
+            tune.report({**result.metrics, "epoch": result.epoch, "evaluation": index})
     except torch.cuda.OutOfMemoryError as exc:  # raised below, outside: its traceback holds the tensors
         oom = _oom_message(gpu_share, cfg, exc)
     except TrainingDiverged as exc:

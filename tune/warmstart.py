@@ -5,7 +5,9 @@ study to a full one, or from a small model to a larger one: the sampler (TPE) st
 earlier study learnt, and the earlier study's best configs are asked first (Optuna's
 ``enqueue_trial``). Only the objective and the searched parameters must agree; the fixed model,
 data and training values may differ. Copied trials are history only (status ``warm_start``): they
-are not trials of the new study, in its table, counts or MLflow.
+are not trials of the new study, in its table, counts or MLflow. Their intermediate values move to the
+new study's unit (:func:`tune.record.evaluation_index`: evaluation k of N per epoch is k / N epochs), so
+a scouting study with one evaluation per epoch guides one with several, and the other way round.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .record import WARM_START, StudyError, StudyRecord, ranked
+from .record import WARM_START, StudyError, StudyRecord, evals_per_epoch, ranked
 
 __all__ = ["check_warm_start", "history_trials", "warm_start"]
 
@@ -72,14 +74,18 @@ def history_trials(other: StudyRecord, distributions: Mapping[str, optuna.distri
 def warm_start(record: StudyRecord, other: StudyRecord,
                distributions: Mapping[str, optuna.distributions.BaseDistribution], top_k: int = 3) -> str:
     """Copy ``other``'s completed and early-stopped search trials whose values lie inside
-    ``distributions`` into ``record``'s Optuna study (values, per-epoch intermediate values, state),
+    ``distributions`` into ``record``'s Optuna study (values, intermediate values in its unit, state),
     and queue its ``top_k`` best distinct completed configs to be asked first. Its own history and
     its finalists (the same configs with other seeds) are left out. Returns one line saying what was done."""
     copied, outside = history_trials(other, distributions)
+    theirs, ours = evals_per_epoch(other.study), evals_per_epoch(record.study)
     for t in copied:
+        # The same fraction of training in this study's unit (TPE ranks a stopped trial by its last step;
+        # with fewer evaluations here, the last of those that land on one index is kept).
+        curve = {max(1, round(step * ours / theirs)): value for step, value in sorted(t.intermediate_values.items())}
         record.study.add_trial(optuna.trial.create_trial(
             params=t.params, distributions=dict(distributions), state=t.state,
-            value=t.value if t.state == TrialState.COMPLETE else None, intermediate_values=t.intermediate_values,
+            value=t.value if t.state == TrialState.COMPLETE else None, intermediate_values=curve,
             user_attrs={"status": WARM_START, "source": f"{other.manifest.name} t{t.number:03d}"}))
     # Its answers only (tune.record.ranked): a trial no better than untrained is history (TPE learns the
     # region is bad), never a config to ask first.
