@@ -104,3 +104,63 @@ def test_project_metadata_builds_without_deprecation_warnings() -> None:
     assert isinstance(meta["project"]["license"], str), meta["project"]["license"]
     (setuptools,) = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
     assert tuple(int(x) for x in setuptools.split(">=")[1].split(".")) >= (77,), setuptools
+
+
+TUNE_MODULES = [p for p in MODULES if p.parent.name == "tune"]
+_DIRECTIONS = {"min", "max", "minimize", "maximize"}
+
+
+def _direction_sites(tree: ast.Module) -> list[str]:
+    """Where a module decides the objective's direction itself: ``mode == "min"``, Optuna's direction
+    names or ``StudyDirection.MINIMIZE``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            strings = [n.value for n in (node.left, *node.comparators) if isinstance(n, ast.Constant)]
+            if set(strings) & _DIRECTIONS or any(isinstance(n, ast.Attribute) and n.attr == "mode"
+                                                 for n in (node.left, *node.comparators)):
+                found.append(f"a comparison with the mode (line {node.lineno})")
+        elif isinstance(node, ast.Constant) and str(node.value).lower() in {"minimize", "maximize"}:
+            found.append(f"{node.value!r} (line {node.lineno})")
+        elif isinstance(node, ast.Attribute) and node.attr in {"MINIMIZE", "MAXIMIZE"}:
+            found.append(f".{node.attr} (line {node.lineno})")
+    return found
+
+
+@pytest.mark.parametrize("path", [p for p in TUNE_MODULES if p.name != "objective.py"], ids=lambda p: p.name)
+def test_only_tune_objective_knows_which_way_is_better(path: Path) -> None:
+    """The objective's direction is decided in one place, :class:`tune.objective.Objective`."""
+    assert not _direction_sites(_tree(path)), f"{path.name} decides the direction itself: {_direction_sites(_tree(path))}"
+
+
+def test_the_direction_check_finds_what_it_looks_for() -> None:
+    assert (REPO / "tune" / "objective.py").is_file()
+    assert _direction_sites(_tree(REPO / "tune" / "objective.py"))
+    sample = ast.parse('a = 1 if t.mode == "min" else -1\nb = "maximize"\nc = d.StudyDirection.MINIMIZE\n'
+                       'e = f.mode != g\nok = min(values)')
+    assert len(_direction_sites(sample)) == 4
+
+
+def _status_literals(tree: ast.Module) -> list[str]:
+    from tune.status import TrialStatus
+
+    values = {s.value for s in TrialStatus}
+    exported = {id(n) for node in tree.body if isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+                for n in ast.walk(node.value)}  # (``__all__`` names functions, e.g. tune.warmstart.warm_start)
+    return [f"{node.value!r} (line {node.lineno})" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and node.value in values and id(node) not in exported]
+
+
+@pytest.mark.parametrize("path", [p for p in TUNE_MODULES if p.name != "status.py"], ids=lambda p: p.name)
+def test_trial_statuses_are_named_through_tune_status_only(path: Path) -> None:
+    """A status is a :class:`tune.status.TrialStatus` member: its text, Optuna state and meaning are in one place."""
+    found = _status_literals(_tree(path))
+    assert not found, f"{path.name} spells statuses itself: {found}"
+
+
+def test_every_status_is_in_the_table() -> None:
+    from tune import status
+
+    table = (status.__doc__ or "").split("=============  ========")[2]
+    assert {line.split()[0] for line in table.splitlines() if line[:1].strip()} == {s.value for s in status.TrialStatus}

@@ -138,8 +138,7 @@ def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, 
     if record is not None:
         record.runs = paths.runs_uri
         applied = reconcile(record, spec_to_dict(spec), inputs, explicit_space=explicit_space)
-        plans = searcher.resume_plans(record, {p.path for p in spec.search}, t.metric, t.mode,
-                                      run_cfg.train.epochs)
+        plans = searcher.resume_plans(record, {p.path for p in spec.search}, t.objective, run_cfg.train.epochs)
         finished = record.finished_count()
         if not plans and finished >= t.num_samples and not _finalists(spec, run_cfg, record, create=False):
             print(f"nothing to run: {finished} trials finished (num_samples {t.num_samples}); "
@@ -235,7 +234,7 @@ def _finalists(spec: Any, run_cfg: Any, record: StudyRecord, create: bool) -> li
     t, finals = spec.tune, spec.tune.finalists
     if not finals.seeds:
         return []
-    return searcher.finalist_plans(record, optuna_distributions(spec), t.metric, t.mode, run_cfg.train.epochs,
+    return searcher.finalist_plans(record, optuna_distributions(spec), t.objective, run_cfg.train.epochs,
                                    finals.top_k, finals.seeds, run_cfg.train.seed, create=create)
 
 
@@ -274,18 +273,17 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
                             tracking.HISTORY_KEY: tracking.uri_to_record(inputs.tracking_uri, record.dir)})
         started = time.monotonic()
         record.use(sampler=searcher.make_sampler(t.searcher, t.seed, t.num_samples, offset=len(record.trials())))
-        search = searcher.RecordSearcher(record, optuna_distributions(spec), t.metric, t.mode,
-                                         run_cfg.train.epochs, plans)
+        search = searcher.RecordSearcher(record, optuna_distributions(spec), t.objective, run_cfg.train.epochs, plans)
 
         def statuses() -> dict[str, str]:
             by_number = record.statuses()
             return {tid: by_number[n] for tid, n in search.numbers.items() if n in by_number}
 
-        view = ProgressView(t.metric, t.mode, run_cfg.train.epochs, to_run, statuses=statuses, local=paths.is_local,
+        view = ProgressView(t.objective, run_cfg.train.epochs, to_run, statuses=statuses, local=paths.is_local,
                             ray_errors=paths.local_dir / RAY_ERRORS_FILE,
-                            best=best_recorded(record.trials(), t.metric, t.mode))  # (earlier runs and phases)
+                            best=best_recorded(record.trials(), t.objective))  # (earlier runs and phases)
         trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), metric=t.metric, mode=t.mode,
+            tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), objective=t.objective,
                                  runs_dir=paths.runs_uri, run_name=f"run-{run_index}",
                                  keep_checkpoints=t.keep_checkpoints, gpu_share=t.resources_per_trial.gpu,
                                  data=study_data),

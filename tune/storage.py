@@ -22,6 +22,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from .objective import Objective
+
 __all__ = [
     "CHECKPOINT_PREFIX", "RUNS_DIR", "ResumePoint", "StudyPaths", "checkpoint_metas", "copy_path",
     "download_outputs", "fetch_file", "filesystem_of", "local_path", "resume_point", "retain_checkpoints", "staging_dir", "trial_dirname",
@@ -205,8 +207,8 @@ def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
     return path
 
 
-def retain_checkpoints(runs: str, number: int, keep: int, metric: str, mode: str) -> list[str]:
-    """Delete trial ``number``'s checkpoints but the ``keep`` best by ``metric`` and the newest (where
+def retain_checkpoints(runs: str, number: int, keep: int, objective: Objective) -> list[str]:
+    """Delete trial ``number``'s checkpoints but the ``keep`` best by ``objective`` and the newest (where
     the trial continues from); returns the deleted paths. Incomplete folders are left alone."""
     metas = checkpoint_metas(runs, number)
     if len(metas) <= keep + 1:
@@ -214,10 +216,9 @@ def retain_checkpoints(runs: str, number: int, keep: int, metric: str, mode: str
 
     def score(epoch: int) -> float:
         try:
-            value = float(metas[epoch][1]["metrics"][metric])
+            return objective.sort_key(float(metas[epoch][1]["metrics"][objective.metric]))
         except (KeyError, TypeError, ValueError):
             return math.inf
-        return (value if mode == "min" else -value) if math.isfinite(value) else math.inf
 
     kept = set(sorted(metas, key=score)[:keep]) | {max(metas)}
     deleted = [path for epoch, (path, _) in metas.items() if epoch not in kept]
