@@ -7,7 +7,6 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import re
 import sys
 import threading
@@ -18,6 +17,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from .atomic import write_atomic
 from .objective import Objective
 from .status import TrialStatus
 
@@ -48,12 +48,12 @@ def step_writer(trial_dir: str | Path, min_interval_s: float = 1.0) -> Callable[
     def write(info: Any) -> None:
         if (now := time.time()) - last[0] < min_interval_s:
             return
-        last[0], tmp = now, folder / f".{STEP_FILE}.{os.getpid()}"
+        last[0] = now
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"epoch": info.epoch, "step": info.step_in_epoch,
-                                       "steps_per_epoch": info.steps_in_epoch, "time": now}))
-            os.replace(tmp, folder / STEP_FILE)
+            write_atomic(folder / STEP_FILE, json.dumps({"epoch": info.epoch, "step": info.step_in_epoch,
+                                                         "steps_per_epoch": info.steps_in_epoch, "time": now}),
+                         durable=False)
         except OSError:
             pass
     return write

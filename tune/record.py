@@ -44,13 +44,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from minimind_train.validation import validate
 
+from .atomic import write_atomic
 from .objective import Objective
 from .status import ANSWERS, FINISHED, RESUMABLE, TrialStatus
 from .storage import RUNS_DIR, ResumePoint, checkpoint_metas, local_path, resume_point, trial_dirs
 
 __all__ = ["BASELINE_PREFIX", "MANIFEST_FILE", "NO_BETTER_MARGIN", "OPTUNA_FILE",
            "PATH_KEYS", "RUN_SETTINGS", "UNIFORM_KEY", "Manifest", "StudyError",
-           "StudyRecord", "TrialRecord", "diff_specs", "no_better_reason", "rank_key", "ranked", "write_atomic"]
+           "StudyRecord", "TrialRecord", "diff_specs", "no_better_reason", "rank_key", "ranked"]
 
 MANIFEST_FILE = "study.json"
 SPACE_FILE = "space.yaml"
@@ -338,6 +339,8 @@ class StudyRecord:
             prepare(cls(staging, manifest, storage))
         write_atomic(staging / MANIFEST_FILE, manifest.to_json())
         storage.engine.dispose()  # (its connections know the staging path)
+        # Published by a rename of its own, not tune.atomic.staged: a folder that appeared at study_dir
+        # meanwhile is never replaced (os.rename fails on a non-empty folder).
         os.rename(staging, study_dir)
         return cls(study_dir, manifest, cls._storage(study_dir))
 
@@ -576,17 +579,3 @@ def _is_optuna_db(path: Path) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path``'s content with ``text`` (UTF-8) by a rename: a reader, or the next driver after a
-    kill at any moment, finds the old file or the new one whole, never part of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -24,10 +24,11 @@ from rich.filesize import decimal as human_bytes
 from minimind_train.checkpoint import MODEL_FILE, STATE_FILE, drop_resume_state
 from minimind_train.config import run_config_to_dict
 
+from .atomic import leftovers, write_atomic
 from .interrupts import signals_deferred
 from .mirror import Mirror, warn_on_failure
 from .objective import Objective
-from .record import StudyRecord, rank_key, ranked, write_atomic
+from .record import StudyRecord, rank_key, ranked
 from .space import StudySpec
 from .status import FINISHED, RESUMABLE, TrialStatus
 from .storage import CHECKPOINT_PREFIX, StudyPaths, fetch_file
@@ -227,13 +228,13 @@ def prune_resume_state(record: StudyRecord, summaries: Sequence[TrialSummary], k
 
     The ``keep_top`` best trials keep everything, and so does every unfinished trial (``--resume``
     continues it). Every other finished trial keeps only the fp16 weights of its best checkpoint. A
-    finished trial's checkpoint copies that a killed worker left half done (hidden ``.epoch_*.tmp``
-    folders of :func:`tune.storage.write_checkpoint`, never read) are deleted.
+    finished trial's checkpoint copies that a killed worker left half done (:func:`tune.atomic.leftovers`
+    of :func:`tune.storage.write_checkpoint`, never read) are deleted.
     """
     freed = 0
     for s in summaries:
         dirs = record.trial_dirs(s.number) if s.status in FINISHED else []
-        for staged in (p for trial_dir in dirs for p in trial_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")):
+        for staged in (p for trial_dir in dirs for p in leftovers(trial_dir, CHECKPOINT_PREFIX)):
             freed += dir_bytes(staged)
             shutil.rmtree(staged, ignore_errors=True)
     for s in summaries[keep_top:]:

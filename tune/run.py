@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic
 from .lock import StudyLock, lock_path
-from .record import MANIFEST_FILE, OPTUNA_FILE, Manifest, StudyError, StudyRecord, write_atomic
+from .record import MANIFEST_FILE, OPTUNA_FILE, Manifest, StudyError, StudyRecord
 from .storage import StudyPaths, download_outputs, writable_problem
 
 __all__ = ["DEFAULT_STORAGE", "main"]

@@ -22,6 +22,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from .atomic import staged
 from .objective import Objective
 
 __all__ = [
@@ -193,13 +194,9 @@ def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
     """
     target = f"{trial_dir}/{CHECKPOINT_PREFIX}{epoch:04d}"
     if "://" not in trial_dir:
-        final = Path(target)
-        staged = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(local, staged)
-        if final.exists():  # the same epoch trained again (its result never reached the record)
-            shutil.rmtree(final)
-        os.replace(staged, final)
+        # (a folder there already: the same epoch trained again, its result never reached the record)
+        with staged(final := Path(target)) as tmp:
+            shutil.copytree(local, tmp)
         return str(final)
     fs, path = filesystem_of(target)
     for f in sorted((p for p in local.iterdir() if p.is_file()), key=lambda p: p.name == "meta.json"):
@@ -288,7 +285,6 @@ def upload_outputs(local: Path, study_uri: str) -> int:
 def fetch_file(study_uri: str, fs_path: str | os.PathLike[str], local: Path) -> Path:
     """Copy ``fs_path`` (a path on the filesystem of ``study_uri``, as Ray reports it) to ``local``,
     whole or not at all (copied beside it, then renamed)."""
-    staged = local.with_name(f".{local.name}.{os.getpid()}.tmp")
-    copy_path(str(fs_path), str(staged), filesystem_of(study_uri)[0], pafs.LocalFileSystem())
-    os.replace(staged, local)
+    with staged(local) as tmp:
+        copy_path(str(fs_path), str(tmp), filesystem_of(study_uri)[0], pafs.LocalFileSystem())
     return local
