@@ -192,3 +192,41 @@ def _renames(tree: ast.Module) -> list[str]:
 def test_files_are_written_whole_through_tune_atomic(path: Path) -> None:
     found = _renames(_tree(path))
     assert len(found) <= _RENAMES_ALLOWED.get(path.name, 0), f"{path.name} renames by hand (use tune.atomic): {found}"
+
+
+def _project_imports(path: Path) -> set[str]:
+    """The project modules ``path`` imports anywhere (module level, in functions, under TYPE_CHECKING)."""
+    package, found = path.parent.name, set()
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package if node.level else (node.module or "")
+            base = f"{base}.{node.module}" if node.level and node.module else base
+            names = [base, *(f"{base}.{a.name}" for a in node.names)]
+        else:
+            continue
+        found |= {n for n in names if n in _MODULE_NAMES}
+    return found - {f"{package}.{path.stem}"}
+
+
+_MODULE_NAMES = {f"{p.parent.name}.{p.stem}" for p in MODULES}
+
+
+def test_no_import_cycle_among_the_projects_modules() -> None:
+    graph = {f"{p.parent.name}.{p.stem}": _project_imports(p) for p in MODULES}
+    assert graph["minimind_train.model3"] and graph["tune.report"]  # (the walk finds imports)
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        if module in path:
+            cycle = path[path.index(module):] + (module,)
+            pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+        if module in done:
+            return
+        for imported in sorted(graph[module]):
+            visit(imported, (*path, module))
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, ())
