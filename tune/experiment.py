@@ -23,7 +23,7 @@ import optuna
 import ray
 from ray import tune
 
-from minimind_train.config import run_config_to_dict
+from minimind_train.config import RunConfig, run_config_to_dict
 
 from . import cluster, restart, searcher, tracking
 from .interrupts import InterruptWatch, StudyStopped, stop_on_signals
@@ -32,7 +32,7 @@ from .preflight import Inputs, check_inputs, reconcile
 from .progress import RAY_ERRORS_FILE, ProgressView, best_recorded, ray_errors_to
 from .record import OPTUNA_FILE, StudyError, StudyRecord
 from .report import finish_study
-from .space import optuna_distributions, spec_to_dict, spec_to_yaml
+from .space import StudySpec, optuna_distributions, spec_to_dict, spec_to_yaml
 from .storage import StudyPaths, trial_dirname, upload_outputs
 from .trainable import train_trial
 from .warmstart import warm_start
@@ -119,7 +119,7 @@ class RunClock(tune.Callback):
             self.record.record_run_seconds(self.run, now - self.started)
 
 
-def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, explicit_space: bool,
+def run_experiment(spec: StudySpec, paths: StudyPaths, record: StudyRecord | None, *, explicit_space: bool,
                    replace: bool, address: str | None, ray_temp_dir: str | None,
                    warm_start_from: StudyRecord | None = None) -> int:
     """Check the inputs and, on ``--resume``, what is left to run; then start Ray, create the study (or
@@ -229,7 +229,7 @@ def _closing(paths: StudyPaths, record: StudyRecord, mirror: Mirror) -> Iterator
             raise StudyStopped(_resume_command(paths), paths.local_dir / OPTUNA_FILE) from exc
 
 
-def _finalists(spec: Any, run_cfg: Any, record: StudyRecord, create: bool) -> list[searcher.ResumePlan]:
+def _finalists(spec: StudySpec, run_cfg: RunConfig, record: StudyRecord, create: bool) -> list[searcher.ResumePlan]:
     """The finalists still to run (``tune.finalists``); ``create`` adds the missing ones to the record."""
     t, finals = spec.tune, spec.tune.finalists
     if not finals.seeds:
@@ -243,8 +243,9 @@ def _continuing(plans: list[searcher.ResumePlan]) -> str:
             + ", ".join(f"t{p.number:03d} (after epoch {p.epoch})" for p in plans))
 
 
-def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord,
-                applied: list[str], plans: list[searcher.ResumePlan], aside: Path | None, study_data: Any) -> int:
+def _run_trials(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inputs, record: StudyRecord,
+                applied: list[str], plans: list[searcher.ResumePlan], aside: Path | None,
+                study_data: cluster.StudyData | None) -> int:
     """The search (new and unfinished trials, ASHA on), then the finalists (never stopped early), each
     a Ray Tune experiment ``runs/run-K``; then the study's outputs."""
     t = spec.tune
@@ -319,7 +320,7 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
         return _phases(spec, paths, run_cfg, inputs, record, plans, new, finished, aside, mirror, fit)
 
 
-def _phases(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord,
+def _phases(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inputs, record: StudyRecord,
             plans: list[searcher.ResumePlan], new: int, finished: int, aside: Path | None, mirror: Mirror,
             fit: Callable[[list[searcher.ResumePlan], int, optuna.pruners.BasePruner, list[Any]], bool]) -> int:
     """The search, the finalists, the end report; an interrupt at any point raises KeyboardInterrupt."""
@@ -350,7 +351,7 @@ def _phases(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: 
     return finish_study(spec, paths, record, mirror, "FINISHED")
 
 
-def make_mirror(spec: Any, run_cfg: Any, inputs: Inputs, record: StudyRecord) -> Mirror:
+def make_mirror(spec: StudySpec, run_cfg: RunConfig, inputs: Inputs, record: StudyRecord) -> Mirror:
     """The study's MLflow mirror: fixed values and study settings on the parent run."""
     searched = {p.path for p in spec.search}
     fixed = {f"{sec}.{k}": v for sec, vals in run_config_to_dict(run_cfg).items() for k, v in vals.items()
