@@ -159,6 +159,8 @@ def save_checkpoint(directory: str | os.PathLike[str], state: TrainState, cfg: R
         info = {"config": run_config_to_dict(cfg), "epoch": state.epoch, "step": state.step,
                 "metrics": dict(metrics or {}), "versions": {"torch": torch.__version__}, **dict(meta or {})}
         (tmp / META_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+        # A folder published by renames of its own (the trainer never imports tune, whose tune.atomic does
+        # this for files): the old folder moves aside first, as a rename cannot replace a non-empty one.
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)

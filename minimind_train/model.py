@@ -17,14 +17,13 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minimind_train.chat import IGNORE_INDEX
+from minimind_train.causal_lm import LMOutput, supervised_cross_entropy, token_cross_entropy, vocab_size_for
 from minimind_train.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
@@ -32,10 +31,9 @@ if TYPE_CHECKING:
 
     from minimind_train.model3 import MiniMind3ForCausalLM
 
-__all__ = ["UPSTREAM_VOCAB_SIZE", "GenerationMismatchError", "LMOutput", "MiniMindForCausalLM", "MiniMindModel",
+__all__ = ["UPSTREAM_VOCAB_SIZE", "GenerationMismatchError", "MiniMindForCausalLM", "MiniMindModel",
            "build_model", "check_generation", "count_parameters", "default_intermediate_size", "detect_family",
-           "from_upstream", "init_weights", "model_config_from", "supervised_cross_entropy",
-           "supervised_positions", "token_cross_entropy"]
+           "from_upstream", "init_weights", "model_config_from"]
 
 
 # Upstream's vocabulary (MiniMind's tokenizer): the embedding size of a model built without a tokenizer.
@@ -257,34 +255,6 @@ class MiniMindModel(nn.Module):
         return self.norm(h), aux_loss
 
 
-def token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum of fp32 CE over supervised tokens, their count); logits[:, t] predicts labels[:, t + 1]
-    (the Hugging Face convention: labels aligned with the inputs, -100 = ignore)."""
-    targets = labels[:, 1:]
-    logits = logits[:, :-1]
-    ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             ignore_index=IGNORE_INDEX, reduction="sum")
-    return ce_sum, (targets != IGNORE_INDEX).sum()
-
-
-def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(flat positions ``b * T + t`` into ``hidden.reshape(B * T, H)`` whose next label is supervised,
-    those labels) for labels (B, T); computed where ``labels`` lives (the CPU batch: no CUDA sync)."""
-    nxt = labels[:, 1:] != IGNORE_INDEX
-    positions = F.pad(nxt, (0, 1)).reshape(-1).nonzero().squeeze(1)
-    return positions, labels.reshape(-1)[positions + 1]
-
-
-def supervised_cross_entropy(hidden: Tensor, lm_head: nn.Module, labels: Tensor,
-                             positions: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, int]:
-    """:func:`token_cross_entropy` of ``lm_head(hidden)`` (hidden: B, T, H), with the head run only where
-    the next token is supervised (a fraction of its FLOPs and memory). ``positions``:
-    :func:`supervised_positions` of ``labels``, precomputed on the CPU and moved to the device."""
-    idx, targets = positions if positions is not None else supervised_positions(labels)
-    logits = lm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx))
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
-
-
 def init_weights(module: nn.Module) -> None:
     """MiniMind2's initialisation of one module (applied children first, as transformers' post_init)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -293,14 +263,6 @@ def init_weights(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
     elif isinstance(module, MoEGate):
         nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-
-
-@dataclass
-class LMOutput:
-    logits: Tensor
-    aux_loss: Tensor  # summed MoE balance loss, 0-dim; zero when dense or in eval
-    loss: Tensor | None = None  # mean CE over supervised tokens, given labels
-    past_key_values: Cache | None = None
 
 
 class MiniMindForCausalLM(nn.Module):
@@ -358,14 +320,6 @@ class MiniMindForCausalLM(nn.Module):
         return *supervised_cross_entropy(hidden, self.lm_head, labels, positions), aux_loss
 
 
-def _vocab(cfg: ModelConfig, vocab_size: int) -> int:
-    vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_size
-    if vocab < vocab_size:
-        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer ({vocab_size} tokens); "
-                          "token ids beyond it would have no embedding")
-    return vocab
-
-
 def model_config_from(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
     """``cfg`` as a MiniMind2 model is built from it (``vocab_size`` None: the tokenizer's ``vocab_size``;
     ``intermediate_size`` None: MiniMind2's formula), so a model's config states what was built."""
@@ -373,7 +327,7 @@ def model_config_from(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
         raise ConfigError(f"model.family={cfg.family!r}: model_config_from builds MiniMind2 configs only; "
                           "use build_model")
     assert cfg.hidden_size is not None
-    return dataclasses.replace(cfg, vocab_size=_vocab(cfg, vocab_size), intermediate_size=(
+    return dataclasses.replace(cfg, vocab_size=vocab_size_for(cfg, vocab_size), intermediate_size=(
         cfg.intermediate_size or default_intermediate_size(cfg.hidden_size)))
 
 

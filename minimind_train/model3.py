@@ -20,8 +20,8 @@ from transformers import Qwen3Config, Qwen3MoeConfig
 from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 
+from .causal_lm import LMOutput, supervised_cross_entropy, token_cross_entropy, vocab_size_for
 from .config import ModelConfig
-from .model import LMOutput, _vocab, supervised_cross_entropy, token_cross_entropy
 
 __all__ = ["MiniMind3ForCausalLM", "default_intermediate_size3", "qwen3_config", "switch_aux_loss",
            "upstream3_config_from", "upstream_config"]
@@ -89,7 +89,7 @@ def upstream3_config_from(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
     same = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
             "intermediate_size", "rms_norm_eps", "rope_theta", "max_position_embeddings", "dropout", "use_moe",
             "num_experts_per_tok", "norm_topk_prob")
-    return {**{key: getattr(cfg, key) for key in same}, "vocab_size": _vocab(cfg, vocab_size),
+    return {**{key: getattr(cfg, key) for key in same}, "vocab_size": vocab_size_for(cfg, vocab_size),
             "num_experts": cfg.n_routed_experts, "router_aux_loss_coef": cfg.aux_loss_alpha}
 
 

@@ -390,6 +390,7 @@ def _build(path: Path, tokenizer: Any, max_seq_len: int, parts: Mapping[str, Any
 
 def _publish(tmp: Path, final: Path) -> None:
     """Move a finished build into place; if another process got there first, keep theirs."""
+    # (os.rename of a folder, never a replace: a concurrent build's folder is kept, not overwritten)
     try:
         os.rename(tmp, final)
     except OSError:

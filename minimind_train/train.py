@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from .batches import TokenizedDataset, batch_indices
+from .causal_lm import supervised_positions
 from .checkpoint import TrainState, init_state
 from .config import RunConfig, TrainConfig
 from .data import SFTData
-from .model import supervised_positions
 
 __all__ = ["EpochResult", "EvalResult", "NonFiniteLossError", "StepInfo", "TrainingDiverged",
            "backward_window", "check_divergence", "clip_grad_norm", "evaluate", "evaluation_steps", "lr_at",

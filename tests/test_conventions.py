@@ -104,3 +104,129 @@ def test_project_metadata_builds_without_deprecation_warnings() -> None:
     assert isinstance(meta["project"]["license"], str), meta["project"]["license"]
     (setuptools,) = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
     assert tuple(int(x) for x in setuptools.split(">=")[1].split(".")) >= (77,), setuptools
+
+
+TUNE_MODULES = [p for p in MODULES if p.parent.name == "tune"]
+_DIRECTIONS = {"min", "max", "minimize", "maximize"}
+
+
+def _direction_sites(tree: ast.Module) -> list[str]:
+    """Where a module decides the objective's direction itself: ``mode == "min"``, Optuna's direction
+    names or ``StudyDirection.MINIMIZE``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            strings = [n.value for n in (node.left, *node.comparators) if isinstance(n, ast.Constant)]
+            if set(strings) & _DIRECTIONS or any(isinstance(n, ast.Attribute) and n.attr == "mode"
+                                                 for n in (node.left, *node.comparators)):
+                found.append(f"a comparison with the mode (line {node.lineno})")
+        elif isinstance(node, ast.Constant) and str(node.value).lower() in {"minimize", "maximize"}:
+            found.append(f"{node.value!r} (line {node.lineno})")
+        elif isinstance(node, ast.Attribute) and node.attr in {"MINIMIZE", "MAXIMIZE"}:
+            found.append(f".{node.attr} (line {node.lineno})")
+    return found
+
+
+@pytest.mark.parametrize("path", [p for p in TUNE_MODULES if p.name != "objective.py"], ids=lambda p: p.name)
+def test_only_tune_objective_knows_which_way_is_better(path: Path) -> None:
+    """The objective's direction is decided in one place, :class:`tune.objective.Objective`."""
+    assert not _direction_sites(_tree(path)), f"{path.name} decides the direction itself: {_direction_sites(_tree(path))}"
+
+
+def test_the_direction_check_finds_what_it_looks_for() -> None:
+    assert (REPO / "tune" / "objective.py").is_file()
+    assert _direction_sites(_tree(REPO / "tune" / "objective.py"))
+    sample = ast.parse('a = 1 if t.mode == "min" else -1\nb = "maximize"\nc = d.StudyDirection.MINIMIZE\n'
+                       'e = f.mode != g\nok = min(values)')
+    assert len(_direction_sites(sample)) == 4
+
+
+def _status_literals(tree: ast.Module) -> list[str]:
+    from tune.status import TrialStatus
+
+    values = {s.value for s in TrialStatus}
+    exported = {id(n) for node in tree.body if isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+                for n in ast.walk(node.value)}  # (``__all__`` names functions, e.g. tune.warmstart.warm_start)
+    return [f"{node.value!r} (line {node.lineno})" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and node.value in values and id(node) not in exported]
+
+
+@pytest.mark.parametrize("path", [p for p in TUNE_MODULES if p.name != "status.py"], ids=lambda p: p.name)
+def test_trial_statuses_are_named_through_tune_status_only(path: Path) -> None:
+    """A status is a :class:`tune.status.TrialStatus` member: its text, Optuna state and meaning are in one place."""
+    found = _status_literals(_tree(path))
+    assert not found, f"{path.name} spells statuses itself: {found}"
+
+
+def test_every_status_is_in_the_table() -> None:
+    from tune import status
+
+    table = (status.__doc__ or "").split("=============  ========")[2]
+    assert {line.split()[0] for line in table.splitlines() if line[:1].strip()} == {s.value for s in status.TrialStatus}
+
+
+# Renames outside tune.atomic, each for a reason: folders published or moved, never a file written.
+_RENAMES_ALLOWED = {
+    "atomic.py": 99,  # the one write-and-rename
+    "record.py": 1,  # a new study folder: must never replace one that appeared meanwhile
+    "restart.py": 2,  # --restart moves the old study aside and back
+    "checkpoint.py": 3,  # the trainer's checkpoint folder (minimind_train never imports tune)
+    "token_cache.py": 2,  # a token cache folder: a concurrent build's is kept, not replaced
+}
+
+
+def _renames(tree: ast.Module) -> list[str]:
+    """Hand-written write-and-rename: ``os.replace``/``os.rename``/``shutil.move`` calls, ``.tmp`` names."""
+    found = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+                and (node.func.value.id, node.func.attr) in {("os", "replace"), ("os", "rename"), ("shutil", "move")}):
+            found.append(f"{node.func.value.id}.{node.func.attr} (line {node.lineno})")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".tmp"):
+            found.append(f"{node.value!r} (line {node.lineno})")
+    return found
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_files_are_written_whole_through_tune_atomic(path: Path) -> None:
+    found = _renames(_tree(path))
+    assert len(found) <= _RENAMES_ALLOWED.get(path.name, 0), f"{path.name} renames by hand (use tune.atomic): {found}"
+
+
+def _project_imports(path: Path) -> set[str]:
+    """The project modules ``path`` imports anywhere (module level, in functions, under TYPE_CHECKING)."""
+    package, found = path.parent.name, set()
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package if node.level else (node.module or "")
+            base = f"{base}.{node.module}" if node.level and node.module else base
+            names = [base, *(f"{base}.{a.name}" for a in node.names)]
+        else:
+            continue
+        found |= {n for n in names if n in _MODULE_NAMES}
+    return found - {f"{package}.{path.stem}"}
+
+
+_MODULE_NAMES = {f"{p.parent.name}.{p.stem}" for p in MODULES}
+
+
+def test_no_import_cycle_among_the_projects_modules() -> None:
+    graph = {f"{p.parent.name}.{p.stem}": _project_imports(p) for p in MODULES}
+    assert graph["minimind_train.model3"] and graph["tune.report"]  # (the walk finds imports)
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        if module in path:
+            cycle = path[path.index(module):] + (module,)
+            pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+        if module in done:
+            return
+        for imported in sorted(graph[module]):
+            visit(imported, (*path, module))
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, ())

@@ -14,7 +14,9 @@ import optuna
 import pytest
 
 from tune.dashboard import _served, answer_note, snapshot, trial_role
-from tune.record import WARM_START, StudyRecord
+from tune.objective import Objective
+from tune.record import StudyRecord
+from tune.status import TrialStatus
 from tune.ui import main
 
 SEARCH = {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -45,15 +47,15 @@ def study(tmp_path: Path) -> StudyRecord:
     record = StudyRecord.create(tmp_path / "studies" / "s", "s", SPEC, "train: {}\n", {})
     record.study.add_trial(optuna.trial.create_trial(
         params={"train.learning_rate": 1e-3, "train.accumulation_steps": 1}, distributions=DISTRIBUTIONS,
-        value=2.9, user_attrs={"status": WARM_START, "source": "old t004"}))
+        value=2.9, user_attrs={"status": TrialStatus.WARM_START, "source": "old t004"}))
     for status, losses in (("completed", [2.5, 2.1]), ("stopped_early", [3.5])):
         number, _ = record.ask(DISTRIBUTIONS)
         for epoch, loss in enumerate(losses, start=1):
             record.record_epoch(number, epoch, {"val_loss": loss}, "val_loss")
-        record.finish(number, status, "val_loss", "min")
+        record.finish(number, status, Objective("val_loss"))
     finalist = record.add_finalist(record.trial(1), 43, DISTRIBUTIONS)
     record.record_epoch(finalist, 1, {"val_loss": 2.3}, "val_loss")
-    record.finish(finalist, "completed", "val_loss", "min")
+    record.finish(finalist, "completed", Objective("val_loss"))
     return record
 
 

@@ -10,6 +10,7 @@ import torch
 
 from minimind_train.config import ModelConfig, RunConfig, TrainConfig, run_config_to_dict
 from tune import trainable
+from tune.objective import Objective
 
 BASE = run_config_to_dict(RunConfig(
     model=ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
@@ -41,7 +42,7 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
     monkeypatch.setattr(trainable, "current_node", dict)
     monkeypatch.setattr(trainable, "save_checkpoint", lambda folder, *a, **k: folder)
     monkeypatch.setattr(trainable, "write_checkpoint", lambda folder, *a, **k: str(folder))
-    calls["kwargs"] = {"base": BASE, "metric": "val_loss", "mode": "min", "runs_dir": str(tmp_path / "runs"),
+    calls["kwargs"] = {"base": BASE, "objective": Objective("val_loss"), "runs_dir": str(tmp_path / "runs"),
                        "run_name": "run-1"}
     return calls
 

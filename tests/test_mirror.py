@@ -34,6 +34,7 @@ from tune.mirror import (
     main,
     run_name,
 )
+from tune.objective import Objective
 from tune.record import StudyRecord, TrialRecord
 from tune.tracking import (
     VIEW_TAG_PREFIX,
@@ -162,11 +163,11 @@ def test_run_name_is_short_and_telling() -> None:
 def test_finalists_share_their_configs_tag(record: StudyRecord) -> None:
     """The runs table groups by the config tag: a config's seeds are one group, labelled by its values."""
     number = new_trial(record, epochs=1)
-    record.finish(number, "completed", OBJECTIVE, "min")
+    record.finish(number, "completed", Objective(OBJECTIVE))
     other = new_trial(record, epochs=1)
     seed = record.add_finalist(record.trial(number), 1, SEARCH)
     add_epochs(record, seed, range(1, 2), start=1.0)
-    record.finish(seed, "completed", OBJECTIVE, "min")
+    record.finish(seed, "completed", Objective(OBJECTIVE))
     mirror = mirror_of(record)
     mirror.finish("FINISHED", best=record.trial(number), best_value=2.0, best_epoch=1, artifacts={},
                   study_metrics={f"best_mean_{OBJECTIVE}": 1.5, f"best_std_{OBJECTIVE}": 0.5})
@@ -260,15 +261,15 @@ def test_params_tags_and_nesting(record: StudyRecord) -> None:
 
 def test_status_mapping_follows_the_record(record: StudyRecord) -> None:
     done = new_trial(record, epochs=3)
-    record.finish(done, "completed", OBJECTIVE, "min")
+    record.finish(done, "completed", Objective(OBJECTIVE))
     early = new_trial(record, epochs=1)
-    record.finish(early, "stopped_early", OBJECTIVE, "min")
+    record.finish(early, "stopped_early", Objective(OBJECTIVE))
     crashed = new_trial(record, epochs=1)
-    record.finish(crashed, "failed", OBJECTIVE, "min", error="RuntimeError: CUDA out of memory")
+    record.finish(crashed, "failed", Objective(OBJECTIVE), error="RuntimeError: CUDA out of memory")
     nan = new_trial(record, epochs=1)
-    record.finish(nan, "diverged", OBJECTIVE, "min", error="loss is nan at step 12")
+    record.finish(nan, "diverged", Objective(OBJECTIVE), error="loss is nan at step 12")
     paused = new_trial(record, epochs=1)
-    record.finish(paused, "interrupted", OBJECTIVE, "min")
+    record.finish(paused, "interrupted", Objective(OBJECTIVE))
     live = new_trial(record, epochs=1)
 
     mirror = mirror_of(record)
@@ -300,7 +301,7 @@ def test_status_mapping_follows_the_record(record: StudyRecord) -> None:
     assert statuses()[paused] == ("RUNNING", "running")
     assert parents(client)[0].info.status == "RUNNING"
     for number in (paused, crashed, live):
-        record.finish(number, "completed", OBJECTIVE, "min")
+        record.finish(number, "completed", Objective(OBJECTIVE))
     fresh.sync()
     assert statuses() == {done: ("FINISHED", "completed"), early: ("FINISHED", "stopped_early"),
                           crashed: ("FINISHED", "completed"), nan: ("FAILED", "diverged"),
@@ -311,7 +312,7 @@ def test_status_mapping_follows_the_record(record: StudyRecord) -> None:
 
 def test_finish_closes_the_parent_with_results(record: StudyRecord, tmp_path: Path) -> None:
     best_number = new_trial(record, epochs=3)
-    record.finish(best_number, "completed", OBJECTIVE, "min")
+    record.finish(best_number, "completed", Objective(OBJECTIVE))
     cut = new_trial(record, epochs=1)
     best_yaml = tmp_path / "best.yaml"
     best_yaml.write_text("train: {learning_rate: 0.001}\n")
@@ -418,10 +419,10 @@ def test_runs_last_as_long_as_the_recorded_trials(record: StudyRecord) -> None:
     train(cut, range(1, 3), began + 200)  # interrupted, resumed below
     mirror = mirror_of(record)
     mirror.sync()  # live, as the callback does at each report
-    record.finish(done, "completed", OBJECTIVE, "min")
-    record.finish(early, "stopped_early", OBJECTIVE, "min")
-    record.finish(crashed, "failed", OBJECTIVE, "min", error="RuntimeError: at set-up")  # before any epoch
-    record.finish(cut, "interrupted", OBJECTIVE, "min")
+    record.finish(done, "completed", Objective(OBJECTIVE))
+    record.finish(early, "stopped_early", Objective(OBJECTIVE))
+    record.finish(crashed, "failed", Objective(OBJECTIVE), error="RuntimeError: at set-up")  # before any epoch
+    record.finish(cut, "interrupted", Objective(OBJECTIVE))
     mirror.sync(closing=True)
     client = client_of(record)
 
@@ -446,7 +447,7 @@ def test_runs_last_as_long_as_the_recorded_trials(record: StudyRecord) -> None:
     # Resumed in a later driver run, the trial spans both runs and the pause between them.
     record.set_status(cut, "running")
     train(cut, range(3, 4), time.time() - 30.0)
-    record.finish(cut, "completed", OBJECTIVE, "min")
+    record.finish(cut, "completed", Objective(OBJECTIVE))
     mirror.sync()
     assert spans()[cut] == (first_step[cut], ms(record.study.get_trials()[cut].datetime_complete))
 
@@ -463,7 +464,7 @@ def test_runs_last_as_long_as_the_recorded_trials(record: StudyRecord) -> None:
 
 def test_moved_study_folder_rebuilds_its_own_store(record: StudyRecord, tmp_path: Path) -> None:
     number = new_trial(record, epochs=2)
-    record.finish(number, "completed", OBJECTIVE, "min")
+    record.finish(number, "completed", Objective(OBJECTIVE))
     yaml_file = record.dir / "space.yaml"
     mirror_of(record).finish("FINISHED", best=record.trial(number), best_value=1.0, best_epoch=2,
                              artifacts={"space.yaml": yaml_file})
@@ -576,9 +577,9 @@ def test_main(record: StudyRecord, tmp_path: Path, capsys: pytest.CaptureFixture
     assert "is not a study folder" in capsys.readouterr().err
 
     done = new_trial(record, epochs=3)
-    record.finish(done, "completed", OBJECTIVE, "min")
+    record.finish(done, "completed", Objective(OBJECTIVE))
     paused = new_trial(record, epochs=1)
-    record.finish(paused, "interrupted", OBJECTIVE, "min")
+    record.finish(paused, "interrupted", Objective(OBJECTIVE))
     (record.dir / "best.yaml").write_text("train: {}\n")
     assert main([str(record.dir)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -606,10 +607,10 @@ def test_a_trial_no_better_than_untrained_is_a_failed_run_and_never_the_best(rec
     """It is FAILED with its reason in MLflow, and the parent names the trial that learned as the best,
     although the other's value is lower (it started lower: a pretrained model that learned nothing)."""
     learned = new_trial(record, epochs=3, start=3.0)
-    record.finish(learned, "completed", OBJECTIVE, "min")
+    record.finish(learned, "completed", Objective(OBJECTIVE))
     stuck, _ = record.ask(SEARCH)
     record.record_epoch(stuck, 1, {OBJECTIVE: 0.5, f"baseline_{OBJECTIVE}": 0.5}, OBJECTIVE)
-    record.finish(stuck, "completed", OBJECTIVE, "min")
+    record.finish(stuck, "completed", Objective(OBJECTIVE))
     assert main([str(record.dir)]) == 0
     client = client_of(record)
     run = children(client)[stuck]
@@ -625,7 +626,7 @@ def test_main_syncs_into_the_store_the_study_recorded(record: StudyRecord, tmp_p
     $MLFLOW_TRACKING_URI then) is caught up there, not in a new store in its folder."""
     elsewhere = f"sqlite:///{tmp_path / 'team' / 'mlflow.db'}"
     record.add_history({"run": 1, "started": "2026-12-01T08:00:00", "tracking_uri": elsewhere})
-    record.finish(new_trial(record, epochs=2), "completed", OBJECTIVE, "min")
+    record.finish(new_trial(record, epochs=2), "completed", Objective(OBJECTIVE))
     assert main([str(record.dir)]) == 0
     assert capsys.readouterr().out.rstrip().endswith(f"at {elsewhere}")
     assert len(MlflowClient(tracking_uri=elsewhere).search_runs(

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimind_train.causal_lm import supervised_positions, token_cross_entropy
 from minimind_train.chat import IGNORE_INDEX
 from minimind_train.config import ConfigError, ModelConfig
 from minimind_train.hf import MiniMindHFConfig, MiniMindHFForCausalLM, from_hf, to_hf
@@ -21,8 +22,6 @@ from minimind_train.model import (
     count_parameters,
     default_intermediate_size,
     model_config_from,
-    supervised_positions,
-    token_cross_entropy,
 )
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import SHARED, need_shared
 
+from minimind_train.causal_lm import token_cross_entropy
 from minimind_train.chat import IGNORE_INDEX
 from minimind_train.checkpoint import WeightMismatchError, load_minimind_weights, save_checkpoint
 from minimind_train.config import (
@@ -28,7 +29,6 @@ from minimind_train.model import (
     count_parameters,
     detect_family,
     from_upstream,
-    token_cross_entropy,
 )
 from minimind_train.model3 import MiniMind3ForCausalLM, default_intermediate_size3, switch_aux_loss
 from minimind_train.train import init_state, train_epochs

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
+from tune.objective import Objective
 from tune.progress import (
     STEP_FILE,
     ProgressView,
@@ -87,7 +88,7 @@ def _running_study(tmp_path: Path, local: bool = True) -> tuple[ProgressView, li
     step_writer(running)(_step(2, 10, 40))
     trials = [_trial("a", "TERMINATED", 3, number=1), _trial("b", "TERMINATED", 1, number=2),
               _trial("c", "RUNNING", 1, number=3, path=str(running)), _trial("d", "PENDING", number=4)]
-    view = ProgressView("val_loss", "min", planned_epochs=3, num_samples=5, local=local, stream=io.StringIO(),
+    view = ProgressView(Objective("val_loss"), planned_epochs=3, num_samples=5, local=local, stream=io.StringIO(),
                         statuses=lambda: {"a": "completed", "b": "stopped_early", "c": "running"})
     view.on_step_end(0, trials)
     return view, trials
@@ -148,7 +149,7 @@ def test_plain_mode_prints_each_event_once_on_its_own_line(tmp_path: Path) -> No
 
 def test_a_failed_trial_is_one_line_with_its_reason_and_traceback_path(tmp_path: Path) -> None:
     out = io.StringIO()
-    view = ProgressView("val_loss", "min", planned_epochs=3, num_samples=1, stream=out)
+    view = ProgressView(Objective("val_loss"), planned_epochs=3, num_samples=1, stream=out)
     trial = _trial("a", "ERROR")
     trial.error_file = None  # the storage's copy only
     view.on_trial_error(0, [trial], trial)
@@ -165,7 +166,7 @@ def test_a_failed_trial_is_one_line_with_its_reason_and_traceback_path(tmp_path:
 
 
 def test_the_best_value_follows_the_mode() -> None:
-    view = ProgressView("accuracy", "max", planned_epochs=2, num_samples=2, stream=io.StringIO())
+    view = ProgressView(Objective("accuracy", "max"), planned_epochs=2, num_samples=2, stream=io.StringIO())
     a, b = _trial("a", "RUNNING", number=1), _trial("b", "RUNNING", number=2)
     view.on_trial_result(0, [a, b], a, {"epoch": 1, "accuracy": 0.5})
     view.on_trial_result(0, [a, b], b, {"epoch": 1, "accuracy": 0.25})
@@ -176,11 +177,11 @@ def test_the_best_value_follows_the_mode() -> None:
 def test_the_best_so_far_starts_from_what_earlier_runs_recorded() -> None:
     trials = [TrialRecord(0, "completed", {}, {1: {"val_loss": 2.5}, 2: {"val_loss": 1.9564}}),
               TrialRecord(1, "diverged", {}, {1: {"val_loss": float("nan")}}), TrialRecord(2, "running", {}, {})]
-    assert best_recorded(trials, "val_loss", "min") == (1.9564, "t000")
-    assert best_recorded(trials, "val_loss", "max") == (2.5, "t000")
-    assert best_recorded(trials[1:], "val_loss", "min") is None
-    view = ProgressView("val_loss", "min", planned_epochs=2, num_samples=1, stream=io.StringIO(),
-                        best=best_recorded(trials, "val_loss", "min"))
+    assert best_recorded(trials, Objective("val_loss")) == (1.9564, "t000")
+    assert best_recorded(trials, Objective("val_loss", "max")) == (2.5, "t000")
+    assert best_recorded(trials[1:], Objective("val_loss")) is None
+    view = ProgressView(Objective("val_loss"), planned_epochs=2, num_samples=1, stream=io.StringIO(),
+                        best=best_recorded(trials, Objective("val_loss")))
     a = _trial("a", "RUNNING", number=3)
     view.on_trial_result(0, [a], a, {"epoch": 1, "val_loss": 3.5138})  # worse than t000's: t000 stays best
     assert view.status().endswith("| best val_loss 1.9564 (t000)")
@@ -189,7 +190,7 @@ def test_the_best_so_far_starts_from_what_earlier_runs_recorded() -> None:
 
 
 def test_only_epochs_trained_in_this_run_set_the_eta_rate() -> None:
-    view = ProgressView("val_loss", "min", planned_epochs=3, num_samples=2, local=False, stream=io.StringIO())
+    view = ProgressView(Objective("val_loss"), planned_epochs=3, num_samples=2, local=False, stream=io.StringIO())
     a, b = _trial("a", "RUNNING", number=1), _trial("b", "RUNNING", number=2)
     for t in (a, b):
         view.on_trial_start(0, [a, b], t)
@@ -203,7 +204,7 @@ def test_only_epochs_trained_in_this_run_set_the_eta_rate() -> None:
 
 def test_a_diverged_trial_is_one_line_with_its_reason() -> None:
     out = io.StringIO()
-    view = ProgressView("val_loss", "min", planned_epochs=3, num_samples=1, stream=out,
+    view = ProgressView(Objective("val_loss"), planned_epochs=3, num_samples=1, stream=out,
                         statuses=lambda: {"a": "diverged"})  # recorded by the scheduler, before the callbacks
     a = _trial("a", "RUNNING")
     result = {"epoch": 2, "val_loss": float("nan"), "diverged": 1, "diverged_reason": "loss 41.0 > 4 x 10.2"}
@@ -250,7 +251,7 @@ class _Terminal(io.StringIO):
 
 def test_the_live_view_keeps_ray_error_messages_out_of_the_terminal(tmp_path: Path) -> None:
     terminal, log = _Terminal(), tmp_path / "ray_errors.log"
-    view = ProgressView("val_loss", "min", 3, 2, stream=terminal, ray_errors=log)
+    view = ProgressView(Objective("val_loss"), 3, 2, stream=terminal, ray_errors=log)
     before = sys.stdout
     view.setup()
     try:
@@ -268,11 +269,11 @@ def test_a_value_no_better_than_its_trials_untrained_model_is_never_best_so_far(
     """Issue 19's instance: a trial collapsed to the uniform predictor (val_loss ln(6400)) beside one that
     diverged: the live view and the best recorded so far show no best rather than the collapse."""
     collapsed = {"val_loss": math.log(6400), "baseline_val_loss": 8.779, "uniform_loss": math.log(6400)}
-    view = ProgressView("val_loss", "min", planned_epochs=2, num_samples=2, stream=io.StringIO())
+    view = ProgressView(Objective("val_loss"), planned_epochs=2, num_samples=2, stream=io.StringIO())
     a = _trial("a", "RUNNING", number=0)
     view.on_trial_result(0, [a], a, {"epoch": 1, **collapsed})
     view.on_trial_result(0, [a], a, {"epoch": 2, "val_loss": math.log(6400)})
     assert view.status().endswith("| best -")
     trials = [TrialRecord(0, "no_better", {}, {1: collapsed, 2: {"val_loss": math.log(6400)}}),
               TrialRecord(1, "running", {}, {1: {**collapsed, "val_loss": 5.0}})]
-    assert best_recorded(trials, "val_loss", "min") == (5.0, "t001")
+    assert best_recorded(trials, Objective("val_loss")) == (5.0, "t001")

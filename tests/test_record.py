@@ -14,8 +14,8 @@ import optuna
 import pytest
 from conftest import make_checkpoint
 
+from tune.objective import Objective
 from tune.record import (
-    FINISHED,
     Manifest,
     StudyError,
     StudyRecord,
@@ -23,6 +23,7 @@ from tune.record import (
     no_better_reason,
     ranked,
 )
+from tune.status import FINISHED
 from tune.storage import checkpoint_metas
 
 LR = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
@@ -123,7 +124,7 @@ def test_finish_maps_statuses_to_optuna_states(record: StudyRecord, status: str,
     n, _ = record.ask(LR)
     record.record_epoch(n, 1, {"val_loss": 2.0}, "val_loss")
     record.record_epoch(n, 2, {"val_loss": 1.5}, "val_loss")
-    record.finish(n, status, "val_loss", "min", error="why" if status == "failed" else "")
+    record.finish(n, status, Objective("val_loss"), error="why" if status == "failed" else "")
     frozen = record.study.trials[0]
     assert frozen.state == state
     assert frozen.value == value
@@ -134,7 +135,7 @@ def test_finish_maps_statuses_to_optuna_states(record: StudyRecord, status: str,
 
 def test_a_completed_trial_without_a_finite_value_is_diverged(record: StudyRecord) -> None:
     n, _ = record.ask(LR)
-    record.finish(n, "completed", "val_loss", "min")
+    record.finish(n, "completed", Objective("val_loss"))
     assert record.trial(n).status == "diverged"
     assert record.study.trials[0].state == optuna.trial.TrialState.FAIL
 
@@ -158,7 +159,7 @@ def test_a_trial_that_learned_nothing_is_no_better_never_completed(
     n, _ = record.ask(LR)
     for epoch, value in enumerate(curve, 1):
         record.record_epoch(n, epoch, {**(first if epoch == 1 else {}), "val_loss": value}, "val_loss")
-    record.finish(n, "completed", "val_loss", "min")
+    record.finish(n, "completed", Objective("val_loss"))
     trial = record.trial(n)
     assert (trial.status, trial.error) == (status, words)
     # Told to Optuna as a complete trial with its own (bad) value: TPE puts the region among the bad ones.
@@ -171,43 +172,43 @@ def test_a_trial_stopped_early_that_learned_nothing_is_no_better_and_told_once_a
         record: StudyRecord) -> None:
     n, _ = record.ask(LR)
     record.record_epoch(n, 1, COLLAPSED, "val_loss")
-    record.finish(n, "stopped_early", "val_loss", "min")
+    record.finish(n, "stopped_early", Objective("val_loss"))
     assert record.trial(n).status == "no_better"
     # A driver killed between the status and Optuna's tell: the next run tells it, with its value.
     m, _ = record.ask(LR)
     record.record_epoch(m, 1, COLLAPSED, "val_loss")
     record.set_status(m, "no_better", "no better than the uniform predictor")
-    assert record.tell_decided("val_loss", "min") == [m]
+    assert record.tell_decided(Objective("val_loss")) == [m]
     assert record.study.trials[m].state == optuna.trial.TrialState.COMPLETE
     assert record.study.trials[m].value == COLLAPSED["val_loss"]
 
 
 def test_no_better_reason_needs_a_clear_improvement_in_the_objectives_direction() -> None:
     bars = {"baseline_train_loss": 4.0, "uniform_loss": 8.0}
-    assert no_better_reason(3.997, "train_loss", "min", bars).startswith("no better than the untrained model")
-    assert no_better_reason(3.99, "train_loss", "min", bars) == ""  # (0.25% better: beyond the margin)
-    assert no_better_reason(3.997, "train_loss", "min", {}) == ""  # (no bars reported: nothing to check)
-    assert no_better_reason(8.5, "val_loss", "min", bars).startswith("no better than the uniform predictor")
-    assert no_better_reason(2.0, "val_loss", "min", bars) == ""
+    assert no_better_reason(3.997, Objective("train_loss"), bars).startswith("no better than the untrained model")
+    assert no_better_reason(3.99, Objective("train_loss"), bars) == ""  # (0.25% better: beyond the margin)
+    assert no_better_reason(3.997, Objective("train_loss"), {}) == ""  # (no bars reported: nothing to check)
+    assert no_better_reason(8.5, Objective("val_loss"), bars).startswith("no better than the uniform predictor")
+    assert no_better_reason(2.0, Objective("val_loss"), bars) == ""
     # Maximised: better is higher; the uniform predictor is a bound on losses minimised only.
-    assert no_better_reason(4.001, "train_loss", "max", bars).endswith("4.0010 <= 4.0000 before training")
-    assert no_better_reason(9.0, "train_loss", "max", bars) == ""
+    assert no_better_reason(4.001, Objective("train_loss", "max"), bars).endswith("4.0010 <= 4.0000 before training")
+    assert no_better_reason(9.0, Objective("train_loss", "max"), bars) == ""
 
 
 def test_ranked_answers_are_completed_then_stopped_early_never_one_that_learned_nothing() -> None:
     trials = [("t0", "no_better", 0.5), ("t1", "stopped_early", 1.0), ("t2", "completed", 3.0),
               ("t3", "diverged", float("nan")), ("t4", "completed", 2.0), ("t5", "running", 0.1),
               ("t6", "completed", float("inf"))]
-    ranked_names = [t[0] for t in ranked(trials, "min", lambda t: t[1], lambda t: t[2])]
+    ranked_names = [t[0] for t in ranked(trials, Objective(), lambda t: t[1], lambda t: t[2])]
     assert ranked_names == ["t4", "t2", "t1"]
-    assert [t[0] for t in ranked(trials, "max", lambda t: t[1], lambda t: t[2], statuses=("completed",))] == ["t2", "t4"]
+    assert [t[0] for t in ranked(trials, Objective(mode="max"), lambda t: t[1], lambda t: t[2], statuses=("completed",))] == ["t2", "t4"]
 
 
 def test_finished_trials_are_final(record: StudyRecord) -> None:
     n, _ = record.ask(LR)
     record.record_epoch(n, 1, {"val_loss": 2.0}, "val_loss")
-    record.finish(n, "completed", "val_loss", "min")
-    record.finish(n, "interrupted", "val_loss", "min")
+    record.finish(n, "completed", Objective("val_loss"))
+    record.finish(n, "interrupted", Objective("val_loss"))
     assert not record.record_epoch(n, 2, {"val_loss": 1.0}, "val_loss")
     assert record.trial(n).status == "completed" and record.finished_count() == 1
 
@@ -223,8 +224,8 @@ def test_checkpoints_skip_what_a_kill_or_full_disk_cut_short(record: StudyRecord
     assert record.trial_dirs(n) == [run1, run2]
     expected = {1: run1 / "epoch_0001", 2: run1 / "epoch_0002", 3: run2 / "epoch_0003"}
     assert {e: path for e, (path, _) in record.checkpoint_metas(n).items()} == {e: str(p) for e, p in expected.items()}
-    assert record.best_checkpoint(n, "val_loss", "min") == str(run1 / "epoch_0002")
-    assert record.best_checkpoint(n, "val_loss", "max") == str(run1 / "epoch_0001")
+    assert record.best_checkpoint(n, Objective("val_loss")) == str(run1 / "epoch_0002")
+    assert record.best_checkpoint(n, Objective("val_loss", "max")) == str(run1 / "epoch_0001")
     assert record.next_run_index() == 3
     # The same through a filesystem URI (how a bucket storage is read): same checkpoints, same metas.
     through_uri = checkpoint_metas(f"file://{record.dir / 'runs'}", n)
@@ -387,7 +388,7 @@ def test_evaluations_inside_an_epoch_are_recorded_at_their_index(tmp_path: Path)
     for k in (1, 2, 3, 4):
         assert record.record_epoch(n, k, {"val_loss": 5.0 - k, "optimizer_steps": 2.0 * k}, "val_loss")
     assert not record.record_epoch(n, 2, {"val_loss": 0.0}, "val_loss")  # recorded once
-    record.finish(n, "completed", "val_loss", "min")
+    record.finish(n, "completed", Objective("val_loss"))
     frozen = record.study.trials[n]
     assert frozen.intermediate_values == {1: 4.0, 2: 3.0, 3: 2.0, 4: 1.0} and frozen.value == 1.0
     assert [m["optimizer_steps"] for _, m in sorted(record.trial(n).epochs.items())] == [2.0, 4.0, 6.0, 8.0]

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from minimind_train.config import load_run_config
 from tune.mirror import Mirror
+from tune.objective import Objective
 from tune.record import StudyRecord
 from tune.report import TrialSummary, finish_study, summarize_trials, write_best_yaml, write_summary_csv
 from tune.space import load_space, optuna_distributions, spec_to_dict
@@ -41,14 +42,14 @@ def test_ranking_and_the_best_epochs_checkpoint(tmp_path: Path) -> None:
         for epoch, value in enumerate(curve, 1):
             record.record_epoch(number, epoch, {"val_loss": value}, "val_loss")
             _checkpoint(tmp_path / "s" / "runs" / "run-1" / f"t{number:03d}" / f"epoch_{epoch:04d}", epoch, value)
-    record.finish(0, "completed", "val_loss", "min")
-    record.finish(1, "completed", "val_loss", "min")
-    record.finish(2, "stopped_early", "val_loss", "min")
-    record.finish(3, "interrupted", "val_loss", "min")
+    record.finish(0, "completed", Objective("val_loss"))
+    record.finish(1, "completed", Objective("val_loss"))
+    record.finish(2, "stopped_early", Objective("val_loss"))
+    record.finish(3, "interrupted", Objective("val_loss"))
     # Trial 1's best epoch (2) lost its checkpoint: epoch 3's stands in, and the summary says so.
     for f in (tmp_path / "s" / "runs" / "run-1" / "t001" / "epoch_0002").iterdir():
         f.unlink()
-    summaries = summarize_trials(record, "val_loss", "min")
+    summaries = summarize_trials(record, Objective("val_loss"))
     assert [(s.trial_id, s.status) for s in summaries] == [
         ("t001", "completed"), ("t000", "completed"), ("t002", "stopped_early"), ("t003", "interrupted")]
     best = summaries[0]
@@ -101,7 +102,7 @@ def test_finalists_pick_the_true_best_config_more_often_than_the_single_best_tri
         single += ranked[0] == 0
         candidates = [Finalist(f"t{i:03d}", i, {}, (42, 43, 44),
                                (first[i], *(true[i] + rng.gauss(0, 0.05) for _ in range(2)))) for i in ranked[:3]]
-        finalists += rank_finalists(candidates, "min")[0].number == 0
+        finalists += rank_finalists(candidates, Objective())[0].number == 0
     assert finalists > 1.2 * single, (finalists, single)
     # (with this seed: the single-best rule picks the true best in 181 of 400 studies, finalists in 231)
 
@@ -112,7 +113,7 @@ def test_finalists_rank_by_mean_and_an_unstable_config_last(tmp_path: Path) -> N
     steady = Finalist("t001", 1, {"train.learning_rate": 1e-3}, (42, 43), (2.0, 2.2))
     lucky = Finalist("t002", 2, {"train.learning_rate": 3e-3}, (42, 43), (1.5, 3.0))
     unstable = Finalist("t003", 3, {"train.learning_rate": 9e-3}, (42, 43), (1.0, float("inf")))
-    ranked = rank_finalists([unstable, lucky, steady], "min")
+    ranked = rank_finalists([unstable, lucky, steady], Objective())
     assert [f.trial_id for f in ranked] == ["t001", "t002", "t003"]
     assert steady.mean == pytest.approx(2.1) and steady.std == pytest.approx(0.1414, abs=1e-4)
     assert unstable.std == 0.0
@@ -142,7 +143,7 @@ class _Study:
         for epoch, value in enumerate(curve, 1):
             self.record.record_epoch(number, epoch, {"val_loss": value, **(bars if epoch == 1 else {})}, "val_loss")
             make_checkpoint(self.runs / f"t{number:03d}" / f"epoch_{epoch:04d}", epoch, value)
-        self.record.finish(number, status, "val_loss", "min", error)
+        self.record.finish(number, status, Objective("val_loss"), error)
 
     def add(self, trials: list[tuple[list[float], str, str]], before: float | None = None) -> None:
         """New search trials: (curve, status, error) each, learning rates 1e-3, 2e-3, ..."""
@@ -232,7 +233,7 @@ def test_a_trial_no_better_than_untrained_is_never_the_best_whatever_its_value(
     study.add([([5.0, 3.0], "completed", "")], before=9.0)
     from tune.searcher import finalist_plans
 
-    plans = finalist_plans(study.record, study.distributions, "val_loss", "min", 2, top_k=2, seeds=1, base_seed=0)
+    plans = finalist_plans(study.record, study.distributions, Objective("val_loss"), 2, top_k=2, seeds=1, base_seed=0)
     assert [study.record.trial(p.number).finalist_of for p in plans] == [1]
     study.run(plans[0].number, [3.5, 3.1], "completed", before=9.0)
     assert study.finish() == 0
@@ -251,7 +252,7 @@ def test_best_yaml_runs_with_the_trials_thread_count(tmp_path: Path, cpu: int) -
 
     study = _Study(tmp_path, resources_per_trial={"cpu": cpu, "gpu": 0})
     study.add([([2.0, 1.5], "completed", "")])
-    (best,) = summarize_trials(study.record, "val_loss", "min")
+    (best,) = summarize_trials(study.record, Objective("val_loss"))
     path = write_best_yaml(tmp_path / "best.yaml", study.spec, best)
     cfg = load_run_config(path)
     assert cfg.train.num_threads == cpu
@@ -277,10 +278,10 @@ def test_a_used_up_time_budget_is_named_with_how_to_continue(tmp_path: Path,
 
     study.record.record_epoch(0, 2, {"val_loss": 1.8}, "val_loss")  # (as if a run within budget had finished it)
     make_checkpoint(study.runs / "t000" / "epoch_0002", 2, 1.8)
-    study.record.finish(0, "completed", "val_loss", "min")
+    study.record.finish(0, "completed", Objective("val_loss"))
     assert study.finish() == 0
     assert f"1 trial(s) unfinished (t001): {how}\n  t001: interrupted (time budget)\n" in capsys.readouterr().err
-    study.record.finish(1, "stopped_early", "val_loss", "min")
+    study.record.finish(1, "stopped_early", Objective("val_loss"))
     assert study.finish() == 0
     assert f"note: 2 of 3 trials ran: {how}\n" in capsys.readouterr().err
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import DAMAGES, damage
 from ray.tune.schedulers import TrialScheduler
 
+from tune.objective import Objective
 from tune.record import StudyRecord
 from tune.searcher import (
     NUMBER_KEY,
@@ -36,7 +37,7 @@ def record(tmp_path: Path) -> StudyRecord:
 
 
 def _pair(record: StudyRecord, plans: list[ResumePlan] | None = None) -> tuple[RecordSearcher, RecordScheduler]:
-    searcher = RecordSearcher(record, SPACE, "val_loss", "min", EPOCHS, plans)
+    searcher = RecordSearcher(record, SPACE, Objective("val_loss"), EPOCHS, plans)
     return searcher, RecordScheduler(searcher, make_pruner("asha", 1, 2))
 
 
@@ -52,7 +53,7 @@ def _result(epoch: int, value: float, **extra: Any) -> dict[str, Any]:
 
 def test_suggest_continues_unfinished_trials_first(record: StudyRecord) -> None:
     old, params = record.ask(SPACE)
-    record.finish(old, "interrupted", "val_loss", "min")
+    record.finish(old, "interrupted", Objective("val_loss"))
     searcher, _ = _pair(record, [ResumePlan(old, params, evaluation=2)])
     first = searcher.suggest("a")
     assert first == {PARAMS_KEY: params, NUMBER_KEY: old}
@@ -150,7 +151,7 @@ def test_a_trial_without_all_its_values_is_abandoned_never_run_with_defaults(tmp
     lr = {p.path: d for p, d in zip(spec.search, [optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
                                                  optuna.distributions.CategoricalDistribution([1, 2])])}
     whole, _ = record.ask(lr)
-    plans = resume_plans(record, {p.path for p in spec.search}, "val_loss", "min", 2)
+    plans = resume_plans(record, {p.path for p in spec.search}, Objective("val_loss"), 2)
     assert [p.number for p in plans] == [whole]
     assert record.trial(0).status == "abandoned" and record.finished_count() == 0
     assert record.study.trials[0].state == optuna.trial.TrialState.FAIL
@@ -174,7 +175,7 @@ def test_the_resume_message_and_the_resumed_epoch_agree(record: StudyRecord, for
         record.record_epoch(n, epoch, {"val_loss": 3.0 - epoch}, "val_loss")
     record.set_status(n, "interrupted")
     words = damage(trial_dir / "epoch_0002", form)
-    [plan] = resume_plans(record, set(SPACE), "val_loss", "min", EPOCHS)
+    [plan] = resume_plans(record, set(SPACE), Objective("val_loss"), EPOCHS)
     err = capsys.readouterr().err
     assert f"checkpoint {trial_dir / 'epoch_0002'} cannot be continued from: {words}" in err
     assert "its newest usable checkpoint is epoch 1's" in err
@@ -210,11 +211,11 @@ def test_finalists_are_the_top_configs_with_more_seeds_and_continue_once(record:
         n, _ = record.ask(SPACE)
         for epoch in range(1, EPOCHS + 1):
             record.record_epoch(n, epoch, {"val_loss": value + 1 / epoch}, "val_loss")
-        record.finish(n, "completed", "val_loss", "min")
+        record.finish(n, "completed", Objective("val_loss"))
         values[n] = value
-    pending = finalist_plans(record, SPACE, "val_loss", "min", EPOCHS, top_k=2, seeds=2, base_seed=42, create=False)
+    pending = finalist_plans(record, SPACE, Objective("val_loss"), EPOCHS, top_k=2, seeds=2, base_seed=42, create=False)
     assert [p.number for p in pending] == [-1] * 4 and record.finished_count() == 4
-    plans = finalist_plans(record, SPACE, "val_loss", "min", EPOCHS, top_k=2, seeds=2, base_seed=42)
+    plans = finalist_plans(record, SPACE, Objective("val_loss"), EPOCHS, top_k=2, seeds=2, base_seed=42)
     best_two = sorted(values, key=values.get)[:2]
     assert [(record.trial(p.number).finalist_of, p.params["train.seed"]) for p in plans] == [
         (best_two[0], 43), (best_two[0], 44), (best_two[1], 43), (best_two[1], 44)]
@@ -224,14 +225,14 @@ def test_finalists_are_the_top_configs_with_more_seeds_and_continue_once(record:
     done, cut = plans[0].number, plans[1].number
     for epoch in range(1, EPOCHS + 1):
         record.record_epoch(done, epoch, {"val_loss": 1.5}, "val_loss")
-    record.finish(done, "completed", "val_loss", "min")
+    record.finish(done, "completed", Objective("val_loss"))
     record.set_status(cut, "interrupted")
     for p in plans[2:]:
-        record.finish(p.number, "diverged", "val_loss", "min", error="nan")
-    again = finalist_plans(record, SPACE, "val_loss", "min", EPOCHS, top_k=2, seeds=2, base_seed=42)
+        record.finish(p.number, "diverged", Objective("val_loss"), error="nan")
+    again = finalist_plans(record, SPACE, Objective("val_loss"), EPOCHS, top_k=2, seeds=2, base_seed=42)
     assert [(p.number, p.params["train.seed"]) for p in again] == [(cut, 44)]
     assert record.finished_count() == 4  # finalists are not search trials
-    assert resume_plans(record, set(SPACE), "val_loss", "min", EPOCHS) == []  # (the search has none)
+    assert resume_plans(record, set(SPACE), Objective("val_loss"), EPOCHS) == []  # (the search has none)
 
 
 def test_a_lost_worker_is_recorded_with_its_reason_from_the_drivers_error_file(record: StudyRecord,
@@ -272,10 +273,11 @@ def test_a_trial_whose_driver_died_between_its_status_and_optunas_tell_is_told_o
     for epoch, value in enumerate([2.0, 1.5, 1.7][:EPOCHS if status == "completed" else 1], 1):
         record.record_epoch(n, epoch, {"val_loss": value}, "val_loss")
     end = (f"record.abandon({n}, 'cut')" if status == "abandoned"
-           else f"record.finish({n}, {status!r}, 'val_loss', 'min')")
+           else f"record.finish({n}, {status!r}, Objective('val_loss'))")
     killed = textwrap.dedent(f"""
         import os, signal, optuna
         from pathlib import Path
+        from tune.objective import Objective
         from tune.record import StudyRecord
         def tell(*args, **kwargs):  # the moment between the two writes
             os.kill(os.getpid(), signal.SIGKILL)
@@ -286,7 +288,7 @@ def test_a_trial_whose_driver_died_between_its_status_and_optunas_tell_is_told_o
     assert subprocess.run([sys.executable, "-c", killed], check=False).returncode == -signal.SIGKILL
     assert record.trial(n).status == status  # the decision is in the record ...
     assert record.study.trials[n].state == optuna.trial.TrialState.RUNNING  # ... Optuna was not told
-    assert resume_plans(StudyRecord.open(record.dir), set(SPACE), "val_loss", "min", EPOCHS) == []
+    assert resume_plans(StudyRecord.open(record.dir), set(SPACE), Objective("val_loss"), EPOCHS) == []
     told = StudyRecord.open(record.dir).study.trials[n]
     expected = {"completed": optuna.trial.TrialState.COMPLETE, "stopped_early": optuna.trial.TrialState.PRUNED}
     assert told.state == expected.get(status, optuna.trial.TrialState.FAIL)
@@ -298,7 +300,7 @@ def test_a_trial_whose_driver_died_between_its_status_and_optunas_tell_is_told_o
 def test_asha_stops_a_trial_inside_the_epoch_at_an_evaluation_rung(record: StudyRecord) -> None:
     # Issue 22: a 1-epoch trial of 8 evaluations; rungs at 1, 2, 4 evaluations (max_t 8), keyed by the
     # result's "evaluation" (its "epoch" is 1 throughout): the worse trial stops at evaluation 2.
-    searcher = RecordSearcher(record, SPACE, "val_loss", "min", 8)
+    searcher = RecordSearcher(record, SPACE, Objective("val_loss"), 8)
     scheduler = RecordScheduler(searcher, make_pruner("asha", 1, 2))
     good, bad = (_trial(tid, searcher.suggest(tid)) for tid in ("g", "b"))
     for k in range(1, 9):

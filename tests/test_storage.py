@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import DAMAGES, damage, make_checkpoint
 
+from tune.objective import Objective
+
 
 def test_local_path_and_staging_dir(monkeypatch, tmp_path):
     from tune.storage import local_path, staging_dir
@@ -57,10 +59,10 @@ def test_write_checkpoint_publishes_whole_folders_and_retention_keeps_best_and_n
     write_checkpoint(staged, uri_trial, 1)
     assert sorted(p.name for p in (tmp_path / "bucket" / "run-1" / "t000" / "epoch_0001").iterdir()) == [
         "meta.json", "model.pth", "train_state.pt"]
-    deleted = retain_checkpoints(str(runs), 0, keep=1, metric="val_loss", mode="min")
+    deleted = retain_checkpoints(str(runs), 0, keep=1, objective=Objective("val_loss"))
     assert sorted(Path(p).name for p in deleted) == ["epoch_0001", "epoch_0003"]  # best (2) and newest (4) stay
     assert sorted(p.name for p in trial.iterdir()) == ["epoch_0002", "epoch_0004"]
-    assert retain_checkpoints(str(runs), 0, keep=1, metric="val_loss", mode="min") == []
+    assert retain_checkpoints(str(runs), 0, keep=1, objective=Objective("val_loss")) == []
 
 
 @pytest.mark.parametrize("form", sorted(DAMAGES))

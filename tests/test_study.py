@@ -31,6 +31,7 @@ from study_driver import (
     trained_epochs,
 )
 
+from tune.objective import Objective
 from tune.space import load_space
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -389,7 +390,7 @@ def test_a_warm_started_study_runs_the_earlier_best_first_and_finalists_answer_b
         scouted.study.enqueue_trial({"train.learning_rate": lr, "train.accumulation_steps": acc})
         number, _ = scouted.ask(optuna_distributions(smoke))
         scouted.record_epoch(number, 1, {"val_loss": value}, "val_loss")
-        scouted.finish(number, "completed", "val_loss", "min")
+        scouted.finish(number, "completed", Objective("val_loss"))
     space = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
     space["tune"].update(num_samples=2, scheduler={"type": "none"}, finalists={"top_k": 1, "seeds": 1})
     (tmp_path / "full.yaml").write_text(yaml.safe_dump(space))

@@ -19,6 +19,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tune.objective import Objective
 from tune.record import StudyRecord
 from tune.tracking import TRACKING_URI_ENV, VIEW_TAG_PREFIX, runs_table_url
 from tune.ui import (
@@ -58,7 +59,7 @@ def _make_study(storage: Path) -> Path:
         assert record.ask(DISTRIBUTIONS)[0] == number
         for epoch, loss in enumerate(losses, start=1):
             record.record_epoch(number, epoch, {"val_loss": loss, "train_loss": loss + 0.2}, "val_loss")
-        record.finish(number, status, "val_loss", "min")
+        record.finish(number, status, Objective("val_loss"))
     _refresh_study_mirror(f"sqlite:///{record.dir / 'mlflow.db'}")
     return record.dir
 

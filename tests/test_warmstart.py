@@ -8,6 +8,7 @@ import optuna
 import pytest
 
 from tune import run
+from tune.objective import Objective
 from tune.record import StudyError, StudyRecord
 from tune.warmstart import check_warm_start, warm_start
 
@@ -28,7 +29,7 @@ def _study(folder: Path, trials: list[tuple[float, int, float, str]], epochs: in
         record.study.enqueue_trial({"train.learning_rate": lr, "train.accumulation_steps": acc})
         n, _ = record.ask(wider)
         record.record_epoch(n, 1, {"val_loss": value}, "val_loss")
-        record.finish(n, status, "val_loss", "min")
+        record.finish(n, status, Objective("val_loss"))
     return record
 
 
@@ -68,7 +69,7 @@ def test_history_moves_to_the_new_studys_evaluation_unit(tmp_path: Path, scout_e
     n, _ = scout.ask(SPACE)
     for step, value in curve.items():
         scout.record_epoch(n, step, {"val_loss": value}, "val_loss")
-    scout.finish(n, "stopped_early", "val_loss", "min")
+    scout.finish(n, "stopped_early", Objective("val_loss"))
     full = study("full", full_evals)
     warm_start(full, scout, SPACE)
     (copied,) = full.study.get_trials()
@@ -91,7 +92,7 @@ def test_an_earlier_studys_finalists_and_history_are_not_copied_and_configs_queu
     for seed in (1, 2):  # its finalists: the best config again with other seeds
         number = scout.add_finalist(best, seed, SPACE)
         scout.record_epoch(number, 1, {"val_loss": 0.9}, "val_loss")
-        scout.finish(number, "completed", "val_loss", "min")
+        scout.finish(number, "completed", Objective("val_loss"))
     full = StudyRecord.create(tmp_path / "full", "full", _spec(epochs=4), "", {})
     line = warm_start(full, check_warm_start(scout.dir, _spec()), SPACE, top_k=3)
     assert "4 trial(s) as history (0 outside" in line and "its 3 best config(s)" in line
@@ -104,7 +105,7 @@ def test_dry_run_counts_the_trials_the_warm_start_will_use(tmp_path: Path, capsy
     scout = _study(tmp_path / "scout", SCOUT[:4])  # smoke.yaml searches accumulation 1 or 2: the 4 is outside
     for seed in (1, 2):  # finalists are not history
         number = scout.add_finalist(scout.trials()[0], seed, SPACE)
-        scout.finish(number, "completed", "val_loss", "min")
+        scout.finish(number, "completed", Objective("val_loss"))
     assert run.main(["--space", "smoke.yaml", "--dry-run", "--warm-start", str(scout.dir),
                      "--storage-path", str(tmp_path / "studies")]) == 0
     out = capsys.readouterr().out
@@ -123,7 +124,7 @@ def test_an_earlier_trial_that_learned_nothing_is_history_but_never_asked_first(
     scout.study.enqueue_trial({"train.learning_rate": 1e-2, "train.accumulation_steps": 1})
     n, _ = scout.ask(SPACE)
     scout.record_epoch(n, 1, collapsed, "val_loss")
-    scout.finish(n, "completed", "val_loss", "min")
+    scout.finish(n, "completed", Objective("val_loss"))
     assert scout.trial(n).status == "no_better"
     full = StudyRecord.create(tmp_path / "full", "full", _spec(), "", {})
     assert "3 trial(s) as history" in warm_start(full, check_warm_start(scout.dir, _spec()), SPACE, top_k=3)

@@ -26,11 +26,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
 from .storage import copy_path, filesystem_of, local_path
+
+if TYPE_CHECKING:
+    from minimind_train.config import RunConfig
+    from minimind_train.data import SFTData
 
 __all__ = ["CACHE_DIR", "ClusterError", "Node", "StudyData", "check_resources", "check_storage", "current_node",
            "driver_node_id",
@@ -229,7 +233,7 @@ def _holds(folder: Path, files: dict[str, int]) -> bool:
     return all((folder / f).is_file() and (folder / f).stat().st_size == size for f, size in files.items())
 
 
-def study_data(data: Any, run_cfg: Any, nodes: Sequence[Node], driver: str, storage: str) -> StudyData:
+def study_data(data: SFTData, run_cfg: RunConfig, nodes: Sequence[Node], driver: str, storage: str) -> StudyData:
     """The :class:`StudyData` of ``data`` (what ``prepare_data`` returned) and ``run_cfg.model.init_from``;
     unless ``driver`` (a node id) is the only one of the trial ``nodes``, each input is copied to
     ``<storage>/.cache`` where no copy with the same file names and sizes is."""

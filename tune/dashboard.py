@@ -26,7 +26,8 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial
 
-from .record import MANIFEST_FILE, OPTUNA_FILE, WARM_START, Manifest, StudyError
+from .record import MANIFEST_FILE, OPTUNA_FILE, Manifest, StudyError
+from .status import TrialStatus
 
 __all__ = ["BEST_FILE", "answer_note", "dashboard_url", "serve", "snapshot", "trial_role"]
 
@@ -51,7 +52,7 @@ def snapshot(study_dir: Path, into: Path) -> Path:
 
 def trial_role(user_attrs: Mapping[str, Any]) -> str:
     """What a trial of the record is, for a reader of the dashboard."""
-    if user_attrs.get("status") == WARM_START:
+    if user_attrs.get("status") == TrialStatus.WARM_START:
         return f"warm start: {user_attrs.get('source', 'an earlier study')} (history for the sampler)"
     if user_attrs.get("finalist_of") is not None:
         return f"finalist: t{int(user_attrs['finalist_of']):03d}'s config with seed {user_attrs.get('seed')}"

@@ -23,7 +23,7 @@ import optuna
 import ray
 from ray import tune
 
-from minimind_train.config import run_config_to_dict
+from minimind_train.config import RunConfig, run_config_to_dict
 
 from . import cluster, restart, searcher, tracking
 from .interrupts import InterruptWatch, StudyStopped, stop_on_signals
@@ -32,7 +32,7 @@ from .preflight import Inputs, check_inputs, reconcile
 from .progress import RAY_ERRORS_FILE, ProgressView, best_recorded, ray_errors_to
 from .record import OPTUNA_FILE, StudyError, StudyRecord, evaluation_name
 from .report import finish_study
-from .space import optuna_distributions, spec_to_dict, spec_to_yaml
+from .space import StudySpec, optuna_distributions, spec_to_dict, spec_to_yaml
 from .storage import StudyPaths, trial_dirname, upload_outputs
 from .trainable import train_trial
 from .warmstart import warm_start
@@ -119,7 +119,7 @@ class RunClock(tune.Callback):
             self.record.record_run_seconds(self.run, now - self.started)
 
 
-def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, explicit_space: bool,
+def run_experiment(spec: StudySpec, paths: StudyPaths, record: StudyRecord | None, *, explicit_space: bool,
                    replace: bool, address: str | None, ray_temp_dir: str | None,
                    warm_start_from: StudyRecord | None = None) -> int:
     """Check the inputs and, on ``--resume``, what is left to run; then start Ray, create the study (or
@@ -138,8 +138,8 @@ def run_experiment(spec: Any, paths: StudyPaths, record: StudyRecord | None, *, 
     if record is not None:
         record.runs = paths.runs_uri
         applied = reconcile(record, spec_to_dict(spec), inputs, explicit_space=explicit_space)
-        plans = searcher.resume_plans(record, {p.path for p in spec.search}, t.metric, t.mode,
-                                      t.scheduler.max_t, evals_per_epoch=run_cfg.train.evals_per_epoch)
+        plans = searcher.resume_plans(record, {p.path for p in spec.search}, t.objective, t.scheduler.max_t,
+                                      evals_per_epoch=run_cfg.train.evals_per_epoch)
         finished = record.finished_count()
         if not plans and finished >= t.num_samples and not _finalists(spec, run_cfg, record, create=False):
             print(f"nothing to run: {finished} trials finished (num_samples {t.num_samples}); "
@@ -230,12 +230,12 @@ def _closing(paths: StudyPaths, record: StudyRecord, mirror: Mirror) -> Iterator
             raise StudyStopped(_resume_command(paths), paths.local_dir / OPTUNA_FILE) from exc
 
 
-def _finalists(spec: Any, run_cfg: Any, record: StudyRecord, create: bool) -> list[searcher.ResumePlan]:
+def _finalists(spec: StudySpec, run_cfg: RunConfig, record: StudyRecord, create: bool) -> list[searcher.ResumePlan]:
     """The finalists still to run (``tune.finalists``); ``create`` adds the missing ones to the record."""
     t, finals = spec.tune, spec.tune.finalists
     if not finals.seeds:
         return []
-    return searcher.finalist_plans(record, optuna_distributions(spec), t.metric, t.mode, t.scheduler.max_t,
+    return searcher.finalist_plans(record, optuna_distributions(spec), t.objective, t.scheduler.max_t,
                                    finals.top_k, finals.seeds, run_cfg.train.seed, create=create,
                                    evals_per_epoch=run_cfg.train.evals_per_epoch)
 
@@ -245,8 +245,9 @@ def _continuing(plans: list[searcher.ResumePlan], evals_per_epoch: int) -> str:
             + ", ".join(f"t{p.number:03d} (after {evaluation_name(p.evaluation, evals_per_epoch)})" for p in plans))
 
 
-def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord,
-                applied: list[str], plans: list[searcher.ResumePlan], aside: Path | None, study_data: Any) -> int:
+def _run_trials(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inputs, record: StudyRecord,
+                applied: list[str], plans: list[searcher.ResumePlan], aside: Path | None,
+                study_data: cluster.StudyData | None) -> int:
     """The search (new and unfinished trials, ASHA on), then the finalists (never stopped early), each
     a Ray Tune experiment ``runs/run-K``; then the study's outputs."""
     t = spec.tune
@@ -275,18 +276,17 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
                             tracking.HISTORY_KEY: tracking.uri_to_record(inputs.tracking_uri, record.dir)})
         started = time.monotonic()
         record.use(sampler=searcher.make_sampler(t.searcher, t.seed, t.num_samples, offset=len(record.trials())))
-        search = searcher.RecordSearcher(record, optuna_distributions(spec), t.metric, t.mode,
-                                         t.scheduler.max_t, plans)
+        search = searcher.RecordSearcher(record, optuna_distributions(spec), t.objective, t.scheduler.max_t, plans)
 
         def statuses() -> dict[str, str]:
             by_number = record.statuses()
             return {tid: by_number[n] for tid, n in search.numbers.items() if n in by_number}
 
-        view = ProgressView(t.metric, t.mode, run_cfg.train.epochs, to_run, statuses=statuses, local=paths.is_local,
+        view = ProgressView(t.objective, run_cfg.train.epochs, to_run, statuses=statuses, local=paths.is_local,
                             ray_errors=paths.local_dir / RAY_ERRORS_FILE,
-                            best=best_recorded(record.trials(), t.metric, t.mode))  # (earlier runs and phases)
+                            best=best_recorded(record.trials(), t.objective))  # (earlier runs and phases)
         trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), metric=t.metric, mode=t.mode,
+            tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), objective=t.objective,
                                  runs_dir=paths.runs_uri, run_name=f"run-{run_index}",
                                  keep_checkpoints=t.keep_checkpoints, gpu_share=t.resources_per_trial.gpu,
                                  data=study_data),
@@ -322,7 +322,7 @@ def _run_trials(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, reco
         return _phases(spec, paths, run_cfg, inputs, record, plans, new, finished, aside, mirror, fit)
 
 
-def _phases(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: StudyRecord,
+def _phases(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inputs, record: StudyRecord,
             plans: list[searcher.ResumePlan], new: int, finished: int, aside: Path | None, mirror: Mirror,
             fit: Callable[[list[searcher.ResumePlan], int, optuna.pruners.BasePruner, list[Any]], bool]) -> int:
     """The search, the finalists, the end report; an interrupt at any point raises KeyboardInterrupt."""
@@ -353,7 +353,7 @@ def _phases(spec: Any, paths: StudyPaths, run_cfg: Any, inputs: Inputs, record: 
     return finish_study(spec, paths, record, mirror, "FINISHED")
 
 
-def make_mirror(spec: Any, run_cfg: Any, inputs: Inputs, record: StudyRecord) -> Mirror:
+def make_mirror(spec: StudySpec, run_cfg: RunConfig, inputs: Inputs, record: StudyRecord) -> Mirror:
     """The study's MLflow mirror: fixed values and study settings on the parent run."""
     searched = {p.path for p in spec.search}
     fixed = {f"{sec}.{k}": v for sec, vals in run_config_to_dict(run_cfg).items() for k, v in vals.items()

@@ -32,7 +32,9 @@ from ray.tune.utils import flatten_dict
 
 from . import tracking
 from .lock import StudyLock
-from .record import FINISHED, NO_BETTER, RESUMABLE, StudyError, StudyRecord, TrialRecord, ranked
+from .objective import Objective
+from .record import StudyError, StudyRecord, TrialRecord, ranked
+from .status import FINISHED, RESUMABLE, TrialStatus
 from .tracking import TrackingError, _one_line
 
 if TYPE_CHECKING:
@@ -58,10 +60,11 @@ CONFIG_TAG = "minimind.config"
 PARENT_RUN_TAG, NOTE_TAG, _RUN_NAME_TAG = "mlflow.parentRunId", "mlflow.note.content", "mlflow.runName"
 
 # Record status -> MLflow run status; "running" is RUNNING while the driver lives, else KILLED.
-_RUN_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED", "diverged": "FAILED",
-               NO_BETTER: "FAILED", "abandoned": "FAILED", "interrupted": "KILLED"}
+_RUN_STATUS = {TrialStatus.COMPLETED: "FINISHED", TrialStatus.STOPPED_EARLY: "FINISHED", TrialStatus.FAILED: "FAILED",
+               TrialStatus.DIVERGED: "FAILED", TrialStatus.NO_BETTER: "FAILED", TrialStatus.ABANDONED: "FAILED",
+               TrialStatus.INTERRUPTED: "KILLED"}
 # finish(status) -> the parent's minimind.status tag.
-_STUDY_STATUS = {"FINISHED": "completed", "FAILED": "failed", "KILLED": "interrupted"}
+_STUDY_STATUS = {"FINISHED": TrialStatus.COMPLETED, "FAILED": TrialStatus.FAILED, "KILLED": TrialStatus.INTERRUPTED}
 # Record keys that are bookkeeping, not metrics: the timestamp is the point's own, the epoch its step.
 _NOT_METRICS = frozenset({*AUTO_RESULT_KEYS, "epoch", "timestamp_ms", "time_epoch_start_unix"})
 _MAX_RUNS = 50000  # MLflow's largest search page; no study has that many trials
@@ -151,7 +154,7 @@ class Mirror:
                        **{f"tune.{k}": v for k, v in flatten_dict(dict(settings), delimiter=".").items()}}
         self.tags = {k if k.startswith(("minimind.", "mlflow.")) else f"minimind.{k}": str(v) for k, v in tags.items()}
         tune = record.manifest.spec.get("tune") or {}
-        self.objective, self.mode = str(tune.get("metric") or "val_loss"), str(tune.get("mode") or "min")
+        self.objective = Objective.of(tune)
         self.search_keys = [str(k) for k in record.manifest.spec.get("search") or {}]
         self.experiment_id: str | None = None
         self.parent_status: str | None = None  # the parent run's MLflow status as of the last call
@@ -224,7 +227,7 @@ class Mirror:
             if best_run is not None:
                 tags[BEST_RUN_TAG] = best_run.info.run_id
             if best is not None and best_value is not None:  # stamped as its epoch: finishing again adds no point
-                metrics.append(Metric(f"study_best_{self.objective}", float(best_value),
+                metrics.append(Metric(f"study_best_{self.objective.metric}", float(best_value),
                                       _stamp(best.epochs.get(best_epoch or 0, {})), step))
             _update(client, parent, tags, {}, [m for m in metrics if math.isfinite(m.value)])
             for target, path in artifacts.items():
@@ -243,18 +246,19 @@ class Mirror:
         if best is None or value is None:
             return self.record.manifest.name
         answer = f"{self.record.manifest.name}: best {run_name(best, self.search_keys)}"
-        mean = study_metrics.get(f"best_mean_{self.objective}")
+        mean = study_metrics.get(f"best_mean_{self.objective.metric}")
         if mean is None or not math.isfinite(mean):
-            return f"{answer}, {self.objective} {value:.4g}"
+            return f"{answer}, {self.objective.metric} {value:.4g}"
         seeds = 1 + sum(t.finalist_of == best.number and t.status in FINISHED for t in trials)
-        return f"{answer}, mean {self.objective} {mean:.4g} over {seeds} seeds"
+        return f"{answer}, mean {self.objective.metric} {mean:.4g} over {seeds} seeds"
 
     def _note(self, trials: list[TrialRecord], best: TrialRecord | None, value: float | None, epoch: int | None,
               best_run: Run | None, artifacts: Mapping[str, Path], study_metrics: Mapping[str, float]) -> str:
         """The parent's description (Markdown): the best trial, its value (and mean over seeds when
         finalists ran), how to retrain it, the tally of search trials and finalist runs."""
         search = [t for t in trials if t.finalist_of is None]
-        counts = Counter({"running": "unfinished"}.get(t.status, t.status).replace("_", " ") for t in search)
+        counts = Counter("unfinished" if t.status == TrialStatus.RUNNING else t.status.replace("_", " ")
+                         for t in search)
         tally = f"{len(search)} trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."
         if finalists := len(trials) - len(search):
             tally += f" {finalists} finalist runs (top configs with other seeds)."
@@ -262,10 +266,10 @@ class Mirror:
             return f"No trial completed. {tally}"
         name = run_name(best, self.search_keys)
         link = f"[{name}](#/experiments/{self.experiment_id}/runs/{best_run.info.run_id})" if best_run else name
-        shown = "" if value is None else f": {self.objective} {value:.4g}" + (f" at epoch {epoch}" if epoch else "")
-        mean = study_metrics.get(f"best_mean_{self.objective}")
+        shown = "" if value is None else f": {self.objective.metric} {value:.4g}" + (f" at epoch {epoch}" if epoch else "")
+        mean = study_metrics.get(f"best_mean_{self.objective.metric}")
         if mean is not None and math.isfinite(mean):
-            shown += f"; over seeds, mean {mean:.4g} ± {study_metrics.get(f'best_std_{self.objective}', 0.0):.2g}"
+            shown += f"; over seeds, mean {mean:.4g} ± {study_metrics.get(f'best_std_{self.objective.metric}', 0.0):.2g}"
         config = Path(artifacts.get("best.yaml", Path(self.record.dir) / "best.yaml")).resolve()
         return (f"**Best trial {link}**{shown}.\n\n"
                 f"Retrain it: `python -m minimind_train.sft --config {config}`\n\n{tally}")
@@ -318,16 +322,16 @@ class Mirror:
         without a config, open. The name and objective columns are wide enough for a label and a whole
         value. MLflow 3.17's UI lists it under "Views" and opens it by ``viewStateShareKey=<study id>``
         (its own format: an envelope with the table state as a JSON string; a UI that differs ignores it)."""
-        best_key = f"metrics.`best_{self.objective}`"
-        selected = [best_key, f"metrics.`{self.objective}`", *(f"params.`{k}`" for k in self.search_keys),
+        best_key = f"metrics.`best_{self.objective.metric}`"
+        selected = [best_key, f"metrics.`{self.objective.metric}`", *(f"params.`{k}`" for k in self.search_keys),
                     f"tags.`{STATUS_TAG}`"]
         # ~6 px a character of the longest name: a group's label "Group: t000 k=v ..." beside its expander,
         # colour and count, or the study's run's (:meth:`_answer`).
         config = len("t000") + sum(len(_ABBREVIATIONS.get(k.rsplit(".", 1)[-1], k)) + 9 for k in self.search_keys)
-        label = max(len("Group: ") + config + 10, len(f"{self.record.manifest.name}: best , mean {self.objective} "
+        label = max(len("Group: ") + config + 10, len(f"{self.record.manifest.name}: best , mean {self.objective.metric} "
                                                       f"0.0000 over 2 seeds") + config)
         state = {"searchFilter": _where({STUDY_ID_TAG: self.study_id}), "orderByKey": best_key,
-                 "orderByAsc": self.mode == "min", "selectedColumns": selected,
+                 "orderByAsc": self.objective.minimize, "selectedColumns": selected,
                  # (MLflow's column ids: the name, the selected ones, then its "Created" and "Duration")
                  "columnOrder": ["attributes.`Run Name`", *selected, "runDateAndNestInfo", "duration"],
                  "columnWidths": {"attributes.`Run Name`": min(560, 60 + 6 * label), best_key: 170},
@@ -336,7 +340,7 @@ class Mirror:
                  # (the id of the group of runs without the tag: "mode.key"; MLflow folds it by default)
                  "groupsExpanded": {f"tag.{CONFIG_TAG}": True}}
         return tracking.VIEW_TAG_PREFIX + self.study_id, json.dumps(
-            {"name": f"{self.record.manifest.name}: best {self.objective} first", "createdAt": self.created,
+            {"name": f"{self.record.manifest.name}: best {self.objective.metric} first", "createdAt": self.created,
              "updatedAt": self.created, "state": json.dumps(state)})
 
     def _runs(self, client: MlflowClient, role: str, number: int | None = None) -> dict[str, Run]:
@@ -358,11 +362,11 @@ class Mirror:
                 STUDY_DIR_TAG: self.study_dir}
         run = self._runs(client, "parent").get("parent") or client.create_run(
             str(self.experiment_id), start_time=self.created, run_name=self.record.manifest.name,
-            tags={**tags, STATUS_TAG: "running"})
+            tags={**tags, STATUS_TAG: TrialStatus.RUNNING})
         # A setting changed by a later driver run stays as a tag beside the first value's param.
         tags.update({f"minimind.latest.{k}": str(v) for k, v in self.params.items()
                      if k in run.data.params and run.data.params[k] != str(v)})
-        _update(client, run, {**tags, STATUS_TAG: "running"} if running else tags, self.params)
+        _update(client, run, {**tags, STATUS_TAG: TrialStatus.RUNNING} if running else tags, self.params)
         if running:
             _set_status(client, run, "RUNNING")
         self.parent_status = "RUNNING" if running else run.info.status
@@ -375,7 +379,7 @@ class Mirror:
                 TRIAL_TAG: str(trial.number), PARENT_RUN_TAG: parent_id, STATUS_TAG: trial.status, CONFIG_TAG: config}
         # The identity tags go in with the run (one request): no crash leaves a run no sync can find.
         run = run or client.create_run(str(self.experiment_id), start_time=span[0], tags=tags, run_name=name)
-        if trial.status in ("failed", "diverged", NO_BETTER) and trial.error:
+        if trial.status in (TrialStatus.FAILED, TrialStatus.DIVERGED, TrialStatus.NO_BETTER) and trial.error:
             tags[ERROR_TAG] = trial.error
         elif ERROR_TAG in run.data.tags:  # failed once, then completed on --resume
             client.delete_tag(run.info.run_id, ERROR_TAG)
@@ -392,16 +396,17 @@ class Mirror:
         (``best_<objective>``, what the runs table sorts by), then the rest; ``aux_loss`` only where it
         was ever non-zero (a MoE model)."""
         aux = any(m.get("aux_loss", 0.0) != 0.0 for m in trial.epochs.values())
-        sign, best, best_key, out = (1.0 if self.mode == "min" else -1.0), math.inf, f"best_{self.objective}", []
+        objective, best, out = self.objective, None, []
+        best_key = f"best_{objective.metric}"
         for epoch, values in sorted(trial.epochs.items()):
-            value = values.get(self.objective, math.nan)
-            best = min(best, sign * value) if math.isfinite(value) else best
+            value = values.get(objective.metric, math.nan)
+            best = objective.best_of([value] if best is None else [best, value])
             row = {k: v for k, v in values.items() if k not in _NOT_METRICS and (aux or k != "aux_loss")}
-            if math.isfinite(best):
-                row[best_key] = sign * best
+            if best is not None:
+                row[best_key] = best
             if epoch > after:
                 out += [Metric(k, float(row[k]), _stamp(values), epoch)
-                        for k in sorted(row, key=lambda k: (k != self.objective, k != best_key, k))]
+                        for k in sorted(row, key=lambda k: (k != objective.metric, k != best_key, k))]
         return out
 
 
@@ -431,7 +436,7 @@ def trials_compare_url(tracking_server_url: str, tracking_uri: str, study_dir: P
     manifest = StudyRecord.open(Path(study_dir)).manifest
     spec = manifest.spec
     tune = spec.get("tune") or {}
-    objective, ascending = str(tune.get("metric") or "val_loss"), str(tune.get("mode") or "min") == "min"
+    objective = Objective.of(tune)
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(str((spec.get("mlflow") or {}).get("experiment")
                                                    or tracking.DEFAULT_EXPERIMENT))
@@ -439,8 +444,8 @@ def trials_compare_url(tracking_server_url: str, tracking_uri: str, study_dir: P
         return None
     runs = client.search_runs([experiment.experiment_id], _where({STUDY_ID_TAG: manifest.study_id, ROLE_TAG: "trial"}),
                               ViewType.ACTIVE_ONLY, _MAX_RUNS,
-                              [f"metrics.`best_{objective}` {'ASC' if ascending else 'DESC'}"])
-    ids = [run.info.run_id for run in runs if objective in run.data.metrics]
+                              [f"metrics.`best_{objective.metric}` {'ASC' if objective.minimize else 'DESC'}"])
+    ids = [run.info.run_id for run in runs if objective.metric in run.data.metrics]
     return tracking.compare_runs_url(tracking_server_url, experiment.experiment_id, ids) if ids else None
 
 
@@ -503,8 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not held and mirror.parent_status == "RUNNING":
             trials = record.trials()
             status = ("KILLED" if any(t.status in RESUMABLE for t in trials)
-                      else "FINISHED" if any(t.status == "completed" for t in trials) else "FAILED")
-            best, value, epoch = _best(trials, mirror.objective, mirror.mode)
+                      else "FINISHED" if any(t.status == TrialStatus.COMPLETED for t in trials) else "FAILED")
+            best, value, epoch = _best(trials, mirror.objective)
             found = {name: record.dir / name for name in ("best.yaml", "summary.csv")}
             found.update({f"plots/{p.name}": p for p in sorted((record.dir / "plots").glob("*.png"))})
             # The study ended with its last recorded trial time (its driver is gone).
@@ -520,17 +525,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _best(trials: list[TrialRecord], objective: str, mode: str) -> tuple[TrialRecord | None, float | None, int | None]:
+def _best(trials: list[TrialRecord], objective: Objective) -> tuple[TrialRecord | None, float | None, int | None]:
     """The best completed search trial (:func:`tune.record.ranked`), its best epoch's objective and that epoch."""
-    sign = 1.0 if mode == "min" else -1.0
-    best_epoch = {t.number: min(((sign * v, e) for e, v in t.curve(objective) if math.isfinite(v)),
-                                default=(math.inf, 0)) for t in trials}
-    answers = ranked([t for t in trials if t.finalist_of is None], mode, lambda t: t.status,
-                     lambda t: sign * best_epoch[t.number][0], statuses=("completed",))
+    best_epoch = {t.number: objective.best_of(t.curve(objective.metric), lambda ev: ev[1]) or (0, math.nan)
+                  for t in trials}
+    answers = ranked([t for t in trials if t.finalist_of is None], objective, lambda t: t.status,
+                     lambda t: best_epoch[t.number][1], statuses=(TrialStatus.COMPLETED,))
     if not answers:
         return None, None, None
-    value, epoch = best_epoch[answers[0].number]
-    return answers[0], sign * value, epoch
+    epoch, value = best_epoch[answers[0].number]
+    return answers[0], value, epoch
 
 
 def warn_on_failure(call: Callable[[], object]) -> bool:

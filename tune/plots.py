@@ -36,7 +36,9 @@ from matplotlib.text import Text
 from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as optuna_plots
 
+from .objective import Objective
 from .record import evals_per_epoch, ranked
+from .status import TrialStatus
 from .storage import trial_dirname
 
 __all__ = ["MIN_TRIALS_FOR_IMPORTANCE", "PLOT_DPI", "PLOT_FILES", "plot_study", "study_figures"]
@@ -90,13 +92,12 @@ def _points(study: optuna.Study) -> list[_Point]:
         value = t.value if t.state == TrialState.COMPLETE else epochs[max(epochs)] if epochs else None
         if "finalist_of" not in t.user_attrs and value is not None:
             points.append(_Point(t, float(value), t.state == TrialState.PRUNED, trial_dirname(t.number)))
-    mode = "min" if study.direction == optuna.study.StudyDirection.MINIMIZE else "max"
-    return ranked(points, mode, _status, lambda p: p.value)
+    return ranked(points, Objective.of_study(study), _status, lambda p: p.value)
 
 
 def _status(point: _Point) -> str:
     """The record's status of a plotted trial (one recorded before statuses: by its Optuna state)."""
-    return str(point.trial.user_attrs.get("status", "stopped_early" if point.stopped_early else "completed"))
+    return TrialStatus.of(point.trial.user_attrs.get("status"), point.trial.state)
 
 
 def _finalist_configs(study: optuna.Study) -> set[int]:

@@ -87,7 +87,7 @@ def _ray_tune_lines(record: logging.LogRecord) -> bool:
     return not any(s in text for s in ("Tuner.restore", "Trials did not complete"))
 
 
-def check_inputs(spec: Any, run_cfg: Any, paths: StudyPaths, address: str | None = None) -> Inputs:
+def check_inputs(spec: StudySpec, run_cfg: config.RunConfig, paths: StudyPaths, address: str | None = None) -> Inputs:
     """Tokenise the data, load the tokenizer and ``init_from``, ask the tracking server.
 
     Raises:

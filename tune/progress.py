@@ -7,7 +7,6 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import re
 import sys
 import threading
@@ -17,6 +16,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ray.tune import Callback
+
+from .atomic import write_atomic
+from .objective import Objective
+from .status import TrialStatus
 
 __all__ = ["RAY_ERRORS_FILE", "STEP_FILE", "ProgressView", "best_recorded", "count_trials", "eta_s", "ray_errors_to",
            "read_step", "step_writer"]
@@ -28,10 +31,12 @@ RAY_ERRORS_FILE = "ray_errors.log"  # in the study folder: what Ray's driver pri
 # (log_to_driver covers only the workers' own output). The name is the one Ray detail relied on here;
 # tests/test_faults.py fails if those lines reach the terminal again.
 _RAY_ERROR_THREAD = "ray_listen_error_messages"
-_SHOWN = ("done", "running", "stopped early", "failed", "diverged")  # always shown; others when non-zero
-_FINAL = {"completed": "done", "stopped_early": "stopped early", "failed": "failed", "diverged": "diverged",
-          "no_better": "no better"}
-_RAY = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": "running", "ERROR": "failed"}
+# The counts' labels: the record's status as people read it (a completed trial is "done"), else Ray's.
+_DONE, _S = "done", TrialStatus
+_SHOWN = (_DONE, _S.RUNNING.label, _S.STOPPED_EARLY.label, _S.FAILED.label, _S.DIVERGED.label)  # others when non-zero
+_FINAL = {s: _DONE if s is _S.COMPLETED else s.label
+          for s in (_S.COMPLETED, _S.STOPPED_EARLY, _S.FAILED, _S.DIVERGED, _S.NO_BETTER)}
+_RAY = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": _S.RUNNING.label, "ERROR": _S.FAILED.label}
 
 
 def step_writer(trial_dir: str | Path, min_interval_s: float = 1.0) -> Callable[[Any], None]:
@@ -43,12 +48,12 @@ def step_writer(trial_dir: str | Path, min_interval_s: float = 1.0) -> Callable[
     def write(info: Any) -> None:
         if (now := time.time()) - last[0] < min_interval_s:
             return
-        last[0], tmp = now, folder / f".{STEP_FILE}.{os.getpid()}"
+        last[0] = now
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"epoch": info.epoch, "step": info.step_in_epoch,
-                                       "steps_per_epoch": info.steps_in_epoch, "time": now}))
-            os.replace(tmp, folder / STEP_FILE)
+            write_atomic(folder / STEP_FILE, json.dumps({"epoch": info.epoch, "step": info.step_in_epoch,
+                                                         "steps_per_epoch": info.steps_in_epoch, "time": now}),
+                         durable=False)
         except OSError:
             pass
     return write
@@ -71,20 +76,20 @@ def count_trials(trials: list[Any], recorded: Mapping[str, str]) -> dict[str, in
     count = dict.fromkeys(_SHOWN, 0)
     for t in trials:
         status = recorded.get(t.trial_id)
-        key = _FINAL.get(status or "") or _RAY.get(t.status) or ("interrupted" if status else "done")
+        key = _FINAL.get(status or "") or _RAY.get(t.status) or (_S.INTERRUPTED.label if status else _DONE)
         count[key] = count.get(key, 0) + 1
     return count
 
 
-def best_recorded(trials: Iterable[Any], metric: str, mode: str) -> tuple[float, str] | None:
-    """``(value, "t003")``: the best finite ``metric`` any epoch of the record's ``trials``
-    (:class:`tune.record.TrialRecord`) reported, by ``mode``, leaving out values no better than their
+def best_recorded(trials: Iterable[Any], objective: Objective) -> tuple[float, str] | None:
+    """``(value, "t003")``: the best finite objective any epoch of the record's ``trials``
+    (:class:`tune.record.TrialRecord`) reported, leaving out values no better than their
     trial's model before training (:func:`tune.record.no_better_reason`); None before any."""
     from .record import no_better_reason
 
-    values = [(v, f"t{t.number:03d}") for t in trials for _, v in t.curve(metric)
-              if math.isfinite(v) and not no_better_reason(v, metric, mode, t.first_metrics)]
-    return min(values, key=lambda item: item[0] if mode == "min" else -item[0], default=None)
+    values = [(v, f"t{t.number:03d}") for t in trials for _, v in t.curve(objective.metric)
+              if math.isfinite(v) and not no_better_reason(v, objective, t.first_metrics)]
+    return objective.best_of(values, lambda item: item[0])
 
 
 def eta_s(done: float, done_at_start: float, planned: float, elapsed_s: float) -> float | None:
@@ -140,15 +145,15 @@ class ProgressView(Callback):
     driver-side error messages go while the terminal view runs (:func:`ray_errors_to`).
     """
 
-    def __init__(self, metric: str, mode: str, planned_epochs: int, num_samples: int,
+    def __init__(self, objective: Objective, planned_epochs: int, num_samples: int,
                  statuses: Callable[[], Mapping[str, str]] | None = None, local: bool = True,
                  stream: TextIO | None = None, ray_errors: Path | None = None,
                  best: tuple[float, str] | None = None) -> None:
-        self.metric, self.mode, self.statuses, self.local = metric, mode, statuses, local
+        self.metric, self.objective, self.statuses, self.local = objective.metric, objective, statuses, local
         self.planned_epochs, self.num_samples = planned_epochs, num_samples
         self._stream = stream  # None: sys.stdout at each use (ours stands in for it during a run)
         self._start, self._first = time.monotonic(), None  # _first: the first trial's start (for the ETA)
-        self._best, self._best_trial = best or ((math.inf if mode == "min" else -math.inf), "")
+        self._best, self._best_trial = best or (self.objective.worst, "")
         self._trials: list[Any] = []
         self._recorded: Mapping[str, str] = {}
         self._labels: dict[str, str] = {}  # Ray trial id -> "t003 lr=2.3e-3 acc=1"
@@ -273,8 +278,8 @@ class ProgressView(Callback):
 
         # A value no better than the trial's untrained model is never "best so far" (it is no answer).
         if isinstance(value, (int, float)) and math.isfinite(value) and (
-                value < self._best if self.mode == "min" else value > self._best) and not no_better_reason(
-                    value, self.metric, self.mode, self._first_epoch.get(trial.trial_id, {})):
+                self.objective.better(value, self._best)) and not no_better_reason(
+                    value, self.objective, self._first_epoch.get(trial.trial_id, {})):
             self._best, self._best_trial = float(value), self._label(trial, short=True)
         # Plain lines only; a trial's last epoch is in its end line, next.
         ended = epoch >= self.planned_epochs or self._recorded.get(trial.trial_id) in _FINAL
@@ -286,15 +291,17 @@ class ProgressView(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._refresh(trials)
-        status, last = self._recorded.get(trial.trial_id, "completed"), trial.last_result or {}
+        from .searcher import DIVERGED_REASON_KEY
+
+        status, last = self._recorded.get(trial.trial_id, TrialStatus.COMPLETED), trial.last_result or {}
         value = last.get(self.metric)
-        why = (f": {last.get('diverged_reason', '')}" if status == "diverged" else
+        why = (f": {last.get(DIVERGED_REASON_KEY, '')}" if status == TrialStatus.DIVERGED else
                f" ({self.metric} {value:.4f})" if isinstance(value, (int, float)) else "")
         self._event(f"{self._label(trial)} {status.replace('_', ' ')} at epoch {self._epoch(trial)}{why}")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._refresh(trials)
-        self.on_trial_recover(iteration, trials, trial, what="failed")
+        self.on_trial_recover(iteration, trials, trial, what=TrialStatus.FAILED.label)
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any,
                          what: str = "crashed; Ray retries it from its last checkpoint", **info: Any) -> None:

@@ -24,26 +24,8 @@ ends epoch ``e``. It is the step of the Optuna intermediate value, the key of th
 of the plots, the checkpoint folder's number and what ASHA's rungs count. With N = 1 it is the epoch:
 exactly the records of studies made before evaluations inside an epoch, which open and resume as they are.
 
-Trial statuses (user attr ``status``) and their Optuna states:
-
-=============  ========  ===============================================================
-status         state     meaning
-=============  ========  ===============================================================
-running        RUNNING   training now, or its driver died (resumed by ``--resume``)
-interrupted    RUNNING   stopped by Ctrl-C or the time budget (resumed by ``--resume``)
-failed         RUNNING   crashed after Ray's retries (``--resume`` retries it)
-completed      COMPLETE  trained every epoch; value = best epoch's objective
-stopped_early  PRUNED    stopped by ASHA (Optuna's SuccessiveHalvingPruner) at a rung
-diverged       FAIL      loss became non-finite or exploded: its config is unusable
-no_better      COMPLETE  finished (all epochs, or stopped by ASHA) no better than the model
-                         before training or the uniform predictor (:func:`no_better_reason`):
-                         it learned nothing, so it is never the answer nor a finalist
-=============  ========  ===============================================================
-
-``no_better`` is told to Optuna as COMPLETE with its own (bad) value rather than FAIL: TPE ignores
-FAIL trials, so the region of a trial that learned nothing would look unexplored and be sampled
-again; as a complete trial with a value no better than the untrained model's it lands in TPE's
-"bad" group, and ASHA's rungs keep its values. Everything that picks an answer goes through
+Each trial's status (user attr ``status``) is a :class:`tune.status.TrialStatus`; that module's table
+says what each means and the Optuna state it ends in. Everything that picks an answer goes through
 :func:`ranked`, which only takes ``completed`` (and, failing those, ``stopped_early``) trials.
 """
 
@@ -71,34 +53,15 @@ from optuna.trial import FrozenTrial, TrialState
 from minimind_train.config import RunConfig, run_config_to_dict
 from minimind_train.validation import validate
 
+from .atomic import write_atomic
+from .objective import Objective
+from .status import ANSWERS, FINISHED, RESUMABLE, TrialStatus
 from .storage import RUNS_DIR, ResumePoint, checkpoint_metas, local_path, resume_point, trial_dirs
 
-__all__ = [
-    "ANSWERS",
-    "BASELINE_PREFIX",
-    "FINISHED",
-    "MANIFEST_FILE",
-    "NO_BETTER",
-    "NO_BETTER_MARGIN",
-    "OPTUNA_FILE",
-    "PATH_KEYS",
-    "RESUMABLE",
-    "RUN_SETTINGS",
-    "UNIFORM_KEY",
-    "WARM_START",
-    "Manifest",
-    "StudyError",
-    "StudyRecord",
-    "TrialRecord",
-    "diff_specs",
-    "evals_per_epoch",
-    "evaluation_index",
-    "evaluation_name",
-    "no_better_reason",
-    "rank_key",
-    "ranked",
-    "write_atomic",
-]
+__all__ = ["BASELINE_PREFIX", "MANIFEST_FILE", "NO_BETTER_MARGIN", "OPTUNA_FILE",
+           "PATH_KEYS", "RUN_SETTINGS", "UNIFORM_KEY", "Manifest", "StudyError",
+           "StudyRecord", "TrialRecord", "diff_specs", "evals_per_epoch", "evaluation_index", "evaluation_name",
+           "no_better_reason", "rank_key", "ranked"]
 
 MANIFEST_FILE = "study.json"
 SPACE_FILE = "space.yaml"
@@ -108,22 +71,10 @@ _STUDY_NAME = "study"  # the one Optuna study inside optuna.db
 _SPEC_ATTR = "spec"  # optuna.db's copy of study.json's spec (studies created since it is kept)
 FORMAT = 1
 
-NO_BETTER = "no_better"
-FINISHED = frozenset({"completed", "stopped_early", "diverged", NO_BETTER})
-# A trial copied from an earlier study (tune.warmstart): history for the sampler, not a trial of this study.
-WARM_START = "warm_start"
-RESUMABLE = frozenset({"running", "interrupted", "failed"})
-# The Optuna state each finished status ends in (the table above); any other state reads as ``running``.
-_STATE_OF = {"completed": TrialState.COMPLETE, "stopped_early": TrialState.PRUNED, "diverged": TrialState.FAIL,
-             NO_BETTER: TrialState.COMPLETE}
-_STATUS_OF = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "stopped_early", TrialState.FAIL: "diverged"}
-
-# Statuses whose value can be a study's answer, preferred first: a completed trial, else (none
-# completed) one stopped early. Never no_better, diverged, or an unfinished one.
-ANSWERS = ("completed", "stopped_early")
 # Every status in the order a study's table lists them (then by value): answers first, unfinished next.
-_STATUS_ORDER = {"completed": 0, "stopped_early": 1, "interrupted": 2, "running": 2, "failed": 3,
-                 "diverged": 3, NO_BETTER: 3, "abandoned": 4}
+_STATUS_ORDER = {TrialStatus.COMPLETED: 0, TrialStatus.STOPPED_EARLY: 1, TrialStatus.INTERRUPTED: 2,
+                 TrialStatus.RUNNING: 2, TrialStatus.FAILED: 3, TrialStatus.DIVERGED: 3, TrialStatus.NO_BETTER: 3,
+                 TrialStatus.ABANDONED: 4}
 
 # Metrics of a trial's first epoch that say what "learned something" means (minimind_train.train reports
 # them): ``baseline_<metric>``, the objective of the model before its first optimizer step, and
@@ -166,16 +117,15 @@ def evaluation_name(index: int, evals_per_epoch: int) -> str:
     return f"epoch {index}" if evals_per_epoch == 1 else f"evaluation {index} ({index / evals_per_epoch:g} epochs)"
 
 
-def no_better_reason(value: float, metric: str, mode: str, first_epoch: Mapping[str, float]) -> str:
+def no_better_reason(value: float, objective: Objective, first_epoch: Mapping[str, float]) -> str:
     """Why a trial whose best objective is ``value`` learned nothing ("" when it did): it is not better
     (by :data:`NO_BETTER_MARGIN`) than its model before training (``baseline_<metric>`` in
     ``first_epoch``, its first evaluation's metrics: :attr:`TrialRecord.first_metrics`) or, for a loss minimised, than the uniform predictor
     (``uniform_loss``). A bar the trial did not report is not checked (a study recorded before them)."""
-    sign = 1.0 if mode == "min" else -1.0
-    than = ">=" if mode == "min" else "<="
+    metric, sign, than = objective.metric, objective.sign, objective.not_better
     bars = [(first_epoch.get(f"{BASELINE_PREFIX}{metric}"), "the untrained model",
              "{value:.4f} {than} {bar:.4f} before training")]
-    if mode == "min":
+    if objective.minimize:
         bars.append((first_epoch.get(UNIFORM_KEY), "the uniform predictor",
                      "{value:.4f} {than} {bar:.4f} = ln(vocabulary size)"))
     for bar, what, shown in bars:
@@ -184,14 +134,13 @@ def no_better_reason(value: float, metric: str, mode: str, first_epoch: Mapping[
     return ""
 
 
-def rank_key(status: str, value: float, mode: str) -> tuple[int, float]:
+def rank_key(status: str, value: float, objective: Objective) -> tuple[int, float]:
     """Where a trial of ``status`` whose best objective is ``value`` stands in a study's ranking (smaller
     first): by status (answers, then unfinished, then those that are no answer), then by value."""
-    sign = 1.0 if mode == "min" else -1.0
-    return _STATUS_ORDER.get(status, 3), sign * value if math.isfinite(value) else math.inf
+    return _STATUS_ORDER.get(status, 3), objective.sort_key(value)
 
 
-def ranked(items: Iterable[_T], mode: str, status: Callable[[_T], str], value: Callable[[_T], float],
+def ranked(items: Iterable[_T], objective: Objective, status: Callable[[_T], str], value: Callable[[_T], float],
            statuses: Sequence[str] = ANSWERS) -> list[_T]:
     """The one ranking of answers, best first: the ``items`` whose status is one of ``statuses`` (by
     default :data:`ANSWERS`) with a finite value, ordered by :func:`rank_key`. A ``no_better``,
@@ -199,7 +148,7 @@ def ranked(items: Iterable[_T], mode: str, status: Callable[[_T], str], value: C
     finalists, MLflow, plots, warm starts) picks from here; the live view skips values that
     :func:`no_better_reason` rejects."""
     found = [item for item in items if status(item) in statuses and math.isfinite(value(item))]
-    return sorted(found, key=lambda item: rank_key(status(item), value(item), mode))
+    return sorted(found, key=lambda item: rank_key(status(item), value(item), objective))
 
 
 class StudyError(RuntimeError):
@@ -368,7 +317,7 @@ def _trial_record(t: FrozenTrial) -> TrialRecord:
     epochs = {int(key[6:]): {k: float(v) for k, v in value.items() if _is_number(v)}
               for key, value in t.user_attrs.items()
               if key.startswith("epoch_") and key[6:].isdigit() and isinstance(value, Mapping)}
-    status = str(t.user_attrs.get("status", _STATUS_OF.get(t.state, "running")))
+    status = TrialStatus.of(t.user_attrs.get("status"), t.state)
     return TrialRecord(number=t.number, status=status, params=dict(t.params), epochs=epochs,
                        error=str(t.user_attrs.get("error", "")), finalist_of=t.user_attrs.get("finalist_of"),
                        seed=t.user_attrs.get("seed"), started=t.datetime_start, completed=t.datetime_complete)
@@ -431,9 +380,9 @@ class StudyRecord:
         manifest = Manifest(study_id=uuid.uuid4().hex, name=name,
                             created=_dt.datetime.now().isoformat(timespec="seconds"), spec=dict(spec),
                             fingerprints=dict(fingerprints))
-        direction = "minimize" if spec["tune"]["mode"] == "min" else "maximize"
         storage = cls._storage(staging)
-        study = optuna.create_study(storage=storage, study_name=_STUDY_NAME, direction=direction)
+        study = optuna.create_study(storage=storage, study_name=_STUDY_NAME,
+                                    direction=Objective.of(spec["tune"]).optuna_direction)
         study.set_user_attr("study_id", manifest.study_id)
         study.set_user_attr(_SPEC_ATTR, manifest.spec)  # (a second copy: an edited study.json is told apart)
         write_atomic(staging / SPACE_FILE, space_yaml)
@@ -441,6 +390,8 @@ class StudyRecord:
             prepare(cls(staging, manifest, storage))
         write_atomic(staging / MANIFEST_FILE, manifest.to_json())
         storage.engine.dispose()  # (its connections know the staging path)
+        # Published by a rename of its own, not tune.atomic.staged: a folder that appeared at study_dir
+        # meanwhile is never replaced (os.rename fails on a non-empty folder).
         os.rename(staging, study_dir)
         return cls(study_dir, manifest, cls._storage(study_dir))
 
@@ -513,7 +464,7 @@ class StudyRecord:
     def _own_trials(self) -> list[FrozenTrial]:
         """The study's own trials: not those copied from an earlier study, nor configs queued to be asked."""
         return [t for t in self.study.get_trials(deepcopy=False)
-                if t.state != TrialState.WAITING and t.user_attrs.get("status") != WARM_START]
+                if t.state != TrialState.WAITING and t.user_attrs.get("status") != TrialStatus.WARM_START]
 
     def trials(self) -> list[TrialRecord]:
         return [_trial_record(t) for t in self._own_trials()]
@@ -541,24 +492,23 @@ class StudyRecord:
         """The checkpoint the trial continues from (and the newer ones that cannot be continued from)."""
         return resume_point(self.runs, number)
 
-    def best_checkpoint(self, number: int, metric: str, mode: str) -> str | None:
-        """The trial's kept checkpoint with the best ``metric`` by its own meta.json."""
+    def best_checkpoint(self, number: int, objective: Objective) -> str | None:
+        """The trial's kept checkpoint with the best objective by its own meta.json (the earliest on a tie)."""
         scored = []
-        for epoch, (ckpt, meta) in self.checkpoint_metas(number).items():
+        for epoch, (ckpt, meta) in sorted(self.checkpoint_metas(number).items()):
             try:
-                value = float(meta["metrics"][metric])
+                scored.append((float(meta["metrics"][objective.metric]), ckpt))
             except (ValueError, KeyError, TypeError):
                 continue
-            if math.isfinite(value):
-                scored.append((value if mode == "min" else -value, epoch, ckpt))
-        return min(scored)[2] if scored else None
+        best = objective.best_of(scored, lambda item: item[0])
+        return best[1] if best else None
 
     # -- writing (the driver) ----------------------------------------------------------------------
 
     def ask(self, distributions: Mapping[str, optuna.distributions.BaseDistribution]) -> tuple[int, dict[str, Any]]:
         """A new trial: its number and the sampler's params (Optuna's ask-and-tell interface)."""
         trial = self.study.ask(dict(distributions))
-        trial.set_user_attr("status", "running")
+        trial.set_user_attr("status", TrialStatus.RUNNING)
         return trial.number, dict(trial.params)
 
     def _trial_id(self, number: int) -> int:
@@ -592,7 +542,7 @@ class StudyRecord:
         frozen = self._frozen(number)
         return bool(frozen.intermediate_values) and pruner.prune(self.study, frozen)
 
-    def finish(self, number: int, status: str, objective: str, mode: str, error: str = "") -> None:
+    def finish(self, number: int, status: str, objective: Objective, error: str = "") -> None:
         """End a trial in Optuna: completed -> COMPLETE(best epoch), stopped_early -> PRUNED, diverged -> FAIL,
         no_better -> COMPLETE(best epoch).
 
@@ -605,26 +555,25 @@ class StudyRecord:
         if frozen.state.is_finished():
             return
         trial = _trial_record(frozen)
-        values = [v for _, v in trial.curve(objective) if math.isfinite(v)]
-        best = (min(values) if mode == "min" else max(values)) if values else None
-        if status in ("completed", NO_BETTER) and best is None:
-            status, error = "diverged", error or f"no finite {objective} was reported"
+        best = objective.best_of(v for _, v in trial.curve(objective.metric))
+        if status in (TrialStatus.COMPLETED, TrialStatus.NO_BETTER) and best is None:
+            status, error = TrialStatus.DIVERGED, error or f"no finite {objective.metric} was reported"
         elif status in ANSWERS and best is not None and (
-                reason := no_better_reason(best, objective, mode, trial.first_metrics)):
-            status, error = NO_BETTER, reason
+                reason := no_better_reason(best, objective, trial.first_metrics)):
+            status, error = TrialStatus.NO_BETTER, reason
         self.set_status(number, status, error)
         if status in FINISHED:
-            self.study.tell(number, best if _STATE_OF[status] == TrialState.COMPLETE else None,
-                            state=_STATE_OF[status])
+            state = TrialStatus(status).state
+            self.study.tell(number, best if state == TrialState.COMPLETE else None, state=state)
 
     def abandon(self, number: int, reason: str) -> None:
         """End a trial that can never run as asked (its params were never all recorded: the driver
         died inside ``ask``): Optuna FAIL, status ``abandoned``; it does not count towards num_samples."""
-        self.set_status(number, "abandoned", reason)
+        self.set_status(number, TrialStatus.ABANDONED, reason)
         if not self._frozen(number).state.is_finished():
-            self.study.tell(number, state=TrialState.FAIL)
+            self.study.tell(number, state=TrialStatus.ABANDONED.state)
 
-    def tell_decided(self, objective: str, mode: str) -> list[int]:
+    def tell_decided(self, objective: Objective) -> list[int]:
         """Tell Optuna the end of each trial whose status is final but whose Optuna state is still
         RUNNING: its driver died between the two writes of :meth:`finish` (or :meth:`abandon`), or after
         the scheduler's decision and before Ray ended the trial. Returns their numbers.
@@ -634,10 +583,10 @@ class StudyRecord:
         told = []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             status = t.user_attrs.get("status")
-            if status == "abandoned":
+            if status == TrialStatus.ABANDONED:
                 self.abandon(t.number, str(t.user_attrs.get("error", "")))
             elif status in FINISHED:
-                self.finish(t.number, str(status), objective, mode, error=str(t.user_attrs.get("error", "")))
+                self.finish(t.number, str(status), objective, error=str(t.user_attrs.get("error", "")))
             else:
                 continue
             told.append(t.number)
@@ -647,8 +596,8 @@ class StudyRecord:
         """Mark trials still ``running`` as ``interrupted`` (the time budget ends trials without telling
         the searcher); ``--resume`` continues them."""
         for number, status in self.statuses().items():
-            if status == "running":
-                self.set_status(number, "interrupted")
+            if status == TrialStatus.RUNNING:
+                self.set_status(number, TrialStatus.INTERRUPTED)
 
     def unfinished(self) -> list[TrialRecord]:
         return [t for t in self.trials() if t.status in RESUMABLE]
@@ -662,7 +611,7 @@ class StudyRecord:
         """A new trial training search trial ``of``'s config with ``seed``; returns its number."""
         template = optuna.trial.create_trial(
             state=TrialState.RUNNING, params=of.params, distributions=dict(distributions),
-            user_attrs={"status": "running", "finalist_of": of.number, "seed": seed})
+            user_attrs={"status": TrialStatus.RUNNING, "finalist_of": of.number, "seed": seed})
         return self.storage.get_trial_number_from_id(self.storage.create_new_trial(self.study_id, template))
 
 
@@ -682,17 +631,3 @@ def _is_optuna_db(path: Path) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path``'s content with ``text`` (UTF-8) by a rename: a reader, or the next driver after a
-    kill at any moment, finds the old file or the new one whole, never part of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -24,10 +24,13 @@ from rich.filesize import decimal as human_bytes
 from minimind_train.checkpoint import MODEL_FILE, STATE_FILE, drop_resume_state
 from minimind_train.config import run_config_to_dict
 
+from .atomic import leftovers, write_atomic
 from .interrupts import signals_deferred
 from .mirror import Mirror, warn_on_failure
-from .record import FINISHED, NO_BETTER, StudyRecord, evaluation_name, rank_key, ranked, write_atomic
+from .objective import Objective
+from .record import StudyRecord, evaluation_name, rank_key, ranked
 from .space import StudySpec
+from .status import FINISHED, RESUMABLE, TrialStatus
 from .storage import CHECKPOINT_PREFIX, StudyPaths, fetch_file
 
 __all__ = [
@@ -55,28 +58,26 @@ class TrialSummary:
     seed: int | None = None
 
 
-def summarize_trials(record: StudyRecord, metric: str, mode: str) -> list[TrialSummary]:
+def summarize_trials(record: StudyRecord, objective: Objective) -> list[TrialSummary]:
     """Ranked summaries of the record's trials, best first (:func:`tune.record.rank_key`): by status
     (completed, stopped early, unfinished, then no better than untrained, diverged and failed), then by
     the objective at the trial's best epoch."""
-    sign = 1.0 if mode == "min" else -1.0
     out = []
     for t in record.trials():
-        curve = t.curve(metric)
-        finite = [(e, v) for e, v in curve if math.isfinite(v)]
-        best_epoch, best_value = min(finite, key=lambda ev: sign * ev[1]) if finite else (0, sign * math.inf)
-        metas = record.checkpoint_metas(t.number) if finite else {}
+        curve = t.curve(objective.metric)
+        best_epoch, best_value = objective.best_of(curve, lambda ev: ev[1]) or (0, objective.worst)
+        metas = record.checkpoint_metas(t.number) if math.isfinite(best_value) else {}
         if best_epoch in metas:  # the best epoch's own weights, when kept
             checkpoint = metas[best_epoch][0]
         else:
-            checkpoint = record.best_checkpoint(t.number, metric, mode) if metas else None
+            checkpoint = record.best_checkpoint(t.number, objective) if metas else None
         checkpoint_epoch = next((e for e, (path, _) in metas.items() if path == checkpoint), None)
         out.append(TrialSummary(
             trial_id=t.name, name=t.name, status=t.status, epochs=max(t.epochs, default=0),
             best_value=best_value, best_epoch=best_epoch, params=t.params, curve=curve, checkpoint=checkpoint,
             error=t.error, number=t.number, checkpoint_epoch=checkpoint_epoch, finalist_of=t.finalist_of,
             seed=t.seed))
-    return sorted(out, key=lambda s: (*rank_key(s.status, s.best_value, mode), s.number))
+    return sorted(out, key=lambda s: (*rank_key(s.status, s.best_value, objective), s.number))
 
 
 # Below this Spearman correlation a rung's ranking says little about the final one (documented in the
@@ -101,7 +102,7 @@ def rung_fidelity(summaries: Sequence[TrialSummary], rungs: Sequence[float]) -> 
     import pandas as pd
 
     completed = [s for s in summaries
-                 if s.status == "completed" and s.curve and math.isfinite(s.curve[-1][1])]
+                 if s.status == TrialStatus.COMPLETED and s.curve and math.isfinite(s.curve[-1][1])]
     out = []
     for epoch in map(int, rungs):
         pairs = [(next((v for e, v in s.curve if e >= epoch), None), s.curve[-1][1]) for s in completed]
@@ -134,19 +135,19 @@ class Finalist:
         return statistics.stdev(self.values) if len(self.values) > 1 and math.isfinite(self.mean) else 0.0
 
 
-def rank_finalists(finalists: Sequence[Finalist], mode: str) -> list[Finalist]:
+def rank_finalists(finalists: Sequence[Finalist], objective: Objective) -> list[Finalist]:
     """Best mean objective first: the study's answer when finalists ran."""
-    return sorted(finalists, key=lambda f: f.mean if mode == "min" else -f.mean)
+    return sorted(finalists, key=lambda f: objective.sort_key(f.mean))
 
 
-def summarize_finalists(summaries: Sequence[TrialSummary], base_seed: int, mode: str) -> list[Finalist]:
+def summarize_finalists(summaries: Sequence[TrialSummary], base_seed: int, objective: Objective) -> list[Finalist]:
     """The configs with finished finalist trials, ranked (:func:`rank_finalists`); the search trial
     itself ran with ``base_seed``."""
     runs: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    worst = math.inf if mode == "min" else -math.inf
+    worst = objective.worst
     for s in summaries:
         if s.finalist_of is not None and s.seed is not None and s.status in FINISHED:
-            finite = s.status == "completed" and math.isfinite(s.best_value)
+            finite = s.status == TrialStatus.COMPLETED and math.isfinite(s.best_value)
             runs[s.finalist_of].append((s.seed, s.best_value if finite else worst))
     by_number = {s.number: s for s in summaries}
     out = []
@@ -154,7 +155,7 @@ def summarize_finalists(summaries: Sequence[TrialSummary], base_seed: int, mode:
         base = by_number[number]
         seeds, values = zip((base_seed, base.best_value), *sorted(seeded))
         out.append(Finalist(base.trial_id, number, base.params, seeds, values))
-    return rank_finalists(out, mode)
+    return rank_finalists(out, objective)
 
 
 def _param_keys(items: Iterable[TrialSummary | Finalist]) -> list[str]:
@@ -229,13 +230,13 @@ def prune_resume_state(record: StudyRecord, summaries: Sequence[TrialSummary], k
 
     The ``keep_top`` best trials keep everything, and so does every unfinished trial (``--resume``
     continues it). Every other finished trial keeps only the fp16 weights of its best checkpoint. A
-    finished trial's checkpoint copies that a killed worker left half done (hidden ``.epoch_*.tmp``
-    folders of :func:`tune.storage.write_checkpoint`, never read) are deleted.
+    finished trial's checkpoint copies that a killed worker left half done (:func:`tune.atomic.leftovers`
+    of :func:`tune.storage.write_checkpoint`, never read) are deleted.
     """
     freed = 0
     for s in summaries:
         dirs = record.trial_dirs(s.number) if s.status in FINISHED else []
-        for staged in (p for trial_dir in dirs for p in trial_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")):
+        for staged in (p for trial_dir in dirs for p in leftovers(trial_dir, CHECKPOINT_PREFIX)):
             freed += dir_bytes(staged)
             shutil.rmtree(staged, ignore_errors=True)
     for s in summaries[keep_top:]:
@@ -259,13 +260,13 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-def _answer(search: Sequence[TrialSummary], finalists: Sequence[Finalist], metric: str,
-            mode: str) -> tuple[TrialSummary | None, Finalist | None]:
+def _answer(search: Sequence[TrialSummary], finalists: Sequence[Finalist],
+            objective: Objective) -> tuple[TrialSummary | None, Finalist | None]:
     """The study's answer, printing the finalists: the config with the best finite mean over seeds,
     else the best completed trial (the best stopped early when none completed; never one that is no
     better than untrained: :func:`tune.record.ranked`), else None."""
     if finalists:
-        print(f"\nfinalists: the top configs trained again with other seeds, best mean {metric} first")
+        print(f"\nfinalists: the top configs trained again with other seeds, best mean {objective.metric} first")
         for f in finalists:
             mean = (f"mean {f.mean:.4f} ± {f.std:.4f}" if math.isfinite(f.mean)
                     else "unstable (a seed diverged)")
@@ -276,7 +277,7 @@ def _answer(search: Sequence[TrialSummary], finalists: Sequence[Finalist], metri
         print("warning: every finalist config diverged or failed with another seed: no config is stable "
               "across seeds; best.yaml is the best single trial's config (lower the learning rate range "
               "before trusting it)", file=sys.stderr)
-    answers = ranked(search, mode, lambda s: s.status, lambda s: s.best_value)
+    answers = ranked(search, objective, lambda s: s.status, lambda s: s.best_value)
     return (answers[0] if answers else None), None
 
 
@@ -299,12 +300,12 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
     # The answer of what finished is written whole first: a Ctrl-C or SIGTERM during the report stops
     # the driver right after it (the plots, the MLflow parent's results and the pruning: on --resume).
     with signals_deferred():
-        summaries = summarize_trials(record, t.metric, t.mode)
+        summaries = summarize_trials(record, t.objective)
         search = [s for s in summaries if s.finalist_of is None]  # (finalists are seeds of search configs)
         print()
         print(format_table(search, t.metric))
-        finalists = summarize_finalists(summaries, spec.run.train.seed, t.mode)
-        best, finalist = _answer(search, finalists, t.metric, t.mode)
+        finalists = summarize_finalists(summaries, spec.run.train.seed, t.objective)
+        best, finalist = _answer(search, finalists, t.objective)
         artifacts: dict[str, Path] = {}
         if finalists:
             artifacts["finalists.csv"] = write_finalists_csv(study_dir / "finalists.csv", finalists, t.metric)
@@ -326,7 +327,7 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
         best_epoch=None if best is None else best.best_epoch, artifacts=artifacts,
         study_metrics=study_metrics))
     freed = prune_resume_state(record, summaries, t.keep_top_trials)  # (local trial folders only)
-    unfinished = [s for s in summaries if s.status in ("interrupted", "running", "failed")]
+    unfinished = [s for s in summaries if s.status in RESUMABLE]
     print()
     if best is not None:
         _print_best(spec, paths, best, finalist, best_model, unfinished)
@@ -346,7 +347,7 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
         return 1
     if best is None:
         then = budget or ("--resume continues the unfinished ones" if unfinished else "")
-        if learned_nothing := [s for s in search if s.status == NO_BETTER]:
+        if learned_nothing := [s for s in search if s.status == TrialStatus.NO_BETTER]:
             # Trials ran to their end and learned nothing: exporting one would hand over an untrained model.
             head = (f"error: no trial beat the untrained model: {len(learned_nothing)} trial(s) ended no better "
                     "than before training; no best.yaml or checkpoint is exported (lower the learning rate "
@@ -373,13 +374,14 @@ def _reason(s: TrialSummary, budget: str) -> str:
     was stopped by the time budget when ``budget`` (:func:`_budget_used_up`) is used up."""
     if s.error:
         return f"{s.trial_id}: {s.status}: {s.error}"
-    return f"{s.trial_id}: {s.status}" + (" (time budget)" if budget and s.status == "interrupted" else "")
+    return f"{s.trial_id}: {s.status}" + (" (time budget)" if budget and s.status == TrialStatus.INTERRUPTED else "")
 
 
 def _print_best(spec: StudySpec, paths: StudyPaths, best: TrialSummary, finalist: Finalist | None,
                 best_model: Path | None, unfinished: Sequence[TrialSummary]) -> None:
     """The study's answer, after warnings about its checkpoint and the unfinished trials that beat it."""
-    metric, sign = spec.tune.metric, 1 if spec.tune.mode == "min" else -1
+    objective = spec.tune.objective
+    metric = objective.metric
 
     def at(index: int | None) -> str:  # an evaluation index as the study counts it ("epoch 2" with one per epoch)
         return evaluation_name(index or 0, spec.run.train.evals_per_epoch)
@@ -391,7 +393,7 @@ def _print_best(spec: StudySpec, paths: StudyPaths, best: TrialSummary, finalist
         print(f"warning: the checkpoint of trial {best.trial_id}'s best {at(best.best_epoch)} is gone; "
               f"best/model.pth is its {at(best.checkpoint_epoch)} checkpoint", file=sys.stderr)
     for s in unfinished:
-        if math.isfinite(s.best_value) and sign * s.best_value < sign * best.best_value:
+        if objective.better(s.best_value, best.best_value):
             print(f"note: unfinished trial {s.trial_id} already reached {metric} {s.best_value:.4f} after "
                   + (f"{s.epochs} epoch(s)" if spec.run.train.evals_per_epoch == 1 else at(s.epochs))
                   + ": --resume finishes it")

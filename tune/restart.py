@@ -28,7 +28,7 @@ __all__ = ["RestartCleanup", "finish_pending_restart", "move_aside", "settle"]
 def move_aside(study_dir: Path) -> Path:
     """Move the study to ``.<name>.replaced-<time>`` beside it; returns where."""
     aside = study_dir.with_name(f".{study_dir.name}.replaced-{_dt.datetime.now():%Y%m%d-%H%M%S}")
-    os.replace(study_dir, aside)
+    os.replace(study_dir, aside)  # (a move, not a write: tune.atomic is for writes)
     print(f"--restart: the old study is kept at {aside} until the new one has a result")
     return aside
 

@@ -16,11 +16,15 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .atomic import write_atomic
 from .lock import StudyLock, lock_path
-from .record import MANIFEST_FILE, OPTUNA_FILE, Manifest, StudyError, StudyRecord, write_atomic
+from .record import MANIFEST_FILE, OPTUNA_FILE, Manifest, StudyError, StudyRecord
 from .storage import StudyPaths, download_outputs, writable_problem
+
+if TYPE_CHECKING:  # (tune.space loads pydantic and the trainer's config: imported when a study is read)
+    from .space import StudySpec
 
 __all__ = ["DEFAULT_STORAGE", "main"]
 
@@ -201,7 +205,7 @@ def _own_space(paths: StudyPaths) -> Path:
     raise StudyError(f"--resume: no study {paths.name!r} at {paths.uri}")
 
 
-def _apply_overrides(spec: Any, args: argparse.Namespace) -> Any:
+def _apply_overrides(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
     from .space import SpaceError
 
     changes: dict[str, Any] = {}
@@ -217,7 +221,7 @@ def _apply_overrides(spec: Any, args: argparse.Namespace) -> Any:
     return dataclasses.replace(spec, tune=dataclasses.replace(spec.tune, **changes))
 
 
-def _warm_start_from(spec: Any, args: argparse.Namespace) -> Any:
+def _warm_start_from(spec: StudySpec, args: argparse.Namespace) -> StudyRecord | None:
     """The earlier study ``--warm-start`` (else ``tune.warm_start``) names, checked; None when neither does."""
     from .space import spec_to_dict
     from .warmstart import check_warm_start
@@ -227,7 +231,7 @@ def _warm_start_from(spec: Any, args: argparse.Namespace) -> Any:
     return None if source is None else check_warm_start(source, spec_to_dict(spec), key)
 
 
-def _run_study(spec: Any, paths: StudyPaths, args: argparse.Namespace) -> int:
+def _run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> int:
     from .experiment import run_experiment
     from .restart import finish_pending_restart
 

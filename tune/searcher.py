@@ -24,14 +24,19 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from .objective import Objective
 from .record import StudyRecord, TrialRecord, evaluation_name, ranked
+from .status import TrialStatus
 
-__all__ = ["NUMBER_KEY", "PARAMS_KEY", "RecordScheduler", "RecordSearcher", "ResumePlan", "error_text",
+__all__ = ["DIVERGED_KEY", "DIVERGED_REASON_KEY", "NUMBER_KEY", "PARAMS_KEY", "RecordScheduler", "RecordSearcher", "ResumePlan", "error_text",
            "failure_reason", "finalist_plans", "make_pruner", "make_sampler", "resume_plans"]
 
 # Keys of a trial's Ray config besides the searched values (see tune.trainable.train_trial).
 NUMBER_KEY = "study_trial"
 PARAMS_KEY = "params"
+# A diverged trial's last report holds {DIVERGED_KEY: 1, DIVERGED_REASON_KEY: why}; the scheduler ends it so.
+DIVERGED_KEY = str(TrialStatus.DIVERGED)
+DIVERGED_REASON_KEY = f"{DIVERGED_KEY}_reason"
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class ResumePlan:
     evaluation: int = 0
 
 
-def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str, evaluations: int,
+def resume_plans(record: StudyRecord, searched: set[str], objective: Objective, evaluations: int,
                  finalists: bool = False, evals_per_epoch: int = 1) -> list[ResumePlan]:
     """The record's unfinished search trials (or ``finalists``), to continue from their newest checkpoints;
     ``evaluations``: a whole trial's (``tune.scheduler.max_t``, the last evaluation index), of
@@ -56,7 +61,7 @@ def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str
     ``ask``) is abandoned, never run with defaults; a trial whose end was recorded but not told to
     Optuna (the driver died in between) is told now (:meth:`StudyRecord.tell_decided`).
     """
-    record.tell_decided(metric, mode)
+    record.tell_decided(objective)
     plans = []
     for t in [t for t in record.unfinished() if (t.finalist_of is not None) == finalists]:
         if set(t.params) != searched:
@@ -67,10 +72,10 @@ def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str
         metas = record.checkpoint_metas(t.number)
         for index, (_, meta) in sorted(metas.items()):
             if meta.get("metrics"):
-                record.record_epoch(t.number, index, dict(meta["metrics"]), metric)
+                record.record_epoch(t.number, index, dict(meta["metrics"]), objective.metric)
         done = max(record.trial(t.number).epochs, default=0)
         if done >= evaluations:  # it had finished: only its end was not recorded
-            record.finish(t.number, "completed", metric, mode)
+            record.finish(t.number, TrialStatus.COMPLETED, objective)
             continue
         # The trainable continues from this same answer (one rule), so the message says what happens.
         point = record.resume_point(t.number)
@@ -87,24 +92,23 @@ def resume_plans(record: StudyRecord, searched: set[str], metric: str, mode: str
 
 
 def finalist_plans(record: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution],
-                   metric: str, mode: str, evaluations: int, top_k: int, seeds: int, base_seed: int,
+                   objective: Objective, evaluations: int, top_k: int, seeds: int, base_seed: int,
                    create: bool = True, evals_per_epoch: int = 1) -> list[ResumePlan]:
     """The finalists still to train: the ``top_k`` best completed search trials' configs (:func:`tune.record.ranked`), each with seeds
     ``base_seed + 1 .. base_seed + seeds`` (``train.seed``: model init and data order). Unfinished
     finalists continue; missing ones are created in the record (``create=False``: only counted, with
     number -1)."""
-    plans = resume_plans(record, set(distributions), metric, mode, evaluations, finalists=True,
+    plans = resume_plans(record, set(distributions), objective, evaluations, finalists=True,
                          evals_per_epoch=evals_per_epoch)
     trials = record.trials()
     have = {(t.finalist_of, t.seed) for t in trials if t.finalist_of is not None}
-    sign = 1 if mode == "min" else -1
-
     def best(t: TrialRecord) -> float:
-        return sign * min((sign * v for _, v in t.curve(metric) if math.isfinite(v)), default=math.inf)
+        value = objective.best_of(v for _, v in t.curve(objective.metric))
+        return objective.worst if value is None else value
 
     # Completed configs only (never one no better than untrained, nor one stopped early).
     search = [t for t in trials if t.finalist_of is None]
-    for t in ranked(search, mode, lambda t: t.status, best, statuses=("completed",))[:top_k]:
+    for t in ranked(search, objective, lambda t: t.status, best, statuses=(TrialStatus.COMPLETED,))[:top_k]:
         for seed in range(base_seed + 1, base_seed + 1 + seeds):
             if (t.number, seed) not in have:
                 number = record.add_finalist(t, seed, distributions) if create else -1
@@ -139,8 +143,9 @@ class RecordSearcher(Searcher):
     """
 
     def __init__(self, record: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution],
-                 metric: str, mode: str, planned: int, resume: list[ResumePlan] | None = None) -> None:
-        super().__init__(metric=metric, mode=mode)
+                 objective: Objective, planned: int, resume: list[ResumePlan] | None = None) -> None:
+        super().__init__(metric=objective.metric, mode=objective.mode)
+        self.objective = objective
         self.record = record
         self.distributions = dict(distributions)
         self.planned = planned
@@ -151,7 +156,7 @@ class RecordSearcher(Searcher):
         if self._resume:
             plan = self._resume.pop(0)
             number, params = plan.number, plan.params
-            self.record.set_status(number, "running")
+            self.record.set_status(number, TrialStatus.RUNNING)
         else:
             number, params = self.record.ask(self.distributions)
         self.numbers[trial_id] = number
@@ -162,15 +167,15 @@ class RecordSearcher(Searcher):
         if number is None:
             return
         current = self.record.trial(number)
-        if current.status in ("stopped_early", "diverged"):  # decided by RecordScheduler
+        if current.status in (TrialStatus.STOPPED_EARLY, TrialStatus.DIVERGED):  # decided by RecordScheduler
             status = current.status
         elif error:
-            status = "failed"
+            status = TrialStatus.FAILED
         elif self.planned in current.epochs:
-            status = "completed"
+            status = TrialStatus.COMPLETED
         else:
-            status = "interrupted"  # Ctrl-C or the time budget ended it: --resume continues it
-        self.record.finish(number, status, self.metric, self.mode, error=current.error)
+            status = TrialStatus.INTERRUPTED  # Ctrl-C or the time budget ended it: --resume continues it
+        self.record.finish(number, status, self.objective, error=current.error)
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: the record is the state (a study resumes from it, never from Ray's snapshot)."""
@@ -195,8 +200,8 @@ class RecordScheduler(FIFOScheduler):
         if number is None or "epoch" not in result:
             return TrialScheduler.CONTINUE
         record, metric = self.searcher.record, self.searcher.metric
-        if result.get("diverged"):
-            record.set_status(number, "diverged", str(result.get("diverged_reason", "diverged")))
+        if result.get(DIVERGED_KEY):
+            record.set_status(number, TrialStatus.DIVERGED, str(result.get(DIVERGED_REASON_KEY, DIVERGED_KEY)))
             return TrialScheduler.STOP
         index = int(result["evaluation"])
         record.record_epoch(number, index, _metrics(result), metric)
@@ -204,17 +209,17 @@ class RecordScheduler(FIFOScheduler):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             epoch = int(result["epoch"])
             where = f"epoch {epoch}" if index == epoch else f"evaluation {index} (epoch {epoch})"
-            record.set_status(number, "diverged", f"{metric}={value!r} at {where}")
+            record.set_status(number, TrialStatus.DIVERGED, f"{metric}={value!r} at {where}")
             return TrialScheduler.STOP
         if index < self.searcher.planned and record.should_prune(number, self.pruner):
-            record.set_status(number, "stopped_early")
+            record.set_status(number, TrialStatus.STOPPED_EARLY)
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
         number = self.searcher.numbers.get(trial.trial_id)
         if number is not None:  # (Ray calls this also when it retries the trial: then it is still running)
-            self.searcher.record.set_status(number, "running" if trial.should_recover() else "failed",
+            self.searcher.record.set_status(number, TrialStatus.RUNNING if trial.should_recover() else TrialStatus.FAILED,
                                             failure_reason(error_text(trial)) or "the trial crashed")
         super().on_trial_error(tune_controller, trial)
 

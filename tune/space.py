@@ -38,6 +38,8 @@ from minimind_train import config
 from minimind_train.config import ConfigError, RunConfig
 from minimind_train.validation import STRICT, Bool, Int, Number, Text, base_type, expected, raising, validate
 
+from .objective import Mode, Objective
+
 if TYPE_CHECKING:
     import optuna
 
@@ -217,7 +219,7 @@ class TuneSettings:
     num_samples: Annotated[Int, Ge(1)]
     max_concurrent_trials: Annotated[Int, Ge(1)] = 1
     metric: Literal["val_loss", "train_loss"] = "val_loss"
-    mode: Literal["min", "max"] = "min"
+    mode: Mode = "min"
     seed: Int = 0
     time_budget_s: Annotated[Quantity, Gt(0)] | None = None
     scheduler: SchedulerSpec = dataclasses.field(default_factory=SchedulerSpec)
@@ -233,6 +235,10 @@ class TuneSettings:
     finalists: FinalistSettings = dataclasses.field(default_factory=FinalistSettings)
     # An earlier study's folder: its finished trials start a new study's sampler (tune.warmstart).
     warm_start: Text | None = None
+
+    @property
+    def objective(self) -> Objective:
+        return Objective(self.metric, self.mode)
 
 
 @raising("mlflow", SpaceError)

@@ -23,6 +23,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from .atomic import staged
+from .objective import Objective
+
 __all__ = [
     "CHECKPOINT_PREFIX", "RUNS_DIR", "ResumePoint", "StudyPaths", "checkpoint_metas", "copy_path",
     "download_outputs", "fetch_file", "filesystem_of", "local_path", "resume_point", "retain_checkpoints", "staging_dir", "trial_dirname",
@@ -197,13 +200,9 @@ def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
     """
     target = f"{trial_dir}/{CHECKPOINT_PREFIX}{epoch:04d}"
     if "://" not in trial_dir:
-        final = Path(target)
-        staged = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(local, staged)
-        if final.exists():  # the same evaluation trained again (its result never reached the record)
-            shutil.rmtree(final)
-        os.replace(staged, final)
+        # (a folder there already: the same evaluation trained again, its result never reached the record)
+        with staged(final := Path(target)) as tmp:
+            shutil.copytree(local, tmp)
         return str(final)
     fs, path = filesystem_of(target)
     for f in sorted((p for p in local.iterdir() if p.is_file()), key=lambda p: p.name == "meta.json"):
@@ -211,8 +210,8 @@ def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
     return path
 
 
-def retain_checkpoints(runs: str, number: int, keep: int, metric: str, mode: str) -> list[str]:
-    """Delete trial ``number``'s checkpoints but the ``keep`` best by ``metric`` and the newest (where
+def retain_checkpoints(runs: str, number: int, keep: int, objective: Objective) -> list[str]:
+    """Delete trial ``number``'s checkpoints but the ``keep`` best by ``objective`` and the newest (where
     the trial continues from); returns the deleted paths. Incomplete folders are left alone."""
     metas = checkpoint_metas(runs, number)
     if len(metas) <= keep + 1:
@@ -220,10 +219,9 @@ def retain_checkpoints(runs: str, number: int, keep: int, metric: str, mode: str
 
     def score(index: int) -> float:
         try:
-            value = float(metas[index][1]["metrics"][metric])
+            return objective.sort_key(float(metas[index][1]["metrics"][objective.metric]))
         except (KeyError, TypeError, ValueError):
             return math.inf
-        return (value if mode == "min" else -value) if math.isfinite(value) else math.inf
 
     kept = set(sorted(metas, key=score)[:keep]) | {max(metas)}
     deleted = [path for index, (path, _) in metas.items() if index not in kept]
@@ -293,7 +291,6 @@ def upload_outputs(local: Path, study_uri: str) -> int:
 def fetch_file(study_uri: str, fs_path: str | os.PathLike[str], local: Path) -> Path:
     """Copy ``fs_path`` (a path on the filesystem of ``study_uri``, as Ray reports it) to ``local``,
     whole or not at all (copied beside it, then renamed)."""
-    staged = local.with_name(f".{local.name}.{os.getpid()}.tmp")
-    copy_path(str(fs_path), str(staged), filesystem_of(study_uri)[0], pafs.LocalFileSystem())
-    os.replace(staged, local)
+    with staged(local) as tmp:
+        copy_path(str(fs_path), str(tmp), filesystem_of(study_uri)[0], pafs.LocalFileSystem())
     return local

@@ -28,9 +28,10 @@ from minimind_train.data import prepare_data
 from minimind_train.train import TrainingDiverged, train_epochs
 
 from .cluster import StudyData, current_node, open_study_data
+from .objective import Objective
 from .progress import step_writer
 from .record import PATH_KEYS, RUN_SETTINGS, evaluation_index
-from .searcher import NUMBER_KEY, PARAMS_KEY
+from .searcher import DIVERGED_KEY, DIVERGED_REASON_KEY, NUMBER_KEY, PARAMS_KEY
 from .storage import (
     ResumePoint,
     filesystem_of,
@@ -103,11 +104,11 @@ def _restore(runs: str, number: int, cfg: RunConfig, vocab_size: int) -> tuple[A
                            f"{type(exc).__name__}: {exc}") from exc
 
 
-def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str, mode: str, runs_dir: str,
+def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], objective: Objective, runs_dir: str,
                 run_name: str, keep_checkpoints: int = 1, gpu_share: float = 0.0,
                 data: StudyData | None = None) -> None:
     """Function trainable. ``config``: ``params`` (searched values by dotted path) and ``study_trial``
-    (the record's trial number); ``base``: the fixed run config; ``metric``/``mode``: the objective (NaN
+    (the record's trial number); ``base``: the fixed run config; ``objective``: what is optimised (NaN
     when the trial diverges; it ranks the kept checkpoints); ``data``: the driver's token cache on any node
     (:func:`tune.cluster.study_data`; None prepares the data here). Each evaluation's checkpoint goes to
     ``<runs_dir>/<run_name>/tNNN/epoch_000k`` (a folder or a URI; ``k`` its evaluation index) *before* its
@@ -147,12 +148,13 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], metric: str,
                 folder = save_checkpoint(Path(tmp) / "checkpoint", result.state, cfg, result.metrics,
                                          {"data": sft.stats_dict(), "ray": node, "study_trial": number})
                 write_checkpoint(folder, trial_dir, index)
-            retain_checkpoints(runs_dir, number, keep_checkpoints, metric, mode)
+            retain_checkpoints(runs_dir, number, keep_checkpoints, objective)
             tune.report({**result.metrics, "epoch": result.epoch, "evaluation": index})
     except torch.cuda.OutOfMemoryError as exc:  # raised below, outside: its traceback holds the tensors
         oom = _oom_message(gpu_share, cfg, exc)
     except TrainingDiverged as exc:
-        diverged = {metric: float("nan"), "epoch": exc.epoch, "diverged": 1, "diverged_reason": str(exc)}
+        diverged = {objective.metric: float("nan"), "epoch": exc.epoch, DIVERGED_KEY: 1,
+                    DIVERGED_REASON_KEY: str(exc)}
     # Freed now (one stopped by the scheduler leaves via SystemExit in tune.report: freed at the next start).
     state = result = None
     _release_gpu_memory()

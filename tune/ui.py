@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import dashboard, mirror, tracking
+from .objective import Objective
 from .record import MANIFEST_FILE, Manifest, StudyError
 from .tracking import TRACKING_URI_ENV, TrackingError
 
@@ -110,8 +111,9 @@ def _landing_url(uri: str, server_url: str, study_dir: Path | None = None) -> st
         return server_url
     if "viewStateShareKey" not in url:  # (the UI's sort as it keeps it in its URL)
         tune = Manifest.from_json((study_dir / MANIFEST_FILE).read_text(encoding="utf-8"), study_dir).spec["tune"]
-        url += "&" + urllib.parse.urlencode({"orderByKey": f"metrics.`best_{tune['metric']}`",
-                                             "orderByAsc": str(tune["mode"] == "min").lower()})
+        objective = Objective.of(tune)
+        url += "&" + urllib.parse.urlencode({"orderByKey": f"metrics.`best_{objective.metric}`",
+                                             "orderByAsc": str(objective.minimize).lower()})
     return url
 
 

@@ -19,7 +19,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .record import WARM_START, StudyError, StudyRecord, evals_per_epoch, ranked
+from .objective import Objective
+from .record import StudyError, StudyRecord, evals_per_epoch, ranked
+from .status import TrialStatus
 
 __all__ = ["check_warm_start", "history_trials", "warm_start"]
 
@@ -62,7 +64,7 @@ def history_trials(other: StudyRecord, distributions: Mapping[str, optuna.distri
     (not its own history, not its finalists), and how many were left out for lying outside."""
     found, outside = [], 0
     for t in other.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if t.user_attrs.get("status") == WARM_START or "finalist_of" in t.user_attrs:
+        if t.user_attrs.get("status") == TrialStatus.WARM_START or "finalist_of" in t.user_attrs:
             continue
         if all(_inside(distributions[k], v) for k, v in t.params.items()):
             found.append(t)
@@ -86,13 +88,12 @@ def warm_start(record: StudyRecord, other: StudyRecord,
         record.study.add_trial(optuna.trial.create_trial(
             params=t.params, distributions=dict(distributions), state=t.state,
             value=t.value if t.state == TrialState.COMPLETE else None, intermediate_values=curve,
-            user_attrs={"status": WARM_START, "source": f"{other.manifest.name} t{t.number:03d}"}))
+            user_attrs={"status": TrialStatus.WARM_START, "source": f"{other.manifest.name} t{t.number:03d}"}))
     # Its answers only (tune.record.ranked): a trial no better than untrained is history (TPE learns the
     # region is bad), never a config to ask first.
-    mode = "max" if record.study.direction.name == "MAXIMIZE" else "min"
-    completed = ranked([t for t in copied if t.state == TrialState.COMPLETE], mode,
-                       lambda t: str(t.user_attrs.get("status", "completed")), lambda t: float(t.value),
-                       statuses=("completed",))
+    completed = ranked([t for t in copied if t.state == TrialState.COMPLETE], Objective.of_study(record.study),
+                       lambda t: TrialStatus.of(t.user_attrs.get("status"), t.state), lambda t: float(t.value),
+                       statuses=(TrialStatus.COMPLETED,))
     best_first = [t.params for t in completed]
     queued = [params for i, params in enumerate(best_first) if params not in best_first[:i]][:top_k]  # distinct
     for params in queued:
