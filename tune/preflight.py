@@ -69,6 +69,9 @@ def quiet_libraries() -> None:
     # trial that ended before its first result (a spent time budget, Ctrl-C); the study reads its record,
     # never the ResultGrid.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # MLflow's sqlite store logs a database error with its whole traceback (a full disk: ~60 lines) before
+    # raising it; the mirror says in one line that MLflow was not updated and catches up later.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
