@@ -113,6 +113,7 @@ def test_dry_run_prints_a_forecast_line_from_a_real_probe(tmp_path: Path, monkey
     from tune import run
 
     monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MINIMIND_TUNE_FORECAST", "1")  # (tests/conftest.py turns it off for the others)
     assert run.main(["--space", "smoke.yaml", "--dry-run", "--max-concurrent", "1",
                      "--storage-path", str(tmp_path / "studies")]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("forecast: ")]
@@ -120,3 +121,6 @@ def test_dry_run_prints_a_forecast_line_from_a_real_probe(tmp_path: Path, monkey
     seconds = [float(x) for x in lines[-1].split("an epoch ")[1].split(" s")[:1]]
     assert seconds and math.isfinite(seconds[0]) and seconds[0] > 0
     assert not (tmp_path / "studies").exists()
+    monkeypatch.setenv("MINIMIND_TUNE_FORECAST", "0")  # the setting, as --no-forecast
+    assert run.main(["--space", "smoke.yaml", "--dry-run", "--storage-path", str(tmp_path / "studies")]) == 0
+    assert "forecast:" not in capsys.readouterr().out
