@@ -46,6 +46,16 @@ def _spec_run(spec, **train: object):
                                                                                                  **train)))
 
 
+def test_a_step_costs_a_fixed_part_and_a_part_per_padded_token() -> None:
+    assert fc.step_cost([100, 200, 300], [0.3, 0.5, 0.7]) == pytest.approx((0.1, 0.002))
+    assert fc.step_cost([100, 200, 300], [0.7, 0.5, 0.3]) == pytest.approx((0.5, 0.0))  # noise: no slope
+    assert fc.step_cost([100, 200, 300], [0.1, 0.5, 0.9]) == pytest.approx((0.0, 1.5 / 600))  # no intercept
+    assert fc.step_cost([100, 100], [0.2, 0.4]) == pytest.approx((0.3, 0.0))  # one size only
+    spec = load_space("sft.yaml")
+    per_batch = fc.forecast(spec, _probe(s_per_batch=0.05)).epoch_s - fc.forecast(spec, _probe()).epoch_s
+    assert per_batch == pytest.approx(0.05 * 10)  # ten batches of an epoch
+
+
 def test_an_epoch_counts_the_capped_batches_of_each_searched_accumulation_and_its_evaluations() -> None:
     # smoke.yaml: max_steps_per_epoch 10, accumulation searched over {1, 2}: 10 or 20 of the 30 batches.
     spec = _spec_run(load_space("smoke.yaml"), evals_per_epoch=4)

@@ -17,9 +17,9 @@ machine, so the forecast is for that machine's hardware.
 **The model** (:func:`forecast`), wall seconds; ``N`` trials, ``c`` slots, ``E`` the trial-epochs ASHA is
 expected to leave (:func:`tune.preflight.expected_shape`: its plan and stop fractions)::
 
-    epoch_s    = s_per_token x (padded tokens of an epoch's batches: the data's own length-grouped batches,
-                 the first max_steps_per_epoch x accumulation_steps of them when capped; accumulation
-                 averaged over its searched choices)
+    epoch_s    = s_per_batch x batches + s_per_token x (padded tokens of those batches: the data's own
+                 length-grouped batches, the first max_steps_per_epoch x accumulation_steps of them when
+                 capped; accumulation averaged over its searched choices)
                  + evals_per_epoch x (eval_s + checkpoint_s)
     trial_s    = TRIAL_OVERHEAD_S + init_s + eval_s   (per trial: scheduling and record, model build,
                                                       the untrained model's evaluation)
@@ -38,6 +38,7 @@ checks the whole formula against real studies; benchmarks/README.md section 7).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -51,17 +52,19 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["END_S", "PROBE_STEPS", "RAY_START_S", "TRIAL_OVERHEAD_S", "EtaPrior", "Forecast", "Probe",
-           "ProbeError", "budget_warning", "fitting_samples", "forecast", "print_forecast", "run_probe"]
+           "ProbeError", "budget_warning", "fitting_samples", "forecast", "print_forecast", "run_probe", "step_cost"]
 
-PROBE_STEPS = 6  # optimizer steps of one micro-batch each; the first is warm-up
+PROBE_STEPS = 10  # optimizer steps of one micro-batch each; the first is warm-up
 # ray.init and the Tuner's start until the first trial's worker is asked for (benchmarks/README.md,
-# section 2's timeline: ray.init returns at ~5 s, the Tuner starts ~1.5 s later; ~2x that under load).
-RAY_START_S = 8.0
+# section 2's timeline: ray.init returns at ~5 s, the Tuner starts ~1.5 s later; 14 s at a load of 6-7
+# on two cores, section 7).
+RAY_START_S = 10.0
 # Per trial beyond its training: Ray's scheduling, the searcher's ask/tell on the record, the mirror's
 # MLflow run, results and reports (section 2: "2-8 slot-seconds between trials").
 TRIAL_OVERHEAD_S = 2.0
-# After the last trial: the end report, plots, MLflow's parent run, Ray's shutdown (section 2: ~4 s).
-END_S = 5.0
+# After the last trial: the end report, plots, MLflow's parent run, Ray's shutdown (section 2: ~4 s; 10 s
+# at a load of 6-7, section 7).
+END_S = 6.0
 _PROBE_TIMEOUT_S = 900.0  # a dry run on new data tokenises it first
 
 
@@ -78,11 +81,12 @@ class Probe:
     threads: int
     start_s: float  # launch to ready: imports and the data opened (a trial worker's start)
     init_s: float  # model and optimizer built
-    s_per_token: float  # training seconds per padded token of a micro-batch (an optimizer step each)
+    s_per_token: float  # training seconds per padded token of a micro-batch (an optimizer step each), ...
     eval_s: float  # one evaluation of the validation split
     checkpoint_s: float  # one trial checkpoint written and published
     padded: tuple[int, ...]  # padded tokens of each batch of an epoch, in the trainer's order
     wall_s: float  # the probe's own wall time
+    s_per_batch: float = 0.0  # ... plus seconds per micro-batch whatever its size (the optimizer step, launches)
 
 
 @dataclass(frozen=True)
@@ -150,14 +154,17 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _epoch_tokens(probe: Probe, run: Any, accumulations: tuple[int, ...]) -> tuple[float, float]:
-    """(padded tokens, optimizer steps) of an epoch, averaged over the ``accumulations`` a trial may use."""
-    cap, tokens, steps = run.train.max_steps_per_epoch, 0.0, 0.0
+def _epoch_tokens(probe: Probe, run: Any, accumulations: tuple[int, ...]) -> tuple[float, float, float]:
+    """(padded tokens, micro-batches, optimizer steps) of an epoch, averaged over the ``accumulations`` a
+    trial may use."""
+    cap, tokens, batches, steps = run.train.max_steps_per_epoch, 0.0, 0.0, 0.0
     for acc in accumulations:
         n = min(len(probe.padded), cap * acc) if cap else len(probe.padded)
         tokens += sum(probe.padded[:n])
+        batches += n
         steps += math.ceil(n / acc)
-    return tokens / len(accumulations), steps / len(accumulations)
+    k = len(accumulations)
+    return tokens / k, batches / k, steps / k
 
 
 def _accumulations(spec: Any) -> tuple[int, ...]:
@@ -184,9 +191,9 @@ def forecast(spec: Any, probe: Probe, num_samples: int | None = None, continued_
     search_te = (shape.trial_epochs if shape else 0.0) + continued_epochs
     completed = (shape.completed if shape else 0.0) + continued
     finalists = round(min(t.finalists.top_k, completed) * t.finalists.seeds) if t.finalists.seeds else 0
-    tokens, steps = _epoch_tokens(probe, run, _accumulations(spec))
+    tokens, batches, steps = _epoch_tokens(probe, run, _accumulations(spec))
     evals = run.train.evals_per_epoch
-    epoch_s = tokens * probe.s_per_token + evals * (probe.eval_s + probe.checkpoint_s)
+    epoch_s = batches * probe.s_per_batch + tokens * probe.s_per_token + evals * (probe.eval_s + probe.checkpoint_s)
     trial_s = TRIAL_OVERHEAD_S + probe.init_s + probe.eval_s
     slots = max(1, min(t.max_concurrent_trials, max(trials, 1)))
     search_s = 0.0
@@ -296,7 +303,24 @@ def run_probe(spec: Any, caches: dict[str, Any] | None = None, timeout_s: float 
         return sum(float(r[key]) for r in results) / count
 
     return Probe(count, results[0]["device"], threads, mean("start_s"), mean("init_s"), mean("s_per_token"),
-                 mean("eval_s"), mean("checkpoint_s"), tuple(results[0]["padded"]), time.time() - started)
+                 mean("eval_s"), mean("checkpoint_s"), tuple(results[0]["padded"]), time.time() - started,
+                 mean("s_per_batch"))
+
+
+def step_cost(tokens: list[int], seconds: list[float]) -> tuple[float, float]:
+    """``(s_per_batch, s_per_token)``: the least-squares line ``seconds = a + b x tokens`` through the probe's
+    micro-batches (their lengths differ: the trainer's batch order is shuffled); where noise makes either
+    negative, the one that is not (all the time per token when the sizes barely differ)."""
+    n, total_t, total_s = len(tokens), sum(tokens), sum(seconds)
+    mean_t, mean_s = total_t / n, total_s / n
+    var = sum((x - mean_t) ** 2 for x in tokens)
+    b = sum((x - mean_t) * (y - mean_s) for x, y in zip(tokens, seconds)) / var if var > 0 else -1.0
+    a = mean_s - b * mean_t
+    if b < 0:
+        return mean_s, 0.0
+    if a < 0:
+        return 0.0, total_s / total_t
+    return a, b
 
 
 def _wait_for(path: Path, what: str, timeout_s: float = _PROBE_TIMEOUT_S) -> None:
@@ -360,9 +384,12 @@ def _probe_main(folder: Path, index: int) -> None:
                           group_by_length=cfg.data.group_by_length)
     padded = [len(items) * int(data.train.lengths[items].max()) for items in order]
     # Steps 2..n (the first is warm-up: allocations, the first kernels); one step: its own time.
-    measured = sum(padded[1:len(stamps)]) if len(stamps) > 1 else padded[0]
-    seconds = stamps[-1] - stamps[0] if len(stamps) > 1 else result.metrics["epoch_seconds"]
-    out = {"device": str(state.device), "start_s": start_s, "init_s": init_s, "s_per_token": seconds / measured,
+    if len(stamps) > 1:
+        s_per_batch, s_per_token = step_cost(padded[1:len(stamps)], [b - a for a, b in itertools.pairwise(stamps)])
+    else:
+        s_per_batch, s_per_token = 0.0, result.metrics["epoch_seconds"] / padded[0]
+    out = {"device": str(state.device), "start_s": start_s, "init_s": init_s, "s_per_token": s_per_token,
+           "s_per_batch": s_per_batch,
            "eval_s": result.metrics["val_seconds"], "checkpoint_s": checkpoint_s, "padded": padded,
            "threads": torch.get_num_threads()}
     (folder / f"result-{index}.json").write_text(json.dumps(out), encoding="utf-8")
