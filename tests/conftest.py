@@ -4,6 +4,7 @@ that the test suite leaves nothing in the repository tree (a session that does f
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -18,6 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures" / "minimind2"
 FIXTURES3 = SHARED / "fixtures" / "minimind3"
+
+# Every study a test runs (and its subprocesses, which inherit this) skips the cost forecast's probe: it
+# would add seconds of CPU to each. tests/test_forecast.py turns it on where it is the subject.
+os.environ.setdefault("MINIMIND_TUNE_FORECAST", "0")
 
 
 def repository_files() -> set[str] | None:

@@ -248,3 +248,16 @@ def test_search_efficiency_runs_and_reuses_cached_curves(tmp_path: Path, capsys)
     assert "trial-epochs to target" in out and "goal <= 1/3" in out and "rung fidelity" in out
     assert again["compute"]["trained_epochs"] == 0
     assert again["runs"] == ds["runs"] and again["summaries"] == ds["summaries"]
+
+
+def test_forecast_accuracy_reads_the_forecast_and_the_first_eta_from_a_run() -> None:
+    bench = _load("forecast_accuracy")
+    lines = [(1.0, "inputs checked in 0.5s"),
+             (9.0, "forecast: 0:03:20 for the study (search 0:02:40, finalists 0:00:35); ..."),
+             (40.0, "[    20s] t000 lr=1e-3 started"),
+             (70.0, "[    50s] t000 epoch 1/2 val_loss 2.2769; 2.0/24 trial-epochs, ETA 0:02:10 | done 0"),
+             (90.0, "[    70s] t001 epoch 1/2 val_loss 2.5; 3.0/24 trial-epochs, ETA 0:01:00 | done 0"),
+             (209.0, "(exit 0)")]
+    row = bench.parse(lines)
+    assert (row["forecast_s"], row["forecast_at"], row["eta_s"], row["eta_at"], row["exit_s"]) == (200, 9, 130, 70, 209)
+    assert bench.seconds("1:02:03") == 3723

@@ -14,11 +14,13 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
+from tune.forecast import EtaPrior
 from tune.objective import Objective
 from tune.progress import (
     STEP_FILE,
     ProgressView,
     best_recorded,
+    blended_eta_s,
     count_trials,
     eta_s,
     ray_errors_to,
@@ -200,6 +202,35 @@ def test_only_epochs_trained_in_this_run_set_the_eta_rate() -> None:
     view.on_trial_result(0, [a, b], b, {"epoch": 1, "val_loss": 3.0, "restored": 1})  # Ray retried it
     done, planned, eta = view.progress()
     assert (done, planned) == (3, 6) and eta is not None and eta > 0
+
+
+def test_the_blended_eta_starts_at_the_forecast_and_moves_to_the_measured_rate() -> None:
+    prior = EtaPrior(expected_epochs=1.5, s_per_trial_epoch=10.0, after_s=50.0, start_s=4.0, slots=2)
+    # Before anything trained: the forecast, its worker start and what follows the phase.
+    assert blended_eta_s(6, done=0, elapsed_s=0, prior=prior, weight=4) == pytest.approx(6 * 10 + 50 + 4)
+    # Trained twice as slowly as forecast (20 s per trial-epoch after the start): the rate moves towards 20
+    # as the forecast's 4 trial-epochs of weight are outweighed, and the later phases scale with it.
+    rate = (4 * 10 + 2 * 20) / (4 + 2)
+    assert blended_eta_s(6, done=2, elapsed_s=44, prior=prior, weight=4) == pytest.approx(6 * rate + 50 * rate / 10)
+    late = blended_eta_s(6, done=400, elapsed_s=4 + 400 * 20, prior=prior, weight=4)
+    assert late == pytest.approx(6 * 20 + 100, rel=0.01)
+    assert blended_eta_s(0, done=10, elapsed_s=104, prior=prior, weight=4) == pytest.approx(50)  # phase done
+
+
+def test_with_a_forecast_the_eta_counts_the_trial_epochs_asha_is_expected_to_leave() -> None:
+    prior = EtaPrior(expected_epochs=1.5, s_per_trial_epoch=10.0, after_s=0.0, start_s=0.0, slots=2)
+    view = ProgressView(Objective("val_loss"), planned_epochs=2, num_samples=4, local=False, stream=io.StringIO(),
+                        prior=prior)
+    assert view.progress() == (0, 8, pytest.approx(4 * 1.5 * 10))  # the forecast alone, not 8 epochs' worth
+    a, b = _trial("a", "RUNNING", number=1), _trial("b", "RUNNING", number=2)
+    for t in (a, b):
+        view.on_trial_start(0, [a, b], t)
+    view.on_trial_result(0, [a, b], a, {"epoch": 1, "val_loss": 2.0})
+    a.status = "TERMINATED"  # stopped by ASHA after epoch 1: nothing left of it
+    view.on_trial_result(0, [a, b], b, {"epoch": 1, "val_loss": 1.0})  # b continues: at least epoch 2 is left
+    assert view._expected_remaining() == pytest.approx(0 + 1 + 2 * 1.5)
+    done, planned, eta = view.progress()
+    assert (done, planned) == (2, 1 + 2 + 2 * 2) and eta is not None and eta > 0
 
 
 def test_a_diverged_trial_is_one_line_with_its_reason() -> None:

@@ -26,6 +26,7 @@ from ray import tune
 from minimind_train.config import RunConfig, run_config_to_dict
 
 from . import cluster, restart, searcher, tracking
+from .forecast import Forecast, print_forecast
 from .interrupts import InterruptWatch, StudyStopped, stop_on_signals
 from .mirror import Mirror, MirrorCallback, warn_on_failure
 from .preflight import Inputs, check_inputs, reconcile
@@ -121,10 +122,12 @@ class RunClock(tune.Callback):
 
 def run_experiment(spec: StudySpec, paths: StudyPaths, record: StudyRecord | None, *, explicit_space: bool,
                    replace: bool, address: str | None, ray_temp_dir: str | None,
-                   warm_start_from: StudyRecord | None = None) -> int:
+                   warm_start_from: StudyRecord | None = None, forecast: bool = True) -> int:
     """Check the inputs and, on ``--resume``, what is left to run; then start Ray, create the study (or
     move the replaced one aside first; ``warm_start_from`` gives it an earlier study's trials as
-    history), run its trials, finish. ``explicit_space``: the space came from ``--space``.
+    history), run its trials, finish. ``explicit_space``: the space came from ``--space``; ``forecast``:
+    probe the trial and print the study's cost forecast before Ray starts (tune.forecast; the live view's
+    ETA starts from it).
 
     Returns the driver's exit status (0, 1, or 130 after an interrupt).
     """
@@ -153,6 +156,14 @@ def run_experiment(spec: StudySpec, paths: StudyPaths, record: StudyRecord | Non
                              "remaining trials")
     print(f"inputs checked in {inputs.seconds:.1f}s (token cache {inputs.data.stats.cache_key[:12]}); "
           f"model: {inputs.n_params:,} parameters", flush=True)
+    expected = None
+    if forecast:  # (before Ray starts: the probe measures the machine as the trials will find it)
+        s, left = inputs.data.stats, t.num_samples - (record.finished_count() if record is not None else 0)
+        caches = {"train": s.cache_path, "val": s.val_cache_path, "pad_id": inputs.data.pad_id,
+                  "vocab_size": inputs.data.vocab_size}
+        expected = print_forecast(spec, caches, max(0, left - len(plans)),
+                                  sum(run_cfg.train.epochs - p.epoch for p in plans),
+                                  record.seconds_used() if record is not None else 0.0)
     print("starting Ray ...", flush=True)
     # Closed in reverse: a --restart's old study settled, outputs uploaded, Ray shut down, Ray's errors back.
     with contextlib.ExitStack() as stack:
@@ -197,7 +208,7 @@ def run_experiment(spec: StudySpec, paths: StudyPaths, record: StudyRecord | Non
         else:
             record.write_space(space_yaml)
         record.runs = paths.runs_uri
-        return _run_trials(spec, paths, run_cfg, inputs, record, applied, plans, aside, study_data)
+        return _run_trials(spec, paths, run_cfg, inputs, record, applied, plans, aside, study_data, expected)
 
 
 def _upload_outputs(paths: StudyPaths) -> None:
@@ -247,9 +258,10 @@ def _continuing(plans: list[searcher.ResumePlan], evals_per_epoch: int) -> str:
 
 def _run_trials(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inputs, record: StudyRecord,
                 applied: list[str], plans: list[searcher.ResumePlan], aside: Path | None,
-                study_data: cluster.StudyData | None) -> int:
+                study_data: cluster.StudyData | None, expected: Forecast | None = None) -> int:
     """The search (new and unfinished trials, ASHA on), then the finalists (never stopped early), each
-    a Ray Tune experiment ``runs/run-K``; then the study's outputs."""
+    a Ray Tune experiment ``runs/run-K``; then the study's outputs. ``expected``: the forecast the live
+    view's ETA starts from."""
     t = spec.tune
     finished = record.finished_count()
     new = max(0, t.num_samples - finished - len(plans))
@@ -260,8 +272,9 @@ def _run_trials(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: 
     mirror = make_mirror(spec, run_cfg, inputs, record)
 
     def fit(plans: list[searcher.ResumePlan], new: int, pruner: optuna.pruners.BasePruner,
-            callbacks: list[Any]) -> bool:
-        """Run ``plans`` and ``new`` trials as one Ray Tune experiment; whether it was interrupted."""
+            callbacks: list[Any], phase: str = "search") -> bool:
+        """Run ``plans`` and ``new`` trials as one Ray Tune experiment (``phase``: search or finalists);
+        whether it was interrupted."""
         to_run, used = len(plans) + new, record.seconds_used()
         # (a budget used up never gets here: a --resume is refused above, the finalists are skipped)
         budget_left = None if t.time_budget_s is None else t.time_budget_s - used
@@ -284,7 +297,8 @@ def _run_trials(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: 
 
         view = ProgressView(t.objective, run_cfg.train.epochs, to_run, statuses=statuses, local=paths.is_local,
                             ray_errors=paths.local_dir / RAY_ERRORS_FILE,
-                            best=best_recorded(record.trials(), t.objective))  # (earlier runs and phases)
+                            best=best_recorded(record.trials(), t.objective),  # (earlier runs and phases)
+                            prior=expected.prior(phase) if expected is not None else None)
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), objective=t.objective,
                                  runs_dir=paths.runs_uri, run_name=f"run-{run_index}",
@@ -324,7 +338,7 @@ def _run_trials(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: 
 
 def _phases(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inputs, record: StudyRecord,
             plans: list[searcher.ResumePlan], new: int, finished: int, aside: Path | None, mirror: Mirror,
-            fit: Callable[[list[searcher.ResumePlan], int, optuna.pruners.BasePruner, list[Any]], bool]) -> int:
+            fit: Callable[..., bool]) -> int:
     """The search, the finalists, the end report; an interrupt at any point raises KeyboardInterrupt."""
     t = spec.tune
     interrupted = False
@@ -346,7 +360,7 @@ def _phases(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inpu
               f"{len(todo)} trial(s) of {run_cfg.train.epochs} epochs, never stopped early", flush=True)
         if continued := [p for p in todo if p.evaluation]:  # a --resume after the finalists had begun
             print(_continuing(continued, run_cfg.train.evals_per_epoch))
-        interrupted = fit(todo, 0, optuna.pruners.NopPruner(), [])
+        interrupted = fit(todo, 0, optuna.pruners.NopPruner(), [], phase="finalists")
     if interrupted:  # (Ray's handler ended the trials; _closing marks them and closes the mirror)
         raise KeyboardInterrupt
     record.interrupt_running()  # (trials the time budget ended)

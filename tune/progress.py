@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ray.tune import Callback
 
@@ -21,8 +21,11 @@ from .atomic import write_atomic
 from .objective import Objective
 from .status import TrialStatus
 
-__all__ = ["RAY_ERRORS_FILE", "STEP_FILE", "ProgressView", "best_recorded", "count_trials", "eta_s", "ray_errors_to",
-           "read_step", "step_writer"]
+if TYPE_CHECKING:
+    from .forecast import EtaPrior
+
+__all__ = ["RAY_ERRORS_FILE", "STEP_FILE", "ProgressView", "best_recorded", "blended_eta_s", "count_trials", "eta_s",
+           "ray_errors_to", "read_step", "step_writer"]
 
 STEP_FILE = "step.json"  # in a trial's folder: {"epoch", "step", "steps_per_epoch", "time"}
 RAY_ERRORS_FILE = "ray_errors.log"  # in the study folder: what Ray's driver printed about lost workers
@@ -100,6 +103,23 @@ def eta_s(done: float, done_at_start: float, planned: float, elapsed_s: float) -
     return max(0.0, planned - done) * elapsed_s / (done - done_at_start)
 
 
+def blended_eta_s(remaining: float, done: float, elapsed_s: float, prior: EtaPrior, weight: float) -> float:
+    """Seconds left from a forecast corrected by this run's measured rate (``prior``: a
+    :class:`tune.forecast.EtaPrior`; ``remaining``/``done``: trial-epochs of the phase, ``done`` trained in
+    this run in ``elapsed_s`` since its first trial started).
+
+    The forecast counts as ``weight`` trial-epochs of observation at its rate ``r_f``, so the rate is
+    ``(weight x r_f + (elapsed_s - start_s)) / (weight + done)``: the forecast's at the start, the measured
+    one once ``done`` outweighs ``weight``. The phase's worker start (``prior.start_s``) is not a rate: it is
+    left out of the elapsed time, and what is left of it is added. What follows the phase (``after_s``:
+    finalists, end report) scales by the same correction ``rate / r_f``."""
+    training_s = max(0.0, elapsed_s - prior.start_s)
+    rate = (weight * prior.s_per_trial_epoch + training_s) / (weight + max(0.0, done))
+    correction = rate / prior.s_per_trial_epoch if prior.s_per_trial_epoch > 0 else 1.0
+    return (max(0.0, remaining) * rate + prior.after_s * correction
+            + max(0.0, prior.start_s - elapsed_s))
+
+
 class _RayErrorsToFile:
     """A stand-in for ``sys.stdout`` that appends what Ray's error thread writes to ``path`` (when it can:
     the study's one line per failed trial already says what happened) and passes the rest through."""
@@ -142,14 +162,18 @@ class ProgressView(Callback):
     ``planned_epochs`` per trial and ``num_samples`` trials in this run; ``statuses()`` maps Ray trial
     ids to their study-record status; ``local``: the trial folders are on this machine (steps shown);
     ``best``: ``(value, "t003")``, the best value earlier runs recorded; ``ray_errors``: where Ray's
-    driver-side error messages go while the terminal view runs (:func:`ray_errors_to`).
+    driver-side error messages go while the terminal view runs (:func:`ray_errors_to`); ``prior``: the
+    forecast for this phase (:class:`tune.forecast.EtaPrior`), which the ETA starts from and corrects by
+    the measured rate (:func:`blended_eta_s`; the remaining work is then what ASHA is expected to leave,
+    and it includes the phases after this one); without it, the ETA is this run's rate alone (:func:`eta_s`).
     """
 
     def __init__(self, objective: Objective, planned_epochs: int, num_samples: int,
                  statuses: Callable[[], Mapping[str, str]] | None = None, local: bool = True,
                  stream: TextIO | None = None, ray_errors: Path | None = None,
-                 best: tuple[float, str] | None = None) -> None:
+                 best: tuple[float, str] | None = None, prior: EtaPrior | None = None) -> None:
         self.metric, self.objective, self.statuses, self.local = objective.metric, objective, statuses, local
+        self.prior = prior
         self.planned_epochs, self.num_samples = planned_epochs, num_samples
         self._stream = stream  # None: sys.stdout at each use (ours stands in for it during a run)
         self._start, self._first = time.monotonic(), None  # _first: the first trial's start (for the ETA)
@@ -212,7 +236,28 @@ class ProgressView(Callback):
             planned += self._epoch(t) if t.status in ("TERMINATED", "ERROR") else self.planned_epochs
         planned += max(0, self.num_samples - len(self._trials)) * self.planned_epochs
         elapsed = time.monotonic() - (self._first or time.monotonic())
-        return done, planned, eta_s(done, sum(self._restored.values()), planned, elapsed)
+        if self.prior is None:
+            return done, planned, eta_s(done, sum(self._restored.values()), planned, elapsed)
+        return done, planned, blended_eta_s(self._expected_remaining(), done - sum(self._restored.values()),
+                                            elapsed, self.prior, weight=2.0 * self.slots)
+
+    @property
+    def slots(self) -> int:
+        """Trials that run at once in this phase (what the forecast's weight is counted in)."""
+        return max(1, min(self.num_samples, self.prior.slots if self.prior is not None else 1))
+
+    def _expected_remaining(self) -> float:
+        """Trial-epochs still to train, expected under the plan: a trial not yet started the prior's
+        ``expected_epochs``, a running one the rest of that (at least the epoch it is in), an ended one none."""
+        assert self.prior is not None
+        expected, left = self.prior.expected_epochs, 0.0
+        for t in self._trials:
+            if t.status in ("TERMINATED", "ERROR"):
+                continue
+            step = self._step(t)
+            d = self._epoch(t) + (step[1] / step[2] if step else 0.0)
+            left += max(expected - d, min(math.floor(d) + 1, self.planned_epochs) - d, 0.0)
+        return left + max(0, self.num_samples - len(self._trials)) * expected
 
     def status(self) -> str:
         """``done 1, running 2, stopped early 0, failed 0, diverged 0 | best val_loss 7.4992 (t001)``."""

@@ -53,7 +53,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warm-start", metavar="STUDY_DIR",
                    help="a new study starts from an earlier study's trials (same objective and searched "
                         "parameters; other ranges, epochs or model allowed): its best configs run first")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved space, resources and trial plan, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved space, resources, trial plan and cost forecast, then exit")
+    p.add_argument("--no-forecast", action="store_true",
+                   default=os.environ.get("MINIMIND_TUNE_FORECAST", "1") == "0",
+                   help="skip the cost forecast (a short probe of the study's trial, tune.forecast) that --dry-run "
+                        "and the start of a run print (default: $MINIMIND_TUNE_FORECAST=0 skips it too)")
     p.add_argument("--ray-temp-dir", help="temp dir of a local Ray instance")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
@@ -149,6 +154,10 @@ def _main(args: argparse.Namespace, study: _Study) -> int:
             print(f"warm start: {len(used)} finished trial(s) of study {earlier.manifest.name!r} at {earlier.dir} "
                   f"as history ({outside} outside this space's ranges left out; same objective and searched "
                   "parameters)")
+        if not (args.resume or args.no_forecast):  # (a --resume's forecast needs its record: a real run's)
+            from .forecast import print_forecast
+
+            print_forecast(spec)
         return 0
     return _run_study(spec, paths, args)
 
@@ -270,7 +279,8 @@ def _run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> 
                              f"{paths.name!r} exists (--resume continues it as it is)")
         earlier = None if record is not None else _warm_start_from(spec, args)
         return run_experiment(spec, paths, record, explicit_space=args.space is not None, replace=args.restart,
-                              address=args.address, ray_temp_dir=args.ray_temp_dir, warm_start_from=earlier)
+                              address=args.address, ray_temp_dir=args.ray_temp_dir, warm_start_from=earlier,
+                              forecast=not args.no_forecast)
 
 
 if __name__ == "__main__":

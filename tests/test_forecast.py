@@ -1,0 +1,136 @@
+"""tune.forecast: the cost model's arithmetic on a given probe, the time budget check, the live view's
+priors, and (one small real probe) that ``--dry-run`` prints the ``forecast:`` line."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from tune import forecast as fc
+from tune.preflight import expected_shape
+from tune.space import load_space
+
+
+def _probe(padded: tuple[int, ...] = (100,) * 10, **changes: float) -> fc.Probe:
+    values = {"concurrent": 1, "device": "cpu", "threads": 1, "start_s": 3.0, "init_s": 0.5, "s_per_token": 0.01,
+              "eval_s": 2.0, "checkpoint_s": 0.5, "padded": padded, "wall_s": 4.0, **changes}
+    return fc.Probe(**values)  # type: ignore[arg-type]
+
+
+def _spec(name: str = "smoke.yaml", run: dict | None = None, **tune: object):
+    spec = load_space(name)
+    train = dataclasses.replace(spec.run.train, **(run or {}))
+    return dataclasses.replace(spec, run=dataclasses.replace(spec.run, train=train),
+                               tune=dataclasses.replace(spec.tune, **tune))
+
+
+def test_one_slot_without_asha_is_trials_times_their_length_plus_the_fixed_costs() -> None:
+    spec = _spec(scheduler=dataclasses.replace(load_space("smoke.yaml").tune.scheduler, type="none"),
+                 max_concurrent_trials=1, num_samples=3)
+    spec = dataclasses.replace(spec, search=tuple(p for p in spec.search if p.path != "train.accumulation_steps"))
+    spec = _spec_run(spec, max_steps_per_epoch=0, accumulation_steps=1)
+    f = fc.forecast(spec, _probe())
+    epoch = 10 * 100 * 0.01 + 1 * (2.0 + 0.5)  # every batch's padded tokens + one evaluation and checkpoint
+    trial = fc.TRIAL_OVERHEAD_S + 0.5 + 2.0  # scheduling, model build, the untrained model's evaluation
+    assert f.epoch_s == pytest.approx(epoch) and f.trial_s == pytest.approx(trial)
+    assert f.search_s == pytest.approx(fc.RAY_START_S + 3.0 + 3 * (trial + 2 * epoch))
+    assert f.total_s == pytest.approx(f.search_s + fc.END_S) and f.finalists_s == 0
+    assert (f.trial_epochs, f.steps_per_epoch, f.gpu_hours) == (6, 10, None)
+
+
+def _spec_run(spec, **train: object):
+    return dataclasses.replace(spec, run=dataclasses.replace(spec.run, train=dataclasses.replace(spec.run.train,
+                                                                                                 **train)))
+
+
+def test_a_step_costs_a_fixed_part_and_a_part_per_padded_token() -> None:
+    assert fc.step_cost([100, 200, 300], [0.3, 0.5, 0.7]) == pytest.approx((0.1, 0.002))
+    assert fc.step_cost([100, 200, 300], [0.7, 0.5, 0.3]) == pytest.approx((0.5, 0.0))  # noise: no slope
+    assert fc.step_cost([100, 200, 300], [0.1, 0.5, 0.9]) == pytest.approx((0.0, 1.5 / 600))  # no intercept
+    assert fc.step_cost([100, 100], [0.2, 0.4]) == pytest.approx((0.3, 0.0))  # one size only
+    spec = load_space("sft.yaml")
+    per_batch = fc.forecast(spec, _probe(s_per_batch=0.05)).epoch_s - fc.forecast(spec, _probe()).epoch_s
+    assert per_batch == pytest.approx(0.05 * 10)  # ten batches of an epoch
+
+
+def test_an_epoch_counts_the_capped_batches_of_each_searched_accumulation_and_its_evaluations() -> None:
+    # smoke.yaml: max_steps_per_epoch 10, accumulation searched over {1, 2}: 10 or 20 of the 30 batches.
+    spec = _spec_run(load_space("smoke.yaml"), evals_per_epoch=4)
+    padded = tuple(range(1, 31))
+    f = fc.forecast(spec, _probe(padded))
+    tokens = (sum(padded[:10]) + sum(padded[:20])) / 2
+    assert f.epoch_s == pytest.approx(tokens * 0.01 + 4 * 2.5)
+    assert (f.steps_per_epoch, f.evals_per_epoch) == (10, 4)
+
+
+def test_asha_and_finalists_use_the_plans_expected_shape_and_waves_of_slots() -> None:
+    spec = load_space("sft.yaml")  # 12 trials, 2 at once, ASHA after epoch 1 of 2, finalists 2 x 1 seed
+    t = spec.tune
+    f = fc.forecast(spec, _probe())
+    shape = expected_shape(t.num_samples, t.scheduler)
+    assert f.search_trial_epochs == pytest.approx(shape.trial_epochs)
+    assert f.finalists == 2 and f.trial_epochs == pytest.approx(shape.trial_epochs + 2 * 2)
+    work = (12 * f.trial_s + shape.trial_epochs * f.epoch_s) / 2
+    tail = 0.5 * (f.trial_s + shape.trial_epochs / 12 * f.epoch_s) / 2  # the last trials end unevenly
+    assert f.search_s == pytest.approx(fc.RAY_START_S + 3.0 + work + tail)
+    assert f.finalists_s == pytest.approx(3.0 + 1 * (f.trial_s + 2 * f.epoch_s))  # both at once: one wave
+
+
+def test_gpu_hours_are_the_trials_time_times_their_gpu_share() -> None:
+    base = load_space("sft.yaml")
+    spec = _spec("sft.yaml", resources_per_trial=dataclasses.replace(base.tune.resources_per_trial, gpu=0.5))
+    f = fc.forecast(spec, _probe())
+    busy = (f.trials + f.finalists) * f.trial_s + f.trial_epochs * f.epoch_s
+    assert f.gpu_hours == pytest.approx(0.5 * busy / 3600)
+    assert "GPU-hours" in f.line() and "GPU-hours" not in fc.forecast(base, _probe()).line()
+
+
+def test_the_line_starts_with_forecast_and_the_wall_time_as_h_mm_ss() -> None:
+    line = fc.forecast(load_space("sft.yaml"), _probe()).line()
+    assert line.startswith("forecast: 0:") and "search 0:" in line and "finalists 0:" in line
+    assert fc.duration(3725.4) == "1:02:05" and fc.duration(-1) == "0:00:00"
+
+
+def test_a_budget_shorter_than_the_forecast_warns_with_the_num_samples_that_fits() -> None:
+    spec = load_space("sft.yaml")
+    probe = _probe()
+    budget = (fc.forecast(spec, probe, 5).total_s + fc.forecast(spec, probe, 6).total_s) / 2
+    spec = _spec("sft.yaml", time_budget_s=budget)
+    assert fc.fitting_samples(spec, probe, budget) == 5
+    warning = fc.budget_warning(spec, probe, fc.forecast(spec, probe))
+    assert warning is not None and warning.startswith("warning: the forecast ") and "--num-samples 5" in warning
+    assert fc.budget_warning(spec, probe, fc.forecast(spec, probe, 5)) is None  # it fits
+    assert fc.budget_warning(load_space("smoke.yaml"), probe, fc.forecast(load_space("smoke.yaml"), probe)) is None
+    tiny = _spec("sft.yaml", time_budget_s=1.0)
+    assert "not even one trial fits" in fc.budget_warning(tiny, probe, fc.forecast(tiny, probe))
+
+
+def test_the_eta_priors_spread_each_phase_over_its_expected_trial_epochs() -> None:
+    f = fc.forecast(load_space("sft.yaml"), _probe())
+    search, finals = f.prior("search"), f.prior("finalists")
+    assert search.expected_epochs * f.trials == pytest.approx(f.search_trial_epochs)
+    assert search.s_per_trial_epoch * f.search_trial_epochs == pytest.approx(
+        (f.trials * f.trial_s + f.search_trial_epochs * f.epoch_s) / f.slots)
+    assert search.after_s == pytest.approx(f.finalists_s + f.end_s) and search.slots == 2
+    assert (finals.expected_epochs, finals.after_s, finals.slots) == (2, f.end_s, 2)
+
+
+def test_dry_run_prints_a_forecast_line_from_a_real_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from tune import run
+
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MINIMIND_TUNE_FORECAST", "1")  # (tests/conftest.py turns it off for the others)
+    assert run.main(["--space", "smoke.yaml", "--dry-run", "--max-concurrent", "1",
+                     "--storage-path", str(tmp_path / "studies")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("forecast: ")]
+    assert lines[-1].startswith("forecast: 0:") and "probe: 1 at once on cpu, 1 thread(s) each" in lines[-1]
+    seconds = [float(x) for x in lines[-1].split("an epoch ")[1].split(" s")[:1]]
+    assert seconds and math.isfinite(seconds[0]) and seconds[0] > 0
+    assert not (tmp_path / "studies").exists()
+    monkeypatch.setenv("MINIMIND_TUNE_FORECAST", "0")  # the setting, as --no-forecast
+    assert run.main(["--space", "smoke.yaml", "--dry-run", "--storage-path", str(tmp_path / "studies")]) == 0
+    assert "forecast:" not in capsys.readouterr().out

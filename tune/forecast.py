@@ -1,0 +1,400 @@
+"""A study's cost before anything is spent: a short probe of its own model, data and batch, and the
+arithmetic that turns it into the ``forecast:`` line, the time budget check and the live view's first ETA.
+
+**What is measured** (:func:`run_probe`). ``c`` = min(``tune.max_concurrent_trials``, ``num_samples``)
+probe processes run *at once*, each like a trial's worker: ``python -m tune.forecast`` with the trial's
+torch thread count (``train.num_threads`` = its CPU share, ``OMP_NUM_THREADS`` as Ray sets it), its device
+(no CUDA device visible when ``resources_per_trial.gpu`` is 0, as Ray does) and the study's run config
+(the fixed values; searched ones at the fixed config's value). Each opens the study's token cache, builds
+the model and runs :func:`minimind_train.train.train_epochs` itself for :data:`PROBE_STEPS` optimizer steps
+of one micro-batch each (the first is warm-up and left out) and its evaluation of the validation split
+(as capped by ``data.val_max_samples``), then writes that state as a trial's checkpoint. Running ``c`` of
+them together measures what concurrent trials do to each other (on CPU: cores, memory bandwidth, the other
+load on the machine; on a shared GPU: its share). A probe process is not a Ray worker: starting Ray and a
+trial's actor are the constants below, not measured. With ``--address`` the probe runs on the driver's
+machine, so the forecast is for that machine's hardware.
+
+**The model** (:func:`forecast`), wall seconds; ``N`` trials, ``c`` slots, ``E`` the trial-epochs ASHA is
+expected to leave (:func:`tune.preflight.expected_shape`: its plan and stop fractions)::
+
+    epoch_s    = s_per_batch x batches + s_per_token x (padded tokens of those batches: the data's own
+                 length-grouped batches, the first max_steps_per_epoch x accumulation_steps of them when
+                 capped; accumulation averaged over its searched choices)
+                 + evals_per_epoch x (eval_s + checkpoint_s)
+    trial_s    = TRIAL_OVERHEAD_S + init_s + eval_s   (per trial: scheduling and record, model build,
+                                                      the untrained model's evaluation)
+    search_s   = RAY_START_S + start_s + (N x trial_s + E x epoch_s) / c
+                 + (1 - 1/c) x (trial_s + E/N x epoch_s) / 2     (the last trials end unevenly)
+    finals_s   = start_s + ceil(F / c) x (trial_s + max_t x epoch_s)   (F = top_k x seeds finalists of
+                                                                         expected completed configs)
+    total      = search_s + finals_s + END_S
+    GPU-hours  = gpu x (N x trial_s + (E + F x max_t) x epoch_s) / 3600
+
+``start_s`` is a probe's own start (imports, data open: what a trial's worker does first). The constants
+come from ``benchmarks/study_overhead.py``'s timeline and ``benchmarks/forecast_accuracy.py`` (which
+checks the whole formula against real studies; benchmarks/README.md section 7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["END_S", "PROBE_STEPS", "RAY_START_S", "TRIAL_OVERHEAD_S", "EtaPrior", "Forecast", "Probe",
+           "ProbeError", "budget_warning", "fitting_samples", "forecast", "print_forecast", "run_probe", "step_cost"]
+
+PROBE_STEPS = 10  # optimizer steps of one micro-batch each; the first is warm-up
+# ray.init and the Tuner's start until the first trial's worker is asked for (benchmarks/README.md,
+# section 2's timeline: ray.init returns at ~5 s, the Tuner starts ~1.5 s later; 14 s at a load of 6-7
+# on two cores, section 7).
+RAY_START_S = 10.0
+# Per trial beyond its training: Ray's scheduling, the searcher's ask/tell on the record, the mirror's
+# MLflow run, results and reports (section 2: "2-8 slot-seconds between trials").
+TRIAL_OVERHEAD_S = 2.0
+# After the last trial: the end report, plots, MLflow's parent run, Ray's shutdown (section 2: ~4 s; 10 s
+# at a load of 6-7, section 7).
+END_S = 6.0
+_PROBE_TIMEOUT_S = 900.0  # a dry run on new data tokenises it first
+
+
+class ProbeError(RuntimeError):
+    """The probe did not run; the study runs without a forecast."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What :func:`run_probe` measured (means over its ``concurrent`` processes)."""
+
+    concurrent: int
+    device: str
+    threads: int
+    start_s: float  # launch to ready: imports and the data opened (a trial worker's start)
+    init_s: float  # model and optimizer built
+    s_per_token: float  # training seconds per padded token of a micro-batch (an optimizer step each), ...
+    eval_s: float  # one evaluation of the validation split
+    checkpoint_s: float  # one trial checkpoint written and published
+    padded: tuple[int, ...]  # padded tokens of each batch of an epoch, in the trainer's order
+    wall_s: float  # the probe's own wall time
+    s_per_batch: float = 0.0  # ... plus seconds per micro-batch whatever its size (the optimizer step, launches)
+
+
+@dataclass(frozen=True)
+class EtaPrior:
+    """What the live view starts its ETA from in one phase: ``expected_epochs`` per trial (ASHA's
+    expectation), ``s_per_trial_epoch`` wall seconds per trial-epoch with ``slots`` trials at once, per-trial
+    costs included, ``start_s`` a trial worker's start, ``after_s`` the forecast of what follows the phase
+    (finalists, end report)."""
+
+    expected_epochs: float
+    s_per_trial_epoch: float
+    after_s: float
+    start_s: float = 0.0
+    slots: int = 1
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """A study's expected wall time and its parts (:func:`forecast`)."""
+
+    total_s: float
+    search_s: float
+    finalists_s: float
+    end_s: float
+    trials: int
+    slots: int
+    trial_epochs: float  # search and finalists
+    search_trial_epochs: float
+    finalists: int
+    epochs: int
+    epoch_s: float
+    steps_per_epoch: float
+    evals_per_epoch: int
+    eval_s: float
+    trial_s: float
+    gpu_hours: float | None
+    probe: Probe
+
+    def prior(self, phase: str) -> EtaPrior:
+        """The live view's :class:`EtaPrior` for ``phase`` (``search`` or ``finalists``)."""
+        start = self.probe.start_s
+        if phase == "finalists":
+            slots = max(1, min(self.slots, self.finalists))
+            return EtaPrior(self.epochs, (self.trial_s / self.epochs + self.epoch_s) / slots, self.end_s, start, slots)
+        per_trial = self.search_trial_epochs / max(self.trials, 1)
+        work = (self.trials * self.trial_s + self.search_trial_epochs * self.epoch_s) / self.slots
+        return EtaPrior(per_trial, work / max(self.search_trial_epochs, 1e-9), self.finalists_s + self.end_s, start,
+                        self.slots)
+
+    def line(self) -> str:
+        """The ``forecast:`` line."""
+        gpu = f"; {self.gpu_hours:.2f} GPU-hours" if self.gpu_hours is not None else ""
+        p = self.probe
+        return (f"forecast: {duration(self.total_s)} for the study (search {duration(self.search_s)}, finalists "
+                f"{duration(self.finalists_s)}); {self.trial_epochs:.1f} trial-epochs expected ({self.trials} "
+                f"trials under the plan, {self.finalists} finalists), {self.slots} at once{gpu}; an epoch "
+                f"{self.epoch_s:.1f} s ({self.steps_per_epoch:.0f} steps, {self.evals_per_epoch} evaluation(s) of "
+                f"{self.eval_s:.1f} s); probe: {p.concurrent} at once on {p.device}, {p.threads} thread(s) each, "
+                f"{p.wall_s:.1f} s")
+
+
+def duration(seconds: float) -> str:
+    """``H:MM:SS``."""
+    s = max(0, round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _epoch_tokens(probe: Probe, run: Any, accumulations: tuple[int, ...]) -> tuple[float, float, float]:
+    """(padded tokens, micro-batches, optimizer steps) of an epoch, averaged over the ``accumulations`` a
+    trial may use."""
+    cap, tokens, batches, steps = run.train.max_steps_per_epoch, 0.0, 0.0, 0.0
+    for acc in accumulations:
+        n = min(len(probe.padded), cap * acc) if cap else len(probe.padded)
+        tokens += sum(probe.padded[:n])
+        batches += n
+        steps += math.ceil(n / acc)
+    k = len(accumulations)
+    return tokens / k, batches / k, steps / k
+
+
+def _accumulations(spec: Any) -> tuple[int, ...]:
+    """The accumulation steps trials use: a searched categorical's choices, else the fixed value (a searched
+    int or float range is taken at the fixed value)."""
+    for p in spec.search:
+        if p.path == "train.accumulation_steps" and p.type == "categorical":
+            return tuple(int(c) for c in p.choices)
+    return (spec.run.train.accumulation_steps,)
+
+
+def forecast(spec: Any, probe: Probe, num_samples: int | None = None, continued_epochs: float = 0.0) -> Forecast:
+    """The study's :class:`Forecast` (the module docstring's model) from ``probe``; ``num_samples`` new
+    search trials (default ``tune.num_samples``) and, on ``--resume``, ``continued_epochs`` left to
+    unfinished trials (each one more trial)."""
+    from .preflight import expected_shape
+
+    t, run = spec.tune, spec.run
+    n_new = t.num_samples if num_samples is None else num_samples
+    continued = math.ceil(continued_epochs / max(t.scheduler.max_t, 1)) if continued_epochs else 0
+    trials = n_new + continued
+    epochs = t.scheduler.max_t
+    shape = expected_shape(n_new, t.scheduler) if n_new else None
+    search_te = (shape.trial_epochs if shape else 0.0) + continued_epochs
+    completed = (shape.completed if shape else 0.0) + continued
+    finalists = round(min(t.finalists.top_k, completed) * t.finalists.seeds) if t.finalists.seeds else 0
+    tokens, batches, steps = _epoch_tokens(probe, run, _accumulations(spec))
+    evals = run.train.evals_per_epoch
+    epoch_s = batches * probe.s_per_batch + tokens * probe.s_per_token + evals * (probe.eval_s + probe.checkpoint_s)
+    trial_s = TRIAL_OVERHEAD_S + probe.init_s + probe.eval_s
+    slots = max(1, min(t.max_concurrent_trials, max(trials, 1)))
+    search_s = 0.0
+    if trials:
+        search_s = (RAY_START_S + probe.start_s + (trials * trial_s + search_te * epoch_s) / slots
+                    + (1 - 1 / slots) * (trial_s + search_te / trials * epoch_s) / 2)
+    final_slots = max(1, min(slots, finalists))
+    finals_s = (probe.start_s + math.ceil(finalists / final_slots) * (trial_s + epochs * epoch_s)
+                + (0 if trials else RAY_START_S)) if finalists else 0.0
+    gpu = t.resources_per_trial.gpu
+    gpu_hours = (gpu * ((trials + finalists) * trial_s + (search_te + finalists * epochs) * epoch_s) / 3600
+                 if gpu > 0 else None)
+    return Forecast(search_s + finals_s + END_S, search_s, finals_s, END_S, trials, slots,
+                    search_te + finalists * epochs, search_te, finalists, epochs, epoch_s, steps, evals,
+                    probe.eval_s, trial_s, gpu_hours, probe)
+
+
+def fitting_samples(spec: Any, probe: Probe, budget_s: float) -> int:
+    """The largest ``--num-samples`` whose forecast fits in ``budget_s`` (0 when not even one does)."""
+    lo, hi = 0, spec.tune.num_samples
+    while lo < hi:  # (the forecast grows with the number of trials)
+        mid = (lo + hi + 1) // 2
+        if forecast(spec, probe, mid).total_s <= budget_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def budget_warning(spec: Any, probe: Probe, result: Forecast, used_s: float = 0.0) -> str | None:
+    """A ``warning:`` line when ``tune.time_budget_s`` (less ``used_s`` by earlier runs) is shorter than the
+    forecast, with the ``--num-samples`` that fits; None when it fits or there is no budget."""
+    budget = spec.tune.time_budget_s
+    if budget is None or result.total_s <= budget - used_s:
+        return None
+    fits = fitting_samples(spec, probe, budget - used_s)
+    advice = (f"about {fits} trials fit (--num-samples {fits}), or raise --time-budget-s" if fits else
+              "not even one trial fits: raise --time-budget-s")
+    return (f"warning: the forecast {duration(result.total_s)} is longer than the time budget left "
+            f"(tune.time_budget_s={budget:g}: {duration(budget - used_s)}), which stops the study early: {advice}")
+
+
+def print_forecast(spec: Any, caches: dict[str, Any] | None = None, num_samples: int | None = None,
+                   continued_epochs: float = 0.0, used_s: float = 0.0) -> Forecast | None:
+    """Probe (:func:`run_probe`), print the ``forecast:`` line and, when the time budget is shorter, the
+    warning (:func:`budget_warning`); None, with a ``forecast: not available`` line, when the probe failed
+    (the study itself does not depend on it)."""
+    print("forecast: probing the study's trial ...", flush=True)
+    try:
+        probe = run_probe(spec, caches)
+    except (ProbeError, OSError, ValueError) as exc:
+        print(f"forecast: not available (the probe failed: {exc})", flush=True)
+        return None
+    result = forecast(spec, probe, num_samples, continued_epochs)
+    print(result.line(), flush=True)
+    if (warning := budget_warning(spec, probe, result, used_s)) is not None:
+        print(warning, file=sys.stderr, flush=True)
+    return result
+
+
+def run_probe(spec: Any, caches: dict[str, Any] | None = None, timeout_s: float = _PROBE_TIMEOUT_S) -> Probe:
+    """Measure the study's trial in ``c`` concurrent processes (the module docstring). ``caches``: the token
+    cache the driver prepared (``train``, ``val``, ``pad_id``, ``vocab_size``); None: the first process
+    prepares it (tokenising the data when the cache has none), the others wait for it.
+
+    Raises:
+        ProbeError: a probe process failed or ran past ``timeout_s``; its last error line is the message.
+    """
+    from minimind_train.config import run_config_to_dict
+
+    t = spec.tune
+    count = max(1, min(t.max_concurrent_trials, t.num_samples))
+    threads = max(1, int(t.resources_per_trial.cpu))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MALLOC_ARENA_MAX": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH")]))}
+    if t.resources_per_trial.gpu == 0:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # as Ray does for a trial without a GPU
+    folder = Path(tempfile.mkdtemp(prefix="minimind-probe-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    started = time.time()
+    try:
+        request = {"run": run_config_to_dict(spec.trial_run), "caches": caches, "count": count,
+                   "steps": PROBE_STEPS, "launched": started}
+        (folder / "request.json").write_text(json.dumps(request), encoding="utf-8")
+        for i in range(count):
+            with (folder / f"log-{i}.txt").open("wb") as log:
+                procs.append(subprocess.Popen([sys.executable, "-m", "tune.forecast", str(folder), str(i)],
+                                              stdout=subprocess.DEVNULL, stderr=log, env=env))
+        for i, proc in enumerate(procs):
+            try:
+                code = proc.wait(timeout=max(1.0, started + timeout_s - time.time()))
+            except subprocess.TimeoutExpired as exc:
+                raise ProbeError(f"the probe ran past {timeout_s:.0f} s") from exc
+            if code != 0:
+                lines = (folder / f"log-{i}.txt").read_text(encoding="utf-8", errors="replace").strip().splitlines()
+                raise ProbeError(lines[-1] if lines else f"probe process exited with status {code}")
+        results = [json.loads((folder / f"result-{i}.json").read_text(encoding="utf-8")) for i in range(count)]
+    finally:
+        for proc in procs:  # (only ours; a probe still running after an error or Ctrl-C)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def mean(key: str) -> float:
+        return sum(float(r[key]) for r in results) / count
+
+    return Probe(count, results[0]["device"], threads, mean("start_s"), mean("init_s"), mean("s_per_token"),
+                 mean("eval_s"), mean("checkpoint_s"), tuple(results[0]["padded"]), time.time() - started,
+                 mean("s_per_batch"))
+
+
+def step_cost(tokens: list[int], seconds: list[float]) -> tuple[float, float]:
+    """``(s_per_batch, s_per_token)``: the least-squares line ``seconds = a + b x tokens`` through the probe's
+    micro-batches (their lengths differ: the trainer's batch order is shuffled); where noise makes either
+    negative, the one that is not (all the time per token when the sizes barely differ)."""
+    n, total_t, total_s = len(tokens), sum(tokens), sum(seconds)
+    mean_t, mean_s = total_t / n, total_s / n
+    var = sum((x - mean_t) ** 2 for x in tokens)
+    b = sum((x - mean_t) * (y - mean_s) for x, y in zip(tokens, seconds)) / var if var > 0 else -1.0
+    a = mean_s - b * mean_t
+    if b < 0:
+        return mean_s, 0.0
+    if a < 0:
+        return 0.0, total_s / total_t
+    return a, b
+
+
+def _wait_for(path: Path, what: str, timeout_s: float = _PROBE_TIMEOUT_S) -> None:
+    deadline = time.time() + timeout_s
+    while not path.exists():
+        if time.time() > deadline:
+            raise ProbeError(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(0.02)
+
+
+def _probe_main(folder: Path, index: int) -> None:
+    """One probe process (``python -m tune.forecast FOLDER INDEX``): writes ``result-INDEX.json``."""
+    import torch
+
+    from minimind_train.batches import batch_indices
+    from minimind_train.checkpoint import init_state, save_checkpoint
+    from minimind_train.config import run_config_from_dict
+    from minimind_train.data import open_prepared, prepare_data
+    from minimind_train.train import train_epochs
+
+    request = json.loads((folder / "request.json").read_text(encoding="utf-8"))
+    cfg = run_config_from_dict(request["run"])
+    imported = time.time()
+    caches = request["caches"]
+    if caches is None:  # a dry run: the first process finds (or builds) the token cache, the others wait
+        if index == 0:
+            data = prepare_data(cfg.data, show_progress=False)
+            s = data.stats
+            caches = {"train": s.cache_path, "val": s.val_cache_path, "pad_id": data.pad_id,
+                      "vocab_size": data.vocab_size}
+            from .atomic import write_atomic  # (in the probe's process, where only it is needed)
+
+            write_atomic(folder / "data.json", json.dumps(caches), durable=False)
+        else:
+            _wait_for(folder / "data.json", "the token cache")
+            caches = json.loads((folder / "data.json").read_text(encoding="utf-8"))
+    t0 = time.time()
+    data = open_prepared(cfg.data, caches["train"], caches["val"], pad_id=caches["pad_id"],
+                         vocab_size=caches["vocab_size"])
+    start_s = imported - request["launched"] + (time.time() - t0)  # (not the cache's preparation)
+    # All processes measure at once (a barrier in the folder): that is what concurrent trials do.
+    (folder / f"ready-{index}").touch()
+    for i in range(request["count"]):
+        _wait_for(folder / f"ready-{i}", "the other probe processes")
+    steps = min(request["steps"], math.ceil(len(data.train) / cfg.train.batch_size))
+    train = dataclasses.replace(cfg.train, epochs=1, max_steps_per_epoch=steps, accumulation_steps=1,
+                                evals_per_epoch=1, divergence_loss_factor=0.0, divergence_grad_norm=0.0)
+    cfg = dataclasses.replace(cfg, train=train)
+    t0 = time.perf_counter()
+    state = init_state(cfg, vocab_size=cfg.model.vocab_size or data.vocab_size)
+    init_s = time.perf_counter() - t0
+    stamps: list[float] = []
+    result = next(iter(train_epochs(cfg, data, state, on_step=lambda _: stamps.append(time.perf_counter()))))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="minimind-probe-ckpt-", dir=folder) as tmp:
+        local = save_checkpoint(Path(tmp) / "checkpoint", result.state, cfg, result.metrics, {})
+        # What tune.storage.write_checkpoint does with a local trial folder (not imported: pyarrow's import
+        # would add half a second to every probe).
+        shutil.copytree(local, Path(tmp) / "epoch_0001")
+    checkpoint_s = time.perf_counter() - t0
+    order = batch_indices(data.train.lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, shuffle=True,
+                          group_by_length=cfg.data.group_by_length)
+    padded = [len(items) * int(data.train.lengths[items].max()) for items in order]
+    # Steps 2..n (the first is warm-up: allocations, the first kernels); one step: its own time.
+    if len(stamps) > 1:
+        s_per_batch, s_per_token = step_cost(padded[1:len(stamps)], [b - a for a, b in itertools.pairwise(stamps)])
+    else:
+        s_per_batch, s_per_token = 0.0, result.metrics["epoch_seconds"] / padded[0]
+    out = {"device": str(state.device), "start_s": start_s, "init_s": init_s, "s_per_token": s_per_token,
+           "s_per_batch": s_per_batch,
+           "eval_s": result.metrics["val_seconds"], "checkpoint_s": checkpoint_s, "padded": padded,
+           "threads": torch.get_num_threads()}
+    (folder / f"result-{index}.json").write_text(json.dumps(out), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    _probe_main(Path(sys.argv[1]), int(sys.argv[2]))
