@@ -426,13 +426,18 @@ def test_the_manifest_lives_in_optuna_db_and_study_json_is_its_export(record: St
 def test_a_study_made_before_the_manifest_moved_into_optuna_db_opens_and_is_migrated(record: StudyRecord) -> None:
     """A study made at 2af3102: study.json holds the manifest; optuna.db only the study id."""
     record.add_history({"run": 1, "seconds": 12.0})
+    n, _ = record.ask(LR)  # a finished trial whose checkpoints the record does not index (Optuna: never again)
+    make_checkpoint(record.dir / "runs" / "run-1" / f"t{n:03d}" / "epoch_0001", 1, 2.0)
+    record.record_epoch(n, 1, {"val_loss": 2.0}, "val_loss")
+    record.finish(n, "completed", Objective("val_loss"))
     for key in ("spec", "manifest", "history"):  # (Optuna has no delete: an old db never had them)
         with sqlite3.connect(record.dir / "optuna.db") as db:
             db.execute("delete from study_user_attributes where key = ?", (key,))
     old = StudyRecord.open(record.dir)
     assert old.manifest == record.manifest and old.seconds_used() == 12.0  # read from study.json
     assert not old.migrated
-    old.recover(Objective("val_loss"), 3)
+    assert old.recover(Objective("val_loss"), 3) == []
+    assert old.best_checkpoint(old.trial(n), Objective("val_loss")) == (1, str(record.dir / "runs" / "run-1" / "t000" / "epoch_0001"))
     attrs = optuna.load_study(study_name="study", storage=f"sqlite:///{record.dir / 'optuna.db'}").user_attrs
     assert attrs["spec"] == SPEC and attrs["history"] == [{"run": 1, "seconds": 12.0}]
     assert StudyRecord.open(record.dir).manifest == record.manifest and StudyRecord.open(record.dir).migrated

@@ -531,10 +531,12 @@ class StudyRecord:
         from minimind_train.checkpoint import checkpoint_problem  # (torch: not imported by a dry run)
 
         open_file = filesystem_of(self.runs)[0].open_input_file
-        scored = [(index, value) for index, value in trial.curve(objective.metric) if index in trial.checkpoints]
+        # (a trial that finished before the record kept the index: its checkpoints as found on disk)
+        index_of = trial.checkpoints or {k: path for k, (path, _) in checkpoint_metas(self.runs, trial.number).items()}
+        scored = [(index, value) for index, value in trial.curve(objective.metric) if index in index_of]
         for index, _ in sorted(scored, key=lambda iv: (objective.sort_key(iv[1]), iv[0])):
-            if checkpoint_problem(trial.checkpoints[index], resume=False, open_file=open_file) is None:
-                return index, trial.checkpoints[index]
+            if checkpoint_problem(index_of[index], resume=False, open_file=open_file) is None:
+                return index, index_of[index]
         return None
 
     # -- writing (the driver) ----------------------------------------------------------------------
@@ -565,9 +567,11 @@ class StudyRecord:
         already recorded (its first values are kept)."""
         trial_id = self._trial_id(number)
         frozen = self.storage.get_trial(trial_id)
+        if frozen.state.is_finished():  # (Optuna refuses any change to it)
+            return False
         if checkpoint and frozen.user_attrs.get(f"{_CHECKPOINT_ATTR}{epoch}") != checkpoint:
             self.storage.set_trial_user_attr(trial_id, f"{_CHECKPOINT_ATTR}{epoch}", checkpoint)
-        if f"epoch_{epoch}" in frozen.user_attrs or frozen.state.is_finished():
+        if f"epoch_{epoch}" in frozen.user_attrs or not metrics:
             return False
         clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
         clean.setdefault("timestamp_ms", float(time.time_ns() // 1_000_000))
@@ -639,19 +643,14 @@ class StudyRecord:
         self._save(self.manifest)
         self.tell_decided(objective)
         searched, warnings = set(self.manifest.spec.get("search") or {}), []
-        for t in self.trials():
-            if t.status in RESUMABLE and set(t.params) != searched:
+        for t in self.unfinished():  # (a finished trial can no longer change in Optuna)
+            if set(t.params) != searched:
                 self.abandon(t.number, f"its values were never all recorded ({sorted(t.params)} of "
                                        f"{sorted(searched)}); a new trial takes its place")
                 warnings.append(f"trial {t.name} abandoned: its values were never all recorded")
                 continue
             for index, (path, meta) in sorted(checkpoint_metas(self.runs, t.number).items()):
-                if t.status in RESUMABLE and meta.get("metrics"):
-                    self.record_epoch(t.number, index, dict(meta["metrics"]), objective.metric, checkpoint=path)
-                elif t.checkpoints.get(index) != path:
-                    self.storage.set_trial_user_attr(self._trial_id(t.number), f"{_CHECKPOINT_ATTR}{index}", path)
-            if t.status not in RESUMABLE:
-                continue
+                self.record_epoch(t.number, index, dict(meta.get("metrics") or {}), objective.metric, checkpoint=path)
             if t.status == TrialStatus.RUNNING:
                 self.set_status(t.number, TrialStatus.INTERRUPTED)
             done = max(self.trial(t.number).epochs, default=0)
