@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -223,14 +225,22 @@ def test_checkpoints_skip_what_a_kill_or_full_disk_cut_short(record: StudyRecord
     make_checkpoint(run2 / "epoch_0005", 5, 1.0, state=b"")  # resume state cut short
     assert record.trial_dirs(n) == [run1, run2]
     expected = {1: run1 / "epoch_0001", 2: run1 / "epoch_0002", 3: run2 / "epoch_0003"}
-    assert {e: path for e, (path, _) in record.checkpoint_metas(n).items()} == {e: str(p) for e, p in expected.items()}
-    assert record.best_checkpoint(n, Objective("val_loss")) == str(run1 / "epoch_0002")
-    assert record.best_checkpoint(n, Objective("val_loss", "max")) == str(run1 / "epoch_0001")
+    assert {e: path for e, (path, _) in checkpoint_metas(record.runs, n).items()} == {e: str(p) for e, p in expected.items()}
+    # recover() puts them in the record's checkpoint index, with the results that never reached it.
+    warnings = record.recover(Objective("val_loss"), 6)
+    assert [w.split(": ")[0] for w in warnings] == [f"trial t{n:03d}'s checkpoint {run2 / e} cannot be continued from"
+                                                     for e in ("epoch_0005", "epoch_0004")]
+    trial = record.trial(n)
+    assert trial.checkpoints == {e: str(p) for e, p in expected.items()} and sorted(trial.epochs) == [1, 2, 3]
+    assert record.best_checkpoint(trial, Objective("val_loss")) == (2, str(run1 / "epoch_0002"))
+    assert record.best_checkpoint(trial, Objective("val_loss", "max")) == (1, str(run1 / "epoch_0001"))
     assert record.next_run_index() == 3
     # The same through a filesystem URI (how a bucket storage is read): same checkpoints, same metas.
     through_uri = checkpoint_metas(f"file://{record.dir / 'runs'}", n)
     assert {e: p for e, (p, _) in through_uri.items()} == {e: str(p) for e, p in expected.items()}
     assert through_uri[2][1]["metrics"]["val_loss"] == 2.0
+    shutil.rmtree(run1 / "epoch_0002")  # deleted (retention): the index's next best that is still whole
+    assert record.best_checkpoint(trial, Objective("val_loss")) == (3, str(run2 / "epoch_0003"))
 
 
 def test_pruner_decides_from_the_record(record: StudyRecord) -> None:
@@ -395,3 +405,42 @@ def test_evaluations_inside_an_epoch_are_recorded_at_their_index(tmp_path: Path)
     assert evals_per_epoch(record.study) == 4 and evals_per_epoch(StudyRecord.open(tmp_path / "e").study) == 4
     old = StudyRecord.create(tmp_path / "o", "o", SPEC, "", {})  # a study made before the field
     assert evals_per_epoch(old.study) == 1
+
+
+def test_the_manifest_lives_in_optuna_db_and_study_json_is_its_export(record: StudyRecord) -> None:
+    record.add_history({"run": 1, "started": "x"})
+    attrs = optuna.load_study(study_name="study", storage=f"sqlite:///{record.dir / 'optuna.db'}").user_attrs
+    assert attrs["history"] == [{"run": 1, "started": "x"}] and attrs["spec"] == SPEC
+    assert attrs["manifest"]["fingerprints"] == {"dataset": "abc"} and attrs["study_id"] == record.manifest.study_id
+    assert Manifest.from_json((record.dir / "study.json").read_text(), Path("x")) == record.manifest
+    # A kill between the two writes leaves the export one write behind: the record is optuna.db's.
+    exported = (record.dir / "study.json").read_text()
+    record.record_run_seconds(1, 30.0)
+    (record.dir / "study.json").write_text(exported)
+    again = StudyRecord.open(record.dir)
+    assert again.seconds_used() == 30.0
+    again.recover(Objective("val_loss"), 3)  # (and the next driver run exports it again)
+    assert json.loads((record.dir / "study.json").read_text())["history"][-1] == {"run": 1, "seconds": 30.0}
+
+
+def test_a_study_made_before_the_manifest_moved_into_optuna_db_opens_and_is_migrated(record: StudyRecord) -> None:
+    """A study made at 2af3102: study.json holds the manifest; optuna.db only the study id."""
+    record.add_history({"run": 1, "seconds": 12.0})
+    n, _ = record.ask(LR)  # a finished trial whose checkpoints the record does not index (Optuna: never again)
+    make_checkpoint(record.dir / "runs" / "run-1" / f"t{n:03d}" / "epoch_0001", 1, 2.0)
+    record.record_epoch(n, 1, {"val_loss": 2.0}, "val_loss")
+    record.finish(n, "completed", Objective("val_loss"))
+    for key in ("spec", "manifest", "history"):  # (Optuna has no delete: an old db never had them)
+        with sqlite3.connect(record.dir / "optuna.db") as db:
+            db.execute("delete from study_user_attributes where key = ?", (key,))
+    old = StudyRecord.open(record.dir)
+    assert old.manifest == record.manifest and old.seconds_used() == 12.0  # read from study.json
+    assert not old.migrated
+    assert old.recover(Objective("val_loss"), 3) == []
+    assert old.best_checkpoint(old.trial(n), Objective("val_loss")) == (1, str(record.dir / "runs" / "run-1" / "t000" / "epoch_0001"))
+    attrs = optuna.load_study(study_name="study", storage=f"sqlite:///{record.dir / 'optuna.db'}").user_attrs
+    assert attrs["spec"] == SPEC and attrs["history"] == [{"run": 1, "seconds": 12.0}]
+    assert StudyRecord.open(record.dir).manifest == record.manifest and StudyRecord.open(record.dir).migrated
+    _edit_study_json(record)  # its export edited by hand is still refused, naming it
+    with pytest.raises(StudyError, match=r"study\.json was edited by hand"):
+        StudyRecord.open(record.dir)

@@ -40,8 +40,9 @@ def test_ranking_and_the_best_epochs_checkpoint(tmp_path: Path) -> None:
     for number, curve in values.items():
         record.ask(LR)
         for epoch, value in enumerate(curve, 1):
-            record.record_epoch(number, epoch, {"val_loss": value}, "val_loss")
-            _checkpoint(tmp_path / "s" / "runs" / "run-1" / f"t{number:03d}" / f"epoch_{epoch:04d}", epoch, value)
+            folder = tmp_path / "s" / "runs" / "run-1" / f"t{number:03d}" / f"epoch_{epoch:04d}"
+            _checkpoint(folder, epoch, value)
+            record.record_epoch(number, epoch, {"val_loss": value}, "val_loss", checkpoint=str(folder))  # (the index)
     record.finish(0, "completed", Objective("val_loss"))
     record.finish(1, "completed", Objective("val_loss"))
     record.finish(2, "stopped_early", Objective("val_loss"))
@@ -141,8 +142,9 @@ class _Study:
         epoch 1, beside ln(6400), the bundled tokenizer's uniform predictor)."""
         bars = {} if before is None else {"baseline_val_loss": before, "uniform_loss": math.log(6400)}
         for epoch, value in enumerate(curve, 1):
-            self.record.record_epoch(number, epoch, {"val_loss": value, **(bars if epoch == 1 else {})}, "val_loss")
-            make_checkpoint(self.runs / f"t{number:03d}" / f"epoch_{epoch:04d}", epoch, value)
+            folder = make_checkpoint(self.runs / f"t{number:03d}" / f"epoch_{epoch:04d}", epoch, value)
+            self.record.record_epoch(number, epoch, {"val_loss": value, **(bars if epoch == 1 else {})}, "val_loss",
+                                     checkpoint=str(folder))
         self.record.finish(number, status, Objective("val_loss"), error)
 
     def add(self, trials: list[tuple[list[float], str, str]], before: float | None = None) -> None:
@@ -233,7 +235,7 @@ def test_a_trial_no_better_than_untrained_is_never_the_best_whatever_its_value(
     study.add([([5.0, 3.0], "completed", "")], before=9.0)
     from tune.searcher import finalist_plans
 
-    plans = finalist_plans(study.record, study.distributions, Objective("val_loss"), 2, top_k=2, seeds=1, base_seed=0)
+    plans = finalist_plans(study.record, study.distributions, Objective("val_loss"), top_k=2, seeds=1, base_seed=0)
     assert [study.record.trial(p.number).finalist_of for p in plans] == [1]
     study.run(plans[0].number, [3.5, 3.1], "completed", before=9.0)
     assert study.finish() == 0

@@ -31,7 +31,7 @@ EPOCHS = 3
 
 @pytest.fixture
 def record(tmp_path: Path) -> StudyRecord:
-    rec = StudyRecord.create(tmp_path / "s", "s", {"tune": {"mode": "min"}}, "", {})
+    rec = StudyRecord.create(tmp_path / "s", "s", {"tune": {"mode": "min"}, "search": dict.fromkeys(SPACE)}, "", {})
     rec.use(sampler=make_sampler("optuna", 0, 8))
     return rec
 
@@ -146,20 +146,21 @@ def test_a_trial_without_all_its_values_is_abandoned_never_run_with_defaults(tmp
     from tune.space import load_space
 
     spec = load_space("smoke")
-    record = StudyRecord.create(tmp_path / "s", "s", {"tune": {"mode": "min"}}, "", {})
+    record = StudyRecord.create(tmp_path / "s", "s", {"tune": {"mode": "min"},
+                                                      "search": {p.path: {} for p in spec.search}}, "", {})
     record.study.ask()  # a driver killed inside ask(): the trial exists, its values do not
     lr = {p.path: d for p, d in zip(spec.search, [optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
                                                  optuna.distributions.CategoricalDistribution([1, 2])])}
     whole, _ = record.ask(lr)
-    plans = resume_plans(record, {p.path for p in spec.search}, Objective("val_loss"), 2)
+    assert record.recover(Objective("val_loss"), 2) == ["trial t000 abandoned: its values were never all recorded"]
+    plans = resume_plans(record)
     assert [p.number for p in plans] == [whole]
     assert record.trial(0).status == "abandoned" and record.finished_count() == 0
     assert record.study.trials[0].state == optuna.trial.TrialState.FAIL
 
 
 @pytest.mark.parametrize("form", sorted(DAMAGES))
-def test_the_resume_message_and_the_resumed_epoch_agree(record: StudyRecord, form: str,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_resume_message_and_the_resumed_epoch_agree(record: StudyRecord, form: str) -> None:
     # Issue 21: "continuing t000 (after epoch 2)" while the trial retrained from epoch 1 or from scratch.
     from minimind_train.checkpoint import init_state, save_checkpoint
     from minimind_train.config import ModelConfig, RunConfig, TrainConfig
@@ -175,8 +176,8 @@ def test_the_resume_message_and_the_resumed_epoch_agree(record: StudyRecord, for
         record.record_epoch(n, epoch, {"val_loss": 3.0 - epoch}, "val_loss")
     record.set_status(n, "interrupted")
     words = damage(trial_dir / "epoch_0002", form)
-    [plan] = resume_plans(record, set(SPACE), Objective("val_loss"), EPOCHS)
-    err = capsys.readouterr().err
+    err = "\n".join(record.recover(Objective("val_loss"), EPOCHS))
+    [plan] = resume_plans(record)
     assert f"checkpoint {trial_dir / 'epoch_0002'} cannot be continued from: {words}" in err
     assert "its newest usable checkpoint is epoch 1's" in err
     restored, point = _restore(record.runs, n, cfg, 64)  # what the trainable does with it
@@ -213,9 +214,9 @@ def test_finalists_are_the_top_configs_with_more_seeds_and_continue_once(record:
             record.record_epoch(n, epoch, {"val_loss": value + 1 / epoch}, "val_loss")
         record.finish(n, "completed", Objective("val_loss"))
         values[n] = value
-    pending = finalist_plans(record, SPACE, Objective("val_loss"), EPOCHS, top_k=2, seeds=2, base_seed=42, create=False)
+    pending = finalist_plans(record, SPACE, Objective("val_loss"), top_k=2, seeds=2, base_seed=42, create=False)
     assert [p.number for p in pending] == [-1] * 4 and record.finished_count() == 4
-    plans = finalist_plans(record, SPACE, Objective("val_loss"), EPOCHS, top_k=2, seeds=2, base_seed=42)
+    plans = finalist_plans(record, SPACE, Objective("val_loss"), top_k=2, seeds=2, base_seed=42)
     best_two = sorted(values, key=values.get)[:2]
     assert [(record.trial(p.number).finalist_of, p.params["train.seed"]) for p in plans] == [
         (best_two[0], 43), (best_two[0], 44), (best_two[1], 43), (best_two[1], 44)]
@@ -229,10 +230,10 @@ def test_finalists_are_the_top_configs_with_more_seeds_and_continue_once(record:
     record.set_status(cut, "interrupted")
     for p in plans[2:]:
         record.finish(p.number, "diverged", Objective("val_loss"), error="nan")
-    again = finalist_plans(record, SPACE, Objective("val_loss"), EPOCHS, top_k=2, seeds=2, base_seed=42)
+    again = finalist_plans(record, SPACE, Objective("val_loss"), top_k=2, seeds=2, base_seed=42)
     assert [(p.number, p.params["train.seed"]) for p in again] == [(cut, 44)]
     assert record.finished_count() == 4  # finalists are not search trials
-    assert resume_plans(record, set(SPACE), Objective("val_loss"), EPOCHS) == []  # (the search has none)
+    assert resume_plans(record) == []  # (the search has none)
 
 
 def test_a_lost_worker_is_recorded_with_its_reason_from_the_drivers_error_file(record: StudyRecord,
@@ -288,7 +289,8 @@ def test_a_trial_whose_driver_died_between_its_status_and_optunas_tell_is_told_o
     assert subprocess.run([sys.executable, "-c", killed], check=False).returncode == -signal.SIGKILL
     assert record.trial(n).status == status  # the decision is in the record ...
     assert record.study.trials[n].state == optuna.trial.TrialState.RUNNING  # ... Optuna was not told
-    assert resume_plans(StudyRecord.open(record.dir), set(SPACE), Objective("val_loss"), EPOCHS) == []
+    again = StudyRecord.open(record.dir)
+    assert again.recover(Objective("val_loss"), EPOCHS) == [] and resume_plans(again) == []
     told = StudyRecord.open(record.dir).study.trials[n]
     expected = {"completed": optuna.trial.TrialState.COMPLETE, "stopped_early": optuna.trial.TrialState.PRUNED}
     assert told.state == expected.get(status, optuna.trial.TrialState.FAIL)

@@ -141,8 +141,9 @@ def run_experiment(spec: StudySpec, paths: StudyPaths, record: StudyRecord | Non
     if record is not None:
         record.runs = paths.runs_uri
         applied = reconcile(record, spec_to_dict(spec), inputs, explicit_space=explicit_space)
-        plans = searcher.resume_plans(record, {p.path for p in spec.search}, t.objective, t.scheduler.max_t,
-                                      evals_per_epoch=run_cfg.train.evals_per_epoch)
+        for line in record.recover(t.objective, t.scheduler.max_t, run_cfg.train.evals_per_epoch):
+            print(f"warning: {line}", file=sys.stderr)
+        plans = searcher.resume_plans(record)
         finished = record.finished_count()
         if not plans and finished >= t.num_samples and not _finalists(spec, run_cfg, record, create=False):
             print(f"nothing to run: {finished} trials finished (num_samples {t.num_samples}); "
@@ -246,9 +247,8 @@ def _finalists(spec: StudySpec, run_cfg: RunConfig, record: StudyRecord, create:
     t, finals = spec.tune, spec.tune.finalists
     if not finals.seeds:
         return []
-    return searcher.finalist_plans(record, optuna_distributions(spec), t.objective, t.scheduler.max_t,
-                                   finals.top_k, finals.seeds, run_cfg.train.seed, create=create,
-                                   evals_per_epoch=run_cfg.train.evals_per_epoch)
+    return searcher.finalist_plans(record, optuna_distributions(spec), t.objective, finals.top_k, finals.seeds,
+                                   run_cfg.train.seed, create=create)
 
 
 def _continuing(plans: list[searcher.ResumePlan], evals_per_epoch: int) -> str:

@@ -2,15 +2,17 @@
 
 A study folder holds::
 
-    study.json      manifest: the resolved spec (fixed config, search space, objective, scheduler), the
-                    input fingerprints and the study id, written at creation; each driver run adds to
-                    its ``history`` (start, overrides, changed run settings, the MLflow store it used)
+    optuna.db       the record (Optuna's sqlite storage): every trial, its params, its objective at each
+                    evaluation (intermediate values), each evaluation's metrics, checkpoint and status
+                    (trial user attrs), its state; and the study's manifest (study user attrs): the
+                    resolved spec (fixed config, search space, objective, scheduler), the input
+                    fingerprints, the study id, written at creation, and the ``history`` each driver
+                    run adds to (start, overrides, changed run settings, the MLflow store it used, its length)
+    study.json      the manifest exported from optuna.db after each change, for people and tools (read
+                    only: :meth:`StudyRecord.open` refuses one whose spec was edited, naming it); a study
+                    made before the manifest moved into optuna.db has it only here, and is migrated by
+                    its next driver run (:meth:`StudyRecord.recover`)
     space.yaml      the resolved spec as a space file (what ``--resume`` without ``--space`` runs)
-    optuna.db       the Optuna storage (sqlite): every trial, its params, its objective at each
-                    evaluation (intermediate values), each evaluation's metrics and its status (user
-                    attrs), its state;
-                    and a copy of study.json's spec (study user attr ``spec``): :meth:`StudyRecord.open`
-                    refuses a study whose copies disagree, naming the file edited by hand
     runs/run-K/tNNN driver run K's Ray trial folders, with the trial's checkpoints (tune.storage): a
                     trial interrupted in one run continues in the next from its newest whole one
     mlflow.db       the default MLflow store, a mirror of the record (tune.mirror)
@@ -56,7 +58,15 @@ from minimind_train.validation import validate
 from .atomic import write_atomic
 from .objective import Objective
 from .status import ANSWERS, FINISHED, RESUMABLE, TrialStatus
-from .storage import RUNS_DIR, ResumePoint, checkpoint_metas, local_path, resume_point, trial_dirs
+from .storage import (
+    RUNS_DIR,
+    ResumePoint,
+    checkpoint_metas,
+    filesystem_of,
+    local_path,
+    resume_point,
+    trial_dirs,
+)
 
 __all__ = ["BASELINE_PREFIX", "MANIFEST_FILE", "NO_BETTER_MARGIN", "OPTUNA_FILE",
            "PATH_KEYS", "RUN_SETTINGS", "UNIFORM_KEY", "Manifest", "StudyError",
@@ -68,7 +78,10 @@ SPACE_FILE = "space.yaml"
 OPTUNA_FILE = "optuna.db"
 _T = TypeVar("_T")
 _STUDY_NAME = "study"  # the one Optuna study inside optuna.db
-_SPEC_ATTR = "spec"  # optuna.db's copy of study.json's spec (studies created since it is kept)
+_SPEC_ATTR = "spec"  # the manifest's spec in optuna.db (study user attrs; studies made before lack some)
+_MANIFEST_ATTR = "manifest"  # name, created, fingerprints, format: present once the manifest lives in optuna.db
+_HISTORY_ATTR = "history"
+_CHECKPOINT_ATTR = "checkpoint_"  # trial user attr checkpoint_<k>: the checkpoint written at evaluation k
 FORMAT = 1
 
 # Every status in the order a study's table lists them (then by value): answers first, unfinished next.
@@ -293,6 +306,8 @@ class TrialRecord:
     # When Optuna asked for the trial and when it finished (naive local time; None: not yet).
     started: _dt.datetime | None = None
     completed: _dt.datetime | None = None
+    # The checkpoint index: evaluation index -> the checkpoint written there (path on the runs' filesystem).
+    checkpoints: dict[int, str] = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -317,10 +332,13 @@ def _trial_record(t: FrozenTrial) -> TrialRecord:
     epochs = {int(key[6:]): {k: float(v) for k, v in value.items() if _is_number(v)}
               for key, value in t.user_attrs.items()
               if key.startswith("epoch_") and key[6:].isdigit() and isinstance(value, Mapping)}
+    checkpoints = {int(key[len(_CHECKPOINT_ATTR):]): str(value) for key, value in t.user_attrs.items()
+                   if key.startswith(_CHECKPOINT_ATTR) and key[len(_CHECKPOINT_ATTR):].isdigit()}
     status = TrialStatus.of(t.user_attrs.get("status"), t.state)
     return TrialRecord(number=t.number, status=status, params=dict(t.params), epochs=epochs,
                        error=str(t.user_attrs.get("error", "")), finalist_of=t.user_attrs.get("finalist_of"),
-                       seed=t.user_attrs.get("seed"), started=t.datetime_start, completed=t.datetime_complete)
+                       seed=t.user_attrs.get("seed"), started=t.datetime_start, completed=t.datetime_complete,
+                       checkpoints=checkpoints)
 
 
 class StudyRecord:
@@ -339,6 +357,7 @@ class StudyRecord:
         self.manifest = manifest
         self.storage = storage
         self.study_id = storage.get_study_id_from_name(_STUDY_NAME)
+        self.migrated = False  # (whether optuna.db holds the whole manifest: set by open and _save)
         self.use()
 
     def use(self, sampler: optuna.samplers.BaseSampler | None = None,
@@ -381,13 +400,12 @@ class StudyRecord:
                             created=_dt.datetime.now().isoformat(timespec="seconds"), spec=dict(spec),
                             fingerprints=dict(fingerprints))
         storage = cls._storage(staging)
-        study = optuna.create_study(storage=storage, study_name=_STUDY_NAME,
-                                    direction=Objective.of(spec["tune"]).optuna_direction)
-        study.set_user_attr("study_id", manifest.study_id)
-        study.set_user_attr(_SPEC_ATTR, manifest.spec)  # (a second copy: an edited study.json is told apart)
+        optuna.create_study(storage=storage, study_name=_STUDY_NAME, direction=Objective.of(spec["tune"]).optuna_direction)
+        record = cls(staging, manifest, storage)
+        record._save(manifest, export=False)
         write_atomic(staging / SPACE_FILE, space_yaml)
         if prepare is not None:
-            prepare(cls(staging, manifest, storage))
+            prepare(record)
         write_atomic(staging / MANIFEST_FILE, manifest.to_json())
         storage.engine.dispose()  # (its connections know the staging path)
         # Published by a rename of its own, not tune.atomic.staged: a folder that appeared at study_dir
@@ -411,28 +429,47 @@ class StudyRecord:
                               f"trials' checkpoints are still in {RUNS_DIR}/")
         try:
             storage = cls._storage(study_dir)
-            recorded = storage.get_study_user_attrs(storage.get_study_id_from_name(_STUDY_NAME)).get(_SPEC_ATTR)
+            attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(_STUDY_NAME))
         except Exception as exc:  # sqlalchemy and optuna raise many kinds for a damaged database
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise StudyError(f"{db} cannot be read ({reason}); the trials' checkpoints "
                               f"are still in {RUNS_DIR}/") from exc
+        recorded = attrs.get(_SPEC_ATTR)
         if recorded is not None and not isinstance(recorded, Mapping):
             raise StudyError(f"{db} was edited by hand: its copy of the study's definition is not a mapping "
                              f"({recorded!r:.80}); put it back, or start a new study (--name NEW)")
-        manifest = Manifest.from_json(text, path)
-        manifest.check_copies(json.loads(text).get("spec_hash"), path, recorded, db)
+        exported = Manifest.from_json(text, path)
+        exported.check_copies(json.loads(text).get("spec_hash"), path, recorded, db)
+        # The manifest from optuna.db; from study.json for a study made before it lived there (migrated
+        # by the next driver run's recover()). study.json may lag the db by one write: a kill in between.
+        manifest = exported if recorded is None or not isinstance(attrs.get(_MANIFEST_ATTR), Mapping) else \
+            _recorded_manifest(attrs, db)
         try:
-            return cls(study_dir, manifest, storage)
+            record = cls(study_dir, manifest, storage)
+            record.migrated = manifest is not exported
+            return record
         except Exception as exc:  # (as above)
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise StudyError(f"{db} cannot be read ({reason}); the trials' checkpoints "
                               f"are still in {RUNS_DIR}/") from exc
 
+    def _save(self, manifest: Manifest, export: bool = True) -> None:
+        """Write ``manifest`` into optuna.db (the history, then the rest, which never changes: written at
+        creation or migration; its presence marks a migrated study), then export it to study.json."""
+        self.storage.set_study_user_attr(self.study_id, _HISTORY_ATTR, manifest.history)
+        if not self.migrated:
+            for key, value in (("study_id", manifest.study_id), (_SPEC_ATTR, manifest.spec),
+                               (_MANIFEST_ATTR, {"format": manifest.format, "name": manifest.name,
+                                                 "created": manifest.created, "fingerprints": manifest.fingerprints})):
+                self.storage.set_study_user_attr(self.study_id, key, value)
+            self.migrated = True
+        if export:
+            write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
+        self.manifest = manifest
+
     def add_history(self, entry: Mapping[str, Any]) -> None:
         """Record a driver run (its start, command-line overrides, applied settings) in the manifest."""
-        manifest = dataclasses.replace(self.manifest, history=[*self.manifest.history, dict(entry)])
-        write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
-        self.manifest = manifest
+        self._save(dataclasses.replace(self.manifest, history=[*self.manifest.history, dict(entry)]))
 
     def record_run_seconds(self, run: int, seconds: float) -> None:
         """Set driver run ``run``'s length so far (seconds), replacing what this run set before: called
@@ -443,9 +480,7 @@ class StudyRecord:
             history[-1] = entry
         else:
             history.append(entry)
-        manifest = dataclasses.replace(self.manifest, history=history)
-        write_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
-        self.manifest = manifest
+        self._save(dataclasses.replace(self.manifest, history=history))
 
     def write_space(self, space_yaml: str) -> None:
         """Write ``space.yaml`` (what ``--resume --name`` runs) whole or not at all."""
@@ -484,24 +519,25 @@ class StudyRecord:
         """The trial's local Ray folders, oldest run first ([] for a URI storage)."""
         return trial_dirs(Path(self.runs), number) if local_path(self.runs) is not None else []
 
-    def checkpoint_metas(self, number: int) -> dict[int, tuple[str, dict[str, Any]]]:
-        """The trial's usable checkpoints by epoch: (path on the runs' filesystem, meta.json)."""
-        return checkpoint_metas(self.runs, number)
-
     def resume_point(self, number: int) -> ResumePoint:
-        """The checkpoint the trial continues from (and the newer ones that cannot be continued from)."""
+        """The checkpoint the trial continues from (and the newer ones that cannot be continued from):
+        the trainable's own answer (:func:`tune.storage.resume_point`), so the driver says what happens."""
         return resume_point(self.runs, number)
 
-    def best_checkpoint(self, number: int, objective: Objective) -> str | None:
-        """The trial's kept checkpoint with the best objective by its own meta.json (the earliest on a tie)."""
-        scored = []
-        for epoch, (ckpt, meta) in sorted(self.checkpoint_metas(number).items()):
-            try:
-                scored.append((float(meta["metrics"][objective.metric]), ckpt))
-            except (ValueError, KeyError, TypeError):
-                continue
-        best = objective.best_of(scored, lambda item: item[0])
-        return best[1] if best else None
+    def best_checkpoint(self, trial: TrialRecord, objective: Objective) -> tuple[int, str] | None:
+        """``(evaluation index, path)`` of the trial's indexed checkpoint with the best recorded objective
+        that is still whole (:func:`minimind_train.checkpoint.checkpoint_problem`; retention deletes the
+        others); the earliest on a tie; None when none is."""
+        from minimind_train.checkpoint import checkpoint_problem  # (torch: not imported by a dry run)
+
+        open_file = filesystem_of(self.runs)[0].open_input_file
+        # (a trial that finished before the record kept the index: its checkpoints as found on disk)
+        index_of = trial.checkpoints or {k: path for k, (path, _) in checkpoint_metas(self.runs, trial.number).items()}
+        scored = [(index, value) for index, value in trial.curve(objective.metric) if index in index_of]
+        for index, _ in sorted(scored, key=lambda iv: (objective.sort_key(iv[1]), iv[0])):
+            if checkpoint_problem(index_of[index], resume=False, open_file=open_file) is None:
+                return index, index_of[index]
+        return None
 
     # -- writing (the driver) ----------------------------------------------------------------------
 
@@ -523,12 +559,19 @@ class StudyRecord:
         if error:
             self.storage.set_trial_user_attr(trial_id, "error", error if len(error) <= 2000 else error[:1999] + "…")
 
-    def record_epoch(self, number: int, epoch: int, metrics: Mapping[str, Any], objective: str) -> bool:
+    def record_epoch(self, number: int, epoch: int, metrics: Mapping[str, Any], objective: str,
+                     checkpoint: str | None = None) -> bool:
         """Store one evaluation's metrics and objective (Optuna's intermediate value at step ``epoch``, the
-        evaluation index: :func:`evaluation_index`); False when that evaluation was already recorded."""
+        evaluation index: :func:`evaluation_index`) and the ``checkpoint`` written there (the newest one
+        of that index: an evaluation trained again writes it again); False when that evaluation was
+        already recorded (its first values are kept)."""
         trial_id = self._trial_id(number)
         frozen = self.storage.get_trial(trial_id)
-        if f"epoch_{epoch}" in frozen.user_attrs or frozen.state.is_finished():
+        if frozen.state.is_finished():  # (Optuna refuses any change to it)
+            return False
+        if checkpoint and frozen.user_attrs.get(f"{_CHECKPOINT_ATTR}{epoch}") != checkpoint:
+            self.storage.set_trial_user_attr(trial_id, f"{_CHECKPOINT_ATTR}{epoch}", checkpoint)
+        if f"epoch_{epoch}" in frozen.user_attrs or not metrics:
             return False
         clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
         clean.setdefault("timestamp_ms", float(time.time_ns() // 1_000_000))
@@ -592,6 +635,38 @@ class StudyRecord:
             told.append(t.number)
         return told
 
+    def recover(self, objective: Objective, evaluations: int, evals_per_epoch: int = 1) -> list[str]:
+        """Bring the record up to date with whatever stopped the study's last driver run (a kill at any
+        moment): the one place that reconciles a study, run under its lock at the start of every driver run
+        that continues it (the README's "How a study flows" lists what it does). ``evaluations``: a whole
+        trial's (``tune.scheduler.max_t``), of ``evals_per_epoch`` per epoch. Returns warnings, one line each."""
+        self._save(self.manifest)
+        self.tell_decided(objective)
+        searched, warnings = set(self.manifest.spec.get("search") or {}), []
+        for t in self.unfinished():  # (a finished trial can no longer change in Optuna)
+            if set(t.params) != searched:
+                self.abandon(t.number, f"its values were never all recorded ({sorted(t.params)} of "
+                                       f"{sorted(searched)}); a new trial takes its place")
+                warnings.append(f"trial {t.name} abandoned: its values were never all recorded")
+                continue
+            for index, (path, meta) in sorted(checkpoint_metas(self.runs, t.number).items()):
+                self.record_epoch(t.number, index, dict(meta.get("metrics") or {}), objective.metric, checkpoint=path)
+            if t.status == TrialStatus.RUNNING:
+                self.set_status(t.number, TrialStatus.INTERRUPTED)
+            done = max(self.trial(t.number).epochs, default=0)
+            if done >= evaluations:  # it had finished: only its end was not recorded
+                self.finish(t.number, TrialStatus.COMPLETED, objective)
+                continue
+            point = self.resume_point(t.number)
+            warnings += [f"trial {t.name}'s checkpoint {path} cannot be continued from: {problem}"
+                         for path, problem in point.damaged]
+            if done > point.evaluation:
+                where = (f"{evaluation_name(point.evaluation, evals_per_epoch)}'s; it trains again from there"
+                         if point.evaluation else "none; it trains again from the start")
+                warnings.append(f"trial {t.name} has results up to {evaluation_name(done, evals_per_epoch)} "
+                                f"recorded but its newest usable checkpoint is {where} (the record keeps the first values)")
+        return warnings
+
     def interrupt_running(self) -> None:
         """Mark trials still ``running`` as ``interrupted`` (the time budget ends trials without telling
         the searcher); ``--resume`` continues them."""
@@ -613,6 +688,17 @@ class StudyRecord:
             state=TrialState.RUNNING, params=of.params, distributions=dict(distributions),
             user_attrs={"status": TrialStatus.RUNNING, "finalist_of": of.number, "seed": seed})
         return self.storage.get_trial_number_from_id(self.storage.create_new_trial(self.study_id, template))
+
+
+def _recorded_manifest(attrs: Mapping[str, Any], db: Path) -> Manifest:
+    """The manifest kept in optuna.db's study user attrs ``attrs``; StudyError: they were damaged."""
+    try:
+        return validate(Manifest, {**attrs[_MANIFEST_ATTR], "study_id": attrs.get("study_id"),
+                                   "spec": attrs[_SPEC_ATTR], "history": attrs.get(_HISTORY_ATTR, [])})
+    except (ValueError, TypeError) as exc:
+        reason = str(exc).replace("\n", "; ")
+        raise StudyError(f"{db} was edited by hand: its study manifest is damaged ({reason}); put it back, "
+                         "or start a new study (--name NEW)") from exc
 
 
 def _is_optuna_db(path: Path) -> bool:

@@ -66,12 +66,9 @@ def summarize_trials(record: StudyRecord, objective: Objective) -> list[TrialSum
     for t in record.trials():
         curve = t.curve(objective.metric)
         best_epoch, best_value = objective.best_of(curve, lambda ev: ev[1]) or (0, objective.worst)
-        metas = record.checkpoint_metas(t.number) if math.isfinite(best_value) else {}
-        if best_epoch in metas:  # the best epoch's own weights, when kept
-            checkpoint = metas[best_epoch][0]
-        else:
-            checkpoint = record.best_checkpoint(t.number, objective) if metas else None
-        checkpoint_epoch = next((e for e, (path, _) in metas.items() if path == checkpoint), None)
+        # The best kept checkpoint by the record's index: the best epoch's own weights, unless deleted.
+        checkpoint_epoch, checkpoint = (record.best_checkpoint(t, objective) if math.isfinite(best_value)
+                                        else None) or (None, None)
         out.append(TrialSummary(
             trial_id=t.name, name=t.name, status=t.status, epochs=max(t.epochs, default=0),
             best_value=best_value, best_epoch=best_epoch, params=t.params, curve=curve, checkpoint=checkpoint,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,10 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from .objective import Objective
-from .record import StudyRecord, TrialRecord, evaluation_name, ranked
+from .record import StudyRecord, TrialRecord, ranked
 from .status import TrialStatus
 
-__all__ = ["DIVERGED_KEY", "DIVERGED_REASON_KEY", "NUMBER_KEY", "PARAMS_KEY", "RecordScheduler", "RecordSearcher", "ResumePlan", "error_text",
+__all__ = ["CHECKPOINT_KEY", "DIVERGED_KEY", "DIVERGED_REASON_KEY", "NUMBER_KEY", "PARAMS_KEY", "RecordScheduler", "RecordSearcher", "ResumePlan", "error_text",
            "failure_reason", "finalist_plans", "make_pruner", "make_sampler", "resume_plans"]
 
 # Keys of a trial's Ray config besides the searched values (see tune.trainable.train_trial).
@@ -37,6 +36,8 @@ PARAMS_KEY = "params"
 # A diverged trial's last report holds {DIVERGED_KEY: 1, DIVERGED_REASON_KEY: why}; the scheduler ends it so.
 DIVERGED_KEY = str(TrialStatus.DIVERGED)
 DIVERGED_REASON_KEY = f"{DIVERGED_KEY}_reason"
+# Each evaluation's report names the checkpoint written there (the record's checkpoint index).
+CHECKPOINT_KEY = "checkpoint"
 
 
 @dataclass(frozen=True)
@@ -49,57 +50,22 @@ class ResumePlan:
     evaluation: int = 0
 
 
-def resume_plans(record: StudyRecord, searched: set[str], objective: Objective, evaluations: int,
-                 finalists: bool = False, evals_per_epoch: int = 1) -> list[ResumePlan]:
-    """The record's unfinished search trials (or ``finalists``), to continue from their newest checkpoints;
-    ``evaluations``: a whole trial's (``tune.scheduler.max_t``, the last evaluation index), of
-    ``evals_per_epoch`` per epoch.
-
-    An evaluation whose checkpoint is on disk but whose result never reached the record (Ray was shutting
-    down, the driver was killed) is recorded from the checkpoint's own metrics, so it is not trained
-    again; a trial whose searched values were never all recorded (the driver died inside Optuna's
-    ``ask``) is abandoned, never run with defaults; a trial whose end was recorded but not told to
-    Optuna (the driver died in between) is told now (:meth:`StudyRecord.tell_decided`).
-    """
-    record.tell_decided(objective)
-    plans = []
-    for t in [t for t in record.unfinished() if (t.finalist_of is not None) == finalists]:
-        if set(t.params) != searched:
-            record.abandon(t.number, f"its values were never all recorded ({sorted(t.params)} of "
-                                     f"{sorted(searched)}); a new trial takes its place")
-            print(f"trial t{t.number:03d} abandoned: its values were never all recorded", file=sys.stderr)
-            continue
-        metas = record.checkpoint_metas(t.number)
-        for index, (_, meta) in sorted(metas.items()):
-            if meta.get("metrics"):
-                record.record_epoch(t.number, index, dict(meta["metrics"]), objective.metric)
-        done = max(record.trial(t.number).epochs, default=0)
-        if done >= evaluations:  # it had finished: only its end was not recorded
-            record.finish(t.number, TrialStatus.COMPLETED, objective)
-            continue
-        # The trainable continues from this same answer (one rule), so the message says what happens.
-        point = record.resume_point(t.number)
-        for path, problem in point.damaged:
-            print(f"warning: trial t{t.number:03d}'s checkpoint {path} cannot be continued from: {problem}",
-                  file=sys.stderr)
-        if done > point.evaluation:
-            where = (f"{evaluation_name(point.evaluation, evals_per_epoch)}'s; it trains again from there"
-                     if point.evaluation else "none; it trains again from the start")
-            print(f"warning: trial t{t.number:03d} has results up to {evaluation_name(done, evals_per_epoch)} recorded but its "
-                  f"newest usable checkpoint is {where} (the record keeps the first values)", file=sys.stderr)
-        plans.append(ResumePlan(number=t.number, params=t.run_params, evaluation=point.evaluation))
-    return plans
+def resume_plans(record: StudyRecord, finalists: bool = False) -> list[ResumePlan]:
+    """The record's unfinished search trials (or ``finalists``), each to continue from its newest whole
+    checkpoint (:meth:`StudyRecord.resume_point`). Read only: :meth:`StudyRecord.recover` made the record
+    whole at the start of the driver run."""
+    return [ResumePlan(number=t.number, params=t.run_params, evaluation=record.resume_point(t.number).evaluation)
+            for t in record.unfinished() if (t.finalist_of is not None) == finalists]
 
 
 def finalist_plans(record: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution],
-                   objective: Objective, evaluations: int, top_k: int, seeds: int, base_seed: int,
-                   create: bool = True, evals_per_epoch: int = 1) -> list[ResumePlan]:
+                   objective: Objective, top_k: int, seeds: int, base_seed: int,
+                   create: bool = True) -> list[ResumePlan]:
     """The finalists still to train: the ``top_k`` best completed search trials' configs (:func:`tune.record.ranked`), each with seeds
     ``base_seed + 1 .. base_seed + seeds`` (``train.seed``: model init and data order). Unfinished
     finalists continue; missing ones are created in the record (``create=False``: only counted, with
     number -1)."""
-    plans = resume_plans(record, set(distributions), objective, evaluations, finalists=True,
-                         evals_per_epoch=evals_per_epoch)
+    plans = resume_plans(record, finalists=True)
     trials = record.trials()
     have = {(t.finalist_of, t.seed) for t in trials if t.finalist_of is not None}
     def best(t: TrialRecord) -> float:
@@ -204,7 +170,7 @@ class RecordScheduler(FIFOScheduler):
             record.set_status(number, TrialStatus.DIVERGED, str(result.get(DIVERGED_REASON_KEY, DIVERGED_KEY)))
             return TrialScheduler.STOP
         index = int(result["evaluation"])
-        record.record_epoch(number, index, _metrics(result), metric)
+        record.record_epoch(number, index, _metrics(result), metric, checkpoint=result.get(CHECKPOINT_KEY))
         value = result.get(metric)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             epoch = int(result["epoch"])
@@ -246,7 +212,7 @@ def _metrics(result: Mapping[str, Any]) -> dict[str, float]:
     """What the trainable reported (Ray adds bookkeeping keys; ``ray.tune.result`` names them)."""
     from ray.tune.result import AUTO_RESULT_KEYS, DONE, TRIAL_ID
 
-    skip = {*AUTO_RESULT_KEYS, TRIAL_ID, DONE, "epoch", "evaluation", "restored"}  # (the trainable's bookkeeping)
+    skip = {*AUTO_RESULT_KEYS, TRIAL_ID, DONE, "epoch", "evaluation", "restored", CHECKPOINT_KEY}  # (the trainable's bookkeeping)
     # "config/..." keys are Ray's flattened copy of the trial's config, not metrics.
     out = {k: float(v) for k, v in result.items()
            if k not in skip and "/" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -31,7 +31,7 @@ from .cluster import StudyData, current_node, open_study_data
 from .objective import Objective
 from .progress import step_writer
 from .record import PATH_KEYS, RUN_SETTINGS, evaluation_index
-from .searcher import DIVERGED_KEY, DIVERGED_REASON_KEY, NUMBER_KEY, PARAMS_KEY
+from .searcher import CHECKPOINT_KEY, DIVERGED_KEY, DIVERGED_REASON_KEY, NUMBER_KEY, PARAMS_KEY
 from .storage import (
     ResumePoint,
     filesystem_of,
@@ -137,7 +137,7 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], objective: O
         # Reported again (marked, not trained again): a worker that died between writing the checkpoint
         # and reporting it left that result out of the record (which keeps an evaluation's first report).
         tune.report({**point.meta.get("metrics", {}), "epoch": -(-done // cfg.train.evals_per_epoch),
-                     "evaluation": done, "restored": 1})
+                     "evaluation": done, "restored": 1, CHECKPOINT_KEY: point.path})
     oom = diverged = None
     on_step = step_writer(trial_dir) if "://" not in runs_dir else None  # the driver's live view, local only
     try:
@@ -147,9 +147,9 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], objective: O
             with tempfile.TemporaryDirectory(prefix="minimind-ckpt-") as tmp:
                 folder = save_checkpoint(Path(tmp) / "checkpoint", result.state, cfg, result.metrics,
                                          {"data": sft.stats_dict(), "ray": node, "study_trial": number})
-                write_checkpoint(folder, trial_dir, index)
+                path = write_checkpoint(folder, trial_dir, index)
             retain_checkpoints(runs_dir, number, keep_checkpoints, objective)
-            tune.report({**result.metrics, "epoch": result.epoch, "evaluation": index})
+            tune.report({**result.metrics, "epoch": result.epoch, "evaluation": index, CHECKPOINT_KEY: path})
     except torch.cuda.OutOfMemoryError as exc:  # raised below, outside: its traceback holds the tensors
         oom = _oom_message(gpu_share, cfg, exc)
     except TrainingDiverged as exc:
