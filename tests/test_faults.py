@@ -32,6 +32,7 @@ from study_driver import (
     mlflow_runs,
     read_results,
     run_driver,
+    session_pids,
     traceback_lines,
     trained_epochs,
 )
@@ -432,18 +433,23 @@ def test_a_signal_while_tokenising_stops_the_driver_and_its_workers(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["checking inputs", "starting Ray"])
+@pytest.mark.parametrize("moment", ["checking inputs", "forecast: probing", "starting Ray"])
 def test_sigterm_while_inputs_are_checked_or_ray_starts_stops_like_ctrl_c(ws: Workspace, moment: str) -> None:
     """The shared case sigterm-sigint-ignored (2.): SIGTERM to a driver that inherited SIGINT ignored,
-    while it checks its inputs (the tokenizer, the data, the model), or while Ray starts (ray.init installs
-    its own SIGTERM handler, sys.exit(15)): exit 130, one line, nothing created, Ray's processes gone
-    (teardown insists), the lock free."""
-    driver = Driver(ws, ["--space", str(SPACE), "--name", "early"], sigint_ignored=True)
+    while it checks its inputs (the tokenizer, the data, the model), while the cost forecast's probe
+    processes run, or while Ray starts (ray.init installs its own SIGTERM handler, sys.exit(15)): exit
+    130, one line, nothing created, the lock free; no probe process left behind (Ray's processes: teardown
+    insists)."""
+    forecast = {"MINIMIND_TUNE_FORECAST": "1" if moment.startswith("forecast") else "0"}
+    driver = Driver(ws, ["--space", str(SPACE), "--name", "early"], sigint_ignored=True, env=forecast)
     try:
         driver.wait_for(moment, lambda: moment in driver.stdout, 240, poll_s=0.02)
         time.sleep(0.5)
         os.kill(driver.pid, signal.SIGTERM)
         rc = driver.wait(120)
+        if moment != "starting Ray":  # (Ray's own daemons take their time; teardown ends them)
+            time.sleep(1)
+            assert not session_pids(driver.pid), f"left running: {session_pids(driver.pid)}{driver.output()}"
     finally:
         driver.teardown()
     _stopped_cleanly(driver, rc, ws.study_dir("early"))
@@ -628,3 +634,15 @@ def test_damaged_checkpoints_and_an_edited_study_json_at_the_terminal(ws: Worksp
     assert [p.info.status for p in parents] == ["FINISHED"], output
     assert sorted(r.data.tags["minimind.trial"] for r in children) == ["0", "1"], output  # no duplicate run
     assert all(r.info.status == "FINISHED" for r in children), output
+
+
+def test_every_test_the_survival_table_names_exists_and_no_figure_is_unasserted() -> None:
+    """The README's "What survives what" rows each name the tests that assert their figures."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### What survives what", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"`(test_\w+)::(test_\w+)`", table)
+    assert len(named) >= 15, named
+    for module, test in named:
+        source = (REPO / "tests" / f"{module}.py").read_text(encoding="utf-8")
+        assert re.search(rf"^def {test}\(", source, re.MULTILINE), f"README names {module}::{test}, which does not exist"
+    assert "not asserted" not in table
