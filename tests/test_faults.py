@@ -282,6 +282,48 @@ def test_disk_full_then_resume_keeps_every_finished_trial(ws: Workspace, tmp_pat
         subprocess.run(["umount", "-l", str(disk)], check=False, capture_output=True, timeout=30)
 
 
+def _read_only_mount(folder: Path) -> bool:
+    """``folder`` made read-only for root too (a read-only bind mount over itself); False where not allowed."""
+    if subprocess.run(["mount", "--bind", str(folder), str(folder)], check=False, capture_output=True).returncode:
+        return False
+    if subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=False, capture_output=True).returncode:
+        subprocess.run(["umount", str(folder)], check=False, capture_output=True)
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_storage_turned_read_only_mid_study_is_one_line_and_resume_completes(ws: Workspace) -> None:
+    """The shared case readonly-study-folder, after trials began (a filesystem remounted read-only, as
+    Linux does on disk errors): one `error:` line naming what cannot be written and how to continue, the
+    interrupted exit (130), no traceback; made writable again, --resume completes, nothing lost."""
+    study = ws.study_dir(NAME)
+    driver = Driver(ws, ["--space", str(SPACE)])
+    mounted = False
+    try:
+        driver.wait_for("a trial's end", lambda: len(_finished(study)) >= 1, 240, poll_s=0.05)
+        mounted = _read_only_mount(study)
+        if not mounted:
+            pytest.skip("a read-only bind mount needs root")
+        rc = driver.wait(240)
+    finally:
+        driver.teardown()
+        if mounted:
+            subprocess.run(["umount", str(study)], check=False, capture_output=True)
+    output = driver.output()
+    errors = [line for line in (driver.stdout + driver.stderr).splitlines() if line.startswith("error:")]
+    assert rc == 130 and not driver.tracebacks(), output
+    assert len(errors) == 1 and "read-only" in errors[0].lower() and "--resume" in errors[0], output
+    before = _finished(study)
+    again = run_driver(ws, ["--space", str(SPACE), "--resume"], timeout_s=300)
+    output += again.output()
+    assert again.proc.returncode == 0 and not again.tracebacks(), output
+    trials = _check_study_complete(study, 6, output)
+    for name, epochs in before.items():
+        assert dict(trials[name].epochs) == epochs, f"finished trial {name} changed{output}"
+    _check_mlflow(study, trials, output)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
