@@ -282,14 +282,15 @@ def test_disk_full_then_resume_keeps_every_finished_trial(ws: Workspace, tmp_pat
         subprocess.run(["umount", "-l", str(disk)], check=False, capture_output=True, timeout=30)
 
 
-def _read_only_mount(folder: Path) -> bool:
-    """``folder`` made read-only for root too (a read-only bind mount over itself); False where not allowed."""
-    if subprocess.run(["mount", "--bind", str(folder), str(folder)], check=False, capture_output=True).returncode:
-        return False
-    if subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=False, capture_output=True).returncode:
-        subprocess.run(["umount", str(folder)], check=False, capture_output=True)
-        return False
-    return True
+def _read_only_mount(folder: Path) -> str | None:
+    """``folder`` made read-only for root too (a read-only bind mount over itself); why not, where not allowed."""
+    for cmd in (["mount", "--bind", str(folder), str(folder)], ["mount", "-o", "remount,bind,ro", str(folder)]):
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        if done.returncode:
+            if cmd[1] != "--bind":
+                subprocess.run(["umount", str(folder)], check=False, capture_output=True)
+            return f"{' '.join(cmd[:3])}: {done.stderr.strip()}"
+    return None
 
 
 @pytest.mark.slow
@@ -302,9 +303,9 @@ def test_storage_turned_read_only_mid_study_is_one_line_and_resume_completes(ws:
     mounted = False
     try:
         driver.wait_for("a trial's end", lambda: len(_finished(study)) >= 1, 240, poll_s=0.05)
-        mounted = _read_only_mount(study)
-        if not mounted:
-            pytest.skip("a read-only bind mount needs root")
+        if (why := _read_only_mount(study)) is not None:
+            pytest.skip(f"a read-only bind mount needs root ({why})")
+        mounted = True
         rc = driver.wait(240)
     finally:
         driver.teardown()
