@@ -283,14 +283,19 @@ def test_disk_full_then_resume_keeps_every_finished_trial(ws: Workspace, tmp_pat
 
 
 def _read_only_mount(folder: Path) -> str | None:
-    """``folder`` made read-only for root too (a read-only bind mount over itself); why not, where not allowed."""
-    for cmd in (["mount", "--bind", str(folder), str(folder)], ["mount", "-o", "remount,bind,ro", str(folder)]):
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        if done.returncode:
-            if cmd[1] != "--bind":
-                subprocess.run(["umount", str(folder)], check=False, capture_output=True)
-            return f"{' '.join(cmd[:3])}: {done.stderr.strip()}"
-    return None
+    """``folder`` made read-only for root too (a read-only bind mount over itself); why not, where not allowed.
+    (Remounting read-only is refused while a file is open for writing through the mount: tried again.)"""
+    done = subprocess.run(["mount", "--bind", str(folder), str(folder)], check=False, capture_output=True, text=True)
+    if done.returncode:
+        return f"mount --bind: {done.stderr.strip()}"
+    for _ in range(200):
+        done = subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=False, capture_output=True,
+                              text=True)
+        if not done.returncode:
+            return None
+        time.sleep(0.02)
+    subprocess.run(["umount", str(folder)], check=False, capture_output=True)
+    return f"mount -o remount,bind,ro: {done.stderr.strip()}"
 
 
 @pytest.mark.slow
