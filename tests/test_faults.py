@@ -284,7 +284,8 @@ def test_disk_full_then_resume_keeps_every_finished_trial(ws: Workspace, tmp_pat
 
 def _read_only_mount(folder: Path) -> str | None:
     """``folder`` made read-only for root too (a read-only bind mount over itself); why not, where not allowed.
-    (Remounting read-only is refused while a file is open for writing through the mount: tried again.)"""
+    (Remounting read-only is refused while a file is open for writing through the mount: tried again.) The
+    caller unmounts it, once nothing uses it."""
     done = subprocess.run(["mount", "--bind", str(folder), str(folder)], check=False, capture_output=True, text=True)
     if done.returncode:
         return f"mount --bind: {done.stderr.strip()}"
@@ -294,7 +295,6 @@ def _read_only_mount(folder: Path) -> str | None:
         if not done.returncode:
             return None
         time.sleep(0.02)
-    subprocess.run(["umount", str(folder)], check=False, capture_output=True)
     return f"mount -o remount,bind,ro: {done.stderr.strip()}"
 
 
@@ -305,17 +305,14 @@ def test_storage_turned_read_only_mid_study_is_one_line_and_resume_completes(ws:
     interrupted exit (130), no traceback; made writable again, --resume completes, nothing lost."""
     study = ws.study_dir(NAME)
     driver = Driver(ws, ["--space", str(SPACE)])
-    mounted = False
     try:
         driver.wait_for("a trial's end", lambda: len(_finished(study)) >= 1, 240, poll_s=0.05)
         if (why := _read_only_mount(study)) is not None:
             pytest.skip(f"a read-only bind mount needs root ({why})")
-        mounted = True
         rc = driver.wait(240)
     finally:
         driver.teardown()
-        if mounted:
-            subprocess.run(["umount", str(study)], check=False, capture_output=True)
+        subprocess.run(["umount", str(study)], check=False, capture_output=True)  # (where it was mounted)
     output = driver.output()
     errors = [line for line in (driver.stdout + driver.stderr).splitlines() if line.startswith("error:")]
     assert rc == 130 and not driver.tracebacks(), output
