@@ -316,7 +316,7 @@ def test_storage_turned_read_only_mid_study_is_one_line_and_resume_completes(ws:
     output = driver.output()
     errors = [line for line in (driver.stdout + driver.stderr).splitlines() if line.startswith("error:")]
     assert rc == 130 and not driver.tracebacks(), output
-    assert len(errors) == 1 and "read-only" in errors[0].lower() and "--resume" in errors[0], output
+    assert len(errors) == 1 and "writable" in errors[0] and "--resume" in errors[0], output
     before = _finished(study)
     again = run_driver(ws, ["--space", str(SPACE), "--resume"], timeout_s=300)
     output += again.output()
