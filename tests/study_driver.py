@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,6 +136,10 @@ class Driver:
         return (f"\n--- driver {' '.join(self.args)} (pid {self.pid}, rc {self.proc.returncode}) ---\n"
                 f"--- stdout ---\n{self.stdout[-tail:]}\n--- stderr ---\n{self.stderr[-tail:]}")
 
+    def tracebacks(self) -> list[str]:
+        """The traceback lines the driver printed, stdout and stderr together (:func:`traceback_lines`)."""
+        return traceback_lines(self.stdout + self.stderr)
+
     def wait(self, timeout_s: float) -> int:
         try:
             return self.proc.wait(timeout=timeout_s)
@@ -178,6 +183,18 @@ def run_driver(ws: Workspace, args: Sequence[str], timeout_s: float = 240, **kwa
     finally:
         driver.teardown()
     return driver
+
+
+# What of a traceback reaches a terminal: Python's header and its frame lines, and the forms in which Ray
+# passes a worker's error or log on to its driver (a RayTaskError or RayActorError, a "(raylet)" block,
+# a worker's lines prefixed "(train_trial pid=N)").
+_TRACEBACK = re.compile(r'Traceback \(most recent call last\)|^\s*File "[^"]*", line \d+|Ray(?:Task|Actor)Error|'
+                        r'\(raylet\)|^\(\w+ pid=\d+')
+
+
+def traceback_lines(text: str) -> list[str]:
+    """The lines of ``text`` that belong to a traceback (the README's "traceback lines" figure)."""
+    return [line for line in text.splitlines() if _TRACEBACK.search(line)]
 
 
 # --- reading a study ---------------------------------------------------------------------------------

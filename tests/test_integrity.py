@@ -30,6 +30,7 @@ from study_driver import (
     mlflow_runs,
     run_driver,
     stored_results,
+    traceback_lines,
     trained_epochs,
 )
 
@@ -169,7 +170,7 @@ def test_restart_with_a_bad_input_keeps_the_study(victim: Victim, kind: str, tmp
     proc = _cli(victim.ws, ["--space", str(space), "--name", NAME, "--restart"])
     err = proc.stderr.strip()
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr and err.startswith("error: "), err
+    assert not traceback_lines(proc.stdout + proc.stderr) and err.startswith("error: "), err
     assert len([ln for ln in err.splitlines() if ln.startswith("error: ")]) == 1, err
     for word in words:
         assert word in err, f"{word!r} not in: {err}"
@@ -209,7 +210,7 @@ def test_resume_with_a_changed_space_is_refused_naming_each_key(victim: Victim, 
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "model.hidden_size: 64 -> 128" in proc.stderr
     assert "search.train.learning_rate: {type: float, low: 0.0001, high: 0.01, log: True} -> " in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert not traceback_lines(proc.stdout + proc.stderr)
     assert folder_digest(victim.dir) == before
     assert _ray_sessions(victim.ws) == sessions, "refused only after Ray was started"
 
@@ -241,15 +242,19 @@ def test_same_study_started_twice_the_second_is_refused_and_the_first_completes(
     finally:
         first.teardown()
         ws.cleanup()
+    assert not first.tracebacks() and not second.tracebacks(), first.output() + second.output()
     summary = stored_results(ws.study_dir("dup"))
     assert len(summary) == 2
+    assert not [k for k, n in Counter(trained_epochs(ws.study_dir("dup"))).items() if n > 1]
+    _, parents, children = mlflow_runs(ws.study_dir("dup"))
+    assert len(parents) == 1 and sorted(r.data.tags["minimind.trial"] for r in children) == ["0", "1"]
 
 
 @pytest.mark.slow
 def test_resume_with_more_samples_runs_them_and_keeps_the_finished(victim: Victim) -> None:
     before = stored_results(victim.dir)
     proc = _cli(victim.ws, ["--resume", "--name", NAME, "--num-samples", "4"], timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and not traceback_lines(proc.stdout + proc.stderr), proc.stdout + proc.stderr
     assert "applied on resume: tune.num_samples: 2 -> 4" in proc.stdout
     after = stored_results(victim.dir)
     assert len(after) == 4
@@ -270,9 +275,11 @@ def test_a_moved_study_resumes_and_opens_where_it_lands(victim: Victim, tmp_path
     proc = subprocess.run([sys.executable, "-m", "tune.run", "--resume", "--name", NAME, "--storage-path",
                            str(elsewhere)], cwd=REPO, env=victim.ws.env(), capture_output=True, text=True,
                           timeout=180, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and not traceback_lines(proc.stdout + proc.stderr), proc.stdout + proc.stderr
     assert f"best config: {elsewhere / NAME / 'best.yaml'}" in proc.stdout
-    _, parents, _ = mlflow_runs(elsewhere / NAME)
+    _, parents, children = mlflow_runs(elsewhere / NAME)
+    assert sorted(r.data.tags["minimind.trial"] for r in children) == sorted(  # (no duplicate run)
+        str(int(name[1:])) for name in stored_results(elsewhere / NAME))
     assert [p.data.tags["minimind.study_dir"] for p in parents] == [str(elsewhere / NAME)]
     assert folder_digest(victim.dir) == original  # the original is untouched
     from tune.ui import find_study, study_store

@@ -89,6 +89,7 @@ def _wrapped(exc: BaseException) -> BaseException:
     (OSError(errno.ENAMETOOLONG, "File name too long", "/st/" + "n" * 300), "File name too long: choose a shorter"),
     (OSError(errno.ENOSPC, "No space left on device", "/st/s/optuna.db"), "the disk holding /st/s/optuna.db is full"),
     (RuntimeError("(sqlite3.OperationalError) attempt to write a readonly database"), "cannot be written (read-only)"),
+    (RuntimeError("(sqlite3.OperationalError) unable to open database file"), "make its folder exist and be writable"),
 ])
 def test_an_os_error_is_one_line_naming_the_path_and_what_to_do(exc: BaseException, expected: str,
                                                                 tmp_path: Path) -> None:

@@ -206,3 +206,27 @@ def test_the_default_study_compares_several_configs_in_a_few_minutes() -> None:
     assert shape.trial_epochs <= 24, shape
     assert min(t.max_concurrent_trials, t.num_samples) * t.resources_per_trial.cpu <= 2
     assert f"expect about {shape.completed:.1f} of the {t.num_samples} trials to complete" in describe(spec)
+
+
+def test_ray_tunes_traceback_of_an_os_error_while_stopping_a_trial_is_dropped() -> None:
+    """A read-only study folder mid-study: Ray Tune logged "Error stopping trial." with ~110 lines of
+    traceback beside the driver's one line; an error that is not the OS's keeps its traceback."""
+    import errno
+    import logging
+    import sys
+
+    from tune.preflight import quiet_libraries
+
+    quiet_libraries()
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+
+    def logged(exc: BaseException) -> bool:
+        try:
+            raise RuntimeError("An exception is raised during the commit.") from exc
+        except RuntimeError:
+            record = logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "Trial %s: Error stopping trial.",
+                                       ("t",), sys.exc_info())
+        return bool(logger.filter(record))
+
+    assert not logged(OSError(errno.EROFS, "Read-only file system", "/s/optuna.db-journal"))
+    assert logged(ValueError("a bug in the searcher"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -142,6 +143,19 @@ def test_names_and_paths_too_long_are_refused_before_anything_is_written(tmp_pat
 
     with pytest.raises(StudyError, match="too long .* choose a shorter --storage-path or --name"):
         run._check_length(StudyPaths(str(tmp_path / ("d" * 250) / ("e" * 250)) * 8, "s"))
+    # SQLite opens no path of 512 bytes or more: a 530-byte storage path failed with a traceback after Ray
+    # started ("unable to open database file"); every length it allows is one SQLite opens, journal included.
+    with pytest.raises(StudyError, match=r"too long \(\d+ bytes; at most \d+, so that SQLite can open"):
+        run._check_length(StudyPaths(str(tmp_path / ("d" * 250) / ("e" * 250)), "s"))
+    import sqlite3
+
+    longest = Path("/" + "/".join(["f" * 200] * 3))
+    longest = Path(str(tmp_path / longest.relative_to("/"))[: run._DIR_MAX])
+    run._check_length(StudyPaths(str(longest.parent), longest.name))
+    for folder in (longest, longest.with_name(f".{longest.name}.replaced-20261207-120000")):
+        folder.mkdir(parents=True)
+        with contextlib.closing(sqlite3.connect(folder / "optuna.db")) as db, db:  # (a journal is written)
+            db.execute("CREATE TABLE t (a)")
 
 
 def _read_only(folder: Path) -> bool:

@@ -96,6 +96,9 @@ def os_problem(exc: BaseException, record: Path | None = None) -> str | None:
                         f"be continued; its trials' checkpoints are still in runs/: move {record.parent} "
                         "away, then start the study again")
             return f"the study record {record} cannot be written (read-only): make it and its folder writable"
+        if "unable to open database file" in text:  # sqlite: its folder gone or unwritable, or its path too long
+            return (f"SQLite cannot open the study record {record} or its journal beside it: make its folder exist "
+                    "and be writable (its path shorter than 512 bytes)")
         if isinstance(seen, OSError) and path is not None:
             reason = seen.strerror or text
             if code in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -65,6 +65,7 @@ def quiet_libraries() -> None:
     # user. (A logger's name, not an attribute: Ray has no public switch for this notice.)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray.tune.tune").addFilter(_ray_tune_lines)
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(_no_os_error_traceback)
     # Tuner.fit's ResultGrid reads every trial's result files and warns ("Failed to fetch metrics ...") for a
     # trial that ended before its first result (a spent time budget, Ctrl-C); the study reads its record,
     # never the ResultGrid.
@@ -88,6 +89,15 @@ def _ray_tune_lines(record: logging.LogRecord) -> bool:
         record.msg, record.args = STOPPING, ()
         return True
     return not any(s in text for s in ("Tuner.restore", "Trials did not complete"))
+
+
+def _no_os_error_traceback(record: logging.LogRecord) -> bool:
+    """Ray Tune logs an error of the study's searcher while it stops a trial ("Error stopping trial.") with
+    its whole traceback (~110 lines for a read-only study folder): an OS error is dropped, as the driver meets
+    it again and says it in one line (tune.interrupts.os_problem); any other error keeps its traceback."""
+    from .interrupts import os_problem
+
+    return not (record.exc_info and record.exc_info[1] is not None and os_problem(record.exc_info[1]) is not None)
 
 
 def check_inputs(spec: StudySpec, run_cfg: config.RunConfig, paths: StudyPaths, address: str | None = None) -> Inputs:

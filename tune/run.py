@@ -162,11 +162,13 @@ def _main(args: argparse.Namespace, study: _Study) -> int:
     return _run_study(spec, paths, args)
 
 
-# What the study adds to its name and folder: `.NAME.replaced-YYYYmmdd-HHMMSS` (a --restart's old study),
-# and below the folder runs/run-K/tNNN/epoch_000E/ files, Ray's and the tmp names of atomic writes.
+# What the study adds to its name: `.NAME.replaced-YYYYmmdd-HHMMSS` (a --restart's old study).
 _NAME_SUFFIX = len(".replaced-20261207-120000") + 1
-_DEPTH = 160
-_NAME_MAX, _PATH_MAX = 255, 4096  # (Linux's limits, in bytes)
+_NAME_MAX = 255  # (Linux's limit, in bytes)
+# SQLite opens optuna.db, mlflow.db and their `-journal` files (also under the folder's longer names while
+# it is created or set aside) and no path of 512 bytes or more (its unix VFS's MAX_PATHNAME): far below
+# PATH_MAX, so it bounds the study folder's path (the deepest checkpoint file is ~160 bytes further).
+_DIR_MAX = 511 - _NAME_SUFFIX - len("/optuna.db-journal")
 
 
 def _check_name(name: str) -> None:
@@ -180,11 +182,11 @@ def _check_name(name: str) -> None:
 
 
 def _check_length(paths: StudyPaths) -> None:
-    """The study's deepest files fit in a path (PATH_MAX): else they fail one by one, mid-study."""
-    if paths.is_local and len(os.fsencode(str(paths.local_dir))) > _PATH_MAX - _DEPTH:
+    """SQLite can open the study's databases: else a traceback once Ray has started, or mid-study."""
+    if paths.is_local and len(os.fsencode(str(paths.local_dir))) > _DIR_MAX:
         raise StudyError(f"--storage-path={paths.storage} with --name={paths.name}: the study folder's path is "
-                         f"too long ({len(os.fsencode(str(paths.local_dir)))} bytes; at most {_PATH_MAX - _DEPTH}, "
-                         "so that its files fit in a path): choose a shorter --storage-path or --name")
+                         f"too long ({len(os.fsencode(str(paths.local_dir)))} bytes; at most {_DIR_MAX}, so that "
+                         "SQLite can open its databases): choose a shorter --storage-path or --name")
 
 
 def _own_space(paths: StudyPaths) -> Path:
