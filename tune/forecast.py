@@ -6,8 +6,10 @@ probe processes run *at once*, each like a trial's worker: ``python -m tune.fore
 torch thread count (``train.num_threads`` = its CPU share, ``OMP_NUM_THREADS`` as Ray sets it), its device
 (no CUDA device visible when ``resources_per_trial.gpu`` is 0, as Ray does) and the study's run config
 (the fixed values; searched ones at the fixed config's value). Each opens the study's token cache, builds
-the model and runs :func:`minimind_train.train.train_epochs` itself for :data:`PROBE_STEPS` optimizer steps
-of one micro-batch each (the first is warm-up and left out) and its evaluation of the validation split
+the model and runs :func:`minimind_train.train.train_epochs` itself for :data:`WARMUP_STEPS` +
+:data:`PROBE_STEPS` optimizer steps of one micro-batch each (the warm-up steps are left out: a fresh process's
+first ~20 steps ran 1.3-1.5x slower than the rest of its epoch, benchmarks/README.md section 7; a trial pays
+that once per Ray actor, which later trials reuse) and its evaluation of the validation split
 (as capped by ``data.val_max_samples``), then writes that state as a trial's checkpoint. Running ``c`` of
 them together measures what concurrent trials do to each other (on CPU: cores, memory bandwidth, the other
 load on the machine; on a shared GPU: its share). A probe process is not a Ray worker: starting Ray and a
@@ -51,10 +53,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["END_S", "PROBE_STEPS", "RAY_START_S", "TRIAL_OVERHEAD_S", "EtaPrior", "Forecast", "Probe",
+__all__ = ["END_S", "PROBE_STEPS", "RAY_START_S", "TRIAL_OVERHEAD_S", "WARMUP_STEPS", "EtaPrior", "Forecast", "Probe",
            "ProbeError", "budget_warning", "fitting_samples", "forecast", "print_forecast", "run_probe", "step_cost"]
 
-PROBE_STEPS = 10  # optimizer steps of one micro-batch each; the first is warm-up
+PROBE_STEPS = 10  # optimizer steps of one micro-batch each that are measured, ...
+WARMUP_STEPS = 10  # ... after these (the step times of section 7's probe settle after 10-20 steps)
 # ray.init and the Tuner's start until the first trial's worker is asked for (benchmarks/README.md,
 # section 2's timeline: ray.init returns at ~5 s, the Tuner starts ~1.5 s later; 14 s at a load of 6-7
 # on two cores, section 7).
@@ -277,7 +280,7 @@ def run_probe(spec: Any, caches: dict[str, Any] | None = None, timeout_s: float 
     started = time.time()
     try:
         request = {"run": run_config_to_dict(spec.trial_run), "caches": caches, "count": count,
-                   "steps": PROBE_STEPS, "launched": started}
+                   "steps": WARMUP_STEPS + PROBE_STEPS, "launched": started}
         (folder / "request.json").write_text(json.dumps(request), encoding="utf-8")
         for i in range(count):
             with (folder / f"log-{i}.txt").open("wb") as log:
@@ -384,9 +387,11 @@ def _probe_main(folder: Path, index: int) -> None:
     order = batch_indices(data.train.lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, shuffle=True,
                           group_by_length=cfg.data.group_by_length)
     padded = [len(items) * int(data.train.lengths[items].max()) for items in order]
-    # Steps 2..n (the first is warm-up: allocations, the first kernels); one step: its own time.
+    # The steps after the warm-up (fewer batches than that: all but the first, or the one step's own time).
+    skip = max(1, min(WARMUP_STEPS, len(stamps) - PROBE_STEPS))
     if len(stamps) > 1:
-        s_per_batch, s_per_token = step_cost(padded[1:len(stamps)], [b - a for a, b in itertools.pairwise(stamps)])
+        s_per_batch, s_per_token = step_cost(padded[skip:len(stamps)],
+                                             [b - a for a, b in itertools.pairwise(stamps[skip - 1:])])
     else:
         s_per_batch, s_per_token = 0.0, result.metrics["epoch_seconds"] / padded[0]
     out = {"device": str(state.device), "start_s": start_s, "init_s": init_s, "s_per_token": s_per_token,
