@@ -8,8 +8,8 @@ torch thread count (``train.num_threads`` = its CPU share, ``OMP_NUM_THREADS`` a
 (the fixed values; searched ones at the fixed config's value). Each opens the study's token cache, builds
 the model and runs :func:`minimind_train.train.train_epochs` itself for :data:`WARMUP_STEPS` +
 :data:`PROBE_STEPS` optimizer steps of one micro-batch each (the warm-up steps are left out: a fresh process's
-first ~20 steps ran 1.3-1.5x slower than the rest of its epoch, benchmarks/README.md section 7; a trial pays
-that once per Ray actor, which later trials reuse) and its evaluation of the validation split
+first ~20 steps ran 1.3-1.5x slower than the rest of its epoch, benchmarks/README.md section 7, which made the
+forecast's epoch 1.3-1.6x too long; a trial pays that once per Ray actor, which later trials reuse) and its evaluation of the validation split
 (as capped by ``data.val_max_samples``), then writes that state as a trial's checkpoint. Running ``c`` of
 them together measures what concurrent trials do to each other (on CPU: cores, memory bandwidth, the other
 load on the machine; on a shared GPU: its share). A probe process is not a Ray worker: starting Ray and a
@@ -57,7 +57,7 @@ __all__ = ["END_S", "PROBE_STEPS", "RAY_START_S", "TRIAL_OVERHEAD_S", "WARMUP_ST
            "ProbeError", "budget_warning", "fitting_samples", "forecast", "print_forecast", "run_probe", "step_cost"]
 
 PROBE_STEPS = 10  # optimizer steps of one micro-batch each that are measured, ...
-WARMUP_STEPS = 10  # ... after these (the step times of section 7's probe settle after 10-20 steps)
+WARMUP_STEPS = 20  # ... after these (section 7: steps 10-19 of a fresh process still ran ~1.3x slower)
 # ray.init and the Tuner's start until the first trial's worker is asked for (benchmarks/README.md,
 # section 2's timeline: ray.init returns at ~5 s, the Tuner starts ~1.5 s later; 14 s at a load of 6-7
 # on two cores, section 7).
