@@ -20,7 +20,14 @@ from minimind_train.config import load_run_config
 from tune.mirror import Mirror
 from tune.objective import Objective
 from tune.record import StudyRecord
-from tune.report import TrialSummary, finish_study, format_table, summarize_trials, write_best_yaml, write_summary_csv
+from tune.report import (
+    TrialSummary,
+    finish_study,
+    format_table,
+    summarize_trials,
+    write_best_yaml,
+    write_summary_csv,
+)
 from tune.space import load_space, optuna_distributions, spec_to_dict
 from tune.storage import StudyPaths
 from tune.tracking import resolve_tracking_uri

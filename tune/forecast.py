@@ -53,8 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["END_S", "PROBE_STEPS", "RAY_START_S", "TRIAL_OVERHEAD_S", "WARMUP_STEPS", "EtaPrior", "Forecast", "Probe",
-           "ProbeError", "budget_warning", "fitting_samples", "forecast", "print_forecast", "run_probe", "step_cost"]
+__all__ = ["END_S", "PROBE_STEPS", "RAY_START_S", "TRIAL_OVERHEAD_S", "WARMUP_STEPS", "EtaPrior", "Forecast",
+           "Probe", "ProbeError", "budget_warning", "fitting_samples", "forecast", "print_forecast", "run_probe",
+           "steady_cost", "step_cost"]
 
 PROBE_STEPS = 10  # optimizer steps of one micro-batch each that are measured, ...
 WARMUP_STEPS = 20  # ... after these (section 7: steps 10-19 of a fresh process still ran ~1.3x slower)
@@ -326,6 +327,14 @@ def step_cost(tokens: list[int], seconds: list[float]) -> tuple[float, float]:
     return a, b
 
 
+def steady_cost(stamps: list[float], padded: list[int]) -> tuple[float, float]:
+    """:func:`step_cost` of the probe's steps after the :data:`WARMUP_STEPS` (``stamps``: when each step
+    ended, ``padded``: each batch's padded tokens); with fewer batches than warm-up and
+    :data:`PROBE_STEPS` together, fewer are left out (at least the first: allocations, the first kernels)."""
+    skip = max(1, min(WARMUP_STEPS, len(stamps) - PROBE_STEPS))
+    return step_cost(padded[skip:len(stamps)], [b - a for a, b in itertools.pairwise(stamps[skip - 1:])])
+
+
 def _wait_for(path: Path, what: str, timeout_s: float = _PROBE_TIMEOUT_S) -> None:
     deadline = time.time() + timeout_s
     while not path.exists():
@@ -387,12 +396,9 @@ def _probe_main(folder: Path, index: int) -> None:
     order = batch_indices(data.train.lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, shuffle=True,
                           group_by_length=cfg.data.group_by_length)
     padded = [len(items) * int(data.train.lengths[items].max()) for items in order]
-    # The steps after the warm-up (fewer batches than that: all but the first, or the one step's own time).
-    skip = max(1, min(WARMUP_STEPS, len(stamps) - PROBE_STEPS))
     if len(stamps) > 1:
-        s_per_batch, s_per_token = step_cost(padded[skip:len(stamps)],
-                                             [b - a for a, b in itertools.pairwise(stamps[skip - 1:])])
-    else:
+        s_per_batch, s_per_token = steady_cost(stamps, padded)
+    else:  # (one step: its own time)
         s_per_batch, s_per_token = 0.0, result.metrics["epoch_seconds"] / padded[0]
     out = {"device": str(state.device), "start_s": start_s, "init_s": init_s, "s_per_token": s_per_token,
            "s_per_batch": s_per_batch,
