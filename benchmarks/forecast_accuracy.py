@@ -9,12 +9,11 @@ temporary folder, and timestamps every line it prints. Compared:
 
 * forecast: the seconds on the ``forecast:`` line against the time from that line to the driver's exit (the
   forecast is made once the inputs are checked, before Ray starts: it forecasts the rest); goal +-25 %.
-* ETA: the ETA on the first line that reports a trial's evaluation (``tNNN epoch 1/2 ...; ETA H:MM:SS``)
-  against the time from that line to the exit; goal +-35 %.
+* ETA: the ETA on the first line that reports a trial's evaluation (``tNNN epoch 1/2 ...; ETA H:MM:SS``, or
+  ``tNNN evaluation 1/8 ...``) against the time from that line to the exit; goal +-35 %.
 
-Cases: ``default`` (search_spaces/sft.yaml as shipped); ``evals8`` (1 epoch, ``train.evals_per_epoch: 8``:
-studies do not report evaluations inside an epoch yet, so only its forecast is printed, from ``--dry-run``);
-``alpaca`` (the default study's model on ``../shared/data/alpaca_zh_20k.jsonl``, 40 optimizer steps per
+Cases: ``default`` (search_spaces/sft.yaml as shipped); ``evals8`` (the same with 1 epoch and
+``train.evals_per_epoch: 8``: ASHA's rungs at 1, 2, 4 evaluations); ``alpaca`` (the default study's model on ``../shared/data/alpaca_zh_20k.jsonl``, 40 optimizer steps per
 epoch, 200 validation samples, 6 trials; skipped when ../shared is absent). Only processes this script
 starts are ever ended (by process group); it never runs ``ray stop``.
 """
@@ -71,13 +70,13 @@ def parse(lines: list[tuple[float, str]]) -> dict[str, Any]:
     for t, line in lines:
         if line.startswith("forecast: ") and (m := re.match(rf"forecast: {_HMS} ", line)):
             out.update(forecast_s=seconds(":".join(m.groups())), forecast_at=t, forecast_line=line)
-        elif "eta_at" not in out and re.search(r"\] t\d+ epoch \d+/\d+ .*ETA " + _HMS, line):
+        elif "eta_at" not in out and re.search(r"\] t\d+ (epoch|evaluation) \d+/\d+ .*ETA " + _HMS, line):
             m = re.search(r"ETA " + _HMS, line)
             out.update(eta_s=seconds(":".join(m.groups())), eta_at=t, eta_line=line)  # type: ignore[union-attr]
     return out
 
 
-def run_case(name: str, raw: dict[str, Any], work: Path, dry: bool) -> dict[str, Any]:
+def run_case(name: str, raw: dict[str, Any], work: Path) -> dict[str, Any]:
     space = work / f"{name}.yaml"
     space.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "MINIMIND_CACHE": str(work / "cache"),
@@ -85,7 +84,7 @@ def run_case(name: str, raw: dict[str, Any], work: Path, dry: bool) -> dict[str,
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "tune.run", "--space", str(space), "--storage-path", str(work / "studies"),
-           "--ray-temp-dir", str(work / f"ray-{name}"), "--time-budget-s", "0", *(["--dry-run"] if dry else [])]
+           "--ray-temp-dir", str(work / f"ray-{name}"), "--time-budget-s", "0"]
     load = os.getloadavg()
     lines: list[tuple[float, str]] = []
     t0 = time.monotonic()
@@ -93,23 +92,25 @@ def run_case(name: str, raw: dict[str, Any], work: Path, dry: bool) -> dict[str,
                             start_new_session=True)
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append((time.monotonic() - t0, line.rstrip("\n")))
+        with (work / f"{name}.log").open("w", encoding="utf-8") as log:  # (as it goes: a long case can be watched)
+            for line in proc.stdout:
+                lines.append((time.monotonic() - t0, line.rstrip("\n")))
+                log.write(f"{lines[-1][0]:8.1f} {lines[-1][1]}\n")
+                log.flush()
         code = proc.wait()
     except BaseException:
         os.killpg(proc.pid, signal.SIGINT)  # (our own process group only)
         proc.wait(timeout=60)
         raise
     lines.append((time.monotonic() - t0, f"(exit {code})"))
-    (work / f"{name}.log").write_text("\n".join(f"{t:8.1f} {s}" for t, s in lines), encoding="utf-8")
     row = {"case": name, "code": code, "load_before": [round(x, 2) for x in load],
            "load_after": [round(x, 2) for x in os.getloadavg()], **parse(lines)}
     if code != 0:
         row["tail"] = [s for _, s in lines[-8:]]
-    if not dry and "forecast_at" in row:
+    if "forecast_at" in row:
         row["actual_s"] = row["exit_s"] - row["forecast_at"]
         row["forecast_err"] = row["forecast_s"] / row["actual_s"] - 1
-    if not dry and "eta_at" in row:
+    if "eta_at" in row:
         row["remaining_s"] = row["exit_s"] - row["eta_at"]
         row["eta_err"] = row["eta_s"] / row["remaining_s"] - 1
     return row
@@ -145,7 +146,7 @@ def main() -> int:
             if raw is None:
                 print(f"{name:8}  skipped: {SHARED_DATA} is absent", flush=True)
                 continue
-            row = run_case(name, raw, work, dry=name == "evals8")
+            row = run_case(name, raw, work)
             rows.append(row)
             print(show(row), flush=True)
             print(f"          {row.get('forecast_line', '')}", flush=True)

@@ -4,6 +4,7 @@ priors, and (one small real probe) that ``--dry-run`` prints the ``forecast:`` l
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from pathlib import Path
 
@@ -134,3 +135,32 @@ def test_dry_run_prints_a_forecast_line_from_a_real_probe(tmp_path: Path, monkey
     monkeypatch.setenv("MINIMIND_TUNE_FORECAST", "0")  # the setting, as --no-forecast
     assert run.main(["--space", "smoke.yaml", "--dry-run", "--storage-path", str(tmp_path / "studies")]) == 0
     assert "forecast:" not in capsys.readouterr().out
+
+
+def test_evaluations_inside_an_epoch_are_counted_in_epochs(tmp_path: Path) -> None:
+    """ASHA's max_t and rungs count evaluations: a 1-epoch study of 8 evaluations plans trials of one epoch
+    (with 8 evaluations in it), not of 8."""
+    import yaml
+
+    raw = yaml.safe_load((Path(fc.__file__).parents[1] / "search_spaces" / "sft.yaml").read_text())
+    raw["train"].update(epochs=1, evals_per_epoch=8)
+    (tmp_path / "evals8.yaml").write_text(yaml.safe_dump(raw))
+    spec = load_space(tmp_path / "evals8.yaml")
+    f = fc.forecast(spec, _probe())
+    shape = expected_shape(12, spec.tune.scheduler, evals_per_epoch=8)
+    assert f.epochs == 1 and f.search_trial_epochs == pytest.approx(shape.trial_epochs) and shape.trial_epochs < 12
+    assert f.trial_epochs == pytest.approx(shape.trial_epochs + 2 * 1)  # 2 finalists of one epoch each
+    assert f.epoch_s == pytest.approx(fc.forecast(_spec_run(spec, evals_per_epoch=1), _probe()).epoch_s + 7 * 2.5)
+    assert f.prior("finalists").expected_epochs == 1
+
+
+def test_the_probe_times_its_steps_after_the_warm_up() -> None:
+    """A fresh process's first steps are slower (section 7: steps 10-19 still ~1.3x): only the steps after
+    WARMUP_STEPS set the rate; with fewer batches, all but the first."""
+    padded = [100 + 10 * (i % 3) for i in range(fc.WARMUP_STEPS + fc.PROBE_STEPS)]
+    seconds = [(0.03 if i < fc.WARMUP_STEPS else 0.01) * p for i, p in enumerate(padded)]  # 3x slower at first
+    stamps = list(itertools.accumulate(seconds))
+    assert fc.steady_cost(stamps, padded) == pytest.approx((0.0, 0.01))
+    few = stamps[:12]  # 12 batches: the last 10 are timed (8 of them still warm)
+    a, b = fc.steady_cost(few, padded[:12])
+    assert a * 10 + b * sum(padded[2:12]) == pytest.approx(sum(seconds[2:12]))

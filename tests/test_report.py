@@ -20,7 +20,14 @@ from minimind_train.config import load_run_config
 from tune.mirror import Mirror
 from tune.objective import Objective
 from tune.record import StudyRecord
-from tune.report import TrialSummary, finish_study, summarize_trials, write_best_yaml, write_summary_csv
+from tune.report import (
+    TrialSummary,
+    finish_study,
+    format_table,
+    summarize_trials,
+    write_best_yaml,
+    write_summary_csv,
+)
 from tune.space import load_space, optuna_distributions, spec_to_dict
 from tune.storage import StudyPaths
 from tune.tracking import resolve_tracking_uri
@@ -378,3 +385,14 @@ def test_ctrl_c_during_the_end_report_leaves_the_answer_and_closes_the_parent(
     _, parents, _ = mlflow_runs(study.paths.local_dir)
     assert [p.info.status for p in parents] == ["KILLED"]
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_with_evaluations_inside_an_epoch_the_table_and_summary_name_evaluations(tmp_path: Path) -> None:
+    s = TrialSummary("t000", "t000", "completed", 5, 1.5, 4, {"train.learning_rate": 0.001})
+    table = format_table([s], "val_loss", evals_per_epoch=8).splitlines()
+    assert table[0].split()[3:5] == ["evaluations", "(epochs)"] and table[1].split()[3:5] == ["5", "(0.625)"]
+    once = format_table([s], "val_loss").splitlines()  # one evaluation per epoch: unchanged
+    assert once[0].split()[3] == "epochs" and once[1].split()[3] == "5"
+    for n, header in ((8, "evaluations,best_val_loss,best_evaluation"), (1, "epochs,best_val_loss,best_epoch")):
+        path = write_summary_csv(tmp_path / f"summary-{n}.csv", [s], "val_loss", evals_per_epoch=n)
+        assert header in path.read_text().splitlines()[0]

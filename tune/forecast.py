@@ -6,8 +6,10 @@ probe processes run *at once*, each like a trial's worker: ``python -m tune.fore
 torch thread count (``train.num_threads`` = its CPU share, ``OMP_NUM_THREADS`` as Ray sets it), its device
 (no CUDA device visible when ``resources_per_trial.gpu`` is 0, as Ray does) and the study's run config
 (the fixed values; searched ones at the fixed config's value). Each opens the study's token cache, builds
-the model and runs :func:`minimind_train.train.train_epochs` itself for :data:`PROBE_STEPS` optimizer steps
-of one micro-batch each (the first is warm-up and left out) and its evaluation of the validation split
+the model and runs :func:`minimind_train.train.train_epochs` itself for :data:`WARMUP_STEPS` +
+:data:`PROBE_STEPS` optimizer steps of one micro-batch each (the warm-up steps are left out: a fresh process's
+first ~20 steps ran 1.3-1.5x slower than the rest of its epoch, benchmarks/README.md section 7, which made the
+forecast's epoch 1.3-1.6x too long; a trial pays that once per Ray actor, which later trials reuse) and its evaluation of the validation split
 (as capped by ``data.val_max_samples``), then writes that state as a trial's checkpoint. Running ``c`` of
 them together measures what concurrent trials do to each other (on CPU: cores, memory bandwidth, the other
 load on the machine; on a shared GPU: its share). A probe process is not a Ray worker: starting Ray and a
@@ -51,10 +53,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["END_S", "PROBE_STEPS", "RAY_START_S", "TRIAL_OVERHEAD_S", "EtaPrior", "Forecast", "Probe",
-           "ProbeError", "budget_warning", "fitting_samples", "forecast", "print_forecast", "run_probe", "step_cost"]
+__all__ = ["END_S", "PROBE_STEPS", "RAY_START_S", "TRIAL_OVERHEAD_S", "WARMUP_STEPS", "EtaPrior", "Forecast",
+           "Probe", "ProbeError", "budget_warning", "fitting_samples", "forecast", "print_forecast", "run_probe",
+           "steady_cost", "step_cost"]
 
-PROBE_STEPS = 10  # optimizer steps of one micro-batch each; the first is warm-up
+PROBE_STEPS = 10  # optimizer steps of one micro-batch each that are measured, ...
+WARMUP_STEPS = 20  # ... after these (section 7: steps 10-19 of a fresh process still ran ~1.3x slower)
 # ray.init and the Tuner's start until the first trial's worker is asked for (benchmarks/README.md,
 # section 2's timeline: ray.init returns at ~5 s, the Tuner starts ~1.5 s later; 14 s at a load of 6-7
 # on two cores, section 7).
@@ -116,7 +120,7 @@ class Forecast:
     trial_epochs: float  # search and finalists
     search_trial_epochs: float
     finalists: int
-    epochs: int
+    epochs: float  # a whole trial's (tune.scheduler.max_t evaluations)
     epoch_s: float
     steps_per_epoch: float
     evals_per_epoch: int
@@ -183,16 +187,16 @@ def forecast(spec: Any, probe: Probe, num_samples: int | None = None, continued_
     from .preflight import expected_shape
 
     t, run = spec.tune, spec.run
+    evals = run.train.evals_per_epoch
+    epochs = t.scheduler.max_t / evals  # (max_t and ASHA's rungs count evaluations)
     n_new = t.num_samples if num_samples is None else num_samples
-    continued = math.ceil(continued_epochs / max(t.scheduler.max_t, 1)) if continued_epochs else 0
+    continued = math.ceil(continued_epochs / epochs) if continued_epochs else 0
     trials = n_new + continued
-    epochs = t.scheduler.max_t
-    shape = expected_shape(n_new, t.scheduler) if n_new else None
+    shape = expected_shape(n_new, t.scheduler, evals_per_epoch=evals) if n_new else None
     search_te = (shape.trial_epochs if shape else 0.0) + continued_epochs
     completed = (shape.completed if shape else 0.0) + continued
     finalists = round(min(t.finalists.top_k, completed) * t.finalists.seeds) if t.finalists.seeds else 0
     tokens, batches, steps = _epoch_tokens(probe, run, _accumulations(spec))
-    evals = run.train.evals_per_epoch
     epoch_s = batches * probe.s_per_batch + tokens * probe.s_per_token + evals * (probe.eval_s + probe.checkpoint_s)
     trial_s = TRIAL_OVERHEAD_S + probe.init_s + probe.eval_s
     slots = max(1, min(t.max_concurrent_trials, max(trials, 1)))
@@ -277,7 +281,7 @@ def run_probe(spec: Any, caches: dict[str, Any] | None = None, timeout_s: float 
     started = time.time()
     try:
         request = {"run": run_config_to_dict(spec.trial_run), "caches": caches, "count": count,
-                   "steps": PROBE_STEPS, "launched": started}
+                   "steps": WARMUP_STEPS + PROBE_STEPS, "launched": started}
         (folder / "request.json").write_text(json.dumps(request), encoding="utf-8")
         for i in range(count):
             with (folder / f"log-{i}.txt").open("wb") as log:
@@ -321,6 +325,14 @@ def step_cost(tokens: list[int], seconds: list[float]) -> tuple[float, float]:
     if a < 0:
         return 0.0, total_s / total_t
     return a, b
+
+
+def steady_cost(stamps: list[float], padded: list[int]) -> tuple[float, float]:
+    """:func:`step_cost` of the probe's steps after the :data:`WARMUP_STEPS` (``stamps``: when each step
+    ended, ``padded``: each batch's padded tokens); with fewer batches than warm-up and
+    :data:`PROBE_STEPS` together, fewer are left out (at least the first: allocations, the first kernels)."""
+    skip = max(1, min(WARMUP_STEPS, len(stamps) - PROBE_STEPS))
+    return step_cost(padded[skip:len(stamps)], [b - a for a, b in itertools.pairwise(stamps[skip - 1:])])
 
 
 def _wait_for(path: Path, what: str, timeout_s: float = _PROBE_TIMEOUT_S) -> None:
@@ -384,10 +396,9 @@ def _probe_main(folder: Path, index: int) -> None:
     order = batch_indices(data.train.lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, shuffle=True,
                           group_by_length=cfg.data.group_by_length)
     padded = [len(items) * int(data.train.lengths[items].max()) for items in order]
-    # Steps 2..n (the first is warm-up: allocations, the first kernels); one step: its own time.
     if len(stamps) > 1:
-        s_per_batch, s_per_token = step_cost(padded[1:len(stamps)], [b - a for a, b in itertools.pairwise(stamps)])
-    else:
+        s_per_batch, s_per_token = steady_cost(stamps, padded)
+    else:  # (one step: its own time)
         s_per_batch, s_per_token = 0.0, result.metrics["epoch_seconds"] / padded[0]
     out = {"device": str(state.device), "start_s": start_s, "init_s": init_s, "s_per_token": s_per_token,
            "s_per_batch": s_per_batch,

@@ -175,12 +175,14 @@ def write_finalists_csv(path: Path, finalists: Sequence[Finalist], metric: str) 
            " ".join(f"{v:.6g}" for v in f.values)] for f in finalists)])
 
 
-def write_summary_csv(path: Path, summaries: Sequence[TrialSummary], metric: str) -> Path:
+def write_summary_csv(path: Path, summaries: Sequence[TrialSummary], metric: str, evals_per_epoch: int = 1) -> Path:
     """``summary.csv``: every trial ranked; a finalist's row names the search trial whose config it
-    trains again (``finalist_of``) and its ``seed``."""
+    trains again (``finalist_of``) and its ``seed``. Its ``epochs``/``best_epoch`` columns are
+    ``evaluations``/``best_evaluation`` (evaluation indices) with evaluations inside an epoch."""
     keys = _param_keys(summaries)
+    done, best = ("epochs", "best_epoch") if evals_per_epoch == 1 else ("evaluations", "best_evaluation")
     return _write_csv(path, [  # (None is an empty cell)
-        ["rank", "trial_id", "status", "epochs", f"best_{metric}", "best_epoch", "checkpoint", "error",
+        ["rank", "trial_id", "status", done, f"best_{metric}", best, "checkpoint", "error",
          "finalist_of", "seed", *keys],
         *([i, s.trial_id, s.status, s.epochs, s.best_value, s.best_epoch, s.checkpoint, s.error,
            None if s.finalist_of is None else f"t{s.finalist_of:03d}", s.seed,
@@ -188,14 +190,15 @@ def write_summary_csv(path: Path, summaries: Sequence[TrialSummary], metric: str
           for i, s in enumerate(summaries, 1))])
 
 
-def format_table(summaries: Sequence[TrialSummary], metric: str, top: int = 10) -> str:
-    """The ``top`` trials as a plain-text table, columns aligned: rank, trial, status, epochs, best
-    objective and the searched values."""
+def format_table(summaries: Sequence[TrialSummary], metric: str, top: int = 10, evals_per_epoch: int = 1) -> str:
+    """The ``top`` trials as a plain-text table, columns aligned: rank, trial, status, epochs (with
+    evaluations inside an epoch: evaluations and the epochs they make, ``5 (0.625)``), best objective and
+    the searched values."""
     if not summaries:
         return "(no trials)"
-    keys = _param_keys(summaries)
-    rows = [["rank", "trial", "status", "epochs", f"best {metric}", *keys]]
-    rows += [[str(i), s.trial_id, s.status, str(s.epochs),
+    keys, n = _param_keys(summaries), evals_per_epoch
+    rows = [["rank", "trial", "status", "epochs" if n == 1 else "evaluations (epochs)", f"best {metric}", *keys]]
+    rows += [[str(i), s.trial_id, s.status, str(s.epochs) if n == 1 else f"{s.epochs} ({s.epochs / n:g})",
               f"{s.best_value:.4f}" if math.isfinite(s.best_value) else "-",
               *(f"{v:.4g}" if isinstance(v := s.params.get(k), float) else str(v) for k in keys)]
              for i, s in enumerate(summaries[:top], 1)]
@@ -300,7 +303,7 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
         summaries = summarize_trials(record, t.objective)
         search = [s for s in summaries if s.finalist_of is None]  # (finalists are seeds of search configs)
         print()
-        print(format_table(search, t.metric))
+        print(format_table(search, t.metric, evals_per_epoch=spec.run.train.evals_per_epoch))
         finalists = summarize_finalists(summaries, spec.run.train.seed, t.objective)
         best, finalist = _answer(search, finalists, t.objective)
         artifacts: dict[str, Path] = {}
@@ -308,7 +311,8 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
             artifacts["finalists.csv"] = write_finalists_csv(study_dir / "finalists.csv", finalists, t.metric)
         if best is not None:
             artifacts["best.yaml"] = write_best_yaml(study_dir / "best.yaml", spec, best, finalist)
-        artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric)
+        artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric,
+                                                     spec.run.train.evals_per_epoch)
     best_model = None if best is None else _best_model(paths, best)
     if best_model is not None:
         artifacts["best/model.pth"] = best_model
