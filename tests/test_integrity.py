@@ -27,6 +27,7 @@ from study_driver import (
     Driver,
     Workspace,
     folder_digest,
+    main_in_process,
     mlflow_runs,
     run_driver,
     stored_results,
@@ -155,6 +156,9 @@ BAD_INPUTS = {
     "init-from-other-shape": (_init_other_shape, ["model.init_from", "wide.pth", "does not fit"]),
     "unknown-key": (lambda raw, _: raw["train"].update(learning_rat=0.1), ["train.learning_rat"]),
 }
+# The kind run as a user runs it (a new `python -m tune.run`: what the terminal shows, exit status); the
+# others run in this process (study_driver.main_in_process), the same checks without an interpreter's start each.
+AT_THE_TERMINAL = "malformed-data-line"
 
 
 @pytest.mark.slow
@@ -166,7 +170,8 @@ def test_restart_with_a_bad_input_keeps_the_study(victim: Victim, kind: str, tmp
     before, sessions = folder_digest(victim.dir), _ray_sessions(victim.ws)
     space = write_space(tmp_path, "bad", edit)
     started = time.monotonic()
-    proc = _cli(victim.ws, ["--space", str(space), "--name", NAME, "--restart"])
+    run = _cli if kind == AT_THE_TERMINAL else main_in_process
+    proc = run(victim.ws, ["--space", str(space), "--name", NAME, "--restart"])
     err = proc.stderr.strip()
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and err.startswith("error: "), err
@@ -202,7 +207,7 @@ def test_resume_with_a_changed_space_is_refused_naming_each_key(victim: Victim, 
         raw["search"]["train.learning_rate"]["high"] = 0.1
 
     edited = write_space(tmp_path, "edited", edit)
-    dry = _cli(victim.ws, ["--space", str(edited), "--name", NAME, "--resume", "--dry-run"])
+    dry = main_in_process(victim.ws, ["--space", str(edited), "--name", NAME, "--resume", "--dry-run"])
     assert dry.returncode == 0 and "--resume would be refused" in dry.stdout, dry.stdout + dry.stderr
     assert "model.hidden_size: 64 -> 128" in dry.stdout
     proc = _cli(victim.ws, ["--space", str(edited), "--name", NAME, "--resume"])
