@@ -188,9 +188,8 @@ def test_restart_with_a_bad_input_keeps_the_study(victim: Victim, kind: str, tmp
 def test_storage_that_is_a_file_is_refused_at_once(victim: Victim, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "tune.run", "--space", str(write_space(tmp_path, "s")),
-                           "--storage-path", str(blocker / "studies")], cwd=REPO, env=victim.ws.env(),
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = main_in_process(victim.ws, ["--space", str(write_space(tmp_path, "s")), "--storage-path",
+                                       str(blocker / "studies")], storage=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "is a file, not a folder" in proc.stderr or "cannot" in proc.stderr, proc.stderr
 
@@ -222,7 +221,7 @@ def test_resume_with_a_changed_space_is_refused_naming_each_key(victim: Victim, 
 @pytest.mark.slow
 def test_resume_of_a_finished_study_runs_nothing_and_summarises(victim: Victim) -> None:
     trials, sessions = stored_results(victim.dir), _ray_sessions(victim.ws)
-    proc = _cli(victim.ws, ["--resume", "--name", NAME])  # the study's own space
+    proc = main_in_process(victim.ws, ["--resume", "--name", NAME])  # the study's own space
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "nothing to run: 2 trials finished (num_samples 2)" in proc.stdout
     assert "best: trial t00" in proc.stdout
