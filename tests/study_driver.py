@@ -100,6 +100,54 @@ class Workspace:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
+def main_in_process(ws: Workspace, args: Sequence[str], cwd: Path | None = None,
+                    storage: bool = True) -> subprocess.CompletedProcess:
+    """``python -m tune.run ARGS`` as :class:`Driver` runs it, but by ``tune.run.main`` in this process:
+    for a command that stops before Ray starts (a refusal, a dry run), whose cost was mostly a new
+    interpreter's start and imports. Its stdout and stderr are read at the file descriptors (what a
+    terminal shows, from Python or not); the environment (``ws.env()`` meanwhile), working directory,
+    signal and log handlers are put back afterwards, and a Ray started by mistake is shut down again.
+    ``storage``: pass ``ws.storage`` as --storage-path, as :class:`Driver` does."""
+    import logging
+
+    from tune.run import main
+
+    argv = [*(["--storage-path", str(ws.storage)] if storage else []), "--ray-temp-dir", str(ws.ray_tmp), *args]
+    environ, handlers = dict(os.environ), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    log_handlers, here = logging.getLogger().handlers[:], os.getcwd()
+    streams, fds = (sys.stdout, sys.stderr), (os.dup(1), os.dup(2))
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            os.environ.clear()
+            os.environ.update(ws.env())
+            os.chdir(cwd or REPO)
+            for stream in streams:
+                stream.flush()
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))  # noqa: SIM115
+            try:
+                code = main(list(argv))
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+        finally:
+            sys.stdout, sys.stderr = streams
+            for fd, saved in zip((1, 2), fds, strict=True):
+                os.dup2(saved, fd)
+                os.close(saved)
+            os.chdir(here)
+            os.environ.clear()
+            os.environ.update(environ)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            logging.getLogger().handlers[:] = log_handlers
+            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()
+        text = [f.seek(0) or f.read().decode(errors="replace") for f in (out, err)]
+    return subprocess.CompletedProcess(argv, code, text[0], text[1])
+
+
 class Driver:
     """One ``python -m tune.run`` process; stdout/stderr go to files so they can be read while it runs."""
 
@@ -183,54 +231,6 @@ def run_driver(ws: Workspace, args: Sequence[str], timeout_s: float = 240, **kwa
     finally:
         driver.teardown()
     return driver
-
-
-def main_in_process(ws: Workspace, args: Sequence[str], cwd: Path | None = None,
-                    storage: bool = True) -> subprocess.CompletedProcess:
-    """``python -m tune.run ARGS`` as :class:`Driver` runs it, but by ``tune.run.main`` in this process:
-    for a command that stops before Ray starts (a refusal, a dry run), whose cost was mostly a new
-    interpreter's start and imports. Its stdout and stderr are read at the file descriptors (what a
-    terminal shows, from Python or not); the environment (``ws.env()`` meanwhile), working directory,
-    signal and log handlers are put back afterwards, and a Ray started by mistake is shut down again.
-    ``storage``: pass ``ws.storage`` as --storage-path, as :class:`Driver` does."""
-    import logging
-
-    from tune.run import main
-
-    argv = [*(["--storage-path", str(ws.storage)] if storage else []), "--ray-temp-dir", str(ws.ray_tmp), *args]
-    environ, handlers = dict(os.environ), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    log_handlers, here = logging.getLogger().handlers[:], os.getcwd()
-    streams, fds = (sys.stdout, sys.stderr), (os.dup(1), os.dup(2))
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        try:
-            os.environ.clear()
-            os.environ.update(ws.env())
-            os.chdir(cwd or REPO)
-            for stream in streams:
-                stream.flush()
-            os.dup2(out.fileno(), 1)
-            os.dup2(err.fileno(), 2)
-            sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))  # noqa: SIM115
-            try:
-                code = main(list(argv))
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-        finally:
-            sys.stdout, sys.stderr = streams
-            for fd, saved in zip((1, 2), fds, strict=True):
-                os.dup2(saved, fd)
-                os.close(saved)
-            os.chdir(here)
-            os.environ.clear()
-            os.environ.update(environ)
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-            logging.getLogger().handlers[:] = log_handlers
-            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-                sys.modules["ray"].shutdown()
-        text = [f.seek(0) or f.read().decode(errors="replace") for f in (out, err)]
-    return subprocess.CompletedProcess(argv, code, text[0], text[1])
 
 
 # --- reading a study ---------------------------------------------------------------------------------
