@@ -77,6 +77,14 @@ def need_shared(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_token_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One token cache for every study driver of the session (study_driver.SHARED_TOKENS)."""
+    from study_driver import SHARED_TOKENS
+
+    os.environ[SHARED_TOKENS] = str(tmp_path_factory.mktemp("tokens"))
+
+
 @pytest.fixture
 def fixture_dir() -> Path:
     return need_shared(FIXTURES)

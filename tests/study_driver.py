@@ -1,7 +1,8 @@
 """Helpers for tests that run ``python -m tune.run`` as a subprocess and read what a study leaves.
 
 Each driver runs in its own session (``start_new_session=True``) with its own short Ray temp dir,
-storage folder, MLflow sqlite (the default one inside the study folder) and token cache. Ray's
+storage folder and MLflow sqlite (the default one inside the study folder); the token cache is the test
+session's one (:data:`SHARED_TOKENS`, set by conftest.py), so the bundled data is tokenised once per session. Ray's
 daemons inherit the driver's session but its workers move to process groups of their own, so
 teardown kills every process of the driver's *session* by pid, and checks that none is left: a
 SIGKILLed driver would otherwise leave a raylet and its workers behind.
@@ -25,6 +26,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = Path(__file__).resolve().parent / "spaces"
+# The test session's token cache folder (conftest.py sets it). The cache is content-keyed and published by
+# one rename, so drivers may share it; each tokenising the same bundled data again cost seconds per test.
+SHARED_TOKENS = "MINIMIND_TEST_TOKEN_CACHE"
 
 
 def session_pids(sid: int) -> list[int]:
@@ -65,7 +69,8 @@ def kill_session(sid: int, timeout_s: float = 20.0) -> list[int]:
 
 @dataclass
 class Workspace:
-    """Per-test folders: study storage, Ray temp dir (short: socket paths < 107 bytes), token cache."""
+    """Per-test folders: study storage, Ray temp dir (short: socket paths < 107 bytes); the token cache:
+    the session's (:data:`SHARED_TOKENS`), else a folder of its own."""
 
     root: Path
     storage: Path = field(init=False)
@@ -74,7 +79,7 @@ class Workspace:
 
     def __post_init__(self) -> None:
         self.storage = self.root / "studies"
-        self.cache = self.root / "tokens"
+        self.cache = Path(os.environ.get(SHARED_TOKENS) or self.root / "tokens")
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -94,6 +99,54 @@ class Workspace:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+def main_in_process(ws: Workspace, args: Sequence[str], cwd: Path | None = None,
+                    storage: bool = True) -> subprocess.CompletedProcess:
+    """``python -m tune.run ARGS`` as :class:`Driver` runs it, but by ``tune.run.main`` in this process:
+    for a command that stops before Ray starts (a refusal, a dry run), whose cost was mostly a new
+    interpreter's start and imports. Its stdout and stderr are read at the file descriptors (what a
+    terminal shows, from Python or not); the environment (``ws.env()`` meanwhile), working directory,
+    signal and log handlers are put back afterwards, and a Ray started by mistake is shut down again.
+    ``storage``: pass ``ws.storage`` as --storage-path, as :class:`Driver` does."""
+    import logging
+
+    from tune.run import main
+
+    argv = [*(["--storage-path", str(ws.storage)] if storage else []), "--ray-temp-dir", str(ws.ray_tmp), *args]
+    environ, handlers = dict(os.environ), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    log_handlers, here = logging.getLogger().handlers[:], os.getcwd()
+    streams, fds = (sys.stdout, sys.stderr), (os.dup(1), os.dup(2))
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            os.environ.clear()
+            os.environ.update(ws.env())
+            os.chdir(cwd or REPO)
+            for stream in streams:
+                stream.flush()
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))  # noqa: SIM115
+            try:
+                code = main(list(argv))
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+        finally:
+            sys.stdout, sys.stderr = streams
+            for fd, saved in zip((1, 2), fds, strict=True):
+                os.dup2(saved, fd)
+                os.close(saved)
+            os.chdir(here)
+            os.environ.clear()
+            os.environ.update(environ)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            logging.getLogger().handlers[:] = log_handlers
+            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()
+        text = [f.seek(0) or f.read().decode(errors="replace") for f in (out, err)]
+    return subprocess.CompletedProcess(argv, code, text[0], text[1])
 
 
 class Driver:

@@ -27,6 +27,7 @@ from study_driver import (
     Driver,
     Workspace,
     folder_digest,
+    main_in_process,
     mlflow_runs,
     run_driver,
     stored_results,
@@ -156,6 +157,9 @@ BAD_INPUTS = {
     "init-from-other-shape": (_init_other_shape, ["model.init_from", "wide.pth", "does not fit"]),
     "unknown-key": (lambda raw, _: raw["train"].update(learning_rat=0.1), ["train.learning_rat"]),
 }
+# The kind run as a user runs it (a new `python -m tune.run`: what the terminal shows, exit status); the
+# others run in this process (study_driver.main_in_process), the same checks without an interpreter's start each.
+AT_THE_TERMINAL = "malformed-data-line"
 
 
 @pytest.mark.slow
@@ -167,7 +171,8 @@ def test_restart_with_a_bad_input_keeps_the_study(victim: Victim, kind: str, tmp
     before, sessions = folder_digest(victim.dir), _ray_sessions(victim.ws)
     space = write_space(tmp_path, "bad", edit)
     started = time.monotonic()
-    proc = _cli(victim.ws, ["--space", str(space), "--name", NAME, "--restart"])
+    run = _cli if kind == AT_THE_TERMINAL else main_in_process
+    proc = run(victim.ws, ["--space", str(space), "--name", NAME, "--restart"])
     err = proc.stderr.strip()
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert not traceback_lines(proc.stdout + proc.stderr) and err.startswith("error: "), err
@@ -184,9 +189,8 @@ def test_restart_with_a_bad_input_keeps_the_study(victim: Victim, kind: str, tmp
 def test_storage_that_is_a_file_is_refused_at_once(victim: Victim, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "tune.run", "--space", str(write_space(tmp_path, "s")),
-                           "--storage-path", str(blocker / "studies")], cwd=REPO, env=victim.ws.env(),
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = main_in_process(victim.ws, ["--space", str(write_space(tmp_path, "s")), "--storage-path",
+                                       str(blocker / "studies")], storage=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "is a file, not a folder" in proc.stderr or "cannot" in proc.stderr, proc.stderr
 
@@ -203,7 +207,7 @@ def test_resume_with_a_changed_space_is_refused_naming_each_key(victim: Victim, 
         raw["search"]["train.learning_rate"]["high"] = 0.1
 
     edited = write_space(tmp_path, "edited", edit)
-    dry = _cli(victim.ws, ["--space", str(edited), "--name", NAME, "--resume", "--dry-run"])
+    dry = main_in_process(victim.ws, ["--space", str(edited), "--name", NAME, "--resume", "--dry-run"])
     assert dry.returncode == 0 and "--resume would be refused" in dry.stdout, dry.stdout + dry.stderr
     assert "model.hidden_size: 64 -> 128" in dry.stdout
     proc = _cli(victim.ws, ["--space", str(edited), "--name", NAME, "--resume"])
@@ -218,7 +222,7 @@ def test_resume_with_a_changed_space_is_refused_naming_each_key(victim: Victim, 
 @pytest.mark.slow
 def test_resume_of_a_finished_study_runs_nothing_and_summarises(victim: Victim) -> None:
     trials, sessions = stored_results(victim.dir), _ray_sessions(victim.ws)
-    proc = _cli(victim.ws, ["--resume", "--name", NAME])  # the study's own space
+    proc = main_in_process(victim.ws, ["--resume", "--name", NAME])  # the study's own space
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "nothing to run: 2 trials finished (num_samples 2)" in proc.stdout
     assert "best: trial t00" in proc.stdout

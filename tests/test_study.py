@@ -24,6 +24,7 @@ from study_driver import (
     SPACES,
     Driver,
     Workspace,
+    main_in_process,
     mlflow_runs,
     read_results,
     run_driver,
@@ -44,10 +45,10 @@ NOISE_PREFIXES = ("time_", "config/", "config.", "warmup_time")
 # --- the CLI's checks (no Ray cluster) ---------------------------------------------------------------
 
 
-def _cli(args: list[str], cwd: Path, ws: Workspace, timeout: float = 120) -> subprocess.CompletedProcess:
-    args = [*args, "--ray-temp-dir", str(ws.ray_tmp)]
-    return subprocess.run([sys.executable, "-m", "tune.run", *args], cwd=cwd, env=ws.env(),
-                          capture_output=True, text=True, timeout=timeout, check=False)
+def _cli(args: list[str], cwd: Path, ws: Workspace) -> subprocess.CompletedProcess:
+    """The command, refused or a dry run before Ray starts, in this process (a new interpreter each cost
+    seconds; the terminal's view of a refusal is tests/test_integrity.py's ``AT_THE_TERMINAL``)."""
+    return main_in_process(ws, args, cwd=cwd, storage=False)
 
 
 @pytest.fixture
