@@ -51,6 +51,10 @@ def test_a_tiny_table_builds_resumably_and_the_simulator_replays_it(tmp_path: Pa
         assert 0 <= r["within_1pct"] <= 1 and r["cost_runs"] > 0 and r["regret_median"] >= 0
     # Full-budget random search without finalists can cost no less than num_samples runs.
     assert results["random"]["cost_runs"] >= 24 - 1e-9
+    # The settings can be overridden from the command line: 4 runs at most, no finalists.
+    small = simulate.main(["--table", str(table), "--strategy", "random", "--seeds", "2", "--num-samples", "4",
+                           "--top-k", "0", "--finalist-seeds", "0"])
+    assert 0 < small["random"]["cost_runs"] <= 4
 
 
 def _write_table(folder: Path, values: dict[tuple[float, int], list[float]], diverged: set[float] = frozenset()) -> None:
