@@ -143,23 +143,25 @@ def split_data(spec: TableSpec, folder: Path) -> dict[str, Path]:
     return paths
 
 
-def _run_config(spec: TableSpec, train_path: Path, val_path: Path, cache: Path, threads: int,
+def _run_config(spec: TableSpec, train_path: Path, val_path: Path, cache: Path, threads: int, device: str,
                 **train: Any) -> RunConfig:
-    """The benchmark model (MiniMind2's shape, ``hidden_size`` x ``num_hidden_layers``) on one CPU."""
+    """The benchmark model (MiniMind2's shape, ``hidden_size`` x ``num_hidden_layers``) on ``device``
+    (fp32 on a CPU, the trainer's ``auto`` precision on a GPU)."""
     model = ModelConfig(hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=spec.max_seq_len)
     return RunConfig().with_overrides({
         **{f"model.{k}": v for k, v in run_config_to_dict(RunConfig(model=model))["model"].items()},
         "data.train_path": str(train_path), "data.val_path": str(val_path), "data.tokenizer": spec.tokenizer,
         "data.max_seq_len": spec.max_seq_len, "data.cache_dir": str(cache / "tokens"),
-        "train.batch_size": spec.batch_size, "train.warmup_steps": spec.warmup_steps, "train.device": "cpu",
-        "train.dtype": "float32", "train.num_threads": threads, "train.eval_batch_size": 64,
+        "train.batch_size": spec.batch_size, "train.warmup_steps": spec.warmup_steps, "train.device": device,
+        "train.dtype": "float32" if device == "cpu" else "auto", "train.num_threads": threads, "train.eval_batch_size": 64,
         **{f"train.{k}": v for k, v in train.items()}})
 
 
-def pretrained_base(spec: TableSpec, paths: Mapping[str, Path], cache: Path, threads: int) -> tuple[Path, str]:
+def pretrained_base(spec: TableSpec, paths: Mapping[str, Path], cache: Path, threads: int,
+                    device: str) -> tuple[Path, str]:
     """The base checkpoint (built once, cached by its hash) and that hash."""
-    cfg = _run_config(spec, paths["pretrain"], paths["val"], cache, threads, epochs=spec.pretrain_epochs,
+    cfg = _run_config(spec, paths["pretrain"], paths["val"], cache, threads, device, epochs=spec.pretrain_epochs,
                       learning_rate=spec.pretrain_lr, min_lr_ratio=0.1, seed=0, grad_clip=1.0)
     digest = _hash({"config": {k: v for k, v in run_config_to_dict(cfg).items() if k != "data"},
                     "data": _sha256(paths["pretrain"]), "tokenizer": _sha256(Path(spec.tokenizer) / "tokenizer.json"),
@@ -184,15 +186,18 @@ def pretrained_base(spec: TableSpec, paths: Mapping[str, Path], cache: Path, thr
     return path, digest
 
 
-def _machine(threads: int) -> dict[str, Any]:
+def _machine(threads: int, device: str) -> dict[str, Any]:
+    gpu = {"gpu": torch.cuda.get_device_name()} if device == "cuda" else {}
     return {"node": platform.node(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "cores": os.cpu_count(), "threads": threads, **gpu, "torch": torch.__version__,
             "python": platform.python_version()}
 
 
 def train_curve(cfg: RunConfig, data: SFTData) -> dict[str, Any]:
     """One SFT run's curve: per evaluation its optimizer step, tokens trained, val and train loss, and
-    cumulative seconds; the run's cost; ``status`` completed or diverged."""
+    cumulative seconds (and CPU seconds on a CPU: what a run costs whatever else ran meanwhile); the
+    run's cost; ``status`` completed or diverged."""
+    on_cpu = cfg.train.device == "cpu"
     points: list[dict[str, Any]] = []
     tokens = seconds = 0.0
     baseline = None
@@ -209,15 +214,16 @@ def train_curve(cfg: RunConfig, data: SFTData) -> dict[str, Any]:
             baseline = m.get("baseline_val_loss", baseline)
             tokens += m["tokens_per_s"] * m["epoch_seconds"]
             seconds += m["epoch_seconds"] + m["val_seconds"]
+            cpu = {"cpu_seconds": round(time.process_time() - cpu_start, 3)} if on_cpu else {}
             points.append({"evaluation": result.evaluation, "epoch": result.epoch, "step": result.optimizer_steps,
-                           "tokens": round(tokens), "seconds": round(seconds, 3),
-                           "cpu_seconds": round(time.process_time() - cpu_start, 3), "val_loss": m["val_loss"],
+                           "tokens": round(tokens), "seconds": round(seconds, 3), **cpu, "val_loss": m["val_loss"],
                            "train_loss": m["train_loss"], "lr": m["lr"]})
     except TrainingDiverged as exc:
         status, reason = "diverged", str(exc)
     return {"status": status, "diverged_reason": reason, "baseline_val_loss": baseline, "evaluations": points,
             "cost": {"seconds": round(time.perf_counter() - start, 3),
-                     "cpu_seconds": round(time.process_time() - cpu_start, 3), "tokens": round(tokens),
+                     **({"cpu_seconds": round(time.process_time() - cpu_start, 3)} if on_cpu else {}),
+                     "tokens": round(tokens),
                      "steps": points[-1]["step"] if points else 0}}
 
 
@@ -237,7 +243,7 @@ def _order(configs: list[dict[str, Any]], seeds: Sequence[int]) -> Iterator[tupl
             yield configs[i], seed
 
 
-def build(spec: TableSpec, out: Path, cache: Path, *, threads: int = 1, limit: int = 0,
+def build(spec: TableSpec, out: Path, cache: Path, *, threads: int = 1, device: str = "cpu", limit: int = 0,
           command: str = "") -> int:
     """Build (or continue) the table at ``out``; returns the number of curves trained now. ``limit``: stop
     after that many (0: all)."""
@@ -248,12 +254,12 @@ def build(spec: TableSpec, out: Path, cache: Path, *, threads: int = 1, limit: i
         raise SystemExit(f"{table_file} was built with another spec; use another --out")
     torch.set_num_threads(threads)
     paths = split_data(spec, cache / f"split-{digest}")
-    base, base_digest = pretrained_base(spec, paths, cache, threads)
+    base, base_digest = pretrained_base(spec, paths, cache, threads, device)
     rel = {k: str(Path(v).resolve().relative_to(REPO)) if Path(v).resolve().is_relative_to(REPO) else str(v)
            for k, v in (("data", spec.data), ("tokenizer", spec.tokenizer))}
     write_atomic(table_file, json.dumps({"digest": digest, "base": base_digest, "spec": dataclasses.asdict(spec) | rel,
-                                         "command": command, "machine": _machine(threads)}, indent=1) + "\n")
-    template = _run_config(spec, paths["sft_train"], paths["val"], cache, threads, epochs=spec.epochs,
+                                         "command": command, "machine": _machine(threads, device)}, indent=1) + "\n")
+    template = _run_config(spec, paths["sft_train"], paths["val"], cache, threads, device, epochs=spec.epochs,
                            evals_per_epoch=spec.evals_per_epoch).with_overrides({"model.init_from": str(base)})
     data = prepare_data(template.data)
     trained = 0
@@ -263,7 +269,7 @@ def build(spec: TableSpec, out: Path, cache: Path, *, threads: int = 1, limit: i
             continue
         curve = train_curve(template.with_overrides({**config, "train.seed": seed}), data)
         entry = {"config": config, "seed": seed, **curve, "table": digest, "base": base_digest,
-                 "machine": _machine(threads), "command": command}
+                 "machine": _machine(threads, device), "command": command}
         write_atomic(path, json.dumps(entry, indent=1) + "\n")
         trained += 1
         done = len(list((out / "curves").glob("*.json")))
@@ -297,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=2, help="training seeds 1..N")
     p.add_argument("--grid", choices=sorted(GRIDS), default="default")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: a GPU table (e.g. --hidden-size 512 --layers 8 for MiniMind2 26M)")
     p.add_argument("--limit", type=int, default=0, help="stop after this many new curves (0: all)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -307,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      batch_size=a.batch_size, warmup_steps=a.warmup_steps, seeds=list(range(1, a.seeds + 1)),
                      grid=GRIDS[a.grid])
     command = "python benchmarks/tabular.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    build(spec, Path(a.out), Path(a.cache), threads=a.threads, limit=a.limit, command=command)
+    build(spec, Path(a.out), Path(a.cache), threads=a.threads, device=a.device, limit=a.limit, command=command)
     return 0
 
 
