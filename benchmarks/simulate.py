@@ -55,12 +55,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import optuna  # noqa: E402
-import yaml  # noqa: E402
+import optuna
+import yaml
 
-from tune.objective import Objective  # noqa: E402
-from tune.record import no_better_reason  # noqa: E402
-from tune.searcher import make_pruner, make_sampler  # noqa: E402
+from tune.objective import Objective
+from tune.record import no_better_reason
+from tune.searcher import make_pruner, make_sampler
 
 __all__ = ["STRATEGIES", "Outcome", "Strategy", "Table", "default_strategy", "main", "simulate", "summarize"]
 

@@ -11,8 +11,8 @@ How a table is made, all with minimind_train's own trainer (:func:`minimind_trai
   --pretrain-from`` are pretraining text; the ``--val`` lines just before it are the fixed held-out
   validation split; the first ``--sft-train`` lines are the SFT training set. No line is in two parts.
 * **A pretrained base.** A short pretraining run of the benchmark model from scratch on the
-  pretraining lines, each rendered as plain text: one assistant turn (instruction, input and answer
-  joined by newlines) after an empty user turn, so the SFT trainer supervises every text token (it
+  pretraining lines, each rendered as plain text: one assistant turn (the instruction and the answer
+  joined by a newline) after an empty user turn, so the SFT trainer supervises every text token (it
   trains on assistant tokens only). Deterministic (one thread, fixed seed); its weights are cached
   outside git under ``--cache`` by the hash of everything it depends on, and rebuilt when absent.
 * **SFT curves.** From that base, for every grid config and training seed; a curve is written (temp
@@ -45,12 +45,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from any folder
     sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from minimind_train.config import ModelConfig, RunConfig, run_config_to_dict  # noqa: E402
-from minimind_train.data import SFTData, prepare_data  # noqa: E402
-from minimind_train.train import StepInfo, TrainingDiverged, train_epochs  # noqa: E402
-from tune.atomic import write_atomic  # noqa: E402
+from minimind_train.config import ModelConfig, RunConfig, run_config_to_dict
+from minimind_train.data import SFTData, prepare_data
+from minimind_train.train import StepInfo, TrainingDiverged, train_epochs
+from tune.atomic import write_atomic
 
 __all__ = ["GRIDS", "TableSpec", "build", "curve_key", "grid_configs", "load_table", "main", "split_data"]
 
