@@ -204,12 +204,7 @@ def train_curve(cfg: RunConfig, data: SFTData) -> dict[str, Any]:
     start, cpu_start = time.perf_counter(), time.process_time()
     status, reason = "completed", None
     try:
-        def progress(info: StepInfo) -> None:
-            if info.step % 50 == 0:
-                log.info("pretrain step %d/%d loss %.4f (%.0f CPU s)", info.step_in_epoch, info.steps_in_epoch,
-                         info.loss, time.process_time())
-
-        for result in train_epochs(cfg, data, on_step=progress):
+        for result in train_epochs(cfg, data):
             m = result.metrics
             baseline = m.get("baseline_val_loss", baseline)
             tokens += m["tokens_per_s"] * m["epoch_seconds"]
