@@ -134,3 +134,20 @@ def test_dry_run_prints_a_forecast_line_from_a_real_probe(tmp_path: Path, monkey
     monkeypatch.setenv("MINIMIND_TUNE_FORECAST", "0")  # the setting, as --no-forecast
     assert run.main(["--space", "smoke.yaml", "--dry-run", "--storage-path", str(tmp_path / "studies")]) == 0
     assert "forecast:" not in capsys.readouterr().out
+
+
+def test_evaluations_inside_an_epoch_are_counted_in_epochs(tmp_path: Path) -> None:
+    """ASHA's max_t and rungs count evaluations: a 1-epoch study of 8 evaluations plans trials of one epoch
+    (with 8 evaluations in it), not of 8."""
+    import yaml
+
+    raw = yaml.safe_load((Path(fc.__file__).parents[1] / "search_spaces" / "sft.yaml").read_text())
+    raw["train"].update(epochs=1, evals_per_epoch=8)
+    (tmp_path / "evals8.yaml").write_text(yaml.safe_dump(raw))
+    spec = load_space(tmp_path / "evals8.yaml")
+    f = fc.forecast(spec, _probe())
+    shape = expected_shape(12, spec.tune.scheduler, evals_per_epoch=8)
+    assert f.epochs == 1 and f.search_trial_epochs == pytest.approx(shape.trial_epochs) and shape.trial_epochs < 12
+    assert f.trial_epochs == pytest.approx(shape.trial_epochs + 2 * 1)  # 2 finalists of one epoch each
+    assert f.epoch_s == pytest.approx(fc.forecast(_spec_run(spec, evals_per_epoch=1), _probe()).epoch_s + 7 * 2.5)
+    assert f.prior("finalists").expected_epochs == 1

@@ -116,7 +116,7 @@ class Forecast:
     trial_epochs: float  # search and finalists
     search_trial_epochs: float
     finalists: int
-    epochs: int
+    epochs: float  # a whole trial's (tune.scheduler.max_t evaluations)
     epoch_s: float
     steps_per_epoch: float
     evals_per_epoch: int
@@ -183,16 +183,16 @@ def forecast(spec: Any, probe: Probe, num_samples: int | None = None, continued_
     from .preflight import expected_shape
 
     t, run = spec.tune, spec.run
+    evals = run.train.evals_per_epoch
+    epochs = t.scheduler.max_t / evals  # (max_t and ASHA's rungs count evaluations)
     n_new = t.num_samples if num_samples is None else num_samples
-    continued = math.ceil(continued_epochs / max(t.scheduler.max_t, 1)) if continued_epochs else 0
+    continued = math.ceil(continued_epochs / epochs) if continued_epochs else 0
     trials = n_new + continued
-    epochs = t.scheduler.max_t
-    shape = expected_shape(n_new, t.scheduler) if n_new else None
+    shape = expected_shape(n_new, t.scheduler, evals_per_epoch=evals) if n_new else None
     search_te = (shape.trial_epochs if shape else 0.0) + continued_epochs
     completed = (shape.completed if shape else 0.0) + continued
     finalists = round(min(t.finalists.top_k, completed) * t.finalists.seeds) if t.finalists.seeds else 0
     tokens, batches, steps = _epoch_tokens(probe, run, _accumulations(spec))
-    evals = run.train.evals_per_epoch
     epoch_s = batches * probe.s_per_batch + tokens * probe.s_per_token + evals * (probe.eval_s + probe.checkpoint_s)
     trial_s = TRIAL_OVERHEAD_S + probe.init_s + probe.eval_s
     slots = max(1, min(t.max_concurrent_trials, max(trials, 1)))
