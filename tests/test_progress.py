@@ -149,6 +149,30 @@ def test_plain_mode_prints_each_event_once_on_its_own_line(tmp_path: Path) -> No
     assert "] run ended: 7/13 trial-epochs in " in lines[3]
 
 
+def test_evaluations_inside_an_epoch_count_as_their_fraction_of_it(tmp_path: Path) -> None:
+    """A 1-epoch study of 8 evaluations: each report is 1/8 of a trial-epoch, a line names the evaluation, a
+    trial's last one is in its end line, and the forecast's remaining work runs at least to the next one."""
+    prior = EtaPrior(expected_epochs=0.5, s_per_trial_epoch=80.0, after_s=0.0, slots=1)
+    view = ProgressView(Objective("val_loss"), planned_epochs=1, num_samples=2, stream=io.StringIO(), prior=prior,
+                        evals_per_epoch=8)
+    view.setup()
+    a = _trial("a", "RUNNING", number=1, path=str(tmp_path / "t001"))
+    view.on_trial_start(0, [a], a)
+    view.on_trial_result(0, [a], a, {"epoch": 1, "evaluation": 3, "val_loss": 2.0})
+    assert view.progress()[:2] == (3 / 8, 2)
+    assert view._expected_remaining() == pytest.approx((0.5 - 3 / 8) + 0.5)  # a: to 1/2 epoch, b: all of it
+    step_writer(tmp_path / "t001")(_step(1, 38, 64))  # 38 of the epoch's 64 steps: past evaluation 4
+    assert view.progress()[0] == pytest.approx(38 / 64)
+    assert view._expected_remaining() == pytest.approx((5 / 8 - 38 / 64) + 0.5)  # at least to evaluation 5
+    view.on_trial_result(0, [a], a, {"epoch": 1, "evaluation": 8, "val_loss": 1.5})  # the last: no line
+    a.status, a.last_result = "TERMINATED", {"epoch": 1, "evaluation": 8, "val_loss": 1.5}
+    view.statuses = lambda: {"a": "completed"}
+    view.on_trial_complete(0, [a], a)
+    lines = view._stream.getvalue().splitlines()
+    assert "] t001 evaluation 3/8 val_loss 2.0000; 0.4/2 trial-epochs, ETA " in lines[1] and len(lines) == 3
+    assert "t001 lr=2.3e-3 acc=1 completed at evaluation 8 (1 epochs) (val_loss 1.5000)" in lines[2]
+
+
 def test_a_failed_trial_is_one_line_with_its_reason_and_traceback_path(tmp_path: Path) -> None:
     out = io.StringIO()
     view = ProgressView(Objective("val_loss"), planned_epochs=3, num_samples=1, stream=out)

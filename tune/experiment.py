@@ -162,7 +162,8 @@ def run_experiment(spec: StudySpec, paths: StudyPaths, record: StudyRecord | Non
         caches = {"train": s.cache_path, "val": s.val_cache_path, "pad_id": inputs.data.pad_id,
                   "vocab_size": inputs.data.vocab_size}
         expected = print_forecast(spec, caches, max(0, left - len(plans)),
-                                  sum(run_cfg.train.epochs - p.epoch for p in plans),
+                                  sum(run_cfg.train.epochs - p.evaluation / run_cfg.train.evals_per_epoch
+                                      for p in plans),
                                   record.seconds_used() if record is not None else 0.0)
     print("starting Ray ...", flush=True)
     # Closed in reverse: a --restart's old study settled, outputs uploaded, Ray shut down, Ray's errors back.
@@ -298,7 +299,8 @@ def _run_trials(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: 
         view = ProgressView(t.objective, run_cfg.train.epochs, to_run, statuses=statuses, local=paths.is_local,
                             ray_errors=paths.local_dir / RAY_ERRORS_FILE,
                             best=best_recorded(record.trials(), t.objective),  # (earlier runs and phases)
-                            prior=expected.prior(phase) if expected is not None else None)
+                            prior=expected.prior(phase) if expected is not None else None,
+                            evals_per_epoch=run_cfg.train.evals_per_epoch)
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), objective=t.objective,
                                  runs_dir=paths.runs_uri, run_name=f"run-{run_index}",

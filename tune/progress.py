@@ -171,9 +171,10 @@ class ProgressView(Callback):
     def __init__(self, objective: Objective, planned_epochs: int, num_samples: int,
                  statuses: Callable[[], Mapping[str, str]] | None = None, local: bool = True,
                  stream: TextIO | None = None, ray_errors: Path | None = None,
-                 best: tuple[float, str] | None = None, prior: EtaPrior | None = None) -> None:
+                 best: tuple[float, str] | None = None, prior: EtaPrior | None = None,
+                 evals_per_epoch: int = 1) -> None:
         self.metric, self.objective, self.statuses, self.local = objective.metric, objective, statuses, local
-        self.prior = prior
+        self.prior, self.per_epoch = prior, max(1, evals_per_epoch)
         self.planned_epochs, self.num_samples = planned_epochs, num_samples
         self._stream = stream  # None: sys.stdout at each use (ours stands in for it during a run)
         self._start, self._first = time.monotonic(), None  # _first: the first trial's start (for the ETA)
@@ -181,8 +182,8 @@ class ProgressView(Callback):
         self._trials: list[Any] = []
         self._recorded: Mapping[str, str] = {}
         self._labels: dict[str, str] = {}  # Ray trial id -> "t003 lr=2.3e-3 acc=1"
-        self._reported: dict[str, int] = {}  # Ray trial id -> its last epoch (Ray's last_result lags)
-        self._restored: dict[str, int] = {}  # Ray trial id -> epochs it had done before this run
+        self._reported: dict[str, int] = {}  # Ray trial id -> its last evaluation (Ray's last_result lags)
+        self._restored: dict[str, float] = {}  # Ray trial id -> epochs it had done before this run
         self._first_epoch: dict[str, Mapping[str, Any]] = {}  # Ray trial id -> its epoch-1 report (its baseline)
         self._live: Any = None
         self._ray_errors = ray_errors
@@ -218,21 +219,32 @@ class ProgressView(Callback):
                                             if isinstance(number, int) else trial.trial_id)
         return self._labels[trial.trial_id].split(" ")[0] if short else self._labels[trial.trial_id]
 
-    def _epoch(self, trial: Any) -> int:
-        return max(self._reported.get(trial.trial_id, 0), int((trial.last_result or {}).get("epoch", 0)))
+    def _evaluation(self, result: Mapping[str, Any]) -> int:
+        """A report's evaluation index (tune.record.evaluation_index; a diverged trial's report has only
+        its epoch)."""
+        return int(result.get("evaluation", int(result.get("epoch", 0)) * self.per_epoch))
+
+    def _epoch(self, trial: Any) -> float:
+        """The epochs a trial's reports cover (an evaluation inside an epoch counts as its fraction)."""
+        return max(self._reported.get(trial.trial_id, 0), self._evaluation(trial.last_result or {})) / self.per_epoch
 
     def _step(self, trial: Any) -> tuple[int, int, int] | None:
-        """A running trial's step in the epoch after its last reported one, when its folder is local."""
+        """A running trial's step in the epoch it is in, when its folder is local and the step is past its last
+        report."""
         step = read_step(trial.path) if self.local and trial.path and trial.status == "RUNNING" else None
-        return step if step and step[0] == self._epoch(trial) + 1 else None
+        return step if step and step[0] - 1 + step[1] / step[2] > self._epoch(trial) else None
+
+    def _done(self, trial: Any) -> float:
+        """Trial-epochs a trial trained: its reports', or its step's when that is further."""
+        step = self._step(trial)
+        return step[0] - 1 + step[1] / step[2] if step else self._epoch(trial)
 
     def progress(self) -> tuple[float, float, float | None]:
         """``(done, planned, eta_s)`` in trial-epochs: a running trial adds its steps as a fraction of an
         epoch, an ended one plans what it did, a trial not yet started all ``planned_epochs``."""
         done = planned = 0.0
         for t in self._trials:
-            step = self._step(t)
-            done += self._epoch(t) + (step[1] / step[2] if step else 0.0)
+            done += self._done(t)
             planned += self._epoch(t) if t.status in ("TERMINATED", "ERROR") else self.planned_epochs
         planned += max(0, self.num_samples - len(self._trials)) * self.planned_epochs
         elapsed = time.monotonic() - (self._first or time.monotonic())
@@ -248,15 +260,15 @@ class ProgressView(Callback):
 
     def _expected_remaining(self) -> float:
         """Trial-epochs still to train, expected under the plan: a trial not yet started the prior's
-        ``expected_epochs``, a running one the rest of that (at least the epoch it is in), an ended one none."""
+        ``expected_epochs``, a running one the rest of that (at least up to its next evaluation), an ended one
+        none."""
         assert self.prior is not None
         expected, left = self.prior.expected_epochs, 0.0
         for t in self._trials:
             if t.status in ("TERMINATED", "ERROR"):
                 continue
-            step = self._step(t)
-            d = self._epoch(t) + (step[1] / step[2] if step else 0.0)
-            left += max(expected - d, min(math.floor(d) + 1, self.planned_epochs) - d, 0.0)
+            d, n = self._done(t), self.per_epoch
+            left += max(expected - d, min(math.floor(d * n) + 1, self.planned_epochs * n) / n - d, 0.0)
         return left + max(0, self.num_samples - len(self._trials)) * expected
 
     def status(self) -> str:
@@ -279,8 +291,9 @@ class ProgressView(Callback):
                     f"{done:.1f}/{planned:g} trial-epochs  {elapsed} elapsed  ETA {_duration(eta)}")
         for t in [t for t in self._trials if t.status == "RUNNING"]:
             step = self._step(t)
-            running.add_row(f"  {self._label(t)}", f"epoch {min(self._epoch(t) + 1, self.planned_epochs)}/"
-                            f"{self.planned_epochs}" + (f"  step {step[1]}/{step[2]}" if step else ""))
+            epoch = step[0] if step else min(math.floor(self._epoch(t)) + 1, self.planned_epochs)
+            running.add_row(f"  {self._label(t)}", f"epoch {epoch}/{self.planned_epochs}"
+                            + (f"  step {step[1]}/{step[2]}" if step else ""))
         # The counts on a line of their own: under the bar's column they wrapped on a narrow terminal.
         return Group(bar, Text(f"trials {len(self._trials)}/{self.num_samples}: {self.status()}"), running)
 
@@ -310,12 +323,12 @@ class ProgressView(Callback):
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict,
                         **info: Any) -> None:
         self._refresh(trials)
-        epoch, value = int(result.get("epoch", 0)), result.get(self.metric)
-        self._reported[trial.trial_id] = epoch
-        # A run's first report of a continued trial is its checkpoint's epoch again (not trained now;
+        index, value = self._evaluation(result), result.get(self.metric)
+        self._reported[trial.trial_id] = index
+        # A run's first report of a continued trial is its checkpoint's evaluation again (not trained now;
         # a repeat after Ray retried it in this run was).
-        self._restored.setdefault(trial.trial_id, epoch if result.get("restored") else 0)
-        if epoch == 1:
+        self._restored.setdefault(trial.trial_id, index / self.per_epoch if result.get("restored") else 0)
+        if index == 1:
             self._first_epoch[trial.trial_id] = result
         if result.get("restored"):
             return
@@ -326,12 +339,14 @@ class ProgressView(Callback):
                 self.objective.better(value, self._best)) and not no_better_reason(
                     value, self.objective, self._first_epoch.get(trial.trial_id, {})):
             self._best, self._best_trial = float(value), self._label(trial, short=True)
-        # Plain lines only; a trial's last epoch is in its end line, next.
-        ended = epoch >= self.planned_epochs or self._recorded.get(trial.trial_id) in _FINAL
+        # Plain lines only; a trial's last evaluation is in its end line, next.
+        last = self.planned_epochs * self.per_epoch
+        ended = index >= last or self._recorded.get(trial.trial_id) in _FINAL
         if self._live is None and not ended:
             done, planned, eta = self.progress()
             shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
-            self._event(f"{self._label(trial, short=True)} epoch {epoch}/{self.planned_epochs} {self.metric} "
+            where = f"epoch {index}/{last}" if self.per_epoch == 1 else f"evaluation {index}/{last}"
+            self._event(f"{self._label(trial, short=True)} {where} {self.metric} "
                         f"{shown}; {done:.1f}/{planned:g} trial-epochs, ETA {_duration(eta)}")
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -342,7 +357,10 @@ class ProgressView(Callback):
         value = last.get(self.metric)
         why = (f": {last.get(DIVERGED_REASON_KEY, '')}" if status == TrialStatus.DIVERGED else
                f" ({self.metric} {value:.4f})" if isinstance(value, (int, float)) else "")
-        self._event(f"{self._label(trial)} {status.replace('_', ' ')} at epoch {self._epoch(trial)}{why}")
+        from .record import evaluation_name
+
+        at = evaluation_name(max(self._reported.get(trial.trial_id, 0), self._evaluation(last)), self.per_epoch)
+        self._event(f"{self._label(trial)} {status.replace('_', ' ')} at {at}{why}")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._refresh(trials)
