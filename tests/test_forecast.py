@@ -68,16 +68,16 @@ def test_an_epoch_counts_the_capped_batches_of_each_searched_accumulation_and_it
 
 
 def test_asha_and_finalists_use_the_plans_expected_shape_and_waves_of_slots() -> None:
-    spec = load_space("sft.yaml")  # 12 trials, 2 at once, ASHA after epoch 1 of 2, finalists 2 x 1 seed
+    spec = load_space("sft.yaml")  # 12 trials, 2 at once, ASHA at evaluation 1 of 2 (one epoch), finalists 2 x 1
     t = spec.tune
     f = fc.forecast(spec, _probe())
-    shape = expected_shape(t.num_samples, t.scheduler)
+    shape = expected_shape(t.num_samples, t.scheduler, evals_per_epoch=spec.run.train.evals_per_epoch)
     assert f.search_trial_epochs == pytest.approx(shape.trial_epochs)
-    assert f.finalists == 2 and f.trial_epochs == pytest.approx(shape.trial_epochs + 2 * 2)
+    assert f.finalists == 2 and f.epochs == 1 and f.trial_epochs == pytest.approx(shape.trial_epochs + 2 * 1)
     work = (12 * f.trial_s + shape.trial_epochs * f.epoch_s) / 2
     tail = 0.5 * (f.trial_s + shape.trial_epochs / 12 * f.epoch_s) / 2  # the last trials end unevenly
     assert f.search_s == pytest.approx(fc.RAY_START_S + 3.0 + work + tail)
-    assert f.finalists_s == pytest.approx(3.0 + 1 * (f.trial_s + 2 * f.epoch_s))  # both at once: one wave
+    assert f.finalists_s == pytest.approx(3.0 + 1 * (f.trial_s + 1 * f.epoch_s))  # both at once: one wave
 
 
 def test_gpu_hours_are_the_trials_time_times_their_gpu_share() -> None:
@@ -116,7 +116,7 @@ def test_the_eta_priors_spread_each_phase_over_its_expected_trial_epochs() -> No
     assert search.s_per_trial_epoch * f.search_trial_epochs == pytest.approx(
         (f.trials * f.trial_s + f.search_trial_epochs * f.epoch_s) / f.slots)
     assert search.after_s == pytest.approx(f.finalists_s + f.end_s) and search.slots == 2
-    assert (finals.expected_epochs, finals.after_s, finals.slots) == (2, f.end_s, 2)
+    assert (finals.expected_epochs, finals.after_s, finals.slots) == (1, f.end_s, 2)
 
 
 def test_dry_run_prints_a_forecast_line_from_a_real_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -134,6 +134,23 @@ def test_resume_with_a_storage_path_that_is_a_file_names_the_option(tmp_path: Pa
     assert sorted(tmp_path.iterdir()) == [afile] and afile.read_text() == "I am a plain file\n"
 
 
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_a_dry_run_says_a_run_would_be_refused_when_the_storage_path_is_a_file(
+        tmp_path: Path, below: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The shared case storage-path-is-file: `--dry-run` printed a plan with its output under the file and
+    said nothing of the refusal the run gives."""
+    afile = tmp_path / "afile"
+    afile.write_text("I am a plain file\n")
+    storage = afile / below if below else afile
+    assert run.main(["--space", "smoke.yaml", "--dry-run", "--no-forecast", "--storage-path", str(storage)]) == 0
+    out = capsys.readouterr().out
+    assert f"a run would be refused: --storage-path={storage}: {afile} is a file, not a folder" in out, out
+    assert sorted(tmp_path.iterdir()) == [afile] and afile.read_text() == "I am a plain file\n"
+    assert run.main(["--space", "smoke.yaml", "--dry-run", "--no-forecast", "--storage-path",
+                     str(tmp_path / "studies")]) == 0
+    assert "would be refused" not in capsys.readouterr().out
+
+
 def test_names_and_paths_too_long_are_refused_before_anything_is_written(tmp_path: Path) -> None:
     """A 240-byte study name on --restart, a storage path near PATH_MAX: tracebacks from the middle of a study."""
     with pytest.raises(StudyError, match="--name is too long"):

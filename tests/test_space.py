@@ -312,7 +312,7 @@ def test_bundled_space_loads(name: str) -> None:
     assert spec.run.model.hidden_size <= 128 and spec.run.model.num_hidden_layers <= 4  # sized for a laptop CPU
     assert spec.tune.resources_per_trial.gpu == 0
     assert spec.search and spec.tune.scheduler.type == "asha"
-    assert spec.tune.scheduler.max_t == spec.run.train.epochs
+    assert spec.tune.scheduler.max_t == spec.run.train.epochs * spec.run.train.evals_per_epoch  # (in evaluations)
 
 
 def test_smoke_space_is_tiny() -> None:

@@ -359,7 +359,7 @@ def _phases(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inpu
     elif todo:
         configs = len({tuple(sorted((k, v) for k, v in p.params.items() if k != "train.seed")) for p in todo})
         print(f"finalists: {configs} of the top {t.finalists.top_k} completed configs again with other seeds: "
-              f"{len(todo)} trial(s) of {run_cfg.train.epochs} epochs, never stopped early", flush=True)
+              f"{len(todo)} trial(s) of {run_cfg.train.epochs} epoch(s), never stopped early", flush=True)
         if continued := [p for p in todo if p.evaluation]:  # a --resume after the finalists had begun
             print(_continuing(continued, run_cfg.train.evals_per_epoch))
         interrupted = fit(todo, 0, optuna.pruners.NopPruner(), [], phase="finalists")

@@ -321,7 +321,7 @@ def describe(spec: StudySpec, steps_per_epoch: int | None = None) -> str:
                      "random order; rung fidelity needs 3, finalists their top_k)")
     if finals:
         lines.append(f"  finalists: the top {t.finalists.top_k} configs again with {t.finalists.seeds} more "
-                     f"seed(s) each ({finals} trials of {spec.run.train.epochs} epochs); the best mean wins")
+                     f"seed(s) each ({finals} trials of {spec.run.train.epochs} epoch(s)); the best mean wins")
     if t.warm_start:
         lines.append(f"  warm start from {t.warm_start} (a new study only)")
     lines += [(f"  at most {(t.num_samples + finals) * spec.run.train.epochs} trial-epochs in total, about "

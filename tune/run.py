@@ -145,6 +145,8 @@ def _main(args: argparse.Namespace, study: _Study) -> int:
     if args.dry_run:
         print(describe(spec))
         print(f"study: {name}  output: {paths.uri}")
+        if problem := writable_problem(paths.storage):  # (what a run would refuse before any work)
+            print(f"a run would be refused: {problem}")
         if args.resume:
             print(describe_resume(spec_to_dict(spec), paths))
         elif (earlier := _warm_start_from(spec, args)) is not None:
