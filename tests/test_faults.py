@@ -159,8 +159,10 @@ def test_interrupt_resume_kill_resume(ws: Workspace) -> None:
     assert [(p.info.status, p.data.tags["minimind.status"]) for p in parents] == [("KILLED", "interrupted")]
     assert children and all(r.info.status != "RUNNING" for r in children), output
 
-    # 2. --resume, then SIGKILL the driver's process group with trials ended and one running.
-    second = Driver(ws, [*args, "--resume"])
+    # 2. --resume, then SIGKILL the driver's process group with trials ended and one running. The cost
+    # forecast is on here, as a user's run has it (tests/conftest.py turns it off elsewhere): its
+    # arithmetic over continued trials once crashed every such --resume and no test saw it.
+    second = Driver(ws, [*args, "--resume"], env={"MINIMIND_TUNE_FORECAST": "1"})
     try:
         def ended_and_running() -> bool:
             p = _progress(second)
@@ -172,6 +174,7 @@ def test_interrupt_resume_kill_resume(ws: Workspace) -> None:
     finally:
         second.teardown()
     output += second.output()
+    assert "forecast: " in second.stdout, output
     # Each trial the Ctrl-C interrupted either continued from its checkpoint, or had in fact
     # checkpointed its last epoch while Ray shut down and was completed from that checkpoint.
     continued = re.findall(r"(t\d{3}) \(after epoch", second.stdout)
