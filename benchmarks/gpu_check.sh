@@ -48,10 +48,11 @@ study() {
 import json, sys
 from pathlib import Path
 from tune.record import StudyRecord
+from tune.storage import checkpoint_metas
 record = StudyRecord.open(Path(sys.argv[1]))
 rows = []
 for t in record.trials():
-    metas = [meta for _, meta in record.checkpoint_metas(t.number).values()]
+    metas = [meta for _, meta in checkpoint_metas(record.runs, t.number).values()]
     last = t.epochs[max(t.epochs)] if t.epochs else {}
     rows.append({"trial": t.name, "status": t.status, "epochs": sorted(t.epochs),
                  "val_loss": last.get("val_loss"), "peak_memory_mb": last.get("peak_memory_mb"),
