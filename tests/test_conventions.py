@@ -106,6 +106,17 @@ def test_project_metadata_builds_without_deprecation_warnings() -> None:
     assert tuple(int(x) for x in setuptools.split(">=")[1].split(".")) >= (77,), setuptools
 
 
+
+def test_every_folder_under_a_package_is_listed_so_install_is_quiet() -> None:
+    """setuptools prints a 40-line "Package would be ignored" warning per folder under a listed package
+    that is not itself listed (the bundled tokenizers and demo data): `make install` showed three."""
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
+
+    packages = set(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    folders = {".".join(d.relative_to(REPO).parts) for p in packages for d in (REPO / p.replace(".", "/")).iterdir()
+               if d.is_dir() and d.name != "__pycache__" and any(f.is_file() for f in d.iterdir())}
+    assert folders <= packages, sorted(folders - packages)
+
 TUNE_MODULES = [p for p in MODULES if p.parent.name == "tune"]
 _DIRECTIONS = {"min", "max", "minimize", "maximize"}
 
