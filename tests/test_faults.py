@@ -105,6 +105,17 @@ def _check_mlflow(study: Path, trials: dict[str, Any], output: str) -> None:
     assert sorted(by_trial) == sorted(trials), output
 
 
+def _check_resumed_to_the_end(study: Path, expected: int, output: str,
+                              *finished_before: dict[str, dict[int, dict[str, float]]]) -> None:
+    """A study resumed to its end: complete (:func:`_check_study_complete`), every trial finished before
+    (``finished_before``, each :func:`_finished`'s snapshot) unchanged, MLflow whole (:func:`_check_mlflow`)."""
+    trials = _check_study_complete(study, expected, output)
+    for before in finished_before:
+        for name, epochs in before.items():
+            assert dict(trials[name].epochs) == epochs, f"finished trial {name} changed{output}"
+    _check_mlflow(study, trials, output)
+
+
 def _seconds_used(study: Path) -> float:
     from tune.record import StudyRecord
 
@@ -191,11 +202,7 @@ def test_interrupt_resume_kill_resume(ws: Workspace) -> None:
     third = run_driver(ws, [*args, "--resume"], timeout_s=300)
     output += third.output()
     assert third.proc.returncode == 0 and not third.tracebacks(), output
-    trials = _check_study_complete(study, 6, output)
-    for before in (after_interrupt, after_kill):
-        for name, epochs in before.items():
-            assert dict(trials[name].epochs) == epochs, f"finished trial {name} changed{output}"
-    _check_mlflow(study, trials, output)
+    _check_resumed_to_the_end(study, 6, output, after_interrupt, after_kill)
 
 
 @pytest.mark.slow
@@ -277,10 +284,7 @@ def test_disk_full_then_resume_keeps_every_finished_trial(ws: Workspace, tmp_pat
                                 timeout=300, check=False)
         output += second.stdout[-4000:] + second.stderr[-4000:]
         assert second.returncode == 0 and not traceback_lines(second.stdout + second.stderr), output
-        trials = _check_study_complete(study, 4, output)
-        for name, epochs in before.items():
-            assert dict(trials[name].epochs) == epochs, f"finished trial {name} changed{output}"
-        _check_mlflow(study, trials, output)
+        _check_resumed_to_the_end(study, 4, output, before)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False, capture_output=True, timeout=30)
 
@@ -324,10 +328,7 @@ def test_storage_turned_read_only_mid_study_is_one_line_and_resume_completes(ws:
     again = run_driver(ws, ["--space", str(SPACE), "--resume"], timeout_s=300)
     output += again.output()
     assert again.proc.returncode == 0 and not again.tracebacks(), output
-    trials = _check_study_complete(study, 6, output)
-    for name, epochs in before.items():
-        assert dict(trials[name].epochs) == epochs, f"finished trial {name} changed{output}"
-    _check_mlflow(study, trials, output)
+    _check_resumed_to_the_end(study, 6, output, before)
 
 
 def _free_port() -> int:
@@ -431,10 +432,7 @@ def test_sigterm_stops_like_ctrl_c_and_resume_completes(ws: Workspace) -> None:
     second = run_driver(ws, ["--space", str(SPACE), "--resume"], timeout_s=300)
     output += second.output()
     assert second.proc.returncode == 0 and not second.tracebacks(), output
-    trials = _check_study_complete(study, 6, output)
-    for name, epochs in before.items():
-        assert dict(trials[name].epochs) == epochs, f"finished trial {name} changed{output}"
-    _check_mlflow(study, trials, output)
+    _check_resumed_to_the_end(study, 6, output, before)
 
 
 def _stopped_cleanly(driver: Driver, rc: int, study: Path) -> None:
