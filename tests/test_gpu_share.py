@@ -11,6 +11,7 @@ import torch
 from minimind_train.config import ModelConfig, RunConfig, TrainConfig, run_config_to_dict
 from tune import trainable
 from tune.objective import Objective
+from tune.searcher import CHECKPOINT_KEY
 
 BASE = run_config_to_dict(RunConfig(
     model=ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
@@ -71,7 +72,10 @@ def test_memory_released_after_a_finished_trial(fake_cuda: dict, monkeypatch) ->
 
     monkeypatch.setattr(trainable, "train_epochs", one_epoch)
     trainable.train_trial({"study_trial": 0}, **fake_cuda["kwargs"], gpu_share=0.5)
-    assert fake_cuda["reports"] == [{"val_loss": 1.0, "epoch": 1, "evaluation": 1}]
+    # (each report names the checkpoint it was saved with: the record's checkpoint index)
+    assert [{k: v for k, v in r.items() if k != CHECKPOINT_KEY} for r in fake_cuda["reports"]] == \
+        [{"val_loss": 1.0, "epoch": 1, "evaluation": 1}]
+    assert all(r[CHECKPOINT_KEY] for r in fake_cuda["reports"])
     assert fake_cuda["fraction"] == [0.5]
     assert fake_cuda["empty_cache"] == 2  # at the start and at the end
 
