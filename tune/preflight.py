@@ -80,24 +80,24 @@ STOPPING = ("Ctrl-C: stopping the running trials; every finished epoch is kept (
             "Ctrl-C again stops at once.")
 
 
-def _ray_tune_lines(record: logging.LogRecord) -> bool:
+def _ray_tune_lines(entry: logging.LogRecord) -> bool:
     """A study continues with --resume, never by Ray's `Tuner.restore(...)` or from Ray's experiment state:
     Ray's lines that say so are dropped or (its Ctrl-C notice) reworded; its "Trials did not complete: [...]"
     repeats by Ray's trial names what the summary says by the study's."""
-    text = record.getMessage()
+    text = entry.getMessage()
     if text.startswith("Stop signal received"):
-        record.msg, record.args = STOPPING, ()
+        entry.msg, entry.args = STOPPING, ()
         return True
     return not any(s in text for s in ("Tuner.restore", "Trials did not complete"))
 
 
-def _no_os_error_traceback(record: logging.LogRecord) -> bool:
+def _no_os_error_traceback(entry: logging.LogRecord) -> bool:
     """Ray Tune logs an error of the study's searcher while it stops a trial ("Error stopping trial.") with
     its whole traceback (~110 lines for a read-only study folder): an OS error is dropped, as the driver meets
     it again and says it in one line (tune.interrupts.os_problem); any other error keeps its traceback."""
     from .interrupts import os_problem
 
-    return not (record.exc_info and record.exc_info[1] is not None and os_problem(record.exc_info[1]) is not None)
+    return not (entry.exc_info and entry.exc_info[1] is not None and os_problem(entry.exc_info[1]) is not None)
 
 
 def check_inputs(spec: StudySpec, run_cfg: config.RunConfig, paths: StudyPaths, address: str | None = None) -> Inputs:
