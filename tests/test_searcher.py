@@ -115,12 +115,12 @@ def test_end_without_all_epochs_is_interrupted_and_an_error_is_failed(record: St
     searcher.on_trial_complete("a", _result(1, 1.0))  # Ctrl-C or the time budget
     b.get_error = lambda: RuntimeError(
         "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
-        "\x1b[36mray::ImplicitFunc.train()\x1b[39m\ntune.trainable.TrialOutOfMemory: out of GPU memory")
+        "\x1b[36mray::ImplicitFunc.train()\x1b[39m\ntune.searcher.TrialOutOfMemory: out of GPU memory")
     scheduler.on_trial_error(SimpleNamespace(), b)
     searcher.on_trial_complete("b", None, error=True)
     assert record.trial(0).status == "interrupted"
     assert (record.trial(1).status, record.trial(1).error) == (
-        "failed", "tune.trainable.TrialOutOfMemory: out of GPU memory")
+        "failed", "tune.searcher.TrialOutOfMemory: out of GPU memory")
     assert {t.number for t in record.unfinished()} == {0, 1}
 
 
@@ -164,7 +164,7 @@ def test_the_resume_message_and_the_resumed_epoch_agree(record: StudyRecord, for
     # Issue 21: "continuing t000 (after epoch 2)" while the trial retrained from epoch 1 or from scratch.
     from minimind_train.checkpoint import init_state, save_checkpoint
     from minimind_train.config import ModelConfig, RunConfig, TrainConfig
-    from tune.trainable import _restore
+    from tune.searcher import _restore
 
     cfg = RunConfig(model=ModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1), train=TrainConfig(device="cpu", dtype="float32"))
@@ -190,7 +190,7 @@ def test_a_checkpoint_never_continues_under_another_configuration(tmp_path: Path
 
     from minimind_train.checkpoint import init_state, save_checkpoint
     from minimind_train.config import ModelConfig, RunConfig, TrainConfig
-    from tune.trainable import _restore
+    from tune.searcher import _restore
 
     cfg = RunConfig(model=ModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1), train=TrainConfig(device="cpu", dtype="float32"))

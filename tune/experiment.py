@@ -1,7 +1,7 @@
 """One driver run of a study: its inputs checked, then a fresh Ray Tune experiment under ``runs/run-K``.
 
-Ray only executes: the searcher and scheduler read and write the study record (tune.searcher), the
-trainable writes its own checkpoints (tune.trainable), and nothing of Ray's saved state is read
+Ray only executes: the searcher and scheduler read and write the study record, the
+trainable writes its own checkpoints (all three in tune.searcher), and nothing of Ray's saved state is read
 back. A ``--restart``'s old study is moved aside here, only after every input was checked.
 """
 
@@ -35,7 +35,6 @@ from .record import OPTUNA_FILE, StudyError, StudyRecord, evaluation_name
 from .report import finish_study
 from .space import StudySpec, optuna_distributions, spec_to_dict, spec_to_yaml
 from .storage import StudyPaths, trial_dirname, upload_outputs
-from .trainable import train_trial
 from .warmstart import warm_start
 
 __all__ = ["RunClock", "init_ray", "make_mirror", "run_experiment"]
@@ -302,7 +301,7 @@ def _run_trials(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: 
                             prior=expected.prior(phase) if expected is not None else None,
                             evals_per_epoch=run_cfg.train.evals_per_epoch)
         trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), objective=t.objective,
+            tune.with_parameters(searcher.train_trial, base=run_config_to_dict(run_cfg), objective=t.objective,
                                  runs_dir=paths.runs_uri, run_name=f"run-{run_index}",
                                  keep_checkpoints=t.keep_checkpoints, gpu_share=t.resources_per_trial.gpu,
                                  data=study_data),

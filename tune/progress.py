@@ -1,5 +1,5 @@
-"""The driver's live view of a study (rich on a terminal, one line per event elsewhere), and the
-``step.json`` through which a trial tells it its step."""
+"""The driver's live view of a study (rich on a terminal, one line per event elsewhere), with each
+trial's step as its ``step.json`` tells it (:func:`tune.storage.step_writer`)."""
 
 from __future__ import annotations
 
@@ -17,17 +17,16 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ray.tune import Callback
 
-from .atomic import write_atomic
 from .objective import Objective
 from .status import TrialStatus
+from .storage import STEP_FILE
 
 if TYPE_CHECKING:
     from .forecast import EtaPrior
 
-__all__ = ["RAY_ERRORS_FILE", "STEP_FILE", "ProgressView", "best_recorded", "blended_eta_s", "count_trials", "eta_s",
-           "ray_errors_to", "read_step", "step_writer"]
+__all__ = ["RAY_ERRORS_FILE", "ProgressView", "best_recorded", "blended_eta_s", "count_trials", "eta_s",
+           "ray_errors_to", "read_step"]
 
-STEP_FILE = "step.json"  # in a trial's folder: {"epoch", "step", "steps_per_epoch", "time"}
 RAY_ERRORS_FILE = "ray_errors.log"  # in the study folder: what Ray's driver printed about lost workers
 # Ray's driver prints the cluster's error messages (a lost worker: "(raylet) A worker died ...", ~7 lines)
 # from a thread of this name straight to sys.stdout: there is no logger for them and no ray.init switch
@@ -40,26 +39,6 @@ _SHOWN = (_DONE, _S.RUNNING.label, _S.STOPPED_EARLY.label, _S.FAILED.label, _S.D
 _FINAL = {s: _DONE if s is _S.COMPLETED else s.label
           for s in (_S.COMPLETED, _S.STOPPED_EARLY, _S.FAILED, _S.DIVERGED, _S.NO_BETTER)}
 _RAY = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": _S.RUNNING.label, "ERROR": _S.FAILED.label}
-
-
-def step_writer(trial_dir: str | Path, min_interval_s: float = 1.0) -> Callable[[Any], None]:
-    """An ``on_step`` callback for ``minimind_train.train.train_epochs`` that writes its ``StepInfo``
-    to ``trial_dir``/:data:`STEP_FILE` at most every ``min_interval_s`` seconds, atomically (by
-    rename). A failed write is skipped: the view is not worth a trial."""
-    folder, last = Path(trial_dir), [-math.inf]
-
-    def write(info: Any) -> None:
-        if (now := time.time()) - last[0] < min_interval_s:
-            return
-        last[0] = now
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(folder / STEP_FILE, json.dumps({"epoch": info.epoch, "step": info.step_in_epoch,
-                                                         "steps_per_epoch": info.steps_in_epoch, "time": now}),
-                         durable=False)
-        except OSError:
-            pass
-    return write
 
 
 def read_step(trial_dir: str | Path) -> tuple[int, int, int] | None:
