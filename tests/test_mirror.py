@@ -620,6 +620,21 @@ def test_a_trial_no_better_than_untrained_is_a_failed_run_and_never_the_best(rec
     assert (parent.info.status, parent.data.tags["minimind.best_trial"]) == ("FINISHED", f"t{learned:03d}")
 
 
+def test_main_names_the_answer_the_end_report_names_when_finalists_ran(record: StudyRecord) -> None:
+    """With finalists the answer is the config with the best mean over seeds (tune.record.answer), not the
+    best single trial: a parent closed by ``python -m tune.mirror`` names the one best.yaml names."""
+    lucky, steady = new_trial(record, epochs=1, start=1.0), new_trial(record, epochs=1, start=1.2)
+    for number, again in ((lucky, 3.0), (steady, 1.2)):
+        record.finish(number, "completed", Objective(OBJECTIVE))
+        seed = record.add_finalist(record.trial(number), 1, SEARCH)
+        add_epochs(record, seed, range(1, 2), start=again)
+        record.finish(seed, "completed", Objective(OBJECTIVE))
+    assert main([str(record.dir)]) == 0
+    (parent,) = parents(client_of(record))
+    assert parent.data.tags["minimind.best_trial"] == f"t{steady:03d}"  # (mean 1.2; t{lucky}: 1.0 then 3.0)
+    assert parent.info.run_name.endswith(f"mean {OBJECTIVE} 1.2 over 2 seeds"), parent.info.run_name
+
+
 def test_main_syncs_into_the_store_the_study_recorded(record: StudyRecord, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A study that tracked into a store elsewhere (its space's mlflow.tracking_uri, or

@@ -96,10 +96,10 @@ def test_finalists_pick_the_true_best_config_more_often_than_the_single_best_tri
     """A noisy toy objective: 8 configs whose true values are 1.00, 1.02, ..., 1.14 and whose every
     run adds N(0, 0.05) noise (seed-to-seed noise of that size is common in small-model SFT). The
     single-best rule takes the config with the best single run; the finalists rule re-runs the top 3
-    with 2 more seeds and takes the best mean (tune.report.rank_finalists)."""
+    with 2 more seeds and takes the best mean (tune.record.rank_finalists)."""
     import random
 
-    from tune.report import Finalist, rank_finalists
+    from tune.record import Finalist, rank_finalists
 
     rng = random.Random(0)
     true = [1.00 + 0.02 * i for i in range(8)]
@@ -116,7 +116,8 @@ def test_finalists_pick_the_true_best_config_more_often_than_the_single_best_tri
 
 
 def test_finalists_rank_by_mean_and_an_unstable_config_last(tmp_path: Path) -> None:
-    from tune.report import Finalist, rank_finalists, write_finalists_csv
+    from tune.record import Finalist, rank_finalists
+    from tune.report import write_finalists_csv
 
     steady = Finalist("t001", 1, {"train.learning_rate": 1e-3}, (42, 43), (2.0, 2.2))
     lucky = Finalist("t002", 2, {"train.learning_rate": 3e-3}, (42, 43), (1.5, 3.0))

@@ -27,7 +27,7 @@ from minimind_train.config import RunConfig, run_config_to_dict
 
 from . import cluster, restart, searcher, tracking
 from .forecast import Forecast, print_forecast
-from .interrupts import InterruptWatch, StudyStopped, stop_on_signals
+from .interrupts import InterruptWatch, StudyStopped, first_line, stop_on_signals
 from .mirror import Mirror, MirrorCallback, warn_on_failure
 from .preflight import Inputs, check_inputs, reconcile
 from .progress import RAY_ERRORS_FILE, ProgressView, best_recorded, ray_errors_to
@@ -72,7 +72,7 @@ def init_ray(address: str | None, temp_dir: str | None) -> None:
             raise
         except Exception as exc:
             ray.shutdown()
-            text = (str(exc).splitlines() or [type(exc).__name__])[0]
+            text = first_line(exc)
             if attempt == 1 and not address and "timed out" in text:
                 print(f"Ray did not start ({text}); trying once more ...", file=sys.stderr, flush=True)
                 time.sleep(2)

@@ -28,7 +28,8 @@ exactly the records of studies made before evaluations inside an epoch, which op
 
 Each trial's status (user attr ``status``) is a :class:`tune.status.TrialStatus`; that module's table
 says what each means and the Optuna state it ends in. Everything that picks an answer goes through
-:func:`ranked`, which only takes ``completed`` (and, failing those, ``stopped_early``) trials.
+:func:`ranked`, which only takes ``completed`` (and, failing those, ``stopped_early``) trials; the study's
+answer, finalists' means included, is :func:`answer`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import math
 import os
 import shutil
 import sqlite3
+import statistics
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -56,6 +58,7 @@ from minimind_train.config import RunConfig, run_config_to_dict
 from minimind_train.validation import validate
 
 from .atomic import write_atomic
+from .interrupts import first_line
 from .objective import Objective
 from .status import ANSWERS, FINISHED, RESUMABLE, TrialStatus
 from .storage import (
@@ -69,9 +72,9 @@ from .storage import (
 )
 
 __all__ = ["BASELINE_PREFIX", "MANIFEST_FILE", "NO_BETTER_MARGIN", "OPTUNA_FILE",
-           "PATH_KEYS", "RUN_SETTINGS", "UNIFORM_KEY", "Manifest", "StudyError",
-           "StudyRecord", "TrialRecord", "diff_specs", "evals_per_epoch", "evaluation_index", "evaluation_name",
-           "no_better_reason", "rank_key", "ranked"]
+           "PATH_KEYS", "RUN_SETTINGS", "UNIFORM_KEY", "Finalist", "Manifest", "StudyError",
+           "StudyRecord", "TrialRecord", "answer", "diff_specs", "evals_per_epoch", "evaluation_index", "evaluation_name",
+           "finalist_configs", "no_better_reason", "rank_finalists", "rank_key", "ranked"]
 
 MANIFEST_FILE = "study.json"
 SPACE_FILE = "space.yaml"
@@ -327,6 +330,67 @@ class TrialRecord:
     def curve(self, metric: str) -> list[tuple[int, float]]:
         return [(e, float(m[metric])) for e, m in sorted(self.epochs.items()) if metric in m]
 
+    def best(self, objective: Objective) -> tuple[int, float]:
+        """``(evaluation index, value)`` of its best recorded objective, the earliest on a tie; ``(0,
+        objective.worst)`` when none is finite."""
+        return objective.best_of(self.curve(objective.metric), lambda ev: ev[1]) or (0, objective.worst)
+
+
+@dataclasses.dataclass(frozen=True)
+class Finalist:
+    """A config re-checked across seeds (``tune.finalists``): search trial ``number`` and its finalist
+    trials. ``values`` are the best objective per seed, in ``seeds`` order (the search trial's first);
+    a diverged or failed seed counts as the worst value, so an unstable config ranks last."""
+
+    trial_id: str
+    number: int
+    params: dict[str, Any]
+    seeds: tuple[int, ...]
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over the seeds (0 for one seed)."""
+        return statistics.stdev(self.values) if len(self.values) > 1 and math.isfinite(self.mean) else 0.0
+
+
+def rank_finalists(finalists: Sequence[Finalist], objective: Objective) -> list[Finalist]:
+    """Best mean objective first: the study's answer when finalists ran."""
+    return sorted(finalists, key=lambda f: objective.sort_key(f.mean))
+
+
+def finalist_configs(trials: Sequence[TrialRecord], objective: Objective, base_seed: int) -> list[Finalist]:
+    """The configs with finished finalist trials among ``trials``, ranked (:func:`rank_finalists`); the
+    search trial itself ran with ``base_seed``."""
+    runs: dict[int, list[tuple[int, float]]] = {}
+    for t in trials:
+        if t.finalist_of is not None and t.seed is not None and t.status in FINISHED:
+            value = t.best(objective)[1] if t.status == TrialStatus.COMPLETED else objective.worst
+            runs.setdefault(t.finalist_of, []).append((t.seed, value if math.isfinite(value) else objective.worst))
+    by_number = {t.number: t for t in trials}
+    out = []
+    for number, seeded in runs.items():
+        base = by_number[number]
+        seeds, values = zip((base_seed, base.best(objective)[1]), *sorted(seeded))
+        out.append(Finalist(base.name, number, base.params, seeds, values))
+    return rank_finalists(out, objective)
+
+
+def answer(trials: Sequence[TrialRecord], objective: Objective, finalists: Sequence[Finalist]) -> TrialRecord | None:
+    """The study's answer, the one rule that best.yaml, the end report and MLflow's parent run follow: the
+    config with the best finite mean over seeds (``finalists``: :func:`finalist_configs`), else the best
+    completed search trial (the best stopped early when none completed; never one that is no better than
+    untrained: :func:`ranked`), else None."""
+    search = [t for t in trials if t.finalist_of is None]
+    if finalists and math.isfinite(finalists[0].mean):
+        return next((t for t in search if t.number == finalists[0].number), None)
+    found = ranked(search, objective, lambda t: t.status, lambda t: t.best(objective)[1])
+    return found[0] if found else None
+
 
 def _trial_record(t: FrozenTrial) -> TrialRecord:
     epochs = {int(key[6:]): {k: float(v) for k, v in value.items() if _is_number(v)}
@@ -431,9 +495,7 @@ class StudyRecord:
             storage = cls._storage(study_dir)
             attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(_STUDY_NAME))
         except Exception as exc:  # sqlalchemy and optuna raise many kinds for a damaged database
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise StudyError(f"{db} cannot be read ({reason}); the trials' checkpoints "
-                              f"are still in {RUNS_DIR}/") from exc
+            raise _unreadable(db, exc) from exc
         recorded = attrs.get(_SPEC_ATTR)
         if recorded is not None and not isinstance(recorded, Mapping):
             raise StudyError(f"{db} was edited by hand: its copy of the study's definition is not a mapping "
@@ -449,9 +511,7 @@ class StudyRecord:
             record.migrated = manifest is not exported
             return record
         except Exception as exc:  # (as above)
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise StudyError(f"{db} cannot be read ({reason}); the trials' checkpoints "
-                              f"are still in {RUNS_DIR}/") from exc
+            raise _unreadable(db, exc) from exc
 
     def _save(self, manifest: Manifest, export: bool = True) -> None:
         """Write ``manifest`` into optuna.db (the history, then the rest, which never changes: written at
@@ -598,10 +658,10 @@ class StudyRecord:
         if frozen.state.is_finished():
             return
         trial = _trial_record(frozen)
-        best = objective.best_of(v for _, v in trial.curve(objective.metric))
-        if status in (TrialStatus.COMPLETED, TrialStatus.NO_BETTER) and best is None:
+        _, best = trial.best(objective)
+        if status in (TrialStatus.COMPLETED, TrialStatus.NO_BETTER) and not math.isfinite(best):
             status, error = TrialStatus.DIVERGED, error or f"no finite {objective.metric} was reported"
-        elif status in ANSWERS and best is not None and (
+        elif status in ANSWERS and math.isfinite(best) and (
                 reason := no_better_reason(best, objective, trial.first_metrics)):
             status, error = TrialStatus.NO_BETTER, reason
         self.set_status(number, status, error)
@@ -699,6 +759,10 @@ def _recorded_manifest(attrs: Mapping[str, Any], db: Path) -> Manifest:
         reason = str(exc).replace("\n", "; ")
         raise StudyError(f"{db} was edited by hand: its study manifest is damaged ({reason}); put it back, "
                          "or start a new study (--name NEW)") from exc
+
+
+def _unreadable(db: Path, exc: Exception) -> StudyError:
+    return StudyError(f"{db} cannot be read ({first_line(exc)}); the trials' checkpoints are still in {RUNS_DIR}/")
 
 
 def _is_optuna_db(path: Path) -> bool:

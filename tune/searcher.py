@@ -47,8 +47,9 @@ from minimind_train.data import prepare_data
 from minimind_train.train import TrainingDiverged, train_epochs
 
 from .cluster import StudyData, current_node, open_study_data
+from .interrupts import first_line
 from .objective import Objective
-from .record import PATH_KEYS, RUN_SETTINGS, StudyRecord, TrialRecord, evaluation_index, ranked
+from .record import PATH_KEYS, RUN_SETTINGS, StudyRecord, evaluation_index, ranked
 from .status import TrialStatus
 from .storage import (
     ResumePoint,
@@ -104,13 +105,11 @@ def finalist_plans(record: StudyRecord, distributions: Mapping[str, optuna.distr
     plans = resume_plans(record, finalists=True)
     trials = record.trials()
     have = {(t.finalist_of, t.seed) for t in trials if t.finalist_of is not None}
-    def best(t: TrialRecord) -> float:
-        value = objective.best_of(v for _, v in t.curve(objective.metric))
-        return objective.worst if value is None else value
-
     # Completed configs only (never one no better than untrained, nor one stopped early).
     search = [t for t in trials if t.finalist_of is None]
-    for t in ranked(search, objective, lambda t: t.status, best, statuses=(TrialStatus.COMPLETED,))[:top_k]:
+    best = ranked(search, objective, lambda t: t.status, lambda t: t.best(objective)[1],
+                  statuses=(TrialStatus.COMPLETED,))
+    for t in best[:top_k]:
         for seed in range(base_seed + 1, base_seed + 1 + seeds):
             if (t.number, seed) not in have:
                 number = record.add_finalist(t, seed, distributions) if create else -1
@@ -269,10 +268,9 @@ def _oom_message(gpu_share: float, cfg: RunConfig, exc: BaseException) -> str:
     except (RuntimeError, AssertionError):  # no usable device to describe
         size = ""
     share = (f"its share of {gpu_share:g} of the GPU" if partial else "the whole GPU") + size
-    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return (f"out of GPU memory within {share} at train.batch_size={cfg.train.batch_size}: use a smaller "
             "train.batch_size (with train.accumulation_steps to keep the effective batch), a smaller "
-            f"data.max_seq_len or model, or a larger tune.resources_per_trial.gpu ({detail})")
+            f"data.max_seq_len or model, or a larger tune.resources_per_trial.gpu ({first_line(exc)})")
 
 
 def _release_gpu_memory() -> None:  # (cached CUDA blocks would stay reserved in a reused actor)

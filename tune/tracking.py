@@ -25,6 +25,7 @@ from typing import IO
 
 from mlflow.tracking import MlflowClient
 
+from .interrupts import first_line
 from .record import MANIFEST_FILE, Manifest, StudyRecord
 
 __all__ = ["ARTIFACTS_DIR", "DEFAULT_DB", "DEFAULT_EXPERIMENT", "HISTORY_KEY", "TRACKING_URI_ENV", "VIEW_TAG_PREFIX",
@@ -45,11 +46,6 @@ HISTORY_KEY = "tracking_uri"
 
 class TrackingError(RuntimeError):
     """The tracking backend is unusable; the message names the URI and what to do about it."""
-
-
-def _one_line(exc: BaseException) -> str:
-    first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    return first[:300] + ("..." if len(first) > 300 else "")
 
 
 def resolve_tracking_uri(configured: str | None, study_dir: Path) -> str:
@@ -162,7 +158,7 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
     except TrackingError:
         raise
     except Exception as exc:
-        raise TrackingError(f"MLflow tracking URI {uri} is not usable: {_one_line(exc)}") from exc
+        raise TrackingError(f"MLflow tracking URI {uri} is not usable: {first_line(exc)}") from exc
     return None
 
 
