@@ -1,7 +1,7 @@
 """The cost forecast against the real thing: the ``forecast:`` line and the first ETA of real studies, side by
 side with their actual wall time (issue 22, items 3 and 4; benchmarks/README.md section 7).
 
-    python benchmarks/forecast_accuracy.py [--cases default,evals8,alpaca] [--out figures.json]
+    python benchmarks/forecast_accuracy.py [--cases default,evals8,alpaca] [--searcher-seeds 0,1,2] [--out figures.json]
 
 Each case runs ``python -m tune.run --space CASE.yaml --time-budget-s 0`` (no budget: the whole study is
 compared) in a subprocess, with its own storage folder, token cache, MLflow store and local Ray in a
@@ -137,19 +137,27 @@ def main() -> int:
     p.add_argument("--cases", default="default,evals8,alpaca")
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, studies)")
+    p.add_argument("--searcher-seeds", default="",
+                   help="comma-separated tune.seed values: each case once per seed (named CASE-sN); a study's "
+                        "trials are a draw, so one run of a case is one sample of the forecast's error")
     args = p.parse_args()
+    seeds = [int(x) for x in args.searcher_seeds.split(",") if x] or [None]
     work = Path(tempfile.mkdtemp(prefix="mfa"))
     rows = []
     try:
-        for name in args.cases.split(","):
-            raw = case_space(name)
-            if raw is None:
-                print(f"{name:8}  skipped: {SHARED_DATA} is absent", flush=True)
-                continue
-            row = run_case(name, raw, work)
-            rows.append(row)
-            print(show(row), flush=True)
-            print(f"          {row.get('forecast_line', '')}", flush=True)
+        for case in args.cases.split(","):
+            for seed in seeds:
+                raw = case_space(case)
+                if raw is None:
+                    print(f"{case:8}  skipped: {SHARED_DATA} is absent", flush=True)
+                    break
+                name = case if seed is None else f"{case}-s{seed}"
+                if seed is not None:
+                    raw["tune"]["seed"] = seed
+                row = run_case(name, raw, work)
+                rows.append(row)
+                print(show(row), flush=True)
+                print(f"          {row.get('forecast_line', '')}", flush=True)
     finally:
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=1), encoding="utf-8")

@@ -164,3 +164,17 @@ def test_the_probe_times_its_steps_after_the_warm_up() -> None:
     few = stamps[:12]  # 12 batches: the last 10 are timed (8 of them still warm)
     a, b = fc.steady_cost(few, padded[:12])
     assert a * 10 + b * sum(padded[2:12]) == pytest.approx(sum(seconds[2:12]))
+
+
+def test_a_capped_epoch_whose_cost_follows_the_drawn_accumulation_gives_the_range() -> None:
+    # smoke.yaml: 10 optimizer steps per epoch, accumulation searched over {1, 2}: 10 or 20 micro-batches.
+    spec = load_space("smoke.yaml")
+    f = fc.forecast(spec, _probe(tuple([100] * 30)))
+    cheap, dear = (fc.forecast(spec, _probe(tuple([100] * 30)), accumulations=(a,)) for a in (1, 2))
+    assert f.total_range_s == pytest.approx((cheap.total_s, dear.total_s))
+    assert f.epoch_range_s == pytest.approx((cheap.epoch_s, dear.epoch_s))
+    assert cheap.total_s < f.total_s < dear.total_s
+    assert f"{fc.duration(cheap.total_s)} to {fc.duration(dear.total_s)} by the accumulation" in f.line()
+    # uncapped, every accumulation trains the same data: no range
+    uncapped = fc.forecast(_spec_run(spec, max_steps_per_epoch=0), _probe(tuple([100] * 30)))
+    assert uncapped.total_range_s is None and "by the accumulation" not in uncapped.line()

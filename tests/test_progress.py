@@ -169,7 +169,7 @@ def test_evaluations_inside_an_epoch_count_as_their_fraction_of_it(tmp_path: Pat
     view.on_trial_complete(0, [a], a)
     lines = view._stream.getvalue().splitlines()
     assert "] t001 evaluation 3/8 val_loss 2.0000; 0.4/2 trial-epochs, ETA " in lines[1] and len(lines) == 3
-    assert "t001 lr=2.3e-3 acc=1 completed at evaluation 8 (1 epochs) (val_loss 1.5000)" in lines[2]
+    assert "t001 lr=2.3e-3 acc=1 completed at evaluation 8 (1 epoch) (val_loss 1.5000)" in lines[2]
 
 
 def test_a_failed_trial_is_one_line_with_its_reason_and_traceback_path(tmp_path: Path) -> None:

@@ -133,6 +133,10 @@ class Forecast:
     trial_s: float
     gpu_hours: float | None
     probe: Probe
+    # (cheapest, dearest) total when a trial's cost follows a searched value (accumulation under a cap on
+    # optimizer steps: accumulation 4 trains 4x the micro-batches of 1); None when every trial costs the same
+    total_range_s: tuple[float, float] | None = None
+    epoch_range_s: tuple[float, float] | None = None
 
     def prior(self, phase: str) -> EtaPrior:
         """The live view's :class:`EtaPrior` for ``phase`` (``search`` or ``finalists``)."""
@@ -149,10 +153,16 @@ class Forecast:
         """The ``forecast:`` line."""
         gpu = f"; {self.gpu_hours:.2f} GPU-hours" if self.gpu_hours is not None else ""
         p = self.probe
+        drawn = spread = ""
+        if self.total_range_s is not None and self.epoch_range_s is not None:
+            drawn = (f", {duration(self.total_range_s[0])} to {duration(self.total_range_s[1])} by the "
+                     f"accumulation the trials draw")
+            spread = (f" on average, {self.epoch_range_s[0]:.1f} to {self.epoch_range_s[1]:.1f} s by its "
+                      f"accumulation")
         return (f"forecast: {duration(self.total_s)} for the study (search {duration(self.search_s)}, finalists "
-                f"{duration(self.finalists_s)}); {self.trial_epochs:.1f} trial-epochs expected ({self.trials} "
+                f"{duration(self.finalists_s)}{drawn}); {self.trial_epochs:.1f} trial-epochs expected ({self.trials} "
                 f"trials under the plan, {self.finalists} finalists), {self.slots} at once{gpu}; an epoch "
-                f"{self.epoch_s:.1f} s ({self.steps_per_epoch:.0f} steps, {self.evals_per_epoch} evaluation(s) of "
+                f"{self.epoch_s:.1f} s{spread} ({self.steps_per_epoch:.0f} steps, {self.evals_per_epoch} evaluation(s) of "
                 f"{self.eval_s:.1f} s); probe: {p.concurrent} at once on {p.device}, {p.threads} thread(s) each, "
                 f"{p.wall_s:.1f} s")
 
@@ -185,10 +195,14 @@ def _accumulations(spec: StudySpec) -> tuple[int, ...]:
     return (spec.run.train.accumulation_steps,)
 
 
-def forecast(spec: StudySpec, probe: Probe, num_samples: int | None = None, continued_epochs: float = 0.0) -> Forecast:
+def forecast(spec: StudySpec, probe: Probe, num_samples: int | None = None, continued_epochs: float = 0.0,
+             accumulations: tuple[int, ...] | None = None) -> Forecast:
     """The study's :class:`Forecast` (the module docstring's model) from ``probe``; ``num_samples`` new
     search trials (default ``tune.num_samples``) and, on ``--resume``, ``continued_epochs`` left to
-    unfinished trials (each one more trial)."""
+    unfinished trials (each one more trial). An epoch is averaged over the accumulation steps trials may
+    draw (``accumulations``, default the space's); when that changes an epoch's cost (a cap on optimizer
+    steps), ``total_range_s`` is the study with every trial at the cheapest and at the dearest one (a study
+    of a few trials can land anywhere in it: benchmarks/README.md section 7)."""
     from .preflight import expected_shape
 
     t, run = spec.tune, spec.run
@@ -201,7 +215,8 @@ def forecast(spec: StudySpec, probe: Probe, num_samples: int | None = None, cont
     search_te = (shape.trial_epochs if shape else 0.0) + continued_epochs
     completed = (shape.completed if shape else 0.0) + continued
     finalists = round(min(t.finalists.top_k, completed) * t.finalists.seeds) if t.finalists.seeds else 0
-    tokens, batches, steps = _epoch_tokens(probe, run, _accumulations(spec))
+    choices = accumulations or _accumulations(spec)
+    tokens, batches, steps = _epoch_tokens(probe, run, choices)
     epoch_s = batches * probe.s_per_batch + tokens * probe.s_per_token + evals * (probe.eval_s + probe.checkpoint_s)
     trial_s = TRIAL_OVERHEAD_S + probe.init_s + probe.eval_s
     slots = max(1, min(t.max_concurrent_trials, max(trials, 1)))
@@ -215,9 +230,16 @@ def forecast(spec: StudySpec, probe: Probe, num_samples: int | None = None, cont
     gpu = t.resources_per_trial.gpu
     gpu_hours = (gpu * ((trials + finalists) * trial_s + (search_te + finalists * epochs) * epoch_s) / 3600
                  if gpu > 0 else None)
-    return Forecast(search_s + finals_s + END_S, search_s, finals_s, END_S, trials, slots,
-                    search_te + finalists * epochs, search_te, finalists, epochs, epoch_s, steps, evals,
-                    probe.eval_s, trial_s, gpu_hours, probe)
+    result = Forecast(search_s + finals_s + END_S, search_s, finals_s, END_S, trials, slots,
+                      search_te + finalists * epochs, search_te, finalists, epochs, epoch_s, steps, evals,
+                      probe.eval_s, trial_s, gpu_hours, probe)
+    if len(choices) < 2:
+        return result
+    ends = [forecast(spec, probe, num_samples, continued_epochs, (a,)) for a in (min(choices), max(choices))]
+    if ends[1].epoch_s <= 1.1 * ends[0].epoch_s:  # (no cap: an epoch is the same data whatever the accumulation)
+        return result
+    return dataclasses.replace(result, total_range_s=(ends[0].total_s, ends[1].total_s),
+                               epoch_range_s=(ends[0].epoch_s, ends[1].epoch_s))
 
 
 def fitting_samples(spec: StudySpec, probe: Probe, budget_s: float) -> int:

@@ -129,8 +129,9 @@ def evals_per_epoch(study: optuna.Study) -> int:
 
 def evaluation_name(index: int, evals_per_epoch: int) -> str:
     """Evaluation ``index`` in messages: ``epoch 2`` with one evaluation per epoch (as studies always said),
-    else ``evaluation 3 (0.375 epochs)``."""
-    return f"epoch {index}" if evals_per_epoch == 1 else f"evaluation {index} ({index / evals_per_epoch:g} epochs)"
+    else ``evaluation 3 (0.375 epochs)``, ``evaluation 8 (1 epoch)``."""
+    epochs = index / evals_per_epoch
+    return f"epoch {index}" if evals_per_epoch == 1 else f"evaluation {index} ({epochs:g} epoch{'' if epochs == 1 else 's'})"
 
 
 def no_better_reason(value: float, objective: Objective, first_epoch: Mapping[str, float]) -> str:
