@@ -1,24 +1,19 @@
 """Ray's side of a study, over the study record: Optuna chooses, prunes and remembers; a trial trains.
 
-:class:`RecordSearcher` is a Ray Tune ``Searcher`` that asks Optuna (ask-and-tell, TPE or random
-sampler) for each new trial and, first, hands out the record's unfinished trials so that they continue
-from their checkpoints. :class:`RecordScheduler` is a FIFO scheduler that writes every result to the
-record *before* deciding, and stops a trial when Optuna's ``SuccessiveHalvingPruner`` (ASHA, Li et al.
-2018, "A System for Massively Parallel Hyperparameter Tuning") says so. Because rungs and values
-live in the record, a resumed study keeps its ASHA history, and a stopped trial's curve in Optuna
+:class:`RecordSearcher` (a Ray Tune ``Searcher``) hands out the record's unfinished trials first, so that
+they continue from their checkpoints, then asks Optuna (ask-and-tell, TPE or random) for new ones.
+:class:`RecordScheduler` writes every result to the record *before* deciding, and stops a trial when
+Optuna's ``SuccessiveHalvingPruner`` (ASHA, Li et al. 2018, "A System for Massively Parallel
+Hyperparameter Tuning") says so: a resumed study keeps its rungs, and a stopped trial's curve in Optuna
 ends with the value it was stopped on.
 
-:func:`train_trial`, the Ray function trainable, is a thin adapter over
-:func:`minimind_train.train.train_epochs`. At each evaluation (``train.evals_per_epoch`` per epoch) it
-writes the study's own checkpoint (``epoch_000k`` in the trial's folder, not Ray's; ``k`` the evaluation
-index, :func:`tune.record.evaluation_index`), then ``tune.report``s the metrics with that ``evaluation``,
-the trial's real ``epoch`` it falls in (across driver runs) and the checkpoint's path; a retried or
-resumed trial continues from the checkpoint :func:`~tune.storage.resume_point` names, mid-epoch
-included (the driver's message uses it too), a diverged one ends with one ``diverged`` report (no retry:
-the same config diverges again). Data come memory-mapped from the driver's per-study token cache
-(``tune.cluster.open_study_data``), so concurrent trials on a node share pages. The report's keys
-(:data:`NUMBER_KEY`, :data:`CHECKPOINT_KEY`, ...) are this module's: the trainable writes them, the
-searcher and scheduler read them.
+:func:`train_trial`, the function trainable, adapts :func:`minimind_train.train.train_epochs`: at each
+evaluation it writes the study's own checkpoint (``epoch_000k`` in the trial's folder, not Ray's; ``k``
+the evaluation index, :func:`tune.record.evaluation_index`), then reports the metrics with that index,
+the epoch and the checkpoint's path (this module's keys, :data:`CHECKPOINT_KEY` ...). A retried or resumed
+trial continues from the checkpoint :func:`tune.storage.resume_point` names, mid-epoch included; a
+diverged one ends with one ``diverged`` report (no retry: the same config diverges again). Its data come
+memory-mapped from the driver's token cache (:func:`tune.cluster.open_study_data`).
 """
 
 from __future__ import annotations
