@@ -23,6 +23,7 @@ from .storage import STEP_FILE
 
 if TYPE_CHECKING:
     from .forecast import EtaPrior
+    from .record import TrialRecord
 
 __all__ = ["RAY_ERRORS_FILE", "ProgressView", "best_recorded", "blended_eta_s", "count_trials", "eta_s",
            "ray_errors_to", "read_step"]
@@ -63,7 +64,7 @@ def count_trials(trials: list[Any], recorded: Mapping[str, str]) -> dict[str, in
     return count
 
 
-def best_recorded(trials: Iterable[Any], objective: Objective) -> tuple[float, str] | None:
+def best_recorded(trials: Iterable[TrialRecord], objective: Objective) -> tuple[float, str] | None:
     """``(value, "t003")``: the best finite objective any epoch of the record's ``trials``
     (:class:`tune.record.TrialRecord`) reported, leaving out values no better than their
     trial's model before training (:func:`tune.record.no_better_reason`); None before any."""
