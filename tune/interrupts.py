@@ -11,6 +11,7 @@ Light on imports (no Ray, no torch): tune.run uses it before anything heavy is l
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -29,20 +30,17 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # How long a read or write of a study's optuna.db waits while another process holds its lock (a database
 # browser's open transaction, a second writer: optuna#820) before the driver stops with one line.
 RECORD_WAIT_ENV = "MINIMIND_TUNE_RECORD_WAIT_S"
-_RECORD_WAIT_S = 60.0
+_RECORD_WAIT_S = "60"
 
 
 def record_wait_s() -> float:
     """Seconds to wait for another process's lock on optuna.db (sqlite's busy timeout): ``$MINIMIND_TUNE_RECORD_WAIT_S``,
     else 60. ValueError: it is not a number of seconds >= 0 (tune.run refuses that before any work)."""
-    text = os.environ.get(RECORD_WAIT_ENV, "").strip()
-    try:
-        seconds = float(text) if text else _RECORD_WAIT_S
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise ValueError(f"${RECORD_WAIT_ENV}={text!r} is not allowed: expected seconds >= 0 (default {_RECORD_WAIT_S:g})")
-    return seconds
+    text = os.environ.get(RECORD_WAIT_ENV, "").strip() or _RECORD_WAIT_S
+    with contextlib.suppress(ValueError):
+        if math.isfinite(seconds := float(text)) and seconds >= 0:
+            return seconds
+    raise ValueError(f"${RECORD_WAIT_ENV}={text!r} is not allowed: expected seconds >= 0 (default {_RECORD_WAIT_S})")
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
