@@ -277,15 +277,20 @@ def stored_results(study_dir: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def trained_epochs(study_dir: Path) -> list[tuple[str, int]]:
-    """(trial name, evaluation index) for every evaluation any driver run trained and reported, from each
-    run's Ray ``result.json``: a pair that occurs twice was trained twice. (A continued trial first reports
-    the evaluation of the checkpoint it continues from again, marked ``restored``: not training.) With one
-    evaluation per epoch the index is the epoch."""
+    """(trial name, evaluation index) for every evaluation any driver run trained: a pair that occurs twice
+    was trained twice. With one evaluation per epoch the index is the epoch. A run trained an evaluation when
+    its Ray ``result.json`` reports it (a continued trial first reports the evaluation of the checkpoint it
+    continues from again, marked ``restored``: not training) or when the run's trial folder holds its
+    checkpoint (written before the report: a Ctrl-C or kill in between leaves a checkpoint whose result never
+    arrived, which ``--resume`` records; retention deletes checkpoints, the report stays)."""
+    from tune.storage import CHECKPOINT_PREFIX
+
     pairs = []
-    for path in sorted(study_dir.glob("runs/run-*/t[0-9][0-9][0-9]/result.json")):
-        for row in read_results(path):
-            if "epoch" in row and not row.get("diverged") and not row.get("restored"):
-                pairs.append((path.parent.name, int(row.get("evaluation", row["epoch"]))))
+    for folder in sorted(study_dir.glob("runs/run-*/t[0-9][0-9][0-9]")):
+        reported = [int(row.get("evaluation", row["epoch"])) for row in read_results(folder / "result.json")
+                    if "epoch" in row and not row.get("diverged") and not row.get("restored")]
+        saved = {int(p.name.removeprefix(CHECKPOINT_PREFIX)) for p in folder.glob(f"{CHECKPOINT_PREFIX}[0-9]*")}
+        pairs += [(folder.name, index) for index in reported + sorted(saved - set(reported))]
     return pairs
 
 

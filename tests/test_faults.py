@@ -692,3 +692,168 @@ def test_every_test_the_survival_table_names_exists_and_no_figure_is_unasserted(
         source = (REPO / "tests" / f"{module}.py").read_text(encoding="utf-8")
         assert re.search(rf"^def {test}\(", source, re.MULTILINE), f"README names {module}::{test}, which does not exist"
     assert "not asserted" not in table
+
+
+def _hold_write_lock(db: Path) -> Any:
+    """An open sqlite connection holding an exclusive lock on ``db`` (what a database browser's open write
+    transaction, or a second writer, does to the driver); ``_release`` it."""
+    import sqlite3
+
+    holder = sqlite3.connect(db, timeout=60, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    return holder
+
+
+def _release(holder: Any) -> None:
+    holder.execute("ROLLBACK")
+    holder.close()
+
+
+@pytest.mark.slow
+def test_the_record_locked_by_another_process_is_one_line_and_resume_completes(ws: Workspace) -> None:
+    """The shared case optuna-db-locked at the terminal: another process holds a write lock on optuna.db for
+    longer than the driver waits for it (``$MINIMIND_TUNE_RECORD_WAIT_S``: 2 s here, 60 by default).
+    Mid-study: one `error:` line naming the record and what to do, the interrupted exit (130), finished
+    trials kept, the lock free. `--resume` while it is still locked: the same line, exit 2, the study folder
+    byte-identical. Released, `--resume` completes. No traceback in any run."""
+    from study_driver import folder_digest
+
+    from tune.interrupts import RECORD_WAIT_ENV
+    from tune.lock import StudyLock
+
+    study = ws.study_dir(NAME)
+    db = study / "optuna.db"
+    wait = {RECORD_WAIT_ENV: "2"}
+    said = f"error: the study record {db} stayed locked by another process for longer than the driver waits " \
+           f"(2 s, ${RECORD_WAIT_ENV}): close what holds it"
+
+    def errors(driver: Driver) -> list[str]:
+        return [line for line in (driver.stdout + driver.stderr).splitlines() if line.startswith("error:")]
+
+    first = Driver(ws, ["--space", str(SPACE)], env=wait)
+    try:
+        first.wait_for("a trial's end", lambda: len(_finished(study)) >= 1, 240, poll_s=0.05)
+        before = _finished(study)
+        holder = _hold_write_lock(db)
+        try:
+            locked = time.monotonic()
+            rc = first.wait(120)
+            waited = time.monotonic() - locked
+        finally:
+            _release(holder)
+    finally:
+        first.teardown()
+    output = first.output()
+    assert rc == 130 and not first.tracebacks(), output
+    assert waited < 40, f"the driver waited {waited:.0f} s, not its 2 s per access{output}"  # (60 s each by default)
+    assert len(errors(first)) == 1 and errors(first)[0].startswith(said), output
+    assert errors(first)[0].endswith(f"then continue with python -m tune.run --resume --name {NAME} --storage-path "
+                                     f"{ws.storage}; finished trials are kept"), output
+    assert not StudyLock.held(study), output
+    after = _finished(study)
+    assert all(after[name] == epochs for name, epochs in before.items()), output
+
+    # Before any work: refused in the same line, nothing changed.
+    digest = folder_digest(study)
+    holder = _hold_write_lock(db)
+    try:
+        refused = run_driver(ws, ["--space", str(SPACE), "--resume"], timeout_s=55, env=wait, tag="locked")
+    finally:
+        _release(holder)
+    output += refused.output()
+    assert refused.proc.returncode == 2 and not refused.tracebacks(), output
+    assert errors(refused) == [refused.stderr.strip()] and refused.stderr.startswith(said), output
+    assert folder_digest(study) == digest and not StudyLock.held(study), output
+
+    again = run_driver(ws, ["--space", str(SPACE), "--resume"], timeout_s=300)
+    output += again.output()
+    assert again.proc.returncode == 0 and not again.tracebacks(), output
+    _check_resumed_to_the_end(study, 6, output, after)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_end_report_at_the_terminal_leaves_the_answer_and_resume_completes(ws: Workspace) -> None:
+    """The shared case ctrl-c-end-report-finalists (b) at the terminal: Ctrl-C (SIGINT to the driver) once
+    the finalists ended and the end report began, sent the moment its table reaches stdout (printed inside
+    the step that writes the answer, so the signal acts right after best.yaml is whole, or later in the
+    report; what a user who presses Ctrl-C on seeing the table gets). Exit 130 with the true message,
+    best.yaml from what finished, the MLflow parent closed, no traceback; `--resume` then trains nothing,
+    writes the same answer and leaves one MLflow run per trial, all closed."""
+    raw = yaml.safe_load(SPACE.read_text())
+    raw["tune"].update(num_samples=2, scheduler={"type": "none"}, finalists={"top_k": 1, "seeds": 1})
+    space = ws.root / "report.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    study = ws.study_dir("report")
+    table = re.compile(r"^rank +trial +status ", re.MULTILINE)
+    driver = Driver(ws, ["--space", str(space)])
+    try:
+        driver.wait_for("the end report's table", lambda: table.search(driver.stdout) is not None, 300, poll_s=0.01)
+        os.kill(driver.pid, signal.SIGINT)  # the driver itself, as a terminal's Ctrl-C would
+        rc = driver.wait(120)
+    finally:
+        driver.teardown()
+    output = driver.output()
+    assert rc == 130 and not driver.tracebacks(), output
+    assert driver.stderr.strip().splitlines()[-1] == (f"interrupted: continue with python -m tune.run --resume --name "
+                                                      f"report --storage-path {ws.storage}"), output
+    assert "before any trial started" not in output, output
+    trials = _record(study)
+    assert sorted(trials) == ["t000", "t001", "t002"] and trials["t002"].finalist_of is not None, output
+    assert all(t.status == "completed" for t in trials.values()), output
+    best = min((t for t in trials.values() if t.finalist_of is None),
+               key=lambda t: min(m["val_loss"] for m in t.epochs.values()))
+    answer = yaml.safe_load((study / "best.yaml").read_text())
+    for key, value in best.params.items():  # the best finished search trial's config (the finalist's too)
+        section, name = key.split(".", 1)
+        assert answer[section][name] == pytest.approx(value), (key, answer, output)
+    _, parents, children = mlflow_runs(study)
+    assert len(parents) == 1 and parents[0].info.status in ("KILLED", "FINISHED"), output  # closed, never RUNNING
+
+    again = run_driver(ws, ["--space", str(space), "--resume"], timeout_s=300)
+    output += again.output()
+    assert again.proc.returncode == 0 and not again.tracebacks() and "nothing to run" in again.stdout, output
+    assert yaml.safe_load((study / "best.yaml").read_text()) == answer, output
+    assert not [k for k, n in Counter(trained_epochs(study)).items() if n > 1], output
+    _, parents, children = mlflow_runs(study)
+    assert [p.info.status for p in parents] == ["FINISHED"], output
+    assert sorted(r.data.tags["minimind.trial"] for r in children) == ["0", "1", "2"], output
+    assert all(r.info.status == "FINISHED" for r in children), output
+
+
+def test_trained_epochs_counts_an_evaluation_saved_but_never_reported(tmp_path: Path) -> None:
+    """The "epochs trained twice" figure (study_driver.trained_epochs) sees every evaluation a run trained: a
+    Ctrl-C between a trial's checkpoint and its report leaves it on disk only (``--resume`` records it), and an
+    evaluation trained again after that counts twice; one deleted by retention counts by its report."""
+    import json
+
+    def run(k: int, trial: str, rows: list[dict[str, int]], checkpoints: list[int]) -> None:
+        folder = tmp_path / "runs" / f"run-{k}" / trial
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        for index in checkpoints:
+            (folder / f"epoch_{index:04d}").mkdir()
+
+    # t000: epoch 2 saved, its result lost to the Ctrl-C; run 2 continues after it (reported again, restored).
+    run(1, "t000", [{"epoch": 1, "evaluation": 1}], [1, 2])
+    run(2, "t000", [{"epoch": 2, "evaluation": 2, "restored": 1}, {"epoch": 3, "evaluation": 3}], [3])
+    # t001: the same, but epoch 2 trained again in run 2 (its checkpoint could not be continued from).
+    run(1, "t001", [{"epoch": 1, "evaluation": 1}], [2])  # (epoch 1's checkpoint deleted by retention)
+    run(2, "t001", [{"epoch": 2, "evaluation": 2}, {"epoch": 3, "evaluation": 3}], [3])
+    trained = trained_epochs(tmp_path)
+    assert sorted(trained) == [("t000", 1), ("t000", 2), ("t000", 3), ("t001", 1), ("t001", 2), ("t001", 2),
+                               ("t001", 3)], trained
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_an_unusable_record_wait_is_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str], value: str) -> None:
+    """``$MINIMIND_TUNE_RECORD_WAIT_S`` (how long the driver waits for another process's lock on optuna.db)
+    is read wherever a record is opened: a value that is no number of seconds is one line before any work."""
+    from tune import run
+    from tune.interrupts import RECORD_WAIT_ENV
+
+    monkeypatch.setenv(RECORD_WAIT_ENV, value)
+    assert run.main(["--space", str(SPACE), "--storage-path", str(tmp_path / "studies")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: ${RECORD_WAIT_ENV}={value!r} is not allowed: expected seconds >= 0 (default 60)", err
+    assert not traceback_lines(err) and not (tmp_path / "studies").exists()

@@ -11,7 +11,9 @@ Light on imports (no Ray, no torch): tune.run uses it before anything heavy is l
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import math
 import os
 import signal
 import threading
@@ -21,10 +23,24 @@ from types import FrameType
 
 from minimind_train.signals import signals_deferred  # (one rule, shared with the tokeniser's pool)
 
-__all__ = ["InterruptWatch", "StudyStopped", "chain", "disk_full", "first_line", "os_problem", "signals_deferred",
-           "stop_on_signals"]
+__all__ = ["RECORD_WAIT_ENV", "InterruptWatch", "StudyStopped", "chain", "disk_full", "first_line", "os_problem",
+           "record_wait_s", "signals_deferred", "stop_on_signals"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# How long a read or write of a study's optuna.db waits while another process holds its lock (a database
+# browser's open transaction, a second writer: optuna#820) before the driver stops with one line.
+RECORD_WAIT_ENV = "MINIMIND_TUNE_RECORD_WAIT_S"
+_RECORD_WAIT_S = "60"
+
+
+def record_wait_s() -> float:
+    """Seconds to wait for another process's lock on optuna.db (sqlite's busy timeout): ``$MINIMIND_TUNE_RECORD_WAIT_S``,
+    else 60. ValueError: it is not a number of seconds >= 0 (tune.run refuses that before any work)."""
+    text = os.environ.get(RECORD_WAIT_ENV, "").strip() or _RECORD_WAIT_S
+    with contextlib.suppress(ValueError):
+        if math.isfinite(seconds := float(text)) and seconds >= 0:
+            return seconds
+    raise ValueError(f"${RECORD_WAIT_ENV}={text!r} is not allowed: expected seconds >= 0 (default {_RECORD_WAIT_S})")
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
@@ -88,8 +104,9 @@ def os_problem(exc: BaseException, record: Path | None = None) -> str | None:
         text, code = str(seen), getattr(seen, "errno", None)
         path = getattr(seen, "filename", None)
         if "database is locked" in text:  # sqlite's busy timeout ran out (optuna#820)
-            return (f"the study record {record} stayed locked by another process for longer than its busy "
-                    "timeout (60 s): close what holds it (a database browser, a second writer)")
+            return (f"the study record {record} stayed locked by another process for longer than the driver waits "
+                    f"({record_wait_s():g} s, ${RECORD_WAIT_ENV}): close what holds it (a database browser, a second "
+                    "writer)")
         if "readonly database" in text:  # sqlite: a read-only file or folder, or the file deleted under it
             if record is not None and not record.exists():
                 # Nothing can continue the study (--resume and --restart refuse a folder without it).

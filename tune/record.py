@@ -58,7 +58,7 @@ from minimind_train.config import RunConfig, run_config_to_dict
 from minimind_train.validation import validate
 
 from .atomic import write_atomic
-from .interrupts import first_line
+from .interrupts import first_line, os_problem, record_wait_s
 from .objective import Objective
 from .status import ANSWERS, FINISHED, RESUMABLE, TrialStatus
 from .storage import (
@@ -439,9 +439,9 @@ class StudyRecord:
 
     @staticmethod
     def _storage(study_dir: Path) -> optuna.storages.RDBStorage:
-        # A generous busy timeout: `python -m tune.ui` or a sync may read while the driver writes.
+        # The busy timeout: `python -m tune.ui` or a sync may read while the driver writes (tune.interrupts).
         return optuna.storages.RDBStorage(f"sqlite:///{study_dir / OPTUNA_FILE}",
-                                          engine_kwargs={"connect_args": {"timeout": 60}})
+                                          engine_kwargs={"connect_args": {"timeout": record_wait_s()}})
 
     @classmethod
     def create(cls, study_dir: Path, name: str, spec: Mapping[str, Any], space_yaml: str,
@@ -496,7 +496,7 @@ class StudyRecord:
             storage = cls._storage(study_dir)
             attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(_STUDY_NAME))
         except Exception as exc:  # sqlalchemy and optuna raise many kinds for a damaged database
-            raise _unreadable(db, exc) from exc
+            raise StudyError(_unreadable(exc, db)) from exc
         recorded = attrs.get(_SPEC_ATTR)
         if recorded is not None and not isinstance(recorded, Mapping):
             raise StudyError(f"{db} was edited by hand: its copy of the study's definition is not a mapping "
@@ -512,7 +512,7 @@ class StudyRecord:
             record.migrated = manifest is not exported
             return record
         except Exception as exc:  # (as above)
-            raise _unreadable(db, exc) from exc
+            raise StudyError(_unreadable(exc, db)) from exc
 
     def _save(self, manifest: Manifest, export: bool = True) -> None:
         """Write ``manifest`` into optuna.db (the history, then the rest, which never changes: written at
@@ -762,10 +762,6 @@ def _recorded_manifest(attrs: Mapping[str, Any], db: Path) -> Manifest:
                          "or start a new study (--name NEW)") from exc
 
 
-def _unreadable(db: Path, exc: Exception) -> StudyError:
-    return StudyError(f"{db} cannot be read ({first_line(exc)}); the trials' checkpoints are still in {RUNS_DIR}/")
-
-
 def _is_optuna_db(path: Path) -> bool:
     """Whether ``path`` is a sqlite file holding Optuna's tables; creates nothing in it.
 
@@ -774,10 +770,19 @@ def _is_optuna_db(path: Path) -> bool:
     fails with SQLITE_READONLY_ROLLBACK, and the study would look damaged).
     """
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=record_wait_s())) as db:
             return db.execute("select 1 from sqlite_master where type='table' and name='studies'").fetchone() is not None
-    except sqlite3.Error:
+    except sqlite3.Error as exc:
+        if exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:  # (locked by another process: not damaged)
+            raise StudyError(_unreadable(exc, path)) from exc
         return False
+
+
+def _unreadable(exc: BaseException, db: Path) -> str:
+    """Why the study record ``db`` cannot be read: an OS error's one line (:func:`tune.interrupts.os_problem`:
+    locked by another process, unwritable, ...), else damage."""
+    return os_problem(exc, db) or (f"{db} cannot be read ({first_line(exc)}); the trials' checkpoints are "
+                                   f"still in {RUNS_DIR}/")
 
 
 def _is_number(value: Any) -> bool:

@@ -251,8 +251,6 @@ def _best_model(paths: StudyPaths, best: TrialSummary) -> Path | None:
 def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror: Mirror, status: str) -> int:
     """Write and print the study's outputs from its record; returns the driver's exit status
     (0: a trial completed, 1: none did or the disk is full)."""
-    from .plots import plot_study  # (matplotlib: only when a study ends)
-
     t = spec.tune
     study_dir = paths.local_dir
     # The answer of what finished is written whole first: a Ctrl-C or SIGTERM during the report stops
@@ -272,6 +270,10 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
             artifacts["best.yaml"] = write_best_yaml(study_dir / "best.yaml", spec, best, finalist)
         artifacts["summary.csv"] = write_summary_csv(study_dir / "summary.csv", summaries, t.metric,
                                                      spec.run.train.evals_per_epoch)
+    # (matplotlib: only when a study ends, and after the answer: its import takes seconds on a busy machine,
+    # in which a Ctrl-C right after the last trial's end would otherwise stop the driver before best.yaml)
+    from .plots import plot_study
+
     best_model = None if best is None else _best_model(paths, best)
     if best_model is not None:
         artifacts["best/model.pth"] = best_model

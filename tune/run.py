@@ -116,12 +116,17 @@ def _stopped(exc: BaseException, paths: StudyPaths | None) -> tuple[str, int]:
 
 def _main(args: argparse.Namespace, study: _Study) -> int:
     from .cluster import storage_problem
+    from .interrupts import record_wait_s
     from .preflight import describe, describe_resume, quiet_libraries
 
     if not args.dry_run:
         quiet_libraries()  # before Ray is imported: it reads some of these settings once, at import
     from .space import SpaceError, load_space, optuna_distributions, spec_to_dict
 
+    try:
+        record_wait_s()  # (read wherever the record is opened: an unusable value is refused before any work)
+    except ValueError as exc:
+        raise StudyError(str(exc)) from exc
     storage = args.storage_path or str(DEFAULT_STORAGE)
     if problem := storage_problem(storage):  # e.g. relative under `ray job submit`
         raise StudyError(problem)
