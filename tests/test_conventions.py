@@ -197,7 +197,7 @@ def test_every_status_is_in_the_table() -> None:
 # Renames outside tune.atomic, each for a reason: folders published or moved, never a file written.
 _RENAMES_ALLOWED = {
     "atomic.py": 99,  # the one write-and-rename
-    "record.py": 1,  # a new study folder: must never replace one that appeared meanwhile
+    "study.py": 1,  # a new study folder: must never replace one that appeared meanwhile
     "restart.py": 2,  # --restart moves the old study aside and back
     "checkpoint.py": 4,  # the trainer's checkpoint folder (minimind_train never imports tune), and its leftovers' suffix
     "token_cache.py": 2,  # a token cache folder: a concurrent build's is kept, not replaced
@@ -263,7 +263,7 @@ def test_no_import_cycle_among_the_projects_modules() -> None:
 # What a parameter of each name may be: the study's spec (typed, or its dict form as stored), its record
 # (the object, or the path of its optuna.db), an Optuna study; each may be None where the signature says so.
 _STUDY_PARAMETERS = {"spec": {"StudySpec", "Mapping[str, Any]", "dict[str, Any]"},
-                     "record": {"StudyRecord", "Path"},
+                     "record": {"Study", "Path"},
                      "study": {"optuna.Study", "_Study"}}
 
 
@@ -292,5 +292,5 @@ def test_the_study_objects_are_typed_in_every_signature(path: Path) -> None:
 
 def test_the_typing_check_finds_what_it_looks_for() -> None:
     sample = ast.parse("def f(spec: Any, record, study: optuna.Study, n: int, m) -> None: ...\n"
-                       "def g(self, spec: StudySpec, record: StudyRecord, *, study: Any = None) -> None: ...")
+                       "def g(self, spec: StudySpec, record: Study, *, study: Any = None) -> None: ...")
     assert [line.split("(")[1].split(":")[0] for line in _untyped(sample)] == ["spec", "record", "m", "study"]

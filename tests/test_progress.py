@@ -25,8 +25,8 @@ from tune.progress import (
     ray_errors_to,
     read_step,
 )
-from tune.record import TrialRecord
 from tune.storage import STEP_FILE, step_writer
+from tune.study import TrialRecord
 
 PARAMS = {"train.learning_rate": 0.0023, "train.accumulation_steps": 1}
 

@@ -1,6 +1,6 @@
 """MLflow as a mirror of the study record: one parent run per study, one nested run per trial.
 
-The record (``tune.record``) is the truth; :meth:`Mirror.sync` copies it into MLflow at any time, from any
+The record (``tune.study``) is the truth; :meth:`Mirror.sync` copies it into MLflow at any time, from any
 process, as often as wanted. Runs are found by their tags (``minimind.study_id``, ``minimind.trial``), never by
 name, and nest through the ``mlflow.parentRunId`` tag as in Ray's ``MLflowLoggerCallback``: no crash between
 two MLflow calls leaves a second run. A failing store never fails a study: :class:`MirrorCallback` warns once,
@@ -34,8 +34,8 @@ from . import tracking
 from .interrupts import first_line
 from .lock import StudyLock
 from .objective import Objective
-from .record import StudyError, StudyRecord, TrialRecord, answer, finalist_configs
 from .status import FINISHED, RESUMABLE, TrialStatus
+from .study import Study, StudyError, TrialRecord, answer, finalist_configs
 from .tracking import TrackingError
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ class Mirror:
     """The MLflow copy of one study record. Its methods raise :class:`TrackingError` (naming the URI) on
     any MLflow failure; nothing of MLflow's state is cached but the connection."""
 
-    def __init__(self, tracking_uri: str, experiment: str, record: StudyRecord, *, fixed_params: Mapping[str, Any],
+    def __init__(self, tracking_uri: str, experiment: str, record: Study, *, fixed_params: Mapping[str, Any],
                  settings: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         self.tracking_uri, self.experiment, self.record = tracking_uri, experiment, record
         self.study_id, self.study_dir = record.manifest.study_id, str(Path(record.dir).resolve())
@@ -393,7 +393,7 @@ class Mirror:
 
     def _metrics(self, trial: TrialRecord, after: int) -> list[Metric]:
         """The trial's evaluations after ``after`` at step = the evaluation index (the record's key,
-        :func:`tune.record.evaluation_index`; with one evaluation per epoch, the epoch): the objective first, then its best so far
+        :func:`tune.study.evaluation_index`; with one evaluation per epoch, the epoch): the objective first, then its best so far
         (``best_<objective>``, what the runs table sorts by), then the rest; ``aux_loss`` only where it
         was ever non-zero (a MoE model)."""
         aux = any(m.get("aux_loss", 0.0) != 0.0 for m in trial.epochs.values())
@@ -434,7 +434,7 @@ def trials_compare_url(tracking_server_url: str, tracking_uri: str, study_dir: P
     None while the store has none. The study's own run stays out: it holds every fixed setting (ticking
     the runs table's header box selects it too, and the compare view then opens on settings that only
     it has, with no metric)."""
-    manifest = StudyRecord.open(Path(study_dir)).manifest
+    manifest = Study.open(Path(study_dir)).manifest
     spec = manifest.spec
     tune = spec.get("tune") or {}
     objective = Objective.of(tune)
@@ -493,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"mlflow.tracking_uri, else ${tracking.TRACKING_URI_ENV}, else sqlite in the study folder)")
     args = parser.parse_args(argv)
     try:
-        record = StudyRecord.open(args.study_dir.resolve())
+        record = Study.open(args.study_dir.resolve())
         spec, held = record.manifest.spec, StudyLock.held(record.dir)
         configured = spec.get("mlflow") or {}
         uri = (args.tracking_uri and tracking.resolve_tracking_uri(args.tracking_uri, record.dir)) or (

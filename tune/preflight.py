@@ -1,5 +1,5 @@
 """Before Ray starts or anything is written: every input of a study checked, each problem one
-:class:`~tune.record.StudyError` naming the key, the value and what is wrong.
+:class:`~tune.study.StudyError` naming the key, the value and what is wrong.
 
 The data is tokenised here (once per study, into the token cache), the tokenizer and ``init_from``
 are loaded (``init_from`` shape-checked against the model), the tracking server is asked, and a
@@ -20,9 +20,9 @@ from typing import Any
 
 from minimind_train import config
 
-from .record import PATH_KEYS, RUN_SETTINGS, Manifest, StudyError, StudyRecord, diff_specs, evaluation_index
 from .space import SchedulerSpec, SearchParam, StudySpec
 from .storage import StudyPaths
+from .study import PATH_KEYS, RUN_SETTINGS, Manifest, Study, StudyError, diff_specs, evaluation_index
 
 __all__ = ["Inputs", "StudyShape", "check_inputs", "describe", "describe_resume", "describe_rungs", "expected_shape",
            "quiet_libraries", "reconcile", "steps_per_epoch_estimate"]
@@ -157,7 +157,7 @@ def check_inputs(spec: StudySpec, run_cfg: config.RunConfig, paths: StudyPaths, 
     return Inputs(data, tokenizer, n_params, fingerprints, tracking_uri, time.perf_counter() - t0)
 
 
-def reconcile(record: StudyRecord, spec_dict: dict[str, Any], inputs: Inputs, explicit_space: bool) -> list[str]:
+def reconcile(record: Study, spec_dict: dict[str, Any], inputs: Inputs, explicit_space: bool) -> list[str]:
     """Refuse a ``--resume`` whose study definition or input contents changed (each change a
     ``key: old -> new`` line); return the run settings that changed (applied on this run)."""
     edited = diff_specs(record.manifest.spec, spec_dict)

@@ -23,7 +23,7 @@ from .storage import STEP_FILE
 
 if TYPE_CHECKING:
     from .forecast import EtaPrior
-    from .record import TrialRecord
+    from .study import TrialRecord
 
 __all__ = ["RAY_ERRORS_FILE", "ProgressView", "best_recorded", "blended_eta_s", "count_trials", "eta_s",
            "ray_errors_to", "read_step"]
@@ -54,7 +54,7 @@ def read_step(trial_dir: str | Path) -> tuple[int, int, int] | None:
 
 def count_trials(trials: list[Any], recorded: Mapping[str, str]) -> dict[str, int]:
     """Trials by state. How a trial ended is the study record's word (``recorded``: Ray trial id ->
-    tune.record status; it is set before Ray's own status, and tells an interrupted trial from a
+    tune.study status; it is set before Ray's own status, and tells an interrupted trial from a
     stopped one); otherwise Ray's status says pending or running."""
     count = dict.fromkeys(_SHOWN, 0)
     for t in trials:
@@ -66,9 +66,9 @@ def count_trials(trials: list[Any], recorded: Mapping[str, str]) -> dict[str, in
 
 def best_recorded(trials: Iterable[TrialRecord], objective: Objective) -> tuple[float, str] | None:
     """``(value, "t003")``: the best finite objective any epoch of the record's ``trials``
-    (:class:`tune.record.TrialRecord`) reported, leaving out values no better than their
-    trial's model before training (:func:`tune.record.no_better_reason`); None before any."""
-    from .record import no_better_reason
+    (:class:`tune.study.TrialRecord`) reported, leaving out values no better than their
+    trial's model before training (:func:`tune.study.no_better_reason`); None before any."""
+    from .study import no_better_reason
 
     values = [(v, f"t{t.number:03d}") for t in trials for _, v in t.curve(objective.metric)
               if math.isfinite(v) and not no_better_reason(v, objective, t.first_metrics)]
@@ -192,7 +192,7 @@ class ProgressView(Callback):
     def _label(self, trial: Any, short: bool = False) -> str:
         if trial.trial_id not in self._labels:
             from .mirror import run_name
-            from .record import TrialRecord
+            from .study import TrialRecord
 
             params, number = dict(trial.config.get("params") or {}), trial.config.get("study_trial")
             self._labels[trial.trial_id] = (run_name(TrialRecord(number, "", params, {}), list(params))
@@ -200,7 +200,7 @@ class ProgressView(Callback):
         return self._labels[trial.trial_id].split(" ")[0] if short else self._labels[trial.trial_id]
 
     def _evaluation(self, result: Mapping[str, Any]) -> int:
-        """A report's evaluation index (tune.record.evaluation_index; a diverged trial's report has only
+        """A report's evaluation index (tune.study.evaluation_index; a diverged trial's report has only
         its epoch)."""
         return int(result.get("evaluation", int(result.get("epoch", 0)) * self.per_epoch))
 
@@ -312,7 +312,7 @@ class ProgressView(Callback):
             self._first_epoch[trial.trial_id] = result
         if result.get("restored"):
             return
-        from .record import no_better_reason
+        from .study import no_better_reason
 
         # A value no better than the trial's untrained model is never "best so far" (it is no answer).
         if isinstance(value, (int, float)) and math.isfinite(value) and (
@@ -337,7 +337,7 @@ class ProgressView(Callback):
         value = last.get(self.metric)
         why = (f": {last.get(DIVERGED_REASON_KEY, '')}" if status == TrialStatus.DIVERGED else
                f" ({self.metric} {value:.4f})" if isinstance(value, (int, float)) else "")
-        from .record import evaluation_name
+        from .study import evaluation_name
 
         at = evaluation_name(max(self._reported.get(trial.trial_id, 0), self._evaluation(last)), self.per_epoch)
         self._event(f"{self._label(trial)} {status.replace('_', ' ')} at {at}{why}")

@@ -26,18 +26,18 @@ from .atomic import leftovers, write_atomic
 from .interrupts import signals_deferred
 from .mirror import Mirror, warn_on_failure
 from .objective import Objective
-from .record import (
+from .space import StudySpec
+from .status import FINISHED, RESUMABLE, TrialStatus
+from .storage import CHECKPOINT_PREFIX, StudyPaths, fetch_file
+from .study import (
     Finalist,
-    StudyRecord,
+    Study,
     TrialRecord,
     answer,
     evaluation_name,
     finalist_configs,
     rank_key,
 )
-from .space import StudySpec
-from .status import FINISHED, RESUMABLE, TrialStatus
-from .storage import CHECKPOINT_PREFIX, StudyPaths, fetch_file
 
 __all__ = [
     "RUNG_FIDELITY_WARNING", "RungFidelity", "TrialSummary", "dir_bytes", "finish_study", "format_table",
@@ -49,7 +49,7 @@ __all__ = [
 class TrialSummary:
     trial_id: str
     name: str
-    status: str  # a tune.record status: completed | stopped_early | diverged | failed | interrupted | running
+    status: str  # a tune.study status: completed | stopped_early | diverged | failed | interrupted | running
     epochs: int
     best_value: float  # the study metric at the trial's best epoch (inf/-inf when none)
     best_epoch: int
@@ -63,8 +63,8 @@ class TrialSummary:
     seed: int | None = None
 
 
-def summarize_trials(record: StudyRecord, objective: Objective) -> list[TrialSummary]:
-    """Ranked summaries of the record's trials, best first (:func:`tune.record.rank_key`): by status
+def summarize_trials(record: Study, objective: Objective) -> list[TrialSummary]:
+    """Ranked summaries of the record's trials, best first (:func:`tune.study.rank_key`): by status
     (completed, stopped early, unfinished, then no better than untrained, diverged and failed), then by
     the objective at the trial's best epoch."""
     out = []
@@ -90,7 +90,7 @@ RUNG_FIDELITY_WARNING = 0.5
 class RungFidelity:
     """How well the ranking of trials at an ASHA rung predicts their final ranking."""
 
-    epoch: int  # the rung: an evaluation index (tune.record.evaluation_index; the epoch with one per epoch)
+    epoch: int  # the rung: an evaluation index (tune.study.evaluation_index; the epoch with one per epoch)
     trials: int  # completed trials with a value at this rung
     spearman: float | None  # None with fewer than 3 such trials
 
@@ -184,7 +184,7 @@ def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary,
     return path
 
 
-def prune_resume_state(record: StudyRecord, summaries: Sequence[TrialSummary], keep_top: int) -> int:
+def prune_resume_state(record: Study, summaries: Sequence[TrialSummary], keep_top: int) -> int:
     """Bound a study's disk use; returns bytes freed.
 
     The ``keep_top`` best trials keep everything, and so does every unfinished trial (``--resume``
@@ -221,7 +221,7 @@ def dir_bytes(path: Path) -> int:
 
 def _answer(trials: Sequence[TrialRecord], search: Sequence[TrialSummary], finalists: Sequence[Finalist],
             objective: Objective) -> tuple[TrialSummary | None, Finalist | None]:
-    """The study's answer (:func:`tune.record.answer`) as its summary, with the finalists' best config when
+    """The study's answer (:func:`tune.study.answer`) as its summary, with the finalists' best config when
     that is the answer; prints the finalists."""
     if finalists:
         print(f"\nfinalists: the top configs trained again with other seeds, best mean {objective.metric} first")
@@ -248,7 +248,7 @@ def _best_model(paths: StudyPaths, best: TrialSummary) -> Path | None:
     return fetch_file(paths.uri, f"{best.checkpoint}/{MODEL_FILE}", paths.local_dir / "best" / MODEL_FILE)
 
 
-def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror: Mirror, status: str) -> int:
+def finish_study(spec: StudySpec, paths: StudyPaths, record: Study, mirror: Mirror, status: str) -> int:
     """Write and print the study's outputs from its record; returns the driver's exit status
     (0: a trial completed, 1: none did or the disk is full)."""
     t = spec.tune
@@ -321,7 +321,7 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
     return 0
 
 
-def _budget_used_up(spec: StudySpec, paths: StudyPaths, record: StudyRecord) -> str:
+def _budget_used_up(spec: StudySpec, paths: StudyPaths, record: Study) -> str:
     """How to continue a study whose time budget (over all its driver runs) is used up; "" when it is not."""
     budget, used = spec.tune.time_budget_s, record.seconds_used()
     if budget is None or used < budget:

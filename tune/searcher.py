@@ -9,7 +9,7 @@ ends with the value it was stopped on.
 
 :func:`train_trial`, the function trainable, adapts :func:`minimind_train.train.train_epochs`: at each
 evaluation it writes the study's own checkpoint (``epoch_000k`` in the trial's folder, not Ray's; ``k``
-the evaluation index, :func:`tune.record.evaluation_index`), then reports the metrics with that index,
+the evaluation index, :func:`tune.study.evaluation_index`), then reports the metrics with that index,
 the epoch and the checkpoint's path (this module's keys, :data:`CHECKPOINT_KEY` ...). A retried or resumed
 trial continues from the checkpoint :func:`tune.storage.resume_point` names, mid-epoch included; a
 diverged one ends with one ``diverged`` report (no retry: the same config diverges again). Its data come
@@ -44,7 +44,6 @@ from minimind_train.train import TrainingDiverged, train_epochs
 from .cluster import StudyData, current_node, open_study_data
 from .interrupts import first_line
 from .objective import Objective
-from .record import PATH_KEYS, RUN_SETTINGS, StudyRecord, evaluation_index, ranked
 from .status import TrialStatus
 from .storage import (
     ResumePoint,
@@ -55,6 +54,7 @@ from .storage import (
     trial_dirname,
     write_checkpoint,
 )
+from .study import PATH_KEYS, RUN_SETTINGS, Study, evaluation_index, ranked
 
 __all__ = ["CHECKPOINT_KEY", "DIVERGED_KEY", "DIVERGED_REASON_KEY", "NUMBER_KEY", "PARAMS_KEY", "RecordScheduler",
            "RecordSearcher", "ResumePlan", "TrialOutOfMemory", "error_text", "failure_reason", "finalist_plans",
@@ -82,18 +82,18 @@ class ResumePlan:
     evaluation: int = 0
 
 
-def resume_plans(record: StudyRecord, finalists: bool = False) -> list[ResumePlan]:
+def resume_plans(record: Study, finalists: bool = False) -> list[ResumePlan]:
     """The record's unfinished search trials (or ``finalists``), each to continue from its newest whole
-    checkpoint (:meth:`StudyRecord.resume_point`). Read only: :meth:`StudyRecord.recover` made the record
+    checkpoint (:meth:`Study.resume_point`). Read only: :meth:`Study.recover` made the record
     whole at the start of the driver run."""
     return [ResumePlan(number=t.number, params=t.run_params, evaluation=record.resume_point(t.number).evaluation)
             for t in record.unfinished() if (t.finalist_of is not None) == finalists]
 
 
-def finalist_plans(record: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution],
+def finalist_plans(record: Study, distributions: Mapping[str, optuna.distributions.BaseDistribution],
                    objective: Objective, top_k: int, seeds: int, base_seed: int,
                    create: bool = True) -> list[ResumePlan]:
-    """The finalists still to train: the ``top_k`` best completed search trials' configs (:func:`tune.record.ranked`), each with seeds
+    """The finalists still to train: the ``top_k`` best completed search trials' configs (:func:`tune.study.ranked`), each with seeds
     ``base_seed + 1 .. base_seed + seeds`` (``train.seed``: model init and data order). Unfinished
     finalists continue; missing ones are created in the record (``create=False``: only counted, with
     number -1)."""
@@ -122,7 +122,7 @@ def make_sampler(kind: str, seed: int, num_samples: int, offset: int = 0) -> opt
 
 def make_pruner(kind: str, grace_period: int, reduction_factor: int) -> optuna.pruners.BasePruner:
     """ASHA as Optuna's SuccessiveHalvingPruner: rungs at ``grace_period * reduction_factor**k`` evaluations,
-    the steps of the intermediate values (:func:`tune.record.evaluation_index`; with one evaluation per
+    the steps of the intermediate values (:func:`tune.study.evaluation_index`; with one evaluation per
     epoch, epochs)."""
     if kind == "none":
         return optuna.pruners.NopPruner()
@@ -138,7 +138,7 @@ class RecordSearcher(Searcher):
     (``tune.scheduler.max_t``).
     """
 
-    def __init__(self, record: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution],
+    def __init__(self, record: Study, distributions: Mapping[str, optuna.distributions.BaseDistribution],
                  objective: Objective, planned: int, resume: list[ResumePlan] | None = None) -> None:
         super().__init__(metric=objective.metric, mode=objective.mode)
         self.objective = objective
@@ -182,7 +182,7 @@ class RecordScheduler(FIFOScheduler):
     """Records each result, then stops the trial if it diverged or Optuna's pruner prunes it.
 
     Results carry ``evaluation`` (the trial's real evaluation index across resumes,
-    :func:`tune.record.evaluation_index`: what the record is keyed by and the rungs count) and ``epoch``;
+    :func:`tune.study.evaluation_index`: what the record is keyed by and the rungs count) and ``epoch``;
     Ray's ``training_iteration`` restarts at 1 in each driver run, so it is not used.
     """
 
@@ -288,7 +288,7 @@ def _restore(runs: str, number: int, cfg: RunConfig, vocab_size: int) -> tuple[A
     if point.path is None:
         return None, point
     # The last guard against one trial's epochs mixing two configurations (the study's files are compared
-    # before Ray starts: StudyRecord.open, preflight.reconcile): its checkpoint says what it trained with.
+    # before Ray starts: Study.open, preflight.reconcile): its checkpoint says what it trained with.
     saved = point.meta.get("config")
     if isinstance(saved, Mapping):
         now = json.loads(json.dumps(run_config_to_dict(cfg)))  # (as meta.json holds it: lists, not tuples)

@@ -2,7 +2,7 @@
 and the trials' checkpoints in it.
 
 ``StudyPaths`` names the places; the trainable publishes a checkpoint at each evaluation (:func:`write_checkpoint`,
-named by the evaluation index of :func:`tune.record.evaluation_index`: with one evaluation per epoch, the epoch),
+named by the evaluation index of :func:`tune.study.evaluation_index`: with one evaluation per epoch, the epoch),
 keeps the best and the newest (:func:`retain_checkpoints`), and a resumed trial finds its usable
 checkpoints again (:func:`checkpoint_metas`, :func:`resume_point`), whichever driver run wrote them; its
 ``step.json`` tells the live view its step (:func:`step_writer`). With a URI storage the
@@ -216,7 +216,7 @@ def step_writer(trial_dir: str | Path, min_interval_s: float = 1.0) -> Callable[
 
 def write_checkpoint(save: Callable[[Path], Path], trial_dir: str, epoch: int) -> str:
     """Write a trial's checkpoint as ``<trial_dir>/epoch_000k`` (a local folder or a URI), ``k`` = ``epoch``,
-    the evaluation index (:func:`tune.record.evaluation_index`), with ``save`` (a folder -> that folder
+    the evaluation index (:func:`tune.study.evaluation_index`), with ``save`` (a folder -> that folder
     written whole: :func:`minimind_train.checkpoint.save_checkpoint`); returns its path.
 
     Locally ``save`` writes it once, in place: its own rename publishes it, so readers see the whole

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from . import dashboard, mirror, tracking
 from .objective import Objective
-from .record import MANIFEST_FILE, Manifest, StudyError
+from .study import MANIFEST_FILE, Manifest, StudyError
 from .tracking import TRACKING_URI_ENV, TrackingError
 
 __all__ = ["SERVER_LOG", "find_study", "main", "study_store"]

@@ -9,9 +9,9 @@ A study folder holds::
                     fingerprints, the study id, written at creation, and the ``history`` each driver
                     run adds to (start, overrides, changed run settings, the MLflow store it used, its length)
     study.json      the manifest exported from optuna.db after each change, for people and tools (read
-                    only: :meth:`StudyRecord.open` refuses one whose spec was edited, naming it); a study
+                    only: :meth:`Study.open` refuses one whose spec was edited, naming it); a study
                     made before the manifest moved into optuna.db has it only here, and is migrated by
-                    its next driver run (:meth:`StudyRecord.recover`)
+                    its next driver run (:meth:`Study.recover`)
     space.yaml      the resolved spec as a space file (what ``--resume`` without ``--space`` runs)
     runs/run-K/tNNN driver run K's Ray trial folders, with the trial's checkpoints (tune.storage): a
                     trial interrupted in one run continues in the next from its newest whole one
@@ -71,10 +71,10 @@ from .storage import (
     trial_dirs,
 )
 
-__all__ = ["BASELINE_PREFIX", "MANIFEST_FILE", "NO_BETTER_MARGIN", "OPTUNA_FILE",
-           "PATH_KEYS", "RUN_SETTINGS", "UNIFORM_KEY", "Finalist", "Manifest", "StudyError",
-           "StudyRecord", "TrialRecord", "answer", "diff_specs", "evals_per_epoch", "evaluation_index", "evaluation_name",
-           "finalist_configs", "no_better_reason", "rank_finalists", "rank_key", "ranked"]
+__all__ = ["BASELINE_PREFIX", "MANIFEST_FILE", "NO_BETTER_MARGIN", "OPTUNA_FILE", "PATH_KEYS", "RUN_SETTINGS",
+           "UNIFORM_KEY", "Finalist", "Manifest", "Study", "StudyError", "TrialRecord", "answer", "diff_specs",
+           "evals_per_epoch", "evaluation_index", "evaluation_name", "finalist_configs", "no_better_reason",
+           "rank_finalists", "rank_key", "ranked"]
 
 MANIFEST_FILE = "study.json"
 SPACE_FILE = "space.yaml"
@@ -205,7 +205,7 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, where: Path) -> Manifest:
         """The manifest in ``text`` (read from ``where``); StudyError: another format, or damaged.
-        (:meth:`StudyRecord.open` also compares its definition with its other copies.)"""
+        (:meth:`Study.open` also compares its definition with its other copies.)"""
         try:
             raw = json.loads(text)
             if raw.get("format") != FORMAT:
@@ -406,7 +406,7 @@ def _trial_record(t: FrozenTrial) -> TrialRecord:
                        checkpoints=checkpoints)
 
 
-class StudyRecord:
+class Study:
     """The record of one study folder: its manifest and its Optuna storage.
 
     Create with :meth:`create`, open with :meth:`open`. Writes go straight to sqlite (each a
@@ -446,7 +446,7 @@ class StudyRecord:
     @classmethod
     def create(cls, study_dir: Path, name: str, spec: Mapping[str, Any], space_yaml: str,
                fingerprints: Mapping[str, str],
-               prepare: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
+               prepare: Callable[[Study], None] | None = None) -> Study:
         """A new study folder; ``spec`` is :func:`tune.space.spec_to_dict`; ``prepare`` fills the new
         record before it is a study (a warm start's history). The caller holds the study's lock.
 
@@ -479,7 +479,7 @@ class StudyRecord:
         return cls(study_dir, manifest, cls._storage(study_dir))
 
     @classmethod
-    def open(cls, study_dir: Path) -> StudyRecord:
+    def open(cls, study_dir: Path) -> Study:
         path = study_dir / MANIFEST_FILE
         if not path.is_file():
             raise StudyError(f"{study_dir} is not a study folder (no {MANIFEST_FILE})")
