@@ -41,6 +41,7 @@ SPACE = SPACES / "faults.yaml"
 NAME = "faults"
 EPOCHS = 3
 PROGRESS = re.compile(r"done (\d+), running (\d+), stopped early (\d+), failed (\d+)")
+ENDED = re.compile(r"(t\d{3}) .*(?:completed at epoch|stopped early at)")  # a driver's line for a trial's end
 
 
 @pytest.fixture
@@ -140,14 +141,23 @@ def _finished(study: Path) -> dict[str, dict[int, dict[str, float]]]:
 
 
 @pytest.mark.slow
-def test_interrupt_resume_kill_resume(ws: Workspace) -> None:
-    """Ctrl-C, --resume, SIGKILL of the whole driver, --resume: the study still ends as one study.
+@pytest.mark.timeout(1200)  # four driver runs (Ray started in each): under load one took 100 s
+def test_ctrl_c_sigkill_sigterm_each_resumed_the_study_ends_as_one(ws: Workspace) -> None:
+    """One study stopped three ways, each time where the previous stop left it, each followed by --resume:
+    Ctrl-C; SIGKILL of the whole driver; a plain `kill` (SIGTERM) of a driver that inherited SIGINT
+    ignored. It still ends as one study: nothing finished lost or changed, no epoch trained twice, one
+    MLflow run per trial, no traceback line in any of the four runs.
 
-    One chain rather than two tests, because a driver start (Ray included) costs far more than these
-    trials' training, and each phase starts where the previous one left the study.
+    One chain rather than three tests, because a driver start (Ray included) and a study to its end cost
+    far more than these trials' training, and each stop is met mid-study either way. (A signal to a
+    fresh driver: test_damaged_checkpoints_... (Ctrl-C) and test_sigterm_during_the_finalists_... .)
     """
+    raw = yaml.safe_load(SPACE.read_text())
+    raw["tune"]["num_samples"] = 8  # a trial left to end, and others to run, after each stop
+    space = ws.root / f"{NAME}.yaml"
+    space.write_text(yaml.safe_dump(raw))
     study = ws.study_dir(NAME)
-    args = ["--space", str(SPACE)]
+    args = ["--space", str(space)]
 
     # 1. Ctrl-C once a trial has ended: the driver stops, saying how to go on.
     first = Driver(ws, args)
@@ -198,11 +208,30 @@ def test_interrupt_resume_kill_resume(ws: Workspace) -> None:
     assert _seconds_used(study) >= used_before, (used_before, _seconds_used(study), output)
     assert not second.tracebacks(), output
 
-    # 3. --resume to the end.
-    third = run_driver(ws, [*args, "--resume"], timeout_s=300)
+    # 3. --resume started as `bash -c 'python -m tune.run ... &'` starts it (SIGINT ignored), then a plain
+    # `kill` (SIGTERM; `ray job stop` sends one first) once a trial has ended: it stops like Ctrl-C.
+    third = Driver(ws, [*args, "--resume"], sigint_ignored=True, tag="sigterm")
+    try:
+        # (this run's own line: --resume may complete a trial from its checkpoint before Ray starts)
+        third.wait_for("a trial's end in this run", lambda: ENDED.search(third.stdout) is not None, 240,
+                       poll_s=0.05)
+        os.kill(third.pid, signal.SIGTERM)  # the driver alone, as `kill PID` does
+        rc = third.wait(120)
+    finally:
+        third.teardown()
     output += third.output()
-    assert third.proc.returncode == 0 and not third.tracebacks(), output
-    _check_resumed_to_the_end(study, 6, output, after_interrupt, after_kill)
+    assert rc == 130, output
+    assert "*** SIGTERM received" not in output and "--resume" in third.stderr, output
+    assert not third.tracebacks() and "interrupted: continue with" in third.stderr.strip().splitlines()[-1], output
+    searched = set(raw["search"])  # every trial asked has all its values
+    assert all(set(t.params) == searched for t in _record(study).values()), output
+    after_sigterm = _finished(study)
+
+    # 4. --resume to the end.
+    last = run_driver(ws, [*args, "--resume"], timeout_s=300)
+    output += last.output()
+    assert last.proc.returncode == 0 and not last.tracebacks(), output
+    _check_resumed_to_the_end(study, 8, output, after_interrupt, after_kill, after_sigterm)
 
 
 @pytest.mark.slow
@@ -406,33 +435,6 @@ def test_tracking_server_dies_mid_study(ws: Workspace, tmp_path: Path) -> None:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
         shutil.rmtree(tmp_path / "mlartifacts", ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_sigterm_stops_like_ctrl_c_and_resume_completes(ws: Workspace) -> None:
-    """A plain `kill` (SIGTERM; `ray job stop` sends one first) ends the study like Ctrl-C: exit 130,
-    a closed record, every trial with all its values, and --resume completes it; also in a driver that
-    inherited SIGINT ignored (the shared case sigterm-sigint-ignored)."""
-    study = ws.study_dir(NAME)
-    # Started as `bash -c 'python -m tune.run ... &'` starts it: SIGINT ignored (SIGTERM was forwarded to it).
-    first = Driver(ws, ["--space", str(SPACE)], sigint_ignored=True)
-    try:
-        first.wait_for("a trial's end", lambda: len(_finished(study)) >= 1, 240, poll_s=0.05)
-        os.kill(first.pid, signal.SIGTERM)  # the driver alone, as `kill PID` does
-        rc = first.wait(120)
-    finally:
-        first.teardown()
-    output = first.output()
-    assert rc == 130, output
-    assert "*** SIGTERM received" not in output and "--resume" in first.stderr, output
-    assert not first.tracebacks() and "interrupted: continue with" in first.stderr.strip().splitlines()[-1], output
-    searched = set(yaml.safe_load(SPACE.read_text())["search"])
-    assert all(set(t.params) == searched for t in _record(study).values()), output
-    before = _finished(study)
-    second = run_driver(ws, ["--space", str(SPACE), "--resume"], timeout_s=300)
-    output += second.output()
-    assert second.proc.returncode == 0 and not second.tracebacks(), output
-    _check_resumed_to_the_end(study, 6, output, before)
 
 
 def _stopped_cleanly(driver: Driver, rc: int, study: Path) -> None:
