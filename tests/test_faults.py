@@ -892,9 +892,11 @@ def test_permission_denied_on_the_storage_or_the_study_folder_at_the_terminal(ws
     override of them, study_driver.file_modes_apply). (a) A new study under a storage folder the user cannot
     write: the folder itself, or a folder below it not made yet. (b) `--resume` of a finished study after
     `chmod -R a-w` of its folder (the shared case readonly-study-folder by file modes), with the study's own
-    space and with --space; and with the storage folder read-only too. Each: exit 2 before any work (inputs
-    not checked, Ray never started), one `error:` line naming the folder and what to do, nothing changed
-    (modes and bytes), the lock free, no traceback."""
+    space and with --space; and with the storage folder read-only too. (c) Its optuna.db alone read-only
+    (`--resume`: SQLite opened it read-only and failed at its first write, after Ray started) or unreadable
+    (`--resume`, `--restart`: SQLite called it "not an Optuna database"). Each: exit 2 before any work (inputs
+    not checked, Ray never started), one `error:` line naming the folder or file and what to do, nothing
+    changed (modes and bytes), the lock free, no traceback."""
     from tune.lock import StudyLock
 
     prefix, why_not = file_modes_apply(ws.root)
@@ -903,26 +905,40 @@ def test_permission_denied_on_the_storage_or_the_study_folder_at_the_terminal(ws
     closed = ws.root / "closed"
     closed.mkdir(mode=0o555)
     study = _finished_study(ws.storage, NAME)
-    cases = [(["--space", str(SPACE), "--storage-path", str(closed)], closed, f"--storage-path={closed}"),
-             (["--space", str(SPACE), "--storage-path", str(closed / "new" / "studies")], closed,
-              f"--storage-path={closed / 'new' / 'studies'}"),
-             (["--resume", "--name", NAME], study, f"the study folder {study}"),
-             (["--resume", "--space", str(SPACE)], study, f"the study folder {study}"),
-             (["--resume", "--name", NAME], ws.storage, f"--storage-path={ws.storage}")]
-    subprocess.run(["chmod", "-R", "a-w", str(study)], check=True)
+    db = study / "optuna.db"
     output = ""
+
+    def refused(args: list[str], said: str) -> None:
+        nonlocal output
+        before = {folder: _tree(folder) for folder in (closed, ws.storage)}
+        driver = run_driver(ws, args, timeout_s=180, prefix=prefix, tag="denied")
+        output += driver.output()
+        assert driver.proc.returncode == 2 and not driver.tracebacks() and not driver.stdout.strip(), output
+        assert driver.stderr.strip() == said, output
+        assert {folder: _tree(folder) for folder in (closed, ws.storage)} == before, output
+        assert not StudyLock.held(study), output
+
+    def folder(label: str, denied: Path) -> str:
+        return f"error: {label}: cannot write in {denied} (Permission denied); make it writable"
+
+    refused(["--space", str(SPACE), "--storage-path", str(closed)], folder(f"--storage-path={closed}", closed))
+    below = closed / "new" / "studies"
+    refused(["--space", str(SPACE), "--storage-path", str(below)], folder(f"--storage-path={below}", closed))
+    subprocess.run(["chmod", "-R", "a-w", str(study)], check=True)
     try:
-        for args, denied, label in cases:
-            if denied == ws.storage:
-                ws.storage.chmod(0o555)
-            before = {folder: _tree(folder) for folder in (closed, ws.storage)}
-            driver = run_driver(ws, args, timeout_s=180, prefix=prefix, tag="denied")
-            output += driver.output()
-            assert driver.proc.returncode == 2 and not driver.tracebacks() and not driver.stdout.strip(), output
-            assert driver.stderr.strip() == (f"error: {label}: cannot write in {denied} (Permission denied); make it "
-                                             "writable"), output
-            assert {folder: _tree(folder) for folder in (closed, ws.storage)} == before, output
-            assert not StudyLock.held(study), output
+        refused(["--resume", "--name", NAME], folder(f"the study folder {study}", study))
+        refused(["--resume", "--space", str(SPACE)], folder(f"the study folder {study}", study))
+        ws.storage.chmod(0o555)
+        refused(["--resume", "--name", NAME], folder(f"--storage-path={ws.storage}", ws.storage))
+        ws.storage.chmod(0o755)
+        subprocess.run(["chmod", "-R", "u+w", str(study)], check=True)
+        record = (f"error: cannot write {db} (Permission denied): make it writable, or choose another --storage-path; "
+                  "nothing was changed: run the command again then")
+        db.chmod(0o444)
+        refused(["--resume", "--name", NAME], record)
+        db.chmod(0o000)
+        refused(["--resume", "--name", NAME], record)
+        refused(["--restart", "--space", str(SPACE)], record)
     finally:
         ws.storage.chmod(0o755)
         subprocess.run(["chmod", "-R", "u+w", str(study)], check=True)
