@@ -29,6 +29,7 @@ from study_driver import (
     SPACES,
     Driver,
     Workspace,
+    file_modes_apply,
     mlflow_runs,
     read_results,
     run_driver,
@@ -859,3 +860,111 @@ def test_an_unusable_record_wait_is_refused_before_any_work(tmp_path: Path, monk
     err = capsys.readouterr().err
     assert err.strip() == f"error: ${RECORD_WAIT_ENV}={value!r} is not allowed: expected seconds >= 0 (default 60)", err
     assert not traceback_lines(err) and not (tmp_path / "studies").exists()
+
+
+def _finished_study(storage: Path, name: str) -> Path:
+    """A finished study of SPACE (every trial completed, as a driver leaves it) made in-process, without Ray."""
+    from tune.objective import Objective
+    from tune.record import StudyRecord
+    from tune.space import load_space, optuna_distributions, spec_to_dict, spec_to_yaml
+
+    spec = load_space(SPACE)
+    record = StudyRecord.create(storage / name, name, spec_to_dict(spec), spec_to_yaml(spec, f"Study {name}"), {})
+    objective = Objective.of(spec_to_dict(spec)["tune"])
+    for k in range(spec.tune.num_samples):
+        number, _ = record.ask(optuna_distributions(spec))
+        record.record_epoch(number, 1, {objective.metric: 3.0 - k / 10}, objective.metric)
+        record.finish(number, "completed", objective)
+    record.storage.engine.dispose()
+    return record.dir
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """relative path -> its mode and (a file's) sha256, of ``folder`` and everything below it: what "nothing
+    changed" compares. Study lock files (``.NAME.lock``) left out: they stay once made, by design (tune.lock)."""
+    from study_driver import folder_digest
+
+    digests = folder_digest(folder)
+    return {str(p.relative_to(folder)): f"{p.stat().st_mode:o} {digests.get(str(p.relative_to(folder)), '')}"
+            for p in [folder, *folder.rglob("*")] if not p.name.endswith(".lock")}
+
+
+def test_permission_denied_on_the_storage_or_the_study_folder_at_the_terminal(ws: Workspace) -> None:
+    """Permission denied (EACCES) at the terminal, file modes applying to the driver (as root: without root's
+    override of them, study_driver.file_modes_apply). (a) A new study under a storage folder the user cannot
+    write: the folder itself, or a folder below it not made yet. (b) `--resume` of a finished study after
+    `chmod -R a-w` of its folder (the shared case readonly-study-folder by file modes), with the study's own
+    space and with --space; and with the storage folder read-only too. (c) Its optuna.db alone read-only
+    (`--resume`: SQLite opened it read-only and failed at its first write, after Ray started) or unreadable
+    (`--resume`, `--restart`: SQLite called it "not an Optuna database"). Each: exit 2 before any work (inputs
+    not checked, Ray never started), one `error:` line naming the folder or file and what to do, nothing
+    changed (modes and bytes), the lock free, no traceback."""
+    from tune.lock import StudyLock
+
+    prefix, why_not = file_modes_apply(ws.root)
+    if why_not is not None:
+        pytest.skip(why_not)
+    closed = ws.root / "closed"
+    closed.mkdir(mode=0o555)
+    study = _finished_study(ws.storage, NAME)
+    db = study / "optuna.db"
+    output = ""
+
+    def refused(args: list[str], said: str) -> None:
+        nonlocal output
+        before = {folder: _tree(folder) for folder in (closed, ws.storage)}
+        driver = run_driver(ws, args, timeout_s=180, prefix=prefix, tag="denied")
+        output += driver.output()
+        assert driver.proc.returncode == 2 and not driver.tracebacks() and not driver.stdout.strip(), output
+        assert driver.stderr.strip() == said, output
+        assert {folder: _tree(folder) for folder in (closed, ws.storage)} == before, output
+        assert not StudyLock.held(study), output
+
+    def folder(label: str, denied: Path) -> str:
+        return f"error: {label}: cannot write in {denied} (Permission denied); make it writable"
+
+    refused(["--space", str(SPACE), "--storage-path", str(closed)], folder(f"--storage-path={closed}", closed))
+    below = closed / "new" / "studies"
+    refused(["--space", str(SPACE), "--storage-path", str(below)], folder(f"--storage-path={below}", closed))
+    subprocess.run(["chmod", "-R", "a-w", str(study)], check=True)
+    try:
+        refused(["--resume", "--name", NAME], folder(f"the study folder {study}", study))
+        refused(["--resume", "--space", str(SPACE)], folder(f"the study folder {study}", study))
+        ws.storage.chmod(0o555)
+        refused(["--resume", "--name", NAME], folder(f"--storage-path={ws.storage}", ws.storage))
+        ws.storage.chmod(0o755)
+        subprocess.run(["chmod", "-R", "u+w", str(study)], check=True)
+        record = (f"error: cannot write {db} (Permission denied): make it writable, or choose another --storage-path; "
+                  "nothing was changed: run the command again then")
+        db.chmod(0o444)
+        refused(["--resume", "--name", NAME], record)
+        db.chmod(0o000)
+        refused(["--resume", "--name", NAME], record)
+        refused(["--restart", "--space", str(SPACE)], record)
+    finally:
+        ws.storage.chmod(0o755)
+        subprocess.run(["chmod", "-R", "u+w", str(study)], check=True)
+        closed.chmod(0o755)
+
+
+def test_a_name_or_storage_path_too_long_is_one_line_at_the_terminal(ws: Workspace) -> None:
+    """The shared cases' names too long at the terminal: a 240-byte study name on `--restart` (a study of that
+    name cannot exist: the study adds to its folder's name), a --storage-path near PATH_MAX (over 3,900 bytes;
+    SQLite opens no path of 512 bytes or more), and one with a folder name over 255 bytes. Each: exit 2 before any
+    work, one `error:` line naming the option and what to do, nothing written, no traceback."""
+    deep = ws.root.joinpath(*["d" * 200] * 20)
+    wide = ws.root / ("w" * 300) / "studies"
+    cases = [(["--space", str(SPACE), "--restart", "--name", "n" * 240], "error: --name is too long (240 bytes): at most"),
+             (["--space", str(SPACE), "--storage-path", str(deep)], (f"error: --storage-path={deep} with --name={NAME}: "
+                                                                     "the study folder's path is too long")),
+             (["--space", str(SPACE), "--storage-path", str(wide)], (f"error: {wide}: File name too long: choose a "
+                                                                     "shorter --name or --storage-path; nothing was changed"))]
+    assert 3900 < len(os.fsencode(str(deep / NAME))) < os.pathconf("/", "PC_PATH_MAX")
+    before = sorted(ws.root.iterdir())
+    output = ""
+    for args, said in cases:
+        driver = run_driver(ws, args, timeout_s=180, tag="long")
+        output += driver.output()
+        assert driver.proc.returncode == 2 and not driver.tracebacks() and not driver.stdout.strip(), output
+        assert driver.stderr.strip().startswith(said) and "\n" not in driver.stderr.strip(), output
+        assert sorted(p for p in ws.root.iterdir() if p.suffix not in (".out", ".err")) == before, output
