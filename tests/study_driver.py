@@ -153,9 +153,10 @@ class Driver:
     """One ``python -m tune.run`` process; stdout/stderr go to files so they can be read while it runs."""
 
     def __init__(self, ws: Workspace, args: Sequence[str], *, cwd: Path = REPO, tag: str = "run",
-                 env: dict[str, str] | None = None, sigint_ignored: bool = False) -> None:
+                 env: dict[str, str] | None = None, sigint_ignored: bool = False, prefix: Sequence[str] = ()) -> None:
         """``sigint_ignored``: started as a background job of a non-interactive shell is (`cmd &`:
-        SIGINT ignored, which the driver inherits)."""
+        SIGINT ignored, which the driver inherits). ``prefix``: a command the driver runs under
+        (:func:`file_modes_apply`'s)."""
         self.ws = ws
         self.args = list(args)
         n = len(list(ws.root.glob(f"{tag}-*.out")))
@@ -163,7 +164,7 @@ class Driver:
         self.err_path = ws.root / f"{tag}-{n}.err"
         self._out = self.out_path.open("wb")
         self._err = self.err_path.open("wb")
-        cmd = [sys.executable, "-m", "tune.run", "--storage-path", str(ws.storage),
+        cmd = [*prefix, sys.executable, "-m", "tune.run", "--storage-path", str(ws.storage),
                "--ray-temp-dir", str(ws.ray_tmp), *self.args]
         self.started = time.monotonic()
         # (an ignored signal stays ignored across exec; this test process's own handler is put back at once)
@@ -236,6 +237,32 @@ def run_driver(ws: Workspace, args: Sequence[str], timeout_s: float = 240, **kwa
     finally:
         driver.teardown()
     return driver
+
+
+# Root writes through any file mode (CAP_DAC_OVERRIDE), so a driver meant to meet "Permission denied" runs, as
+# root, with that capability and CAP_DAC_READ_SEARCH dropped from its bounding set: its python has neither, its
+# uid stays. Not as another user (nobody): the interpreter, the test's temporary folders and the token cache are
+# root's, often below folders only root may enter (/root/.pyenv, /tmp/pytest-of-root).
+_UNPRIVILEGED = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--")
+
+
+def file_modes_apply(scratch: Path) -> tuple[list[str], str | None]:
+    """(the command prefix under which a driver meets file modes as any user does, why not: None when it does),
+    checked by a python under it writing into a read-only folder made in ``scratch``."""
+    prefix = list(_UNPRIVILEGED) if os.geteuid() == 0 else []
+    if prefix and shutil.which(prefix[0]) is None:
+        return prefix, "running as root, and setpriv (util-linux), which drops root's override of file modes, is missing"
+    probe = scratch / "read-only-probe"
+    probe.mkdir(mode=0o555)
+    try:
+        done = subprocess.run([*prefix, sys.executable, "-c", "import sys, tempfile; tempfile.TemporaryFile(dir=sys.argv[1])",
+                               str(probe)], capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        probe.rmdir()
+    if "PermissionError" not in done.stderr:
+        said = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        return prefix, f"file modes do not stop {' '.join([*prefix, 'python'])} writing in a read-only folder ({said})"
+    return prefix, None
 
 
 # What of a traceback reaches a terminal: Python's header and its frame lines, and the forms in which Ray

@@ -60,19 +60,36 @@ def write_space(folder: Path, name: str, edit: Any = None) -> Path:
 
 
 class Victim:
-    def __init__(self, ws: Workspace, driver: Driver) -> None:
+    """The finished study, the driver that made it, the second start of the same study it refused
+    meanwhile, and what the study held when it was made (later tests add to it)."""
+
+    def __init__(self, ws: Workspace, driver: Driver, second: Driver) -> None:
         self.ws = ws
         self.driver = driver
+        self.second = second
         self.dir = ws.study_dir(NAME)
+        self.made = stored_results(self.dir)
+        self.made_epochs = trained_epochs(self.dir)
+        self.made_runs = mlflow_runs(self.dir)[1:]
 
 
 @pytest.fixture(scope="module")
 def victim(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    # The same study started twice: while the first driver creates and runs it, a second start of it is
+    # refused (test_same_study_started_twice_...). One driver run serves both (a Ray start and a study
+    # cost more than the checks).
     ws = Workspace(tmp_path_factory.mktemp("integrity"))
     space = write_space(ws.root, "space")
-    driver = run_driver(ws, ["--space", str(space), "--name", NAME], timeout_s=300)
-    assert driver.proc.returncode == 0, driver.output()
-    yield Victim(ws, driver)
+    first = Driver(ws, ["--space", str(space), "--name", NAME])
+    try:
+        first.wait_for("the first driver's lock", lambda: (ws.storage / f".{NAME}.lock").exists(), 60)
+        time.sleep(1.0)  # the first is checking inputs or creating the study
+        second = run_driver(ws, ["--space", str(space), "--name", NAME], timeout_s=60, tag="second")
+        first.wait(300)
+    finally:
+        first.teardown()
+    assert first.proc.returncode == 0, first.output() + second.output()
+    yield Victim(ws, first, second)
     ws.cleanup()
 
 
@@ -231,26 +248,15 @@ def test_resume_of_a_finished_study_runs_nothing_and_summarises(victim: Victim) 
 
 
 @pytest.mark.slow
-def test_same_study_started_twice_the_second_is_refused_and_the_first_completes(
-        victim: Victim, tmp_path: Path) -> None:
-    ws = Workspace(tmp_path)
-    space = write_space(tmp_path, "dup")
-    first = Driver(ws, ["--space", str(space)])
-    try:
-        first.wait_for("the first driver's lock", lambda: (ws.storage / ".dup.lock").exists(), 60)
-        time.sleep(1.0)  # the first is checking inputs or creating the study
-        second = run_driver(ws, ["--space", str(space)], timeout_s=60, tag="second")
-        assert second.proc.returncode == 2, second.output()
-        assert "study 'dup' is in use by pid" in second.stderr, second.output()
-        assert first.wait(240) == 0, first.output()
-    finally:
-        first.teardown()
-        ws.cleanup()
+def test_same_study_started_twice_the_second_is_refused_and_the_first_completes(victim: Victim) -> None:
+    first, second = victim.driver, victim.second  # (the victim fixture starts both)
+    assert second.proc.returncode == 2, second.output()
+    assert f"study '{NAME}' is in use by pid" in second.stderr, second.output()
+    assert first.proc.returncode == 0, first.output()
     assert not first.tracebacks() and not second.tracebacks(), first.output() + second.output()
-    summary = stored_results(ws.study_dir("dup"))
-    assert len(summary) == 2
-    assert not [k for k, n in Counter(trained_epochs(ws.study_dir("dup"))).items() if n > 1]
-    _, parents, children = mlflow_runs(ws.study_dir("dup"))
+    assert len(victim.made) == 2
+    assert not [k for k, n in Counter(victim.made_epochs).items() if n > 1]
+    parents, children = victim.made_runs
     assert len(parents) == 1 and sorted(r.data.tags["minimind.trial"] for r in children) == ["0", "1"]
 
 

@@ -232,3 +232,27 @@ def test_ray_tunes_traceback_of_an_os_error_while_stopping_a_trial_is_dropped() 
 
     assert not logged(OSError(errno.EROFS, "Read-only file system", "/s/optuna.db-journal"))
     assert logged(ValueError("a bug in the searcher"))
+
+
+def test_rays_unhandled_error_of_an_os_error_is_dropped_and_any_other_kept() -> None:
+    """A study folder turned read-only while a trial saved its checkpoint: Ray's driver logged "Unhandled
+    error ... ray::ImplicitFunc.train()" with the worker's traceback as text (~30 lines) beside the driver's
+    one line. (The text as Ray 2.60 formats a RayTaskError.)"""
+    import logging
+
+    from tune.preflight import quiet_libraries
+
+    quiet_libraries()
+    logger = logging.getLogger("ray._private.worker")
+
+    def logged(last_line: str) -> bool:
+        text = ("Unhandled error (suppress with 'RAY_IGNORE_UNHANDLED_ERRORS=1'): ray::ImplicitFunc.train() "
+                "(pid=1, ip=127.0.0.1, repr=train_trial)\n  File \"tune/atomic.py\", line 59, in _remove\n"
+                f"    path.unlink(missing_ok=True)\n{last_line}")
+        return bool(logger.filter(logger.makeRecord(logger.name, logging.ERROR, __file__, 1, text, (), None)))
+
+    assert not logged("OSError: [Errno 30] Read-only file system: '/s/runs/run-4/t003/.epoch_0003.1.tmp'")
+    assert not logged("PermissionError: [Errno 13] Permission denied: '/s/runs'")
+    assert logged("ValueError: a bug in the trainable")
+    assert bool(logger.filter(logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "another error: [Errno 5]",
+                                                (), None)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,8 @@ def quiet_libraries() -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray.tune.tune").addFilter(_ray_tune_lines)
     logging.getLogger("ray.tune.execution.tune_controller").addFilter(_no_os_error_traceback)
+    # (A logger's name again: Ray's switch, RAY_IGNORE_UNHANDLED_ERRORS, would hide every error, not the OS's.)
+    logging.getLogger("ray._private.worker").addFilter(_no_unhandled_os_error)
     # Tuner.fit's ResultGrid reads every trial's result files and warns ("Failed to fetch metrics ...") for a
     # trial that ended before its first result (a spent time budget, Ctrl-C); the study reads its record,
     # never the ResultGrid.
@@ -98,6 +101,17 @@ def _no_os_error_traceback(entry: logging.LogRecord) -> bool:
     from .interrupts import os_problem
 
     return not (entry.exc_info and entry.exc_info[1] is not None and os_problem(entry.exc_info[1]) is not None)
+
+
+_OS_ERROR_LINE = re.compile(r"^\w*Error: \[Errno \d+\] ", re.MULTILINE)  # (str() of an OSError: "[Errno 30] ...")
+
+
+def _no_unhandled_os_error(entry: logging.LogRecord) -> bool:
+    """Ray logs a trial's error that Tune stopped waiting for (the study stopping) as "Unhandled error ..."
+    with the worker's traceback as text (~30 lines for a checkpoint saved into a folder turned read-only): an
+    OS error is dropped, as the driver meets it in the record and says it in one line; any other keeps it."""
+    text = entry.getMessage()
+    return not (text.startswith("Unhandled error") and _OS_ERROR_LINE.search(text))
 
 
 def check_inputs(spec: StudySpec, run_cfg: config.RunConfig, paths: StudyPaths, address: str | None = None) -> Inputs:

@@ -269,12 +269,6 @@ def _run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> 
                     if (study_dir / "optuna.db").exists() else "not a study of minimind-tune (no study.json)")
             raise StudyError(f"{study_dir} exists and is {what}; it is left alone: choose another --name, "
                              "or move the folder away yourself")
-        if exists and args.restart:
-            try:
-                Study.open(study_dir)
-            except StudyError as exc:
-                raise StudyError(f"{exc}; the study is left alone: --restart replaces only a study it can "
-                                 "read (move the folder away yourself to start over)") from exc
         if exists and not (args.resume or args.restart):
             raise StudyError(f"a study named {paths.name!r} already exists at {paths.uri}; pass --resume to "
                              "continue it or --restart to replace it (or choose another --name)")
@@ -282,6 +276,16 @@ def _run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> 
             raise StudyError(f"--resume: no study to resume at {paths.uri}")
         if exists and (problem := writable_problem(str(study_dir), f"the study folder {study_dir}")):
             raise StudyError(problem)  # (a read-only one: refused before anything is read or written)
+        if exists and (db := study_dir / OPTUNA_FILE).exists():
+            # An OSError here is one line (_stopped): SQLite opens a record it may not read as "not a database",
+            # and one it may not write read-only, failing at its first write, after Ray started.
+            db.open("r+b" if args.resume else "rb").close()
+        if exists and args.restart:
+            try:
+                Study.open(study_dir)
+            except StudyError as exc:
+                raise StudyError(f"{exc}; the study is left alone: --restart replaces only a study it can "
+                                 "read (move the folder away yourself to start over)") from exc
         record = Study.open(study_dir) if args.resume else None
         if args.warm_start is not None and record is not None:
             raise StudyError(f"--warm-start={args.warm_start}: a study is warm-started when it is created; "
