@@ -47,9 +47,9 @@ study() {
     "$PY" - "$store/gpu" "${OUT:-}" <<'PYEOF'
 import json, sys
 from pathlib import Path
-from tune.record import StudyRecord
+from tune.study import Study
 from tune.storage import checkpoint_metas
-record = StudyRecord.open(Path(sys.argv[1]))
+record = Study.open(Path(sys.argv[1]))
 rows = []
 for t in record.trials():
     metas = [meta for _, meta in checkpoint_metas(record.runs, t.number).values()]

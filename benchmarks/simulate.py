@@ -14,12 +14,12 @@ Each simulated study follows the study's rules:
 * **Record, then decide** (``tune.searcher.RecordScheduler``): each evaluation's value is reported as
   the trial's intermediate value at its evaluation index, then the pruner is asked, never after the
   last evaluation. A curve marked diverged ends its trial FAIL after its last value; one whose best value
-  is no better than its model before training (:func:`tune.record.no_better_reason`) is no answer.
-  A finished trial is told its best evaluation's value (``StudyRecord.finish``).
+  is no better than its model before training (:func:`tune.study.no_better_reason`) is no answer.
+  A finished trial is told its best evaluation's value (``Study.finish``).
 * **Finalists with seeds** (``tune.searcher.finalist_plans``, ``tune.report``): the ``top_k`` best
   completed search trials' distinct grid configs are replayed with the table's other training seeds; the answer is the
   best mean over the search seed and the finalist seeds (a diverged seed counts as the worst value).
-  Without finalists the answer is the best search trial (:func:`tune.record.ranked`). Search trials use
+  Without finalists the answer is the best search trial (:func:`tune.study.ranked`). Search trials use
   the table's first training seed, finalists the next ones (a study's ``train.seed``, then ``+1 ...``).
 
 **Off the grid.** The sampler searches the grid's hull with the shipped spaces' types (learning rate
@@ -59,8 +59,8 @@ import optuna
 import yaml
 
 from tune.objective import Objective
-from tune.record import no_better_reason
 from tune.searcher import make_pruner, make_sampler
+from tune.study import no_better_reason
 
 __all__ = ["STRATEGIES", "Outcome", "Strategy", "Table", "default_strategy", "main", "simulate", "summarize"]
 

@@ -188,7 +188,7 @@ def import_floor_mb() -> dict[str, float]:
     """USS of a fresh Python after importing torch, then the trainable (torch, Ray Tune, the project)."""
     code = ("import json, os, sys; sys.path.insert(0, sys.argv[1]); from study_overhead import memory_mb; "
             "out = {}; import torch; out['torch'] = memory_mb(os.getpid())['uss']; "
-            "import tune.trainable; out['trainable'] = memory_mb(os.getpid())['uss']; print(json.dumps(out))")
+            "import tune.searcher; out['trainable'] = memory_mb(os.getpid())['uss']; print(json.dumps(out))")
     proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], cwd=REPO,
                           capture_output=True, text=True, check=False, timeout=300)
     try:

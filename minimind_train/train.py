@@ -235,7 +235,7 @@ def train_epochs(cfg: RunConfig, data: SFTData, state: TrainState | None = None,
     eval_at = evaluation_steps(per_epoch, t.evals_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = t.grad_clip if t.grad_clip > 0 else math.inf
-    # What a run must beat to have learned anything, reported with a fresh run's first evaluation (tune.record's
+    # What a run must beat to have learned anything, reported with a fresh run's first evaluation (tune.study's
     # no_better_reason reads these names): the validation loss before the first optimizer step, and
     # ln(vocabulary size), the loss of the uniform predictor (a collapsed model's). One evaluation, no
     # randomness used: the run trains exactly as without it.

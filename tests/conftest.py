@@ -91,7 +91,7 @@ def fixture_dir() -> Path:
 
 
 def make_checkpoint(folder: Path, epoch: int, val: float, *, meta: bool = True, state: bytes | None = None) -> Path:
-    """A trial checkpoint folder as tune.trainable writes it (``meta=False``: cut short before meta.json;
+    """A trial checkpoint folder as tune.searcher.train_trial writes it (``meta=False``: cut short before meta.json;
     ``state``: the resume state's bytes instead of a small torch file)."""
     folder.mkdir(parents=True)
     torch.save({"w": torch.zeros(1)}, folder / "model.pth")

@@ -297,9 +297,9 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 def stored_results(study_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """trial name (t000, ...) -> the epochs the study record holds, each ``{**metrics, "epoch": e}``."""
-    from tune.record import StudyRecord
+    from tune.study import Study
 
-    record = StudyRecord.open(study_dir)
+    record = Study.open(study_dir)
     return {t.name: [{**m, "epoch": e} for e, m in sorted(t.epochs.items())] for t in record.trials()}
 
 

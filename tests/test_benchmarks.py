@@ -33,12 +33,12 @@ def test_gpu_check_reads_each_trials_checkpoints_from_the_study_record(tmp_path:
     import optuna
     from conftest import make_checkpoint
 
-    from tune.record import StudyRecord
+    from tune.study import Study
 
     text = (BENCH / "gpu_check.sh").read_text()
     summary = text.split("<<'PYEOF'\n", 1)[1].split("\nPYEOF", 1)[0]
     spec = {"train": {"epochs": 1}, "tune": {"metric": "val_loss", "mode": "min", "num_samples": 1}}
-    record = StudyRecord.create(tmp_path / "gpu", "gpu", spec, "train: {}\n", {})
+    record = Study.create(tmp_path / "gpu", "gpu", spec, "train: {}\n", {})
     n, _ = record.ask({"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
     record.record_epoch(n, 1, {"val_loss": 2.0, "peak_memory_mb": 12.0}, "val_loss")
     make_checkpoint(tmp_path / "gpu" / "runs" / "run-1" / f"t{n:03d}" / "epoch_0001", 1, 2.0)

@@ -34,8 +34,8 @@ from pathlib import Path
 import pytest
 
 from tune.cluster import ClusterError, check_resources
-from tune.record import StudyRecord
 from tune.space import Resources
+from tune.study import Study
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -547,7 +547,7 @@ def test_study_on_two_nodes_survives_losing_one():
             # died with it is reported by the retry from that checkpoint (marked restored), not trained again.
             assert len(trained) == len(set(trained)), rows
             assert sorted(set(trained) | {r["epoch"] for r in restarted}) == list(range(1, EPOCHS + 1)), rows
-            assert sorted(StudyRecord.open(study).trial(int(victim[1:])).epochs) == list(range(1, EPOCHS + 1))
+            assert sorted(Study.open(study).trial(int(victim[1:])).epochs) == list(range(1, EPOCHS + 1))
             assert restarted and restarted[0]["epoch"] >= max(killed_at), (rows, killed_at)
             assert all(ckpts[victim][e] == worker_id for e in killed_at), (killed_at, ckpts[victim])
             assert ckpts[victim][EPOCHS] == head_id, ckpts[victim]

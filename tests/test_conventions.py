@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -118,19 +119,32 @@ def test_every_folder_under_a_package_is_listed_so_install_is_quiet() -> None:
     assert folders <= packages, sorted(folders - packages)
 
 TUNE_MODULES = [p for p in MODULES if p.parent.name == "tune"]
+# Every module of the product and its tools: the direction is decided in tune/objective.py alone.
+SCRIPTS = sorted(p for folder in ("benchmarks", "scripts") for p in (REPO / folder).glob("*.py"))
 _DIRECTIONS = {"min", "max", "minimize", "maximize"}
 
 
+def _strings(node: ast.AST) -> set[str]:
+    """The string constants ``node`` is, or holds as a tuple, list or set: ``"min"``, ``("min", "max")``."""
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return {n.value for n in items if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+
 def _direction_sites(tree: ast.Module) -> list[str]:
-    """Where a module decides the objective's direction itself: ``mode == "min"``, Optuna's direction
-    names or ``StudyDirection.MINIMIZE``."""
+    """Where a module decides the objective's direction itself: ``mode == "min"``, ``mode in ("min", ...)``,
+    ``x.mode != y``, a mapping or ``match`` keyed by a direction, Optuna's direction names or
+    ``StudyDirection.MINIMIZE``."""
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Compare):
-            strings = [n.value for n in (node.left, *node.comparators) if isinstance(n, ast.Constant)]
-            if set(strings) & _DIRECTIONS or any(isinstance(n, ast.Attribute) and n.attr == "mode"
-                                                 for n in (node.left, *node.comparators)):
+            operands = (node.left, *node.comparators)
+            if set().union(*map(_strings, operands)) & _DIRECTIONS or any(
+                    isinstance(n, ast.Attribute) and n.attr == "mode" for n in operands):
                 found.append(f"a comparison with the mode (line {node.lineno})")
+        elif isinstance(node, ast.Dict) and set().union(*(_strings(k) for k in node.keys if k)) & _DIRECTIONS:
+            found.append(f"a mapping keyed by the mode (line {node.lineno})")
+        elif isinstance(node, ast.MatchValue) and _strings(node.value) & _DIRECTIONS:
+            found.append(f"a match case on the mode (line {node.lineno})")
         elif isinstance(node, ast.Constant) and str(node.value).lower() in {"minimize", "maximize"}:
             found.append(f"{node.value!r} (line {node.lineno})")
         elif isinstance(node, ast.Attribute) and node.attr in {"MINIMIZE", "MAXIMIZE"}:
@@ -138,18 +152,21 @@ def _direction_sites(tree: ast.Module) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("path", [p for p in TUNE_MODULES if p.name != "objective.py"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in MODULES + SCRIPTS if p.name != "objective.py"],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_only_tune_objective_knows_which_way_is_better(path: Path) -> None:
     """The objective's direction is decided in one place, :class:`tune.objective.Objective`."""
     assert not _direction_sites(_tree(path)), f"{path.name} decides the direction itself: {_direction_sites(_tree(path))}"
 
 
 def test_the_direction_check_finds_what_it_looks_for() -> None:
-    assert (REPO / "tune" / "objective.py").is_file()
+    assert (REPO / "tune" / "objective.py").is_file() and SCRIPTS
     assert _direction_sites(_tree(REPO / "tune" / "objective.py"))
     sample = ast.parse('a = 1 if t.mode == "min" else -1\nb = "maximize"\nc = d.StudyDirection.MINIMIZE\n'
-                       'e = f.mode != g\nok = min(values)')
-    assert len(_direction_sites(sample)) == 4
+                       'e = f.mode != g\nh = "max" == mode\ni = mode in ("max", "min")\n'
+                       'j = {"min": 1, "max": -1}[mode]\nmatch mode:\n    case "min":\n        pass\n'
+                       'ok = min(values)\nok = {"minimum": 1}\nok = Objective("loss", "min")\nok = x in ("a", "b")')
+    assert len(_direction_sites(sample)) == 8, _direction_sites(sample)
 
 
 def _status_literals(tree: ast.Module) -> list[str]:
@@ -180,9 +197,9 @@ def test_every_status_is_in_the_table() -> None:
 # Renames outside tune.atomic, each for a reason: folders published or moved, never a file written.
 _RENAMES_ALLOWED = {
     "atomic.py": 99,  # the one write-and-rename
-    "record.py": 1,  # a new study folder: must never replace one that appeared meanwhile
+    "study.py": 1,  # a new study folder: must never replace one that appeared meanwhile
     "restart.py": 2,  # --restart moves the old study aside and back
-    "checkpoint.py": 3,  # the trainer's checkpoint folder (minimind_train never imports tune)
+    "checkpoint.py": 4,  # the trainer's checkpoint folder (minimind_train never imports tune), and its leftovers' suffix
     "token_cache.py": 2,  # a token cache folder: a concurrent build's is kept, not replaced
 }
 
@@ -241,3 +258,39 @@ def test_no_import_cycle_among_the_projects_modules() -> None:
 
     for module in sorted(graph):
         visit(module, ())
+
+
+# What a parameter of each name may be: the study's spec (typed, or its dict form as stored), its record
+# (the object, or the path of its optuna.db), an Optuna study; each may be None where the signature says so.
+_STUDY_PARAMETERS = {"spec": {"StudySpec", "Mapping[str, Any]", "dict[str, Any]"},
+                     "record": {"Study", "Path"},
+                     "study": {"optuna.Study", "_Study"}}
+
+
+def _parameters(tree: ast.Module) -> Iterator[tuple[str, ast.arg]]:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            for arg in (*args.posonlyargs, *args.args, *args.kwonlyargs):
+                if arg.arg not in {"self", "cls"}:
+                    yield node.name, arg
+
+
+def _untyped(tree: ast.Module) -> list[str]:
+    """Parameters without a type, and a spec, record or study typed otherwise than :data:`_STUDY_PARAMETERS` says."""
+    return [f"{func}({arg.arg}: {ast.unparse(arg.annotation) if arg.annotation else '-'}) line {arg.lineno}"
+            for func, arg in _parameters(tree)
+            if arg.annotation is None or ast.unparse(arg.annotation).removesuffix(" | None") not in
+            _STUDY_PARAMETERS.get(arg.arg, {ast.unparse(arg.annotation).removesuffix(" | None")})]
+
+
+@pytest.mark.parametrize("path", TUNE_MODULES, ids=lambda p: p.name)
+def test_the_study_objects_are_typed_in_every_signature(path: Path) -> None:
+    """A spec, record or study is never ``Any`` nor unannotated, and every parameter of tune/ has a type."""
+    assert not _untyped(_tree(path)), f"{path.name}: {_untyped(_tree(path))}"
+
+
+def test_the_typing_check_finds_what_it_looks_for() -> None:
+    sample = ast.parse("def f(spec: Any, record, study: optuna.Study, n: int, m) -> None: ...\n"
+                       "def g(self, spec: StudySpec, record: Study, *, study: Any = None) -> None: ...")
+    assert [line.split("(")[1].split(":")[0] for line in _untyped(sample)] == ["spec", "record", "m", "study"]

@@ -15,8 +15,8 @@ import pytest
 
 from tune.dashboard import _served, answer_note, snapshot, trial_role
 from tune.objective import Objective
-from tune.record import StudyRecord
 from tune.status import TrialStatus
+from tune.study import Study
 from tune.ui import main
 
 SEARCH = {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -41,10 +41,10 @@ def _digest(path: Path) -> str:
 
 
 @pytest.fixture
-def study(tmp_path: Path) -> StudyRecord:
+def study(tmp_path: Path) -> Study:
     """Two search trials (one stopped early), a finalist of the best and a warm-start trial."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    record = StudyRecord.create(tmp_path / "studies" / "s", "s", SPEC, "train: {}\n", {})
+    record = Study.create(tmp_path / "studies" / "s", "s", SPEC, "train: {}\n", {})
     record.study.add_trial(optuna.trial.create_trial(
         params={"train.learning_rate": 1e-3, "train.accumulation_steps": 1}, distributions=DISTRIBUTIONS,
         value=2.9, user_attrs={"status": TrialStatus.WARM_START, "source": "old t004"}))
@@ -59,7 +59,7 @@ def study(tmp_path: Path) -> StudyRecord:
     return record
 
 
-def test_roles_and_the_note_state_the_answer(study: StudyRecord) -> None:
+def test_roles_and_the_note_state_the_answer(study: Study) -> None:
     trials = study.study.get_trials()
     assert [trial_role(t.user_attrs) for t in trials] == [
         "warm start: old t004 (history for the sampler)", "search", "search", "finalist: t001's config with seed 43"]
@@ -73,7 +73,7 @@ def test_roles_and_the_note_state_the_answer(study: StudyRecord) -> None:
     assert "- t000: warm start: old t004" in note and "- t003: finalist: t001's config with seed 43" in note
 
 
-def test_served_from_a_snapshot_the_record_untouched(study: StudyRecord, tmp_path: Path) -> None:
+def test_served_from_a_snapshot_the_record_untouched(study: Study, tmp_path: Path) -> None:
     (study.dir / "best.yaml").write_text(BEST_YAML)
     record_db = study.dir / "optuna.db"
     before = _digest(record_db)
@@ -98,7 +98,7 @@ def test_cli_refuses_a_tracking_uri_and_a_missing_study(tmp_path: Path, capsys: 
     assert "is the study name right?" in capsys.readouterr().err
 
 
-def test_a_damaged_record_or_a_taken_port_is_one_line(study: StudyRecord, tmp_path: Path,
+def test_a_damaged_record_or_a_taken_port_is_one_line(study: Study, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     storage = ["--storage-path", str(study.dir.parent), "--study", "s"]
     with socket.socket() as taken:

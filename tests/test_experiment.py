@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tune import experiment
-from tune.record import StudyError
+from tune.study import StudyError
 
 
 class _FakeRay:
@@ -89,20 +89,20 @@ def test_a_driver_run_keeps_its_length_in_the_record_as_it_goes(tmp_path: Any) -
     """What a SIGKILL would leave at any moment: the run's time so far (to a beat), counted for the budget."""
     import time
 
-    from tune.record import StudyRecord
+    from tune.study import Study
 
-    record = StudyRecord.create(tmp_path / "s", "s", {"tune": {"mode": "min"}}, "", {})
+    record = Study.create(tmp_path / "s", "s", {"tune": {"mode": "min"}}, "", {})
     record.add_history({"run": 1, "seconds": 40.0})
     record.add_history({"run": 2, "started": "2026-12-01T08:00:00"})
     clock = experiment.RunClock(record, 2, started=time.monotonic() - 12.0, every_s=5.0)
     clock.on_step_end(1, [])
-    assert StudyRecord.open(record.dir).seconds_used() == pytest.approx(52.0, abs=1.0)
+    assert Study.open(record.dir).seconds_used() == pytest.approx(52.0, abs=1.0)
     clock.started -= 30.0  # 30 s later, but within a beat of the last write: nothing written
     clock.on_step_end(2, [])
-    assert StudyRecord.open(record.dir).seconds_used() == pytest.approx(52.0, abs=1.0)
+    assert Study.open(record.dir).seconds_used() == pytest.approx(52.0, abs=1.0)
     clock.last -= 5.0
     clock.on_step_end(3, [])
-    again = StudyRecord.open(record.dir)
+    again = Study.open(record.dir)
     assert again.seconds_used() == pytest.approx(82.0, abs=1.0)
     assert len(again.manifest.history) == 3  # the run's one entry, rewritten
     import pickle

@@ -2,7 +2,7 @@
 and its tracking server going away: nothing finished is lost, no epoch is trained twice.
 
 Each test runs ``python -m tune.run`` on tests/spaces/faults.yaml (3 short epochs) as a subprocess in
-its own session, injects the fault while the study runs, then checks the study record (tune.record),
+its own session, injects the fault while the study runs, then checks the study record (tune.study),
 every epoch each driver run trained (Ray's result.json of each run) and the MLflow mirror.
 """
 
@@ -62,9 +62,9 @@ def live_results(ws: Workspace) -> dict[str, list[dict[str, Any]]]:
 
 
 def _record(study: Path) -> dict[str, Any]:
-    from tune.record import StudyRecord
+    from tune.study import Study
 
-    return {t.name: t for t in StudyRecord.open(study).trials()}
+    return {t.name: t for t in Study.open(study).trials()}
 
 
 def _check_study_complete(study: Path, expected: int, output: str) -> dict[str, Any]:
@@ -119,9 +119,9 @@ def _check_resumed_to_the_end(study: Path, expected: int, output: str,
 
 
 def _seconds_used(study: Path) -> float:
-    from tune.record import StudyRecord
+    from tune.study import Study
 
-    return StudyRecord.open(study).seconds_used()
+    return Study.open(study).seconds_used()
 
 
 def _progress(driver: Driver) -> dict[str, int]:
@@ -865,11 +865,11 @@ def test_an_unusable_record_wait_is_refused_before_any_work(tmp_path: Path, monk
 def _finished_study(storage: Path, name: str) -> Path:
     """A finished study of SPACE (every trial completed, as a driver leaves it) made in-process, without Ray."""
     from tune.objective import Objective
-    from tune.record import StudyRecord
     from tune.space import load_space, optuna_distributions, spec_to_dict, spec_to_yaml
+    from tune.study import Study
 
     spec = load_space(SPACE)
-    record = StudyRecord.create(storage / name, name, spec_to_dict(spec), spec_to_yaml(spec, f"Study {name}"), {})
+    record = Study.create(storage / name, name, spec_to_dict(spec), spec_to_yaml(spec, f"Study {name}"), {})
     objective = Objective.of(spec_to_dict(spec)["tune"])
     for k in range(spec.tune.num_samples):
         number, _ = record.ask(optuna_distributions(spec))

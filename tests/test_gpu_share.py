@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minimind_train.config import ModelConfig, RunConfig, TrainConfig, run_config_to_dict
-from tune import trainable
+from tune import searcher
 from tune.objective import Objective
 from tune.searcher import CHECKPOINT_KEY
 
@@ -37,12 +37,12 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
         report=lambda metrics, checkpoint=None: calls["reports"].append(metrics),
         Checkpoint=types.SimpleNamespace(from_directory=lambda path: path),
     )
-    monkeypatch.setattr(trainable, "tune", session)
-    monkeypatch.setattr(trainable, "prepare_data", lambda cfg, show_progress=False: types.SimpleNamespace(
+    monkeypatch.setattr(searcher, "tune", session)
+    monkeypatch.setattr(searcher, "prepare_data", lambda cfg, show_progress=False: types.SimpleNamespace(
         vocab_size=128, stats_dict=dict))
-    monkeypatch.setattr(trainable, "current_node", dict)
-    monkeypatch.setattr(trainable, "save_checkpoint", lambda folder, *a, **k: folder)
-    monkeypatch.setattr(trainable, "write_checkpoint", lambda folder, *a, **k: str(folder))
+    monkeypatch.setattr(searcher, "current_node", dict)
+    monkeypatch.setattr(searcher, "save_checkpoint", lambda folder, *a, **k: folder)
+    monkeypatch.setattr(searcher, "write_checkpoint", lambda save, trial_dir, index: f"{trial_dir}/epoch_{index:04d}")
     calls["kwargs"] = {"base": BASE, "objective": Objective("val_loss"), "runs_dir": str(tmp_path / "runs"),
                        "run_name": "run-1"}
     return calls
@@ -53,9 +53,9 @@ def test_oom_within_share_fails_alone_with_a_clear_message(fake_cuda: dict, monk
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB (GPU 0)")
         yield  # a generator, like train_epochs
 
-    monkeypatch.setattr(trainable, "train_epochs", oom)
-    with pytest.raises(trainable.TrialOutOfMemory) as info:
-        trainable.train_trial({"study_trial": 0}, **fake_cuda["kwargs"], gpu_share=0.25)
+    monkeypatch.setattr(searcher, "train_epochs", oom)
+    with pytest.raises(searcher.TrialOutOfMemory) as info:
+        searcher.train_trial({"study_trial": 0}, **fake_cuda["kwargs"], gpu_share=0.25)
     message = str(info.value)
     assert "share of 0.25 of the GPU (20.0 of 80.0 GiB)" in message
     assert "train.batch_size=24" in message and "smaller train.batch_size" in message
@@ -70,8 +70,8 @@ def test_memory_released_after_a_finished_trial(fake_cuda: dict, monkeypatch) ->
     def one_epoch(*args, **kwargs):
         yield types.SimpleNamespace(epoch=1, metrics={"val_loss": 1.0}, state=None, step_in_epoch=3, steps_in_epoch=3)
 
-    monkeypatch.setattr(trainable, "train_epochs", one_epoch)
-    trainable.train_trial({"study_trial": 0}, **fake_cuda["kwargs"], gpu_share=0.5)
+    monkeypatch.setattr(searcher, "train_epochs", one_epoch)
+    searcher.train_trial({"study_trial": 0}, **fake_cuda["kwargs"], gpu_share=0.5)
     # (each report names the checkpoint it was saved with: the record's checkpoint index)
     assert [{k: v for k, v in r.items() if k != CHECKPOINT_KEY} for r in fake_cuda["reports"]] == \
         [{"val_loss": 1.0, "epoch": 1, "evaluation": 1}]
@@ -85,7 +85,7 @@ def test_whole_gpu_is_not_capped(fake_cuda: dict, monkeypatch) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
         yield
 
-    monkeypatch.setattr(trainable, "train_epochs", oom)
-    with pytest.raises(trainable.TrialOutOfMemory, match=r"the whole GPU \(80.0 GiB\)"):
-        trainable.train_trial({"study_trial": 0}, **fake_cuda["kwargs"], gpu_share=1.0)
+    monkeypatch.setattr(searcher, "train_epochs", oom)
+    with pytest.raises(searcher.TrialOutOfMemory, match=r"the whole GPU \(80.0 GiB\)"):
+        searcher.train_trial({"study_trial": 0}, **fake_cuda["kwargs"], gpu_share=1.0)
     assert fake_cuda["fraction"] == []

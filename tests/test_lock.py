@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tune.lock import StudyLock, lock_path
-from tune.record import StudyError
+from tune.study import StudyError
 
 
 def test_lock_is_exclusive_and_names_the_holder(tmp_path: Path) -> None:

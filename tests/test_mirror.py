@@ -35,7 +35,7 @@ from tune.mirror import (
     run_name,
 )
 from tune.objective import Objective
-from tune.record import StudyRecord, TrialRecord
+from tune.study import Study, TrialRecord
 from tune.tracking import (
     VIEW_TAG_PREFIX,
     TrackingError,
@@ -78,37 +78,37 @@ def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return db
 
 
-def make_record(where: Path, template_db: Path | None) -> StudyRecord:
-    record = StudyRecord.create(where, where.name, SPEC, "train: {}\n", {})
+def make_record(where: Path, template_db: Path | None) -> Study:
+    record = Study.create(where, where.name, SPEC, "train: {}\n", {})
     if template_db is not None:
         shutil.copy(template_db, where / "mlflow.db")
     return record
 
 
 @pytest.fixture
-def record(tmp_path: Path, template_db: Path) -> StudyRecord:
+def record(tmp_path: Path, template_db: Path) -> Study:
     return make_record(tmp_path / "studies" / "s", template_db)
 
 
-def new_trial(record: StudyRecord, epochs: int = 0, start: float = 2.0) -> int:
+def new_trial(record: Study, epochs: int = 0, start: float = 2.0) -> int:
     number, _ = record.ask(SEARCH)
     add_epochs(record, number, range(1, epochs + 1), start)
     return number
 
 
-def add_epochs(record: StudyRecord, number: int, epochs: range, start: float = 2.0) -> None:
+def add_epochs(record: Study, number: int, epochs: range, start: float = 2.0) -> None:
     for epoch in epochs:
         loss = start / epoch
         record.record_epoch(number, epoch, {OBJECTIVE: loss, "train_loss": loss + 0.25, "aux_loss": 0.0,
                                             "lr": 1e-3, "time_this_epoch_s": 1.5}, OBJECTIVE)
 
 
-def mirror_of(record: StudyRecord, uri: str | None = None) -> Mirror:
+def mirror_of(record: Study, uri: str | None = None) -> Mirror:
     return Mirror(uri or resolve_tracking_uri(None, record.dir), EXPERIMENT, record, fixed_params=FIXED,
                   settings=SETTINGS, tags={"git_commit": "abc123"})
 
 
-def client_of(record: StudyRecord) -> MlflowClient:
+def client_of(record: Study) -> MlflowClient:
     return MlflowClient(tracking_uri=resolve_tracking_uri(None, record.dir))
 
 
@@ -160,7 +160,7 @@ def test_run_name_is_short_and_telling() -> None:
     assert run_name(finalist, order) == "t008 = t003 seed=1"
 
 
-def test_finalists_share_their_configs_tag(record: StudyRecord) -> None:
+def test_finalists_share_their_configs_tag(record: Study) -> None:
     """The runs table groups by the config tag: a config's seeds are one group, labelled by its values."""
     number = new_trial(record, epochs=1)
     record.finish(number, "completed", Objective(OBJECTIVE))
@@ -185,7 +185,7 @@ def test_finalists_share_their_configs_tag(record: StudyRecord) -> None:
     assert parents(client)[0].info.run_name == parent.info.run_name
 
 
-def test_sync_is_idempotent_and_never_duplicates(record: StudyRecord) -> None:
+def test_sync_is_idempotent_and_never_duplicates(record: Study) -> None:
     a = new_trial(record, epochs=2)
     b = new_trial(record, epochs=1, start=3.0)
     mirror = mirror_of(record)
@@ -229,7 +229,7 @@ def test_sync_is_idempotent_and_never_duplicates(record: StudyRecord) -> None:
     assert len(parents(client)) == 1 and len(runs) == 2
 
 
-def test_params_tags_and_nesting(record: StudyRecord) -> None:
+def test_params_tags_and_nesting(record: Study) -> None:
     number = new_trial(record, epochs=1)
     mirror_of(record).sync()
     client = client_of(record)
@@ -259,7 +259,7 @@ def test_params_tags_and_nesting(record: StudyRecord) -> None:
     assert parent.data.tags["minimind.latest.tune.num_samples"] == "8"
 
 
-def test_status_mapping_follows_the_record(record: StudyRecord) -> None:
+def test_status_mapping_follows_the_record(record: Study) -> None:
     done = new_trial(record, epochs=3)
     record.finish(done, "completed", Objective(OBJECTIVE))
     early = new_trial(record, epochs=1)
@@ -310,7 +310,7 @@ def test_status_mapping_follows_the_record(record: StudyRecord) -> None:
     assert history(client, children(client)[paused]) == [(1, 2.0), (2, 1.0), (3, 2.0 / 3)]
 
 
-def test_finish_closes_the_parent_with_results(record: StudyRecord, tmp_path: Path) -> None:
+def test_finish_closes_the_parent_with_results(record: Study, tmp_path: Path) -> None:
     best_number = new_trial(record, epochs=3)
     record.finish(best_number, "completed", Objective(OBJECTIVE))
     cut = new_trial(record, epochs=1)
@@ -358,7 +358,7 @@ def test_finish_closes_the_parent_with_results(record: StudyRecord, tmp_path: Pa
         mirror.finish("completed", best=None, best_value=None, best_epoch=None, artifacts={})
 
 
-def test_saved_view_opens_the_studys_runs_best_first(record: StudyRecord, tmp_path: Path,
+def test_saved_view_opens_the_studys_runs_best_first(record: Study, tmp_path: Path,
                                                       template_db: Path) -> None:
     server = "http://127.0.0.1:5000/"
     assert study_runs_url(server, record.dir) is None  # no experiment of the study yet
@@ -402,7 +402,7 @@ def test_saved_view_opens_the_studys_runs_best_first(record: StudyRecord, tmp_pa
     assert runs_table_url(server, "7") == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
 
 
-def test_runs_last_as_long_as_the_recorded_trials(record: StudyRecord) -> None:
+def test_runs_last_as_long_as_the_recorded_trials(record: Study) -> None:
     """A run's start and end are its trial's in the record, not the mirror's syncs (which made ASHA-stopped
     trials last milliseconds); the parent's are the study's."""
     began = time.time() - 3600.0  # the trials ran an hour ago; the mirror catches up now
@@ -462,7 +462,7 @@ def test_runs_last_as_long_as_the_recorded_trials(record: StudyRecord) -> None:
     assert client.get_run(parent.info.run_id).info.end_time == created + 5000
 
 
-def test_moved_study_folder_rebuilds_its_own_store(record: StudyRecord, tmp_path: Path) -> None:
+def test_moved_study_folder_rebuilds_its_own_store(record: Study, tmp_path: Path) -> None:
     number = new_trial(record, epochs=2)
     record.finish(number, "completed", Objective(OBJECTIVE))
     yaml_file = record.dir / "space.yaml"
@@ -475,7 +475,7 @@ def test_moved_study_folder_rebuilds_its_own_store(record: StudyRecord, tmp_path
 
     moved_dir = tmp_path / "elsewhere" / "s"
     shutil.copytree(record.dir, moved_dir)
-    moved = StudyRecord.open(moved_dir)
+    moved = Study.open(moved_dir)
     mirror_of(moved).sync()
 
     client = client_of(moved)
@@ -497,7 +497,7 @@ def test_moved_study_folder_rebuilds_its_own_store(record: StudyRecord, tmp_path
     assert [p.info.run_id for p in parents(client)] == [parent.info.run_id]
 
 
-def test_a_store_outside_the_study_is_never_deleted(record: StudyRecord, tmp_path: Path,
+def test_a_store_outside_the_study_is_never_deleted(record: Study, tmp_path: Path,
                                                     template_db: Path) -> None:
     shared_db = tmp_path / "shared" / "mlflow.db"
     shared_db.parent.mkdir()
@@ -507,21 +507,21 @@ def test_a_store_outside_the_study_is_never_deleted(record: StudyRecord, tmp_pat
     mirror_of(record, uri).sync()
     moved_dir = tmp_path / "elsewhere" / "s"
     shutil.copytree(record.dir, moved_dir)
-    mirror_of(StudyRecord.open(moved_dir), uri).sync()
+    mirror_of(Study.open(moved_dir), uri).sync()
     client = MlflowClient(tracking_uri=uri)
     (parent,) = parents(client)  # the same study id: the same runs, nothing deleted or duplicated
     assert sorted(children(client)) == [number]
     assert parent.data.tags[STUDY_DIR_TAG] == str(moved_dir.resolve())
 
 
-def test_deleted_experiment_is_a_tracking_error(record: StudyRecord) -> None:
+def test_deleted_experiment_is_a_tracking_error(record: Study) -> None:
     client = client_of(record)
     client.delete_experiment(client.create_experiment(EXPERIMENT))
     with pytest.raises(TrackingError, match="is deleted; restore it"):
         mirror_of(record).sync()
 
 
-def test_dead_server_fails_fast(record: StudyRecord, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dead_server_fails_fast(record: Study, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     uri = f"http://127.0.0.1:{free_port()}"
@@ -533,7 +533,7 @@ def test_dead_server_fails_fast(record: StudyRecord, monkeypatch: pytest.MonkeyP
     assert time.monotonic() - started < 10
 
 
-def test_callback_mirrors_live_then_warns_once_and_stops(record: StudyRecord,
+def test_callback_mirrors_live_then_warns_once_and_stops(record: Study,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     number = new_trial(record, epochs=1)
     numbers: dict[str, int] = {}
@@ -571,7 +571,7 @@ def test_callback_mirrors_live_then_warns_once_and_stops(record: StudyRecord,
     assert pickle.loads(pickle.dumps(broken)).mirror is None
 
 
-def test_main(record: StudyRecord, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_main(record: Study, tmp_path: Path, capsys: pytest.CaptureFixture[str],
               monkeypatch: pytest.MonkeyPatch) -> None:
     assert main([str(tmp_path / "nothing")]) == 2
     assert "is not a study folder" in capsys.readouterr().err
@@ -603,7 +603,7 @@ def test_main(record: StudyRecord, tmp_path: Path, capsys: pytest.CaptureFixture
     assert len(err) == 1 and err[0].startswith("error: MLflow tracking server http://127.0.0.1:")
 
 
-def test_a_trial_no_better_than_untrained_is_a_failed_run_and_never_the_best(record: StudyRecord) -> None:
+def test_a_trial_no_better_than_untrained_is_a_failed_run_and_never_the_best(record: Study) -> None:
     """It is FAILED with its reason in MLflow, and the parent names the trial that learned as the best,
     although the other's value is lower (it started lower: a pretrained model that learned nothing)."""
     learned = new_trial(record, epochs=3, start=3.0)
@@ -620,7 +620,22 @@ def test_a_trial_no_better_than_untrained_is_a_failed_run_and_never_the_best(rec
     assert (parent.info.status, parent.data.tags["minimind.best_trial"]) == ("FINISHED", f"t{learned:03d}")
 
 
-def test_main_syncs_into_the_store_the_study_recorded(record: StudyRecord, tmp_path: Path,
+def test_main_names_the_answer_the_end_report_names_when_finalists_ran(record: Study) -> None:
+    """With finalists the answer is the config with the best mean over seeds (tune.study.answer), not the
+    best single trial: a parent closed by ``python -m tune.mirror`` names the one best.yaml names."""
+    lucky, steady = new_trial(record, epochs=1, start=1.0), new_trial(record, epochs=1, start=1.2)
+    for number, again in ((lucky, 3.0), (steady, 1.2)):
+        record.finish(number, "completed", Objective(OBJECTIVE))
+        seed = record.add_finalist(record.trial(number), 1, SEARCH)
+        add_epochs(record, seed, range(1, 2), start=again)
+        record.finish(seed, "completed", Objective(OBJECTIVE))
+    assert main([str(record.dir)]) == 0
+    (parent,) = parents(client_of(record))
+    assert parent.data.tags["minimind.best_trial"] == f"t{steady:03d}"  # (mean 1.2; t{lucky}: 1.0 then 3.0)
+    assert parent.info.run_name.endswith(f"mean {OBJECTIVE} 1.2 over 2 seeds"), parent.info.run_name
+
+
+def test_main_syncs_into_the_store_the_study_recorded(record: Study, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A study that tracked into a store elsewhere (its space's mlflow.tracking_uri, or
     $MLFLOW_TRACKING_URI then) is caught up there, not in a new store in its folder."""

@@ -25,7 +25,7 @@ METRIC = "train_loss"  # not val_loss: the plots must name the study's own objec
 
 def _study(completed: int, stopped: int, diverged: int = 0, running: int = 0, epochs: int = 3, *,
            finalists: Sequence[int] = (), more_params: bool = False) -> optuna.Study:
-    """Trials as tune.record leaves them: per-epoch objective as intermediate values; COMPLETE with the
+    """Trials as tune.study leaves them: per-epoch objective as intermediate values; COMPLETE with the
     best epoch's value, PRUNED after one epoch (stopped early), FAIL (diverged), RUNNING; then for each
     of ``finalists`` (trial numbers) two completed trials of its config with other seeds (``finalist_of``).
     ``more_params``: grad_clip and min_lr_ratio searched too (sft.yaml's four)."""
@@ -112,7 +112,7 @@ def test_plots_are_png_for_any_number_and_kind_of_trials(trials: tuple[int, ...]
 def test_curves_x_axis_is_the_records_unit_evaluations_inside_an_epoch() -> None:
     # Issue 22: with train.evals_per_epoch N the intermediate values' steps are evaluation indices.
     study = _study(2, 1, epochs=8)
-    study.set_user_attr("spec", {"train": {"epochs": 1, "evals_per_epoch": 8}})  # (tune.record keeps it so)
+    study.set_user_attr("spec", {"train": {"epochs": 1, "evals_per_epoch": 8}})  # (tune.study keeps it so)
     fig = study_figures(study, METRIC)["curves"]
     try:
         (ax,) = fig.axes
@@ -282,7 +282,7 @@ def test_text_is_legible_at_mlflow_preview_width(tmp_path: Path) -> None:
 
 
 def test_a_trial_no_better_than_untrained_is_not_plotted_nor_the_best() -> None:
-    """tune.record tells such a trial to Optuna as COMPLETE with its value (here the lowest); the plots
+    """tune.study tells such a trial to Optuna as COMPLETE with its value (here the lowest); the plots
     leave it out, and the best highlighted is the best trial that learned."""
     study = _study(2, 0)
     trial = study.ask()

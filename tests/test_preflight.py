@@ -25,9 +25,9 @@ from tune.preflight import (
     quiet_libraries,
     reconcile,
 )
-from tune.record import StudyError, StudyRecord
 from tune.space import StudySpec, load_space, spec_to_dict
 from tune.storage import StudyPaths
+from tune.study import Study, StudyError
 
 
 def tiny_space(folder: Path, edit: Callable[[dict[str, Any], Path], None] | None = None) -> StudySpec:
@@ -103,7 +103,7 @@ def test_resume_is_refused_for_another_study_and_applies_run_settings(tmp_path: 
     inputs = check(spec, tmp_path)
     paths = StudyPaths(str(tmp_path / "studies"), "s")
     assert "no study to compare with" in describe_resume(spec_to_dict(spec), paths)
-    record = StudyRecord.create(paths.local_dir, "s", spec_to_dict(spec), spec.text, inputs.fingerprints)
+    record = Study.create(paths.local_dir, "s", spec_to_dict(spec), spec.text, inputs.fingerprints)
     assert "the space matches study 's'" in describe_resume(spec_to_dict(spec), paths)
     more = dataclasses.replace(spec, tune=dataclasses.replace(spec.tune, num_samples=3))
     assert reconcile(record, spec_to_dict(more), inputs, explicit_space=True) == ["tune.num_samples: 1 -> 3"]

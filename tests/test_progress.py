@@ -17,7 +17,6 @@ from rich.console import Console
 from tune.forecast import EtaPrior
 from tune.objective import Objective
 from tune.progress import (
-    STEP_FILE,
     ProgressView,
     best_recorded,
     blended_eta_s,
@@ -25,9 +24,9 @@ from tune.progress import (
     eta_s,
     ray_errors_to,
     read_step,
-    step_writer,
 )
-from tune.record import TrialRecord
+from tune.storage import STEP_FILE, step_writer
+from tune.study import TrialRecord
 
 PARAMS = {"train.learning_rate": 0.0023, "train.accumulation_steps": 1}
 

@@ -1,4 +1,4 @@
-"""tune.record: the manifest, the Optuna storage of trials, the lock, checkpoint discovery."""
+"""tune.study: the manifest, the Optuna storage of trials, the lock, checkpoint discovery."""
 
 from __future__ import annotations
 
@@ -17,16 +17,16 @@ import pytest
 from conftest import make_checkpoint
 
 from tune.objective import Objective
-from tune.record import (
+from tune.status import FINISHED
+from tune.storage import checkpoint_metas
+from tune.study import (
     Manifest,
+    Study,
     StudyError,
-    StudyRecord,
     diff_specs,
     no_better_reason,
     ranked,
 )
-from tune.status import FINISHED
-from tune.storage import checkpoint_metas
 
 LR = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
 SPEC = {"model": {"hidden_size": 64}, "data": {"train_path": "/a.jsonl"}, "train": {"epochs": 3},
@@ -35,14 +35,14 @@ SPEC = {"model": {"hidden_size": 64}, "data": {"train_path": "/a.jsonl"}, "train
 
 
 @pytest.fixture
-def record(tmp_path: Path) -> StudyRecord:
-    return StudyRecord.create(tmp_path / "s", "s", SPEC, "model: {}\n", {"dataset": "abc"})
+def record(tmp_path: Path) -> Study:
+    return Study.create(tmp_path / "s", "s", SPEC, "model: {}\n", {"dataset": "abc"})
 
 
-def test_create_then_open_gives_the_same_manifest_and_trials(record: StudyRecord) -> None:
+def test_create_then_open_gives_the_same_manifest_and_trials(record: Study) -> None:
     n, params = record.ask(LR)
     record.record_epoch(n, 1, {"val_loss": 2.0, "train_loss": 2.5}, "val_loss")
-    again = StudyRecord.open(record.dir)
+    again = Study.open(record.dir)
     assert again.manifest == record.manifest
     assert again.manifest.spec_hash == Manifest.from_json(record.manifest.to_json(), Path("x")).spec_hash
     [trial] = again.trials()
@@ -50,20 +50,20 @@ def test_create_then_open_gives_the_same_manifest_and_trials(record: StudyRecord
     assert trial.epochs[1]["val_loss"] == 2.0 and trial.curve("val_loss") == [(1, 2.0)]
 
 
-def test_create_refuses_an_existing_folder(record: StudyRecord) -> None:
+def test_create_refuses_an_existing_folder(record: Study) -> None:
     with pytest.raises(FileExistsError):
-        StudyRecord.create(record.dir, "s", SPEC, "", {})
+        Study.create(record.dir, "s", SPEC, "", {})
 
 
-def test_open_names_what_is_missing(tmp_path: Path, record: StudyRecord) -> None:
+def test_open_names_what_is_missing(tmp_path: Path, record: Study) -> None:
     with pytest.raises(StudyError, match="no study.json"):
-        StudyRecord.open(tmp_path)
+        Study.open(tmp_path)
     (record.dir / "study.json").write_text("{not json")
     with pytest.raises(StudyError, match="damaged"):
-        StudyRecord.open(record.dir)
+        Study.open(record.dir)
 
 
-def _edit_study_json(record: StudyRecord, *, keep_hash: bool = True) -> None:
+def _edit_study_json(record: Study, *, keep_hash: bool = True) -> None:
     """``hidden_size: 128`` in a 64-wide study's study.json, by hand (valid JSON; ``keep_hash=False``: its
     spec_hash recomputed too, as a careful hand would)."""
     path = record.dir / "study.json"
@@ -74,39 +74,39 @@ def _edit_study_json(record: StudyRecord, *, keep_hash: bool = True) -> None:
     path.write_text(json.dumps(raw, indent=2))
 
 
-def test_study_json_edited_by_hand_is_refused_naming_it(record: StudyRecord) -> None:
+def test_study_json_edited_by_hand_is_refused_naming_it(record: Study) -> None:
     # Issue 21: the refusal blamed space.yaml; once it was deleted, one trial mixed 64- and 128-wide epochs.
     _edit_study_json(record)
     with pytest.raises(StudyError) as info:
-        StudyRecord.open(record.dir)
+        Study.open(record.dir)
     message = str(info.value)
     assert f"{record.dir / 'study.json'} was edited by hand" in message
     assert "model.hidden_size: 64 -> 128" in message and "space.yaml" not in message
     # Without optuna.db's copy (a study created before it was kept), its own spec_hash gives it away.
     record.study.set_user_attr("spec", None)
     with pytest.raises(StudyError, match=r"study\.json was edited by hand: its spec is not the one it was written"):
-        StudyRecord.open(record.dir)
+        Study.open(record.dir)
 
 
-def test_the_definition_copy_that_disagrees_is_named(record: StudyRecord) -> None:
+def test_the_definition_copy_that_disagrees_is_named(record: Study) -> None:
     db, manifest = record.dir / "optuna.db", record.dir / "study.json"
     # optuna.db's copy edited: study.json still agrees with the hash it was written with.
     record.study.set_user_attr("spec", {**SPEC, "model": {"hidden_size": 128}})
     with pytest.raises(StudyError, match=rf"{db} was edited by hand.*\n  model\.hidden_size: 128 -> 64"):
-        StudyRecord.open(record.dir)
+        Study.open(record.dir)
     record.study.set_user_attr("spec", SPEC)
-    assert StudyRecord.open(record.dir).manifest.spec == SPEC
+    assert Study.open(record.dir).manifest.spec == SPEC
     # study.json rewritten whole (spec and spec_hash): it and optuna.db's copy disagree, and it is refused.
     _edit_study_json(record, keep_hash=False)
     with pytest.raises(StudyError, match=r"model\.hidden_size: 64 -> 128"):
-        StudyRecord.open(record.dir)
+        Study.open(record.dir)
     record.study.set_user_attr("spec", "not a spec")
     with pytest.raises(StudyError, match=rf"{db} was edited by hand"):
-        StudyRecord.open(record.dir)
+        Study.open(record.dir)
     assert manifest.is_file()
 
 
-def test_an_epoch_is_recorded_once(record: StudyRecord) -> None:
+def test_an_epoch_is_recorded_once(record: Study) -> None:
     n, _ = record.ask(LR)
     assert record.record_epoch(n, 1, {"val_loss": 2.0}, "val_loss")
     assert not record.record_epoch(n, 1, {"val_loss": 9.0}, "val_loss")
@@ -121,7 +121,7 @@ def test_an_epoch_is_recorded_once(record: StudyRecord) -> None:
     ("interrupted", optuna.trial.TrialState.RUNNING, None),
     ("failed", optuna.trial.TrialState.RUNNING, None),
 ])
-def test_finish_maps_statuses_to_optuna_states(record: StudyRecord, status: str, state: object,
+def test_finish_maps_statuses_to_optuna_states(record: Study, status: str, state: object,
                                                value: float | None) -> None:
     n, _ = record.ask(LR)
     record.record_epoch(n, 1, {"val_loss": 2.0}, "val_loss")
@@ -135,7 +135,7 @@ def test_finish_maps_statuses_to_optuna_states(record: StudyRecord, status: str,
     assert (record.trial(n) in record.unfinished()) == (status in ("interrupted", "failed"))
 
 
-def test_a_completed_trial_without_a_finite_value_is_diverged(record: StudyRecord) -> None:
+def test_a_completed_trial_without_a_finite_value_is_diverged(record: Study) -> None:
     n, _ = record.ask(LR)
     record.finish(n, "completed", Objective("val_loss"))
     assert record.trial(n).status == "diverged"
@@ -157,7 +157,7 @@ COLLAPSED = {"val_loss": math.log(6400), "baseline_val_loss": 8.77894, "uniform_
     ({"val_loss": 5.0}, [5.0, 8.9], "completed", ""),  # recorded before the trainer reported its bars
 ])
 def test_a_trial_that_learned_nothing_is_no_better_never_completed(
-        record: StudyRecord, first: dict[str, float], curve: list[float], status: str, words: str) -> None:
+        record: Study, first: dict[str, float], curve: list[float], status: str, words: str) -> None:
     n, _ = record.ask(LR)
     for epoch, value in enumerate(curve, 1):
         record.record_epoch(n, epoch, {**(first if epoch == 1 else {}), "val_loss": value}, "val_loss")
@@ -171,7 +171,7 @@ def test_a_trial_that_learned_nothing_is_no_better_never_completed(
 
 
 def test_a_trial_stopped_early_that_learned_nothing_is_no_better_and_told_once_after_a_kill(
-        record: StudyRecord) -> None:
+        record: Study) -> None:
     n, _ = record.ask(LR)
     record.record_epoch(n, 1, COLLAPSED, "val_loss")
     record.finish(n, "stopped_early", Objective("val_loss"))
@@ -206,7 +206,7 @@ def test_ranked_answers_are_completed_then_stopped_early_never_one_that_learned_
     assert [t[0] for t in ranked(trials, Objective(mode="max"), lambda t: t[1], lambda t: t[2], statuses=("completed",))] == ["t2", "t4"]
 
 
-def test_finished_trials_are_final(record: StudyRecord) -> None:
+def test_finished_trials_are_final(record: Study) -> None:
     n, _ = record.ask(LR)
     record.record_epoch(n, 1, {"val_loss": 2.0}, "val_loss")
     record.finish(n, "completed", Objective("val_loss"))
@@ -215,7 +215,7 @@ def test_finished_trials_are_final(record: StudyRecord) -> None:
     assert record.trial(n).status == "completed" and record.finished_count() == 1
 
 
-def test_checkpoints_skip_what_a_kill_or_full_disk_cut_short(record: StudyRecord) -> None:
+def test_checkpoints_skip_what_a_kill_or_full_disk_cut_short(record: Study) -> None:
     n, _ = record.ask(LR)
     run1, run2 = record.dir / "runs" / "run-1" / f"t{n:03d}", record.dir / "runs" / "run-2" / f"t{n:03d}"
     make_checkpoint(run1 / "epoch_0001", 1, 3.0)
@@ -243,7 +243,7 @@ def test_checkpoints_skip_what_a_kill_or_full_disk_cut_short(record: StudyRecord
     assert record.best_checkpoint(trial, Objective("val_loss")) == (3, str(run2 / "epoch_0003"))
 
 
-def test_pruner_decides_from_the_record(record: StudyRecord) -> None:
+def test_pruner_decides_from_the_record(record: Study) -> None:
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
     good, _ = record.ask(LR)
     bad, _ = record.ask(LR)
@@ -252,7 +252,7 @@ def test_pruner_decides_from_the_record(record: StudyRecord) -> None:
     record.record_epoch(bad, 1, {"val_loss": 5.0}, "val_loss")
     assert record.should_prune(bad, pruner)
     # Reopened (a resumed study), the rung is still known: a worse newcomer is pruned too.
-    again = StudyRecord.open(record.dir)
+    again = Study.open(record.dir)
     late, _ = again.ask(LR)
     again.record_epoch(late, 1, {"val_loss": 4.0}, "val_loss")
     assert again.should_prune(late, pruner)
@@ -276,15 +276,15 @@ def test_diff_specs_lists_each_changed_key_and_ignores_run_settings() -> None:
 
 
 
-def test_an_empty_or_foreign_database_is_refused_and_left_as_it_is(record: StudyRecord) -> None:
+def test_an_empty_or_foreign_database_is_refused_and_left_as_it_is(record: Study) -> None:
     db = record.dir / "optuna.db"
     db.write_bytes(b"")
     with pytest.raises(StudyError, match="not an Optuna database"):
-        StudyRecord.open(record.dir)
+        Study.open(record.dir)
     assert db.stat().st_size == 0  # nothing was created in it
 
 
-def test_a_driver_killed_mid_write_leaves_a_study_that_opens_as_it_was(record: StudyRecord) -> None:
+def test_a_driver_killed_mid_write_leaves_a_study_that_opens_as_it_was(record: Study) -> None:
     """SIGKILL inside a write transaction leaves a hot journal; opening rolls it back, nothing is refused."""
     n, _ = record.ask(LR)
     record.record_epoch(n, 1, {"val_loss": 2.0}, "val_loss")
@@ -299,36 +299,36 @@ def test_a_driver_killed_mid_write_leaves_a_study_that_opens_as_it_was(record: S
     """)
     assert subprocess.run([sys.executable, "-c", writer], check=False).returncode == -signal.SIGKILL
     assert (record.dir / "optuna.db-journal").stat().st_size > 0  # the hot journal a kill leaves
-    assert StudyRecord.open(record.dir).trial(n).epochs[1]["val_loss"] == 2.0  # the cut write rolled back
+    assert Study.open(record.dir).trial(n).epochs[1]["val_loss"] == 2.0  # the cut write rolled back
 
 
-def test_time_budget_counts_for_the_whole_study(record: StudyRecord) -> None:
+def test_time_budget_counts_for_the_whole_study(record: Study) -> None:
     for entry in ({"run": 1, "started": "x"}, {"run": 1, "seconds": 400.0}, {"run": 2, "seconds": 150.5}):
         record.add_history(entry)
     assert record.seconds_used() == pytest.approx(550.5)
-    assert StudyRecord.open(record.dir).seconds_used() == pytest.approx(550.5)
+    assert Study.open(record.dir).seconds_used() == pytest.approx(550.5)
 
 
-def test_a_runs_length_is_rewritten_as_it_goes_and_each_run_counts_once(record: StudyRecord) -> None:
+def test_a_runs_length_is_rewritten_as_it_goes_and_each_run_counts_once(record: Study) -> None:
     record.add_history({"run": 1, "started": "x"})
     for seconds in (5.0, 10.0, 15.04):
         record.record_run_seconds(1, seconds)
     record.add_history({"run": 1, "started": "y"})  # a run killed before Ray made run-1/ takes its index again
     record.record_run_seconds(1, 7.0)
-    history = StudyRecord.open(record.dir).manifest.history
+    history = Study.open(record.dir).manifest.history
     assert [h.get("seconds") for h in history] == [None, 15.0, None, 7.0]
-    assert StudyRecord.open(record.dir).seconds_used() == pytest.approx(22.0)
+    assert Study.open(record.dir).seconds_used() == pytest.approx(22.0)
 
 
-def test_a_driver_killed_mid_write_of_space_yaml_leaves_the_old_one_whole(record: StudyRecord) -> None:
+def test_a_driver_killed_mid_write_of_space_yaml_leaves_the_old_one_whole(record: Study) -> None:
     """--resume rewrites space.yaml; cut short, ``--resume --name`` read half of it and refused the study."""
     from conftest import killed_mid_write
 
     before = (record.dir / "space.yaml").read_text()
     killed_mid_write(f"""
         from pathlib import Path
-        from tune.record import StudyRecord
-        record = StudyRecord.open(Path({str(record.dir)!r}))
+        from tune.study import Study
+        record = Study.open(Path({str(record.dir)!r}))
         cut()
         record.write_space("model: {{hidden_size: 64}}\\ntrain: {{epochs: 3}}\\n" * 4)
     """)
@@ -341,19 +341,19 @@ def test_a_driver_killed_while_creating_a_study_leaves_no_half_study(tmp_path: P
     killed = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        from tune import record
+        from tune import study as record
         write = record.write_atomic
         def write_killed(path, text):
             if path.name == "study.json":  # the last step of a creation
                 os.kill(os.getpid(), signal.SIGKILL)
             write(path, text)
         record.write_atomic = write_killed
-        record.StudyRecord.create(Path({str(tmp_path / "s")!r}), "s", {SPEC!r}, "model: {{}}\\n", {{}})
+        record.Study.create(Path({str(tmp_path / "s")!r}), "s", {SPEC!r}, "model: {{}}\\n", {{}})
     """)
     assert subprocess.run([sys.executable, "-c", killed], check=False).returncode == -signal.SIGKILL
     assert not (tmp_path / "s").exists()  # no study, and nothing that looks like one half made
-    made = StudyRecord.create(tmp_path / "s", "s", SPEC, "model: {}\n", {})  # the next start creates it
-    assert StudyRecord.open(tmp_path / "s").manifest == made.manifest
+    made = Study.create(tmp_path / "s", "s", SPEC, "model: {}\n", {})  # the next start creates it
+    assert Study.open(tmp_path / "s").manifest == made.manifest
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # the cut creation's leftovers are gone
 
 
@@ -364,7 +364,7 @@ def test_an_evaluations_index_is_its_place_on_the_grid_of_evals_per_epoch(steps:
     # evaluations) each takes the grid's largest index at its step, so an index is always a fraction of
     # an epoch, and the epoch's last is epoch x N whatever the batch size.
     from minimind_train.train import evaluation_steps
-    from tune.record import evaluation_index
+    from tune.study import evaluation_index
 
     at = evaluation_steps(steps, per_epoch)
     for epoch in (1, 2):
@@ -390,10 +390,10 @@ def test_a_study_made_before_a_config_field_existed_defines_the_same_study() -> 
 
 
 def test_evaluations_inside_an_epoch_are_recorded_at_their_index(tmp_path: Path) -> None:
-    from tune.record import evals_per_epoch
+    from tune.study import evals_per_epoch
 
     spec = {**SPEC, "train": {"epochs": 1, "evals_per_epoch": 4}}
-    record = StudyRecord.create(tmp_path / "e", "e", spec, "", {})
+    record = Study.create(tmp_path / "e", "e", spec, "", {})
     n, _ = record.ask(LR)
     for k in (1, 2, 3, 4):
         assert record.record_epoch(n, k, {"val_loss": 5.0 - k, "optimizer_steps": 2.0 * k}, "val_loss")
@@ -402,12 +402,12 @@ def test_evaluations_inside_an_epoch_are_recorded_at_their_index(tmp_path: Path)
     frozen = record.study.trials[n]
     assert frozen.intermediate_values == {1: 4.0, 2: 3.0, 3: 2.0, 4: 1.0} and frozen.value == 1.0
     assert [m["optimizer_steps"] for _, m in sorted(record.trial(n).epochs.items())] == [2.0, 4.0, 6.0, 8.0]
-    assert evals_per_epoch(record.study) == 4 and evals_per_epoch(StudyRecord.open(tmp_path / "e").study) == 4
-    old = StudyRecord.create(tmp_path / "o", "o", SPEC, "", {})  # a study made before the field
+    assert evals_per_epoch(record.study) == 4 and evals_per_epoch(Study.open(tmp_path / "e").study) == 4
+    old = Study.create(tmp_path / "o", "o", SPEC, "", {})  # a study made before the field
     assert evals_per_epoch(old.study) == 1
 
 
-def test_the_manifest_lives_in_optuna_db_and_study_json_is_its_export(record: StudyRecord) -> None:
+def test_the_manifest_lives_in_optuna_db_and_study_json_is_its_export(record: Study) -> None:
     record.add_history({"run": 1, "started": "x"})
     attrs = optuna.load_study(study_name="study", storage=f"sqlite:///{record.dir / 'optuna.db'}").user_attrs
     assert attrs["history"] == [{"run": 1, "started": "x"}] and attrs["spec"] == SPEC
@@ -417,13 +417,13 @@ def test_the_manifest_lives_in_optuna_db_and_study_json_is_its_export(record: St
     exported = (record.dir / "study.json").read_text()
     record.record_run_seconds(1, 30.0)
     (record.dir / "study.json").write_text(exported)
-    again = StudyRecord.open(record.dir)
+    again = Study.open(record.dir)
     assert again.seconds_used() == 30.0
     again.recover(Objective("val_loss"), 3)  # (and the next driver run exports it again)
     assert json.loads((record.dir / "study.json").read_text())["history"][-1] == {"run": 1, "seconds": 30.0}
 
 
-def test_a_study_made_before_the_manifest_moved_into_optuna_db_opens_and_is_migrated(record: StudyRecord) -> None:
+def test_a_study_made_before_the_manifest_moved_into_optuna_db_opens_and_is_migrated(record: Study) -> None:
     """A study made at 2af3102: study.json holds the manifest; optuna.db only the study id."""
     record.add_history({"run": 1, "seconds": 12.0})
     n, _ = record.ask(LR)  # a finished trial whose checkpoints the record does not index (Optuna: never again)
@@ -433,14 +433,14 @@ def test_a_study_made_before_the_manifest_moved_into_optuna_db_opens_and_is_migr
     for key in ("spec", "manifest", "history"):  # (Optuna has no delete: an old db never had them)
         with sqlite3.connect(record.dir / "optuna.db") as db:
             db.execute("delete from study_user_attributes where key = ?", (key,))
-    old = StudyRecord.open(record.dir)
+    old = Study.open(record.dir)
     assert old.manifest == record.manifest and old.seconds_used() == 12.0  # read from study.json
     assert not old.migrated
     assert old.recover(Objective("val_loss"), 3) == []
     assert old.best_checkpoint(old.trial(n), Objective("val_loss")) == (1, str(record.dir / "runs" / "run-1" / "t000" / "epoch_0001"))
     attrs = optuna.load_study(study_name="study", storage=f"sqlite:///{record.dir / 'optuna.db'}").user_attrs
     assert attrs["spec"] == SPEC and attrs["history"] == [{"run": 1, "seconds": 12.0}]
-    assert StudyRecord.open(record.dir).manifest == record.manifest and StudyRecord.open(record.dir).migrated
+    assert Study.open(record.dir).manifest == record.manifest and Study.open(record.dir).migrated
     _edit_study_json(record)  # its export edited by hand is still refused, naming it
     with pytest.raises(StudyError, match=r"study\.json was edited by hand"):
-        StudyRecord.open(record.dir)
+        Study.open(record.dir)

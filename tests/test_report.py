@@ -19,7 +19,6 @@ from mlflow.tracking import MlflowClient
 from minimind_train.config import load_run_config
 from tune.mirror import Mirror
 from tune.objective import Objective
-from tune.record import StudyRecord
 from tune.report import (
     TrialSummary,
     finish_study,
@@ -30,6 +29,7 @@ from tune.report import (
 )
 from tune.space import load_space, optuna_distributions, spec_to_dict
 from tune.storage import StudyPaths
+from tune.study import Study
 from tune.tracking import resolve_tracking_uri
 
 LR = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
@@ -42,7 +42,7 @@ def _checkpoint(folder: Path, epoch: int, val: float) -> None:
 
 
 def test_ranking_and_the_best_epochs_checkpoint(tmp_path: Path) -> None:
-    record = StudyRecord.create(tmp_path / "s", "s", {"tune": {"mode": "min"}}, "", {})
+    record = Study.create(tmp_path / "s", "s", {"tune": {"mode": "min"}}, "", {})
     values = {0: [3.0, 2.0, 2.5], 1: [2.5, 1.0, 1.5], 2: [4.0], 3: [1.8]}
     for number, curve in values.items():
         record.ask(LR)
@@ -96,10 +96,10 @@ def test_finalists_pick_the_true_best_config_more_often_than_the_single_best_tri
     """A noisy toy objective: 8 configs whose true values are 1.00, 1.02, ..., 1.14 and whose every
     run adds N(0, 0.05) noise (seed-to-seed noise of that size is common in small-model SFT). The
     single-best rule takes the config with the best single run; the finalists rule re-runs the top 3
-    with 2 more seeds and takes the best mean (tune.report.rank_finalists)."""
+    with 2 more seeds and takes the best mean (tune.study.rank_finalists)."""
     import random
 
-    from tune.report import Finalist, rank_finalists
+    from tune.study import Finalist, rank_finalists
 
     rng = random.Random(0)
     true = [1.00 + 0.02 * i for i in range(8)]
@@ -116,7 +116,8 @@ def test_finalists_pick_the_true_best_config_more_often_than_the_single_best_tri
 
 
 def test_finalists_rank_by_mean_and_an_unstable_config_last(tmp_path: Path) -> None:
-    from tune.report import Finalist, rank_finalists, write_finalists_csv
+    from tune.report import write_finalists_csv
+    from tune.study import Finalist, rank_finalists
 
     steady = Finalist("t001", 1, {"train.learning_rate": 1e-3}, (42, 43), (2.0, 2.2))
     lucky = Finalist("t002", 2, {"train.learning_rate": 3e-3}, (42, 43), (1.5, 3.0))
@@ -139,7 +140,7 @@ class _Study:
         (tmp_path / "space.yaml").write_text(yaml.safe_dump(raw))
         self.spec = load_space(tmp_path / "space.yaml")
         self.paths = StudyPaths(str(tmp_path / "studies"), "s")
-        self.record = StudyRecord.create(self.paths.local_dir, "s", spec_to_dict(self.spec), "", {})
+        self.record = Study.create(self.paths.local_dir, "s", spec_to_dict(self.spec), "", {})
         self.distributions = optuna_distributions(self.spec)
         self.runs = self.paths.local_dir / "runs" / "run-1"
 

@@ -10,9 +10,9 @@ from tune.restart import finish_pending_restart
 def _study_with(folder: Any, epochs: int) -> None:
     import optuna
 
-    from tune.record import StudyRecord
+    from tune.study import Study
 
-    record = StudyRecord.create(folder, folder.name, {"tune": {"mode": "min"}}, "", {})
+    record = Study.create(folder, folder.name, {"tune": {"mode": "min"}}, "", {})
     number, _ = record.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     for epoch in range(1, epochs + 1):
         record.record_epoch(number, epoch, {"val_loss": 1.0}, "val_loss")
@@ -59,13 +59,13 @@ def test_a_restart_finished_by_the_next_start_deletes_the_old_runs_in_the_store_
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
-    from tune.record import StudyRecord
+    from tune.study import Study
 
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
     old, new = tmp_path / ".s.replaced-20261201-000000", tmp_path / "s"
     spec = {"tune": {"mode": "min"}, "mlflow": {"tracking_uri": uri, "experiment": "e"}}
-    record = StudyRecord.create(old, "s", spec, "", {})
+    record = Study.create(old, "s", spec, "", {})
     number, _ = record.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     record.record_epoch(number, 1, {"val_loss": 1.0}, "val_loss")
     client = MlflowClient(tracking_uri=uri)

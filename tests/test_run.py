@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tune import run
-from tune.record import StudyError
+from tune.study import StudyError
 
 
 def test_overrides_are_validated_and_zero_budget_means_none() -> None:
@@ -63,11 +63,11 @@ def test_a_driver_killed_mid_rebuild_of_space_yaml_leaves_none_and_the_next_rebu
     import yaml
     from conftest import killed_mid_write
 
-    from tune.record import StudyRecord
     from tune.storage import StudyPaths
+    from tune.study import Study
 
     spec = {"model": {"hidden_size": 64}, "train": {"epochs": 3}, "tune": {"mode": "min", "metric": "val_loss"}}
-    record = StudyRecord.create(tmp_path / "s", "s", spec, "", {})
+    record = Study.create(tmp_path / "s", "s", spec, "", {})
     (record.dir / "space.yaml").unlink()
     killed_mid_write(f"""
         from tune import restart, run
@@ -192,11 +192,11 @@ def test_resume_of_a_read_only_study_is_one_line_and_changes_nothing(tmp_path: P
     read-only bind mount, as the case did)."""
     from study_driver import folder_digest
 
-    from tune.record import StudyRecord
     from tune.space import load_space, spec_to_dict, spec_to_yaml
+    from tune.study import Study
 
     spec = load_space("smoke")
-    record = StudyRecord.create(tmp_path / "s", "s", spec_to_dict(spec), spec_to_yaml(spec, "Study s"), {})
+    record = Study.create(tmp_path / "s", "s", spec_to_dict(spec), spec_to_yaml(spec, "Study s"), {})
     before = folder_digest(record.dir)
     if not _read_only(record.dir):
         pytest.skip("a read-only bind mount needs root")
@@ -227,11 +227,11 @@ def test_a_damaged_or_deleted_record_is_one_line_and_changes_nothing(tmp_path: P
     from study_driver import folder_digest
 
     from tune.lock import StudyLock
-    from tune.record import StudyRecord
     from tune.space import load_space, spec_to_dict, spec_to_yaml
+    from tune.study import Study
 
     spec = load_space("smoke")
-    record = StudyRecord.create(tmp_path / "s", "s", spec_to_dict(spec), spec_to_yaml(spec, "Study s"), {})
+    record = Study.create(tmp_path / "s", "s", spec_to_dict(spec), spec_to_yaml(spec, "Study s"), {})
     (record.dir / "runs" / "run-1" / "t000" / "epoch_0001").mkdir(parents=True)
     (record.dir / "runs" / "run-1" / "t000" / "epoch_0001" / "meta.json").write_text("{}")
     record.storage.engine.dispose()

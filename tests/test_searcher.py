@@ -12,7 +12,6 @@ from conftest import DAMAGES, damage
 from ray.tune.schedulers import TrialScheduler
 
 from tune.objective import Objective
-from tune.record import StudyRecord
 from tune.searcher import (
     NUMBER_KEY,
     PARAMS_KEY,
@@ -24,19 +23,20 @@ from tune.searcher import (
     make_sampler,
     resume_plans,
 )
+from tune.study import Study
 
 SPACE = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
 EPOCHS = 3
 
 
 @pytest.fixture
-def record(tmp_path: Path) -> StudyRecord:
-    rec = StudyRecord.create(tmp_path / "s", "s", {"tune": {"mode": "min"}, "search": dict.fromkeys(SPACE)}, "", {})
+def record(tmp_path: Path) -> Study:
+    rec = Study.create(tmp_path / "s", "s", {"tune": {"mode": "min"}, "search": dict.fromkeys(SPACE)}, "", {})
     rec.use(sampler=make_sampler("optuna", 0, 8))
     return rec
 
 
-def _pair(record: StudyRecord, plans: list[ResumePlan] | None = None) -> tuple[RecordSearcher, RecordScheduler]:
+def _pair(record: Study, plans: list[ResumePlan] | None = None) -> tuple[RecordSearcher, RecordScheduler]:
     searcher = RecordSearcher(record, SPACE, Objective("val_loss"), EPOCHS, plans)
     return searcher, RecordScheduler(searcher, make_pruner("asha", 1, 2))
 
@@ -51,7 +51,7 @@ def _result(epoch: int, value: float, **extra: Any) -> dict[str, Any]:
             "training_iteration": epoch, "config/params/x": 1.0, "time_this_iter_s": 1.0, "timestamp": 1_700_000_000 + epoch, **extra}
 
 
-def test_suggest_continues_unfinished_trials_first(record: StudyRecord) -> None:
+def test_suggest_continues_unfinished_trials_first(record: Study) -> None:
     old, params = record.ask(SPACE)
     record.finish(old, "interrupted", Objective("val_loss"))
     searcher, _ = _pair(record, [ResumePlan(old, params, evaluation=2)])
@@ -64,7 +64,7 @@ def test_suggest_continues_unfinished_trials_first(record: StudyRecord) -> None:
     assert searcher.numbers == {"a": old, "b": old + 1}
 
 
-def test_scheduler_records_then_prunes_at_a_rung(record: StudyRecord) -> None:
+def test_scheduler_records_then_prunes_at_a_rung(record: Study) -> None:
     searcher, scheduler = _pair(record)
     good, bad = (_trial(tid, searcher.suggest(tid)) for tid in ("g", "b"))
     assert scheduler.on_trial_result(None, good, _result(1, 1.0)) == TrialScheduler.CONTINUE
@@ -79,7 +79,7 @@ def test_scheduler_records_then_prunes_at_a_rung(record: StudyRecord) -> None:
     assert not {"training_iteration", "config/params/x", "time_this_iter_s"} & set(stopped.epochs[1])
 
 
-def test_the_last_epoch_is_never_a_prune_decision(record: StudyRecord) -> None:
+def test_the_last_epoch_is_never_a_prune_decision(record: Study) -> None:
     searcher, scheduler = _pair(record)
     best = _trial("x", searcher.suggest("x"))
     other = _trial("y", searcher.suggest("y"))
@@ -94,7 +94,7 @@ def test_the_last_epoch_is_never_a_prune_decision(record: StudyRecord) -> None:
     assert record.study.trials[0].value == pytest.approx(1.0 / EPOCHS)
 
 
-def test_diverged_and_non_finite_results_stop_the_trial_as_diverged(record: StudyRecord) -> None:
+def test_diverged_and_non_finite_results_stop_the_trial_as_diverged(record: Study) -> None:
     searcher, scheduler = _pair(record)
     a, b = (_trial(tid, searcher.suggest(tid)) for tid in ("a", "b"))
     decision = scheduler.on_trial_result(None, a, _result(2, float("nan"), diverged=1,
@@ -108,19 +108,19 @@ def test_diverged_and_non_finite_results_stop_the_trial_as_diverged(record: Stud
     assert [t.state for t in record.study.trials] == [optuna.trial.TrialState.FAIL] * 2
 
 
-def test_end_without_all_epochs_is_interrupted_and_an_error_is_failed(record: StudyRecord) -> None:
+def test_end_without_all_epochs_is_interrupted_and_an_error_is_failed(record: Study) -> None:
     searcher, scheduler = _pair(record)
     a, b = (_trial(tid, searcher.suggest(tid)) for tid in ("a", "b"))
     scheduler.on_trial_result(None, a, _result(1, 1.0))
     searcher.on_trial_complete("a", _result(1, 1.0))  # Ctrl-C or the time budget
     b.get_error = lambda: RuntimeError(
         "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
-        "\x1b[36mray::ImplicitFunc.train()\x1b[39m\ntune.trainable.TrialOutOfMemory: out of GPU memory")
+        "\x1b[36mray::ImplicitFunc.train()\x1b[39m\ntune.searcher.TrialOutOfMemory: out of GPU memory")
     scheduler.on_trial_error(SimpleNamespace(), b)
     searcher.on_trial_complete("b", None, error=True)
     assert record.trial(0).status == "interrupted"
     assert (record.trial(1).status, record.trial(1).error) == (
-        "failed", "tune.trainable.TrialOutOfMemory: out of GPU memory")
+        "failed", "tune.searcher.TrialOutOfMemory: out of GPU memory")
     assert {t.number for t in record.unfinished()} == {0, 1}
 
 
@@ -142,11 +142,11 @@ def test_resumed_sampler_does_not_repeat_the_first_draws(tmp_path: Path) -> None
 def test_a_trial_without_all_its_values_is_abandoned_never_run_with_defaults(tmp_path: Path) -> None:
     import optuna
 
-    from tune.record import StudyRecord
     from tune.space import load_space
+    from tune.study import Study
 
     spec = load_space("smoke")
-    record = StudyRecord.create(tmp_path / "s", "s", {"tune": {"mode": "min"},
+    record = Study.create(tmp_path / "s", "s", {"tune": {"mode": "min"},
                                                       "search": {p.path: {} for p in spec.search}}, "", {})
     record.study.ask()  # a driver killed inside ask(): the trial exists, its values do not
     lr = {p.path: d for p, d in zip(spec.search, [optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
@@ -160,11 +160,11 @@ def test_a_trial_without_all_its_values_is_abandoned_never_run_with_defaults(tmp
 
 
 @pytest.mark.parametrize("form", sorted(DAMAGES))
-def test_the_resume_message_and_the_resumed_epoch_agree(record: StudyRecord, form: str) -> None:
+def test_the_resume_message_and_the_resumed_epoch_agree(record: Study, form: str) -> None:
     # Issue 21: "continuing t000 (after epoch 2)" while the trial retrained from epoch 1 or from scratch.
     from minimind_train.checkpoint import init_state, save_checkpoint
     from minimind_train.config import ModelConfig, RunConfig, TrainConfig
-    from tune.trainable import _restore
+    from tune.searcher import _restore
 
     cfg = RunConfig(model=ModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1), train=TrainConfig(device="cpu", dtype="float32"))
@@ -190,7 +190,7 @@ def test_a_checkpoint_never_continues_under_another_configuration(tmp_path: Path
 
     from minimind_train.checkpoint import init_state, save_checkpoint
     from minimind_train.config import ModelConfig, RunConfig, TrainConfig
-    from tune.trainable import _restore
+    from tune.searcher import _restore
 
     cfg = RunConfig(model=ModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1), train=TrainConfig(device="cpu", dtype="float32"))
@@ -204,7 +204,7 @@ def test_a_checkpoint_never_continues_under_another_configuration(tmp_path: Path
         _restore(str(tmp_path / "runs"), 0, other, 64)
 
 
-def test_finalists_are_the_top_configs_with_more_seeds_and_continue_once(record: StudyRecord) -> None:
+def test_finalists_are_the_top_configs_with_more_seeds_and_continue_once(record: Study) -> None:
     from tune.searcher import finalist_plans
 
     values = {}
@@ -236,7 +236,7 @@ def test_finalists_are_the_top_configs_with_more_seeds_and_continue_once(record:
     assert resume_plans(record) == []  # (the search has none)
 
 
-def test_a_lost_worker_is_recorded_with_its_reason_from_the_drivers_error_file(record: StudyRecord,
+def test_a_lost_worker_is_recorded_with_its_reason_from_the_drivers_error_file(record: Study,
                                                                               tmp_path: Path) -> None:
     searcher, scheduler = _pair(record)
     config = searcher.suggest("a")
@@ -248,7 +248,7 @@ def test_a_lost_worker_is_recorded_with_its_reason_from_the_drivers_error_file(r
     assert "The actor died unexpectedly" in record.trial(config[NUMBER_KEY]).error
 
 
-def test_a_trial_that_ray_retries_stays_running_with_its_last_failure(record: StudyRecord) -> None:
+def test_a_trial_that_ray_retries_stays_running_with_its_last_failure(record: Study) -> None:
     searcher, scheduler = _pair(record)
     trial = _trial("a", searcher.suggest("a"))
     trial.get_error, trial.should_recover = lambda: RuntimeError("ActorDiedError: worker died"), lambda: True
@@ -262,7 +262,7 @@ def test_a_trial_that_ray_retries_stays_running_with_its_last_failure(record: St
 
 @pytest.mark.parametrize("status", ["completed", "stopped_early", "diverged", "abandoned"])
 def test_a_trial_whose_driver_died_between_its_status_and_optunas_tell_is_told_on_resume(
-        record: StudyRecord, status: str) -> None:
+        record: Study, status: str) -> None:
     """A SIGKILL after the record says how a trial ended but before Optuna is told leaves it RUNNING in
     Optuna: never resumed (its status is final), yet missing from TPE, the plots and warm starts."""
     import signal
@@ -279,27 +279,27 @@ def test_a_trial_whose_driver_died_between_its_status_and_optunas_tell_is_told_o
         import os, signal, optuna
         from pathlib import Path
         from tune.objective import Objective
-        from tune.record import StudyRecord
+        from tune.study import Study
         def tell(*args, **kwargs):  # the moment between the two writes
             os.kill(os.getpid(), signal.SIGKILL)
         optuna.Study.tell = tell
-        record = StudyRecord.open(Path({str(record.dir)!r}))
+        record = Study.open(Path({str(record.dir)!r}))
         {end}
     """)
     assert subprocess.run([sys.executable, "-c", killed], check=False).returncode == -signal.SIGKILL
     assert record.trial(n).status == status  # the decision is in the record ...
     assert record.study.trials[n].state == optuna.trial.TrialState.RUNNING  # ... Optuna was not told
-    again = StudyRecord.open(record.dir)
+    again = Study.open(record.dir)
     assert again.recover(Objective("val_loss"), EPOCHS) == [] and resume_plans(again) == []
-    told = StudyRecord.open(record.dir).study.trials[n]
+    told = Study.open(record.dir).study.trials[n]
     expected = {"completed": optuna.trial.TrialState.COMPLETE, "stopped_early": optuna.trial.TrialState.PRUNED}
     assert told.state == expected.get(status, optuna.trial.TrialState.FAIL)
     # (as an uninterrupted finish: the best epoch's value; Optuna gives a pruned trial its last one)
     assert told.value == {"completed": 1.5, "stopped_early": 2.0}.get(status)
-    assert StudyRecord.open(record.dir).trial(n).status == status
+    assert Study.open(record.dir).trial(n).status == status
 
 
-def test_asha_stops_a_trial_inside_the_epoch_at_an_evaluation_rung(record: StudyRecord) -> None:
+def test_asha_stops_a_trial_inside_the_epoch_at_an_evaluation_rung(record: Study) -> None:
     # Issue 22: a 1-epoch trial of 8 evaluations; rungs at 1, 2, 4 evaluations (max_t 8), keyed by the
     # result's "evaluation" (its "epoch" is 1 throughout): the worse trial stops at evaluation 2.
     searcher = RecordSearcher(record, SPACE, Objective("val_loss"), 8)

@@ -111,10 +111,10 @@ def test_bad_space_exits_2_naming_the_key(ws: Workspace, edit: Any, expected: st
 
 
 def test_existing_study_needs_resume_or_restart(ws: Workspace) -> None:
-    from tune.record import StudyRecord
+    from tune.study import Study
 
     study = ws.study_dir("study")
-    StudyRecord.create(study, "study", {"tune": {"mode": "min"}}, "", {})
+    Study.create(study, "study", {"tune": {"mode": "min"}}, "", {})
     (study / "keep.txt").write_text("an earlier study's file")
     proc = _cli(["--space", str(SPACES / "study.yaml"), "--storage-path", str(ws.storage)], ws.root, ws)
     assert proc.returncode == 2
@@ -138,7 +138,7 @@ def test_a_folder_that_is_not_a_study_is_never_taken_over(ws: Workspace, mode: s
 # --- a study end to end ------------------------------------------------------------------------------
 
 
-class Study:
+class StudyRun:
     """The module's one real study (tests/spaces/study.yaml), run with --restart over a stale one."""
 
     def __init__(self, ws: Workspace, driver: Driver, tracking_db: Path) -> None:
@@ -157,7 +157,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Any:
     import optuna
 
     from tune.mirror import Mirror
-    from tune.record import StudyRecord
+    from tune.study import Study
 
     ws = Workspace(tmp_path_factory.mktemp("study"))
     # A stale study of the same name, with its runs in a tracking store outside its folder (a shared
@@ -165,24 +165,24 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tracking_db = ws.root / "tracking" / "mlflow.db"
     tracking_db.parent.mkdir()
     uri = f"sqlite:///{tracking_db}"
-    stale = StudyRecord.create(ws.study_dir("study"), "study", {"tune": {"mode": "min"}}, "", {})
+    stale = Study.create(ws.study_dir("study"), "study", {"tune": {"mode": "min"}}, "", {})
     (stale.dir / "stale.txt").write_text("from the previous study")
     number, _ = stale.ask({"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2)})
     stale.record_epoch(number, 1, {"val_loss": 9.0}, "val_loss")
     Mirror(uri, "minimind-study-test", stale, fixed_params={}, settings={}, tags={}).sync(closing=True)
     driver = run_driver(ws, ["--space", str(SPACES / "study.yaml"), "--restart"], timeout_s=300,
                         env={"MLFLOW_TRACKING_URI": uri})
-    yield Study(ws, driver, tracking_db)
+    yield StudyRun(ws, driver, tracking_db)
     ws.cleanup()
 
 
-def _summary(study: Study) -> list[dict[str, str]]:
+def _summary(study: StudyRun) -> list[dict[str, str]]:
     with (study.dir / "summary.csv").open() as fh:
         return list(csv.DictReader(fh))
 
 
 @pytest.mark.slow
-def test_study_runs_and_restart_replaced_the_old_one(study: Study) -> None:
+def test_study_runs_and_restart_replaced_the_old_one(study: StudyRun) -> None:
     assert study.driver.proc.returncode == 0, study.fail("the study failed")
     assert not (study.dir / "stale.txt").exists(), study.fail("--restart kept the old study folder")
     assert not list(study.ws.storage.glob(".study.replaced-*")), "the replaced study was not deleted"
@@ -192,12 +192,12 @@ def test_study_runs_and_restart_replaced_the_old_one(study: Study) -> None:
 
 
 @pytest.mark.slow
-def test_best_yaml_is_the_best_trials_config(study: Study) -> None:
+def test_best_yaml_is_the_best_trials_config(study: StudyRun) -> None:
     from minimind_train.config import load_run_config
-    from tune.record import StudyRecord
+    from tune.study import Study
 
     # The best completed trial, from the raw record rather than from the driver's own ranking.
-    record = StudyRecord.open(study.dir)
+    record = Study.open(study.dir)
     best_loss, best_trial, best_epoch = min(
         (m["val_loss"], t.name, e) for t in record.trials() if t.status == "completed"
         for e, m in t.epochs.items())
@@ -209,7 +209,7 @@ def test_best_yaml_is_the_best_trials_config(study: Study) -> None:
 
 
 @pytest.mark.slow
-def test_best_checkpoint_loads_strictly(study: Study) -> None:
+def test_best_checkpoint_loads_strictly(study: StudyRun) -> None:
     from minimind_train.checkpoint import model_from_checkpoint, read_meta
     from minimind_train.config import load_run_config
     from minimind_train.tokenizer import load_tokenizer
@@ -230,7 +230,7 @@ def test_best_checkpoint_loads_strictly(study: Study) -> None:
 
 
 @pytest.mark.slow
-def test_readme_generation_snippet_takes_the_printed_paths(study: Study) -> None:
+def test_readme_generation_snippet_takes_the_printed_paths(study: StudyRun) -> None:
     # The README's snippet with the two paths the study printed pasted in, as a user does (issue 19).
     printed = dict(ln.split(": ", 1) for ln in study.driver.stdout.splitlines()
                    if ln.startswith(("best config: ", "best fp16 checkpoint: ")))
@@ -246,7 +246,7 @@ def test_readme_generation_snippet_takes_the_printed_paths(study: Study) -> None
 
 
 @pytest.mark.slow
-def test_summary_csv_and_plots(study: Study) -> None:
+def test_summary_csv_and_plots(study: StudyRun) -> None:
     from tune.plots import PLOT_FILES
 
     rows = _summary(study)
@@ -261,7 +261,7 @@ def test_summary_csv_and_plots(study: Study) -> None:
 
 
 @pytest.mark.slow
-def test_disk_pruning_keeps_resume_state_of_the_top_trial_only(study: Study) -> None:
+def test_disk_pruning_keeps_resume_state_of_the_top_trial_only(study: StudyRun) -> None:
     rows = _summary(study)
     assert study.spec.tune.keep_top_trials == 1 and len(rows) == 3
     top, *rest = rows
@@ -281,7 +281,7 @@ def _is_noise(key: str) -> bool:
 
 
 @pytest.mark.slow
-def test_mlflow_parent_and_trial_runs(study: Study) -> None:
+def test_mlflow_parent_and_trial_runs(study: StudyRun) -> None:
     client, parents, children = mlflow_runs(study.tracking_db.parent)
     active = [r for r in parents if r.info.lifecycle_stage == "active"]
     assert len(active) == 1, f"parents: {[(r.info.run_id, r.info.lifecycle_stage) for r in parents]}"
@@ -297,9 +297,9 @@ def test_mlflow_parent_and_trial_runs(study: Study) -> None:
     assert sorted(f"t{int(r.data.tags['minimind.trial']):03d}" for r in mine) == sorted(results)
     summary = {r["trial_id"]: r for r in _summary(study)}
     search = {p.path for p in study.spec.search}
-    from tune.record import StudyRecord
+    from tune.study import Study
 
-    record = {t.name: t for t in StudyRecord.open(study.dir).trials()}
+    record = {t.name: t for t in Study.open(study.dir).trials()}
     for run in mine:
         name = f"t{int(run.data.tags['minimind.trial']):03d}"
         assert run.info.run_name.startswith(f"{name} lr="), run.info.run_name
@@ -381,12 +381,12 @@ def test_a_warm_started_study_runs_the_earlier_best_first_and_finalists_answer_b
     seed, and the answer carries the mean over both seeds (summary, finalists.csv, best.yaml, MLflow)."""
     import mlflow
 
-    from tune.record import StudyRecord
     from tune.space import optuna_distributions, spec_to_dict
+    from tune.study import Study
 
     # The scouting study as its record holds it (its trials need no training for this test).
     smoke = load_space("smoke")
-    scouted = StudyRecord.create(ws.study_dir("scout"), "scout", spec_to_dict(smoke), "", {})
+    scouted = Study.create(ws.study_dir("scout"), "scout", spec_to_dict(smoke), "", {})
     for lr, acc, value in ((2e-3, 1, 7.6), (5e-3, 2, 7.5)):
         scouted.study.enqueue_trial({"train.learning_rate": lr, "train.accumulation_steps": acc})
         number, _ = scouted.ask(optuna_distributions(smoke))
@@ -402,7 +402,7 @@ def test_a_warm_started_study_runs_the_earlier_best_first_and_finalists_answer_b
     assert "finalists: 1 of the top 1 completed configs" in full.stdout, full.output()
 
     best_scout = min(scouted.trials(), key=lambda t: min(v for _, v in t.curve("val_loss")))
-    record = StudyRecord.open(ws.study_dir("full"))
+    record = Study.open(ws.study_dir("full"))
     trials = record.trials()
     search = [t for t in trials if t.finalist_of is None]
     finalists = [t for t in trials if t.finalist_of is not None]
@@ -476,7 +476,7 @@ def test_evaluations_inside_an_epoch_report_rung_and_resume_exactly(ws: Workspac
 
     from minimind_train.data import prepare_data
     from minimind_train.train import train_epochs
-    from tune.record import StudyRecord
+    from tune.study import Study
 
     # A 1-epoch study of 8 evaluations, its driver SIGKILLed while its first trial is mid-epoch, then resumed.
     space = _evals_space(ws, 4)
@@ -508,7 +508,7 @@ def test_evaluations_inside_an_epoch_report_rung_and_resume_exactly(ws: Workspac
 
     # Every completed trial: 8 intermediate values at distinct steps, 8 MLflow points per metric; ASHA
     # stopped trials inside the epoch.
-    record = StudyRecord.open(study)
+    record = Study.open(study)
     status = {t.number: t.status for t in record.trials()}
     frozen = record.study.get_trials(deepcopy=False)
     done = [t for t in frozen if status[t.number] == "completed"]

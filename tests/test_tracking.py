@@ -41,7 +41,7 @@ def test_two_processes_create_one_fresh_store(tmp_path: Path) -> None:
 
 
 def test_the_store_a_study_used_is_recorded_so_that_it_follows_a_moved_folder(tmp_path: Path) -> None:
-    from tune.record import Manifest
+    from tune.study import Manifest
     from tune.tracking import own_store_uri, recorded_tracking_uri, uri_to_record
 
     study = tmp_path / "s"

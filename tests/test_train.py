@@ -385,7 +385,7 @@ def test_a_state_that_does_not_fit_the_epoch_is_refused(run_cfg):
     with pytest.raises(ValueError, match=r"epoch 0, optimizer step 7\) does not fit 6 optimizer steps"):
         next(train_epochs(run_cfg, data, state))
 def test_the_model_before_training_is_measured_once_and_reported_with_the_first_epoch(run_cfg, tmp_path):
-    """What a run must beat to have learned anything (tune.record.no_better_reason): the validation loss
+    """What a run must beat to have learned anything (tune.study.no_better_reason): the validation loss
     before the first step and ln(vocabulary size), with a fresh run's first epoch only; training is unchanged
     by the measurement (a resumed run, which does not measure, continues exactly)."""
     from minimind_train.train import evaluate

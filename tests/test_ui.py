@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tune.objective import Objective
-from tune.record import StudyRecord
+from tune.study import Study
 from tune.tracking import TRACKING_URI_ENV, VIEW_TAG_PREFIX, runs_table_url
 from tune.ui import (
     SERVER_LOG,
@@ -53,7 +53,7 @@ def _no_env_uri(monkeypatch: pytest.MonkeyPatch) -> None:
 def _make_study(storage: Path) -> Path:
     """A finished study record of three trials (two completed, one stopped early) and its mirror."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    record = StudyRecord.create(storage / "s", "s", SPEC, "train: {}\n", {})
+    record = Study.create(storage / "s", "s", SPEC, "train: {}\n", {})
     for number, status, losses in ((0, "completed", [3.0, 2.5]), (1, "stopped_early", [3.5]),
                                    (2, "completed", [2.8, 2.1])):
         assert record.ask(DISTRIBUTIONS)[0] == number
@@ -93,7 +93,7 @@ def test_find_study_prefers_named_then_newest(tmp_path: Path) -> None:
 def _recording(tmp_path: Path, template: Path, uri: str | None) -> Path:
     """A copy of the template study whose driver run recorded ``uri`` as its store (None: its own)."""
     folder = _study(tmp_path, template)
-    StudyRecord.open(folder).add_history({"run": 1, "started": "2026-12-01T08:00:00", "tracking_uri": uri})
+    Study.open(folder).add_history({"run": 1, "started": "2026-12-01T08:00:00", "tracking_uri": uri})
     return folder
 
 
@@ -111,7 +111,7 @@ def test_a_study_opens_in_the_store_its_runs_went_to(tmp_path: Path, template_st
     assert not (folder / "mlflow.db").exists()
     url = _landing_url(uri, "http://127.0.0.1:5001", folder)
     assert url.startswith(runs_table_url("http://127.0.0.1:5001", experiment.experiment_id) + "&")
-    assert _query(url)["viewStateShareKey"] == StudyRecord.open(folder).manifest.study_id
+    assert _query(url)["viewStateShareKey"] == Study.open(folder).manifest.study_id
 
 
 def test_a_recorded_own_store_follows_a_moved_folder_and_old_studies_open_theirs(
@@ -154,7 +154,7 @@ def test_landing_url_is_the_study_saved_view_best_first(tmp_path: Path, template
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     url = _landing_url(uri, "http://127.0.0.1:5001")
     experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
-    study_id = StudyRecord.open(folder).manifest.study_id
+    study_id = Study.open(folder).manifest.study_id
     assert url.startswith(runs_table_url("http://127.0.0.1:5001", experiment.experiment_id) + "&")
     assert _query(url)["viewStateShareKey"] == study_id
     state = json.loads(json.loads(experiment.tags[VIEW_TAG_PREFIX + study_id])["state"])
@@ -170,7 +170,7 @@ def test_without_a_saved_view_the_table_is_sorted_best_first(tmp_path: Path, tem
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     client.delete_experiment_tag(experiment.experiment_id,
-                                 VIEW_TAG_PREFIX + StudyRecord.open(folder).manifest.study_id)
+                                 VIEW_TAG_PREFIX + Study.open(folder).manifest.study_id)
     # A share key that is not in the store would make the UI show an error: the URL sorts instead.
     assert _query(_landing_url(uri, "http://127.0.0.1:5001")) == {
         "workflowType": "machine_learning", "orderByKey": "metrics.`best_val_loss`", "orderByAsc": "true"}

@@ -9,7 +9,7 @@ import pytest
 
 from tune import run
 from tune.objective import Objective
-from tune.record import StudyError, StudyRecord
+from tune.study import Study, StudyError
 from tune.warmstart import check_warm_start, warm_start
 
 SPACE = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
@@ -21,9 +21,9 @@ def _spec(metric: str = "val_loss", search: tuple[str, ...] = tuple(SPACE), epoc
             "tune": {"metric": metric, "mode": "min"}}
 
 
-def _study(folder: Path, trials: list[tuple[float, int, float, str]], epochs: int = 1) -> StudyRecord:
+def _study(folder: Path, trials: list[tuple[float, int, float, str]], epochs: int = 1) -> Study:
     """A study whose trials are (learning rate, accumulation, value, status)."""
-    record = StudyRecord.create(folder, folder.name, _spec(epochs=epochs), "", {})
+    record = Study.create(folder, folder.name, _spec(epochs=epochs), "", {})
     wider = {**SPACE, "train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
     for lr, acc, value, status in trials:
         record.study.enqueue_trial({"train.learning_rate": lr, "train.accumulation_steps": acc})
@@ -39,7 +39,7 @@ SCOUT = [(1e-4, 1, 4.0, "completed"), (5e-4, 2, 3.0, "completed"), (1e-3, 4, 2.0
 
 def test_history_is_copied_and_the_best_configs_are_asked_first(tmp_path: Path) -> None:
     scout = _study(tmp_path / "scout", SCOUT)
-    full = StudyRecord.create(tmp_path / "full", "full", _spec(epochs=4), "", {})
+    full = Study.create(tmp_path / "full", "full", _spec(epochs=4), "", {})
     other = check_warm_start(scout.dir, _spec(epochs=4))  # other epochs and model: allowed
     line = warm_start(full, other, SPACE, top_k=2)
     # 2e-2 lies outside the new learning-rate range: left out, so the best in range is 5e-3 (1.0).
@@ -62,8 +62,8 @@ def test_history_moves_to_the_new_studys_evaluation_unit(tmp_path: Path, scout_e
                                                          full_evals: int, expected: dict[int, float]) -> None:
     # Issue 22: a step is an evaluation index (k / N epochs): epoch 1 of a scouting study with one
     # evaluation per epoch is evaluation 4 of a study with 4 per epoch.
-    def study(name: str, evals: int) -> StudyRecord:
-        return StudyRecord.create(tmp_path / name, name, {**_spec(), "train": {"evals_per_epoch": evals}}, "", {})
+    def study(name: str, evals: int) -> Study:
+        return Study.create(tmp_path / name, name, {**_spec(), "train": {"evals_per_epoch": evals}}, "", {})
 
     scout = study("scout", scout_evals)
     n, _ = scout.ask(SPACE)
@@ -93,7 +93,7 @@ def test_an_earlier_studys_finalists_and_history_are_not_copied_and_configs_queu
         number = scout.add_finalist(best, seed, SPACE)
         scout.record_epoch(number, 1, {"val_loss": 0.9}, "val_loss")
         scout.finish(number, "completed", Objective("val_loss"))
-    full = StudyRecord.create(tmp_path / "full", "full", _spec(epochs=4), "", {})
+    full = Study.create(tmp_path / "full", "full", _spec(epochs=4), "", {})
     line = warm_start(full, check_warm_start(scout.dir, _spec()), SPACE, top_k=3)
     assert "4 trial(s) as history (0 outside" in line and "its 3 best config(s)" in line
     asked = [full.trial(full.ask(SPACE)[0]).params["train.learning_rate"] for _ in range(3)]
@@ -126,7 +126,7 @@ def test_an_earlier_trial_that_learned_nothing_is_history_but_never_asked_first(
     scout.record_epoch(n, 1, collapsed, "val_loss")
     scout.finish(n, "completed", Objective("val_loss"))
     assert scout.trial(n).status == "no_better"
-    full = StudyRecord.create(tmp_path / "full", "full", _spec(), "", {})
+    full = Study.create(tmp_path / "full", "full", _spec(), "", {})
     assert "3 trial(s) as history" in warm_start(full, check_warm_start(scout.dir, _spec()), SPACE, top_k=3)
     asked = [full.trial(full.ask(SPACE)[0]).params["train.learning_rate"] for _ in range(2)]
     assert asked == [5e-3, 1e-4]

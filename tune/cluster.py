@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
@@ -35,6 +35,8 @@ from .storage import copy_path, filesystem_of, local_path
 if TYPE_CHECKING:
     from minimind_train.config import RunConfig
     from minimind_train.data import SFTData
+
+    from .space import Resources
 
 __all__ = ["CACHE_DIR", "ClusterError", "Node", "StudyData", "check_resources", "check_storage", "current_node",
            "driver_node_id",
@@ -50,11 +52,11 @@ class ClusterError(RuntimeError):
     """The cluster cannot run this study as configured; the message names the key or node and the path."""
 
 
-def check_resources(need: Any, concurrent: int, available: dict[str, float]) -> None:
+def check_resources(need: Resources, concurrent: int, available: dict[str, float]) -> None:
     """Refuse trials that could never be placed on a cluster with ``available`` resources (Ray would keep
     them PENDING forever); log when fewer than ``concurrent`` fit at once.
 
-    ``need``: ``tune.space.Resources`` (``cpu``, ``gpu``); ``available``: ``ray.cluster_resources()``.
+    ``available``: ``ray.cluster_resources()``.
 
     Raises:
         ClusterError: naming ``tune.resources_per_trial.<cpu|gpu>``, its value and what the cluster has.
@@ -290,7 +292,7 @@ def _reach(folder: Path, name: str, files: dict[str, int], shared: str | None, c
     return copy
 
 
-def open_study_data(handle: StudyData, cfg: Any) -> tuple[Any, Any]:
+def open_study_data(handle: StudyData, cfg: RunConfig) -> tuple[SFTData, RunConfig]:
     """In a trial: ``(SFTData, cfg for training)`` from the study's :class:`StudyData` on this node; the
     config differs from ``cfg`` only in ``model.init_from``, when this node uses a copy of it."""
     from minimind_train.data import open_prepared

@@ -26,8 +26,8 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial
 
-from .record import MANIFEST_FILE, OPTUNA_FILE, Manifest, StudyError
 from .status import TrialStatus
+from .study import MANIFEST_FILE, OPTUNA_FILE, Manifest, StudyError
 
 __all__ = ["BEST_FILE", "answer_note", "dashboard_url", "serve", "snapshot", "trial_role"]
 

@@ -1,7 +1,7 @@
 """One driver run of a study: its inputs checked, then a fresh Ray Tune experiment under ``runs/run-K``.
 
-Ray only executes: the searcher and scheduler read and write the study record (tune.searcher), the
-trainable writes its own checkpoints (tune.trainable), and nothing of Ray's saved state is read
+Ray only executes: the searcher and scheduler read and write the study record, the
+trainable writes its own checkpoints (all three in tune.searcher), and nothing of Ray's saved state is read
 back. A ``--restart``'s old study is moved aside here, only after every input was checked.
 """
 
@@ -27,15 +27,14 @@ from minimind_train.config import RunConfig, run_config_to_dict
 
 from . import cluster, restart, searcher, tracking
 from .forecast import Forecast, print_forecast
-from .interrupts import InterruptWatch, StudyStopped, stop_on_signals
+from .interrupts import InterruptWatch, StudyStopped, first_line, stop_on_signals
 from .mirror import Mirror, MirrorCallback, warn_on_failure
 from .preflight import Inputs, check_inputs, reconcile
 from .progress import RAY_ERRORS_FILE, ProgressView, best_recorded, ray_errors_to
-from .record import OPTUNA_FILE, StudyError, StudyRecord, evaluation_name
 from .report import finish_study
 from .space import StudySpec, optuna_distributions, spec_to_dict, spec_to_yaml
 from .storage import StudyPaths, trial_dirname, upload_outputs
-from .trainable import train_trial
+from .study import OPTUNA_FILE, Study, StudyError, evaluation_name
 from .warmstart import warm_start
 
 __all__ = ["RunClock", "init_ray", "make_mirror", "run_experiment"]
@@ -73,7 +72,7 @@ def init_ray(address: str | None, temp_dir: str | None) -> None:
             raise
         except Exception as exc:
             ray.shutdown()
-            text = (str(exc).splitlines() or [type(exc).__name__])[0]
+            text = first_line(exc)
             if attempt == 1 and not address and "timed out" in text:
                 print(f"Ray did not start ({text}); trying once more ...", file=sys.stderr, flush=True)
                 time.sleep(2)
@@ -104,8 +103,8 @@ class RunClock(tune.Callback):
     ``time_budget_s``, at most ``every_s`` short. Pickled copies (Ray keeps callbacks in ``tuner.pkl``)
     are inert."""
 
-    def __init__(self, record: StudyRecord, run: int, started: float, every_s: float = 5.0) -> None:
-        self.record: StudyRecord | None = record
+    def __init__(self, record: Study, run: int, started: float, every_s: float = 5.0) -> None:
+        self.record: Study | None = record
         self.run, self.started, self.every_s, self.last = run, started, every_s, started
 
     def __getstate__(self) -> dict[str, Any]:
@@ -120,9 +119,9 @@ class RunClock(tune.Callback):
             self.record.record_run_seconds(self.run, now - self.started)
 
 
-def run_experiment(spec: StudySpec, paths: StudyPaths, record: StudyRecord | None, *, explicit_space: bool,
+def run_experiment(spec: StudySpec, paths: StudyPaths, record: Study | None, *, explicit_space: bool,
                    replace: bool, address: str | None, ray_temp_dir: str | None,
-                   warm_start_from: StudyRecord | None = None, forecast: bool = True) -> int:
+                   warm_start_from: Study | None = None, forecast: bool = True) -> int:
     """Check the inputs and, on ``--resume``, what is left to run; then start Ray, create the study (or
     move the replaced one aside first; ``warm_start_from`` gives it an earlier study's trials as
     history), run its trials, finish. ``explicit_space``: the space came from ``--space``; ``forecast``:
@@ -194,14 +193,14 @@ def run_experiment(spec: StudySpec, paths: StudyPaths, record: StudyRecord | Non
         if record is None:
             said: list[str] = []
 
-            def prepare(new: StudyRecord) -> None:  # (inside the creation: a kill leaves no half warm start)
+            def prepare(new: Study) -> None:  # (inside the creation: a kill leaves no half warm start)
                 if warm_start_from is not None:
                     # About a third of the trials (1 to 3) start from the earlier best configs; TPE picks the rest.
                     queue = max(1, min(3, t.num_samples // 3))
                     said.append(warm_start(new, warm_start_from, optuna_distributions(spec), top_k=queue))
 
             try:
-                record = StudyRecord.create(study_dir, paths.name, spec_to_dict(spec), space_yaml,
+                record = Study.create(study_dir, paths.name, spec_to_dict(spec), space_yaml,
                                             inputs.fingerprints, prepare=prepare)
             except OSError as exc:
                 raise StudyError(f"cannot create the study at {study_dir}: {exc}") from exc
@@ -226,7 +225,7 @@ def _resume_command(paths: StudyPaths) -> str:
 
 
 @contextlib.contextmanager
-def _closing(paths: StudyPaths, record: StudyRecord, mirror: Mirror) -> Iterator[None]:
+def _closing(paths: StudyPaths, record: Study, mirror: Mirror) -> Iterator[None]:
     """Once trials may have run, however the driver run stops early (a signal at any moment, the end
     report included; an error, e.g. of the OS), the study is left for ``--resume``: trials still running
     are marked interrupted (after a signal: the record is intact) and the MLflow parent is closed
@@ -243,7 +242,7 @@ def _closing(paths: StudyPaths, record: StudyRecord, mirror: Mirror) -> Iterator
             raise StudyStopped(_resume_command(paths), paths.local_dir / OPTUNA_FILE) from exc
 
 
-def _finalists(spec: StudySpec, run_cfg: RunConfig, record: StudyRecord, create: bool) -> list[searcher.ResumePlan]:
+def _finalists(spec: StudySpec, run_cfg: RunConfig, record: Study, create: bool) -> list[searcher.ResumePlan]:
     """The finalists still to run (``tune.finalists``); ``create`` adds the missing ones to the record."""
     t, finals = spec.tune, spec.tune.finalists
     if not finals.seeds:
@@ -257,7 +256,7 @@ def _continuing(plans: list[searcher.ResumePlan], evals_per_epoch: int) -> str:
             + ", ".join(f"t{p.number:03d} (after {evaluation_name(p.evaluation, evals_per_epoch)})" for p in plans))
 
 
-def _run_trials(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inputs, record: StudyRecord,
+def _run_trials(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inputs, record: Study,
                 applied: list[str], plans: list[searcher.ResumePlan], aside: Path | None,
                 study_data: cluster.StudyData | None, expected: Forecast | None = None) -> int:
     """The search (new and unfinished trials, ASHA on), then the finalists (never stopped early), each
@@ -302,7 +301,7 @@ def _run_trials(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: 
                             prior=expected.prior(phase) if expected is not None else None,
                             evals_per_epoch=run_cfg.train.evals_per_epoch)
         trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base=run_config_to_dict(run_cfg), objective=t.objective,
+            tune.with_parameters(searcher.train_trial, base=run_config_to_dict(run_cfg), objective=t.objective,
                                  runs_dir=paths.runs_uri, run_name=f"run-{run_index}",
                                  keep_checkpoints=t.keep_checkpoints, gpu_share=t.resources_per_trial.gpu,
                                  data=study_data),
@@ -338,7 +337,7 @@ def _run_trials(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: 
         return _phases(spec, paths, run_cfg, inputs, record, plans, new, finished, aside, mirror, fit)
 
 
-def _phases(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inputs, record: StudyRecord,
+def _phases(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inputs, record: Study,
             plans: list[searcher.ResumePlan], new: int, finished: int, aside: Path | None, mirror: Mirror,
             fit: Callable[..., bool]) -> int:
     """The search, the finalists, the end report; an interrupt at any point raises KeyboardInterrupt."""
@@ -369,7 +368,7 @@ def _phases(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inpu
     return finish_study(spec, paths, record, mirror, "FINISHED")
 
 
-def make_mirror(spec: StudySpec, run_cfg: RunConfig, inputs: Inputs, record: StudyRecord) -> Mirror:
+def make_mirror(spec: StudySpec, run_cfg: RunConfig, inputs: Inputs, record: Study) -> Mirror:
     """The study's MLflow mirror: fixed values and study settings on the parent run."""
     searched = {p.path for p in spec.search}
     fixed = {f"{sec}.{k}": v for sec, vals in run_config_to_dict(run_cfg).items() for k, v in vals.items()

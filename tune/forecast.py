@@ -51,7 +51,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # (tune.space loads pydantic and the trainer's config; the probe process needs neither)
+    from minimind_train.config import RunConfig
+
+    from .space import StudySpec
 
 __all__ = ["END_S", "PROBE_STEPS", "RAY_START_S", "TRIAL_OVERHEAD_S", "WARMUP_STEPS", "EtaPrior", "Forecast",
            "Probe", "ProbeError", "budget_warning", "fitting_samples", "forecast", "print_forecast", "run_probe",
@@ -168,7 +173,7 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _epoch_tokens(probe: Probe, run: Any, accumulations: tuple[int, ...]) -> tuple[float, float, float]:
+def _epoch_tokens(probe: Probe, run: RunConfig, accumulations: tuple[int, ...]) -> tuple[float, float, float]:
     """(padded tokens, micro-batches, optimizer steps) of an epoch, averaged over the ``accumulations`` a
     trial may use."""
     cap, tokens, batches, steps = run.train.max_steps_per_epoch, 0.0, 0.0, 0.0
@@ -181,7 +186,7 @@ def _epoch_tokens(probe: Probe, run: Any, accumulations: tuple[int, ...]) -> tup
     return tokens / k, batches / k, steps / k
 
 
-def _accumulations(spec: Any) -> tuple[int, ...]:
+def _accumulations(spec: StudySpec) -> tuple[int, ...]:
     """The accumulation steps trials use: a searched categorical's choices, else the fixed value (a searched
     int or float range is taken at the fixed value)."""
     for p in spec.search:
@@ -190,7 +195,7 @@ def _accumulations(spec: Any) -> tuple[int, ...]:
     return (spec.run.train.accumulation_steps,)
 
 
-def forecast(spec: Any, probe: Probe, num_samples: int | None = None, continued_epochs: float = 0.0,
+def forecast(spec: StudySpec, probe: Probe, num_samples: int | None = None, continued_epochs: float = 0.0,
              accumulations: tuple[int, ...] | None = None) -> Forecast:
     """The study's :class:`Forecast` (the module docstring's model) from ``probe``; ``num_samples`` new
     search trials (default ``tune.num_samples``) and, on ``--resume``, ``continued_epochs`` left to
@@ -237,7 +242,7 @@ def forecast(spec: Any, probe: Probe, num_samples: int | None = None, continued_
                                epoch_range_s=(ends[0].epoch_s, ends[1].epoch_s))
 
 
-def fitting_samples(spec: Any, probe: Probe, budget_s: float) -> int:
+def fitting_samples(spec: StudySpec, probe: Probe, budget_s: float) -> int:
     """The largest ``--num-samples`` whose forecast fits in ``budget_s`` (0 when not even one does)."""
     lo, hi = 0, spec.tune.num_samples
     while lo < hi:  # (the forecast grows with the number of trials)
@@ -249,7 +254,7 @@ def fitting_samples(spec: Any, probe: Probe, budget_s: float) -> int:
     return lo
 
 
-def budget_warning(spec: Any, probe: Probe, result: Forecast, used_s: float = 0.0) -> str | None:
+def budget_warning(spec: StudySpec, probe: Probe, result: Forecast, used_s: float = 0.0) -> str | None:
     """A ``warning:`` line when ``tune.time_budget_s`` (less ``used_s`` by earlier runs) is shorter than the
     forecast, with the ``--num-samples`` that fits; None when it fits or there is no budget."""
     budget = spec.tune.time_budget_s
@@ -262,7 +267,7 @@ def budget_warning(spec: Any, probe: Probe, result: Forecast, used_s: float = 0.
             f"(tune.time_budget_s={budget:g}: {duration(budget - used_s)}), which stops the study early: {advice}")
 
 
-def print_forecast(spec: Any, caches: dict[str, Any] | None = None, num_samples: int | None = None,
+def print_forecast(spec: StudySpec, caches: dict[str, Any] | None = None, num_samples: int | None = None,
                    continued_epochs: float = 0.0, used_s: float = 0.0) -> Forecast | None:
     """Probe (:func:`run_probe`), print the ``forecast:`` line and, when the time budget is shorter, the
     warning (:func:`budget_warning`); None, with a ``forecast: not available`` line, when the probe failed
@@ -280,7 +285,7 @@ def print_forecast(spec: Any, caches: dict[str, Any] | None = None, num_samples:
     return result
 
 
-def run_probe(spec: Any, caches: dict[str, Any] | None = None, timeout_s: float = _PROBE_TIMEOUT_S) -> Probe:
+def run_probe(spec: StudySpec, caches: dict[str, Any] | None = None, timeout_s: float = _PROBE_TIMEOUT_S) -> Probe:
     """Measure the study's trial in ``c`` concurrent processes (the module docstring). ``caches``: the token
     cache the driver prepared (``train``, ``val``, ``pad_id``, ``vocab_size``); None: the first process
     prepares it (tokenising the data when the cache has none), the others wait for it.

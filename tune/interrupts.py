@@ -87,9 +87,10 @@ def disk_full(exc: BaseException) -> bool:
                or "database or disk is full" in str(seen) for seen in chain(exc))
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message (its type's name when it has none)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none), cut at ``limit`` characters."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return first[:limit] + ("..." if len(first) > limit else "")
 
 
 def os_problem(exc: BaseException, record: Path | None = None) -> str | None:

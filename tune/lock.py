@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import IO
 
-from .record import StudyError
+from .study import StudyError
 
 __all__ = ["StudyLock", "lock_path"]
 

@@ -1,6 +1,6 @@
 """MLflow as a mirror of the study record: one parent run per study, one nested run per trial.
 
-The record (``tune.record``) is the truth; :meth:`Mirror.sync` copies it into MLflow at any time, from any
+The record (``tune.study``) is the truth; :meth:`Mirror.sync` copies it into MLflow at any time, from any
 process, as often as wanted. Runs are found by their tags (``minimind.study_id``, ``minimind.trial``), never by
 name, and nest through the ``mlflow.parentRunId`` tag as in Ray's ``MLflowLoggerCallback``: no crash between
 two MLflow calls leaves a second run. A failing store never fails a study: :class:`MirrorCallback` warns once,
@@ -31,11 +31,12 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.utils import flatten_dict
 
 from . import tracking
+from .interrupts import first_line
 from .lock import StudyLock
 from .objective import Objective
-from .record import StudyError, StudyRecord, TrialRecord, ranked
 from .status import FINISHED, RESUMABLE, TrialStatus
-from .tracking import TrackingError, _one_line
+from .study import Study, StudyError, TrialRecord, answer, finalist_configs
+from .tracking import TrackingError
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -142,7 +143,7 @@ class Mirror:
     """The MLflow copy of one study record. Its methods raise :class:`TrackingError` (naming the URI) on
     any MLflow failure; nothing of MLflow's state is cached but the connection."""
 
-    def __init__(self, tracking_uri: str, experiment: str, record: StudyRecord, *, fixed_params: Mapping[str, Any],
+    def __init__(self, tracking_uri: str, experiment: str, record: Study, *, fixed_params: Mapping[str, Any],
                  settings: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         self.tracking_uri, self.experiment, self.record = tracking_uri, experiment, record
         self.study_id, self.study_dir = record.manifest.study_id, str(Path(record.dir).resolve())
@@ -291,7 +292,7 @@ class Mirror:
             if isinstance(exc, TrackingError):
                 raise
             raise TrackingError(
-                f"MLflow mirror {what} at {self.tracking_uri} failed ({type(exc).__name__}: {_one_line(exc)}); "
+                f"MLflow mirror {what} at {self.tracking_uri} failed ({type(exc).__name__}: {first_line(exc)}); "
                 f"the study record is unaffected: fix the tracking store, then `python -m tune.mirror "
                 f"{self.study_dir}` catches MLflow up") from exc
 
@@ -392,7 +393,7 @@ class Mirror:
 
     def _metrics(self, trial: TrialRecord, after: int) -> list[Metric]:
         """The trial's evaluations after ``after`` at step = the evaluation index (the record's key,
-        :func:`tune.record.evaluation_index`; with one evaluation per epoch, the epoch): the objective first, then its best so far
+        :func:`tune.study.evaluation_index`; with one evaluation per epoch, the epoch): the objective first, then its best so far
         (``best_<objective>``, what the runs table sorts by), then the rest; ``aux_loss`` only where it
         was ever non-zero (a MoE model)."""
         aux = any(m.get("aux_loss", 0.0) != 0.0 for m in trial.epochs.values())
@@ -425,7 +426,7 @@ def delete_study_runs(tracking_uri: str, study_id: str) -> int:
         return len(runs)
     except Exception as exc:
         raise TrackingError(f"MLflow at {tracking_uri}: could not delete the runs of study {study_id}: "
-                            f"{_one_line(exc)}") from exc
+                            f"{first_line(exc)}") from exc
 
 
 def trials_compare_url(tracking_server_url: str, tracking_uri: str, study_dir: Path) -> str | None:
@@ -433,7 +434,7 @@ def trials_compare_url(tracking_server_url: str, tracking_uri: str, study_dir: P
     None while the store has none. The study's own run stays out: it holds every fixed setting (ticking
     the runs table's header box selects it too, and the compare view then opens on settings that only
     it has, with no metric)."""
-    manifest = StudyRecord.open(Path(study_dir)).manifest
+    manifest = Study.open(Path(study_dir)).manifest
     spec = manifest.spec
     tune = spec.get("tune") or {}
     objective = Objective.of(tune)
@@ -474,7 +475,7 @@ class MirrorCallback(Callback):
             self.live = False
             # The cause, not TrackingError's advice: the warning gives its own.
             cause = exc.__cause__ if isinstance(exc, TrackingError) and exc.__cause__ is not None else exc
-            print(f"warning: MLflow mirror unavailable ({self.mirror.tracking_uri}: {_one_line(cause)}); the study "
+            print(f"warning: MLflow mirror unavailable ({self.mirror.tracking_uri}: {first_line(cause)}); the study "
                   f"goes on, and `python -m tune.mirror {self.mirror.study_dir}` or --resume catches MLflow up later",
                   file=sys.stderr, flush=True)
 
@@ -492,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"mlflow.tracking_uri, else ${tracking.TRACKING_URI_ENV}, else sqlite in the study folder)")
     args = parser.parse_args(argv)
     try:
-        record = StudyRecord.open(args.study_dir.resolve())
+        record = Study.open(args.study_dir.resolve())
         spec, held = record.manifest.spec, StudyLock.held(record.dir)
         configured = spec.get("mlflow") or {}
         uri = (args.tracking_uri and tracking.resolve_tracking_uri(args.tracking_uri, record.dir)) or (
@@ -506,16 +507,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Without a driver, a parent left RUNNING (by a killed driver, or created just now) is closed
         # as the record stands; one a driver closed keeps its status.
         if not held and mirror.parent_status == "RUNNING":
-            trials = record.trials()
-            status = ("KILLED" if any(t.status in RESUMABLE for t in trials)
-                      else "FINISHED" if any(t.status == TrialStatus.COMPLETED for t in trials) else "FAILED")
-            best, value, epoch = _best(trials, mirror.objective)
+            trials, objective = record.trials(), mirror.objective
+            # The answer by the end report's rule (the seeds' labels, the only use of train.seed here, are not shown).
+            finalist = next((f for f in finalist_configs(trials, objective, 0)[:1] if math.isfinite(f.mean)), None)
+            best = answer(trials, objective, [finalist] if finalist else [])
+            epoch, value = best.best(objective) if best is not None else (None, None)
+            mean = {} if finalist is None else {  # (then its config is the answer)
+                f"best_mean_{objective.metric}": finalist.mean, f"best_std_{objective.metric}": finalist.std}
+            status = ("KILLED" if any(t.status in RESUMABLE for t in trials) else "FINISHED" if best else "FAILED")
             found = {name: record.dir / name for name in ("best.yaml", "summary.csv")}
             found.update({f"plots/{p.name}": p for p in sorted((record.dir / "plots").glob("*.png"))})
             # The study ended with its last recorded trial time (its driver is gone).
             ends = [end for _, end in mirror._spans(trials).values() if end is not None]
             mirror.finish(status, best=best, best_value=value, best_epoch=epoch,
-                          end_time=max(ends, default=None),
+                          end_time=max(ends, default=None), study_metrics=mean,
                           artifacts={k: p for k, p in found.items() if p.is_file()})
     except (StudyError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -523,18 +528,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"MLflow mirror of {record.dir} is up to date ({len(record.trials())} trial runs, "
           f"{'a driver is running the study' if held else 'closed'}): experiment {experiment!r} at {uri}")
     return 0
-
-
-def _best(trials: list[TrialRecord], objective: Objective) -> tuple[TrialRecord | None, float | None, int | None]:
-    """The best completed search trial (:func:`tune.record.ranked`), its best epoch's objective and that epoch."""
-    best_epoch = {t.number: objective.best_of(t.curve(objective.metric), lambda ev: ev[1]) or (0, math.nan)
-                  for t in trials}
-    answers = ranked([t for t in trials if t.finalist_of is None], objective, lambda t: t.status,
-                     lambda t: best_epoch[t.number][1], statuses=(TrialStatus.COMPLETED,))
-    if not answers:
-        return None, None, None
-    epoch, value = best_epoch[answers[0].number]
-    return answers[0], value, epoch
 
 
 def warn_on_failure(call: Callable[[], object]) -> bool:

@@ -37,9 +37,9 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as optuna_plots
 
 from .objective import Objective
-from .record import evals_per_epoch, ranked
 from .status import TrialStatus
 from .storage import trial_dirname
+from .study import evals_per_epoch, ranked
 
 __all__ = ["MIN_TRIALS_FOR_IMPORTANCE", "PLOT_DPI", "PLOT_FILES", "plot_study", "study_figures"]
 
@@ -83,7 +83,7 @@ class _Style(NamedTuple):
 
 
 def _points(study: optuna.Study) -> list[_Point]:
-    """Completed and stopped-early search trials with a finite value, best first (:func:`tune.record.ranked`;
+    """Completed and stopped-early search trials with a finite value, best first (:func:`tune.study.ranked`;
     an earlier study's warm-start history, the finalists' extra seeds and trials no better than untrained
     stay out)."""
     points = []
@@ -287,7 +287,7 @@ def _importances(study: optuna.Study, points: list[_Point], metric: str, best: _
 def _curves(study: optuna.Study, points: list[_Point], metric: str, best: _Point | None) -> Figure:
     styles = _styles(study, points, best)
     drawn = [p for p in _ranked(points, best) if p.trial.intermediate_values]
-    # The x axis is the record's unit, the evaluation index (tune.record.evaluation_index): the epoch when
+    # The x axis is the record's unit, the evaluation index (tune.study.evaluation_index): the epoch when
     # there is one evaluation per epoch, as in every study made before evaluations inside an epoch.
     per_epoch = evals_per_epoch(study)
     unit = "epoch" if per_epoch == 1 else "evaluation"

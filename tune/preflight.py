@@ -1,5 +1,5 @@
 """Before Ray starts or anything is written: every input of a study checked, each problem one
-:class:`~tune.record.StudyError` naming the key, the value and what is wrong.
+:class:`~tune.study.StudyError` naming the key, the value and what is wrong.
 
 The data is tokenised here (once per study, into the token cache), the tokenizer and ``init_from``
 are loaded (``init_from`` shape-checked against the model), the tracking server is asked, and a
@@ -21,9 +21,9 @@ from typing import Any
 
 from minimind_train import config
 
-from .record import PATH_KEYS, RUN_SETTINGS, Manifest, StudyError, StudyRecord, diff_specs, evaluation_index
 from .space import SchedulerSpec, SearchParam, StudySpec
 from .storage import StudyPaths
+from .study import PATH_KEYS, RUN_SETTINGS, Manifest, Study, StudyError, diff_specs, evaluation_index
 
 __all__ = ["Inputs", "StudyShape", "check_inputs", "describe", "describe_resume", "describe_rungs", "expected_shape",
            "quiet_libraries", "reconcile", "steps_per_epoch_estimate"]
@@ -83,34 +83,34 @@ STOPPING = ("Ctrl-C: stopping the running trials; every finished epoch is kept (
             "Ctrl-C again stops at once.")
 
 
-def _ray_tune_lines(record: logging.LogRecord) -> bool:
+def _ray_tune_lines(entry: logging.LogRecord) -> bool:
     """A study continues with --resume, never by Ray's `Tuner.restore(...)` or from Ray's experiment state:
     Ray's lines that say so are dropped or (its Ctrl-C notice) reworded; its "Trials did not complete: [...]"
     repeats by Ray's trial names what the summary says by the study's."""
-    text = record.getMessage()
+    text = entry.getMessage()
     if text.startswith("Stop signal received"):
-        record.msg, record.args = STOPPING, ()
+        entry.msg, entry.args = STOPPING, ()
         return True
     return not any(s in text for s in ("Tuner.restore", "Trials did not complete"))
 
 
-def _no_os_error_traceback(record: logging.LogRecord) -> bool:
+def _no_os_error_traceback(entry: logging.LogRecord) -> bool:
     """Ray Tune logs an error of the study's searcher while it stops a trial ("Error stopping trial.") with
     its whole traceback (~110 lines for a read-only study folder): an OS error is dropped, as the driver meets
     it again and says it in one line (tune.interrupts.os_problem); any other error keeps its traceback."""
     from .interrupts import os_problem
 
-    return not (record.exc_info and record.exc_info[1] is not None and os_problem(record.exc_info[1]) is not None)
+    return not (entry.exc_info and entry.exc_info[1] is not None and os_problem(entry.exc_info[1]) is not None)
 
 
 _OS_ERROR_LINE = re.compile(r"^\w*Error: \[Errno \d+\] ", re.MULTILINE)  # (str() of an OSError: "[Errno 30] ...")
 
 
-def _no_unhandled_os_error(record: logging.LogRecord) -> bool:
+def _no_unhandled_os_error(entry: logging.LogRecord) -> bool:
     """Ray logs a trial's error that Tune stopped waiting for (the study stopping) as "Unhandled error ..."
     with the worker's traceback as text (~30 lines for a checkpoint saved into a folder turned read-only): an
     OS error is dropped, as the driver meets it in the record and says it in one line; any other keeps it."""
-    text = record.getMessage()
+    text = entry.getMessage()
     return not (text.startswith("Unhandled error") and _OS_ERROR_LINE.search(text))
 
 
@@ -171,7 +171,7 @@ def check_inputs(spec: StudySpec, run_cfg: config.RunConfig, paths: StudyPaths, 
     return Inputs(data, tokenizer, n_params, fingerprints, tracking_uri, time.perf_counter() - t0)
 
 
-def reconcile(record: StudyRecord, spec_dict: dict[str, Any], inputs: Inputs, explicit_space: bool) -> list[str]:
+def reconcile(record: Study, spec_dict: dict[str, Any], inputs: Inputs, explicit_space: bool) -> list[str]:
     """Refuse a ``--resume`` whose study definition or input contents changed (each change a
     ``key: old -> new`` line); return the run settings that changed (applied on this run)."""
     edited = diff_specs(record.manifest.spec, spec_dict)

@@ -1,5 +1,5 @@
-"""The driver's live view of a study (rich on a terminal, one line per event elsewhere), and the
-``step.json`` through which a trial tells it its step."""
+"""The driver's live view of a study (rich on a terminal, one line per event elsewhere), with each
+trial's step as its ``step.json`` tells it (:func:`tune.storage.step_writer`)."""
 
 from __future__ import annotations
 
@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ray.tune import Callback
 
-from .atomic import write_atomic
 from .objective import Objective
 from .status import TrialStatus
+from .storage import STEP_FILE
 
 if TYPE_CHECKING:
     from .forecast import EtaPrior
+    from .study import TrialRecord
 
-__all__ = ["RAY_ERRORS_FILE", "STEP_FILE", "ProgressView", "best_recorded", "blended_eta_s", "count_trials", "eta_s",
-           "ray_errors_to", "read_step", "step_writer"]
+__all__ = ["RAY_ERRORS_FILE", "ProgressView", "best_recorded", "blended_eta_s", "count_trials", "eta_s",
+           "ray_errors_to", "read_step"]
 
-STEP_FILE = "step.json"  # in a trial's folder: {"epoch", "step", "steps_per_epoch", "time"}
 RAY_ERRORS_FILE = "ray_errors.log"  # in the study folder: what Ray's driver printed about lost workers
 # Ray's driver prints the cluster's error messages (a lost worker: "(raylet) A worker died ...", ~7 lines)
 # from a thread of this name straight to sys.stdout: there is no logger for them and no ray.init switch
@@ -42,26 +42,6 @@ _FINAL = {s: _DONE if s is _S.COMPLETED else s.label
 _RAY = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": _S.RUNNING.label, "ERROR": _S.FAILED.label}
 
 
-def step_writer(trial_dir: str | Path, min_interval_s: float = 1.0) -> Callable[[Any], None]:
-    """An ``on_step`` callback for ``minimind_train.train.train_epochs`` that writes its ``StepInfo``
-    to ``trial_dir``/:data:`STEP_FILE` at most every ``min_interval_s`` seconds, atomically (by
-    rename). A failed write is skipped: the view is not worth a trial."""
-    folder, last = Path(trial_dir), [-math.inf]
-
-    def write(info: Any) -> None:
-        if (now := time.time()) - last[0] < min_interval_s:
-            return
-        last[0] = now
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(folder / STEP_FILE, json.dumps({"epoch": info.epoch, "step": info.step_in_epoch,
-                                                         "steps_per_epoch": info.steps_in_epoch, "time": now}),
-                         durable=False)
-        except OSError:
-            pass
-    return write
-
-
 def read_step(trial_dir: str | Path) -> tuple[int, int, int] | None:
     """``(epoch in progress (1-based), step, steps_per_epoch)`` from a trial's :data:`STEP_FILE`;
     None when it is missing or unreadable."""
@@ -74,7 +54,7 @@ def read_step(trial_dir: str | Path) -> tuple[int, int, int] | None:
 
 def count_trials(trials: list[Any], recorded: Mapping[str, str]) -> dict[str, int]:
     """Trials by state. How a trial ended is the study record's word (``recorded``: Ray trial id ->
-    tune.record status; it is set before Ray's own status, and tells an interrupted trial from a
+    tune.study status; it is set before Ray's own status, and tells an interrupted trial from a
     stopped one); otherwise Ray's status says pending or running."""
     count = dict.fromkeys(_SHOWN, 0)
     for t in trials:
@@ -84,11 +64,11 @@ def count_trials(trials: list[Any], recorded: Mapping[str, str]) -> dict[str, in
     return count
 
 
-def best_recorded(trials: Iterable[Any], objective: Objective) -> tuple[float, str] | None:
+def best_recorded(trials: Iterable[TrialRecord], objective: Objective) -> tuple[float, str] | None:
     """``(value, "t003")``: the best finite objective any epoch of the record's ``trials``
-    (:class:`tune.record.TrialRecord`) reported, leaving out values no better than their
-    trial's model before training (:func:`tune.record.no_better_reason`); None before any."""
-    from .record import no_better_reason
+    (:class:`tune.study.TrialRecord`) reported, leaving out values no better than their
+    trial's model before training (:func:`tune.study.no_better_reason`); None before any."""
+    from .study import no_better_reason
 
     values = [(v, f"t{t.number:03d}") for t in trials for _, v in t.curve(objective.metric)
               if math.isfinite(v) and not no_better_reason(v, objective, t.first_metrics)]
@@ -212,7 +192,7 @@ class ProgressView(Callback):
     def _label(self, trial: Any, short: bool = False) -> str:
         if trial.trial_id not in self._labels:
             from .mirror import run_name
-            from .record import TrialRecord
+            from .study import TrialRecord
 
             params, number = dict(trial.config.get("params") or {}), trial.config.get("study_trial")
             self._labels[trial.trial_id] = (run_name(TrialRecord(number, "", params, {}), list(params))
@@ -220,7 +200,7 @@ class ProgressView(Callback):
         return self._labels[trial.trial_id].split(" ")[0] if short else self._labels[trial.trial_id]
 
     def _evaluation(self, result: Mapping[str, Any]) -> int:
-        """A report's evaluation index (tune.record.evaluation_index; a diverged trial's report has only
+        """A report's evaluation index (tune.study.evaluation_index; a diverged trial's report has only
         its epoch)."""
         return int(result.get("evaluation", int(result.get("epoch", 0)) * self.per_epoch))
 
@@ -332,7 +312,7 @@ class ProgressView(Callback):
             self._first_epoch[trial.trial_id] = result
         if result.get("restored"):
             return
-        from .record import no_better_reason
+        from .study import no_better_reason
 
         # A value no better than the trial's untrained model is never "best so far" (it is no answer).
         if isinstance(value, (int, float)) and math.isfinite(value) and (
@@ -357,7 +337,7 @@ class ProgressView(Callback):
         value = last.get(self.metric)
         why = (f": {last.get(DIVERGED_REASON_KEY, '')}" if status == TrialStatus.DIVERGED else
                f" ({self.metric} {value:.4f})" if isinstance(value, (int, float)) else "")
-        from .record import evaluation_name
+        from .study import evaluation_name
 
         at = evaluation_name(max(self._reported.get(trial.trial_id, 0), self._evaluation(last)), self.per_epoch)
         self._event(f"{self._label(trial)} {status.replace('_', ' ')} at {at}{why}")

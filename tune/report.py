@@ -10,9 +10,7 @@ import io
 import math
 import os
 import shutil
-import statistics
 import sys
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +26,22 @@ from .atomic import leftovers, write_atomic
 from .interrupts import signals_deferred
 from .mirror import Mirror, warn_on_failure
 from .objective import Objective
-from .record import StudyRecord, evaluation_name, rank_key, ranked
 from .space import StudySpec
 from .status import FINISHED, RESUMABLE, TrialStatus
 from .storage import CHECKPOINT_PREFIX, StudyPaths, fetch_file
+from .study import (
+    Finalist,
+    Study,
+    TrialRecord,
+    answer,
+    evaluation_name,
+    finalist_configs,
+    rank_key,
+)
 
 __all__ = [
-    "RUNG_FIDELITY_WARNING", "Finalist", "RungFidelity", "TrialSummary", "dir_bytes", "finish_study",
-    "format_table", "prune_resume_state", "rank_finalists", "rung_fidelity", "summarize_finalists",
-    "summarize_trials", "write_best_yaml", "write_finalists_csv", "write_summary_csv",
+    "RUNG_FIDELITY_WARNING", "RungFidelity", "TrialSummary", "dir_bytes", "finish_study", "format_table",
+    "prune_resume_state", "rung_fidelity", "summarize_trials", "write_best_yaml", "write_finalists_csv", "write_summary_csv",
 ]
 
 
@@ -44,7 +49,7 @@ __all__ = [
 class TrialSummary:
     trial_id: str
     name: str
-    status: str  # a tune.record status: completed | stopped_early | diverged | failed | interrupted | running
+    status: str  # a tune.study status: completed | stopped_early | diverged | failed | interrupted | running
     epochs: int
     best_value: float  # the study metric at the trial's best epoch (inf/-inf when none)
     best_epoch: int
@@ -58,22 +63,21 @@ class TrialSummary:
     seed: int | None = None
 
 
-def summarize_trials(record: StudyRecord, objective: Objective) -> list[TrialSummary]:
-    """Ranked summaries of the record's trials, best first (:func:`tune.record.rank_key`): by status
+def summarize_trials(record: Study, objective: Objective) -> list[TrialSummary]:
+    """Ranked summaries of the record's trials, best first (:func:`tune.study.rank_key`): by status
     (completed, stopped early, unfinished, then no better than untrained, diverged and failed), then by
     the objective at the trial's best epoch."""
     out = []
     for t in record.trials():
-        curve = t.curve(objective.metric)
-        best_epoch, best_value = objective.best_of(curve, lambda ev: ev[1]) or (0, objective.worst)
+        best_epoch, best_value = t.best(objective)
         # The best kept checkpoint by the record's index: the best epoch's own weights, unless deleted.
         checkpoint_epoch, checkpoint = (record.best_checkpoint(t, objective) if math.isfinite(best_value)
                                         else None) or (None, None)
         out.append(TrialSummary(
             trial_id=t.name, name=t.name, status=t.status, epochs=max(t.epochs, default=0),
-            best_value=best_value, best_epoch=best_epoch, params=t.params, curve=curve, checkpoint=checkpoint,
-            error=t.error, number=t.number, checkpoint_epoch=checkpoint_epoch, finalist_of=t.finalist_of,
-            seed=t.seed))
+            best_value=best_value, best_epoch=best_epoch, params=t.params, curve=t.curve(objective.metric),
+            checkpoint=checkpoint, error=t.error, number=t.number, checkpoint_epoch=checkpoint_epoch,
+            finalist_of=t.finalist_of, seed=t.seed))
     return sorted(out, key=lambda s: (*rank_key(s.status, s.best_value, objective), s.number))
 
 
@@ -86,7 +90,7 @@ RUNG_FIDELITY_WARNING = 0.5
 class RungFidelity:
     """How well the ranking of trials at an ASHA rung predicts their final ranking."""
 
-    epoch: int  # the rung: an evaluation index (tune.record.evaluation_index; the epoch with one per epoch)
+    epoch: int  # the rung: an evaluation index (tune.study.evaluation_index; the epoch with one per epoch)
     trials: int  # completed trials with a value at this rung
     spearman: float | None  # None with fewer than 3 such trials
 
@@ -108,51 +112,6 @@ def rung_fidelity(summaries: Sequence[TrialSummary], rungs: Sequence[float]) -> 
         rho = ranks[0].corr(ranks[1]) if len(pairs) >= 3 else math.nan
         out.append(RungFidelity(epoch, len(pairs), None if math.isnan(rho) else float(rho)))
     return out
-
-
-@dataclass(frozen=True)
-class Finalist:
-    """A config re-checked across seeds (``tune.finalists``): search trial ``number`` and its finalist
-    trials. ``values`` are the best objective per seed, in ``seeds`` order (the search trial's first);
-    a diverged or failed seed counts as the worst value, so an unstable config ranks last."""
-
-    trial_id: str
-    number: int
-    params: dict[str, Any]
-    seeds: tuple[int, ...]
-    values: tuple[float, ...]
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values)
-
-    @property
-    def std(self) -> float:
-        """Sample standard deviation over the seeds (0 for one seed)."""
-        return statistics.stdev(self.values) if len(self.values) > 1 and math.isfinite(self.mean) else 0.0
-
-
-def rank_finalists(finalists: Sequence[Finalist], objective: Objective) -> list[Finalist]:
-    """Best mean objective first: the study's answer when finalists ran."""
-    return sorted(finalists, key=lambda f: objective.sort_key(f.mean))
-
-
-def summarize_finalists(summaries: Sequence[TrialSummary], base_seed: int, objective: Objective) -> list[Finalist]:
-    """The configs with finished finalist trials, ranked (:func:`rank_finalists`); the search trial
-    itself ran with ``base_seed``."""
-    runs: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    worst = objective.worst
-    for s in summaries:
-        if s.finalist_of is not None and s.seed is not None and s.status in FINISHED:
-            finite = s.status == TrialStatus.COMPLETED and math.isfinite(s.best_value)
-            runs[s.finalist_of].append((s.seed, s.best_value if finite else worst))
-    by_number = {s.number: s for s in summaries}
-    out = []
-    for number, seeded in runs.items():
-        base = by_number[number]
-        seeds, values = zip((base_seed, base.best_value), *sorted(seeded))
-        out.append(Finalist(base.trial_id, number, base.params, seeds, values))
-    return rank_finalists(out, objective)
 
 
 def _param_keys(items: Iterable[TrialSummary | Finalist]) -> list[str]:
@@ -225,7 +184,7 @@ def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary,
     return path
 
 
-def prune_resume_state(record: StudyRecord, summaries: Sequence[TrialSummary], keep_top: int) -> int:
+def prune_resume_state(record: Study, summaries: Sequence[TrialSummary], keep_top: int) -> int:
     """Bound a study's disk use; returns bytes freed.
 
     The ``keep_top`` best trials keep everything, and so does every unfinished trial (``--resume``
@@ -260,11 +219,10 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-def _answer(search: Sequence[TrialSummary], finalists: Sequence[Finalist],
+def _answer(trials: Sequence[TrialRecord], search: Sequence[TrialSummary], finalists: Sequence[Finalist],
             objective: Objective) -> tuple[TrialSummary | None, Finalist | None]:
-    """The study's answer, printing the finalists: the config with the best finite mean over seeds,
-    else the best completed trial (the best stopped early when none completed; never one that is no
-    better than untrained: :func:`tune.record.ranked`), else None."""
+    """The study's answer (:func:`tune.study.answer`) as its summary, with the finalists' best config when
+    that is the answer; prints the finalists."""
     if finalists:
         print(f"\nfinalists: the top configs trained again with other seeds, best mean {objective.metric} first")
         for f in finalists:
@@ -272,13 +230,13 @@ def _answer(search: Sequence[TrialSummary], finalists: Sequence[Finalist],
                     else "unstable (a seed diverged)")
             print(f"  {f.trial_id}  {mean}  seeds {' '.join(map(str, f.seeds))}: "
                   + " ".join(f"{v:.4f}" for v in f.values))
-        if math.isfinite(finalists[0].mean):
-            return next((s for s in search if s.number == finalists[0].number), None), finalists[0]
-        print("warning: every finalist config diverged or failed with another seed: no config is stable "
-              "across seeds; best.yaml is the best single trial's config (lower the learning rate range "
-              "before trusting it)", file=sys.stderr)
-    answers = ranked(search, objective, lambda s: s.status, lambda s: s.best_value)
-    return (answers[0] if answers else None), None
+        if not math.isfinite(finalists[0].mean):
+            print("warning: every finalist config diverged or failed with another seed: no config is stable "
+                  "across seeds; best.yaml is the best single trial's config (lower the learning rate range "
+                  "before trusting it)", file=sys.stderr)
+    best = answer(trials, objective, finalists)
+    summary = next((s for s in search if best is not None and s.number == best.number), None)
+    return summary, next((f for f in finalists[:1] if math.isfinite(f.mean)), None)  # (then it is the answer)
 
 
 def _best_model(paths: StudyPaths, best: TrialSummary) -> Path | None:
@@ -290,7 +248,7 @@ def _best_model(paths: StudyPaths, best: TrialSummary) -> Path | None:
     return fetch_file(paths.uri, f"{best.checkpoint}/{MODEL_FILE}", paths.local_dir / "best" / MODEL_FILE)
 
 
-def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror: Mirror, status: str) -> int:
+def finish_study(spec: StudySpec, paths: StudyPaths, record: Study, mirror: Mirror, status: str) -> int:
     """Write and print the study's outputs from its record; returns the driver's exit status
     (0: a trial completed, 1: none did or the disk is full)."""
     t = spec.tune
@@ -302,8 +260,9 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
         search = [s for s in summaries if s.finalist_of is None]  # (finalists are seeds of search configs)
         print()
         print(format_table(search, t.metric, evals_per_epoch=spec.run.train.evals_per_epoch))
-        finalists = summarize_finalists(summaries, spec.run.train.seed, t.objective)
-        best, finalist = _answer(search, finalists, t.objective)
+        trials = record.trials()
+        finalists = finalist_configs(trials, t.objective, spec.run.train.seed)
+        best, finalist = _answer(trials, search, finalists, t.objective)
         artifacts: dict[str, Path] = {}
         if finalists:
             artifacts["finalists.csv"] = write_finalists_csv(study_dir / "finalists.csv", finalists, t.metric)
@@ -362,7 +321,7 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: StudyRecord, mirror
     return 0
 
 
-def _budget_used_up(spec: StudySpec, paths: StudyPaths, record: StudyRecord) -> str:
+def _budget_used_up(spec: StudySpec, paths: StudyPaths, record: Study) -> str:
     """How to continue a study whose time budget (over all its driver runs) is used up; "" when it is not."""
     budget, used = spec.tune.time_budget_s, record.seconds_used()
     if budget is None or used < budget:

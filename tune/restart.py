@@ -19,7 +19,7 @@ from typing import Any
 from ray.tune import Callback
 
 from .mirror import delete_study_runs, warn_on_failure
-from .record import MANIFEST_FILE, Manifest, StudyError, StudyRecord
+from .study import MANIFEST_FILE, Manifest, Study, StudyError
 from .tracking import resolve_tracking_uri, sqlite_db_path
 
 __all__ = ["RestartCleanup", "finish_pending_restart", "move_aside", "settle"]
@@ -40,7 +40,7 @@ def settle(aside: Path, study_dir: Path, tracking_uri: str | None) -> None:
     has_result = False  # (no new study: a study is created whole, by a rename, or not at all)
     if study_dir.exists():
         try:
-            has_result = any(t.epochs for t in StudyRecord.open(study_dir).trials())
+            has_result = any(t.epochs for t in Study.open(study_dir).trials())
         except StudyError as exc:  # nothing is deleted that could not be checked: both stay
             print(f"--restart: neither study deleted: the new one cannot be read ({exc}); the old one is "
                   f"kept at {aside}", file=sys.stderr)

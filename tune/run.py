@@ -2,7 +2,7 @@
 
 The entry point: it reads the space and takes the study's lock; the driver run (tune.experiment) checks
 every input before Ray starts or anything is deleted, runs the trials, whose searcher and scheduler read and
-write the study record (tune.record), and writes ``best.yaml``, ``summary.csv`` and plots (tune.report).
+write the study record (tune.study), and writes ``best.yaml``, ``summary.csv`` and plots (tune.report).
 ``--resume`` continues a study from its record; ``--restart`` replaces it, keeping the old one until the new
 one has a result (tune.restart).
 """
@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from .atomic import write_atomic
 from .lock import StudyLock, lock_path
-from .record import MANIFEST_FILE, OPTUNA_FILE, Manifest, StudyError, StudyRecord
 from .storage import StudyPaths, download_outputs, writable_problem
+from .study import MANIFEST_FILE, OPTUNA_FILE, Manifest, Study, StudyError
 
 if TYPE_CHECKING:  # (tune.space loads pydantic and the trainer's config: imported when a study is read)
     from .space import StudySpec
@@ -239,7 +239,7 @@ def _apply_overrides(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
     return dataclasses.replace(spec, tune=dataclasses.replace(spec.tune, **changes))
 
 
-def _warm_start_from(spec: StudySpec, args: argparse.Namespace) -> StudyRecord | None:
+def _warm_start_from(spec: StudySpec, args: argparse.Namespace) -> Study | None:
     """The earlier study ``--warm-start`` (else ``tune.warm_start``) names, checked; None when neither does."""
     from .space import spec_to_dict
     from .warmstart import check_warm_start
@@ -262,7 +262,7 @@ def _run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> 
         if paths.is_local:
             finish_pending_restart(study_dir)
         exists = study_dir.exists()
-        if exists and not StudyRecord.exists(study_dir):
+        if exists and not Study.exists(study_dir):
             # Never taken over, not even by --restart: it may be anything (data, another tool's output,
             # a study whose study.json was lost: its trials are still in optuna.db and runs/).
             what = ("a study without its study.json (its trials are still in optuna.db and runs/)"
@@ -282,11 +282,11 @@ def _run_study(spec: StudySpec, paths: StudyPaths, args: argparse.Namespace) -> 
             db.open("r+b" if args.resume else "rb").close()
         if exists and args.restart:
             try:
-                StudyRecord.open(study_dir)
+                Study.open(study_dir)
             except StudyError as exc:
                 raise StudyError(f"{exc}; the study is left alone: --restart replaces only a study it can "
                                  "read (move the folder away yourself to start over)") from exc
-        record = StudyRecord.open(study_dir) if args.resume else None
+        record = Study.open(study_dir) if args.resume else None
         if args.warm_start is not None and record is not None:
             raise StudyError(f"--warm-start={args.warm_start}: a study is warm-started when it is created; "
                              f"{paths.name!r} exists (--resume continues it as it is)")

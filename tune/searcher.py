@@ -1,16 +1,27 @@
-"""Ray's searcher and scheduler over the study record: Optuna chooses, prunes and remembers.
+"""Ray's side of a study, over the study record: Optuna chooses, prunes and remembers; a trial trains.
 
-:class:`RecordSearcher` is a Ray Tune ``Searcher`` that asks Optuna (ask-and-tell, TPE or random
-sampler) for each new trial and, first, hands out the record's unfinished trials so that they continue
-from their checkpoints. :class:`RecordScheduler` is a FIFO scheduler that writes every result to the
-record *before* deciding, and stops a trial when Optuna's ``SuccessiveHalvingPruner`` (ASHA, Li et al.
-2018, "A System for Massively Parallel Hyperparameter Tuning") says so. Because rungs and values
-live in the record, a resumed study keeps its ASHA history, and a stopped trial's curve in Optuna
+:class:`RecordSearcher` (a Ray Tune ``Searcher``) hands out the record's unfinished trials first, so that
+they continue from their checkpoints, then asks Optuna (ask-and-tell, TPE or random) for new ones.
+:class:`RecordScheduler` writes every result to the record *before* deciding, and stops a trial when
+Optuna's ``SuccessiveHalvingPruner`` (ASHA, Li et al. 2018, "A System for Massively Parallel
+Hyperparameter Tuning") says so: a resumed study keeps its rungs, and a stopped trial's curve in Optuna
 ends with the value it was stopped on.
+
+:func:`train_trial`, the function trainable, adapts :func:`minimind_train.train.train_epochs`: at each
+evaluation it writes the study's own checkpoint (``epoch_000k`` in the trial's folder, not Ray's; ``k``
+the evaluation index, :func:`tune.study.evaluation_index`), then reports the metrics with that index,
+the epoch and the checkpoint's path (this module's keys, :data:`CHECKPOINT_KEY` ...). A retried or resumed
+trial continues from the checkpoint :func:`tune.storage.resume_point` names, mid-epoch included; a
+diverged one ends with one ``diverged`` report (no retry: the same config diverges again). Its data come
+memory-mapped from the driver's token cache (:func:`tune.cluster.open_study_data`).
 """
 
 from __future__ import annotations
 
+import functools
+import gc
+import json
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -19,18 +30,39 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
+from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from minimind_train.checkpoint import load_train_state, save_checkpoint
+from minimind_train.config import RunConfig, run_config_from_dict, run_config_to_dict
+from minimind_train.data import prepare_data
+from minimind_train.train import TrainingDiverged, train_epochs
+
+from .cluster import StudyData, current_node, open_study_data
+from .interrupts import first_line
 from .objective import Objective
-from .record import StudyRecord, TrialRecord, ranked
 from .status import TrialStatus
+from .storage import (
+    ResumePoint,
+    filesystem_of,
+    resume_point,
+    retain_checkpoints,
+    step_writer,
+    trial_dirname,
+    write_checkpoint,
+)
+from .study import PATH_KEYS, RUN_SETTINGS, Study, evaluation_index, ranked
 
-__all__ = ["CHECKPOINT_KEY", "DIVERGED_KEY", "DIVERGED_REASON_KEY", "NUMBER_KEY", "PARAMS_KEY", "RecordScheduler", "RecordSearcher", "ResumePlan", "error_text",
-           "failure_reason", "finalist_plans", "make_pruner", "make_sampler", "resume_plans"]
+__all__ = ["CHECKPOINT_KEY", "DIVERGED_KEY", "DIVERGED_REASON_KEY", "NUMBER_KEY", "PARAMS_KEY", "RecordScheduler",
+           "RecordSearcher", "ResumePlan", "TrialOutOfMemory", "error_text", "failure_reason", "finalist_plans",
+           "make_pruner", "make_sampler", "resume_plans", "train_trial"]
 
-# Keys of a trial's Ray config besides the searched values (see tune.trainable.train_trial).
+log = logging.getLogger(__name__)
+
+# Keys of a trial's Ray config besides the searched values (see train_trial).
 NUMBER_KEY = "study_trial"
 PARAMS_KEY = "params"
 # A diverged trial's last report holds {DIVERGED_KEY: 1, DIVERGED_REASON_KEY: why}; the scheduler ends it so.
@@ -50,31 +82,29 @@ class ResumePlan:
     evaluation: int = 0
 
 
-def resume_plans(record: StudyRecord, finalists: bool = False) -> list[ResumePlan]:
+def resume_plans(record: Study, finalists: bool = False) -> list[ResumePlan]:
     """The record's unfinished search trials (or ``finalists``), each to continue from its newest whole
-    checkpoint (:meth:`StudyRecord.resume_point`). Read only: :meth:`StudyRecord.recover` made the record
+    checkpoint (:meth:`Study.resume_point`). Read only: :meth:`Study.recover` made the record
     whole at the start of the driver run."""
     return [ResumePlan(number=t.number, params=t.run_params, evaluation=record.resume_point(t.number).evaluation)
             for t in record.unfinished() if (t.finalist_of is not None) == finalists]
 
 
-def finalist_plans(record: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution],
+def finalist_plans(record: Study, distributions: Mapping[str, optuna.distributions.BaseDistribution],
                    objective: Objective, top_k: int, seeds: int, base_seed: int,
                    create: bool = True) -> list[ResumePlan]:
-    """The finalists still to train: the ``top_k`` best completed search trials' configs (:func:`tune.record.ranked`), each with seeds
+    """The finalists still to train: the ``top_k`` best completed search trials' configs (:func:`tune.study.ranked`), each with seeds
     ``base_seed + 1 .. base_seed + seeds`` (``train.seed``: model init and data order). Unfinished
     finalists continue; missing ones are created in the record (``create=False``: only counted, with
     number -1)."""
     plans = resume_plans(record, finalists=True)
     trials = record.trials()
     have = {(t.finalist_of, t.seed) for t in trials if t.finalist_of is not None}
-    def best(t: TrialRecord) -> float:
-        value = objective.best_of(v for _, v in t.curve(objective.metric))
-        return objective.worst if value is None else value
-
     # Completed configs only (never one no better than untrained, nor one stopped early).
     search = [t for t in trials if t.finalist_of is None]
-    for t in ranked(search, objective, lambda t: t.status, best, statuses=(TrialStatus.COMPLETED,))[:top_k]:
+    best = ranked(search, objective, lambda t: t.status, lambda t: t.best(objective)[1],
+                  statuses=(TrialStatus.COMPLETED,))
+    for t in best[:top_k]:
         for seed in range(base_seed + 1, base_seed + 1 + seeds):
             if (t.number, seed) not in have:
                 number = record.add_finalist(t, seed, distributions) if create else -1
@@ -92,7 +122,7 @@ def make_sampler(kind: str, seed: int, num_samples: int, offset: int = 0) -> opt
 
 def make_pruner(kind: str, grace_period: int, reduction_factor: int) -> optuna.pruners.BasePruner:
     """ASHA as Optuna's SuccessiveHalvingPruner: rungs at ``grace_period * reduction_factor**k`` evaluations,
-    the steps of the intermediate values (:func:`tune.record.evaluation_index`; with one evaluation per
+    the steps of the intermediate values (:func:`tune.study.evaluation_index`; with one evaluation per
     epoch, epochs)."""
     if kind == "none":
         return optuna.pruners.NopPruner()
@@ -108,7 +138,7 @@ class RecordSearcher(Searcher):
     (``tune.scheduler.max_t``).
     """
 
-    def __init__(self, record: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution],
+    def __init__(self, record: Study, distributions: Mapping[str, optuna.distributions.BaseDistribution],
                  objective: Objective, planned: int, resume: list[ResumePlan] | None = None) -> None:
         super().__init__(metric=objective.metric, mode=objective.mode)
         self.objective = objective
@@ -152,7 +182,7 @@ class RecordScheduler(FIFOScheduler):
     """Records each result, then stops the trial if it diverged or Optuna's pruner prunes it.
 
     Results carry ``evaluation`` (the trial's real evaluation index across resumes,
-    :func:`tune.record.evaluation_index`: what the record is keyed by and the rungs count) and ``epoch``;
+    :func:`tune.study.evaluation_index`: what the record is keyed by and the rungs count) and ``epoch``;
     Ray's ``training_iteration`` restarts at 1 in each driver run, so it is not used.
     """
 
@@ -219,3 +249,119 @@ def _metrics(result: Mapping[str, Any]) -> dict[str, float]:
     if isinstance(result.get("timestamp"), (int, float)):
         out["timestamp_ms"] = float(result["timestamp"]) * 1000.0
     return out
+
+
+class TrialOutOfMemory(RuntimeError):
+    """The trial needed more GPU memory than its share (its neighbours are unaffected)."""
+
+
+def _oom_message(gpu_share: float, cfg: RunConfig, exc: BaseException) -> str:
+    partial = 0 < gpu_share < 1
+    try:
+        gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+        size = f" ({gpu_share * gib:.1f} of {gib:.1f} GiB)" if partial else f" ({gib:.1f} GiB)"
+    except (RuntimeError, AssertionError):  # no usable device to describe
+        size = ""
+    share = (f"its share of {gpu_share:g} of the GPU" if partial else "the whole GPU") + size
+    return (f"out of GPU memory within {share} at train.batch_size={cfg.train.batch_size}: use a smaller "
+            "train.batch_size (with train.accumulation_steps to keep the effective batch), a smaller "
+            f"data.max_seq_len or model, or a larger tune.resources_per_trial.gpu ({first_line(exc)})")
+
+
+def _release_gpu_memory() -> None:  # (cached CUDA blocks would stay reserved in a reused actor)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _restore(runs: str, number: int, cfg: RunConfig, vocab_size: int) -> tuple[Any, ResumePoint]:
+    """The train state to continue from and where it is: the checkpoint :func:`~tune.storage.resume_point`
+    names (the one the driver announced); ``(None, point)`` when none.
+
+    Raises:
+        RuntimeError: that checkpoint passes the validity rule but does not load; no older one is taken
+            silently, as the driver said which one the trial continues from.
+    """
+    point = resume_point(runs, number)
+    for path, problem in point.damaged:
+        log.warning("trial %s: checkpoint %s cannot be continued from: %s", number, path, problem)
+    if point.path is None:
+        return None, point
+    # The last guard against one trial's epochs mixing two configurations (the study's files are compared
+    # before Ray starts: Study.open, preflight.reconcile): its checkpoint says what it trained with.
+    saved = point.meta.get("config")
+    if isinstance(saved, Mapping):
+        now = json.loads(json.dumps(run_config_to_dict(cfg)))  # (as meta.json holds it: lists, not tuples)
+        changed = [f"{section}.{name}: {old!r} -> {now[section][name]!r}"
+                   for section, values in saved.items() if isinstance(values, Mapping) and section in now
+                   for name, old in values.items() if name in now[section]
+                   and f"{section}.{name}" not in RUN_SETTINGS + PATH_KEYS and now[section][name] != old]
+        if changed:
+            raise RuntimeError(f"checkpoint {point.path} was trained with another configuration than the study's "
+                               f"now ({'; '.join(changed)}); its epochs are not continued with another")
+    fs, _ = filesystem_of(runs)
+    try:  # (as_directory downloads from a URI; a local folder is used in place)
+        with tune.Checkpoint(point.path, filesystem=fs).as_directory() as directory:
+            return load_train_state(directory, cfg, vocab_size), point
+    except Exception as exc:
+        raise RuntimeError(f"checkpoint {point.path} (evaluation {point.evaluation}) cannot be loaded: "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], objective: Objective, runs_dir: str,
+                run_name: str, keep_checkpoints: int = 1, gpu_share: float = 0.0,
+                data: StudyData | None = None) -> None:
+    """Function trainable. ``config``: ``params`` (searched values by dotted path) and ``study_trial``
+    (the record's trial number); ``base``: the fixed run config; ``objective``: what is optimised (NaN
+    when the trial diverges; it ranks the kept checkpoints); ``data``: the driver's token cache on any node
+    (:func:`tune.cluster.study_data`; None prepares the data here). Each evaluation's checkpoint goes to
+    ``<runs_dir>/<run_name>/tNNN/epoch_000k`` (a folder or a URI; ``k`` its evaluation index) *before* its
+    result is reported, so a recorded result always has its checkpoint; the ``keep_checkpoints`` best and
+    the newest are kept.
+
+    Raises:
+        TrialOutOfMemory: CUDA ran out of memory within the trial's ``gpu_share`` (0: no cap, 1: whole GPU).
+    """
+    cfg = run_config_from_dict(base).with_overrides(config.get(PARAMS_KEY, {}))
+    number = int(config[NUMBER_KEY])
+    _release_gpu_memory()  # what a previous trial in this (reused) actor left cached
+    if 0 < gpu_share < 1 and torch.cuda.is_available():  # an oversized trial fails alone, not its neighbours
+        torch.cuda.set_per_process_memory_fraction(gpu_share)
+    if data is None:
+        sft, train_cfg = prepare_data(cfg.data, show_progress=False), cfg
+    else:  # train_cfg differs from cfg only in model.init_from, when that was copied to this node
+        sft, train_cfg = open_study_data(data, cfg)
+    node = current_node()  # where each epoch ran, kept in the checkpoint's meta.json (not a metric)
+    state, point = _restore(runs_dir, number, cfg, sft.vocab_size)
+    trial_dir = f"{runs_dir}/{run_name}/{trial_dirname(number)}"
+    if state is not None:
+        done = point.evaluation
+        log.info("trial %s continues after evaluation %d (epoch %d, optimizer step %d)", number, done,
+                 state.epoch, state.step)
+        # Reported again (marked, not trained again): a worker that died between writing the checkpoint
+        # and reporting it left that result out of the record (which keeps an evaluation's first report).
+        tune.report({**point.meta.get("metrics", {}), "epoch": -(-done // cfg.train.evals_per_epoch),
+                     "evaluation": done, "restored": 1, CHECKPOINT_KEY: point.path})
+    oom = diverged = None
+    on_step = step_writer(trial_dir) if "://" not in runs_dir else None  # the driver's live view, local only
+    try:
+        for result in train_epochs(train_cfg, sft, state, on_step=on_step):
+            index = evaluation_index(result.epoch, result.step_in_epoch, result.steps_in_epoch,
+                                     cfg.train.evals_per_epoch)
+            meta = {"data": sft.stats_dict(), "ray": node, "study_trial": number}
+            save = functools.partial(save_checkpoint, state=result.state, cfg=cfg, metrics=result.metrics, meta=meta)
+            path = write_checkpoint(save, trial_dir, index)
+            retain_checkpoints(runs_dir, number, keep_checkpoints, objective)
+            tune.report({**result.metrics, "epoch": result.epoch, "evaluation": index, CHECKPOINT_KEY: path})
+    except torch.cuda.OutOfMemoryError as exc:  # raised below, outside: its traceback holds the tensors
+        oom = _oom_message(gpu_share, cfg, exc)
+    except TrainingDiverged as exc:
+        diverged = {objective.metric: float("nan"), "epoch": exc.epoch, DIVERGED_KEY: 1,
+                    DIVERGED_REASON_KEY: str(exc)}
+    # Freed now (one stopped by the scheduler leaves via SystemExit in tune.report: freed at the next start).
+    state = result = None
+    _release_gpu_memory()
+    if diverged is not None:
+        tune.report(diverged)
+    if oom is not None:
+        raise TrialOutOfMemory(oom)

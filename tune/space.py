@@ -157,7 +157,7 @@ class SearchParam:
 class SchedulerSpec:
     """Trial scheduler: ASHA over evaluations, or none (every trial runs to the end).
 
-    ``grace_period``, ``max_t`` and the rungs count evaluations (:func:`tune.record.evaluation_index`):
+    ``grace_period``, ``max_t`` and the rungs count evaluations (:func:`tune.study.evaluation_index`):
     ``max_t`` is ``train.epochs * train.evals_per_epoch``, a whole trial; with one evaluation per epoch
     they count epochs. For ``none`` the ASHA fields are unused; ``max_t`` is still a trial's length.
     """

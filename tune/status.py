@@ -16,7 +16,7 @@ stopped_early  PRUNED    stopped by ASHA (Optuna's SuccessiveHalvingPruner) at a
 diverged       FAIL      loss became non-finite or exploded: its config is unusable
 no_better      COMPLETE  finished (all epochs, or stopped by ASHA) no better than the model
                          before training or the uniform predictor
-                         (:func:`tune.record.no_better_reason`): it learned nothing, so it is
+                         (:func:`tune.study.no_better_reason`): it learned nothing, so it is
                          never the answer nor a finalist
 abandoned      FAIL      its searched values were never all recorded (the driver died inside
                          Optuna's ``ask``): it never runs, and a new trial takes its place

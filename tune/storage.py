@@ -2,9 +2,10 @@
 and the trials' checkpoints in it.
 
 ``StudyPaths`` names the places; the trainable publishes a checkpoint at each evaluation (:func:`write_checkpoint`,
-named by the evaluation index of :func:`tune.record.evaluation_index`: with one evaluation per epoch, the epoch),
+named by the evaluation index of :func:`tune.study.evaluation_index`: with one evaluation per epoch, the epoch),
 keeps the best and the newest (:func:`retain_checkpoints`), and a resumed trial finds its usable
-checkpoints again (:func:`checkpoint_metas`, :func:`resume_point`), whichever driver run wrote them. With a URI storage the
+checkpoints again (:func:`checkpoint_metas`, :func:`resume_point`), whichever driver run wrote them; its
+``step.json`` tells the live view its step (:func:`step_writer`). With a URI storage the
 driver's own outputs (the record, MLflow, plots) live in a local staging folder (:func:`staging_dir`),
 uploaded at the end and downloaded again by ``--resume``.
 """
@@ -15,21 +16,22 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from .atomic import staged
+from .atomic import staged, write_atomic
 from .objective import Objective
 
 __all__ = [
-    "CHECKPOINT_PREFIX", "RUNS_DIR", "ResumePoint", "StudyPaths", "checkpoint_metas", "copy_path",
-    "download_outputs", "fetch_file", "filesystem_of", "local_path", "resume_point", "retain_checkpoints", "staging_dir", "trial_dirname",
-    "trial_dirs", "upload_outputs", "writable_problem", "write_checkpoint",
+    "CHECKPOINT_PREFIX", "RUNS_DIR", "STEP_FILE", "ResumePoint", "StudyPaths", "checkpoint_metas", "copy_path",
+    "download_outputs", "fetch_file", "filesystem_of", "local_path", "resume_point", "retain_checkpoints", "staging_dir", "step_writer",
+    "trial_dirname", "trial_dirs", "upload_outputs", "writable_problem", "write_checkpoint",
 ]
 
 STAGING_ENV = "MINIMIND_TUNE_STAGING"
@@ -39,6 +41,7 @@ RUNS_DIR = "runs"  # <study>/runs/run-K/tNNN: trial NNN's folder in driver run K
 # A trial's checkpoint at evaluation index k: <trial folder>/epoch_000k (the name from when k was the epoch:
 # with train.evals_per_epoch 1 it still is, so studies made before evaluations inside an epoch resume as they are).
 CHECKPOINT_PREFIX = "epoch_"
+STEP_FILE = "step.json"  # in a trial's folder, for the live view: {"epoch", "step", "steps_per_epoch", "time"}
 
 
 def local_path(location: str) -> Path | None:
@@ -191,24 +194,45 @@ def resume_point(runs: str | Path, number: int) -> ResumePoint:
     return ResumePoint(damaged=tuple(damaged))
 
 
-def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
-    """Publish the checkpoint folder ``local`` as ``<trial_dir>/epoch_000k`` (a local folder or a URI), ``k``
-    = ``epoch``, the evaluation index (:func:`tune.record.evaluation_index`).
+def step_writer(trial_dir: str | Path, min_interval_s: float = 1.0) -> Callable[[Any], None]:
+    """An ``on_step`` callback for ``minimind_train.train.train_epochs`` that writes its ``StepInfo``
+    to ``trial_dir``/:data:`STEP_FILE` at most every ``min_interval_s`` seconds, atomically (by
+    rename). A failed write is skipped: the view is not worth a trial."""
+    folder, last = Path(trial_dir), [-math.inf]
 
-    Locally an atomic rename: readers see the whole folder or none. On a bucket meta.json goes last,
-    so a folder cut short has no meta.json and is never resumed from (:func:`checkpoint_metas`).
+    def write(info: Any) -> None:
+        if (now := time.time()) - last[0] < min_interval_s:
+            return
+        last[0] = now
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / STEP_FILE, json.dumps({"epoch": info.epoch, "step": info.step_in_epoch,
+                                                         "steps_per_epoch": info.steps_in_epoch, "time": now}),
+                         durable=False)
+        except OSError:
+            pass
+    return write
+
+
+def write_checkpoint(save: Callable[[Path], Path], trial_dir: str, epoch: int) -> str:
+    """Write a trial's checkpoint as ``<trial_dir>/epoch_000k`` (a local folder or a URI), ``k`` = ``epoch``,
+    the evaluation index (:func:`tune.study.evaluation_index`), with ``save`` (a folder -> that folder
+    written whole: :func:`minimind_train.checkpoint.save_checkpoint`); returns its path.
+
+    Locally ``save`` writes it once, in place: its own rename publishes it, so readers see the whole
+    folder or none (one there already, the same evaluation trained again, is replaced). To a bucket it is
+    written in a local temporary folder, then uploaded with meta.json last, so a folder cut short has no
+    meta.json and is never resumed from (:func:`checkpoint_metas`).
     """
     target = f"{trial_dir}/{CHECKPOINT_PREFIX}{epoch:04d}"
     if "://" not in trial_dir:
-        # (a folder there already: the same evaluation trained again, its result never reached the record)
-        with staged(final := Path(target)) as tmp:
-            shutil.copytree(local, tmp)
-        return str(final)
+        return str(save(Path(target)))
     fs, path = filesystem_of(target)
-    for f in sorted((p for p in local.iterdir() if p.is_file()), key=lambda p: p.name == "meta.json"):
-        copy_path(str(f), f"{path}/{f.name}", pafs.LocalFileSystem(), fs)
+    with tempfile.TemporaryDirectory(prefix="minimind-ckpt-") as tmp:
+        local = save(Path(tmp) / "checkpoint")
+        for f in sorted((p for p in local.iterdir() if p.is_file()), key=lambda p: p.name == "meta.json"):
+            copy_path(str(f), f"{path}/{f.name}", pafs.LocalFileSystem(), fs)
     return path
-
 
 def retain_checkpoints(runs: str, number: int, keep: int, objective: Objective) -> list[str]:
     """Delete trial ``number``'s checkpoints but the ``keep`` best by ``objective`` and the newest (where

@@ -25,7 +25,8 @@ from typing import IO
 
 from mlflow.tracking import MlflowClient
 
-from .record import MANIFEST_FILE, Manifest, StudyRecord
+from .interrupts import first_line
+from .study import MANIFEST_FILE, Manifest, Study
 
 __all__ = ["ARTIFACTS_DIR", "DEFAULT_DB", "DEFAULT_EXPERIMENT", "HISTORY_KEY", "TRACKING_URI_ENV", "VIEW_TAG_PREFIX",
            "TrackingError", "artifact_location", "check_tracking_server", "compare_runs_url", "is_http_uri",
@@ -45,11 +46,6 @@ HISTORY_KEY = "tracking_uri"
 
 class TrackingError(RuntimeError):
     """The tracking backend is unusable; the message names the URI and what to do about it."""
-
-
-def _one_line(exc: BaseException) -> str:
-    first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    return first[:300] + ("..." if len(first) > 300 else "")
 
 
 def resolve_tracking_uri(configured: str | None, study_dir: Path) -> str:
@@ -162,7 +158,7 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
     except TrackingError:
         raise
     except Exception as exc:
-        raise TrackingError(f"MLflow tracking URI {uri} is not usable: {_one_line(exc)}") from exc
+        raise TrackingError(f"MLflow tracking URI {uri} is not usable: {first_line(exc)}") from exc
     return None
 
 
@@ -206,7 +202,7 @@ def study_runs_url(tracking_server_url: str, study_dir: Path, tracking_uri: str 
     """:func:`runs_table_url` of the study at ``study_dir`` through its saved view (once a sync wrote it),
     its runs in ``tracking_uri`` (default: the store the study recorded, else as its spec says); None
     while the store has no experiment of the study."""
-    manifest = StudyRecord.open(Path(study_dir)).manifest
+    manifest = Study.open(Path(study_dir)).manifest
     mlflow_spec = manifest.spec.get("mlflow") or {}
     uri = (tracking_uri or recorded_tracking_uri(Path(study_dir), manifest)
            or resolve_tracking_uri(mlflow_spec.get("tracking_uri"), Path(study_dir)))

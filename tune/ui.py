@@ -35,7 +35,7 @@ from pathlib import Path
 
 from . import dashboard, mirror, tracking
 from .objective import Objective
-from .record import MANIFEST_FILE, Manifest, StudyError
+from .study import MANIFEST_FILE, Manifest, StudyError
 from .tracking import TRACKING_URI_ENV, TrackingError
 
 __all__ = ["SERVER_LOG", "find_study", "main", "study_store"]
@@ -45,14 +45,14 @@ _DB_NAME = tracking.DEFAULT_DB
 SERVER_LOG = "mlflow-server.log"  # mlflow server's output: in the study folder (see _server_log)
 
 
-def find_study(storage: Path, study: str | None = None) -> Path:
-    """The folder of ``study`` under ``storage``, or the most recently written study there (one with a
+def find_study(storage: Path, name: str | None = None) -> Path:
+    """The folder of study ``name`` under ``storage``, or the most recently written study there (one with a
     study.json or an own tracking db)."""
     def marks(folder: Path) -> list[Path]:
         return [path for path in (folder / MANIFEST_FILE, folder / _DB_NAME) if path.is_file()]
 
-    if study is not None:
-        if not marks(folder := storage / study):
+    if name is not None:
+        if not marks(folder := storage / name):
             raise FileNotFoundError(f"no study {folder} (neither {MANIFEST_FILE} nor {_DB_NAME} there); is the "
                                     f"study name right?")
         return folder

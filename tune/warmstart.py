@@ -6,7 +6,7 @@ earlier study learnt, and the earlier study's best configs are asked first (Optu
 ``enqueue_trial``). Only the objective and the searched parameters must agree; the fixed model,
 data and training values may differ. Copied trials are history only (status ``warm_start``): they
 are not trials of the new study, in its table, counts or MLflow. Their intermediate values move to the
-new study's unit (:func:`tune.record.evaluation_index`: evaluation k of N per epoch is k / N epochs), so
+new study's unit (:func:`tune.study.evaluation_index`: evaluation k of N per epoch is k / N epochs), so
 a scouting study with one evaluation per epoch guides one with several, and the other way round.
 """
 
@@ -20,13 +20,13 @@ import optuna
 from optuna.trial import TrialState
 
 from .objective import Objective
-from .record import StudyError, StudyRecord, evals_per_epoch, ranked
 from .status import TrialStatus
+from .study import Study, StudyError, evals_per_epoch, ranked
 
 __all__ = ["check_warm_start", "history_trials", "warm_start"]
 
 
-def check_warm_start(source: str | Path, spec_dict: Mapping[str, Any], key: str = "--warm-start") -> StudyRecord:
+def check_warm_start(source: str | Path, spec_dict: Mapping[str, Any], key: str = "--warm-start") -> Study:
     """Open the earlier study at ``source`` and check that its objective and searched parameters are
     the new study's (``spec_dict``: :func:`tune.space.spec_to_dict`); ranges may differ.
 
@@ -37,7 +37,7 @@ def check_warm_start(source: str | Path, spec_dict: Mapping[str, Any], key: str 
     if not str(source).strip():
         raise StudyError(f"{key}={str(source)!r} is not allowed: expected the folder of an earlier study")
     try:
-        other = StudyRecord.open(Path(source).expanduser().resolve())
+        other = Study.open(Path(source).expanduser().resolve())
     except StudyError as exc:
         raise StudyError(f"{key}={source}: {exc}") from exc
     old, new = other.manifest.spec, spec_dict
@@ -58,7 +58,7 @@ def _inside(distribution: optuna.distributions.BaseDistribution, value: Any) -> 
     return distribution.low <= value <= distribution.high  # Float- and IntDistribution
 
 
-def history_trials(other: StudyRecord, distributions: Mapping[str, optuna.distributions.BaseDistribution]
+def history_trials(other: Study, distributions: Mapping[str, optuna.distributions.BaseDistribution]
                    ) -> tuple[list[optuna.trial.FrozenTrial], int]:
     """``other``'s completed and early-stopped search trials whose values lie inside ``distributions``
     (not its own history, not its finalists), and how many were left out for lying outside."""
@@ -73,7 +73,7 @@ def history_trials(other: StudyRecord, distributions: Mapping[str, optuna.distri
     return found, outside
 
 
-def warm_start(record: StudyRecord, other: StudyRecord,
+def warm_start(record: Study, other: Study,
                distributions: Mapping[str, optuna.distributions.BaseDistribution], top_k: int = 3) -> str:
     """Copy ``other``'s completed and early-stopped search trials whose values lie inside
     ``distributions`` into ``record``'s Optuna study (values, intermediate values in its unit, state),
@@ -89,7 +89,7 @@ def warm_start(record: StudyRecord, other: StudyRecord,
             params=t.params, distributions=dict(distributions), state=t.state,
             value=t.value if t.state == TrialState.COMPLETE else None, intermediate_values=curve,
             user_attrs={"status": TrialStatus.WARM_START, "source": f"{other.manifest.name} t{t.number:03d}"}))
-    # Its answers only (tune.record.ranked): a trial no better than untrained is history (TPE learns the
+    # Its answers only (tune.study.ranked): a trial no better than untrained is history (TPE learns the
     # region is bad), never a config to ask first.
     completed = ranked([t for t in copied if t.state == TrialState.COMPLETE], Objective.of_study(record.study),
                        lambda t: TrialStatus.of(t.user_attrs.get("status"), t.state), lambda t: float(t.value),

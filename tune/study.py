@@ -9,9 +9,9 @@ A study folder holds::
                     fingerprints, the study id, written at creation, and the ``history`` each driver
                     run adds to (start, overrides, changed run settings, the MLflow store it used, its length)
     study.json      the manifest exported from optuna.db after each change, for people and tools (read
-                    only: :meth:`StudyRecord.open` refuses one whose spec was edited, naming it); a study
+                    only: :meth:`Study.open` refuses one whose spec was edited, naming it); a study
                     made before the manifest moved into optuna.db has it only here, and is migrated by
-                    its next driver run (:meth:`StudyRecord.recover`)
+                    its next driver run (:meth:`Study.recover`)
     space.yaml      the resolved spec as a space file (what ``--resume`` without ``--space`` runs)
     runs/run-K/tNNN driver run K's Ray trial folders, with the trial's checkpoints (tune.storage): a
                     trial interrupted in one run continues in the next from its newest whole one
@@ -28,7 +28,8 @@ exactly the records of studies made before evaluations inside an epoch, which op
 
 Each trial's status (user attr ``status``) is a :class:`tune.status.TrialStatus`; that module's table
 says what each means and the Optuna state it ends in. Everything that picks an answer goes through
-:func:`ranked`, which only takes ``completed`` (and, failing those, ``stopped_early``) trials.
+:func:`ranked`, which only takes ``completed`` (and, failing those, ``stopped_early``) trials; the study's
+answer, finalists' means included, is :func:`answer`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import math
 import os
 import shutil
 import sqlite3
+import statistics
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -69,10 +71,10 @@ from .storage import (
     trial_dirs,
 )
 
-__all__ = ["BASELINE_PREFIX", "MANIFEST_FILE", "NO_BETTER_MARGIN", "OPTUNA_FILE",
-           "PATH_KEYS", "RUN_SETTINGS", "UNIFORM_KEY", "Manifest", "StudyError",
-           "StudyRecord", "TrialRecord", "diff_specs", "evals_per_epoch", "evaluation_index", "evaluation_name",
-           "no_better_reason", "rank_key", "ranked"]
+__all__ = ["BASELINE_PREFIX", "MANIFEST_FILE", "NO_BETTER_MARGIN", "OPTUNA_FILE", "PATH_KEYS", "RUN_SETTINGS",
+           "UNIFORM_KEY", "Finalist", "Manifest", "Study", "StudyError", "TrialRecord", "answer", "diff_specs",
+           "evals_per_epoch", "evaluation_index", "evaluation_name", "finalist_configs", "no_better_reason",
+           "rank_finalists", "rank_key", "ranked"]
 
 MANIFEST_FILE = "study.json"
 SPACE_FILE = "space.yaml"
@@ -203,7 +205,7 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, where: Path) -> Manifest:
         """The manifest in ``text`` (read from ``where``); StudyError: another format, or damaged.
-        (:meth:`StudyRecord.open` also compares its definition with its other copies.)"""
+        (:meth:`Study.open` also compares its definition with its other copies.)"""
         try:
             raw = json.loads(text)
             if raw.get("format") != FORMAT:
@@ -329,6 +331,67 @@ class TrialRecord:
     def curve(self, metric: str) -> list[tuple[int, float]]:
         return [(e, float(m[metric])) for e, m in sorted(self.epochs.items()) if metric in m]
 
+    def best(self, objective: Objective) -> tuple[int, float]:
+        """``(evaluation index, value)`` of its best recorded objective, the earliest on a tie; ``(0,
+        objective.worst)`` when none is finite."""
+        return objective.best_of(self.curve(objective.metric), lambda ev: ev[1]) or (0, objective.worst)
+
+
+@dataclasses.dataclass(frozen=True)
+class Finalist:
+    """A config re-checked across seeds (``tune.finalists``): search trial ``number`` and its finalist
+    trials. ``values`` are the best objective per seed, in ``seeds`` order (the search trial's first);
+    a diverged or failed seed counts as the worst value, so an unstable config ranks last."""
+
+    trial_id: str
+    number: int
+    params: dict[str, Any]
+    seeds: tuple[int, ...]
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over the seeds (0 for one seed)."""
+        return statistics.stdev(self.values) if len(self.values) > 1 and math.isfinite(self.mean) else 0.0
+
+
+def rank_finalists(finalists: Sequence[Finalist], objective: Objective) -> list[Finalist]:
+    """Best mean objective first: the study's answer when finalists ran."""
+    return sorted(finalists, key=lambda f: objective.sort_key(f.mean))
+
+
+def finalist_configs(trials: Sequence[TrialRecord], objective: Objective, base_seed: int) -> list[Finalist]:
+    """The configs with finished finalist trials among ``trials``, ranked (:func:`rank_finalists`); the
+    search trial itself ran with ``base_seed``."""
+    runs: dict[int, list[tuple[int, float]]] = {}
+    for t in trials:
+        if t.finalist_of is not None and t.seed is not None and t.status in FINISHED:
+            value = t.best(objective)[1] if t.status == TrialStatus.COMPLETED else objective.worst
+            runs.setdefault(t.finalist_of, []).append((t.seed, value if math.isfinite(value) else objective.worst))
+    by_number = {t.number: t for t in trials}
+    out = []
+    for number, seeded in runs.items():
+        base = by_number[number]
+        seeds, values = zip((base_seed, base.best(objective)[1]), *sorted(seeded))
+        out.append(Finalist(base.name, number, base.params, seeds, values))
+    return rank_finalists(out, objective)
+
+
+def answer(trials: Sequence[TrialRecord], objective: Objective, finalists: Sequence[Finalist]) -> TrialRecord | None:
+    """The study's answer, the one rule that best.yaml, the end report and MLflow's parent run follow: the
+    config with the best finite mean over seeds (``finalists``: :func:`finalist_configs`), else the best
+    completed search trial (the best stopped early when none completed; never one that is no better than
+    untrained: :func:`ranked`), else None."""
+    search = [t for t in trials if t.finalist_of is None]
+    if finalists and math.isfinite(finalists[0].mean):
+        return next((t for t in search if t.number == finalists[0].number), None)
+    found = ranked(search, objective, lambda t: t.status, lambda t: t.best(objective)[1])
+    return found[0] if found else None
+
 
 def _trial_record(t: FrozenTrial) -> TrialRecord:
     epochs = {int(key[6:]): {k: float(v) for k, v in value.items() if _is_number(v)}
@@ -343,7 +406,7 @@ def _trial_record(t: FrozenTrial) -> TrialRecord:
                        checkpoints=checkpoints)
 
 
-class StudyRecord:
+class Study:
     """The record of one study folder: its manifest and its Optuna storage.
 
     Create with :meth:`create`, open with :meth:`open`. Writes go straight to sqlite (each a
@@ -383,7 +446,7 @@ class StudyRecord:
     @classmethod
     def create(cls, study_dir: Path, name: str, spec: Mapping[str, Any], space_yaml: str,
                fingerprints: Mapping[str, str],
-               prepare: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
+               prepare: Callable[[Study], None] | None = None) -> Study:
         """A new study folder; ``spec`` is :func:`tune.space.spec_to_dict`; ``prepare`` fills the new
         record before it is a study (a warm start's history). The caller holds the study's lock.
 
@@ -416,7 +479,7 @@ class StudyRecord:
         return cls(study_dir, manifest, cls._storage(study_dir))
 
     @classmethod
-    def open(cls, study_dir: Path) -> StudyRecord:
+    def open(cls, study_dir: Path) -> Study:
         path = study_dir / MANIFEST_FILE
         if not path.is_file():
             raise StudyError(f"{study_dir} is not a study folder (no {MANIFEST_FILE})")
@@ -596,10 +659,10 @@ class StudyRecord:
         if frozen.state.is_finished():
             return
         trial = _trial_record(frozen)
-        best = objective.best_of(v for _, v in trial.curve(objective.metric))
-        if status in (TrialStatus.COMPLETED, TrialStatus.NO_BETTER) and best is None:
+        _, best = trial.best(objective)
+        if status in (TrialStatus.COMPLETED, TrialStatus.NO_BETTER) and not math.isfinite(best):
             status, error = TrialStatus.DIVERGED, error or f"no finite {objective.metric} was reported"
-        elif status in ANSWERS and best is not None and (
+        elif status in ANSWERS and math.isfinite(best) and (
                 reason := no_better_reason(best, objective, trial.first_metrics)):
             status, error = TrialStatus.NO_BETTER, reason
         self.set_status(number, status, error)
