@@ -315,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="the space whose tune section is 'default'")
     p.add_argument("--strategy", default="default", help=f"one of {', '.join(STRATEGIES)}, or all")
     p.add_argument("--seeds", type=int, default=50)
-    p.add_argument("--configs", action="store_true", help="first list every complete config's values and the seed spread")
+    p.add_argument("--configs", action="store_true",
+                   help="list every complete config's values and the seed spread, and stop (no studies)")
     # Overrides of the chosen strategies' settings (Strategy's fields), to explore without editing code.
     fields = [f.name for f in dataclasses.fields(Strategy) if f.type == "int"]
     for name in fields:
@@ -334,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
           f"(the gap SFT closes: {table.base - table.best:.4f})")
     if a.configs:
         print("\n".join(describe(table)))
+        return {}
     results = {}
     for name in names:
         t0 = time.perf_counter()

@@ -68,6 +68,12 @@ def test_a_tiny_table_builds_resumably_and_the_simulator_replays_it(tmp_path: Pa
     small = simulate.main(["--table", str(table), "--strategy", "random", "--seeds", "2", "--num-samples", "4",
                            "--top-k", "0", "--finalist-seeds", "0"])
     assert 0 < small["random"]["cost_runs"] <= 4
+    # --configs lists the table itself (a header, 3 configs best first, the seed spread of those with
+    # finite values: lr 1e-4 at least) and runs no study.
+    capsys.readouterr()
+    assert simulate.main(["--table", str(table), "--configs"]) == {}
+    listing = capsys.readouterr().out.strip().splitlines()
+    assert len(listing) == 1 + 3 + 1 and listing[-1].startswith("seed spread")
 
 
 def test_the_base_is_pretrained_on_packed_plain_text_and_learns_it() -> None:
