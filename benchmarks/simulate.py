@@ -294,8 +294,11 @@ def describe(table: Table) -> list[str]:
                      f"{table.true[c]:.4f}, ratio {table.true[c] / table.best - 1:+.4f}, of the gap "
                      f"{(table.true[c] - table.best) / gap if gap > 0 else math.inf:.3f}")
     if spreads:
+        best = [table.value(table.curves[(min(table.configs, key=table.true.__getitem__), s)]) for s in table.seeds]
+        ratios = [gap / s if s > 0 else math.inf for s in (max(best) - min(best), max(spreads))]
         lines.append(f"seed spread (max - min of a config's values): median {statistics.median(spreads):.4f}, max "
-                     f"{max(spreads):.4f}; the gap {gap:.4f} is {gap / max(max(spreads), 1e-12):.1f}x the max")
+                     f"{max(spreads):.4f}, the best config's {max(best) - min(best):.4f}; the gap {gap:.4f} is "
+                     f"{ratios[0]:.1f}x the best config's spread, {ratios[1]:.1f}x the max")
     return lines
 
 

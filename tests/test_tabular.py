@@ -144,7 +144,8 @@ def test_simulator_maps_proposals_to_the_nearest_grid_point_and_answers_by_the_f
     lines = simulate.describe(table)
     assert lines[0].startswith("{'train.learning_rate': 0.01}: seeds 1.5000 1.5000, true 1.5000")
     # The diverged config has no spread; 1e-3's seeds differ by 2.0, so the gap is 4.2x the spread.
-    assert lines[-1] == "seed spread (max - min of a config's values): median 0.0000, max 2.0000; the gap 8.5000 is 4.2x the max"
+    assert lines[-1] == ("seed spread (max - min of a config's values): median 0.0000, max 2.0000, the best config's 0.0000; "
+                         "the gap 8.5000 is infx the best config's spread, 4.2x the max")
 
 
 @pytest.mark.parametrize("pruner, fewer", [("none", False), ("asha", True)])
