@@ -31,9 +31,12 @@ form the grid.
 **Figures** per strategy over ``--seeds`` searcher seeds: the cost of a study in full-training-run
 equivalents (tokens trained, search and finalists, over one full curve's tokens; median), its wall time
 with concurrency (in full-run durations), the regret of its answer (the answer config's true value --
-its best val_loss averaged over every training seed of the table -- over the grid's best, minus 1) and
-the fraction of seeds within 1%. The last line is ``within_1pct=<fraction> cost_runs=<median>`` of the
-strategy given (the first one with ``all``).
+its best val_loss averaged over every training seed of the table -- over the grid's best, minus 1), the
+fraction of seeds within 1%, and the regret as a fraction of the gap SFT closes, ``(value - best) /
+(base - best)`` with ``base`` the pretrained model's val_loss before training (each curve's
+``baseline_val_loss``): 0 is the best config, 1 no better than not fine-tuning at all. The ratio alone
+says little when SFT moves the loss little (a config that barely trains can be within 1%). The last
+line is ``within_1pct=<fraction> cost_runs=<median>`` of the strategy given (the first one with ``all``).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from tune.objective import Objective
 from tune.searcher import make_pruner, make_sampler
 from tune.study import no_better_reason
 
-__all__ = ["STRATEGIES", "Outcome", "Strategy", "Table", "default_strategy", "main", "simulate", "summarize"]
+__all__ = ["STRATEGIES", "Outcome", "Strategy", "Table", "default_strategy", "describe", "main", "simulate", "summarize"]
 
 DEFAULT_TABLE = REPO / "benchmarks" / "tables" / "alpaca_zh_tiny"
 DEFAULT_SPACE = REPO / "search_spaces" / "minimind2_sft.yaml"
@@ -144,6 +147,8 @@ class Table:
         self.full_seconds = statistics.median(_seconds(c["cost"]) for c in full)
         self.true = {cfg: self.true_value(cfg) for cfg in self.configs}
         self.best = min(self.true.values())
+        # The pretrained model's val_loss before any SFT step (one base per table: every curve measured it).
+        self.base = statistics.median(c["baseline_val_loss"] for c in self.curves.values())
         self._axes = [sorted(self.grid[n]) for n in self.names]
 
     def value(self, curve: Mapping[str, Any]) -> float:
@@ -185,7 +190,8 @@ class Outcome:
     """One simulated study: its answer config, cost (full-run equivalents), wall time (full-run durations)."""
 
     answer: Config | None
-    regret: float
+    regret: float  # true value / grid best - 1
+    gap_regret: float  # (true value - grid best) / (base - grid best)
     cost_runs: float
     wall_runs: float
     trials: int
@@ -268,14 +274,40 @@ def simulate(table: Table, s: Strategy, seed: int) -> Outcome:
         answers = sorted((0 if st == "completed" else 1, v, cfg) for cfg, st, v in done
                          if st in ("completed", "stopped_early") and math.isfinite(v))
         answer = answers[0][2] if answers else None
-    regret = table.true[answer] / table.best - 1 if answer is not None else math.inf
-    return Outcome(answer, regret, tokens / table.full_tokens, end / table.full_seconds, asked)
+    value = table.true[answer] if answer is not None else math.inf
+    gap = table.base - table.best
+    return Outcome(answer, value / table.best - 1, (value - table.best) / gap if gap > 0 else math.inf,
+                   tokens / table.full_tokens, end / table.full_seconds, asked)
+
+
+def describe(table: Table) -> list[str]:
+    """The table itself, before any study: each complete config's best value per training seed and its
+    true value (as a ratio to the grid's best and as a fraction of the gap), best first; then the
+    seed-to-seed spread against the gap: a table ranks strategies only when the gap is large against it."""
+    gap = table.base - table.best
+    lines: list[str] = []
+    spreads: list[float] = []
+    for c in sorted(table.configs, key=table.true.__getitem__):
+        values = [table.value(table.curves[(c, s)]) for s in table.seeds]
+        spreads += [max(values) - min(values)] if all(map(math.isfinite, values)) else []
+        lines.append(f"{dict(zip(table.names, c))}: seeds {' '.join(f'{v:.4f}' for v in values)}, true "
+                     f"{table.true[c]:.4f}, ratio {table.true[c] / table.best - 1:+.4f}, of the gap "
+                     f"{(table.true[c] - table.best) / gap if gap > 0 else math.inf:.3f}")
+    if spreads:
+        best = [table.value(table.curves[(min(table.configs, key=table.true.__getitem__), s)]) for s in table.seeds]
+        ratios = [gap / s if s > 0 else math.inf for s in (max(best) - min(best), max(spreads))]
+        lines.append(f"seed spread (max - min of a config's values): median {statistics.median(spreads):.4f}, max "
+                     f"{max(spreads):.4f}, the best config's {max(best) - min(best):.4f}; the gap {gap:.4f} is "
+                     f"{ratios[0]:.1f}x the best config's spread, {ratios[1]:.1f}x the max")
+    return lines
 
 
 def summarize(outcomes: Sequence[Outcome]) -> dict[str, float]:
     regrets = [o.regret for o in outcomes]
     return {"within_1pct": sum(r <= 0.01 for r in regrets) / len(regrets),
             "regret_median": statistics.median(regrets), "regret_max": max(regrets),
+            "gap_regret_median": statistics.median(o.gap_regret for o in outcomes),
+            "gap_regret_max": max(o.gap_regret for o in outcomes),
             "cost_runs": statistics.median(o.cost_runs for o in outcomes),
             "wall_runs": statistics.median(o.wall_runs for o in outcomes)}
 
@@ -286,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="the space whose tune section is 'default'")
     p.add_argument("--strategy", default="default", help=f"one of {', '.join(STRATEGIES)}, or all")
     p.add_argument("--seeds", type=int, default=50)
+    p.add_argument("--configs", action="store_true",
+                   help="list every complete config's values and the seed spread, and stop (no studies)")
     # Overrides of the chosen strategies' settings (Strategy's fields), to explore without editing code.
     fields = [f.name for f in dataclasses.fields(Strategy) if f.type == "int"]
     for name in fields:
@@ -300,7 +334,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     variants = {n: dataclasses.replace(v, **overrides) for n, v in variants.items()}
     table = Table(a.table)
     print(f"table {a.table}: {len(table.curves)} curves, {len(table.configs)} configs x {len(table.seeds)} seeds, "
-          f"{table.evaluations} evaluations per run; grid best {table.best:.4f}")
+          f"{table.evaluations} evaluations per run; grid best {table.best:.4f}, base {table.base:.4f} "
+          f"(the gap SFT closes: {table.base - table.best:.4f})")
+    if a.configs:
+        print("\n".join(describe(table)))
+        return {}
     results = {}
     for name in names:
         t0 = time.perf_counter()
@@ -308,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         r = results[name] = summarize([simulate(table, s, seed) for seed in range(a.seeds)])
         print(f"{name:18s} {s.sampler}/{s.pruner} n={s.num_samples} conc={s.concurrency} "
               f"rungs={s.grace_period}x{s.reduction_factor} finalists={s.top_k}x{s.finalist_seeds}: "
-              f"within 1% {r['within_1pct']:.2f}, regret median {r['regret_median']:.4f} max {r['regret_max']:.4f}, "
+              f"within 1% {r['within_1pct']:.2f}, regret median {r['regret_median']:.4f} max {r['regret_max']:.4f} "
+              f"(of the gap: median {r['gap_regret_median']:.3f} max {r['gap_regret_max']:.3f}), "
               f"cost {r['cost_runs']:.2f} runs, wall {r['wall_runs']:.2f} runs ({time.perf_counter() - t0:.1f} s)")
     first = results[names[0]]
     print(f"within_1pct={first['within_1pct']:.2f} cost_runs={first['cost_runs']:.2f}")

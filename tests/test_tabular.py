@@ -36,6 +36,19 @@ def test_a_tiny_table_builds_resumably_and_the_simulator_replays_it(tmp_path: Pa
     split = next((tmp_path / "cache").glob("split-*"))
     sizes = {p.stem: len(p.read_text().splitlines()) for p in split.glob("*.jsonl")}
     assert sizes == {"pretrain": 100, "sft_train": 48, "val": 16}
+    # The base was pretrained on plain text: the pretraining part holds texts, no chat roles or template.
+    pretrain_lines = (split / "pretrain.jsonl").read_text(encoding="utf-8").splitlines()
+    assert all(set(json.loads(ln)) == {"text"} and "<|im_start|>" not in ln for ln in pretrain_lines)
+    # Its figures travel with the table: what it cost and the losses it must beat, in nats on the val split.
+    base = meta["base_figures"]
+    assert base["steps"] >= 1 and base["tokens"] == base["steps"] * 8 * 64 and base["cpu_seconds"] > 0
+    losses = base["val_loss"]
+    assert losses["uniform"] == pytest.approx(math.log(6400))
+    assert losses["unigram_val_itself"] <= losses["unigram_pretraining_text"] < losses["uniform"]
+    assert curves[0]["baseline_val_loss"] == pytest.approx(losses["base"])
+    assert (tmp_path / "cache" / f"base-{meta['base']}.pth").exists()
+    # The probes the build trains first: the lowest, middle and highest learning rate.
+    assert [p["train.learning_rate"] for p in tabular.probe_configs(meta["spec"]["grid"])] == [1e-4, 3e-3, 3e-2]
     # Rerun: every curve is found, none trained again (the base is cached too).
     spec = tabular.TableSpec(**{**meta["spec"], "data": str(ASSETS / "demo" / "sft_demo.jsonl"),
                                 "tokenizer": str(ASSETS / "tokenizer")})
@@ -55,6 +68,37 @@ def test_a_tiny_table_builds_resumably_and_the_simulator_replays_it(tmp_path: Pa
     small = simulate.main(["--table", str(table), "--strategy", "random", "--seeds", "2", "--num-samples", "4",
                            "--top-k", "0", "--finalist-seeds", "0"])
     assert 0 < small["random"]["cost_runs"] <= 4
+    # --configs lists the table itself (a header, 3 configs best first, the seed spread of those with
+    # finite values: lr 1e-4 at least) and runs no study.
+    capsys.readouterr()
+    assert simulate.main(["--table", str(table), "--configs"]) == {}
+    listing = capsys.readouterr().out.strip().splitlines()
+    assert len(listing) == 1 + 3 + 1 and listing[-1].startswith("seed spread")
+
+
+def test_the_base_is_pretrained_on_packed_plain_text_and_learns_it() -> None:
+    tabular = _load("tabular")
+    from minimind_train.config import ModelConfig, RunConfig
+    from minimind_train.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ASSETS / "tokenizer")
+    lines = (ASSETS / "demo" / "sft_demo.jsonl").read_text(encoding="utf-8").splitlines()[:40]
+    texts = [tabular.plain_text(ln) for ln in lines]
+    assert texts[0].startswith("65和62中较大的数是哪个？\n较大的数是65。\n") and "assistant" not in texts[0]
+    rows = tabular.pack_plain_text(tokenizer, texts, 32)
+    # Packed rows of exactly 32 tokens, no special token (ids 0-2: <|endoftext|>, <|im_start|>, <|im_end|>).
+    assert rows.shape[1] == 32 and len(rows) > 8 and int(rows.min()) >= 3
+    assert tokenizer.decode(rows.reshape(-1).tolist()).startswith(texts[0] + "\n\n" + texts[1] + "\n\n")
+    cfg = RunConfig(model=ModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=32)).with_overrides(
+        {"train.batch_size": 4, "train.epochs": 3, "train.learning_rate": 1e-2, "train.warmup_steps": 0,
+         "train.device": "cpu", "train.dtype": "float32", "train.num_threads": 1})
+    steps = []
+    state = tabular.pretrain(cfg, rows, len(tokenizer), on_step=steps.append)
+    per_epoch = len(rows) // 4
+    assert len(steps) == state.step == 3 * per_epoch and state.epoch == 3
+    # It learns the text: the last epoch's loss is well below the first step's (~ln 6400 = 8.76).
+    assert sum(s.loss for s in steps[-per_epoch:]) / per_epoch < steps[0].loss - 1.0
 
 
 def _write_table(folder: Path, values: dict[tuple[float, int], list[float]], diverged: set[float] = frozenset()) -> None:
@@ -81,7 +125,7 @@ def test_simulator_maps_proposals_to_the_nearest_grid_point_and_answers_by_the_f
     table = simulate.Table(tmp_path)
     assert table.nearest({"train.learning_rate": 2.9e-3}) == (1e-3,)  # log scale: 3.2e-3 is the midpoint
     assert table.nearest({"train.learning_rate": 3.3e-3}) == (1e-2,)
-    assert table.best == 1.5 and math.isinf(table.true[(1e-1,)])
+    assert table.best == 1.5 and math.isinf(table.true[(1e-1,)]) and table.base == 10.0
     assert table.evaluations == 4 and table.full_tokens == 400
     s = simulate.Strategy("t", sampler="random", pruner="none", num_samples=12, concurrency=2, top_k=2, finalist_seeds=1)
     outcomes = [simulate.simulate(table, s, seed) for seed in range(5)]
@@ -92,6 +136,16 @@ def test_simulator_maps_proposals_to_the_nearest_grid_point_and_answers_by_the_f
     nofinal = simulate.Strategy("n", sampler="random", pruner="none", num_samples=12, concurrency=2, top_k=0,
                                 finalist_seeds=0)
     assert all(simulate.simulate(table, nofinal, seed).answer == (1e-3,) for seed in range(5))
+    # Without finalists the lucky 1e-3 is the answer: true value 2.0 against the best 1.5 and the base 10.0,
+    # a ratio of +33% and 0.5 / 8.5 of the gap that fine-tuning closes.
+    lucky = simulate.simulate(table, nofinal, 0)
+    assert lucky.regret == pytest.approx(2.0 / 1.5 - 1) and lucky.gap_regret == pytest.approx(0.5 / 8.5)
+    assert outcomes[0].gap_regret == 0
+    lines = simulate.describe(table)
+    assert lines[0].startswith("{'train.learning_rate': 0.01}: seeds 1.5000 1.5000, true 1.5000")
+    # The diverged config has no spread; 1e-3's seeds differ by 2.0, so the gap is 4.2x the spread.
+    assert lines[-1] == ("seed spread (max - min of a config's values): median 0.0000, max 2.0000, the best config's 0.0000; "
+                         "the gap 8.5000 is infx the best config's spread, 4.2x the max")
 
 
 @pytest.mark.parametrize("pruner, fewer", [("none", False), ("asha", True)])
