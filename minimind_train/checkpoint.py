@@ -38,9 +38,6 @@ __all__ = ["META_FILE", "MODEL_FILE", "STATE_FILE", "TrainState", "WeightMismatc
 
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
-# The suffix of a folder being written or moved aside: what a killed writer leaves (hidden, never read), as
-# tune.atomic names its own, so that a study's end report clears both (tune.atomic.leftovers).
-_PARTIAL = ".tmp"
 
 
 class WeightMismatchError(RuntimeError):
@@ -145,7 +142,7 @@ def save_checkpoint(directory: str | os.PathLike[str], state: TrainState, cfg: R
     """Write a checkpoint folder atomically: readers see the old folder or the new one, never half."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=_PARTIAL, dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         # The fp16 weights as upstream MiniMind saves them: {k: v.half()} on CPU.
         torch.save({k: v.detach().half().cpu() for k, v in state.model.state_dict().items()}, tmp / MODEL_FILE)
@@ -165,7 +162,7 @@ def save_checkpoint(directory: str | os.PathLike[str], state: TrainState, cfg: R
         # A folder published by renames of its own (the trainer never imports tune, whose tune.atomic does
         # this for files): the old folder moves aside first, as a rename cannot replace a non-empty one.
         if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}{_PARTIAL}")
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)
             os.replace(tmp, directory)
             shutil.rmtree(old, ignore_errors=True)
