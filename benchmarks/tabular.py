@@ -352,9 +352,10 @@ def _order(configs: list[dict[str, Any]], seeds: Sequence[int],
 
 
 def build(spec: TableSpec, out: Path, cache: Path, *, threads: int = 1, device: str = "cpu", limit: int = 0,
-          command: str = "") -> int:
+          command: str = "", shard: tuple[int, int] = (0, 1)) -> int:
     """Build (or continue) the table at ``out``; returns the number of curves trained now. ``limit``: stop
-    after that many (0: all)."""
+    after that many (0: all). ``shard`` ``(i, n)``: train only the curves whose place in the build order is i
+    modulo n, so n processes (one per core) build one table without training a curve twice."""
     digest = spec.digest()
     (out / "curves").mkdir(parents=True, exist_ok=True)
     table_file = out / "table.json"
@@ -374,7 +375,9 @@ def build(spec: TableSpec, out: Path, cache: Path, *, threads: int = 1, device: 
                                          "machine": _machine(threads, device)}, indent=1) + "\n")
     configs = grid_configs(spec.grid)
     trained = 0
-    for config, seed in _order(configs, spec.seeds, probe_configs(spec.grid)):
+    for k, (config, seed) in enumerate(_order(configs, spec.seeds, probe_configs(spec.grid))):
+        if k % shard[1] != shard[0]:
+            continue
         path = out / "curves" / f"{curve_key(digest, config, seed)}.json"
         if path.exists():
             continue
@@ -417,7 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: a GPU table (e.g. --hidden-size 512 --layers 8 for MiniMind2 26M)")
     p.add_argument("--limit", type=int, default=0, help="stop after this many new curves (0: all)")
+    p.add_argument("--shard", default="0/1", help="I/N: this process trains every Nth curve from the Ith "
+                   "(run N processes, I = 0..N-1, to use N cores)")
     a = p.parse_args(argv)
+    i, n = (int(x) for x in a.shard.split("/"))
+    if not 0 <= i < n:
+        p.error(f"--shard {a.shard!r}: I/N with 0 <= I < N")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     spec = TableSpec(data=str(Path(a.data).resolve()), tokenizer=str(Path(a.tokenizer).resolve()),
                      pretrain_from=a.pretrain_from, sft_train=a.sft_train, val=a.val, max_seq_len=a.max_seq_len,
@@ -426,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      batch_size=a.batch_size, warmup_steps=a.warmup_steps, seeds=list(range(1, a.seeds + 1)),
                      grid=GRIDS[a.grid])
     command = "python benchmarks/tabular.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    build(spec, Path(a.out), Path(a.cache), threads=a.threads, device=a.device, limit=a.limit, command=command)
+    build(spec, Path(a.out), Path(a.cache), threads=a.threads, device=a.device, limit=a.limit, command=command, shard=(i, n))
     return 0
 
 
