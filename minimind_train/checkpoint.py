@@ -38,6 +38,8 @@ __all__ = ["META_FILE", "MODEL_FILE", "STATE_FILE", "TrainState", "WeightMismatc
 
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
+# What a killed writer of a checkpoint leaves ends so (hidden, never read), as tune.atomic.leftovers finds.
+_PARTIAL = ".tmp"
 
 
 class WeightMismatchError(RuntimeError):
@@ -142,15 +144,15 @@ def save_checkpoint(directory: str | os.PathLike[str], state: TrainState, cfg: R
     """Write a checkpoint folder atomically: readers see the old folder or the new one, never half."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=_PARTIAL, dir=directory.parent))
     try:
         # The fp16 weights as upstream MiniMind saves them: {k: v.half()} on CPU.
-        torch.save({k: v.detach().half().cpu() for k, v in state.model.state_dict().items()}, tmp / MODEL_FILE)
+        _save({k: v.detach().half().cpu() for k, v in state.model.state_dict().items()}, tmp / MODEL_FILE)
         if resume_state:
             rng: dict[str, Any] = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
-            torch.save({
+            _save({
                 "model": {k: v.detach().float().cpu() for k, v in state.model.state_dict().items()},
                 "optimizer": state.optimizer.state_dict(),
                 "scaler": state.scaler.state_dict() if state.scaler is not None else None,
@@ -161,17 +163,27 @@ def save_checkpoint(directory: str | os.PathLike[str], state: TrainState, cfg: R
         (tmp / META_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
         # A folder published by renames of its own (the trainer never imports tune, whose tune.atomic does
         # this for files): the old folder moves aside first, as a rename cannot replace a non-empty one.
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}{_PARTIAL}")
         if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _save(obj: object, path: Path) -> None:
+    """torch.save into a file of ours: a full disk then fails as our write's OSError (ENOSPC), the kind callers
+    classify (tune.interrupts.disk_full), not as the RuntimeError ('unexpected pos') PyTorch raises over it."""
+    try:
+        with path.open("wb") as fh:
+            torch.save(obj, fh)
+    except RuntimeError as exc:
+        if isinstance(exc.__context__, OSError):
+            raise exc.__context__ from None
+        raise
 
 
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:

@@ -158,6 +158,18 @@ def killed_mid_write(code: str, limit: int = 16) -> None:
     assert done.returncode == -signal.SIGKILL, f"no write was cut (rc {done.returncode}): {done.stderr[-2000:]}"
 
 
+def mount_tmpfs(path: Path, size: str) -> bool:
+    """Mount a tmpfs of ``size`` (``mount``'s form: ``1m``) at ``path``, a disk that fills; False where not
+    allowed (not root). The caller unmounts it (``umount -l``)."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True,
+                       capture_output=True, timeout=30)
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 @pytest.fixture(scope="session")
 def tok() -> Any:
     """The bundled MiniMind2 tokenizer."""

@@ -199,7 +199,7 @@ _RENAMES_ALLOWED = {
     "atomic.py": 99,  # the one write-and-rename
     "study.py": 1,  # a new study folder: must never replace one that appeared meanwhile
     "restart.py": 2,  # --restart moves the old study aside and back
-    "checkpoint.py": 3,  # the trainer's checkpoint folder (minimind_train never imports tune)
+    "checkpoint.py": 3,  # the trainer's checkpoint folder (minimind_train never imports tune), and its leftovers' suffix
     "token_cache.py": 2,  # a token cache folder: a concurrent build's is kept, not replaced
 }
 

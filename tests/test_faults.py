@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import damage
+from conftest import damage, mount_tmpfs
 from study_driver import (
     REPO,
     SPACES,
@@ -278,21 +278,11 @@ def test_killed_worker_restarts_its_trial_from_the_checkpoint(ws: Workspace) -> 
     _check_mlflow(study, trials, output)
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True,
-                       capture_output=True, timeout=30)
-        return True
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
 @pytest.mark.slow
 def test_disk_full_then_resume_keeps_every_finished_trial(ws: Workspace, tmp_path: Path) -> None:
     """The shared case disk-full-resume: storage fills up mid-study, is grown, and --resume completes."""
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "12m"):
+    if not mount_tmpfs(disk, "12m"):
         pytest.skip("mounting a tmpfs needs root")
     try:
         raw = yaml.safe_load(SPACE.read_text())

@@ -42,7 +42,7 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
         vocab_size=128, stats_dict=dict))
     monkeypatch.setattr(searcher, "current_node", dict)
     monkeypatch.setattr(searcher, "save_checkpoint", lambda folder, *a, **k: folder)
-    monkeypatch.setattr(searcher, "write_checkpoint", lambda folder, *a, **k: str(folder))
+    monkeypatch.setattr(searcher, "write_checkpoint", lambda save, trial_dir, index: f"{trial_dir}/epoch_{index:04d}")
     calls["kwargs"] = {"base": BASE, "objective": Objective("val_loss"), "runs_dir": str(tmp_path / "runs"),
                        "run_name": "run-1"}
     return calls

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import functools
+import subprocess
+import sys
+import textwrap
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from conftest import DAMAGES, damage, make_checkpoint
+from conftest import DAMAGES, damage, make_checkpoint, mount_tmpfs
 
 from tune.objective import Objective
 
@@ -44,25 +51,91 @@ def test_outputs_round_trip_through_a_uri(tmp_path):
     assert got.read_bytes() == b"png"
 
 
-def test_write_checkpoint_publishes_whole_folders_and_retention_keeps_best_and_newest(tmp_path: Path) -> None:
+def test_write_checkpoint_writes_once_in_place_and_retention_keeps_best_and_newest(tmp_path: Path) -> None:
     from tune.storage import retain_checkpoints, write_checkpoint
 
     runs = tmp_path / "runs"
     trial = runs / "run-1" / "t000"
+    written: list[Path] = []
+
+    def save(folder: Path, epoch: int, val: float) -> Path:
+        written.append(folder)
+        return make_checkpoint(folder, epoch, val)
+
     for epoch, val in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5)):
-        staged = make_checkpoint(tmp_path / "tmp" / str(epoch), epoch, val)
-        assert write_checkpoint(staged, str(trial), epoch) == str(trial / f"epoch_{epoch:04d}")
-    assert not list(trial.glob(".*"))  # nothing half-published is left
-    # Over a URI too (a bucket): meta.json last, the same folder layout.
-    staged = make_checkpoint(tmp_path / "tmp" / "u", 1, 9.0)
+        path = write_checkpoint(functools.partial(save, epoch=epoch, val=val), str(trial), epoch)
+        assert path == str(trial / f"epoch_{epoch:04d}")
+    # Locally written once, in its place (save_checkpoint publishes its folder by a rename), never copied.
+    assert written == [trial / f"epoch_{epoch:04d}" for epoch in (1, 2, 3, 4)]
+    # Over a URI too (a bucket): written in a temporary folder, then uploaded meta.json last, the same layout.
     uri_trial = f"file://{tmp_path / 'bucket' / 'run-1' / 't000'}"
-    write_checkpoint(staged, uri_trial, 1)
+    write_checkpoint(functools.partial(save, epoch=1, val=9.0), uri_trial, 1)
     assert sorted(p.name for p in (tmp_path / "bucket" / "run-1" / "t000" / "epoch_0001").iterdir()) == [
         "meta.json", "model.pth", "train_state.pt"]
+    assert not written[-1].exists()  # (the temporary folder is gone)
     deleted = retain_checkpoints(str(runs), 0, keep=1, objective=Objective("val_loss"))
     assert sorted(Path(p).name for p in deleted) == ["epoch_0001", "epoch_0003"]  # best (2) and newest (4) stay
     assert sorted(p.name for p in trial.iterdir()) == ["epoch_0002", "epoch_0004"]
     assert retain_checkpoints(str(runs), 0, keep=1, objective=Objective("val_loss")) == []
+
+
+@pytest.mark.parametrize("where", ["writing", "replacing"])
+def test_a_checkpoint_write_killed_midway_leaves_only_what_the_end_report_clears(tmp_path: Path, where: str) -> None:
+    """A worker killed inside save_checkpoint (writing a new folder, or replacing one of the same evaluation
+    between its two renames) leaves hidden folders only, which tune.atomic.leftovers finds (tune.report
+    deletes them at the end) and nothing reads as a checkpoint."""
+    from tune.atomic import leftovers
+    from tune.storage import checkpoint_metas
+
+    trial = tmp_path / "runs" / "run-1" / "t000"
+    if where == "replacing":
+        make_checkpoint(trial / "epoch_0001", 1, 3.0)
+    kill = "checkpoint.os.replace = lambda *a: os._exit(9) if a[1].name.startswith('epoch_') else replace(*a)" \
+        if where == "replacing" else "checkpoint.torch.save = lambda *a, **k: os._exit(9)"
+    killed = textwrap.dedent(f"""
+        import os, types
+        from pathlib import Path
+        from minimind_train import checkpoint
+        from minimind_train.config import RunConfig
+        replace = os.replace
+        {kill}
+        state = types.SimpleNamespace(model=types.SimpleNamespace(state_dict=dict), epoch=1, step=1)
+        checkpoint.save_checkpoint(Path({str(trial / "epoch_0001")!r}), state, RunConfig(), resume_state=False)
+    """)
+    assert subprocess.run([sys.executable, "-c", killed], check=False).returncode == 9
+    assert [p.name.startswith(".epoch_0001.") for p in leftovers(trial, "epoch_")] == [True] * (1 + (where == "replacing"))
+    assert checkpoint_metas(str(tmp_path / "runs"), 0) == {}
+
+
+@pytest.mark.parametrize("fills", ["model.pth", "train_state.pt"])
+def test_a_checkpoint_that_fills_the_disk_fails_as_disk_full(tmp_path: Path, fills: str) -> None:
+    """torch.save onto a full disk (a 1 MiB tmpfs; root only) fails as the OSError ENOSPC, whichever file
+    fills it, as the driver's 'disk full' line needs (given a path, PyTorch reports RuntimeError 'unexpected
+    pos'), and leaves no checkpoint, whole or half, behind."""
+    import torch
+
+    from minimind_train.checkpoint import save_checkpoint
+    from minimind_train.config import RunConfig
+    from tune.interrupts import disk_full
+    from tune.searcher import failure_reason
+    from tune.storage import write_checkpoint
+
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "1m"):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        # fp16 weights of 2 MiB fill it at model.pth; of 0.6 MiB, the fp32 resume state (1.2 MiB) fills it.
+        weights = {"w": torch.ones(2**20 if fills == "model.pth" else 300_000)}
+        state = SimpleNamespace(model=SimpleNamespace(state_dict=lambda: weights), scaler=None, epoch=1, step=1,
+                                optimizer=SimpleNamespace(state_dict=dict), first_loss=None)
+        with pytest.raises(OSError) as raised:
+            write_checkpoint(functools.partial(save_checkpoint, state=state, cfg=RunConfig()), str(disk / "t0"), 1)
+        assert raised.value.errno == errno.ENOSPC and disk_full(raised.value), raised.value
+        # What the trial's error file says last is what the end report reads (tune.report: 'disk is full').
+        assert "No space left on device" in failure_reason("".join(traceback.format_exception(raised.value)))
+        assert list((disk / "t0").iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False, capture_output=True, timeout=30)
 
 
 @pytest.mark.parametrize("form", sorted(DAMAGES))

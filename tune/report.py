@@ -189,8 +189,8 @@ def prune_resume_state(record: Study, summaries: Sequence[TrialSummary], keep_to
 
     The ``keep_top`` best trials keep everything, and so does every unfinished trial (``--resume``
     continues it). Every other finished trial keeps only the fp16 weights of its best checkpoint. A
-    finished trial's checkpoint copies that a killed worker left half done (:func:`tune.atomic.leftovers`
-    of :func:`tune.storage.write_checkpoint`, never read) are deleted.
+    finished trial's checkpoint folders that a killed worker left half written (:func:`tune.atomic.leftovers`
+    of :func:`minimind_train.checkpoint.save_checkpoint`, never read) are deleted.
     """
     freed = 0
     for s in summaries:

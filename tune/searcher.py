@@ -18,12 +18,12 @@ memory-mapped from the driver's token cache (:func:`tune.cluster.open_study_data
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
 import math
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,10 +348,9 @@ def train_trial(config: dict[str, Any], *, base: Mapping[str, Any], objective: O
         for result in train_epochs(train_cfg, sft, state, on_step=on_step):
             index = evaluation_index(result.epoch, result.step_in_epoch, result.steps_in_epoch,
                                      cfg.train.evals_per_epoch)
-            with tempfile.TemporaryDirectory(prefix="minimind-ckpt-") as tmp:
-                folder = save_checkpoint(Path(tmp) / "checkpoint", result.state, cfg, result.metrics,
-                                         {"data": sft.stats_dict(), "ray": node, "study_trial": number})
-                path = write_checkpoint(folder, trial_dir, index)
+            meta = {"data": sft.stats_dict(), "ray": node, "study_trial": number}
+            save = functools.partial(save_checkpoint, state=result.state, cfg=cfg, metrics=result.metrics, meta=meta)
+            path = write_checkpoint(save, trial_dir, index)
             retain_checkpoints(runs_dir, number, keep_checkpoints, objective)
             tune.report({**result.metrics, "epoch": result.epoch, "evaluation": index, CHECKPOINT_KEY: path})
     except torch.cuda.OutOfMemoryError as exc:  # raised below, outside: its traceback holds the tensors

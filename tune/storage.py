@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -215,22 +214,24 @@ def step_writer(trial_dir: str | Path, min_interval_s: float = 1.0) -> Callable[
     return write
 
 
-def write_checkpoint(local: Path, trial_dir: str, epoch: int) -> str:
-    """Publish the checkpoint folder ``local`` as ``<trial_dir>/epoch_000k`` (a local folder or a URI), ``k``
-    = ``epoch``, the evaluation index (:func:`tune.study.evaluation_index`).
+def write_checkpoint(save: Callable[[Path], Path], trial_dir: str, epoch: int) -> str:
+    """Write a trial's checkpoint as ``<trial_dir>/epoch_000k`` (a local folder or a URI), ``k`` = ``epoch``,
+    the evaluation index (:func:`tune.study.evaluation_index`), with ``save`` (a folder -> that folder
+    written whole: :func:`minimind_train.checkpoint.save_checkpoint`); returns its path.
 
-    Locally an atomic rename: readers see the whole folder or none. On a bucket meta.json goes last,
-    so a folder cut short has no meta.json and is never resumed from (:func:`checkpoint_metas`).
+    Locally ``save`` writes it once, in place: its own rename publishes it, so readers see the whole
+    folder or none (one there already, the same evaluation trained again, is replaced). To a bucket it is
+    written in a local temporary folder, then uploaded with meta.json last, so a folder cut short has no
+    meta.json and is never resumed from (:func:`checkpoint_metas`).
     """
     target = f"{trial_dir}/{CHECKPOINT_PREFIX}{epoch:04d}"
     if "://" not in trial_dir:
-        # (a folder there already: the same evaluation trained again, its result never reached the record)
-        with staged(final := Path(target)) as tmp:
-            shutil.copytree(local, tmp)
-        return str(final)
+        return str(save(Path(target)))
     fs, path = filesystem_of(target)
-    for f in sorted((p for p in local.iterdir() if p.is_file()), key=lambda p: p.name == "meta.json"):
-        copy_path(str(f), f"{path}/{f.name}", pafs.LocalFileSystem(), fs)
+    with tempfile.TemporaryDirectory(prefix="minimind-ckpt-") as tmp:
+        local = save(Path(tmp) / "checkpoint")
+        for f in sorted((p for p in local.iterdir() if p.is_file()), key=lambda p: p.name == "meta.json"):
+            copy_path(str(f), f"{path}/{f.name}", pafs.LocalFileSystem(), fs)
     return path
 
 
