@@ -33,6 +33,7 @@ from tune.mirror import (
     MirrorCallback,
     main,
     run_name,
+    study_urls,
 )
 from tune.objective import Objective
 from tune.study import Study, TrialRecord
@@ -41,8 +42,6 @@ from tune.tracking import (
     TrackingError,
     check_tracking_server,
     resolve_tracking_uri,
-    runs_table_url,
-    study_runs_url,
 )
 
 EXPERIMENT = "mirror-test"
@@ -169,8 +168,7 @@ def test_finalists_share_their_configs_tag(record: Study) -> None:
     add_epochs(record, seed, range(1, 2), start=1.0)
     record.finish(seed, "completed", Objective(OBJECTIVE))
     mirror = mirror_of(record)
-    mirror.finish("FINISHED", best=record.trial(number), best_value=2.0, best_epoch=1, artifacts={},
-                  study_metrics={f"best_mean_{OBJECTIVE}": 1.5, f"best_std_{OBJECTIVE}": 0.5})
+    mirror.finish("FINISHED", artifacts={})  # the answer: the config of `number`, mean 1.5 over its 2 seeds
     client = client_of(record)
     runs = children(client)
     config = run_name(record.trial(number), list(SPEC["search"]))
@@ -180,6 +178,8 @@ def test_finalists_share_their_configs_tag(record: Study) -> None:
     # The study's run names the answer with its mean over the seeds that finished.
     (parent,) = parents(client)
     assert parent.info.run_name == f"s: best {config}, mean {OBJECTIVE} 1.5 over 2 seeds"
+    assert parent.data.metrics[f"best_mean_{OBJECTIVE}"] == 1.5 and parent.data.metrics[f"best_std_{OBJECTIVE}"] > 0.7
+    assert "; over seeds, mean 1.5 ± 0.71." in parent.data.tags[NOTE_TAG]
     assert CONFIG_TAG not in parent.data.tags  # (the saved view shows it in the group of runs without one)
     mirror.sync()  # a later sync keeps the name
     assert parents(client)[0].info.run_name == parent.info.run_name
@@ -322,9 +322,8 @@ def test_finish_closes_the_parent_with_results(record: Study, tmp_path: Path) ->
     mirror.sync()
     best = record.trial(best_number)
     for _ in range(2):  # finishing twice (a rerun of the final sync) changes nothing
-        mirror.finish("FINISHED", best=best, best_value=2.0 / 3, best_epoch=3,
-                      artifacts={"best.yaml": best_yaml, "plots/curves": plot,
-                                 "missing.txt": tmp_path / "nope"},
+        mirror.finish("FINISHED", artifacts={"best.yaml": best_yaml, "plots/curves": plot,
+                                             "missing.txt": tmp_path / "nope"},
                       study_metrics={"rung_fidelity_epoch_1": 0.8})
     client = client_of(record)
     (parent,) = parents(client)
@@ -355,13 +354,23 @@ def test_finish_closes_the_parent_with_results(record: Study, tmp_path: Path) ->
     artifact_root = Path(parent.info.artifact_uri.removeprefix("file://"))
     assert artifact_root.is_relative_to(record.dir.resolve() / "mlartifacts")
     with pytest.raises(ValueError, match="status must be one of"):
-        mirror.finish("completed", best=None, best_value=None, best_epoch=None, artifacts={})
+        mirror.finish("completed", artifacts={})
+
+
+def test_a_study_without_an_answer_finishes_failed(record: Study) -> None:
+    crashed = new_trial(record, epochs=1)
+    record.finish(crashed, "failed", Objective(OBJECTIVE), error="RuntimeError: CUDA out of memory")
+    mirror_of(record).finish("FINISHED", artifacts={})
+    (parent,) = parents(client_of(record))
+    assert (parent.info.status, parent.data.tags[STATUS_TAG]) == ("FAILED", "failed")
+    assert parent.info.run_name == "s" and "minimind.best_trial" not in parent.data.tags
+    assert parent.data.tags[NOTE_TAG] == "No trial completed. 1 trials: 1 failed."
 
 
 def test_saved_view_opens_the_studys_runs_best_first(record: Study, tmp_path: Path,
                                                       template_db: Path) -> None:
     server = "http://127.0.0.1:5000/"
-    assert study_runs_url(server, record.dir) is None  # no experiment of the study yet
+    assert study_urls(server, record.dir) == (None, None)  # no experiment of the study yet
     number = new_trial(record, epochs=1)
     mirror_of(record).sync()
     other = make_record(tmp_path / "other", None)  # a second study in the same experiment
@@ -389,17 +398,19 @@ def test_saved_view_opens_the_studys_runs_best_first(record: Study, tmp_path: Pa
     # Its filter is MLflow's own search syntax and selects this study's runs only; its order puts the
     # trials best first and the finished parent (which has the study's best under another name) last.
     better = new_trial(record, epochs=2)
+    record.finish(better, "completed", Objective(OBJECTIVE))
     mirror = mirror_of(record)
-    mirror.finish("FINISHED", best=record.trial(better), best_value=1.0, best_epoch=2, artifacts={})
+    mirror.finish("FINISHED", artifacts={})
     shown = client.search_runs([experiment.experiment_id], state["searchFilter"],
                                order_by=[f"{state['orderByKey']} {'ASC' if state['orderByAsc'] else 'DESC'}"])
     assert [(r.data.tags[ROLE_TAG], r.data.tags.get(TRIAL_TAG)) for r in shown] == [
         ("trial", str(better)), ("trial", str(number)), ("parent", None)]
     mirror.sync()  # unchanged: the tag is written again only when the view changes
     assert client.get_experiment(experiment.experiment_id).tags[VIEW_TAG_PREFIX + study_id] == json.dumps(envelope)
-    assert study_runs_url(server, record.dir) == (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
-                                                  f"/runs?workflowType=machine_learning&viewStateShareKey={study_id}")
-    assert runs_table_url(server, "7") == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    table, compare = study_urls(server, record.dir)
+    assert table == (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
+                     f"/runs?workflowType=machine_learning&viewStateShareKey={study_id}")
+    assert compare is not None and compare.startswith("http://127.0.0.1:5000/#/compare-runs?")
 
 
 def test_runs_last_as_long_as_the_recorded_trials(record: Study) -> None:
@@ -457,8 +468,7 @@ def test_runs_last_as_long_as_the_recorded_trials(record: Study) -> None:
     created = int(datetime.fromisoformat(record.manifest.created).timestamp() * 1000)
     last = max(end for _, end in spans().values())
     assert (parent.info.start_time, parent.info.end_time) == (created, last)
-    mirror.finish("FINISHED", best=None, best_value=None, best_epoch=None, artifacts={},
-                  end_time=created + 5000)
+    mirror.finish("FINISHED", artifacts={}, end_time=created + 5000)
     assert client.get_run(parent.info.run_id).info.end_time == created + 5000
 
 
@@ -466,8 +476,7 @@ def test_moved_study_folder_rebuilds_its_own_store(record: Study, tmp_path: Path
     number = new_trial(record, epochs=2)
     record.finish(number, "completed", Objective(OBJECTIVE))
     yaml_file = record.dir / "space.yaml"
-    mirror_of(record).finish("FINISHED", best=record.trial(number), best_value=1.0, best_epoch=2,
-                             artifacts={"space.yaml": yaml_file})
+    mirror_of(record).finish("FINISHED", artifacts={"space.yaml": yaml_file})
     original = client_of(record)
     (old_parent,) = parents(original)
     old_artifacts = Path(old_parent.info.artifact_uri.removeprefix("file://"))

@@ -24,9 +24,8 @@ from tune.study import Study
 from tune.tracking import TRACKING_URI_ENV, VIEW_TAG_PREFIX, runs_table_url
 from tune.ui import (
     SERVER_LOG,
-    _compare_url,
-    _landing_url,
     _refresh_study_mirror,
+    _urls,
     find_study,
     main,
     study_store,
@@ -109,7 +108,7 @@ def test_a_study_opens_in_the_store_its_runs_went_to(tmp_path: Path, template_st
     _refresh_study_mirror(uri, folder)
     experiment = MlflowClient(tracking_uri=elsewhere).get_experiment_by_name(EXPERIMENT)
     assert not (folder / "mlflow.db").exists()
-    url = _landing_url(uri, "http://127.0.0.1:5001", folder)
+    url = _urls(uri, "http://127.0.0.1:5001", folder)[0]
     assert url.startswith(runs_table_url("http://127.0.0.1:5001", experiment.experiment_id) + "&")
     assert _query(url)["viewStateShareKey"] == Study.open(folder).manifest.study_id
 
@@ -152,7 +151,7 @@ def _query(url: str) -> dict[str, str]:
 def test_landing_url_is_the_study_saved_view_best_first(tmp_path: Path, template_study: Path) -> None:
     folder = _study(tmp_path, template_study)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    url = _landing_url(uri, "http://127.0.0.1:5001")
+    url = _urls(uri, "http://127.0.0.1:5001")[0]
     experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
     study_id = Study.open(folder).manifest.study_id
     assert url.startswith(runs_table_url("http://127.0.0.1:5001", experiment.experiment_id) + "&")
@@ -161,7 +160,7 @@ def test_landing_url_is_the_study_saved_view_best_first(tmp_path: Path, template
     assert state["orderByKey"] == "metrics.`best_val_loss`" and state["orderByAsc"] is True
     assert "params.`train.learning_rate`" in state["selectedColumns"]
     # Not a study's own store: the server's root, where the experiments are listed.
-    assert _landing_url(f"sqlite:///{tmp_path / 'other.db'}", "http://127.0.0.1:5001") == "http://127.0.0.1:5001"
+    assert _urls(f"sqlite:///{tmp_path / 'other.db'}", "http://127.0.0.1:5001") == ("http://127.0.0.1:5001", None)
 
 
 def test_without_a_saved_view_the_table_is_sorted_best_first(tmp_path: Path, template_study: Path) -> None:
@@ -172,7 +171,7 @@ def test_without_a_saved_view_the_table_is_sorted_best_first(tmp_path: Path, tem
     client.delete_experiment_tag(experiment.experiment_id,
                                  VIEW_TAG_PREFIX + Study.open(folder).manifest.study_id)
     # A share key that is not in the store would make the UI show an error: the URL sorts instead.
-    assert _query(_landing_url(uri, "http://127.0.0.1:5001")) == {
+    assert _query(_urls(uri, "http://127.0.0.1:5001")[0]) == {
         "workflowType": "machine_learning", "orderByKey": "metrics.`best_val_loss`", "orderByAsc": "true"}
 
 
@@ -182,7 +181,7 @@ def test_the_compare_url_holds_the_trials_best_first_not_the_study_run(tmp_path:
     chart open on the fixed settings only it has, with no metric."""
     folder = _study(tmp_path, template_study)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    url = _compare_url(uri, "http://127.0.0.1:5001")
+    url = _urls(uri, "http://127.0.0.1:5001")[1]
     assert url is not None and url.startswith("http://127.0.0.1:5001/#/compare-runs?")
     query = _query(url)
     client = MlflowClient(tracking_uri=uri)
@@ -191,7 +190,7 @@ def test_the_compare_url_holds_the_trials_best_first_not_the_study_run(tmp_path:
     assert [names[run_id] for run_id in json.loads(query["runs"])] == ["t002", "t000", "t001"]
     assert json.loads(query["experiments"]) == [experiment.experiment_id]
     assert query["workflowType"] == "machine_learning"
-    assert _compare_url(f"sqlite:///{tmp_path / 'other.db'}", "http://127.0.0.1:5001") is None
+    assert _urls(f"sqlite:///{tmp_path / 'other.db'}", "http://127.0.0.1:5001")[1] is None
 
 
 def _free_port() -> int:

@@ -1,14 +1,10 @@
 """Optuna's dashboard on a study's record: ``python -m tune.ui --dashboard`` (or ``make dashboard``).
 
-The record's ``optuna.db`` is an Optuna storage, so ``optuna-dashboard`` shows it as it is: the
-history with the pruned (stopped early) trials, each trial's intermediate values (its objective per
-epoch), parallel coordinates with log axes, the importances. It serves a snapshot, taken by sqlite's
-backup API from a read-only connection: the study's record is never written, a live driver included
-(run it again to see later trials). Into the snapshot goes the study's answer as its note
-(``best.yaml``: the best config by mean over seeds where finalists ran, and the command that trains it
-again), with the trials that are not search trials: finalists (a config trained again with another
-seed: user attributes ``finalist_of``, ``seed``) and warm-start history (trials of an earlier study:
-``status`` ``warm_start``). The server binds 127.0.0.1 only.
+The record's ``optuna.db`` is an Optuna storage, which ``optuna-dashboard`` shows as it is (history,
+intermediate values, parallel coordinates, importances). It serves a snapshot (sqlite's backup API over
+a read-only connection: the record is never written, a live driver included), into which go the study's
+answer (``best.yaml``) as its note and which trials are finalists or warm-start history. The server
+binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -25,19 +21,19 @@ from typing import Any
 import optuna
 import yaml
 from optuna.trial import FrozenTrial
+from ray.tune.utils import flatten_dict
 
 from .status import TrialStatus
 from .study import MANIFEST_FILE, OPTUNA_FILE, Manifest, StudyError
 
-__all__ = ["BEST_FILE", "answer_note", "dashboard_url", "serve", "snapshot", "trial_role"]
+__all__ = ["BEST_FILE", "answer_note", "serve", "snapshot", "trial_role"]
 
 BEST_FILE = "best.yaml"  # tune.report's answer: the best config, its value (and mean over seeds), as it ran
 
 
 def snapshot(study_dir: Path, into: Path) -> Path:
-    """A consistent copy of the study's ``optuna.db`` in folder ``into``, read through a read-only
-    connection (sqlite's backup API: a driver writing meanwhile is neither blocked for long nor seen
-    half-way)."""
+    """A consistent copy of the study's ``optuna.db`` in folder ``into`` (a driver writing meanwhile is
+    neither blocked for long nor seen half-way)."""
     source_db, copy = Path(study_dir) / OPTUNA_FILE, Path(into) / OPTUNA_FILE
     if not source_db.is_file():
         raise FileNotFoundError(f"no study record {source_db}; is the study folder right?")
@@ -59,26 +55,18 @@ def trial_role(user_attrs: Mapping[str, Any]) -> str:
     return "search"
 
 
-def _dotted(config: Mapping[str, Any], key: str) -> Any:
-    value: Any = config
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, Mapping) else None
-    return value
-
-
 def answer_note(study_dir: Path, manifest: Manifest, trials: Sequence[FrozenTrial] = ()) -> str:
-    """The study's answer as Markdown: ``best.yaml``'s header (the best trial, its value, the mean over
-    seeds where finalists ran), the searched values it holds and the command that trains it again
-    (where the study has no answer yet, that), then which of ``trials`` are not search trials."""
+    """The study's answer as Markdown: ``best.yaml``'s header, its searched values and the command that
+    trains it again (or that there is no answer yet), then which of ``trials`` are not search trials."""
     best = Path(study_dir) / BEST_FILE
     lines = [f"# {manifest.name}: the answer", ""]
     if best.is_file():
         text = best.read_text(encoding="utf-8")
-        config = yaml.safe_load(text) or {}
+        config = flatten_dict(yaml.safe_load(text) or {}, delimiter=".")
         # (its lines 2-3 are about thread counts; "Run it alone" names the file relative to the study)
         header = [line[2:] for line in text.splitlines() if line.startswith("# ") and "Run it alone" not in line]
         lines += [*header[:1], *header[3:], "", "Searched values:", "",
-                  *(f"- `{key}`: **{_dotted(config, key)}**" for key in manifest.spec.get("search") or {}), "",
+                  *(f"- `{key}`: **{config.get(key)}**" for key in manifest.spec.get("search") or {}), "",
                   "Train it again:", "", f"    python -m minimind_train.sft --config {best.resolve()}"]
     else:
         lines.append(f"No answer yet: {BEST_FILE} is written when a driver run ends with a completed trial.")
@@ -92,25 +80,6 @@ _ROLES = ("Every trial not listed here is a search trial. Finalists (a top confi
           "for the sampler) has `status` `warm_start` and its `source`.")
 
 
-def _annotate(storage: optuna.storages.BaseStorage, study_dir: Path, manifest: Manifest) -> optuna.Study:
-    """Write the answer as the note and the objective's name into the snapshot's study."""
-    import optuna_dashboard  # (for this command only: importing it is not free)
-
-    study = optuna.load_study(study_name=None, storage=storage)
-    tune = manifest.spec.get("tune") or {}
-    with warnings.catch_warnings():  # (set_metric_names is "experimental" since Optuna 3.2)
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([str(tune.get("metric") or "objective")])
-    optuna_dashboard.save_note(study, answer_note(study_dir, manifest, study.get_trials(deepcopy=False)))
-    return study
-
-
-def dashboard_url(server_url: str, storage: optuna.storages.BaseStorage, study: optuna.Study) -> str:
-    """The dashboard's page of ``study``'s note (the answer; its history, trials and plots are in the
-    sidebar)."""
-    return f"{server_url.rstrip('/')}/dashboard/studies/{storage.get_study_id_from_name(study.study_name)}/note"
-
-
 class _Quiet(wsgiref.simple_server.WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """No line per request (the URL printed at the start stays in view)."""
@@ -118,20 +87,27 @@ class _Quiet(wsgiref.simple_server.WSGIRequestHandler):
 
 @contextlib.contextmanager
 def _served(study_dir: Path, port: int) -> Iterator[tuple[wsgiref.simple_server.WSGIServer, str]]:
+    """The server of a snapshot into which go the answer (as the note) and the objective's name."""
+    import optuna_dashboard  # (for this command only: importing it is not free)
+
     manifest = Manifest.from_json((study_dir / MANIFEST_FILE).read_text(encoding="utf-8"), study_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="optuna-dashboard-") as folder:
         storage = optuna.storages.RDBStorage(f"sqlite:///{snapshot(study_dir, Path(folder))}")
-        study = _annotate(storage, study_dir, manifest)
-        import optuna_dashboard
-
+        study = optuna.load_study(study_name=None, storage=storage)
+        with warnings.catch_warnings():  # (set_metric_names is "experimental" since Optuna 3.2)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([str((manifest.spec.get("tune") or {}).get("metric") or "objective")])
+        optuna_dashboard.save_note(study, answer_note(study_dir, manifest, study.get_trials(deepcopy=False)))
         try:
             server = wsgiref.simple_server.make_server("127.0.0.1", port, optuna_dashboard.wsgi(storage),
                                                        handler_class=_Quiet)
         except OSError as exc:  # the port taken, among others
             raise StudyError(f"the dashboard cannot listen on 127.0.0.1:{port} ({exc}); pass another --port") from exc
         try:
-            yield server, dashboard_url(f"http://127.0.0.1:{server.server_port}", storage, study)
+            # The study's note (the answer; its history, trials and plots are in the sidebar).
+            study_id = storage.get_study_id_from_name(study.study_name)
+            yield server, f"http://127.0.0.1:{server.server_port}/dashboard/studies/{study_id}/note"
         finally:
             server.server_close()
 

@@ -236,8 +236,7 @@ def _closing(paths: StudyPaths, record: Study, mirror: Mirror) -> Iterator[None]
         try:
             if isinstance(exc, KeyboardInterrupt):
                 record.interrupt_running()
-            warn_on_failure(lambda: mirror.finish("KILLED", best=None, best_value=None, best_epoch=None,
-                                                  artifacts={}))
+            warn_on_failure(lambda: mirror.finish("KILLED", artifacts={}))
         finally:
             raise StudyStopped(_resume_command(paths), paths.local_dir / OPTUNA_FILE) from exc
 

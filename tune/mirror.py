@@ -1,11 +1,11 @@
 """MLflow as a mirror of the study record: one parent run per study, one nested run per trial.
 
-The record (``tune.study``) is the truth; :meth:`Mirror.sync` copies it into MLflow at any time, from any
-process, as often as wanted. Runs are found by their tags (``minimind.study_id``, ``minimind.trial``), never by
-name, and nest through the ``mlflow.parentRunId`` tag as in Ray's ``MLflowLoggerCallback``: no crash between
-two MLflow calls leaves a second run. A failing store never fails a study: :class:`MirrorCallback` warns once,
-and ``python -m tune.mirror STUDY_DIR`` (or ``--resume``) catches MLflow up later. All calls go through an
-explicit ``MlflowClient``: MLflow's global active run cannot serve concurrent trials.
+The record (``tune.study``) is the truth; :meth:`Mirror.sync` copies it into MLflow from any process, as
+often as wanted. Runs are found by their tags (``minimind.study_id``, ``minimind.trial``), never by name,
+and nest through the ``mlflow.parentRunId`` tag: no crash between two MLflow calls leaves a second run.
+A failing store never fails a study: :class:`MirrorCallback` warns once, and ``python -m tune.mirror
+STUDY_DIR`` (or ``--resume``) catches MLflow up later. All calls go through an explicit ``MlflowClient``:
+MLflow's global active run cannot serve concurrent trials.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import math
 import re
 import sys
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -41,9 +42,9 @@ from .tracking import TrackingError
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
-__all__ = ["CONFIG_TAG", "ERROR_TAG", "NOTE_TAG", "PARENT_RUN_TAG", "ROLE_TAG", "STATUS_TAG", "STUDY_DIR_TAG", "STUDY_ID_TAG",
-           "STUDY_TAG", "SYNCED_TAG", "TRIAL_TAG", "Mirror", "MirrorCallback", "delete_study_runs", "main",
-           "run_name", "trials_compare_url", "warn_on_failure"]
+__all__ = ["CONFIG_TAG", "ERROR_TAG", "NOTE_TAG", "PARENT_RUN_TAG", "ROLE_TAG", "STATUS_TAG", "STUDY_DIR_TAG",
+           "STUDY_ID_TAG", "STUDY_TAG", "SYNCED_TAG", "TRIAL_TAG", "Mirror", "MirrorCallback", "delete_study_runs",
+           "main", "run_name", "study_urls", "warn_on_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,16 @@ def _ms(moment: datetime | None) -> int | None:
     return None if moment is None else int(moment.timestamp() * 1000)
 
 
+def _span(trial: TrialRecord) -> tuple[int | None, int | None]:
+    """The trial's start and end as the record has them (ms since the Unix epoch), not the mirror's sync
+    times: its first training step (else when Optuna asked it) to Optuna's completion, else its last
+    report, else its start; a trial resumed in a later driver run spans both and the pause between."""
+    step = trial.first_metrics.get("time_epoch_start_unix", math.nan)
+    start = int(step * 1000) if math.isfinite(step) else _ms(trial.started)
+    report = trial.epochs[max(trial.epochs)].get("timestamp_ms", math.nan) if trial.epochs else math.nan
+    return start, _ms(trial.completed) or (int(report) if math.isfinite(report) else start)
+
+
 def _set_status(client: MlflowClient, run: Run, status: str, end_time: int | None = None) -> None:
     """Give ``run`` MLflow ``status``; a terminal one with ``end_time`` (ms; None: now), which is
     corrected when it differs (a trial resumed and ended again, a store synced by an older mirror)."""
@@ -147,23 +158,34 @@ class Mirror:
                  settings: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         self.tracking_uri, self.experiment, self.record = tracking_uri, experiment, record
         self.study_id, self.study_dir = record.manifest.study_id, str(Path(record.dir).resolve())
+        self.name = record.manifest.name
         # The study's start (ms since the Unix epoch): its parent run's start time.
         self.created = int(datetime.fromisoformat(record.manifest.created).timestamp() * 1000)
-        # The parent's params: the fixed config and the tuner's settings (the trials' runs hold only
-        # their searched values).
+        # The parent's params (the trials' runs hold only their searched values).
         self.params = {**flatten_dict(dict(fixed_params), delimiter="."),
                        **{f"tune.{k}": v for k, v in flatten_dict(dict(settings), delimiter=".").items()}}
         self.tags = {k if k.startswith(("minimind.", "mlflow.")) else f"minimind.{k}": str(v) for k, v in tags.items()}
-        tune = record.manifest.spec.get("tune") or {}
-        self.objective = Objective.of(tune)
+        self.objective = Objective.of(record.manifest.spec.get("tune") or {})
         self.search_keys = [str(k) for k in record.manifest.spec.get("search") or {}]
         self.experiment_id: str | None = None
         self.parent_status: str | None = None  # the parent run's MLflow status as of the last call
         self._client: MlflowClient | None = None
 
+    @classmethod
+    def of_record(cls, record: Study, tracking_uri: str | None = None) -> Mirror:
+        """The mirror as the study's spec defines it (its fixed config and tune section as the parent's
+        params), in ``tracking_uri`` (default: the store it recorded, else its spec's)."""
+        spec = record.manifest.spec
+        sections = {s: dict(spec[s]) for s in ("model", "data", "train") if isinstance(spec.get(s), Mapping)}
+        fixed = {k: v for k, v in flatten_dict(sections, delimiter=".").items() if k not in (spec.get("search") or {})}
+        configured = spec.get("mlflow") or {}
+        uri = (tracking_uri and tracking.resolve_tracking_uri(tracking_uri, record.dir)) or tracking.recorded_tracking_uri(
+            record.dir, record.manifest) or tracking.resolve_tracking_uri(configured.get("tracking_uri"), record.dir)
+        return cls(uri, str(configured.get("experiment") or tracking.DEFAULT_EXPERIMENT), record,
+                   fixed_params=fixed, settings=spec.get("tune") or {}, tags={})
+
     def sync(self, numbers: Iterable[int] | None = None, *, closing: bool = False) -> None:
         """Bring the parent run and the given trials' runs (None: every trial) up to date with the record.
-
         ``running`` trials' runs are RUNNING, as is the parent, while the driver lives; with ``closing``
         they become KILLED (their driver is gone) and the parent's status is left to :meth:`finish`."""
         wanted = None if numbers is None else set(numbers)
@@ -171,65 +193,57 @@ class Mirror:
             parent = self._parent(client, running=not closing)
             runs = self._runs(client, "trial", min(wanted) if wanted and len(wanted) == 1 else None)
             trials = self.record.trials()
-            spans = self._spans(trials)
             configs = {t.number: run_name(t, self.search_keys) for t in trials if t.finalist_of is None}
             for trial in trials:
                 if wanted is None or trial.number in wanted:
                     config = configs.get(trial.number if trial.finalist_of is None else trial.finalist_of, "")
-                    self._sync_trial(client, parent.info.run_id, runs.get(str(trial.number)), trial,
-                                     spans[trial.number], closing, config)
+                    self._sync_trial(client, parent.info.run_id, runs.get(str(trial.number)), trial, closing, config)
 
-    def _spans(self, trials: Iterable[TrialRecord]) -> dict[int, tuple[int | None, int | None]]:
-        """Each trial's start and end as the record has them (ms since the Unix epoch), by number.
-
-        The start is the trial's first training step (its first epoch's ``time_epoch_start_unix``;
-        before any epoch, when Optuna asked it); the end is Optuna's completion, else its last epoch's
-        report, else its start. Not the mirror's sync times: a trial's run is made at its first report
-        and closed at a later sync. The trainer's set-up before the first step (seconds) is left out;
-        a trial resumed in a later driver run spans both runs and the pause between them."""
-        spans: dict[int, tuple[int | None, int | None]] = {}
-        for trial in trials:
-            first = trial.epochs[min(trial.epochs)] if trial.epochs else {}
-            last = trial.epochs[max(trial.epochs)] if trial.epochs else {}
-            step = first.get("time_epoch_start_unix", math.nan)
-            start = int(step * 1000) if math.isfinite(step) else _ms(trial.started)
-            report = last.get("timestamp_ms", math.nan)
-            spans[trial.number] = (start, _ms(trial.completed)
-                                   or (int(report) if math.isfinite(report) else start))
-        return spans
-
-    def finish(self, status: str, *, best: TrialRecord | None, best_value: float | None, best_epoch: int | None,
-               artifacts: Mapping[str, Path], study_metrics: Mapping[str, float] | None = None,
+    def finish(self, status: str, *, artifacts: Mapping[str, Path], study_metrics: Mapping[str, float] | None = None,
                end_time: int | None = None) -> None:
-        """Close the mirror: every trial synced (``closing``), the results on the parent run, which ends
-        with ``status`` (FINISHED, FAILED or KILLED) at ``end_time`` (ms since the Unix epoch; None: now)
-        and starts when the study was created, so that its duration spans every driver run.
+        """Close the mirror: every trial synced (``closing``), the study's answer (:func:`tune.study.answer`)
+        on the parent run, which ends with ``status`` (FINISHED, FAILED or KILLED; FINISHED without an answer
+        is FAILED) at ``end_time`` (ms since the Unix epoch; None: now) and starts when the study was created.
 
-        The parent's description names the best trial, its ``best_value`` (at ``best_epoch``) and the
-        command that retrains it. ``artifacts`` maps a path in the run to a local file, which keeps its
-        name in that path's folder; a missing one is a warning (this runs in the driver's ``finally``).
-        ``study_best_<objective>`` (not the trials' ``best_<objective>``, which the runs table sorts by:
-        MLflow sorts a run lacking it last) and ``study_metrics`` (e.g. ``rung_fidelity_epoch_1``) are
-        logged at step = the number of finished trials, so that a finish after more trials adds a point.
-        """
+        The parent's name and description state the answer (its value, the mean over seeds where finalists
+        ran, the command that retrains it). ``artifacts`` maps a path in the run to a local file (a missing
+        one is a warning: this runs in the driver's ``finally``). ``study_best_<objective>`` (not the trials'
+        ``best_<objective>``, which the runs table sorts by), the finalists' ``best_mean_``/``best_std_`` and
+        ``study_metrics`` are logged at step = the number of finished trials: a later finish adds a point."""
         if status not in _STUDY_STATUS:
             raise ValueError(f"status must be one of {sorted(_STUDY_STATUS)}, got {status!r}")
         self.sync(closing=True)
-        study_metrics = study_metrics or {}
+        trials, objective, metric = self.record.trials(), self.objective, self.objective.metric
+        finalists = finalist_configs(trials, objective, 0)  # (base seed 0: only the seeds' labels use it)
+        best = answer(trials, objective, finalists)
+        status = "FAILED" if status == "FINISHED" and best is None else status
+        mean = finalists[0] if best is not None and finalists and math.isfinite(finalists[0].mean) else None
+        values = {**({} if mean is None else {f"best_mean_{metric}": mean.mean, f"best_std_{metric}": mean.std}),
+                  **(study_metrics or {})}
+        search = [t for t in trials if t.finalist_of is None]
+        counts = Counter("unfinished" if t.status == TrialStatus.RUNNING else t.status.replace("_", " ")
+                         for t in search)
+        tally = f"{len(search)} trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."
+        if len(trials) > len(search):
+            tally += f" {len(trials) - len(search)} finalist runs (top configs with other seeds)."
         with self._session("finish") as client:
-            parent, trials = self._parent(client, running=False), self.record.trials()
-            step, now = sum(t.status in FINISHED for t in trials), int(time.time() * 1000)
-            metrics = [Metric(k, float(v), now, step) for k, v in study_metrics.items()]
-            best_run = None if best is None else self._runs(client, "trial", best.number).get(str(best.number))
-            tags = {STATUS_TAG: _STUDY_STATUS[status], _RUN_NAME_TAG: self._answer(trials, best, best_value, study_metrics),
-                    NOTE_TAG: self._note(trials, best, best_value, best_epoch, best_run, artifacts, study_metrics)}
+            parent, step = self._parent(client, running=False), sum(t.status in FINISHED for t in trials)
+            metrics = [Metric(k, float(v), int(time.time() * 1000), step) for k, v in values.items()]
+            tags = {STATUS_TAG: _STUDY_STATUS[status], _RUN_NAME_TAG: self.name, NOTE_TAG: f"No trial completed. {tally}"}
             if best is not None:
-                tags[BEST_TRIAL_TAG] = best.name
-            if best_run is not None:
-                tags[BEST_RUN_TAG] = best_run.info.run_id
-            if best is not None and best_value is not None:  # stamped as its epoch: finishing again adds no point
-                metrics.append(Metric(f"study_best_{self.objective.metric}", float(best_value),
-                                      _stamp(best.epochs.get(best_epoch or 0, {})), step))
+                epoch, value = best.best(objective)
+                config, run = run_name(best, self.search_keys), self._runs(client, "trial", best.number).get(str(best.number))
+                link = f"[{config}](#/experiments/{self.experiment_id}/runs/{run.info.run_id})" if run else config
+                retrain = Path(artifacts.get("best.yaml", self.record.dir / "best.yaml")).resolve()
+                tags |= {BEST_TRIAL_TAG: best.name, **({} if run is None else {BEST_RUN_TAG: run.info.run_id}),
+                         _RUN_NAME_TAG: f"{self.name}: best {config}, " + (
+                             f"{metric} {value:.4g}" if mean is None else
+                             f"mean {metric} {mean.mean:.4g} over {len(mean.values)} seeds"),
+                         NOTE_TAG: f"**Best trial {link}**: {metric} {value:.4g}{f' at epoch {epoch}' if epoch else ''}"
+                                   + ("" if mean is None else f"; over seeds, mean {mean.mean:.4g} ± {mean.std:.2g}")
+                                   + f".\n\nRetrain it: `python -m minimind_train.sft --config {retrain}`\n\n{tally}"}
+                # Stamped as its epoch: finishing again adds no point.
+                metrics.append(Metric(f"study_best_{metric}", value, _stamp(best.epochs.get(epoch, {})), step))
             _update(client, parent, tags, {}, [m for m in metrics if math.isfinite(m.value)])
             for target, path in artifacts.items():
                 if Path(path).is_file():
@@ -239,42 +253,6 @@ class Mirror:
             client.set_terminated(parent.info.run_id, status=status, end_time=end_time)
             self.parent_status = status
 
-    def _answer(self, trials: list[TrialRecord], best: TrialRecord | None, value: float | None,
-                study_metrics: Mapping[str, float]) -> str:
-        """The parent's run name, which the runs table shows in full: the study and its answer, e.g.
-        ``smoke: best t003 lr=9.4e-3 acc=2, mean val_loss 4.644 over 2 seeds`` (the mean is the answer
-        when finalists ran, else ``, val_loss 4.767``)."""
-        if best is None or value is None:
-            return self.record.manifest.name
-        answer = f"{self.record.manifest.name}: best {run_name(best, self.search_keys)}"
-        mean = study_metrics.get(f"best_mean_{self.objective.metric}")
-        if mean is None or not math.isfinite(mean):
-            return f"{answer}, {self.objective.metric} {value:.4g}"
-        seeds = 1 + sum(t.finalist_of == best.number and t.status in FINISHED for t in trials)
-        return f"{answer}, mean {self.objective.metric} {mean:.4g} over {seeds} seeds"
-
-    def _note(self, trials: list[TrialRecord], best: TrialRecord | None, value: float | None, epoch: int | None,
-              best_run: Run | None, artifacts: Mapping[str, Path], study_metrics: Mapping[str, float]) -> str:
-        """The parent's description (Markdown): the best trial, its value (and mean over seeds when
-        finalists ran), how to retrain it, the tally of search trials and finalist runs."""
-        search = [t for t in trials if t.finalist_of is None]
-        counts = Counter("unfinished" if t.status == TrialStatus.RUNNING else t.status.replace("_", " ")
-                         for t in search)
-        tally = f"{len(search)} trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."
-        if finalists := len(trials) - len(search):
-            tally += f" {finalists} finalist runs (top configs with other seeds)."
-        if best is None:
-            return f"No trial completed. {tally}"
-        name = run_name(best, self.search_keys)
-        link = f"[{name}](#/experiments/{self.experiment_id}/runs/{best_run.info.run_id})" if best_run else name
-        shown = "" if value is None else f": {self.objective.metric} {value:.4g}" + (f" at epoch {epoch}" if epoch else "")
-        mean = study_metrics.get(f"best_mean_{self.objective.metric}")
-        if mean is not None and math.isfinite(mean):
-            shown += f"; over seeds, mean {mean:.4g} ± {study_metrics.get(f'best_std_{self.objective.metric}', 0.0):.2g}"
-        config = Path(artifacts.get("best.yaml", Path(self.record.dir) / "best.yaml")).resolve()
-        return (f"**Best trial {link}**{shown}.\n\n"
-                f"Retrain it: `python -m minimind_train.sft --config {config}`\n\n{tally}")
-
     @contextlib.contextmanager
     def _session(self, what: str) -> Iterator[MlflowClient]:
         """The connection, under the study's mirror lock (two syncs at once could each create a run for
@@ -282,8 +260,7 @@ class Mirror:
         try:
             with tracking.locked_file(Path(self.record.dir) / MIRROR_LOCK):
                 if self._client is None:
-                    # Fast: MLflow's client retries for minutes.
-                    tracking.check_tracking_server(self.tracking_uri)
+                    tracking.check_tracking_server(self.tracking_uri)  # (fast: MLflow's client retries for minutes)
                     client = MlflowClient(tracking_uri=self.tracking_uri)
                     self.experiment_id, self._client = self._experiment(client), client
                 yield self._client
@@ -300,8 +277,7 @@ class Mirror:
         """The experiment's id, created if new, with the study's saved view."""
         if client.get_experiment_by_name(self.experiment) is None:
             try:
-                location = tracking.artifact_location(self.tracking_uri)
-                client.create_experiment(self.experiment, artifact_location=location)
+                client.create_experiment(self.experiment, artifact_location=tracking.artifact_location(self.tracking_uri))
             except Exception:
                 if client.get_experiment_by_name(self.experiment) is None:  # (else made meanwhile by another driver)
                     raise
@@ -316,21 +292,18 @@ class Mirror:
         return experiment.experiment_id
 
     def saved_view(self) -> tuple[str, str]:
-        """The study's saved view of the runs table, as ``(experiment tag, value)``: its runs grouped by
-        config (:data:`CONFIG_TAG`: a config's group row, labelled with its searched values, holds the
-        mean over its seeds), best mean first, with the objective, its best so far, the searched values
-        and the status as columns; the study's own run, which names the answer, in the group of runs
-        without a config, open. The name and objective columns are wide enough for a label and a whole
-        value. MLflow 3.17's UI lists it under "Views" and opens it by ``viewStateShareKey=<study id>``
-        (its own format: an envelope with the table state as a JSON string; a UI that differs ignores it)."""
+        """The study's saved view of the runs table as ``(experiment tag, value)``: its runs grouped by
+        :data:`CONFIG_TAG` (a group's row: the mean over its seeds), best first, the study's own run in
+        the open group of runs without one. MLflow 3.17's UI lists it under "Views" and opens it by
+        ``viewStateShareKey=<study id>`` (its format: an envelope with the table state as a JSON string)."""
         best_key = f"metrics.`best_{self.objective.metric}`"
         selected = [best_key, f"metrics.`{self.objective.metric}`", *(f"params.`{k}`" for k in self.search_keys),
                     f"tags.`{STATUS_TAG}`"]
         # ~6 px a character of the longest name: a group's label "Group: t000 k=v ..." beside its expander,
-        # colour and count, or the study's run's (:meth:`_answer`).
+        # colour and count, or the study's run's (:meth:`finish`).
         config = len("t000") + sum(len(_ABBREVIATIONS.get(k.rsplit(".", 1)[-1], k)) + 9 for k in self.search_keys)
-        label = max(len("Group: ") + config + 10, len(f"{self.record.manifest.name}: best , mean {self.objective.metric} "
-                                                      f"0.0000 over 2 seeds") + config)
+        label = max(len("Group: ") + config + 10,
+                    len(f"{self.name}: best , mean {self.objective.metric} 0.0000 over 2 seeds") + config)
         state = {"searchFilter": _where({STUDY_ID_TAG: self.study_id}), "orderByKey": best_key,
                  "orderByAsc": self.objective.minimize, "selectedColumns": selected,
                  # (MLflow's column ids: the name, the selected ones, then its "Created" and "Duration")
@@ -341,7 +314,7 @@ class Mirror:
                  # (the id of the group of runs without the tag: "mode.key"; MLflow folds it by default)
                  "groupsExpanded": {f"tag.{CONFIG_TAG}": True}}
         return tracking.VIEW_TAG_PREFIX + self.study_id, json.dumps(
-            {"name": f"{self.record.manifest.name}: best {self.objective.metric} first", "createdAt": self.created,
+            {"name": f"{self.name}: best {self.objective.metric} first", "createdAt": self.created,
              "updatedAt": self.created, "state": json.dumps(state)})
 
     def _runs(self, client: MlflowClient, role: str, number: int | None = None) -> dict[str, Run]:
@@ -359,10 +332,10 @@ class Mirror:
 
     def _parent(self, client: MlflowClient, running: bool) -> Run:
         """The parent run, found or created, its tags and params up to date."""
-        tags = {**self.tags, STUDY_ID_TAG: self.study_id, STUDY_TAG: self.record.manifest.name, ROLE_TAG: "parent",
+        tags = {**self.tags, STUDY_ID_TAG: self.study_id, STUDY_TAG: self.name, ROLE_TAG: "parent",
                 STUDY_DIR_TAG: self.study_dir}
         run = self._runs(client, "parent").get("parent") or client.create_run(
-            str(self.experiment_id), start_time=self.created, run_name=self.record.manifest.name,
+            str(self.experiment_id), start_time=self.created, run_name=self.name,
             tags={**tags, STATUS_TAG: TrialStatus.RUNNING})
         # A setting changed by a later driver run stays as a tag beside the first value's param.
         tags.update({f"minimind.latest.{k}": str(v) for k, v in self.params.items()
@@ -374,12 +347,12 @@ class Mirror:
         return run
 
     def _sync_trial(self, client: MlflowClient, parent_id: str, run: Run | None, trial: TrialRecord,
-                    span: tuple[int | None, int | None], closing: bool, config: str) -> None:
-        name = run_name(trial, self.search_keys)
-        tags = {STUDY_ID_TAG: self.study_id, STUDY_TAG: self.record.manifest.name, ROLE_TAG: "trial",
+                    closing: bool, config: str) -> None:
+        name, (start, end) = run_name(trial, self.search_keys), _span(trial)
+        tags = {STUDY_ID_TAG: self.study_id, STUDY_TAG: self.name, ROLE_TAG: "trial",
                 TRIAL_TAG: str(trial.number), PARENT_RUN_TAG: parent_id, STATUS_TAG: trial.status, CONFIG_TAG: config}
         # The identity tags go in with the run (one request): no crash leaves a run no sync can find.
-        run = run or client.create_run(str(self.experiment_id), start_time=span[0], tags=tags, run_name=name)
+        run = run or client.create_run(str(self.experiment_id), start_time=start, tags=tags, run_name=name)
         if trial.status in (TrialStatus.FAILED, TrialStatus.DIVERGED, TrialStatus.NO_BETTER) and trial.error:
             tags[ERROR_TAG] = trial.error
         elif ERROR_TAG in run.data.tags:  # failed once, then completed on --resume
@@ -389,22 +362,18 @@ class Mirror:
         _update(client, run, {**tags, _RUN_NAME_TAG: name}, trial.params, metrics)
         if metrics:  # after the points: a crash in between logs them again, which adds nothing (_stamp)
             client.set_tag(run.info.run_id, SYNCED_TAG, str(max(trial.epochs)))
-        _set_status(client, run, _RUN_STATUS.get(trial.status, "KILLED" if closing else "RUNNING"), span[1])
+        _set_status(client, run, _RUN_STATUS.get(trial.status, "KILLED" if closing else "RUNNING"), end)
 
     def _metrics(self, trial: TrialRecord, after: int) -> list[Metric]:
-        """The trial's evaluations after ``after`` at step = the evaluation index (the record's key,
-        :func:`tune.study.evaluation_index`; with one evaluation per epoch, the epoch): the objective first, then its best so far
-        (``best_<objective>``, what the runs table sorts by), then the rest; ``aux_loss`` only where it
-        was ever non-zero (a MoE model)."""
+        """The trial's evaluations after ``after`` at step = the evaluation index: the objective first, then
+        its best so far (``best_<objective>``, which the runs table sorts by), then the rest; ``aux_loss``
+        only where it was ever non-zero (a MoE model)."""
         aux = any(m.get("aux_loss", 0.0) != 0.0 for m in trial.epochs.values())
-        objective, best, out = self.objective, None, []
-        best_key = f"best_{objective.metric}"
+        objective, best_key, best, out = self.objective, f"best_{self.objective.metric}", None, []
         for epoch, values in sorted(trial.epochs.items()):
-            value = values.get(objective.metric, math.nan)
-            best = objective.best_of([value] if best is None else [best, value])
+            best = objective.best_of([v for v in (best, values.get(objective.metric, math.nan)) if v is not None])
             row = {k: v for k, v in values.items() if k not in _NOT_METRICS and (aux or k != "aux_loss")}
-            if best is not None:
-                row[best_key] = best
+            row |= {} if best is None else {best_key: best}
             if epoch > after:
                 out += [Metric(k, float(row[k]), _stamp(values), epoch)
                         for k in sorted(row, key=lambda k: (k != objective.metric, k != best_key, k))]
@@ -429,33 +398,32 @@ def delete_study_runs(tracking_uri: str, study_id: str) -> int:
                             f"{first_line(exc)}") from exc
 
 
-def trials_compare_url(tracking_server_url: str, tracking_uri: str, study_dir: Path) -> str | None:
-    """The MLflow UI's compare view of the study's trial runs that report its objective, best first;
-    None while the store has none. The study's own run stays out: it holds every fixed setting (ticking
-    the runs table's header box selects it too, and the compare view then opens on settings that only
-    it has, with no metric)."""
-    manifest = Study.open(Path(study_dir)).manifest
-    spec = manifest.spec
-    tune = spec.get("tune") or {}
-    objective = Objective.of(tune)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(str((spec.get("mlflow") or {}).get("experiment")
-                                                   or tracking.DEFAULT_EXPERIMENT))
+def study_urls(server_url: str, study_dir: Path, tracking_uri: str | None = None) -> tuple[str | None, str | None]:
+    """The MLflow UI's addresses of the study at ``study_dir`` (its runs in ``tracking_uri``; default: the
+    store it recorded): its runs table, through its saved view once a sync wrote it, else sorted best
+    first; and the compare view of its trial runs that report the objective, best first. None: the store
+    has no experiment of the study, or no such runs. The study's own run stays out of the comparison: it
+    holds every fixed setting, and the compare view would open on settings only it has, with no metric."""
+    mirror = Mirror.of_record(Study.open(Path(study_dir)), tracking_uri)
+    client, objective = MlflowClient(tracking_uri=mirror.tracking_uri), mirror.objective
+    experiment = client.get_experiment_by_name(mirror.experiment)
     if experiment is None:
-        return None
-    runs = client.search_runs([experiment.experiment_id], _where({STUDY_ID_TAG: manifest.study_id, ROLE_TAG: "trial"}),
-                              ViewType.ACTIVE_ONLY, _MAX_RUNS,
-                              [f"metrics.`best_{objective.metric}` {'ASC' if objective.minimize else 'DESC'}"])
+        return None, None
+    view = mirror.study_id if tracking.VIEW_TAG_PREFIX + mirror.study_id in experiment.tags else None
+    table, order = tracking.runs_table_url(server_url, experiment.experiment_id, view), f"metrics.`best_{objective.metric}`"
+    if view is None:  # (the UI's sort as it keeps it in its URL)
+        table += "&" + urllib.parse.urlencode({"orderByKey": order, "orderByAsc": str(objective.minimize).lower()})
+    runs = client.search_runs([experiment.experiment_id], _where({STUDY_ID_TAG: mirror.study_id, ROLE_TAG: "trial"}),
+                              ViewType.ACTIVE_ONLY, _MAX_RUNS, [f"{order} {'ASC' if objective.minimize else 'DESC'}"])
     ids = [run.info.run_id for run in runs if objective.metric in run.data.metrics]
-    return tracking.compare_runs_url(tracking_server_url, experiment.experiment_id, ids) if ids else None
+    return table, tracking.compare_runs_url(server_url, experiment.experiment_id, ids) if ids else None
 
 
 class MirrorCallback(Callback):
     """Ray Tune callback (driver side): syncs a trial's run on each of its results and at its end.
-
     ``numbers`` maps Ray trial ids to record trial numbers (the searcher fills it). The first failure
-    prints one warning and ends live mirroring (with a dead server each attempt costs MLflow's full
-    timeout). Pickled copies (Ray keeps callbacks in ``tuner.pkl``) are inert."""
+    warns once and ends live mirroring (each call to a dead server costs MLflow's full timeout).
+    Pickled copies (Ray keeps callbacks in ``tuner.pkl``) are inert."""
 
     def __init__(self, mirror: Mirror, numbers: Mapping[str, int]) -> None:
         self.mirror: Mirror | None = mirror
@@ -494,39 +462,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         record = Study.open(args.study_dir.resolve())
-        spec, held = record.manifest.spec, StudyLock.held(record.dir)
-        configured = spec.get("mlflow") or {}
-        uri = (args.tracking_uri and tracking.resolve_tracking_uri(args.tracking_uri, record.dir)) or (
-            tracking.recorded_tracking_uri(record.dir, record.manifest)
-            or tracking.resolve_tracking_uri(configured.get("tracking_uri"), record.dir))
-        experiment = str(configured.get("experiment") or tracking.DEFAULT_EXPERIMENT)
-        sections = {s: dict(spec[s]) for s in ("model", "data", "train") if isinstance(spec.get(s), Mapping)}
-        fixed = {k: v for k, v in flatten_dict(sections, delimiter=".").items() if k not in (spec.get("search") or {})}
-        mirror = Mirror(uri, experiment, record, fixed_params=fixed, settings=spec.get("tune") or {}, tags={})
+        mirror, held = Mirror.of_record(record, args.tracking_uri), StudyLock.held(record.dir)
         mirror.sync(closing=not held)
         # Without a driver, a parent left RUNNING (by a killed driver, or created just now) is closed
-        # as the record stands; one a driver closed keeps its status.
+        # as the record stands, at its last recorded trial time; one a driver closed keeps its status.
         if not held and mirror.parent_status == "RUNNING":
-            trials, objective = record.trials(), mirror.objective
-            # The answer by the end report's rule (the seeds' labels, the only use of train.seed here, are not shown).
-            finalist = next((f for f in finalist_configs(trials, objective, 0)[:1] if math.isfinite(f.mean)), None)
-            best = answer(trials, objective, [finalist] if finalist else [])
-            epoch, value = best.best(objective) if best is not None else (None, None)
-            mean = {} if finalist is None else {  # (then its config is the answer)
-                f"best_mean_{objective.metric}": finalist.mean, f"best_std_{objective.metric}": finalist.std}
-            status = ("KILLED" if any(t.status in RESUMABLE for t in trials) else "FINISHED" if best else "FAILED")
+            trials = record.trials()
             found = {name: record.dir / name for name in ("best.yaml", "summary.csv")}
             found.update({f"plots/{p.name}": p for p in sorted((record.dir / "plots").glob("*.png"))})
-            # The study ended with its last recorded trial time (its driver is gone).
-            ends = [end for _, end in mirror._spans(trials).values() if end is not None]
-            mirror.finish(status, best=best, best_value=value, best_epoch=epoch,
-                          end_time=max(ends, default=None), study_metrics=mean,
-                          artifacts={k: p for k, p in found.items() if p.is_file()})
+            ends = [end for _, end in map(_span, trials) if end is not None]
+            mirror.finish("KILLED" if any(t.status in RESUMABLE for t in trials) else "FINISHED",
+                          artifacts={k: p for k, p in found.items() if p.is_file()}, end_time=max(ends, default=None))
     except (StudyError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"MLflow mirror of {record.dir} is up to date ({len(record.trials())} trial runs, "
-          f"{'a driver is running the study' if held else 'closed'}): experiment {experiment!r} at {uri}")
+          f"{'a driver is running the study' if held else 'closed'}): experiment {mirror.experiment!r} at "
+          f"{mirror.tracking_uri}")
     return 0
 
 

@@ -280,14 +280,9 @@ def finish_study(spec: StudySpec, paths: StudyPaths, record: Study, mirror: Mirr
     plots = plot_study(record.study, study_dir / "plots", metric=t.metric,
                        best_trial=None if best is None else best.number)
     artifacts.update({f"plots/{p.name}": p for p in plots.values()})
-    study_metrics = {} if finalist is None else {f"best_mean_{t.metric}": finalist.mean,
-                                                  f"best_std_{t.metric}": finalist.std}
-    study_metrics.update(_print_rung_fidelity(spec, search))
-    warn_on_failure(lambda: mirror.finish(
-        "FAILED" if best is None else status, best=None if best is None else record.trial(best.number),
-        best_value=None if best is None else best.best_value,
-        best_epoch=None if best is None else best.best_epoch, artifacts=artifacts,
-        study_metrics=study_metrics))
+    study_metrics = _print_rung_fidelity(spec, search)  # (the mirror adds the answer and its mean over seeds)
+    warn_on_failure(lambda: mirror.finish("FAILED" if best is None else status, artifacts=artifacts,
+                                          study_metrics=study_metrics))
     freed = prune_resume_state(record, summaries, t.keep_top_trials)  # (local trial folders only)
     unfinished = [s for s in summaries if s.status in RESUMABLE]
     print()

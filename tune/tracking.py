@@ -1,10 +1,7 @@
-"""Where a study's MLflow data lives, and the address of its runs in the UI.
-
-The tracking URI (the space file's, else ``$MLFLOW_TRACKING_URI``, else the study's own sqlite
-store) and the record of which one a study used (each driver run's entry in study.json's history, read
-back by ``tune.ui`` and ``tune.mirror``), a fast check that it is usable before any trial starts, the study's own store rebuilt when
-its folder was moved or copied, and the URL of a study's runs table in the MLflow UI. What goes into
-the store is tune.mirror's job.
+"""Where a study's MLflow data lives: the tracking URI (the space file's, else ``$MLFLOW_TRACKING_URI``,
+else the study's own sqlite store) and which one a study used (study.json's history), a fast check that
+it is usable before any trial starts, the study's own store rebuilt when its folder was moved or copied,
+and the MLflow UI's URLs. What goes into the store is tune.mirror's job.
 """
 
 from __future__ import annotations
@@ -26,12 +23,12 @@ from typing import IO
 from mlflow.tracking import MlflowClient
 
 from .interrupts import first_line
-from .study import MANIFEST_FILE, Manifest, Study
+from .study import MANIFEST_FILE, Manifest
 
 __all__ = ["ARTIFACTS_DIR", "DEFAULT_DB", "DEFAULT_EXPERIMENT", "HISTORY_KEY", "TRACKING_URI_ENV", "VIEW_TAG_PREFIX",
            "TrackingError", "artifact_location", "check_tracking_server", "compare_runs_url", "is_http_uri",
            "locked_file", "own_store_uri", "recorded_tracking_uri", "resolve_tracking_uri", "runs_table_url", "sqlite_db_path",
-           "study_runs_url", "uri_to_record"]
+           "uri_to_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +61,9 @@ def own_store_uri(study_dir: Path) -> str:
 
 
 def uri_to_record(uri: str, study_dir: Path) -> str | None:
-    """What a driver run's history entry keeps of the store ``uri`` it uses (:data:`HISTORY_KEY`): None
-    for the study's own store (its path changes with a moved folder; the record's null follows it),
-    else the URI without a password (study.json is copied around; MLflow takes credentials from
-    ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` as well)."""
+    """What a driver run's history entry keeps of its store ``uri`` (:data:`HISTORY_KEY`): None for the
+    study's own (a null follows a moved folder), else the URI without a password (study.json is copied
+    around; MLflow also takes credentials from ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``)."""
     if uri == own_store_uri(study_dir):
         return None
     parts = urllib.parse.urlsplit(uri)
@@ -78,9 +74,8 @@ def uri_to_record(uri: str, study_dir: Path) -> str | None:
 
 
 def recorded_tracking_uri(study_dir: Path, manifest: Manifest) -> str | None:
-    """The store the study's latest driver run used, as its study.json ``history`` records it (the
-    study's own store, where it is now, for a recorded null); None where no run recorded one (a study
-    made before the store was recorded)."""
+    """The store the study's latest driver run used, as its ``history`` records it (a null: the study's
+    own, where it is now); None where no run recorded one (a study made before that record)."""
     for entry in reversed(manifest.history):
         if HISTORY_KEY in entry:
             return own_store_uri(study_dir) if entry[HISTORY_KEY] is None else str(entry[HISTORY_KEY])
@@ -108,21 +103,21 @@ def is_http_uri(uri: str) -> bool:
 def locked_file(path: Path) -> Iterator[IO[str] | None]:
     """An exclusive ``fcntl.flock`` on ``path`` (the kernel drops it with a killed holder): the open
     file, or None in a read-only folder (where nothing else writes either)."""
-    with contextlib.ExitStack() as stack:
-        fh = None
-        with contextlib.suppress(OSError):
-            fh = stack.enter_context(path.open("a+", encoding="utf-8"))
-        if fh is not None:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+    try:
+        fh = path.open("a+", encoding="utf-8")
+    except OSError:
+        yield None
+        return
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
         yield fh
 
 
 def _open_sqlite(uri: str, db: Path) -> None:
-    """Open a sqlite store, under ``<db>.lock``: MLflow migrates a new file on first open, and two
-    processes doing that at once make one fail. The lock file keeps the folder the store was written
-    from; a study's own store moved or copied with its folder (its artifact paths point into the old
-    one) is deleted before MLflow opens it (MLflow keeps an engine per URI for the process's life)
-    and rebuilt from the record by the next sync."""
+    """Open a sqlite store under ``<db>.lock`` (two processes migrating a new file at once make one fail).
+    The lock file keeps the folder the store was written from: a study's own store moved or copied with
+    its folder (its artifact paths point into the old one) is deleted before MLflow opens it (MLflow keeps
+    an engine per URI for the process's life) and rebuilt from the record by the next sync."""
     db.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
         raise TrackingError(f"MLflow database {uri} is not writable; fix its permissions or set another "
@@ -145,9 +140,8 @@ def _open_sqlite(uri: str, db: Path) -> None:
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any trial starts, with a :class:`TrackingError` when ``uri`` is unusable: a
-    server gets one short ``GET <uri>/health`` (MLflow's client retries for minutes before it reports a
-    dead one), a sqlite store is opened (created if new), other URIs are opened through MLflow."""
+    """Fail fast with a :class:`TrackingError` when ``uri`` is unusable: a server gets one short ``GET
+    <uri>/health`` (MLflow's client retries a dead one for minutes), a store is opened (created if new)."""
     if is_http_uri(uri):
         return _check_http(uri, timeout_s)
     try:
@@ -159,7 +153,6 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
         raise
     except Exception as exc:
         raise TrackingError(f"MLflow tracking URI {uri} is not usable: {first_line(exc)}") from exc
-    return None
 
 
 def _check_http(uri: str, timeout_s: float) -> None:
@@ -182,33 +175,15 @@ def _check_http(uri: str, timeout_s: float) -> None:
 
 def runs_table_url(tracking_server_url: str, experiment_id: str, view: str | None = None) -> str:
     """The MLflow UI's runs table of an experiment in the model-training view (MLflow 3 opens an
-    experiment on its GenAI overview), through the saved ``view`` if given (a study id: see
-    :meth:`Mirror.saved_view`)."""
+    experiment on its GenAI overview), through the saved ``view`` (a study id) if given."""
     share = "" if view is None else f"&viewStateShareKey={urllib.parse.quote(view)}"
     return f"{tracking_server_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning{share}"
 
 
 def compare_runs_url(tracking_server_url: str, experiment_id: str, run_ids: Sequence[str]) -> str:
-    """The MLflow UI's compare view of ``run_ids`` (its parallel coordinates, scatter and contour plots
-    over the params that differ between them), in the model-training view."""
+    """The MLflow UI's compare view of ``run_ids`` (parallel coordinates, scatter and contour plots)."""
     compact = {"separators": (",", ":")}  # (no spaces to encode)
     query = urllib.parse.urlencode({"runs": json.dumps(list(run_ids), **compact),
                                     "experiments": json.dumps([experiment_id], **compact),
                                     "workflowType": "machine_learning"})
     return f"{tracking_server_url.rstrip('/')}/#/compare-runs?{query}"
-
-
-def study_runs_url(tracking_server_url: str, study_dir: Path, tracking_uri: str | None = None) -> str | None:
-    """:func:`runs_table_url` of the study at ``study_dir`` through its saved view (once a sync wrote it),
-    its runs in ``tracking_uri`` (default: the store the study recorded, else as its spec says); None
-    while the store has no experiment of the study."""
-    manifest = Study.open(Path(study_dir)).manifest
-    mlflow_spec = manifest.spec.get("mlflow") or {}
-    uri = (tracking_uri or recorded_tracking_uri(Path(study_dir), manifest)
-           or resolve_tracking_uri(mlflow_spec.get("tracking_uri"), Path(study_dir)))
-    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(
-        str(mlflow_spec.get("experiment") or DEFAULT_EXPERIMENT))
-    if experiment is None:
-        return None
-    view = manifest.study_id if VIEW_TAG_PREFIX + manifest.study_id in experiment.tags else None
-    return runs_table_url(tracking_server_url, experiment.experiment_id, view)

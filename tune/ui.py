@@ -1,21 +1,11 @@
 """Serve a study's MLflow store in the MLflow UI on 127.0.0.1: ``python -m tune.ui`` (or ``make ui``).
 
-::
-
-    python -m tune.ui                          # the newest study under studies/
-    python -m tune.ui --study my_study --open  # studies/my_study, opened in a browser
-    python -m tune.ui --tracking-uri sqlite:////abs/path/mlflow.db --port 5001
-    python -m tune.ui --dashboard [--study my_study]  # Optuna's dashboard on the study's record (tune.dashboard)
-
-A study opens in the store its runs went to, as its study.json records it (its own ``mlflow.db``, a
-sqlite file elsewhere, a server; a study that records none: its own ``mlflow.db``). That store is first
-brought up to date with the record (``tune.mirror``, which saves the study's view of the runs table:
-best trial first); ``mlflow server`` serves it, its output in ``mlflow-server.log`` in the study folder
-(MLflow's errors, a port in use among them, are printed when it stops). Once it answers, the URL of
-that view is printed, then the compare view of the trials so far (the runs table's header box would
-select the study's own run too), then the store and why that one. Ctrl-C (or SIGTERM) stops it. A
-read-only study folder opens as it is, sorted by the objective. An ``http(s)`` store is a server
-already: its URLs are printed.
+A study opens in the store its runs went to, as its study.json records it (a study that records none:
+its own ``mlflow.db``), first brought up to date with the record (``tune.mirror``). ``mlflow server``
+serves it, its output in ``mlflow-server.log`` in the study folder (printed when it fails). Once it
+answers, the URL of the study's saved view of the runs table is printed, then the compare view of the
+trials, then the store and why that one; Ctrl-C (or SIGTERM) stops it. An ``http(s)`` store is a
+server already: its URLs are printed. ``--dashboard`` serves Optuna's dashboard instead (tune.dashboard).
 """
 
 from __future__ import annotations
@@ -27,14 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import urllib.request
 import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import dashboard, mirror, tracking
-from .objective import Objective
 from .study import MANIFEST_FILE, Manifest, StudyError
 from .tracking import TRACKING_URI_ENV, TrackingError
 
@@ -95,38 +83,18 @@ def _refresh_study_mirror(uri: str, study_dir: Path | None = None) -> None:
         print("warning: showing the MLflow store as it is", file=sys.stderr)
 
 
-def _landing_url(uri: str, server_url: str, study_dir: Path | None = None) -> str:
-    """The runs table of ``study_dir`` (default: the study whose own store ``uri`` is) through its saved
-    view (written by each mirror sync), or sorted best first where the store could not save it; the
-    server's root when there is no study or the store has none of its runs."""
-    study_dir = study_dir or _study_dir(uri)
-    if study_dir is None or not (study_dir / MANIFEST_FILE).is_file():
-        return server_url
-    db = tracking.sqlite_db_path(uri)
+def _urls(uri: str, server_url: str, study_dir: Path | None = None) -> tuple[str, str | None]:
+    """The runs table of ``study_dir`` (default: the study whose own store ``uri`` is; see
+    :func:`tune.mirror.study_urls`) and the compare view of its trials; the server's root and None
+    without a study, or where the store has none of its runs."""
+    study_dir, db = study_dir or _study_dir(uri), tracking.sqlite_db_path(uri)
+    if study_dir is None or not (study_dir / MANIFEST_FILE).is_file() or (db is not None and not db.is_file()):
+        return server_url, None
     try:
-        url = None if db is not None and not db.is_file() else tracking.study_runs_url(server_url, study_dir, uri)
+        table, compare = mirror.study_urls(server_url, study_dir, uri)
     except Exception:  # noqa: BLE001 - MLflow raises many kinds; the server's root still works
-        url = None
-    if url is None:
-        return server_url
-    if "viewStateShareKey" not in url:  # (the UI's sort as it keeps it in its URL)
-        tune = Manifest.from_json((study_dir / MANIFEST_FILE).read_text(encoding="utf-8"), study_dir).spec["tune"]
-        objective = Objective.of(tune)
-        url += "&" + urllib.parse.urlencode({"orderByKey": f"metrics.`best_{objective.metric}`",
-                                             "orderByAsc": str(objective.minimize).lower()})
-    return url
-
-
-def _compare_url(uri: str, server_url: str, study_dir: Path | None = None) -> str | None:
-    """The compare view of the trials so far of ``study_dir`` (default: the study whose own store
-    ``uri`` is); None without a study or its trials."""
-    study_dir = study_dir or _study_dir(uri)
-    if study_dir is None or not (study_dir / MANIFEST_FILE).is_file():
-        return None
-    try:
-        return mirror.trials_compare_url(server_url, uri, study_dir)
-    except Exception:  # noqa: BLE001 - MLflow raises many kinds; the runs table still works
-        return None
+        return server_url, None
+    return table or server_url, compare
 
 
 def _server_log(uri: str, study_dir: Path | None) -> Path:
@@ -149,20 +117,6 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _dashboard(args: argparse.Namespace) -> int:
-    """``--dashboard``: tune.dashboard on the study's record."""
-    try:
-        if args.tracking_uri:
-            raise StudyError("--dashboard shows a study's record, not an MLflow store: pass --study (and "
-                             "--storage-path), not --tracking-uri")
-        study_dir = find_study(args.storage_path, args.study).resolve()
-        return dashboard.serve(study_dir, 8080 if args.port is None else args.port,
-                               opened=webbrowser.open if args.open else None)
-    except (FileNotFoundError, StudyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tune.ui", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", help=f"MLflow store (default: ${TRACKING_URI_ENV}, else the newest "
@@ -175,12 +129,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dashboard", action="store_true", help="Optuna's dashboard on a snapshot of the study's "
                         "record instead of the MLflow UI (see tune.dashboard)")
     args = parser.parse_args(argv)
-    if args.dashboard:
-        return _dashboard(args)
-    args.port = 5000 if args.port is None else args.port
-    server_url = f"http://127.0.0.1:{args.port}"
+    port = args.port if args.port is not None else 8080 if args.dashboard else 5000
+    server_url = f"http://127.0.0.1:{port}"
     try:
         study_dir: Path | None = None
+        if args.dashboard and args.tracking_uri:
+            raise StudyError("--dashboard shows a study's record, not an MLflow store: pass --study (and "
+                             "--storage-path), not --tracking-uri")
+        if args.dashboard:
+            return dashboard.serve(find_study(args.storage_path, args.study).resolve(), port,
+                                   opened=webbrowser.open if args.open else None)
         if args.tracking_uri or (args.study is None and os.environ.get(TRACKING_URI_ENV)):
             uri = tracking.resolve_tracking_uri(args.tracking_uri, Path("."))
             which = "from --tracking-uri" if args.tracking_uri else f"from ${TRACKING_URI_ENV}"
@@ -189,19 +147,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             uri, which = study_store(study_dir)
         if tracking.is_http_uri(uri):
             tracking.check_tracking_server(uri)
-            compare = _compare_url(uri, uri.rstrip("/"), study_dir)
-            print(f"MLflow UI: {_landing_url(uri, uri.rstrip('/'), study_dir)}   (a running tracking server, "
-                  f"{which})", *([f"compare the trials: {compare}"] if compare else []), sep="\n", flush=True)
+            url, compare = _urls(uri, uri.rstrip("/"), study_dir)
+            print(f"MLflow UI: {url}   (a running tracking server, {which})",
+                  *([f"compare the trials: {compare}"] if compare else []), sep="\n", flush=True)
             return 0
         if _answers(server_url):  # it would pass for ours until MLflow reports the port taken
             raise TrackingError(f"a server already answers on {server_url}; pass another --port")
         _refresh_study_mirror(uri, study_dir)
-        url, compare = _landing_url(uri, server_url, study_dir), _compare_url(uri, server_url, study_dir)
+        url, compare = _urls(uri, server_url, study_dir)
     except (FileNotFoundError, StudyError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(args.port), "--workers", "1", "--uvicorn-opts", "--no-access-log"]
+               "--port", str(port), "--workers", "1", "--uvicorn-opts", "--no-access-log"]
     if (artifacts := tracking.artifact_location(uri)) is not None:  # for runs logged through it
         command += ["--artifacts-destination", artifacts]
     # The job runner (GenAI evaluation) doubles start-up and is never used here; Starlette's deprecation
