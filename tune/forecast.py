@@ -127,7 +127,6 @@ class Forecast:
     epoch_s: float
     steps_per_epoch: float
     evals_per_epoch: int
-    eval_s: float
     trial_s: float
     gpu_hours: float | None
     probe: Probe
@@ -161,7 +160,7 @@ class Forecast:
                 f"{duration(self.finalists_s)}{drawn}); {self.trial_epochs:.1f} trial-epochs expected ({self.trials} "
                 f"trials under the plan, {self.finalists} finalists), {self.slots} at once{gpu}; an epoch "
                 f"{self.epoch_s:.1f} s{spread} ({self.steps_per_epoch:.0f} steps, {self.evals_per_epoch} evaluation(s) of "
-                f"{self.eval_s:.1f} s); probe: {p.concurrent} at once on {p.device}, {p.threads} thread(s) each, "
+                f"{p.eval_s:.1f} s); probe: {p.concurrent} at once on {p.device}, {p.threads} thread(s) each, "
                 f"{p.wall_s:.1f} s")
 
 
@@ -224,7 +223,7 @@ def forecast(spec: StudySpec, probe: Probe, num_samples: int | None = None, cont
                  if gpu > 0 else None)
     result = Forecast(search_s + finals_s + END_S, search_s, finals_s, END_S, trials, slots,
                       search_te + finalists * epochs, search_te, finalists, epochs, epoch_s, steps, evals,
-                      probe.eval_s, trial_s, gpu_hours, probe)
+                      trial_s, gpu_hours, probe)
     ends = ([forecast(spec, probe, num_samples, continued_epochs, (a,)) for a in (min(choices), max(choices))]
             if len(choices) > 1 else [])
     if not ends or ends[1].epoch_s <= 1.1 * ends[0].epoch_s:  # (uncapped: the same data whatever the accumulation)

@@ -179,14 +179,12 @@ def _drop_invisible(ax: Axes, hidden: AbstractSet[tuple[float, float]] = frozens
         finite = [(x, y) for x, y in line.get_xydata() if math.isfinite(x) and math.isfinite(y)]
         if len(finite) < (1 if line.get_marker() not in ("None", "", " ", None) else 2):
             line.remove()
-    for dots in list(ax.collections):
-        if isinstance(dots, PathCollection):
-            kept = [(x, y) for x, y in dots.get_offsets() if math.isfinite(x) and math.isfinite(y)
-                    and (x, y) not in hidden]
-            if kept:
-                dots.set_offsets(kept)
-            else:
-                dots.remove()
+    for dots in [c for c in ax.collections if isinstance(c, PathCollection)]:
+        kept = [(x, y) for x, y in dots.get_offsets() if math.isfinite(x) and math.isfinite(y) and (x, y) not in hidden]
+        if kept:
+            dots.set_offsets(kept)
+        else:
+            dots.remove()
 
 
 def _history(study: optuna.Study, points: list[_Point], metric: str, best: _Point | None) -> Figure:

@@ -184,8 +184,7 @@ class ProgressView(Callback):
         return self._labels[trial.trial_id].split(" ")[0] if short else self._labels[trial.trial_id]
 
     def _evaluation(self, result: Mapping[str, Any]) -> int:
-        """A report's evaluation index (tune.study.evaluation_index; a diverged trial's report has only
-        its epoch)."""
+        """A report's evaluation index (tune.study.evaluation_index; a diverged trial's has only its epoch)."""
         return int(result.get("evaluation", int(result.get("epoch", 0)) * self.per_epoch))
 
     def _epoch(self, trial: Any) -> float:
@@ -193,8 +192,7 @@ class ProgressView(Callback):
         return max(self._reported.get(trial.trial_id, 0), self._evaluation(trial.last_result or {})) / self.per_epoch
 
     def _step(self, trial: Any) -> tuple[int, int, int] | None:
-        """A running trial's step in the epoch it is in, when its folder is local and the step is past its last
-        report."""
+        """A running trial's :func:`read_step` when its folder is local and the step is past its last report."""
         step = read_step(trial.path) if self.local and trial.path and trial.status == "RUNNING" else None
         return step if step and step[0] - 1 + step[1] / step[2] > self._epoch(trial) else None
 

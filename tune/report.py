@@ -311,9 +311,8 @@ def _budget_used_up(spec: StudySpec, paths: StudyPaths, record: Study) -> str:
 def _reason(t: TrialRecord, budget: str) -> str:
     """``tNNN: status: reason`` for the summary on stderr; an interrupted trial without a recorded reason
     was stopped by the time budget when ``budget`` (:func:`_budget_used_up`) is used up."""
-    if t.error:
-        return f"{t.name}: {t.status}: {t.error}"
-    return f"{t.name}: {t.status}" + (" (time budget)" if budget and t.status == TrialStatus.INTERRUPTED else "")
+    why = f": {t.error}" if t.error else " (time budget)" if budget and t.status == TrialStatus.INTERRUPTED else ""
+    return f"{t.name}: {t.status}{why}"
 
 
 def _print_best(spec: StudySpec, paths: StudyPaths, best: TrialSummary, finalist: Finalist | None,
