@@ -29,7 +29,7 @@ from tune.report import (
 )
 from tune.space import load_space, optuna_distributions, spec_to_dict
 from tune.storage import StudyPaths
-from tune.study import Study
+from tune.study import Study, TrialRecord
 from tune.tracking import resolve_tracking_uri
 
 LR = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
@@ -58,7 +58,7 @@ def test_ranking_and_the_best_epochs_checkpoint(tmp_path: Path) -> None:
     for f in (tmp_path / "s" / "runs" / "run-1" / "t001" / "epoch_0002").iterdir():
         f.unlink()
     summaries = summarize_trials(record, Objective("val_loss"))
-    assert [(s.trial_id, s.status) for s in summaries] == [
+    assert [(s.trial.name, s.trial.status) for s in summaries] == [
         ("t001", "completed"), ("t000", "completed"), ("t002", "stopped_early"), ("t003", "interrupted")]
     best = summaries[0]
     assert (best.best_value, best.best_epoch, best.checkpoint_epoch) == (1.0, 2, 3)
@@ -66,30 +66,26 @@ def test_ranking_and_the_best_epochs_checkpoint(tmp_path: Path) -> None:
     assert summaries[1].checkpoint_epoch == summaries[1].best_epoch == 2
 
 
-def _summary(name: str, curve: list[float], status: str = "completed") -> object:
-    from tune.report import TrialSummary
-
-    points = list(enumerate(curve, 1))
-    return TrialSummary(trial_id=name, name=name, status=status, epochs=len(curve), best_value=min(curve),
-                        best_epoch=min(points, key=lambda p: p[1])[0], params={}, curve=points)
+def _trial(number: int, curve: list[float], status: str = "completed") -> TrialRecord:
+    return TrialRecord(number, status, {}, {epoch: {"val_loss": v} for epoch, v in enumerate(curve, 1)})
 
 
 def test_rung_fidelity_is_spearman_over_completed_trials() -> None:
     from tune.report import rung_fidelity
 
-    agree = [_summary("a", [3.0, 2.0, 1.0]), _summary("b", [4.0, 3.0, 2.0]), _summary("c", [5.0, 4.0, 3.0]),
-             _summary("x", [9.0], status="stopped_early")]
-    (rung1, rung2) = rung_fidelity(agree, [1, 2])
+    agree = [_trial(0, [3.0, 2.0, 1.0]), _trial(1, [4.0, 3.0, 2.0]), _trial(2, [5.0, 4.0, 3.0]),
+             _trial(3, [9.0], status="stopped_early")]
+    (rung1, rung2) = rung_fidelity(agree, "val_loss", [1, 2])
     assert (rung1.epoch, rung1.trials, rung1.spearman) == (1, 3, pytest.approx(1.0))
     assert rung2.spearman == pytest.approx(1.0)
     # The best at epoch 1 ends worst: a reversed ranking.
-    reverse = [_summary("a", [1.0, 3.0]), _summary("b", [2.0, 2.0]), _summary("c", [3.0, 1.0])]
-    assert rung_fidelity(reverse, [1])[0].spearman == pytest.approx(-1.0)
-    assert rung_fidelity(agree[:2], [1])[0].spearman is None  # fewer than 3 completed trials
+    reverse = [_trial(0, [1.0, 3.0]), _trial(1, [2.0, 2.0]), _trial(2, [3.0, 1.0])]
+    assert rung_fidelity(reverse, "val_loss", [1])[0].spearman == pytest.approx(-1.0)
+    assert rung_fidelity(agree[:2], "val_loss", [1])[0].spearman is None  # fewer than 3 completed trials
     # Issue 22: with fewer steps than evaluations an epoch skips indices (here 2, 4, ...): a trial's
     # value at rung 1 is its first at or past it, the one ASHA judged.
-    gapped = [dataclasses.replace(s, curve=[(2 * k, v) for k, v in s.curve]) for s in reverse]
-    assert rung_fidelity(gapped, [1])[0] == rung_fidelity(reverse, [1])[0]
+    gapped = [dataclasses.replace(t, epochs={2 * k: m for k, m in t.epochs.items()}) for t in reverse]
+    assert rung_fidelity(gapped, "val_loss", [1])[0] == rung_fidelity(reverse, "val_loss", [1])[0]
 
 
 def test_finalists_pick_the_true_best_config_more_often_than_the_single_best_trial() -> None:
@@ -266,7 +262,7 @@ def test_best_yaml_runs_with_the_trials_thread_count(tmp_path: Path, cpu: int) -
     path = write_best_yaml(tmp_path / "best.yaml", study.spec, best)
     cfg = load_run_config(path)
     assert cfg.train.num_threads == cpu
-    assert cfg == study.spec.run.with_overrides({**best.params, "train.num_threads": cpu})
+    assert cfg == study.spec.run.with_overrides({**best.trial.params, "train.num_threads": cpu})
     assert f"# train.num_threads: {cpu}, as the trial ran (its CPU share)" in path.read_text()
 
 
@@ -332,7 +328,7 @@ def test_a_driver_killed_mid_write_of_best_yaml_or_summary_leaves_the_old_files_
     from tune.space import load_space
 
     spec = load_space("smoke")
-    old = TrialSummary("t000", "t000", "completed", 2, 1.5, 2, {"train.learning_rate": 0.001})
+    old = TrialSummary(TrialRecord(0, "completed", {"train.learning_rate": 0.001}, {2: {"val_loss": 1.5}}), 2, 1.5)
     best, summary = write_best_yaml(tmp_path / "best.yaml", spec, old), tmp_path / "summary.csv"
     write_summary_csv(summary, [old], "val_loss")
     before = {p: p.read_bytes() for p in (best, summary)}
@@ -341,8 +337,10 @@ def test_a_driver_killed_mid_write_of_best_yaml_or_summary_leaves_the_old_files_
         killed_mid_write(f"""
             from pathlib import Path
             from tune.report import TrialSummary, write_best_yaml, write_summary_csv
+            from tune.study import TrialRecord
             from tune.space import load_space
-            new = TrialSummary("t001", "t001", "completed", 2, 1.2, 2, {{"train.learning_rate": 0.0234}})
+            new = TrialSummary(TrialRecord(1, "completed", {{"train.learning_rate": 0.0234}}, {{2: {{"val_loss": 1.2}}}}),
+                               2, 1.2)
             cut()
             {call}
         """, limit=40)
@@ -389,7 +387,7 @@ def test_ctrl_c_during_the_end_report_leaves_the_answer_and_closes_the_parent(
 
 
 def test_with_evaluations_inside_an_epoch_the_table_and_summary_name_evaluations(tmp_path: Path) -> None:
-    s = TrialSummary("t000", "t000", "completed", 5, 1.5, 4, {"train.learning_rate": 0.001})
+    s = TrialSummary(TrialRecord(0, "completed", {"train.learning_rate": 0.001}, {5: {"val_loss": 1.5}}), 4, 1.5)
     table = format_table([s], "val_loss", evals_per_epoch=8).splitlines()
     assert table[0].split()[3:5] == ["evaluations", "(epochs)"] and table[1].split()[3:5] == ["5", "(0.625)"]
     once = format_table([s], "val_loss").splitlines()  # one evaluation per epoch: unchanged

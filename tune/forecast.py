@@ -2,19 +2,15 @@
 arithmetic that turns it into the ``forecast:`` line, the time budget check and the live view's first ETA.
 
 **What is measured** (:func:`run_probe`). ``c`` = min(``tune.max_concurrent_trials``, ``num_samples``)
-probe processes run *at once*, each like a trial's worker: ``python -m tune.forecast`` with the trial's
-torch thread count (``train.num_threads`` = its CPU share, ``OMP_NUM_THREADS`` as Ray sets it), its device
-(no CUDA device visible when ``resources_per_trial.gpu`` is 0, as Ray does) and the study's run config
-(the fixed values; searched ones at the fixed config's value). Each opens the study's token cache, builds
-the model and runs :func:`minimind_train.train.train_epochs` itself for :data:`WARMUP_STEPS` +
-:data:`PROBE_STEPS` optimizer steps of one micro-batch each (the warm-up steps are left out: a fresh process's
-first ~20 steps ran 1.3-1.5x slower than the rest of its epoch, benchmarks/README.md section 7, which made the
-forecast's epoch 1.3-1.6x too long; a trial pays that once per Ray actor, which later trials reuse) and its evaluation of the validation split
-(as capped by ``data.val_max_samples``), then writes that state as a trial's checkpoint. Running ``c`` of
-them together measures what concurrent trials do to each other (on CPU: cores, memory bandwidth, the other
-load on the machine; on a shared GPU: its share). A probe process is not a Ray worker: starting Ray and a
-trial's actor are the constants below, not measured. With ``--address`` the probe runs on the driver's
-machine, so the forecast is for that machine's hardware.
+processes at once, each like a trial's worker (``python -m tune.forecast``: the trial's thread count, also as
+``OMP_NUM_THREADS``; no CUDA device when ``resources_per_trial.gpu`` is 0, as Ray does; the study's run config,
+searched values at the fixed config's), open the token cache, build the model and run
+:func:`minimind_train.train.train_epochs` for :data:`WARMUP_STEPS` + :data:`PROBE_STEPS` optimizer steps of one
+micro-batch each, one evaluation and one checkpoint. The warm-up steps are not timed: a fresh process's first
+~20 steps ran 1.3-1.5x slower than the rest of its epoch (benchmarks/README.md section 7), which a trial pays
+once per Ray actor. Running ``c`` at once measures what concurrent trials do to each other (cores, memory
+bandwidth, a shared GPU). Starting Ray and a trial's actor are the constants below, not measured. With
+``--address`` the probe runs on the driver's machine: the forecast is for its hardware.
 
 **The model** (:func:`forecast`), wall seconds; ``N`` trials, ``c`` slots, ``E`` the trial-epochs ASHA is
 expected to leave (:func:`tune.preflight.expected_shape`: its plan and stop fractions)::
@@ -39,12 +35,14 @@ checks the whole formula against real studies; benchmarks/README.md section 7).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,7 +127,6 @@ class Forecast:
     epoch_s: float
     steps_per_epoch: float
     evals_per_epoch: int
-    eval_s: float
     trial_s: float
     gpu_hours: float | None
     probe: Probe
@@ -163,7 +160,7 @@ class Forecast:
                 f"{duration(self.finalists_s)}{drawn}); {self.trial_epochs:.1f} trial-epochs expected ({self.trials} "
                 f"trials under the plan, {self.finalists} finalists), {self.slots} at once{gpu}; an epoch "
                 f"{self.epoch_s:.1f} s{spread} ({self.steps_per_epoch:.0f} steps, {self.evals_per_epoch} evaluation(s) of "
-                f"{self.eval_s:.1f} s); probe: {p.concurrent} at once on {p.device}, {p.threads} thread(s) each, "
+                f"{p.eval_s:.1f} s); probe: {p.concurrent} at once on {p.device}, {p.threads} thread(s) each, "
                 f"{p.wall_s:.1f} s")
 
 
@@ -176,14 +173,10 @@ def duration(seconds: float) -> str:
 def _epoch_tokens(probe: Probe, run: RunConfig, accumulations: tuple[int, ...]) -> tuple[float, float, float]:
     """(padded tokens, micro-batches, optimizer steps) of an epoch, averaged over the ``accumulations`` a
     trial may use."""
-    cap, tokens, batches, steps = run.train.max_steps_per_epoch, 0.0, 0.0, 0.0
-    for acc in accumulations:
-        n = min(len(probe.padded), cap * acc) if cap else len(probe.padded)
-        tokens += sum(probe.padded[:n])
-        batches += n
-        steps += math.ceil(n / acc)
-    k = len(accumulations)
-    return tokens / k, batches / k, steps / k
+    cap, mean = run.train.max_steps_per_epoch, statistics.fmean
+    batches = [min(len(probe.padded), cap * acc) if cap else len(probe.padded) for acc in accumulations]
+    return (mean(sum(probe.padded[:n]) for n in batches), mean(batches),
+            mean(math.ceil(n / acc) for n, acc in zip(batches, accumulations)))
 
 
 def _accumulations(spec: StudySpec) -> tuple[int, ...]:
@@ -220,10 +213,8 @@ def forecast(spec: StudySpec, probe: Probe, num_samples: int | None = None, cont
     epoch_s = batches * probe.s_per_batch + tokens * probe.s_per_token + evals * (probe.eval_s + probe.checkpoint_s)
     trial_s = TRIAL_OVERHEAD_S + probe.init_s + probe.eval_s
     slots = max(1, min(t.max_concurrent_trials, max(trials, 1)))
-    search_s = 0.0
-    if trials:
-        search_s = (RAY_START_S + probe.start_s + (trials * trial_s + search_te * epoch_s) / slots
-                    + (1 - 1 / slots) * (trial_s + search_te / trials * epoch_s) / 2)
+    search_s = (RAY_START_S + probe.start_s + (trials * trial_s + search_te * epoch_s) / slots
+                + (1 - 1 / slots) * (trial_s + search_te / trials * epoch_s) / 2) if trials else 0.0
     final_slots = max(1, min(slots, finalists))
     finals_s = (probe.start_s + math.ceil(finalists / final_slots) * (trial_s + epochs * epoch_s)
                 + (0 if trials else RAY_START_S)) if finalists else 0.0
@@ -232,11 +223,10 @@ def forecast(spec: StudySpec, probe: Probe, num_samples: int | None = None, cont
                  if gpu > 0 else None)
     result = Forecast(search_s + finals_s + END_S, search_s, finals_s, END_S, trials, slots,
                       search_te + finalists * epochs, search_te, finalists, epochs, epoch_s, steps, evals,
-                      probe.eval_s, trial_s, gpu_hours, probe)
-    if len(choices) < 2:
-        return result
-    ends = [forecast(spec, probe, num_samples, continued_epochs, (a,)) for a in (min(choices), max(choices))]
-    if ends[1].epoch_s <= 1.1 * ends[0].epoch_s:  # (no cap: an epoch is the same data whatever the accumulation)
+                      trial_s, gpu_hours, probe)
+    ends = ([forecast(spec, probe, num_samples, continued_epochs, (a,)) for a in (min(choices), max(choices))]
+            if len(choices) > 1 else [])
+    if not ends or ends[1].epoch_s <= 1.1 * ends[0].epoch_s:  # (uncapped: the same data whatever the accumulation)
         return result
     return dataclasses.replace(result, total_range_s=(ends[0].total_s, ends[1].total_s),
                                epoch_range_s=(ends[0].epoch_s, ends[1].epoch_s))
@@ -244,14 +234,9 @@ def forecast(spec: StudySpec, probe: Probe, num_samples: int | None = None, cont
 
 def fitting_samples(spec: StudySpec, probe: Probe, budget_s: float) -> int:
     """The largest ``--num-samples`` whose forecast fits in ``budget_s`` (0 when not even one does)."""
-    lo, hi = 0, spec.tune.num_samples
-    while lo < hi:  # (the forecast grows with the number of trials)
-        mid = (lo + hi + 1) // 2
-        if forecast(spec, probe, mid).total_s <= budget_s:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    # (a bisection: the forecast grows with the number of trials)
+    return bisect.bisect_right(range(1, spec.tune.num_samples + 1), budget_s,
+                               key=lambda n: forecast(spec, probe, n).total_s)
 
 
 def budget_warning(spec: StudySpec, probe: Probe, result: Forecast, used_s: float = 0.0) -> str | None:
@@ -330,27 +315,24 @@ def run_probe(spec: StudySpec, caches: dict[str, Any] | None = None, timeout_s: 
                 proc.wait()
         shutil.rmtree(folder, ignore_errors=True)
 
-    def mean(key: str) -> float:
-        return sum(float(r[key]) for r in results) / count
-
-    return Probe(count, results[0]["device"], threads, mean("start_s"), mean("init_s"), mean("s_per_token"),
-                 mean("eval_s"), mean("checkpoint_s"), tuple(results[0]["padded"]), time.time() - started,
-                 mean("s_per_batch"))
+    means = {key: sum(float(r[key]) for r in results) / count
+             for key in ("start_s", "init_s", "s_per_token", "eval_s", "checkpoint_s", "s_per_batch")}
+    return Probe(count, results[0]["device"], threads, padded=tuple(results[0]["padded"]),
+                 wall_s=time.time() - started, **means)
 
 
 def step_cost(tokens: list[int], seconds: list[float]) -> tuple[float, float]:
     """``(s_per_batch, s_per_token)``: the least-squares line ``seconds = a + b x tokens`` through the probe's
     micro-batches (their lengths differ: the trainer's batch order is shuffled); where noise makes either
     negative, the one that is not (all the time per token when the sizes barely differ)."""
-    n, total_t, total_s = len(tokens), sum(tokens), sum(seconds)
-    mean_t, mean_s = total_t / n, total_s / n
-    var = sum((x - mean_t) ** 2 for x in tokens)
-    b = sum((x - mean_t) * (y - mean_s) for x, y in zip(tokens, seconds)) / var if var > 0 else -1.0
-    a = mean_s - b * mean_t
+    try:
+        b, a = statistics.linear_regression(tokens, seconds)
+    except statistics.StatisticsError:  # (one size only)
+        b = -1.0
     if b < 0:
-        return mean_s, 0.0
+        return sum(seconds) / len(seconds), 0.0
     if a < 0:
-        return 0.0, total_s / total_t
+        return 0.0, sum(seconds) / sum(tokens)
     return a, b
 
 
@@ -372,8 +354,6 @@ def _wait_for(path: Path, what: str, timeout_s: float = _PROBE_TIMEOUT_S) -> Non
 
 def _probe_main(folder: Path, index: int) -> None:
     """One probe process (``python -m tune.forecast FOLDER INDEX``): writes ``result-INDEX.json``."""
-    import torch
-
     from minimind_train.batches import batch_indices
     from minimind_train.checkpoint import init_state, save_checkpoint
     from minimind_train.config import run_config_from_dict
@@ -404,8 +384,7 @@ def _probe_main(folder: Path, index: int) -> None:
     (folder / f"ready-{index}").touch()
     for i in range(request["count"]):
         _wait_for(folder / f"ready-{i}", "the other probe processes")
-    steps = min(request["steps"], math.ceil(len(data.train) / cfg.train.batch_size))
-    train = dataclasses.replace(cfg.train, epochs=1, max_steps_per_epoch=steps, accumulation_steps=1,
+    train = dataclasses.replace(cfg.train, epochs=1, max_steps_per_epoch=request["steps"], accumulation_steps=1,
                                 evals_per_epoch=1, divergence_loss_factor=0.0, divergence_grad_norm=0.0)
     cfg = dataclasses.replace(cfg, train=train)
     t0 = time.perf_counter()
@@ -428,9 +407,8 @@ def _probe_main(folder: Path, index: int) -> None:
     else:  # (one step: its own time)
         s_per_batch, s_per_token = 0.0, result.metrics["epoch_seconds"] / padded[0]
     out = {"device": str(state.device), "start_s": start_s, "init_s": init_s, "s_per_token": s_per_token,
-           "s_per_batch": s_per_batch,
-           "eval_s": result.metrics["val_seconds"], "checkpoint_s": checkpoint_s, "padded": padded,
-           "threads": torch.get_num_threads()}
+           "s_per_batch": s_per_batch, "eval_s": result.metrics["val_seconds"], "checkpoint_s": checkpoint_s,
+           "padded": padded}
     (folder / f"result-{index}.json").write_text(json.dumps(out), encoding="utf-8")
 
 

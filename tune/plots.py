@@ -92,12 +92,9 @@ def _points(study: optuna.Study) -> list[_Point]:
         value = t.value if t.state == TrialState.COMPLETE else epochs[max(epochs)] if epochs else None
         if "finalist_of" not in t.user_attrs and value is not None:
             points.append(_Point(t, float(value), t.state == TrialState.PRUNED, trial_dirname(t.number)))
-    return ranked(points, Objective.of_study(study), _status, lambda p: p.value)
-
-
-def _status(point: _Point) -> str:
-    """The record's status of a plotted trial (one recorded before statuses: by its Optuna state)."""
-    return TrialStatus.of(point.trial.user_attrs.get("status"), point.trial.state)
+    # (the record's status; a trial recorded before statuses by its Optuna state)
+    return ranked(points, Objective.of_study(study),
+                  lambda p: TrialStatus.of(p.trial.user_attrs.get("status"), p.trial.state), lambda p: p.value)
 
 
 def _finalist_configs(study: optuna.Study) -> set[int]:
@@ -106,32 +103,26 @@ def _finalist_configs(study: optuna.Study) -> set[int]:
             if "finalist_of" in t.user_attrs}
 
 
-def _ranked(points: list[_Point], best: _Point | None) -> list[_Point]:
-    """The best first (it may be a finalist config chosen by its mean over seeds), then ``points``' order."""
-    return sorted(points, key=lambda p: p is not best)
-
-
-def _styles(study: optuna.Study, points: list[_Point], best: _Point | None) -> dict[int, _Style]:
-    """Trial number -> its style, by rank (:func:`_ranked`)."""
-    finalists = _finalist_configs(study)
-    palette = iter(_COLOURS)
-    styles = {}
-    for rank, p in enumerate(_ranked(points, best)):
+def _styled(study: optuna.Study, points: list[_Point], best: _Point | None) -> list[tuple[_Point, _Style]]:
+    """Each of ``points`` with its style, by rank: the best first (it may be a finalist config chosen by its
+    mean over seeds), then ``points``' order."""
+    finalists, palette, styled = _finalist_configs(study), iter(_COLOURS), []
+    for rank, p in enumerate(sorted(points, key=lambda p: p is not best)):
         tags = ["best"] * (p is best) + ["finalist"] * (p.trial.number in finalists) \
             + ["stopped early"] * p.stopped_early
         label = f"{p.name} {p.value:.4g}" + (f" ({', '.join(tags)})" if tags else "")
         if p is best:
-            styles[p.trial.number] = _Style(_BEST, label, 3.5, 4)
+            styled.append((p, _Style(_BEST, label, 3.5, 4)))
         elif (rank < _NAMED or p.trial.number in finalists) and (colour := next(palette, None)):
-            styles[p.trial.number] = _Style(colour, label, 2.0, 3)
+            styled.append((p, _Style(colour, label, 2.0, 3)))
         else:
-            styles[p.trial.number] = _Style(_GREY, None, 1.2, 2)
-    return styles
+            styled.append((p, _Style(_GREY, None, 1.2, 2)))
+    return styled
 
 
-def _grey_label(points: list[_Point], styles: dict[int, _Style]) -> str:
-    """The one legend entry of the grey trials among ``points``."""
-    grey = [p for p in points if styles[p.trial.number].label is None]
+def _grey_label(styled: list[tuple[_Point, _Style]]) -> str:
+    """The one legend entry of the grey trials among ``styled``."""
+    grey = [p for p, style in styled if style.label is None]
     dashed = ", dashed: stopped early" * any(p.stopped_early for p in grey)
     return f"{len(grey)} more trial{'s' * (len(grey) > 1)} (grey{dashed})"
 
@@ -188,14 +179,12 @@ def _drop_invisible(ax: Axes, hidden: AbstractSet[tuple[float, float]] = frozens
         finite = [(x, y) for x, y in line.get_xydata() if math.isfinite(x) and math.isfinite(y)]
         if len(finite) < (1 if line.get_marker() not in ("None", "", " ", None) else 2):
             line.remove()
-    for dots in list(ax.collections):
-        if isinstance(dots, PathCollection):
-            kept = [(x, y) for x, y in dots.get_offsets() if math.isfinite(x) and math.isfinite(y)
-                    and (x, y) not in hidden]
-            if kept:
-                dots.set_offsets(kept)
-            else:
-                dots.remove()
+    for dots in [c for c in ax.collections if isinstance(c, PathCollection)]:
+        kept = [(x, y) for x, y in dots.get_offsets() if math.isfinite(x) and math.isfinite(y) and (x, y) not in hidden]
+        if kept:
+            dots.set_offsets(kept)
+        else:
+            dots.remove()
 
 
 def _history(study: optuna.Study, points: list[_Point], metric: str, best: _Point | None) -> Figure:
@@ -239,17 +228,16 @@ def _parallel(study: optuna.Study, points: list[_Point], metric: str, best: _Poi
     ax.figure.set_size_inches(min(9.0, max(7.0, 1.9 * (len(params) + 1))), 6)
     # One LineCollection, a segment per trial in an order of Optuna's own, coloured by objective; each
     # starts at the trial's value on the objective axis, which tells whose it is. The trials with a
-    # colour of their own (_styles) are drawn again as lines with a label, the rest stay in it, grey
+    # colour of their own (_styled) are drawn again as lines with a label, the rest stay in it, grey
     # (two trials of one value may swap lines: the objective axis cannot tell them apart either).
     lines = ax.collections[0]
     if lines.colorbar is not None:  # (the colours are the trials' now, not a scale)
         lines.colorbar.remove()  # (which gives ax its place back, not the parameters' twin axes)
         for other in ax.figure.axes:
             other.set_subplotspec(ax.get_subplotspec())
-    styles = _styles(study, points, best)
+    styled = _styled(study, points, best)
     rest = list(lines.get_segments())
-    for p in _ranked(points, best):
-        style = styles[p.trial.number]
+    for p, style in styled:
         mine = next((i for i, segment in enumerate(rest) if segment[0, 1] == p.value), None)
         if style.label is not None and mine is not None:
             ax.plot(*rest.pop(mine).T, color=style.colour, linewidth=style.width, zorder=style.zorder,
@@ -261,7 +249,7 @@ def _parallel(study: optuna.Study, points: list[_Point], metric: str, best: _Poi
         lines.set_color(_GREY)
         lines.set_linewidth(1.2)
         lines.set_linestyles(["--" if segment[0, 1] in stopped else "-" for segment in rest])
-        lines.set_label(_grey_label(points, styles))
+        lines.set_label(_grey_label(styled))
     else:
         lines.remove()
     _legend_below(ax, ncols=3)
@@ -285,19 +273,17 @@ def _importances(study: optuna.Study, points: list[_Point], metric: str, best: _
 
 
 def _curves(study: optuna.Study, points: list[_Point], metric: str, best: _Point | None) -> Figure:
-    styles = _styles(study, points, best)
-    drawn = [p for p in _ranked(points, best) if p.trial.intermediate_values]
+    drawn = [(p, style) for p, style in _styled(study, points, best) if p.trial.intermediate_values]
     # The x axis is the record's unit, the evaluation index (tune.study.evaluation_index): the epoch when
     # there is one evaluation per epoch, as in every study made before evaluations inside an epoch.
     per_epoch = evals_per_epoch(study)
     unit = "epoch" if per_epoch == 1 else "evaluation"
     xlabel = unit if per_epoch == 1 else f"evaluation ({per_epoch} per epoch: {per_epoch} = 1 epoch)"
     ax = Figure(figsize=(8, 5.5)).add_subplot(xlabel=xlabel, ylabel=metric)
-    ax.set_title(f"{metric} per {unit}, best first in the legend ({_counts(drawn)})", loc="left")
-    grey: str | None = _grey_label(drawn, styles)
+    ax.set_title(f"{metric} per {unit}, best first in the legend ({_counts([p for p, _ in drawn])})", loc="left")
+    grey: str | None = _grey_label(drawn)
     # The named trials first, then the grey rest: the legend's order, its last entry the grey lines'.
-    for p in sorted(drawn, key=lambda p: styles[p.trial.number].label is None):
-        style = styles[p.trial.number]
+    for p, style in sorted(drawn, key=lambda pair: pair[1].label is None):
         epochs, values = zip(*sorted(p.trial.intermediate_values.items()))
         label, grey = (style.label, grey) if style.label is not None else (grey, None)
         ax.plot(epochs, values, marker="o", markersize=5 if len(epochs) > 1 else 8,  # (a lone point: seen)
@@ -327,12 +313,6 @@ def study_figures(study: optuna.Study, metric: str, best_trial: int | None = Non
     values and intermediate values), ``best_trial`` is the trial number to highlight (default: the best
     completed trial). Close them with ``matplotlib.pyplot.close`` (Optuna's are pyplot figures)."""
     points = _points(study)
-    if not points:
-        why = f"No trial has a {metric} yet ({len(study.trials)} trials in the study)."
-        figures = {name: _note(name.replace("_", " "), why) for name in PLOT_FILES}
-        for fig in figures.values():
-            _legible(fig)
-        return figures
     best = next((p for p in points if (p.trial.number == best_trial if best_trial is not None
                                        else not p.stopped_early)), None)
     figures = {}
@@ -343,7 +323,8 @@ def study_figures(study: optuna.Study, metric: str, best_trial: int | None = Non
                 # about the flat axes of a single trial; neither tells the user anything.
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 warnings.simplefilter("ignore", UserWarning)
-                figures[name] = draw(study, points, metric, best)
+                figures[name] = draw(study, points, metric, best) if points else _note(
+                    name.replace("_", " "), f"No trial has a {metric} yet ({len(study.trials)} trials in the study).")
         except Exception as exc:  # noqa: BLE001 - a plot is never worth failing the study for
             logger.warning("the %s plot failed: %s", name.replace("_", " "), exc)
             figures[name] = _note(name.replace("_", " "), f"Could not draw this plot:\n{exc}")

@@ -4,26 +4,25 @@ trial's step as its ``step.json`` tells it (:func:`tune.storage.step_writer`).""
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import math
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from .forecast import EtaPrior, duration
+from .mirror import run_name
 from .objective import Objective
+from .searcher import DIVERGED_REASON_KEY, error_text, failure_reason
 from .status import TrialStatus
 from .storage import STEP_FILE
-
-if TYPE_CHECKING:
-    from .forecast import EtaPrior
-    from .study import TrialRecord
+from .study import TrialRecord, evaluation_name, no_better_reason
 
 __all__ = ["RAY_ERRORS_FILE", "ProgressView", "best_recorded", "blended_eta_s", "count_trials", "eta_s",
            "ray_errors_to", "read_step"]
@@ -68,8 +67,6 @@ def best_recorded(trials: Iterable[TrialRecord], objective: Objective) -> tuple[
     """``(value, "t003")``: the best finite objective any epoch of the record's ``trials``
     (:class:`tune.study.TrialRecord`) reported, leaving out values no better than their
     trial's model before training (:func:`tune.study.no_better_reason`); None before any."""
-    from .study import no_better_reason
-
     values = [(v, f"t{t.number:03d}") for t in trials for _, v in t.curve(objective.metric)
               if math.isfinite(v) and not no_better_reason(v, objective, t.first_metrics)]
     return objective.best_of(values, lambda item: item[0])
@@ -118,35 +115,25 @@ class _RayErrorsToFile:
         return getattr(self.terminal, name)
 
 
-@contextlib.contextmanager
-def ray_errors_to(path: Path) -> Iterator[None]:
+def ray_errors_to(path: Path) -> contextlib.redirect_stdout[Any]:
     """While active, Ray's driver-side error messages go to ``path`` instead of the terminal (appended;
     nothing is written while ``path``'s folder does not exist)."""
-    previous = sys.stdout
-    sys.stdout = _RayErrorsToFile(previous, path)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        sys.stdout = previous
+    return contextlib.redirect_stdout(_RayErrorsToFile(sys.stdout, path))  # type: ignore[type-var]
 
 
 def _duration(seconds: float | None) -> str:
-    return "-" if seconds is None else str(datetime.timedelta(seconds=round(seconds)))
+    return "-" if seconds is None else duration(seconds)
 
 
 class ProgressView(Callback):
-    """Progress in trial-epochs (done / planned, ETA), each running trial's epoch and step, counts and
-    the best value so far: on a terminal a rich.live.Live view redrawn twice a second, above it a line
-    per ended trial; otherwise (CI, ``ray job submit`` logs, pipes) one line per epoch and per ended trial.
+    """Progress in trial-epochs (done / planned, ETA), each running trial's epoch and step, counts and the best
+    value so far: on a terminal a rich Live view redrawn twice a second under a line per ended trial; elsewhere
+    (CI, ``ray job submit`` logs, pipes) one line per evaluation and per ended trial.
 
-    ``planned_epochs`` per trial and ``num_samples`` trials in this run; ``statuses()`` maps Ray trial
-    ids to their study-record status; ``local``: the trial folders are on this machine (steps shown);
-    ``best``: ``(value, "t003")``, the best value earlier runs recorded; ``ray_errors``: where Ray's
-    driver-side error messages go while the terminal view runs (:func:`ray_errors_to`); ``prior``: the
-    forecast for this phase (:class:`tune.forecast.EtaPrior`), which the ETA starts from and corrects by
-    the measured rate (:func:`blended_eta_s`; the remaining work is then what ASHA is expected to leave,
-    and it includes the phases after this one); without it, the ETA is this run's rate alone (:func:`eta_s`).
-    """
+    ``planned_epochs`` per trial, ``num_samples`` trials in this run; ``statuses()``: Ray trial id -> record
+    status; ``local``: the trial folders are on this machine (steps shown); ``best``: ``(value, "t003")`` from
+    earlier runs; ``ray_errors``: :func:`ray_errors_to` while the terminal view runs; ``prior``: this phase's
+    forecast, which the ETA starts from (:func:`blended_eta_s`), else this run's rate alone (:func:`eta_s`)."""
 
     def __init__(self, objective: Objective, planned_epochs: int, num_samples: int,
                  statuses: Callable[[], Mapping[str, str]] | None = None, local: bool = True,
@@ -191,17 +178,13 @@ class ProgressView(Callback):
 
     def _label(self, trial: Any, short: bool = False) -> str:
         if trial.trial_id not in self._labels:
-            from .mirror import run_name
-            from .study import TrialRecord
-
             params, number = dict(trial.config.get("params") or {}), trial.config.get("study_trial")
             self._labels[trial.trial_id] = (run_name(TrialRecord(number, "", params, {}), list(params))
                                             if isinstance(number, int) else trial.trial_id)
         return self._labels[trial.trial_id].split(" ")[0] if short else self._labels[trial.trial_id]
 
     def _evaluation(self, result: Mapping[str, Any]) -> int:
-        """A report's evaluation index (tune.study.evaluation_index; a diverged trial's report has only
-        its epoch)."""
+        """A report's evaluation index (tune.study.evaluation_index; a diverged trial's has only its epoch)."""
         return int(result.get("evaluation", int(result.get("epoch", 0)) * self.per_epoch))
 
     def _epoch(self, trial: Any) -> float:
@@ -209,8 +192,7 @@ class ProgressView(Callback):
         return max(self._reported.get(trial.trial_id, 0), self._evaluation(trial.last_result or {})) / self.per_epoch
 
     def _step(self, trial: Any) -> tuple[int, int, int] | None:
-        """A running trial's step in the epoch it is in, when its folder is local and the step is past its last
-        report."""
+        """A running trial's :func:`read_step` when its folder is local and the step is past its last report."""
         step = read_step(trial.path) if self.local and trial.path and trial.status == "RUNNING" else None
         return step if step and step[0] - 1 + step[1] / step[2] > self._epoch(trial) else None
 
@@ -283,9 +265,7 @@ class ProgressView(Callback):
             self._live.console.print(text, markup=False, highlight=False)
             return
         status = f" | {self.status()}" if counts else ""
-        out = self._stream or sys.stdout
-        out.write(f"[{time.monotonic() - self._start:6.0f}s] {text}{status}\n")
-        out.flush()
+        print(f"[{time.monotonic() - self._start:6.0f}s] {text}{status}", file=self._stream or sys.stdout, flush=True)
 
     def _refresh(self, trials: list[Any]) -> None:
         self._trials = trials
@@ -312,8 +292,6 @@ class ProgressView(Callback):
             self._first_epoch[trial.trial_id] = result
         if result.get("restored"):
             return
-        from .study import no_better_reason
-
         # A value no better than the trial's untrained model is never "best so far" (it is no answer).
         if isinstance(value, (int, float)) and math.isfinite(value) and (
                 self.objective.better(value, self._best)) and not no_better_reason(
@@ -331,14 +309,10 @@ class ProgressView(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._refresh(trials)
-        from .searcher import DIVERGED_REASON_KEY
-
         status, last = self._recorded.get(trial.trial_id, TrialStatus.COMPLETED), trial.last_result or {}
         value = last.get(self.metric)
         why = (f": {last.get(DIVERGED_REASON_KEY, '')}" if status == TrialStatus.DIVERGED else
                f" ({self.metric} {value:.4f})" if isinstance(value, (int, float)) else "")
-        from .study import evaluation_name
-
         at = evaluation_name(max(self._reported.get(trial.trial_id, 0), self._evaluation(last)), self.per_epoch)
         self._event(f"{self._label(trial)} {status.replace('_', ' ')} at {at}{why}")
 
@@ -349,8 +323,6 @@ class ProgressView(Callback):
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any,
                          what: str = "crashed; Ray retries it from its last checkpoint", **info: Any) -> None:
         """One line for a trial's failure: its reason and where the full traceback is."""
-        from .searcher import error_text, failure_reason
-
         reason = failure_reason(error_text(trial)) or "no error text"
         reason = reason if len(reason) <= 200 else reason[:199] + "…"  # (all of it is in the file)
         self._event(f"{self._label(trial)} {what}: {reason} (traceback: {trial.path}/error.txt)")
