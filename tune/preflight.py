@@ -60,8 +60,8 @@ def quiet_libraries() -> None:
     # authentication asks nothing of the user; RAY_IGNORE_UNHANDLED_ERRORS would hide every error, not the OS's.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray.tune.tune").addFilter(_ray_tune_lines)
-    logging.getLogger("ray.tune.execution.tune_controller").addFilter(_no_os_error_traceback)
-    logging.getLogger("ray._private.worker").addFilter(_no_unhandled_os_error)
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(_no_os_error)
+    logging.getLogger("ray._private.worker").addFilter(_no_os_error)
     # The ResultGrid warns ("Failed to fetch metrics ...") of a trial that ended before its first result (a
     # spent time budget, Ctrl-C); the study reads its record, never the ResultGrid.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -84,30 +84,23 @@ def _ray_tune_lines(entry: logging.LogRecord) -> bool:
         return True
     return not any(s in text for s in ("Tuner.restore", "Trials did not complete"))
 
-
-def _no_os_error_traceback(entry: logging.LogRecord) -> bool:
-    """Ray Tune's "Error stopping trial." with a traceback of an OS error (~110 lines for a read-only study
-    folder) is dropped: the driver says it in one line (tune.interrupts.os_problem). Other errors are kept."""
-    from .interrupts import os_problem
-
-    return not (entry.exc_info and entry.exc_info[1] is not None and os_problem(entry.exc_info[1]) is not None)
-
-
 _OS_ERROR_LINE = re.compile(r"^\w*Error: \[Errno \d+\] ", re.MULTILINE)  # (str() of an OSError: "[Errno 30] ...")
 
 
-def _no_unhandled_os_error(entry: logging.LogRecord) -> bool:
-    """Ray's "Unhandled error ..." of a trial Tune stopped waiting for, with an OS error's traceback as text
-    (~30 lines), is dropped: the driver meets it in the record and says it in one line. Others are kept."""
-    text = entry.getMessage()
-    return not (text.startswith("Unhandled error") and _OS_ERROR_LINE.search(text))
+def _no_os_error(entry: logging.LogRecord) -> bool:
+    """Ray's lines of an OS error are dropped, as the driver says it in one line (tune.interrupts.os_problem):
+    Tune's "Error stopping trial." with its traceback (~110 lines for a read-only study folder) and "Unhandled
+    error ..." of a trial Tune stopped waiting for, the worker's traceback as text (~30 lines). Others are kept."""
+    from .interrupts import os_problem
+
+    text, exc = entry.getMessage(), entry.exc_info[1] if entry.exc_info else None
+    return not ((exc is not None and os_problem(exc) is not None)
+                or (text.startswith("Unhandled error") and _OS_ERROR_LINE.search(text)))
 
 
 def check_inputs(spec: StudySpec, run_cfg: config.RunConfig, paths: StudyPaths, address: str | None = None) -> Inputs:
     """Tokenise the data, load the tokenizer and ``init_from``, ask the tracking server.
-
-    Raises:
-        StudyError: naming the key, its value and what is wrong (exit status 2).
+    Raises StudyError naming the key, its value and what is wrong (exit status 2)."""
     """
     t0 = time.perf_counter()
     quiet_libraries()

@@ -58,9 +58,8 @@ _UNSEARCHABLE: Mapping[str, str] = {
     "train.device": "tune.resources_per_trial decides whether a trial gets a GPU",
 }
 
-# Bounds on how many searched values are checked against the config at load time: every value of a
-# small grid, every combination of a small space, a fixed-seed sample of larger ones (checks stay
-# well under a second; each costs one config build).
+# How many searched values are checked against the config at load time (each costs a config build; well
+# under a second): every value and combination of a small space, a fixed-seed sample of larger ones.
 _MAX_VALUES_PER_PARAM = 64
 _MAX_COMBINATIONS = 512
 
@@ -111,8 +110,9 @@ class SearchParam:
                  ("low", low < high, f"must be < {key}.high={high!r}"),
                  ("low", low > 0 or not self.log, "must be > 0 when log is true"),
                  ("step", step is None or not self.log, "a log scale has no even grid: drop step or log"),
-                 ("step", step is None or step > 0, f"expected {'an integer >= 1' if kind == 'int' else 'a number > 0'}"),
-                 ("high", step is None or _on_grid(high - low, step),
+                 ("step", step is None or step > 0,
+                  "expected an integer >= 1" if kind == "int" else "expected a number > 0"),
+                 ("high", step is None or step <= 0 or math.isclose(k := (high - low) / step, round(k), abs_tol=1e-9),
                   f"with low={low!r} and step={step!r}, high - low must be a multiple of step (Optuna samples "
                   "low + k * step); for another grid list the values as {type: categorical, choices: [...]}")]
         for name, ok, why in rules:
@@ -362,38 +362,31 @@ def _parse_search(raw: Any, run: RunConfig) -> tuple[SearchParam, ...]:
 
 
 def _check_values(run: RunConfig, group: Sequence[SearchParam]) -> None:
-    """Require a valid config for every combination of one section's searched values.
+    """Require a valid config for every combination of one section's searched values: RunConfig's
+    cross-field rules (hidden_size divisible by num_attention_heads, ...) can fail on a pair. A failure is
+    blamed on one value if it fails with the fixed config and in every combination (a field valid only
+    together with another searched field is not a mistake), else on the combination."""
+    paths = [p.path for p in group]
 
-    RunConfig has cross-field rules (hidden_size divisible by num_attention_heads, ...) that single
-    values cannot break but a pair can. A failure is blamed on one value if that value fails with
-    the fixed config and with every combination of the group's other values (a field valid only
-    together with another searched field is not a mistake), else on the combination.
-    """
-    grids, paths = [_values_to_check(p) for p in group], [p.path for p in group]
-
-    def fails(assignment: Mapping[str, Any]) -> ConfigError | None:
+    def fails(values: Sequence[Any], keys: Sequence[str] = paths) -> ConfigError | None:
         try:
-            run.with_overrides(assignment)
+            run.with_overrides(dict(zip(keys, values)))
         except ConfigError as exc:
             return exc
         return None
 
-    for combo in _combinations(grids):
-        if (error := fails(dict(zip(paths, combo)))) is None:
+    combos = list(_combinations([_values_to_check(p) for p in group]))
+    for combo in combos:
+        if (error := fails(combo)) is None:
             continue
         for i, (param, value) in enumerate(zip(group, combo)):
-            others = [paths[:i] + paths[i + 1:], grids[:i] + grids[i + 1:]]
-            if (alone := fails({param.path: value})) and all(
-                    fails({param.path: value, **dict(zip(others[0], c))}) for c in _combinations(others[1])):
-                raise SpaceError(f"search.{param.path}{_which(param, value)}={value!r} is not allowed: {alone}")
+            if (alone := fails([value], [param.path])) and all(fails(c) for c in combos if c[i] == value):
+                where = {param.low: ".low", param.high: ".high"}.get(value, "")  # (a grid's value: no key)
+                where = ".choices" if param.type == "categorical" else where
+                raise SpaceError(f"search.{param.path}{where}={value!r} is not allowed: {alone}")
         shown = ", ".join(f"search.{k}={v!r}" for k, v in zip(paths, combo))
         raise SpaceError(f"the combination {shown} is not allowed: {error}; every combination of searched "
                          "values must give a valid config (narrow the ranges or fix one of the fields)")
-
-
-def _which(param: SearchParam, value: Any) -> str:
-    """The key under ``search.<path>`` that holds ``value``."""
-    return ".choices" if param.type == "categorical" else {param.low: ".low", param.high: ".high"}.get(value, "")
 
 
 def _values_to_check(param: SearchParam) -> Sequence[Any]:
@@ -460,8 +453,3 @@ def spec_to_yaml(spec: StudySpec, header: str = "") -> str:
     """:func:`spec_to_dict` as YAML text, a valid space file."""
     body = yaml.safe_dump(spec_to_dict(spec), sort_keys=False, allow_unicode=True)
     return "".join(f"# {line}\n" for line in header.splitlines()) + body
-
-
-def _on_grid(value: float, step: float) -> bool:
-    """Whether ``value`` is a whole multiple of ``step``, up to float rounding (e.g. 0.3 / 0.1)."""
-    return step > 0 and math.isclose(value / step, round(value / step), rel_tol=1e-9, abs_tol=1e-9)
