@@ -230,8 +230,7 @@ def study_data(data: SFTData, run_cfg: RunConfig, nodes: Sequence[Node], driver:
         except OSError as exc:
             raise ClusterError(f"cannot copy {folder} to {base} for the trial nodes: {exc}") from exc
         if todo:
-            log.info("copied %s to %s for the trial nodes (%.1f MiB)", folder, base,
-                     sum(files[f] for f in todo) / 2**20)
+            log.info("copied %s to %s for the trial nodes (%.1f MiB)", folder, base, sum(files[f] for f in todo) / 2**20)
     return handle
 
 

@@ -286,11 +286,9 @@ def load_space(path_or_name: str | Path) -> StudySpec:
     source = resolve_space_path(path_or_name)
     text = source.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(text)
+        return _build_spec(yaml.safe_load(text), source, text)
     except yaml.YAMLError as exc:
         raise SpaceError(f"{source}: not valid YAML: {exc}") from exc
-    try:
-        return _build_spec(raw, source, text)
     except ConfigError as exc:
         raise SpaceError(f"{source}: {exc}") from exc
 
