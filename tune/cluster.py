@@ -102,7 +102,8 @@ def job_working_dir() -> str | None:
     """The working dir of the ``ray job submit`` this process runs under (relative paths resolve into a
     temporary copy of it that Ray deletes eventually), or None outside a job."""
     try:
-        return (json.loads(os.environ.get(_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}).get("working_dir") or None
+        job = json.loads(os.environ.get(_JOB_CONFIG_ENV) or "{}")
+        return (job.get("runtime_env") or {}).get("working_dir") or None
     except (ValueError, AttributeError):
         return None
 
@@ -148,11 +149,10 @@ def check_storage(storage: str, nodes: Sequence[Node], driver: str, timeout_s: f
             fh.write(token.encode())
     except Exception as exc:
         raise ClusterError(f"--storage-path {storage}: the driver cannot write there: {exc}") from exc
-    task = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
-    refs = [(n, task.options(name="minimind-probe", scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n.node_id, soft=False)).remote(marker, token)) for n in others]
-    deadline, bad = time.monotonic() + timeout_s, []
+    task, deadline, bad = ray.remote(num_cpus=0, max_retries=0)(_read_marker), time.monotonic() + timeout_s, []
     try:
+        refs = [(n, task.options(name="minimind-probe", scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n.node_id, soft=False)).remote(marker, token)) for n in others]
         for node, ref in refs:
             try:
                 why = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
