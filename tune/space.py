@@ -379,8 +379,7 @@ def _check_values(run: RunConfig, group: Sequence[SearchParam]) -> None:
             continue
         for i, (param, value) in enumerate(zip(group, combo)):
             if (alone := fails([value], [param.path])) and all(fails(c) for c in combos if c[i] == value):
-                where = {param.low: ".low", param.high: ".high"}.get(value, "")  # (a grid's value: no key)
-                where = ".choices" if param.type == "categorical" else where
+                where = ".choices" if param.choices else {param.low: ".low", param.high: ".high"}.get(value, "")
                 raise SpaceError(f"search.{param.path}{where}={value!r} is not allowed: {alone}")
         shown = ", ".join(f"search.{k}={v!r}" for k, v in zip(paths, combo))
         raise SpaceError(f"the combination {shown} is not allowed: {error}; every combination of searched "
