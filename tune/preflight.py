@@ -101,7 +101,6 @@ def _no_os_error(entry: logging.LogRecord) -> bool:
 def check_inputs(spec: StudySpec, run_cfg: config.RunConfig, paths: StudyPaths, address: str | None = None) -> Inputs:
     """Tokenise the data, load the tokenizer and ``init_from``, ask the tracking server.
     Raises StudyError naming the key, its value and what is wrong (exit status 2)."""
-    """
     t0 = time.perf_counter()
     quiet_libraries()
     import torch
