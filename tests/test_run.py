@@ -21,8 +21,8 @@ def test_overrides_are_validated_and_zero_budget_means_none() -> None:
     args = run._parse_args(["--num-samples", "5", "--max-concurrent", "3", "--time-budget-s", "0"])
     t = run._apply_overrides(spec, args).tune
     assert (t.num_samples, t.max_concurrent_trials, t.time_budget_s) == (5, 3, None)
-    for flags, words in ((["--num-samples", "0"], r"tune.num_samples=0 is not allowed: expected an integer >= 1 "
-                                                  r"\(given as --num-samples=0\)"),
+    for flags, words in ((["--num-samples", "0"], (r"tune.num_samples=0 is not allowed: expected an integer >= 1 "
+                                                   r"\(given as --num-samples=0\)")),
                          (["--max-concurrent", "0"], r"tune.max_concurrent_trials=0 .*--max-concurrent=0"),
                          (["--time-budget-s", "-1"], r"tune.time_budget_s=-1.0 is not allowed.*--time-budget-s=-1.0"),
                          (["--time-budget-s", "nan"], r"tune.time_budget_s=nan is not allowed")):

@@ -227,7 +227,7 @@ def _rung_lines(spec: StudySpec, steps_per_epoch: int | None) -> list[str]:
     of ``steps_per_epoch`` steps (None: estimated from the training file's lines less the held-out split;
     samples skipped by tokenising are not known yet, so a little high)."""
     # (imports torch: only a plan with evaluations inside an epoch pays for it; the trainer's formulas)
-    from minimind_train.train import evaluation_steps, steps_per_epoch as steps_of_batches
+    from minimind_train import train as trainer
 
     sched, data, train, n = spec.tune.scheduler, spec.run.data, spec.run.train, spec.run.train.evals_per_epoch
     about, steps = "", steps_per_epoch or 0
@@ -235,8 +235,8 @@ def _rung_lines(spec: StudySpec, steps_per_epoch: int | None) -> list[str]:
         with Path(data.train_path or config.DEMO_DATA_PATH).open("rb") as fh:
             lines = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
         samples = lines if data.val_path else lines - math.floor(lines * data.val_fraction + 0.5)
-        about, steps = "about ", steps_of_batches(math.ceil(max(samples, 1) / train.batch_size), train)
-    at = evaluation_steps(steps, n)
+        about, steps = "about ", trainer.steps_per_epoch(math.ceil(max(samples, 1) / train.batch_size), train)
+    at = trainer.evaluation_steps(steps, n)
 
     def step_of(rung: int) -> int:  # the optimizer step of the first evaluation at or past the rung
         epoch, k = divmod(rung - 1, n)
@@ -282,10 +282,10 @@ def describe(spec: StudySpec, steps_per_epoch: int | None = None) -> str:
                f"only if in the top 1/{_fmt(sched.reduction_factor)} of the trials that got there")
               if sched.type == "asha" else f"  scheduler none: every trial runs all {sched.max_t} {unit}s",
               *(_rung_lines(spec, steps_per_epoch) if per_epoch > 1 else []),
-              *([f"  expect about {shape.completed:.1f} of the {t.num_samples} trials to complete (trials in "
-                 "random order; rung fidelity needs 3, finalists their top_k)"] if sched.type == "asha" else []),
-              *([f"  finalists: the top {t.finalists.top_k} configs again with {t.finalists.seeds} more seed(s) "
-                 f"each ({finals} trials of {epochs} epoch(s)); the best mean wins"] if finals else []),
+              *([(f"  expect about {shape.completed:.1f} of the {t.num_samples} trials to complete (trials in "
+                 "random order; rung fidelity needs 3, finalists their top_k)")] if sched.type == "asha" else []),
+              *([(f"  finalists: the top {t.finalists.top_k} configs again with {t.finalists.seeds} more seed(s) "
+                 f"each ({finals} trials of {epochs} epoch(s)); the best mean wins")] if finals else []),
               *([f"  warm start from {t.warm_start} (a new study only)"] if t.warm_start else []),
               (f"  at most {(t.num_samples + finals) * epochs} trial-epochs in total, about "
                f"{shape.trial_epochs:.0f} expected"), "",

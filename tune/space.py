@@ -113,8 +113,8 @@ class SearchParam:
                  ("step", step is None or step > 0,
                   "expected an integer >= 1" if kind == "int" else "expected a number > 0"),
                  ("high", step is None or step <= 0 or math.isclose(k := (high - low) / step, round(k), abs_tol=1e-9),
-                  f"with low={low!r} and step={step!r}, high - low must be a multiple of step (Optuna samples "
-                  "low + k * step); for another grid list the values as {type: categorical, choices: [...]}")]
+                  (f"with low={low!r} and step={step!r}, high - low must be a multiple of step (Optuna samples "
+                   "low + k * step); for another grid list the values as {type: categorical, choices: [...]}"))]
         for name, ok, why in rules:
             if not ok:
                 value = getattr(self, name)
