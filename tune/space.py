@@ -75,11 +75,8 @@ class SpaceError(ConfigError):
 @raising("search", SpaceError)
 @dataclass(frozen=True, config=STRICT)
 class SearchParam:
-    """One searched config field and its distribution, with Optuna's semantics (bounds inclusive).
-
-    ``float``/``int`` use ``low``, ``high``, ``log`` and ``step`` (Optuna's grid ``low + k * step``, so
-    ``high - low`` must be a multiple of ``step``); ``categorical`` uses ``choices``.
-    """
+    """One searched config field and its distribution, with Optuna's semantics (bounds inclusive; a ``step``
+    grid is ``low + k * step``): ``float``/``int`` use ``low``/``high``/``log``/``step``, ``categorical`` ``choices``."""
 
     path: Text
     type: Literal["float", "int", "categorical"]
