@@ -92,11 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stopped(exc: BaseException, paths: StudyPaths | None) -> tuple[str, int]:
-    """The one place that turns what stopped the driver into its message and exit status: a refusal
-    (2, or the StudyError's own), Ctrl-C or SIGTERM (130) and an OS error (one line naming the path and
-    what to do: 2 before any trial ran, when nothing was changed; after, 130 like an interrupt when the
-    study is left for --resume, 1 when its record is gone).
-    Anything else is a bug: re-raised, with its traceback."""
+    """The one place that turns what stopped the driver into its message and exit status: a refusal (2, or
+    the StudyError's own), Ctrl-C or SIGTERM (130), an OS error in one line naming the path and what to do (2
+    before any trial ran, when nothing was changed; after, 130 when the study is left for --resume, 1 when its
+    record is gone). Anything else is a bug: re-raised, with its traceback."""
     from .interrupts import StudyStopped, chain, os_problem
 
     causes = list(chain(exc))
