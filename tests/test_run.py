@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import subprocess
@@ -19,13 +18,16 @@ def test_overrides_are_validated_and_zero_budget_means_none() -> None:
     from tune.space import SpaceError, load_space
 
     spec = load_space("smoke")
-    args = argparse.Namespace(num_samples=5, max_concurrent=3, time_budget_s=0.0)
+    args = run._parse_args(["--num-samples", "5", "--max-concurrent", "3", "--time-budget-s", "0"])
     t = run._apply_overrides(spec, args).tune
     assert (t.num_samples, t.max_concurrent_trials, t.time_budget_s) == (5, 3, None)
-    with pytest.raises(SpaceError, match="--num-samples=0"):
-        run._apply_overrides(spec, argparse.Namespace(num_samples=0, max_concurrent=None, time_budget_s=None))
-    with pytest.raises(SpaceError, match="--time-budget-s=-1"):
-        run._apply_overrides(spec, argparse.Namespace(num_samples=None, max_concurrent=None, time_budget_s=-1.0))
+    for flags, words in ((["--num-samples", "0"], (r"tune.num_samples=0 is not allowed: expected an integer >= 1 "
+                                                   r"\(given as --num-samples=0\)")),
+                         (["--max-concurrent", "0"], r"tune.max_concurrent_trials=0 .*--max-concurrent=0"),
+                         (["--time-budget-s", "-1"], r"tune.time_budget_s=-1.0 is not allowed.*--time-budget-s=-1.0"),
+                         (["--time-budget-s", "nan"], r"tune.time_budget_s=nan is not allowed")):
+        with pytest.raises(SpaceError, match=words):
+            run._apply_overrides(spec, run._parse_args(flags))
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../escape", ".hidden", "x\\y", "nl\nx"])

@@ -1,12 +1,7 @@
-"""How a study fits a Ray cluster: room for a trial, and every node reaching the study's files (the shared
-storage and the inputs put there).
-
-The driver runs on one node; trials run on any node with room. Before the first trial,
-:func:`check_storage` refuses a ``--storage-path`` (a folder or a pyarrow URI) that some trial node
-cannot read, and :func:`study_data` copies the driver's token cache folders and ``model.init_from`` to
-``<storage>/.cache/`` (named by their content, so studies share them) unless the driver's node is the only
-trial node. A trial (:func:`open_study_data`) maps the driver's folders where its node reads them, else
-its node's own copy of those on the storage, made once per node in the node's token cache folder.
+"""How a study fits a Ray cluster: room for a trial (:func:`check_resources`), a ``--storage-path`` every
+trial node reads (:func:`check_storage`), and the driver's token caches and ``model.init_from`` reaching
+every node (:func:`study_data` copies them to ``<storage>/.cache/`` when other nodes run trials;
+:func:`open_study_data` maps the driver's folders where a node reads them, else its own copy of those).
 """
 
 from __future__ import annotations
@@ -39,7 +34,6 @@ if TYPE_CHECKING:
     from .space import Resources
 
 __all__ = ["CACHE_DIR", "ClusterError", "Node", "StudyData", "check_resources", "check_storage", "current_node",
-           "driver_node_id",
            "file_sha256", "job_working_dir", "open_study_data", "storage_problem", "study_data", "trial_nodes"]
 
 log = logging.getLogger(__name__)
@@ -53,14 +47,9 @@ class ClusterError(RuntimeError):
 
 
 def check_resources(need: Resources, concurrent: int, available: dict[str, float]) -> None:
-    """Refuse trials that could never be placed on a cluster with ``available`` resources (Ray would keep
-    them PENDING forever); log when fewer than ``concurrent`` fit at once.
-
-    ``available``: ``ray.cluster_resources()``.
-
-    Raises:
-        ClusterError: naming ``tune.resources_per_trial.<cpu|gpu>``, its value and what the cluster has.
-    """
+    """Refuse trials that could never be placed on a cluster with ``available`` resources
+    (``ray.cluster_resources()``; Ray would keep them PENDING forever), naming
+    ``tune.resources_per_trial.<cpu|gpu>``; log when fewer than ``concurrent`` fit at once."""
     have = {"cpu": float(available.get("CPU", 0.0)), "gpu": float(available.get("GPU", 0.0))}
     for name in ("gpu", "cpu"):
         if (want := getattr(need, name)) > have[name]:
@@ -84,12 +73,6 @@ class Node:
         return f"{self.node_id[:12]} ({self.hostname}, {self.ip})"
 
 
-def driver_node_id() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id()
-
-
 def current_node() -> dict[str, str]:
     """Where this process runs: Ray node id, hostname, IP and GPU ids (for checkpoint metadata and errors)."""
     import ray
@@ -103,19 +86,16 @@ def current_node() -> dict[str, str]:
 
 
 def _here() -> str:
-    node = current_node()
-    return Node(node["node_id"], node["ip"], node["hostname"]).label()
+    return Node(*(current_node()[k] for k in ("node_id", "ip", "hostname"))).label()
 
 
 def trial_nodes(cpu: float, gpu: float) -> list[Node]:
     """Alive nodes whose total resources fit one trial (``cpu`` CPUs and ``gpu`` GPUs)."""
     import ray
 
-    def fits(res: dict[str, float]) -> bool:
-        return res.get("CPU", 0.0) + 1e-9 >= cpu and res.get("GPU", 0.0) + 1e-9 >= gpu
-
     return [Node(n["NodeID"], n.get("NodeManagerAddress", "?"), n.get("NodeManagerHostname", "?"))
-            for n in ray.nodes() if n.get("Alive") and fits(n.get("Resources") or {})]
+            for n in ray.nodes() if n.get("Alive") and (res := n.get("Resources") or {})
+            and res.get("CPU", 0.0) + 1e-9 >= cpu and res.get("GPU", 0.0) + 1e-9 >= gpu]
 
 
 def job_working_dir() -> str | None:
@@ -152,34 +132,14 @@ def _read_marker(marker: str, token: str) -> str | None:
         return "does not exist" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"
 
 
-def _probe(nodes: Sequence[Node], marker: str, token: str, timeout_s: float) -> dict[str, str | None]:
-    """``{node_id: None if that node reads the marker, else why not}``."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    task = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
-    refs = {n.node_id: task.options(name="minimind-probe", scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n.node_id, soft=False)).remote(marker, token) for n in nodes}
-    deadline = time.monotonic() + timeout_s
-    out: dict[str, str | None] = {}
-    for node_id, ref in refs.items():
-        try:
-            out[node_id] = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
-        except Exception as exc:  # noqa: BLE001 - timeout, node died, runtime env failed
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
-            silent = isinstance(exc, ray.exceptions.GetTimeoutError)
-            out[node_id] = "could not be checked: " + (f"the node did not answer within {timeout_s:.0f}s"
-                                                       if silent else f"{type(exc).__name__}: {exc}"[:300])
-    return out
-
-
 def check_storage(storage: str, nodes: Sequence[Node], driver: str, timeout_s: float = 120.0) -> None:
     """Refuse ``storage`` (:class:`ClusterError`) unless each other trial node in ``nodes`` reads back,
     within ``timeout_s`` seconds, a marker file the driver writes there. A one-node cluster checks nothing."""
-    others = [n for n in nodes if n.node_id != driver]
-    if not others:
+    if not (others := [n for n in nodes if n.node_id != driver]):
         return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     token = secrets.token_hex(16)
     marker = f"{storage.rstrip('/')}/.minimind-probe-{token}"
     try:
@@ -189,20 +149,29 @@ def check_storage(storage: str, nodes: Sequence[Node], driver: str, timeout_s: f
             fh.write(token.encode())
     except Exception as exc:
         raise ClusterError(f"--storage-path {storage}: the driver cannot write there: {exc}") from exc
+    task, deadline, bad = ray.remote(num_cpus=0, max_retries=0)(_read_marker), time.monotonic() + timeout_s, []
     try:
-        results = _probe(others, marker, token, timeout_s)
+        refs = [(n, task.options(name="minimind-probe", scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n.node_id, soft=False)).remote(marker, token)) for n in others]
+        for node, ref in refs:
+            try:
+                why = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            except Exception as exc:  # noqa: BLE001 - timeout, node died, runtime env failed
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+                why = "could not be checked: " + (f"the node did not answer within {timeout_s:.0f}s" if isinstance(
+                    exc, ray.exceptions.GetTimeoutError) else f"{type(exc).__name__}: {exc}"[:300])
+            bad += [f"  node {node.label()}: the driver's marker {marker} {why}"] if why else []
     finally:
         with contextlib.suppress(Exception):
             fs.delete_file(path)
-    if not (bad := [(n, results[n.node_id]) for n in others if results[n.node_id]]):
-        return
-    lines = "\n".join(f"  node {n.label()}: the driver's marker {marker} {why}" for n, why in bad)
-    advice = ("pass a shared filesystem mounted at the same path on every node (NFS, a cluster "
-              "filesystem) or a URI (s3://bucket/path)") if local_path(storage) is not None else (
-              "every node must reach that URI, with credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS)")
-    raise ClusterError(f"--storage-path {storage} is not visible from {len(bad)} of the {len(nodes)} trial "
-                       f"nodes:\n{lines}\nRay Tune saves every checkpoint there and restores trials from it, "
-                       f"so {advice}.")
+    if bad:
+        advice = ("pass a shared filesystem mounted at the same path on every node (NFS, a cluster filesystem) "
+                  "or a URI (s3://bucket/path)") if local_path(storage) is not None else (
+                  "every node must reach that URI, with credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS)")
+        raise ClusterError(f"--storage-path {storage} is not visible from {len(bad)} of the {len(nodes)} trial "
+                           "nodes:\n" + "\n".join(bad) + "\nRay Tune saves every checkpoint there and restores "
+                           f"trials from it, so {advice}.")
 
 
 @dataclass(frozen=True)
@@ -261,8 +230,7 @@ def study_data(data: SFTData, run_cfg: RunConfig, nodes: Sequence[Node], driver:
         except OSError as exc:
             raise ClusterError(f"cannot copy {folder} to {base} for the trial nodes: {exc}") from exc
         if todo:
-            log.info("copied %s to %s for the trial nodes (%.1f MiB)", folder, base,
-                     sum(files[f] for f in todo) / 2**20)
+            log.info("copied %s to %s for the trial nodes (%.1f MiB)", folder, base, sum(files[f] for f in todo) / 2**20)
     return handle
 
 

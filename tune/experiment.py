@@ -176,7 +176,7 @@ def run_experiment(spec: StudySpec, paths: StudyPaths, record: Study | None, *, 
         try:
             cluster.check_resources(t.resources_per_trial, t.max_concurrent_trials, ray.cluster_resources())
             nodes = cluster.trial_nodes(t.resources_per_trial.cpu, t.resources_per_trial.gpu)
-            driver_node = cluster.driver_node_id()
+            driver_node = ray.get_runtime_context().get_node_id()
             cluster.check_storage(paths.storage, nodes, driver_node)
             study_data = cluster.study_data(inputs.data, run_cfg, nodes, driver_node, paths.storage)
         except cluster.ClusterError as exc:

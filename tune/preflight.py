@@ -1,16 +1,14 @@
 """Before Ray starts or anything is written: every input of a study checked, each problem one
-:class:`~tune.study.StudyError` naming the key, the value and what is wrong.
-
-The data is tokenised here (once per study, into the token cache), the tokenizer and ``init_from``
-are loaded (``init_from`` shape-checked against the model), the tracking server is asked, and a
-``--resume`` is compared with the study it continues (:func:`reconcile`); ``--dry-run`` prints the
-resolved plan instead (:func:`describe`, :func:`describe_resume`), with what ASHA is expected to leave
-(:func:`expected_shape`): how many trials complete, and the trial-epochs the study trains.
+:class:`~tune.study.StudyError` naming the key, the value and what is wrong. The data is tokenised here
+(into the token cache), the tokenizer and ``init_from`` loaded and shape-checked, the tracking server
+asked, and a ``--resume`` compared with its study (:func:`reconcile`); ``--dry-run`` prints the plan
+instead (:func:`describe`), with what ASHA is expected to leave (:func:`expected_shape`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -25,18 +23,16 @@ from .space import SchedulerSpec, SearchParam, StudySpec
 from .storage import StudyPaths
 from .study import PATH_KEYS, RUN_SETTINGS, Manifest, Study, StudyError, diff_specs, evaluation_index
 
-__all__ = ["Inputs", "StudyShape", "check_inputs", "describe", "describe_resume", "describe_rungs", "expected_shape",
-           "quiet_libraries", "reconcile", "steps_per_epoch_estimate"]
+__all__ = ["Inputs", "StudyShape", "check_inputs", "describe", "describe_resume", "expected_shape",
+           "quiet_libraries", "reconcile"]
 
 
 @dataclass(frozen=True)
 class Inputs:
-    """What the checks found: the tokenised data (``minimind_train.data.SFTData``), the tokenizer,
-    the model's parameter count, content fingerprints (``dataset``, ``tokenizer``, ...), the resolved
-    MLflow tracking URI and the seconds the checks took."""
+    """What the checks found: the tokenised data (``minimind_train.data.SFTData``), the model's parameter
+    count, content fingerprints (``dataset``, ``tokenizer``, ...), the MLflow tracking URI, the seconds taken."""
 
     data: Any
-    tokenizer: Any
     n_params: int
     fingerprints: dict[str, str]
     tracking_uri: str
@@ -49,12 +45,10 @@ def quiet_libraries() -> None:
     # copy of the record, so the driver gives up sooner and warns (tune.mirror.MirrorCallback).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    # Ray's rich output ignores verbose=0; the legacy reporter honours it.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's rich output ignores verbose=0; the legacy one honours it
     # A failed trial is one line from tune.progress; its traceback stays in the trial folder (error.txt).
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
-    # Trials report and checkpoint once an epoch: Ray's advice to report less often (a loop step over
-    # 0.5 s, e.g. an MLflow write on a busy machine) and its "snapshotting too often" advice are moot.
+    # Trials report and checkpoint once an evaluation: Ray's advice to report or snapshot less often is moot.
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "60")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import mlflow  # noqa: F401  (it configures its loggers on import; quieten them afterwards)
@@ -62,16 +56,14 @@ def quiet_libraries() -> None:
 
     for name in ("mlflow", "alembic", "optuna", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # Ray's notice that a new local cluster uses token authentication (its default) asks nothing of the
-    # user. (A logger's name, not an attribute: Ray has no public switch for this notice.)
+    # Loggers by name, as Ray has no public switch for these: its notice that a local cluster uses token
+    # authentication asks nothing of the user; RAY_IGNORE_UNHANDLED_ERRORS would hide every error, not the OS's.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray.tune.tune").addFilter(_ray_tune_lines)
-    logging.getLogger("ray.tune.execution.tune_controller").addFilter(_no_os_error_traceback)
-    # (A logger's name again: Ray's switch, RAY_IGNORE_UNHANDLED_ERRORS, would hide every error, not the OS's.)
-    logging.getLogger("ray._private.worker").addFilter(_no_unhandled_os_error)
-    # Tuner.fit's ResultGrid reads every trial's result files and warns ("Failed to fetch metrics ...") for a
-    # trial that ended before its first result (a spent time budget, Ctrl-C); the study reads its record,
-    # never the ResultGrid.
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(_no_os_error)
+    logging.getLogger("ray._private.worker").addFilter(_no_os_error)
+    # The ResultGrid warns ("Failed to fetch metrics ...") of a trial that ended before its first result (a
+    # spent time budget, Ctrl-C); the study reads its record, never the ResultGrid.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # MLflow's sqlite store logs a database error with its whole traceback (a full disk: ~60 lines) before
     # raising it; the mirror says in one line that MLflow was not updated and catches up later.
@@ -84,42 +76,31 @@ STOPPING = ("Ctrl-C: stopping the running trials; every finished epoch is kept (
 
 
 def _ray_tune_lines(entry: logging.LogRecord) -> bool:
-    """A study continues with --resume, never by Ray's `Tuner.restore(...)` or from Ray's experiment state:
-    Ray's lines that say so are dropped or (its Ctrl-C notice) reworded; its "Trials did not complete: [...]"
-    repeats by Ray's trial names what the summary says by the study's."""
+    """A study continues with --resume, never by Ray's `Tuner.restore(...)`: Ray's lines that say so are
+    dropped or (its Ctrl-C notice) reworded, and its "Trials did not complete: [...]" (the summary's job)."""
     text = entry.getMessage()
     if text.startswith("Stop signal received"):
         entry.msg, entry.args = STOPPING, ()
         return True
     return not any(s in text for s in ("Tuner.restore", "Trials did not complete"))
 
-
-def _no_os_error_traceback(entry: logging.LogRecord) -> bool:
-    """Ray Tune logs an error of the study's searcher while it stops a trial ("Error stopping trial.") with
-    its whole traceback (~110 lines for a read-only study folder): an OS error is dropped, as the driver meets
-    it again and says it in one line (tune.interrupts.os_problem); any other error keeps its traceback."""
-    from .interrupts import os_problem
-
-    return not (entry.exc_info and entry.exc_info[1] is not None and os_problem(entry.exc_info[1]) is not None)
-
-
 _OS_ERROR_LINE = re.compile(r"^\w*Error: \[Errno \d+\] ", re.MULTILINE)  # (str() of an OSError: "[Errno 30] ...")
 
 
-def _no_unhandled_os_error(entry: logging.LogRecord) -> bool:
-    """Ray logs a trial's error that Tune stopped waiting for (the study stopping) as "Unhandled error ..."
-    with the worker's traceback as text (~30 lines for a checkpoint saved into a folder turned read-only): an
-    OS error is dropped, as the driver meets it in the record and says it in one line; any other keeps it."""
-    text = entry.getMessage()
-    return not (text.startswith("Unhandled error") and _OS_ERROR_LINE.search(text))
+def _no_os_error(entry: logging.LogRecord) -> bool:
+    """Ray's lines of an OS error are dropped, as the driver says it in one line (tune.interrupts.os_problem):
+    Tune's "Error stopping trial." with its traceback (~110 lines for a read-only study folder) and "Unhandled
+    error ..." of a trial Tune stopped waiting for, the worker's traceback as text (~30 lines). Others are kept."""
+    from .interrupts import os_problem
+
+    text, exc = entry.getMessage(), entry.exc_info[1] if entry.exc_info else None
+    return not ((exc is not None and os_problem(exc) is not None)
+                or (text.startswith("Unhandled error") and _OS_ERROR_LINE.search(text)))
 
 
 def check_inputs(spec: StudySpec, run_cfg: config.RunConfig, paths: StudyPaths, address: str | None = None) -> Inputs:
     """Tokenise the data, load the tokenizer and ``init_from``, ask the tracking server.
-
-    Raises:
-        StudyError: naming the key, its value and what is wrong (exit status 2).
-    """
+    Raises StudyError naming the key, its value and what is wrong (exit status 2)."""
     t0 = time.perf_counter()
     quiet_libraries()
     import torch
@@ -152,8 +133,7 @@ def check_inputs(spec: StudySpec, run_cfg: config.RunConfig, paths: StudyPaths, 
     fingerprints = {"dataset": data.stats.cache_key, "tokenizer": tokenizer_fingerprint(tokenizer)}
     if data.stats.val_cache_key:
         fingerprints["val_dataset"] = data.stats.val_cache_key
-    init_from = run_cfg.model.init_from
-    if init_from is not None:
+    if (init_from := run_cfg.model.init_from) is not None:
         try:
             load_minimind_weights(build_model(run_cfg.model, len(tokenizer)), init_from)
         except Exception as exc:
@@ -168,7 +148,7 @@ def check_inputs(spec: StudySpec, run_cfg: config.RunConfig, paths: StudyPaths, 
             check_tracking_server(tracking_uri)
         except TrackingError as exc:
             raise StudyError(f"mlflow.tracking_uri: {exc}") from exc
-    return Inputs(data, tokenizer, n_params, fingerprints, tracking_uri, time.perf_counter() - t0)
+    return Inputs(data, n_params, fingerprints, tracking_uri, time.perf_counter() - t0)
 
 
 def reconcile(record: Study, spec_dict: dict[str, Any], inputs: Inputs, explicit_space: bool) -> list[str]:
@@ -199,17 +179,15 @@ def describe_resume(spec_dict: dict[str, Any], paths: StudyPaths) -> str:
         old = Manifest.from_json(manifest.read_text(encoding="utf-8"), manifest)
     except (OSError, StudyError) as exc:
         return f"--resume: no study to compare with at {paths.local_dir} ({exc})"
-    changed = diff_specs(old.spec, spec_dict)
-    if changed:
+    if changed := diff_specs(old.spec, spec_dict):
         return "--resume would be refused: the space defines another study:\n  " + "\n  ".join(changed)
     return f"--resume: the space matches study {paths.name!r} (created {old.created})"
 
 
 @dataclass(frozen=True)
 class StudyShape:
-    """What a study's plan is expected to give (:func:`expected_shape`): the search trials that run every
-    epoch (completed: what rung fidelity, finalists and the answer are made of) and the trial-epochs
-    trained, finalists included (what its length is made of)."""
+    """What a plan is expected to give: the search trials that run every epoch (``completed``: what rung
+    fidelity, finalists and the answer are made of) and the trial-epochs trained, finalists included."""
 
     completed: float
     trial_epochs: float
@@ -217,19 +195,14 @@ class StudyShape:
 
 def expected_shape(num_samples: int, sched: SchedulerSpec, top_k: int = 0, seeds: int = 0,
                    draws: int = 2000, evals_per_epoch: int = 1) -> StudyShape:
-    """The expected :class:`StudyShape` of ``num_samples`` search trials under ``sched``, with finalists
-    (``tune.finalists``: the ``top_k`` best completed configs again with ``seeds`` more seeds, all epochs).
-
-    ASHA as tune.searcher runs it (Optuna's SuccessiveHalvingPruner): at each rung below ``max_t`` the
-    n-th trial to arrive continues when its value is within the best ``max(1, n // reduction_factor)``
-    of the n that arrived so far. Trials are taken to arrive one at a time in random order, and each
-    rung's ranking to be drawn afresh (the cautious case: with several rungs, a trial that ranks the same
-    at each completes more often); the mean over ``draws`` such orders (seeded: the same figure each
-    time). A searcher that improves as it goes completes more; the first trial always completes.
-    The rungs and ``max_t`` count evaluations, ``evals_per_epoch`` of them an epoch (``train.evals_per_epoch``).
-    """
+    """The expected :class:`StudyShape` of ``num_samples`` search trials under ``sched`` (its rungs count
+    evaluations, ``evals_per_epoch`` an epoch), then the ``top_k`` best completed configs with ``seeds`` more
+    seeds each. ASHA as Optuna's SuccessiveHalvingPruner runs it: at a rung below ``max_t`` the n-th trial
+    to arrive continues when within the best ``max(1, n // reduction_factor)`` so far. Trials arrive in
+    random order, each rung's ranking drawn afresh (the cautious case; a searcher that improves as it goes
+    completes more); the mean over ``draws`` seeded orders."""
     length = sched.max_t  # (in evaluations)
-    rungs = [int(r) for r in sched.rungs if r < length] if sched.type == "asha" else []
+    rungs = [int(r) for r in sched.rungs if r < length]
     rng = random.Random(0)
     completed = trained = 0
     for _ in range(draws):
@@ -249,51 +222,37 @@ def expected_shape(num_samples: int, sched: SchedulerSpec, top_k: int = 0, seeds
     return StudyShape(completed / draws, trained / draws / evals_per_epoch)
 
 
-def steps_per_epoch_estimate(spec: StudySpec) -> int:
-    """About how many optimizer steps an epoch of the fixed config takes, without tokenising (a dry run):
-    the training file's lines less the held-out split, in batches of ``train.batch_size`` and windows of
-    ``train.accumulation_steps`` (skipped samples are not known before tokenising: a little high then)."""
-    import math
+def _rung_lines(spec: StudySpec, steps_per_epoch: int | None) -> list[str]:
+    """ASHA's rungs below ``max_t`` as fractions of an epoch and optimizer steps of the fixed config's epoch
+    of ``steps_per_epoch`` steps (None: estimated from the training file's lines less the held-out split;
+    samples skipped by tokenising are not known yet, so a little high)."""
+    # (imports torch: only a plan with evaluations inside an epoch pays for it; the trainer's formulas)
+    from minimind_train import train as trainer
 
-    data, train = spec.run.data, spec.run.train
-    path = Path(data.train_path) if data.train_path else config.DEMO_DATA_PATH
-    with path.open("rb") as fh:
-        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
-    samples = lines if data.val_path else lines - math.floor(lines * data.val_fraction + 0.5)
-    steps = math.ceil(math.ceil(max(samples, 1) / train.batch_size) / train.accumulation_steps)
-    return min(steps, train.max_steps_per_epoch) if train.max_steps_per_epoch else steps
-
-
-def describe_rungs(sched: SchedulerSpec, evals_per_epoch: int, steps_per_epoch: int, exact: bool = True,
-                   searched: tuple[str, ...] = ()) -> list[str]:
-    """ASHA's rungs below ``max_t`` in evaluations, as fractions of an epoch and in optimizer steps of an
-    epoch of ``steps_per_epoch`` (``exact`` False: an estimate); ``searched``: the batch-shaping keys a
-    trial may change (its steps then differ, the fractions do not)."""
-    # (imports torch: only a plan with evaluations inside an epoch pays for it; one formula, the trainer's)
-    from minimind_train.train import evaluation_steps
-
-    n = evals_per_epoch
-    at = evaluation_steps(steps_per_epoch, n)
-    about = "" if exact else "about "
+    sched, data, train, n = spec.tune.scheduler, spec.run.data, spec.run.train, spec.run.train.evals_per_epoch
+    about, steps = "", steps_per_epoch or 0
+    if steps_per_epoch is None:
+        with Path(data.train_path or config.DEMO_DATA_PATH).open("rb") as fh:
+            lines = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
+        samples = lines if data.val_path else lines - math.floor(lines * data.val_fraction + 0.5)
+        about, steps = "about ", trainer.steps_per_epoch(math.ceil(max(samples, 1) / train.batch_size), train)
+    at = trainer.evaluation_steps(steps, n)
 
     def step_of(rung: int) -> int:  # the optimizer step of the first evaluation at or past the rung
         epoch, k = divmod(rung - 1, n)
-        return epoch * steps_per_epoch + next(s for s in at if evaluation_index(1, s, steps_per_epoch, n) >= k + 1)
+        return epoch * steps + next(s for s in at if evaluation_index(1, s, steps, n) >= k + 1)
 
-    lines = [f"    rung after evaluation {int(r)}: {r / n:g} epoch(s), {about}optimizer step {step_of(int(r))}"
-             for r in sched.rungs if r < sched.max_t]
+    searched = [k for k in ("train.batch_size", "train.accumulation_steps") if k in {p.path for p in spec.search}]
     note = f"; {' and '.join(searched)} searched: a trial's steps differ, its fractions do not" if searched else ""
-    head = (f"  evaluations: {n} per epoch, after optimizer steps {', '.join(map(str, at))} of {about}"
-            f"{steps_per_epoch} per epoch (fixed config{note})")
-    if steps_per_epoch < n:
-        head += "; fewer steps than evaluations: one after every step"
-    return [head, *lines]
+    return [f"  evaluations: {n} per epoch, after optimizer steps {', '.join(map(str, at))} of {about}{steps} per "
+            f"epoch (fixed config{note})" + ("; fewer steps than evaluations: one after every step" * (steps < n)),
+            *(f"    rung after evaluation {int(r)}: {r / n:g} epoch(s), {about}optimizer step {step_of(int(r))}"
+              for r in sched.rungs if r < sched.max_t)]
 
 
 def describe(spec: StudySpec, steps_per_epoch: int | None = None) -> str:
     """The resolved study for ``--dry-run``: fixed config, searched distributions, plan, resources.
-    ``steps_per_epoch``: the fixed config's (None: estimated from the training file's length) for where
-    the rungs fall inside an epoch, shown when ``train.evals_per_epoch`` is above 1."""
+    ``steps_per_epoch``: the fixed config's (None: estimated), for where the rungs fall inside an epoch."""
     t, sched, res = spec.tune, spec.tune.scheduler, spec.tune.resources_per_trial
     searched = {p.path for p in spec.search}
     lines = [f"space: {spec.source}", "", "fixed config (* = searched, the search wins):"]
@@ -301,58 +260,45 @@ def describe(spec: StudySpec, steps_per_epoch: int | None = None) -> str:
              "data.val_path": f"hold out {_fmt(spec.run.data.val_fraction)} of the training data"}
     for section, values in config.run_config_to_dict(spec.run).items():
         lines.append(f"  {section}:")
-        for name, value in values.items():
-            path = f"{section}.{name}"
-            note = f"  ({notes[path]})" if value is None and path in notes else ""
-            lines.append(f"   {'*' if path in searched else ' '}{name}: {_fmt(value)}{note}")
+        lines += [f"   {'*' if f'{section}.{k}' in searched else ' '}{k}: {_fmt(v)}"
+                  + (f"  ({notes[f'{section}.{k}']})" if v is None and f"{section}.{k}" in notes else "")
+                  for k, v in values.items()]
     width = max(len(p.path) for p in spec.search)
-    searcher = "Optuna TPE" if t.searcher == "optuna" else "random"
     budget = "none" if t.time_budget_s is None else f"{_fmt(t.time_budget_s)} s"
     concurrent = min(t.max_concurrent_trials, t.num_samples)
-    lines += ["", f"search space ({len(spec.search)} parameters):",
-              *(f"  {p.path.ljust(width)}  {_summary(p)}" for p in spec.search), "", "trial plan:",
-              (f"  {t.num_samples} trials, at most {concurrent} at once; searcher {searcher} "
-              f"(seed {t.seed}); time budget {budget}"),
-              (f"  objective: {t.mode} {t.metric}; up to {t.max_failures} retries per failed trial; keep "
-              f"{t.keep_checkpoints} checkpoint(s) per trial, resume state of the top {t.keep_top_trials}")]
-    per_epoch = spec.run.train.evals_per_epoch
+    per_epoch, epochs = spec.run.train.evals_per_epoch, spec.run.train.epochs
     unit = "epoch" if per_epoch == 1 else "evaluation"
-    if sched.type == "asha":
-        # The last rung can sit at max_t, where every trial stops anyway: not a decision.
-        decisions = ", ".join(_fmt(r) for r in sched.rungs if r < sched.max_t) or "none"
-        lines.append(f"  scheduler ASHA over {unit}s (max_t {sched.max_t}): after {unit} {decisions} a trial "
-                     f"continues only if in the top 1/{_fmt(sched.reduction_factor)} of the trials that got there")
-    else:
-        lines.append(f"  scheduler none: every trial runs all {sched.max_t} {unit}s")
-    if per_epoch > 1:
-        shaping = tuple(k for k in ("train.batch_size", "train.accumulation_steps") if k in searched)
-        steps = steps_per_epoch if steps_per_epoch is not None else steps_per_epoch_estimate(spec)
-        lines += describe_rungs(sched, per_epoch, steps, exact=steps_per_epoch is not None, searched=shaping)
+    # The last rung can sit at max_t, where every trial stops anyway: not a decision.
+    decisions = ", ".join(_fmt(r) for r in sched.rungs if r < sched.max_t) or "none"
     finals = t.finalists.top_k * t.finalists.seeds
     shape = expected_shape(t.num_samples, sched, t.finalists.top_k, t.finalists.seeds, evals_per_epoch=per_epoch)
-    if sched.type == "asha":
-        lines.append(f"  expect about {shape.completed:.1f} of the {t.num_samples} trials to complete (trials in "
-                     "random order; rung fidelity needs 3, finalists their top_k)")
-    if finals:
-        lines.append(f"  finalists: the top {t.finalists.top_k} configs again with {t.finalists.seeds} more "
-                     f"seed(s) each ({finals} trials of {spec.run.train.epochs} epoch(s)); the best mean wins")
-    if t.warm_start:
-        lines.append(f"  warm start from {t.warm_start} (a new study only)")
-    lines += [(f"  at most {(t.num_samples + finals) * spec.run.train.epochs} trial-epochs in total, about "
+    lines += ["", f"search space ({len(spec.search)} parameters):",
+              *(f"  {p.path.ljust(width)}  {_summary(p)}" for p in spec.search), "", "trial plan:",
+              (f"  {t.num_samples} trials, at most {concurrent} at once; searcher "
+               f"{'Optuna TPE' if t.searcher == 'optuna' else 'random'} (seed {t.seed}); time budget {budget}"),
+              (f"  objective: {t.mode} {t.metric}; up to {t.max_failures} retries per failed trial; keep "
+               f"{t.keep_checkpoints} checkpoint(s) per trial, resume state of the top {t.keep_top_trials}"),
+              (f"  scheduler ASHA over {unit}s (max_t {sched.max_t}): after {unit} {decisions} a trial continues "
+               f"only if in the top 1/{_fmt(sched.reduction_factor)} of the trials that got there")
+              if sched.type == "asha" else f"  scheduler none: every trial runs all {sched.max_t} {unit}s",
+              *(_rung_lines(spec, steps_per_epoch) if per_epoch > 1 else []),
+              *([(f"  expect about {shape.completed:.1f} of the {t.num_samples} trials to complete (trials in "
+                 "random order; rung fidelity needs 3, finalists their top_k)")] if sched.type == "asha" else []),
+              *([(f"  finalists: the top {t.finalists.top_k} configs again with {t.finalists.seeds} more seed(s) "
+                 f"each ({finals} trials of {epochs} epoch(s)); the best mean wins")] if finals else []),
+              *([f"  warm start from {t.warm_start} (a new study only)"] if t.warm_start else []),
+              (f"  at most {(t.num_samples + finals) * epochs} trial-epochs in total, about "
                f"{shape.trial_epochs:.0f} expected"), "",
               (f"resources per trial: {_fmt(res.cpu)} CPU, {_fmt(res.gpu)} GPU ({concurrent} concurrent "
-              f"trials need {_fmt(res.cpu * concurrent)} CPU, {_fmt(res.gpu * concurrent)} GPU)"),
-              (f"mlflow: experiment {spec.mlflow.experiment!r}, tracking "
-              f"{spec.mlflow.tracking_uri or '(driver default)'}")]
+               f"trials need {_fmt(res.cpu * concurrent)} CPU, {_fmt(res.gpu * concurrent)} GPU)"),
+              f"mlflow: experiment {spec.mlflow.experiment!r}, tracking {spec.mlflow.tracking_uri or '(driver default)'}"]
     return "\n".join(lines)
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return "null" if value is None else str(value)
+    return f"{value:g}" if isinstance(value, float) else "null" if value is None else str(value)
 
 
 def _summary(param: SearchParam) -> str:

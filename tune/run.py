@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .atomic import write_atomic
 from .lock import StudyLock, lock_path
@@ -29,6 +28,9 @@ if TYPE_CHECKING:  # (tune.space loads pydantic and the trainer's config: import
 __all__ = ["DEFAULT_STORAGE", "main"]
 
 DEFAULT_STORAGE = Path("studies")
+# The options that override a tune setting (each option's argparse dest is the setting's name).
+_OVERRIDES = {"num_samples": "--num-samples", "max_concurrent_trials": "--max-concurrent",
+              "time_budget_s": "--time-budget-s"}
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,7 +49,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--restart", action="store_true",
                       help="replace an existing study of this name (it is kept until the new one has a result)")
     p.add_argument("--num-samples", type=int, help="override tune.num_samples (on --resume: more trials)")
-    p.add_argument("--max-concurrent", type=int, help="override tune.max_concurrent_trials")
+    p.add_argument("--max-concurrent", type=int, dest="max_concurrent_trials",
+                   help="override tune.max_concurrent_trials")
     p.add_argument("--time-budget-s", type=float,
                    help="override tune.time_budget_s (seconds for the whole study, all runs; 0: none)")
     p.add_argument("--warm-start", metavar="STUDY_DIR",
@@ -89,11 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stopped(exc: BaseException, paths: StudyPaths | None) -> tuple[str, int]:
-    """The one place that turns what stopped the driver into its message and exit status: a refusal
-    (2, or the StudyError's own), Ctrl-C or SIGTERM (130) and an OS error (one line naming the path and
-    what to do: 2 before any trial ran, when nothing was changed; after, 130 like an interrupt when the
-    study is left for --resume, 1 when its record is gone).
-    Anything else is a bug: re-raised, with its traceback."""
+    """The one place that turns what stopped the driver into its message and exit status: a refusal (2, or
+    the StudyError's own), Ctrl-C or SIGTERM (130), an OS error in one line naming the path and what to do (2
+    before any trial ran, when nothing was changed; after, 130 when the study is left for --resume, 1 when its
+    record is gone). Anything else is a bug: re-raised, with its traceback."""
     from .interrupts import StudyStopped, chain, os_problem
 
     causes = list(chain(exc))
@@ -224,19 +226,15 @@ def _own_space(paths: StudyPaths) -> Path:
 
 
 def _apply_overrides(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
+    """``spec`` with the ``tune`` settings given as options, checked as the space file's (time budget 0: none)."""
     from .space import SpaceError
 
-    changes: dict[str, Any] = {}
-    for flag, key, value, ok, allowed in (
-            ("--num-samples", "num_samples", args.num_samples, lambda v: v >= 1, "an integer >= 1"),
-            ("--max-concurrent", "max_concurrent_trials", args.max_concurrent, lambda v: v >= 1, "an integer >= 1"),
-            ("--time-budget-s", "time_budget_s", args.time_budget_s, lambda v: math.isfinite(v) and v >= 0,
-             "seconds >= 0 (0: no budget)")):
-        if value is not None:
-            if not ok(value):
-                raise SpaceError(f"{flag}={value} is not allowed: expected {allowed}")
-            changes[key] = value or None if key == "time_budget_s" else value
-    return dataclasses.replace(spec, tune=dataclasses.replace(spec.tune, **changes))
+    given = {key: getattr(args, key) for key in _OVERRIDES if getattr(args, key) is not None}
+    try:
+        tune = dataclasses.replace(spec.tune, **{k: v or None if k == "time_budget_s" else v for k, v in given.items()})
+    except SpaceError as exc:
+        raise SpaceError(f"{exc} (given as {', '.join(f'{_OVERRIDES[k]}={v}' for k, v in given.items())})") from None
+    return dataclasses.replace(spec, tune=tune)
 
 
 def _warm_start_from(spec: StudySpec, args: argparse.Namespace) -> Study | None:

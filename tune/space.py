@@ -1,20 +1,11 @@
 """Search-space files: parse and validate a whole study up front, and hand its space to Optuna.
 
-A space file is a run file (``model``/``data``/``train``, exactly :mod:`minimind_train.config`) plus::
-
-    search:                       # dotted config path -> distribution, in Optuna's vocabulary
-      train.learning_rate: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}
-      train.accumulation_steps: {type: categorical, choices: [1, 2, 4]}
-    tune:                         # how many trials, how they run and which one wins
-      num_samples: 8
-      scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
-    mlflow: {experiment: minimind-sft}
-
-:func:`load_space` rejects every mistake it can see before a trial starts (unknown keys, values a
-distribution could draw that make an invalid config, missing files) with a :class:`SpaceError` naming
-the key, the value and what is allowed. A parameter's key is its dotted config path: Ray Tune splits
-keys on ``/`` only, so it stays one flat key in Optuna's study, the trial config, result columns and
-MLflow params, and a trial sets it with :meth:`RunConfig.with_overrides`.
+A space file is a run file (``model``/``data``/``train``, exactly :mod:`minimind_train.config`) plus
+``search`` (dotted config path -> distribution, in Optuna's vocabulary), ``tune`` (how many trials, how
+they run, which one wins) and ``mlflow``; ``search_spaces/sft.yaml`` shows each. :func:`load_space`
+rejects every mistake it can see before a trial starts with a :class:`SpaceError` naming the key, the
+value and what is allowed. A parameter's key is its dotted config path: Ray Tune splits keys on ``/``
+only, so it stays one flat key in Optuna's study, the trial config, result columns and MLflow params.
 """
 
 from __future__ import annotations
@@ -22,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import itertools
-import logging
 import math
 import random
 import typing
@@ -49,8 +39,6 @@ __all__ = [
     "resolve_space_path", "spec_to_dict", "spec_to_yaml",
 ]
 
-log = logging.getLogger(__name__)
-
 BUNDLED_PACKAGE = "search_spaces"
 _CONFIG_SECTIONS = ("model", "data", "train")
 _SECTIONS = (*_CONFIG_SECTIONS, "search", "tune", "mlflow")
@@ -70,9 +58,8 @@ _UNSEARCHABLE: Mapping[str, str] = {
     "train.device": "tune.resources_per_trial decides whether a trial gets a GPU",
 }
 
-# Bounds on how many searched values are checked against the config at load time: every value of a
-# small grid, every combination of a small space, a fixed-seed sample of larger ones (checks stay
-# well under a second; each costs one config build).
+# How many searched values are checked against the config at load time (each costs a config build; well
+# under a second): every value and combination of a small space, a fixed-seed sample of larger ones.
 _MAX_VALUES_PER_PARAM = 64
 _MAX_COMBINATIONS = 512
 
@@ -88,11 +75,8 @@ class SpaceError(ConfigError):
 @raising("search", SpaceError)
 @dataclass(frozen=True, config=STRICT)
 class SearchParam:
-    """One searched config field and its distribution, with Optuna's semantics (bounds inclusive).
-
-    ``float``/``int`` use ``low``, ``high``, ``log`` and ``step`` (Optuna's grid ``low + k * step``, so
-    ``high - low`` must be a multiple of ``step``); ``categorical`` uses ``choices``.
-    """
+    """One searched config field and its distribution, with Optuna's semantics (bounds inclusive; a ``step``
+    grid is ``low + k * step``): ``float``/``int`` use ``low``/``high``/``log``/``step``, ``categorical`` ``choices``."""
 
     path: Text
     type: Literal["float", "int", "categorical"]
@@ -103,40 +87,35 @@ class SearchParam:
     choices: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
-        key = f"search.{self.path}"
-        given = [n for n in ("low", "high", "step") if getattr(self, n) is not None] + (["log"] if self.log else [])
-        if self.type == "categorical" and given:
-            raise SpaceError(f"{key}.{given[0]}={getattr(self, given[0])!r} is not allowed: a categorical "
-                             "parameter takes only choices")
-        if self.type != "categorical" and self.choices:
-            raise SpaceError(f"{key}.choices={list(self.choices)!r} is not allowed: a {self.type} parameter "
-                             "takes low, high, log and step")
-        if self.type == "categorical":
-            # What a choice may be is the field's business (checked with the config); Optuna needs distinct ones.
-            twice = [c for i, c in enumerate(self.choices) if c in self.choices[:i]]
-            if not self.choices or twice:
-                raise SpaceError(f"{key}.choices={list(self.choices)!r} is not allowed: "
-                                 + (f"{twice[0]!r} is listed twice" if twice else "expected a non-empty list"))
-            return
-        for name in ("low", "high", "step"):
-            value = getattr(self, name)
-            if value is None and name != "step":
-                raise SpaceError(f"{key}.{name} is missing: a {self.type} distribution needs low and high")
-            if self.type == "int" and value is not None:
+        key, kind = f"search.{self.path}", self.type
+        if kind != "categorical" and (missing := [n for n in ("low", "high") if getattr(self, n) is None]):
+            raise SpaceError(f"{key}.{missing[0]} is missing: a {kind} distribution needs low and high")
+        for name in ("low", "high", "step") if kind == "int" else ():
+            if (value := getattr(self, name)) is not None:
                 if not value.is_integer():
                     raise SpaceError(f"{key}.{name}={value!r} is not allowed: expected an integer")
                 object.__setattr__(self, name, int(value))
         low, high, step = self.low or 0, self.high or 0, self.step
-        grid = (f"with low={low!r} and step={step!r}, high - low must be a multiple of step (Optuna samples "
-                "low + k * step); for another grid list the values as {type: categorical, choices: [...]}")
-        for ok, name, why in ((low < high, "low", f"must be < {key}.high={high!r}"),
-                              (low > 0 or not self.log, "low", "must be > 0 when log is true"),
-                              (step is None or not self.log, "step", "a log scale has no even grid: drop step or log"),
-                              (step is None or step > 0, "step", "expected an integer >= 1" if self.type == "int"
-                               else "expected a number > 0"),
-                              (step is None or _on_grid(high - low, step), "high", grid)):
+        # What a choice may be is the field's business (checked with the config); Optuna needs distinct ones.
+        twice = [c for i, c in enumerate(self.choices) if c in self.choices[:i]]
+        only = "a categorical parameter takes only choices"
+        rules = [*((n, getattr(self, n) is None, only) for n in ("low", "high", "step")), ("log", not self.log, only),
+                 ("choices", bool(self.choices) and not twice,
+                  f"{twice[0]!r} is listed twice" if twice else "expected a non-empty list"),
+                 ] if kind == "categorical" else [
+                 ("choices", not self.choices, f"a {kind} parameter takes low, high, log and step"),
+                 ("low", low < high, f"must be < {key}.high={high!r}"),
+                 ("low", low > 0 or not self.log, "must be > 0 when log is true"),
+                 ("step", step is None or not self.log, "a log scale has no even grid: drop step or log"),
+                 ("step", step is None or step > 0,
+                  "expected an integer >= 1" if kind == "int" else "expected a number > 0"),
+                 ("high", step is None or step <= 0 or math.isclose(k := (high - low) / step, round(k), abs_tol=1e-9),
+                  (f"with low={low!r} and step={step!r}, high - low must be a multiple of step (Optuna samples "
+                   "low + k * step); for another grid list the values as {type: categorical, choices: [...]}"))]
+        for name, ok, why in rules:
             if not ok:
-                raise SpaceError(f"{key}.{name}={getattr(self, name)!r} is not allowed: {why}")
+                value = getattr(self, name)
+                raise SpaceError(f"{key}.{name}={list(value) if name == 'choices' else value!r} is not allowed: {why}")
 
     def grid(self) -> tuple[Any, ...] | None:
         """Every value the parameter can take, or None for a continuous distribution."""
@@ -155,12 +134,9 @@ class SearchParam:
 @raising("tune.scheduler", SpaceError)
 @dataclass(frozen=True, config=STRICT)
 class SchedulerSpec:
-    """Trial scheduler: ASHA over evaluations, or none (every trial runs to the end).
-
-    ``grace_period``, ``max_t`` and the rungs count evaluations (:func:`tune.study.evaluation_index`):
-    ``max_t`` is ``train.epochs * train.evals_per_epoch``, a whole trial; with one evaluation per epoch
-    they count epochs. For ``none`` the ASHA fields are unused; ``max_t`` is still a trial's length.
-    """
+    """Trial scheduler: ASHA, or none (every trial runs to the end). ``grace_period``, ``max_t`` and the
+    rungs count evaluations (:func:`tune.study.evaluation_index`); ``max_t`` is a whole trial's length,
+    ``train.epochs * train.evals_per_epoch``."""
 
     type: Literal["asha", "none"] = "asha"
     grace_period: Annotated[Int, Ge(1)] = 1
@@ -286,11 +262,8 @@ def bundled_spaces() -> list[str]:
 
 
 def resolve_space_path(path_or_name: str | Path) -> Path:
-    """An existing file, else a bundled space by name: ``sft.yaml``, ``sft`` or ``search_spaces/sft.yaml``.
-
-    The bundled fallback makes ``python -m tune.run --space search_spaces/sft.yaml`` work from any
-    directory, not just the checkout.
-    """
+    """An existing file, else a bundled space by name (``sft.yaml``, ``sft`` or ``search_spaces/sft.yaml``),
+    so that ``--space search_spaces/sft.yaml`` works from any directory."""
     given = Path(path_or_name).expanduser()
     if given.is_file():
         return given.resolve()
@@ -305,19 +278,14 @@ def resolve_space_path(path_or_name: str | Path) -> Path:
 
 
 def load_space(path_or_name: str | Path) -> StudySpec:
-    """Read and validate a space file (see the module docstring); every error is a :class:`SpaceError`.
-
-    Relative paths in ``model``/``data`` resolve against the space file's folder. A message may hold
-    several problems, one per line.
-    """
+    """Read and validate a space file; every error is a :class:`SpaceError` (a message may hold several
+    problems, one per line). Relative paths in ``model``/``data`` resolve against the space file's folder."""
     source = resolve_space_path(path_or_name)
     text = source.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(text)
+        return _build_spec(yaml.safe_load(text), source, text)
     except yaml.YAMLError as exc:
         raise SpaceError(f"{source}: not valid YAML: {exc}") from exc
-    try:
-        return _build_spec(raw, source, text)
     except ConfigError as exc:
         raise SpaceError(f"{source}: {exc}") from exc
 
@@ -389,38 +357,30 @@ def _parse_search(raw: Any, run: RunConfig) -> tuple[SearchParam, ...]:
 
 
 def _check_values(run: RunConfig, group: Sequence[SearchParam]) -> None:
-    """Require a valid config for every combination of one section's searched values.
+    """Require a valid config for every combination of one section's searched values: RunConfig's
+    cross-field rules (hidden_size divisible by num_attention_heads, ...) can fail on a pair. A failure is
+    blamed on one value if it fails with the fixed config and in every combination (a field valid only
+    together with another searched field is not a mistake), else on the combination."""
+    paths = [p.path for p in group]
 
-    RunConfig has cross-field rules (hidden_size divisible by num_attention_heads, ...) that single
-    values cannot break but a pair can. A failure is blamed on one value if that value fails with
-    the fixed config and with every combination of the group's other values (a field valid only
-    together with another searched field is not a mistake), else on the combination.
-    """
-    grids, paths = [_values_to_check(p) for p in group], [p.path for p in group]
-
-    def fails(assignment: Mapping[str, Any]) -> ConfigError | None:
+    def fails(values: Sequence[Any], keys: Sequence[str] = paths) -> ConfigError | None:
         try:
-            run.with_overrides(assignment)
+            run.with_overrides(dict(zip(keys, values)))
         except ConfigError as exc:
             return exc
         return None
 
-    for combo in _combinations(grids):
-        if (error := fails(dict(zip(paths, combo)))) is None:
+    combos = list(_combinations([_values_to_check(p) for p in group]))
+    for combo in combos:
+        if (error := fails(combo)) is None:
             continue
         for i, (param, value) in enumerate(zip(group, combo)):
-            others = [paths[:i] + paths[i + 1:], grids[:i] + grids[i + 1:]]
-            if (alone := fails({param.path: value})) and all(
-                    fails({param.path: value, **dict(zip(others[0], c))}) for c in _combinations(others[1])):
-                raise SpaceError(f"search.{param.path}{_which(param, value)}={value!r} is not allowed: {alone}")
+            if (alone := fails([value], [param.path])) and all(fails(c) for c in combos if c[i] == value):
+                where = ".choices" if param.choices else {param.low: ".low", param.high: ".high"}.get(value, "")
+                raise SpaceError(f"search.{param.path}{where}={value!r} is not allowed: {alone}")
         shown = ", ".join(f"search.{k}={v!r}" for k, v in zip(paths, combo))
         raise SpaceError(f"the combination {shown} is not allowed: {error}; every combination of searched "
                          "values must give a valid config (narrow the ranges or fix one of the fields)")
-
-
-def _which(param: SearchParam, value: Any) -> str:
-    """The key under ``search.<path>`` that holds ``value``."""
-    return ".choices" if param.type == "categorical" else {param.low: ".low", param.high: ".high"}.get(value, "")
 
 
 def _values_to_check(param: SearchParam) -> Sequence[Any]:
@@ -440,43 +400,34 @@ def _combinations(grids: Sequence[Sequence[Any]]) -> Iterator[tuple[Any, ...]]:
 
 
 def _parse_tune(raw: Any, epochs: int, evals_per_epoch: int = 1) -> TuneSettings:
-    """The tune section; the scheduler's budget ``max_t`` is the trial's length in evaluations,
-    ``train.epochs * train.evals_per_epoch``."""
+    """The tune section; the scheduler's budget ``max_t`` is the trial's length in evaluations."""
     if raw is None or isinstance(raw, Mapping):  # a null scheduler or resources section: the defaults
         raw = {k: v for k, v in (raw or {}).items() if v is not None or k not in ("scheduler", "resources_per_trial")}
         if isinstance(sched := raw.get("scheduler", {}), Mapping):
             if sched.get("type") == "none" and (extra := [k for k in sched if k != "type"]):
                 raise SpaceError(f"tune.scheduler.{extra[0]} is not a known key for type none (value "
                                  f"{sched[extra[0]]!r}); allowed keys: type")
-            length = epochs * evals_per_epoch
+            # ASHA's budget is the trial's length: with max_t below it every trial would end "stopped early"
+            # and the searcher would never see a finished one.
+            length, one = epochs * evals_per_epoch, evals_per_epoch == 1
             if (max_t := sched.get("max_t", length)) != length:
-                # ASHA's budget is the trial's length: with max_t below it every trial would end "stopped
-                # early" and the searcher would never see a finished one.
-                if evals_per_epoch == 1:
-                    raise SpaceError(f"tune.scheduler.max_t={max_t!r} is not allowed: must equal train.epochs="
-                                     f"{epochs} (a trial reports once per epoch and ASHA's budget is the trial's "
-                                     f"length); to train {max_t} epochs set train.epochs: {max_t}, or leave max_t out")
-                raise SpaceError(f"tune.scheduler.max_t={max_t!r} is not allowed: must equal train.epochs x "
-                                 f"train.evals_per_epoch = {epochs} x {evals_per_epoch} = {length} (ASHA counts "
-                                 "evaluations and its budget is the trial's length); change train.epochs or "
-                                 "train.evals_per_epoch, or leave max_t out")
+                raise SpaceError(f"tune.scheduler.max_t={max_t!r} is not allowed: must equal train.epochs" + (
+                    f"={epochs}" if one else f" x train.evals_per_epoch = {epochs} x {evals_per_epoch} = {length}")
+                    + " (ASHA counts evaluations and its budget is the trial's length); " + (
+                    f"to train {max_t} epochs set train.epochs: {max_t}" if one else
+                    "change train.epochs or train.evals_per_epoch") + ", or leave max_t out")
             raw["scheduler"] = {**sched, "max_t": length}
     return validate(TuneSettings, raw, "tune", SpaceError)
 
 
 def optuna_distributions(spec: StudySpec) -> dict[str, optuna.distributions.BaseDistribution]:
     """The space as Optuna distributions keyed by dotted path: what the study's sampler draws from."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna import distributions as d
 
-    out: dict[str, optuna.distributions.BaseDistribution] = {}
-    for p in spec.search:
-        if p.type == "categorical":
-            out[p.path] = CategoricalDistribution(list(p.choices))
-        elif p.type == "int":
-            out[p.path] = IntDistribution(int(p.low or 0), int(p.high or 0), log=p.log, step=int(p.step or 1))
-        else:
-            out[p.path] = FloatDistribution(float(p.low or 0), float(p.high or 0), log=p.log, step=p.step)
-    return out
+    return {p.path: d.CategoricalDistribution(list(p.choices)) if p.type == "categorical"
+            else d.IntDistribution(int(p.low or 0), int(p.high or 0), log=p.log, step=int(p.step or 1))
+            if p.type == "int" else d.FloatDistribution(float(p.low or 0), float(p.high or 0), log=p.log, step=p.step)
+            for p in spec.search}
 
 
 def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
@@ -496,8 +447,3 @@ def spec_to_yaml(spec: StudySpec, header: str = "") -> str:
     """:func:`spec_to_dict` as YAML text, a valid space file."""
     body = yaml.safe_dump(spec_to_dict(spec), sort_keys=False, allow_unicode=True)
     return "".join(f"# {line}\n" for line in header.splitlines()) + body
-
-
-def _on_grid(value: float, step: float) -> bool:
-    """Whether ``value`` is a whole multiple of ``step``, up to float rounding (e.g. 0.3 / 0.1)."""
-    return step > 0 and math.isclose(value / step, round(value / step), rel_tol=1e-9, abs_tol=1e-9)
