@@ -80,6 +80,19 @@ def test_asha_and_finalists_use_the_plans_expected_shape_and_waves_of_slots() ->
     assert f.finalists_s == pytest.approx(3.0 + 1 * (f.trial_s + 1 * f.epoch_s))  # both at once: one wave
 
 
+def test_a_resume_counts_the_finalists_of_the_trials_completed_before_less_those_trained() -> None:
+    """--resume once the search is over: the finalists are what is left to run (the forecast had said 6 s and
+    no finalist for a resume with 2 finalists to train); mid-search, the completed trials count too."""
+    spec = load_space("sft.yaml")  # finalists: top 2 x 1 seed
+    cases = {(0, 2, 0): 2, (0, 2, 1): 1, (0, 2, 2): 0, (0, 1, 0): 1, (0, 5, 0): 2}
+    for (new, completed_before, done), finalists in cases.items():
+        f = fc.forecast(spec, _probe(), new, completed_before=completed_before, finalists_done=done)
+        assert (f.trials, f.finalists) == (0, finalists)
+        assert (f.finalists_s > fc.RAY_START_S) == (finalists > 0) and f.total_s > f.finalists_s
+    one_left = fc.forecast(spec, _probe(), 1, completed_before=2)
+    assert one_left.finalists == 2 and fc.forecast(spec, _probe(), 1).finalists == 1
+
+
 def test_gpu_hours_are_the_trials_time_times_their_gpu_share() -> None:
     base = load_space("sft.yaml")
     spec = _spec("sft.yaml", resources_per_trial=dataclasses.replace(base.tune.resources_per_trial, gpu=0.5))
