@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,12 @@ def test_gpu_hours_are_the_trials_time_times_their_gpu_share() -> None:
 def test_the_line_starts_with_forecast_and_the_wall_time_as_h_mm_ss() -> None:
     line = fc.forecast(load_space("sft.yaml"), _probe()).line()
     assert line.startswith("forecast: 0:") and "search 0:" in line and "finalists 0:" in line
+    # An epoch's steps averaged over the searched accumulation say so (--dry-run gives the fixed config's: a
+    # user read "99 steps" here against "about 169 per epoch" there); a fixed accumulation's are plain.
+    assert "steps on average over accumulation_steps 1, 2, 4," in line
+    fixed = load_space("sft.yaml")
+    fixed = dataclasses.replace(fixed, search=tuple(p for p in fixed.search if p.path != "train.accumulation_steps"))
+    assert re.search(r"\(\d+ steps, 2 evaluation", fc.forecast(fixed, _probe()).line())
     assert fc.duration(3725.4) == "1:02:05" and fc.duration(-1) == "0:00:00"
 
 

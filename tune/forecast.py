@@ -137,6 +137,7 @@ class Forecast:
     # optimizer steps: accumulation 4 trains 4x the micro-batches of 1); None when every trial costs the same
     total_range_s: tuple[float, float] | None = None
     epoch_range_s: tuple[float, float] | None = None
+    accumulations: tuple[int, ...] = (1,)  # the searched accumulation steps an epoch's steps are averaged over
 
     def prior(self, phase: str) -> EtaPrior:
         """The live view's :class:`EtaPrior` for ``phase`` (``search`` or ``finalists``)."""
@@ -159,10 +160,14 @@ class Forecast:
                      f"accumulation the trials draw")
             spread = (f" on average, {self.epoch_range_s[0]:.1f} to {self.epoch_range_s[1]:.1f} s by its "
                       f"accumulation")
+        # (an average over a searched accumulation is said, so it is not read against --dry-run's fixed-config steps)
+        steps = f"{self.steps_per_epoch:.0f} steps" + (
+            f" on average over accumulation_steps {', '.join(map(str, self.accumulations))}"
+            if len(self.accumulations) > 1 else "")
         return (f"forecast: {duration(self.total_s)} for the study (search {duration(self.search_s)}, finalists "
                 f"{duration(self.finalists_s)}{drawn}); {self.trial_epochs:.1f} trial-epochs expected ({self.trials} "
                 f"trials under the plan, {self.finalists} finalists), {self.slots} at once{gpu}; an epoch "
-                f"{self.epoch_s:.1f} s{spread} ({self.steps_per_epoch:.0f} steps, {self.evals_per_epoch} evaluation(s) of "
+                f"{self.epoch_s:.1f} s{spread} ({steps}, {self.evals_per_epoch} evaluation(s) of "
                 f"{self.eval_s:.1f} s); probe: {p.concurrent} at once on {p.device}, {p.threads} thread(s) each, "
                 f"{p.wall_s:.1f} s")
 
@@ -235,7 +240,7 @@ def forecast(spec: StudySpec, probe: Probe, num_samples: int | None = None, cont
                  if gpu > 0 else None)
     result = Forecast(search_s + finals_s + END_S, search_s, finals_s, END_S, trials, slots,
                       search_te + finalists * epochs, search_te, finalists, epochs, epoch_s, steps, evals,
-                      probe.eval_s, trial_s, gpu_hours, probe)
+                      probe.eval_s, trial_s, gpu_hours, probe, accumulations=choices)
     if len(choices) < 2:
         return result
     ends = [forecast(spec, probe, num_samples, continued_epochs, (a,), completed_before, finalists_done)
