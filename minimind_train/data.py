@@ -118,18 +118,23 @@ def _unknown_fields(cache: TokenCache) -> str:
 
 def _usable(path: Path, cache: TokenCache) -> TokenCache:
     """``cache`` after warning about skipped samples; :class:`DataError` when none is usable."""
-    skipped = cache.skipped
+    skipped, unknown = cache.skipped, _unknown_fields(cache)
     if skipped.total:
-        unknown = _unknown_fields(cache)
         fields = (" unknown message fields (only role, content, reasoning_content, tools, tool_calls "
                   "are read): " + unknown) if unknown else ""
         log.warning("%s: skipped %d samples (%s)%s", path, skipped.total, skipped, fields)
     if cache.num_samples == 0:
-        hint = ""
-        if skipped.truncated and skipped.truncated >= skipped.total / 2:
-            # The usual cause: every answer starts beyond the window.
-            hint = (f"; with data.max_seq_len={cache.meta.get('key_parts', {}).get('max_seq_len', '?')} "
-                    "no answer token is left in the window: raise data.max_seq_len")
+        if not skipped.total:
+            raise DataError(f"{path}: no SFT samples: the file is empty (or only blank lines)")
+        hints = {  # (what to do about each reason, so that the one line is enough to fix the file)
+            "truncated": f"with data.max_seq_len={cache.meta.get('key_parts', {}).get('max_seq_len', '?')} no "
+                         "answer token is left in the window: raise data.max_seq_len",
+            "unknown_role": "roles are system, user, assistant, and tool only where the tokenizer's chat template "
+                            "renders it (MiniMind-3's does, MiniMind2's does not: see data.tokenizer)",
+            "unknown_field": f"unknown message fields ({unknown}): only role, content, reasoning_content, tools, "
+                             "tool_calls are read",
+        }
+        hint = "".join(f"; {h}" for k, h in hints.items() if getattr(skipped, k) >= skipped.total / 2)
         raise DataError(f"{path}: no usable SFT samples; all {skipped.total} were skipped ({skipped}){hint}")
     return cache
 

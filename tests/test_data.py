@@ -106,6 +106,22 @@ def test_empty_after_filtering_is_an_error(tmp_path: Path, tok: Any) -> None:
         prepare_data(DataConfig(train_path=str(path), cache_dir=str(tmp_path / "c"), max_seq_len=64), tok)
 
 
+def test_an_unusable_file_says_what_to_change(tmp_path: Path, tok: Any) -> None:
+    """Each kind of wholly unusable file names its cure in the one error line (a user sees no warning)."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    tool = {"conversations": [msg("user", "1+1?"), {"role": "assistant", "content": None, "tool_calls": "[]"},
+                              msg("tool", "2"), msg("assistant", "2")]}
+    field = {"conversations": [msg("user", "q"), {"role": "assistant", "content": "a", "name": "bot"}]}
+    cases = {empty: "no SFT samples: the file is empty",
+             write_rows(tmp_path / "tool.jsonl", [tool] * 3): r"unknown_role=3\); roles are system, user, "
+                                                                r"assistant, and tool only where .* MiniMind2's does not",
+             write_rows(tmp_path / "field.jsonl", [field] * 2): r"unknown message fields \(name x2\)"}
+    for path, expected in cases.items():
+        with pytest.raises(DataError, match=expected):
+            prepare_data(DataConfig(train_path=str(path), cache_dir=str(tmp_path / "c")), tok)
+
+
 def test_missing_file_is_a_data_error(tmp_path: Path, tok: Any) -> None:
     with pytest.raises(DataError, match="not found"):
         prepare_data(DataConfig(train_path=str(tmp_path / "nope.jsonl"), cache_dir=str(tmp_path)), tok)

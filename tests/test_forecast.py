@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,19 @@ def test_asha_and_finalists_use_the_plans_expected_shape_and_waves_of_slots() ->
     assert f.finalists_s == pytest.approx(3.0 + 1 * (f.trial_s + 1 * f.epoch_s))  # both at once: one wave
 
 
+def test_a_resume_counts_the_finalists_of_the_trials_completed_before_less_those_trained() -> None:
+    """--resume once the search is over: the finalists are what is left to run (the forecast had said 6 s and
+    no finalist for a resume with 2 finalists to train); mid-search, the completed trials count too."""
+    spec = load_space("sft.yaml")  # finalists: top 2 x 1 seed
+    cases = {(0, 2, 0): 2, (0, 2, 1): 1, (0, 2, 2): 0, (0, 1, 0): 1, (0, 5, 0): 2}
+    for (new, completed_before, done), finalists in cases.items():
+        f = fc.forecast(spec, _probe(), new, completed_before=completed_before, finalists_done=done)
+        assert (f.trials, f.finalists) == (0, finalists)
+        assert (f.finalists_s > fc.RAY_START_S) == (finalists > 0) and f.total_s > f.finalists_s
+    one_left = fc.forecast(spec, _probe(), 1, completed_before=2)
+    assert one_left.finalists == 2 and fc.forecast(spec, _probe(), 1).finalists == 1
+
+
 def test_gpu_hours_are_the_trials_time_times_their_gpu_share() -> None:
     base = load_space("sft.yaml")
     spec = _spec("sft.yaml", resources_per_trial=dataclasses.replace(base.tune.resources_per_trial, gpu=0.5))
@@ -92,6 +106,12 @@ def test_gpu_hours_are_the_trials_time_times_their_gpu_share() -> None:
 def test_the_line_starts_with_forecast_and_the_wall_time_as_h_mm_ss() -> None:
     line = fc.forecast(load_space("sft.yaml"), _probe()).line()
     assert line.startswith("forecast: 0:") and "search 0:" in line and "finalists 0:" in line
+    # An epoch's steps averaged over the searched accumulation say so (--dry-run gives the fixed config's: a
+    # user read "99 steps" here against "about 169 per epoch" there); a fixed accumulation's are plain.
+    assert "steps on average over accumulation_steps 1, 2, 4," in line
+    fixed = load_space("sft.yaml")
+    fixed = dataclasses.replace(fixed, search=tuple(p for p in fixed.search if p.path != "train.accumulation_steps"))
+    assert re.search(r"\(\d+ steps, 2 evaluation", fc.forecast(fixed, _probe()).line())
     assert fc.duration(3725.4) == "1:02:05" and fc.duration(-1) == "0:00:00"
 
 

@@ -18,13 +18,15 @@ def _study_with(folder: Any, epochs: int) -> None:
         record.record_epoch(number, epoch, {"val_loss": 1.0}, "val_loss")
 
 
-def test_a_restart_cut_short_before_any_result_gives_the_old_study_back(tmp_path: Any) -> None:
+def test_a_restart_cut_short_before_any_result_gives_the_old_study_back(tmp_path: Any, capsys: Any) -> None:
     old, new = tmp_path / ".s.replaced-20261201-000000", tmp_path / "s"
     _study_with(old, 2)
     (old / "keep.txt").write_text("the old study")
     _study_with(new, 0)  # the killed --restart had created the new study, without any result
     finish_pending_restart(new)
     assert (new / "keep.txt").read_text() == "the old study" and not old.exists()
+    # What to do now: the driver's own last line offers --resume, which continues the old study.
+    assert "the old study is back at" in (err := capsys.readouterr().err) and "run the same --restart again" in err
 
 
 def test_a_restart_cut_short_after_a_result_completes_the_replacement(tmp_path: Any) -> None:

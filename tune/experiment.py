@@ -33,6 +33,7 @@ from .preflight import Inputs, check_inputs, reconcile
 from .progress import RAY_ERRORS_FILE, ProgressView, best_recorded, ray_errors_to
 from .report import finish_study
 from .space import StudySpec, optuna_distributions, spec_to_dict, spec_to_yaml
+from .status import FINISHED, TrialStatus
 from .storage import StudyPaths, trial_dirname, upload_outputs
 from .study import OPTUNA_FILE, Study, StudyError, evaluation_name
 from .warmstart import warm_start
@@ -161,10 +162,14 @@ def run_experiment(spec: StudySpec, paths: StudyPaths, record: Study | None, *, 
         s, left = inputs.data.stats, t.num_samples - (record.finished_count() if record is not None else 0)
         caches = {"train": s.cache_path, "val": s.val_cache_path, "pad_id": inputs.data.pad_id,
                   "vocab_size": inputs.data.vocab_size}
+        # (on --resume the finalists follow from every completed search trial, less those already trained)
+        done = record.trials() if record is not None else []
         expected = print_forecast(spec, caches, max(0, left - len(plans)),
                                   sum(run_cfg.train.epochs - p.evaluation / run_cfg.train.evals_per_epoch
                                       for p in plans),
-                                  record.seconds_used() if record is not None else 0.0)
+                                  record.seconds_used() if record is not None else 0.0,
+                                  sum(t.status == TrialStatus.COMPLETED and t.finalist_of is None for t in done),
+                                  sum(t.status in FINISHED and t.finalist_of is not None for t in done))
     print("starting Ray ...", flush=True)
     # Closed in reverse: a --restart's old study settled, outputs uploaded, Ray shut down, Ray's errors back.
     with contextlib.ExitStack() as stack:

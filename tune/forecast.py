@@ -134,6 +134,7 @@ class Forecast:
     # optimizer steps: accumulation 4 trains 4x the micro-batches of 1); None when every trial costs the same
     total_range_s: tuple[float, float] | None = None
     epoch_range_s: tuple[float, float] | None = None
+    accumulations: tuple[int, ...] = (1,)  # the searched accumulation steps an epoch's steps are averaged over
 
     def prior(self, phase: str) -> EtaPrior:
         """The live view's :class:`EtaPrior` for ``phase`` (``search`` or ``finalists``)."""
@@ -156,10 +157,14 @@ class Forecast:
                      f"accumulation the trials draw")
             spread = (f" on average, {self.epoch_range_s[0]:.1f} to {self.epoch_range_s[1]:.1f} s by its "
                       f"accumulation")
+        # (an average over a searched accumulation is said, so it is not read against --dry-run's fixed-config steps)
+        steps = f"{self.steps_per_epoch:.0f} steps" + (
+            f" on average over accumulation_steps {', '.join(map(str, self.accumulations))}"
+            if len(self.accumulations) > 1 else "")
         return (f"forecast: {duration(self.total_s)} for the study (search {duration(self.search_s)}, finalists "
                 f"{duration(self.finalists_s)}{drawn}); {self.trial_epochs:.1f} trial-epochs expected ({self.trials} "
                 f"trials under the plan, {self.finalists} finalists), {self.slots} at once{gpu}; an epoch "
-                f"{self.epoch_s:.1f} s{spread} ({self.steps_per_epoch:.0f} steps, {self.evals_per_epoch} evaluation(s) of "
+                f"{self.epoch_s:.1f} s{spread} ({steps}, {self.evals_per_epoch} evaluation(s) of "
                 f"{p.eval_s:.1f} s); probe: {p.concurrent} at once on {p.device}, {p.threads} thread(s) each, "
                 f"{p.wall_s:.1f} s")
 
@@ -189,11 +194,13 @@ def _accumulations(spec: StudySpec) -> tuple[int, ...]:
 
 
 def forecast(spec: StudySpec, probe: Probe, num_samples: int | None = None, continued_epochs: float = 0.0,
-             accumulations: tuple[int, ...] | None = None) -> Forecast:
+             accumulations: tuple[int, ...] | None = None, completed_before: int = 0,
+             finalists_done: int = 0) -> Forecast:
     """The study's :class:`Forecast` (the module docstring's model) from ``probe``; ``num_samples`` new
     search trials (default ``tune.num_samples``) and, on ``--resume``, ``continued_epochs`` left to
-    unfinished trials (each one more trial). An epoch is averaged over the accumulation steps trials may
-    draw (``accumulations``, default the space's); when that changes an epoch's cost (a cap on optimizer
+    unfinished trials (each one more trial), ``completed_before`` search trials completed in earlier runs
+    (finalist candidates) and ``finalists_done`` finalists finished. An epoch is averaged over the accumulation
+    steps trials may draw (``accumulations``, default the space's); when that changes an epoch's cost (a cap on optimizer
     steps), ``total_range_s`` is the study with every trial at the cheapest and at the dearest one (a study
     of a few trials can land anywhere in it: benchmarks/README.md section 7)."""
     from .preflight import expected_shape
@@ -206,8 +213,9 @@ def forecast(spec: StudySpec, probe: Probe, num_samples: int | None = None, cont
     trials = n_new + continued
     shape = expected_shape(n_new, t.scheduler, evals_per_epoch=evals) if n_new else None
     search_te = (shape.trial_epochs if shape else 0.0) + continued_epochs
-    completed = (shape.completed if shape else 0.0) + continued
-    finalists = round(min(t.finalists.top_k, completed) * t.finalists.seeds) if t.finalists.seeds else 0
+    completed = (shape.completed if shape else 0.0) + continued + completed_before
+    finalists = (max(0, round(min(t.finalists.top_k, completed) * t.finalists.seeds) - finalists_done)
+                 if t.finalists.seeds else 0)
     choices = accumulations or _accumulations(spec)
     tokens, batches, steps = _epoch_tokens(probe, run, choices)
     epoch_s = batches * probe.s_per_batch + tokens * probe.s_per_token + evals * (probe.eval_s + probe.checkpoint_s)
@@ -223,10 +231,12 @@ def forecast(spec: StudySpec, probe: Probe, num_samples: int | None = None, cont
                  if gpu > 0 else None)
     result = Forecast(search_s + finals_s + END_S, search_s, finals_s, END_S, trials, slots,
                       search_te + finalists * epochs, search_te, finalists, epochs, epoch_s, steps, evals,
-                      trial_s, gpu_hours, probe)
-    ends = ([forecast(spec, probe, num_samples, continued_epochs, (a,)) for a in (min(choices), max(choices))]
-            if len(choices) > 1 else [])
-    if not ends or ends[1].epoch_s <= 1.1 * ends[0].epoch_s:  # (uncapped: the same data whatever the accumulation)
+                      trial_s, gpu_hours, probe, accumulations=choices)
+    if len(choices) < 2:
+        return result
+    ends = [forecast(spec, probe, num_samples, continued_epochs, (a,), completed_before, finalists_done)
+            for a in (min(choices), max(choices))]
+    if ends[1].epoch_s <= 1.1 * ends[0].epoch_s:  # (no cap: an epoch is the same data whatever the accumulation)
         return result
     return dataclasses.replace(result, total_range_s=(ends[0].total_s, ends[1].total_s),
                                epoch_range_s=(ends[0].epoch_s, ends[1].epoch_s))
@@ -253,7 +263,8 @@ def budget_warning(spec: StudySpec, probe: Probe, result: Forecast, used_s: floa
 
 
 def print_forecast(spec: StudySpec, caches: dict[str, Any] | None = None, num_samples: int | None = None,
-                   continued_epochs: float = 0.0, used_s: float = 0.0) -> Forecast | None:
+                   continued_epochs: float = 0.0, used_s: float = 0.0, completed_before: int = 0,
+                   finalists_done: int = 0) -> Forecast | None:
     """Probe (:func:`run_probe`), print the ``forecast:`` line and, when the time budget is shorter, the
     warning (:func:`budget_warning`); None, with a ``forecast: not available`` line, when the probe failed
     (the study itself does not depend on it)."""
@@ -263,7 +274,7 @@ def print_forecast(spec: StudySpec, caches: dict[str, Any] | None = None, num_sa
     except (ProbeError, OSError, ValueError) as exc:
         print(f"forecast: not available (the probe failed: {exc})", flush=True)
         return None
-    result = forecast(spec, probe, num_samples, continued_epochs)
+    result = forecast(spec, probe, num_samples, continued_epochs, None, completed_before, finalists_done)
     print(result.line(), flush=True)
     if (warning := budget_warning(spec, probe, result, used_s)) is not None:
         print(warning, file=sys.stderr, flush=True)

@@ -51,8 +51,9 @@ def settle(aside: Path, study_dir: Path, tracking_uri: str | None) -> None:
     if study_dir.exists():
         shutil.rmtree(study_dir)  # created by the restart, without any result
     os.replace(aside, study_dir)
-    print(f"--restart: no trial of the new study reported; the old study is back at {study_dir}",
-          file=sys.stderr)
+    # (the driver's last line offers --resume: that continues the old study, not the restart the user asked for)
+    print(f"--restart: no trial of the new study reported; the old study is back at {study_dir}, unchanged: "
+          "run the same --restart again to replace it", file=sys.stderr)
 
 
 def finish_pending_restart(study_dir: Path) -> None:
