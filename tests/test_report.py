@@ -264,6 +264,8 @@ def test_best_yaml_runs_with_the_trials_thread_count(tmp_path: Path, cpu: int) -
     assert cfg.train.num_threads == cpu
     assert cfg == study.spec.run.with_overrides({**best.trial.params, "train.num_threads": cpu})
     assert f"# train.num_threads: {cpu}, as the trial ran (its CPU share)" in path.read_text()
+    # The header's command works pasted from any folder (it named `best.yaml` alone: only inside the study's).
+    assert f"# Run it alone: python -m minimind_train.sft --config {path.resolve()}\n" in path.read_text()
 
 
 def test_a_used_up_time_budget_is_named_with_how_to_continue(tmp_path: Path,

@@ -164,7 +164,7 @@ def write_best_yaml(path: Path, spec: StudySpec, best: TrialSummary, finalist: F
     if finalist is not None:
         head += (f"# Over seeds {', '.join(map(str, finalist.seeds))}: mean {spec.tune.metric} "
                  f"{finalist.mean:.6f} ± {finalist.std:.6f} (the best mean of the finalists).\n")
-    write_atomic(path, f"{head}# Run it alone: python -m minimind_train.sft --config {path.name}\n{body}")
+    write_atomic(path, f"{head}# Run it alone: python -m minimind_train.sft --config {path.resolve()}\n{body}")
     return path
 
 
