@@ -17,8 +17,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
