@@ -139,3 +139,14 @@ def test_sigterm_while_ray_starts_stops_like_ctrl_c(fake_ray: Any) -> None:
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+def test_continuing_names_where_each_trial_continues() -> None:
+    """The --resume line: after its newest checkpoint's evaluation, or from its start when it saved none
+    (it said 'after evaluation 0 (0 epochs)', a new user's finding)."""
+    from tune.searcher import ResumePlan
+
+    plans = [ResumePlan(0, {}, 2), ResumePlan(2, {}, 0)]
+    assert experiment._continuing(plans, 1) == ("continuing 2 unfinished trial(s) from their checkpoints: "
+                                                "t000 (after epoch 2), t002 (from its start: it saved no checkpoint)")
+    assert "t000 (after evaluation 2 (0.25 epochs))" in experiment._continuing(plans, 8)

@@ -257,7 +257,8 @@ def _finalists(spec: StudySpec, run_cfg: RunConfig, record: Study, create: bool)
 
 def _continuing(plans: list[searcher.ResumePlan], evals_per_epoch: int) -> str:
     return (f"continuing {len(plans)} unfinished trial(s) from their checkpoints: "
-            + ", ".join(f"t{p.number:03d} (after {evaluation_name(p.evaluation, evals_per_epoch)})" for p in plans))
+            + ", ".join(f"t{p.number:03d} (after {evaluation_name(p.evaluation, evals_per_epoch)})" if p.evaluation
+                        else f"t{p.number:03d} (from its start: it saved no checkpoint)" for p in plans))
 
 
 def _run_trials(spec: StudySpec, paths: StudyPaths, run_cfg: RunConfig, inputs: Inputs, record: Study,
