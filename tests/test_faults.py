@@ -201,7 +201,7 @@ def test_ctrl_c_sigkill_sigterm_each_resumed_the_study_ends_as_one(ws: Workspace
     assert "forecast: " in second.stdout, output
     # Each trial the Ctrl-C interrupted either continued from its checkpoint, or had in fact
     # checkpointed its last epoch while Ray shut down and was completed from that checkpoint.
-    continued = re.findall(r"(t\d{3}) \(after epoch", second.stdout)
+    continued = re.findall(r"(t\d{3}) \((?:after epoch|from its start)", second.stdout)
     for name in interrupted:
         assert name in continued or name in _finished(study), f"{name} was neither continued nor finished{output}"
     after_kill = _finished(study)
